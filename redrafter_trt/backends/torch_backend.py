@@ -1,0 +1,164 @@
+"""The PyTorch backend: the step contract on CPU or GPU, and the oracle for every other backend.
+
+One call: base forward over prompts / packed trees -> acceptance -> KV relocation -> context
+hidden state -> D-step beam search from the bonus token -> tree packing. Vectorised over the
+batch and the tree; the only Python loops are over layers, depths and draft steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from .. import contract as C
+from ..models.base import BaseModel
+from ..models.drafter import Drafter
+from ..ops import accept, pack_tree, packed_mask_to_bool, relocate_kv
+from ..ops.beam_search import DEFAULT_WARP_K
+from ..ops.tree import PackedTree, bool_to_packed_mask
+
+
+def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
+    """The tree of plain decoding: just the root token. Returns (tree, beams [root, -1, ...])."""
+    b = root.shape[0]
+    w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
+    dev = root.device
+    beams = torch.full((b, w, l), -1, dtype=torch.int32, device=dev)
+    beams[:, :, 0] = root.to(torch.int32)[:, None]
+    tokens = torch.zeros((b, n), dtype=torch.int32, device=dev)
+    tokens[:, 0] = root.to(torch.int32)
+    mask = torch.zeros((b, n, n), dtype=torch.bool, device=dev)
+    mask[:, 0, 0] = True
+    return PackedTree(tokens=tokens, lengths=torch.ones(b, dtype=torch.int32, device=dev),
+                      unpacker=torch.zeros((b, w, l), dtype=torch.int32, device=dev),
+                      offsets=torch.zeros((b, n), dtype=torch.int32, device=dev),
+                      packed_mask=bool_to_packed_mask(mask), mask=mask), beams
+
+
+class TorchBackend:
+    """Runs whole ReDrafter steps with PyTorch.
+
+    Args:
+        base: the base LLM; drafter: its draft head (same dtype and device).
+        num_beams: W; draft_len: D; warp_k: top-k warp of draft logits (0 = off).
+        max_batch_size, max_seq_len: engine limits the runtime enforces.
+    """
+
+    name = "torch"
+
+    def __init__(self, base: BaseModel, drafter: Drafter, num_beams: int, draft_len: int,
+                 warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,
+                 max_seq_len: int = 2048, proposer=None):
+        self.base = base.eval()
+        self.drafter = drafter.eval()
+        self.shape = C.StepShape(num_beams, draft_len)
+        self.warp_k = warp_k
+        self.max_batch_size = max_batch_size
+        self.max_input_len = max_input_len
+        self.max_seq_len = max_seq_len
+        self.cache: torch.Tensor | None = None
+        # proposer(context [B,H], root [B], slots [B], root_positions [B]) -> beams [B,W,L];
+        # default: the draft head's beam search. Tests plug in proposers that know the answer.
+        self.proposer = proposer or self._draft
+        self.timings: dict[str, float] = defaultdict(float)
+        p = base.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.config.vocab_size
+
+    def reserve(self, slots: int, tokens_per_slot: int) -> None:
+        """Make sure the KV cache holds ``slots`` rows of ``tokens_per_slot`` tokens (+ a tree)."""
+        need = tokens_per_slot + self.shape.tree_size
+        c = self.cache
+        if c is None or c.shape[2] < slots or c.shape[4] < need:
+            self.cache = None
+            self.cache = self.base.new_cache(slots, need)
+
+    def _tick(self, name: str, t0: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        self.timings[name] += t1 - t0
+        return t1
+
+    def _draft(self, context, root, slots, root_positions):
+        return self.drafter.beam_search(self.base.embedding, context, root, self.shape.num_beams,
+                                        self.shape.draft_len, self.warp_k)
+
+    @torch.inference_mode()
+    def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        C.check_inputs(inputs, self.shape)
+        assert self.cache is not None, "reserve() the KV cache before step()"
+        dev = self.device
+        t0 = time.perf_counter()
+        x = {k: v.to(dev) for k, v in inputs.items()}
+        is_ctx = x[C.REQUEST_TYPES] == C.CONTEXT
+        lengths = x[C.INPUT_LENGTHS].to(torch.int64)
+        b = lengths.shape[0]
+        rows = torch.arange(b, device=dev)
+        t = int(lengths.max())
+        cache_len = torch.where(is_ctx, 0, x[C.CACHE_LENGTHS].to(torch.int64))
+        ar = torch.arange(t, device=dev)
+        offsets = torch.where(is_ctx[:, None], ar[None, :], x[C.POSITION_OFFSETS][:, :t].to(torch.int64))
+        full_t = x[C.INPUT_IDS].shape[1]
+        tree_mask = packed_mask_to_bool(x[C.PACKED_MASK], full_t)[:, :t, :t]
+        causal = (ar[None, :] <= ar[:, None])[None]
+        block = torch.where(is_ctx[:, None, None], causal, tree_mask)
+        slots = x[C.SLOT_IDS].to(torch.int64)
+        hidden = self.base(x[C.INPUT_IDS][:, :t], cache_len[:, None] + offsets, self.cache, slots,
+                           cache_len, block)
+        # Nodes whose logits acceptance reads: the packed tree, or a prompt's last token at node 0.
+        last = hidden[rows, lengths - 1]
+        if bool(is_ctx.all()):
+            node_hidden = last[:, None]
+        else:
+            node_hidden = hidden.clone()
+            node_hidden[:, 0] = torch.where(is_ctx[:, None], last, hidden[:, 0])
+        logits = self.base.logits(node_hidden).to(torch.float32)
+        t0 = self._tick("verify", t0)
+
+        # Acceptance over the trees' real depth only (1 for prompts and plain decoding).
+        depth = 1 if bool(is_ctx.all()) else int(
+            torch.where(is_ctx[:, None], 0, offsets.masked_fill(ar[None, :] >= lengths[:, None], 0)).max()) + 1
+        beams = torch.where(is_ctx[:, None, None], -1, x[C.DRAFT_TOKENS].to(torch.int64))[:, :, :depth]
+        unpacker = torch.where(is_ctx[:, None, None], 0, x[C.DRAFT_INDICES].to(torch.int64))[:, :, :depth]
+        acc = accept(logits, beams, unpacker, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
+                     x[C.UNIFORMS][:, :depth])
+        n = acc.num_accepted.to(torch.int64)
+        l = self.shape.beam_len
+        path = torch.zeros((b, l), dtype=torch.int64, device=dev)
+        path[:, :depth] = acc.accepted_indices
+        relocate_kv(self.cache, slots, cache_len, path, n)
+        new_len = torch.where(is_ctx, lengths, cache_len + n + 1)
+        context = node_hidden[rows, path[rows, n]]
+        out_tokens = torch.full((b, l), -1, dtype=torch.int32, device=dev)
+        out_tokens[:, :depth] = acc.emitted
+        t0 = self._tick("accept", t0)
+
+        d = int(x[C.NUM_DRAFT_STEPS])
+        if d not in (0, self.shape.draft_len):
+            raise ValueError(f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}, got {d}")
+        if d > 0:
+            next_beams = self.proposer(context, acc.bonus, slots, new_len)
+            t0 = self._tick("draft", t0)
+            tree = pack_tree(next_beams)
+        else:
+            tree, next_beams = root_only_tree(acc.bonus, self.shape)
+        self._tick("pack", t0)
+        return {
+            C.NUM_ACCEPTED_TOKENS: acc.num_accepted,
+            C.ACCEPTED_BEAM_INDEX: acc.best_beam,
+            C.OUTPUT_TOKENS: out_tokens,
+            C.NUM_OUTPUT_TOKENS: (n + 1).to(torch.int32),
+            C.NEW_CACHE_LENGTHS: new_len.to(torch.int32),
+            C.NEXT_DRAFT_TOKENS: next_beams.to(torch.int32),
+            C.NEXT_DRAFT_INDICES: tree.unpacker,
+            C.NEXT_FLAT_TOKENS: tree.tokens,
+            C.NEXT_PACKED_LENGTHS: tree.lengths,
+            C.NEXT_POSITION_OFFSETS: tree.offsets,
+            C.NEXT_PACKED_MASK: tree.packed_mask,
+        }

@@ -1,0 +1,371 @@
+"""Hugging Face base + drafter -> TensorRT-LLM style ReDrafter checkpoint, and back.
+
+The one place that knows tensor names: Hugging Face names of the base, TensorRT-LLM names of the
+checkpoint (which are also :class:`~redrafter_trt.models.base.BaseModel`'s own parameter names),
+and the drafter's Apple names vs. its ``drafter.*`` checkpoint names.
+
+Checkpoint directory (SPEC section 10): ``config.json`` + ``rank{i}.safetensors`` + the base's
+tokenizer files when it has them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RedrafterError, require
+from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, HF_MODEL_TYPES, BaseConfig, BaseModel
+from .models.drafter import (Drafter, DrafterConfig, expected_drafter_shapes, load_checked,
+                             validate_against_base)
+from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
+
+CHECKPOINT_CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REDRAFTER_ARCHITECTURES = {ARCH_LLAMA: "ReDrafterForLLaMALM", ARCH_QWEN2: "ReDrafterForQWenLM"}
+#: Base config fields written at the top level of the checkpoint config (TensorRT-LLM names).
+_BASE_KEYS = [f for f in BaseConfig.__dataclass_fields__ if f != "architecture"]
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+# --------------------------------------------------------------------------- Hugging Face base
+def _hf_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling) from transformers 4.x (``rope_theta``/``rope_scaling``) or 5.x
+    (``rope_parameters``) configs; scaling is None for plain RoPE."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    scaling = None
+    theta = raw.get("rope_theta", 10000.0)
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        scaling = dict(params)
+    legacy = raw.get("rope_scaling")
+    if isinstance(legacy, dict) and (legacy.get("rope_type") or legacy.get("type", "default")) != "default":
+        scaling = dict(legacy)  # a 4.x scaling entry is never silently dropped
+    if scaling is not None:
+        scaling.pop("rope_theta", None)
+        kind = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+        scaling["rope_type"] = kind
+        if kind == "default":
+            scaling = None
+    return float(theta), scaling
+
+
+def hf_base_config(model_dir: str | os.PathLike) -> BaseConfig:
+    """Parse a Hugging Face ``config.json`` of a Llama-family or Qwen2 model."""
+    path = Path(model_dir) / "config.json"
+    raw = read_json(path, "base model config")
+    archs = raw.get("architectures") or []
+    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+    arch = arch or HF_MODEL_TYPES.get(raw.get("model_type", ""))
+    require(arch is not None, f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
+            f"supported: {sorted(HF_ARCHITECTURES)}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
+        require(key in raw, f"{path}: missing key {key!r}")
+    heads = raw["num_attention_heads"]
+    theta, scaling = _hf_rope(raw)
+    eos = raw.get("eos_token_id")
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = read_json(gen_cfg, "generation config").get("eos_token_id", eos)
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
+    is_qwen = arch == ARCH_QWEN2
+    cfg = BaseConfig(
+        architecture=arch,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_size=raw.get("head_dim") or raw["hidden_size"] // heads,
+        norm_epsilon=float(raw.get("rms_norm_eps", 1e-6)),
+        rotary_base=theta,
+        rotary_scaling=scaling,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        qkv_bias=True if is_qwen else bool(raw.get("attention_bias", False)),
+        dense_bias=False if is_qwen else bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=window,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=[int(e) for e in eos_list],
+    )
+    require(raw.get("hidden_act", "silu") == "silu",
+            f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (expected 'silu')")
+    try:
+        cfg.validate()
+    except RedrafterError as e:
+        raise RedrafterError(f"{path}: {e}") from e
+    return cfg
+
+
+def _hf_weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        for f in files:
+            require(f.is_file(), f"{index}: names shard {f.name}, which is missing")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(model_dir.glob("model-*-of-*.safetensors"))
+    if shards:
+        return shards
+    for name in ("pytorch_model.bin", "model.pt"):
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    raise RedrafterError(f"{model_dir}: no model.safetensors, sharded safetensors with an index, "
+                         "or pytorch_model.bin found")
+
+
+def hf_to_trtllm(cfg: BaseConfig, hf: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Rename (and fuse q/k/v of) Hugging Face base tensors to TensorRT-LLM names."""
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> torch.Tensor:
+        require(name in hf, f"{where}: missing tensor {name}")
+        return hf[name]
+
+    out["transformer.vocab_embedding.weight"] = take("model.embed_tokens.weight")
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.layers.{i}."
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "post_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+        out[dst + "attention.qkv.weight"] = torch.cat(
+            [take(src + f"self_attn.{p}_proj.weight") for p in "qkv"], 0)
+        if cfg.qkv_bias:
+            out[dst + "attention.qkv.bias"] = torch.cat(
+                [take(src + f"self_attn.{p}_proj.bias") for p in "qkv"], 0)
+        out[dst + "attention.dense.weight"] = take(src + "self_attn.o_proj.weight")
+        if cfg.dense_bias:
+            out[dst + "attention.dense.bias"] = take(src + "self_attn.o_proj.bias")
+        for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate"), ("down_proj", "proj")):
+            out[dst + f"mlp.{trt_name}.weight"] = take(src + f"mlp.{hf_name}.weight")
+            if cfg.mlp_bias:
+                out[dst + f"mlp.{trt_name}.bias"] = take(src + f"mlp.{hf_name}.bias")
+    out["transformer.ln_f.weight"] = take("model.norm.weight")
+    if "lm_head.weight" in hf and not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    else:
+        require(cfg.tie_word_embeddings or "lm_head.weight" in hf, f"{where}: missing lm_head.weight")
+        out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]
+    return out
+
+
+def load_hf_base(model_dir: str | os.PathLike) -> tuple[BaseConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face base model directory: its config and its tensors in TensorRT-LLM names."""
+    model_dir = Path(model_dir)
+    require(model_dir.is_dir(), f"{model_dir}: base model directory not found")
+    cfg = hf_base_config(model_dir)
+    hf: dict[str, torch.Tensor] = {}
+    for f in _hf_weight_files(model_dir):
+        hf.update(load_state_dict_file(f))
+    return cfg, hf_to_trtllm(cfg, hf, str(model_dir))
+
+
+# --------------------------------------------------------------------------- drafter names
+def drafter_to_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apple names -> ``drafter.*`` TensorRT-LLM ReDrafter names."""
+    out = {}
+    n = cfg.num_draft_layers
+    for k, v in sd.items():
+        if k == f"lm_head.{n}.weight":
+            out["drafter.lm_head.weight"] = v
+        elif k.startswith("lm_head."):
+            out["drafter.layers." + k[len("lm_head."):]] = v
+        else:
+            out["drafter." + k] = v
+    return out
+
+
+def drafter_from_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``drafter.*`` names -> Apple names (inverse of :func:`drafter_to_checkpoint_names`)."""
+    out = {}
+    for k, v in sd.items():
+        k = k[len("drafter."):]
+        if k == "lm_head.weight":
+            out[f"lm_head.{cfg.num_draft_layers}.weight"] = v
+        elif k.startswith("layers."):
+            out["lm_head." + k[len("layers."):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoint
+@dataclass
+class RedrafterCheckpointConfig:
+    base: BaseConfig
+    drafter: DrafterConfig
+    num_beams: int
+    draft_len: int
+    greedy_search: bool
+    dtype: str
+    tp_size: int = 1
+    random_drafter: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.base.to_dict()
+        hf_arch = {ARCH_LLAMA: "LlamaForCausalLM", ARCH_QWEN2: "Qwen2ForCausalLM"}[self.base.architecture]
+        return {
+            "architecture": REDRAFTER_ARCHITECTURES[self.base.architecture],
+            "base_model_architecture": hf_arch,
+            "dtype": self.dtype,
+            "logits_dtype": "float32",
+            "hidden_act": "silu",
+            "position_embedding_type": "rope_gpt_neox",
+            **{k: base[k] for k in _BASE_KEYS},
+            **({"qwen_type": "qwen2"} if self.base.architecture == ARCH_QWEN2 else {}),
+            "redrafter_num_beams": self.num_beams,
+            "redrafter_draft_len_per_beam": self.draft_len,
+            "redrafter_greedy_search": self.greedy_search,
+            "redrafter_num_layers": self.drafter.num_draft_layers,
+            "redrafter_hidden_size": self.drafter.hidden_size,
+            "redrafter_exit_dim": self.drafter.exit_dim,
+            "redrafter_is_rnn": self.drafter.rnn,
+            "redrafter_random_init": self.random_drafter,
+            "mapping": {"world_size": self.tp_size, "tp_size": self.tp_size, "pp_size": 1},
+            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> "RedrafterCheckpointConfig":
+        try:
+            require(d.get("architecture") in REDRAFTER_ARCHITECTURES.values(),
+                    f"architecture {d.get('architecture')!r} is not a ReDrafter checkpoint "
+                    f"({sorted(REDRAFTER_ARCHITECTURES.values())})")
+            base_arch = HF_ARCHITECTURES.get(d.get("base_model_architecture", ""))
+            require(base_arch is not None, f"unsupported base_model_architecture "
+                    f"{d.get('base_model_architecture')!r}")
+            base = BaseConfig.from_dict({**{k: d[k] for k in _BASE_KEYS if k in d},
+                                         "architecture": base_arch})
+            for key in ("redrafter_num_beams", "redrafter_draft_len_per_beam", "redrafter_num_layers",
+                        "redrafter_exit_dim", "dtype"):
+                require(key in d, f"missing key {key!r}")
+            drafter = DrafterConfig(vocab_size=base.vocab_size,
+                                    hidden_size=d.get("redrafter_hidden_size", base.hidden_size),
+                                    exit_dim=d["redrafter_exit_dim"],
+                                    num_draft_layers=d["redrafter_num_layers"],
+                                    rnn=bool(d.get("redrafter_is_rnn", True)))
+            drafter.validate()
+            cfg = cls(base=base, drafter=drafter, num_beams=d["redrafter_num_beams"],
+                      draft_len=d["redrafter_draft_len_per_beam"],
+                      greedy_search=bool(d.get("redrafter_greedy_search", True)),
+                      dtype=d["dtype"], tp_size=int(d.get("mapping", {}).get("tp_size", 1)),
+                      random_drafter=bool(d.get("redrafter_random_init", False)))
+            cfg.validate()
+        except RedrafterError as e:
+            raise RedrafterError(f"{where}: {e}") from e
+        return cfg
+
+    def validate(self) -> None:
+        require(isinstance(self.num_beams, int) and self.num_beams >= 1,
+                f"redrafter_num_beams (--redrafter_num_beams) must be >= 1, got {self.num_beams}")
+        require(isinstance(self.draft_len, int) and self.draft_len >= 1,
+                f"redrafter_draft_len_per_beam (--redrafter_draft_len_per_beam) must be >= 1, "
+                f"got {self.draft_len}")
+        require(self.num_beams <= self.base.vocab_size,
+                f"redrafter_num_beams {self.num_beams} exceeds the vocabulary size {self.base.vocab_size}")
+        require(self.draft_len + 1 <= 64, f"beam length D+1 = {self.draft_len + 1} exceeds 64")
+        require(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
+        require(self.tp_size == 1, f"tp_size {self.tp_size}: only tp_size 1 is supported by this "
+                "release (the tensor-parallel split comes with the TensorRT-LLM backend)")
+        validate_against_base(self.drafter, self.base.hidden_size, self.base.vocab_size,
+                              (self.base.vocab_size, self.base.hidden_size), "checkpoint")
+
+
+def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], drafter: Drafter,
+                       output_dir: str | os.PathLike, *, dtype: str = "float32", num_beams: int = 4,
+                       draft_len: int = 4, greedy_search: bool = True, tp_size: int = 1,
+                       tokenizer_dir: str | os.PathLike | None = None, random_drafter: bool = False,
+                       overwrite: bool = False) -> Path:
+    """Write the ReDrafter checkpoint directory atomically; returns its path."""
+    cfg = RedrafterCheckpointConfig(base=base_cfg, drafter=drafter.config, num_beams=num_beams,
+                                    draft_len=draft_len, greedy_search=greedy_search, dtype=dtype,
+                                    tp_size=tp_size, random_drafter=random_drafter)
+    cfg.validate()
+    # Base tensors must be exactly what the modeling expects, and finite.
+    expected = {k: tuple(v.shape) for k, v in _meta_base(base_cfg).state_dict().items()}
+    for name, shape in expected.items():
+        require(name in base_sd, f"base model: missing tensor {name}")
+        require(tuple(base_sd[name].shape) == shape,
+                f"base model: tensor {name} has shape {tuple(base_sd[name].shape)}, expected {shape}")
+    for name, t in base_sd.items():
+        require(bool(torch.isfinite(t).all()), f"base model: tensor {name} has non-finite values")
+    torch_dtype = DTYPES[dtype]
+    tensors = {k: base_sd[k].to(torch_dtype).contiguous().clone() for k in expected}
+    for k, v in drafter_to_checkpoint_names(drafter.config, drafter.state_dict()).items():
+        require(bool(torch.isfinite(v).all()), f"drafter: tensor {k} has non-finite values")
+        tensors[k] = v.detach().to(torch_dtype).contiguous().clone()
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
+        save_safetensors(tensors, tmp / rank_file(0), metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return Path(output_dir)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def _meta_base(cfg: BaseConfig) -> BaseModel:
+    with torch.device("meta"):
+        return BaseModel(cfg)
+
+
+def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> RedrafterCheckpointConfig:
+    path = Path(ckpt_dir) / CHECKPOINT_CONFIG
+    return RedrafterCheckpointConfig.from_dict(read_json(path, "checkpoint config"), str(path))
+
+
+def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.PathLike | None = None,
+                           dtype: torch.dtype | None = None) -> tuple[RedrafterCheckpointConfig, BaseModel, Drafter]:
+    """Build the base model and drafter from a checkpoint (or engine) directory."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = read_checkpoint_config(ckpt_dir)
+    weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
+    sd = load_state_dict_file(weights)
+    torch_dtype = dtype or DTYPES[cfg.dtype]
+    base_sd = {k: v for k, v in sd.items() if not k.startswith("drafter.")}
+    drafter_sd = drafter_from_checkpoint_names(
+        cfg.drafter, {k: v for k, v in sd.items() if k.startswith("drafter.")})
+    base = BaseModel(cfg.base).to(torch_dtype)
+    if cfg.base.tie_word_embeddings and "lm_head.weight" in base_sd:
+        require(torch.equal(base_sd["lm_head.weight"], base_sd["transformer.vocab_embedding.weight"]),
+                f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
+    load_checked(base, base_sd, str(weights))
+    drafter = Drafter(cfg.drafter).to(torch_dtype)
+    load_checked(drafter, drafter_sd, str(weights))
+    base.eval()
+    drafter.eval()
+    return cfg, base, drafter
+
+
+__all__ = ["convert_checkpoint", "load_hf_base", "hf_base_config", "hf_to_trtllm",
+           "read_checkpoint_config", "load_checkpoint_models", "RedrafterCheckpointConfig",
+           "drafter_to_checkpoint_names", "drafter_from_checkpoint_names", "expected_drafter_shapes",
+           "copy_tokenizer_files", "rank_file", "DTYPES"]

@@ -1,0 +1,65 @@
+"""``redrafter-build``: ReDrafter checkpoint -> engine directory (torch or TensorRT-LLM backend)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..engine import BACKENDS, build_engine
+from .common import non_negative_int, positive_int, run_main
+
+# trtllm-build flags accepted for familiarity; recorded in the build config and used by the
+# TensorRT-LLM backend, ignored by the torch backend.
+TRTLLM_FLAGS = {
+    "--gemm_plugin": "GEMM plugin dtype (auto|float16|bfloat16|disable)",
+    "--gpt_attention_plugin": "GPT attention plugin dtype (auto|float16|bfloat16)",
+    "--kv_cache_type": "KV cache type (continuous|paged)",
+    "--use_paged_context_fmha": "enable|disable paged context FMHA",
+    "--max_num_tokens": "maximum tokens per engine call",
+    "--workers": "parallel build workers",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="redrafter-build",
+        description="Build an engine directory from a redrafter-convert checkpoint. The torch "
+                    "backend runs anywhere (CPU or GPU); the trtllm backend builds one fused "
+                    "TensorRT-LLM engine and needs TensorRT-LLM 1.2 and an NVIDIA GPU.")
+    p.add_argument("--checkpoint_dir", required=True, help="checkpoint from redrafter-convert")
+    p.add_argument("--output_dir", required=True, help="engine directory to write")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto = trtllm when TensorRT-LLM and a GPU are present, else torch "
+                        "(default: %(default)s)")
+    p.add_argument("--max_batch_size", type=positive_int, default=8,
+                   help="rows per engine call (default: %(default)s)")
+    p.add_argument("--max_input_len", type=positive_int, default=1024,
+                   help="longest prompt in tokens (default: %(default)s)")
+    p.add_argument("--max_seq_len", type=positive_int, default=2048,
+                   help="longest prompt + output in tokens (default: %(default)s)")
+    p.add_argument("--warp_k", type=non_negative_int, default=50,
+                   help="top-k warp of the draft head's logits in beam search, 0 = off "
+                        "(default: %(default)s)")
+    for flag, text in TRTLLM_FLAGS.items():
+        p.add_argument(flag, default=None, help=f"trtllm backend only: {text}")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    extra = {f.lstrip("-"): getattr(args, f.lstrip("-")) for f in TRTLLM_FLAGS
+             if getattr(args, f.lstrip("-")) is not None}
+    out = build_engine(args.checkpoint_dir, args.output_dir, backend=args.backend,
+                       max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                       max_seq_len=args.max_seq_len, warp_k=args.warp_k, overwrite=args.overwrite,
+                       extra_build_config=extra)
+    print(f"wrote engine {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

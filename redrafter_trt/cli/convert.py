@@ -1,0 +1,85 @@
+"""``redrafter-convert``: base LLM + draft head -> TensorRT-LLM style ReDrafter checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import DTYPES, convert_checkpoint, load_hf_base
+from ..errors import require
+from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
+from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
+from .common import non_negative_int, positive_int, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="redrafter-convert",
+        description="Convert a Hugging Face base model (Llama family or Qwen2) and a ReDrafter "
+                    "draft head (Apple ml-recurrent-drafter format) into one TensorRT-LLM style "
+                    "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files).")
+    p.add_argument("--model_dir", default=DEFAULT_MODEL,
+                   help=f"Hugging Face base model directory, or '{DEFAULT_MODEL}' for the built-in "
+                        "SmolLM2-135M-Instruct (default: %(default)s)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--drafter_model_dir",
+                     help="draft head directory (config.json + model.safetensors), e.g. from redrafter-train")
+    src.add_argument("--random_drafter", action="store_true",
+                     help="initialise a random draft head instead (for plumbing tests and demos; "
+                          "it accepts almost no draft tokens)")
+    p.add_argument("--output_dir", required=True, help="checkpoint directory to write")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weight dtype of the checkpoint (default: %(default)s)")
+    p.add_argument("--redrafter_num_beams", type=positive_int, default=4,
+                   help="W, beams drafted per step (default: %(default)s)")
+    p.add_argument("--redrafter_draft_len_per_beam", type=positive_int, default=4,
+                   help="D, draft tokens per beam (default: %(default)s)")
+    p.add_argument("--redrafter_no_greedy_search", action="store_true",
+                   help="record that the engine is meant for sampling (the torch backend serves "
+                        "greedy and sampling either way)")
+    p.add_argument("--tp_size", type=positive_int, default=1,
+                   help="tensor-parallel ranks (only 1 in this release)")
+    p.add_argument("--redrafter_num_layers", type=non_negative_int, default=2,
+                   help="with --random_drafter: residual blocks of the head (default: %(default)s)")
+    p.add_argument("--redrafter_exit_dim", type=positive_int, default=None,
+                   help="with --random_drafter: width of the head (default: 2 x base hidden size)")
+    p.add_argument("--redrafter_no_rnn", action="store_true",
+                   help="with --random_drafter: a head without the recurrent state update")
+    p.add_argument("--seed", type=int, default=0, help="with --random_drafter: init seed")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    base_dir = resolve_base_model_dir(args.model_dir)
+    base_cfg, base_sd = load_hf_base(base_dir)
+    if args.random_drafter:
+        cfg = DrafterConfig(vocab_size=base_cfg.vocab_size, hidden_size=base_cfg.hidden_size,
+                            exit_dim=args.redrafter_exit_dim or 2 * base_cfg.hidden_size,
+                            num_draft_layers=args.redrafter_num_layers, rnn=not args.redrafter_no_rnn)
+        drafter = init_drafter(cfg, seed=args.seed)
+    else:
+        drafter = load_drafter(args.drafter_model_dir)
+    validate_against_base(drafter.config, base_cfg.hidden_size, base_cfg.vocab_size,
+                          tuple(base_sd["transformer.vocab_embedding.weight"].shape),
+                          f"--drafter_model_dir {args.drafter_model_dir}")
+    require(args.redrafter_num_beams <= base_cfg.vocab_size,
+            f"--redrafter_num_beams {args.redrafter_num_beams} exceeds the vocabulary size "
+            f"{base_cfg.vocab_size}")
+    out = convert_checkpoint(base_cfg, base_sd, drafter, args.output_dir, dtype=args.dtype,
+                             num_beams=args.redrafter_num_beams,
+                             draft_len=args.redrafter_draft_len_per_beam,
+                             greedy_search=not args.redrafter_no_greedy_search, tp_size=args.tp_size,
+                             tokenizer_dir=base_dir, random_drafter=args.random_drafter,
+                             overwrite=args.overwrite)
+    print(f"wrote ReDrafter checkpoint {out} ({base_cfg.architecture}, W={args.redrafter_num_beams}, "
+          f"D={args.redrafter_draft_len_per_beam}, {args.dtype})", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Base LLM modeling, the draft head, model files and the built-in default model."""

@@ -1,0 +1,259 @@
+"""Compact Llama-family / Qwen2 decoder with a preallocated KV cache and tree masks.
+
+Parameter names are TensorRT-LLM's checkpoint names (``transformer.layers.{i}.attention.qkv``,
+...), so the TensorRT-LLM style checkpoint written by ``redrafter-convert`` loads as it is; the
+Hugging Face name mapping lives in :mod:`redrafter_trt.checkpoint`.
+
+One forward appends ``T`` tokens per row to the row's cache slot and attends over the row's
+whole cache plus an intra-block mask (causal for prompts, ancestor-or-self for packed trees).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RedrafterError, require
+
+#: Architectures this modeling implements, by the name TensorRT-LLM's checkpoints use.
+ARCH_LLAMA = "LlamaForCausalLM"
+ARCH_QWEN2 = "QWenForCausalLM"
+#: Hugging Face ``architectures`` / ``model_type`` values accepted for each.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": ARCH_LLAMA,
+    "MistralForCausalLM": ARCH_LLAMA,
+    "Qwen2ForCausalLM": ARCH_QWEN2,
+}
+HF_MODEL_TYPES = {"llama": ARCH_LLAMA, "mistral": ARCH_LLAMA, "qwen2": ARCH_QWEN2}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class BaseConfig:
+    """Shape and numerics of a base model (the fields the modeling needs, nothing else)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    norm_epsilon: float = 1e-6
+    rotary_base: float = 10000.0
+    rotary_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    dense_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BaseConfig":
+        names = set(cls.__dataclass_fields__)
+        missing = [n for n in ("architecture", "vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "head_size") if n not in d]
+        require(not missing, f"base model config is missing keys {missing}")
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        require(self.architecture in (ARCH_LLAMA, ARCH_QWEN2),
+                f"unsupported architecture {self.architecture!r}; expected one of "
+                f"{sorted(HF_ARCHITECTURES)} (Hugging Face) / {ARCH_LLAMA}, {ARCH_QWEN2}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0,
+                    f"base config {name} must be a positive integer, got {value!r}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        require(self.head_size % 2 == 0, f"head_size must be even for RoPE, got {self.head_size}")
+        rope_type = (self.rotary_scaling or {}).get("rope_type", "default")
+        require(rope_type in SUPPORTED_ROPE_TYPES,
+                f"unsupported RoPE scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+
+
+def rope_inv_freq(cfg: BaseConfig) -> torch.Tensor:
+    """Inverse frequencies [head_size/2] float64 for the config's RoPE type."""
+    hd = cfg.head_size
+    inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = cfg.rotary_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_len / low
+        high_wavelen = old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        self.qkv = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.dense_bias)
+
+    def forward(self, x, cos, sin, layer_cache, slots, write_pos, read_len, attn_mask):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+        q = _rotate(q.view(b, t, self.nh, self.hd), cos, sin)
+        k = _rotate(k.view(b, t, self.nkv, self.hd), cos, sin)
+        v = v.view(b, t, self.nkv, self.hd)
+        rows = slots[:, None]
+        layer_cache[0, rows, :, write_pos] = k.to(layer_cache.dtype)
+        layer_cache[1, rows, :, write_pos] = v.to(layer_cache.dtype)
+        keys = layer_cache[0, slots, :, :read_len].to(q.dtype)  # [B, nkv, S, hd]
+        values = layer_cache[1, slots, :, :read_len].to(q.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                             attn_mask=attn_mask[:, None], enable_gqa=True)
+        return self.dense(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU with TensorRT-LLM's names: ``fc`` = gate_proj, ``gate`` = up_proj, ``proj`` = down_proj."""
+
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.proj(F.silu(self.fc(x)) * self.gate(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+        self.attention = Attention(cfg)
+        self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer_cache, slots, write_pos, read_len, attn_mask):
+        x = x + self.attention(self.input_layernorm(x), cos, sin, layer_cache, slots, write_pos,
+                               read_len, attn_mask)
+        return x + self.mlp(self.post_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.vocab_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.ln_f = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+
+
+class BaseModel(nn.Module):
+    """The base LLM. ``forward`` returns the final-norm hidden states; ``lm_head`` gives logits."""
+
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.vocab_embedding.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.transformer.vocab_embedding
+
+    def new_cache(self, slots: int, capacity: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+        """Allocate ``[layers, 2, slots, kv_heads, capacity, head_size]`` (zeros)."""
+        c = self.config
+        w = self.lm_head.weight
+        return torch.zeros((c.num_hidden_layers, 2, slots, c.num_key_value_heads, capacity,
+                            c.head_size), dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+                slots: torch.Tensor, cache_lengths: torch.Tensor,
+                block_mask: torch.Tensor) -> torch.Tensor:
+        """Append ``T`` tokens per row to the cache and return their hidden states.
+
+        Args:
+            input_ids: [B, T] int token ids (padding positions are computed, never read).
+            positions: [B, T] int absolute RoPE positions.
+            cache: [layers, 2, slots, kv_heads, capacity, head_size], written at
+                ``cache_lengths[b] + i`` for i < T in slot ``slots[b]``.
+            slots: [B] int; cache_lengths: [B] int tokens already in each row's slot.
+            block_mask: [B, T, T] bool, query i may see new token j (self is always allowed).
+        Returns:
+            hidden: [B, T, H] after the final norm.
+        """
+        b, t = input_ids.shape
+        capacity = cache.shape[4]
+        cache_lengths = cache_lengths.to(torch.int64)
+        read_len = int(cache_lengths.max()) + t
+        if read_len > capacity:
+            raise RedrafterError(f"KV cache overflow: a row needs {read_len} positions, "
+                                 f"the cache holds {capacity}")
+        slots = slots.to(torch.int64)
+        ar = torch.arange(t, device=input_ids.device)
+        write_pos = cache_lengths[:, None] + ar  # [B, T]
+        # Mask over the S = read_len key positions: the cache prefix, then the new block.
+        s = torch.arange(read_len, device=input_ids.device)
+        rel = s[None, :] - cache_lengths[:, None]  # [B, S]
+        in_block = (rel >= 0) & (rel < t)
+        block = block_mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
+        gathered = block.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, read_len))
+        mask = (rel < 0)[:, None, :] | (in_block[:, None, :] & gathered)
+        freqs = positions.to(torch.float64)[..., None] * self.inv_freq  # [B, T, hd/2]
+        dtype = self.lm_head.weight.dtype
+        cos = torch.cos(freqs).to(dtype)[:, :, None, :]
+        sin = torch.sin(freqs).to(dtype)[:, :, None, :]
+        x = self.transformer.vocab_embedding(input_ids.to(torch.int64))
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, cos, sin, cache[i], slots, write_pos, read_len, mask)
+        return self.transformer.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

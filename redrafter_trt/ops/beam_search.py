@@ -1,0 +1,103 @@
+"""Beam-search step of the drafter (SPEC section 4), the PyTorch reference.
+
+``beam_search_step`` is the operator the CUDA kernel and the C++ reference implement; the draft
+loop that calls it D times lives in :mod:`redrafter_trt.models.drafter`.
+
+Rules (shared with ``cpp/``):
+
+- warp: with ``warp_k > 0`` and ``warp_k < V``, logits are shifted by their row max, and every
+  logit below the ``warp_k``-th largest of its row (ties at the boundary kept) becomes
+  :data:`WARP_FILL`; then ``log_softmax`` in float32.
+- candidate score = beam score + logp, flat index ``w * V + v``; the top W candidates are
+  taken in descending score, ties to the lower flat index; ``parent = idx // V``,
+  ``token = idx % V``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Value given to warped-out logits (after the row-max shift), as Apple's reference does.
+WARP_FILL = -50000.0
+#: Default top-k warp of the drafter's logits (0 turns it off).
+DEFAULT_WARP_K = 50
+
+
+def warped_log_softmax(logits: torch.Tensor, warp_k: int) -> torch.Tensor:
+    """log_softmax of top-k-warped logits over the last dim, in float32.
+
+    Args:
+        logits: [..., V] float32/float16/bfloat16.
+        warp_k: keep the top ``warp_k`` logits (ties kept); 0 or >= V = no warp.
+    Returns:
+        logp: [..., V] float32.
+    """
+    x = logits.to(torch.float32)
+    x = x - x.amax(dim=-1, keepdim=True)
+    v = x.shape[-1]
+    if 0 < warp_k < v:
+        kth = torch.topk(x, warp_k, dim=-1).values[..., -1:]
+        x = torch.where(x >= kth, x, torch.full_like(x, WARP_FILL))
+    return torch.log_softmax(x, dim=-1)
+
+
+def _top_w_lowest_index(values: torch.Tensor, w: int) -> torch.Tensor:
+    """Indices of the top ``w`` entries of each row, ties to the lower index (unordered).
+
+    Args:
+        values: [N, M] float32; w <= M.
+    Returns:
+        idx: [N, w] int64, the selected set (in no particular order).
+    """
+    m = values.shape[-1]
+    thr = torch.topk(values, w, dim=-1).values[:, -1:]
+    greater = values > thr
+    equal = values == thr
+    need = w - greater.sum(-1, keepdim=True)
+    take_equal = equal & (torch.cumsum(equal.to(torch.int64), dim=-1) <= need)
+    selected = greater | take_equal
+    # Distinct positive keys for selected entries; topk then returns exactly that set.
+    key = torch.where(selected, m - torch.arange(m, device=values.device), 0)
+    return torch.topk(key, w, dim=-1).indices
+
+
+def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int = DEFAULT_WARP_K):
+    """One beam-search step over W beams.
+
+    Two-stage, as the kernels do: each beam's own top W (ties to the lower token id), then the
+    top W of the W*W union (ties to the lower flat index). Equal to the top W over all W*V
+    candidates with the same tie rule, because a candidate outside its beam's top W has W better
+    (or equal, lower-indexed) candidates in the same beam.
+
+    Args:
+        logits: [B, W, V] drafter logits (float32/float16/bfloat16).
+        beam_scores: [B, W] float32, ``-inf`` for dead beams.
+        warp_k: top-k warp of the logits (0 = off).
+    Returns:
+        new_scores: [B, W] float32, descending; parent: [B, W] int64; token: [B, W] int64.
+    """
+    b, w, v = logits.shape
+    logp = warped_log_softmax(logits, warp_k)  # [B, W, V]
+    scores = beam_scores.to(torch.float32)[:, :, None] + logp
+    local = _top_w_lowest_index(scores.reshape(b * w, v), w).reshape(b, w, w)  # token ids
+    local_scores = scores.gather(2, local)  # [B, W, W]
+    flat = local + (torch.arange(w, device=logits.device) * v)[None, :, None]
+    flat = flat.reshape(b, w * w)
+    local_scores = local_scores.reshape(b, w * w)
+    # Order the union by flat index, then stable-sort by score so ties keep the lower index.
+    by_index = torch.argsort(flat, dim=-1)
+    flat = flat.gather(1, by_index)
+    local_scores = local_scores.gather(1, by_index)
+    order = torch.sort(local_scores, dim=-1, descending=True, stable=True).indices[:, :w]
+    top = flat.gather(1, order)
+    return local_scores.gather(1, order), top // v, top % v
+
+
+def beam_search_step_naive(logits: torch.Tensor, beam_scores: torch.Tensor,
+                           warp_k: int = DEFAULT_WARP_K):
+    """The same step by a full stable sort of all W*V candidates (test oracle)."""
+    b, w, v = logits.shape
+    logp = warped_log_softmax(logits, warp_k)
+    cand = (beam_scores.to(torch.float32)[:, :, None] + logp).reshape(b, w * v)
+    order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[:, :w]
+    return cand.gather(1, order), order // v, order % v

@@ -1,0 +1,96 @@
+"""Dynamic tree attention: packing beams into a prefix tree (SPEC section 5), PyTorch reference.
+
+Layout facts (one place; ``cpp/`` and the engine import or mirror them):
+
+- node (w, d) is kept iff no lower beam shares its prefix ``beams[w, :d+1]``; packed order is
+  beam-major, depth-minor over kept nodes;
+- outputs are padded to ``W*L``: padding tokens are :data:`PAD_TOKEN`, padding offsets 0, and
+  padding rows of the mask are all zero;
+- the packed mask is int32 words ``[W*L, ceil(W*L/32)]``: bit ``j % 32`` of word ``j // 32`` in
+  row ``i`` is set iff packed node ``j`` is an ancestor of packed node ``i`` or ``i`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+PAD_TOKEN = 0
+
+
+def mask_words(num_nodes: int) -> int:
+    """Number of int32 words per row of the packed mask for ``num_nodes`` columns."""
+    return (num_nodes + 31) // 32
+
+
+class PackedTree(NamedTuple):
+    """Output of :func:`pack_tree` (all int32 except ``mask``).
+
+    tokens: [B, W*L]; lengths: [B]; unpacker: [B, W, L]; offsets: [B, W*L];
+    packed_mask: [B, W*L, ceil(W*L/32)] int32; mask: [B, W*L, W*L] bool.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    unpacker: torch.Tensor
+    offsets: torch.Tensor
+    packed_mask: torch.Tensor
+    mask: torch.Tensor
+
+
+def pack_tree(beams: torch.Tensor) -> PackedTree:
+    """Pack beams [B, W, L] (int) into a prefix tree; see the module docstring for the layout."""
+    b, w, l = beams.shape
+    n = w * l
+    dev = beams.device
+    beams = beams.to(torch.int64)
+    # same[b, w, v, d]: beams w and v agree on positions 0..d.
+    same = (beams[:, :, None, :] == beams[:, None, :, :]).to(torch.int64).cumprod(-1).bool()
+    owner = same.to(torch.int64).argmax(dim=2)  # [B, W, L] lowest beam sharing the prefix
+    kept = owner == torch.arange(w, device=dev)[None, :, None]
+    kept_flat = kept.reshape(b, n)
+    packed_of_kept = torch.cumsum(kept_flat.to(torch.int64), -1) - 1  # valid where kept
+    depth = torch.arange(l, device=dev).expand(b, w, l)
+    # unpacker[b, w, d] = packed index of node (owner[b, w, d], d).
+    flat_owner = owner * l + depth
+    unpacker = packed_of_kept.gather(1, flat_owner.reshape(b, n)).reshape(b, w, l)
+    lengths = kept_flat.sum(-1)
+
+    dest = torch.where(kept_flat, packed_of_kept, torch.full_like(packed_of_kept, n))  # n = drop
+    tokens = torch.full((b, n + 1), PAD_TOKEN, dtype=torch.int64, device=dev)
+    tokens.scatter_(1, dest, beams.reshape(b, n))
+    offsets = torch.zeros((b, n + 1), dtype=torch.int64, device=dev)
+    offsets.scatter_(1, dest, depth.reshape(b, n))
+
+    # Row of node (w, d) in unpacked form: ancestors are (w, d') for d' <= d.
+    onehot = torch.nn.functional.one_hot(unpacker, n).to(torch.int64)  # [B, W, L, n]
+    rows = torch.cumsum(onehot, dim=2).bool().reshape(b, n, n)
+    mask = torch.zeros((b, n + 1, n), dtype=torch.bool, device=dev)
+    mask.scatter_(1, dest[:, :, None].expand(b, n, n), rows)
+    mask = mask[:, :n]
+    return PackedTree(
+        tokens=tokens[:, :n].to(torch.int32),
+        lengths=lengths.to(torch.int32),
+        unpacker=unpacker.to(torch.int32),
+        offsets=offsets[:, :n].to(torch.int32),
+        packed_mask=bool_to_packed_mask(mask),
+        mask=mask,
+    )
+
+
+def bool_to_packed_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[..., R, C] bool -> [..., R, ceil(C/32)] int32 words, LSB first."""
+    *lead, r, c = mask.shape
+    words = mask_words(c)
+    padded = torch.zeros((*lead, r, words * 32), dtype=torch.int64, device=mask.device)
+    padded[..., :c] = mask.to(torch.int64)
+    bits = padded.reshape(*lead, r, words, 32) << torch.arange(32, device=mask.device)
+    packed = bits.sum(-1)  # up to 2**32 - 1
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def packed_mask_to_bool(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """[..., R, words] int32 -> [..., R, num_cols] bool (inverse of :func:`bool_to_packed_mask`)."""
+    bits = (packed.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :num_cols].bool()
