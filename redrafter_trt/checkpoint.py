@@ -169,6 +169,52 @@ def hf_to_trtllm(cfg: BaseConfig, hf: dict[str, torch.Tensor], where: str) -> di
     return out
 
 
+def trtllm_to_hf(cfg: BaseConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TensorRT-LLM names -> Hugging Face names (inverse of :func:`hf_to_trtllm`)."""
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    out = {"model.embed_tokens.weight": sd["transformer.vocab_embedding.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"transformer.layers.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "post_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            if src + f"attention.qkv.{kind}" in sd:
+                q, k, v = sd[src + f"attention.qkv.{kind}"].split([nh * hd, nkv * hd, nkv * hd], 0)
+                for p, t in zip("qkv", (q, k, v)):
+                    out[dst + f"self_attn.{p}_proj.{kind}"] = t
+            if src + f"attention.dense.{kind}" in sd:
+                out[dst + f"self_attn.o_proj.{kind}"] = sd[src + f"attention.dense.{kind}"]
+            for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate"), ("down_proj", "proj")):
+                if src + f"mlp.{trt_name}.{kind}" in sd:
+                    out[dst + f"mlp.{hf_name}.{kind}"] = sd[src + f"mlp.{trt_name}.{kind}"]
+    return out
+
+
+def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict for the base (inverse of :func:`hf_base_config`)."""
+    is_qwen = cfg.architecture == ARCH_QWEN2
+    d: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM" if is_qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if is_qwen else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size,
+        "rms_norm_eps": cfg.norm_epsilon, "rope_theta": cfg.rotary_base,
+        "rope_scaling": cfg.rotary_scaling, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (cfg.eos_token_id or None),
+    }
+    if not is_qwen:
+        d["attention_bias"] = cfg.qkv_bias
+        d["mlp_bias"] = cfg.mlp_bias
+    return d
+
+
 def load_hf_base(model_dir: str | os.PathLike) -> tuple[BaseConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face base model directory: its config and its tensors in TensorRT-LLM names."""
     model_dir = Path(model_dir)
@@ -365,7 +411,8 @@ def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.P
     return cfg, base, drafter
 
 
-__all__ = ["convert_checkpoint", "load_hf_base", "hf_base_config", "hf_to_trtllm",
+__all__ = ["convert_checkpoint", "load_hf_base", "hf_base_config", "hf_to_trtllm", "trtllm_to_hf",
+           "hf_config_dict",
            "read_checkpoint_config", "load_checkpoint_models", "RedrafterCheckpointConfig",
            "drafter_to_checkpoint_names", "drafter_from_checkpoint_names", "expected_drafter_shapes",
            "copy_tokenizer_files", "rank_file", "DTYPES"]

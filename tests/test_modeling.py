@@ -117,3 +117,17 @@ def test_unsupported_architecture_and_rope_are_clear_errors(tmp_path):
     (base / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(RedrafterError, match="unsupported RoPE"):
         hf_base_config(base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_export_roundtrip(tiny_dirs, tmp_path, arch):
+    """trtllm_to_hf + hf_config_dict give back a directory transformers loads to the same logits."""
+    from redrafter_trt.checkpoint import hf_config_dict, trtllm_to_hf
+    from redrafter_trt.models.io import save_safetensors
+
+    cfg, sd = load_hf_base(tiny_dirs[arch])
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
+    save_safetensors({k: v.clone() for k, v in trtllm_to_hf(cfg, sd).items()}, tmp_path / "model.safetensors")
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(hf_model(tmp_path)(ids).logits, hf_model(tiny_dirs[arch])(ids).logits, atol=1e-6)
