@@ -139,7 +139,7 @@ def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | 
         if dtype is not None:
             require(dtype in DTYPES or dtype == "float64", f"dtype {dtype!r} not supported")
             torch_dtype = torch.float64 if dtype == "float64" else DTYPES[dtype]
-        _, base, drafter = load_checkpoint_models(engine_dir, dtype=torch_dtype)
+        _, base, drafter = load_checkpoint_models(engine_dir, dtype=torch_dtype, config=ckpt_cfg)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         backend = TorchBackend(base.to(dev), drafter.to(dev), ckpt_cfg.num_beams, ckpt_cfg.draft_len,
                                warp_k=bc.get("warp_k", DEFAULT_WARP_K),
