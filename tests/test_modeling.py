@@ -131,3 +131,19 @@ def test_hf_export_roundtrip(tiny_dirs, tmp_path, arch):
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         assert torch.allclose(hf_model(tmp_path)(ids).logits, hf_model(tiny_dirs[arch])(ids).logits, atol=1e-6)
+
+
+def test_sharded_safetensors_directory_loads(tmp_path, tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_dirs["llama"]))
+    m.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(full_logits(ours(tmp_path), ids), full_logits(ours(tiny_dirs["llama"]), ids))
+    # A shard named by the index but missing is a clear error.
+    next(tmp_path.glob("model-*-of-*.safetensors")).unlink()
+    with pytest.raises(RedrafterError, match="missing"):
+        load_hf_base(tmp_path)

@@ -49,6 +49,10 @@ class OracleProposer:
         for r in range(b):
             seq = self.truth[int(slots[r])]
             pos = int(root_positions[r])
+            if pos >= len(seq):  # past the known truth (the row is about to stop): no plan
+                beams[r] = int(root[r])
+                self.planned[int(slots[r])] = None
+                continue
             assert int(root[r]) == seq[pos], "the bonus token must be the true next token"
             avail = len(seq) - 1 - pos
             k = int(self.rng.integers(0, min(self.d, avail) + 1)) if avail > 0 else 0
@@ -196,3 +200,33 @@ def test_first_sampled_tokens_follow_target_distribution(tmp_path):
     chi2 = float((((counts - expected) ** 2) / expected)[cells].sum())
     assert counts[~cells].sum() <= expected[~cells].sum() * 3 + 10
     assert chi2 < chi2_threshold(int(cells.sum()) - 1)
+
+
+@pytest.mark.parametrize("w,d", [(2, 3), (4, 5)])
+def test_eos_stops_each_row_like_plain(tiny_dirs, w, d):
+    """Per-row stopping at EOS: the row ends at the first EOS, inside a step or not."""
+    truth = tiny_generator(tiny_dirs["llama"], w, d).generate(PROMPTS, max_new_tokens=30, speculative=False)
+    eos = truth[0].token_ids[6]  # a token the first row emits at position 6
+    plain_gen = tiny_generator(tiny_dirs["llama"], w, d)
+    plain = plain_gen.generate(PROMPTS, max_new_tokens=30, speculative=False, eos_token_ids=[eos])
+    oracle_truth = {i: PROMPTS[i] + truth[i].token_ids for i in range(len(PROMPTS))}
+    spec_gen = tiny_generator(tiny_dirs["llama"], w, d,
+                              proposer=OracleProposer(oracle_truth, w, d, 97, seed=3))
+    spec = spec_gen.generate(PROMPTS, max_new_tokens=30, speculative=True, eos_token_ids=[eos])
+    for t, p, s in zip(truth, plain, spec):
+        assert s.token_ids == p.token_ids
+        if eos in t.token_ids:
+            cut = t.token_ids.index(eos) + 1
+            assert p.token_ids == t.token_ids[:cut] and p.finish_reason == "eos"
+        else:
+            assert p.token_ids == t.token_ids and p.finish_reason == "length"
+        assert sum(s.accepted_per_step) == len(s.token_ids)
+    assert spec[0].finish_reason == "eos" and len(spec[0].token_ids) == 7
+
+
+def test_batches_larger_than_max_batch_size_are_chunked(tiny_dirs):
+    gen = tiny_generator(tiny_dirs["qwen2"], 2, 2, max_batch_size=3)
+    prompts = [[i + 1, i + 2] for i in range(7)]
+    spec = gen.generate(prompts, max_new_tokens=6)
+    single = [gen.generate([p], max_new_tokens=6)[0] for p in prompts]
+    assert [s.token_ids for s in spec] == [x.token_ids for x in single]

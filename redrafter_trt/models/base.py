@@ -138,7 +138,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.dense_bias)
 
-    def forward(self, x, cos, sin, layer_cache, slots, write_pos, read_len, attn_mask):
+    def forward(self, x, cos, sin, layer_cache, slots, read_slots, write_pos, read_len, attn_mask):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
         q = _rotate(q.view(b, t, self.nh, self.hd), cos, sin)
@@ -147,8 +147,8 @@ class Attention(nn.Module):
         rows = slots[:, None]
         layer_cache[0, rows, :, write_pos] = k.to(layer_cache.dtype)
         layer_cache[1, rows, :, write_pos] = v.to(layer_cache.dtype)
-        keys = layer_cache[0, slots, :, :read_len].to(q.dtype)  # [B, nkv, S, hd]
-        values = layer_cache[1, slots, :, :read_len].to(q.dtype)
+        keys = layer_cache[0, read_slots, :, :read_len].to(q.dtype)  # [B, nkv, S, hd]
+        values = layer_cache[1, read_slots, :, :read_len].to(q.dtype)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
                                              attn_mask=attn_mask[:, None], enable_gqa=True)
         return self.dense(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
@@ -175,9 +175,9 @@ class DecoderLayer(nn.Module):
         self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer_cache, slots, write_pos, read_len, attn_mask):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, layer_cache, slots, write_pos,
-                               read_len, attn_mask)
+    def forward(self, x, cos, sin, layer_cache, slots, read_slots, write_pos, read_len, attn_mask):
+        x = x + self.attention(self.input_layernorm(x), cos, sin, layer_cache, slots, read_slots,
+                               write_pos, read_len, attn_mask)
         return x + self.mlp(self.post_layernorm(x))
 
 
@@ -251,8 +251,12 @@ class BaseModel(nn.Module):
         cos = torch.cos(freqs).to(dtype)[:, :, None, :]
         sin = torch.sin(freqs).to(dtype)[:, :, None, :]
         x = self.transformer.vocab_embedding(input_ids.to(torch.int64))
+        # Contiguous slots (the usual case) are read as a view instead of a gathered copy.
+        s0 = int(slots[0])
+        contiguous = bool(torch.equal(slots, torch.arange(s0, s0 + b, device=slots.device)))
+        read_slots = slice(s0, s0 + b) if contiguous else slots
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, cos, sin, cache[i], slots, write_pos, read_len, mask)
+            x = layer(x, cos, sin, cache[i], slots, read_slots, write_pos, read_len, mask)
         return self.transformer.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
