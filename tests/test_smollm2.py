@@ -80,3 +80,15 @@ def test_acceptance_on_the_real_model_with_known_continuation(smol_engine):
         assert s.token_ids == p.token_ids[:22]
     for s in spec:  # every step but the prompt's and the truncated last adds D + 1 = 5 tokens
         assert s.accepted_per_step[0] == 1 and set(s.accepted_per_step[1:-1]) == {5}
+
+
+def test_stop_strings_end_rows_like_plain(smol_engine):
+    _, engine = smol_engine
+    gen = load(engine)
+    kw = dict(max_new_tokens=40, use_chat_template=True, stop=["."], ignore_eos=True)
+    plain = gen.generate(CHAT[1:2], speculative=False, **kw)[0]
+    spec = gen.generate(CHAT[1:2], speculative=True, **kw)[0]
+    assert spec.token_ids == plain.token_ids
+    assert plain.finish_reason == "stop" and plain.text.endswith(".") and plain.text.count(".") == 1
+    # The stop string completed in the last token, not earlier.
+    assert "." not in gen.decode(plain.token_ids[:-1])

@@ -124,8 +124,16 @@ class Generator:
         for _ in self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, speculative,
                            use_chat_template, stop, eos_token_ids, ignore_eos, rows):
             pass
-        return [GenerationResult(r.tokens, self.decode(r.tokens), r.accepted, r.finish_reason or "length",
+        return [GenerationResult(r.tokens, self._text(r, stop), r.accepted, r.finish_reason or "length",
                                  r.prompt) for _, r in sorted(rows.items())]
+
+    def _text(self, row: _Row, stop: Sequence[str]) -> str | None:
+        """Decoded output; on a stop string, cut right after its first occurrence."""
+        text = self.decode(row.tokens)
+        if text is not None and row.finish_reason == "stop":
+            ends = [text.find(s) + len(s) for s in stop if s and s in text]
+            text = text[:min(ends)] if ends else text
+        return text
 
     def generate_stream(self, prompts: Sequence[str | Sequence[int]], **kwargs) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, yielding each row's new tokens as every step completes."""
