@@ -77,7 +77,8 @@ def build_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLik
 
         return trt_build.build_trtllm_engine(ckpt, output_dir, cfg, max_batch_size=max_batch_size,
                                              max_input_len=max_input_len, max_seq_len=max_seq_len,
-                                             overwrite=overwrite, **(extra_build_config or {}))
+                                             warp_k=warp_k, overwrite=overwrite,
+                                             **(extra_build_config or {}))
     # Torch backend: validate by loading every tensor once, then link the weights in.
     load_checkpoint_models(ckpt)
     build_config = {"max_batch_size": max_batch_size, "max_input_len": max_input_len,

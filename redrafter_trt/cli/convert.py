@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record that the engine is meant for sampling (the torch backend serves "
                         "greedy and sampling either way)")
     p.add_argument("--tp_size", type=positive_int, default=1,
-                   help="tensor-parallel ranks (only 1 in this release)")
+                   help="tensor-parallel ranks: writes rank{i}.safetensors split as TensorRT-LLM "
+                        "expects (the torch backend runs tp_size 1 checkpoints only)")
     p.add_argument("--redrafter_num_layers", type=non_negative_int, default=2,
                    help="with --random_drafter: residual blocks of the head (default: %(default)s)")
     p.add_argument("--redrafter_exit_dim", type=positive_int, default=None,

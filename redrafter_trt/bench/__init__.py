@@ -1,0 +1,118 @@
+"""``redrafter-bench``: tokens per step and wall-clock speed-up against plain decoding.
+
+- :mod:`.metrics`: results -> tokens per step, acceptance by depth, spreads, output comparison.
+- :mod:`.prompts`: data set -> token-id prompts that fit the engine.
+- :mod:`.runner`: the interleaved sweep over batch sizes and beam shapes.
+- :mod:`.hf_baseline`: transformers' own ``generate`` on the engine's base weights.
+- :mod:`.report`: JSON document, Markdown table, plot.
+
+:func:`run_benchmark` ties them together; the command line is :mod:`redrafter_trt.cli.bench`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import require
+from .prompts import encode_prompts, load_raw_prompts
+from .report import SCHEMA, build_report, environment, markdown, write_outputs
+from .runner import BenchSettings, parse_beam_shapes, run_sweep, shape_name
+
+
+def engine_info(engine_dir: str | Path | None, gen: Any) -> dict[str, Any]:
+    """What the report says about the engine (``engine_dir`` None: a generator built in Python)."""
+    be = gen.backend
+    pre: dict[str, Any] = {}
+    if engine_dir is not None:
+        from ..engine import read_engine_config
+
+        pre = read_engine_config(engine_dir)["pretrained_config"]
+    elif hasattr(be, "base"):
+        from ..checkpoint import hf_config_dict
+
+        hf = hf_config_dict(be.base.config)
+        pre = {"base_model_architecture": hf["architectures"][0], **hf}
+    return {
+        "engine_dir": None if engine_dir is None else str(engine_dir),
+        "backend": getattr(be, "name", "unknown"),
+        "device": str(getattr(be, "device", "unknown")),
+        "dtype": str(getattr(be, "dtype", pre.get("dtype"))).replace("torch.", ""),
+        "model": f"{pre.get('base_model_architecture', '?')} {pre.get('num_hidden_layers', '?')} layers, "
+                 f"hidden {pre.get('hidden_size', '?')}, vocab {pre.get('vocab_size', '?')}",
+        "engine_beam_shape": shape_name((be.shape.num_beams, be.shape.draft_len)),
+        "random_drafter": bool(gen.random_drafter),
+        "max_batch_size": be.max_batch_size,
+        "max_input_len": be.max_input_len,
+        "max_seq_len": be.max_seq_len,
+        "warp_k": getattr(be, "warp_k", None),
+        "tokenizer": gen.tokenizer is not None,
+    }
+
+
+def hf_baseline_model(gen: Any, hf_model_dir: str | None = None) -> tuple[Any, str]:
+    """The transformers model for the outside baseline, and where it came from."""
+    from .hf_baseline import hf_model_from_base, hf_model_from_dir
+
+    be = gen.backend
+    if hf_model_dir:
+        return (hf_model_from_dir(hf_model_dir, getattr(be, "dtype", torch.float32),
+                                  getattr(be, "device", torch.device("cpu"))), f"--hf_model_dir {hf_model_dir}")
+    if hasattr(be, "base"):
+        return hf_model_from_base(be.base), "rebuilt from the engine's base weights"
+    return None, (f"skipped: the {getattr(be, 'name', '?')} backend has no torch weights; "
+                  "pass --hf_model_dir with the Hugging Face base model")
+
+
+def run_benchmark(gen: Any, engine_dir: str | Path | None, dataset: str, settings: BenchSettings, *,
+                  num_prompts: int = 8, chat_template: str = "auto", max_prompt_len: int | None = None,
+                  hf_model_dir: str | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Benchmark ``gen`` (from :func:`redrafter_trt.load`) on ``dataset``; returns the report."""
+    require(chat_template in ("auto", "yes", "no"),
+            f"--chat_template {chat_template!r}: expected auto, yes or no")
+    env = environment()  # before the run: the load average at the start
+    raw = load_raw_prompts(dataset)
+    use_chat = (gen.tokenizer is not None and getattr(gen.tokenizer, "chat_template", None) is not None
+                and chat_template != "no" and any(isinstance(p, str) for p in raw))
+    require(chat_template != "yes" or use_chat,
+            "--chat_template yes: the engine's tokenizer has no chat template (or the prompts are token ids)")
+    prompts, skipped = encode_prompts(gen, raw, num_prompts, use_chat, settings.max_new_tokens,
+                                      max_prompt_len)
+    hf_model, hf_source = (None, "disabled (--no_hf_baseline)")
+    if settings.hf_baseline:
+        hf_model, hf_source = hf_baseline_model(gen, hf_model_dir)
+    lengths = sorted(len(p) for p in prompts)
+    settings_rec = {
+        "dataset": dataset,
+        "num_prompts": len(prompts),
+        "num_prompts_requested": num_prompts,
+        "prompts_skipped_too_long": skipped,
+        "prompt_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
+        "chat_template": use_chat,
+        "max_new_tokens": settings.max_new_tokens,
+        "ignore_eos": True,
+        "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+        "repetitions": settings.repetitions,
+        "warmup": settings.warmup,
+        "batch_sizes": list(settings.batch_sizes),
+        "beam_shapes": [shape_name(s) for s in settings.beam_shapes] if settings.beam_shapes
+        else [shape_name((gen.backend.shape.num_beams, gen.backend.shape.draft_len))],
+        "hf_baseline": hf_source,
+        "method": "per batch size, every repetition runs each method once on the same prompt "
+                  "batches (prompts cycled to fill the last batch), order alternating between "
+                  "repetitions; warm-up calls on the first batch are not timed; tokens/s = new "
+                  "tokens / wall time of the generate calls (prefill included); speed-up = plain "
+                  "wall / speculative wall of the same repetition",
+    }
+    sweep = run_sweep(gen, prompts, settings, hf_model=hf_model, log=log)
+    return build_report(env, engine_info(engine_dir, gen), settings_rec, sweep)
+
+
+__all__ = ["BenchSettings", "SCHEMA", "run_benchmark", "parse_beam_shapes", "markdown", "write_outputs",
+           "engine_info"]

