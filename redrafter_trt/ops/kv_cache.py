@@ -30,6 +30,14 @@ def relocate_kv(cache: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.T
     dev = cache.device
     k = torch.arange(1, l, device=dev)[None, :]
     valid = k <= num_accepted.to(torch.int64)[:, None]
+    # The in-place move is well defined only for distinct slots and strictly increasing paths
+    # (q_k >= k, so no destination is read after it is written); the kernels assume the same.
+    if b and bool((num_accepted > 0).any()):
+        if torch.unique(slots).numel() != b:
+            raise ValueError(f"relocate_kv: rows must use distinct cache slots, got {slots.tolist()}")
+        steps = accepted_indices[:, 1:].to(torch.int64) - accepted_indices[:, :-1].to(torch.int64)
+        if bool(((steps <= 0) & valid).any()) or bool((accepted_indices[:, 0] != 0).any()):
+            raise ValueError("relocate_kv: accepted packed indices must start at 0 and increase")
     row, col = valid.nonzero(as_tuple=True)
     if row.numel():
         base = cache_lengths.to(torch.int64)[row]

@@ -84,9 +84,9 @@ def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         keep_sorted = exclusive < p[:, None]
         keep_sorted[:, 0] = True
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-        keep |= (p >= 1)[:, None]
-        probs = probs * keep
-        probs = probs / probs.sum(-1, keepdim=True)
+        cut = probs * keep
+        # Only rows with a real top-p cut are renormalised, so a row never depends on the others.
+        probs = torch.where((p < 1)[:, None], cut / cut.sum(-1, keepdim=True), probs)
     return probs
 
 

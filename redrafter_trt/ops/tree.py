@@ -93,4 +93,4 @@ def bool_to_packed_mask(mask: torch.Tensor) -> torch.Tensor:
 def packed_mask_to_bool(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
     """[..., R, words] int32 -> [..., R, num_cols] bool (inverse of :func:`bool_to_packed_mask`)."""
     bits = (packed.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
-    return bits.reshape(*packed.shape[:-1], -1)[..., :num_cols].bool()
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 32)[..., :num_cols].bool()

@@ -1,0 +1,79 @@
+/* C ABI of the ReDrafter operators (no GPU needed for the *_cpu functions).
+ *
+ * Every function returns 0 on success or a redrafter::StatusCode (1 invalid argument, 2 overflow,
+ * 3 invalid data, 4 CUDA error, 5 unsupported) and writes a NUL-terminated message into `msg`
+ * (up to msg_len bytes; msg may be NULL). Tensors are dense row-major; shapes are in
+ * redrafter/{beam_search,tree_pack,accept,kv_relocate}.h. dtype: 0 float32, 1 float16, 2 bfloat16.
+ * The *_cuda functions (libredrafter_cuda.so) take device pointers and a cudaStream_t as void*.
+ */
+#ifndef REDRAFTER_C_API_H
+#define REDRAFTER_C_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define REDRAFTER_ABI_VERSION 1
+
+int32_t redrafter_abi_version(void);
+
+int32_t redrafter_beam_search_step_cpu(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
+                                       int64_t num_beams, int64_t vocab, int64_t warp_k, float* new_scores,
+                                       int32_t* parent, int32_t* token, char* msg, int64_t msg_len);
+
+int32_t redrafter_tree_pack_cpu(const int32_t* beams, int64_t batch, int64_t num_beams, int64_t beam_len,
+                                int32_t* packed_tokens, int32_t* packed_len, int32_t* unpacker,
+                                int32_t* position_offsets, int32_t* packed_mask, char* msg, int64_t msg_len);
+
+int32_t redrafter_accept_cpu(const void* logits, int32_t dtype, int64_t batch, int64_t num_nodes, int64_t vocab,
+                             const int32_t* beams, const int32_t* unpacker, int64_t num_beams, int64_t beam_len,
+                             const int32_t* packed_len, const float* temperature, const int32_t* top_k,
+                             const float* top_p, const float* uniforms, int32_t* num_accepted, int32_t* best_beam,
+                             int32_t* bonus, int32_t* accepted_indices, int32_t* emitted, char* msg, int64_t msg_len);
+
+int32_t redrafter_kv_relocate_cpu(void* cache, int64_t elem_bytes, int64_t num_layers, int64_t num_slots,
+                                  int64_t num_kv_heads, int64_t max_seq_len, int64_t head_dim, const int32_t* slots,
+                                  const int32_t* cache_lengths, const int32_t* accepted_indices,
+                                  const int32_t* num_accepted, int64_t batch, int64_t beam_len, int32_t* new_lengths,
+                                  char* msg, int64_t msg_len);
+
+/* One token per row of logits [rows, vocab] by the rules of redrafter/sampling.h. */
+int32_t redrafter_draw_tokens_cpu(const void* logits, int32_t dtype, int64_t rows, int64_t vocab,
+                                  const float* temperature, const int32_t* top_k, const float* top_p,
+                                  const float* uniforms, int32_t* tokens, char* msg, int64_t msg_len);
+
+/* ---- CUDA launchers (libredrafter_cuda.so only) ---- */
+size_t redrafter_beam_search_workspace_bytes(int64_t batch, int64_t num_beams, int64_t vocab, int64_t warp_k);
+size_t redrafter_accept_workspace_bytes(int64_t batch, int64_t num_nodes);
+
+int32_t redrafter_beam_search_step_cuda(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
+                                        int64_t num_beams, int64_t vocab, int64_t warp_k, float* new_scores,
+                                        int32_t* parent, int32_t* token, void* workspace, size_t workspace_bytes,
+                                        void* stream, char* msg, int64_t msg_len);
+
+int32_t redrafter_tree_pack_cuda(const int32_t* beams, int64_t batch, int64_t num_beams, int64_t beam_len,
+                                 int32_t* packed_tokens, int32_t* packed_len, int32_t* unpacker,
+                                 int32_t* position_offsets, int32_t* packed_mask, void* stream, char* msg,
+                                 int64_t msg_len);
+
+int32_t redrafter_accept_cuda(const void* logits, int32_t dtype, int64_t batch, int64_t num_nodes, int64_t vocab,
+                              const int32_t* beams, const int32_t* unpacker, int64_t num_beams, int64_t beam_len,
+                              const int32_t* packed_len, const float* temperature, const int32_t* top_k,
+                              const float* top_p, const float* uniforms, int32_t* num_accepted, int32_t* best_beam,
+                              int32_t* bonus, int32_t* accepted_indices, int32_t* emitted, void* workspace,
+                              size_t workspace_bytes, void* stream, char* msg, int64_t msg_len);
+
+int32_t redrafter_kv_relocate_cuda(void* cache, int64_t elem_bytes, int64_t num_layers, int64_t num_slots,
+                                   int64_t num_kv_heads, int64_t max_seq_len, int64_t head_dim, const int32_t* slots,
+                                   const int32_t* cache_lengths, const int32_t* accepted_indices,
+                                   const int32_t* num_accepted, int64_t batch, int64_t beam_len, int32_t* new_lengths,
+                                   void* stream, char* msg, int64_t msg_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* REDRAFTER_C_API_H */

@@ -1,0 +1,2 @@
+// The kernel source compiled for the CPU emulator (REDRAFTER_EMULATE, see cuda_emu.h).
+#include "../../kernels/kv_relocate.cu"

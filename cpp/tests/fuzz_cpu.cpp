@@ -1,0 +1,248 @@
+// Standalone random driver for the CPU references, run under ASan + UBSan in CI
+// (build_scripts/build_cpp.sh). Every case goes through the C ABI with random shapes and values
+// (NaN, inf, ties, garbage indices) and random bad parameters; it checks that nothing crashes,
+// that bad parameters return an error status with a message, and that valid calls return
+// outputs in range (parents, tokens, packed indices, lengths).
+//
+// Usage: redrafter_fuzz [--iterations N] [--seed S]
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "redrafter/c_api.h"
+
+namespace {
+
+std::mt19937_64 rng;
+int64_t gCases = 0, gRejected = 0, gFailures = 0;
+char gMsg[512];
+
+int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+bool coin(double p = 0.5) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; }
+
+#define EXPECT(cond, ...)                                                   \
+    do {                                                                    \
+        if (!(cond)) {                                                      \
+            ++gFailures;                                                    \
+            std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            std::fprintf(stderr, __VA_ARGS__);                              \
+            std::fprintf(stderr, "\n");                                     \
+        }                                                                   \
+    } while (0)
+
+// Logit values: normals, a few repeated values (ties), occasionally NaN / inf / huge.
+float randomValue(const std::vector<float>& pool) {
+    const int64_t r = pick(0, 99);
+    if (r < 2) return std::numeric_limits<float>::quiet_NaN();
+    if (r < 4) return coin() ? INFINITY : -INFINITY;
+    if (r < 6) return coin() ? 3e38f : -3e38f;
+    if (r < 40) return pool[static_cast<size_t>(pick(0, static_cast<int64_t>(pool.size()) - 1))];
+    return std::normal_distribution<float>(0.0f, 4.0f)(rng);
+}
+
+std::vector<uint16_t> randomLogits(int64_t n, int32_t dtype, bool wild) {
+    std::vector<float> pool = {0.0f, -0.0f, 1.0f, 2.5f, -3.0f};
+    std::vector<uint16_t> buf(static_cast<size_t>(n * (dtype == 0 ? 2 : 1)) + 1);
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = wild ? randomValue(pool) : std::normal_distribution<float>(0.0f, 2.0f)(rng);
+        if (dtype == 0) {
+            std::memcpy(reinterpret_cast<float*>(buf.data()) + i, &v, 4);
+        } else {
+            uint32_t bits;
+            std::memcpy(&bits, &v, 4);
+            buf[static_cast<size_t>(i)] = static_cast<uint16_t>(dtype == 2 ? bits >> 16 : (pick(0, 65535)));
+        }
+    }
+    return buf;
+}
+
+int32_t statusCheck(int32_t status, bool expectError, const char* op) {
+    ++gCases;
+    if (status != 0) {
+        ++gRejected;
+        EXPECT(gMsg[0] != '\0', "%s: error status %d without a message", op, status);
+    }
+    if (expectError) EXPECT(status != 0, "%s: bad parameters were accepted", op);
+    return status;
+}
+
+void fuzzBeamSearch() {
+    int64_t B = pick(0, 3), W = pick(1, 9), V = pick(1, 70), K = pick(0, 80);
+    const int32_t dtype = static_cast<int32_t>(pick(0, 2));
+    bool bad = false;
+    const int64_t mode = pick(0, 9);
+    if (mode == 0) { W = pick(-2, 0); bad = true; }
+    if (mode == 1) { W = V + pick(1, 3); bad = true; }
+    if (mode == 2) { K = -pick(1, 5); bad = true; }
+    if (mode == 3) { V = (int64_t(1) << 31) + pick(0, 5); bad = true; }
+    if (mode == 4) { W = 65; bad = true; }
+    const int64_t n = bad ? 8 : B * W * V;
+    auto logits = randomLogits(n, dtype, coin(0.3));
+    std::vector<float> scores(static_cast<size_t>(bad ? 8 : B * W) + 1);
+    for (auto& s : scores) s = coin(0.2) ? -INFINITY : (coin(0.3) ? 0.0f : std::normal_distribution<float>()(rng));
+    std::vector<float> out(scores.size());
+    std::vector<int32_t> parent(scores.size()), token(scores.size());
+    const bool nullPtr = !bad && coin(0.05);
+    if (nullPtr) bad = true;
+    const int32_t st = redrafter_beam_search_step_cpu(nullPtr ? nullptr : logits.data(), dtype, scores.data(), B, W, V, K,
+                                                      out.data(), parent.data(), token.data(), gMsg, sizeof(gMsg));
+    if (statusCheck(st, bad, "beam search") == 0) {
+        for (int64_t i = 0; i < B * W; ++i) {
+            EXPECT(parent[i] >= 0 && parent[i] < W && token[i] >= 0 && token[i] < V, "beam search output out of range");
+        }
+    }
+}
+
+void fuzzTreePack() {
+    int64_t B = pick(0, 3), W = pick(1, 10), L = pick(1, 10);
+    bool bad = false;
+    const int64_t mode = pick(0, 9);
+    if (mode == 0) { L = 65; bad = true; }
+    if (mode == 1) { W = pick(-3, 0); bad = true; }
+    if (mode == 2) { W = 64; L = 64; B = pick(0, 1); }
+    if (mode == 3) { B = -1; bad = true; }
+    const int64_t N = W * L, words = (N + 31) / 32;
+    const size_t cells = bad ? 8 : static_cast<size_t>(B * N);
+    std::vector<int32_t> beams(cells + 1);
+    const int alphabet = static_cast<int>(pick(1, 4));
+    for (auto& t : beams) t = static_cast<int32_t>(pick(0, alphabet - 1));
+    std::vector<int32_t> tokens(cells + 1), len(static_cast<size_t>(bad ? 8 : B) + 1), unp(cells + 1), off(cells + 1),
+        mask(bad ? 8 : static_cast<size_t>(B * N * words) + 1);
+    const int32_t st = redrafter_tree_pack_cpu(beams.data(), B, W, L, tokens.data(), len.data(), unp.data(), off.data(),
+                                               mask.data(), gMsg, sizeof(gMsg));
+    if (statusCheck(st, bad, "tree pack") == 0) {
+        for (int64_t b = 0; b < B; ++b) {
+            EXPECT(len[b] >= L && len[b] <= N, "packed length %d out of range", len[b]);
+            for (int64_t i = 0; i < N; ++i) {
+                const int32_t q = unp[b * N + i];
+                EXPECT(q >= 0 && q < len[b] && tokens[b * N + q] == beams[b * N + i], "unpacker does not unpack");
+            }
+        }
+    }
+}
+
+void fuzzAccept() {
+    int64_t B = pick(0, 3), W = pick(1, 6), L = pick(1, 6), V = pick(1, 40);
+    int64_t N = W * L + pick(0, 2);
+    const int32_t dtype = static_cast<int32_t>(pick(0, 2));
+    bool bad = false, mayReject = false;
+    const int64_t mode = pick(0, 11);
+    if (mode == 0) { L = 65; bad = true; }
+    if (mode == 1) { V = 0; bad = true; }
+    if (mode == 2) { N = 0; bad = true; }
+    if (mode == 3) { B = int64_t(1) << 40; N = int64_t(1) << 20; V = int64_t(1) << 20; bad = true; }
+    if (mode == 4) mayReject = true;  // garbage unpacker
+    const size_t cells = bad ? 8 : static_cast<size_t>(B * W * L);
+    std::vector<int32_t> beams(cells + 1), unp(cells + 1);
+    for (auto& t : beams) t = static_cast<int32_t>(pick(0, std::max<int64_t>(0, std::min<int64_t>(V, 3) - 1)));
+    // A consistent unpacker from the tree pack, or garbage.
+    std::vector<int32_t> len(static_cast<size_t>(bad ? 8 : B) + 1, 1);
+    if (!bad) {
+        std::vector<int32_t> tk(cells + 1), off(cells + 1), mask(cells * ((W * L + 31) / 32) + 1);
+        redrafter_tree_pack_cpu(beams.data(), B, W, L, tk.data(), len.data(), unp.data(), off.data(), mask.data(), gMsg,
+                                sizeof(gMsg));
+        if (mayReject) {
+            for (auto& q : unp) q = static_cast<int32_t>(pick(-2, N + 2));
+        }
+    }
+    auto logits = randomLogits(bad ? 8 : B * N * V, dtype, coin(0.3));
+    const size_t rows = static_cast<size_t>(bad ? 8 : B) + 1;
+    std::vector<float> temp(rows), topP(rows), u(static_cast<size_t>(bad ? 8 : B * L) + 1);
+    std::vector<int32_t> topK(rows);
+    for (size_t i = 0; i < rows; ++i) {
+        const float temps[] = {0.0f, -1.0f, 0.5f, 1.0f, 2.0f, 1e-30f, NAN};
+        temp[i] = temps[pick(0, 6)];
+        topK[i] = static_cast<int32_t>(pick(-2, V + 2));
+        const float ps[] = {1.0f, 0.9f, 0.5f, 0.0f, -1.0f, 1.5f, NAN, 1e-9f};
+        topP[i] = ps[pick(0, 7)];
+    }
+    for (auto& x : u) x = coin(0.1) ? 0.0f : static_cast<float>(pick(0, (1 << 24) - 1)) / 16777216.0f;
+    std::vector<int32_t> na(rows), best(rows), bonus(rows), path(u.size()), emitted(u.size());
+    const int32_t st = redrafter_accept_cpu(logits.data(), dtype, B, N, V, beams.data(), unp.data(), W, L,
+                                            coin() ? len.data() : nullptr, temp.data(), topK.data(), topP.data(), u.data(),
+                                            na.data(), best.data(), bonus.data(), path.data(), emitted.data(), gMsg, sizeof(gMsg));
+    if (statusCheck(st, bad, "accept") == 0) {
+        for (int64_t b = 0; b < B; ++b) {
+            EXPECT(na[b] >= 0 && na[b] < L && best[b] >= 0 && best[b] < W && bonus[b] >= 0 && bonus[b] < V,
+                   "accept output out of range (n=%d best=%d bonus=%d)", na[b], best[b], bonus[b]);
+            for (int64_t d = 0; d < L; ++d) EXPECT(path[b * L + d] >= 0 && path[b * L + d] < N, "path out of range");
+        }
+    } else {
+        EXPECT(bad || mayReject, "accept rejected valid input: %s", gMsg);
+    }
+}
+
+void fuzzKvRelocate() {
+    int64_t layers = pick(1, 3), slots = pick(1, 5), heads = pick(1, 3), maxSeq = pick(1, 40), headDim = pick(1, 9);
+    int64_t elem = int64_t(1) << pick(0, 3), B = pick(0, slots), L = pick(1, 6);
+    bool bad = false;
+    const int64_t mode = pick(0, 9);
+    if (mode == 0) { elem = 3; bad = true; }
+    if (mode == 1) { L = 0; bad = true; }
+    if (mode == 2) { maxSeq = int64_t(1) << 40; bad = true; }
+    if (mode == 3) { headDim = int64_t(1) << 31; bad = true; }
+    const size_t bytes = bad ? 64 : static_cast<size_t>(layers * 2 * slots * heads * maxSeq * headDim * elem);
+    std::vector<uint8_t> cache(bytes + 1);
+    for (auto& c : cache) c = static_cast<uint8_t>(rng());
+    const size_t rows = static_cast<size_t>(bad ? 8 : B) + 1;
+    std::vector<int32_t> sl(rows), lens(rows), n(rows), q(static_cast<size_t>(bad ? 8 : B * L) + 1), out(rows);
+    for (size_t b = 0; b < rows; ++b) {
+        sl[b] = static_cast<int32_t>(coin(0.9) ? b : pick(-1, slots));
+        lens[b] = static_cast<int32_t>(pick(coin(0.05) ? -3 : 0, maxSeq > 40 ? 40 : maxSeq));
+        n[b] = static_cast<int32_t>(pick(coin(0.05) ? -1 : 0, L - (coin(0.95) ? 1 : 0)));
+    }
+    for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int32_t>(coin(0.9) ? (i % std::max<int64_t>(L, 1)) * pick(1, 2) : pick(-2, 50));
+    const int32_t st = redrafter_kv_relocate_cpu(cache.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
+                                                 lens.data(), q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
+    if (statusCheck(st, bad, "kv relocate") == 0) {
+        for (int64_t b = 0; b < B; ++b) EXPECT(out[b] == lens[b] + n[b] + 1 && out[b] <= maxSeq, "new length wrong");
+    }
+}
+
+void fuzzDraw() {
+    const int64_t rows = pick(0, 4), V = pick(1, 60);
+    const int32_t dtype = static_cast<int32_t>(pick(0, 2));
+    auto logits = randomLogits(rows * V, dtype, true);
+    std::vector<float> temp(rows + 1), p(rows + 1), u(rows + 1);
+    std::vector<int32_t> k(rows + 1), out(rows + 1);
+    for (int64_t r = 0; r <= rows; ++r) {
+        temp[r] = coin(0.3) ? 0.0f : static_cast<float>(pick(1, 30)) / 10.0f;
+        k[r] = static_cast<int32_t>(pick(-1, V + 1));
+        p[r] = static_cast<float>(pick(0, 11)) / 10.0f;
+        u[r] = static_cast<float>(pick(0, (1 << 24) - 1)) / 16777216.0f;
+    }
+    const int32_t st = redrafter_draw_tokens_cpu(logits.data(), dtype, rows, V, temp.data(), k.data(), p.data(), u.data(),
+                                                 out.data(), gMsg, sizeof(gMsg));
+    if (statusCheck(st, false, "draw tokens") == 0) {
+        for (int64_t r = 0; r < rows; ++r) EXPECT(out[r] >= 0 && out[r] < V, "drawn token %d outside [0, %lld)", out[r], (long long)V);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    int64_t iterations = 3000;
+    uint64_t seed = 20261122;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!std::strcmp(argv[i], "--iterations")) iterations = std::atoll(argv[i + 1]);
+        if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(argv[i + 1], nullptr, 10);
+    }
+    rng.seed(seed);
+    for (int64_t it = 0; it < iterations; ++it) {
+        switch (pick(0, 4)) {
+            case 0: fuzzBeamSearch(); break;
+            case 1: fuzzTreePack(); break;
+            case 2: fuzzAccept(); break;
+            case 3: fuzzKvRelocate(); break;
+            default: fuzzDraw(); break;
+        }
+    }
+    std::printf("fuzz: %lld cases (seed %llu), %lld rejected with a message, %lld failures\n", (long long)gCases,
+                (unsigned long long)seed, (long long)gRejected, (long long)gFailures);
+    return gFailures ? 1 : 0;
+}

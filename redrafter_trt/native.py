@@ -1,0 +1,262 @@
+"""ctypes binding of the C++ CPU references of the ReDrafter operators (``cpp/``, SPEC section 9).
+
+The functions mirror the PyTorch references in :mod:`redrafter_trt.ops` and run the same
+per-element logic as the CUDA kernels (``__host__ __device__`` functions shared by both), so a
+CPU-only machine tests the kernels' logic through them. Inputs are CPU tensors (numpy arrays
+are accepted too); integer outputs are int32 as in the engine's tensors.
+
+The library is ``cpp/build/libredrafter_cpu.so`` under the repository, built by
+``bash build_scripts/build_cpp.sh``; the environment variable ``REDRAFTER_NATIVE_LIB`` points
+to another build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import RedrafterError
+from .ops.accept import Acceptance
+from .ops.beam_search import DEFAULT_WARP_K
+from .ops.tree import PackedTree, mask_words, packed_mask_to_bool
+
+LIB_ENV = "REDRAFTER_NATIVE_LIB"
+BUILD_COMMAND = "bash build_scripts/build_cpp.sh"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cpu.so"
+#: C ABI version this binding speaks (cpp/include/redrafter/c_api.h, REDRAFTER_ABI_VERSION).
+ABI_VERSION = 1
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_MSG_LEN = 512
+_lib: ctypes.CDLL | None = None
+
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+_i32 = ctypes.c_int32
+_SIGNATURES = {
+    "redrafter_abi_version": [],
+    "redrafter_beam_search_step_cpu": [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p],
+    "redrafter_tree_pack_cpu": [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p],
+    "redrafter_accept_cpu": [_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
+    "redrafter_kv_relocate_cpu": [_p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p],
+    "redrafter_draw_tokens_cpu": [_p, _i32, _i64, _i64, _p, _p, _p, _p, _p],
+}
+
+
+def library_path() -> Path:
+    """Where the CPU library is looked for (``$REDRAFTER_NATIVE_LIB`` or ``cpp/build/``)."""
+    env = os.environ.get(LIB_ENV)
+    return Path(env) if env else DEFAULT_LIB
+
+
+def load_library() -> ctypes.CDLL:
+    """The loaded ``libredrafter_cpu.so``; raises :class:`RedrafterError` saying how to build it."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    path = library_path()
+    if not path.is_file():
+        raise RedrafterError(
+            f"native library not found at {path}: build it with `{BUILD_COMMAND}` from {REPO_ROOT} "
+            f"(needs cmake and g++), or set {LIB_ENV} to a built libredrafter_cpu.so")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RedrafterError(f"cannot load native library {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        # Every operator takes (msg, msg_len) last; the version query takes nothing.
+        fn.argtypes = argtypes + ([ctypes.c_char_p, _i64] if argtypes else [])
+        fn.restype = _i32
+    found = lib.redrafter_abi_version()
+    if found != ABI_VERSION:
+        raise RedrafterError(f"native library {path} speaks C ABI version {found}, this binding needs "
+                             f"{ABI_VERSION}: rebuild it with `{BUILD_COMMAND}`")
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    """True when the CPU library is built and loads."""
+    try:
+        load_library()
+        return True
+    except RedrafterError:
+        return False
+
+
+def _call(name: str, *args) -> None:
+    lib = load_library()
+    msg = ctypes.create_string_buffer(_MSG_LEN)
+    status = getattr(lib, name)(*args, msg, _MSG_LEN)
+    if status != 0:
+        raise RedrafterError(f"{msg.value.decode(errors='replace')} [native status {status}]")
+
+
+def _cpu(x, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.device.type != "cpu":
+        raise RedrafterError(f"{name}: the native CPU reference needs a CPU tensor, got device {t.device}")
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _logits(x, name: str) -> torch.Tensor:
+    t = _cpu(x, name)
+    if t.dtype not in _DTYPES:
+        t = t.to(torch.float32)
+    return t
+
+
+def _shape(t: torch.Tensor, shape: tuple, name: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise RedrafterError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def _ndim(t: torch.Tensor, ndim: int, name: str, dims: str) -> None:
+    if t.dim() != ndim:
+        raise RedrafterError(f"{name}: expected {ndim} dims {dims}, got shape {list(t.shape)}")
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def beam_search_step(logits, beam_scores, warp_k: int = DEFAULT_WARP_K):
+    """Native twin of :func:`redrafter_trt.ops.beam_search.beam_search_step`.
+
+    Args:
+        logits: [B, W, V] float32/float16/bfloat16; beam_scores: [B, W] float32; warp_k: int.
+    Returns:
+        new_scores [B, W] float32 (descending), parent [B, W] int32, token [B, W] int32.
+    """
+    x = _logits(logits, "beam_search_step logits")
+    _ndim(x, 3, "beam_search_step logits", "[B, W, V]")
+    b, w, v = x.shape
+    s = _cpu(beam_scores, "beam_search_step beam_scores", torch.float32)
+    _shape(s, (b, w), "beam_search_step beam_scores")
+    scores = torch.empty((b, w), dtype=torch.float32)
+    parent = torch.empty((b, w), dtype=torch.int32)
+    token = torch.empty((b, w), dtype=torch.int32)
+    if b == 0 and 1 <= w <= min(v, 64):  # nothing to do (empty tensors have no data pointer)
+        return scores, parent, token
+    _call("redrafter_beam_search_step_cpu", _ptr(x), _DTYPES[x.dtype], _ptr(s), b, w, v, int(warp_k),
+          _ptr(scores), _ptr(parent), _ptr(token))
+    return scores, parent, token
+
+
+def pack_tree(beams) -> PackedTree:
+    """Native twin of :func:`redrafter_trt.ops.tree.pack_tree` (beams [B, W, L] int)."""
+    bm = _cpu(beams, "pack_tree beams", torch.int32)
+    _ndim(bm, 3, "pack_tree beams", "[B, W, L]")
+    b, w, l = bm.shape
+    n = w * l
+    tokens = torch.empty((b, n), dtype=torch.int32)
+    lengths = torch.empty((b,), dtype=torch.int32)
+    unpacker = torch.empty((b, w, l), dtype=torch.int32)
+    offsets = torch.empty((b, n), dtype=torch.int32)
+    packed_mask = torch.empty((b, n, mask_words(n)), dtype=torch.int32)
+    if b == 0 and 1 <= w <= 64 and 1 <= l <= 64:
+        return PackedTree(tokens, lengths, unpacker, offsets, packed_mask, torch.zeros((0, n, n), dtype=torch.bool))
+    _call("redrafter_tree_pack_cpu", _ptr(bm), b, w, l, _ptr(tokens), _ptr(lengths), _ptr(unpacker),
+          _ptr(offsets), _ptr(packed_mask))
+    return PackedTree(tokens, lengths, unpacker, offsets, packed_mask, packed_mask_to_bool(packed_mask, n))
+
+
+def accept(logits, beams, unpacker, temperature, top_k, top_p, uniforms, packed_len=None) -> Acceptance:
+    """Native twin of :func:`redrafter_trt.ops.accept.accept`.
+
+    Args:
+        logits: [B, N, V] float32/float16/bfloat16; beams, unpacker: [B, W, L] int;
+        temperature: [B] float (<= 0 greedy); top_k: [B] int (0 off); top_p: [B] float;
+        uniforms: [B, L] float32; packed_len: optional [B] int (checked against the unpacker).
+    Returns:
+        :class:`~redrafter_trt.ops.accept.Acceptance` of int32 tensors.
+    """
+    x = _logits(logits, "accept logits")
+    _ndim(x, 3, "accept logits", "[B, N, V]")
+    b, n, v = x.shape
+    bm = _cpu(beams, "accept beams", torch.int32)
+    _ndim(bm, 3, "accept beams", "[B, W, L]")
+    _, w, l = bm.shape
+    _shape(bm, (b, w, l), "accept beams")
+    up = _cpu(unpacker, "accept unpacker", torch.int32)
+    _shape(up, (b, w, l), "accept unpacker")
+    temp = _cpu(temperature, "accept temperature", torch.float32).reshape(-1)
+    tk = _cpu(top_k, "accept top_k", torch.int32).reshape(-1)
+    tp = _cpu(top_p, "accept top_p", torch.float32).reshape(-1)
+    for t, name in ((temp, "temperature"), (tk, "top_k"), (tp, "top_p")):
+        _shape(t, (b,), f"accept {name}")
+    u = _cpu(uniforms, "accept uniforms", torch.float32)
+    _shape(u, (b, l), "accept uniforms")
+    plen = None
+    if packed_len is not None:
+        plen = _cpu(packed_len, "accept packed_len", torch.int32)
+        _shape(plen, (b,), "accept packed_len")
+    num_accepted = torch.empty((b,), dtype=torch.int32)
+    best = torch.empty((b,), dtype=torch.int32)
+    bonus = torch.empty((b,), dtype=torch.int32)
+    path = torch.empty((b, l), dtype=torch.int32)
+    emitted = torch.empty((b, l), dtype=torch.int32)
+    if b == 0 and 1 <= w <= 64 and 1 <= l <= 64:
+        return Acceptance(num_accepted, best, bonus, path, emitted)
+    _call("redrafter_accept_cpu", _ptr(x), _DTYPES[x.dtype], b, n, v, _ptr(bm), _ptr(up), w, l, _ptr(plen),
+          _ptr(temp), _ptr(tk), _ptr(tp), _ptr(u), _ptr(num_accepted), _ptr(best), _ptr(bonus), _ptr(path),
+          _ptr(emitted))
+    return Acceptance(num_accepted, best, bonus, path, emitted)
+
+
+def draw_tokens(logits, temperature, top_k, top_p, uniforms) -> torch.Tensor:
+    """Native twin of :func:`redrafter_trt.ops.sampling.draw_tokens` (logits [N, V]); int32 [N]."""
+    x = _logits(logits, "draw_tokens logits")
+    _ndim(x, 2, "draw_tokens logits", "[N, V]")
+    rows, v = x.shape
+    temp = _cpu(temperature, "draw_tokens temperature", torch.float32).reshape(-1)
+    tk = _cpu(top_k, "draw_tokens top_k", torch.int32).reshape(-1)
+    tp = _cpu(top_p, "draw_tokens top_p", torch.float32).reshape(-1)
+    u = _cpu(uniforms, "draw_tokens uniforms", torch.float32).reshape(-1)
+    for t, name in ((temp, "temperature"), (tk, "top_k"), (tp, "top_p"), (u, "uniforms")):
+        _shape(t, (rows,), f"draw_tokens {name}")
+    out = torch.empty((rows,), dtype=torch.int32)
+    if rows == 0:
+        return out
+    _call("redrafter_draw_tokens_cpu", _ptr(x), _DTYPES[x.dtype], rows, v, _ptr(temp), _ptr(tk), _ptr(tp),
+          _ptr(u), _ptr(out))
+    return out
+
+
+def relocate_kv(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted) -> torch.Tensor:
+    """Native twin of :func:`redrafter_trt.ops.kv_cache.relocate_kv`; moves ``cache`` in place.
+
+    Args:
+        cache: [layers, 2, slots, kv_heads, max_seq, head_dim] contiguous CPU tensor (any dtype).
+        slots, cache_lengths, num_accepted: [B] int; accepted_indices: [B, L] int.
+    Returns:
+        new cache lengths [B] int32.
+    """
+    if not isinstance(cache, torch.Tensor) or cache.device.type != "cpu" or not cache.is_contiguous():
+        raise RedrafterError("relocate_kv: cache must be a contiguous CPU torch.Tensor "
+                             "[layers, 2, slots, kv_heads, max_seq, head_dim] (it is updated in place)")
+    _ndim(cache, 6, "relocate_kv cache", "[layers, 2, slots, kv_heads, max_seq, head_dim]")
+    layers, two, num_slots, heads, max_seq, head_dim = cache.shape
+    if two != 2:
+        raise RedrafterError(f"relocate_kv cache: dim 1 must be 2 (K and V), got shape {list(cache.shape)}")
+    q = _cpu(accepted_indices, "relocate_kv accepted_indices", torch.int32)
+    _ndim(q, 2, "relocate_kv accepted_indices", "[B, L]")
+    b, l = q.shape
+    sl = _cpu(slots, "relocate_kv slots", torch.int32).reshape(-1)
+    lens = _cpu(cache_lengths, "relocate_kv cache_lengths", torch.int32).reshape(-1)
+    na = _cpu(num_accepted, "relocate_kv num_accepted", torch.int32).reshape(-1)
+    for t, name in ((sl, "slots"), (lens, "cache_lengths"), (na, "num_accepted")):
+        _shape(t, (b,), f"relocate_kv {name}")
+    out = torch.empty((b,), dtype=torch.int32)
+    if b == 0 and 1 <= l <= 64:
+        return out
+    _call("redrafter_kv_relocate_cpu", _ptr(cache), cache.element_size(), layers, num_slots, heads, max_seq,
+          head_dim, _ptr(sl), _ptr(lens), _ptr(q), _ptr(na), b, l, _ptr(out))
+    return out
