@@ -1,0 +1,317 @@
+"""The ReDrafter step as one TensorRT-LLM network (SPEC sections 4-8).
+
+One engine call, per row of the batch (all rows of a call are context rows, or all are
+generation rows; the runtime never mixes them):
+
+1. base forward over ``input_ids`` [B, T] (prompt, or the packed tree of the previous call),
+   flattened to TensorRT-LLM's packed token layout ``[B*T]`` (every row carries T tokens; tree
+   padding and prompt padding are written to cache slots past the row's length and overwritten
+   by later calls). GPT attention plugin, paged KV cache with each slot owning a contiguous run
+   of blocks; generation rows use spec decoding: ``spec_decoding_packed_mask`` =
+   ``packed_mask``, ``spec_decoding_position_offsets`` = ``position_offsets``,
+   ``spec_decoding_generation_lengths`` = T.
+2. logits at the first ``min(T, W*L)`` nodes (node 0 of a context row is its prompt's last token)
+   -> **RedrafterAccept** plugin -> num_accepted, best beam, emitted tokens, accepted path.
+3. the context hidden state at the last accepted node; **D unrolled draft steps**: embedding
+   (shared with the base) -> RNN state -> draft head -> **RedrafterBeamSearchStep** plugin ->
+   reorder beams by parent.
+4. **RedrafterTreePack** plugin on the new beams -> the next call's packed tree.
+
+Engine inputs/outputs are the names of :mod:`redrafter_trt.contract` (imported, never retyped)
+plus TensorRT-LLM's attention plumbing and :data:`~redrafter_trt.trtllm.ACCEPTED_INDICES`.
+``num_draft_steps`` stays a runtime input of the contract, but the engine always drafts D steps;
+the runtime replaces the drafted tree by the root for plain decoding.
+
+Not run on hardware yet: written against TensorRT-LLM 1.2's functional API and layers
+(``tensorrt_llm.functional``, ``tensorrt_llm.layers``, ``tensorrt_llm.models.LLaMAForCausalLM``
+/ ``QWenForCausalLM``); build_scripts/gpu_selftest.sh checks its greedy output against the
+PyTorch backend inside the container.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .. import contract as C
+from ..checkpoint import RedrafterCheckpointConfig, padded_vocab_size
+from ..ops.beam_search import DEFAULT_WARP_K
+from . import ACCEPTED_INDICES, require_trtllm
+from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin
+
+#: TensorRT-LLM's names of the attention plumbing the engine binds besides the contract.
+ATTENTION_INPUTS = ("sequence_length", "host_past_key_value_lengths", "host_max_attention_window_sizes",
+                    "host_sink_token_length", "context_lengths", "host_context_lengths",
+                    "host_request_types", "kv_cache_block_offsets", "host_kv_cache_block_offsets",
+                    "host_kv_cache_pool_pointers", "host_kv_cache_pool_mapping", "cache_indirection",
+                    "host_runtime_perf_knobs", "host_context_progress", "spec_decoding_generation_lengths",
+                    "spec_decoding_use")
+
+
+def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) -> dict[str, Any]:
+    """The base model's TensorRT-LLM ``PretrainedConfig`` dict (LLaMA or QWen architecture)."""
+    from ..models.base import ARCH_QWEN2
+
+    b = cfg.base
+    d: dict[str, Any] = {
+        "architecture": "Qwen2ForCausalLM" if b.architecture == ARCH_QWEN2 else "LlamaForCausalLM",
+        "dtype": cfg.dtype, "logits_dtype": "float32", "vocab_size": b.vocab_size,
+        "hidden_size": b.hidden_size, "intermediate_size": b.intermediate_size,
+        "num_hidden_layers": b.num_hidden_layers, "num_attention_heads": b.num_attention_heads,
+        "num_key_value_heads": b.num_key_value_heads, "head_size": b.head_size,
+        "hidden_act": "silu", "norm_epsilon": b.norm_epsilon, "rotary_base": b.rotary_base,
+        "rotary_scaling": b.rotary_scaling, "max_position_embeddings": b.max_position_embeddings,
+        "position_embedding_type": "rope_gpt_neox", "attn_bias": b.qkv_bias, "mlp_bias": b.mlp_bias,
+        "share_embedding_table": False, "tie_word_embeddings": b.tie_word_embeddings,
+        "mapping": {"world_size": cfg.tp_size, "tp_size": cfg.tp_size, "pp_size": 1, "rank": mapping_rank},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+    if b.architecture == ARCH_QWEN2:
+        d["qwen_type"] = "qwen2"
+    return d
+
+
+def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT_WARP_K,
+                quantization: dict[str, Any] | None = None):
+    """The TensorRT-LLM module of one tensor-parallel rank (weights not loaded yet)."""
+    trt, _ = require_trtllm("building a ReDrafter TensorRT-LLM engine")
+    from tensorrt_llm import functional as F
+    from tensorrt_llm._common import default_net
+    from tensorrt_llm.functional import Tensor
+    from tensorrt_llm.layers import ColumnLinear
+    from tensorrt_llm.layers.attention import AttentionParams, KeyValueCacheParams, SpecDecodingParams
+    from tensorrt_llm.mapping import Mapping
+    from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
+    from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
+    from tensorrt_llm.module import Module, ModuleList
+
+    from ..models.base import ARCH_QWEN2
+
+    base_dict = trtllm_base_config(cfg, rank)
+    if quantization:
+        base_dict["quantization"] = quantization
+    base_cls = QWenForCausalLM if cfg.base.architecture == ARCH_QWEN2 else LLaMAForCausalLM
+    base_config = base_cls.config_class.from_dict(base_dict)
+    mapping = Mapping(world_size=cfg.tp_size, rank=rank, tp_size=cfg.tp_size)
+    dtype = cfg.dtype
+    W, D = cfg.num_beams, cfg.draft_len
+    L, N = D + 1, W * (D + 1)
+    V, H = cfg.base.vocab_size, cfg.base.hidden_size
+    v_pad = padded_vocab_size(V, cfg.tp_size)
+    dc = cfg.drafter
+
+    def col(i, o, bias):  # ColumnLinear with gathered output: TensorRT-LLM's ReDrafter layout
+        return ColumnLinear(i, o, bias=bias, dtype=dtype, tp_group=mapping.tp_group, tp_size=mapping.tp_size,
+                            gather_output=True)
+
+    class ResBlock(Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = col(dc.exit_dim, dc.exit_dim, True)
+
+        def forward(self, x):
+            return x + F.silu(self.linear(x))
+
+    class DraftHead(Module):
+        """SPEC section 3; parameter names = the checkpoint's ``drafter.*`` names."""
+
+        def __init__(self):
+            super().__init__()
+            self.input_proj = col(2 * H, dc.exit_dim, True) if dc.exit_dim != 2 * H else None
+            self.layers = ModuleList([ResBlock() for _ in range(dc.num_draft_layers)])
+            self.lm_head = col(dc.exit_dim, v_pad, False)
+            if dc.rnn:
+                self.rnn_u = col(H, H, True)
+                self.rnn_w = col(H, H, False)
+
+        def state(self, emb, prev):
+            if dc.rnn:
+                return F.silu(self.rnn_w(emb) + self.rnn_u(prev))
+            return prev + emb
+
+        def forward(self, context, state):
+            x = F.concat([context, state], dim=-1)
+            if self.input_proj is not None:
+                x = self.input_proj(x)
+            for layer in self.layers:
+                x = layer(x)
+            return self.lm_head(x)
+
+    def plugin(name, inputs, fields, n_out):
+        layer = add_plugin(default_net().trt_network, name, [t.trt_tensor for t in inputs], fields)
+        return [F._create_tensor(layer.get_output(i), layer) for i in range(n_out)]
+
+    def rows_gather(x, index, width):
+        """x [B, M, ...] gathered along dim 1 by index [B, K] -> [B, K, ...]."""
+        idx = index
+        for _ in range(x.ndim() - 2):
+            idx = F.unsqueeze(idx, -1)
+        target = F.concat([F.shape(index, 0), F.shape(index, 1)] + [F.shape(x, i) for i in range(2, x.ndim())])
+        return F.gather(x, 1, F.expand(idx, target))
+
+    class ReDrafterEngine(PretrainedModel):
+        def __init__(self, config: PretrainedConfig):
+            super().__init__(config)
+            base = base_cls(base_config)  # not registered itself: its parts keep the checkpoint's names
+            self.transformer = base.transformer   # transformer.*
+            self.lm_head = base.lm_head           # lm_head.weight
+            self.drafter = DraftHead()            # drafter.*
+
+        # -------------------------------------------------------------- inputs
+        def prepare_inputs(self, max_batch_size: int, max_input_len: int, max_seq_len: int, **_ignored):
+            """The engine's inputs; ``max_seq_len`` is the KV positions per slot (the build's
+            max_seq_len plus one tree), ``tokens_per_block`` the plugin config's."""
+            tokens_per_block = default_net().plugin_config.tokens_per_block
+            bs = [1, (max_batch_size + 1) // 2, max_batch_size]
+            t_range = [1, min(N, max_input_len), max(max_input_len, N)]
+            i32, f32 = trt.int32, trt.float32
+
+            def inp(name, dtype_, shape, dims):
+                return Tensor(name=name, dtype=dtype_, shape=shape, dim_range=OrderedDict(dims))
+
+            x = {
+                C.REQUEST_TYPES: inp(C.REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
+                C.SLOT_IDS: inp(C.SLOT_IDS, i32, [-1], [("batch", [bs])]),
+                C.CACHE_LENGTHS: inp(C.CACHE_LENGTHS, i32, [-1], [("batch", [bs])]),
+                C.INPUT_IDS: inp(C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
+                C.INPUT_LENGTHS: inp(C.INPUT_LENGTHS, i32, [-1], [("batch", [bs])]),
+                C.POSITION_OFFSETS: inp(C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
+                C.PACKED_MASK: inp(C.PACKED_MASK, i32, [-1, -1, -1],
+                                   [("batch", [bs]), ("tokens", [t_range]),
+                                    ("mask_words", [[1, (t_range[1] + 31) // 32, (t_range[2] + 31) // 32]])]),
+                C.DRAFT_TOKENS: inp(C.DRAFT_TOKENS, i32, [-1, W, L], [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])]),
+                C.DRAFT_INDICES: inp(C.DRAFT_INDICES, i32, [-1, W, L], [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])]),
+                C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
+                C.TOP_K: inp(C.TOP_K, i32, [-1], [("batch", [bs])]),
+                C.TOP_P: inp(C.TOP_P, f32, [-1], [("batch", [bs])]),
+                C.UNIFORMS: inp(C.UNIFORMS, f32, [-1, L], [("batch", [bs]), ("L", [[L] * 3])]),
+            }
+            # attention plumbing (TensorRT-LLM names; paged cache, one pool, slot-contiguous blocks)
+            layers = self.config.num_hidden_layers
+            max_blocks = -(-max_seq_len // tokens_per_block)
+            a = {
+                "sequence_length": inp("sequence_length", i32, [-1], [("batch", [bs])]),
+                "host_past_key_value_lengths": inp("host_past_key_value_lengths", i32, [-1], [("batch", [bs])]),
+                "host_max_attention_window_sizes": inp("host_max_attention_window_sizes", i32, [layers],
+                                                       [("layers", [[layers] * 3])]),
+                "host_sink_token_length": inp("host_sink_token_length", i32, [1], [("one", [[1] * 3])]),
+                "context_lengths": inp("context_lengths", i32, [-1], [("batch", [bs])]),
+                "host_context_lengths": inp("host_context_lengths", i32, [-1], [("batch", [bs])]),
+                "host_request_types": inp("host_request_types", i32, [-1], [("batch", [bs])]),
+                "kv_cache_block_offsets": inp("kv_cache_block_offsets", i32, [1, -1, 2, max_blocks],
+                                              [("pools", [[1] * 3]), ("batch", [bs]), ("kv", [[2] * 3]),
+                                               ("blocks", [[max_blocks] * 3])]),
+                "host_kv_cache_block_offsets": inp("host_kv_cache_block_offsets", i32, [1, -1, 2, max_blocks],
+                                                   [("pools", [[1] * 3]), ("batch", [bs]), ("kv", [[2] * 3]),
+                                                    ("blocks", [[max_blocks] * 3])]),
+                "host_kv_cache_pool_pointers": inp("host_kv_cache_pool_pointers", trt.int64, [1, 2],
+                                                   [("pools", [[1] * 3]), ("two", [[2] * 3])]),
+                "host_kv_cache_pool_mapping": inp("host_kv_cache_pool_mapping", i32, [layers, 2],
+                                                  [("layers", [[layers] * 3]), ("two", [[2] * 3])]),
+                "cache_indirection": inp("cache_indirection", i32, [-1, 1, -1],
+                                         [("batch", [bs]), ("beam", [[1] * 3]),
+                                          ("max_seq", [[1, max_seq_len // 2 or 1, max_seq_len]])]),
+                "host_runtime_perf_knobs": inp("host_runtime_perf_knobs", trt.int64, [16], [("knobs", [[16] * 3])]),
+                "host_context_progress": inp("host_context_progress", trt.int64, [1], [("one", [[1] * 3])]),
+                "spec_decoding_generation_lengths": inp("spec_decoding_generation_lengths", i32, [-1],
+                                                        [("batch", [bs])]),
+                "spec_decoding_use": inp("spec_decoding_use", i32, [1], [("one", [[1] * 3])]),
+            }
+            return {"step": x, "attention": a, "max_input_len": max(max_input_len, N),
+                    "tokens_per_block": tokens_per_block}
+
+        # -------------------------------------------------------------- the step
+        def forward(self, step: dict, attention: dict, max_input_len: int, tokens_per_block: int):
+            x, a = step, attention
+            ids = x[C.INPUT_IDS]
+            b, t = F.shape(ids, 0), F.shape(ids, 1)
+            flat_ids = F.view(ids, F.concat([b * t]))  # TensorRT-LLM's packed tokens: every row T long
+            spec = SpecDecodingParams(
+                spec_decoding_is_generation_length_variable=True,
+                spec_decoding_max_generation_length=N,
+                spec_decoding_generation_lengths=a["spec_decoding_generation_lengths"],
+                spec_decoding_position_offsets=x[C.POSITION_OFFSETS],
+                spec_decoding_packed_mask=F.view(x[C.PACKED_MASK], F.concat([b * t, F.shape(x[C.PACKED_MASK], 2)])),
+                spec_decoding_use=a["spec_decoding_use"])
+            kv = KeyValueCacheParams(
+                past_key_value=[None] * self.config.num_hidden_layers,
+                host_past_key_value_lengths=a["host_past_key_value_lengths"],
+                host_max_attention_window_sizes=a["host_max_attention_window_sizes"],
+                host_sink_token_length=a["host_sink_token_length"],
+                kv_cache_block_offsets=a["kv_cache_block_offsets"],
+                host_kv_cache_block_offsets=a["host_kv_cache_block_offsets"],
+                host_kv_cache_pool_pointers=a["host_kv_cache_pool_pointers"],
+                host_kv_cache_pool_mapping=a["host_kv_cache_pool_mapping"],
+                cache_indirection=a["cache_indirection"])
+            attn = AttentionParams(
+                sequence_length=a["sequence_length"], context_lengths=a["context_lengths"],
+                host_context_lengths=a["host_context_lengths"], max_context_length=max_input_len,
+                host_request_types=a["host_request_types"], host_runtime_perf_knobs=a["host_runtime_perf_knobs"],
+                host_context_progress=a["host_context_progress"])
+            hidden = self.transformer(flat_ids, position_ids=None, use_cache=True, spec_decoding_params=spec,
+                                      kv_cache_params=kv, attention_params=attn)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            hidden = F.view(hidden, F.concat([b, t, H]))               # [B, T, H] after ln_f
+
+            # ---- nodes acceptance reads: the tree, or a prompt's last token at node 0
+            is_ctx = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)  # [B, 1, 1]
+            last = rows_gather(hidden, F.unsqueeze(x[C.INPUT_LENGTHS] - 1, 1), 1)   # [B, 1, H]
+            nodes = F.slice(hidden, starts=F.concat([0, 0, 0]),
+                            sizes=F.concat([b, F.minimum(t, N), H]))                 # [B, N', H]
+            first = F.where(is_ctx, last, F.slice(nodes, F.concat([0, 0, 0]), F.concat([b, 1, H])))
+            rest = F.slice(nodes, F.concat([0, 1, 0]), F.concat([b, F.minimum(t, N) - 1, H]))
+            node_hidden = F.concat([first, rest], dim=1)
+            logits = self.lm_head(node_hidden)                                       # [B, N', Vpad]
+            logits = F.slice(logits, F.concat([0, 0, 0]), F.concat([b, F.shape(logits, 1), V]))
+            logits = F.cast(logits, "float32")
+
+            ctx_rows = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)
+            beams_in = F.where(ctx_rows, F.constant(F.int32_array([-1])), x[C.DRAFT_TOKENS])
+            unpack_in = F.where(ctx_rows, F.constant(F.int32_array([0])), x[C.DRAFT_INDICES])
+            plen = F.where(x[C.REQUEST_TYPES] == C.CONTEXT, F.constant(F.int32_array([1])), x[C.INPUT_LENGTHS])
+            n_acc, best, bonus, path, emitted = plugin(
+                ACCEPT, [logits, beams_in, unpack_in, plen, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
+                         x[C.UNIFORMS]], {"num_beams": W, "beam_len": L}, 5)
+            new_len = F.where(x[C.REQUEST_TYPES] == C.CONTEXT, x[C.INPUT_LENGTHS],
+                              x[C.CACHE_LENGTHS] + n_acc + 1)
+
+            # ---- drafting context: hidden state at the last accepted node
+            last_node = rows_gather(path, F.unsqueeze(n_acc, 1), 1)                  # [B, 1]
+            context = F.view(rows_gather(node_hidden, last_node, 1), F.concat([b, H]))
+
+            # ---- D unrolled beam-search steps (SPEC section 4)
+            ctx_bw = F.view(F.expand(F.unsqueeze(context, 1), F.concat([b, W, H])), F.concat([b * W, H]))
+            state = F.cast(F.expand(F.constant(np.zeros([1, H], dtype=np.float32)), F.concat([b * W, H])),
+                           dtype)                                                     # s_0 = 0
+            neg_inf = F.constant(np.array([[0.0] + [-np.inf] * (W - 1)], dtype=np.float32))
+            scores = F.expand(neg_inf, F.concat([b, W]))
+            tokens = [F.expand(F.unsqueeze(bonus, 1), F.concat([b, W]))]             # depth 0 = bonus
+            for _ in range(D):
+                emb = self.transformer.vocab_embedding(F.view(tokens[-1], F.concat([b * W])))
+                state = self.drafter.state(emb, state)
+                draft_logits = self.drafter(ctx_bw, state)                            # [B*W, Vpad]
+                draft_logits = F.view(F.slice(draft_logits, F.concat([0, 0]), F.concat([b * W, V])),
+                                      F.concat([b, W, V]))
+                scores, parent, token = plugin(BEAM_SEARCH, [draft_logits, scores],
+                                               {"num_beams": W, "warp_k": warp_k}, 3)
+                tokens = [rows_gather(tk, parent, 1) for tk in tokens] + [token]
+                state = F.view(rows_gather(F.view(state, F.concat([b, W, H])), parent, 1), F.concat([b * W, H]))
+            beams = F.stack([F.cast(tk, "int32") for tk in tokens], dim=2)          # [B, W, L]
+
+            flat, plen_next, unpacker, offsets, mask = plugin(TREE_PACK, [beams], {"num_beams": W, "beam_len": L}, 5)
+            outputs = {
+                C.NUM_ACCEPTED_TOKENS: n_acc, C.ACCEPTED_BEAM_INDEX: best, C.OUTPUT_TOKENS: emitted,
+                C.NUM_OUTPUT_TOKENS: n_acc + 1, C.NEW_CACHE_LENGTHS: new_len,
+                C.NEXT_DRAFT_TOKENS: beams, C.NEXT_DRAFT_INDICES: unpacker, C.NEXT_FLAT_TOKENS: flat,
+                C.NEXT_PACKED_LENGTHS: plen_next, C.NEXT_POSITION_OFFSETS: offsets, C.NEXT_PACKED_MASK: mask,
+                ACCEPTED_INDICES: path,
+            }
+            for name, tensor in outputs.items():
+                tensor.mark_output(name, trt.int32)
+            return outputs
+
+    engine_config = PretrainedConfig.from_dict({**base_dict, "architecture": "ReDrafterStepEngine"})
+    return ReDrafterEngine(engine_config)

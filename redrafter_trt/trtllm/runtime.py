@@ -1,0 +1,229 @@
+"""The TensorRT-LLM backend of the runtime: the step contract over one engine.
+
+:class:`TrtllmBackend` provides what :class:`~redrafter_trt.runtime.Generator` needs (``shape``,
+``vocab_size``, ``max_batch_size``, ``max_input_len``, ``max_seq_len``, ``reserve``, ``step``,
+``timings``), so ``redrafter-run`` and ``redrafter-bench`` drive it unchanged.
+
+Per call: the contract's tensors are bound by name (:mod:`redrafter_trt.contract`), the attention
+plumbing is derived from them (paged KV pool, each slot owning ``max_blocks`` contiguous blocks,
+one pool ``[num_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``), the engine runs
+through ``tensorrt_llm.runtime.Session``, then the accepted KV entries are relocated (SPEC
+section 7) from the engine's ``accepted_packed_indices`` output: vectorised over rows and
+layers with torch indexing on the GPU (no loop over rows). The cpp/ kernel ``invokeKvRelocate``
+expects the layout ``[layers, 2, slots, heads, seq, head_dim]``, which is not TensorRT-LLM's pool
+layout; see docs/gpu.md for the strided kernel entry this path is waiting for.
+
+Not run on hardware yet (see :mod:`redrafter_trt.trtllm`). Tensor parallelism: engines with
+tp_size > 1 build, but this backend runs tp_size 1 only (multi-rank execution needs MPI ranks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import contract as C
+from ..checkpoint import RedrafterCheckpointConfig
+from ..errors import RedrafterError, require
+from . import ACCEPTED_INDICES, require_trtllm
+from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file
+from .plugins import load_plugin_library
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- paged KV cache
+# Pure torch (tested on the CPU against redrafter_trt.ops.relocate_kv): the pool is
+# [num_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]; slot s owns blocks
+# s*max_blocks .. (s+1)*max_blocks - 1; token t of slot s lives in block s*max_blocks + t // tpb at
+# position t % tpb. TensorRT-LLM addresses a block as pool + offset * bytes_per_block with the
+# layer's pool pointer advanced by layer * 2 * bytes_per_block, so the K (V) offset of block id
+# is id * layers * 2 (+ 1).
+
+
+def paged_block_offsets(slots: torch.Tensor, max_blocks: int, layers: int) -> torch.Tensor:
+    """``kv_cache_block_offsets`` [1, B, 2, max_blocks] int32 of rows whose slots are ``slots`` [B]."""
+    j = torch.arange(max_blocks, device=slots.device, dtype=torch.int64)
+    block = slots.to(torch.int64)[:, None] * max_blocks + j[None, :]                 # [B, max_blocks]
+    kv = torch.arange(2, device=slots.device, dtype=torch.int64)
+    return (block[:, None, :] * (layers * 2) + kv[None, :, None]).to(torch.int32)[None]
+
+
+def relocate_paged(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.Tensor,
+                   accepted_indices: torch.Tensor, num_accepted: torch.Tensor, *, max_blocks: int,
+                   kv_heads: int, tokens_per_block: int, head_dim: int) -> None:
+    """SPEC section 7 on the paged pool, in place: token ``cache_len + q_k`` moves to
+    ``cache_len + k`` for k = 1..n, every row and layer at once (all sources are read before any
+    destination is written, which equals the ascending in-place order because q_k >= k).
+
+    slots, cache_lengths, num_accepted: [B] int; accepted_indices: [B, L] int.
+    """
+    b, l = accepted_indices.shape
+    k = torch.arange(1, l, device=pool.device)
+    keep = k[None, :] <= num_accepted.to(pool.device, torch.int64)[:, None]              # [B, L-1]
+    if not bool(keep.any()):
+        return
+    base = cache_lengths.to(pool.device, torch.int64)[:, None]
+    src = (base + accepted_indices.to(pool.device, torch.int64)[:, 1:])[keep]
+    dst = (base + k[None, :]).expand(b, l - 1)[keep]
+    first = (slots.to(pool.device, torch.int64)[:, None] * max_blocks).expand(b, l - 1)[keep]
+    tpb = tokens_per_block
+    view = pool.view(pool.shape[0], pool.shape[1], 2, kv_heads, tpb, head_dim)
+    moved = view[first + src // tpb, :, :, :, src % tpb]                                   # [M, layers, 2, H, D]
+    view[first + dst // tpb, :, :, :, dst % tpb] = moved
+
+
+class TrtllmBackend:
+    """Runs ReDrafter steps with a TensorRT-LLM engine directory built by ``redrafter-build``."""
+
+    name = "trtllm"
+
+    def __init__(self, engine_dir: str | Path, ckpt_cfg: RedrafterCheckpointConfig, build_config: dict[str, Any]):
+        require(ckpt_cfg.tp_size == 1, f"{engine_dir}: tp_size {ckpt_cfg.tp_size} engine; this runtime runs "
+                "tp_size 1 engines only (multi-GPU execution is not implemented yet)")
+        trt, _ = require_trtllm("loading a trtllm engine")
+        from tensorrt_llm.runtime import Session
+
+        require(torch.cuda.is_available(), "the trtllm backend needs a CUDA GPU; none is visible")
+        load_plugin_library()
+        self.device = torch.device("cuda")
+        self.cfg = ckpt_cfg
+        self.shape = C.StepShape(ckpt_cfg.num_beams, ckpt_cfg.draft_len)
+        bc = build_config
+        self.max_batch_size = int(bc["max_batch_size"])
+        self.max_input_len = int(bc["max_input_len"])
+        self.max_seq_len = int(bc["max_seq_len"])
+        self.tokens_per_block = int(bc.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
+        # KV positions per slot: max_seq_len plus room for the last verified tree
+        self.kv_len = int(bc.get("kv_max_seq_len", self.max_seq_len + self.shape.tree_size))
+        self.dtype = TORCH_DTYPES[ckpt_cfg.dtype]
+        path = Path(engine_dir) / engine_file(0)
+        require(path.is_file(), f"{engine_dir}: missing {engine_file(0)}")
+        self.session = Session.from_serialized_engine(path.read_bytes())
+        engine = self.session.engine
+        self.engine_inputs = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                              if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.INPUT}
+        self.stream = torch.cuda.Stream(self.device)
+        b = ckpt_cfg.base
+        self.layers, self.kv_heads, self.head_dim = b.num_hidden_layers, b.num_key_value_heads, b.head_size
+        self.pool: torch.Tensor | None = None
+        self.slots = 0
+        self.max_blocks = 0
+        self.timings: dict[str, float] = defaultdict(float)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.base.vocab_size
+
+    # ------------------------------------------------------------------ KV cache
+    def reserve(self, slots: int, tokens_per_slot: int) -> None:
+        """Allocate the paged pool: ``slots`` slots of ``tokens_per_slot`` tokens plus one tree."""
+        require(tokens_per_slot <= self.max_seq_len,
+                f"{tokens_per_slot} tokens per slot exceed the engine's max_seq_len {self.max_seq_len}")
+        require(slots >= 1, f"slots must be >= 1, got {slots}")
+        if self.pool is not None and self.slots >= slots:
+            return
+        self.pool = None
+        torch.cuda.empty_cache()
+        self.max_blocks = -(-self.kv_len // self.tokens_per_block)  # the engine's fixed dim
+        self.slots = slots
+        block_elems = self.kv_heads * self.tokens_per_block * self.head_dim
+        self.pool = torch.zeros((slots * self.max_blocks, self.layers, 2, block_elems), dtype=self.dtype,
+                                device=self.device)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        C.check_inputs(inputs, self.shape)
+        require(self.pool is not None, "reserve() the KV cache before step()")
+        t0 = time.perf_counter()
+        dev = self.device
+        x = {k: v.to(dev, non_blocking=True) for k, v in inputs.items() if k != C.NUM_DRAFT_STEPS}
+        types = inputs[C.REQUEST_TYPES]
+        is_ctx = bool((types == C.CONTEXT).all())
+        require(is_ctx or bool((types == C.GENERATION).all()),
+                "the trtllm backend runs context rows and generation rows in separate calls")
+        lengths = inputs[C.INPUT_LENGTHS].to(torch.int64)
+        b = lengths.shape[0]
+        t = int(lengths.max())
+        x[C.INPUT_IDS] = x[C.INPUT_IDS][:, :t].contiguous()
+        x[C.POSITION_OFFSETS] = x[C.POSITION_OFFSETS][:, :t].contiguous()
+        # mask words: the tree's ceil(N/32) for generation calls (the plugin's packed-mask stride)
+        words = min(x[C.PACKED_MASK].shape[2], max((t + 31) // 32, (self.shape.tree_size + 31) // 32))
+        mask = x[C.PACKED_MASK][:, :t, :words].clone()
+        # padding nodes see themselves (never read; keeps attention rows non-empty)
+        i = torch.arange(t, device=dev)
+        pad = i[None, :] >= x[C.INPUT_LENGTHS][:, None]
+        diag = torch.zeros((t, max(words, (t + 31) // 32)), dtype=torch.int32, device=dev)
+        diag[i, i // 32] = torch.bitwise_left_shift(torch.ones_like(i, dtype=torch.int32), (i % 32).to(torch.int32))
+        x[C.PACKED_MASK] = torch.where(pad[:, :, None], mask | diag[None, :, :words], mask)
+        cache_len = torch.zeros(b, dtype=torch.int32, device=dev) if is_ctx else x[C.CACHE_LENGTHS].to(torch.int32)
+        x[C.CACHE_LENGTHS] = cache_len
+
+        seq = (cache_len + t).to(torch.int32)
+        host = lambda v, dt=torch.int32: torch.as_tensor(v, dtype=dt).cpu()  # noqa: E731
+        offsets = paged_block_offsets(x[C.SLOT_IDS], self.max_blocks, self.layers)
+        plumbing = {
+            "sequence_length": seq,
+            "host_past_key_value_lengths": seq.cpu(),
+            "host_max_attention_window_sizes": host([self.kv_len] * self.layers),
+            "host_sink_token_length": host([0]),
+            "context_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
+            "host_context_lengths": host([t] * b),
+            "host_request_types": host([C.CONTEXT if is_ctx else C.GENERATION] * b),
+            "kv_cache_block_offsets": offsets,
+            "host_kv_cache_block_offsets": offsets.cpu(),
+            "host_kv_cache_pool_pointers": host([[self.pool.data_ptr(), 0]], torch.int64),
+            "host_kv_cache_pool_mapping": host([[0, layer] for layer in range(self.layers)]),
+            "cache_indirection": torch.zeros((b, 1, self.kv_len), dtype=torch.int32, device=dev),
+            "host_runtime_perf_knobs": host([-1] * 16, torch.int64),
+            "host_context_progress": host([0], torch.int64),
+            "spec_decoding_generation_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
+            "spec_decoding_use": host([0 if is_ctx else 1]),
+        }
+        w, l, n = self.shape.num_beams, self.shape.beam_len, self.shape.tree_size
+        out_shapes = {
+            C.NUM_ACCEPTED_TOKENS: (b,), C.ACCEPTED_BEAM_INDEX: (b,), C.OUTPUT_TOKENS: (b, l),
+            C.NUM_OUTPUT_TOKENS: (b,), C.NEW_CACHE_LENGTHS: (b,), C.NEXT_DRAFT_TOKENS: (b, w, l),
+            C.NEXT_DRAFT_INDICES: (b, w, l), C.NEXT_FLAT_TOKENS: (b, n), C.NEXT_PACKED_LENGTHS: (b,),
+            C.NEXT_POSITION_OFFSETS: (b, n), C.NEXT_PACKED_MASK: (b, n, (n + 31) // 32), ACCEPTED_INDICES: (b, l),
+        }
+        outputs = {k: torch.empty(s, dtype=torch.int32, device=dev) for k, s in out_shapes.items()}
+        # TensorRT drops inputs no layer reads (slot_ids: the block offsets carry the slots)
+        feed = {k: v for k, v in {**x, **plumbing}.items() if k in self.engine_inputs}
+        torch.cuda.current_stream(dev).synchronize()
+        ok = self.session.run(feed, outputs, self.stream.cuda_stream)
+        if not ok:
+            raise RedrafterError("TensorRT-LLM engine execution failed (see the TensorRT log)")
+        self.stream.synchronize()
+        t0 = self._tick("engine", t0)
+
+        n_acc = outputs[C.NUM_ACCEPTED_TOKENS]
+        if not is_ctx:
+            relocate_paged(self.pool, x[C.SLOT_IDS], cache_len, outputs[ACCEPTED_INDICES], n_acc,
+                           max_blocks=self.max_blocks, kv_heads=self.kv_heads,
+                           tokens_per_block=self.tokens_per_block, head_dim=self.head_dim)
+        t0 = self._tick("relocate", t0)
+        if int(inputs[C.NUM_DRAFT_STEPS]) == 0:  # plain decoding: the next tree is the root alone
+            from ..backends.torch_backend import root_only_tree
+
+            bonus = outputs[C.OUTPUT_TOKENS].gather(1, n_acc[:, None].to(torch.int64))[:, 0]
+            tree, beams = root_only_tree(bonus, self.shape)
+            outputs.update({C.NEXT_DRAFT_TOKENS: beams, C.NEXT_DRAFT_INDICES: tree.unpacker,
+                            C.NEXT_FLAT_TOKENS: tree.tokens, C.NEXT_PACKED_LENGTHS: tree.lengths,
+                            C.NEXT_POSITION_OFFSETS: tree.offsets, C.NEXT_PACKED_MASK: tree.packed_mask})
+        else:
+            require(int(inputs[C.NUM_DRAFT_STEPS]) == self.shape.draft_len,
+                    f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}")
+        self._tick("pack", t0)
+        return {k: outputs[k] for k in C.OUTPUTS}
+
+    def _tick(self, name: str, t0: float) -> float:
+        torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        self.timings[name] += t1 - t0
+        return t1
