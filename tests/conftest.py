@@ -65,5 +65,21 @@ def tiny_generator(model_dir: Path, num_beams: int, draft_len: int, dtype=torch.
     return Generator(backend)
 
 
+@pytest.fixture(scope="session")
+def native_library():
+    """The C++ CPU references' library: built on demand locally, required in CI."""
+    import subprocess
+
+    from redrafter_trt import native
+
+    if not native.available():
+        if os.environ.get("CI"):
+            pytest.fail(f"native library missing: {native.library_path()} "
+                        "(build_scripts/build_cpp.sh builds it)")
+        subprocess.run(["bash", str(native.REPO_ROOT / "build_scripts" / "build_cpp.sh"), "--cpu-only"],
+                       check=True)
+    native.load_library()
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

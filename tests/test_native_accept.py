@@ -6,8 +6,6 @@ ties at the top-k and top-p cuts), and the SPEC section 5 tree, all through the 
 
 from __future__ import annotations
 
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -26,13 +24,7 @@ TEMPERATURES = [0.0, -1.0, 0.5, 1.0, 2.0]
 TOP_PS = [1.0, 0.95, 0.5, 0.2, 0.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_library():
-    if not native.available():
-        if os.environ.get("CI"):
-            pytest.fail(f"native library missing: {native.library_path()} (build_scripts/build_cpp.sh builds it)")
-        subprocess.run(["bash", str(native.REPO_ROOT / "build_scripts" / "build_cpp.sh"), "--cpu-only"], check=True)
-    native.load_library()
+pytestmark = pytest.mark.usefixtures("native_library")
 
 
 def sampling_params(rng, rows, v):

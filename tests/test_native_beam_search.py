@@ -7,8 +7,6 @@ row (at the warp boundary too), duplicated beams with equal scores, dead beams, 
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -23,14 +21,7 @@ from redrafter_trt.ops.beam_search import beam_search_step, beam_search_step_nai
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_library():
-    """The CPU library must exist in CI (build_scripts/test.sh builds it); locally it is built."""
-    if not native.available():
-        if os.environ.get("CI"):
-            pytest.fail(f"native library missing: {native.library_path()} (build_scripts/build_cpp.sh builds it)")
-        subprocess.run(["bash", str(native.REPO_ROOT / "build_scripts" / "build_cpp.sh"), "--cpu-only"], check=True)
-    native.load_library()
+pytestmark = pytest.mark.usefixtures("native_library")
 
 
 def make_case(seed: int, b: int, w: int, v: int, ties: str, dtype: torch.dtype):

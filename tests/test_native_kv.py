@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,13 +14,7 @@ from redrafter_trt.errors import RedrafterError
 from redrafter_trt.ops.kv_cache import relocate_kv
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native_library():
-    if not native.available():
-        if os.environ.get("CI"):
-            pytest.fail(f"native library missing: {native.library_path()} (build_scripts/build_cpp.sh builds it)")
-        subprocess.run(["bash", str(native.REPO_ROOT / "build_scripts" / "build_cpp.sh"), "--cpu-only"], check=True)
-    native.load_library()
+pytestmark = pytest.mark.usefixtures("native_library")
 
 
 def random_case(seed, b, l, dtype, layers=2, slots=5, heads=2, max_seq=40, head_dim=6):

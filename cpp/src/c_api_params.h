@@ -6,32 +6,13 @@
 #include <exception>
 
 #include "redrafter/accept.h"
+#include "redrafter/c_abi_guard.h"
 #include "redrafter/beam_search.h"
 #include "redrafter/kv_relocate.h"
 #include "redrafter/tree_pack.h"
 
 namespace redrafter {
 namespace capi {
-
-inline int32_t finish(const Status& s, char* msg, int64_t msgLen) {
-    if (msg && msgLen > 0) {
-        std::strncpy(msg, s.ok() ? "ok" : s.message, static_cast<size_t>(msgLen) - 1);
-        msg[msgLen - 1] = '\0';
-    }
-    return static_cast<int32_t>(s.code);
-}
-
-// Runs `fn` (returning Status); no C++ exception crosses the C ABI.
-template <class Fn>
-int32_t guarded(char* msg, int64_t msgLen, Fn fn) {
-    try {
-        return finish(fn(), msg, msgLen);
-    } catch (const std::exception& e) {
-        return finish(Status::error(StatusCode::kInvalidArgument, "internal error: %s", e.what()), msg, msgLen);
-    } catch (...) {
-        return finish(Status::error(StatusCode::kInvalidArgument, "internal error"), msg, msgLen);
-    }
-}
 
 inline bool dtypeFrom(int32_t dtype, DataType* out) {
     if (!dataTypeValid(dtype)) return false;

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <exception>
 
+#include "redrafter/c_abi_guard.h"
 #include "redrafter_plugins/plugin_logic.h"
 
 namespace {
@@ -11,24 +12,8 @@ namespace {
 using namespace redrafter;
 using namespace redrafter::plugins;
 
-int32_t finish(const Status& s, char* msg, int64_t msgLen) {
-    if (msg && msgLen > 0) {
-        std::strncpy(msg, s.ok() ? "ok" : s.message, static_cast<size_t>(msgLen) - 1);
-        msg[msgLen - 1] = '\0';
-    }
-    return static_cast<int32_t>(s.code);
-}
-
-template <class Fn>
-int32_t guarded(char* msg, int64_t msgLen, Fn fn) {
-    try {
-        return finish(fn(), msg, msgLen);
-    } catch (const std::exception& e) {
-        return finish(Status::error(StatusCode::kInvalidArgument, "internal error: %s", e.what()), msg, msgLen);
-    } catch (...) {
-        return finish(Status::error(StatusCode::kInvalidArgument, "internal error"), msg, msgLen);
-    }
-}
+using redrafter::capi::finish;
+using redrafter::capi::guarded;
 
 Status badKind(int32_t kind) {
     return Status::error(StatusCode::kInvalidArgument, "unknown plugin kind %d (0 beam search, 1 tree pack, 2 accept)",
