@@ -44,21 +44,35 @@ def warped_log_softmax(logits: torch.Tensor, warp_k: int) -> torch.Tensor:
 def _top_w_lowest_index(values: torch.Tensor, w: int) -> torch.Tensor:
     """Indices of the top ``w`` entries of each row, ties to the lower index (unordered).
 
+    Fast path: ``topk(w + 1)``; a row whose w-th and (w+1)-th values differ has exactly its
+    first ``w`` indices as the answer, whatever order ``topk`` returned them in. Rows with a tie
+    at the boundary take the exact path (count the strictly greater, then the lowest-indexed
+    equal ones).
+
     Args:
         values: [N, M] float32; w <= M.
     Returns:
         idx: [N, w] int64, the selected set (in no particular order).
     """
-    m = values.shape[-1]
-    thr = torch.topk(values, w, dim=-1).values[:, -1:]
-    greater = values > thr
-    equal = values == thr
-    need = w - greater.sum(-1, keepdim=True)
-    take_equal = equal & (torch.cumsum(equal.to(torch.int64), dim=-1) <= need)
-    selected = greater | take_equal
-    # Distinct positive keys for selected entries; topk then returns exactly that set.
-    key = torch.where(selected, m - torch.arange(m, device=values.device), 0)
-    return torch.topk(key, w, dim=-1).indices
+    n, m = values.shape
+    if w == m:
+        return torch.arange(m, device=values.device).expand(n, m)
+    top_vals, top_idx = torch.topk(values, w + 1, dim=-1)
+    out = top_idx[:, :w].clone()
+    tied = top_vals[:, w - 1] == top_vals[:, w]
+    if bool(tied.any()):
+        rows = tied.nonzero(as_tuple=True)[0]
+        sub = values[rows]
+        thr = top_vals[rows, w - 1 : w]
+        greater = sub > thr
+        equal = sub == thr
+        need = w - greater.sum(-1, keepdim=True)
+        take_equal = equal & (torch.cumsum(equal.to(torch.int64), dim=-1) <= need)
+        selected = greater | take_equal
+        # Distinct positive keys for selected entries; topk then returns exactly that set.
+        key = torch.where(selected, m - torch.arange(m, device=values.device), 0)
+        out[rows] = torch.topk(key, w, dim=-1).indices
+    return out
 
 
 def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int = DEFAULT_WARP_K):
