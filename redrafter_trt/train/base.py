@@ -1,0 +1,31 @@
+"""The frozen base model the draft head is distilled from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_hf_base
+from ..models.base import BaseModel
+from ..models.drafter import load_checked
+
+
+def load_frozen_base(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load a Hugging Face base directory as a :class:`BaseModel` in eval mode, no gradients."""
+    cfg, sd = load_hf_base(Path(model_dir))
+    base = BaseModel(cfg)
+    load_checked(base, sd, str(model_dir))
+    base = base.to(device=device, dtype=dtype).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def eos_ids(base: BaseModel, tokenizer=None) -> list[int]:
+    eos = list(base.config.eos_token_id)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(int(tokenizer.eos_token_id))
+    return eos

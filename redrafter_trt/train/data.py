@@ -1,0 +1,235 @@
+"""Training data for the draft head: token sequences with a loss mask.
+
+Every source becomes a list of :class:`Example` (``ids`` [T] token ids, ``targets`` [T] bool:
+token j is a training target). Sources:
+
+- self-distillation records written by :func:`redrafter_trt.train.gen_data.generate_data`
+  (JSONL, ``prompt_ids`` + ``response_ids``): used as they are, targets = the response;
+- ShareGPT-format conversations (JSON list or JSONL of ``{"conversations": [{"from", "value"}]}``
+  or ``{"messages": [{"role", "content"}]}``), rendered with the base model's chat template;
+  targets = the assistant turns;
+- plain prompt lists (JSON list of strings, JSONL of ``{"prompt": ...}``, or a built-in set such
+  as ``writingbench``), each rendered as one user turn; targets = every token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..datasets import BUILTIN, load_conversations, load_prompts, package_file
+from ..errors import RedrafterError, require
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    targets: list[bool]
+
+    def __post_init__(self):
+        assert len(self.ids) == len(self.targets)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def load_base_tokenizer(model_dir: str | os.PathLike):
+    """The Hugging Face tokenizer saved in the base model directory."""
+    model_dir = Path(model_dir)
+    require((model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file(),
+            f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer.model); text data needs the "
+            "base model's tokenizer (self-distillation JSONL with token ids needs none)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad directory
+        raise RedrafterError(f"{model_dir}: cannot load the tokenizer ({e})") from e
+
+
+def require_chat_template(tokenizer, model_dir) -> None:
+    require(getattr(tokenizer, "chat_template", None),
+            f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json "
+            "'chat_template' or chat_template.jinja), so conversations cannot be rendered the way "
+            "the model sees them; add the template, or pass --no_chat_template to train on the "
+            "raw text of the turns")
+
+
+def _as_ids(x: Any) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return [int(t) for t in x]
+
+
+def render_prompt(tokenizer, prompt: str, chat_template: bool = True) -> list[int]:
+    """One user turn with the generation prompt (what the runtime's --use_chat_template feeds)."""
+    if chat_template:
+        return _as_ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True))
+    return _as_ids(tokenizer(prompt, add_special_tokens=True))
+
+
+def render_conversation(tokenizer, conv: list[dict[str, str]], chat_template: bool = True) -> Example | None:
+    """Token ids of a whole conversation; targets = the tokens of the assistant turns.
+
+    The assistant spans come from rendering growing prefixes of the conversation as text and
+    mapping character spans to tokens through the tokenizer's offsets, so any template works as
+    long as rendering a prefix gives a prefix of the whole text.
+    """
+    if not any(t["role"] == "assistant" for t in conv):
+        return None
+    if chat_template:
+        full = tokenizer.apply_chat_template(conv, tokenize=False)
+        spans = []
+        for k, turn in enumerate(conv):
+            if turn["role"] != "assistant":
+                continue
+            pre = tokenizer.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True) if k else ""
+            post = tokenizer.apply_chat_template(conv[:k + 1], tokenize=False)
+            if not (full.startswith(post) and post.startswith(pre)):
+                return None  # a template that rewrites earlier turns: no clean spans
+            spans.append((len(pre), len(post)))
+        add_special = False
+    else:
+        parts, spans, pos = [], [], 0
+        for turn in conv:
+            text = turn["content"] + "\n\n"
+            if turn["role"] == "assistant":
+                spans.append((pos, pos + len(text)))
+            parts.append(text)
+            pos += len(text)
+        full = "".join(parts)
+        add_special = True
+    enc = tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids = [int(t) for t in enc["input_ids"]]
+    offsets = enc["offset_mapping"]
+    targets = [any(a <= s < b for a, b in spans) and e > s for s, e in offsets]
+    return Example(ids, targets)
+
+
+# --------------------------------------------------------------------------- sources
+def _read_items(path: Path) -> list:
+    require(path.is_file(), f"{path}: data file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl":
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RedrafterError(f"{path}: not valid JSON/JSONL ({e})") from e
+    require(isinstance(items, list), f"{path}: expected a JSON list or JSONL lines")
+    return items
+
+
+def source_kind(source: str) -> str:
+    """``selfdistill`` | ``conversations`` | ``prompts`` for a data source (file or built-in)."""
+    if source == "sharegpt":
+        return "conversations"
+    if source in BUILTIN:
+        return "prompts"
+    path = Path(source)
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open() as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            head = json.loads(first) if first else None
+        except json.JSONDecodeError as e:
+            raise RedrafterError(f"{path}: not valid JSONL ({e})") from e
+        items = [head]
+    else:
+        items = _read_items(path)[:1]
+    head = items[0] if items else None
+    if isinstance(head, dict) and "response_ids" in head:
+        return "selfdistill"
+    if isinstance(head, dict) and ("conversations" in head or "messages" in head):
+        return "conversations"
+    return "prompts"
+
+
+def read_selfdistill(path: str | os.PathLike) -> list[Example]:
+    """Examples from a gen-data JSONL file (prompt_ids + response_ids)."""
+    path = Path(path)
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of an interrupted run
+        p, r = rec.get("prompt_ids"), rec.get("response_ids")
+        require(isinstance(p, list) and isinstance(r, list),
+                f"{path}: line {i + 1} lacks prompt_ids/response_ids lists")
+        if r:
+            out.append(Example([int(t) for t in p] + [int(t) for t in r], [False] * len(p) + [True] * len(r)))
+    return out
+
+
+def load_examples(sources: Sequence[str], tokenizer=None, chat_template: bool = True,
+                  max_seq_len: int = 1024, model_dir: str | os.PathLike = "",
+                  limit_per_source: int | None = None) -> list[Example]:
+    """Examples from every source (the first ``limit_per_source`` of each, when given),
+    truncated to ``max_seq_len`` tokens.
+
+    Raises a :class:`RedrafterError` when the sources hold no usable turns (no example with at
+    least two target tokens after the first token).
+    """
+    require(len(sources) > 0, "no training data given (--data)")
+    examples: list[Example] = []
+    for src in sources:
+        kind = source_kind(src)
+        if kind == "selfdistill":
+            got = read_selfdistill(src)
+            got = got[:limit_per_source] if limit_per_source else got
+        else:
+            require(tokenizer is not None, f"{src}: text data needs the base model's tokenizer")
+            if chat_template:
+                require_chat_template(tokenizer, model_dir)
+            if kind == "conversations":
+                convs = load_conversations(package_file("sharegpt") if src == "sharegpt" else src)
+                convs = convs[:limit_per_source] if limit_per_source else convs
+                got = [e for e in (render_conversation(tokenizer, c, chat_template) for c in convs) if e]
+            else:
+                try:
+                    prompts = load_prompts(src)
+                except RedrafterError:
+                    prompts = []
+                prompts = prompts[:limit_per_source] if limit_per_source else prompts
+                got = [Example(ids, [True] * len(ids))
+                       for ids in (render_prompt(tokenizer, p, chat_template) for p in prompts)]
+        usable = [e for e in (Example(x.ids[:max_seq_len], x.targets[:max_seq_len]) for x in got)
+                  if sum(e.targets[2:]) >= 1]
+        require(usable, f"--data {src}: no usable turns ({kind}: {len(got)} item(s) read, none with "
+                "target tokens; expected ShareGPT conversations with assistant turns, prompts, or "
+                "redrafter-train gen-data output)")
+        examples.extend(usable)
+    return examples
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.ids, [int(t) for t in e.targets]]).encode())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A cheap identity of a base model directory: its config and its weight files' sizes,
+    heads and tails (no full read of multi-GB files)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(model_dir.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]

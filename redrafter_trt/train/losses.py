@@ -1,0 +1,216 @@
+"""Training-time semantics of the draft head: the D unrolled draft steps and the losses.
+
+Indexing (identical to :meth:`redrafter_trt.models.drafter.Drafter.beam_search`): for a position
+``t`` of a sequence ``x``, the context is ``c_t`` (base hidden state at ``t``, after the final
+norm) and the root is ``x_{t+1}`` (the base's own next token). Draft step ``i`` (1..D) updates the
+state with the embedding of the previous token,
+
+    s_1 = update(0, E(x_{t+1})),   s_i = update(s_{i-1}, E(x_{t+i})),
+
+and ``head(c_t, s_i)`` predicts ``x_{t+i+1}``. Its distillation teacher is the base's next-token
+distribution at position ``t+i``, ``p_base(. | x_{<= t+i})``. Depth ``i`` of position ``t`` is
+used when ``x_{t+i+1}`` lies in the same sequence and is a training target.
+
+Everything is vectorised over positions; the only loop is over the D draft steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.drafter import Drafter
+
+
+@dataclass
+class DraftBatch:
+    """One batch of N positions, D draft steps each."""
+
+    context: torch.Tensor     # [N, H] float32, c_t
+    in_tokens: torch.Tensor   # [N, D] int64, x_{t+1} .. x_{t+D} (state-update inputs)
+    labels: torch.Tensor      # [N, D] int64, x_{t+2} .. x_{t+D+1}
+    valid: torch.Tensor       # [N, D] bool
+    teacher_pos: torch.Tensor  # [N, D] int64, stream index t+1 .. t+D of the teacher distribution
+
+
+def gather_batch(tokens: torch.Tensor, targets: torch.Tensor, seq_end: torch.Tensor,
+                 hidden: torch.Tensor, pos: torch.Tensor, draft_len: int) -> DraftBatch:
+    """Build a :class:`DraftBatch` for stream positions ``pos`` [N] of a flat token stream.
+
+    Args:
+        tokens: [S] int64; targets: [S] bool; seq_end: [S] int64 exclusive end of each token's
+            sequence; hidden: [S, H] base hidden states; pos: [N] int64; draft_len: D.
+    """
+    s = tokens.shape[0]
+    i = torch.arange(draft_len, dtype=torch.int64)
+    inp = pos[:, None] + 1 + i[None, :]           # t+1 .. t+D
+    lab = inp + 1                                  # t+2 .. t+D+1
+    valid = (lab < seq_end[pos][:, None]) & targets[lab.clamp(max=s - 1)]
+    return DraftBatch(context=hidden[pos].to(torch.float32),
+                      in_tokens=tokens[inp.clamp(max=s - 1)],
+                      labels=tokens[lab.clamp(max=s - 1)],
+                      valid=valid, teacher_pos=inp.clamp(max=s - 1))
+
+
+class UnrolledHead(nn.Module):
+    """The draft head unrolled over D steps with teacher forcing (a module, so DDP can wrap it).
+
+    ``forward(context [N, H], emb [N, D, H], valid [N, D] | None)`` returns the draft logits
+    [N, D, V], or only the valid rows [M, V] (the vocabulary projection then runs on those rows
+    only). Step i's state update takes ``emb[:, i]`` = E(x_{t+1+i}); the logits are exactly
+    :meth:`Drafter.logits` of (context, state).
+    """
+
+    def __init__(self, drafter: Drafter):
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, context: torch.Tensor, emb: torch.Tensor, valid: torch.Tensor | None = None):
+        d = self.drafter
+        state = torch.zeros_like(context)
+        states = []
+        for i in range(emb.shape[1]):
+            state = d.update_state(state, emb[:, i].to(state.dtype))
+            states.append(state)
+        s = torch.stack(states, dim=1)                 # [N, D, H]
+        x = torch.cat([context[:, None, :].expand(-1, s.shape[1], context.shape[-1]), s], dim=-1)
+        if d.input_proj is not None:
+            x = d.input_proj(x)
+        for layer in d.lm_head[:-1]:
+            x = layer(x)
+        if valid is not None:
+            x = x[valid]
+        return d.lm_head[-1](x)
+
+
+def unrolled_logits(drafter: Drafter, embedding: nn.Embedding, context: torch.Tensor,
+                    in_tokens: torch.Tensor) -> torch.Tensor:
+    """Draft logits [N, D, V] of the D unrolled steps (teacher forcing on ``in_tokens`` [N, D])."""
+    with torch.no_grad():  # the base embedding is shared and frozen
+        emb = embedding(in_tokens)
+    return UnrolledHead(drafter)(context, emb)
+
+
+class _DistillLoss(torch.autograd.Function):
+    """Per-row loss ``alpha * T^2 * KL(p_teacher || softmax(z/T)) + (1-alpha) * CE(z, label)``.
+
+    The gradient ``alpha*T*(softmax(z/T) - p) + (1-alpha)*(softmax(z) - onehot(label))`` is
+    formed in the forward pass, so one [M, V] float32 buffer is all that is kept: no log-softmax
+    output and no dense gather gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, t_ids, t_probs, temperature, alpha):
+        z = logits.detach()
+        if z.dtype != torch.float64:
+            z = z.to(torch.float32)
+        if t_probs is not None:
+            t_probs = t_probs.to(z.dtype)
+        rows = torch.arange(z.shape[0], device=z.device)
+        kd, ce = alpha > 0, alpha < 1
+        loss = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        grad = None
+        # one softmax when T == 1 (or a single term), two otherwise
+        temps = [1.0] if not kd else [temperature] if (not ce or temperature == 1.0) else [temperature, 1.0]
+        lse = {}
+        for temp in temps:
+            zt = z / temp if temp != 1.0 else z.clone()
+            zmax = zt.max(dim=-1, keepdim=True).values
+            zt -= zmax
+            zt.exp_()
+            s = zt.sum(-1, keepdim=True)
+            zt /= s
+            lse[temp] = (zmax + s.log()).squeeze(-1)
+            scale = 0.0
+            if kd and temp == temperature:
+                scale += alpha * temperature
+            if ce and temp == 1.0:
+                scale += 1 - alpha
+            if grad is None:
+                grad = zt.mul_(scale)
+            else:
+                grad.add_(zt, alpha=scale)
+        if kd:
+            lq = (z if t_ids is None else z.gather(1, t_ids)) / temperature - lse[temperature][:, None]
+            kl = (torch.xlogy(t_probs, t_probs) - t_probs * lq).sum(-1)
+            loss += alpha * temperature ** 2 * kl
+            if t_ids is None:
+                grad.add_(t_probs, alpha=-alpha * temperature)
+            else:
+                grad.scatter_add_(1, t_ids, t_probs * (-alpha * temperature))
+        if ce:
+            loss += (1 - alpha) * (lse[1.0] - z[rows, labels])
+            grad[rows, labels] -= 1 - alpha
+        ctx.save_for_backward(grad)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_rows[:, None]).to(ctx.in_dtype), None, None, None, None, None
+
+
+def teacher_probs(values: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher distribution over its stored top-k (or full) logits: softmax(values / T) [..., K]."""
+    return torch.softmax(values.to(torch.float32) / temperature, dim=-1)
+
+
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, t_ids: torch.Tensor | None,
+                 t_probs: torch.Tensor | None, temperature: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """Per-row loss [M] for draft logits [M, V] (differentiable in ``logits``).
+
+    Args:
+        labels: [M] int64 data tokens (for the cross-entropy part).
+        t_ids: [M, K] int64 teacher token ids, or None with ``t_probs`` dense [M, V].
+        t_probs: [M, K] (or [M, V]) teacher probabilities at temperature T, each row summing to 1;
+            may be None when ``alpha == 0``.
+        temperature: T of the KL term (its gradient is scaled by T^2, as usual).
+        alpha: 1 = pure distillation (forward KL), 0 = pure cross-entropy on labels.
+    """
+    assert 0.0 <= alpha <= 1.0 and temperature > 0
+    if alpha == 0:
+        t_ids, t_probs = torch.zeros((logits.shape[0], 1), dtype=torch.int64, device=logits.device), \
+            torch.zeros((logits.shape[0], 1), dtype=torch.float32, device=logits.device)
+    return _DistillLoss.apply(logits, labels, t_ids, t_probs, float(temperature), float(alpha))
+
+
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor, t_ids, t_probs, temperature: float,
+                   alpha: float) -> torch.Tensor:
+    """Plain autograd formulation of :func:`distill_loss` (the oracle for its tests)."""
+    z = logits if logits.dtype == torch.float64 else logits.to(torch.float32)
+    logq = F.log_softmax(z / temperature, dim=-1)
+    if alpha > 0:
+        lq = logq if t_ids is None else logq.gather(1, t_ids)
+        kl = (torch.xlogy(t_probs, t_probs) - t_probs * lq).sum(-1)
+    else:
+        kl = torch.zeros(z.shape[0], dtype=z.dtype)
+    ce = -F.log_softmax(z, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+
+def depth_weighted_mean(row_loss: torch.Tensor, valid: torch.Tensor, depth_weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i * mean_{valid at depth i}(loss) / sum_i w_i`` over the depths with any valid row.
+
+    Args: row_loss [N, D]; valid [N, D] bool; depth_weights [D].
+    """
+    v = valid.to(row_loss.dtype)
+    count = v.sum(0)
+    present = (count > 0).to(row_loss.dtype)
+    per_depth = (row_loss * v).sum(0) / count.clamp(min=1)
+    w = depth_weights.to(row_loss.dtype) * present
+    return (per_depth * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def greedy_chain_tokens_per_step(correct: torch.Tensor) -> float:
+    """Expected tokens per step of a single greedy chain: ``1 + mean_t sum_i prod_{j<=i} correct_j``.
+
+    ``correct`` [N, D] bool: depth i's top-1 equals the next token. Exact for the runtime's
+    W=1 acceptance when the data are the base model's own greedy outputs.
+    """
+    if correct.shape[0] == 0:
+        return 0.0
+    return 1.0 + float(correct.to(torch.int64).cumprod(1).sum(1).to(torch.float64).mean())

@@ -1,0 +1,619 @@
+"""The distillation training loop: frozen base features -> draft head -> Apple-format drafter dir.
+
+``train_drafter(TrainConfig(...))`` runs the whole job:
+
+1. data (:mod:`.data`) -> tokenised examples with a target mask;
+2. frozen base features (:mod:`.features`), computed once and cached;
+3. training positions (every stream position whose first draft step has a target), a held-out
+   split by sequence, a fixed per-epoch shuffle keyed by (seed, epoch);
+4. AdamW, linear warmup + cosine decay, gradient accumulation, gradient clipping, autocast
+   (bf16/fp16 on GPU, fp32 on CPU unless asked), DDP under torchrun;
+5. checkpoints every N optimizer steps with exact resume (parameters, optimizer, schedule, data
+   position, RNG), evaluation on held-out data (per-depth top-1 accuracy, expected tokens per step
+   of greedy chains);
+6. the drafter directory (``config.json`` + ``model.safetensors``) with ``training_report.json``,
+   written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import RedrafterError, require
+from ..models.drafter import (Drafter, DrafterConfig, init_drafter, load_drafter, save_drafter,
+                              validate_against_base)
+from ..models.hub import resolve_base_model_dir
+from .base import load_frozen_base
+from .data import load_base_tokenizer, load_examples, model_fingerprint, source_kind
+from .features import Features, cached_features, concat_features
+from .losses import (depth_weighted_mean, distill_loss, gather_batch,
+                     teacher_probs, UnrolledHead)
+
+REPORT_FILE = "training_report.json"
+CHECKPOINT_FORMAT = "redrafter-train-checkpoint"
+CHECKPOINT_VERSION = 1
+LOSSES = ("kl", "ce", "mix")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    model_dir: str
+    data: list[str]
+    output_dir: str
+    # head
+    exit_dim: int | None = None          # None = 2 x base hidden size (no input_proj)
+    num_draft_layers: int = 1
+    rnn: bool = True
+    init_from: str | None = None         # start from an existing drafter directory
+    draft_len: int = 4                   # D unrolled draft steps
+    # loss
+    loss: str = "kl"                     # kl | ce | mix
+    alpha: float | None = None           # weight of the KL term (kl: 1, ce: 0, mix: 0.5 default)
+    temperature: float = 1.0
+    teacher_topk: int = 32               # 0 = the full distribution (computed on the fly)
+    depth_weights: list[float] | None = None
+    # optimisation
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int | None = None
+    epochs: float = 1.0                  # used when max_steps is None
+    time_budget_s: float | None = None   # caps the total steps from the measured step time
+    batch_size: int = 256                # positions per micro-batch (per rank)
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    # data
+    max_seq_len: int = 1024
+    limit_per_source: int | None = None  # first N examples of each data source
+    chat_template: bool = True
+    eval_fraction: float = 0.05
+    eval_positions: int = 4096
+    feature_batch_tokens: int = 4096
+    cache_dir: str | None = None
+    # bookkeeping
+    checkpoint_dir: str | None = None    # default: <output_dir>.checkpoints
+    save_every: int = 0                  # 0 = only at the end
+    eval_every: int = 0
+    resume: str | None = None            # None | "auto" | a checkpoint file
+    overwrite: bool = False
+    device: str | None = None
+    progress: bool = True
+    log_every: int = 10
+
+    def resolved_alpha(self) -> float:
+        if self.alpha is not None:
+            return float(self.alpha)
+        return {"kl": 1.0, "ce": 0.0, "mix": 0.5}[self.loss]
+
+    def validate(self) -> None:
+        require(self.loss in LOSSES, f"--loss {self.loss!r}: expected one of {LOSSES}")
+        a = self.resolved_alpha()
+        require(0.0 <= a <= 1.0, f"--alpha must be in [0, 1], got {a}")
+        require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        require(self.teacher_topk >= 0, f"--teacher_topk must be >= 0, got {self.teacher_topk}")
+        require(self.draft_len >= 1, f"--draft_len must be >= 1, got {self.draft_len}")
+        require(self.batch_size >= 1 and self.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1")
+        require(self.depth_weights is None or (len(self.depth_weights) == self.draft_len
+                                               and all(w >= 0 for w in self.depth_weights)
+                                               and sum(self.depth_weights) > 0),
+                f"--depth_weights needs {self.draft_len} non-negative values (one per draft step), "
+                f"got {self.depth_weights}")
+        require(self.precision in PRECISIONS, f"--precision {self.precision!r}: expected one of {PRECISIONS}")
+        require(0.0 <= self.eval_fraction < 1.0, f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0 and --min_lr_ratio in [0, 1]")
+        require(self.max_steps is None or self.max_steps >= 1, "--max_steps must be >= 1")
+        require(self.epochs > 0, "--epochs must be > 0")
+
+    def schedule_fields(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the checkpoint for an exact continuation."""
+        d = asdict(self)
+        for k in ("output_dir", "checkpoint_dir", "save_every", "eval_every", "resume", "overwrite",
+                  "device", "progress", "log_every", "cache_dir", "time_budget_s", "max_steps",
+                  "epochs", "model_dir", "data"):
+            d.pop(k)
+        return d
+
+
+# --------------------------------------------------------------------------- schedule
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------- data order
+class PositionSampler:
+    """Deterministic micro-batches of training positions: epoch ``e`` is a permutation keyed by
+    (seed, e); the state is (epoch, cursor), so a resumed run continues with the same batches."""
+
+    def __init__(self, positions: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.positions = positions
+        self.batch = batch_size
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.per_epoch = len(positions) // (batch_size * world)
+        require(self.per_epoch >= 1, f"only {len(positions)} training positions: fewer than one batch "
+                f"of {batch_size * world}; lower --batch_size or add data")
+        self.epoch, self.cursor = 0, 0
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(len(self.positions), generator=g)
+        return self._perm
+
+    def next(self) -> torch.Tensor:
+        if self.cursor >= self.per_epoch:
+            self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
+        g = self.batch * self.world
+        lo = self.cursor * g + self.rank * self.batch
+        idx = self._permutation()[lo:lo + self.batch]
+        self.cursor += 1
+        return self.positions[idx]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, st: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._perm = int(st["epoch"]), int(st["cursor"]), None
+
+
+def split_positions(feats: Features, draft_len: int, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train positions, held-out positions): stream positions whose first draft step is valid,
+    split by whole sequences (held-out sequences chosen by a seeded permutation)."""
+    s = feats.num_tokens
+    p = torch.arange(s)
+    lab = (p + 2).clamp(max=s - 1)
+    usable = (p + 2 < feats.seq_end) & feats.targets[lab]
+    seq_of = torch.searchsorted(feats.seq_starts, p, right=True) - 1
+    n_seq = feats.num_sequences
+    n_eval = int(round(eval_fraction * n_seq))
+    if eval_fraction > 0 and n_seq >= 2:
+        n_eval = min(max(n_eval, 1), n_seq - 1)
+    g = torch.Generator().manual_seed(seed + 7)
+    held = torch.zeros(n_seq, dtype=torch.bool)
+    held[torch.randperm(n_seq, generator=g)[:n_eval]] = True
+    is_eval = held[seq_of]
+    return p[usable & ~is_eval], p[usable & is_eval]
+
+
+# --------------------------------------------------------------------------- model pieces
+def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int) -> Drafter:
+    if cfg.init_from:
+        d = load_drafter(cfg.init_from)
+        validate_against_base(d.config, hidden_size, vocab_size, (vocab_size, hidden_size),
+                              f"--init_from {cfg.init_from}")
+        return d.float()
+    dcfg = DrafterConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                         exit_dim=cfg.exit_dim or 2 * hidden_size,
+                         num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn)
+    return init_drafter(dcfg, seed=cfg.seed)
+
+
+def _teacher(feats: Features, base, batch, cfg: TrainConfig, dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Teacher (ids [M, K], probs [M, K]) or (None, dense probs [M, V]) for the valid rows."""
+    if cfg.resolved_alpha() == 0:
+        return None, None
+    tp = batch.teacher_pos[batch.valid]
+    if cfg.teacher_topk > 0:
+        k = cfg.teacher_topk
+        require(feats.teacher_topk >= k, f"features hold top-{feats.teacher_topk}, need {k}")
+        ids = feats.topk_ids[tp, :k].to(dev)
+        return ids, teacher_probs(feats.topk_values[tp, :k].to(dev), cfg.temperature)
+    with torch.no_grad():
+        logits = base.logits(feats.hidden[tp].to(dev, base.lm_head.weight.dtype)).float()
+    return None, teacher_probs(logits, cfg.temperature)
+
+
+def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfig, dev,
+                 autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch and its metrics (per-depth correct / valid counts, loss sum)."""
+    d = cfg.draft_len
+    batch = gather_batch(feats.tokens, feats.targets, feats.seq_end, feats.hidden, pos, d)
+    valid = batch.valid.to(dev)
+    with torch.no_grad():
+        emb = base.embedding(batch.in_tokens.to(dev))      # frozen, shared
+    with autocast():
+        flat = head(batch.context.to(dev), emb, valid)     # [M, V]: valid rows only
+    labels = batch.labels.to(dev)[valid]
+    t_ids, t_probs = _teacher(feats, base, batch, cfg, dev)
+    rows = distill_loss(flat, labels, t_ids, t_probs, cfg.temperature, cfg.resolved_alpha())
+    row_loss = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
+    row_loss = row_loss.masked_scatter(valid, rows)
+    weights = torch.tensor(cfg.depth_weights or [1.0] * d, dtype=torch.float32, device=dev)
+    loss = depth_weighted_mean(row_loss, valid, weights)
+    with torch.no_grad():
+        correct = torch.zeros(valid.shape, dtype=torch.bool, device=dev)
+        correct[valid] = flat.argmax(-1) == labels
+    return loss, {"correct": correct.sum(0).cpu(), "valid": valid.sum(0).cpu(),
+                  "loss_sum": (row_loss.detach() * valid).sum(0).cpu()}
+
+
+@torch.no_grad()
+def evaluate(drafter, base, feats: Features, positions: torch.Tensor, cfg: TrainConfig, dev,
+             autocast=None, chunk: int = 256) -> dict[str, Any]:
+    """Held-out metrics over ``positions`` (whole held-out sequences, in stream order).
+
+    - loss and top-1 accuracy per depth (vs the data token, and agreement with the base's top-1);
+    - ``greedy_chain_tokens_per_step``: a single greedy chain (W=1) walked through each sequence
+      the way the runtime steps: from context ``t`` a step emits ``1 + n`` tokens, ``n`` = the
+      number of leading draft steps whose top-1 equals the data, and the next context is
+      ``t + 1 + n``. Exact for the runtime at W=1 when the data are the base's greedy outputs;
+    - ``mean_accepted_run``: ``1 +`` the position-averaged run length (the optimistic variant).
+    """
+    autocast = autocast or _null_ctx
+    d = cfg.draft_len
+    was_training = drafter.training
+    drafter.eval()
+    head = UnrolledHead(drafter)
+    correct_sum, teach_sum, valid_sum, loss_sum = (torch.zeros(d) for _ in range(4))
+    runs = torch.zeros(len(positions), dtype=torch.int64)
+    for lo in range(0, len(positions), chunk):
+        pos = positions[lo:lo + chunk]
+        batch = gather_batch(feats.tokens, feats.targets, feats.seq_end, feats.hidden, pos, d)
+        emb = base.embedding(batch.in_tokens.to(dev))
+        with autocast():
+            logits = head(batch.context.to(dev), emb)
+        pred = logits.float().argmax(-1).cpu()              # [N, D]
+        valid = batch.valid
+        correct = (pred == batch.labels) & valid
+        runs[lo:lo + len(pos)] = correct.to(torch.int64).cumprod(1).sum(1)
+        tt = feats.topk_ids[batch.teacher_pos, 0] if feats.teacher_topk else \
+            base.logits(feats.hidden[batch.teacher_pos].to(dev, base.lm_head.weight.dtype)).argmax(-1).cpu()
+        teach_sum += ((pred == tt) & valid).sum(0)
+        correct_sum += correct.sum(0)
+        valid_sum += valid.sum(0)
+        v = valid.to(dev)
+        t_ids, t_probs = _teacher(feats, base, batch, cfg, dev)
+        rows = distill_loss(logits[v], batch.labels.to(dev)[v], t_ids, t_probs, cfg.temperature,
+                            cfg.resolved_alpha()).cpu()
+        loss_sum += torch.zeros(valid.shape).masked_scatter(valid, rows).sum(0)
+    drafter.train(was_training)
+    vs = valid_sum.clamp(min=1)
+    return {"positions": int(len(positions)),
+            "loss_per_depth": (loss_sum / vs).tolist(),
+            "top1_accuracy_per_depth": (correct_sum / vs).tolist(),
+            "top1_agreement_with_base_per_depth": (teach_sum / vs).tolist(),
+            "greedy_chain_tokens_per_step": walk_tokens_per_step(positions, runs, feats.seq_end),
+            "mean_accepted_run": 1.0 + float(runs.to(torch.float64).mean()) if len(runs) else 0.0}
+
+
+def walk_tokens_per_step(positions: torch.Tensor, runs: torch.Tensor, seq_end: torch.Tensor) -> float:
+    """Tokens per step of greedy chains stepping through each sequence (see :func:`evaluate`).
+
+    ``positions`` [N] sorted stream positions (the usable contexts of whole sequences), ``runs``
+    [N] accepted draft tokens from each. A step from context ``t`` emits ``x_{t+2} ..
+    x_{t+2+run}`` (clipped at the sequence end) and moves to ``t + 1 + run``.
+    """
+    if len(positions) == 0:
+        return 0.0
+    import bisect
+
+    pos, rn, ends = positions.tolist(), runs.tolist(), seq_end[positions].tolist()
+    seq_stop = [0] * len(pos)  # index of the first position of the next sequence
+    nxt = len(pos)
+    for j in range(len(pos) - 1, -1, -1):
+        if j + 1 < len(pos) and ends[j + 1] != ends[j]:
+            nxt = j + 1
+        seq_stop[j] = nxt
+    tokens = steps = 0
+    j = 0
+    while j < len(pos):
+        t, n = pos[j], rn[j]
+        emit = min(1 + n, ends[j] - (t + 2))
+        if emit > 0:
+            tokens += emit
+            steps += 1
+        j = bisect.bisect_left(pos, t + 1 + n, j + 1, seq_stop[j]) if seq_stop[j] > j + 1 else seq_stop[j]
+    return tokens / steps if steps else 0.0
+
+
+class _null_ctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path: Path, drafter, opt, sampler: PositionSampler, step: int, total: int,
+                    cfg: TrainConfig, data_key: str, history: list, elapsed: float) -> Path:
+    """Write ``step-XXXXXX.pt`` atomically (tmp file + rename)."""
+    path.mkdir(parents=True, exist_ok=True)
+    f = path / f"step-{step:07d}.pt"
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+             "total_steps": total, "drafter": _unwrap(drafter).state_dict(),
+             "drafter_config": _unwrap(drafter).config.to_dict(), "optimizer": opt.state_dict(),
+             "data": sampler.state(), "settings": json.dumps(cfg.schedule_fields(), sort_keys=True),
+             "data_key": data_key, "rng": torch.get_rng_state(), "history": json.dumps(history),
+             "elapsed_s": elapsed}
+    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, f)
+    return f
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    files = sorted(path.glob("step-*.pt")) if path.is_dir() else []
+    return files[-1] if files else None
+
+
+def load_checkpoint(f: Path) -> dict[str, Any]:
+    require(f.is_file(), f"--resume {f}: checkpoint file not found")
+    try:
+        st = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the safe unpickler is a bad file
+        raise RedrafterError(f"--resume {f}: cannot read the checkpoint ({type(e).__name__}: {e}); "
+                             "it may be truncated: resume from an earlier step-*.pt or start over") from e
+    require(isinstance(st, dict) and st.get("format") == CHECKPOINT_FORMAT,
+            f"--resume {f}: not a redrafter-train checkpoint")
+    require(st.get("version") == CHECKPOINT_VERSION,
+            f"--resume {f}: checkpoint version {st.get('version')} != {CHECKPOINT_VERSION}")
+    return st
+
+
+# --------------------------------------------------------------------------- the job
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _precision(cfg: TrainConfig, dev: torch.device):
+    """(autocast context factory, use_grad_scaler, name)."""
+    p = cfg.precision
+    if p == "auto":
+        p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
+    if p == "fp32":
+        return _null_ctx, False, "fp32"
+    dtype = torch.bfloat16 if p == "bf16" else torch.float16
+    require(not (p == "fp16" and dev.type == "cpu"), "--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    return (lambda: torch.autocast(dev.type, dtype=dtype)), p == "fp16", p
+
+
+def peak_memory_mb(dev: torch.device) -> dict[str, float]:
+    out = {"host_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dev.type == "cuda":
+        out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
+
+
+def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
+                  on_step: Callable[[int], None] | None = None) -> Path:
+    """Train a draft head and write the drafter directory ``cfg.output_dir``; returns its path.
+
+    ``on_step(step)`` is called after every optimizer step (tests use it to interrupt a run).
+    """
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    cfg.validate()
+    world, rank, local_rank = _dist_info()
+    is_main = rank == 0
+    out = Path(cfg.output_dir)
+    if out.exists():
+        require(out.is_dir(), f"--output_dir {out}: exists and is not a directory")
+        require(cfg.overwrite or not any(out.iterdir()),
+                f"--output_dir {out}: not empty; pass --overwrite or choose another directory")
+    # A resume checkpoint is read before any expensive work, so a bad one fails fast.
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    resume_file, st = None, None
+    if cfg.resume:
+        resume_file = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        if resume_file is None:
+            log(f"[train] --resume auto: no checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            st = load_checkpoint(resume_file)
+    if cfg.device:
+        dev = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+
+    model_dir = resolve_base_model_dir(cfg.model_dir)
+    base = load_frozen_base(model_dir, dev)
+    bc = base.config
+    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size).to(dev)
+    needs_tok = any(source_kind(s) != "selfdistill" for s in cfg.data)
+    tok = load_base_tokenizer(model_dir) if needs_tok else None
+    # Features are cached per data source, so sources can be combined without recomputation.
+    per_source = [load_examples([src], tok, cfg.chat_template, cfg.max_seq_len, model_dir,
+                                cfg.limit_per_source) for src in cfg.data]
+    model_fp = model_fingerprint(model_dir)
+    topk_store = cfg.teacher_topk  # stored for every loss, so kl/ce/mix runs share one cache
+    if world > 1 and not is_main:
+        torch.distributed.barrier()  # rank 0 computes and caches the features first
+    parts, feat_paths, feat_secs = [], [], 0.0
+    for examples in per_source:
+        f, path, secs = cached_features(base, examples, model_fp, topk_store, cfg.cache_dir,
+                                        cfg.feature_batch_tokens, progress=cfg.progress and is_main, log=log)
+        parts.append(f)
+        feat_paths.append(path)
+        feat_secs += secs
+    feats = concat_features(parts)
+    if world > 1 and is_main:
+        torch.distributed.barrier()
+    data_key = "+".join(p.name for p in feat_paths)
+    train_pos, eval_pos = split_positions(feats, cfg.draft_len, cfg.eval_fraction, cfg.seed)
+    require(len(train_pos) > 0, "no training positions: every sequence is too short or held out")
+    if cfg.eval_positions and len(eval_pos) > cfg.eval_positions:  # whole sequences, in order
+        cut = int(feats.seq_end[eval_pos[cfg.eval_positions - 1]])
+        eval_pos = eval_pos[eval_pos < cut]
+    sampler = PositionSampler(train_pos, cfg.batch_size, cfg.seed, rank, world)
+    steps_per_epoch = max(1, sampler.per_epoch // cfg.grad_accum)
+    total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+    model = UnrolledHead(drafter)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    autocast, use_scaler, precision = _precision(cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
+
+    step, history, prior_elapsed, budget_fixed = 0, [], 0.0, cfg.time_budget_s is None
+    if st is not None:
+        require(st["settings"] == json.dumps(cfg.schedule_fields(), sort_keys=True),
+                f"--resume {resume_file}: made with other training settings; resume with the same "
+                f"flags (checkpoint: {st['settings']})")
+        require(st["data_key"] == data_key, f"--resume {resume_file}: made with other data (features "
+                f"{st['data_key']} != {data_key})")
+        try:
+            drafter.load_state_dict(st["drafter"])
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise RedrafterError(f"--resume {resume_file}: does not fit this head ({e})") from e
+        sampler.load(st["data"])
+        torch.set_rng_state(st["rng"])
+        step, total = int(st["step"]), int(st["total_steps"])
+        history = json.loads(st["history"])
+        prior_elapsed = float(st.get("elapsed_s", 0.0))
+        budget_fixed = True
+        log(f"[train] resumed from {resume_file} at step {step}/{total}")
+
+    n_params = sum(p.numel() for p in params)
+    if is_main:
+        log(f"[train] {bc.architecture} H={bc.hidden_size} V={bc.vocab_size}; head exit_dim="
+            f"{drafter.config.exit_dim} layers={drafter.config.num_draft_layers} rnn={drafter.config.rnn} "
+            f"({n_params / 1e6:.1f}M params); D={cfg.draft_len}; loss={cfg.loss} alpha={cfg.resolved_alpha()} "
+            f"T={cfg.temperature} top-k={cfg.teacher_topk}; {feats.num_sequences} sequences, "
+            f"{feats.num_tokens} tokens, {len(train_pos)} train / {len(eval_pos)} held-out positions; "
+            f"{total} steps x {cfg.grad_accum} x {cfg.batch_size} positions; {precision} on {dev}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", file=sys.stderr,
+               disable=not (cfg.progress and is_main))
+    model.train()
+    acc_c, acc_v = torch.zeros(cfg.draft_len), torch.zeros(cfg.draft_len)
+    n_positions, n_preds, loss_ema = 0, 0, None
+    t_loop = time.perf_counter()
+    last_eval: dict[str, Any] | None = None
+    stopped_early = False
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, total)
+        for _ in range(cfg.grad_accum):
+            pos = sampler.next()
+            loss, m = forward_loss(model, base, feats, pos, cfg, dev, autocast)
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            acc_c += m["correct"]
+            acc_v += m["valid"]
+            n_positions += len(pos)
+            n_preds += int(m["valid"].sum())
+            lv = float(loss.detach())
+            loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        if scaler:
+            scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if not budget_fixed and step >= max(1, min(10, cfg.warmup_steps)):
+            per_step = (time.perf_counter() - t_loop) / step
+            fit = max(step, int((cfg.time_budget_s - (time.perf_counter() - t_loop)) / per_step) + step)
+            total = min(total, fit)
+            bar.total = total
+            budget_fixed = True
+            log(f"[train] time budget {cfg.time_budget_s:.0f} s: {per_step:.2f} s/step -> {total} steps")
+        if cfg.time_budget_s and budget_fixed and step < total and \
+                prior_elapsed + time.perf_counter() - t_loop > cfg.time_budget_s:
+            log(f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step}/{total}; stopping")
+            stopped_early = True
+            total = step
+        bar.update(1)
+        if step % max(1, cfg.log_every) == 0 or step == total:
+            acc = (acc_c / acc_v.clamp(min=1)).tolist()
+            bar.set_postfix(loss=f"{loss_ema:.3f}", acc="/".join(f"{a:.2f}" for a in acc),
+                            lr=f"{opt.param_groups[0]['lr']:.1e}")
+            history.append({"step": step, "loss": loss_ema, "top1_accuracy_per_depth": acc,
+                            "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"]})
+            acc_c.zero_()
+            acc_v.zero_()
+        if on_step is not None:
+            on_step(step)
+        if is_main and cfg.eval_every and step % cfg.eval_every == 0 and len(eval_pos) and step < total:
+            last_eval = evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast)
+            history.append({"step": step, "eval": last_eval})
+            log(f"\n[train] step {step}: held-out acc {_fmt(last_eval['top1_accuracy_per_depth'])}, "
+                f"greedy chain tokens/step {last_eval['greedy_chain_tokens_per_step']:.2f}")
+        if is_main and cfg.save_every and step % cfg.save_every == 0 and step < total:
+            save_checkpoint(ckpt_dir, drafter, opt, sampler, step, total, cfg, data_key, history,
+                            prior_elapsed + time.perf_counter() - t_loop)
+    bar.close()
+    train_secs = time.perf_counter() - t_loop
+    if world > 1:
+        torch.distributed.barrier()
+    if not is_main:
+        return out
+    final_eval = evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast) if len(eval_pos) else None
+    report = {
+        "model_dir": str(model_dir), "data": list(cfg.data), "settings": asdict(cfg),
+        "drafter_config": drafter.config.to_dict(), "trainable_parameters": n_params,
+        "base_frozen": True, "precision": precision, "device": str(dev), "world_size": world,
+        "data_stats": {"sequences": feats.num_sequences, "tokens": feats.num_tokens,
+                       "train_positions": int(len(train_pos)), "eval_positions": int(len(eval_pos)),
+                       "eval_sequences": int(feats.seq_end[eval_pos].unique().numel()) if len(eval_pos) else 0},
+        "features": {"cache": [str(p) for p in feat_paths], "seconds": feat_secs,
+                     "tokens_per_s": feats.num_tokens / feat_secs if feat_secs else None},
+        "steps": step, "total_steps": total, "stopped_by_time_budget": stopped_early,
+        "resumed_from": str(resume_file) if resume_file else None,
+        "train_seconds_this_run": train_secs,
+        "train_seconds_total": prior_elapsed + train_secs,
+        "throughput": {"positions_per_s": n_positions * world / max(train_secs, 1e-9),
+                       "draft_predictions_per_s": n_preds * world / max(train_secs, 1e-9),
+                       "note": "a position is one context token t trained on all D draft steps; "
+                               "a draft prediction is one (t, depth) target"},
+        "peak_memory": peak_memory_mb(dev),
+        "eval": final_eval, "history": history,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    save_drafter(drafter.to("cpu").float(), out, overwrite=cfg.overwrite,
+                 extra_files={REPORT_FILE: json.dumps(report, indent=2)})
+    if final_eval:
+        log(f"[train] held-out top-1 per depth {_fmt(final_eval['top1_accuracy_per_depth'])}; greedy "
+            f"chain tokens/step {final_eval['greedy_chain_tokens_per_step']:.2f}")
+    log(f"[train] wrote {out} ({step} steps, {train_secs:.0f} s, "
+        f"{report['throughput']['positions_per_s']:.0f} positions/s, peak RSS "
+        f"{report['peak_memory']['host_max_rss_mb']:.0f} MB)")
+    return out
+
+
+def _fmt(xs) -> str:
+    return "/".join(f"{x:.3f}" for x in xs)

@@ -1,0 +1,376 @@
+"""The distillation trainer on tiny models: loss and gradient by hand, indexing against the beam
+search, frozen base, exact resume, gen-data resume, bad input, and a trained head that the
+runtime accepts clearly more often than a random one."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from redrafter_trt.backends.torch_backend import TorchBackend
+from redrafter_trt.cli.train import main as train_main
+from redrafter_trt.errors import RedrafterError
+from redrafter_trt.models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
+from redrafter_trt.runtime import Generator
+from redrafter_trt.train.base import load_frozen_base
+from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
+from redrafter_trt.train.gen_data import generate_data
+from redrafter_trt.train.losses import (UnrolledHead, distill_loss, gather_batch, reference_loss,
+                                        unrolled_logits)
+from redrafter_trt.train.trainer import TrainConfig, forward_loss, train_drafter
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# --------------------------------------------------------------------------- fixtures
+def _char_tokenizer(chat_template: str | None):
+    """A 97-token character-level fast tokenizer (fits the tiny models' vocabulary)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = list(" \n" + string.ascii_letters + string.digits + ".,:;!?'\"()-_/*+=<>[]{}@#$%&|~^`\\")
+    chars = chars[:97 - len(specials)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama directory with a character tokenizer and a ChatML template.
+
+    Its lm_head is scaled up so that its next-token distributions are peaked like a trained
+    LM's (a random tiny model's are nearly uniform, which no distillation can make useful)."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_hf_config
+
+    d = tmp_path_factory.mktemp("train") / "llama"
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_hf_config("llama", initializer_range=0.02)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(str(d))
+    _char_tokenizer(CHATML).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def selfdistill_file(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base's own greedy continuations of random token prompts (gen-data format)."""
+    base = load_frozen_base(tiny_base)
+    v = base.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, v, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(48)]
+    gen = _generator(base, _stub_head(base), 1, 1)
+    res = gen.generate(prompts, max_new_tokens=48, speculative=False)
+    f = tmp_path_factory.mktemp("sd") / "sd.jsonl"
+    f.write_text("".join(json.dumps({"index": i, "prompt_ids": p, "response_ids": r.token_ids}) + "\n"
+                         for i, (p, r) in enumerate(zip(prompts, res))))
+    return f
+
+
+def _stub_head(base):
+    return init_drafter(DrafterConfig(base.config.vocab_size, base.config.hidden_size, 1, 0, False))
+
+
+def _generator(base, head, w, d):
+    return Generator(TorchBackend(base, head, w, d, max_batch_size=64, max_input_len=64, max_seq_len=256))
+
+
+def _cfg(tiny_base, data, out, tmp_path, **kw) -> TrainConfig:
+    base = dict(model_dir=str(tiny_base), data=[str(x) for x in data], output_dir=str(out), exit_dim=48,
+                num_draft_layers=1, batch_size=64, lr=1e-2, warmup_steps=5, max_steps=10,
+                cache_dir=str(tmp_path / "cache"), progress=False, eval_fraction=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- loss
+def test_loss_and_gradient_by_hand():
+    v = 4
+    z = torch.zeros((1, v), requires_grad=True)
+    label = torch.tensor([1])
+    ids = torch.tensor([[2, 0]])
+    probs = torch.tensor([[1.0, 0.0]])  # the teacher is sure of token 2
+    # KL(teacher || uniform) = log 4; gradient softmax - p = 1/4 - onehot(2)
+    loss = distill_loss(z, label, ids, probs, 1.0, 1.0)
+    assert loss.item() == pytest.approx(math.log(4))
+    loss.sum().backward()
+    assert torch.allclose(z.grad, torch.tensor([[0.25, 0.25, -0.75, 0.25]]))
+    # cross-entropy on the label: log 4, gradient 1/4 - onehot(1)
+    z.grad = None
+    distill_loss(z, label, None, None, 1.0, 0.0).sum().backward()
+    assert torch.allclose(z.grad, torch.tensor([[0.25, -0.75, 0.25, 0.25]]))
+    # an even mix: gradient 1/4 - (onehot(1) + onehot(2)) / 2
+    z.grad = None
+    loss = distill_loss(z, label, ids, probs, 1.0, 0.5)
+    assert loss.item() == pytest.approx(math.log(4))
+    loss.sum().backward()
+    assert torch.allclose(z.grad, torch.tensor([[0.25, -0.25, -0.25, 0.25]]))
+    # temperature 2 on logits [2, 0, 0, 0], teacher split evenly over tokens 0 and 1:
+    # log q = [1, 0, 0, 0] - log(e + 3); loss = T^2 * sum p (log p - log q)
+    z2 = torch.tensor([[2.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    p = torch.tensor([[0.5, 0.5]])
+    lse = math.log(math.e + 3)
+    want = 4 * (0.5 * (math.log(0.5) - (1 - lse)) + 0.5 * (math.log(0.5) - (0 - lse)))
+    loss = distill_loss(z2, label, torch.tensor([[0, 1]]), p, 2.0, 1.0)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.sum().backward()
+    q = torch.tensor([math.e, 1, 1, 1]) / (math.e + 3)
+    assert torch.allclose(z2.grad, 2 * (q - torch.tensor([0.5, 0.5, 0, 0]))[None], atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,temp,dense", [(1.0, 1.0, False), (0.0, 1.0, False), (0.3, 1.0, False),
+                                              (0.7, 2.0, False), (1.0, 0.5, True), (0.5, 1.5, True)])
+def test_loss_matches_autograd_reference(alpha, temp, dense):
+    g = torch.Generator().manual_seed(1)
+    m, v, k = 7, 11, 3
+    z = torch.randn((m, v), generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, v, (m,), generator=g)
+    if dense:
+        ids, probs = None, torch.softmax(torch.randn((m, v), generator=g, dtype=torch.float64), -1)
+    else:
+        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(m)])
+        probs = torch.softmax(torch.randn((m, k), generator=g, dtype=torch.float64), -1)
+    w = torch.rand(m, generator=g, dtype=torch.float64)
+    a = z.clone().requires_grad_(True)
+    b = z.clone().requires_grad_(True)
+    la = distill_loss(a, labels, ids, probs, temp, alpha)
+    lb = reference_loss(b, labels, ids, probs, temp, alpha)
+    assert torch.allclose(la, lb, atol=1e-6)
+    (la * w).sum().backward()
+    (lb * w).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- indexing
+def test_batch_indexing_by_hand():
+    # two sequences in one stream: [10 11 12 13 14] [20 21 22]; every token a target
+    tokens = torch.tensor([10, 11, 12, 13, 14, 20, 21, 22])
+    targets = torch.ones(8, dtype=torch.bool)
+    targets[5] = False  # the second sequence's first token is a prompt token
+    seq_end = torch.tensor([5, 5, 5, 5, 5, 8, 8, 8])
+    hidden = torch.arange(8, dtype=torch.float32)[:, None].repeat(1, 2)
+    b = gather_batch(tokens, targets, seq_end, hidden, torch.tensor([0, 2, 5]), 3)
+    # position t: context c_t, step i feeds x_{t+i} and predicts x_{t+i+1} with teacher at t+i
+    assert b.context[:, 0].tolist() == [0, 2, 5]
+    assert b.in_tokens[0].tolist() == [11, 12, 13]
+    assert b.labels[0].tolist() == [12, 13, 14]
+    assert b.teacher_pos[0].tolist() == [1, 2, 3]
+    assert b.valid[0].tolist() == [True, True, True]
+    assert b.labels[1].tolist()[:1] == [14] and b.valid[1].tolist() == [True, False, False]
+    assert b.in_tokens[2].tolist() == [21, 22, 22] and b.labels[2].tolist()[:1] == [22]
+    assert b.valid[2].tolist() == [True, False, False]
+
+
+def test_unrolled_steps_match_beam_search(tiny_base):
+    """A one-beam search (no warp) drafts exactly the argmax chain of the unrolled training
+    logits fed with its own tokens: training and inference index the same way."""
+    base = load_frozen_base(tiny_base).double()
+    cfg = DrafterConfig(base.config.vocab_size, base.config.hidden_size, 40, 2, True)
+    head = init_drafter(cfg, seed=4, std=0.3).double()
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.randn((5, cfg.hidden_size), generator=g, dtype=torch.float64)
+    root = torch.randint(0, cfg.vocab_size, (5,), generator=g)
+    beams = head.beam_search(base.embedding, ctx, root, 1, 4, warp_k=0)[:, 0].long()  # [5, 5]
+    logits = unrolled_logits(head, base.embedding, ctx, beams[:, :4])
+    assert torch.equal(logits.argmax(-1), beams[:, 1:])
+    # and each step's logits are Drafter.logits of the recurrent state
+    s = torch.zeros_like(ctx)
+    for i in range(4):
+        s = head.update_state(s, base.embedding(beams[:, i]))
+        assert torch.allclose(logits[:, i], head.logits(ctx, s))
+
+
+def test_only_head_parameters_get_gradients(tiny_base, selfdistill_file, tmp_path):
+    from redrafter_trt.train.data import model_fingerprint
+    from redrafter_trt.train.features import cached_features
+
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path)
+    base = load_frozen_base(tiny_base)
+    for p in base.parameters():
+        p.requires_grad_(True)  # even when the base would accept gradients, none reach it
+    head = init_drafter(DrafterConfig(base.config.vocab_size, base.config.hidden_size, 48, 1, True))
+    feats, _, _ = cached_features(base, load_examples(cfg.data), model_fingerprint(tiny_base), 32,
+                                  cfg.cache_dir, progress=False)
+    loss, _ = forward_loss(UnrolledHead(head), base, feats, torch.arange(0, 200), cfg, "cpu",
+                           lambda: torch.autocast("cpu", enabled=False))
+    loss.backward()
+    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+# --------------------------------------------------------------------------- training loop
+def test_resume_after_interruption_is_exact(tiny_base, selfdistill_file, tmp_path):
+    full = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "full", tmp_path,
+                              max_steps=12, grad_accum=2))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step):
+        if step == 7:
+            raise Interrupt
+
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "cut", tmp_path, max_steps=12, grad_accum=2,
+               save_every=5)
+    with pytest.raises(Interrupt):
+        train_drafter(cfg, on_step=stop)
+    assert not (tmp_path / "cut").exists()  # nothing half-written
+    assert (tmp_path / "cut.checkpoints" / "step-0000005.pt").is_file()
+    cfg.resume = "auto"
+    resumed = train_drafter(cfg)
+    a, b = load_drafter(full).state_dict(), load_drafter(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((resumed / "training_report.json").read_text())
+    assert report["steps"] == 12 and report["resumed_from"].endswith("step-0000005.pt")
+    assert len(report["eval"]["top1_accuracy_per_depth"]) == 4
+
+
+def test_trained_head_is_accepted_more_than_random(tiny_base, selfdistill_file, tmp_path):
+    out = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "head", tmp_path, max_steps=300,
+                             warmup_steps=20, exit_dim=64, lr=1e-2, eval_fraction=0.1))
+    trained = load_drafter(out)
+    random_head = init_drafter(trained.config, seed=1)
+    base = load_frozen_base(tiny_base)
+    g = torch.Generator().manual_seed(9)  # fresh prompts, not the training ones
+    prompts = [torch.randint(3, base.config.vocab_size, (6,), generator=g).tolist() for _ in range(24)]
+    tps = {}
+    for name, head in (("trained", trained), ("random", random_head)):
+        gen = _generator(base, head, 4, 4)
+        gen.generate(prompts, max_new_tokens=40)
+        tps[name] = gen.last_stats.tokens_per_step
+    assert tps["random"] < 1.2
+    assert tps["trained"] > tps["random"] + 0.8, tps
+    report = json.loads((out / "training_report.json").read_text())
+    # the trainer's own held-out estimate agrees with what the runtime measures
+    assert abs(report["eval"]["greedy_chain_tokens_per_step"] - tps["trained"]) < 0.6
+    assert report["throughput"]["positions_per_s"] > 0 and report["peak_memory"]["host_max_rss_mb"] > 0
+
+
+# --------------------------------------------------------------------------- data
+def test_conversation_targets_are_the_assistant_turns(tiny_base):
+    tok = load_base_tokenizer(tiny_base)
+    conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"},
+            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]
+    ex = render_conversation(tok, conv)
+    text = "".join(tok.decode([i]) for i, t in zip(ex.ids, ex.targets) if t)
+    assert text == "hello!<|im_end|>\nok<|im_end|>\n"
+
+
+def test_gen_data_resumes_and_drops_a_torn_line(tiny_base, tmp_path):
+    prompts = ["abc", "hello world", "x", "what is 2+2?", "tell me"]
+    out = tmp_path / "sd.jsonl"
+    kw = dict(max_new_tokens=6, batch_size=2, progress=False, log=lambda m: None)
+    generate_data(tiny_base, prompts, out, **kw)
+    lines = out.read_text().splitlines()
+    assert sorted(json.loads(x)["index"] for x in lines) == list(range(5))
+    # an interrupted run: the last batch is missing and a half-written line is left behind
+    ref = {json.loads(x)["index"]: json.loads(x) for x in lines}
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
+    generate_data(tiny_base, prompts, out, **kw)
+    again = {json.loads(x)["index"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert again == ref
+    # other settings on the same file: an error, unless --overwrite
+    with pytest.raises(RedrafterError, match="other settings"):
+        generate_data(tiny_base, prompts, out, **{**kw, "max_new_tokens": 7})
+    ex = load_examples([str(out)])
+    assert len(ex) >= 1 and all(len(e.ids) == len(e.targets) for e in ex)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_dataset_without_usable_turns(tiny_base, tmp_path):
+    f = tmp_path / "conv.json"
+    f.write_text(json.dumps([{"conversations": [{"from": "human", "value": "only a question"}]}]))
+    with pytest.raises(RedrafterError, match="no usable turns"):
+        train_drafter(_cfg(tiny_base, [f], tmp_path / "o", tmp_path))
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_chat_template(tiny_base, tmp_path):
+    d = tmp_path / "notemplate"
+    shutil.copytree(tiny_base, d)
+    for f in d.glob("chat_template*"):
+        f.unlink()
+    _char_tokenizer(None).save_pretrained(str(d))
+    f = tmp_path / "conv.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "hello there"}]}) + "\n")
+    with pytest.raises(RedrafterError, match="no chat template"):
+        train_drafter(_cfg(d, [f], tmp_path / "o", tmp_path))
+    assert not (tmp_path / "o").exists()
+    # raw text works when asked for
+    out = train_drafter(_cfg(d, [f], tmp_path / "o", tmp_path, chat_template=False, max_steps=2,
+                             batch_size=4, eval_fraction=0.0))
+    assert (out / "model.safetensors").is_file()
+
+
+def test_head_base_shape_mismatch(tiny_base, selfdistill_file, tmp_path):
+    other = init_drafter(DrafterConfig(97, 16, 32, 1, True))  # hidden 16, base has 32
+    save_drafter(other, tmp_path / "other")
+    with pytest.raises(RedrafterError, match="hidden_size 16 != base hidden_size 32"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path,
+                           init_from=str(tmp_path / "other")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_not_empty(tiny_base, selfdistill_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    argv = ["--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir", str(out),
+            "--max_steps", "2", "--no_progress", "--cache_dir", str(tmp_path / "cache")]
+    assert train_main(argv) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "o.checkpoints").exists()
+    assert train_main(argv + ["--overwrite", "--batch_size", "32"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_unreadable_resume_checkpoint(tiny_base, selfdistill_file, tmp_path, capsys):
+    bad = tmp_path / "step-0000003.pt"
+    bad.write_bytes(b"not a checkpoint")
+    argv = ["train", "--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir",
+            str(tmp_path / "o"), "--max_steps", "4", "--resume", str(bad), "--no_progress",
+            "--cache_dir", str(tmp_path / "cache")]
+    assert train_main(argv) == 2
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_subcommand_measures_through_the_runtime(tiny_base, tmp_path, capsys):
+    head = init_drafter(DrafterConfig(97, 32, 48, 1, True), seed=2)
+    save_drafter(head, tmp_path / "head")
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["hello", "what is up?", "abc"]))
+    argv = ["eval", "--model_dir", str(tiny_base), "--drafter_model_dir", str(tmp_path / "head"),
+            "--prompts", str(prompts), "--max_new_tokens", "12", "--plain_check", "--no_progress"]
+    assert train_main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["prompts"] == 3 and res["identical_to_plain"] is True
+    assert 1.0 <= res["tokens_per_step"] <= 5.0
+    assert sum(res["tokens_per_step_histogram"].values()) == res["steps"]
