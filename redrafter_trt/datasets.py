@@ -60,17 +60,25 @@ def load_prompts(name_or_path: str, limit: int | None = None, all_turns: bool = 
     return prompts[:limit] if limit else prompts
 
 
-def _prompts_from_file(path: Path) -> list[str]:
-    require(path.is_file(), f"{path}: prompt file not found (or use one of {BUILTIN})")
-    text = path.read_text()
+def read_json_list(path: str | Path, what: str) -> list:
+    """A JSON list (``.json``) or one JSON value per line (``.jsonl``), with clear errors."""
+    path = Path(path)
+    require(path.is_file(), f"{path}: {what} not found")
     try:
+        text = path.read_text()
         if path.suffix == ".jsonl":
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RedrafterError(f"{path}: not valid JSON/JSONL ({e})") from e
-    require(isinstance(items, list), f"{path}: expected a list of prompts")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RedrafterError(f"{path}: {what} is not valid JSON/JSONL ({e})") from e
+    require(isinstance(items, list), f"{path}: {what} must be a JSON list or JSONL lines")
+    return items
+
+
+def _prompts_from_file(path: Path) -> list[str]:
+    require(path.is_file(), f"{path}: prompt file not found (or use one of {BUILTIN})")
+    items = read_json_list(path, "prompt file")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -96,15 +104,7 @@ def load_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     Accepts ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` and
     ``{"messages": [{"role": ..., "content": ...}]}``; roles map to system/user/assistant.
     """
-    path = Path(path)
-    require(path.is_file(), f"{path}: conversation file not found")
-    text = path.read_text()
-    try:
-        items = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                 if path.suffix == ".jsonl" else json.loads(text))
-    except json.JSONDecodeError as e:
-        raise RedrafterError(f"{path}: not valid JSON/JSONL ({e})") from e
-    require(isinstance(items, list), f"{path}: expected a list of conversations")
+    items = read_json_list(path, "conversation file")
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
              "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
     convs = []

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..datasets import BUILTIN, load_conversations, load_prompts, package_file
+from ..datasets import BUILTIN, load_conversations, load_prompts, package_file, read_json_list
 from ..errors import RedrafterError, require
 
 
@@ -111,17 +111,7 @@ def render_conversation(tokenizer, conv: list[dict[str, str]], chat_template: bo
 
 # --------------------------------------------------------------------------- sources
 def _read_items(path: Path) -> list:
-    require(path.is_file(), f"{path}: data file not found")
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RedrafterError(f"{path}: not valid JSON/JSONL ({e})") from e
-    require(isinstance(items, list), f"{path}: expected a JSON list or JSONL lines")
-    return items
+    return read_json_list(path, "data file")
 
 
 def source_kind(source: str) -> str:
