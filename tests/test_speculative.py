@@ -230,3 +230,14 @@ def test_batches_larger_than_max_batch_size_are_chunked(tiny_dirs):
     spec = gen.generate(prompts, max_new_tokens=6)
     single = [gen.generate([p], max_new_tokens=6)[0] for p in prompts]
     assert [s.token_ids for s in spec] == [x.token_ids for x in single]
+
+
+def test_stream_events_and_results_equal_generate(tiny_dirs):
+    gen = tiny_generator(tiny_dirs["llama"], 3, 3)
+    want = gen.generate(PROMPTS, max_new_tokens=11)
+    streamed: dict[int, list[int]] = {}
+    for ev in gen.generate_stream(PROMPTS, max_new_tokens=11):
+        streamed.setdefault(ev.index, []).extend(ev.token_ids)
+    assert [streamed[i] for i in range(len(PROMPTS))] == [r.token_ids for r in want]
+    assert [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in gen.last_results] == \
+        [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in want]

@@ -104,17 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _stream(gen, prompts, kw, as_json: bool):
     """Print each step's new tokens as it completes; return the final results."""
-    from ..runtime.generator import GenerationResult
-
     per_row: dict[int, list[int]] = {}
-    steps: dict[int, list[int]] = {}
-    reasons: dict[int, str] = {}
     printed: dict[int, str] = {}
     for ev in gen.generate_stream(prompts, **kw):
         per_row.setdefault(ev.index, []).extend(ev.token_ids)
-        steps.setdefault(ev.index, []).append(len(ev.token_ids))
-        if ev.finished:
-            reasons[ev.index] = ev.finish_reason
         if as_json:
             print(json.dumps({"index": ev.index, "token_ids": ev.token_ids, "finished": ev.finished}),
                   flush=True)
@@ -131,8 +124,7 @@ def _stream(gen, prompts, kw, as_json: bool):
             sys.stdout.flush()
     if not as_json and len(prompts) == 1:
         sys.stdout.write("\n")
-    return [GenerationResult(per_row[i], gen.decode(per_row[i]), steps[i], reasons.get(i, "length"), [])
-            for i in sorted(per_row)]
+    return gen.last_results
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,7 @@ class Generator:
         self.eos_token_ids = list(eos_token_ids)
         self.random_drafter = random_drafter
         self.last_stats = GenerationStats()
+        self.last_results: list[GenerationResult] = []
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | Sequence[int], use_chat_template: bool = False,
@@ -120,12 +121,10 @@ class Generator:
                  stop: Sequence[str] = (), eos_token_ids: Sequence[int] | None = None,
                  ignore_eos: bool = False) -> list[GenerationResult]:
         """Generate for every prompt; returns one :class:`GenerationResult` per prompt."""
-        rows: dict[int, _Row] = {}
         for _ in self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, speculative,
-                           use_chat_template, stop, eos_token_ids, ignore_eos, rows):
+                           use_chat_template, stop, eos_token_ids, ignore_eos):
             pass
-        return [GenerationResult(r.tokens, self._text(r, stop), r.accepted, r.finish_reason or "length",
-                                 r.prompt) for _, r in sorted(rows.items())]
+        return self.last_results
 
     def _text(self, row: _Row, stop: Sequence[str]) -> str | None:
         """Decoded output; on a stop string, cut right after its first occurrence."""
@@ -136,19 +135,19 @@ class Generator:
         return text
 
     def generate_stream(self, prompts: Sequence[str | Sequence[int]], **kwargs) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, yielding each row's new tokens as every step completes."""
-        rows: dict[int, _Row] = {}
+        """Like :meth:`generate`, yielding each row's new tokens as every step completes; once
+        exhausted, ``last_results`` holds what :meth:`generate` would have returned."""
         args = dict(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                     speculative=True, use_chat_template=False, stop=(), eos_token_ids=None,
                     ignore_eos=False)
         unknown = set(kwargs) - set(args)
         require(not unknown, f"unknown generate_stream arguments {sorted(unknown)}")
         args.update(kwargs)
-        yield from self._run(prompts, *args.values(), rows)
+        yield from self._run(prompts, *args.values())
 
     # ------------------------------------------------------------------ loop
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, speculative,
-             use_chat_template, stop, eos_token_ids, ignore_eos, rows):
+             use_chat_template, stop, eos_token_ids, ignore_eos):
         be = self.backend
         require(isinstance(prompts, (list, tuple)) and len(prompts) > 0,
                 "prompts must be a non-empty list of strings or token-id lists")
@@ -167,6 +166,7 @@ class Generator:
                     f"{be.max_input_len} (rebuild with a larger --max_input_len)")
             require(len(ids) < be.max_seq_len,
                     f"prompt {i} has {len(ids)} tokens, leaving no room under max_seq_len {be.max_seq_len}")
+        rows: dict[int, _Row] = {}
         stats = GenerationStats(num_prompts=len(encoded))
         self.last_stats = stats
         timings_before = dict(getattr(be, "timings", {}))
@@ -178,6 +178,9 @@ class Generator:
                 rows[r.index] = r
             yield from self._run_chunk(chunk, temperature, top_k, top_p, seed, speculative, stop, stats)
         stats.wall_s = time.perf_counter() - t_start
+        self.last_results = [GenerationResult(r.tokens, self._text(r, stop), r.accepted,
+                                              r.finish_reason or "length", r.prompt)
+                             for _, r in sorted(rows.items())]
         stats.step_timings = {k: v - timings_before.get(k, 0.0) for k, v in getattr(be, "timings", {}).items()}
 
     def _emit(self, row: _Row, new: list[int], stop: Sequence[str]) -> list[int]:
