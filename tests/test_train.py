@@ -399,3 +399,40 @@ def test_every_flag_has_help():
         for action in sub._actions:
             if action.option_strings:
                 assert action.help, f"{sub.prog} {action.option_strings} has no help"
+
+
+# --------------------------------------------------------------------------- base-initialised head
+def test_base_initialised_frozen_projection(tiny_base, selfdistill_file, tmp_path):
+    """--lm_head_init base copies the base's [V, H] projection and passes the context through
+    input_proj; with --freeze_lm_head training leaves that projection bit-identical while the
+    layers in front of it learn."""
+    from redrafter_trt.train.trainer import make_drafter
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "frozen", tmp_path, exit_dim=h,
+               lm_head_init="base", freeze_lm_head=True, max_steps=15)
+    start = make_drafter(cfg, h, v, base.lm_head.weight)
+    assert torch.equal(start.lm_head[-1].weight, base.lm_head.weight.float())
+    assert not start.lm_head[-1].weight.requires_grad
+    c = torch.randn(5, h)
+    passed = start.input_proj(torch.cat([c, torch.zeros_like(c)], -1))
+    assert float((passed - c).norm() / c.norm()) < 0.3  # the init noise (std 0.02) stays small
+
+    out = train_drafter(cfg)
+    trained = load_drafter(out)
+    assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float())
+    before, after = start.state_dict(), trained.state_dict()
+    moved = [k for k in after if not torch.equal(before[k], after[k])]
+    assert "input_proj.weight" in moved and "rnn_w.weight" in moved and "lm_head.1.weight" not in moved
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["trainable_parameters"] == sum(t.numel() for k, t in after.items() if k != "lm_head.1.weight")
+
+
+def test_base_initialised_projection_needs_matching_width(tiny_base, selfdistill_file, tmp_path):
+    with pytest.raises(RedrafterError, match="--exit_dim must be the base hidden size 32"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, exit_dim=48,
+                           lm_head_init="base"))
+    with pytest.raises(RedrafterError, match="--freeze_lm_head keeps a random vocabulary projection"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, freeze_lm_head=True))
+    assert not (tmp_path / "o").exists()

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_rnn", action="store_true", help="state update s + E(x) instead of the RNN")
     g.add_argument("--init_from", default=None,
                    help="start from an existing drafter directory (its shape replaces the flags above)")
+    g.add_argument("--lm_head_init", choices=("random", "base"), default="random",
+                   help="random, or base: copy the base model's vocabulary projection into the head's "
+                        "(needs --exit_dim equal to the base hidden size) and start input_proj as a "
+                        "pass-through of the context (default: random)")
+    g.add_argument("--freeze_lm_head", action="store_true",
+                   help="do not train the head's final V x exit_dim projection (with --lm_head_init "
+                        "base: fewer trained parameters, less memorisation on small data)")
     g.add_argument("--draft_len", type=positive_int, default=4,
                    help="D unrolled draft steps trained (use the engine's D; default: 4)")
     g = t.add_argument_group("loss")
@@ -213,7 +220,7 @@ def _train(args) -> int:
     cfg = TrainConfig(
         model_dir=args.model_dir, data=list(args.data), output_dir=args.output_dir,
         exit_dim=args.exit_dim, num_draft_layers=args.num_draft_layers, rnn=not args.no_rnn,
-        init_from=args.init_from,
+        init_from=args.init_from, lm_head_init=args.lm_head_init, freeze_lm_head=args.freeze_lm_head,
         draft_len=args.draft_len, loss=args.loss, alpha=args.alpha, temperature=args.temperature,
         teacher_topk=args.teacher_topk, depth_weights=args.depth_weights, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,

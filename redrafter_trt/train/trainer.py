@@ -44,6 +44,7 @@ CHECKPOINT_FORMAT = "redrafter-train-checkpoint"
 CHECKPOINT_VERSION = 1
 LOSSES = ("kl", "ce", "mix")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LM_HEAD_INITS = ("random", "base")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class TrainConfig:
     num_draft_layers: int = 1
     rnn: bool = True
     init_from: str | None = None         # start from an existing drafter directory
+    lm_head_init: str = "random"         # random | base (copy the base's vocabulary projection)
+    freeze_lm_head: bool = False         # keep the final vocabulary projection fixed
     draft_len: int = 4                   # D unrolled draft steps
     # loss
     loss: str = "kl"                     # kl | ce | mix
@@ -112,6 +115,13 @@ class TrainConfig:
                                                and sum(self.depth_weights) > 0),
                 f"--depth_weights needs {self.draft_len} non-negative values (one per draft step), "
                 f"got {self.depth_weights}")
+        require(self.lm_head_init in LM_HEAD_INITS,
+                f"--lm_head_init {self.lm_head_init!r}: expected one of {LM_HEAD_INITS}")
+        require(not (self.lm_head_init == "base" and self.init_from),
+                "--lm_head_init base and --init_from both set the head's weights; pass one of them")
+        require(self.lm_head_init == "base" or self.init_from or not self.freeze_lm_head,
+                "--freeze_lm_head keeps a random vocabulary projection fixed; use it with "
+                "--lm_head_init base (or --init_from a trained head)")
         require(self.precision in PRECISIONS, f"--precision {self.precision!r}: expected one of {PRECISIONS}")
         require(0.0 <= self.eval_fraction < 1.0, f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
         require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0 and --min_lr_ratio in [0, 1]")
@@ -196,16 +206,43 @@ def split_positions(feats: Features, draft_len: int, eval_fraction: float, seed:
 
 
 # --------------------------------------------------------------------------- model pieces
-def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int) -> Drafter:
+def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int,
+                 base_lm_head: torch.Tensor | None = None) -> Drafter:
+    """The head to train: loaded (``init_from``), random, or with the base's vocabulary projection.
+
+    ``lm_head_init="base"`` (needs ``exit_dim == H``) copies the base model's ``lm_head`` weight
+    [V, H] into the head's final projection and starts ``input_proj`` as ``[I | 0]`` (the context
+    half passes through) with the residual blocks near identity, so the untrained head already
+    maps into the base's output space; only the small layers in front must learn the shift by
+    one token per draft step. With ``freeze_lm_head`` the V x H projection is not trained, which
+    on small data sets stops the head from memorising through its largest matrix.
+    """
     if cfg.init_from:
         d = load_drafter(cfg.init_from)
         validate_against_base(d.config, hidden_size, vocab_size, (vocab_size, hidden_size),
                               f"--init_from {cfg.init_from}")
-        return d.float()
-    dcfg = DrafterConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                         exit_dim=cfg.exit_dim or 2 * hidden_size,
-                         num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn)
-    return init_drafter(dcfg, seed=cfg.seed)
+        d = d.float()
+    else:
+        exit_dim = cfg.exit_dim or 2 * hidden_size
+        if cfg.lm_head_init == "base":
+            require(exit_dim == hidden_size,
+                    f"--lm_head_init base copies the base's [V, H] projection, so --exit_dim must be the "
+                    f"base hidden size {hidden_size} (got {exit_dim})")
+            require(base_lm_head is not None and tuple(base_lm_head.shape) == (vocab_size, hidden_size),
+                    f"--lm_head_init base: the base lm_head has shape "
+                    f"{None if base_lm_head is None else tuple(base_lm_head.shape)}, expected "
+                    f"{(vocab_size, hidden_size)}")
+        dcfg = DrafterConfig(vocab_size=vocab_size, hidden_size=hidden_size, exit_dim=exit_dim,
+                             num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn)
+        d = init_drafter(dcfg, seed=cfg.seed)
+        if cfg.lm_head_init == "base":
+            with torch.no_grad():
+                d.lm_head[-1].weight.copy_(base_lm_head.detach().float())
+                proj = d.input_proj.weight                     # [H, 2H]
+                proj[:, :hidden_size] += torch.eye(hidden_size)
+    if cfg.freeze_lm_head:
+        d.lm_head[-1].weight.requires_grad_(False)
+    return d
 
 
 def _teacher(feats: Features, base, batch, cfg: TrainConfig, dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -443,7 +480,7 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     model_dir = resolve_base_model_dir(cfg.model_dir)
     base = load_frozen_base(model_dir, dev)
     bc = base.config
-    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size).to(dev)
+    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight).to(dev)
     needs_tok = any(source_kind(s) != "selfdistill" for s in cfg.data)
     tok = load_base_tokenizer(model_dir) if needs_tok else None
     # Features are cached per data source, so sources can be combined without recomputation.
