@@ -8,6 +8,12 @@ are accepted too); integer outputs are int32 as in the engine's tensors.
 The library is ``cpp/build/libredrafter_cpu.so`` under the repository, built by
 ``bash build_scripts/build_cpp.sh``; the environment variable ``REDRAFTER_NATIVE_LIB`` points
 to another build.
+
+KV relocation also runs on CUDA tensors through the CUDA launchers of
+``cpp/build/libredrafter_cuda.so`` (built by the same script when nvcc exists;
+``REDRAFTER_CUDA_LIB`` points to another build). That library is loaded lazily, on the first
+call with a CUDA tensor (or :func:`cuda_available`): importing this module needs neither CUDA
+nor the library.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -27,12 +34,16 @@ LIB_ENV = "REDRAFTER_NATIVE_LIB"
 BUILD_COMMAND = "bash build_scripts/build_cpp.sh"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cpu.so"
+CUDA_LIB_ENV = "REDRAFTER_CUDA_LIB"
+DEFAULT_CUDA_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cuda.so"
 #: C ABI version this binding speaks (cpp/include/redrafter/c_api.h, REDRAFTER_ABI_VERSION).
 ABI_VERSION = 1
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MSG_LEN = 512
 _lib: ctypes.CDLL | None = None
+_cuda_lib: ctypes.CDLL | None = None
+_cuda_error: str | None = None  # why the CUDA library did not load (cached: tried once)
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
@@ -44,6 +55,12 @@ _SIGNATURES = {
     "redrafter_accept_cpu": [_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
     "redrafter_kv_relocate_cpu": [_p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p],
     "redrafter_draw_tokens_cpu": [_p, _i32, _i64, _i64, _p, _p, _p, _p, _p],
+    # cache, cache_elems, elem_bytes, layers, slots, heads, max_seq, head_dim, tokens_per_block,
+    # 6 strides, slots, cache_lengths, accepted_indices, num_accepted, batch, beam_len, new_lengths
+    "redrafter_kv_relocate_strided_cpu": [_p] + [_i64] * 14 + [_p, _p, _p, _p, _i64, _i64, _p],
+}
+_CUDA_SIGNATURES = {
+    "redrafter_kv_relocate_strided_cuda": [_p] + [_i64] * 14 + [_p, _p, _p, _p, _i64, _i64, _p, _p],
 }
 
 
@@ -67,17 +84,67 @@ def load_library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise RedrafterError(f"cannot load native library {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        # Every operator takes (msg, msg_len) last; the version query takes nothing.
-        fn.argtypes = argtypes + ([ctypes.c_char_p, _i64] if argtypes else [])
-        fn.restype = _i32
+    _bind(lib, path, _SIGNATURES)
     found = lib.redrafter_abi_version()
     if found != ABI_VERSION:
         raise RedrafterError(f"native library {path} speaks C ABI version {found}, this binding needs "
                              f"{ABI_VERSION}: rebuild it with `{BUILD_COMMAND}`")
     _lib = lib
     return lib
+
+
+def _bind(lib: ctypes.CDLL, path: Path, signatures: dict) -> None:
+    for name, argtypes in signatures.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise RedrafterError(f"native library {path} has no {name} (built from older sources): rebuild it "
+                                 f"with `{BUILD_COMMAND}`") from None
+        # Every operator takes (msg, msg_len) last; the version query takes nothing.
+        fn.argtypes = argtypes + ([ctypes.c_char_p, _i64] if argtypes else [])
+        fn.restype = _i32
+
+
+def cuda_library_path() -> Path:
+    """Where the CUDA library is looked for (``$REDRAFTER_CUDA_LIB`` or ``cpp/build/``)."""
+    env = os.environ.get(CUDA_LIB_ENV)
+    return Path(env) if env else DEFAULT_CUDA_LIB
+
+
+def load_cuda_library() -> ctypes.CDLL:
+    """The loaded ``libredrafter_cuda.so`` (CUDA launchers); raises :class:`RedrafterError`.
+
+    Loaded on first use only; a failure is remembered (the next call raises the same error).
+    """
+    global _cuda_lib, _cuda_error
+    if _cuda_lib is not None:
+        return _cuda_lib
+    if _cuda_error is not None:
+        raise RedrafterError(_cuda_error)
+    path = cuda_library_path()
+    try:
+        if not path.is_file():
+            raise RedrafterError(f"CUDA library not found at {path}: build it with `{BUILD_COMMAND}` where nvcc "
+                                 f"exists, or set {CUDA_LIB_ENV} to a built libredrafter_cuda.so")
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise RedrafterError(f"cannot load CUDA library {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
+        _bind(lib, path, _CUDA_SIGNATURES)
+    except RedrafterError as e:
+        _cuda_error = str(e)
+        raise
+    _cuda_lib = lib
+    return lib
+
+
+def cuda_available() -> bool:
+    """True when ``libredrafter_cuda.so`` is built and loads (it does not check for a GPU)."""
+    try:
+        load_cuda_library()
+        return True
+    except RedrafterError:
+        return False
 
 
 def available() -> bool:
@@ -89,8 +156,8 @@ def available() -> bool:
         return False
 
 
-def _call(name: str, *args) -> None:
-    lib = load_library()
+def _call(name: str, *args, lib: ctypes.CDLL | None = None) -> None:
+    lib = lib if lib is not None else load_library()
     msg = ctypes.create_string_buffer(_MSG_LEN)
     status = getattr(lib, name)(*args, msg, _MSG_LEN)
     if status != 0:
@@ -260,3 +327,128 @@ def relocate_kv(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num
     _call("redrafter_kv_relocate_cpu", _ptr(cache), cache.element_size(), layers, num_slots, heads, max_seq,
           head_dim, _ptr(sl), _ptr(lens), _ptr(q), _ptr(na), b, l, _ptr(out))
     return out
+
+
+class KvLayout(NamedTuple):
+    """A blocked, strided KV-cache layout (``cpp/include/redrafter/kv_relocate.h``), in elements.
+
+    Element (layer, kv, slot, head, t, e) lives at ``slot*stride_slot + (t // tokens_per_block) *
+    stride_block + (t % tokens_per_block)*stride_token + layer*stride_layer + kv*stride_kv +
+    head*stride_head + e``.
+    """
+
+    tokens_per_block: int
+    stride_slot: int
+    stride_block: int
+    stride_token: int
+    stride_layer: int
+    stride_kv: int
+    stride_head: int
+
+    @classmethod
+    def contiguous(cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int) -> "KvLayout":
+        """``[layers, 2, slots, kv_heads, max_seq, head_dim]`` row-major (:mod:`redrafter_trt.ops.kv_cache`)."""
+        head = max_seq * head_dim
+        slot = kv_heads * head
+        return cls(max_seq, slot, slot, head_dim, 2 * num_slots * slot, num_slots * slot, head)
+
+    @classmethod
+    def paged(cls, layers: int, kv_heads: int, tokens_per_block: int, head_dim: int, max_blocks: int,
+              block_stride: int | None = None, layer_stride: int | None = None,
+              kv_stride: int | None = None) -> "KvLayout":
+        """TensorRT-LLM's pool ``[slots * max_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``
+        (slot s owns blocks s*max_blocks ..); the outer strides default to the contiguous pool's."""
+        head = tokens_per_block * head_dim
+        kv = kv_heads * head if kv_stride is None else kv_stride
+        layer = 2 * kv_heads * head if layer_stride is None else layer_stride
+        block = layers * 2 * kv_heads * head if block_stride is None else block_stride
+        return cls(tokens_per_block, max_blocks * block, block, head_dim, layer, kv, head)
+
+    def offset(self, layer: int, kv: int, slot: int, head: int, t: int) -> int:
+        """Element offset of (layer, kv, slot, head, t, 0)."""
+        return (slot * self.stride_slot + (t // self.tokens_per_block) * self.stride_block
+                + (t % self.tokens_per_block) * self.stride_token + layer * self.stride_layer
+                + kv * self.stride_kv + head * self.stride_head)
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements a strided view reaches from its data pointer (0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+def relocate_kv_strided(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted, *,
+                        layout: KvLayout, num_layers: int, num_slots: int, kv_heads: int, max_seq: int,
+                        head_dim: int, cache_elems: int | None = None) -> torch.Tensor:
+    """SPEC section 7 in place on a cache of any blocked, strided layout (:class:`KvLayout`).
+
+    A CPU ``cache`` runs the C++ CPU reference; a CUDA ``cache`` runs the CUDA kernel of
+    ``libredrafter_cuda.so`` on ``torch.cuda.current_stream()`` (asynchronously; bad rows get
+    new length -1 there instead of an error).
+
+    Args:
+        cache: the tensor whose ``data_ptr()`` is element 0 of the layout (any dtype).
+        slots, cache_lengths, num_accepted: [B] int; accepted_indices: [B, L] int.
+        layout: the strides; num_layers .. head_dim: the dims (max_seq: positions per slot).
+        cache_elems: elements addressable from ``data_ptr()`` (default: the view's extent); the
+            native code rejects layouts reaching beyond it.
+    Returns:
+        new cache lengths [B] int32, on the cache's device.
+    """
+    if not isinstance(cache, torch.Tensor):
+        raise RedrafterError("relocate_kv_strided: cache must be a torch.Tensor (it is updated in place)")
+    dev = cache.device
+    if dev.type not in ("cpu", "cuda"):
+        raise RedrafterError(f"relocate_kv_strided: cache must be on the CPU or a CUDA device, got {dev}")
+
+    def ints(x):
+        return torch.as_tensor(x).to(device=dev, dtype=torch.int32).contiguous()
+
+    q = ints(accepted_indices)
+    _ndim(q, 2, "relocate_kv_strided accepted_indices", "[B, L]")
+    b, l = q.shape
+    sl, lens, na = (ints(x).reshape(-1) for x in (slots, cache_lengths, num_accepted))
+    for t, name in ((sl, "slots"), (lens, "cache_lengths"), (na, "num_accepted")):
+        _shape(t, (b,), f"relocate_kv_strided {name}")
+    out = torch.empty((b,), dtype=torch.int32, device=dev)
+    if b == 0 and 1 <= l <= 64:
+        return out
+    elems = _extent(cache) if cache_elems is None else int(cache_elems)
+    args = (_ptr(cache), elems, cache.element_size(), int(num_layers), int(num_slots), int(kv_heads), int(max_seq),
+            int(head_dim), *(int(v) for v in layout), _ptr(sl), _ptr(lens), _ptr(q), _ptr(na), b, l, _ptr(out))
+    if dev.type == "cpu":
+        _call("redrafter_kv_relocate_strided_cpu", *args)
+    else:
+        lib = load_cuda_library()
+        with torch.cuda.device(dev):
+            stream = ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream)
+            _call("redrafter_kv_relocate_strided_cuda", *args, stream, lib=lib)
+    return out
+
+
+def relocate_paged(pool: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted, *, max_blocks: int,
+                   kv_heads: int, tokens_per_block: int, head_dim: int) -> torch.Tensor:
+    """Native twin of :func:`redrafter_trt.trtllm.runtime.relocate_paged` (CPU reference or CUDA kernel).
+
+    Args:
+        pool: [slots * max_blocks, layers, 2, kv_heads * tokens_per_block * head_dim] (last dim
+            contiguous; the outer strides are taken from the tensor), CPU or CUDA.
+    Returns:
+        new cache lengths [B] int32 (positions per slot: max_blocks * tokens_per_block).
+    """
+    if not isinstance(pool, torch.Tensor) or pool.dim() != 4 or pool.shape[2] != 2:
+        raise RedrafterError("relocate_paged: pool must be a torch.Tensor [num_blocks, layers, 2, "
+                             f"kv_heads * tokens_per_block * head_dim], got {getattr(pool, 'shape', type(pool))}")
+    blocks, layers, _, block_elems = pool.shape
+    if block_elems != kv_heads * tokens_per_block * head_dim or pool.stride(3) != 1:
+        raise RedrafterError(f"relocate_paged: pool's last dim must be contiguous kv_heads * tokens_per_block * "
+                             f"head_dim = {kv_heads * tokens_per_block * head_dim}, got shape {list(pool.shape)} "
+                             f"strides {list(pool.stride())}")
+    if max_blocks < 1 or blocks % max_blocks:
+        raise RedrafterError(f"relocate_paged: {blocks} blocks are not a whole number of slots of {max_blocks} blocks")
+    layout = KvLayout.paged(layers, kv_heads, tokens_per_block, head_dim, max_blocks, block_stride=pool.stride(0),
+                            layer_stride=pool.stride(1), kv_stride=pool.stride(2))
+    return relocate_kv_strided(pool, slots, cache_lengths, accepted_indices, num_accepted, layout=layout,
+                               num_layers=layers, num_slots=blocks // max_blocks, kv_heads=kv_heads,
+                               max_seq=max_blocks * tokens_per_block, head_dim=head_dim)

@@ -1,5 +1,5 @@
 // CUDA in-place KV-cache relocation; layout and design in redrafter/kv_relocate.h. The row
-// checks (kvCheckRow) and the index math (kvOffset) are the CPU reference's.
+// checks (kvCheckRow) and the index math (kvElemOffset) are the CPU reference's.
 #include "device_utils.cuh"
 #include "redrafter/kv_relocate.h"
 
@@ -9,6 +9,7 @@ namespace {
 constexpr int kThreads = 256;
 
 // One thread per (row, layer, kv, head, vector of head_dim); loops k = 1..n ascending.
+// p.layout is resolved (the launcher fills the default); offsets are kvElemOffset's.
 template <class Vec>
 __global__ void __launch_bounds__(kThreads) kvRelocateKernel(KvRelocateParams p, int64_t vecsPerRow, int64_t units) {
     __shared__ int32_t q[kMaxBeamLength];
@@ -33,8 +34,9 @@ __global__ void __launch_bounds__(kThreads) kvRelocateKernel(KvRelocateParams p,
                 const int32_t head = rest % heads;
                 const int32_t lk = rest / heads;  // layer * 2 + kv
                 for (int32_t k = 1; k <= n; ++k) {
-                    const int64_t src = kvOffset(lk >> 1, lk & 1, slot, head, len + q[k], p.numSlots, p.numKvHeads, p.maxSeqLen, p.headDim);
-                    const int64_t dst = kvOffset(lk >> 1, lk & 1, slot, head, len + k, p.numSlots, p.numKvHeads, p.maxSeqLen, p.headDim);
+                    // every stride and the cache address are multiples of the vector (launcher)
+                    const int64_t src = kvElemOffset(p.layout, lk >> 1, lk & 1, slot, head, len + q[k]);
+                    const int64_t dst = kvElemOffset(p.layout, lk >> 1, lk & 1, slot, head, len + k);
                     if (src != dst) cache[dst / elemsPerVec + v] = cache[src / elemsPerVec + v];
                 }
             }
@@ -59,13 +61,20 @@ Status launch(const KvRelocateParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-Status invokeKvRelocate(const KvRelocateParams& p, CUstream_st* stream) {
-    RD_RETURN_IF_ERROR(p.checkParams());
-    if (p.batchSize == 0) return Status::success();
-    // Widest vector that divides a head row and the cache's alignment.
-    const uint64_t rowBytes = static_cast<uint64_t>(p.headDim * p.elemBytes);
-    const uint64_t align = reinterpret_cast<uintptr_t>(p.cache);
-    auto fits = [&](uint64_t w) { return rowBytes % w == 0 && align % w == 0 && w >= static_cast<uint64_t>(p.elemBytes); };
+Status invokeKvRelocate(const KvRelocateParams& params, CUstream_st* stream) {
+    RD_RETURN_IF_ERROR(params.checkParams());
+    if (params.batchSize == 0) return Status::success();
+    KvRelocateParams p = params;
+    p.layout = params.resolvedLayout();
+    // Widest vector that divides a head row, the cache's address and every stride (in bytes), so
+    // each element offset of a row start is a whole number of vectors.
+    const KvCacheLayout& l = p.layout;
+    const uint64_t eb = static_cast<uint64_t>(p.elemBytes);
+    const uint64_t align = reinterpret_cast<uintptr_t>(p.cache) | static_cast<uint64_t>(p.headDim) * eb |
+                           static_cast<uint64_t>(l.strideSlot) * eb | static_cast<uint64_t>(l.strideBlock) * eb |
+                           static_cast<uint64_t>(l.strideToken) * eb | static_cast<uint64_t>(l.strideLayer) * eb |
+                           static_cast<uint64_t>(l.strideKv) * eb | static_cast<uint64_t>(l.strideHead) * eb;
+    auto fits = [&](uint64_t w) { return align % w == 0 && w >= eb; };
     if (fits(16)) return launch<uint4>(p, stream);
     if (fits(8)) return launch<uint2>(p, stream);
     if (fits(4)) return launch<uint32_t>(p, stream);

@@ -57,6 +57,23 @@ int32_t redrafter_kv_relocate_cpu(void* cache, int64_t elem_bytes, int64_t num_l
     });
 }
 
+int32_t redrafter_kv_relocate_strided_cpu(void* cache, int64_t cache_elems, int64_t elem_bytes, int64_t num_layers,
+                                          int64_t num_slots, int64_t num_kv_heads, int64_t max_seq_len, int64_t head_dim,
+                                          int64_t tokens_per_block, int64_t stride_slot, int64_t stride_block,
+                                          int64_t stride_token, int64_t stride_layer, int64_t stride_kv,
+                                          int64_t stride_head, const int32_t* slots, const int32_t* cache_lengths,
+                                          const int32_t* accepted_indices, const int32_t* num_accepted, int64_t batch,
+                                          int64_t beam_len, int32_t* new_lengths, char* msg, int64_t msg_len) {
+    return guarded(msg, msg_len, [&] {
+        KvRelocateParams p;
+        RD_RETURN_IF_ERROR(kvRelocateStridedParams(cache, cache_elems, elem_bytes, num_layers, num_slots, num_kv_heads,
+                                                   max_seq_len, head_dim, tokens_per_block, stride_slot, stride_block,
+                                                   stride_token, stride_layer, stride_kv, stride_head, slots, cache_lengths,
+                                                   accepted_indices, num_accepted, batch, beam_len, new_lengths, &p));
+        return kvRelocateCpu(p);
+    });
+}
+
 int32_t redrafter_draw_tokens_cpu(const void* logits, int32_t dtype, int64_t rows, int64_t vocab,
                                   const float* temperature, const int32_t* top_k, const float* top_p,
                                   const float* uniforms, int32_t* tokens, char* msg, int64_t msg_len) {

@@ -105,5 +105,31 @@ inline KvRelocateParams kvRelocateParams(void* cache, int64_t elemBytes, int64_t
     return p;
 }
 
+// The strided entry points: every layout argument is explicit (tokens_per_block >= 1; 0 would
+// select the default layout in KvRelocateParams).
+inline Status kvRelocateStridedParams(void* cache, int64_t cacheElems, int64_t elemBytes, int64_t layers, int64_t numSlots,
+                                      int64_t heads, int64_t maxSeq, int64_t headDim, int64_t tokensPerBlock,
+                                      int64_t strideSlot, int64_t strideBlock, int64_t strideToken, int64_t strideLayer,
+                                      int64_t strideKv, int64_t strideHead, const int32_t* slots, const int32_t* lengths,
+                                      const int32_t* accepted, const int32_t* numAccepted, int64_t batch, int64_t beamLen,
+                                      int32_t* newLengths, KvRelocateParams* out) {
+    if (tokensPerBlock < 1 || tokensPerBlock > kInt32Max)
+        return Status::error(StatusCode::kInvalidArgument, "kv relocate: tokens_per_block must be in [1, 2^31), got %lld", (long long)tokensPerBlock);
+    if (cacheElems < 1)
+        return Status::error(StatusCode::kInvalidArgument, "kv relocate: cache_elems (elements addressable from the cache pointer) must be >= 1, got %lld", (long long)cacheElems);
+    KvRelocateParams p = kvRelocateParams(cache, elemBytes, layers, numSlots, heads, maxSeq, headDim, slots, lengths, accepted,
+                                          numAccepted, batch, beamLen, newLengths);
+    p.cacheElems = cacheElems;
+    p.layout.tokensPerBlock = tokensPerBlock;
+    p.layout.strideSlot = strideSlot;
+    p.layout.strideBlock = strideBlock;
+    p.layout.strideToken = strideToken;
+    p.layout.strideLayer = strideLayer;
+    p.layout.strideKv = strideKv;
+    p.layout.strideHead = strideHead;
+    *out = p;
+    return Status::success();
+}
+
 }  // namespace capi
 }  // namespace redrafter

@@ -26,6 +26,8 @@ Status kvRelocateCpu(const KvRelocateParams& p) {
         return Status::error(StatusCode::kInvalidData, "kv relocate: two rows use the same cache slot %d; every row needs its own slot",
                              *std::adjacent_find(used.begin(), used.end()));
 
+    // checkParams bounds every offset of the layout inside [0, cacheElems), so no write leaves the cache.
+    const KvCacheLayout layout = p.resolvedLayout();
     const size_t rowBytes = static_cast<size_t>(p.headDim * p.elemBytes);
     char* cache = static_cast<char*>(p.cache);
     for (int64_t b = 0; b < p.batchSize; ++b) {
@@ -35,8 +37,8 @@ Status kvRelocateCpu(const KvRelocateParams& p) {
             for (int64_t kv = 0; kv < 2; ++kv) {
                 for (int64_t h = 0; h < p.numKvHeads; ++h) {
                     for (int32_t k = 1; k <= n; ++k) {  // ascending: q_k >= k, so sources are intact
-                        const int64_t src = kvOffset(layer, kv, p.slots[b], h, len + q[k], p.numSlots, p.numKvHeads, p.maxSeqLen, p.headDim);
-                        const int64_t dst = kvOffset(layer, kv, p.slots[b], h, len + k, p.numSlots, p.numKvHeads, p.maxSeqLen, p.headDim);
+                        const int64_t src = kvElemOffset(layout, layer, kv, p.slots[b], h, len + q[k]);
+                        const int64_t dst = kvElemOffset(layout, layer, kv, p.slots[b], h, len + k);
                         if (src != dst) std::memmove(cache + dst * p.elemBytes, cache + src * p.elemBytes, rowBytes);
                     }
                 }

@@ -5,6 +5,7 @@
 // outputs in range (parents, tokens, packed indices, lengths).
 //
 // Usage: redrafter_fuzz [--iterations N] [--seed S]
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -204,6 +205,90 @@ void fuzzKvRelocate() {
     }
 }
 
+// Random blocked, strided layouts (redrafter/kv_relocate.h): TensorRT-LLM's paged pool, or the
+// dims (slot, block, token, layer, kv, head) in a random order with random gaps. The buffer holds
+// exactly cache_elems elements (ASan sees any access outside it); a valid call must equal the
+// contiguous entry point on the same logical cache and leave the gaps untouched.
+void fuzzKvRelocateStrided() {
+    const int64_t layers = pick(1, 3), slots = pick(1, 4), heads = pick(1, 3), maxSeq = pick(1, 30), headDim = pick(1, 6);
+    const int64_t elem = int64_t(1) << pick(0, 3), B = pick(0, slots), L = pick(1, 6);
+    int64_t tpb = pick(1, 9);
+    const int64_t nBlocks = (maxSeq - 1) / tpb + 1, inBlock = std::min(tpb, maxSeq);
+    int64_t st[6] = {0, 0, 0, 0, 0, 0};  // slot, block, token, layer, kv, head
+    const int64_t ext[6] = {slots, nBlocks, inBlock, layers, 2, heads};
+    int order[6] = {2, 5, 4, 3, 1, 0};  // paged pool: token, head, kv, layer, block, slot
+    const bool paged = coin();
+    if (!paged) std::shuffle(order, order + 6, rng);
+    int64_t extent = headDim;  // elements the dims placed so far reach
+    for (int i : order) {
+        if (paged && i == 0) st[i] = (nBlocks + pick(0, 1)) * st[1];                 // slot = max_blocks * block
+        else st[i] = !paged && ext[i] == 1 && coin(0.3) ? pick(0, 40) : extent + (paged ? 0 : pick(0, 2));
+        extent += (ext[i] - 1) * st[i];
+    }
+    // exact: 1 + the largest offset (a partial last block may not reach (nBlocks-1)*block + (inBlock-1)*token)
+    int64_t maxTok = 0;
+    for (int64_t t = 0; t < maxSeq; ++t) maxTok = std::max(maxTok, (t / tpb) * st[1] + (t % tpb) * st[2]);
+    extent = headDim + maxTok + (slots - 1) * st[0] + (layers - 1) * st[3] + st[4] + (heads - 1) * st[5];
+    int64_t cacheElems = (paged ? slots * st[0] : extent) + pick(0, 2);  // paged: the whole pool
+    bool bad = false;
+    const int64_t mode = pick(0, 11);
+    if (mode == 0) { st[pick(0, 5)] = -pick(1, 5); bad = true; }
+    if (mode == 1) { cacheElems = extent - 1; bad = true; }
+    if (mode == 2) { st[4] = inBlock > 1 && coin() ? st[2] : 0; bad = true; }  // K and V (or tokens) overlap
+    if (mode == 3) { tpb = coin() ? 0 : -1; bad = true; }
+    if (mode == 4) { st[0] = int64_t(1) << 61; bad = slots > 1; cacheElems = extent; }
+
+    // the logical cache, contiguous [layers, 2, slots, heads, maxSeq, headDim], and its strided copy
+    const size_t eb = static_cast<size_t>(elem);
+    std::vector<uint8_t> ref(static_cast<size_t>(layers * 2 * slots * heads * maxSeq * headDim) * eb);
+    for (auto& c : ref) c = static_cast<uint8_t>(rng());
+    std::vector<uint8_t> buf(static_cast<size_t>(std::max<int64_t>(cacheElems, 1)) * eb);
+    for (auto& c : buf) c = static_cast<uint8_t>(rng());
+    auto contiguous = [&](int64_t ly, int64_t kv, int64_t s, int64_t h, int64_t t) {
+        return ((((ly * 2 + kv) * slots + s) * heads + h) * maxSeq + t) * headDim;
+    };
+    auto strided = [&](int64_t ly, int64_t kv, int64_t s, int64_t h, int64_t t) {
+        return s * st[0] + (t / tpb) * st[1] + (t % tpb) * st[2] + ly * st[3] + kv * st[4] + h * st[5];
+    };
+    auto forEachRow = [&](auto&& fn) {
+        for (int64_t ly = 0; ly < layers; ++ly)
+            for (int64_t kv = 0; kv < 2; ++kv)
+                for (int64_t s = 0; s < slots; ++s)
+                    for (int64_t h = 0; h < heads; ++h)
+                        for (int64_t t = 0; t < maxSeq; ++t) fn(contiguous(ly, kv, s, h, t), strided(ly, kv, s, h, t));
+    };
+    if (!bad) forEachRow([&](int64_t c, int64_t o) { std::memcpy(&buf[o * eb], &ref[c * eb], headDim * eb); });
+    std::vector<uint8_t> before = buf;
+
+    const size_t rows = static_cast<size_t>(B) + 1;
+    std::vector<int32_t> sl(rows), lens(rows), n(rows), q(static_cast<size_t>(B * L) + 1), out(rows), outRef(rows);
+    for (size_t b = 0; b < rows; ++b) {
+        sl[b] = static_cast<int32_t>(coin(0.95) ? b : pick(-1, slots));
+        lens[b] = static_cast<int32_t>(pick(coin(0.05) ? -3 : 0, maxSeq));
+        n[b] = static_cast<int32_t>(pick(coin(0.05) ? -1 : 0, L - (coin(0.95) ? 1 : 0)));
+    }
+    for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int32_t>(coin(0.95) ? (i % L) * pick(1, 2) : pick(-2, 40));
+    const int32_t got = redrafter_kv_relocate_strided_cpu(buf.data(), cacheElems, elem, layers, slots, heads, maxSeq, headDim,
+                                                          tpb, st[0], st[1], st[2], st[3], st[4], st[5], sl.data(), lens.data(),
+                                                          q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
+    if (statusCheck(got, bad, "kv relocate strided") != 0 || bad) {
+        EXPECT(buf == before, "kv relocate strided: a rejected call changed the cache");
+        if (!bad) {  // only row data can be wrong: the contiguous entry must reject it too
+            const int32_t want = redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
+                                                           lens.data(), q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
+            EXPECT(want == got, "kv relocate strided: status %d, contiguous entry %d (%s)", got, want, gMsg);
+        }
+        return;
+    }
+    const int32_t want = redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
+                                                   lens.data(), q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
+    EXPECT(want == 0, "kv relocate strided accepted what the contiguous entry rejects: %s", gMsg);
+    if (want != 0) return;
+    forEachRow([&](int64_t c, int64_t o) { std::memcpy(&before[o * eb], &ref[c * eb], headDim * eb); });
+    EXPECT(buf == before, "kv relocate strided: cache differs from the contiguous entry's (tpb=%lld paged=%d)", (long long)tpb, (int)paged);
+    for (int64_t b = 0; b < B; ++b) EXPECT(out[b] == outRef[b], "kv relocate strided: new length %d, want %d", out[b], outRef[b]);
+}
+
 void fuzzDraw() {
     const int64_t rows = pick(0, 4), V = pick(1, 60);
     const int32_t dtype = static_cast<int32_t>(pick(0, 2));
@@ -238,7 +323,10 @@ int main(int argc, char** argv) {
             case 0: fuzzBeamSearch(); break;
             case 1: fuzzTreePack(); break;
             case 2: fuzzAccept(); break;
-            case 3: fuzzKvRelocate(); break;
+            case 3:
+                fuzzKvRelocate();
+                fuzzKvRelocateStrided();
+                break;
             default: fuzzDraw(); break;
         }
     }

@@ -8,10 +8,12 @@ Per call: the contract's tensors are bound by name (:mod:`redrafter_trt.contract
 plumbing is derived from them (paged KV pool, each slot owning ``max_blocks`` contiguous blocks,
 one pool ``[num_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``), the engine runs
 through ``tensorrt_llm.runtime.Session``, then the accepted KV entries are relocated (SPEC
-section 7) from the engine's ``accepted_packed_indices`` output: vectorised over rows and
-layers with torch indexing on the GPU (no loop over rows). The cpp/ kernel ``invokeKvRelocate``
-expects the layout ``[layers, 2, slots, heads, seq, head_dim]``, which is not TensorRT-LLM's pool
-layout; see docs/gpu.md for the strided kernel entry this path is waiting for.
+section 7) from the engine's ``accepted_packed_indices`` output, in place in the pool: by the
+cpp/ kernel ``invokeKvRelocate`` with the paged pool's strided layout
+(:func:`redrafter_trt.native.relocate_paged`, ``libredrafter_cuda.so``) when that library is
+built, else by :func:`relocate_paged` (torch indexed copies vectorised over rows and layers, no
+loop over rows). ``TrtllmBackend.relocate_impl`` says which one ran ("kernel" or "torch");
+``$REDRAFTER_KV_RELOCATE`` = ``kernel`` / ``torch`` forces one (default ``auto``).
 
 Not run on hardware yet (see :mod:`redrafter_trt.trtllm`). Tensor parallelism: engines with
 tp_size > 1 build, but this backend runs tp_size 1 only (multi-rank execution needs MPI ranks).
@@ -19,6 +21,7 @@ tp_size > 1 build, but this backend runs tp_size 1 only (multi-rank execution ne
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import contract as C
+from .. import native
 from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 from . import ACCEPTED_INDICES, require_trtllm
@@ -77,6 +81,50 @@ def relocate_paged(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch
     view[first + dst // tpb, :, :, :, dst % tpb] = moved
 
 
+KV_RELOCATE_ENV = "REDRAFTER_KV_RELOCATE"
+RELOCATE_KERNEL, RELOCATE_TORCH = "kernel", "torch"
+
+
+def choose_relocation(device: torch.device) -> tuple[str, str]:
+    """Which relocation the pool on ``device`` gets, and why: the cpp/ kernel when the CUDA
+    library loads (``$REDRAFTER_KV_RELOCATE`` = auto, the default), else :func:`relocate_paged`."""
+    mode = os.environ.get(KV_RELOCATE_ENV, "auto").strip().lower() or "auto"
+    require(mode in ("auto", RELOCATE_KERNEL, RELOCATE_TORCH),
+            f"${KV_RELOCATE_ENV} must be auto, kernel or torch, got {mode!r}")
+    if mode == RELOCATE_TORCH:
+        return RELOCATE_TORCH, f"${KV_RELOCATE_ENV}=torch"
+    if device.type != "cuda":
+        why = f"the pool is on {device}, the kernel needs a CUDA device"
+    else:
+        try:
+            native.load_cuda_library()
+            return RELOCATE_KERNEL, f"cpp/ kernel from {native.cuda_library_path()}"
+        except RedrafterError as e:
+            why = str(e)
+    require(mode != RELOCATE_KERNEL, f"${KV_RELOCATE_ENV}=kernel but the kernel cannot run: {why}")
+    return RELOCATE_TORCH, f"torch fallback: {why}"
+
+
+def relocate_pool(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.Tensor,
+                  accepted_indices: torch.Tensor, num_accepted: torch.Tensor, *, max_blocks: int, kv_heads: int,
+                  tokens_per_block: int, head_dim: int, impl: str) -> None:
+    """SPEC section 7 on the paged pool with ``impl``: RELOCATE_KERNEL runs the cpp/ operator in
+    the strided paged layout (the CUDA kernel on a CUDA pool, its CPU reference on a CPU pool) and
+    checks its new lengths; RELOCATE_TORCH runs :func:`relocate_paged`."""
+    kw = dict(max_blocks=max_blocks, kv_heads=kv_heads, tokens_per_block=tokens_per_block, head_dim=head_dim)
+    if impl == RELOCATE_TORCH:
+        relocate_paged(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
+        return
+    require(impl == RELOCATE_KERNEL, f"unknown relocation {impl!r}")
+    new_len = native.relocate_paged(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
+    # The kernel skips rows with invalid data and reports them as -1 (one sync; the step syncs anyway).
+    want = cache_lengths.to(new_len.device, torch.int32) + num_accepted.to(new_len.device, torch.int32) + 1
+    bad = (new_len != want).nonzero().flatten().tolist()
+    if bad:
+        raise RedrafterError(f"KV relocation kernel rejected rows {bad} (slot, cache length or accepted path out of "
+                             f"range for {max_blocks * tokens_per_block} positions per slot); their cache is unchanged")
+
+
 class TrtllmBackend:
     """Runs ReDrafter steps with a TensorRT-LLM engine directory built by ``redrafter-build``."""
 
@@ -114,6 +162,10 @@ class TrtllmBackend:
         self.slots = 0
         self.max_blocks = 0
         self.timings: dict[str, float] = defaultdict(float)
+        # KV relocation: chosen on the first generation call (the CUDA library loads lazily)
+        self.relocate_impl: str | None = None       # RELOCATE_KERNEL or RELOCATE_TORCH
+        self.relocate_reason = ""
+        self.relocate_calls: dict[str, int] = defaultdict(int)
 
     @property
     def vocab_size(self) -> int:
@@ -204,9 +256,12 @@ class TrtllmBackend:
 
         n_acc = outputs[C.NUM_ACCEPTED_TOKENS]
         if not is_ctx:
-            relocate_paged(self.pool, x[C.SLOT_IDS], cache_len, outputs[ACCEPTED_INDICES], n_acc,
-                           max_blocks=self.max_blocks, kv_heads=self.kv_heads,
-                           tokens_per_block=self.tokens_per_block, head_dim=self.head_dim)
+            if self.relocate_impl is None:
+                self.relocate_impl, self.relocate_reason = choose_relocation(self.pool.device)
+            relocate_pool(self.pool, x[C.SLOT_IDS], cache_len, outputs[ACCEPTED_INDICES], n_acc,
+                          max_blocks=self.max_blocks, kv_heads=self.kv_heads,
+                          tokens_per_block=self.tokens_per_block, head_dim=self.head_dim, impl=self.relocate_impl)
+            self.relocate_calls[self.relocate_impl] += 1
         t0 = self._tick("relocate", t0)
         if int(inputs[C.NUM_DRAFT_STEPS]) == 0:  # plain decoding: the next tree is the root alone
             from ..backends.torch_backend import root_only_tree

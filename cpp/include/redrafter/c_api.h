@@ -40,6 +40,22 @@ int32_t redrafter_kv_relocate_cpu(void* cache, int64_t elem_bytes, int64_t num_l
                                   const int32_t* num_accepted, int64_t batch, int64_t beam_len, int32_t* new_lengths,
                                   char* msg, int64_t msg_len);
 
+/* KV relocation in a blocked, strided cache layout (redrafter/kv_relocate.h): element
+ * (layer, kv, slot, head, t, e) lives cache_elems-bounded at element offset
+ *   slot*stride_slot + (t / tokens_per_block)*stride_block + (t % tokens_per_block)*stride_token
+ *   + layer*stride_layer + kv*stride_kv + head*stride_head + e
+ * from cache (strides in elements, >= 0; tokens_per_block >= 1; the dims must not overlap and
+ * the largest offset must be < cache_elems, the elements the caller allocated from cache).
+ * The contiguous layout of redrafter_kv_relocate_cpu and TensorRT-LLM's paged pool are both
+ * of this form (see the header). */
+int32_t redrafter_kv_relocate_strided_cpu(void* cache, int64_t cache_elems, int64_t elem_bytes, int64_t num_layers,
+                                          int64_t num_slots, int64_t num_kv_heads, int64_t max_seq_len, int64_t head_dim,
+                                          int64_t tokens_per_block, int64_t stride_slot, int64_t stride_block,
+                                          int64_t stride_token, int64_t stride_layer, int64_t stride_kv,
+                                          int64_t stride_head, const int32_t* slots, const int32_t* cache_lengths,
+                                          const int32_t* accepted_indices, const int32_t* num_accepted, int64_t batch,
+                                          int64_t beam_len, int32_t* new_lengths, char* msg, int64_t msg_len);
+
 /* One token per row of logits [rows, vocab] by the rules of redrafter/sampling.h. */
 int32_t redrafter_draw_tokens_cpu(const void* logits, int32_t dtype, int64_t rows, int64_t vocab,
                                   const float* temperature, const int32_t* top_k, const float* top_p,
@@ -71,6 +87,16 @@ int32_t redrafter_kv_relocate_cuda(void* cache, int64_t elem_bytes, int64_t num_
                                    const int32_t* cache_lengths, const int32_t* accepted_indices,
                                    const int32_t* num_accepted, int64_t batch, int64_t beam_len, int32_t* new_lengths,
                                    void* stream, char* msg, int64_t msg_len);
+
+/* redrafter_kv_relocate_strided_cpu's arguments on device pointers and a stream. */
+int32_t redrafter_kv_relocate_strided_cuda(void* cache, int64_t cache_elems, int64_t elem_bytes, int64_t num_layers,
+                                           int64_t num_slots, int64_t num_kv_heads, int64_t max_seq_len,
+                                           int64_t head_dim, int64_t tokens_per_block, int64_t stride_slot,
+                                           int64_t stride_block, int64_t stride_token, int64_t stride_layer,
+                                           int64_t stride_kv, int64_t stride_head, const int32_t* slots,
+                                           const int32_t* cache_lengths, const int32_t* accepted_indices,
+                                           const int32_t* num_accepted, int64_t batch, int64_t beam_len,
+                                           int32_t* new_lengths, void* stream, char* msg, int64_t msg_len);
 
 #ifdef __cplusplus
 }
