@@ -3,9 +3,13 @@
 // prints the achieved bandwidth against the bytes the call must move (from the headers).
 //
 // Exit status: 0 all equal, 1 a mismatch or a CUDA error, 77 no CUDA GPU (nothing was run).
-// Usage: redrafter_gpu_check [--quick] [--iters N]
+// Usage: redrafter_gpu_check [--quick] [--iters N] [--only KERNEL] [--seed S]
 // Built with REDRAFTER_EMULATE (redrafter_emu_check) it runs the same comparisons on the CPU
-// emulator with small shapes; its timings mean nothing.
+// emulator with small shapes; its timings mean nothing. Accept compares every node's draw (not
+// only the walk's) with drawTokenCpu, and in the emulator also asserts the kernel's global
+// logits loads per node (AcceptEmuStats, accept.h) and that every draw path was taken.
+// Accept's "must move" is acceptBytesMoved: each packed node's logits once; the one-tile
+// re-read of pure-temperature nodes and the row re-reads of fallback nodes are not in it.
 #if defined(REDRAFTER_EMULATE)
 #include "cuda_emu.h"  // CPU emulation (cpp/tests/emu): the same kernels, small shapes
 #else
@@ -17,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -25,6 +30,7 @@
 #include "redrafter/accept.h"
 #include "redrafter/beam_search.h"
 #include "redrafter/kv_relocate.h"
+#include "redrafter/sampling.h"
 #include "redrafter/tree_pack.h"
 
 using namespace redrafter;
@@ -251,7 +257,16 @@ void checkTreePack(std::mt19937_64& rng, int64_t W, int64_t L) {
 
 // ---- accept ---------------------------------------------------------------------------------
 
-void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sampling) {
+#if defined(REDRAFTER_EMULATE)
+// Draw paths of the accept kernel seen per logits dtype (bit = path, see AcceptEmuStats).
+unsigned gAcceptPaths[3] = {0, 0, 0};
+#endif
+
+// variant 0: the standard mix (greedy, or four sampling rows). Variants 1 and 2 aim at the
+// sampling paths of the kernel (accept.h): 1 = single-pass top-k, nucleus in the buffer, pure
+// temperature, and a nucleus too large for the buffer; 2 = boundary ties beyond the buffer,
+// k beyond the buffer, and ties at the top-p cut with and without top-k.
+void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sampling, int variant = 0) {
     const int64_t B = 4, L = 5, N = W * L, words = maskWords(N);
     std::uniform_int_distribution<int> tokDist(0, static_cast<int>(std::min<int64_t>(V, 50)) - 1);
     std::vector<int32_t> beams(B * W * L);
@@ -282,20 +297,28 @@ void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sa
             x[(b * N + node) * V + beams[(b * W + 0) * L + d + 1]] += 8.0f;
         }
         x[(b * N + 0) * V + 3] = x[(b * N + 0) * V + 4];  // a tie
-        if (b == 3) {  // coarse logits: many exact ties at the top-k and top-p cuts
+        const bool coarse = variant == 0 ? b == 3 : (variant == 2 && b >= 2);
+        if (coarse) {  // coarse logits: many exact ties at the top-k and top-p cuts
             for (int64_t i = b * N * V; i < (b + 1) * N * V; ++i) x[i] = std::round(x[i] * 2.0f) * 0.5f;
+        }
+        if (variant == 1 && b == 3) {  // nearly flat: the top-p nucleus holds most of the row
+            for (int64_t i = b * N * V; i < (b + 1) * N * V; ++i) x[i] = 0.01f * x[i];
+        }
+        if (variant == 2 && b == 0) {  // all tied but three: the top-k boundary ties fill the row
+            for (int64_t i = b * N * V; i < (b + 1) * N * V; ++i) x[i] = (i % 997 == 5) ? 1.0f : 0.0f;
         }
     }
     std::vector<float> temperature(B), topP(B), uniforms(B * L);
     std::vector<int32_t> topK(B);
     std::uniform_real_distribution<float> ud(0.0f, 1.0f);
     // Rows: plain sampling; top-k + top-p; top-p alone; top-k alone on tied logits.
-    const float temps[4] = {1.0f, 0.8f, 1.3f, 0.7f}, ps[4] = {1.0f, 0.9f, 0.5f, 1.0f};
-    const int32_t ks[4] = {0, 50, 0, 5};
+    const float temps[3][4] = {{1.0f, 0.8f, 1.3f, 0.7f}, {0.9f, 0.6f, 1.0f, 1.0f}, {1.0f, 1.0f, 1.0f, 0.8f}};
+    const float ps[3][4] = {{1.0f, 0.9f, 0.5f, 1.0f}, {0.8f, 0.7f, 1.0f, 0.95f}, {1.0f, 0.9f, 0.6f, 0.5f}};
+    const int32_t ks[3][4] = {{0, 50, 0, 5}, {40, 0, 0, 0}, {5, 3500, 0, 300}};
     for (int64_t b = 0; b < B; ++b) {
-        temperature[b] = sampling ? temps[b % 4] : 0.0f;
-        topK[b] = sampling ? ks[b % 4] : 0;
-        topP[b] = sampling ? ps[b % 4] : 1.0f;
+        temperature[b] = sampling ? temps[variant][b % 4] : 0.0f;
+        topK[b] = sampling ? ks[variant][b % 4] : 0;
+        topP[b] = sampling ? ps[variant][b % 4] : 1.0f;
     }
     for (auto& u : uniforms) u = std::floor(ud(rng) * 16777216.0f) / 16777216.0f;
     const auto hostX = hostLogits(x, t);
@@ -341,26 +364,99 @@ void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sa
     g.emitted = dem.as<int32_t>();
     g.workspace = ws.p;
     g.workspaceBytes = ws.bytes;
+#if defined(REDRAFTER_EMULATE)
+    acceptEmuStats().reset();
+#endif
     checkStatus(invokeAccept(g, nullptr), "invokeAccept");
     CHECK_CUDA(cudaDeviceSynchronize());
     const bool same = download<int32_t>(dna, B) == na && download<int32_t>(dbest, B) == best &&
                       download<int32_t>(dbonus, B) == bonus && download<int32_t>(dpath, B * L) == path &&
                       download<int32_t>(dem, B * L) == emitted;
+    // Every node's draw (the workspace holds them), not only those the walk visits, against
+    // drawTokenCpu with the uniform of the node's depth.
+    const auto draws = download<int32_t>(ws, B * N);
+    int drawDiffs = 0;
+    std::vector<float> rowF(static_cast<size_t>(V));
+    SamplingScratch scratch;
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t node = 0; node < N; ++node) {
+            int64_t depth = node == 0 ? 0 : L;
+            for (int64_t i = 0; i < W * L; ++i)
+                if (unp[b * W * L + i] == node) depth = std::min<int64_t>(depth, i % L);
+            const bool drawn = node < len[b] && depth < L;
+            int32_t want = -1;
+            if (drawn) {
+                logitsToFloat(hostX.data(), t, (b * N + node) * V, V, rowF.data());
+                want = drawTokenCpu(rowF.data(), V, temperature[b], topK[b], topP[b], uniforms[b * L + depth], scratch);
+            }
+            if (draws[b * N + node] != want) {
+                if (drawDiffs++ < 4)
+                    std::printf("  accept: row %lld node %lld (depth %lld): kernel drew %d, reference %d\n", (long long)b,
+                                (long long)node, (long long)depth, draws[b * N + node], want);
+            }
+        }
+    }
     // Sampling draws use float32 probabilities on the GPU and float64 on the CPU: only a uniform
     // within ~1e-6 of a CDF step could pick a different token, so any difference is reported.
-    const bool ok = same;
+    bool ok = same && drawDiffs == 0;
+#if defined(REDRAFTER_EMULATE)
+    // Global logits loads per node: greedy and single-pass rows read their row exactly once,
+    // pure-temperature rows once plus at most one tile; the multi-pass fallback may read more.
+    {
+        const AcceptEmuStats& st = acceptEmuStats();
+        const int64_t tileElems = 256 * static_cast<int64_t>(16 / dataTypeSize(t));
+        int loadErrors = 0;
+        int pathCount[5] = {0, 0, 0, 0, 0};
+        for (int64_t j = 0; j < B * N; ++j) {
+            const int32_t pth = j < static_cast<int64_t>(st.path.size()) ? st.path[j] : -1;
+            const int64_t loads = j < static_cast<int64_t>(st.loads.size()) ? st.loads[j] : 0;
+            bool good = true;
+            if (pth < 0) good = loads == 0 && draws[j] < 0;
+            else if (pth <= 2) good = loads == V;
+            else if (pth == 3) good = loads > V && loads <= V + tileElems;
+            else good = loads >= V;
+            if (pth >= 0 && pth < 5) {
+                ++pathCount[pth];
+                gAcceptPaths[static_cast<int>(t)] |= 1u << pth;
+            }
+            if (!good && loadErrors++ < 4)
+                std::printf("  accept: job %lld path %d loaded %lld logits (V = %lld)\n", (long long)j, pth, (long long)loads, (long long)V);
+        }
+        if (loadErrors) ok = false;
+        std::printf("  accept paths (greedy/top-k/nucleus/tile/fallback): %d/%d/%d/%d/%d nodes, loads checked\n", pathCount[0],
+                    pathCount[1], pathCount[2], pathCount[3], pathCount[4]);
+    }
+#endif
     const double us = timeUs([&] { invokeAccept(g, nullptr); });
     char cfg[128];
-    std::snprintf(cfg, sizeof(cfg), "%s %s B=%lld W=%lld L=%lld V=%lld", sampling ? "sample" : "greedy", dataTypeName(t),
-                  (long long)B, (long long)W, (long long)L, (long long)V);
+    std::snprintf(cfg, sizeof(cfg), "%s%s %s B=%lld W=%lld L=%lld V=%lld", sampling ? "sample" : "greedy",
+                  variant ? (variant == 1 ? "/paths" : "/ties") : "", dataTypeName(t), (long long)B, (long long)W,
+                  (long long)L, (long long)V);
     report("accept", cfg, ok, 0, us, acceptBytesMoved(totalPacked, B, W, L, N, V, t));
 }
 
 // ---- kv relocate ----------------------------------------------------------------------------
 
-void checkKvRelocate(std::mt19937_64& rng, int64_t elemBytes, int64_t W) {
-    const int64_t layers = 8, slots = 8, heads = 8, maxSeq = 512, headDim = 128, B = 8, L = 5;
-    const int64_t bytes = layers * 2 * slots * heads * maxSeq * headDim * elemBytes;
+// tokensPerBlock == 0: the contiguous layout [layers, 2, slots, heads, maxSeq, headDim];
+// otherwise TensorRT-LLM's paged pool (kvPagedLayout) with ceil(maxSeq / tokensPerBlock) blocks per
+// slot, each block followed by blockPad unused elements (a pool view with wider blocks: the vector
+// width must follow the strides' alignment, not only the head row's).
+struct KvShape {
+    int64_t layers, slots, heads, maxSeq, headDim, tokensPerBlock, blockPad;
+};
+
+void checkKvRelocate(std::mt19937_64& rng, int64_t elemBytes, int64_t W, const KvShape& s) {
+    const int64_t layers = s.layers, slots = s.slots, heads = s.heads, maxSeq = s.maxSeq, headDim = s.headDim, B = 8, L = 5;
+    KvCacheLayout layout;  // default: contiguous
+    int64_t elems = layers * 2 * slots * heads * maxSeq * headDim;
+    if (s.tokensPerBlock > 0) {
+        const int64_t maxBlocks = (maxSeq + s.tokensPerBlock - 1) / s.tokensPerBlock;
+        layout = kvPagedLayout(layers, heads, s.tokensPerBlock, headDim, maxBlocks);
+        layout.strideBlock += s.blockPad;
+        layout.strideSlot = maxBlocks * layout.strideBlock;
+        elems = slots * layout.strideSlot;
+    }
+    const int64_t bytes = elems * elemBytes;
     std::vector<uint8_t> cache(static_cast<size_t>(bytes));
     for (auto& c : cache) c = static_cast<uint8_t>(rng());
     std::vector<int32_t> slot(B), lens(B), q(B * L), n(B);
@@ -387,6 +483,8 @@ void checkKvRelocate(std::mt19937_64& rng, int64_t elemBytes, int64_t W) {
     p.numKvHeads = heads;
     p.maxSeqLen = maxSeq;
     p.headDim = headDim;
+    p.layout = layout;
+    p.cacheElems = s.tokensPerBlock > 0 ? elems : 0;
     p.slots = slot.data();
     p.cacheLengths = lens.data();
     p.acceptedIndices = q.data();
@@ -407,8 +505,13 @@ void checkKvRelocate(std::mt19937_64& rng, int64_t elemBytes, int64_t W) {
     const bool ok = download<uint8_t>(dc, cache.size()) == cache && download<int32_t>(dout, B) == out;
     const double us = timeUs([&] { invokeKvRelocate(g, nullptr); });
     char cfg[128];
-    std::snprintf(cfg, sizeof(cfg), "elem=%lldB B=%lld layers=%lld heads=%lld head_dim=%lld", (long long)elemBytes,
-                  (long long)B, (long long)layers, (long long)heads, (long long)headDim);
+    if (s.tokensPerBlock > 0)
+        std::snprintf(cfg, sizeof(cfg), "paged tpb=%lld%s elem=%lldB layers=%lld heads=%lld hd=%lld",
+                      (long long)s.tokensPerBlock, s.blockPad ? "+pad" : "", (long long)elemBytes, (long long)layers,
+                      (long long)heads, (long long)headDim);
+    else
+        std::snprintf(cfg, sizeof(cfg), "elem=%lldB B=%lld layers=%lld heads=%lld head_dim=%lld", (long long)elemBytes,
+                      (long long)B, (long long)layers, (long long)heads, (long long)headDim);
     report("kv_relocate", cfg, ok, 0, us, kvRelocateBytesMoved(moved, layers, heads, headDim, elemBytes, B, L));
 }
 
@@ -417,10 +520,12 @@ void checkKvRelocate(std::mt19937_64& rng, int64_t elemBytes, int64_t W) {
 int main(int argc, char** argv) {
     bool quick = false;
     std::string only;
+    unsigned long long seed = 1234;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--quick")) quick = true;
         if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) gIters = std::max(1, std::atoi(argv[++i]));
         if (!std::strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
     }
     std::setvbuf(stdout, nullptr, _IOLBF, 0);
     auto want = [&](const char* op) { return only.empty() || only == op; };
@@ -436,7 +541,7 @@ int main(int argc, char** argv) {
     std::printf("device 0: %s, sm_%d%d, %d SMs, %.1f GB\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
                 prop.totalGlobalMem / 1e9);
     std::printf("%-12s %-44s %-4s %11s %13s %13s\n", "kernel", "config", "", "time", "must move", "achieved");
-    std::mt19937_64 rng(1234);
+    std::mt19937_64 rng(seed);
     const DataType types[] = {DataType::kFloat32, DataType::kFloat16, DataType::kBFloat16};
 #if defined(REDRAFTER_EMULATE)
     // The emulator runs every thread as a fiber: small shapes, and V = 4500 spans two chunks.
@@ -462,14 +567,38 @@ int main(int argc, char** argv) {
             }
         }
     }
+    if (want("accept")) {
+        // The kernel's sampling paths, V not a multiple of the tile and V > the candidate buffer.
+        for (DataType t : types) {
+            for (int64_t V : {1000, 4500, 9000}) {
+                checkAccept(rng, t, 2, V, true, 1);
+                checkAccept(rng, t, 2, V, true, 2);
+            }
+        }
+#if defined(REDRAFTER_EMULATE)
+        for (DataType t : types) {
+            char cfg[128];
+            std::snprintf(cfg, sizeof(cfg), "%s: every draw path exercised (mask 0x%x)", dataTypeName(t), gAcceptPaths[static_cast<int>(t)]);
+            report("accept", cfg, gAcceptPaths[static_cast<int>(t)] == 0x1Fu, 0, 0.0, 0);
+        }
+#endif
+    }
     for (int64_t W : beams) {
         if (!want("tree_pack")) break;
         checkTreePack(rng, W, 5);
         checkTreePack(rng, W, 64);
     }
+#if defined(REDRAFTER_EMULATE)  // paged: small dims; tpb 5 makes moves cross blocks and leaves a partial last block
+    const KvShape kvPaged[] = {{2, 8, 2, 512, 64, 16, 0}, {2, 8, 3, 512, 36, 5, 0}, {1, 8, 2, 512, 64, 16, 3}};
+#else
+    const KvShape kvPaged[] = {{8, 8, 8, 512, 128, 64, 0}, {4, 8, 4, 512, 72, 5, 0}, {4, 8, 4, 512, 128, 16, 3}};
+#endif
     for (int64_t elem : {2, 4}) {
         if (!want("kv_relocate")) break;
-        for (int64_t W : beams) checkKvRelocate(rng, elem, W);
+        for (int64_t W : beams) {
+            checkKvRelocate(rng, elem, W, KvShape{8, 8, 8, 512, 128, 0, 0});
+            for (const KvShape& s : kvPaged) checkKvRelocate(rng, elem, W, s);
+        }
     }
     std::printf("%d passed, %d failed\n", gPasses, gFailures);
     return gFailures ? 1 : 0;

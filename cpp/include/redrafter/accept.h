@@ -19,18 +19,51 @@
 //
 // Kernel design (cpp/kernels/accept.cu): a node's draw depends only on its logits and on the
 // uniform of its depth, so
-//   1. draw: grid (N, B), one block per packed node: finds the node's depth from the unpacker,
-//      reads the node's logits and writes its draw to the workspace. Greedy rows: one pass,
-//      max and argmax together. Sampling rows: the first pass reads the node's row from DRAM;
-//      the top-k threshold (radix select: 2 passes for bfloat16, 3 for float16, 4 for float32), the sum,
-//      the top-p cut (radix select on mass) and the inverse-CDF scan re-read the same row
-//      (<= 1 MB, normally from L2). Probabilities are float32 per element, summed in float64.
+//   1. draw: grid (N, B), one block (256 threads) per packed node: finds the node's depth from
+//      the unpacker, reads the node's logits and writes its draw to the workspace. The row is
+//      read in tiles of 256 * kE ids (kE = 16 / sizeof(T): 4 for float32, 8 for 16-bit types).
+//      Weights are float32 per element, exp((x - max) / T), summed in float64.
+//      Greedy rows: one pass, max and argmax together.
+//      Sampling rows: one streaming pass that also finds max/argmax and
+//        - (top-k on, or top-p on) keeps an on-chip candidate buffer (4096 entries of ordered
+//          key + id, 32 KB of static shared memory) of every token with key >= a rising
+//          admission threshold: when fewer than a tile's worth of slots are free, the block
+//          radix-selects on the buffer (not on the row), keeps the top k (top-k on; boundary
+//          ties kept) or the top (4096 - tile) / 2 (top-k off; if the ties at that key do not
+//          fit, the threshold rises past them) and compacts;
+//        - (top-k off, top-p on) accumulates the row's mass with an online max, rescaled in
+//          float64 when the running max rises;
+//        - (top-k and top-p off) stores one float64 mass per tile, relative to the running max.
+//      After the pass, on-chip:
+//        top-k on, k <= (4096 - tile) / 2 (1536 for float32, 1024 for 16-bit types): the k-th
+//          key, the mass, the top-p cut (radix descent on mass; ties at the cut by lowest id
+//          via a radix select on ids) and the inverse CDF in id order (radix descent on ids),
+//          all over the buffer;
+//        top-k off, top-p on: the same when the buffer's mass reaches p * S (the nucleus is a
+//          prefix of the descending order, so it then lies in the buffer);
+//        pure temperature: the tile whose cumulative mass crosses u * S, then that one tile is
+//          RE-READ (<= 256 * kE logits = 4 KB, normally from L2) to find the token.
+//      Anything the buffer cannot hold exactly (more boundary ties than slots, a larger k, a
+//      nucleus beyond the buffer), rows with a non-finite max or 1/T, and pure-temperature rows
+//      of more than 512 tiles take the multi-pass fallback: the row is re-read (normally from L2) for
+//      the top-k radix select (2 passes for bfloat16, 3 for float16, 4 for float32), the sum,
+//      the top-p radix descent and the inverse-CDF scans. Results are the same on every path
+//      except where float summation order moves u * S (p * S) across a CDF (top-p) step by an
+//      ulp. Shared memory: ~43.7 KB static per block, so 2 blocks fit per SM on sm_86/89.
 //   2. walk: grid (ceil(B/128)), one thread per row runs acceptWalkRow over the draws.
 // Bytes per call it must move (DRAM): sum_b P_b * V * sizeof(T) logits (each packed node once;
 //   B*N*V*sizeof(T) when packedLen is null) + 4*B*(2*W*L + 4 + 2*L) + 8*B*N workspace.
+//   On top of that, not counted: pure-temperature nodes re-read one tile (<= 4 KB), and
+//   fallback nodes re-read their row (L2 traffic as long as the row stays resident).
+// The emulator build (REDRAFTER_EMULATE) counts every global logits load per node
+// (AcceptEmuStats) and redrafter_emu_check asserts the counts above.
 #pragma once
 
 #include "redrafter/common.h"
+
+#if defined(REDRAFTER_EMULATE)
+#include <vector>
+#endif
 
 namespace redrafter {
 
@@ -139,6 +172,34 @@ inline size_t acceptWorkspaceBytes(int64_t batch, int64_t numNodes) {
 inline int64_t acceptBytesMoved(int64_t totalPacked, int64_t B, int64_t W, int64_t L, int64_t N, int64_t V, DataType t) {
     return totalPacked * V * static_cast<int64_t>(dataTypeSize(t)) + 4 * B * (2 * W * L + 4 + 2 * L) + 8 * B * N;
 }
+
+#if defined(REDRAFTER_EMULATE)
+// Emulator-only instrumentation (cpp/tests/emu; nothing of it exists in a GPU build): for each
+// job b * N + node of the last draw kernel, the logits elements it loaded from global memory
+// and the path that computed its draw (-1: not drawn; 0 greedy, 1 single-pass top-k, 2
+// single-pass nucleus, 3 single pass + one tile re-read, 4 multi-pass fallback).
+struct AcceptEmuStats {
+    std::vector<int64_t> loads;
+    std::vector<int32_t> path;
+    int64_t current = -1;
+    void reset() {
+        loads.clear();
+        path.clear();
+        current = -1;
+    }
+    void begin(int64_t job, int64_t jobs) {
+        if (static_cast<int64_t>(loads.size()) < jobs) {
+            loads.resize(static_cast<size_t>(jobs), 0);
+            path.resize(static_cast<size_t>(jobs), -1);
+        }
+        current = job;
+    }
+};
+inline AcceptEmuStats& acceptEmuStats() {
+    static AcceptEmuStats s;
+    return s;
+}
+#endif
 
 Status acceptCpu(const AcceptParams& params);
 Status invokeAccept(const AcceptParams& params, CUstream_st* stream);
