@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import fp8
 from .errors import RedrafterError, require
 from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, HF_MODEL_TYPES, BaseConfig, BaseModel
 from .models.drafter import (Drafter, DrafterConfig, expected_drafter_shapes, load_checked,
@@ -216,14 +217,20 @@ def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
 
 
 def load_hf_base(model_dir: str | os.PathLike) -> tuple[BaseConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face base model directory: its config and its tensors in TensorRT-LLM names."""
+    """Read a Hugging Face base model directory: its config and its tensors in TensorRT-LLM names.
+
+    An FP8 checkpoint (see :mod:`redrafter_trt.fp8` for what is accepted) comes back in
+    TensorRT-LLM's FP8 convention: float8_e4m3fn linear weights plus their
+    ``weights_scaling_factor`` / ``activation_scaling_factor`` tensors."""
     model_dir = Path(model_dir)
     require(model_dir.is_dir(), f"{model_dir}: base model directory not found")
     cfg = hf_base_config(model_dir)
     hf: dict[str, torch.Tensor] = {}
     for f in _hf_weight_files(model_dir):
         hf.update(load_state_dict_file(f))
-    return cfg, hf_to_trtllm(cfg, hf, str(model_dir))
+    raw = read_json(model_dir / "config.json", "base model config")
+    quantized = fp8.hf_fp8_to_trtllm(cfg, hf, raw, str(model_dir), hf_to_trtllm)
+    return cfg, quantized if quantized is not None else hf_to_trtllm(cfg, hf, str(model_dir))
 
 
 # --------------------------------------------------------------------------- drafter names
@@ -266,6 +273,8 @@ class RedrafterCheckpointConfig:
     dtype: str
     tp_size: int = 1
     random_drafter: bool = False
+    #: None, or "FP8": base linears in float8_e4m3fn with per-tensor scales (:mod:`.fp8`)
+    quant_algo: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         base = self.base.to_dict()
@@ -288,7 +297,7 @@ class RedrafterCheckpointConfig:
             "redrafter_is_rnn": self.drafter.rnn,
             "redrafter_random_init": self.random_drafter,
             "mapping": {"world_size": self.tp_size, "tp_size": self.tp_size, "pp_size": 1},
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+            "quantization": fp8.quantization_config(self.quant_algo),
         }
 
     @classmethod
@@ -315,7 +324,8 @@ class RedrafterCheckpointConfig:
                       draft_len=d["redrafter_draft_len_per_beam"],
                       greedy_search=bool(d.get("redrafter_greedy_search", True)),
                       dtype=d["dtype"], tp_size=int(d.get("mapping", {}).get("tp_size", 1)),
-                      random_drafter=bool(d.get("redrafter_random_init", False)))
+                      random_drafter=bool(d.get("redrafter_random_init", False)),
+                      quant_algo=(d.get("quantization") or {}).get("quant_algo"))
             cfg.validate()
         except RedrafterError as e:
             raise RedrafterError(f"{where}: {e}") from e
@@ -331,6 +341,8 @@ class RedrafterCheckpointConfig:
                 f"redrafter_num_beams {self.num_beams} exceeds the vocabulary size {self.base.vocab_size}")
         require(self.draft_len + 1 <= 64, f"beam length D+1 = {self.draft_len + 1} exceeds 64")
         require(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
+        require(self.quant_algo in (None, fp8.QUANT_ALGO),
+                f"quantization.quant_algo {self.quant_algo!r} not supported (None or {fp8.QUANT_ALGO!r})")
         check_tp_size(self.base, self.drafter, self.tp_size)
         validate_against_base(self.drafter, self.base.hidden_size, self.base.vocab_size,
                               (self.base.vocab_size, self.base.hidden_size), "checkpoint")
@@ -340,11 +352,23 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
                        output_dir: str | os.PathLike, *, dtype: str = "float32", num_beams: int = 4,
                        draft_len: int = 4, greedy_search: bool = True, tp_size: int = 1,
                        tokenizer_dir: str | os.PathLike | None = None, random_drafter: bool = False,
-                       overwrite: bool = False) -> Path:
-    """Write the ReDrafter checkpoint directory atomically; returns its path."""
+                       overwrite: bool = False, quantize: str | None = None,
+                       calibration: list[list[int]] | None = None) -> Path:
+    """Write the ReDrafter checkpoint directory atomically; returns its path.
+
+    ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
+    :func:`load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"`` quantizes a float base's
+    linears to FP8 per-tensor (weight scale = amax / 448). Either way every FP8 linear needs a
+    static activation scale: the base's own, or measured on ``calibration`` (token-id rows)."""
+    require(quantize in (None, "fp8"), f"--quantize {quantize!r}: expected fp8")
+    quantized = fp8.is_quantized_state_dict(base_sd)
+    require(not (quantize and quantized),
+            "--quantize fp8: the base model is already FP8; convert it without --quantize")
+    quant_algo = fp8.QUANT_ALGO if (quantize or quantized) else None
     cfg = RedrafterCheckpointConfig(base=base_cfg, drafter=drafter.config, num_beams=num_beams,
                                     draft_len=draft_len, greedy_search=greedy_search, dtype=dtype,
-                                    tp_size=tp_size, random_drafter=random_drafter)
+                                    tp_size=tp_size, random_drafter=random_drafter,
+                                    quant_algo=quant_algo)
     cfg.validate()
     # Base tensors must be exactly what the modeling expects, and finite.
     expected = {k: tuple(v.shape) for k, v in _meta_base(base_cfg).state_dict().items()}
@@ -353,9 +377,32 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
         require(tuple(base_sd[name].shape) == shape,
                 f"base model: tensor {name} has shape {tuple(base_sd[name].shape)}, expected {shape}")
     for name, t in base_sd.items():
-        require(bool(torch.isfinite(t).all()), f"base model: tensor {name} has non-finite values")
+        require(fp8.all_finite(t), f"base model: tensor {name} has non-finite values")
+    require(calibration is None or quant_algo,
+            "--calib_input_ids_file: calibration is for --quantize fp8 or an FP8 base only")
+    if quant_algo:
+        linears = fp8.fp8_linear_names(base_cfg.num_hidden_layers)
+        has_act = all(f"{n}.{fp8.ACT_SCALE}" in base_sd for n in linears)
+        require(calibration is None or quantize or not has_act,
+                "--calib_input_ids_file: the FP8 base already has static input scales "
+                "(input_scale), which are used; drop --calib_input_ids_file")
+        if quantize or not has_act:
+            if calibration is None:
+                raise RedrafterError(
+                    ("--quantize fp8" if quantize else "base model: FP8 without static input "
+                     "scales (input_scale)") + ": no activation scales. " + fp8.NEEDS_ACT_SCALES)
+            scales = fp8.calibrate_activation_scales(base_cfg, base_sd, calibration)
+            if quantize:
+                base_sd = fp8.quantize_state_dict(base_cfg.num_hidden_layers, base_sd, scales)
+            else:
+                base_sd = {**base_sd, **{f"{n}.{fp8.ACT_SCALE}": s for n, s in scales.items()}}
+        fp8.check_trtllm_fp8(base_cfg.num_hidden_layers, base_sd, "base model")
+        expected.update({k: tuple(v.shape) for k, v in base_sd.items()
+                         if k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))})
     torch_dtype = DTYPES[dtype]
-    tensors = {k: base_sd[k].to(torch_dtype).contiguous().clone() for k in expected}
+    tensors = {k: base_sd[k].contiguous().clone() if fp8.is_fp8(base_sd[k])
+               or k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))
+               else base_sd[k].to(torch_dtype).contiguous().clone() for k in expected}
     for k, v in drafter_to_checkpoint_names(drafter.config, drafter.state_dict()).items():
         require(bool(torch.isfinite(v).all()), f"drafter: tensor {k} has non-finite values")
         tensors[k] = v.detach().to(torch_dtype).contiguous().clone()
@@ -401,6 +448,8 @@ def check_tp_size(base: BaseConfig, drafter: DrafterConfig, tp_size: int) -> Non
 
 
 def _tp_rule(name: str, ndim: int) -> str:
+    if name.endswith("_scaling_factor"):  # FP8 per-tensor scales (weights_, activation_)
+        return _REPLICATED
     if name in ("lm_head.weight", "drafter.lm_head.weight"):
         return _VOCAB
     if name.startswith("drafter."):
@@ -528,6 +577,14 @@ def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.P
             "TensorRT-LLM container")
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
     sd = load_state_dict_file(weights)
+    if cfg.quant_algo == fp8.QUANT_ALGO:  # the torch modeling runs FP8 weights dequantized
+        fp8.check_trtllm_fp8(cfg.base.num_hidden_layers,
+                             {k: v for k, v in sd.items() if not k.startswith("drafter.")}, str(weights))
+        sd = fp8.dequantize_state_dict(sd, str(weights))
+    else:
+        bad = sorted(k for k, v in sd.items() if fp8.is_fp8(v))
+        require(not bad, f"{weights}: tensor {bad[0] if bad else ''} is FP8 but the config's "
+                "quantization.quant_algo is not 'FP8'")
     torch_dtype = dtype or DTYPES[cfg.dtype]
     base_sd = {k: v for k, v in sd.items() if not k.startswith("drafter.")}
     drafter_sd = drafter_from_checkpoint_names(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import DTYPES, convert_checkpoint, load_hf_base
+from ..checkpoint import DTYPES, convert_checkpoint, load_hf_base, read_checkpoint_config
 from ..errors import require
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
 from .common import non_negative_int, positive_int, run_main
+from .run import read_ids_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp_size", type=positive_int, default=1,
                    help="tensor-parallel ranks: writes rank{i}.safetensors split as TensorRT-LLM "
                         "expects (the torch backend runs tp_size 1 checkpoints only)")
+    p.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="fp8: store the base's attention and MLP linears in FP8 (e4m3, per-tensor "
+                        "scale = amax / 448; embedding, lm_head, norms and the draft head keep "
+                        "--dtype); needs --calib_input_ids_file for the static activation scales "
+                        "TensorRT-LLM's FP8 GEMMs take. An FP8 base (--model_dir with float8_e4m3fn "
+                        "weights and per-tensor weight_scale) is converted as FP8 without this flag")
+    p.add_argument("--calib_input_ids_file", default=None,
+                   help="JSON list of token-id lists run through the base to measure the FP8 "
+                        "activation scales (amax / 448 of each linear's input), for --quantize fp8 "
+                        "or an FP8 base without input_scale tensors")
     p.add_argument("--redrafter_num_layers", type=non_negative_int, default=2,
                    help="with --random_drafter: residual blocks of the head (default: %(default)s)")
     p.add_argument("--redrafter_exit_dim", type=positive_int, default=None,
@@ -52,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    calibration = read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file") \
+        if args.calib_input_ids_file else None
     base_dir = resolve_base_model_dir(args.model_dir)
     base_cfg, base_sd = load_hf_base(base_dir)
     if args.random_drafter:
@@ -72,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
                              draft_len=args.redrafter_draft_len_per_beam,
                              greedy_search=not args.redrafter_no_greedy_search, tp_size=args.tp_size,
                              tokenizer_dir=base_dir, random_drafter=args.random_drafter,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, quantize=args.quantize, calibration=calibration)
+    quant = read_checkpoint_config(out).quant_algo
     print(f"wrote ReDrafter checkpoint {out} ({base_cfg.architecture}, W={args.redrafter_num_beams}, "
-          f"D={args.redrafter_draft_len_per_beam}, {args.dtype})", file=sys.stderr)
+          f"D={args.redrafter_draft_len_per_beam}, {args.dtype}"
+          f"{', FP8 base linears' if quant else ''})", file=sys.stderr)
     return 0
 
 

@@ -47,17 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_ids_file(path: str) -> list[list[int]]:
+def read_ids_file(path: str, flag: str = "--input_ids_file") -> list[list[int]]:
     f = Path(path)
-    require(f.is_file(), f"--input_ids_file {f}: not found")
+    require(f.is_file(), f"{flag} {f}: not found")
     try:
         data = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RedrafterError(f"--input_ids_file {f}: not valid JSON ({e})") from e
+        raise RedrafterError(f"{flag} {f}: not valid JSON ({e})") from e
     ok = (isinstance(data, list) and data and all(
         isinstance(row, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in row)
         for row in data))
-    require(ok, f"--input_ids_file {f}: expected a non-empty JSON list of token-id lists, "
+    require(ok, f"{flag} {f}: expected a non-empty JSON list of token-id lists, "
             "e.g. [[1, 2, 3], [4, 5]]")
     return data
 
