@@ -15,15 +15,25 @@ built, else by :func:`relocate_paged` (torch indexed copies vectorised over rows
 loop over rows). ``TrtllmBackend.relocate_impl`` says which one ran ("kernel" or "torch");
 ``$REDRAFTER_KV_RELOCATE`` = ``kernel`` / ``torch`` forces one (default ``auto``).
 
+Generation calls run as CUDA graphs (:mod:`.cuda_graph`: static buffers per (rows, tokens per
+row) key, re-captured and updated with ``cudaGraphExecUpdate`` when a host input the plugins read
+at enqueue changes, as TensorRT-LLM 1.2 does); context calls, and every call once a capture
+failed, go through ``Session.run``. ``cuda_graph=False`` or ``$REDRAFTER_CUDA_GRAPH=0`` turns
+graphs off. ``TrtllmBackend.uses_cuda_graphs``, ``cuda_graph_reason`` and ``graph_calls`` say
+what ran; ``timings`` has ``engine`` (Session.run), ``graph_capture`` (capture calls: an eager run
+plus the capture) and ``engine_graph`` (replays, input copies included).
+
 Not run on hardware yet (see :mod:`redrafter_trt.trtllm`). Tensor parallelism: engines with
 tp_size > 1 build, but this backend runs tp_size 1 only (multi-rank execution needs MPI ranks).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,11 @@ from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 from . import ACCEPTED_INDICES, require_trtllm
 from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file
+from .cuda_graph import (DEFAULT_GRAPH_CACHE_SIZE, HOST_INPUTS, CudaGraphRunner, GraphUnavailable, ShapeKey,
+                         bucket_tokens, cuda_graph_setting)
 from .plugins import load_plugin_library
+
+log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,12 +139,110 @@ def relocate_pool(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.
                              f"range for {max_blocks * tokens_per_block} positions per slot); their cache is unchanged")
 
 
+# --------------------------------------------------------------------------- one call's feed
+@dataclass
+class PreparedStep:
+    """One call's engine inputs, built by :func:`prepare_step` (pure torch, runs on the CPU)."""
+
+    is_ctx: bool
+    batch: int
+    tokens: int                         # T of this call (tokens per row the engine sees)
+    x: dict[str, torch.Tensor]          # the contract's inputs, trimmed to ``tokens``, on ``device``
+    plumbing: dict[str, torch.Tensor]   # TensorRT-LLM's attention inputs (``host_*`` on the CPU)
+    out_shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def cache_lengths(self) -> torch.Tensor:
+        return self.x[C.CACHE_LENGTHS]
+
+    def feed(self, engine_inputs: set[str] | frozenset[str]) -> dict[str, torch.Tensor]:
+        """The inputs the engine binds (TensorRT drops inputs no layer reads, e.g. slot_ids:
+        the block offsets carry the slots)."""
+        return {k: v for k, v in {**self.x, **self.plumbing}.items() if k in engine_inputs}
+
+
+def output_shapes(batch: int, shape: C.StepShape) -> dict[str, tuple[int, ...]]:
+    """The engine's outputs for ``batch`` rows (all int32; no dimension depends on T)."""
+    b, w, l, n = batch, shape.num_beams, shape.beam_len, shape.tree_size
+    return {
+        C.NUM_ACCEPTED_TOKENS: (b,), C.ACCEPTED_BEAM_INDEX: (b,), C.OUTPUT_TOKENS: (b, l),
+        C.NUM_OUTPUT_TOKENS: (b,), C.NEW_CACHE_LENGTHS: (b,), C.NEXT_DRAFT_TOKENS: (b, w, l),
+        C.NEXT_DRAFT_INDICES: (b, w, l), C.NEXT_FLAT_TOKENS: (b, n), C.NEXT_PACKED_LENGTHS: (b,),
+        C.NEXT_POSITION_OFFSETS: (b, n), C.NEXT_PACKED_MASK: (b, n, (n + 31) // 32), ACCEPTED_INDICES: (b, l),
+    }
+
+
+def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device: torch.device, max_blocks: int,
+                 layers: int, kv_len: int, pool_ptr: int, bucket: bool = False) -> PreparedStep:
+    """The engine inputs of one call: the contract's tensors trimmed to the call's T, the tree
+    mask with padding nodes seeing themselves, and TensorRT-LLM's attention plumbing.
+
+    T is the longest row; with ``bucket`` (CUDA-graph mode) a generation call's T is rounded up
+    to a bucket of :func:`~.cuda_graph.bucket_tokens` so that calls share shape keys."""
+    types = inputs[C.REQUEST_TYPES]
+    is_ctx = bool((types == C.CONTEXT).all())
+    require(is_ctx or bool((types == C.GENERATION).all()),
+            "the trtllm backend runs context rows and generation rows in separate calls")
+    dev = device
+    x = {k: v.to(dev, non_blocking=True) for k, v in inputs.items() if k != C.NUM_DRAFT_STEPS}
+    lengths = inputs[C.INPUT_LENGTHS].to(torch.int64)
+    b = lengths.shape[0]
+    t = int(lengths.max())
+    if bucket and not is_ctx:
+        t = bucket_tokens(t, shape.tree_size, inputs[C.INPUT_IDS].shape[1])
+    x[C.INPUT_IDS] = x[C.INPUT_IDS][:, :t].contiguous()
+    x[C.POSITION_OFFSETS] = x[C.POSITION_OFFSETS][:, :t].contiguous()
+    # mask words: the tree's ceil(N/32) for generation calls (the plugin's packed-mask stride)
+    words = min(x[C.PACKED_MASK].shape[2], max((t + 31) // 32, (shape.tree_size + 31) // 32))
+    mask = x[C.PACKED_MASK][:, :t, :words].clone()
+    # padding nodes see themselves (never read; keeps attention rows non-empty)
+    i = torch.arange(t, device=dev)
+    pad = i[None, :] >= x[C.INPUT_LENGTHS][:, None]
+    diag = torch.zeros((t, max(words, (t + 31) // 32)), dtype=torch.int32, device=dev)
+    diag[i, i // 32] = torch.bitwise_left_shift(torch.ones_like(i, dtype=torch.int32), (i % 32).to(torch.int32))
+    x[C.PACKED_MASK] = torch.where(pad[:, :, None], mask | diag[None, :, :words], mask).contiguous()
+    cache_len = torch.zeros(b, dtype=torch.int32, device=dev) if is_ctx else x[C.CACHE_LENGTHS].to(torch.int32)
+    x[C.CACHE_LENGTHS] = cache_len
+
+    seq = (cache_len + t).to(torch.int32)
+    host = lambda v, dt=torch.int32: torch.as_tensor(v, dtype=dt).cpu()  # noqa: E731
+    offsets = paged_block_offsets(x[C.SLOT_IDS], max_blocks, layers)
+    plumbing = {
+        "sequence_length": seq,
+        "host_past_key_value_lengths": seq.cpu(),
+        "host_max_attention_window_sizes": host([kv_len] * layers),
+        "host_sink_token_length": host([0]),
+        "context_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
+        "host_context_lengths": host([t] * b),
+        "host_request_types": host([C.CONTEXT if is_ctx else C.GENERATION] * b),
+        "kv_cache_block_offsets": offsets,
+        "host_kv_cache_block_offsets": offsets.cpu(),
+        "host_kv_cache_pool_pointers": host([[pool_ptr, 0]], torch.int64),
+        "host_kv_cache_pool_mapping": host([[0, layer] for layer in range(layers)]),
+        "cache_indirection": torch.zeros((b, 1, kv_len), dtype=torch.int32, device=dev),
+        "host_runtime_perf_knobs": host([-1] * 16, torch.int64),
+        "host_context_progress": host([0], torch.int64),
+        "spec_decoding_generation_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
+        "spec_decoding_use": host([0 if is_ctx else 1]),
+    }
+    return PreparedStep(is_ctx, b, t, x, plumbing, output_shapes(b, shape))
+
+
+def bind_shapes(context: Any, feed: dict[str, torch.Tensor]) -> None:
+    """Set every input's shape on the execution context (``Session.run`` binds addresses only)."""
+    for name, v in feed.items():
+        if not context.set_input_shape(name, tuple(v.shape)):
+            raise RedrafterError(f"the engine refused input {name} with shape {tuple(v.shape)} "
+                                 "(outside its optimization profile)")
+
+
 class TrtllmBackend:
     """Runs ReDrafter steps with a TensorRT-LLM engine directory built by ``redrafter-build``."""
 
     name = "trtllm"
 
-    def __init__(self, engine_dir: str | Path, ckpt_cfg: RedrafterCheckpointConfig, build_config: dict[str, Any]):
+    def __init__(self, engine_dir: str | Path, ckpt_cfg: RedrafterCheckpointConfig, build_config: dict[str, Any],
+                 *, cuda_graph: bool | None = None, graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE):
         require(ckpt_cfg.tp_size == 1, f"{engine_dir}: tp_size {ckpt_cfg.tp_size} engine; this runtime runs "
                 "tp_size 1 engines only (multi-GPU execution is not implemented yet)")
         trt, _ = require_trtllm("loading a trtllm engine")
@@ -153,8 +265,10 @@ class TrtllmBackend:
         require(path.is_file(), f"{engine_dir}: missing {engine_file(0)}")
         self.session = Session.from_serialized_engine(path.read_bytes())
         engine = self.session.engine
-        self.engine_inputs = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
-                              if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.INPUT}
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.engine_inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        self.engine_host_inputs = {n for n in self.engine_inputs
+                                   if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
         self.stream = torch.cuda.Stream(self.device)
         b = ckpt_cfg.base
         self.layers, self.kv_heads, self.head_dim = b.num_hidden_layers, b.num_key_value_heads, b.head_size
@@ -166,6 +280,23 @@ class TrtllmBackend:
         self.relocate_impl: str | None = None       # RELOCATE_KERNEL or RELOCATE_TORCH
         self.relocate_reason = ""
         self.relocate_calls: dict[str, int] = defaultdict(int)
+        # CUDA graphs for generation calls (see .cuda_graph): on by default, $REDRAFTER_CUDA_GRAPH=0 or
+        # cuda_graph=False turns them off; any failure turns them off with a one-time warning.
+        self.cuda_graph, self.cuda_graph_reason = cuda_graph_setting(cuda_graph)
+        self.graph_runner: CudaGraphRunner | None = None
+        # generation calls by path: "replay", "capture", "update", "reinstantiate" (graphs) or "eager"
+        self.graph_calls: dict[str, int] = defaultdict(int)
+        if self.cuda_graph:
+            unexpected = self.engine_host_inputs ^ (HOST_INPUTS & self.engine_inputs)
+            if unexpected:
+                self._disable_graphs(f"the engine's host inputs differ from the expected ones: {sorted(unexpected)}")
+            else:
+                try:
+                    self.graph_runner = CudaGraphRunner(self.session.context, self.stream, self.device,
+                                                        self.engine_host_inputs, self.kv_len,
+                                                        capacity=graph_cache_size)
+                except Exception as e:  # noqa: BLE001 - e.g. cuda-python missing: run without graphs
+                    self._disable_graphs(f"cannot set up CUDA graphs: {e}")
 
     @property
     def vocab_size(self) -> int:
@@ -179,6 +310,8 @@ class TrtllmBackend:
         require(slots >= 1, f"slots must be >= 1, got {slots}")
         if self.pool is not None and self.slots >= slots:
             return
+        if self.graph_runner is not None:
+            self.graph_runner.clear()   # the pool pointer is a captured host value
         self.pool = None
         torch.cuda.empty_cache()
         self.max_blocks = -(-self.kv_len // self.tokens_per_block)  # the engine's fixed dim
@@ -188,77 +321,68 @@ class TrtllmBackend:
                                 device=self.device)
 
     # ------------------------------------------------------------------ step
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """True while generation calls go through CUDA graphs."""
+        return self.graph_runner is not None
+
+    def _disable_graphs(self, reason: str) -> None:
+        if self.graph_runner is not None:
+            try:
+                self.graph_runner.clear()
+            except Exception:  # noqa: BLE001 - already failing; the reason below is the one to report
+                pass
+        self.graph_runner = None
+        if self.cuda_graph:
+            log.warning("CUDA graphs disabled for the trtllm backend, generation calls use Session.run: %s", reason)
+        self.cuda_graph = False
+        self.cuda_graph_reason = reason
+
+    def _run_eager(self, feed: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        bind_shapes(self.session.context, feed)
+        if not self.session.run(feed, outputs, self.stream.cuda_stream):
+            raise RedrafterError("TensorRT-LLM engine execution failed (see the TensorRT log)")
+
     @torch.inference_mode()
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         C.check_inputs(inputs, self.shape)
         require(self.pool is not None, "reserve() the KV cache before step()")
         t0 = time.perf_counter()
         dev = self.device
-        x = {k: v.to(dev, non_blocking=True) for k, v in inputs.items() if k != C.NUM_DRAFT_STEPS}
-        types = inputs[C.REQUEST_TYPES]
-        is_ctx = bool((types == C.CONTEXT).all())
-        require(is_ctx or bool((types == C.GENERATION).all()),
-                "the trtllm backend runs context rows and generation rows in separate calls")
-        lengths = inputs[C.INPUT_LENGTHS].to(torch.int64)
-        b = lengths.shape[0]
-        t = int(lengths.max())
-        x[C.INPUT_IDS] = x[C.INPUT_IDS][:, :t].contiguous()
-        x[C.POSITION_OFFSETS] = x[C.POSITION_OFFSETS][:, :t].contiguous()
-        # mask words: the tree's ceil(N/32) for generation calls (the plugin's packed-mask stride)
-        words = min(x[C.PACKED_MASK].shape[2], max((t + 31) // 32, (self.shape.tree_size + 31) // 32))
-        mask = x[C.PACKED_MASK][:, :t, :words].clone()
-        # padding nodes see themselves (never read; keeps attention rows non-empty)
-        i = torch.arange(t, device=dev)
-        pad = i[None, :] >= x[C.INPUT_LENGTHS][:, None]
-        diag = torch.zeros((t, max(words, (t + 31) // 32)), dtype=torch.int32, device=dev)
-        diag[i, i // 32] = torch.bitwise_left_shift(torch.ones_like(i, dtype=torch.int32), (i % 32).to(torch.int32))
-        x[C.PACKED_MASK] = torch.where(pad[:, :, None], mask | diag[None, :, :words], mask)
-        cache_len = torch.zeros(b, dtype=torch.int32, device=dev) if is_ctx else x[C.CACHE_LENGTHS].to(torch.int32)
-        x[C.CACHE_LENGTHS] = cache_len
-
-        seq = (cache_len + t).to(torch.int32)
-        host = lambda v, dt=torch.int32: torch.as_tensor(v, dtype=dt).cpu()  # noqa: E731
-        offsets = paged_block_offsets(x[C.SLOT_IDS], self.max_blocks, self.layers)
-        plumbing = {
-            "sequence_length": seq,
-            "host_past_key_value_lengths": seq.cpu(),
-            "host_max_attention_window_sizes": host([self.kv_len] * self.layers),
-            "host_sink_token_length": host([0]),
-            "context_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
-            "host_context_lengths": host([t] * b),
-            "host_request_types": host([C.CONTEXT if is_ctx else C.GENERATION] * b),
-            "kv_cache_block_offsets": offsets,
-            "host_kv_cache_block_offsets": offsets.cpu(),
-            "host_kv_cache_pool_pointers": host([[self.pool.data_ptr(), 0]], torch.int64),
-            "host_kv_cache_pool_mapping": host([[0, layer] for layer in range(self.layers)]),
-            "cache_indirection": torch.zeros((b, 1, self.kv_len), dtype=torch.int32, device=dev),
-            "host_runtime_perf_knobs": host([-1] * 16, torch.int64),
-            "host_context_progress": host([0], torch.int64),
-            "spec_decoding_generation_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
-            "spec_decoding_use": host([0 if is_ctx else 1]),
-        }
-        w, l, n = self.shape.num_beams, self.shape.beam_len, self.shape.tree_size
-        out_shapes = {
-            C.NUM_ACCEPTED_TOKENS: (b,), C.ACCEPTED_BEAM_INDEX: (b,), C.OUTPUT_TOKENS: (b, l),
-            C.NUM_OUTPUT_TOKENS: (b,), C.NEW_CACHE_LENGTHS: (b,), C.NEXT_DRAFT_TOKENS: (b, w, l),
-            C.NEXT_DRAFT_INDICES: (b, w, l), C.NEXT_FLAT_TOKENS: (b, n), C.NEXT_PACKED_LENGTHS: (b,),
-            C.NEXT_POSITION_OFFSETS: (b, n), C.NEXT_PACKED_MASK: (b, n, (n + 31) // 32), ACCEPTED_INDICES: (b, l),
-        }
-        outputs = {k: torch.empty(s, dtype=torch.int32, device=dev) for k, s in out_shapes.items()}
-        # TensorRT drops inputs no layer reads (slot_ids: the block offsets carry the slots)
-        feed = {k: v for k, v in {**x, **plumbing}.items() if k in self.engine_inputs}
+        is_gen = bool((inputs[C.REQUEST_TYPES] == C.GENERATION).all())
+        use_graph = is_gen and self.graph_runner is not None
+        p = prepare_step(inputs, self.shape, device=dev, max_blocks=self.max_blocks, layers=self.layers,
+                         kv_len=self.kv_len, pool_ptr=self.pool.data_ptr(), bucket=use_graph)
+        is_ctx, cache_len = p.is_ctx, p.cache_lengths
+        feed = p.feed(self.engine_inputs)
         torch.cuda.current_stream(dev).synchronize()
-        ok = self.session.run(feed, outputs, self.stream.cuda_stream)
-        if not ok:
-            raise RedrafterError("TensorRT-LLM engine execution failed (see the TensorRT log)")
-        self.stream.synchronize()
-        t0 = self._tick("engine", t0)
+        outputs: dict[str, torch.Tensor] | None = None
+        phase = "engine"
+        if use_graph:
+            try:
+                static = self.graph_runner.run(ShapeKey(p.batch, p.tokens), feed, p.out_shapes)
+                self.stream.synchronize()
+                outputs = {k: v.clone() for k, v in static.items()}   # the static buffers are reused
+                phase = "engine_graph" if self.graph_runner.last_action == "replay" else "graph_capture"
+                self.graph_calls[self.graph_runner.last_action] += 1
+            except GraphUnavailable as e:   # off for good; this call's eager run may have produced the outputs
+                self._disable_graphs(str(e))
+                outputs = e.outputs
+                if outputs is not None:
+                    self.graph_calls["eager"] += 1
+        if outputs is None:
+            outputs = {k: torch.empty(s, dtype=torch.int32, device=dev) for k, s in p.out_shapes.items()}
+            self._run_eager(feed, outputs)
+            self.stream.synchronize()
+            if is_gen:
+                self.graph_calls["eager"] += 1
+        t0 = self._tick(phase, t0)
 
         n_acc = outputs[C.NUM_ACCEPTED_TOKENS]
         if not is_ctx:
             if self.relocate_impl is None:
                 self.relocate_impl, self.relocate_reason = choose_relocation(self.pool.device)
-            relocate_pool(self.pool, x[C.SLOT_IDS], cache_len, outputs[ACCEPTED_INDICES], n_acc,
+            relocate_pool(self.pool, p.x[C.SLOT_IDS], cache_len, outputs[ACCEPTED_INDICES], n_acc,
                           max_blocks=self.max_blocks, kv_heads=self.kv_heads,
                           tokens_per_block=self.tokens_per_block, head_dim=self.head_dim, impl=self.relocate_impl)
             self.relocate_calls[self.relocate_impl] += 1
