@@ -11,7 +11,8 @@ FROM nvcr.io/nvidia/tensorrt-llm/release:1.2.1
 ARG CUDA_ARCHS="80-real;86-real;89-real;90"
 ENV TensorRT_ROOT=/usr/local/tensorrt \
     CMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS} \
-    REDRAFTER_PLUGIN_LIB=/opt/redrafter/src/plugins/build/libredrafter_trt_plugins.so
+    REDRAFTER_PLUGIN_LIB=/opt/redrafter/src/plugins/build/libredrafter_trt_plugins.so \
+    REDRAFTER_CUDA_LIB=/opt/redrafter/src/plugins/build/cpp/libredrafter_cuda.so
 
 WORKDIR /opt/redrafter/src
 # Sources only (no local .venv or build trees).

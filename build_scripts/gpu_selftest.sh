@@ -31,6 +31,7 @@ log "1/5 build plugins + CUDA operators"
 bash build_scripts/build_plugins.sh
 build="${REDRAFTER_PLUGIN_BUILD_DIR:-$root/plugins/build}"
 export REDRAFTER_PLUGIN_LIB="$build/libredrafter_trt_plugins.so"
+export REDRAFTER_CUDA_LIB="$build/cpp/libredrafter_cuda.so"  # KV relocation kernel for the runtime
 
 log "2/5 kernel checks"
 cmake --build "$build" --target redrafter_gpu_check
