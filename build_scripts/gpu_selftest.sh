@@ -80,6 +80,9 @@ for i, (s, p, o) in enumerate(zip(spec, plain, oracle)):
 steps = sum(len(r.accepted_per_step) - 1 for r in spec)
 gen = sum(len(r.token_ids) - r.accepted_per_step[0] for r in spec)
 print(f"{len(prompts)} prompts: {bad} mismatches; tokens per step {gen / max(steps, 1):.2f}")
+be = trt.backend
+print(f"KV relocation: {be.relocate_impl} ({be.relocate_reason}); CUDA graphs: {be.uses_cuda_graphs} "
+      f"({be.cuda_graph_reason}); generation calls by path: {dict(be.graph_calls)}")
 sys.exit(1 if bad else 0)
 PY
 
