@@ -64,10 +64,27 @@ _CUDA_SIGNATURES = {
 }
 
 
+def _env_path(env_name: str, default: Path) -> Path:
+    env = os.environ.get(env_name)
+    return Path(env) if env else default
+
+
 def library_path() -> Path:
     """Where the CPU library is looked for (``$REDRAFTER_NATIVE_LIB`` or ``cpp/build/``)."""
-    env = os.environ.get(LIB_ENV)
-    return Path(env) if env else DEFAULT_LIB
+    return _env_path(LIB_ENV, DEFAULT_LIB)
+
+
+def _open(path: Path, what: str, where: str, env_name: str, file_name: str, signatures: dict) -> ctypes.CDLL:
+    """Open one of our shared libraries and bind ``signatures``; every failure says how to build it."""
+    if not path.is_file():
+        raise RedrafterError(f"{what} not found at {path}: build it with `{BUILD_COMMAND}` {where}, "
+                             f"or set {env_name} to a built {file_name}")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RedrafterError(f"cannot load {what} {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
+    _bind(lib, path, signatures)
+    return lib
 
 
 def load_library() -> ctypes.CDLL:
@@ -76,15 +93,8 @@ def load_library() -> ctypes.CDLL:
     if _lib is not None:
         return _lib
     path = library_path()
-    if not path.is_file():
-        raise RedrafterError(
-            f"native library not found at {path}: build it with `{BUILD_COMMAND}` from {REPO_ROOT} "
-            f"(needs cmake and g++), or set {LIB_ENV} to a built libredrafter_cpu.so")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise RedrafterError(f"cannot load native library {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
-    _bind(lib, path, _SIGNATURES)
+    lib = _open(path, "native library", f"from {REPO_ROOT} (needs cmake and g++)", LIB_ENV,
+                "libredrafter_cpu.so", _SIGNATURES)
     found = lib.redrafter_abi_version()
     if found != ABI_VERSION:
         raise RedrafterError(f"native library {path} speaks C ABI version {found}, this binding needs "
@@ -107,8 +117,7 @@ def _bind(lib: ctypes.CDLL, path: Path, signatures: dict) -> None:
 
 def cuda_library_path() -> Path:
     """Where the CUDA library is looked for (``$REDRAFTER_CUDA_LIB`` or ``cpp/build/``)."""
-    env = os.environ.get(CUDA_LIB_ENV)
-    return Path(env) if env else DEFAULT_CUDA_LIB
+    return _env_path(CUDA_LIB_ENV, DEFAULT_CUDA_LIB)
 
 
 def load_cuda_library() -> ctypes.CDLL:
@@ -121,16 +130,9 @@ def load_cuda_library() -> ctypes.CDLL:
         return _cuda_lib
     if _cuda_error is not None:
         raise RedrafterError(_cuda_error)
-    path = cuda_library_path()
     try:
-        if not path.is_file():
-            raise RedrafterError(f"CUDA library not found at {path}: build it with `{BUILD_COMMAND}` where nvcc "
-                                 f"exists, or set {CUDA_LIB_ENV} to a built libredrafter_cuda.so")
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise RedrafterError(f"cannot load CUDA library {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
-        _bind(lib, path, _CUDA_SIGNATURES)
+        lib = _open(cuda_library_path(), "CUDA library", "where nvcc exists", CUDA_LIB_ENV,
+                    "libredrafter_cuda.so", _CUDA_SIGNATURES)
     except RedrafterError as e:
         _cuda_error = str(e)
         raise
