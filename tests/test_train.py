@@ -21,8 +21,8 @@ from redrafter_trt.runtime import Generator
 from redrafter_trt.train.base import load_frozen_base
 from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
 from redrafter_trt.train.gen_data import generate_data
-from redrafter_trt.train.losses import (UnrolledHead, distill_loss, gather_batch, reference_loss,
-                                        unrolled_logits)
+from redrafter_trt.train.losses import (UnrolledHead, distill_loss, gather_batch, logit_match_loss,
+                                        reference_loss, unrolled_logits)
 from redrafter_trt.train.trainer import TrainConfig, forward_loss, train_drafter
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -435,4 +435,247 @@ def test_base_initialised_projection_needs_matching_width(tiny_base, selfdistill
                            lm_head_init="base"))
     with pytest.raises(RedrafterError, match="--freeze_lm_head keeps a random vocabulary projection"):
         train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, freeze_lm_head=True))
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- logit_match
+@pytest.mark.parametrize("temp,mse_weight", [(1.0, 1.0), (2.0, 0.3), (0.7, 0.0)])
+def test_logit_match_equals_full_vocabulary_formulation(temp, mse_weight):
+    """The Gram-matrix MSE and the top-k KL equal their definitions on full [M, V] logits, in value
+    and gradient (float64)."""
+    g = torch.Generator().manual_seed(5)
+    m, k, h, v = 7, 5, 6, 40
+    w = torch.randn(v, h, generator=g, dtype=torch.float64)
+    feat = torch.randn(m, h, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(m, h, generator=g, dtype=torch.float64)
+    t_logits = target @ w.T
+    ids = t_logits.topk(k, -1).indices
+    p = torch.softmax(t_logits.gather(1, ids) / temp, -1)
+    loss, zk = logit_match_loss(feat, target, w.T @ w, w[ids], p, v, temp, mse_weight)
+
+    z = feat @ w.T                                        # the head's full logits
+    mse = ((z - t_logits) ** 2).mean(-1)
+    q = torch.log_softmax(z.gather(1, ids) / temp, -1)    # renormalised over the teacher's top-k
+    kl = (p * (p.log() - q)).sum(-1)
+    ref = temp ** 2 * kl + mse_weight * mse
+    assert torch.allclose(zk, z.gather(1, ids))
+    assert torch.allclose(loss, ref, rtol=1e-10, atol=1e-12)
+    (ga,) = torch.autograd.grad(loss.sum(), feat, retain_graph=True)
+    (gb,) = torch.autograd.grad(ref.sum(), feat)
+    assert torch.allclose(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+def test_logit_match_is_zero_exactly_at_the_teacher():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    target = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ids = (target @ w.T).topk(4, -1).indices
+    p = torch.softmax((target @ w.T).gather(1, ids), -1)
+    at, _ = logit_match_loss(target, target, w.T @ w, w[ids], p, 30)
+    off, _ = logit_match_loss(target + 0.1, target, w.T @ w, w[ids], p, 30)
+    assert float(at.abs().max()) < 1e-12 and bool((off > 1e-6).all())
+
+
+def test_logit_match_training(tiny_base, selfdistill_file, tmp_path):
+    """--loss logit_match trains only the layers in front of the frozen base projection, and the
+    trained head drafts better than the untrained one through the runtime."""
+    from redrafter_trt.train.trainer import make_drafter
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "lm", tmp_path, exit_dim=h, lm_head_init="base",
+               freeze_lm_head=True, loss="logit_match", max_steps=300, warmup_steps=20, lr=1e-2)
+    start = make_drafter(cfg, h, v, base.lm_head.weight)
+    out = train_drafter(cfg)
+    trained = load_drafter(out)
+    assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float())
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, v, (6,), generator=g).tolist() for _ in range(24)]
+    tps = {}
+    for name, head in (("trained", trained), ("start", start)):
+        gen = _generator(base, head, 4, 4)
+        gen.generate(prompts, max_new_tokens=40)
+        tps[name] = gen.last_stats.tokens_per_step
+    print(f"runtime tokens/step: {tps}")
+    assert tps["trained"] > tps["start"] + 0.5, tps
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["settings"]["loss"] == "logit_match"
+
+
+def test_logit_match_needs_the_frozen_base_projection(tiny_base, selfdistill_file, tmp_path):
+    with pytest.raises(RedrafterError, match="logit_match needs --freeze_lm_head"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match"))
+    with pytest.raises(RedrafterError, match="logit_match needs --freeze_lm_head"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match",
+                           exit_dim=32, lm_head_init="base", freeze_lm_head=True, teacher_topk=0))
+    with pytest.raises(RedrafterError, match="--alpha does not apply"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match",
+                           alpha=0.5))
+    # a head loaded with --init_from keeps its own (trained) projection: not the base's
+    other = tmp_path / "other"
+    save_drafter(init_drafter(DrafterConfig(load_frozen_base(tiny_base).config.vocab_size, 32, 32, 1, True)),
+                 other)
+    with pytest.raises(RedrafterError, match="final projection to be the base model's lm_head"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match",
+                           exit_dim=32, init_from=str(other), freeze_lm_head=True))
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- gen-prompts
+def test_gen_prompts_writes_distinct_finished_requests_and_resumes_exactly(tiny_base, tmp_path):
+    from redrafter_trt.train.gen_data import read_prompt_sources
+    from redrafter_trt.train.gen_prompts import acceptable, generate_prompts, user_turn_prefix
+
+    tok = load_base_tokenizer(tiny_base)
+    assert user_turn_prefix(tok, tiny_base) == tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    kw = dict(temperature=1.0, max_prompt_tokens=24, min_words=1, batch_size=8, seed=3, progress=False)
+    full = generate_prompts(tiny_base, tmp_path / "full.jsonl", 6, **kw)
+    recs = [json.loads(x) for x in full.read_text().splitlines()]
+    assert len(recs) >= 6
+    texts = [r["prompt"] for r in recs]
+    assert len({t.lower() for t in texts}) == len(texts) and all(acceptable(t, 1) for t in texts)
+    assert read_prompt_sources([str(full)]) == texts  # what gen-data --prompts reads
+
+    # a short run extended later equals one long run
+    part = tmp_path / "part.jsonl"
+    generate_prompts(tiny_base, part, 2, **kw)
+    assert len(part.read_text().splitlines()) < len(recs)
+    generate_prompts(tiny_base, part, 6, **kw)
+    assert part.read_text() == full.read_text()
+
+    # a crash after some lines of a batch were written, before the batch was recorded
+    meta = Path(str(part) + ".meta.json")
+    m = json.loads(meta.read_text())
+    m["batches_done"] -= 1
+    meta.write_text(json.dumps(m))
+    with part.open("a") as f:
+        f.write('{"index": 99, "batch": 0, "pro')
+    generate_prompts(tiny_base, part, 6, **kw)
+    assert part.read_text() == full.read_text()
+
+    with pytest.raises(RedrafterError, match="other settings"):
+        generate_prompts(tiny_base, part, 6, **{**kw, "seed": 4})
+    with pytest.raises(RedrafterError, match="temperature must be > 0"):
+        generate_prompts(tiny_base, tmp_path / "t.jsonl", 6, **{**kw, "temperature": 0.0})
+
+
+def test_gen_prompts_needs_a_chat_template(tiny_base, tmp_path):
+    from redrafter_trt.train.gen_prompts import generate_prompts
+
+    d = tmp_path / "nochat"
+    shutil.copytree(tiny_base, d)
+    _char_tokenizer(None).save_pretrained(str(d))
+    cfg_file = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(RedrafterError, match="no chat template"):
+        generate_prompts(d, tmp_path / "p.jsonl", 4, progress=False)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- fused / batch-vocabulary loss
+@pytest.mark.parametrize("alpha,temp,dense,chunk", [(1.0, 1.0, False, 3), (0.0, 1.0, False, 64),
+                                                    (0.4, 2.0, False, 5), (1.0, 0.5, True, 4)])
+def test_projected_loss_equals_the_loss_on_full_logits(alpha, temp, dense, chunk):
+    """The fused, chunked loss over ``feat @ W.T`` equals :func:`reference_loss` on the materialised
+    logits, in value and in the gradient reaching ``feat`` under arbitrary per-row weights."""
+    from redrafter_trt.train.losses import projected_distill_loss
+
+    g = torch.Generator().manual_seed(11)
+    m, h, v, k = 13, 8, 50, 6
+    w = torch.randn(v, h, generator=g, dtype=torch.float64)
+    feat = torch.randn(m, h, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (m,), generator=g)
+    t_logits = torch.randn(m, v, generator=g, dtype=torch.float64) * 3
+    if dense:
+        ids, p = None, torch.softmax(t_logits / temp, -1)
+    else:
+        ids = t_logits.topk(k, -1).indices
+        p = torch.softmax(t_logits.gather(1, ids) / temp, -1)
+    weights = torch.rand(m, generator=g, dtype=torch.float64)
+    rows, pred = projected_distill_loss(feat, w, labels, ids, p, temp, alpha, chunk=chunk,
+                                        matmul_dtype=torch.float64)
+    ref = reference_loss(feat @ w.T, labels, ids, p, temp, alpha)
+    assert torch.allclose(rows, ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(pred, (feat @ w.T).argmax(-1))
+    (ga,) = torch.autograd.grad((rows * weights).sum(), feat)
+    (gb,) = torch.autograd.grad((ref * weights).sum(), feat)
+    assert torch.allclose(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_vocabulary_reindexes_into_the_union():
+    from redrafter_trt.train.trainer import batch_vocabulary
+
+    ids = torch.tensor([[7, 3, 9], [3, 12, 7]])
+    labels = torch.tensor([40, 9])
+    u, ids_u, labels_u = batch_vocabulary(ids, labels)
+    assert u.tolist() == [3, 7, 9, 12, 40]
+    assert torch.equal(u[ids_u], ids) and torch.equal(u[labels_u], labels)
+    u2, _, none = batch_vocabulary(ids, None)
+    assert u2.tolist() == [3, 7, 9, 12] and none is None
+
+
+def test_frozen_projection_path_gives_the_same_loss_and_gradients(tiny_base, selfdistill_file, tmp_path):
+    """With a frozen projection the trainer routes the loss through the fused path; in float32 it
+    matches the plain path (materialised logits) in loss and in every parameter's gradient."""
+    from redrafter_trt.train.data import model_fingerprint
+    from redrafter_trt.train.features import cached_features
+    from redrafter_trt.train.trainer import FrozenProjection, make_drafter
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, exit_dim=h, lm_head_init="base",
+               freeze_lm_head=True, loss="mix", alpha=0.6, temperature=1.5)
+    feats, _, _ = cached_features(base, load_examples(cfg.data), model_fingerprint(tiny_base), 32,
+                                  cfg.cache_dir, progress=False)
+    head = make_drafter(cfg, h, v, base.lm_head.weight)
+    pos = torch.arange(0, 300)
+    no_ac = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    grads, losses = [], []
+    for proj in (None, FrozenProjection.of(head, base, cfg, torch.float32)):
+        head.zero_grad(set_to_none=True)
+        loss, m = forward_loss(UnrolledHead(head), base, feats, pos, cfg, "cpu", no_ac, proj)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad.clone() for n, p in head.named_parameters() if p.requires_grad})
+        assert int(m["valid"].sum()) > 0
+    assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batch_vocabulary_training(tiny_base, selfdistill_file, tmp_path, freeze):
+    """--kl_vocab batch trains a head (frozen or trainable projection) that drafts better than its
+    starting point through the runtime; the trainable projection moves only through the rows the
+    batches saw."""
+    from redrafter_trt.train.trainer import make_drafter
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "bv", tmp_path, exit_dim=h, lm_head_init="base",
+               freeze_lm_head=freeze, kl_vocab="batch", teacher_topk=8, max_steps=300, warmup_steps=20,
+               lr=1e-2, loss="mix", alpha=0.8)
+    start = make_drafter(cfg, h, v, base.lm_head.weight)
+    trained = load_drafter(train_drafter(cfg))
+    assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float()) == freeze
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, v, (6,), generator=g).tolist() for _ in range(24)]
+    tps = {}
+    for name, head in (("trained", trained), ("start", start)):
+        gen = _generator(base, head, 4, 4)
+        gen.generate(prompts, max_new_tokens=40)
+        tps[name] = gen.last_stats.tokens_per_step
+    print(f"runtime tokens/step: {tps}")
+    assert tps["trained"] > tps["start"] + 0.5, tps
+
+
+def test_batch_vocabulary_needs_a_teacher_top_k(tiny_base, selfdistill_file, tmp_path):
+    with pytest.raises(RedrafterError, match="--kl_vocab batch takes its vocabulary from the teacher"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, kl_vocab="batch",
+                           teacher_topk=0))
+    with pytest.raises(RedrafterError, match="--kl_vocab 'sampled'"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, kl_vocab="sampled"))
     assert not (tmp_path / "o").exists()

@@ -2,6 +2,8 @@
 
 Subcommands:
 
+- ``redrafter-train gen-prompts``: the base model writes user requests (more prompts than the
+  packaged sets hold; resumable);
 - ``redrafter-train gen-data``: the base model writes responses to a prompt set (self-distillation
   data; batched, resumable, cached);
 - ``redrafter-train train`` (the default when no subcommand is given): train the head against the
@@ -18,7 +20,7 @@ from ..errors import require
 from ..models.hub import DEFAULT_MODEL
 from .common import non_negative_int, positive_int, run_main
 
-SUBCOMMANDS = ("train", "gen-data", "eval")
+SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
 
 def _floats(text: str) -> list[float]:
@@ -32,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="redrafter-train",
         description="Train a ReDrafter draft head by distillation from a frozen base model "
-                    "(subcommands: train, gen-data, eval; 'train' is the default).")
-    sub = p.add_subparsers(dest="command", metavar="{train,gen-data,eval}")
+                    "(subcommands: train, gen-prompts, gen-data, eval; 'train' is the default).")
+    sub = p.add_subparsers(dest="command", metavar="{train,gen-prompts,gen-data,eval}")
 
     t = sub.add_parser("train", help="train a draft head; writes a drafter directory",
                        description="Train a draft head against a frozen base model and write an "
@@ -63,9 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft_len", type=positive_int, default=4,
                    help="D unrolled draft steps trained (use the engine's D; default: 4)")
     g = t.add_argument_group("loss")
-    g.add_argument("--loss", choices=("kl", "ce", "mix"), default="kl",
+    g.add_argument("--loss", choices=("kl", "ce", "mix", "logit_match"), default="kl",
                    help="kl: forward KL from the base's next-token distribution; ce: cross-entropy "
-                        "on the data tokens; mix: alpha*KL + (1-alpha)*CE (default: kl)")
+                        "on the data tokens; mix: alpha*KL + (1-alpha)*CE; logit_match: for a head "
+                        "with the base's frozen projection (--lm_head_init base --freeze_lm_head), "
+                        "KL over the teacher's top-k plus mse_weight x the full-vocabulary logit "
+                        "MSE, both without forming the V-wide logits (several times faster on CPU) "
+                        "(default: kl)")
+    g.add_argument("--mse_weight", type=float, default=1.0,
+                   help="--loss logit_match: weight of the logit MSE term (default: 1)")
+    g.add_argument("--kl_vocab", choices=("full", "batch"), default="full",
+                   help="vocabulary of the softmax in the loss: full, or batch = the union of the "
+                        "batch's teacher top-k tokens (and labels), several times cheaper for a "
+                        "large vocabulary; evaluation always uses the full one (default: full)")
     g.add_argument("--alpha", type=float, default=None, help="KL weight for --loss mix (default 0.5)")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1)")
     g.add_argument("--teacher_topk", type=non_negative_int, default=32,
@@ -111,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    q = sub.add_parser("gen-prompts", help="let the base model write user requests (more prompts)",
+                       description="Sample user requests from the base model itself: it is given only its "
+                                   "chat template's prefix of a user turn and writes the request (the "
+                                   "Magpie recipe). Keeps distinct, finished, mostly-English requests; "
+                                   "writes a prompt JSONL that gen-data --prompts reads, resumes an "
+                                   "interrupted run. Prints the output path.")
+    q.add_argument("--model_dir", default=DEFAULT_MODEL,
+                   help=f"Hugging Face base model directory or '{DEFAULT_MODEL}' (default: %(default)s)")
+    q.add_argument("--output", required=True, help="prompt JSONL to write")
+    q.add_argument("--num_prompts", type=positive_int, required=True, help="distinct requests to keep")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default: 1)")
+    q.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, in (0, 1] (default: 1)")
+    q.add_argument("--max_prompt_tokens", type=positive_int, default=128,
+                   help="a request not finished within this many tokens is dropped (default: 128)")
+    q.add_argument("--min_words", type=positive_int, default=4, help="drop shorter requests (default: 4)")
+    q.add_argument("--batch_size", type=positive_int, default=32, help="samples per batch (default: 32)")
+    q.add_argument("--seed", type=int, default=0, help="batch k samples with seed + k (default: 0)")
+    q.add_argument("--max_batches", type=positive_int, default=None,
+                   help="give up after this many batches (default: 20 x the batches --num_prompts needs)")
+    q.add_argument("--overwrite", action="store_true", help="replace an --output made with other settings")
+    q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    q.add_argument("--no_progress", action="store_true", help="no progress bar")
 
     d = sub.add_parser("gen-data", help="let the base model write responses (self-distillation data)",
                        description="Generate the base model's own responses to a prompt set, batched, "
@@ -168,9 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.command == "gen-data":
         return _gen_data(args)
+    if args.command == "gen-prompts":
+        return _gen_prompts(args)
     if args.command == "eval":
         return _eval(args)
     return _train(args)
+
+
+def _gen_prompts(args) -> int:
+    from ..models.hub import resolve_base_model_dir
+    from ..train.gen_prompts import generate_prompts
+
+    out = generate_prompts(resolve_base_model_dir(args.model_dir), args.output, args.num_prompts,
+                           temperature=args.temperature, top_p=args.top_p,
+                           max_prompt_tokens=args.max_prompt_tokens, min_words=args.min_words,
+                           batch_size=args.batch_size, seed=args.seed, max_batches=args.max_batches,
+                           overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+    print(out)
+    return 0
 
 
 def _gen_data(args) -> int:
@@ -221,7 +271,8 @@ def _train(args) -> int:
         model_dir=args.model_dir, data=list(args.data), output_dir=args.output_dir,
         exit_dim=args.exit_dim, num_draft_layers=args.num_draft_layers, rnn=not args.no_rnn,
         init_from=args.init_from, lm_head_init=args.lm_head_init, freeze_lm_head=args.freeze_lm_head,
-        draft_len=args.draft_len, loss=args.loss, alpha=args.alpha, temperature=args.temperature,
+        draft_len=args.draft_len, loss=args.loss, mse_weight=args.mse_weight, kl_vocab=args.kl_vocab,
+        alpha=args.alpha, temperature=args.temperature,
         teacher_topk=args.teacher_topk, depth_weights=args.depth_weights, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, max_steps=args.max_steps, epochs=args.epochs,

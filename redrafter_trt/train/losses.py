@@ -68,7 +68,10 @@ class UnrolledHead(nn.Module):
         super().__init__()
         self.drafter = drafter
 
-    def forward(self, context: torch.Tensor, emb: torch.Tensor, valid: torch.Tensor | None = None):
+    def forward(self, context: torch.Tensor, emb: torch.Tensor, valid: torch.Tensor | None = None,
+                project: bool = True):
+        """``project=False`` returns the inputs of the final vocabulary projection instead of logits
+        (for :func:`logit_match_loss`, which never forms the [M, V] logits)."""
         d = self.drafter
         state = torch.zeros_like(context)
         states = []
@@ -83,7 +86,7 @@ class UnrolledHead(nn.Module):
             x = layer(x)
         if valid is not None:
             x = x[valid]
-        return d.lm_head[-1](x)
+        return d.lm_head[-1](x) if project else x
 
 
 def unrolled_logits(drafter: Drafter, embedding: nn.Embedding, context: torch.Tensor,
@@ -94,56 +97,57 @@ def unrolled_logits(drafter: Drafter, embedding: nn.Embedding, context: torch.Te
     return UnrolledHead(drafter)(context, emb)
 
 
-class _DistillLoss(torch.autograd.Function):
-    """Per-row loss ``alpha * T^2 * KL(p_teacher || softmax(z/T)) + (1-alpha) * CE(z, label)``.
+def _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss ``alpha * T^2 * KL(p_teacher || softmax(z/T)) + (1-alpha) * CE(z, label)`` [M]
+    , its gradient in the logits ``alpha*T*(softmax(z/T) - p) + (1-alpha)*(softmax(z) -
+    onehot(label))`` [M, V] in one float32 buffer (no log-softmax output kept), and the argmax [M]."""
+    z = logits.detach()
+    if z.dtype != torch.float64:
+        z = z.to(torch.float32)
+    if t_probs is not None:
+        t_probs = t_probs.to(z.dtype)
+    rows = torch.arange(z.shape[0], device=z.device)
+    kd, ce = alpha > 0, alpha < 1
+    loss = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    grad = None
+    # one softmax when T == 1 (or a single term), two otherwise
+    temps = [1.0] if not kd else [temperature] if (not ce or temperature == 1.0) else [temperature, 1.0]
+    lse = {}
+    top = z.argmax(-1)  # the same for every T > 0
+    for temp in temps:
+        zt = z / temp if temp != 1.0 else z
+        zt = torch.softmax(zt, dim=-1)  # fused; a new buffer that becomes the gradient
+        # log-sum-exp from the largest probability (>= 1/V, so its log is exact enough)
+        lse[temp] = z[rows, top] / temp - zt[rows, top].log()
+        scale = 0.0
+        if kd and temp == temperature:
+            scale += alpha * temperature
+        if ce and temp == 1.0:
+            scale += 1 - alpha
+        if grad is None:
+            grad = zt.mul_(scale) if scale != 1.0 else zt
+        else:
+            grad.add_(zt, alpha=scale)
+    if kd:
+        lq = (z if t_ids is None else z.gather(1, t_ids)) / temperature - lse[temperature][:, None]
+        kl = (torch.xlogy(t_probs, t_probs) - t_probs * lq).sum(-1)
+        loss += alpha * temperature ** 2 * kl
+        if t_ids is None:
+            grad.add_(t_probs, alpha=-alpha * temperature)
+        else:
+            grad.scatter_add_(1, t_ids, t_probs * (-alpha * temperature))
+    if ce:
+        loss += (1 - alpha) * (lse[1.0] - z[rows, labels])
+        grad[rows, labels] -= 1 - alpha
+    return loss, grad, top
 
-    The gradient ``alpha*T*(softmax(z/T) - p) + (1-alpha)*(softmax(z) - onehot(label))`` is
-    formed in the forward pass, so one [M, V] float32 buffer is all that is kept: no log-softmax
-    output and no dense gather gradient.
-    """
+
+class _DistillLoss(torch.autograd.Function):
+    """:func:`_loss_and_grad` as an autograd function: the gradient is formed in the forward."""
 
     @staticmethod
     def forward(ctx, logits, labels, t_ids, t_probs, temperature, alpha):
-        z = logits.detach()
-        if z.dtype != torch.float64:
-            z = z.to(torch.float32)
-        if t_probs is not None:
-            t_probs = t_probs.to(z.dtype)
-        rows = torch.arange(z.shape[0], device=z.device)
-        kd, ce = alpha > 0, alpha < 1
-        loss = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        grad = None
-        # one softmax when T == 1 (or a single term), two otherwise
-        temps = [1.0] if not kd else [temperature] if (not ce or temperature == 1.0) else [temperature, 1.0]
-        lse = {}
-        for temp in temps:
-            zt = z / temp if temp != 1.0 else z.clone()
-            zmax = zt.max(dim=-1, keepdim=True).values
-            zt -= zmax
-            zt.exp_()
-            s = zt.sum(-1, keepdim=True)
-            zt /= s
-            lse[temp] = (zmax + s.log()).squeeze(-1)
-            scale = 0.0
-            if kd and temp == temperature:
-                scale += alpha * temperature
-            if ce and temp == 1.0:
-                scale += 1 - alpha
-            if grad is None:
-                grad = zt.mul_(scale)
-            else:
-                grad.add_(zt, alpha=scale)
-        if kd:
-            lq = (z if t_ids is None else z.gather(1, t_ids)) / temperature - lse[temperature][:, None]
-            kl = (torch.xlogy(t_probs, t_probs) - t_probs * lq).sum(-1)
-            loss += alpha * temperature ** 2 * kl
-            if t_ids is None:
-                grad.add_(t_probs, alpha=-alpha * temperature)
-            else:
-                grad.scatter_add_(1, t_ids, t_probs * (-alpha * temperature))
-        if ce:
-            loss += (1 - alpha) * (lse[1.0] - z[rows, labels])
-            grad[rows, labels] -= 1 - alpha
+        loss, grad, _ = _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha)
         ctx.save_for_backward(grad)
         ctx.in_dtype = logits.dtype
         return loss
@@ -152,6 +156,94 @@ class _DistillLoss(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (grad,) = ctx.saved_tensors
         return (grad * grad_rows[:, None]).to(ctx.in_dtype), None, None, None, None, None
+
+
+def logit_match_loss(feat: torch.Tensor, target: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor,
+                     t_probs: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                     mse_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distillation for a head whose final projection ``W`` [V, H] *is* the base's (frozen), without
+    forming a single [M, V] logits row.
+
+    The head's logits are ``W g`` and the teacher's are ``W h`` (``h`` = the base's final-norm hidden
+    state at the teacher position), so
+
+    - the full-vocabulary logit mean squared error is exact through the Gram matrix ``G = W^T W``:
+      ``||W g - W h||^2 / V = (g - h)^T G (g - h) / V`` (O(H^2) per row instead of O(V H));
+    - the forward KL is taken over the teacher's top-k tokens, both distributions renormalised
+      over that set (``W[ids] g`` is O(K H)): it decides the ranking among the likely tokens,
+      which is what beam search and acceptance see, while the MSE keeps the rest of the
+      vocabulary where the base has it.
+
+    Args:
+        feat: [M, H] head outputs before the projection (``UnrolledHead(..., project=False)``).
+        target: [M, H] teacher hidden states ``h``.
+        gram: [H, H] ``W^T W``.
+        rows: [M, K, H] ``W[teacher top-k ids]``.
+        t_probs: [M, K] teacher probabilities over its top-k at temperature T (rows sum to 1).
+        vocab_size: V (the MSE is a mean over the vocabulary).
+    Returns:
+        (per-row loss [M] = ``T^2 * KL_topk + mse_weight * MSE``, top-k student logits [M, K]).
+    """
+    d = feat - target
+    mse = ((d @ gram) * d).sum(-1) / vocab_size
+    zk = torch.bmm(rows, feat.unsqueeze(-1)).squeeze(-1)
+    logq = torch.log_softmax(zk / temperature, dim=-1)
+    p = t_probs.to(logq.dtype)
+    kl = (torch.xlogy(p, p) - p * logq).sum(-1)
+    return temperature ** 2 * kl + mse_weight * mse, zk
+
+
+class _ProjectedDistillLoss(torch.autograd.Function):
+    """:func:`distill_loss` of ``logits = feat @ weight.T`` for a frozen ``weight`` [V, H], fused
+    with the projection and done in row chunks: neither the [M, V] logits nor their gradient is
+    ever held whole, and the gradient reaching ``feat`` is formed in the forward pass.
+
+    Each row's loss depends only on that row's features, so the forward computes the per-row
+    gradient ``d loss_r / d feat_r`` [M, H] and the backward only scales it by the incoming
+    per-row weights. ``matmul_dtype`` bfloat16 runs both projections on bf16 tensor units (the
+    CPU's AMX or a GPU's); the softmax, the loss and the accumulation stay float32.
+    """
+
+    @staticmethod
+    def forward(ctx, feat, weight, labels, t_ids, t_probs, temperature, alpha, chunk, matmul_dtype):
+        w = weight.detach().to(matmul_dtype)
+        f = feat.detach()
+        m = f.shape[0]
+        acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+        loss = torch.empty(m, dtype=acc, device=f.device)
+        pred = torch.empty(m, dtype=torch.int64, device=f.device)
+        grad = torch.empty(f.shape, dtype=acc, device=f.device)
+        for lo in range(0, m, chunk):
+            hi = min(lo + chunk, m)
+            z = (f[lo:hi].to(matmul_dtype) @ w.T).to(acc)
+            loss[lo:hi], gz, pred[lo:hi] = _loss_and_grad(z, labels[lo:hi], None if t_ids is None else t_ids[lo:hi],
+                                             None if t_probs is None else t_probs[lo:hi], temperature, alpha)
+            grad[lo:hi] = (gz.to(matmul_dtype) @ w).to(acc)
+        ctx.save_for_backward(grad)
+        ctx.in_dtype = feat.dtype
+        ctx.mark_non_differentiable(pred)
+        return loss, pred
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_pred):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_rows[:, None]).to(ctx.in_dtype), None, None, None, None, None, None, None, None
+
+
+def projected_distill_loss(feat: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           t_ids: torch.Tensor | None, t_probs: torch.Tensor | None, temperature: float = 1.0,
+                           alpha: float = 1.0, chunk: int = 128,
+                           matmul_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`distill_loss` of the logits ``feat @ weight.T`` without materialising them.
+
+    For a head whose final projection ``weight`` [V, H] is frozen (no gradient reaches it).
+    Returns (per-row loss [M], differentiable in ``feat``; the full-vocabulary argmax [M]).
+    """
+    assert 0.0 <= alpha <= 1.0 and temperature > 0 and chunk >= 1
+    if alpha == 0:
+        t_ids = t_probs = None
+    return _ProjectedDistillLoss.apply(feat, weight, labels, t_ids, t_probs, float(temperature),
+                                       float(alpha), int(chunk), matmul_dtype)
 
 
 def teacher_probs(values: torch.Tensor, temperature: float) -> torch.Tensor:

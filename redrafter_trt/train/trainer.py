@@ -36,15 +36,16 @@ from ..models.hub import resolve_base_model_dir
 from .base import load_frozen_base
 from .data import load_base_tokenizer, load_examples, model_fingerprint, source_kind
 from .features import Features, cached_features, concat_features
-from .losses import (depth_weighted_mean, distill_loss, gather_batch,
-                     teacher_probs, UnrolledHead)
+from .losses import (depth_weighted_mean, distill_loss, gather_batch, logit_match_loss,
+                     projected_distill_loss, teacher_probs, UnrolledHead)
 
 REPORT_FILE = "training_report.json"
 CHECKPOINT_FORMAT = "redrafter-train-checkpoint"
 CHECKPOINT_VERSION = 1
-LOSSES = ("kl", "ce", "mix")
+LOSSES = ("kl", "ce", "mix", "logit_match")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LM_HEAD_INITS = ("random", "base")
+KL_VOCABS = ("full", "batch")
 
 
 @dataclass
@@ -61,7 +62,9 @@ class TrainConfig:
     freeze_lm_head: bool = False         # keep the final vocabulary projection fixed
     draft_len: int = 4                   # D unrolled draft steps
     # loss
-    loss: str = "kl"                     # kl | ce | mix
+    loss: str = "kl"                     # kl | ce | mix | logit_match
+    mse_weight: float = 1.0              # logit_match: weight of the full-vocabulary logit MSE
+    kl_vocab: str = "full"               # full | batch (softmax over the batch's teacher top-k union)
     alpha: float | None = None           # weight of the KL term (kl: 1, ce: 0, mix: 0.5 default)
     temperature: float = 1.0
     teacher_topk: int = 32               # 0 = the full distribution (computed on the fly)
@@ -100,12 +103,23 @@ class TrainConfig:
     def resolved_alpha(self) -> float:
         if self.alpha is not None:
             return float(self.alpha)
-        return {"kl": 1.0, "ce": 0.0, "mix": 0.5}[self.loss]
+        return {"kl": 1.0, "ce": 0.0, "mix": 0.5, "logit_match": 1.0}[self.loss]
 
     def validate(self) -> None:
         require(self.loss in LOSSES, f"--loss {self.loss!r}: expected one of {LOSSES}")
         a = self.resolved_alpha()
         require(0.0 <= a <= 1.0, f"--alpha must be in [0, 1], got {a}")
+        if self.loss == "logit_match":
+            require(self.alpha is None or self.alpha == 1.0,
+                    "--loss logit_match is pure distillation; --alpha does not apply to it")
+            require(self.freeze_lm_head and self.teacher_topk > 0,
+                    "--loss logit_match needs --freeze_lm_head with --lm_head_init base (the head's "
+                    "projection must be the base's) and --teacher_topk > 0")
+            require(self.mse_weight >= 0, f"--mse_weight must be >= 0, got {self.mse_weight}")
+        require(self.kl_vocab in KL_VOCABS, f"--kl_vocab {self.kl_vocab!r}: expected one of {KL_VOCABS}")
+        require(self.kl_vocab == "full" or (self.teacher_topk > 0 and self.loss != "logit_match"),
+                "--kl_vocab batch takes its vocabulary from the teacher's top-k: it needs --teacher_topk > 0 "
+                "(and does not apply to --loss logit_match)")
         require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         require(self.teacher_topk >= 0, f"--teacher_topk must be >= 0, got {self.teacher_topk}")
         require(self.draft_len >= 1, f"--draft_len must be >= 1, got {self.draft_len}")
@@ -260,26 +274,101 @@ def _teacher(feats: Features, base, batch, cfg: TrainConfig, dev) -> tuple[torch
     return None, teacher_probs(logits, cfg.temperature)
 
 
+@dataclass
+class FrozenProjection:
+    """The head's frozen vocabulary projection ``W`` [V, H]: float32, a copy in the matmul dtype,
+    and (for ``--loss logit_match``, where ``W`` must be the base's) ``W^T W``."""
+
+    weight: torch.Tensor
+    matmul_weight: torch.Tensor
+    gram: torch.Tensor | None
+
+    @classmethod
+    def of(cls, drafter: Drafter, base, cfg: "TrainConfig", matmul_dtype: torch.dtype) -> "FrozenProjection":
+        layer = drafter.lm_head[-1].weight
+        w = layer.detach().float()
+        gram = None
+        if cfg.loss == "logit_match":
+            require(not layer.requires_grad and w.shape == base.lm_head.weight.shape
+                    and torch.equal(w, base.lm_head.weight.detach().float()),
+                    "--loss logit_match needs the head's final projection to be the base model's "
+                    "lm_head, frozen (--lm_head_init base --freeze_lm_head)")
+            w64 = w.to(torch.float64)
+            gram = (w64.T @ w64).float()
+        return cls(weight=w, matmul_weight=w.to(matmul_dtype), gram=gram)
+
+
+def batch_vocabulary(t_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor | None]:
+    """``--kl_vocab batch``: the sorted union ``U`` of the batch's teacher top-k ids (and labels),
+    with ``t_ids`` and ``labels`` re-indexed into ``U``."""
+    u = torch.unique(torch.cat([t_ids.reshape(-1)] + ([labels] if labels is not None else [])))
+    return u, torch.searchsorted(u, t_ids), None if labels is None else torch.searchsorted(u, labels)
+
+
 def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfig, dev,
-                 autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch and its metrics (per-depth correct / valid counts, loss sum)."""
+                 autocast, proj: FrozenProjection | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch and its metrics (per-depth correct / valid counts, loss sum).
+
+    ``proj`` (given when the head's projection is frozen) routes the loss through the fused
+    projection (:func:`projected_distill_loss`). "correct" compares the head's top-1 with the data
+    token over the vocabulary the loss saw: the full one, the batch's (``--kl_vocab batch``) or the
+    teacher's top-k (``--loss logit_match``); the held-out evaluation always uses the full one.
+    """
     d = cfg.draft_len
     batch = gather_batch(feats.tokens, feats.targets, feats.seq_end, feats.hidden, pos, d)
     valid = batch.valid.to(dev)
     with torch.no_grad():
         emb = base.embedding(batch.in_tokens.to(dev))      # frozen, shared
-    with autocast():
-        flat = head(batch.context.to(dev), emb, valid)     # [M, V]: valid rows only
     labels = batch.labels.to(dev)[valid]
     t_ids, t_probs = _teacher(feats, base, batch, cfg, dev)
-    rows = distill_loss(flat, labels, t_ids, t_probs, cfg.temperature, cfg.resolved_alpha())
+    alpha = cfg.resolved_alpha()
+    if cfg.loss == "logit_match":
+        require(proj is not None and proj.gram is not None,
+                "--loss logit_match: the frozen projection was not prepared")
+        with autocast():
+            feat = head(batch.context.to(dev), emb, valid, project=False)   # [M, H]
+        target = feats.hidden[batch.teacher_pos[batch.valid]].to(dev, torch.float32)
+        rows, zk = logit_match_loss(feat.float(), target, proj.gram, proj.weight[t_ids], t_probs,
+                                    proj.weight.shape[0], cfg.temperature, cfg.mse_weight)
+        with torch.no_grad():
+            pred = t_ids.gather(1, zk.argmax(-1, keepdim=True)).squeeze(1)
+    elif cfg.kl_vocab == "batch" or proj is not None:
+        with autocast():
+            feat = head(batch.context.to(dev), emb, valid, project=False)   # [M, exit_dim]
+        if cfg.kl_vocab == "batch":
+            require(t_ids is not None or alpha == 0, "--kl_vocab batch needs --teacher_topk > 0")
+            u, ids_u, labels_u = batch_vocabulary(
+                t_ids if t_ids is not None else labels[:, None], labels if alpha < 1 else None)
+            ids_u = ids_u if t_ids is not None else None
+            labels_u = labels_u if labels_u is not None else torch.zeros_like(labels)
+        else:
+            u, ids_u, labels_u = None, t_ids, labels
+        if proj is not None:
+            w = proj.matmul_weight if u is None else proj.matmul_weight[u]
+            rows, pred = projected_distill_loss(feat, w, labels_u, ids_u, t_probs, cfg.temperature, alpha,
+                                                matmul_dtype=w.dtype)
+        else:
+            weight = _unwrap(head).drafter.lm_head[-1].weight
+            with autocast():
+                flat = torch.nn.functional.linear(feat, weight[u])
+            rows = distill_loss(flat, labels_u, ids_u, t_probs, cfg.temperature, alpha)
+            pred = flat.detach().argmax(-1)
+        if u is not None:
+            pred = u[pred]
+    else:
+        with autocast():
+            flat = head(batch.context.to(dev), emb, valid)     # [M, V]: valid rows only
+        rows = distill_loss(flat, labels, t_ids, t_probs, cfg.temperature, alpha)
+        with torch.no_grad():
+            pred = flat.argmax(-1)
     row_loss = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
     row_loss = row_loss.masked_scatter(valid, rows)
     weights = torch.tensor(cfg.depth_weights or [1.0] * d, dtype=torch.float32, device=dev)
     loss = depth_weighted_mean(row_loss, valid, weights)
     with torch.no_grad():
         correct = torch.zeros(valid.shape, dtype=torch.bool, device=dev)
-        correct[valid] = flat.argmax(-1) == labels
+        correct[valid] = pred == labels
     return loss, {"correct": correct.sum(0).cpu(), "valid": valid.sum(0).cpu(),
                   "loss_sum": (row_loss.detach() * valid).sum(0).cpu()}
 
@@ -510,6 +599,7 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     steps_per_epoch = max(1, sampler.per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
 
+    autocast, use_scaler, precision = _precision(cfg, dev)
     model = UnrolledHead(drafter)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -517,7 +607,6 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    autocast, use_scaler, precision = _precision(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
 
     step, history, prior_elapsed, budget_fixed = 0, [], 0.0, cfg.time_budget_s is None
@@ -540,6 +629,9 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
         budget_fixed = True
         log(f"[train] resumed from {resume_file} at step {step}/{total}")
 
+    # the frozen projection, in the matmul dtype of the precision (after a resume loaded the head)
+    mm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    proj = FrozenProjection.of(drafter, base, cfg, mm_dtype) if cfg.freeze_lm_head else None
     n_params = sum(p.numel() for p in params)
     if is_main:
         log(f"[train] {bc.architecture} H={bc.hidden_size} V={bc.vocab_size}; head exit_dim="
@@ -563,7 +655,7 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             g["lr"] = lr_at(step, cfg, total)
         for _ in range(cfg.grad_accum):
             pos = sampler.next()
-            loss, m = forward_loss(model, base, feats, pos, cfg, dev, autocast)
+            loss, m = forward_loss(model, base, feats, pos, cfg, dev, autocast, proj)
             scaled = loss / cfg.grad_accum
             (scaler.scale(scaled) if scaler else scaled).backward()
             acc_c += m["correct"]
