@@ -679,3 +679,15 @@ def test_batch_vocabulary_needs_a_teacher_top_k(tiny_base, selfdistill_file, tmp
     with pytest.raises(RedrafterError, match="--kl_vocab 'sampled'"):
         train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, kl_vocab="sampled"))
     assert not (tmp_path / "o").exists()
+
+
+def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path):
+    """--time_budget_min fixes the step count from the measured step time (so the cosine schedule
+    ends on time): training spends most of the budget and does not overrun it."""
+    budget = 4.0
+    out = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "tb", tmp_path, max_steps=10 ** 6,
+                             time_budget_s=budget, warmup_steps=5))
+    report = json.loads((out / "training_report.json").read_text())
+    spent = report["train_seconds_this_run"]
+    assert 0.5 * budget <= spent <= 1.25 * budget + 0.5, spent
+    assert 20 <= report["steps"] < 10 ** 6

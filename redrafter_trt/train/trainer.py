@@ -598,6 +598,7 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     sampler = PositionSampler(train_pos, cfg.batch_size, cfg.seed, rank, world)
     steps_per_epoch = max(1, sampler.per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    planned = total
 
     autocast, use_scaler, precision = _precision(cfg, dev)
     model = UnrolledHead(drafter)
@@ -610,6 +611,7 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
 
     step, history, prior_elapsed, budget_fixed = 0, [], 0.0, cfg.time_budget_s is None
+    first_estimate: tuple[int, float] | None = None
     if st is not None:
         require(st["settings"] == json.dumps(cfg.schedule_fields(), sort_keys=True),
                 f"--resume {resume_file}: made with other training settings; resume with the same "
@@ -674,13 +676,23 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if not budget_fixed and step >= max(1, min(10, cfg.warmup_steps)):
-            per_step = (time.perf_counter() - t_loop) / step
-            fit = max(step, int((cfg.time_budget_s - (time.perf_counter() - t_loop)) / per_step) + step)
-            total = min(total, fit)
-            bar.total = total
-            budget_fixed = True
-            log(f"[train] time budget {cfg.time_budget_s:.0f} s: {per_step:.2f} s/step -> {total} steps")
+        if not budget_fixed:
+            # Steps that fit the budget: a first estimate after a few steps, refined once 5% of the
+            # budget has passed from the step time since then (the first steps run slower).
+            now = time.perf_counter() - t_loop
+            if first_estimate is None and step >= max(1, min(10, cfg.warmup_steps)):
+                first_estimate = (step, now)
+                per_step = now / step
+            elif first_estimate is not None and now >= 0.05 * cfg.time_budget_s and step > first_estimate[0]:
+                per_step = (now - first_estimate[1]) / (step - first_estimate[0])
+                budget_fixed = True
+            else:
+                per_step = None
+            if per_step is not None:
+                total = min(planned, max(step, int((cfg.time_budget_s - now) / per_step) + step))
+                bar.total = total
+                log(f"[train] time budget {cfg.time_budget_s:.0f} s: {per_step:.3f} s/step -> {total} steps"
+                    + ("" if budget_fixed else " (first estimate)"))
         if cfg.time_budget_s and budget_fixed and step < total and \
                 prior_elapsed + time.perf_counter() - t_loop > cfg.time_budget_s:
             log(f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step}/{total}; stopping")
