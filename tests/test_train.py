@@ -691,3 +691,15 @@ def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path
     spent = report["train_seconds_this_run"]
     assert 0.5 * budget <= spent <= 1.25 * budget + 0.5, spent
     assert 20 <= report["steps"] < 10 ** 6
+
+
+def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
+    from redrafter_trt.bench.train_step import PATHS, main
+
+    out = tmp_path / "b.json"
+    assert main(["--vocab", "500", "--hidden", "16", "--batch_size", "16", "--steps", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["path"] for r in rows] == [p[0] for p in PATHS]
+    assert all(r["positions_per_s"] > 0 and r["speedup_vs_plain"] > 0 for r in rows)
+    assert "speed-up over the plain fp32 path" in capsys.readouterr().out
