@@ -100,6 +100,20 @@ def _generator(base, head, w, d):
     return Generator(TorchBackend(base, head, w, d, max_batch_size=64, max_input_len=64, max_seq_len=256))
 
 
+def _runtime_tokens_per_step(base, heads: dict) -> dict:
+    """Greedy tokens per step (W=4, D=4) of each head through the runtime, on 24 fresh random
+    prompts (not the training ones)."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, base.config.vocab_size, (6,), generator=g).tolist() for _ in range(24)]
+    tps = {}
+    for name, head in heads.items():
+        gen = _generator(base, head, 4, 4)
+        gen.generate(prompts, max_new_tokens=40)
+        tps[name] = gen.last_stats.tokens_per_step
+    print(f"runtime tokens/step: {tps}")
+    return tps
+
+
 def _cfg(tiny_base, data, out, tmp_path, **kw) -> TrainConfig:
     base = dict(model_dir=str(tiny_base), data=[str(x) for x in data], output_dir=str(out), exit_dim=48,
                 num_draft_layers=1, batch_size=64, lr=1e-2, warmup_steps=5, max_steps=10,
@@ -255,15 +269,7 @@ def test_trained_head_is_accepted_more_than_random(tiny_base, selfdistill_file, 
                              warmup_steps=20, exit_dim=64, lr=1e-2, eval_fraction=0.1))
     trained = load_drafter(out)
     random_head = init_drafter(trained.config, seed=1)
-    base = load_frozen_base(tiny_base)
-    g = torch.Generator().manual_seed(9)  # fresh prompts, not the training ones
-    prompts = [torch.randint(3, base.config.vocab_size, (6,), generator=g).tolist() for _ in range(24)]
-    tps = {}
-    for name, head in (("trained", trained), ("random", random_head)):
-        gen = _generator(base, head, 4, 4)
-        gen.generate(prompts, max_new_tokens=40)
-        tps[name] = gen.last_stats.tokens_per_step
-    print(f"runtime tokens/step: {tps}")
+    tps = _runtime_tokens_per_step(load_frozen_base(tiny_base), {"trained": trained, "random": random_head})
     assert tps["random"] < 1.2
     assert tps["trained"] > tps["random"] + 0.8, tps
     report = json.loads((out / "training_report.json").read_text())
@@ -489,14 +495,7 @@ def test_logit_match_training(tiny_base, selfdistill_file, tmp_path):
     out = train_drafter(cfg)
     trained = load_drafter(out)
     assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float())
-    g = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, v, (6,), generator=g).tolist() for _ in range(24)]
-    tps = {}
-    for name, head in (("trained", trained), ("start", start)):
-        gen = _generator(base, head, 4, 4)
-        gen.generate(prompts, max_new_tokens=40)
-        tps[name] = gen.last_stats.tokens_per_step
-    print(f"runtime tokens/step: {tps}")
+    tps = _runtime_tokens_per_step(base, {"trained": trained, "start": start})
     assert tps["trained"] > tps["start"] + 0.5, tps
     report = json.loads((out / "training_report.json").read_text())
     assert report["settings"]["loss"] == "logit_match"
@@ -615,6 +614,8 @@ def test_batch_vocabulary_reindexes_into_the_union():
     assert torch.equal(u[ids_u], ids) and torch.equal(u[labels_u], labels)
     u2, _, none = batch_vocabulary(ids, None)
     assert u2.tolist() == [3, 7, 9, 12] and none is None
+    u3, no_ids, labels3 = batch_vocabulary(None, labels)
+    assert u3.tolist() == [9, 40] and no_ids is None and torch.equal(u3[labels3], labels)
 
 
 def test_frozen_projection_path_gives_the_same_loss_and_gradients(tiny_base, selfdistill_file, tmp_path):
@@ -661,14 +662,7 @@ def test_batch_vocabulary_training(tiny_base, selfdistill_file, tmp_path, freeze
     start = make_drafter(cfg, h, v, base.lm_head.weight)
     trained = load_drafter(train_drafter(cfg))
     assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float()) == freeze
-    g = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, v, (6,), generator=g).tolist() for _ in range(24)]
-    tps = {}
-    for name, head in (("trained", trained), ("start", start)):
-        gen = _generator(base, head, 4, 4)
-        gen.generate(prompts, max_new_tokens=40)
-        tps[name] = gen.last_stats.tokens_per_step
-    print(f"runtime tokens/step: {tps}")
+    tps = _runtime_tokens_per_step(base, {"trained": trained, "start": start})
     assert tps["trained"] > tps["start"] + 0.5, tps
 
 

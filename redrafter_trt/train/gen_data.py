@@ -64,6 +64,29 @@ def settings_key(model_fp: str, prompts: Sequence[str], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def claim_output(out: Path, meta_path: Path, key: str, overwrite: bool) -> dict | None:
+    """The settings record of an earlier run into ``out`` made with settings ``key`` (its work can
+    be resumed), or None when there is none. Output made with other settings is an error, or is
+    deleted with ``overwrite``."""
+    if not (out.exists() or meta_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("key") == key:
+        return meta
+    require(overwrite, f"{out}: exists and was made with other settings or another model "
+            f"(key {meta.get('key')} != {key}); pass --overwrite or choose another --output")
+    out.unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)
+    return None
+
+
+def write_meta(meta_path: Path, meta: dict) -> None:
+    """Replace the settings record atomically."""
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+
+
 def default_output(key: str) -> Path:
     return cache_root() / "train_data" / f"selfdistill-{key}.jsonl"
 
@@ -117,19 +140,10 @@ def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: 
     key = settings_key(model_fingerprint(model_dir), prompts, settings)
     out = Path(output) if output else default_output(key)
     meta_path = out.with_name(out.name + META_SUFFIX)
-    if out.exists() or meta_path.exists():
-        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if old.get("key") != key:
-            require(overwrite, f"{out}: exists and was made with other settings or another model "
-                    f"(key {old.get('key')} != {key}); pass --overwrite or choose another --output")
-            out.unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
+    claimed = claim_output(out, meta_path, key, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not meta_path.is_file():
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "model_dir": str(model_dir), "num_prompts": len(prompts),
-                                   **settings}, indent=2))
-        os.replace(tmp, meta_path)
+    if claimed is None:
+        write_meta(meta_path, {"key": key, "model_dir": str(model_dir), "num_prompts": len(prompts), **settings})
 
     encoded = [render_prompt(tok, p, chat_template) for p in prompts]
     order = sorted((i for i in range(len(prompts)) if len(encoded[i]) <= max_prompt_len),
@@ -182,4 +196,5 @@ def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: 
     return out
 
 
-__all__ = ["generate_data", "read_prompt_sources", "default_output", "RedrafterError"]
+__all__ = ["generate_data", "read_prompt_sources", "default_output", "claim_output", "write_meta",
+           "RedrafterError"]

@@ -27,7 +27,7 @@ from ..datasets import _is_english
 from ..errors import require
 from .base import eos_ids, load_frozen_base
 from .data import load_base_tokenizer, model_fingerprint, require_chat_template
-from .gen_data import META_SUFFIX, settings_key
+from .gen_data import META_SUFFIX, claim_output, settings_key, write_meta
 
 _SENTINEL = "\u2063REDRAFTER-USER-TEXT\u2063"
 
@@ -56,14 +56,8 @@ def acceptable(text: str, min_words: int) -> bool:
 
 def _resume(out: Path, meta_path: Path, key: str, overwrite: bool) -> tuple[int, list[dict]]:
     """(finished batches, kept records) of an earlier run with the same settings."""
-    if not (out.exists() or meta_path.exists()):
-        return 0, []
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("key") != key:
-        require(overwrite, f"{out}: exists and was made with other settings or another model (key "
-                           f"{meta.get('key')} != {key}); pass --overwrite or choose another --output")
-        out.unlink(missing_ok=True)
-        meta_path.unlink(missing_ok=True)
+    meta = claim_output(out, meta_path, key, overwrite)
+    if meta is None:
         return 0, []
     done = int(meta.get("batches_done", 0))
     kept = []
@@ -78,12 +72,6 @@ def _resume(out: Path, meta_path: Path, key: str, overwrite: bool) -> tuple[int,
             kept.append(rec)
     out.write_text("".join(json.dumps(r) + "\n" for r in kept))  # cut an unfinished batch
     return done, kept
-
-
-def _write_meta(meta_path: Path, meta: dict) -> None:
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
 
 
 def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, num_prompts: int, *,
@@ -155,7 +143,7 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
             kept.extend(new)
             done += 1
             sampled += len(results)
-            _write_meta(meta_path, {"key": key, "model_dir": str(model_dir), "batches_done": done,
+            write_meta(meta_path, {"key": key, "model_dir": str(model_dir), "batches_done": done,
                                     "kept": len(kept), **settings})
             bar.update(len(new))
             bar.set_postfix(kept=f"{len(kept)}/{done * batch_size}")

@@ -97,10 +97,11 @@ def unrolled_logits(drafter: Drafter, embedding: nn.Embedding, context: torch.Te
     return UnrolledHead(drafter)(context, emb)
 
 
-def _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss ``alpha * T^2 * KL(p_teacher || softmax(z/T)) + (1-alpha) * CE(z, label)`` [M]
-    , its gradient in the logits ``alpha*T*(softmax(z/T) - p) + (1-alpha)*(softmax(z) -
-    onehot(label))`` [M, V] in one float32 buffer (no log-softmax output kept), and the argmax [M]."""
+def _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row loss ``alpha * T^2 * KL(p_teacher || softmax(z/T)) + (1-alpha) * CE(z, label)`` [M],
+    its gradient in the logits ``alpha*T*(softmax(z/T) - p) + (1-alpha)*(softmax(z) -
+    onehot(label))`` [M, V] in one float32 buffer (no log-softmax output kept), the argmax [M])."""
     z = logits.detach()
     if z.dtype != torch.float64:
         z = z.to(torch.float32)

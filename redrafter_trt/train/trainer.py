@@ -298,12 +298,13 @@ class FrozenProjection:
         return cls(weight=w, matmul_weight=w.to(matmul_dtype), gram=gram)
 
 
-def batch_vocabulary(t_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor | None]:
-    """``--kl_vocab batch``: the sorted union ``U`` of the batch's teacher top-k ids (and labels),
-    with ``t_ids`` and ``labels`` re-indexed into ``U``."""
-    u = torch.unique(torch.cat([t_ids.reshape(-1)] + ([labels] if labels is not None else [])))
-    return u, torch.searchsorted(u, t_ids), None if labels is None else torch.searchsorted(u, labels)
+def batch_vocabulary(t_ids: torch.Tensor | None, labels: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``--kl_vocab batch``: the sorted union ``U`` of the batch's teacher top-k ids and labels
+    (whichever are given), with each re-indexed into ``U`` (None where not given)."""
+    given = [x for x in (t_ids, labels) if x is not None]
+    u = torch.unique(torch.cat([x.reshape(-1) for x in given]))
+    return (u,) + tuple(None if x is None else torch.searchsorted(u, x) for x in (t_ids, labels))
 
 
 def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfig, dev,
@@ -338,10 +339,8 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
             feat = head(batch.context.to(dev), emb, valid, project=False)   # [M, exit_dim]
         if cfg.kl_vocab == "batch":
             require(t_ids is not None or alpha == 0, "--kl_vocab batch needs --teacher_topk > 0")
-            u, ids_u, labels_u = batch_vocabulary(
-                t_ids if t_ids is not None else labels[:, None], labels if alpha < 1 else None)
-            ids_u = ids_u if t_ids is not None else None
-            labels_u = labels_u if labels_u is not None else torch.zeros_like(labels)
+            u, ids_u, labels_u = batch_vocabulary(t_ids, labels if alpha < 1 else None)
+            labels_u = labels if labels_u is None else labels_u  # a pure KL never reads them
         else:
             u, ids_u, labels_u = None, t_ids, labels
         if proj is not None:
