@@ -126,6 +126,38 @@ __device__ __forceinline__ void blockArgmax(float* v, int64_t* i, DrawShared& sh
     }
 }
 
+// One radix round on the mass of the bins: byte `shift` of the keys that forEach hands to
+// visit(key, weight, valid) and that match `prefix` under `mask`, binned by count and mass.
+// Thread t < 256 gets bin 255 - t's own count and mass and the inclusive suffix down from bin 255
+// (descending key order). Also resets sh.pickBin / sh.pickLast for the caller's pick.
+struct BinRound {
+    uint32_t inclCount, ownCount;
+    double inclMass, ownMass;
+};
+
+template <class ForEach>
+__device__ __forceinline__ BinRound massRound(ForEach&& forEach, uint32_t prefix, uint32_t mask, int shift,
+                                              DrawShared& sh) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        sh.sel.hist[i] = 0;
+        sh.sel.mass[i] = 0.0;
+    }
+    if (threadIdx.x == 0) {
+        sh.pickBin = 0xFFFFFFFFu;
+        sh.pickLast = 0;
+    }
+    __syncthreads();
+    forEach([&](uint32_t key, float wgt, bool valid) {
+        const bool match = valid && (key & mask) == prefix;
+        device::histAddMass(sh.sel.hist, sh.sel.mass, match ? ((key >> shift) & 0xFFu) : 256u, wgt);
+    });
+    __syncthreads();
+    BinRound r;
+    device::binSuffix(sh.sel.hist, sh.sel.warpCount, &r.inclCount, &r.ownCount);
+    device::binSuffixMass(sh.sel.mass, sh.sel.warpMass, &r.inclMass, &r.ownMass);
+    return r;
+}
+
 // top-p cut over the tokens forEach hands to visit(key, weight, valid) (valid = kept by top-k):
 // the key of the last kept token of the descending order (radix descent on the mass of the
 // bins), the mass ranked above that key and the number of tokens tied at it.
@@ -141,30 +173,17 @@ __device__ TopPCut topPDescent(ForEach&& forEach, double pS, DrawShared& sh) {
     uint32_t prefix = 0, mask = 0, equalCount = 0;
     double massAbove = 0.0;
     for (int shift = 24; shift >= 8 * kLow; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-            sh.sel.hist[i] = 0;
-            sh.sel.mass[i] = 0.0;
-        }
-        if (threadIdx.x == 0) sh.pickBin = 0xFFFFFFFFu;
-        __syncthreads();
-        forEach([&](uint32_t key, float wgt, bool valid) {
-            const bool match = valid && (key & mask) == prefix;
-            device::histAddMass(sh.sel.hist, sh.sel.mass, match ? ((key >> shift) & 0xFFu) : 256u, wgt);
-        });
-        __syncthreads();
-        uint32_t inclCount, ownCount;
-        device::binSuffix(sh.sel.hist, sh.sel.warpCount, &inclCount, &ownCount);
-        double inclMass, ownMass;
-        device::binSuffixMass(sh.sel.mass, sh.sel.warpMass, &inclMass, &ownMass);
+        const BinRound r = massRound(forEach, prefix, mask, shift, sh);
         // The lowest non-empty bin whose first token still starts below p: thread t <-> bin 255 - t.
-        const bool cond = threadIdx.x < 256 && ownCount > 0 && samplingTopPKeeps(massAbove + (inclMass - ownMass), pS, false);
+        const bool cond = threadIdx.x < 256 && r.ownCount > 0 &&
+                          samplingTopPKeeps(massAbove + (r.inclMass - r.ownMass), pS, false);
         if (cond) atomicMin(&sh.pickBin, 255u - threadIdx.x);
         __syncthreads();
         const uint32_t bin = sh.pickBin;
         if (bin == 0xFFFFFFFFu) return TopPCut{true, 0u, 0.0, 0u};
         if (threadIdx.x == 255u - bin) {
-            sh.sel.massAbove = massAbove + (inclMass - ownMass);
-            sh.sel.equal = ownCount;
+            sh.sel.massAbove = massAbove + (r.inclMass - r.ownMass);
+            sh.sel.equal = r.ownCount;
         }
         __syncthreads();
         massAbove = sh.sel.massAbove;
@@ -195,28 +214,16 @@ __device__ int64_t idDescent(ForEach&& forEach, double target, int64_t none, Dra
     uint32_t prefix = 0, mask = 0;  // over the key ~id: descending key = ascending id
     double massAbove = 0.0;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-            sh.sel.hist[i] = 0;
-            sh.sel.mass[i] = 0.0;
-        }
-        if (threadIdx.x == 0) {
-            sh.pickBin = 0xFFFFFFFFu;
-            sh.pickLast = 0;
-        }
-        __syncthreads();
-        forEach([&](int32_t id, float wgt, bool valid) {
-            const uint32_t key = 0xFFFFFFFFu - static_cast<uint32_t>(id);
-            const bool match = valid && (key & mask) == prefix;
-            device::histAddMass(sh.sel.hist, sh.sel.mass, match ? ((key >> shift) & 0xFFu) : 256u, wgt);
-        });
-        __syncthreads();
-        uint32_t inclCount, ownCount;
-        device::binSuffix(sh.sel.hist, sh.sel.warpCount, &inclCount, &ownCount);
-        double inclMass, ownMass;
-        device::binSuffixMass(sh.sel.mass, sh.sel.warpMass, &inclMass, &ownMass);
+        const BinRound r = massRound(
+            [&](auto&& visit) {
+                forEach([&](int32_t id, float wgt, bool valid) {
+                    visit(0xFFFFFFFFu - static_cast<uint32_t>(id), wgt, valid);
+                });
+            },
+            prefix, mask, shift, sh);
         const uint32_t t = threadIdx.x;
-        if (t < 256 && ownCount > 0) {
-            if (massAbove + inclMass > target) atomicMin(&sh.pickBin, t);
+        if (t < 256 && r.ownCount > 0) {
+            if (massAbove + r.inclMass > target) atomicMin(&sh.pickBin, t);
             atomicMax(&sh.pickLast, t + 1);
         }
         __syncthreads();
@@ -225,7 +232,7 @@ __device__ int64_t idDescent(ForEach&& forEach, double target, int64_t none, Dra
             if (shift == 24 || sh.pickLast == 0) return none;
             pick = sh.pickLast - 1;  // the sub-bins summed a hair below their parent bin: its last id
         }
-        if (t == pick) sh.sel.massAbove = massAbove + (inclMass - ownMass);
+        if (t == pick) sh.sel.massAbove = massAbove + (r.inclMass - r.ownMass);
         __syncthreads();
         massAbove = sh.sel.massAbove;
         prefix |= (255u - pick) << shift;
