@@ -23,7 +23,7 @@ import torch
 from ..models.drafter import DrafterConfig, init_drafter
 from ..train.features import FEATURES_FILE, Features
 from ..train.losses import UnrolledHead
-from ..train.trainer import FrozenProjection, TrainConfig, _precision, forward_loss
+from ..train.trainer import FrozenProjection, TrainConfig, _precision, forward_loss, split_positions
 
 #: (name, loss, kl_vocab, precision, frozen projection)
 PATHS = (
@@ -37,21 +37,12 @@ PATHS = (
 )
 
 
-class _Embedding(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, ids):
-        return self.weight[ids]
-
-
 class _Base:
     """What forward_loss reads from the frozen base: the embedding and the projection."""
 
     def __init__(self, vocab: int, hidden: int, seed: int):
         g = torch.Generator().manual_seed(seed)
-        self.embedding = _Embedding(torch.randn(vocab, hidden, generator=g) * 0.02)
+        self.embedding = torch.nn.Embedding.from_pretrained(torch.randn(vocab, hidden, generator=g) * 0.02)
         self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
         with torch.no_grad():
             self.lm_head.weight.copy_(torch.randn(vocab, hidden, generator=g) * 0.05)
@@ -94,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         feats = synthetic_features(200_000, args.vocab, args.hidden, args.teacher_topk, seed=0)
     base = _Base(args.vocab, args.hidden, seed=1)
+    usable, _ = split_positions(feats, args.draft_len, 0.0, seed=0)  # the positions training draws
     g = torch.Generator().manual_seed(2)
-    starts = [torch.randint(0, feats.num_tokens - args.draft_len - 2, (args.batch_size,), generator=g)
+    starts = [usable[torch.randint(0, len(usable), (args.batch_size,), generator=g)]
               for _ in range(args.steps + 1)]
     rows = []
     for name, loss, vocab, precision, frozen in PATHS:

@@ -144,7 +144,7 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
             done += 1
             sampled += len(results)
             write_meta(meta_path, {"key": key, "model_dir": str(model_dir), "batches_done": done,
-                                    "kept": len(kept), **settings})
+                                   "kept": len(kept), **settings})
             bar.update(len(new))
             bar.set_postfix(kept=f"{len(kept)}/{done * batch_size}")
     bar.close()
