@@ -92,3 +92,18 @@ def test_stop_strings_end_rows_like_plain(smol_engine):
     assert plain.finish_reason == "stop" and plain.text.endswith(".") and plain.text.count(".") == 1
     # The stop string completed in the last token, not earlier.
     assert "." not in gen.decode(plain.token_ids[:-1])
+
+
+def test_streaming_text_keeps_multibyte_characters(smol_engine):
+    """Stream events carry text that never splits a UTF-8 character; their concatenation is
+    exactly the non-streaming text (the CLI's --streaming prints these deltas)."""
+    _, engine = smol_engine
+    gen = load(engine)
+    prompt = "Write one sentence in Chinese about tea."
+    plain = gen.generate([prompt], max_new_tokens=40, use_chat_template=True)[0]
+    assert any(len(c.encode()) > 1 for c in plain.text), plain.text  # the case under test
+    events = list(gen.generate_stream([prompt], max_new_tokens=40, use_chat_template=True))
+    assert all("\ufffd" not in ev.text for ev in events)
+    assert "".join(ev.text for ev in events) == plain.text
+    naive = "".join(gen.decode(ev.token_ids) for ev in events)
+    assert naive != plain.text  # decoding each step's tokens alone (the old way) breaks it

@@ -104,20 +104,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _stream(gen, prompts, kw, as_json: bool):
     """Print each step's new tokens as it completes; return the final results."""
-    per_row: dict[int, list[int]] = {}
-    printed: dict[int, str] = {}
     for ev in gen.generate_stream(prompts, **kw):
-        per_row.setdefault(ev.index, []).extend(ev.token_ids)
         if as_json:
             print(json.dumps({"index": ev.index, "token_ids": ev.token_ids, "finished": ev.finished}),
                   flush=True)
             continue
-        text = gen.decode(per_row[ev.index])
-        if text is None:
-            delta = " ".join(map(str, ev.token_ids))
-        else:
-            delta = text[len(printed.get(ev.index, "")):]
-            printed[ev.index] = text
+        # ev.text never splits a multi-byte character (held back until the step completing it)
+        delta = ev.text if ev.text is not None else " ".join(map(str, ev.token_ids))
         prefix = f"[{ev.index}] " if len(prompts) > 1 else ""
         if delta:
             sys.stdout.write(prefix + delta + ("\n" if len(prompts) > 1 else ""))

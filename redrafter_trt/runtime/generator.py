@@ -17,6 +17,7 @@ import torch
 from .. import contract as C
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
+from .detokenize import IncrementalDetokenizer
 
 
 @dataclass
@@ -35,12 +36,17 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """Tokens one step added to prompt ``index`` (``finished`` on the row's last event)."""
+    """Tokens one step added to prompt ``index`` (``finished`` on the row's last event).
+
+    ``text`` is the text those tokens complete (``None`` without a tokenizer): a multi-byte
+    character split over steps arrives whole in the event that completes it, and the events'
+    texts of one row concatenate to its ``GenerationResult.text``."""
 
     index: int
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
+    text: str | None = None
 
 
 @dataclass
@@ -66,6 +72,7 @@ class _Row:
         self.tokens: list[int] = []
         self.accepted: list[int] = []
         self.finish_reason: str | None = None
+        self.detok: IncrementalDetokenizer | None = None
 
 
 class Generator:
@@ -241,6 +248,9 @@ class Generator:
         out = be.step(inputs)
         carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
         active = np.arange(b)
+        if self.tokenizer is not None:
+            for r in chunk:
+                r.detok = IncrementalDetokenizer(self.tokenizer)
         first = True
         while True:
             counts = out[C.NUM_OUTPUT_TOKENS].cpu().tolist()
@@ -252,7 +262,11 @@ class Generator:
                 if not first:  # tokens per step counts generation steps, not the prompt's call
                     stats.row_steps += 1
                     stats.generated_tokens += len(added)
-                yield StreamEvent(r.index, added, r.finish_reason is not None, r.finish_reason)
+                text = None
+                if r.detok is not None:
+                    text = (r.detok.finish(added, self._text(r, stop)) if r.finish_reason
+                            else r.detok.push(added))
+                yield StreamEvent(r.index, added, r.finish_reason is not None, r.finish_reason, text)
                 if r.finish_reason is None:
                     still.append(k)
             if not first:
