@@ -26,6 +26,86 @@ from .plugins import load_plugin_library
 
 ENGINE_DTYPES = ("float16", "bfloat16")
 DEFAULT_TOKENS_PER_BLOCK = 64
+#: ``BuildConfig.speculative_decoding_mode`` member the engine is built with (an ``IntFlag`` of
+#: ``tensorrt_llm.models.modeling_utils.SpeculativeDecodingMode``; BuildConfig is a pydantic model
+#: and rejects the member's name as a string).
+SPEC_DECODING_MODE = "EXPLICIT_DRAFT_TOKENS"
+
+# What the GPT attention plugin's speculative-decoding generation phase can run: it has no
+# fallback when no XQA kernel fits ("No available XQA kernels are found for speculative decoding
+# mode", gptAttentionCommon.cpp), and the XQA kernels take (kernelUtils.cpp, supportConfigHMMA /
+# supportConfigQGMMA, decoderXQAImplJIT): fp16/bf16 activations and KV cache, head size a multiple
+# of 16 in 16..256, at most 32 query heads per KV head, paged blocks of 16/32/64/128 tokens, RoPE
+# (GPT-NeoX), no attention sinks, SM >= 80. The tree size W*L is not limited by those checks; the
+# multi-query-token kernels tile it by 16 or 32 query rows (any length).
+XQA_DTYPES = ("float16", "bfloat16")
+XQA_HEAD_SIZE_RANGE = (16, 256)
+XQA_HEAD_SIZE_MULTIPLE = 16
+XQA_MAX_HEAD_GROUP = 32
+XQA_TOKENS_PER_BLOCK = (16, 32, 64, 128)
+XQA_MIN_SM = (8, 0)
+
+
+def xqa_support_problems(*, dtype: str, head_size: int, num_attention_heads: int, num_key_value_heads: int,
+                         tokens_per_block: int, sm: tuple[int, int] | None = None) -> list[str]:
+    """Why TensorRT-LLM's spec-decoding attention would find no XQA kernel for this engine (empty:
+    supported). ``sm`` (compute capability) is checked when given."""
+    bad = []
+    if dtype not in XQA_DTYPES:
+        bad.append(f"dtype {dtype} (XQA: {' or '.join(XQA_DTYPES)})")
+    lo, hi = XQA_HEAD_SIZE_RANGE
+    if head_size % XQA_HEAD_SIZE_MULTIPLE or not lo <= head_size <= hi:
+        bad.append(f"head_dim {head_size} (XQA: a multiple of {XQA_HEAD_SIZE_MULTIPLE} in {lo}..{hi})")
+    if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads:
+        bad.append(f"{num_attention_heads} query heads over {num_key_value_heads} KV heads (not a multiple)")
+    elif num_attention_heads // num_key_value_heads > XQA_MAX_HEAD_GROUP:
+        bad.append(f"{num_attention_heads // num_key_value_heads} query heads per KV head (XQA: at most "
+                   f"{XQA_MAX_HEAD_GROUP})")
+    if tokens_per_block not in XQA_TOKENS_PER_BLOCK:
+        bad.append(f"tokens_per_block {tokens_per_block} (XQA: one of {XQA_TOKENS_PER_BLOCK})")
+    if sm is not None and tuple(sm) < XQA_MIN_SM:
+        bad.append(f"GPU compute capability {sm[0]}.{sm[1]} (XQA: {XQA_MIN_SM[0]}.{XQA_MIN_SM[1]} or newer)")
+    return bad
+
+
+def check_xqa_support(cfg: RedrafterCheckpointConfig, tokens_per_block: int, sm: tuple[int, int] | None = None,
+                      where: str = "redrafter-build --backend trtllm") -> None:
+    """Refuse, at build time, an engine whose generation calls TensorRT-LLM could not run."""
+    b = cfg.base
+    bad = xqa_support_problems(dtype=cfg.dtype, head_size=b.head_size, num_attention_heads=b.num_attention_heads,
+                               num_key_value_heads=b.num_key_value_heads, tokens_per_block=tokens_per_block, sm=sm)
+    require(not bad, f"{where}: TensorRT-LLM's speculative-decoding attention has no kernel for this engine "
+            f"(W x L = {cfg.num_beams} x {cfg.draft_len + 1}): " + "; ".join(bad)
+            + "; use --backend torch for this model")
+
+
+def build_config_kwargs(spec_mode_enum: Any, *, max_batch_size: int, max_input_len: int, max_seq_len: int,
+                        tree_size: int, max_num_tokens: int | None = None) -> dict[str, Any]:
+    """``tensorrt_llm.builder.BuildConfig`` keyword arguments (without ``plugin_config``).
+
+    ``spec_mode_enum`` is ``SpeculativeDecodingMode``; the mode is passed as its member. With a
+    mode other than NONE, TensorRT-LLM's ``build()`` adds ``max_draft_len`` to ``max_seq_len``
+    before ``prepare_inputs`` (builder.py), so the engine's KV positions per slot are read back
+    from the built engine (:func:`kv_block_dims`), never recomputed from these values.
+    ``max_seq_len`` here is the KV positions a slot needs: the user's max_seq_len plus one tree."""
+    t_in = max(max_input_len, tree_size)
+    return dict(max_batch_size=max_batch_size, max_input_len=t_in, max_seq_len=max_seq_len + tree_size,
+                max_beam_width=1, max_num_tokens=int(max_num_tokens) if max_num_tokens else max_batch_size * t_in,
+                max_draft_len=tree_size - 1, speculative_decoding_mode=getattr(spec_mode_enum, SPEC_DECODING_MODE))
+
+
+def kv_block_dims(build_record: dict[str, Any]) -> tuple[int, int]:
+    """``(kv_len, max_blocks)`` of an engine from its ``config.json`` ``build_config`` record:
+    ``kv_len`` = the ``max_seq_len`` the engine's ``prepare_inputs`` saw (``engine_max_seq_len``,
+    read from the built engine's ``config.build_config``), ``max_blocks`` = the fixed last
+    dimension of ``kv_cache_block_offsets`` = ceil(kv_len / tokens_per_block)."""
+    require("engine_max_seq_len" in build_record,
+            "engine config.json: build_config has no engine_max_seq_len (built by an older redrafter-build, "
+            "whose KV block dimension may not match the engine); rebuild the engine")
+    kv_len = int(build_record["engine_max_seq_len"])
+    tpb = int(build_record.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
+    require(kv_len >= 1 and tpb >= 1, f"engine config.json: engine_max_seq_len {kv_len}, tokens_per_block {tpb}")
+    return kv_len, -(-kv_len // tpb)
 
 
 def engine_file(rank: int) -> str:
@@ -43,6 +123,7 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
     require(not unknown, f"redrafter-build --backend trtllm: unknown build options {sorted(unknown)}")
     trt, trtllm = require_trtllm("redrafter-build --backend trtllm")
     from tensorrt_llm.builder import BuildConfig, build
+    from tensorrt_llm.models.modeling_utils import SpeculativeDecodingMode
     from tensorrt_llm.plugin import PluginConfig
 
     from .network import build_model
@@ -59,6 +140,14 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
     quant = raw_cfg.get("quantization") or {}
     require(quant.get("quant_algo") in (None, "FP8"),
             f"{ckpt}: quantization {quant.get('quant_algo')!r} not supported (None or FP8)")
+    sm = None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            sm = torch.cuda.get_device_capability()
+    except Exception:  # noqa: BLE001 - the capability is only an extra check
+        sm = None
+    check_xqa_support(cfg, tokens_per_block, sm)
     load_plugin_library()
     cfg_loaded, shards = load_rank_shards(ckpt)
     tree = cfg.num_beams * (cfg.draft_len + 1)
@@ -74,26 +163,31 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
     plugins.tokens_per_block = tokens_per_block
     plugins.context_fmha = True
     plugins.use_paged_context_fmha = use_paged_context_fmha != "disable"
-    num_tokens = int(max_num_tokens) if max_num_tokens else max_batch_size * max(max_input_len, tree)
-    kv_max_seq_len = max_seq_len + tree  # room for the tree verified in the last step
-    build_config = BuildConfig(max_batch_size=max_batch_size, max_input_len=max(max_input_len, tree),
-                               max_seq_len=kv_max_seq_len, max_beam_width=1, max_num_tokens=num_tokens,
-                               max_draft_len=tree - 1, speculative_decoding_mode="explicit_draft_tokens",
-                               plugin_config=plugins)
+    kwargs = build_config_kwargs(SpeculativeDecodingMode, max_batch_size=max_batch_size, max_input_len=max_input_len,
+                                 max_seq_len=max_seq_len, tree_size=tree, max_num_tokens=max_num_tokens)
+    num_tokens, kv_max_seq_len = kwargs["max_num_tokens"], kwargs["max_seq_len"]
+    build_config = BuildConfig(**kwargs, plugin_config=plugins)
 
     engines = []
+    engine_max_seq_len = None
     for rank, shard in enumerate(shards):
         model = build_model(cfg_loaded, rank, warp_k=warp_k,
                             quantization=quant if quant.get("quant_algo") else None)
         model.load(shard)
-        engine = build(model, build_config)
+        engine = build(model, build_config)   # works on a deep copy of build_config (builder.py)
         require(engine is not None and engine.engine is not None, f"TensorRT failed to build rank {rank}")
+        # the max_seq_len prepare_inputs saw (build() adds max_draft_len to it in spec-decoding modes)
+        built = int(engine.config.build_config.max_seq_len)
+        require(engine_max_seq_len in (None, built), f"rank {rank}: max_seq_len {built} differs from rank 0's")
+        engine_max_seq_len = built
+        num_tokens = int(engine.config.build_config.max_num_tokens)
         engines.append(engine.engine)
 
     record = {
         "max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
         "warp_k": warp_k, "tokens_per_block": tokens_per_block, "max_num_tokens": num_tokens,
-        "kv_max_seq_len": kv_max_seq_len,
+        "kv_max_seq_len": kv_max_seq_len, "engine_max_seq_len": engine_max_seq_len,
+        "speculative_decoding_mode": SPEC_DECODING_MODE,
         "dtype": cfg.dtype, "gemm_plugin": plugins.gemm_plugin,
         "gpt_attention_plugin": plugins.gpt_attention_plugin, "kv_cache_type": "paged",
         "tensorrt_version": trt.__version__, "tensorrt_llm_version": trtllm.__version__,

@@ -69,7 +69,15 @@ DEFAULT_GRAPH_CACHE_SIZE = 8
 
 PAST_KV_LENGTHS = "host_past_key_value_lengths"
 #: Engine inputs that live in host memory; the plugins read their values when the engine is enqueued.
+#: Known by name: TensorRT 10 reports them as DEVICE-located (TensorRT-LLM declares every network
+#: input alike and binds CPU pointers to these, e.g. runtime/generation.py, runtime/redrafter_utils.py
+#: ``spec_decoding_use`` on "cpu"), so ``ICudaEngine.get_tensor_location`` cannot tell them apart.
 HOST_INPUTS = frozenset(n for n in ATTENTION_INPUTS if n.startswith("host_")) | {"spec_decoding_use"}
+
+
+def host_input_names(engine_inputs: Iterable[str]) -> frozenset[str]:
+    """The engine inputs bound to host memory: :data:`HOST_INPUTS` that the engine kept."""
+    return HOST_INPUTS & frozenset(engine_inputs)
 #: Host inputs the graph does not need exactly: captured with an upper bound (rounded), so they do
 #: not force a re-capture on every step.
 BOUNDED_HOST_INPUTS = frozenset({PAST_KV_LENGTHS})

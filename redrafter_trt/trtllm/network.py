@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import contract as C
 from ..checkpoint import RedrafterCheckpointConfig, padded_vocab_size
+from ..errors import require
 from ..ops.beam_search import DEFAULT_WARP_K
 from . import ACCEPTED_INDICES, require_trtllm
 from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin
@@ -50,11 +51,27 @@ ATTENTION_INPUTS = ("sequence_length", "host_past_key_value_lengths", "host_max_
                     "spec_decoding_use")
 
 
+#: ``PretrainedConfig.architecture`` of the step engine (not in TensorRT-LLM's ``MODEL_MAP``, so its
+#: config is constructed directly, never through ``PretrainedConfig.from_dict``).
+ENGINE_ARCHITECTURE = "ReDrafterStepEngine"
+
+
 def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) -> dict[str, Any]:
-    """The base model's TensorRT-LLM ``PretrainedConfig`` dict (LLaMA or QWen architecture)."""
+    """The base model's TensorRT-LLM ``PretrainedConfig`` keyword arguments (LLaMA or QWen).
+
+    Biases: TensorRT-LLM's ``LLaMAConfig`` / ``QWenConfig`` read one ``attn_bias``. Llama's
+    attention applies it to qkv and dense alike (``Attention(bias=attn_bias)``, dense_bias
+    defaulting to it); Qwen2's to qkv only (``dense_bias=False``). So the checkpoint's
+    ``qkv_bias``/``dense_bias`` pair must be (b, b) for Llama and (b, False) for Qwen2."""
     from ..models.base import ARCH_QWEN2
 
     b = cfg.base
+    if b.architecture == ARCH_QWEN2:
+        require(not b.dense_bias, "Qwen2 checkpoint with an attention output (dense) bias: TensorRT-LLM's "
+                "QWenForCausalLM has none (dense_bias=False)")
+    else:
+        require(b.qkv_bias == b.dense_bias, f"Llama checkpoint with qkv_bias={b.qkv_bias} but dense_bias="
+                f"{b.dense_bias}: TensorRT-LLM's LLaMAForCausalLM uses one attn_bias for both")
     d: dict[str, Any] = {
         "architecture": "Qwen2ForCausalLM" if b.architecture == ARCH_QWEN2 else "LlamaForCausalLM",
         "dtype": cfg.dtype, "logits_dtype": "float32", "vocab_size": b.vocab_size,
@@ -81,10 +98,10 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
     from tensorrt_llm._common import default_net
     from tensorrt_llm.functional import Tensor
     from tensorrt_llm.layers import ColumnLinear
-    from tensorrt_llm.layers.attention import AttentionParams, KeyValueCacheParams, SpecDecodingParams
+    from tensorrt_llm.layers.attention import Attention, AttentionParams, KeyValueCacheParams, SpecDecodingParams
     from tensorrt_llm.mapping import Mapping
     from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
-    from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
+    from tensorrt_llm.models.modeling_utils import PretrainedModel
     from tensorrt_llm.module import Module, ModuleList
 
     from ..models.base import ARCH_QWEN2
@@ -93,7 +110,9 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
     if quantization:
         base_dict["quantization"] = quantization
     base_cls = QWenForCausalLM if cfg.base.architecture == ARCH_QWEN2 else LLaMAForCausalLM
-    base_config = base_cls.config_class.from_dict(base_dict)
+    # constructed directly: PretrainedConfig.from_dict looks config["architecture"] up in MODEL_MAP
+    config_cls = base_cls.config_class
+    base_config = config_cls(**base_dict)
     mapping = Mapping(world_size=cfg.tp_size, rank=rank, tp_size=cfg.tp_size)
     dtype = cfg.dtype
     W, D = cfg.num_beams, cfg.draft_len
@@ -151,13 +170,29 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
         target = F.concat([F.shape(index, 0), F.shape(index, 1)] + [F.shape(x, i) for i in range(2, x.ndim())])
         return F.gather(x, 1, F.expand(idx, target))
 
+    # Slices below: static starts (a list of ints, the ISliceLayer's start parameter) with dynamic
+    # sizes (an int64 shape tensor from F.shape/F.concat, set as input 2), the pattern TensorRT-LLM's
+    # own ReDrafter uses (models/redrafter/redrafter_helper.py): no int32 start tensor is paired
+    # with int64 sizes.
+
     class ReDrafterEngine(PretrainedModel):
-        def __init__(self, config: PretrainedConfig):
+        def __init__(self, config):
             super().__init__(config)
             base = base_cls(base_config)  # not registered itself: its parts keep the checkpoint's names
             self.transformer = base.transformer   # transformer.*
             self.lm_head = base.lm_head           # lm_head.weight
             self.drafter = DraftHead()            # drafter.*
+            # RoPE tables: registered on, and filled from, the top-level model, as
+            # DecoderModelForCausalLM does (the base's copies are not part of this module tree)
+            Attention.create_attention_const_params(self, config)
+            self.position_embedding_type = config.position_embedding_type
+
+        def __post_init__(self):
+            # PostInitCaller calls this once per constructed PretrainedModel. The base's own
+            # __post_init__ already quantized its layers (FP8 bases) with the checkpoint's config;
+            # quantizing again would re-wrap those FP8 linears (FP8Linear is a ColumnLinear) and
+            # reach the draft head, which stays in the checkpoint's float dtype.
+            self.quant_mode = self.config.quantization.quant_mode
 
         # -------------------------------------------------------------- inputs
         def prepare_inputs(self, max_batch_size: int, max_input_len: int, max_seq_len: int, **_ignored):
@@ -250,6 +285,7 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
                 host_context_lengths=a["host_context_lengths"], max_context_length=max_input_len,
                 host_request_types=a["host_request_types"], host_runtime_perf_knobs=a["host_runtime_perf_knobs"],
                 host_context_progress=a["host_context_progress"])
+            attn = Attention.fill_attention_params(self, attn)   # rotary_inv_freq, embed_positions_for_gpt_attention
             hidden = self.transformer(flat_ids, position_ids=None, use_cache=True, spec_decoding_params=spec,
                                       kv_cache_params=kv, attention_params=attn)
             if isinstance(hidden, tuple):
@@ -259,13 +295,13 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             # ---- nodes acceptance reads: the tree, or a prompt's last token at node 0
             is_ctx = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)  # [B, 1, 1]
             last = rows_gather(hidden, F.unsqueeze(x[C.INPUT_LENGTHS] - 1, 1), 1)   # [B, 1, H]
-            nodes = F.slice(hidden, starts=F.concat([0, 0, 0]),
+            nodes = F.slice(hidden, starts=[0, 0, 0],
                             sizes=F.concat([b, F.minimum(t, N), H]))                 # [B, N', H]
-            first = F.where(is_ctx, last, F.slice(nodes, F.concat([0, 0, 0]), F.concat([b, 1, H])))
-            rest = F.slice(nodes, F.concat([0, 1, 0]), F.concat([b, F.minimum(t, N) - 1, H]))
+            first = F.where(is_ctx, last, F.slice(nodes, [0, 0, 0], F.concat([b, 1, H])))
+            rest = F.slice(nodes, [0, 1, 0], F.concat([b, F.minimum(t, N) - 1, H]))
             node_hidden = F.concat([first, rest], dim=1)
             logits = self.lm_head(node_hidden)                                       # [B, N', Vpad]
-            logits = F.slice(logits, F.concat([0, 0, 0]), F.concat([b, F.shape(logits, 1), V]))
+            logits = F.slice(logits, [0, 0, 0], F.concat([b, F.shape(logits, 1), V]))
             logits = F.cast(logits, "float32")
 
             ctx_rows = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)
@@ -293,7 +329,7 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
                 emb = self.transformer.vocab_embedding(F.view(tokens[-1], F.concat([b * W])))
                 state = self.drafter.state(emb, state)
                 draft_logits = self.drafter(ctx_bw, state)                            # [B*W, Vpad]
-                draft_logits = F.view(F.slice(draft_logits, F.concat([0, 0]), F.concat([b * W, V])),
+                draft_logits = F.view(F.slice(draft_logits, [0, 0], F.concat([b * W, V])),
                                       F.concat([b, W, V]))
                 scores, parent, token = plugin(BEAM_SEARCH, [draft_logits, scores],
                                                {"num_beams": W, "warp_k": warp_k}, 3)
@@ -313,5 +349,5 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
                 tensor.mark_output(name, trt.int32)
             return outputs
 
-    engine_config = PretrainedConfig.from_dict({**base_dict, "architecture": "ReDrafterStepEngine"})
+    engine_config = config_cls(**{**base_dict, "architecture": ENGINE_ARCHITECTURE})
     return ReDrafterEngine(engine_config)

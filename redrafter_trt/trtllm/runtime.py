@@ -44,9 +44,9 @@ from .. import native
 from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 from . import ACCEPTED_INDICES, require_trtllm
-from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file
-from .cuda_graph import (DEFAULT_GRAPH_CACHE_SIZE, HOST_INPUTS, CudaGraphRunner, GraphUnavailable, ShapeKey,
-                         bucket_tokens, cuda_graph_setting)
+from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
+from .cuda_graph import (DEFAULT_GRAPH_CACHE_SIZE, CudaGraphRunner, GraphUnavailable, ShapeKey, bucket_tokens,
+                         cuda_graph_setting, host_input_names)
 from .plugins import load_plugin_library
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ def relocate_paged(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch
     moved = view[first + src // tpb, :, :, :, src % tpb]                                   # [M, layers, 2, H, D]
     view[first + dst // tpb, :, :, :, dst % tpb] = moved
 
+
+#: ``spec_decoding_use`` of every call (see :func:`prepare_step`).
+SPEC_DECODING_USE = 1
 
 KV_RELOCATE_ENV = "REDRAFTER_KV_RELOCATE"
 RELOCATE_KERNEL, RELOCATE_TORCH = "kernel", "torch"
@@ -223,7 +226,9 @@ def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device:
         "host_runtime_perf_knobs": host([-1] * 16, torch.int64),
         "host_context_progress": host([0], torch.int64),
         "spec_decoding_generation_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
-        "spec_decoding_use": host([0 if is_ctx else 1]),
+        # 1 on every call, context calls included, as TensorRT-LLM's own ReDrafter runtime does
+        # (runtime/redrafter_utils.py): the plugin reads it at enqueue, which a graph replay skips.
+        "spec_decoding_use": host([SPEC_DECODING_USE]),
     }
     return PreparedStep(is_ctx, b, t, x, plumbing, output_shapes(b, shape))
 
@@ -258,8 +263,9 @@ class TrtllmBackend:
         self.max_input_len = int(bc["max_input_len"])
         self.max_seq_len = int(bc["max_seq_len"])
         self.tokens_per_block = int(bc.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
-        # KV positions per slot: max_seq_len plus room for the last verified tree
-        self.kv_len = int(bc.get("kv_max_seq_len", self.max_seq_len + self.shape.tree_size))
+        # KV positions per slot and the engine's fixed block dimension: read from the build record
+        # (the max_seq_len the engine's prepare_inputs saw), checked against the engine below
+        self.kv_len, self.engine_max_blocks = kv_block_dims(bc)
         self.dtype = TORCH_DTYPES[ckpt_cfg.dtype]
         path = Path(engine_dir) / engine_file(0)
         require(path.is_file(), f"{engine_dir}: missing {engine_file(0)}")
@@ -267,8 +273,14 @@ class TrtllmBackend:
         engine = self.session.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.engine_inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
-        self.engine_host_inputs = {n for n in self.engine_inputs
-                                   if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
+        # By name: TensorRT reports these inputs as DEVICE-located (TensorRT-LLM declares them as plain
+        # network inputs and binds CPU pointers to them), so get_tensor_location cannot find them.
+        self.engine_host_inputs = host_input_names(self.engine_inputs)
+        if "kv_cache_block_offsets" in self.engine_inputs:
+            profile_max = tuple(engine.get_tensor_profile_shape("kv_cache_block_offsets", 0)[2])
+            require(profile_max[-1] == self.engine_max_blocks,
+                    f"{engine_dir}: the engine's kv_cache_block_offsets has {profile_max[-1]} blocks per row, its "
+                    f"config.json says {self.engine_max_blocks}; rebuild the engine")
         self.stream = torch.cuda.Stream(self.device)
         b = ckpt_cfg.base
         self.layers, self.kv_heads, self.head_dim = b.num_hidden_layers, b.num_key_value_heads, b.head_size
@@ -287,9 +299,8 @@ class TrtllmBackend:
         # generation calls by path: "replay", "capture", "update", "reinstantiate" (graphs) or "eager"
         self.graph_calls: dict[str, int] = defaultdict(int)
         if self.cuda_graph:
-            unexpected = self.engine_host_inputs ^ (HOST_INPUTS & self.engine_inputs)
-            if unexpected:
-                self._disable_graphs(f"the engine's host inputs differ from the expected ones: {sorted(unexpected)}")
+            if not self.engine_host_inputs:
+                self._disable_graphs("the engine has none of the expected host inputs")
             else:
                 try:
                     self.graph_runner = CudaGraphRunner(self.session.context, self.stream, self.device,
@@ -314,7 +325,7 @@ class TrtllmBackend:
             self.graph_runner.clear()   # the pool pointer is a captured host value
         self.pool = None
         torch.cuda.empty_cache()
-        self.max_blocks = -(-self.kv_len // self.tokens_per_block)  # the engine's fixed dim
+        self.max_blocks = self.engine_max_blocks  # the engine's fixed dim
         self.slots = slots
         block_elems = self.kv_heads * self.tokens_per_block * self.head_dim
         self.pool = torch.zeros((slots * self.max_blocks, self.layers, 2, block_elems), dtype=self.dtype,
