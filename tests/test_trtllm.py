@@ -225,7 +225,7 @@ def test_prepared_feed_matches_the_network_inputs():
     ctx = dict(inputs, **{C.REQUEST_TYPES: torch.full((b,), C.CONTEXT, dtype=torch.int32)})
     pc = prepare(ctx, bucket=True)                                     # context calls are never bucketed
     assert pc.is_ctx and pc.tokens == t and pc.plumbing["host_past_key_value_lengths"].tolist() == [t] * b
-    assert pc.x[C.CACHE_LENGTHS].tolist() == [0] * b and pc.plumbing["spec_decoding_use"].tolist() == [0]
+    assert pc.x[C.CACHE_LENGTHS].tolist() == [0] * b and pc.plumbing["spec_decoding_use"].tolist() == [1]
     mixed = dict(inputs, **{C.REQUEST_TYPES: torch.tensor([C.CONTEXT, C.GENERATION, C.GENERATION], dtype=torch.int32)})
     with pytest.raises(RedrafterError):
         prepare(mixed)
