@@ -15,9 +15,10 @@ import torch
 from .. import contract as C
 from ..models.base import BaseModel
 from ..models.drafter import Drafter
-from ..ops import accept, pack_tree, packed_mask_to_bool, relocate_kv
+from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask
+from . import cuda_ops
 
 
 def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
@@ -65,6 +66,7 @@ class TorchBackend:
         self.timings: dict[str, float] = defaultdict(float)
         p = base.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
+        self.ops = cuda_ops.select_ops(self.device)   # cpp/ kernels on CUDA when built; .name says which
 
     @property
     def vocab_size(self) -> int:
@@ -86,6 +88,9 @@ class TorchBackend:
         return t1
 
     def _draft(self, context, root, slots, root_positions):
+        if self.ops.name == cuda_ops.KERNEL:
+            return cuda_ops.kernel_beam_search(self.drafter, self.base.embedding, context, root, self.shape.num_beams,
+                                               self.shape.draft_len, self.warp_k, self.ops.beam_search_step)
         return self.drafter.beam_search(self.base.embedding, context, root, self.shape.num_beams,
                                         self.shape.draft_len, self.warp_k)
 
@@ -126,13 +131,13 @@ class TorchBackend:
             torch.where(is_ctx[:, None], 0, offsets.masked_fill(ar[None, :] >= lengths[:, None], 0)).max()) + 1
         beams = torch.where(is_ctx[:, None, None], -1, x[C.DRAFT_TOKENS].to(torch.int64))[:, :, :depth]
         unpacker = torch.where(is_ctx[:, None, None], 0, x[C.DRAFT_INDICES].to(torch.int64))[:, :, :depth]
-        acc = accept(logits, beams, unpacker, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
+        acc = self.ops.accept(logits, beams, unpacker, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
                      x[C.UNIFORMS][:, :depth])
         n = acc.num_accepted.to(torch.int64)
         l = self.shape.beam_len
         path = torch.zeros((b, l), dtype=torch.int64, device=dev)
         path[:, :depth] = acc.accepted_indices
-        relocate_kv(self.cache, slots, cache_len, path, n)
+        self.ops.relocate_kv(self.cache, slots, cache_len, path, n)
         new_len = torch.where(is_ctx, lengths, cache_len + n + 1)
         context = node_hidden[rows, path[rows, n]]
         out_tokens = torch.full((b, l), -1, dtype=torch.int32, device=dev)

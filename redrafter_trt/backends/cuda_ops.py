@@ -1,0 +1,183 @@
+"""The torch backend's operators on CUDA: the cpp/ kernels when ``libredrafter_cuda.so`` is built.
+
+:func:`select_ops` returns the operator set a :class:`~redrafter_trt.backends.torch_backend.TorchBackend`
+on ``device`` runs its step with:
+
+- ``"kernel"`` (a CUDA device and the library loads): beam search (``invokeBeamSearchStep``),
+  acceptance (``invokeAccept``) and KV relocation (``invokeKvRelocate``) through the C ABI of
+  ``cpp/src/c_api_cuda.cpp`` on the current stream;
+- ``"torch"`` otherwise: the PyTorch references of :mod:`redrafter_trt.ops`.
+
+``$REDRAFTER_CUDA_OPS`` = ``auto`` (default) / ``kernel`` / ``torch`` chooses; ``kernel`` without
+a GPU or the library is an error. :attr:`Ops.name` and :attr:`Ops.reason` say which ran and why.
+
+The kernels have run on the CPU emulator and against the CPU references only; on a GPU
+``build_scripts/gpu_check.sh`` compares this operator set with the torch one (greedy parity).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import native
+from ..errors import RedrafterError, require
+from ..ops import accept as torch_accept
+from ..ops import relocate_kv as torch_relocate_kv
+from ..ops.accept import Acceptance
+from ..ops.beam_search import beam_search_step as torch_beam_search_step
+
+CUDA_OPS_ENV = "REDRAFTER_CUDA_OPS"
+KERNEL, TORCH = "kernel", "torch"
+
+_p, _i64, _i32, _sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_size_t
+#: Argument types of the C ABI (cpp/include/redrafter/c_api.h), message buffer and length last.
+_SIGNATURES = {
+    "redrafter_beam_search_workspace_bytes": ([_i64, _i64, _i64, _i64], _sz),
+    "redrafter_accept_workspace_bytes": ([_i64, _i64], _sz),
+    # logits, dtype, beam_scores, batch, num_beams, vocab, warp_k, new_scores, parent, token, workspace,
+    # workspace_bytes, stream
+    "redrafter_beam_search_step_cuda": ([_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _sz, _p], _i32),
+    # logits, dtype, batch, num_nodes, vocab, beams, unpacker, num_beams, beam_len, packed_len, temperature,
+    # top_k, top_p, uniforms, num_accepted, best_beam, bonus, accepted_indices, emitted, workspace,
+    # workspace_bytes, stream
+    "redrafter_accept_cuda": ([_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 11 + [_sz, _p], _i32),
+    # cache, elem_bytes, layers, slots, kv_heads, max_seq, head_dim, slots, cache_lengths, accepted_indices,
+    # num_accepted, batch, beam_len, new_lengths, stream
+    "redrafter_kv_relocate_cuda": ([_p] + [_i64] * 6 + [_p] * 4 + [_i64, _i64, _p, _p], _i32),
+}
+_bound: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _bound
+    lib = native.load_cuda_library()
+    if _bound is not lib:
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name, None)
+            require(fn is not None, f"{native.cuda_library_path()}: no symbol {name} (rebuild cpp/)")
+            fn.argtypes, fn.restype = args + ([ctypes.c_char_p, _i64] if res is _i32 else []), res
+        _bound = lib
+    return lib
+
+
+def _stream() -> ctypes.c_void_p:
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def _dev(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype or t.dtype).contiguous()
+
+
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+
+def beam_search_step_kernel(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int):
+    """cpp/ ``invokeBeamSearchStep``. logits: [B, W, V] fp32/fp16/bf16 CUDA; beam_scores: [B, W]
+    float32. Returns new_scores [B, W] float32, parent [B, W] int64, token [B, W] int64."""
+    lib, dev = _lib(), logits.device
+    x = logits.contiguous() if logits.dtype in native._DTYPES else logits.float().contiguous()
+    b, w, v = x.shape
+    s = _dev(beam_scores, torch.float32, dev)
+    scores = torch.empty((b, w), dtype=torch.float32, device=dev)
+    parent = torch.empty((b, w), dtype=torch.int32, device=dev)
+    token = torch.empty((b, w), dtype=torch.int32, device=dev)
+    ws_bytes = lib.redrafter_beam_search_workspace_bytes(b, w, v, int(warp_k))
+    ws = _workspace(ws_bytes, dev)
+    native._call("redrafter_beam_search_step_cuda", x.data_ptr(), native._DTYPES[x.dtype], s.data_ptr(), b, w, v,
+                 int(warp_k), scores.data_ptr(), parent.data_ptr(), token.data_ptr(), ws.data_ptr(), ws_bytes,
+                 _stream(), lib=lib)
+    return scores, parent.long(), token.long()
+
+
+def accept_kernel(logits, beams, unpacker, temperature, top_k, top_p, uniforms) -> Acceptance:
+    """cpp/ ``invokeAccept``; arguments and result as :func:`redrafter_trt.ops.accept.accept`
+    (logits [B, N, V]; beams, unpacker [B, W, L]; temperature/top_k/top_p [B]; uniforms [B, L])."""
+    lib, dev = _lib(), logits.device
+    x = logits.contiguous() if logits.dtype in native._DTYPES else logits.float().contiguous()
+    b, n, v = x.shape
+    bm, up = _dev(beams, torch.int32, dev), _dev(unpacker, torch.int32, dev)
+    _, w, l = bm.shape
+    temp, tp = _dev(temperature, torch.float32, dev).reshape(-1), _dev(top_p, torch.float32, dev).reshape(-1)
+    tk, u = _dev(top_k, torch.int32, dev).reshape(-1), _dev(uniforms, torch.float32, dev)
+    out = [torch.empty(s, dtype=torch.int32, device=dev) for s in ((b,), (b,), (b,), (b, l), (b, l))]
+    ws_bytes = lib.redrafter_accept_workspace_bytes(b, n)
+    ws = _workspace(ws_bytes, dev)
+    native._call("redrafter_accept_cuda", x.data_ptr(), native._DTYPES[x.dtype], b, n, v, bm.data_ptr(),
+                 up.data_ptr(), w, l, None, temp.data_ptr(), tk.data_ptr(), tp.data_ptr(), u.data_ptr(),
+                 *[o.data_ptr() for o in out], ws.data_ptr(), ws_bytes, _stream(), lib=lib)
+    return Acceptance(*out)
+
+
+def relocate_kv_kernel(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted) -> torch.Tensor:
+    """cpp/ ``invokeKvRelocate`` in place on the torch backend's cache
+    ``[layers, 2, slots, kv_heads, max_seq, head_dim]`` (contiguous CUDA). Returns new lengths [B] int32."""
+    lib, dev = _lib(), cache.device
+    require(cache.is_contiguous(), "relocate_kv_kernel: the cache must be contiguous")
+    layers, _, n_slots, heads, max_seq, head_dim = cache.shape
+    s, c = _dev(slots, torch.int32, dev), _dev(cache_lengths, torch.int32, dev)
+    a, n = _dev(accepted_indices, torch.int32, dev), _dev(num_accepted, torch.int32, dev)
+    b, l = a.shape
+    new_len = torch.empty((b,), dtype=torch.int32, device=dev)
+    native._call("redrafter_kv_relocate_cuda", cache.data_ptr(), cache.element_size(), layers, n_slots, heads,
+                 max_seq, head_dim, s.data_ptr(), c.data_ptr(), a.data_ptr(), n.data_ptr(), b, l, new_len.data_ptr(),
+                 _stream(), lib=lib)
+    return new_len
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The operator set of one backend: ``name`` (``kernel`` / ``torch``) and why it was chosen."""
+
+    name: str
+    reason: str
+    accept: Callable
+    relocate_kv: Callable
+    beam_search_step: Callable
+
+
+TORCH_OPS = (torch_accept, torch_relocate_kv, torch_beam_search_step)
+KERNEL_OPS = (accept_kernel, relocate_kv_kernel, beam_search_step_kernel)
+
+
+def select_ops(device: torch.device) -> Ops:
+    """The operators for a backend on ``device`` (see the module docstring)."""
+    mode = os.environ.get(CUDA_OPS_ENV, "auto").strip().lower() or "auto"
+    require(mode in ("auto", KERNEL, TORCH), f"${CUDA_OPS_ENV} must be auto, kernel or torch, got {mode!r}")
+    if mode == TORCH:
+        return Ops(TORCH, f"${CUDA_OPS_ENV}=torch", *TORCH_OPS)
+    if torch.device(device).type != "cuda":
+        why = f"the model is on {device}; the cpp/ kernels need a CUDA device"
+    else:
+        try:
+            _lib()
+            return Ops(KERNEL, f"cpp/ kernels from {native.cuda_library_path()}", *KERNEL_OPS)
+        except RedrafterError as e:
+            why = str(e)
+    require(mode != KERNEL, f"${CUDA_OPS_ENV}=kernel but the kernels cannot run: {why}")
+    return Ops(TORCH, f"PyTorch operators: {why}", *TORCH_OPS)
+
+
+def kernel_beam_search(drafter, embedding, context: torch.Tensor, root: torch.Tensor, num_beams: int,
+                       draft_len: int, warp_k: int, step: Callable) -> torch.Tensor:
+    """:meth:`Drafter.beam_search` (SPEC section 4) with its per-depth step replaced by ``step``
+    (the kernel); built from the drafter's own ``update_state`` and ``logits``. Returns [B, W, D+1] int32."""
+    b, w, dev = context.shape[0], num_beams, context.device
+    beams = torch.empty((b, w, draft_len + 1), dtype=torch.int64, device=dev)
+    beams[:, :, 0] = root.to(torch.int64)[:, None]
+    scores = torch.full((b, w), float("-inf"), dtype=torch.float32, device=dev)
+    scores[:, 0] = 0.0
+    ctx = context[:, None, :].expand(b, w, context.shape[-1])
+    state = torch.zeros_like(ctx)
+    rows = torch.arange(b, device=dev)[:, None]
+    for d in range(1, draft_len + 1):
+        state = drafter.update_state(state, embedding(beams[:, :, d - 1]).to(state.dtype))
+        scores, parent, token = step(drafter.logits(ctx, state), scores, warp_k)
+        beams, state = beams[rows, parent], state[rows, parent]
+        beams[:, :, d] = token
+    return beams.to(torch.int32)
