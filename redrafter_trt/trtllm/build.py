@@ -178,6 +178,11 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
         require(engine is not None and engine.engine is not None, f"TensorRT failed to build rank {rank}")
         # the max_seq_len prepare_inputs saw (build() adds max_draft_len to it in spec-decoding modes)
         built = int(engine.config.build_config.max_seq_len)
+        # build() clips max_input_len to max_seq_len (builder.py, _init_max_seq_len): refuse rather
+        # than record input limits the engine's profiles do not have
+        built_in = int(engine.config.build_config.max_input_len)
+        require(built_in == kwargs["max_input_len"], f"TensorRT-LLM built rank {rank} with max_input_len {built_in}, "
+                f"not {kwargs['max_input_len']}: use --max_input_len <= --max_seq_len")
         require(engine_max_seq_len in (None, built), f"rank {rank}: max_seq_len {built} differs from rank 0's")
         engine_max_seq_len = built
         num_tokens = int(engine.config.build_config.max_num_tokens)
