@@ -209,7 +209,8 @@ class Scanner(ast.NodeVisitor):
                 break
         for n in nodes:
             if isinstance(n, ast.Attribute):
-                for v in self.resolve(n.value, env) if not (isinstance(n.value, ast.Name) and n.value.id == "self") else []:
+                on_self = isinstance(n.value, ast.Name) and n.value.id == "self"
+                for v in [] if on_self else self.resolve(n.value, env):
                     self.report.checked_attrs += 1
                     err = self.g.member(v, n.attr)[1]
                     if err:

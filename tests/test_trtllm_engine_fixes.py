@@ -18,14 +18,14 @@ import pytest
 from redrafter_trt import contract as C
 from redrafter_trt.checkpoint import RedrafterCheckpointConfig
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.models.base import ARCH_QWEN2, BaseConfig
+from redrafter_trt.models.base import ARCH_LLAMA, ARCH_QWEN2, BaseConfig
 from redrafter_trt.models.drafter import DrafterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK = ROOT / "redrafter_trt" / "trtllm" / "network.py"
 
 
-def ckpt_cfg(arch="llama", *, head_size=64, heads=9, kv_heads=3, dtype="float16", qkv_bias=False,
+def ckpt_cfg(arch=ARCH_LLAMA, *, head_size=64, heads=9, kv_heads=3, dtype="float16", qkv_bias=False,
              dense_bias=False, num_beams=4, draft_len=4) -> RedrafterCheckpointConfig:
     base = BaseConfig(architecture=arch, vocab_size=512, hidden_size=heads * head_size, intermediate_size=256,
                       num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -95,7 +95,7 @@ def test_base_config_keys_are_config_parameters():
     sym = json.loads((ROOT / "redrafter_trt" / "trtllm" / "api_manifest.json").read_text())["symbols"]
     pre = set(sym["tensorrt_llm.models.modeling_utils.PretrainedConfig"]["params"])
     stored_as_attrs = {"qwen_type", "share_embedding_table", "tie_word_embeddings"}
-    for arch, cls in (("llama", "tensorrt_llm.models.llama.config.LLaMAConfig"),
+    for arch, cls in ((ARCH_LLAMA, "tensorrt_llm.models.llama.config.LLaMAConfig"),
                       (ARCH_QWEN2, "tensorrt_llm.models.qwen.config.QWenConfig")):
         keys = set(trtllm_base_config(ckpt_cfg(arch, qkv_bias=arch == ARCH_QWEN2,
                                                dense_bias=False)))

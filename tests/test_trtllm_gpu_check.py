@@ -62,8 +62,24 @@ def test_cost_shapes_are_llama_1b_and_7b():
     one, seven = gpu_check.SHAPES["llama-1b"], gpu_check.SHAPES["llama-7b"]
     for s in (one, seven):
         assert s["hidden_size"] == s["num_attention_heads"] * s["head_size"]
-    params = lambda s: s["num_hidden_layers"] * (4 * s["hidden_size"] ** 2 * (s["num_key_value_heads"] + s[  # noqa: E731
-        "num_attention_heads"]) / (2 * s["num_attention_heads"]) + 3 * s["hidden_size"] * s["intermediate_size"])
+    def params(s):  # q, o full; k, v by the KV-head share; gate, up, down
+        h, kv_share = s["hidden_size"], s["num_key_value_heads"] / s["num_attention_heads"]
+        return s["num_hidden_layers"] * (h * h * (2 + 2 * kv_share) + 3 * h * s["intermediate_size"])
+
     assert 0.9e9 < params(one) + 2 * one["vocab_size"] * one["hidden_size"] < 1.6e9
     assert 6.0e9 < params(seven) + 2 * seven["vocab_size"] * seven["hidden_size"] < 7.5e9
     assert gpu_check.TOKENS == tuple(range(1, 65))
+
+
+def test_torch_part_runs_its_code_on_the_cpu():
+    """The measurement code path on the CPU (timings meaningless): parity CPU vs CPU, a tiny
+    model's curve over a few k and its draft cost, and the summary table built from them."""
+    ok, ops = gpu_check.greedy_parity(num_prompts=2, max_new=6, device="cpu")
+    assert ok and ops.startswith("torch")
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_size=16)
+    c = gpu_check.cost_curve("tiny", shape, reps=1, device="cpu", tokens=(1, 2, 4))
+    assert sorted(c.verify_ms) == [1, 2, 4] and all(v > 0 for v in c.verify_ms.values())
+    assert set(c.draft_ms) == {"torch"} and c.draft_ms["torch"] > 0
+    table = gpu_check.summary([c])
+    assert "tiny" in table and "k=4" in table and "draft cost per beam step" in table

@@ -79,14 +79,19 @@ def kernel_table(log: str, peak: float | None) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------- torch backend on CUDA
-def _cuda_time(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs (CUDA events)."""
+def _time(fn, reps: int, device, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs (CUDA events on a CUDA device, else wall clock)."""
     import torch
 
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        if torch.device(device).type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -96,31 +101,31 @@ def _cuda_time(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def greedy_parity(num_prompts: int = 4, max_new: int = 24) -> tuple[bool, str]:
-    """Same random tiny model (float64) on the CPU and on CUDA: identical greedy tokens, speculative
-    and plain. Returns (ok, the CUDA backend's operator set and why)."""
+def greedy_parity(num_prompts: int = 4, max_new: int = 24, device: str = "cuda") -> tuple[bool, str]:
+    """Same random tiny model (float64) on the CPU and on ``device``: identical greedy tokens,
+    speculative and plain. Returns (ok, the ``device`` backend's operator set and why)."""
     import torch
 
     from ..backends.torch_backend import TorchBackend
-    from ..models.base import BaseConfig, BaseModel
+    from ..models.base import ARCH_LLAMA, BaseConfig, BaseModel
     from ..models.drafter import DrafterConfig, init_drafter
     from ..runtime import Generator
 
     torch.manual_seed(0)
-    cfg = BaseConfig(architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_size=16)
+    cfg = BaseConfig(architecture=ARCH_LLAMA, vocab_size=512, hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_size=16)
     base = BaseModel(cfg).double().eval()
     drafter = init_drafter(DrafterConfig(cfg.vocab_size, 64, 128, 1, True), seed=1, std=0.5).double()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, cfg.vocab_size, (int(n),), generator=g).tolist() for n in (5, 9, 17, 33)][:num_prompts]
     outs, ops = [], ""
-    for dev in ("cpu", "cuda"):
+    for i, dev in enumerate(("cpu", device)):
         be = TorchBackend(base.to(dev), drafter.to(dev), 4, 3, warp_k=8, max_batch_size=4, max_input_len=64,
                           max_seq_len=128)
         gen = Generator(be)
         outs.append([[r.token_ids for r in gen.generate(prompts, max_new_tokens=max_new, speculative=s)]
                      for s in (True, False)])
-        if dev == "cuda":
+        if i == 1:
             ops = f"{be.ops.name} ({be.ops.reason})"
     cpu, gpu = outs
     ok = cpu == gpu and cpu[0] == cpu[1]
@@ -134,18 +139,18 @@ class Curve:
     draft_ms: dict[str, float]      # per beam step, by operator set
 
 
-def cost_curve(name: str, shape: dict, reps: int) -> Curve:
+def cost_curve(name: str, shape: dict, reps: int, device: str = "cuda", tokens=TOKENS) -> Curve:
     """t(k) of one verify call (batch 1, k tokens, tree-style mask, CACHE_LEN cached tokens) and the
     draft cost per beam step (W = 4: RNN state, head, beam-search step) in bf16."""
     import torch
 
     from ..backends import cuda_ops
-    from ..models.base import BaseConfig, BaseModel
+    from ..models.base import ARCH_LLAMA, BaseConfig, BaseModel
     from ..models.drafter import DrafterConfig, init_drafter
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev, dt = torch.device(device), torch.bfloat16
     torch.manual_seed(0)
-    cfg = BaseConfig(architecture="llama", **shape)
+    cfg = BaseConfig(architecture=ARCH_LLAMA, **shape)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dt)
     try:
@@ -155,16 +160,16 @@ def cost_curve(name: str, shape: dict, reps: int) -> Curve:
                                    seed=1).to(dev, dt)
     finally:
         torch.set_default_dtype(prev)
-    cache = base.new_cache(1, CACHE_LEN + max(TOKENS) + 1)
+    cache = base.new_cache(1, CACHE_LEN + max(tokens) + 1)
     slots = torch.zeros(1, dtype=torch.int64, device=dev)
     cache_len = torch.full((1,), CACHE_LEN, dtype=torch.int64, device=dev)
     verify = {}
     with torch.inference_mode():
-        for k in TOKENS:
+        for k in tokens:
             ids = torch.randint(0, cfg.vocab_size, (1, k), device=dev)
             pos = cache_len[:, None] + torch.arange(k, device=dev)[None]
             mask = torch.ones(k, k, dtype=torch.bool, device=dev).tril()[None]
-            verify[k] = 1e3 * _cuda_time(lambda: base.logits(base(ids, pos, cache, slots, cache_len, mask)), reps)
+            verify[k] = 1e3 * _time(lambda: base.logits(base(ids, pos, cache, slots, cache_len, mask)), reps, dev)
         w = 4
         ctx = torch.randn(1, w, cfg.hidden_size, device=dev, dtype=dt)
         state = torch.zeros_like(ctx)
@@ -178,19 +183,21 @@ def cost_curve(name: str, shape: dict, reps: int) -> Curve:
             def one():
                 s = drafter.update_state(state, base.embedding(tok).to(dt))
                 return step(drafter.logits(ctx, s), scores, 8)
-            draft[label] = 1e3 * _cuda_time(one, reps)
+            draft[label] = 1e3 * _time(one, reps, dev)
     del base, drafter, cache
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return Curve(name, verify, draft)
 
 
 def summary(curves: list[Curve]) -> str:
-    cols = (1, 2, 4, 8, 16, 20, 24, 32, 40, 48, 64)
+    cols = tuple(k for k in (1, 2, 4, 8, 16, 20, 24, 32, 40, 48, 64) if all(k in c.verify_ms for c in curves))
     out = ["verify cost t(k)/t(1) (batch 1, bf16, %d cached tokens; t(1) in ms):" % CACHE_LEN,
            f"{'model':<12} {'t(1) ms':>8} " + " ".join(f"{'k=' + str(k):>6}" for k in cols)]
     for c in curves:
         t1 = c.verify_ms[1]
-        out.append(f"{c.model:<12} {t1:8.3f} " + " ".join(f"{c.verify_ms[k] / t1:6.2f}" for k in cols if k in c.verify_ms))
+        ratios = " ".join(f"{c.verify_ms[k] / t1:6.2f}" for k in cols if k in c.verify_ms)
+        out.append(f"{c.model:<12} {t1:8.3f} {ratios}")
     out.append("full curve (k: t(k)/t(1)):")
     for c in curves:
         t1 = c.verify_ms[1]
