@@ -154,12 +154,13 @@ def cost_curve(name: str, shape: dict, reps: int, device: str = "cuda", tokens=T
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dt)
     try:
-        with dev:
+        with dev:   # built in place on the device, in bf16 (a 7B model never exists in fp32)
             base = BaseModel(cfg).eval()
-            drafter = init_drafter(DrafterConfig(cfg.vocab_size, cfg.hidden_size, 2 * cfg.hidden_size, 1, True),
-                                   seed=1).to(dev, dt)
     finally:
         torch.set_default_dtype(prev)
+    # init_drafter draws from a CPU generator: built on the CPU, then moved
+    drafter = init_drafter(DrafterConfig(cfg.vocab_size, cfg.hidden_size, 2 * cfg.hidden_size, 1, True),
+                           seed=1).to(dev, dt)
     cache = base.new_cache(1, CACHE_LEN + max(tokens) + 1)
     slots = torch.zeros(1, dtype=torch.int64, device=dev)
     cache_len = torch.full((1,), CACHE_LEN, dtype=torch.int64, device=dev)
