@@ -64,6 +64,11 @@ class Guard:
             yield c, self.sym[c]
             todo += self.sym[c].get("bases", [])
 
+    def instance(self, q: str) -> tuple[str, dict] | None:
+        """An instance of class ``q`` (attributes as the class's; calling it calls ``forward``)."""
+        r = self.entry(q)
+        return (r[0], {"kind": "instance", "of": r[0]}) if r else None
+
     def member(self, value: tuple[str, dict], name: str) -> tuple[list, str | None]:
         """(resolved values of ``value.name``, error or None)."""
         q, e = value
@@ -77,13 +82,13 @@ class Guard:
             if name not in e.get("members", []):
                 return [], f"{q}.{name}: not a member of {q} (members: {', '.join(e['members'])})"
             return [], None
-        if kind == "class":
+        if kind in ("class", "instance"):
             for cq, ce in self.class_chain(q):
                 a = ce.get("attrs", {}).get(name)
                 if a is not None:
                     err = f"{cq}.{name}: {a['forbidden']}" if a.get("forbidden") else None
                     if a.get("ref"):
-                        r = self.entry(a["ref"])
+                        r = self.entry(a["ref"]) if a.get("is_class") else self.instance(a["ref"])
                         return ([r] if r else []), err
                     return ([(f"{cq}.{name}", a)] if a.get("kind") == "function" else []), err
             return [], f"{q}.{name}: not an attribute the manifest records for {q}"
@@ -93,22 +98,27 @@ class Guard:
         q, e = r
         return f"{q}: {e['forbidden']}" if e.get("forbidden") else None
 
+    @staticmethod
+    def bad_keywords(q: str, params, var_kw: bool, keywords: list[str]) -> str | None:
+        if params is None or var_kw:
+            return None  # signature not recorded, or **kwargs (they flow to a base / are stored)
+        bad = [k for k in keywords if k not in params]
+        return f"{q}(): keyword(s) {bad} not among its parameters {params}" if bad else None
+
     def call(self, value: tuple[str, dict], keywords: list[str]) -> tuple[list, str | None]:
         q, e = value
         kind = e.get("kind")
+        if kind == "instance":   # Module.__call__ -> forward
+            for cq, ce in self.class_chain(e["of"]):
+                if "call_params" in ce:
+                    return [], self.bad_keywords(f"{cq}.forward", ce["call_params"], False, keywords)
+            return [], None
         if kind not in ("function", "class"):
             return [], None
-        params, var_kw = e.get("params"), e.get("var_kwargs", False)
-        err = None
-        if params is not None and not var_kw:
-            bad = [k for k in keywords if k not in params]
-            if bad:
-                err = f"{q}(): keyword(s) {bad} not among its parameters {params}"
-        elif var_kw and e.get("var_kwargs_to"):
-            pass  # extra keywords flow to the base class, which takes **kwargs itself
+        err = self.bad_keywords(q, e.get("params"), e.get("var_kwargs", False), keywords)
         if kind == "class":
-            return [(q, e)], err
-        r = self.entry(e["returns"]) if e.get("returns") else None
+            return [self.instance(q)], err
+        r = self.instance(e["returns"]) if e.get("returns") else None
         return ([r] if r else []), err
 
 
@@ -218,7 +228,7 @@ class Scanner(ast.NodeVisitor):
             elif isinstance(n, ast.Call):
                 kws = [k.arg for k in n.keywords if k.arg]
                 for v in self.resolve(n.func, env):
-                    if v[1].get("kind") in ("function", "class"):
+                    if v[1].get("kind") in ("function", "class", "instance"):
                         self.report.checked_calls += 1
                     err = self.g.call(v, kws)[1]
                     if err:
@@ -334,6 +344,30 @@ def test_guard_rejects_unknown_names_enum_members_and_forbidden_calls():
     assert "TensorIOMode.IN:" in msgs
     assert sum("MODEL_MAP" in m for m in r.errors) >= 2, msgs       # both from_dict routes
     assert "TensorLocation" in msgs and "by name" in msgs, msgs
+
+
+def test_guard_checks_calls_of_module_instances_against_forward():
+    src = textwrap.dedent("""
+        def build(n, cfg):
+            from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
+            base_cls = QWenForCausalLM if n else LLaMAForCausalLM
+
+            class Engine:
+                def __init__(self):
+                    base = base_cls(cfg)
+                    self.transformer = base.transformer
+
+                def forward(self, ids, spec, kv, attn):
+                    h = self.transformer(ids, use_cache=True, spec_decoding_param=spec, kv_cache_params=kv,
+                                         attention_params=attn)
+                    e = self.transformer.vocab_embedding(ids)
+                    return self.transformer.embedding(ids)
+    """)
+    msgs = "\n".join(scan_source(src).errors)
+    assert msgs.count("spec_decoding_param'") == 2, msgs          # LLaMAModel.forward and QWenModel.forward
+    assert "embedding: not an attribute" in msgs and "vocab_embedding" not in msgs, msgs
+    net = scan_source((TRTLLM_DIR / "network.py").read_text(), "network.py")
+    assert not net.errors
 
 
 # --------------------------------------------------------------------------- values our code builds
