@@ -20,6 +20,12 @@
 # missing, 77 no NVIDIA GPU here (nothing was built or run).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+for a in "$@"; do
+  case "$a" in
+    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $a (it takes none; see --help for the environment variables)" >&2; exit 2 ;;
+  esac
+done
 cd "$root"
 py="${PYTHON:-python3}"
 quick="${GPU_CHECK_QUICK:-0}"
