@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     base_dir = require_model_dir(resolve_base_model_dir(args.model_dir), "--model_dir", "base")
     base_cfg, base_sd = load_hf_base(base_dir)
     say(f"[convert] read base {base_dir} ({base_cfg.architecture}, "
-        f"{sum(t.numel() for t in base_sd.values()) / 1e6:.0f}M parameters) in "
+        f"{sum(t.numel() for t in base_sd.values()) / 1e6:.0f}M weight values) in "
         f"{time.perf_counter() - t0:.1f} s")
     if args.random_drafter:
         cfg = DrafterConfig(vocab_size=base_cfg.vocab_size, hidden_size=base_cfg.hidden_size,
