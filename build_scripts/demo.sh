@@ -8,6 +8,19 @@
 # REDRAFTER_DEMO_NEW_TOKENS (tokens per answer, 128), REDRAFTER_DEMO_TRAIN_MIN (training
 # minutes, 2), REDRAFTER_DEMO_DIR (work dir, .demo).
 set -euo pipefail
+
+# The key of the engine built from draft head directory $1: its files' content and the
+# convert/build settings below. `demo.sh --engine-key HEAD_DIR` prints it (and does nothing else).
+convert_args=(--redrafter_num_beams 4 --redrafter_draft_len_per_beam 4)
+build_args=(--backend torch --max_batch_size 4 --max_seq_len 1024 --max_input_len 512)
+engine_key() {
+  { printf '%s\n' v2 "${convert_args[*]}" "${build_args[*]}"
+    sha256sum < "$1/config.json"; sha256sum < "$1/model.safetensors"; } | sha256sum | cut -c1-16
+}
+if [ "${1:-}" = "--engine-key" ]; then
+  engine_key "${2:?usage: demo.sh --engine-key HEAD_DIR}"
+  exit 0
+fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash build_scripts/setup_env.sh
@@ -35,13 +48,16 @@ if [ ! -f "$head/model.safetensors" ]; then
     "${train_args[@]}" --overwrite
 fi
 
-# 3. Convert and build, redone only when the head changed.
-if [ "$(cat "$work/drafter_key" 2>/dev/null)" != "$key" ] || [ ! -f "$work/engine/config.json" ]; then
+# 3. Convert and build, redone only when the head's content (or these settings) changed: the key
+#    hashes the head's files, so a head trained elsewhere (another REDRAFTER_CACHE) is never run
+#    through an engine built from an older one.
+engine_key="$(engine_key "$head")"
+if [ "$(cat "$work/drafter_key" 2>/dev/null)" != "$engine_key" ] || [ ! -f "$work/engine/config.json" ]; then
   "$bin/redrafter-convert" --model_dir smollm2 --drafter_model_dir "$head" --output_dir "$work/ckpt" \
-    --redrafter_num_beams 4 --redrafter_draft_len_per_beam 4 --overwrite
-  "$bin/redrafter-build" --checkpoint_dir "$work/ckpt" --output_dir "$work/engine" --backend torch \
-    --max_batch_size 4 --max_seq_len 1024 --max_input_len 512 --overwrite
-  echo "$key" > "$work/drafter_key"
+    "${convert_args[@]}" --overwrite
+  "$bin/redrafter-build" --checkpoint_dir "$work/ckpt" --output_dir "$work/engine" \
+    "${build_args[@]}" --overwrite
+  echo "$engine_key" > "$work/drafter_key"
 fi
 
 # 4. Speculative vs plain decoding through the same engine.

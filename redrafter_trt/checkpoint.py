@@ -607,3 +607,48 @@ __all__ = ["convert_checkpoint", "load_hf_base", "hf_base_config", "hf_to_trtllm
            "drafter_to_checkpoint_names", "drafter_from_checkpoint_names", "expected_drafter_shapes",
            "copy_tokenizer_files", "rank_file", "DTYPES", "check_tp_size", "padded_vocab_size",
            "tp_shard", "tp_merge", "load_rank_shards"]
+
+
+# --------------------------------------------------------------------------- what a directory is
+DIR_KINDS = {
+    "engine": "a redrafter-build engine directory (give it to redrafter-run --engine_dir)",
+    "checkpoint": "a redrafter-convert checkpoint (give it to redrafter-build --checkpoint_dir)",
+    "drafter": "a draft head directory (give it to redrafter-convert --drafter_model_dir)",
+    "base": "a Hugging Face base model directory (give it to --model_dir)",
+}
+
+
+def model_dir_kind(path: str | os.PathLike) -> str | None:
+    """Which of the project's directory kinds ``path`` holds, from its ``config.json``:
+    ``"engine"``, ``"checkpoint"``, ``"drafter"``, ``"base"``, or None (no readable config)."""
+    f = Path(path) / CHECKPOINT_CONFIG
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if "backend" in raw and "build_config" in raw:
+        return "engine"
+    if "redrafter_num_beams" in raw or str(raw.get("architecture", "")).startswith("ReDrafter"):
+        return "checkpoint"
+    if raw.get("model_type") == "recurrent_drafting_drafter" or {"exit_dim", "num_draft_layers"} <= set(raw):
+        return "drafter"
+    if "architectures" in raw or "model_type" in raw:
+        return "base"
+    return None
+
+
+def require_model_dir(path: str | os.PathLike | None, flag: str, kind: str) -> Path:
+    """``path`` as a directory of ``kind`` (see :data:`DIR_KINDS`), else a
+    :class:`RedrafterError` naming ``flag``, the path and what it holds instead."""
+    require(path is not None and str(path) != "", f"{flag}: no directory given")
+    p = Path(path)
+    require(p.exists(), f"{flag} {p}: not found; expected {DIR_KINDS[kind]}")
+    require(p.is_dir(), f"{flag} {p}: not a directory; expected {DIR_KINDS[kind]}")
+    require((p / CHECKPOINT_CONFIG).is_file(),
+            f"{flag} {p}: no {CHECKPOINT_CONFIG}; expected {DIR_KINDS[kind]}")
+    found = model_dir_kind(p)
+    require(found is None or found == kind,
+            f"{flag} {p}: this is {DIR_KINDS.get(found, found)}, not {DIR_KINDS[kind].split(' (')[0]}")
+    return p

@@ -18,7 +18,8 @@ import torch
 
 from . import __version__
 from .checkpoint import (CHECKPOINT_CONFIG, RedrafterCheckpointConfig, copy_tokenizer_files,
-                         load_checkpoint_models, rank_file, read_checkpoint_config)
+                         load_checkpoint_models, rank_file, read_checkpoint_config,
+                         require_model_dir)
 from .errors import RedrafterError, require
 from .models.io import atomic_output_dir, read_json
 from .ops.beam_search import DEFAULT_WARP_K
@@ -51,13 +52,33 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def resolve_device(device: str | None, flag: str = "--device") -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available, else cpu) as a torch device,
+    with a :class:`RedrafterError` naming ``flag`` for a bad name or a CUDA device this torch
+    cannot use."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise RedrafterError(f"{flag} {device!r}: expected cpu, cuda or cuda:N") from None
+    require(dev.type in ("cpu", "cuda"), f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        require(torch.cuda.is_available(),
+                f"{flag} {device}: this torch ({torch.__version__}) has no usable CUDA device "
+                "(a CPU-only build, or no GPU/driver visible); use --device cpu")
+        n = torch.cuda.device_count()
+        require(dev.index is None or dev.index < n,
+                f"{flag} {device}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+    return dev
+
+
 def build_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                  backend: str = "auto", max_batch_size: int = 8, max_input_len: int = 1024,
                  max_seq_len: int = 2048, warp_k: int = DEFAULT_WARP_K, overwrite: bool = False,
                  extra_build_config: dict[str, Any] | None = None) -> Path:
     """Build an engine directory from a ReDrafter checkpoint directory."""
-    ckpt = Path(checkpoint_dir)
-    require(ckpt.is_dir(), f"--checkpoint_dir {ckpt}: not a directory")
+    ckpt = require_model_dir(checkpoint_dir, "--checkpoint_dir", "checkpoint")
     cfg = read_checkpoint_config(ckpt)
     for name, value in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len),
                         ("max_seq_len", max_seq_len)):
@@ -122,8 +143,8 @@ def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | 
     """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`."""
     from .runtime.generator import Generator
 
-    engine_dir = Path(engine_dir)
-    require(engine_dir.is_dir(), f"--engine_dir {engine_dir}: not a directory")
+    engine_dir = require_model_dir(engine_dir, "--engine_dir", "engine")
+    dev = resolve_device(device)
     cfg = read_engine_config(engine_dir)
     ckpt_cfg = RedrafterCheckpointConfig.from_dict(cfg["pretrained_config"],
                                                    str(engine_dir / ENGINE_CONFIG))
@@ -141,7 +162,6 @@ def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | 
             require(dtype in DTYPES or dtype == "float64", f"dtype {dtype!r} not supported")
             torch_dtype = torch.float64 if dtype == "float64" else DTYPES[dtype]
         _, base, drafter = load_checkpoint_models(engine_dir, dtype=torch_dtype, config=ckpt_cfg)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         backend = TorchBackend(base.to(dev), drafter.to(dev), ckpt_cfg.num_beams, ckpt_cfg.draft_len,
                                warp_k=bc.get("warp_k", DEFAULT_WARP_K),
                                max_batch_size=bc["max_batch_size"], max_input_len=bc["max_input_len"],

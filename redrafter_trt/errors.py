@@ -14,3 +14,13 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`RedrafterError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise RedrafterError(message)
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: raised from the signal handler the command-line entry points
+    install, so that ``finally``/``except BaseException`` blocks clean up (temporary output
+    directories are removed) exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

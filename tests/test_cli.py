@@ -121,7 +121,7 @@ def test_bad_run_inputs(engine_dir, tmp_path, capsys):
     expect_error(capsys, call(run_cli.main, ["--engine_dir", engine_dir, "--input_text", "hi"]),
                  "no tokenizer")
     expect_error(capsys, call(run_cli.main, ["--engine_dir", tmp_path / "nope", "--input_text", "x"]),
-                 "not a directory")
+                 "--engine_dir", "not found")
 
 
 def convert_args(base_dir, drafter_dir, out, *extra):

@@ -8,15 +8,18 @@ import sys
 from ..engine import BACKENDS, build_engine
 from .common import non_negative_int, positive_int, run_main
 
-# trtllm-build flags accepted for familiarity; recorded in the build config and used by the
-# TensorRT-LLM backend, ignored by the torch backend.
+# trtllm-build flags accepted for familiarity: flag -> (help, argparse keywords). Their values are
+# checked whatever the backend (a typo fails here, not later in a container); recorded in the build
+# config and used by the TensorRT-LLM backend, ignored by the torch backend.
+PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32")
 TRTLLM_FLAGS = {
-    "--gemm_plugin": "GEMM plugin dtype (auto|float16|bfloat16|disable)",
-    "--gpt_attention_plugin": "GPT attention plugin dtype (auto|float16|bfloat16)",
-    "--kv_cache_type": "KV cache type (continuous|paged)",
-    "--use_paged_context_fmha": "enable|disable paged context FMHA",
-    "--max_num_tokens": "maximum tokens per engine call",
-    "--workers": "parallel build workers",
+    "--gemm_plugin": ("GEMM plugin dtype", dict(choices=PLUGIN_DTYPES + ("disable",))),
+    "--gpt_attention_plugin": ("GPT attention plugin dtype", dict(choices=PLUGIN_DTYPES)),
+    "--kv_cache_type": ("KV cache type (the ReDrafter engine needs paged)",
+                        dict(choices=("continuous", "paged", "disabled"))),
+    "--use_paged_context_fmha": ("paged context FMHA", dict(choices=("enable", "disable"))),
+    "--max_num_tokens": ("maximum tokens per engine call", dict(type=positive_int)),
+    "--workers": ("parallel build workers", dict(type=positive_int)),
 }
 
 
@@ -40,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warp_k", type=non_negative_int, default=50,
                    help="top-k warp of the draft head's logits in beam search, 0 = off "
                         "(default: %(default)s)")
-    for flag, text in TRTLLM_FLAGS.items():
-        p.add_argument(flag, default=None, help=f"trtllm backend only: {text}")
+    for flag, (text, kw) in TRTLLM_FLAGS.items():
+        choices = f" ({'|'.join(kw['choices'])})" if "choices" in kw else ""
+        p.add_argument(flag, default=None, help=f"trtllm backend only: {text}{choices}", **kw)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     return p
 
@@ -49,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     extra = {f.lstrip("-"): getattr(args, f.lstrip("-")) for f in TRTLLM_FLAGS
              if getattr(args, f.lstrip("-")) is not None}
+    from ..engine import resolve_backend
+
+    if extra and resolve_backend(args.backend) == "torch":
+        print(f"note: {', '.join('--' + k for k in extra)}: used by the trtllm backend only; the "
+              "torch backend records and ignores them", file=sys.stderr)
     out = build_engine(args.checkpoint_dir, args.output_dir, backend=args.backend,
                        max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                        max_seq_len=args.max_seq_len, warp_k=args.warp_k, overwrite=args.overwrite,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
-from ..checkpoint import DTYPES, convert_checkpoint, load_hf_base, read_checkpoint_config
+from ..checkpoint import (DTYPES, convert_checkpoint, load_hf_base, read_checkpoint_config,
+                          require_model_dir)
 from ..errors import require
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
@@ -62,18 +66,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trained_draft_len(drafter_dir: Path) -> int | None:
+    """D the head was trained for, from the training_report.json redrafter-train writes."""
+    try:
+        report = json.loads((drafter_dir / "training_report.json").read_text())
+        d = report["settings"]["draft_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return d if isinstance(d, int) and not isinstance(d, bool) else None
+
+
 def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    drafter_dir = None if args.random_drafter else \
+        require_model_dir(args.drafter_model_dir, "--drafter_model_dir", "drafter")
     calibration = read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file") \
         if args.calib_input_ids_file else None
-    base_dir = resolve_base_model_dir(args.model_dir)
+    base_dir = require_model_dir(resolve_base_model_dir(args.model_dir), "--model_dir", "base")
     base_cfg, base_sd = load_hf_base(base_dir)
+    say(f"[convert] read base {base_dir} ({base_cfg.architecture}, "
+        f"{sum(t.numel() for t in base_sd.values()) / 1e6:.0f}M weight values) in "
+        f"{time.perf_counter() - t0:.1f} s")
     if args.random_drafter:
         cfg = DrafterConfig(vocab_size=base_cfg.vocab_size, hidden_size=base_cfg.hidden_size,
                             exit_dim=args.redrafter_exit_dim or 2 * base_cfg.hidden_size,
                             num_draft_layers=args.redrafter_num_layers, rnn=not args.redrafter_no_rnn)
         drafter = init_drafter(cfg, seed=args.seed)
     else:
-        drafter = load_drafter(args.drafter_model_dir)
+        drafter = load_drafter(drafter_dir)
+        trained = trained_draft_len(drafter_dir)
+        if trained is not None and trained != args.redrafter_draft_len_per_beam:
+            say(f"warning: --drafter_model_dir {drafter_dir} was trained for D={trained} draft "
+                f"steps but --redrafter_draft_len_per_beam is {args.redrafter_draft_len_per_beam}"
+                + (": draft steps past the trained ones are rarely accepted and cost verify work; "
+                   f"use --redrafter_draft_len_per_beam {trained}, or train with --draft_len "
+                   f"{args.redrafter_draft_len_per_beam}"
+                   if args.redrafter_draft_len_per_beam > trained else
+                   ": the deeper trained steps go unused"))
     validate_against_base(drafter.config, base_cfg.hidden_size, base_cfg.vocab_size,
                           tuple(base_sd["transformer.vocab_embedding.weight"].shape),
                           f"--drafter_model_dir {args.drafter_model_dir}")
@@ -87,9 +117,11 @@ def run(args: argparse.Namespace) -> int:
                              tokenizer_dir=base_dir, random_drafter=args.random_drafter,
                              overwrite=args.overwrite, quantize=args.quantize, calibration=calibration)
     quant = read_checkpoint_config(out).quant_algo
-    print(f"wrote ReDrafter checkpoint {out} ({base_cfg.architecture}, W={args.redrafter_num_beams}, "
-          f"D={args.redrafter_draft_len_per_beam}, {args.dtype}"
-          f"{', FP8 base linears' if quant else ''})", file=sys.stderr)
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    secs = time.perf_counter() - t0
+    say(f"wrote ReDrafter checkpoint {out} ({base_cfg.architecture}, W={args.redrafter_num_beams}, "
+        f"D={args.redrafter_draft_len_per_beam}, {args.dtype}"
+        f"{', FP8 base linears' if quant else ''}; {size / 1e6:.0f} MB in {secs:.1f} s)")
     return 0
 
 

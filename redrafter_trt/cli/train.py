@@ -18,7 +18,7 @@ import sys
 
 from ..errors import require
 from ..models.hub import DEFAULT_MODEL
-from .common import non_negative_int, positive_int, run_main
+from .common import EXIT_USAGE, non_negative_int, positive_int, run_main
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
@@ -200,7 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Every directory flag names itself when it is missing or holds the wrong kind of directory,
+    and --device is a device this torch can use, before any model is read."""
+    from ..checkpoint import require_model_dir
+    from ..engine import resolve_device
+    from ..models.hub import DEFAULT_MODEL
+
+    if getattr(args, "model_dir", DEFAULT_MODEL) != DEFAULT_MODEL:
+        require_model_dir(args.model_dir, "--model_dir", "base")
+    for flag in ("drafter_model_dir", "init_from"):
+        if getattr(args, flag, None) is not None:
+            require_model_dir(getattr(args, flag), f"--{flag}", "drafter")
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_paths(args)
     if args.command == "gen-data":
         return _gen_data(args)
     if args.command == "gen-prompts":
@@ -295,7 +312,14 @@ def _train(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        # 'train' takes no positional arguments, so a leading word is a mistyped subcommand
+        near = [c for c in SUBCOMMANDS if c.replace("-", "_") == argv[0].replace("-", "_").lower()]
+        print(f"redrafter-train: error: unknown subcommand {argv[0]!r}; expected one of "
+              f"{', '.join(SUBCOMMANDS)}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help", "--version"):
         argv = ["train"] + argv  # 'train' is the default subcommand
     return run_main(run, build_parser(), argv)
 

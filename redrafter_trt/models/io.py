@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,12 +61,89 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return data
 
 
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def _own_temp_re(name: str) -> re.Pattern:
+    """``.NAME.tmp-PID-XXXX`` and ``.NAME.old-PID``: the names :func:`atomic_output_dir` uses."""
+    n = re.escape(name)
+    return re.compile(rf"^\.{n}(?:\.tmp-(\d+)-[A-Za-z0-9_]+|\.old-(\d+))$")
+
+
+def remove_stale_temp_dirs(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories an interrupted earlier writer of ``path`` left beside it
+    (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) whose process ``PID`` is gone; returns them.
+
+    Only names of this exact form are touched, and a directory whose writer is still running is
+    left alone, so two writers of the same output never delete each other's work."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    pat = _own_temp_re(path.name)
+    removed = []
+    for entry in parent.iterdir():
+        m = pat.match(entry.name)
+        if not m or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def apply_umask_modes(root: str | os.PathLike) -> None:
+    """Give ``root``, its directories and files the modes a plain ``mkdir``/``open`` would:
+    ``0o777 & ~umask`` and ``0o666 & ~umask`` (``tempfile.mkdtemp`` and safetensors write
+    owner-only ``0o700``/``0o600``). Executable files keep their execute bits under the umask."""
+    mask = current_umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    root = Path(root)
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, dir_mode)
+        for f in files:
+            fp = os.path.join(d, f)
+            if os.path.islink(fp):
+                continue
+            try:
+                executable = os.stat(fp).st_mode & 0o100
+                os.chmod(fp, dir_mode if executable else file_mode)
+            except PermissionError:  # a hard link to another user's file: leave its mode
+                pass
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that replaces ``path`` only on success.
 
-    A non-empty existing ``path`` is an error unless ``overwrite``; on any exception the
-    temporary directory is removed and ``path`` is left as it was.
+    A non-empty existing ``path`` is an error unless ``overwrite``; on any exception (and on
+    SIGTERM under the command-line entry points, which turn it into an exception) the temporary
+    directory is removed and ``path`` is left as it was. The temporary directory is named
+    ``.NAME.tmp-PID-XXXX``; one left by a process that is gone (SIGKILL, power loss) is removed
+    by the next writer of ``path``. The result has the umask's modes (``0o777 & ~umask`` for
+    directories, ``0o666 & ~umask`` for files), like a directory made with ``mkdir``.
     """
     path = Path(path)
     if path.exists():
@@ -73,14 +151,16 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         require(overwrite or not any(path.iterdir()),
                 f"{path}: output directory is not empty; pass --overwrite or choose another")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temp_dirs(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
+        apply_umask_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}{OLD_MARK}{os.getpid()}")
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)

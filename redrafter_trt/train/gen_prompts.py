@@ -8,8 +8,11 @@ base then answers them with ``gen-data`` like any prompt file.
 
 Output: JSONL, one ``{"index", "batch", "prompt"}`` per kept request (the format ``--prompts``
 reads), and ``<file>.meta.json`` with the settings key and the number of finished batches. Batch
-``k`` samples with seed ``seed + k``, so an interrupted run resumes exactly: lines of an
-unfinished batch are cut off and the batch is sampled again.
+``k`` samples with seed ``seed + k``, so an interrupted run resumes exactly: the batch after the
+finished ones is sampled again and its requests already in the file (always the first ones it
+keeps, in order) are skipped as repeats. The file holds exactly ``--num_prompts`` requests: the
+batch that reaches the count is cut there, and a later run asking for more continues from it as
+one longer run would have.
 """
 
 from __future__ import annotations
@@ -67,10 +70,10 @@ def _resume(out: Path, meta_path: Path, key: str, overwrite: bool) -> tuple[int,
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break
-            if int(rec.get("batch", done)) >= done:
+            if int(rec.get("batch", done)) > done:
                 break
-            kept.append(rec)
-    out.write_text("".join(json.dumps(r) + "\n" for r in kept))  # cut an unfinished batch
+            kept.append(rec)  # records of batch `done` (unfinished): the first ones it keeps
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))  # cut a torn line
     return done, kept
 
 
@@ -79,9 +82,9 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
                      min_words: int = 4, batch_size: int = 32, seed: int = 0, max_batches: int | None = None,
                      overwrite: bool = False, device: str = "cpu", progress: bool = True,
                      log: Callable[[str], None] | None = None) -> Path:
-    """Write (or finish writing) at least ``num_prompts`` distinct base-written requests to
-    ``output`` (the last batch is kept whole, so a run extended to more prompts later continues
-    exactly as one longer run would have).
+    """Write (or finish writing) ``num_prompts`` distinct base-written requests to ``output``
+    (the batch reaching the count is cut there and not counted as finished, so a run extended to
+    more prompts later samples it again and continues exactly as one longer run would have).
 
     A sample is kept when the model closed the user turn itself (an end-of-turn token within
     ``max_prompt_tokens``), it passes :func:`acceptable`, and it is not a repeat (case and
@@ -111,6 +114,10 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
     seen = {r["prompt"].strip().lower() for r in kept}
     limit = max_batches or 20 * (-(-num_prompts // batch_size))
     if len(kept) >= num_prompts:
+        if len(kept) > num_prompts:  # an earlier run asked for more: keep the first num_prompts
+            kept = kept[:num_prompts]
+            out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            log(f"[gen-prompts] {out}: kept the first {num_prompts} prompts of an earlier, larger run")
         log(f"[gen-prompts] {out}: complete ({len(kept)} prompts)")
         return out
     log(f"[gen-prompts] {out}: {len(kept)} kept from {done} batches; sampling up to {num_prompts}")
@@ -129,8 +136,12 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
             results = gen.generate([prefix] * batch_size, max_new_tokens=max_prompt_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed + done,
                                    speculative=False)
-            new = []
+            new, finished_batch = [], True
             for r in results:
+                if len(kept) + len(new) == num_prompts:
+                    # the batch is cut here and stays unfinished: a longer run resumes it
+                    finished_batch = False
+                    break
                 text = r.text.strip()
                 norm = text.lower()
                 if r.finish_reason == "eos" and acceptable(text, min_words) and norm not in seen:
@@ -141,7 +152,7 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
                 f.flush()
                 os.fsync(f.fileno())
             kept.extend(new)
-            done += 1
+            done += int(finished_batch)
             sampled += len(results)
             write_meta(meta_path, {"key": key, "model_dir": str(model_dir), "batches_done": done,
                                    "kept": len(kept), **settings})

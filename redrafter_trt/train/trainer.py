@@ -640,7 +640,10 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             f"({n_params / 1e6:.1f}M params); D={cfg.draft_len}; loss={cfg.loss} alpha={cfg.resolved_alpha()} "
             f"T={cfg.temperature} top-k={cfg.teacher_topk}; {feats.num_sequences} sequences, "
             f"{feats.num_tokens} tokens, {len(train_pos)} train / {len(eval_pos)} held-out positions; "
-            f"{total} steps x {cfg.grad_accum} x {cfg.batch_size} positions; {precision} on {dev}")
+            + (f"{total} steps" if budget_fixed else
+               f"up to {total} steps (--time_budget_min {cfg.time_budget_s / 60:g} sets the count "
+               "once the step time is measured)")
+            + f" x {cfg.grad_accum} x {cfg.batch_size} positions; {precision} on {dev}")
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, unit="step", desc="train", file=sys.stderr,
@@ -694,9 +697,11 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
                     + ("" if budget_fixed else " (first estimate)"))
         if cfg.time_budget_s and budget_fixed and step < total and \
                 prior_elapsed + time.perf_counter() - t_loop > cfg.time_budget_s:
-            log(f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step}/{total}; stopping")
+            log(f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step} (estimated "
+                f"{total}: the steps ran slower than the measured ones); stopping at step {step}")
             stopped_early = True
             total = step
+            bar.total = total
         bar.update(1)
         if step % max(1, cfg.log_every) == 0 or step == total:
             acc = (acc_c / acc_v.clamp(min=1)).tolist()
@@ -749,7 +754,8 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     if final_eval:
         log(f"[train] held-out top-1 per depth {_fmt(final_eval['top1_accuracy_per_depth'])}; greedy "
             f"chain tokens/step {final_eval['greedy_chain_tokens_per_step']:.2f}")
-    log(f"[train] wrote {out} ({step} steps, {train_secs:.0f} s, "
+    log(f"[train] wrote {out} ({step} steps"
+        f"{', stopped by the time budget' if stopped_early else ''}, {train_secs:.0f} s, "
         f"{report['throughput']['positions_per_s']:.0f} positions/s, peak RSS "
         f"{report['peak_memory']['host_max_rss_mb']:.0f} MB)")
     return out

@@ -1,0 +1,378 @@
+"""What a new user hits first: interrupted writes, file modes, bad inputs, silent limits, streaming
+output, prompt files, --version, and the demo's engine key (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from newuser_fixtures import WORDS, write_text_model
+from redrafter_trt.cli import bench as bench_cli
+from redrafter_trt.cli import build as build_cli
+from redrafter_trt.cli import convert as convert_cli
+from redrafter_trt.cli import run as run_cli
+from redrafter_trt.cli import train as train_cli
+from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def call(main, args):
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def expect_error(capsys, code, *fragments):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def text_base(tmp_path_factory):
+    return write_text_model(tmp_path_factory.mktemp("nu") / "base")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    return save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=5, std=0.5),
+                        tmp_path_factory.mktemp("nu") / "head")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, text_base, head):
+    root = tmp_path_factory.mktemp("nu_engine")
+    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
+                                   "--output_dir", root / "ckpt", "--redrafter_num_beams", 2,
+                                   "--redrafter_draft_len_per_beam", 2]) == 0
+    assert call(build_cli.main, ["--checkpoint_dir", root / "ckpt", "--output_dir", root / "engine",
+                                 "--backend", "torch", "--max_batch_size", 2, "--max_input_len", 32,
+                                 "--max_seq_len", 64]) == 0
+    return root / "engine"
+
+
+def run_json(capsys, engine, *args):
+    assert call(run_cli.main, ["--engine_dir", engine, "--json", "--no_progress", *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- defect 3: leaks
+WRITER = r"""
+import sys, time
+from redrafter_trt.cli.common import run_main
+from redrafter_trt.models.io import atomic_output_dir
+import argparse
+
+def fn(args):
+    with atomic_output_dir(args.out) as tmp:
+        (tmp / "rank0.safetensors").write_bytes(b"x" * 1000)
+        print("READY", flush=True)
+        time.sleep(60)
+
+p = argparse.ArgumentParser(prog="writer")
+p.add_argument("out")
+sys.exit(run_main(fn, p))
+"""
+
+
+def _start_writer(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+    assert len(list(out.parent.glob(f".{out.name}.tmp-*"))) == 1
+    return proc
+
+
+def test_sigterm_removes_the_temp_dir(tmp_path):
+    out = tmp_path / "ckpt"
+    proc = _start_writer(out)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    err = proc.stderr.read()
+    assert rc == 128 + signal.SIGTERM and "terminated by SIGTERM" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_next_run_removes_what_sigkill_left(tmp_path, text_base, head, capsys):
+    out = tmp_path / "ckpt"
+    proc = _start_writer(out)
+    live = _start_writer(tmp_path / "other")  # another writer still running: never touched
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = list(tmp_path.glob(".ckpt.tmp-*"))
+    assert len(left) == 1 and (left[0] / "rank0.safetensors").is_file()
+    foreign = tmp_path / ".ckpt.tmp-notours"  # not of our naming: left alone
+    foreign.mkdir()
+    # a live writer of the same output (this test's own parent process id) is left alone too
+    alive_same = tmp_path / f".ckpt.tmp-{os.getppid()}-abc123"
+    alive_same.mkdir()
+    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
+                                   "--output_dir", out]) == 0
+    assert not left[0].exists()
+    assert foreign.is_dir() and alive_same.is_dir()
+    assert len(list(tmp_path.glob(".other.tmp-*"))) == 1
+    live.kill()
+    live.wait(30)
+
+
+# --------------------------------------------------------------------------- defect 4: umask
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_honour_the_umask(tmp_path, text_base, head, mask):
+    old = os.umask(mask)
+    try:
+        ckpt, eng, drafter = tmp_path / "ckpt", tmp_path / "engine", tmp_path / "drafter"
+        save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True)), drafter)
+        assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
+                                       "--output_dir", ckpt]) == 0
+        assert call(build_cli.main, ["--checkpoint_dir", ckpt, "--output_dir", eng,
+                                     "--backend", "torch"]) == 0
+    finally:
+        os.umask(old)
+    for d in (ckpt, eng, drafter):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask, d
+        files = [f for f in d.iterdir() if f.is_file()]
+        assert any(f.suffix == ".safetensors" for f in files)
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+# --------------------------------------------------------------------------- defect 5: tracebacks
+def test_bad_device_is_a_message(engine, capsys):
+    expect_error(capsys, call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan",
+                                             "--device", "gpu"]), "--device 'gpu'", "cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        expect_error(capsys, call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan",
+                                                 "--device", "cuda"]), "--device cuda", "no usable CUDA")
+
+
+def test_prompt_that_is_not_utf8(engine, tmp_path):
+    # the real command line: the shell hands Python the raw bytes
+    r = subprocess.run([sys.executable, "-m", "redrafter_trt.cli.run", "--engine_dir", str(engine),
+                        "--input_text", b"\xff\xfe bad"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--input_text prompt 0: not valid UTF-8" in r.stderr
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"tan kel\n\xff\xfe bad\n")
+    r = subprocess.run([sys.executable, "-m", "redrafter_trt.cli.run", "--engine_dir", str(engine),
+                        "--input_file", str(f)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--input_file {f}: not valid UTF-8 (byte 0xff on line 2)" in r.stderr
+
+
+# --------------------------------------------------------------------------- defect 6: silent limits
+def test_limits_are_reported(engine, capsys):
+    err_of = lambda: capsys.readouterr().err  # noqa: E731
+    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan", "kel", "mor",
+                               "--max_output_len", 4, "--no_progress"]) == 0
+    err = err_of()
+    assert "3 prompts but the engine's max_batch_size is 2" in err
+    long = " ".join(WORDS[:20])
+    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", long, "--max_output_len", 60,
+                               "--ignore_eos", "--no_progress", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "prompt 0 has 20 tokens" in out.err and "max_seq_len 64: at most 44 new tokens" in out.err
+    assert len(json.loads(out.out)["outputs"][0]["output_token_ids"]) == 44
+
+
+def test_draft_len_other_than_trained_warns(tmp_path, text_base, head, capsys):
+    trained = tmp_path / "trained"
+    save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True)), trained,
+                 extra_files={"training_report.json": json.dumps({"settings": {"draft_len": 4}})})
+    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", trained,
+                                   "--output_dir", tmp_path / "c8", "--redrafter_draft_len_per_beam", 8,
+                                   "--redrafter_num_beams", 16]) == 0
+    assert "trained for D=4 draft steps but --redrafter_draft_len_per_beam is 8" in capsys.readouterr().err
+    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", trained,
+                                   "--output_dir", tmp_path / "c4"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_bogus_trtllm_flags_fail_with_torch_backend(engine, tmp_path, capsys):
+    ckpt = engine.parent / "ckpt"
+    for flag, value in (("--kv_cache_type", "bogus"), ("--gemm_plugin", "fp7"),
+                        ("--use_paged_context_fmha", "maybe"), ("--max_num_tokens", "-3"),
+                        ("--workers", "many")):
+        code = call(build_cli.main, ["--checkpoint_dir", ckpt, "--output_dir", tmp_path / "e",
+                                     "--backend", "torch", flag, value])
+        expect_error(capsys, code, flag, value)
+        assert not (tmp_path / "e").exists()
+    assert call(build_cli.main, ["--checkpoint_dir", ckpt, "--output_dir", tmp_path / "e",
+                                 "--backend", "torch", "--kv_cache_type", "paged"]) == 0
+    assert "used by the trtllm backend only" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- defect 7: streaming
+def test_streaming_json_is_json_lines(engine, capsys):
+    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan kel", "mor sun",
+                               "--streaming", "--json", "--max_output_len", 12, "--ignore_eos"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    events, summary = lines[:-1], lines[-1]
+    assert summary["summary"] is True and len(summary["outputs"]) == 2
+    assert all(set(e) >= {"index", "token_ids", "text", "finished"} and "summary" not in e for e in events)
+    for i, o in enumerate(summary["outputs"]):
+        mine = [e for e in events if e["index"] == i]
+        assert "".join(e["text"] for e in mine) == o["output_text"] != ""
+        assert [t for e in mine for t in e["token_ids"]] == o["output_token_ids"]
+        assert mine[-1]["finished"] and not any(e["finished"] for e in mine[:-1])
+
+
+def test_streaming_several_prompts_prints_whole_blocks(engine, capsys):
+    prompts = ["tan kel", "mor sun", "rin kol"]
+    plain = run_json(capsys, engine, "--input_text", *prompts, "--max_output_len", 10, "--ignore_eos")
+    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", *prompts, "--streaming",
+                               "--max_output_len", 10, "--ignore_eos"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(lines) == sorted(f"[{i}] {o['output_text']}" for i, o in enumerate(plain["outputs"]))
+
+
+# --------------------------------------------------------------------------- defect 8: smaller ones
+def test_train_unknown_subcommand(capsys):
+    expect_error(capsys, call(train_cli.main, ["gen_data", "--limit", "2"]),
+                 "unknown subcommand 'gen_data'", "did you mean 'gen-data'")
+
+
+def test_directory_flags_name_themselves(engine, text_base, tmp_path, capsys):
+    ckpt = engine.parent / "ckpt"
+    conv = lambda d: call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", d,  # noqa: E731
+                                             "--output_dir", tmp_path / "o"])
+    expect_error(capsys, conv("/nonexistent"), "--drafter_model_dir /nonexistent: not found")
+    expect_error(capsys, conv(engine), f"--drafter_model_dir {engine}: this is a redrafter-build engine")
+    expect_error(capsys, conv(ckpt), "this is a redrafter-convert checkpoint")
+    expect_error(capsys, conv(text_base), "this is a Hugging Face base model directory")
+    expect_error(capsys, call(run_cli.main, ["--engine_dir", ckpt, "--input_text", "tan"]),
+                 f"--engine_dir {ckpt}: this is a redrafter-convert checkpoint", "redrafter-build")
+    expect_error(capsys, call(build_cli.main, ["--checkpoint_dir", engine, "--output_dir", tmp_path / "e"]),
+                 "--checkpoint_dir", "this is a redrafter-build engine")
+    for sub in ("gen-data", "eval"):
+        expect_error(capsys, call(train_cli.main, [sub, "--model_dir", text_base, "--drafter_model_dir",
+                                                   "/nonexistent"]), "--drafter_model_dir /nonexistent")
+    expect_error(capsys, call(train_cli.main, ["train", "--model_dir", text_base, "--data", "x",
+                                               "--output_dir", tmp_path / "h", "--init_from", engine]),
+                 "--init_from", "redrafter-build engine")
+    expect_error(capsys, call(convert_cli.main, ["--model_dir", tmp_path / "none", "--random_drafter",
+                                                 "--output_dir", tmp_path / "o"]), "--model_dir")
+    assert not list(tmp_path.iterdir())
+
+
+def test_gen_prompts_keeps_exactly_num_prompts_and_extends_exactly(text_base, tmp_path):
+    from redrafter_trt.train.gen_prompts import generate_prompts
+
+    kw = dict(batch_size=16, min_words=1, max_prompt_tokens=24, progress=False, log=lambda m: None)
+    read = lambda f: [json.loads(x) for x in Path(f).read_text().splitlines()]  # noqa: E731
+    once = read(generate_prompts(text_base, tmp_path / "seven.jsonl", 7, **kw))
+    assert len(once) == 7 and sum(r["batch"] == 0 for r in once) >= 4  # batch 0 alone passes 3
+    three = read(generate_prompts(text_base, tmp_path / "p.jsonl", 3, **kw))
+    assert len(three) == 3 and three == once[:3]
+    again = read(generate_prompts(text_base, tmp_path / "p.jsonl", 3, **kw))
+    assert again == three
+    assert read(generate_prompts(text_base, tmp_path / "p.jsonl", 7, **kw)) == once
+
+
+def test_trainer_log_says_the_budget_sets_the_steps(text_base, tmp_path):
+    from redrafter_trt.train.trainer import TrainConfig, train_drafter
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"index": i, "prompt_ids": torch.randint(5, 97, (6,), generator=g).tolist(),
+             "response_ids": torch.randint(5, 97, (40,), generator=g).tolist()} for i in range(24)]
+    data = tmp_path / "sd.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs: list[str] = []
+    cfg = TrainConfig(model_dir=str(text_base), data=[str(data)], output_dir=str(tmp_path / "h"),
+                      exit_dim=32, batch_size=32, warmup_steps=5, epochs=1000.0,
+                      time_budget_s=1.5, cache_dir=str(tmp_path / "cache"), progress=False)
+    out = train_drafter(cfg, log=logs.append)
+    report = json.loads((out / "training_report.json").read_text())
+    header = next(m for m in logs if "held-out positions" in m)
+    assert "up to" in header and "--time_budget_min" in header, header
+    wrote = next(m for m in logs if m.startswith("[train] wrote"))
+    assert f"({report['steps']} steps" in wrote
+    assert ("stopped by the time budget" in wrote) == report["stopped_by_time_budget"]
+
+
+def test_progress_and_speed_lines(engine, text_base, head, tmp_path, capsys):
+    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
+                                   "--output_dir", tmp_path / "c"]) == 0
+    err = capsys.readouterr().err
+    assert "[convert] read base" in err and " MB in " in err
+    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan kel", "--max_output_len",
+                               8, "--ignore_eos"]) == 0
+    err = capsys.readouterr().err
+    assert "generate: " in err  # the progress bar of a non-streaming run
+    assert "tokens/s: " in err and "time to first token: " in err
+
+
+# --------------------------------------------------------------------------- defect 9: basics
+def test_prompt_file_text_lines(engine, tmp_path, capsys):
+    prompts = ["tan kel mor", "sun rin", "kol nol"]
+    f = tmp_path / "prompts.txt"
+    f.write_text(prompts[0] + "\n\n" + prompts[1] + "\r\n" + prompts[2] + "\n")
+    from_file = run_json(capsys, engine, "--input_file", f, "--max_output_len", 6)
+    from_args = run_json(capsys, engine, "--input_text", *prompts, "--max_output_len", 6)
+    pick = lambda rep: [(o["output_token_ids"], o["output_text"]) for o in rep["outputs"]]  # noqa: E731
+    assert pick(from_file) == pick(from_args) and len(from_file["outputs"]) == 3
+
+
+def test_prompt_file_chat_json_lines(engine, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(engine))
+    convs = [[{"role": "user", "content": "tan kel"}, {"role": "assistant", "content": "mor"},
+              {"role": "user", "content": "sun rin"}],
+             [{"role": "system", "content": "kol"}, {"role": "user", "content": "nol"}]]
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"] for m in convs]
+    assert ids[0][:1] == [tok.convert_tokens_to_ids("<|user|>")] and len(ids[0]) == 12
+    idf = tmp_path / "ids.json"
+    idf.write_text(json.dumps(ids))
+    chat = run_json(capsys, engine, "--input_file", f, "--max_output_len", 6)
+    direct = run_json(capsys, engine, "--input_ids_file", idf, "--max_output_len", 6)
+    assert [o["output_token_ids"] for o in chat["outputs"]] == [o["output_token_ids"] for o in direct["outputs"]]
+    f.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    expect_error(capsys, call(run_cli.main, ["--engine_dir", engine, "--input_file", f]),
+                 f"--input_file {f} line 1: message 0")
+
+
+def test_speed_in_json(engine, capsys):
+    rep = run_json(capsys, engine, "--input_text", "tan kel", "--max_output_len", 8, "--ignore_eos")
+    assert rep["generated_tokens"] == 8
+    assert rep["tokens_per_s"] == pytest.approx(8 / rep["wall_s"])
+    assert 0 < rep["time_to_first_token_s"] <= rep["wall_s"] + 0.05
+    assert rep["outputs"][0]["time_to_first_token_s"] == rep["time_to_first_token_s"]
+
+
+def test_version_on_every_command(capsys):
+    from redrafter_trt import __version__
+
+    for mod, prog in ((convert_cli, "redrafter-convert"), (build_cli, "redrafter-build"),
+                      (run_cli, "redrafter-run"), (train_cli, "redrafter-train"),
+                      (bench_cli, "redrafter-bench")):
+        assert call(mod.main, ["--version"]) == 0
+        assert capsys.readouterr().out.strip() == f"{prog} {__version__}"
+
+
+# --------------------------------------------------------------------------- defect 2: demo key
+def test_demo_engine_key_follows_the_head_content(tmp_path):
+    def key(d):
+        r = subprocess.run(["bash", str(REPO / "build_scripts" / "demo.sh"), "--engine-key", str(d)],
+                           capture_output=True, text=True, check=True)
+        return r.stdout.strip()
+
+    a = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=1), tmp_path / "a")
+    b = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2), tmp_path / "b")
+    same = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=1), tmp_path / "a2")
+    assert len(key(a)) == 16 and key(a) != key(b) and key(a) == key(same)
