@@ -22,7 +22,8 @@ import torch
 from . import fp8
 from .errors import RedrafterError, require
 from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, HF_MODEL_TYPES, BaseConfig, BaseModel
-from .models.drafter import (Drafter, DrafterConfig, expected_drafter_shapes, load_checked,
+from .models.drafter import (DRAFT_VOCAB, Drafter, DrafterConfig, check_draft_vocab, expected_drafter_shapes,
+                             load_checked, load_drafter_state,
                              validate_against_base)
 from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
 
@@ -234,6 +235,12 @@ def load_hf_base(model_dir: str | os.PathLike) -> tuple[BaseConfig, dict[str, to
 
 
 # --------------------------------------------------------------------------- drafter names
+#: Checkpoint config key of the draft head's reduced vocabulary K (absent: K = V).
+REDRAFTER_DRAFT_VOCAB_SIZE = "redrafter_draft_vocab_size"
+#: Checkpoint name of the head's [K] int32 id map (Apple name :data:`DRAFT_VOCAB`).
+CKPT_DRAFT_VOCAB = "drafter." + DRAFT_VOCAB
+
+
 def drafter_to_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apple names -> ``drafter.*`` TensorRT-LLM ReDrafter names."""
     out = {}
@@ -295,6 +302,8 @@ class RedrafterCheckpointConfig:
             "redrafter_hidden_size": self.drafter.hidden_size,
             "redrafter_exit_dim": self.drafter.exit_dim,
             "redrafter_is_rnn": self.drafter.rnn,
+            **({REDRAFTER_DRAFT_VOCAB_SIZE: self.drafter.draft_vocab_size}
+               if self.drafter.draft_vocab_size is not None else {}),
             "redrafter_random_init": self.random_drafter,
             "mapping": {"world_size": self.tp_size, "tp_size": self.tp_size, "pp_size": 1},
             "quantization": fp8.quantization_config(self.quant_algo),
@@ -318,7 +327,8 @@ class RedrafterCheckpointConfig:
                                     hidden_size=d.get("redrafter_hidden_size", base.hidden_size),
                                     exit_dim=d["redrafter_exit_dim"],
                                     num_draft_layers=d["redrafter_num_layers"],
-                                    rnn=bool(d.get("redrafter_is_rnn", True)))
+                                    rnn=bool(d.get("redrafter_is_rnn", True)),
+                                    draft_vocab_size=d.get(REDRAFTER_DRAFT_VOCAB_SIZE))
             drafter.validate()
             cfg = cls(base=base, drafter=drafter, num_beams=d["redrafter_num_beams"],
                       draft_len=d["redrafter_draft_len_per_beam"],
@@ -339,6 +349,9 @@ class RedrafterCheckpointConfig:
                 f"got {self.draft_len}")
         require(self.num_beams <= self.base.vocab_size,
                 f"redrafter_num_beams {self.num_beams} exceeds the vocabulary size {self.base.vocab_size}")
+        require(self.num_beams <= self.drafter.head_vocab_size,
+                f"redrafter_num_beams {self.num_beams} exceeds the draft head's vocabulary "
+                f"(draft_vocab_size {self.drafter.head_vocab_size})")
         require(self.draft_len + 1 <= 64, f"beam length D+1 = {self.draft_len + 1} exceeds 64")
         require(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
         require(self.quant_algo in (None, fp8.QUANT_ALGO),
@@ -403,9 +416,12 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
     tensors = {k: base_sd[k].contiguous().clone() if fp8.is_fp8(base_sd[k])
                or k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))
                else base_sd[k].to(torch_dtype).contiguous().clone() for k in expected}
+    if drafter.vocab_map is not None:
+        check_draft_vocab(drafter.vocab_map, drafter.config, "drafter")
     for k, v in drafter_to_checkpoint_names(drafter.config, drafter.state_dict()).items():
         require(bool(torch.isfinite(v).all()), f"drafter: tensor {k} has non-finite values")
-        tensors[k] = v.detach().to(torch_dtype).contiguous().clone()
+        # The id map stays int32; weights take the checkpoint dtype.
+        tensors[k] = (v.detach().to(torch_dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         for rank in range(tp_size):
@@ -448,7 +464,7 @@ def check_tp_size(base: BaseConfig, drafter: DrafterConfig, tp_size: int) -> Non
 
 
 def _tp_rule(name: str, ndim: int) -> str:
-    if name.endswith("_scaling_factor"):  # FP8 per-tensor scales (weights_, activation_)
+    if name.endswith("_scaling_factor") or name == CKPT_DRAFT_VOCAB:  # FP8 scales; the [K] id map
         return _REPLICATED
     if name in ("lm_head.weight", "drafter.lm_head.weight"):
         return _VOCAB
@@ -517,7 +533,8 @@ def tp_merge(shards: list[dict[str, torch.Tensor]], cfg: "RedrafterCheckpointCon
         elif rule == _COLUMN:
             out[name] = torch.cat(parts, 0)
         elif rule == _VOCAB:
-            out[name] = torch.cat(parts, 0)[:base.vocab_size]
+            rows = cfg.drafter.head_vocab_size if name == "drafter.lm_head.weight" else base.vocab_size
+            out[name] = torch.cat(parts, 0)[:rows]
         else:  # _QKV: q from every rank, each KV head once
             qs, ks, vs = [], [], []
             for rank, p in enumerate(parts):
@@ -595,7 +612,7 @@ def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.P
                 f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
     load_checked(base, base_sd, str(weights))
     drafter = Drafter(cfg.drafter).to(torch_dtype)
-    load_checked(drafter, drafter_sd, str(weights))
+    load_drafter_state(drafter, drafter_sd, str(weights))
     base.eval()
     drafter.eval()
     return cfg, base, drafter
@@ -606,7 +623,7 @@ __all__ = ["convert_checkpoint", "load_hf_base", "hf_base_config", "hf_to_trtllm
            "read_checkpoint_config", "load_checkpoint_models", "RedrafterCheckpointConfig",
            "drafter_to_checkpoint_names", "drafter_from_checkpoint_names", "expected_drafter_shapes",
            "copy_tokenizer_files", "rank_file", "DTYPES", "check_tp_size", "padded_vocab_size",
-           "tp_shard", "tp_merge", "load_rank_shards"]
+           "tp_shard", "tp_merge", "load_rank_shards", "REDRAFTER_DRAFT_VOCAB_SIZE", "CKPT_DRAFT_VOCAB"]
 
 
 # --------------------------------------------------------------------------- what a directory is

@@ -37,7 +37,7 @@ DEFAULT_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cpu.so"
 CUDA_LIB_ENV = "REDRAFTER_CUDA_LIB"
 DEFAULT_CUDA_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cuda.so"
 #: C ABI version this binding speaks (cpp/include/redrafter/c_api.h, REDRAFTER_ABI_VERSION).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MSG_LEN = 512
@@ -50,7 +50,7 @@ _i64 = ctypes.c_int64
 _i32 = ctypes.c_int32
 _SIGNATURES = {
     "redrafter_abi_version": [],
-    "redrafter_beam_search_step_cpu": [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p],
+    "redrafter_beam_search_step_cpu": [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p],
     "redrafter_tree_pack_cpu": [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p],
     "redrafter_accept_cpu": [_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
     "redrafter_kv_relocate_cpu": [_p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p],
@@ -196,26 +196,32 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def beam_search_step(logits, beam_scores, warp_k: int = DEFAULT_WARP_K):
+def beam_search_step(logits, beam_scores, warp_k: int = DEFAULT_WARP_K, vocab_map=None):
     """Native twin of :func:`redrafter_trt.ops.beam_search.beam_search_step`.
 
     Args:
-        logits: [B, W, V] float32/float16/bfloat16; beam_scores: [B, W] float32; warp_k: int.
+        logits: [B, W, V] float32/float16/bfloat16; beam_scores: [B, W] float32; warp_k: int;
+        vocab_map: None or [V] int32, the full-vocabulary id of each logit column (a head's
+            draft vocabulary; V is then its K).
     Returns:
-        new_scores [B, W] float32 (descending), parent [B, W] int32, token [B, W] int32.
+        new_scores [B, W] float32 (descending), parent [B, W] int32, token [B, W] int32
+        (``vocab_map[column]`` with a map).
     """
     x = _logits(logits, "beam_search_step logits")
     _ndim(x, 3, "beam_search_step logits", "[B, W, V]")
     b, w, v = x.shape
     s = _cpu(beam_scores, "beam_search_step beam_scores", torch.float32)
     _shape(s, (b, w), "beam_search_step beam_scores")
+    m = None if vocab_map is None else _cpu(vocab_map, "beam_search_step vocab_map", torch.int32)
+    if m is not None:
+        _shape(m, (v,), "beam_search_step vocab_map")
     scores = torch.empty((b, w), dtype=torch.float32)
     parent = torch.empty((b, w), dtype=torch.int32)
     token = torch.empty((b, w), dtype=torch.int32)
     if b == 0 and 1 <= w <= min(v, 64):  # nothing to do (empty tensors have no data pointer)
         return scores, parent, token
     _call("redrafter_beam_search_step_cpu", _ptr(x), _DTYPES[x.dtype], _ptr(s), b, w, v, int(warp_k),
-          _ptr(scores), _ptr(parent), _ptr(token))
+          _ptr(m), _ptr(scores), _ptr(parent), _ptr(token))
     return scores, parent, token
 
 

@@ -104,7 +104,7 @@ def test_bad_shapes_raise_before_the_call():
 def _raw_call(logits, dtype, scores, b, w, v, k, outs):
     lib = native.load_library()
     msg = ctypes.create_string_buffer(256)
-    status = lib.redrafter_beam_search_step_cpu(logits, dtype, scores, b, w, v, k, *outs, msg, 256)
+    status = lib.redrafter_beam_search_step_cpu(logits, dtype, scores, b, w, v, k, None, *outs, msg, 256)
     return status, msg.value.decode()
 
 
@@ -126,3 +126,15 @@ def test_missing_library_names_the_build_script(monkeypatch, tmp_path):
     monkeypatch.setenv(native.LIB_ENV, str(tmp_path / "nope.so"))
     with pytest.raises(RedrafterError, match="build_scripts/build_cpp.sh"):
         native.beam_search_step(torch.zeros(1, 1, 4), torch.zeros(1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vocab_map_gives_full_ids(dtype):
+    """A reduced draft vocabulary: column k of the [B, W, K] logits is full id vocab_map[k]."""
+    logits, scores = make_case(3, 2, 4, 300, "dup_values", dtype)
+    ids = torch.randperm(5000, generator=torch.Generator().manual_seed(1))[:300].to(torch.int32)
+    want = beam_search_step(logits, scores, 50, ids)
+    got = native.beam_search_step(logits, scores, 50, ids)
+    assert_same(got, want)
+    with pytest.raises(RedrafterError, match=r"vocab_map: expected shape \[300\]"):
+        native.beam_search_step(logits, scores, 50, ids[:299])

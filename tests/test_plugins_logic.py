@@ -124,7 +124,7 @@ def test_plugin_names_and_fields(lib):
               for k in range(3)]
     assert fields == [["num_beams", "warp_k"], ["num_beams", "beam_len"], ["num_beams", "beam_len"]]
     assert [(lib.redrafter_plugin_num_inputs(k), lib.redrafter_plugin_num_outputs(k)) for k in range(3)] == [
-        (2, 3), (1, 5), (8, 5)]
+        (3, 3), (1, 5), (8, 5)]
     assert lib.redrafter_plugin_name(3) is None
 
 
@@ -174,7 +174,7 @@ def test_output_shapes_are_padded_and_data_independent(lib):
         code, msg, shapes = output_shapes(lib, TREE_PACK, [w, l], [(b, w, l)])
         assert code == 0, msg
         assert shapes == [(b, n), (b,), (b, w, l), (b, n), (b, n, (n + 31) // 32)]
-    code, msg, shapes = output_shapes(lib, BEAM_SEARCH, [4, 50], [(7, 4, 1000), (7, 4)])
+    code, msg, shapes = output_shapes(lib, BEAM_SEARCH, [4, 50], [(7, 4, 1000), (7, 4), (1000,)])
     assert code == 0 and shapes == [(7, 4)] * 3, msg
     acc_in = [(2, 12, 97), (2, 3, 4), (2, 3, 4), (2,), (2,), (2,), (2,), (2, 4)]
     code, msg, shapes = output_shapes(lib, ACCEPT, [3, 4], acc_in)
@@ -198,8 +198,11 @@ def test_output_rules_copy_only_the_batch(lib):
     (TREE_PACK, [3, 4], [(2, 2, 4)], "beams dim 1 (W) is 2, expected 3"),
     (TREE_PACK, [3, 4], [(2, 12)], "input beams must have rank 3, got 2"),
     (TREE_PACK, [3, 4], [(2, 3, 4), (2, 3, 4)], "expected 1 inputs, got 2"),
-    (BEAM_SEARCH, [4, 50], [(7, 4, 3), (7, 4)], "logits dim 2 (V >= W) is 3, expected >= 4"),
-    (BEAM_SEARCH, [4, 50], [(7, 4, 100), (6, 4)], "beam_scores dim 0 (B) is 6, expected 7"),
+    (BEAM_SEARCH, [4, 50], [(7, 4, 3), (7, 4), (3,)], "logits dim 2 (V >= W) is 3, expected >= 4"),
+    (BEAM_SEARCH, [4, 50], [(7, 4, 100), (6, 4), (100,)], "beam_scores dim 0 (B) is 6, expected 7"),
+    (BEAM_SEARCH, [4, 50], [(7, 4, 100), (7, 4), (99,)],
+     "vocab_map dim 0 is 99, expected logits dim 2 (the head's draft vocabulary K) 100"),
+    (BEAM_SEARCH, [4, 50], [(7, 4, 100), (7, 4)], "expected 3 inputs, got 2"),
     (ACCEPT, [3, 4], [(2, 12, 97), (2, 3, 4), (2, 3, 4), (2,), (2,), (3,), (2,), (2, 4)], "top_k dim 0 (B) is 3"),
     (ACCEPT, [3, 4], [(2, 12, 97), (2, 3, 4), (2, 3, 4), (2,), (2,), (2,), (2,), (2, 5)], "uniforms dim 1 (L)"),
     (ACCEPT, [3, 4], [(2, 0, 97), (2, 3, 4), (2, 3, 4), (2,), (2,), (2,), (2,), (2, 4)], "logits dim 1 (nodes) is 0"),
@@ -225,10 +228,12 @@ def test_types_and_formats(lib):
             assert lib.redrafter_plugin_supports_type(ACCEPT, f, pos, i32s(bad), pos + 1) == 0, pos
     assert lib.redrafter_plugin_supports_type(TREE_PACK, f, 6, i32s([I32] * 7), 7) == 0  # no position 6
     out = (ctypes.c_int32 * 3)()
-    code, msg = call(lib.redrafter_plugin_output_types, BEAM_SEARCH, i32s([3, 0]), i32s([F16, F32]), 2, out, 3)
+    code, msg = call(lib.redrafter_plugin_output_types, BEAM_SEARCH, i32s([3, 0]), i32s([F16, F32, I32]), 3, out, 3)
     assert code == 0 and list(out) == [F32, I32, I32], msg
-    code, msg = call(lib.redrafter_plugin_output_types, BEAM_SEARCH, i32s([3, 0]), i32s([F16, F16]), 2, out, 3)
+    code, msg = call(lib.redrafter_plugin_output_types, BEAM_SEARCH, i32s([3, 0]), i32s([F16, F16, I32]), 3, out, 3)
     assert code == 1 and "beam_scores has type float16" in msg
+    code, msg = call(lib.redrafter_plugin_output_types, BEAM_SEARCH, i32s([3, 0]), i32s([F16, F32, F32]), 3, out, 3)
+    assert code == 1 and "vocab_map has type float32" in msg
 
 
 def test_workspace_sizes(lib):
@@ -236,7 +241,8 @@ def test_workspace_sizes(lib):
     assert ws(TREE_PACK, [3, 4], [(8, 3, 4)]) == 0
     acc_in = [(8, 12, 97), (8, 3, 4), (8, 3, 4), (8,), (8,), (8,), (8,), (8, 4)]
     assert ws(ACCEPT, [3, 4], acc_in) == 8 * 12 * 4
-    small, big = ws(BEAM_SEARCH, [4, 50], [(1, 4, 49152), (1, 4)]), ws(BEAM_SEARCH, [4, 50], [(8, 4, 49152), (8, 4)])
+    small, big = (ws(BEAM_SEARCH, [4, 50], [(1, 4, 49152), (1, 4), (49152,)]),
+                  ws(BEAM_SEARCH, [4, 50], [(8, 4, 49152), (8, 4), (49152,)]))
     assert 0 < small < big
 
 
@@ -266,17 +272,20 @@ def test_tree_pack_enqueue_matches_spec_example(lib):
     assert torch.equal(mask, ref.packed_mask) and torch.equal(tokens, ref.tokens)
 
 
-def test_beam_search_enqueue_matches_torch(lib):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_beam_search_enqueue_matches_torch(lib, mapped):
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         logits = torch.randn(3, 4, 300, generator=g).to(dtype)
         scores = torch.randn(3, 4, generator=g)
         scores[0, 1:] = float("-inf")
+        # the head's draft vocabulary (K = 300 ids of a larger vocabulary), or the identity
+        vocab_map = (torch.randperm(4000, generator=g)[:300] if mapped else torch.arange(300)).to(torch.int32)
         code, msg, (new_scores, parent, token) = enqueue(
-            lib, BEAM_SEARCH, [4, 20], [logits, scores],
+            lib, BEAM_SEARCH, [4, 20], [logits, scores, vocab_map],
             [((3, 4), torch.float32), ((3, 4), torch.int32), ((3, 4), torch.int32)])
         assert code == 0, msg
-        ref_scores, ref_parent, ref_token = beam_search_step(logits, scores, 20)
+        ref_scores, ref_parent, ref_token = beam_search_step(logits, scores, 20, vocab_map if mapped else None)
         assert torch.equal(parent, ref_parent.to(torch.int32)) and torch.equal(token, ref_token.to(torch.int32))
         torch.testing.assert_close(new_scores, ref_scores.to(torch.float32))
 
@@ -309,5 +318,6 @@ def test_enqueue_rejects_what_the_fields_forbid(lib):
     code, msg, _ = enqueue(lib, TREE_PACK, [3, 5], [beams], [((2, 15), torch.int32)] * 5)
     assert code == 1 and "beams dim 2 (L) is 4, expected 5" in msg
     logits = torch.zeros(2, 3, 10, dtype=torch.int32)
-    code, msg, _ = enqueue(lib, BEAM_SEARCH, [3, 0], [logits, torch.zeros(2, 3)], [((2, 3), torch.int32)] * 3)
+    code, msg, _ = enqueue(lib, BEAM_SEARCH, [3, 0], [logits, torch.zeros(2, 3), torch.arange(10, dtype=torch.int32)],
+                           [((2, 3), torch.int32)] * 3)
     assert code == 1 and "logits has type int32" in msg

@@ -697,3 +697,74 @@ def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
     assert [r["path"] for r in rows] == [p[0] for p in PATHS]
     assert all(r["positions_per_s"] > 0 and r["speedup_vs_plain"] > 0 for r in rows)
     assert "speed-up over the plain fp32 path" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- draft vocabulary
+def test_restricted_teacher_by_hand():
+    """The teacher restricted to the draft vocabulary and renormalised; labels re-indexed."""
+    from redrafter_trt.train.trainer import restrict_to_draft_vocab
+
+    vmap = torch.tensor([7, 2, 5])                      # column k is full id vmap[k]
+    labels = torch.tensor([5, 3, 2])                    # 3 is outside
+    t_ids = torch.tensor([[5, 3], [3, 9], [2, 7]])
+    t_probs = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.25, 0.75]])
+    lab, keep, ids, probs = restrict_to_draft_vocab(vmap, 10, labels, t_ids, t_probs, alpha=1.0)
+    assert lab.tolist() == [2, 0, 1]
+    assert keep.tolist() == [1.0, 0.0, 1.0]             # row 1: no teacher mass inside K
+    assert ids.tolist() == [[2, 0], [0, 0], [1, 0]]
+    torch.testing.assert_close(probs, torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.25, 0.75]]))
+    _, keep_ce, _, _ = restrict_to_draft_vocab(vmap, 10, labels, None, None, alpha=0.0)
+    assert keep_ce.tolist() == [1.0, 0.0, 1.0]          # cross-entropy: label 3 cannot be drafted
+    dense = torch.softmax(torch.randn(3, 10), -1)
+    _, _, none_ids, dense_k = restrict_to_draft_vocab(vmap, 10, labels, None, dense, alpha=0.5)
+    assert none_ids is None
+    torch.testing.assert_close(dense_k, dense[:, vmap] / dense[:, vmap].sum(-1, keepdim=True))
+
+
+def test_draft_vocab_training(tiny_base, selfdistill_file, tmp_path):
+    """--draft_vocab_size K: the map holds the EOS ids and the most frequent answer tokens, the
+    projection is the base's rows of those ids, and the trained head decodes exactly."""
+    from redrafter_trt.train.base import eos_ids
+    from redrafter_trt.train.trainer import choose_draft_vocab
+
+    base = load_frozen_base(tiny_base)
+    h, v, k = base.config.hidden_size, base.config.vocab_size, 24
+    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "dv", tmp_path, exit_dim=h, lm_head_init="base",
+               draft_vocab_size=k, max_steps=8)
+    out = train_drafter(cfg)
+    head = load_drafter(out)
+    ids = head.vocab_map.tolist()
+    assert head.config.draft_vocab_size == k and len(set(ids)) == k and ids == sorted(ids)
+    answers = [t for line in selfdistill_file.read_text().splitlines() for t in json.loads(line)["response_ids"]]
+    counts = torch.bincount(torch.tensor(answers), minlength=v)
+    eos = eos_ids(base, load_base_tokenizer(tiny_base))
+    assert set(eos) <= set(ids)
+    # every id outside the map is no more frequent than the rarest non-EOS id in it
+    inside = [counts[i].item() for i in ids if i not in eos]
+    assert max(counts[i].item() for i in range(v) if i not in ids) <= min(inside)
+    assert head.lm_head[-1].weight.shape == (k, h)
+    # a frequency-chosen map of the base's own text covers most of it
+    assert torch.isin(torch.tensor(answers), head.vocab_map.long()).float().mean() > 0.5
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, v, (6,), generator=g).tolist() for _ in range(6)]
+    gen = _generator(base, head, 4, 3)
+    plain = gen.generate(prompts, max_new_tokens=20, speculative=False)
+    spec = gen.generate(prompts, max_new_tokens=20)
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    assert gen.last_stats.tokens_per_step > 1.0
+    with pytest.raises(RedrafterError, match=r"--draft_vocab_size 98 must be in \[1, V=97\]"):
+        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "big", tmp_path, draft_vocab_size=98))
+    assert not (tmp_path / "big").exists()
+    feats_like = type("F", (), {"tokens": torch.tensor([4, 4, 9, 1]), "targets": torch.tensor([True] * 4)})
+    # EOS 11 first, then 4 (twice), then the tie 1 vs 9 (once each) goes to the lower id
+    assert choose_draft_vocab(feats_like, 12, 3, [11]).tolist() == [1, 4, 11]
+
+
+def test_draft_vocab_size_flag_errors(tiny_base, selfdistill_file, tmp_path, capsys):
+    argv = ["--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir", str(tmp_path / "o"),
+            "--max_steps", "2", "--no_progress", "--cache_dir", str(tmp_path / "cache")]
+    assert train_main(argv + ["--draft_vocab_size", "0"]) == 2
+    assert "--draft_vocab_size must be >= 1, got 0" in capsys.readouterr().err
+    assert train_main(argv + ["--draft_vocab_size", "500"]) == 2
+    assert "--draft_vocab_size 500 must be in [1, V=97]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

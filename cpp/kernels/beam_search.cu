@@ -252,8 +252,9 @@ __global__ void __launch_bounds__(kMergeThreads) beamRowMergeKernel(const T* __r
 
 // Stage 3: one block per batch row: top W of the W*W union, best first.
 __global__ void __launch_bounds__(kMergeThreads) beamMergeKernel(const BeamCandidate* __restrict__ rowCands, int64_t batch,
-                                                                  int32_t numBeams, int64_t vocab, float* __restrict__ newScores,
-                                                                  int32_t* __restrict__ parent, int32_t* __restrict__ token) {
+                                                                  int32_t numBeams, int64_t vocab, const int32_t* __restrict__ vocabMap,
+                                                                  float* __restrict__ newScores, int32_t* __restrict__ parent,
+                                                                  int32_t* __restrict__ token) {
     __shared__ SelectScratch sel;
     __shared__ uint64_t top[kMaxBeams];
     __shared__ uint32_t numTop;
@@ -280,7 +281,7 @@ __global__ void __launch_bounds__(kMergeThreads) beamMergeKernel(const BeamCandi
             const uint32_t flat = rankKeyIndex(top[i]);
             newScores[b * numBeams + rank] = rankKeyValue(top[i]);
             parent[b * numBeams + rank] = static_cast<int32_t>(flat / vocab);
-            token[b * numBeams + rank] = static_cast<int32_t>(flat % vocab);
+            token[b * numBeams + rank] = mappedToken(vocabMap, static_cast<uint32_t>(flat % vocab));
         }
         __syncthreads();
     }
@@ -302,7 +303,7 @@ Status launch(const BeamSearchParams& p, cudaStream_t stream) {
         logits, p.beamScores, rows, static_cast<int32_t>(p.numBeams), p.vocabSize, p.warpK, ws.numChunks,
         static_cast<int32_t>(ws.chunkK), summaries, lists, rowCands);
     RD_LAUNCH(beamMergeKernel, static_cast<unsigned>(rdMin<int64_t>(p.batchSize, 1 << 30)), kMergeThreads, 0, stream,
-        rowCands, p.batchSize, static_cast<int32_t>(p.numBeams), p.vocabSize, p.newScores, p.parent, p.token);
+        rowCands, p.batchSize, static_cast<int32_t>(p.numBeams), p.vocabSize, p.vocabMap, p.newScores, p.parent, p.token);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)
         return Status::error(StatusCode::kCudaError, "beam search: kernel launch failed: %s", cudaGetErrorString(err));

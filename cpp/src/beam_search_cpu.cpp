@@ -62,7 +62,7 @@ Status beamSearchStepCpu(const BeamSearchParams& p) {
             const uint32_t flat = rankKeyIndex(cand[j]);
             p.newScores[b * W + j] = rankKeyValue(cand[j]);
             p.parent[b * W + j] = static_cast<int32_t>(flat / V);
-            p.token[b * W + j] = static_cast<int32_t>(flat % V);
+            p.token[b * W + j] = mappedToken(p.vocabMap, static_cast<uint32_t>(flat % V));
         }
     }
     return Status::success();

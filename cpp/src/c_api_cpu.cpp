@@ -13,12 +13,13 @@ extern "C" {
 int32_t redrafter_abi_version(void) { return REDRAFTER_ABI_VERSION; }
 
 int32_t redrafter_beam_search_step_cpu(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
-                                       int64_t num_beams, int64_t vocab, int64_t warp_k, float* new_scores,
+                                       int64_t num_beams, int64_t vocab, int64_t warp_k, const int32_t* vocab_map,
+                                       float* new_scores,
                                        int32_t* parent, int32_t* token, char* msg, int64_t msg_len) {
     return guarded(msg, msg_len, [&] {
         DataType t;
         if (!dtypeFrom(dtype, &t)) return badDtype("beam search", dtype);
-        return beamSearchStepCpu(beamSearchParams(logits, t, beam_scores, batch, num_beams, vocab, warp_k, new_scores, parent, token));
+        return beamSearchStepCpu(beamSearchParams(logits, t, beam_scores, batch, num_beams, vocab, warp_k, vocab_map, new_scores, parent, token));
     });
 }
 

@@ -15,13 +15,14 @@ size_t redrafter_beam_search_workspace_bytes(int64_t batch, int64_t num_beams, i
 size_t redrafter_accept_workspace_bytes(int64_t batch, int64_t num_nodes) { return acceptWorkspaceBytes(batch, num_nodes); }
 
 int32_t redrafter_beam_search_step_cuda(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
-                                        int64_t num_beams, int64_t vocab, int64_t warp_k, float* new_scores,
+                                        int64_t num_beams, int64_t vocab, int64_t warp_k, const int32_t* vocab_map,
+                                        float* new_scores,
                                         int32_t* parent, int32_t* token, void* workspace, size_t workspace_bytes,
                                         void* stream, char* msg, int64_t msg_len) {
     return guarded(msg, msg_len, [&] {
         DataType t;
         if (!dtypeFrom(dtype, &t)) return badDtype("beam search", dtype);
-        BeamSearchParams p = beamSearchParams(logits, t, beam_scores, batch, num_beams, vocab, warp_k, new_scores, parent, token);
+        BeamSearchParams p = beamSearchParams(logits, t, beam_scores, batch, num_beams, vocab, warp_k, vocab_map, new_scores, parent, token);
         p.workspace = workspace;
         p.workspaceBytes = workspace_bytes;
         return invokeBeamSearchStep(p, static_cast<CUstream_st*>(stream));

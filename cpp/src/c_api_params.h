@@ -25,8 +25,10 @@ inline Status badDtype(const char* op, int32_t dtype) {
 }
 
 inline BeamSearchParams beamSearchParams(const void* logits, DataType t, const float* beamScores, int64_t batch, int64_t beams,
-                                         int64_t vocab, int64_t warpK, float* newScores, int32_t* parent, int32_t* token) {
+                                         int64_t vocab, int64_t warpK, const int32_t* vocabMap, float* newScores, int32_t* parent,
+                                         int32_t* token) {
     BeamSearchParams p;
+    p.vocabMap = vocabMap;
     p.logits = logits;
     p.logitsType = t;
     p.beamScores = beamScores;

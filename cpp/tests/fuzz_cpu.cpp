@@ -90,11 +90,18 @@ void fuzzBeamSearch() {
     std::vector<int32_t> parent(scores.size()), token(scores.size());
     const bool nullPtr = !bad && coin(0.05);
     if (nullPtr) bad = true;
+    // A reduced draft vocabulary: column v of the logits is full id 3v + 1 (tokens land on it).
+    const bool mapped = !bad && coin(0.5);
+    std::vector<int32_t> vocabMap(mapped ? static_cast<size_t>(V) : 0);
+    for (size_t v = 0; v < vocabMap.size(); ++v) vocabMap[v] = static_cast<int32_t>(3 * v + 1);
     const int32_t st = redrafter_beam_search_step_cpu(nullPtr ? nullptr : logits.data(), dtype, scores.data(), B, W, V, K,
-                                                      out.data(), parent.data(), token.data(), gMsg, sizeof(gMsg));
+                                                      mapped ? vocabMap.data() : nullptr, out.data(), parent.data(),
+                                                      token.data(), gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "beam search") == 0) {
         for (int64_t i = 0; i < B * W; ++i) {
-            EXPECT(parent[i] >= 0 && parent[i] < W && token[i] >= 0 && token[i] < V, "beam search output out of range");
+            const int64_t column = mapped ? (token[i] - 1) / 3 : token[i];
+            EXPECT(parent[i] >= 0 && parent[i] < W && column >= 0 && column < V && (!mapped || token[i] % 3 == 1),
+                   "beam search output out of range");
         }
     }
 }

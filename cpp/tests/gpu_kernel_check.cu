@@ -147,7 +147,9 @@ void report(const char* op, const std::string& cfg, bool ok, int nearTies, doubl
 
 // ---- beam search ----------------------------------------------------------------------------
 
-void checkBeamSearch(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, int64_t warpK) {
+// mapped: a reduced draft vocabulary, logit column v is full id vocabMap[v] (a shuffled sparse
+// set), so a token the kernel takes from the wrong column, or leaves unmapped, differs.
+void checkBeamSearch(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, int64_t warpK, bool mapped = false) {
     const int64_t B = 2;
     std::normal_distribution<float> nd(0.0f, 3.0f);
     std::vector<float> x(static_cast<size_t>(B * W * V));
@@ -161,9 +163,16 @@ void checkBeamSearch(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, int
     const auto hostX = hostLogits(x, t);
     std::vector<float> cpuScores(B * W);
     std::vector<int32_t> cpuParent(B * W), cpuToken(B * W);
+    std::vector<int32_t> vocabMap;
+    if (mapped) {
+        vocabMap.resize(static_cast<size_t>(V));
+        for (int64_t v = 0; v < V; ++v) vocabMap[v] = static_cast<int32_t>(7 * v + 3);
+        std::shuffle(vocabMap.begin(), vocabMap.end(), rng);
+    }
     BeamSearchParams p;
     p.logits = hostX.data();
     p.logitsType = t;
+    p.vocabMap = mapped ? vocabMap.data() : nullptr;
     p.beamScores = scores.data();
     p.newScores = cpuScores.data();
     p.parent = cpuParent.data();
@@ -176,7 +185,9 @@ void checkBeamSearch(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, int
 
     DevBuf dx = uploadLogits(x, t), ds = upload(scores), dOut(B * W * 4), dPar(B * W * 4), dTok(B * W * 4);
     DevBuf ws(beamSearchWorkspaceBytes(B, W, V, warpK));
+    DevBuf dMap = mapped ? upload(vocabMap) : DevBuf(4);
     BeamSearchParams g = p;
+    g.vocabMap = mapped ? dMap.as<int32_t>() : nullptr;
     g.logits = dx.p;
     g.beamScores = ds.as<float>();
     g.newScores = dOut.as<float>();
@@ -202,8 +213,8 @@ void checkBeamSearch(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, int
     }
     const double us = timeUs([&] { invokeBeamSearchStep(g, nullptr); });
     char cfg[128];
-    std::snprintf(cfg, sizeof(cfg), "%s B=%lld W=%lld V=%lld warp_k=%lld", dataTypeName(t), (long long)B, (long long)W,
-                  (long long)V, (long long)warpK);
+    std::snprintf(cfg, sizeof(cfg), "%s B=%lld W=%lld V=%lld warp_k=%lld%s", dataTypeName(t), (long long)B, (long long)W,
+                  (long long)V, (long long)warpK, mapped ? " mapped" : "");
     report("beam_search", cfg, ok, nearTies, us, beamSearchBytesMoved(B, W, V, t));
 }
 
@@ -559,6 +570,7 @@ int main(int argc, char** argv) {
                 if (want("beam_search")) {
                     checkBeamSearch(rng, t, W, V, 50);
                     if (W == 8) checkBeamSearch(rng, t, W, V, 0);
+                    if (W == 8) checkBeamSearch(rng, t, W, V, 50, true);
                 }
                 if (want("accept")) {
                     checkAccept(rng, t, W, V, false);

@@ -8,8 +8,8 @@ namespace plugins {
 namespace {
 
 constexpr OpInfo kOps[kNumOps] = {
-    {"RedrafterBeamSearchStep", 2, {"num_beams", "warp_k"}, 2, 3,
-     {"logits", "beam_scores", "new_scores", "parent", "token"}},
+    {"RedrafterBeamSearchStep", 2, {"num_beams", "warp_k"}, 3, 3,
+     {"logits", "beam_scores", "vocab_map", "new_scores", "parent", "token"}},
     {"RedrafterTreePack", 2, {"num_beams", "beam_len"}, 1, 5,
      {"beams", "packed_tokens", "packed_len", "unpacker", "position_offsets", "packed_mask"}},
     {"RedrafterAccept", 2, {"num_beams", "beam_len"}, 8, 5,
@@ -43,8 +43,8 @@ bool isFloatLogits(TensorType t) {
 bool fixedType(OpKind kind, int32_t pos, TensorType* t) {
     switch (kind) {
         case OpKind::kBeamSearch: {
-            static constexpr TensorType types[] = {TensorType::kFloat32, TensorType::kFloat32, TensorType::kFloat32,
-                                                   TensorType::kInt32, TensorType::kInt32};
+            static constexpr TensorType types[] = {TensorType::kFloat32, TensorType::kFloat32, TensorType::kInt32,
+                                                   TensorType::kFloat32, TensorType::kInt32, TensorType::kInt32};
             if (pos == 0) return false;
             *t = types[pos];
             return true;
@@ -163,7 +163,7 @@ Status checkInputShapes(const PluginFields& f, const ShapeDims* in, int32_t nbIn
         return Status::error(StatusCode::kInvalidArgument, "%s: expected %d inputs, got %d", op.pluginName, op.nbInputs,
                              nbInputs);
     const int64_t W = f.numBeams(), L = f.beamLength();
-    static const int32_t kRanks[kNumOps][8] = {{3, 2}, {3}, {3, 3, 3, 1, 1, 1, 1, 2}};
+    static const int32_t kRanks[kNumOps][8] = {{3, 2, 1}, {3}, {3, 3, 3, 1, 1, 1, 1, 2}};
     for (int32_t i = 0; i < nbInputs; ++i) {
         const int32_t want = kRanks[static_cast<int32_t>(f.kind)][i];
         if (in[i].nbDims != want)
@@ -218,6 +218,10 @@ Status checkInputShapes(const PluginFields& f, const ShapeDims* in, int32_t nbIn
                                  f.values[1]);
         }
     }
+    if (f.kind == OpKind::kBeamSearch && in[0].d[2] >= 0 && in[2].d[0] >= 0 && in[2].d[0] != in[0].d[2])
+        return Status::error(StatusCode::kInvalidArgument,
+                             "%s: vocab_map dim 0 is %lld, expected logits dim 2 (the head's draft vocabulary K) %lld",
+                             op.pluginName, (long long)in[2].d[0], (long long)in[0].d[2]);
     if (batch > kInt32Max)
         return Status::error(StatusCode::kOverflow, "%s: batch %lld exceeds int32", op.pluginName, (long long)batch);
     return Status::success();
@@ -326,6 +330,7 @@ Status makeLaunchParams(const PluginFields& f, const ShapeDims* in, const Tensor
             logitsDataType(inTypes[0], &p.logitsType);
             p.logits = inputs[0];
             p.beamScores = static_cast<const float*>(inputs[1]);
+            p.vocabMap = static_cast<const int32_t*>(inputs[2]);
             p.newScores = static_cast<float*>(outputs[0]);
             p.parent = static_cast<int32_t*>(outputs[1]);
             p.token = static_cast<int32_t*>(outputs[2]);

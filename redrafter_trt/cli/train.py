@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random, or base: copy the base model's vocabulary projection into the head's "
                         "(needs --exit_dim equal to the base hidden size) and start input_proj as a "
                         "pass-through of the context (default: random)")
+    g.add_argument("--draft_vocab_size", type=int, default=None, metavar="K",
+                   help="draft over K token ids only: the EOS ids plus the tokens the base wrote most "
+                        "often in the training data; the head's final projection gets K rows (the "
+                        "base's rows of those ids with --lm_head_init base) and the head stores the "
+                        "id map (draft_vocab). Output stays exact; a token outside the K ids is never "
+                        "drafted. Default: the full vocabulary")
     g.add_argument("--freeze_lm_head", action="store_true",
                    help="do not train the head's final V x exit_dim projection (with --lm_head_init "
                         "base: fewer trained parameters, less memorisation on small data)")
@@ -288,6 +294,7 @@ def _train(args) -> int:
         model_dir=args.model_dir, data=list(args.data), output_dir=args.output_dir,
         exit_dim=args.exit_dim, num_draft_layers=args.num_draft_layers, rnn=not args.no_rnn,
         init_from=args.init_from, lm_head_init=args.lm_head_init, freeze_lm_head=args.freeze_lm_head,
+        draft_vocab_size=args.draft_vocab_size,
         draft_len=args.draft_len, loss=args.loss, mse_weight=args.mse_weight, kl_vocab=args.kl_vocab,
         alpha=args.alpha, temperature=args.temperature,
         teacher_topk=args.teacher_topk, depth_weights=args.depth_weights, lr=args.lr,

@@ -3,6 +3,13 @@
 Directory format: ``config.json`` (``vocab_size``, ``hidden_size``, ``exit_dim``,
 ``num_draft_layers``, ``rnn``) and ``model.safetensors``; a ``.pt``/``.bin`` state dict is read
 only with ``torch.load(weights_only=True)``.
+
+Reduced draft vocabulary (optional, as EAGLE-3 / FR-Spec): ``config.json`` carries
+``draft_vocab_size`` K and ``model.safetensors`` a ``draft_vocab`` int32 tensor [K] of distinct
+full-vocabulary ids; the final projection ``lm_head.{n}.weight`` is then [K, exit_dim] and the
+beam search maps its columns back to full ids. Verification reads the base's full-vocabulary
+logits, so output is unchanged; a draft token outside the K ids is simply never proposed. A head
+without them (Apple's format) is the K = V case.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from .io import atomic_output_dir, load_state_dict_file, save_safetensors
 
 DRAFTER_CONFIG = "config.json"
 DRAFTER_WEIGHTS = "model.safetensors"
+#: Name of the optional id map [K] int32 (Apple-format name; ``drafter.draft_vocab`` in checkpoints).
+DRAFT_VOCAB = "draft_vocab"
 
 
 @dataclass
@@ -31,6 +40,14 @@ class DrafterConfig:
     exit_dim: int
     num_draft_layers: int
     rnn: bool = True
+    #: K, the rows of the final projection when the head drafts over a reduced vocabulary;
+    #: None = the full vocabulary (Apple's format).
+    draft_vocab_size: int | None = None
+
+    @property
+    def head_vocab_size(self) -> int:
+        """Columns of the draft logits: K with a draft vocabulary, else V."""
+        return self.vocab_size if self.draft_vocab_size is None else self.draft_vocab_size
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "exit_dim"):
@@ -38,9 +55,15 @@ class DrafterConfig:
             require(isinstance(v, int) and v > 0, f"drafter {name} must be a positive integer, got {v!r}")
         require(isinstance(self.num_draft_layers, int) and self.num_draft_layers >= 0,
                 f"drafter num_draft_layers must be >= 0, got {self.num_draft_layers!r}")
+        k = self.draft_vocab_size
+        require(k is None or (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.vocab_size),
+                f"drafter draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}], got {k!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["draft_vocab_size"] is None:  # Apple's format has no such key
+            del d["draft_vocab_size"]
+        return d
 
 
 class ResBlock(nn.Module):
@@ -64,7 +87,9 @@ class Drafter(nn.Module):
         else:
             self.input_proj = None
         self.lm_head = nn.ModuleList([ResBlock(cfg.exit_dim) for _ in range(cfg.num_draft_layers)]
-                                     + [nn.Linear(cfg.exit_dim, cfg.vocab_size, bias=False)])
+                                     + [nn.Linear(cfg.exit_dim, cfg.head_vocab_size, bias=False)])
+        if cfg.draft_vocab_size is not None:  # full id of each projection row; set by loading
+            self.register_buffer(DRAFT_VOCAB, torch.arange(cfg.draft_vocab_size, dtype=torch.int32))
         if cfg.rnn:
             self.rnn_u = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
             self.rnn_w = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -75,8 +100,21 @@ class Drafter(nn.Module):
             return F.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
         return state + token_embedding
 
+    @property
+    def vocab_map(self) -> torch.Tensor | None:
+        """[K] int32 full-vocabulary id of each draft-logit column, or None (K = V, identity)."""
+        return getattr(self, DRAFT_VOCAB, None)
+
+    def set_draft_vocab(self, ids: torch.Tensor, where: str = "draft_vocab") -> None:
+        """Install the id map [K] (checked: integer, K distinct ids in [0, V))."""
+        require(self.vocab_map is not None, f"{where}: this head has no draft vocabulary (draft_vocab_size unset)")
+        check_draft_vocab(ids, self.config, where)
+        with torch.no_grad():
+            self.vocab_map.copy_(ids.to(torch.int32))
+
     def logits(self, context: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Draft logits [..., V] from context [..., H] and state [..., H]."""
+        """Draft logits [..., K] (K = V without a draft vocabulary) from context [..., H] and
+        state [..., H]; column k is full-vocabulary token ``vocab_map[k]``."""
         x = torch.cat([context, state], dim=-1)
         if self.input_proj is not None:
             x = self.input_proj(x)
@@ -95,7 +133,9 @@ class Drafter(nn.Module):
             root: [B] int, g0 (the base model's own token).
             num_beams: W; draft_len: D.
         Returns:
-            beams: [B, W, D+1] int32 sorted by score, best first; ``beams[:, :, 0] == root``.
+            beams: [B, W, D+1] int32 full-vocabulary ids, sorted by score, best first;
+            ``beams[:, :, 0] == root``. With a draft vocabulary the search runs over its K
+            columns and every drafted token is one of its ids.
         """
         b = context.shape[0]
         w, dev = num_beams, context.device
@@ -108,17 +148,21 @@ class Drafter(nn.Module):
         rows = torch.arange(b, device=dev)[:, None]
         for d in range(1, draft_len + 1):
             state = self.update_state(state, embedding(beams[:, :, d - 1]).to(state.dtype))
-            scores, parent, token = beam_search_step(self.logits(ctx, state), scores, warp_k)
+            scores, parent, token = beam_search_step(self.logits(ctx, state), scores, warp_k, self.vocab_map)
             beams = beams[rows, parent]
             state = state[rows, parent]
             beams[:, :, d] = token
         return beams.to(torch.int32)
 
 
-def init_drafter(cfg: DrafterConfig, seed: int = 0, std: float = 0.02) -> Drafter:
-    """A randomly initialised head (deterministic in ``seed``)."""
+def init_drafter(cfg: DrafterConfig, seed: int = 0, std: float = 0.02,
+                 draft_vocab: torch.Tensor | None = None) -> Drafter:
+    """A randomly initialised head (deterministic in ``seed``); ``draft_vocab`` [K] sets the id
+    map of a head with ``cfg.draft_vocab_size`` (default: ids 0..K-1)."""
     gen = torch.Generator().manual_seed(seed)
     d = Drafter(cfg)
+    if draft_vocab is not None:
+        d.set_draft_vocab(draft_vocab)
     with torch.no_grad():
         for name, p in d.named_parameters():
             if name.endswith("bias"):
@@ -141,6 +185,40 @@ def validate_against_base(cfg: DrafterConfig, hidden_size: int, vocab_size: int,
             f"(vocab_size, hidden_size) = {(vocab_size, hidden_size)}")
 
 
+def check_draft_vocab(ids: torch.Tensor, cfg: DrafterConfig, where: str) -> None:
+    """A draft vocabulary must be K = ``cfg.draft_vocab_size`` distinct integer ids in [0, V)."""
+    k, v = cfg.draft_vocab_size, cfg.vocab_size
+    require(not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool,
+            f"{where}: {DRAFT_VOCAB} has dtype {ids.dtype}, expected int32 token ids")
+    require(tuple(ids.shape) == (k,), f"{where}: {DRAFT_VOCAB} has shape {tuple(ids.shape)}, expected "
+            f"({k},) (draft_vocab_size K = {k})")
+    lo, hi = int(ids.min()), int(ids.max())
+    require(lo >= 0 and hi < v, f"{where}: {DRAFT_VOCAB} holds id {lo if lo < 0 else hi} outside the "
+            f"vocabulary [0, {v})")
+    uniq, counts = torch.unique(ids.to(torch.int64), return_counts=True)
+    if uniq.numel() != k:
+        raise RedrafterError(f"{where}: {DRAFT_VOCAB} repeats id {int(uniq[counts > 1][0])} "
+                             f"({k - uniq.numel()} repeated entries); every id must appear once")
+
+
+def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) -> None:
+    """:func:`load_checked` for a draft head, with the draft-vocabulary rules spelt out."""
+    cfg = model.config
+    n = cfg.num_draft_layers
+    if cfg.draft_vocab_size is None:
+        require(DRAFT_VOCAB not in sd, f"{where}: has a {DRAFT_VOCAB} tensor but the config sets no "
+                "draft_vocab_size; add it (the map's length K) to the config")
+    else:
+        require(DRAFT_VOCAB in sd, f"{where}: the config sets draft_vocab_size {cfg.draft_vocab_size} but "
+                f"there is no {DRAFT_VOCAB} tensor (the [K] int32 map of the head's token ids)")
+        check_draft_vocab(sd[DRAFT_VOCAB], cfg, where)
+        proj = sd.get(f"lm_head.{n}.weight")
+        require(proj is None or proj.shape[0] == cfg.draft_vocab_size,
+                f"{where}: lm_head.{n}.weight has {None if proj is None else proj.shape[0]} rows but "
+                f"draft_vocab_size K is {cfg.draft_vocab_size}; the projection must have one row per draft id")
+    load_checked(model, sd, where)
+
+
 def expected_drafter_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the Apple-format state dict."""
     return {k: tuple(v.shape) for k, v in Drafter(cfg).to("meta").state_dict().items()}
@@ -159,8 +237,11 @@ def read_drafter_config(path: str | os.PathLike) -> DrafterConfig:
     require(not missing, f"{cfg_file}: missing keys {missing}")
     cfg = DrafterConfig(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
                         exit_dim=raw["exit_dim"], num_draft_layers=raw["num_draft_layers"],
-                        rnn=bool(raw.get("rnn", False)))
-    cfg.validate()
+                        rnn=bool(raw.get("rnn", False)), draft_vocab_size=raw.get("draft_vocab_size"))
+    try:
+        cfg.validate()
+    except RedrafterError as e:
+        raise RedrafterError(f"{cfg_file}: {e}") from e
     return cfg
 
 
@@ -173,7 +254,7 @@ def load_drafter(path: str | os.PathLike) -> Drafter:
     require(weights is not None, f"{path}: no {DRAFTER_WEIGHTS} (or pytorch_model.bin / model.pt)")
     sd = load_state_dict_file(weights)
     model = Drafter(cfg)
-    load_checked(model, sd, str(weights))
+    load_drafter_state(model, sd, str(weights))
     return model
 
 
@@ -188,6 +269,9 @@ def load_checked(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> N
     for k, v in sd.items():
         require(tuple(v.shape) == tuple(expected[k].shape),
                 f"{where}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if not expected[k].is_floating_point():  # an index buffer (the draft vocabulary)
+            require(not v.is_floating_point(), f"{where}: tensor {k} has dtype {v.dtype}, expected int32")
+            continue
         require(v.is_floating_point(), f"{where}: tensor {k} has dtype {v.dtype}, expected a float")
         require(bool(torch.isfinite(v).all()), f"{where}: tensor {k} has non-finite values (NaN/inf)")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)

@@ -11,6 +11,9 @@ Rules (shared with ``cpp/``):
 - candidate score = beam score + logp, flat index ``w * V + v``; the top W candidates are
   taken in descending score, ties to the lower flat index; ``parent = idx // V``,
   ``token = idx % V``.
+- reduced draft vocabulary: the logits' last dim is then the head's K columns, every rule above
+  runs over K (warp, log_softmax, ties by ``w * K + k``), and ``token = vocab_map[idx % K]``
+  maps the column to its full-vocabulary id.
 """
 
 from __future__ import annotations
@@ -75,7 +78,13 @@ def _top_w_lowest_index(values: torch.Tensor, w: int) -> torch.Tensor:
     return out
 
 
-def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int = DEFAULT_WARP_K):
+def _mapped(column: torch.Tensor, vocab_map: torch.Tensor | None) -> torch.Tensor:
+    """Logit column [B, W] -> full-vocabulary token id through ``vocab_map`` [K] (None = identity)."""
+    return column if vocab_map is None else vocab_map.to(device=column.device, dtype=torch.int64)[column]
+
+
+def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int = DEFAULT_WARP_K,
+                     vocab_map: torch.Tensor | None = None):
     """One beam-search step over W beams.
 
     Two-stage, as the kernels do: each beam's own top W (ties to the lower token id), then the
@@ -87,8 +96,11 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: in
         logits: [B, W, V] drafter logits (float32/float16/bfloat16).
         beam_scores: [B, W] float32, ``-inf`` for dead beams.
         warp_k: top-k warp of the logits (0 = off).
+        vocab_map: None, or [V] int (V = logits' last dim, a head's draft vocabulary K): the
+            full-vocabulary id of each logit column.
     Returns:
-        new_scores: [B, W] float32, descending; parent: [B, W] int64; token: [B, W] int64.
+        new_scores: [B, W] float32, descending; parent: [B, W] int64; token: [B, W] int64
+        (a full-vocabulary id with ``vocab_map``).
     """
     b, w, v = logits.shape
     logp = warped_log_softmax(logits, warp_k)  # [B, W, V]
@@ -104,14 +116,14 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: in
     local_scores = local_scores.gather(1, by_index)
     order = torch.sort(local_scores, dim=-1, descending=True, stable=True).indices[:, :w]
     top = flat.gather(1, order)
-    return local_scores.gather(1, order), top // v, top % v
+    return local_scores.gather(1, order), top // v, _mapped(top % v, vocab_map)
 
 
 def beam_search_step_naive(logits: torch.Tensor, beam_scores: torch.Tensor,
-                           warp_k: int = DEFAULT_WARP_K):
+                           warp_k: int = DEFAULT_WARP_K, vocab_map: torch.Tensor | None = None):
     """The same step by a full stable sort of all W*V candidates (test oracle)."""
     b, w, v = logits.shape
     logp = warped_log_softmax(logits, warp_k)
     cand = (beam_scores.to(torch.float32)[:, :, None] + logp).reshape(b, w * v)
     order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[:, :w]
-    return cand.gather(1, order), order // v, order % v
+    return cand.gather(1, order), order // v, _mapped(order % v, vocab_map)

@@ -33,7 +33,7 @@ from ..errors import RedrafterError, require
 from ..models.drafter import (Drafter, DrafterConfig, init_drafter, load_drafter, save_drafter,
                               validate_against_base)
 from ..models.hub import resolve_base_model_dir
-from .base import load_frozen_base
+from .base import eos_ids, load_frozen_base
 from .data import load_base_tokenizer, load_examples, model_fingerprint, source_kind
 from .features import Features, cached_features, concat_features
 from .losses import (depth_weighted_mean, distill_loss, gather_batch, logit_match_loss,
@@ -60,6 +60,7 @@ class TrainConfig:
     init_from: str | None = None         # start from an existing drafter directory
     lm_head_init: str = "random"         # random | base (copy the base's vocabulary projection)
     freeze_lm_head: bool = False         # keep the final vocabulary projection fixed
+    draft_vocab_size: int | None = None  # K: draft over the K most frequent answer tokens (+ EOS)
     draft_len: int = 4                   # D unrolled draft steps
     # loss
     loss: str = "kl"                     # kl | ce | mix | logit_match
@@ -136,6 +137,13 @@ class TrainConfig:
         require(self.lm_head_init == "base" or self.init_from or not self.freeze_lm_head,
                 "--freeze_lm_head keeps a random vocabulary projection fixed; use it with "
                 "--lm_head_init base (or --init_from a trained head)")
+        require(self.draft_vocab_size is None or self.draft_vocab_size >= 1,
+                f"--draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        require(self.draft_vocab_size is None or not self.init_from,
+                "--draft_vocab_size and --init_from both set the head's vocabulary; pass one of them "
+                "(an --init_from head keeps its own draft_vocab)")
+        require(self.draft_vocab_size is None or self.loss != "logit_match",
+                "--loss logit_match matches the base's full-vocabulary logits; it does not take --draft_vocab_size")
         require(self.precision in PRECISIONS, f"--precision {self.precision!r}: expected one of {PRECISIONS}")
         require(0.0 <= self.eval_fraction < 1.0, f"--eval_fraction must be in [0, 1), got {self.eval_fraction}")
         require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0 and --min_lr_ratio in [0, 1]")
@@ -220,8 +228,53 @@ def split_positions(feats: Features, draft_len: int, eval_fraction: float, seed:
 
 
 # --------------------------------------------------------------------------- model pieces
+def choose_draft_vocab(feats: Features, vocab_size: int, k: int, always: list[int]) -> torch.Tensor:
+    """``--draft_vocab_size K``: the ``always`` ids (the EOS ids), then the most frequent tokens
+    the base itself wrote in the data (the target tokens: self-distilled answers), ties to the
+    lower id, then the lowest unused ids if the data have fewer than K distinct tokens.
+
+    Returns: [K] int32 distinct ids in [0, V), ascending.
+    """
+    require(1 <= k <= vocab_size, f"--draft_vocab_size {k} must be in [1, V={vocab_size}] (the base's vocabulary)")
+    counts = torch.bincount(feats.tokens[feats.targets].to(torch.int64), minlength=vocab_size).to(torch.float64)
+    counts[torch.tensor([t for t in always if 0 <= t < vocab_size], dtype=torch.int64)] = float("inf")
+    # stable descending sort: equal counts keep ascending id order
+    order = torch.sort(counts, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values.to(torch.int32)
+
+
+def restrict_to_draft_vocab(vocab_map: torch.Tensor, vocab_size: int, labels: torch.Tensor,
+                            t_ids: torch.Tensor | None, t_probs: torch.Tensor | None, alpha: float):
+    """Labels and teacher in the head's K columns: the teacher restricted to the draft vocabulary
+    and renormalised (the distribution on those K ids closest in KL to the base's; the mass
+    outside them cannot be drafted, so the head is not asked for it).
+
+    Args: vocab_map [K] full ids; labels [M] full ids; t_ids [M, k] full ids or None (then t_probs
+        dense [M, V]); t_probs [M, k] or [M, V] or None.
+        alpha: the KL weight; with a cross-entropy part (alpha < 1) a row needs its label inside.
+    Returns: (labels [M] column, 0 where outside; keep [M] float: 1 where the row has a target
+        in the draft vocabulary; t_ids in columns (0 where outside, with probability 0); t_probs).
+    """
+    dev = labels.device
+    col = torch.full((vocab_size,), -1, dtype=torch.int64, device=dev)
+    col[vocab_map.to(dev, torch.int64)] = torch.arange(vocab_map.numel(), device=dev)
+    lab = col[labels]
+    keep = lab >= 0 if alpha < 1 else torch.ones_like(lab, dtype=torch.bool)
+    if t_probs is not None and alpha > 0:
+        if t_ids is None:
+            t_probs = t_probs[:, vocab_map.to(dev, torch.int64)]
+        else:
+            ids = col[t_ids]
+            t_probs = torch.where(ids >= 0, t_probs, 0.0)
+            t_ids = ids.clamp(min=0)
+        mass = t_probs.sum(-1, keepdim=True)
+        keep = keep & (mass[:, 0] > 0)
+        t_probs = t_probs / mass.clamp(min=1e-30)
+    return lab.clamp(min=0), keep.to(torch.float32), t_ids, t_probs
+
+
 def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int,
-                 base_lm_head: torch.Tensor | None = None) -> Drafter:
+                 base_lm_head: torch.Tensor | None = None, draft_vocab: torch.Tensor | None = None) -> Drafter:
     """The head to train: loaded (``init_from``), random, or with the base's vocabulary projection.
 
     ``lm_head_init="base"`` (needs ``exit_dim == H``) copies the base model's ``lm_head`` weight
@@ -229,7 +282,8 @@ def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int,
     half passes through) with the residual blocks near identity, so the untrained head already
     maps into the base's output space; only the small layers in front must learn the shift by
     one token per draft step. With ``freeze_lm_head`` the V x H projection is not trained, which
-    on small data sets stops the head from memorising through its largest matrix.
+    on small data sets stops the head from memorising through its largest matrix. With
+    ``draft_vocab`` [K] the projection has K rows (the base's rows of those ids with ``base``).
     """
     if cfg.init_from:
         d = load_drafter(cfg.init_from)
@@ -247,11 +301,15 @@ def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int,
                     f"{None if base_lm_head is None else tuple(base_lm_head.shape)}, expected "
                     f"{(vocab_size, hidden_size)}")
         dcfg = DrafterConfig(vocab_size=vocab_size, hidden_size=hidden_size, exit_dim=exit_dim,
-                             num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn)
-        d = init_drafter(dcfg, seed=cfg.seed)
+                             num_draft_layers=cfg.num_draft_layers, rnn=cfg.rnn,
+                             draft_vocab_size=None if draft_vocab is None else int(draft_vocab.numel()))
+        d = init_drafter(dcfg, seed=cfg.seed, draft_vocab=draft_vocab)
         if cfg.lm_head_init == "base":
+            rows = base_lm_head.detach().float()
+            if draft_vocab is not None:
+                rows = rows[draft_vocab.to(rows.device, torch.int64)]
             with torch.no_grad():
-                d.lm_head[-1].weight.copy_(base_lm_head.detach().float())
+                d.lm_head[-1].weight.copy_(rows)
                 proj = d.input_proj.weight                     # [H, 2H]
                 proj[:, :hidden_size] += torch.eye(hidden_size)
     if cfg.freeze_lm_head:
@@ -324,6 +382,11 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
     labels = batch.labels.to(dev)[valid]
     t_ids, t_probs = _teacher(feats, base, batch, cfg, dev)
     alpha = cfg.resolved_alpha()
+    vocab_map, keep = _unwrap(head).drafter.vocab_map, None
+    if vocab_map is not None:  # the loss over the head's K columns (labels/teacher re-indexed)
+        full_labels = labels
+        labels, keep, t_ids, t_probs = restrict_to_draft_vocab(vocab_map, base.config.vocab_size,
+                                                               labels, t_ids, t_probs, alpha)
     if cfg.loss == "logit_match":
         require(proj is not None and proj.gram is not None,
                 "--loss logit_match: the frozen projection was not prepared")
@@ -361,6 +424,10 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
         rows = distill_loss(flat, labels, t_ids, t_probs, cfg.temperature, alpha)
         with torch.no_grad():
             pred = flat.argmax(-1)
+    if keep is not None:  # a row whose target lies outside the draft vocabulary teaches nothing
+        rows = rows * keep.to(rows.dtype)
+        pred = vocab_map.to(dev, torch.int64)[pred]
+        labels = full_labels
     row_loss = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
     row_loss = row_loss.masked_scatter(valid, rows)
     weights = torch.tensor(cfg.depth_weights or [1.0] * d, dtype=torch.float32, device=dev)
@@ -397,7 +464,9 @@ def evaluate(drafter, base, feats: Features, positions: torch.Tensor, cfg: Train
         emb = base.embedding(batch.in_tokens.to(dev))
         with autocast():
             logits = head(batch.context.to(dev), emb)
-        pred = logits.float().argmax(-1).cpu()              # [N, D]
+        pred = logits.float().argmax(-1).cpu()              # [N, D] (columns of the head)
+        if drafter.vocab_map is not None:
+            pred = drafter.vocab_map.cpu().to(torch.int64)[pred]
         valid = batch.valid
         correct = (pred == batch.labels) & valid
         runs[lo:lo + len(pos)] = correct.to(torch.int64).cumprod(1).sum(1)
@@ -408,8 +477,12 @@ def evaluate(drafter, base, feats: Features, positions: torch.Tensor, cfg: Train
         valid_sum += valid.sum(0)
         v = valid.to(dev)
         t_ids, t_probs = _teacher(feats, base, batch, cfg, dev)
-        rows = distill_loss(logits[v], batch.labels.to(dev)[v], t_ids, t_probs, cfg.temperature,
-                            cfg.resolved_alpha()).cpu()
+        labels, keep = batch.labels.to(dev)[v], None
+        if drafter.vocab_map is not None:
+            labels, keep, t_ids, t_probs = restrict_to_draft_vocab(drafter.vocab_map, base.config.vocab_size,
+                                                                   labels, t_ids, t_probs, cfg.resolved_alpha())
+        rows = distill_loss(logits[v], labels, t_ids, t_probs, cfg.temperature, cfg.resolved_alpha())
+        rows = (rows if keep is None else rows * keep.to(rows.dtype)).cpu()
         loss_sum += torch.zeros(valid.shape).masked_scatter(valid, rows).sum(0)
     drafter.train(was_training)
     vs = valid_sum.clamp(min=1)
@@ -568,7 +641,6 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     model_dir = resolve_base_model_dir(cfg.model_dir)
     base = load_frozen_base(model_dir, dev)
     bc = base.config
-    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight).to(dev)
     needs_tok = any(source_kind(s) != "selfdistill" for s in cfg.data)
     tok = load_base_tokenizer(model_dir) if needs_tok else None
     # Features are cached per data source, so sources can be combined without recomputation.
@@ -586,6 +658,19 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
         feat_paths.append(path)
         feat_secs += secs
     feats = concat_features(parts)
+    draft_vocab = None
+    if cfg.draft_vocab_size is not None:
+        eos_tok = tok
+        if eos_tok is None:  # self-distilled ids need no tokenizer, but its EOS id must be draftable
+            try:
+                eos_tok = load_base_tokenizer(model_dir)
+            except RedrafterError:
+                eos_tok = None
+        draft_vocab = choose_draft_vocab(feats, bc.vocab_size, cfg.draft_vocab_size, eos_ids(base, eos_tok))
+        log(f"[train] draft vocabulary: K={cfg.draft_vocab_size} of V={bc.vocab_size} ids, covering "
+            f"{float(torch.isin(feats.tokens[feats.targets], draft_vocab.to(torch.int64)).float().mean()):.4f} "
+            "of the data's answer tokens")
+    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight, draft_vocab).to(dev)
     if world > 1 and is_main:
         torch.distributed.barrier()
     data_key = "+".join(p.name for p in feat_paths)

@@ -103,6 +103,7 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
     from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
     from tensorrt_llm.models.modeling_utils import PretrainedModel
     from tensorrt_llm.module import Module, ModuleList
+    from tensorrt_llm.parameter import Parameter
 
     from ..models.base import ARCH_QWEN2
 
@@ -118,8 +119,8 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
     W, D = cfg.num_beams, cfg.draft_len
     L, N = D + 1, W * (D + 1)
     V, H = cfg.base.vocab_size, cfg.base.hidden_size
-    v_pad = padded_vocab_size(V, cfg.tp_size)
     dc = cfg.drafter
+    K = dc.head_vocab_size  # draft-logit columns: the head's draft vocabulary, or V
 
     def col(i, o, bias):  # ColumnLinear with gathered output: TensorRT-LLM's ReDrafter layout
         return ColumnLinear(i, o, bias=bias, dtype=dtype, tp_group=mapping.tp_group, tp_size=mapping.tp_size,
@@ -140,7 +141,9 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             super().__init__()
             self.input_proj = col(2 * H, dc.exit_dim, True) if dc.exit_dim != 2 * H else None
             self.layers = ModuleList([ResBlock() for _ in range(dc.num_draft_layers)])
-            self.lm_head = col(dc.exit_dim, v_pad, False)
+            self.lm_head = col(dc.exit_dim, padded_vocab_size(K, cfg.tp_size), False)
+            if dc.draft_vocab_size is not None:  # drafter.draft_vocab [K] int32: full id of each column
+                self.draft_vocab = Parameter(shape=(K,), dtype="int32")
             if dc.rnn:
                 self.rnn_u = col(H, H, True)
                 self.rnn_w = col(H, H, False)
@@ -325,13 +328,16 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             neg_inf = F.constant(np.array([[0.0] + [-np.inf] * (W - 1)], dtype=np.float32))
             scores = F.expand(neg_inf, F.concat([b, W]))
             tokens = [F.expand(F.unsqueeze(bonus, 1), F.concat([b, W]))]             # depth 0 = bonus
+            vocab_map = (self.drafter.draft_vocab.value if dc.draft_vocab_size is not None
+                         else F.constant(np.arange(V, dtype=np.int32)))                # [K] full ids
             for _ in range(D):
                 emb = self.transformer.vocab_embedding(F.view(tokens[-1], F.concat([b * W])))
                 state = self.drafter.state(emb, state)
-                draft_logits = self.drafter(ctx_bw, state)                            # [B*W, Vpad]
-                draft_logits = F.view(F.slice(draft_logits, [0, 0], F.concat([b * W, V])),
-                                      F.concat([b, W, V]))
-                scores, parent, token = plugin(BEAM_SEARCH, [draft_logits, scores],
+                draft_logits = self.drafter(ctx_bw, state)                            # [B*W, Kpad]
+                draft_logits = F.view(F.slice(draft_logits, [0, 0], F.concat([b * W, K])),
+                                      F.concat([b, W, K]))
+                # token = vocab_map[column]: full ids, for the next step's embedding and the tree
+                scores, parent, token = plugin(BEAM_SEARCH, [draft_logits, scores, vocab_map],
                                                {"num_beams": W, "warp_k": warp_k}, 3)
                 tokens = [rows_gather(tk, parent, 1) for tk in tokens] + [token]
                 state = F.view(rows_gather(F.view(state, F.concat([b, W, H])), parent, 1), F.concat([b * W, H]))

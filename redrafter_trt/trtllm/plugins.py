@@ -27,7 +27,7 @@ PLUGIN_LIB_ENV = "REDRAFTER_PLUGIN_LIB"
 BUILD_COMMAND = "bash build_scripts/build_plugins.sh"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
-BEAM_SEARCH = "RedrafterBeamSearchStep"   # fields num_beams, warp_k
+BEAM_SEARCH = "RedrafterBeamSearchStep"   # fields num_beams, warp_k; inputs logits, beam_scores, vocab_map
 TREE_PACK = "RedrafterTreePack"           # fields num_beams, beam_len
 ACCEPT = "RedrafterAccept"                # fields num_beams, beam_len
 

@@ -4,7 +4,12 @@
 //   beamScores  [B, W]     float32, -inf for dead beams
 //   newScores   [B, W]     float32, descending per row
 //   parent      [B, W]     int32 = flat // V
-//   token       [B, W]     int32 = flat %  V
+//   token       [B, W]     int32 = flat %  V, or vocabMap[flat % V] with a map
+//   vocabMap    [V]        int32, optional (null = identity): the full-vocabulary id of each
+//                          of the V logit columns, for a head with a reduced draft vocabulary
+//                          (V is then its K). Entries are not range-checked here (they live
+//                          on the device); the head loader checks them once (in [0, full V),
+//                          distinct).
 //
 // Rules (identical to redrafter_trt/ops/beam_search.py):
 //   x = float(logits) - rowmax;  warp (0 < warpK < V): x < kth-largest(x) -> WARP_FILL;
@@ -46,6 +51,7 @@ struct BeamSearchParams {
     float* newScores = nullptr;         // [B, W]
     int32_t* parent = nullptr;          // [B, W]
     int32_t* token = nullptr;           // [B, W]
+    const int32_t* vocabMap = nullptr;  // [V] or null: token = vocabMap[flat % V]
     int64_t batchSize = 0;              // B >= 0
     int64_t numBeams = 0;               // 1 <= W <= min(V, 64)
     int64_t vocabSize = 0;              // V >= 1, W*V <= INT32_MAX
@@ -91,6 +97,11 @@ RD_HD float warpedLogit(float shifted, float kthShifted, bool warpOn) {
 // score = beamScore + log_softmax(warped) with torch's operation order (x - max) - logsum.
 RD_HD float candidateScore(float beamScore, float warped, float warpedMax, float logSum) {
     return beamScore + ((warped - warpedMax) - logSum);
+}
+
+// The output token of logit column `column`: its full id through the optional map.
+RD_HD int32_t mappedToken(const int32_t* vocabMap, uint32_t column) {
+    return vocabMap ? vocabMap[column] : static_cast<int32_t>(column);
 }
 
 // Candidates per stage-1 chunk: the beam's own top W plus, with warp, the top warpK.

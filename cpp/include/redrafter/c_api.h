@@ -16,12 +16,15 @@
 extern "C" {
 #endif
 
-#define REDRAFTER_ABI_VERSION 1
+#define REDRAFTER_ABI_VERSION 2
 
 int32_t redrafter_abi_version(void);
 
+/* vocab_map: NULL, or [vocab] int32 full-vocabulary ids of the logit columns (a reduced draft
+ * vocabulary); token = vocab_map[column]. */
 int32_t redrafter_beam_search_step_cpu(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
-                                       int64_t num_beams, int64_t vocab, int64_t warp_k, float* new_scores,
+                                       int64_t num_beams, int64_t vocab, int64_t warp_k, const int32_t* vocab_map,
+                                       float* new_scores,
                                        int32_t* parent, int32_t* token, char* msg, int64_t msg_len);
 
 int32_t redrafter_tree_pack_cpu(const int32_t* beams, int64_t batch, int64_t num_beams, int64_t beam_len,
@@ -66,7 +69,8 @@ size_t redrafter_beam_search_workspace_bytes(int64_t batch, int64_t num_beams, i
 size_t redrafter_accept_workspace_bytes(int64_t batch, int64_t num_nodes);
 
 int32_t redrafter_beam_search_step_cuda(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
-                                        int64_t num_beams, int64_t vocab, int64_t warp_k, float* new_scores,
+                                        int64_t num_beams, int64_t vocab, int64_t warp_k, const int32_t* vocab_map,
+                                        float* new_scores,
                                         int32_t* parent, int32_t* token, void* workspace, size_t workspace_bytes,
                                         void* stream, char* msg, int64_t msg_len);
 

@@ -16,7 +16,9 @@
 //
 // Plugins (name, version "1", namespace ""):
 //   RedrafterBeamSearchStep  fields num_beams W, warp_k
-//     in : logits [B, W, V] float32|float16|bfloat16, beam_scores [B, W] float32
+//     in : logits [B, W, K] float32|float16|bfloat16, beam_scores [B, W] float32,
+//          vocab_map [K] int32 (full-vocabulary id of each logit column: the head's draft
+//          vocabulary, or 0..V-1 for a full-vocabulary head; token = vocab_map[column])
 //     out: new_scores [B, W] float32, parent [B, W] int32, token [B, W] int32
 //   RedrafterTreePack        fields num_beams W, beam_len L
 //     in : beams [B, W, L] int32
