@@ -1,0 +1,78 @@
+"""Package a trained head for shipping: drop the vocabulary projection it shares with its base.
+
+``python -m redrafter_trt.heads.package --head DIR --model_dir smollm2 --output OUT`` reads a
+head trained with ``--lm_head_init base --freeze_lm_head`` (whose final projection is the base's
+``lm_head``, bit for bit), checks that it is, and writes OUT with everything but that projection;
+``config.json`` gets ``lm_head_from_base`` (the SHA-256 of the base projection it needs), and a
+``SHA256SUMS`` of the directory's files. Loading OUT through ``load_drafter`` with the base's
+projection gives back the same head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import require
+from ..models.drafter import (DRAFTER_CONFIG, DRAFTER_WEIGHTS, LM_HEAD_FROM_BASE, load_drafter,
+                              projection_digest)
+from ..models.io import atomic_output_dir, save_safetensors
+from . import write_checksums
+
+EXTRA_FILES = ("training_report.json", "DATA.md")
+
+
+def package_head(head_dir: Path, base_lm_head: torch.Tensor, output: Path, overwrite: bool = False,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write the shipped form of ``head_dir`` to ``output`` (atomically)."""
+    head = load_drafter(head_dir, base_lm_head=base_lm_head)
+    n = head.config.num_draft_layers
+    proj_name = f"lm_head.{n}.weight"
+    sd = head.state_dict()
+    require(torch.equal(sd[proj_name].float(), base_lm_head.float()),
+            f"{head_dir}: the head's {proj_name} is not the base model's lm_head; only a head "
+            "trained with --lm_head_init base --freeze_lm_head shares its projection")
+    raw = json.loads((head_dir / DRAFTER_CONFIG).read_text())
+    raw[LM_HEAD_FROM_BASE] = projection_digest(base_lm_head)
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        (tmp / DRAFTER_CONFIG).write_text(json.dumps(raw, indent=2) + "\n")
+        save_safetensors({k: v.detach().to(dtype).contiguous() for k, v in sd.items() if k != proj_name},
+                         tmp / DRAFTER_WEIGHTS)
+        names = [DRAFTER_CONFIG, DRAFTER_WEIGHTS]
+        for extra in EXTRA_FILES:
+            if (head_dir / extra).is_file():
+                shutil.copyfile(head_dir / extra, tmp / extra)
+                names.append(extra)
+        write_checksums(tmp, names)
+    return output
+
+
+def main(argv=None) -> int:
+    from ..cli.common import run_main
+    from ..checkpoint import load_hf_base
+    from ..models.hub import resolve_base_model_dir
+
+    p = argparse.ArgumentParser(prog="python -m redrafter_trt.heads.package", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head", required=True, type=Path, help="trained head directory (redrafter-train output)")
+    p.add_argument("--model_dir", default="smollm2", help="its base model: a Hugging Face directory or 'smollm2'")
+    p.add_argument("--output", required=True, type=Path, help="directory to write the shipped head to")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+
+    def run(args) -> int:
+        _, sd = load_hf_base(resolve_base_model_dir(args.model_dir))
+        out = package_head(args.head, sd["lm_head.weight"], args.output, args.overwrite)
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"wrote {out} ({size / 1e6:.1f} MB)", file=sys.stderr)
+        return 0
+
+    return run_main(run, p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
