@@ -95,15 +95,15 @@ def test_cancel_frees_the_slot_before_the_next_call(gen):
 
 def test_bounded_queue_and_shutdown(gen):
     s = Scheduler(gen.backend, max_queue=2, max_slots=1, tokens_per_slot=64)
-    s.submit(PROMPTS[0], SamplingParams(max_new_tokens=3))
-    s.submit(PROMPTS[1], SamplingParams(max_new_tokens=3))
+    for p in PROMPTS[:3]:  # one for the free slot, two queued
+        s.submit(p, SamplingParams(max_new_tokens=3))
     with pytest.raises(QueueFull, match="2 requests waiting"):
-        s.submit(PROMPTS[2])
+        s.submit(PROMPTS[3])
     s.start()
     s.shutdown(timeout=60)
-    assert s.idle() and s.counters.finished == 2
+    assert s.idle() and s.counters.finished == 3
     with pytest.raises(SchedulerClosed):
-        s.submit(PROMPTS[2])
+        s.submit(PROMPTS[3])
 
 
 def test_draft_policy_sees_the_live_batch(gen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def serve(args: argparse.Namespace) -> int:
     print(f"redrafter-serve: model '{state.model_name}' on http://{args.host}:{args.port} "
           f"({state.scheduler.num_slots} slots x {state.scheduler.tokens_per_slot} tokens, "
           f"{'speculative' if state.speculative else 'plain'})", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
+    # in place that is a no-op, so a SIGTERM/SIGINT after a graceful shutdown exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     print("redrafter-serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -172,8 +172,8 @@ class Scheduler:
             ``max_seq_len``, ``reserve``, ``step``).
         tokenizer: for text deltas and stop strings (None: token ids only).
         eos_token_ids: default stop tokens.
-        max_queue: waiting requests at most (None = unbounded); :meth:`submit` raises
-            :class:`QueueFull` beyond it.
+        max_queue: requests waiting beyond the free slots at most (None = unbounded);
+            :meth:`submit` raises :class:`QueueFull` beyond it.
         max_slots, tokens_per_slot: reserve the KV cache now for this many concurrent rows of
             this many tokens (prompt + output); None = reserve on demand while idle
             (:meth:`ensure_capacity`).
@@ -277,7 +277,8 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down and accepts no new requests")
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            # requests that a free slot takes at the next iteration do not count as queued
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + len(self._free):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             req = Request(self._next_id, ids, params, self.max_new_for(len(ids), params.max_new_tokens),
                           stop_ids, index, on_event)

@@ -16,13 +16,18 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from ..errors import RedrafterError
 from ..runtime.scheduler import Event, QueueFull, SamplingParams, Scheduler, SchedulerClosed
 from .metrics import ServeMetrics
 
 #: Body fields each endpoint understands; anything else is refused by name.
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                 "stream_options", "n", "user", "presence_penalty", "frequency_penalty"}
+                 "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "ignore_eos"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
@@ -87,9 +92,7 @@ def parse_request(state: ServeState, body: Any, kind: str) -> tuple[list[int], S
                    f"{', '.join(sorted(allowed))})", unknown[0])
     model = body.get("model")
     if not isinstance(model, str) or model != state.model_name:
-        raise ApiError(400 if not isinstance(model, str) else 404,
-                       f"unknown model {json.dumps(model)}; this server serves '{state.model_name}'",
-                       "model", "invalid_request_error" if not isinstance(model, str) else "model_not_found")
+        raise _bad(f"unknown model {json.dumps(model)}; this server serves '{state.model_name}'", "model")
     if _number(body, "n", 1, integer=True) != 1:
         raise _bad("unsupported parameter 'n': only n = 1 is served", "n")
     for key in ("presence_penalty", "frequency_penalty"):
@@ -160,9 +163,12 @@ def parse_request(state: ServeState, body: Any, kind: str) -> tuple[list[int], S
     if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
         raise _bad("'stream_options' supports only include_usage", "stream_options")
     stop = _stop_list(body)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
     params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
                             top_k=max(int(top_k), 0), top_p=float(top_p), seed=int(seed), stop=stop,
-                            speculative=state.speculative)
+                            ignore_eos=ignore_eos, speculative=state.speculative)
     return ids, params, stream, bool(opts.get("include_usage", True))
 
 
@@ -206,11 +212,7 @@ def openai_finish(reason: str | None) -> str:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason or "stop")
 
 
-def create_app(state: ServeState):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST
+def create_app(state: ServeState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):

@@ -64,5 +64,8 @@ class ServeMetrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
-        self.queue_depth.set(self.scheduler.queue_depth)
+        s = self.scheduler
+        self.queue_depth.set(s.queue_depth)
+        self.live.set(s.live_rows)
+        self.occupancy.set(s.live_rows / max(s.num_slots, 1))
         return generate_latest(self.registry)
