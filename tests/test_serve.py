@@ -281,3 +281,17 @@ def test_sigterm_finishes_running_requests_and_exits(engine_dir):
     assert proc.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
+    from redrafter_trt.cli import serve as serve_cli
+
+    assert serve_cli.main(["--engine_dir", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert serve_cli.main(["--engine_dir", str(engine_dir), "--max_batch_size", "99"]) == 2
+    assert "exceeds the engine's max_batch_size 8" in capsys.readouterr().err
+    assert serve_cli.main(["--engine_dir", str(engine_dir), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    text = serve_cli.build_parser().format_help()
+    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout"):
+        assert flag in text

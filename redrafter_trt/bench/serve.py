@@ -145,7 +145,7 @@ def main_fn(args) -> int:
                       file=sys.stderr, flush=True)
             results["levels"][mode] = rows
         c = state.scheduler.counters
-        results["tokens_per_step_last_mode"] = c.generated_tokens / c.row_steps if c.row_steps else 0.0
+        results["tokens_per_step_all_modes"] = c.generated_tokens / c.row_steps if c.row_steps else 0.0
     finally:
         server.should_exit = True
         th.join(60)
