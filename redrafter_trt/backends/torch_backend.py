@@ -48,6 +48,8 @@ class TorchBackend:
     """
 
     name = "torch"
+    #: context rows and generation rows may share one call (the runtime scheduler mixes them)
+    mixed_request_types = True
 
     def __init__(self, base: BaseModel, drafter: Drafter, num_beams: int, draft_len: int,
                  warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,

@@ -1,4 +1,5 @@
-"""The runtime: batches of prompts driven through any backend's step contract.
+"""The runtime: prompts driven through any backend's step contract by the in-flight
+:class:`~redrafter_trt.runtime.scheduler.Scheduler` (rows join and leave at any step).
 
 Written only against :mod:`redrafter_trt.contract`; a backend provides ``shape``, ``vocab_size``,
 ``max_batch_size``, ``max_input_len``, ``max_seq_len``, ``reserve(slots, tokens)`` and
@@ -8,7 +9,7 @@ Written only against :mod:`redrafter_trt.contract`; a backend provides ``shape``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -16,8 +17,7 @@ import torch
 
 from .. import contract as C
 from ..errors import RedrafterError, require
-from ..ops.sampling import position_uniforms
-from .detokenize import IncrementalDetokenizer
+from .scheduler import SamplingParams, Scheduler
 
 
 @dataclass
@@ -63,18 +63,6 @@ class GenerationStats:
         return self.generated_tokens / self.row_steps if self.row_steps else 0.0
 
 
-class _Row:
-    def __init__(self, index: int, prompt: list[int], max_new: int, stop_ids: set[int]):
-        self.index = index
-        self.prompt = prompt
-        self.max_new = max_new
-        self.stop_ids = stop_ids
-        self.tokens: list[int] = []
-        self.accepted: list[int] = []
-        self.finish_reason: str | None = None
-        self.detok: IncrementalDetokenizer | None = None
-
-
 class Generator:
     """Generate with a backend; see :meth:`generate` and :meth:`generate_stream`."""
 
@@ -86,6 +74,7 @@ class Generator:
         self.random_drafter = random_drafter
         self.last_stats = GenerationStats()
         self.last_results: list[GenerationResult] = []
+        self._sched: Scheduler | None = None
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | Sequence[int], use_chat_template: bool = False,
@@ -133,14 +122,6 @@ class Generator:
             pass
         return self.last_results
 
-    def _text(self, row: _Row, stop: Sequence[str]) -> str | None:
-        """Decoded output; on a stop string, cut right after its first occurrence."""
-        text = self.decode(row.tokens)
-        if text is not None and row.finish_reason == "stop":
-            ends = [text.find(s) + len(s) for s in stop if s and s in text]
-            text = text[:min(ends)] if ends else text
-        return text
-
     def generate_stream(self, prompts: Sequence[str | Sequence[int]], **kwargs) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, yielding each row's new tokens as every step completes; once
         exhausted, ``last_results`` holds what :meth:`generate` would have returned."""
@@ -153,19 +134,27 @@ class Generator:
         yield from self._run(prompts, *args.values())
 
     # ------------------------------------------------------------------ loop
+    def _scheduler(self) -> Scheduler:
+        if self._sched is None or self._sched.backend is not self.backend:
+            self._sched = Scheduler(self.backend, self.tokenizer, self.eos_token_ids)
+        self._sched.tokenizer = self.tokenizer
+        self._sched.eos_token_ids = list(self.eos_token_ids)
+        return self._sched
+
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, speculative,
              use_chat_template, stop, eos_token_ids, ignore_eos):
+        """Every prompt is a request of one in-flight :class:`Scheduler`: prompt ``i`` is keyed
+        ``(seed, stream=i)`` and joins as soon as a slot is free."""
         be = self.backend
         require(isinstance(prompts, (list, tuple)) and len(prompts) > 0,
                 "prompts must be a non-empty list of strings or token-id lists")
-        require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
-                f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
-        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-        require(isinstance(top_k, int) and top_k >= 0, f"top_k must be >= 0, got {top_k}")
-        require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
-        stop_ids = set() if ignore_eos else set(self.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        stop = [s for s in stop if s]
+        stop = tuple(s for s in stop if s)
         require(not stop or self.tokenizer is not None, "stop strings need a tokenizer")
+        base = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, stop=stop,
+                              stop_token_ids=None if eos_token_ids is None else tuple(eos_token_ids),
+                              ignore_eos=ignore_eos, speculative=speculative)
+        base.validate()
         encoded = [self.encode(p, use_chat_template) for p in prompts]
         for i, ids in enumerate(encoded):
             require(len(ids) <= be.max_input_len,
@@ -173,122 +162,38 @@ class Generator:
                     f"{be.max_input_len} (rebuild with a larger --max_input_len)")
             require(len(ids) < be.max_seq_len,
                     f"prompt {i} has {len(ids)} tokens, leaving no room under max_seq_len {be.max_seq_len}")
-        rows: dict[int, _Row] = {}
+        sched = self._scheduler()
+        require(sched.idle(), "this Generator is already generating (one generate() at a time)")
         stats = GenerationStats(num_prompts=len(encoded))
         self.last_stats = stats
         timings_before = dict(getattr(be, "timings", {}))
         t_start = time.perf_counter()
-        for lo in range(0, len(encoded), be.max_batch_size):
-            chunk = [_Row(lo + j, ids, min(max_new_tokens, be.max_seq_len - len(ids)), stop_ids)
-                     for j, ids in enumerate(encoded[lo:lo + be.max_batch_size])]
-            for r in chunk:
-                rows[r.index] = r
-            yield from self._run_chunk(chunk, temperature, top_k, top_p, seed, speculative, stop, stats)
+        sched.ensure_capacity(min(len(encoded), be.max_batch_size),
+                              max(len(ids) + min(max_new_tokens, be.max_seq_len - len(ids)) for ids in encoded))
+        before = sched.counters.copy()
+        reqs = [sched.submit(ids, replace(base, stream=i), index=i) for i, ids in enumerate(encoded)]
+        try:
+            while not all(r.finished for r in reqs):
+                for ev in sched.step():
+                    r = ev.request
+                    yield StreamEvent(r.index, ev.token_ids, ev.finished, ev.finish_reason, ev.text)
+        finally:
+            for r in reqs:  # the consumer stopped early: free every slot now
+                if not r.finished:
+                    sched.cancel(r)
+            while not all(r.finished for r in reqs):
+                sched.step()
+        failed = [r for r in reqs if r.finish_reason == "error"]
+        if failed:
+            raise RedrafterError(f"prompt {failed[0].index}: the backend step failed: {failed[0].error}")
+        after = sched.counters
+        stats.num_steps = after.generation_calls - before.generation_calls
+        stats.row_steps = after.row_steps - before.row_steps
+        stats.generated_tokens = after.generated_tokens - before.generated_tokens
         stats.wall_s = time.perf_counter() - t_start
-        self.last_results = [GenerationResult(r.tokens, self._text(r, stop), r.accepted,
-                                              r.finish_reason or "length", r.prompt)
-                             for _, r in sorted(rows.items())]
+        self.last_results = [GenerationResult(r.tokens, r.text, r.accepted, r.finish_reason or "length",
+                                              r.prompt) for r in reqs]
         stats.step_timings = {k: v - timings_before.get(k, 0.0) for k, v in getattr(be, "timings", {}).items()}
-
-    def _emit(self, row: _Row, new: list[int], stop: Sequence[str]) -> list[int]:
-        """Append a step's tokens to ``row`` up to its stopping point; returns what was added."""
-        added = []
-        for tok in new:
-            added.append(tok)
-            row.tokens.append(tok)
-            if tok in row.stop_ids:
-                row.finish_reason = "eos"
-            elif stop and any(s in (self.decode(row.tokens) or "") for s in stop):
-                row.finish_reason = "stop"
-            elif len(row.tokens) >= row.max_new:
-                row.finish_reason = "length"
-            if row.finish_reason:
-                break
-        row.accepted.append(len(added))
-        return added
-
-    def _run_chunk(self, chunk: list[_Row], temperature, top_k, top_p, seed, speculative, stop,
-                   stats: GenerationStats):
-        be = self.backend
-        shape: C.StepShape = be.shape
-        w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
-        b = len(chunk)
-        be.reserve(b, max(len(r.prompt) + r.max_new for r in chunk))
-        draft_steps = torch.tensor(shape.draft_len if speculative else 0, dtype=torch.int32)
-        i32 = dict(dtype=torch.int32)
-        temp_all = torch.full((b,), float(temperature), dtype=torch.float32)
-        topk_all = torch.full((b,), int(top_k), **i32)
-        topp_all = torch.full((b,), float(top_p), dtype=torch.float32)
-        request_ids = np.array([r.index for r in chunk])
-
-        def uniforms(idx: np.ndarray, start: np.ndarray) -> torch.Tensor:
-            pos = start[:, None] + np.arange(l)[None, :]
-            return torch.from_numpy(position_uniforms(seed, request_ids[idx][:, None], pos))
-
-        # Context call: every row's prompt.
-        t = max(len(r.prompt) for r in chunk)
-        ids = torch.zeros((b, t), **i32)
-        for j, r in enumerate(chunk):
-            ids[j, :len(r.prompt)] = torch.tensor(r.prompt, **i32)
-        lens = np.array([len(r.prompt) for r in chunk])
-        inputs = {
-            C.REQUEST_TYPES: torch.full((b,), C.CONTEXT, **i32),
-            C.SLOT_IDS: torch.arange(b, **i32),
-            C.CACHE_LENGTHS: torch.zeros(b, **i32),
-            C.INPUT_IDS: ids,
-            C.INPUT_LENGTHS: torch.from_numpy(lens).to(torch.int32),
-            C.POSITION_OFFSETS: torch.zeros((b, t), **i32),
-            C.PACKED_MASK: torch.zeros((b, t, (t + 31) // 32), **i32),
-            C.DRAFT_TOKENS: torch.full((b, w, l), -1, **i32),
-            C.DRAFT_INDICES: torch.zeros((b, w, l), **i32),
-            C.TEMPERATURE: temp_all, C.TOP_K: topk_all, C.TOP_P: topp_all,
-            C.UNIFORMS: uniforms(np.arange(b), lens),
-            C.NUM_DRAFT_STEPS: draft_steps,
-        }
-        out = be.step(inputs)
-        carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
-        active = np.arange(b)
-        if self.tokenizer is not None:
-            for r in chunk:
-                r.detok = IncrementalDetokenizer(self.tokenizer)
-        first = True
-        while True:
-            counts = out[C.NUM_OUTPUT_TOKENS].cpu().tolist()
-            emitted = out[C.OUTPUT_TOKENS].cpu().tolist()
-            still = []
-            for k, j in enumerate(active):
-                r = chunk[j]
-                added = self._emit(r, emitted[k][:counts[k]], stop)
-                if not first:  # tokens per step counts generation steps, not the prompt's call
-                    stats.row_steps += 1
-                    stats.generated_tokens += len(added)
-                text = None
-                if r.detok is not None:
-                    text = (r.detok.finish(added, self._text(r, stop)) if r.finish_reason
-                            else r.detok.push(added))
-                yield StreamEvent(r.index, added, r.finish_reason is not None, r.finish_reason, text)
-                if r.finish_reason is None:
-                    still.append(k)
-            if not first:
-                stats.num_steps += 1
-            first = False
-            if not still:
-                return
-            keep = torch.tensor(still, dtype=torch.int64)
-            active = active[still]
-            carried = {k: v[keep] for k, v in carried.items()}
-            m = len(active)
-            start = np.array([len(chunk[j].prompt) + len(chunk[j].tokens) for j in active])
-            inputs = {
-                C.REQUEST_TYPES: torch.full((m,), C.GENERATION, **i32),
-                C.SLOT_IDS: torch.from_numpy(active).to(torch.int32),
-                **carried,
-                C.TEMPERATURE: temp_all[keep], C.TOP_K: topk_all[keep], C.TOP_P: topp_all[keep],
-                C.UNIFORMS: uniforms(active, start),
-                C.NUM_DRAFT_STEPS: draft_steps,
-            }
-            out = be.step(inputs)
-            carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
 
 
 def check_backend_limits(backend: Any) -> None:

@@ -1,0 +1,109 @@
+"""``redrafter-serve``: serve an engine over the OpenAI API with in-flight batching."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import require
+from .common import positive_int, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="redrafter-serve",
+        description="OpenAI-compatible server (POST /v1/completions, /v1/chat/completions; GET "
+                    "/v1/models, /health, /metrics) over a redrafter-build engine. Requests join the "
+                    "running batch at the next step and free their KV slot as soon as they finish "
+                    "or their client goes away. Needs the 'serve' extra (fastapi, uvicorn, "
+                    "prometheus-client).")
+    p.add_argument("--engine_dir", required=True, help="engine directory from redrafter-build")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free port (default: %(default)s)")
+    p.add_argument("--max_queue", type=positive_int, default=64,
+                   help="requests waiting for a slot at most; beyond it: HTTP 429 with Retry-After "
+                        "(default: %(default)s)")
+    p.add_argument("--max_batch_size", type=positive_int, default=None,
+                   help="concurrent rows (KV slots) at most (default: the engine's max_batch_size)")
+    p.add_argument("--max_seq_len", type=positive_int, default=None,
+                   help="prompt + output tokens per request at most; sizes the KV cache "
+                        "(default: the engine's max_seq_len)")
+    p.add_argument("--max_prefill_tokens", type=positive_int, default=None,
+                   help="padded prompt tokens admitted per step at most, bounding how long new "
+                        "prompts stall running rows (default: the engine's max_input_len)")
+    p.add_argument("--no_speculation", action="store_true",
+                   help="plain decoding for every request (speculation is on by default)")
+    p.add_argument("--served_model_name", default=None,
+                   help="model id clients must send (default: the engine directory's name)")
+    p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--graceful_timeout", type=positive_int, default=30,
+                   help="on SIGTERM, seconds to let running requests finish before they are "
+                        "cancelled (default: %(default)s)")
+    p.add_argument("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default: %(default)s)")
+    return p
+
+
+def make_state(args: argparse.Namespace):
+    """Load the engine and build the scheduler + app state (separate for tests and the benchmark)."""
+    from .. import load
+    from ..runtime.scheduler import Scheduler
+    from ..serve.app import ServeState
+
+    require(0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}")
+    gen = load(args.engine_dir, device=args.device)
+    be = gen.backend
+    slots = args.max_batch_size or be.max_batch_size
+    tokens = args.max_seq_len or be.max_seq_len
+    require(slots <= be.max_batch_size,
+            f"--max_batch_size {slots} exceeds the engine's max_batch_size {be.max_batch_size}")
+    require(tokens <= be.max_seq_len, f"--max_seq_len {tokens} exceeds the engine's max_seq_len {be.max_seq_len}")
+    sched = Scheduler(be, gen.tokenizer, gen.eos_token_ids, max_queue=args.max_queue, max_slots=slots,
+                      tokens_per_slot=tokens, max_prefill_tokens=args.max_prefill_tokens)
+    name = args.served_model_name or Path(args.engine_dir).resolve().name
+    return ServeState(sched, name, speculative=not args.no_speculation), gen
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as e:
+        from ..errors import RedrafterError
+
+        raise RedrafterError(f"redrafter-serve needs fastapi, uvicorn and prometheus-client "
+                             f"(pip install 'redrafter-trt[serve]'): {e}") from e
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    state, gen = make_state(args)
+    if gen.random_drafter and not args.no_speculation:
+        from .run import RANDOM_HEAD_NOTE
+
+        print(RANDOM_HEAD_NOTE, file=sys.stderr)
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout)
+    server = uvicorn.Server(config)
+    print(f"redrafter-serve: model '{state.model_name}' on http://{args.host}:{args.port} "
+          f"({state.scheduler.num_slots} slots x {state.scheduler.tokens_per_slot} tokens, "
+          f"{'speculative' if state.speculative else 'plain'})", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
+    # in place that is a no-op, so a SIGTERM/SIGINT after a graceful shutdown exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    print("redrafter-serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(serve, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""In-flight batching over the step contract: a scheduler that owns the engine's KV slots.
+
+Every iteration of :meth:`Scheduler.step` makes one or two backend calls:
+
+- new requests (taken from a bounded FIFO queue while slots are free) enter as *context* rows;
+- every running request enters as a *generation* row verifying the tree its previous call drafted.
+
+Where the backend accepts both kinds in one call (``backend.mixed_request_types``, the torch
+backend) and the prompts are no longer than the packed tree (so the generation rows carry no
+padding), both kinds share one call; otherwise the context rows run in their own call just
+before the generation call (the TensorRT-LLM backend always does this). A finished or cancelled
+request frees its slot before the next call. A request's tokens depend only on its prompt and its
+own sampling parameters: the uniforms of sampling are keyed by the request's ``(seed, stream)``
+and the absolute position (:func:`~redrafter_trt.ops.sampling.position_uniforms`), never by its
+row or slot.
+
+Prefill is not chunked (the contract's context rows start from an empty slot): a long prompt
+stalls the running rows for one context call; ``max_prefill_tokens`` bounds the padded prompt
+tokens admitted per iteration, and the serving benchmark measures the stall.
+
+The number of draft steps of each call comes from a pluggable ``draft_policy(rows, shape) -> int``
+over the call's live requests (default :func:`full_or_plain`: the engine's full draft length
+when every row asked for speculation, else 0 = plain decoding).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import contract as C
+from ..errors import RedrafterError, require
+from ..ops.sampling import position_uniforms
+from .detokenize import IncrementalDetokenizer
+
+
+class QueueFull(RedrafterError):
+    """The scheduler's waiting queue holds ``max_queue`` requests already."""
+
+
+class SchedulerClosed(RedrafterError):
+    """The scheduler no longer accepts requests (it is shutting down)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings.
+
+    ``seed`` and ``stream`` key the request's uniforms: the same prompt with the same
+    ``(seed, stream)`` gives the same tokens alone or in any batch. ``stop_token_ids`` = None
+    means the scheduler's end-of-sequence ids."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stream: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+    speculative: bool = True
+
+    def validate(self) -> None:
+        require(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
+                and self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        require(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Event:
+    """Tokens one call added to ``request`` (``text``: the characters they complete)."""
+
+    request: "Request"
+    token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None
+
+
+class Request:
+    """One request's state; created by :meth:`Scheduler.submit`.
+
+    ``tokens`` exclude the prompt; ``accepted[i]`` counts the tokens call i added (call 0 is the
+    prompt's own). ``finish_reason``: "eos" | "stop" | "length" | "cancelled" | "error"."""
+
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, max_new: int,
+                 stop_ids: set[int], index: int, on_event: Callable[[Event], None] | None):
+        self.id = rid
+        self.prompt = prompt
+        self.params = params
+        self.max_new = max_new
+        self.stop_ids = stop_ids
+        self.index = index
+        self.on_event = on_event
+        self.tokens: list[int] = []
+        self.accepted: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.text: str | None = None
+        self.detok: IncrementalDetokenizer | None = None
+        self.slot: int | None = None
+        self.carried: dict[str, torch.Tensor] | None = None  # this row's next-call inputs
+        self.cancel_requested = False
+        self.done = threading.Event()
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_done: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens per generation step (the prompt's call excluded)."""
+        steps = self.accepted[1:]
+        return sum(steps) / len(steps) if steps else 0.0
+
+
+@dataclass
+class StepReport:
+    """What one scheduler iteration did (for metrics)."""
+
+    context_rows: int
+    generation_rows: int
+    calls: int
+    seconds: float
+    emitted_tokens: int
+    accepted: list[int]  # per generation row: draft tokens accepted (0..D)
+    num_draft_steps: int
+    queue_depth: int
+    live_rows: int
+
+
+@dataclass
+class Counters:
+    """Cumulative totals since the scheduler was made."""
+
+    generation_calls: int = 0
+    context_calls: int = 0
+    row_steps: int = 0
+    generated_tokens: int = 0  # tokens added by generation rows (prompts' first tokens excluded)
+    step_seconds: float = 0.0
+    finished: int = 0
+    accepted_hist: dict[int, int] = field(default_factory=dict)
+
+    def copy(self) -> "Counters":
+        return Counters(self.generation_calls, self.context_calls, self.row_steps,
+                        self.generated_tokens, self.step_seconds, self.finished, dict(self.accepted_hist))
+
+
+def full_or_plain(rows: Sequence[Request], shape: C.StepShape) -> int:
+    """Default draft policy: the engine's draft length if every row asked for speculation."""
+    return shape.draft_len if rows and all(r.params.speculative for r in rows) else 0
+
+
+class Scheduler:
+    """Owns a backend's KV slots and drives its step contract with in-flight batching.
+
+    Args:
+        backend: any step-contract backend (``shape``, ``max_batch_size``, ``max_input_len``,
+            ``max_seq_len``, ``reserve``, ``step``).
+        tokenizer: for text deltas and stop strings (None: token ids only).
+        eos_token_ids: default stop tokens.
+        max_queue: requests waiting beyond the free slots at most (None = unbounded);
+            :meth:`submit` raises :class:`QueueFull` beyond it.
+        max_slots, tokens_per_slot: reserve the KV cache now for this many concurrent rows of
+            this many tokens (prompt + output); None = reserve on demand while idle
+            (:meth:`ensure_capacity`).
+        draft_policy: ``(rows, shape) -> num_draft_steps`` for each call.
+        max_prefill_tokens: padded prompt tokens admitted per iteration at most (>= 1 prompt).
+    """
+
+    def __init__(self, backend: Any, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
+                 max_queue: int | None = None, max_slots: int | None = None,
+                 tokens_per_slot: int | None = None,
+                 draft_policy: Callable[[Sequence[Request], C.StepShape], int] = full_or_plain,
+                 max_prefill_tokens: int | None = None,
+                 step_listener: Callable[[StepReport], None] | None = None):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_queue = max_queue
+        self.draft_policy = draft_policy
+        self.step_listener = step_listener
+        self.shape: C.StepShape = backend.shape
+        self.mixed = bool(getattr(backend, "mixed_request_types", False))
+        self.max_prefill_tokens = max_prefill_tokens or max(backend.max_input_len, 1)
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._live: dict[int, Request] = {}  # slot -> request
+        self._free: list[int] = []
+        self._slots = 0
+        self._tokens_per_slot = 0
+        self._next_id = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._stop_loop = False
+        self.counters = Counters()
+        if max_slots is not None or tokens_per_slot is not None:
+            self._reserve(max_slots or backend.max_batch_size, tokens_per_slot or backend.max_seq_len)
+        self._fixed = max_slots is not None or tokens_per_slot is not None
+
+    # ------------------------------------------------------------------ capacity
+    @property
+    def num_slots(self) -> int:
+        return self._slots
+
+    @property
+    def tokens_per_slot(self) -> int:
+        return self._tokens_per_slot
+
+    def _reserve(self, slots: int, tokens: int) -> None:
+        be = self.backend
+        require(1 <= slots <= be.max_batch_size,
+                f"slots must be in [1, {be.max_batch_size}] (the engine's max_batch_size), got {slots}")
+        require(1 <= tokens <= be.max_seq_len,
+                f"tokens per slot must be in [1, {be.max_seq_len}] (the engine's max_seq_len), got {tokens}")
+        be.reserve(slots, tokens)
+        self._slots, self._tokens_per_slot = slots, tokens
+        self._free = list(range(slots))
+        heapq.heapify(self._free)
+
+    def ensure_capacity(self, slots: int, tokens: int) -> None:
+        """Grow the KV cache to ``slots`` x ``tokens`` (only while no request is live)."""
+        with self._lock:
+            if slots <= self._slots and tokens <= self._tokens_per_slot:
+                return
+            require(not self._live and not self._waiting,
+                    "the KV cache can only grow while no request is queued or running")
+            self._reserve(max(slots, self._slots), max(tokens, self._tokens_per_slot))
+
+    # ------------------------------------------------------------------ requests
+    def check_prompt(self, prompt: Sequence[int]) -> list[int]:
+        """Validate a token-id prompt against the engine; returns it as a list of ints."""
+        be = self.backend
+        ids = list(prompt)
+        require(len(ids) > 0, "empty prompt: every prompt needs at least one token")
+        require(all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids),
+                f"token-id prompt must be a list of integers, got {prompt!r:.80}")
+        v = be.vocab_size
+        bad = [int(t) for t in ids if not 0 <= int(t) < v]
+        require(not bad, f"prompt has token ids outside [0, {v}): {bad[:5]}")
+        require(len(ids) <= be.max_input_len,
+                f"prompt has {len(ids)} tokens, more than the engine's max_input_len {be.max_input_len}")
+        limit = self._tokens_per_slot if self._fixed else be.max_seq_len
+        require(len(ids) < limit, f"prompt has {len(ids)} tokens, leaving no room under the "
+                f"{limit} tokens a slot holds")
+        return [int(t) for t in ids]
+
+    def max_new_for(self, prompt_len: int, requested: int) -> int:
+        limit = self._tokens_per_slot if self._fixed else self.backend.max_seq_len
+        return min(requested, limit - prompt_len)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), index: int = 0,
+               on_event: Callable[[Event], None] | None = None) -> Request:
+        """Queue a request; it joins the batch at the next iteration with a free slot.
+
+        Raises :class:`QueueFull` when ``max_queue`` requests wait already,
+        :class:`SchedulerClosed` after :meth:`shutdown`, RedrafterError on bad input."""
+        params.validate()
+        ids = self.check_prompt(prompt)
+        stop = tuple(s for s in params.stop if s)
+        require(not stop or self.tokenizer is not None, "stop strings need a tokenizer")
+        stop_ids = set() if params.ignore_eos else set(
+            self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down and accepts no new requests")
+            # requests that a free slot takes at the next iteration do not count as queued
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + len(self._free):
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            req = Request(self._next_id, ids, params, self.max_new_for(len(ids), params.max_new_tokens),
+                          stop_ids, index, on_event)
+            self._next_id += 1
+            if self.tokenizer is not None:
+                req.detok = IncrementalDetokenizer(self.tokenizer)
+            self._waiting.append(req)
+            self._lock.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Cancel ``req``: its slot is freed before the next backend call."""
+        with self._lock:
+            req.cancel_requested = True
+            self._lock.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def live_rows(self) -> int:
+        return len(self._live)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self._live
+
+    # ------------------------------------------------------------------ output
+    def decode(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def final_text(self, req: Request) -> str | None:
+        """Decoded output; on a stop string, cut right after its first occurrence."""
+        text = self.decode(req.tokens)
+        if text is not None and req.finish_reason == "stop":
+            ends = [text.find(s) + len(s) for s in req.params.stop if s and s in text]
+            text = text[:min(ends)] if ends else text
+        return text
+
+    def _append(self, req: Request, new: list[int]) -> list[int]:
+        """Append a call's tokens up to the request's stopping point; returns what was added."""
+        stop = [s for s in req.params.stop if s]
+        added = []
+        for tok in new:
+            added.append(tok)
+            req.tokens.append(tok)
+            if tok in req.stop_ids:
+                req.finish_reason = "eos"
+            elif stop and any(s in (self.decode(req.tokens) or "") for s in stop):
+                req.finish_reason = "stop"
+            elif len(req.tokens) >= req.max_new:
+                req.finish_reason = "length"
+            if req.finish_reason:
+                break
+        req.accepted.append(len(added))
+        return added
+
+    def _finish(self, req: Request, reason: str | None, events: list[Event], added: list[int] = (),
+                error: str | None = None) -> None:
+        """Close ``req`` (reason set already when None), free its slot, emit its last event."""
+        if reason is not None:
+            req.finish_reason = reason
+        req.error = error
+        req.text = self.final_text(req) if req.finish_reason != "error" else self.decode(req.tokens)
+        text = None
+        if req.detok is not None:
+            text = req.detok.finish(added, req.text)
+        if req.slot is not None:
+            self._live.pop(req.slot, None)
+            heapq.heappush(self._free, req.slot)
+            req.slot = None
+        req.carried = None
+        req.t_done = time.perf_counter()
+        self.counters.finished += 1
+        events.append(Event(req, list(added), text, True, req.finish_reason))
+
+    def _reap_cancelled(self, events: list[Event]) -> None:
+        for q in [r for r in self._waiting if r.cancel_requested]:
+            self._waiting.remove(q)
+            self._finish(q, "cancelled", events)
+        for r in [r for r in self._live.values() if r.cancel_requested]:
+            self._finish(r, "cancelled", events)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> list[Event]:
+        """Admit waiting requests, run one step for every live row; returns the events (also
+        handed to each request's ``on_event``)."""
+        events: list[Event] = []
+        with self._lock:
+            self._reap_cancelled(events)
+            admitted = self._admit()
+        t0 = time.perf_counter()
+        gen_rows = [r for r in self._live.values() if r not in admitted]
+        ctx_calls, calls, accepted, d_used, mix = 0, 0, [], 0, False
+        if admitted or gen_rows:
+            t_ctx = max((len(r.prompt) for r in admitted), default=0)
+            cap = self._slots and (self._tokens_per_slot + self.shape.tree_size)
+            mix = (self.mixed and admitted and gen_rows and t_ctx <= self.shape.tree_size
+                   and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + t_ctx <= cap)
+            if mix:
+                d_used = self._call(admitted + gen_rows, events, accepted)
+                ctx_calls = calls = 1
+            else:
+                if admitted:
+                    d_used = self._call(admitted, events, accepted)
+                    ctx_calls = calls = 1
+                if gen_rows:
+                    d_used = self._call(gen_rows, events, accepted)
+                    calls += 1
+        dt = time.perf_counter() - t0
+        c = self.counters
+        c.context_calls += ctx_calls
+        if gen_rows:
+            c.generation_calls += 1
+        c.step_seconds += dt
+        for n in accepted:
+            c.accepted_hist[n] = c.accepted_hist.get(n, 0) + 1
+        for ev in events:
+            if ev.finished:
+                ev.request.done.set()
+            if ev.request.on_event is not None:
+                ev.request.on_event(ev)
+        if self.step_listener is not None and (admitted or gen_rows):
+            self.step_listener(StepReport(len(admitted), len(gen_rows), calls, dt,
+                                          sum(len(e.token_ids) for e in events), accepted, d_used,
+                                          len(self._waiting), len(self._live)))
+        return events
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free slots (FIFO, bounded by ``max_prefill_tokens``)."""
+        admitted: list[Request] = []
+        if not self._slots and self._waiting:
+            # On-demand reservation for the first request(s) of an idle scheduler.
+            need = max(len(r.prompt) + r.max_new for r in self._waiting)
+            self._reserve(min(len(self._waiting), self.backend.max_batch_size), need)
+        longest = 0
+        while self._waiting and self._free:
+            r = self._waiting[0]
+            if len(r.prompt) + r.max_new > self._tokens_per_slot:
+                if self._live or admitted or self._fixed:
+                    break  # waits until the batch drains, then the cache grows
+                self._reserve(self._slots, len(r.prompt) + r.max_new)
+            longest2 = max(longest, len(r.prompt))
+            if admitted and longest2 * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            longest = longest2
+            self._waiting.popleft()
+            r.slot = heapq.heappop(self._free)
+            self._live[r.slot] = r
+            admitted.append(r)
+        return admitted
+
+    def _call(self, rows: list[Request], events: list[Event], accepted_out: list[int]) -> int:
+        """One backend call over ``rows`` (context rows have no ``carried`` yet)."""
+        be, shape = self.backend, self.shape
+        w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
+        b = len(rows)
+        i32 = dict(dtype=torch.int32)
+        ctx = [r.carried is None for r in rows]
+        t = max([len(r.prompt) for r, c in zip(rows, ctx) if c] + ([n] if not all(ctx) else []))
+        words = (t + 31) // 32
+        ids = torch.zeros((b, t), **i32)
+        lens = torch.zeros(b, **i32)
+        offs = torch.zeros((b, t), **i32)
+        mask = torch.zeros((b, t, words), **i32)
+        dtok = torch.full((b, w, l), -1, **i32)
+        didx = torch.zeros((b, w, l), **i32)
+        clen = torch.zeros(b, **i32)
+        uni = np.zeros((b, l), dtype=np.float32)
+        for j, (r, c) in enumerate(zip(rows, ctx)):
+            if c:
+                ids[j, :len(r.prompt)] = torch.tensor(r.prompt, **i32)
+                lens[j] = len(r.prompt)
+            else:
+                k = r.carried
+                ids[j, :n] = k[C.INPUT_IDS]
+                lens[j] = k[C.INPUT_LENGTHS]
+                offs[j, :n] = k[C.POSITION_OFFSETS]
+                mask[j, :n, :k[C.PACKED_MASK].shape[-1]] = k[C.PACKED_MASK]
+                dtok[j] = k[C.DRAFT_TOKENS]
+                didx[j] = k[C.DRAFT_INDICES]
+                clen[j] = k[C.CACHE_LENGTHS]
+            start = len(r.prompt) + len(r.tokens)
+            uni[j] = position_uniforms(r.params.seed, r.params.stream, start + np.arange(l))
+        d = int(self.draft_policy(rows, shape))
+        inputs = {
+            C.REQUEST_TYPES: torch.tensor([C.CONTEXT if c else C.GENERATION for c in ctx], **i32),
+            C.SLOT_IDS: torch.tensor([r.slot for r in rows], **i32),
+            C.CACHE_LENGTHS: clen,
+            C.INPUT_IDS: ids,
+            C.INPUT_LENGTHS: lens,
+            C.POSITION_OFFSETS: offs,
+            C.PACKED_MASK: mask,
+            C.DRAFT_TOKENS: dtok,
+            C.DRAFT_INDICES: didx,
+            C.TEMPERATURE: torch.tensor([float(r.params.temperature) for r in rows], dtype=torch.float32),
+            C.TOP_K: torch.tensor([int(r.params.top_k) for r in rows], **i32),
+            C.TOP_P: torch.tensor([float(r.params.top_p) for r in rows], dtype=torch.float32),
+            C.UNIFORMS: torch.from_numpy(uni),
+            C.NUM_DRAFT_STEPS: torch.tensor(d, **i32),
+        }
+        try:
+            out = be.step(inputs)
+        except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server
+            with self._lock:
+                for r in rows:
+                    self._finish(r, "error", events, error=f"{type(e).__name__}: {e}")
+            return d
+        carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
+        counts = out[C.NUM_OUTPUT_TOKENS].cpu().tolist()
+        emitted = out[C.OUTPUT_TOKENS].cpu().tolist()
+        now = time.perf_counter()
+        with self._lock:
+            for j, (r, c) in enumerate(zip(rows, ctx)):
+                added = self._append(r, emitted[j][:counts[j]])
+                if c:
+                    r.t_first = now
+                else:
+                    self.counters.row_steps += 1
+                    self.counters.generated_tokens += len(added)
+                    accepted_out.append(counts[j] - 1)
+                if r.finish_reason is not None or r.cancel_requested:
+                    self._finish(r, None if r.finish_reason else "cancelled", events, added)
+                    continue
+                r.carried = {k: v[j] for k, v in carried.items()}
+                text = r.detok.push(added) if r.detok is not None else None
+                events.append(Event(r, added, text, False, None))
+        return d
+
+    # ------------------------------------------------------------------ background loop
+    def start(self) -> None:
+        """Run :meth:`step` in a background thread whenever there is work."""
+        require(self._thread is None, "the scheduler loop is already running")
+        self._stop_loop = False
+        self._thread = threading.Thread(target=self._loop, name="redrafter-scheduler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop_loop and not self._waiting and not self._live:
+                    self._lock.wait(0.5)
+                if self._stop_loop and not self._waiting and not self._live:
+                    return
+            self.step()
+
+    def shutdown(self, cancel_running: bool = False, timeout: float | None = None) -> None:
+        """Stop accepting requests; finish (or cancel) what is queued and running; stop the loop.
+
+        After ``timeout`` seconds of finishing, whatever still runs is cancelled."""
+        with self._lock:
+            self._closed = True
+            if cancel_running:
+                for r in list(self._waiting) + list(self._live.values()):
+                    r.cancel_requested = True
+            self._stop_loop = True
+            self._lock.notify_all()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                for r in list(self._waiting) + list(self._live.values()):
+                    r.cancel_requested = True
+                self._lock.notify_all()
+            self._thread.join()
+        self._thread = None

@@ -1,0 +1,375 @@
+"""The OpenAI-compatible HTTP app (FastAPI) over one in-flight :class:`Scheduler`.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus text format). Each response carries the request's
+mean tokens per generation step in the ``x-redrafter-tokens-per-step`` header (non-streaming) and
+in a ``redrafter`` object (``tokens_per_step``, ``accepted_per_step``) of the body or of the last
+stream chunk. Stop strings are excluded from the returned text, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..errors import RedrafterError
+from ..runtime.scheduler import Event, QueueFull, SamplingParams, Scheduler, SchedulerClosed
+from .metrics import ServeMetrics
+
+#: Body fields each endpoint understands; anything else is refused by name.
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+                 "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "ignore_eos"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.headers = status, message, param, type_, headers
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def _number(body: dict, key: str, default: float, lo: float | None = None, hi: float | None = None,
+            integer: bool = False) -> Any:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise _bad(f"'{key}' must be in {rng}, got {v}", key)
+    return v
+
+
+class ServeState:
+    """What the routes share: the scheduler, tokenizer, model name and metrics."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str, speculative: bool = True):
+        self.scheduler = scheduler
+        self.tokenizer = scheduler.tokenizer
+        self.model_name = model_name
+        self.speculative = speculative
+        self.metrics = ServeMetrics(scheduler)
+        self.created = int(time.time())
+        self.closing = False
+
+
+def _stop_list(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
+    return tuple(s for s in stop if s)
+
+
+def parse_request(state: ServeState, body: Any, kind: str) -> tuple[list[int], SamplingParams, bool, bool]:
+    """Validate an OpenAI request body; returns (prompt ids, params, stream, include_usage)."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    allowed = COMPLETION_FIELDS if kind == "completion" else CHAT_FIELDS
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise _bad(f"unsupported parameter '{unknown[0]}' (this server supports "
+                   f"{', '.join(sorted(allowed))})", unknown[0])
+    model = body.get("model")
+    if not isinstance(model, str) or model != state.model_name:
+        raise _bad(f"unknown model {json.dumps(model)}; this server serves '{state.model_name}'", "model")
+    if _number(body, "n", 1, integer=True) != 1:
+        raise _bad("unsupported parameter 'n': only n = 1 is served", "n")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _number(body, key, 0.0) != 0:
+            raise _bad(f"unsupported parameter '{key}': only 0 is served", key)
+    sched = state.scheduler
+    tok = state.tokenizer
+    if kind == "completion":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise _bad("'prompt' is empty", "prompt")
+            if tok is None:
+                raise _bad("this engine has no tokenizer: send 'prompt' as a list of token ids", "prompt")
+            ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise _bad("'prompt' is empty", "prompt")
+            ids = prompt
+        else:
+            raise _bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    else:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad("'messages' must be a non-empty list", "messages")
+        for i, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    and set(m) <= {"role", "content", "name"}):
+                raise _bad(f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
+        if tok is None or getattr(tok, "chat_template", None) is None:
+            raise _bad("this engine's tokenizer has no chat template: use /v1/completions", "messages")
+        ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
+                                      add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+    be = sched.backend
+    if len(ids) > be.max_input_len:
+        raise _bad(f"the prompt has {len(ids)} tokens, more than the engine takes ({be.max_input_len})",
+                   "messages" if kind == "chat" else "prompt")
+    room = sched.tokens_per_slot - len(ids)
+    if room < 1:
+        raise _bad(f"the prompt has {len(ids)} tokens, leaving no room under the {sched.tokens_per_slot} "
+                   "tokens a request may hold", "messages" if kind == "chat" else "prompt")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, min(DEFAULT_MAX_TOKENS[kind], room), lo=1, integer=True)
+    if max_tokens > room:
+        raise _bad(f"'{key}' = {max_tokens} is beyond the engine: this prompt ({len(ids)} tokens) leaves "
+                   f"room for {room}", key)
+    temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
+    top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
+    if top_p == 0:
+        raise _bad("'top_p' must be in (0, 1]", "top_p")
+    top_k = _number(body, "top_k", 0, lo=-1, integer=True)
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(63)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise _bad(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
+        raise _bad("'stream_options' supports only include_usage", "stream_options")
+    stop = _stop_list(body)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
+    params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
+                            top_k=max(int(top_k), 0), top_p=float(top_p), seed=int(seed), stop=stop,
+                            ignore_eos=ignore_eos, speculative=state.speculative)
+    return ids, params, stream, bool(opts.get("include_usage", True))
+
+
+class StopHoldback:
+    """Text deltas that never show a stop string: the tail that could start one is held back."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def push(self, delta: str) -> str:
+        self.text += delta
+        safe = max(self.sent, len(self.text) - self.hold)
+        out = self.text[self.sent:safe]
+        self.sent = safe
+        return out
+
+    def finish(self, delta: str, reason: str | None) -> str:
+        self.text += delta
+        end = len(self.text)
+        if reason == "stop":
+            hits = [self.text.find(s) for s in self.stop if s in self.text]
+            end = min(hits) if hits else end
+        out = self.text[self.sent:max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return out
+
+
+def final_text(text: str | None, stop: tuple[str, ...], reason: str | None) -> str:
+    text = text or ""
+    if reason == "stop":
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            return text[:min(hits)]
+    return text
+
+
+def openai_finish(reason: str | None) -> str:
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "", reason or "stop")
+
+
+def create_app(state: ServeState) -> FastAPI:
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if state.scheduler._thread is None:
+            state.scheduler.start()
+        yield
+        state.closing = True
+        # uvicorn has stopped accepting and waited for open requests; cancel what is left.
+        await asyncio.to_thread(state.scheduler.shutdown, True, 30.0)
+
+    app = FastAPI(title="redrafter-serve", lifespan=lifespan)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        state.metrics.requests.labels(outcome=str(e.status)).inc()
+        return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param,
+                                       "code": e.status}}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        return error_response(_bad(f"invalid request: {exc.errors()[:1]}"))
+
+    async def read_body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"the request body is not valid JSON ({e})") from None
+
+    def submit(ids, params, on_event):
+        try:
+            return state.scheduler.submit(ids, params, on_event=on_event)
+        except QueueFull as e:
+            raise ApiError(429, str(e), None, "rate_limit_exceeded", {"Retry-After": "1"}) from None
+        except SchedulerClosed as e:
+            raise ApiError(503, str(e), None, "server_unavailable", {"Retry-After": "5"}) from None
+        except RedrafterError as e:
+            raise _bad(str(e)) from None
+
+    async def generate(request: Request, kind: str):
+        if state.closing:
+            raise ApiError(503, "the server is shutting down", None, "server_unavailable", {"Retry-After": "5"})
+        body = await read_body(request)
+        ids, params, stream, include_usage = parse_request(state, body, kind)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        req = submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        obj = "text_completion" if kind == "completion" else "chat.completion"
+
+        def usage():
+            return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.tokens),
+                    "total_tokens": len(req.prompt) + len(req.tokens)}
+
+        def extra():
+            return {"tokens_per_step": round(req.tokens_per_step, 4), "accepted_per_step": req.accepted}
+
+        def choice(text: str, finish: str | None, delta: bool):
+            if kind == "completion":
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            key = "delta" if delta else "message"
+            msg = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+            return {"index": 0, key: msg, "logprobs": None, "finish_reason": finish}
+
+        if not stream:
+            try:
+                while not req.done.is_set():
+                    try:
+                        await asyncio.wait_for(queue.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            state.scheduler.cancel(req)
+                            state.metrics.requests.labels(outcome="cancelled").inc()
+                            return Response(status_code=499)
+            except asyncio.CancelledError:
+                state.scheduler.cancel(req)
+                raise
+            if req.finish_reason == "error":
+                state.metrics.requests.labels(outcome="500").inc()
+                return JSONResponse({"error": {"message": req.error, "type": "server_error", "param": None,
+                                               "code": 500}}, status_code=500)
+            state.metrics.finished(req)
+            text = final_text(req.text, params.stop, req.finish_reason)
+            return JSONResponse(
+                {"id": rid, "object": obj, "created": created, "model": state.model_name,
+                 "choices": [choice(text, openai_finish(req.finish_reason), False)],
+                 "usage": usage(), "redrafter": extra()},
+                headers={"x-redrafter-tokens-per-step": f"{req.tokens_per_step:.4f}"})
+
+        chunk_obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
+        hold = StopHoldback(params.stop)
+
+        def chunk(text, finish, last=False):
+            c = {"id": rid, "object": chunk_obj, "created": created, "model": state.model_name,
+                 "choices": [choice(text, finish, True)]}
+            if last:
+                if include_usage:
+                    c["usage"] = usage()
+                c["redrafter"] = extra()
+            return "data: " + json.dumps(c) + "\n\n"
+
+        async def events():
+            try:
+                if kind == "chat":
+                    yield ("data: " + json.dumps({"id": rid, "object": chunk_obj, "created": created,
+                                                  "model": state.model_name, "choices": [
+                                                      {"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}]}) + "\n\n")
+                while True:
+                    ev = await queue.get()
+                    if ev.finished:
+                        if ev.finish_reason == "error":
+                            yield "data: " + json.dumps({"error": {"message": req.error, "type": "server_error",
+                                                                   "code": 500}}) + "\n\n"
+                            state.metrics.requests.labels(outcome="500").inc()
+                            return
+                        text = hold.finish(ev.text or "", ev.finish_reason)
+                        state.metrics.finished(req)
+                        yield chunk(text, openai_finish(ev.finish_reason), last=True)
+                        yield "data: [DONE]\n\n"
+                        return
+                    text = hold.push(ev.text or "")
+                    if text:
+                        yield chunk(text, None)
+            finally:
+                if not req.finished:  # the client went away mid-stream: free its slot now
+                    state.scheduler.cancel(req)
+                    state.metrics.requests.labels(outcome="cancelled").inc()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await generate(request, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                            "created": state.created, "owned_by": "redrafter"}]}
+
+    @app.get("/health")
+    async def health():
+        if state.closing:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

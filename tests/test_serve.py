@@ -1,0 +1,297 @@
+"""redrafter-serve on 127.0.0.1, driven with the official openai client (loopback only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from conftest import write_tiny_hf  # noqa: E402
+from redrafter_trt.cli import build as build_cli  # noqa: E402
+from redrafter_trt.cli import convert as convert_cli  # noqa: E402
+from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter  # noqa: E402
+from test_train import CHATML, _char_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base = write_tiny_hf(root / "base", "llama", seed=4)
+    drafter = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2, std=0.5), root / "drafter")
+    assert convert_cli.main([str(a) for a in ["--model_dir", base, "--drafter_model_dir", drafter, "--output_dir",
+                                              root / "ckpt", "--redrafter_num_beams", 3,
+                                              "--redrafter_draft_len_per_beam", 2]]) == 0
+    engine = root / MODEL
+    assert build_cli.main([str(a) for a in ["--checkpoint_dir", root / "ckpt", "--output_dir", engine, "--backend",
+                                            "torch", "--max_batch_size", 8, "--max_input_len", 48,
+                                            "--max_seq_len", 128]]) == 0
+    _char_tokenizer(CHATML).save_pretrained(str(engine))
+    return engine
+
+
+def start_server(engine_dir, *extra):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "redrafter_trt.cli.serve", "--engine_dir", str(engine_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--threads", "1", *map(str, extra)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):  # bounded: 120 s
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("server did not come up in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir):
+    proc, url = start_server(engine_dir, "--max_queue", 10)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_models_health_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    text = httpx.get(server + "/metrics").text
+    for name in ("redrafter_requests_total", "redrafter_queue_depth", "redrafter_batch_occupancy",
+                 "redrafter_output_tokens_per_second", "redrafter_step_seconds", "redrafter_tokens_per_step",
+                 'redrafter_draft_accepted_total{depth="2"}'):
+        assert name in text, name
+
+
+def test_completion_and_chat_equal_the_runtime(client, engine_dir):
+    from redrafter_trt import load
+
+    gen = load(engine_dir, device="cpu")
+    want = gen.generate(["hello there"], max_new_tokens=20, ignore_eos=True)[0]
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="hello there", max_tokens=20,
+                                                      temperature=0, extra_body={"ignore_eos": True})
+    r = raw.parse()
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == 20
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    tps = float(raw.headers["x-redrafter-tokens-per-step"])
+    assert tps == pytest.approx(sum(want.accepted_per_step[1:]) / len(want.accepted_per_step[1:]), abs=1e-3)
+    assert r.model_extra["redrafter"]["accepted_per_step"] == want.accepted_per_step
+
+    chat_want = gen.generate(["what is 2+2?"], max_new_tokens=16, use_chat_template=True)[0]
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "what is 2+2?"}],
+                                       max_tokens=16, temperature=0)
+    assert c.choices[0].message.content == chat_want.text and c.choices[0].message.role == "assistant"
+    assert c.choices[0].finish_reason == ("length" if chat_want.finish_reason == "length" else "stop")
+
+
+def test_streaming_deltas_concatenate_to_the_full_text(client):
+    kw = dict(model=MODEL, prompt="stream me", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].choices[0].finish_reason == "length"
+    assert len([c for c in chunks if c.choices[0].text]) > 1  # really incremental
+    msgs = [{"role": "user", "content": "hi"}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    parts = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                                stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == full.choices[0].message.content
+    assert parts[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_stop_strings_cut_before_the_stop(client):
+    kw = dict(model=MODEL, prompt="abc", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[8:10]
+    assert len(stop) == 2
+    cut = full[:full.find(stop)]
+    r = client.completions.create(stop=[stop, "NEVER-SEEN"], **kw)
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw))
+    assert streamed == cut
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model=MODEL, prompt="sample", max_tokens=20, temperature=1.0, top_p=0.95,
+              extra_body={"top_k": 40, "ignore_eos": True})
+    a = [client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)]
+    b = [client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_concurrent_requests_equal_their_single_outputs(client):
+    reqs = [dict(prompt=f"prompt {i} " + "xy" * (i % 5), max_tokens=8 + i % 9,
+                 temperature=0 if i % 2 else 0.8, seed=i, extra_body={"ignore_eos": i % 3 == 0})
+            for i in range(16)]
+    solo = [client.completions.create(model=MODEL, **r).choices[0].text for r in reqs]
+    with ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(lambda r: client.completions.create(model=MODEL, **r).choices[0].text, reqs))
+    assert together == solo
+
+
+BAD = [
+    (b"{not json", "valid JSON"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"model": MODEL, "prompt": 5}, "prompt"),
+    ({"model": "gpt-4", "prompt": "x"}, "unknown model"),
+    ({"model": MODEL, "prompt": ""}, "empty"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, "beyond the engine"),
+    ({"model": MODEL, "prompt": "y" * 60}, "more than the engine takes"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, "'n'"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 2}, "'logprobs'"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
+    ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
+]
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, client):
+    for body, fragment in BAD:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = httpx.post(server + "/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert fragment in err["message"] and err["type"] == "invalid_request_error", (body, err)
+    for body, fragment in [({"model": MODEL, "messages": []}, "messages"),
+                           ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
+                           ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []},
+                            "'tools'")]:
+        r = httpx.post(server + "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        client.completions.create(model="nope", prompt="x")
+    assert client.completions.create(model=MODEL, prompt="still here", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_full_queue_gets_429_with_retry_after(server, client):
+    body = {"model": MODEL, "prompt": "fill", "max_tokens": 70, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(26) as ex:
+        rs = list(ex.map(lambda _: httpx.post(server + "/v1/completions", json=body, timeout=300), range(26)))
+    codes = sorted(r.status_code for r in rs)
+    full = [r for r in rs if r.status_code == 429]
+    assert full and set(codes) == {200, 429}, codes
+    assert full[0].headers["retry-after"] == "1" and "queue is full" in full[0].json()["error"]["message"]
+    texts = {r.json()["choices"][0]["text"] for r in rs if r.status_code == 200}
+    assert len(texts) == 1  # the same greedy request: the same output in every slot
+    assert client.completions.create(model=MODEL, prompt="after", max_tokens=3).usage.completion_tokens >= 1
+
+
+def wait_idle(url: str) -> None:
+    for _ in range(100):  # bounded: 20 s
+        if metric(url, "redrafter_batch_rows") == 0 and metric(url, "redrafter_queue_depth") == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("rows still running")
+
+
+def test_client_disconnect_frees_the_slot(server):
+    before = metric(server, 'redrafter_requests_total{outcome="cancelled"}')
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break
+    wait_idle(server)
+    assert metric(server, 'redrafter_requests_total{outcome="cancelled"}') == before + 1
+
+
+def test_small_soak_with_random_cancels(server, client):
+    rng = random.Random(0)
+    reqs = [dict(prompt="soak " + "ab" * rng.randint(0, 15), max_tokens=rng.randint(1, 40),
+                 temperature=rng.choice([0, 0, 0.7, 1.0]), seed=i, extra_body={"ignore_eos": rng.random() < 0.5})
+            for i in range(60)]
+    cancel = {i for i in range(60) if rng.random() < 0.25}
+    solo = {i: client.completions.create(model=MODEL, **r).choices[0].text
+            for i, r in enumerate(reqs) if i not in cancel and i % 3 == 0}
+
+    def one(i):
+        r = reqs[i]
+        if i in cancel:  # read one event, then hang up
+            body = {"model": MODEL, "stream": True, **{k: v for k, v in r.items() if k != "extra_body"},
+                    **r["extra_body"]}
+            with httpx.stream("POST", server + "/v1/completions", json=body, timeout=120) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data:"):
+                        break
+            return None
+        return client.completions.create(model=MODEL, **r).choices[0].text
+
+    with ThreadPoolExecutor(10) as ex:
+        got = list(ex.map(one, range(60)))
+    assert all(isinstance(got[i], str) for i in range(60) if i not in cancel)  # none lost
+    assert {i: got[i] for i in solo} == solo  # none corrupted
+    wait_idle(server)
+
+
+def test_sigterm_finishes_running_requests_and_exits(engine_dir):
+    proc, url = start_server(engine_dir, "--graceful_timeout", 20)
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(lambda: c.completions.create(model=MODEL, prompt="last one", max_tokens=60,
+                                                     extra_body={"ignore_eos": True}))
+        for _ in range(100):
+            if metric(url, "redrafter_batch_rows") >= 1:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        r = fut.result(60)
+    assert r.usage.completion_tokens == 60  # the running request was finished, not dropped
+    assert proc.wait(60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
+    from redrafter_trt.cli import serve as serve_cli
+
+    assert serve_cli.main(["--engine_dir", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert serve_cli.main(["--engine_dir", str(engine_dir), "--max_batch_size", "99"]) == 2
+    assert "exceeds the engine's max_batch_size 8" in capsys.readouterr().err
+    assert serve_cli.main(["--engine_dir", str(engine_dir), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    text = serve_cli.build_parser().format_help()
+    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout"):
+        assert flag in text
