@@ -11,6 +11,7 @@ from pathlib import Path
 from ..checkpoint import (DTYPES, convert_checkpoint, load_hf_base, read_checkpoint_config,
                           require_model_dir)
 from ..errors import require
+from ..heads import builtin_head
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
 from .common import non_negative_int, positive_int, run_main
@@ -26,9 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", default=DEFAULT_MODEL,
                    help=f"Hugging Face base model directory, or '{DEFAULT_MODEL}' for the built-in "
                         "SmolLM2-135M-Instruct (default: %(default)s)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--drafter_model_dir",
-                     help="draft head directory (config.json + model.safetensors), e.g. from redrafter-train")
+                     help="draft head directory (config.json + model.safetensors), e.g. from "
+                          f"redrafter-train; optional with --model_dir {DEFAULT_MODEL}, which then "
+                          "uses the head shipped with the toolkit (redrafter_trt/heads/smollm2)")
     src.add_argument("--random_drafter", action="store_true",
                      help="initialise a random draft head instead (for plumbing tests and demos; "
                           "it accepts almost no draft tokens)")
@@ -79,6 +82,14 @@ def trained_draft_len(drafter_dir: Path) -> int | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if not args.random_drafter and args.drafter_model_dir is None:
+        shipped = builtin_head(args.model_dir) if isinstance(args.model_dir, str) else None
+        require(shipped is not None,
+                f"--model_dir {args.model_dir}: give the draft head with --drafter_model_dir (no "
+                f"head ships for it; only --model_dir {DEFAULT_MODEL} has a built-in head), or "
+                "--random_drafter for plumbing tests")
+        say(f"[convert] using the draft head shipped for {args.model_dir}: {shipped}")
+        args.drafter_model_dir = str(shipped)
     drafter_dir = None if args.random_drafter else \
         require_model_dir(args.drafter_model_dir, "--drafter_model_dir", "drafter")
     calibration = read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file") \
@@ -94,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                             num_draft_layers=args.redrafter_num_layers, rnn=not args.redrafter_no_rnn)
         drafter = init_drafter(cfg, seed=args.seed)
     else:
-        drafter = load_drafter(drafter_dir)
+        drafter = load_drafter(drafter_dir, base_lm_head=base_sd["lm_head.weight"])
         trained = trained_draft_len(drafter_dir)
         if trained is not None and trained != args.redrafter_draft_len_per_beam:
             say(f"warning: --drafter_model_dir {drafter_dir} was trained for D={trained} draft "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import require
-from ..models.drafter import (DRAFTER_CONFIG, DRAFTER_WEIGHTS, LM_HEAD_FROM_BASE, load_drafter,
+from ..models.drafter import (DRAFT_VOCAB, DRAFTER_CONFIG, DRAFTER_WEIGHTS, LM_HEAD_FROM_BASE, load_drafter,
                               projection_digest)
 from ..models.io import atomic_output_dir, save_safetensors
 from . import write_checksums
@@ -30,18 +30,20 @@ EXTRA_FILES = ("training_report.json", "DATA.md")
 def package_head(head_dir: Path, base_lm_head: torch.Tensor, output: Path, overwrite: bool = False,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write the shipped form of ``head_dir`` to ``output`` (atomically)."""
-    head = load_drafter(head_dir, base_lm_head=base_lm_head)
+    head = load_drafter(head_dir, base_lm_head=base_lm_head)  # a head stored whole, or shared
     n = head.config.num_draft_layers
     proj_name = f"lm_head.{n}.weight"
     sd = head.state_dict()
-    require(torch.equal(sd[proj_name].float(), base_lm_head.float()),
+    rows = base_lm_head if DRAFT_VOCAB not in sd else base_lm_head[sd[DRAFT_VOCAB].long()]
+    require(torch.equal(sd[proj_name].float(), rows.float()),
             f"{head_dir}: the head's {proj_name} is not the base model's lm_head; only a head "
             "trained with --lm_head_init base --freeze_lm_head shares its projection")
     raw = json.loads((head_dir / DRAFTER_CONFIG).read_text())
     raw[LM_HEAD_FROM_BASE] = projection_digest(base_lm_head)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (tmp / DRAFTER_CONFIG).write_text(json.dumps(raw, indent=2) + "\n")
-        save_safetensors({k: v.detach().to(dtype).contiguous() for k, v in sd.items() if k != proj_name},
+        save_safetensors({k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+                          for k, v in sd.items() if k != proj_name},
                          tmp / DRAFTER_WEIGHTS)
         names = [DRAFTER_CONFIG, DRAFTER_WEIGHTS]
         for extra in EXTRA_FILES:

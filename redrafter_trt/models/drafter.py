@@ -245,14 +245,53 @@ def read_drafter_config(path: str | os.PathLike) -> DrafterConfig:
     return cfg
 
 
-def load_drafter(path: str | os.PathLike) -> Drafter:
-    """Load a drafter directory (Apple format); every tensor is checked for name, shape, finiteness."""
+#: ``config.json`` key of a head whose final projection is its base model's own ``lm_head`` and is
+#: not stored in ``model.safetensors``; the value is :func:`projection_digest` of that base weight.
+LM_HEAD_FROM_BASE = "lm_head_from_base"
+
+
+def projection_digest(weight: torch.Tensor) -> str:
+    """``sha256:<hex>`` of a [V, H] projection's float32 values (identifies the base it belongs to)."""
+    import hashlib
+
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def load_drafter(path: str | os.PathLike, base_lm_head: torch.Tensor | None = None) -> Drafter:
+    """Load a drafter directory (Apple format); every tensor is checked for name, shape, finiteness.
+
+    ``base_lm_head`` [V, H] is the base model's output projection: needed only for a head whose
+    ``config.json`` has ``lm_head_from_base`` (its final projection is the base's, not stored
+    twice; with a draft vocabulary, the base's rows of those ids), and checked to be that base's.
+    """
     path = Path(path)
     cfg = read_drafter_config(path)
     candidates = [path / DRAFTER_WEIGHTS, path / "pytorch_model.bin", path / "model.pt"]
     weights = next((c for c in candidates if c.is_file()), None)
     require(weights is not None, f"{path}: no {DRAFTER_WEIGHTS} (or pytorch_model.bin / model.pt)")
     sd = load_state_dict_file(weights)
+    shared = json.loads((path / DRAFTER_CONFIG).read_text()).get(LM_HEAD_FROM_BASE)
+    if shared is not None:
+        name = f"lm_head.{cfg.num_draft_layers}.weight"
+        cfg_file = path / DRAFTER_CONFIG
+        require(name not in sd, f"{weights}: holds {name}, but {cfg_file} says the head uses its "
+                f"base model's projection ({LM_HEAD_FROM_BASE}); remove one of the two")
+        require(base_lm_head is not None,
+                f"{path}: this head shares its vocabulary projection with its base model "
+                f"({LM_HEAD_FROM_BASE} in {DRAFTER_CONFIG}), so it loads only together with that "
+                f"base (e.g. redrafter-convert --model_dir BASE --drafter_model_dir {path})")
+        require(tuple(base_lm_head.shape) == (cfg.vocab_size, cfg.hidden_size),
+                f"{path}: the base projection has shape {tuple(base_lm_head.shape)}, the head needs "
+                f"{(cfg.vocab_size, cfg.hidden_size)}")
+        found = projection_digest(base_lm_head)
+        require(found == shared, f"{path}: the head was trained on a base whose lm_head is {shared}, "
+                f"but this base's is {found}: give the base model the head was trained for")
+        rows = base_lm_head.detach()
+        if DRAFT_VOCAB in sd:
+            check_draft_vocab(sd[DRAFT_VOCAB], cfg, f"{weights}: {DRAFT_VOCAB}")
+            rows = rows[sd[DRAFT_VOCAB].long()]
+        sd[name] = rows
     model = Drafter(cfg)
     load_drafter_state(model, sd, str(weights))
     return model

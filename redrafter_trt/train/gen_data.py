@@ -162,7 +162,7 @@ def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: 
 
     base = load_frozen_base(model_dir, device)
     if drafter_dir is not None:
-        drafter = load_drafter(drafter_dir)
+        drafter = load_drafter(drafter_dir, base_lm_head=base.lm_head.weight)
         validate_against_base(drafter.config, base.config.hidden_size, base.config.vocab_size,
                               tuple(base.embedding.weight.shape), f"--drafter_model_dir {drafter_dir}")
         w, d = 4, 4

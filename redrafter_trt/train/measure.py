@@ -33,7 +33,7 @@ def runtime_tokens_per_step(model_dir: str | os.PathLike, drafter_dir: str | os.
     from ..runtime.generator import Generator
 
     base = load_frozen_base(model_dir, device)
-    head = load_drafter(drafter_dir)
+    head = load_drafter(drafter_dir, base_lm_head=base.lm_head.weight)
     validate_against_base(head.config, base.config.hidden_size, base.config.vocab_size,
                           tuple(base.embedding.weight.shape), f"--drafter_model_dir {drafter_dir}")
     tok = load_base_tokenizer(model_dir)

@@ -286,7 +286,7 @@ def make_drafter(cfg: TrainConfig, hidden_size: int, vocab_size: int,
     ``draft_vocab`` [K] the projection has K rows (the base's rows of those ids with ``base``).
     """
     if cfg.init_from:
-        d = load_drafter(cfg.init_from)
+        d = load_drafter(cfg.init_from, base_lm_head=base_lm_head)
         validate_against_base(d.config, hidden_size, vocab_size, (vocab_size, hidden_size),
                               f"--init_from {cfg.init_from}")
         d = d.float()

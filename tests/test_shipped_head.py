@@ -1,0 +1,119 @@
+"""Shipped draft heads: a projection shared with the base (not stored twice), checksums that name
+a corrupt or missing file with the command that rebuilds it, and the built-in smollm2 head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from redrafter_trt.checkpoint import load_hf_base
+from redrafter_trt.errors import RedrafterError
+from redrafter_trt.heads import BUILTIN_HEADS, CHECKSUMS, builtin_head, check_head_files
+from redrafter_trt.heads.package import package_head
+from redrafter_trt.models.drafter import (DRAFTER_CONFIG, DRAFTER_WEIGHTS, LM_HEAD_FROM_BASE,
+                                          DrafterConfig, init_drafter, load_drafter, save_drafter)
+from redrafter_trt.models.io import load_state_dict_file
+
+
+def _head_sharing(base_lm_head: torch.Tensor, tmp_path, seed=0, draft_vocab=None):
+    v, h = base_lm_head.shape
+    k = None if draft_vocab is None else len(draft_vocab)
+    d = init_drafter(DrafterConfig(v, h, h, 1, True, draft_vocab_size=k), seed=seed, std=0.3,
+                     draft_vocab=draft_vocab)
+    with torch.no_grad():
+        rows = base_lm_head if draft_vocab is None else base_lm_head[draft_vocab.long()]
+        d.lm_head[-1].weight.copy_(rows)
+    return d, save_drafter(d, tmp_path / f"trained{seed}")
+
+
+@pytest.mark.parametrize("with_vocab", [False, True])
+def test_shared_projection_round_trip(tiny_dirs, tmp_path, with_vocab):
+    _, sd = load_hf_base(tiny_dirs["llama"])
+    base_w = sd["lm_head.weight"]
+    vocab = torch.tensor([5, 0, 17, 33, 2, 90], dtype=torch.int32) if with_vocab else None
+    d, trained = _head_sharing(base_w, tmp_path, draft_vocab=vocab)
+    out = package_head(trained, base_w, tmp_path / "shipped")
+    stored = load_state_dict_file(out / DRAFTER_WEIGHTS)
+    assert "lm_head.1.weight" not in stored  # not stored twice
+    assert (out / DRAFTER_WEIGHTS).stat().st_size < (trained / DRAFTER_WEIGHTS).stat().st_size
+    assert json.loads((out / DRAFTER_CONFIG).read_text())[LM_HEAD_FROM_BASE].startswith("sha256:")
+    back = load_drafter(out, base_lm_head=base_w)
+    for k, v in d.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    check_head_files(out, "REBUILD")  # checksums written by packaging
+
+
+def test_shared_projection_needs_the_right_base(tiny_dirs, tmp_path):
+    _, sd = load_hf_base(tiny_dirs["llama"])
+    base_w = sd["lm_head.weight"]
+    _, trained = _head_sharing(base_w, tmp_path)
+    out = package_head(trained, base_w, tmp_path / "shipped")
+    with pytest.raises(RedrafterError, match="loads only together with that base"):
+        load_drafter(out)
+    other = base_w.clone()
+    other[0, 0] += 1.0
+    with pytest.raises(RedrafterError, match="give the base model the head was trained for"):
+        load_drafter(out, base_lm_head=other)
+
+
+def test_packaging_refuses_a_head_with_its_own_projection(tiny_dirs, tmp_path):
+    _, sd = load_hf_base(tiny_dirs["llama"])
+    base_w = sd["lm_head.weight"]
+    v, h = base_w.shape
+    trained = save_drafter(init_drafter(DrafterConfig(v, h, h, 1, True), seed=1), tmp_path / "own")
+    with pytest.raises(RedrafterError, match="is not the base model's lm_head"):
+        package_head(trained, base_w, tmp_path / "shipped")
+    assert not (tmp_path / "shipped").exists()  # nothing half-written
+
+
+def test_corrupt_or_missing_shipped_file_is_named_with_the_rebuild_command(tiny_dirs, tmp_path):
+    _, sd = load_hf_base(tiny_dirs["llama"])
+    base_w = sd["lm_head.weight"]
+    _, trained = _head_sharing(base_w, tmp_path)
+    out = package_head(trained, base_w, tmp_path / "shipped")
+    weights = out / DRAFTER_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RedrafterError, match=rf"{DRAFTER_WEIGHTS}: corrupt .*`bash rebuild.sh`"):
+        check_head_files(out, "bash rebuild.sh")
+    weights.unlink()
+    with pytest.raises(RedrafterError, match=rf"{DRAFTER_WEIGHTS}: missing .*`bash rebuild.sh`"):
+        check_head_files(out, "bash rebuild.sh")
+    (out / CHECKSUMS).unlink()
+    with pytest.raises(RedrafterError, match="checksum list"):
+        check_head_files(out, "bash rebuild.sh")
+
+
+def test_only_builtin_models_have_a_builtin_head():
+    assert builtin_head("/some/hf/dir") is None
+
+
+def test_convert_without_a_head_names_the_flag(tiny_dirs, tmp_path, capsys):
+    from redrafter_trt.cli.convert import main
+
+    rc = main(["--model_dir", str(tiny_dirs["llama"]), "--output_dir", str(tmp_path / "ck")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--drafter_model_dir" in err and "smollm2" in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_the_shipped_smollm2_head_is_intact_and_small():
+    path, rebuild = BUILTIN_HEADS["smollm2"]
+    check_head_files(path, rebuild)
+    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    assert total <= 10 * 1024 * 1024
+    cfg = json.loads((path / DRAFTER_CONFIG).read_text())
+    assert cfg[LM_HEAD_FROM_BASE].startswith("sha256:") and cfg["vocab_size"] == 49152
+
+
+@pytest.mark.smollm2
+def test_the_shipped_smollm2_head_loads_with_its_base():
+    from redrafter_trt.models.hub import ensure_smollm2
+
+    _, sd = load_hf_base(ensure_smollm2())
+    head = load_drafter(builtin_head("smollm2"), base_lm_head=sd["lm_head.weight"])
+    assert torch.equal(head.lm_head[-1].weight, sd["lm_head.weight"])
