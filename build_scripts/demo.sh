@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The main job end to end on the built-in default: SmolLM2-135M-Instruct on the CPU backend.
-# train a draft head (self-distillation, a few minutes, cached) -> convert (base + head) ->
-# build (torch engine) -> run (speculative and plain, compared).
+# The main job end to end on the built-in default: SmolLM2-135M-Instruct on the CPU backend,
+# with the draft head shipped for it (redrafter_trt/heads/smollm2):
+# convert (base + shipped head) -> build (torch engine) -> run (speculative and plain, compared).
 #
-# The head is cached under the user cache dir keyed by its settings, so only the first run
-# trains. Knobs (environment): REDRAFTER_DEMO_PROMPTS (prompts per source the base answers, 32),
-# REDRAFTER_DEMO_NEW_TOKENS (tokens per answer, 128), REDRAFTER_DEMO_TRAIN_MIN (training
-# minutes, 2), REDRAFTER_DEMO_DIR (work dir, .demo).
+# `demo.sh --train` instead first trains a small head of its own (self-distillation, a few
+# minutes, cached under the user cache dir keyed by its settings) and runs that. Knobs
+# (environment): REDRAFTER_DEMO_DIR (work dir, .demo); with --train: REDRAFTER_DEMO_PROMPTS
+# (prompts per source the base answers, 32), REDRAFTER_DEMO_NEW_TOKENS (tokens per answer, 128),
+# REDRAFTER_DEMO_TRAIN_MIN (training minutes, 2).
 set -euo pipefail
 
 # The key of the engine built from draft head directory $1: its files' content and the
@@ -21,6 +22,13 @@ if [ "${1:-}" = "--engine-key" ]; then
   engine_key "${2:?usage: demo.sh --engine-key HEAD_DIR}"
   exit 0
 fi
+train=0
+case "${1:-}" in
+  "") ;;
+  --train) train=1 ;;
+  -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "demo.sh: unknown argument '$1' (expected --train, --engine-key HEAD_DIR or --help)" >&2; exit 2 ;;
+esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash build_scripts/setup_env.sh
@@ -32,20 +40,25 @@ new_tokens="${REDRAFTER_DEMO_NEW_TOKENS:-128}"
 train_min="${REDRAFTER_DEMO_TRAIN_MIN:-2}"
 mkdir -p "$work"
 
-# 1. Self-distillation data: the base model answers ShareGPT prompts (cached and resumable).
-gen_args=(--model_dir smollm2 --prompts sharegpt writingbench --limit "$n_prompts" --max_new_tokens "$new_tokens"
-          --batch_size 16)
-# 2. A small head: exit_dim 256 (input_proj from 2H = 1152), one residual block, D = 4.
-train_args=(--exit_dim 256 --num_draft_layers 1 --draft_len 4 --loss kl --teacher_topk 32
-            --lr 2e-3 --warmup_steps 20 --epochs 100 --time_budget_min "$train_min" --batch_size 64
-            --eval_fraction 0.1 --seed 0)
-key="$(printf '%s\n' v1 "${gen_args[*]}" "${train_args[*]}" | sha256sum | cut -c1-16)"
-head="$cache/demo_heads/smollm2-$key"
-if [ ! -f "$head/model.safetensors" ]; then
-  echo "== training a draft head for SmolLM2-135M-Instruct (first run only; cached at $head) =="
-  data="$("$bin/redrafter-train" gen-data "${gen_args[@]}")"
-  "$bin/redrafter-train" train --model_dir smollm2 --data "$data" --output_dir "$head" \
-    "${train_args[@]}" --overwrite
+head="$root/redrafter_trt/heads/smollm2"
+head_args=()  # the shipped head: redrafter-convert --model_dir smollm2 picks it by default
+if [ "$train" = 1 ]; then
+  # 1. Self-distillation data: the base model answers ShareGPT prompts (cached and resumable).
+  gen_args=(--model_dir smollm2 --prompts sharegpt writingbench --limit "$n_prompts" --max_new_tokens "$new_tokens"
+            --batch_size 16)
+  # 2. A small head: exit_dim 256 (input_proj from 2H = 1152), one residual block, D = 4.
+  train_args=(--exit_dim 256 --num_draft_layers 1 --draft_len 4 --loss kl --teacher_topk 32
+              --lr 2e-3 --warmup_steps 20 --epochs 100 --time_budget_min "$train_min" --batch_size 64
+              --eval_fraction 0.1 --seed 0)
+  key="$(printf '%s\n' v1 "${gen_args[*]}" "${train_args[*]}" | sha256sum | cut -c1-16)"
+  head="$cache/demo_heads/smollm2-$key"
+  if [ ! -f "$head/model.safetensors" ]; then
+    echo "== training a draft head for SmolLM2-135M-Instruct (cached at $head) =="
+    data="$("$bin/redrafter-train" gen-data "${gen_args[@]}")"
+    "$bin/redrafter-train" train --model_dir smollm2 --data "$data" --output_dir "$head" \
+      "${train_args[@]}" --overwrite
+  fi
+  head_args=(--drafter_model_dir "$head")
 fi
 
 # 3. Convert and build, redone only when the head's content (or these settings) changed: the key
@@ -53,7 +66,7 @@ fi
 #    through an engine built from an older one.
 engine_key="$(engine_key "$head")"
 if [ "$(cat "$work/drafter_key" 2>/dev/null)" != "$engine_key" ] || [ ! -f "$work/engine/config.json" ]; then
-  "$bin/redrafter-convert" --model_dir smollm2 --drafter_model_dir "$head" --output_dir "$work/ckpt" \
+  "$bin/redrafter-convert" --model_dir smollm2 "${head_args[@]}" --output_dir "$work/ckpt" \
     "${convert_args[@]}" --overwrite
   "$bin/redrafter-build" --checkpoint_dir "$work/ckpt" --output_dir "$work/engine" \
     "${build_args[@]}" --overwrite
