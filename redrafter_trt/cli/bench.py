@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 from ..errors import require
-from .common import non_negative_int, positive_int, run_main
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 
 EXIT_OUTPUTS_DIFFER = 1
 
@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "float64"),
                    help="torch backend: run at this dtype instead of the engine's")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice); recorded in the output")
+    add_threads_argument(p)
     p.add_argument("--output_dir", default="bench_results",
                    help="where bench.json, bench.md and bench.png go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="do not write bench.png")
@@ -126,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
 
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
     require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load_raw_prompts(args.dataset)  # fail fast (missing package / file) before loading the engine
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"[bench] {torch.get_num_threads()} torch threads ({getattr(args, 'threads_reason', 'torch default')})")
     gen = load(args.engine_dir, device=args.device, dtype=args.dtype)
     if gen.random_drafter:
         log("[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "

@@ -9,7 +9,7 @@ from ..checkpoint import DTYPES, convert_checkpoint, load_hf_base, read_checkpoi
 from ..errors import require
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
-from .common import non_negative_int, positive_int, run_main
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 from .run import read_ids_file
 
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --random_drafter: a head without the recurrent state update")
     p.add_argument("--seed", type=int, default=0, help="with --random_drafter: init seed")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    add_threads_argument(p)  # the FP8 calibration runs the base model
     return p
 
 

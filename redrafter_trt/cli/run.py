@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import RedrafterError, require
-from .common import non_negative_int, positive_int, run_main
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 
 RANDOM_HEAD_NOTE = ("note: this engine's draft head is randomly initialised (--random_drafter), so it "
                     "accepts almost no draft tokens; train one for your base model with redrafter-train")
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object: outputs (output_token_ids, output_text, "
                         "accepted_per_step), tokens_per_step, num_steps, wall_s")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
+    add_threads_argument(p)
     return p
 
 
