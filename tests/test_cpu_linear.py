@@ -69,3 +69,32 @@ def test_bad_inputs_name_what_is_wrong():
         native.linear(x, w, b[:3])
     with pytest.raises(RedrafterError, match="out_dtype"):
         native.linear(x, w, out_dtype=torch.float16)
+
+
+# ---------------------------------------------------------------------- bf16 on CPUs with bf16 units
+from redrafter_trt.backends.torch_backend import auto_dtype, cpu_bf16_flags  # noqa: E402
+
+AMX_CPU = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ZEN3_CPU = "processor\t: 0\nflags\t\t: fpu sse avx2 fma f16c\n"
+
+
+def test_cpu_bf16_flags_and_auto_dtype(monkeypatch):
+    assert cpu_bf16_flags(AMX_CPU) == ["avx512_bf16", "amx_bf16"]
+    assert cpu_bf16_flags(ZEN3_CPU) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_dtype(AMX_CPU)[0] == "bfloat16" and "amx_bf16" in auto_dtype(AMX_CPU)[1]
+    dtype, why = auto_dtype(ZEN3_CPU)
+    assert dtype == "float32" and "avx512_bf16" in why
+
+
+def test_bf16_logits_are_float32_products():
+    """lm_head in bf16 weights: logits come out of float32 products, not rounded to bf16."""
+    from redrafter_trt.models.base import BaseConfig, BaseModel
+
+    cfg = BaseConfig("LlamaForCausalLM", 97, 32, 64, 1, 4, 2, 8)
+    m = BaseModel(cfg).to(torch.bfloat16)
+    h = torch.randn(3, 32).to(torch.bfloat16)
+    lg = m.logits(h, float32=True)
+    ref = h.double() @ m.lm_head.weight.double().T
+    assert lg.dtype == torch.float32 and torch.allclose(lg.double(), ref, atol=1e-5)
+    assert not torch.equal(lg, lg.to(torch.bfloat16).float())  # finer than bf16 rounding

@@ -20,6 +20,36 @@ from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask
 
 
+#: /proc/cpuinfo flags of CPU bfloat16 matrix units.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 matrix-unit flags (:data:`CPU_BF16_FLAGS`) this CPU reports in /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def auto_dtype(cpuinfo: str | None = None) -> tuple[str, str]:
+    """``--dtype auto``: bfloat16 where bf16 matrix units exist (a CUDA GPU with bf16, or a CPU
+    with avx512_bf16/amx_bf16), else float32. Returns (dtype name, reason)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16", f"CUDA device {torch.cuda.get_device_name(0)} has bf16 units"
+    flags = cpu_bf16_flags(cpuinfo)
+    if flags:
+        return "bfloat16", f"the CPU has {', '.join(flags)}"
+    return "float32", f"no CUDA device and no {'/'.join(CPU_BF16_FLAGS)} in /proc/cpuinfo"
+
+
 def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
     """The tree of plain decoding: just the root token. Returns (tree, beams [root, -1, ...])."""
     b = root.shape[0]
@@ -50,7 +80,7 @@ class TorchBackend:
 
     def __init__(self, base: BaseModel, drafter: Drafter, num_beams: int, draft_len: int,
                  warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,
-                 max_seq_len: int = 2048, proposer=None):
+                 max_seq_len: int = 2048, proposer=None, native_linear: bool = False):
         self.base = base.eval()
         self.drafter = drafter.eval()
         self.shape = C.StepShape(num_beams, draft_len)
@@ -65,6 +95,9 @@ class TorchBackend:
         self.timings: dict[str, float] = defaultdict(float)
         p = base.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
+        # native_linear: every base linear on the batch-invariant CPU kernel (cpp/src/linear_cpu.cpp)
+        self.native_linear = bool(native_linear) and self.device.type == "cpu"
+        self.base.use_native_linear(self.native_linear)
 
     @property
     def vocab_size(self) -> int:
@@ -118,7 +151,7 @@ class TorchBackend:
         else:
             node_hidden = hidden.clone()
             node_hidden[:, 0] = torch.where(is_ctx[:, None], last, hidden[:, 0])
-        logits = self.base.logits(node_hidden).to(torch.float32)
+        logits = self.base.logits(node_hidden, float32=True)  # acceptance reads float32
         t0 = self._tick("verify", t0)
 
         # Acceptance over the trees' real depth only (1 for prompts and plain decoding).

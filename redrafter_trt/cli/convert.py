@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="initialise a random draft head instead (for plumbing tests and demos; "
                           "it accepts almost no draft tokens)")
     p.add_argument("--output_dir", required=True, help="checkpoint directory to write")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="weight dtype of the checkpoint (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto"] + sorted(DTYPES),
+                   help="weight dtype of the checkpoint; auto = bfloat16 where bf16 matrix units "
+                        "exist (a CUDA GPU with bf16, or a CPU with avx512_bf16 or amx_bf16 in "
+                        "/proc/cpuinfo), else float32; the choice is printed (default: %(default)s)")
     p.add_argument("--redrafter_num_beams", type=positive_int, default=4,
                    help="W, beams drafted per step (default: %(default)s)")
     p.add_argument("--redrafter_draft_len_per_beam", type=positive_int, default=4,
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     calibration = read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file") \
         if args.calib_input_ids_file else None
+    if args.dtype == "auto":
+        from ..backends.torch_backend import auto_dtype
+
+        args.dtype, why = auto_dtype()
+        print(f"--dtype auto: {args.dtype} ({why})", file=sys.stderr)
     base_dir = resolve_base_model_dir(args.model_dir)
     base_cfg, base_sd = load_hf_base(base_dir)
     if args.random_drafter:
