@@ -18,6 +18,7 @@ from ..models.drafter import Drafter
 from ..ops import accept, pack_tree, packed_mask_to_bool, relocate_kv
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask
+from ..runtime.adaptive import NUM_DRAFT_BEAMS
 
 
 #: /proc/cpuinfo flags of CPU bfloat16 matrix units.
@@ -65,6 +66,34 @@ def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, 
                       unpacker=torch.zeros((b, w, l), dtype=torch.int32, device=dev),
                       offsets=torch.zeros((b, n), dtype=torch.int32, device=dev),
                       packed_mask=bool_to_packed_mask(mask), mask=mask), beams
+
+
+
+
+def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
+    """Pack beams [B, w, d+1] (w <= W, d <= D) and pad to the engine's [B, W, L] / W*L shapes:
+    missing beams repeat beam 0 (the tree dedups them), missing depths are -1 tokens."""
+    b, w, l1 = beams.shape
+    W, L, N = shape.num_beams, shape.beam_len, shape.tree_size
+    if w < W:
+        beams = torch.cat([beams, beams[:, :1].expand(b, W - w, l1)], 1)
+    tree = pack_tree(beams)
+    if l1 == L:
+        return tree, beams
+    n = tree.tokens.shape[1]
+    dev = beams.device
+    full = torch.full((b, W, L), -1, dtype=beams.dtype, device=dev)
+    full[:, :, :l1] = beams
+    unpacker = torch.zeros((b, W, L), dtype=tree.unpacker.dtype, device=dev)
+    unpacker[:, :, :l1] = tree.unpacker
+    tokens = torch.zeros((b, N), dtype=tree.tokens.dtype, device=dev)
+    tokens[:, :n] = tree.tokens
+    offsets = torch.zeros((b, N), dtype=tree.offsets.dtype, device=dev)
+    offsets[:, :n] = tree.offsets
+    mask = torch.zeros((b, N, N), dtype=torch.bool, device=dev)
+    mask[:, :n, :n] = tree.mask
+    return PackedTree(tokens=tokens, lengths=tree.lengths, unpacker=unpacker, offsets=offsets,
+                      packed_mask=bool_to_packed_mask(mask), mask=mask), full
 
 
 class TorchBackend:
@@ -173,12 +202,24 @@ class TorchBackend:
         t0 = self._tick("accept", t0)
 
         d = int(x[C.NUM_DRAFT_STEPS])
-        if d not in (0, self.shape.draft_len):
-            raise ValueError(f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}, got {d}")
+        nb = int(inputs[NUM_DRAFT_BEAMS]) if NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
+        if not 0 <= d <= self.shape.draft_len:
+            raise ValueError(f"{C.NUM_DRAFT_STEPS} must be in [0, {self.shape.draft_len}], got {d}")
+        if not 1 <= nb <= self.shape.num_beams:
+            raise ValueError(f"{NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
         if d > 0:
-            next_beams = self.proposer(context, acc.bonus, slots, new_len)
+            if d == self.shape.draft_len and nb == self.shape.num_beams:
+                next_beams = self.proposer(context, acc.bonus, slots, new_len)
+            elif self.proposer == self._draft:  # draft only what this step asks for
+                next_beams = self.drafter.beam_search(self.base.embedding, context, acc.bonus, nb, d,
+                                                      self.warp_k)
+            else:  # a plugged-in proposer: the best nb beams' first d draft tokens
+                next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, :d + 1]
             t0 = self._tick("draft", t0)
-            tree = pack_tree(next_beams)
+            if next_beams.shape[1:] == (self.shape.num_beams, self.shape.beam_len):
+                tree = pack_tree(next_beams)
+            else:
+                tree, next_beams = pad_tree(next_beams, self.shape)
         else:
             tree, next_beams = root_only_tree(acc.bonus, self.shape)
         self._tick("pack", t0)

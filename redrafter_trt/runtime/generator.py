@@ -17,6 +17,7 @@ import torch
 from .. import contract as C
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
+from .adaptive import NUM_DRAFT_BEAMS
 from .detokenize import IncrementalDetokenizer
 
 
@@ -84,6 +85,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.random_drafter = random_drafter
+        self.policy = None  # adaptive speculation (runtime/adaptive.py): choose(b) / observe(...)
         self.last_stats = GenerationStats()
         self.last_results: list[GenerationResult] = []
 
@@ -245,6 +247,10 @@ class Generator:
             C.UNIFORMS: uniforms(np.arange(b), lens),
             C.NUM_DRAFT_STEPS: draft_steps,
         }
+        policy = self.policy if speculative else None
+        if policy is not None:  # the policy picks the next tree's beams and depth, every step
+            drafted = policy.choose(b)
+            inputs.update({C.NUM_DRAFT_STEPS: torch.tensor(drafted[1], **i32), NUM_DRAFT_BEAMS: torch.tensor(drafted[0], **i32)})
         out = be.step(inputs)
         carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
         active = np.arange(b)
@@ -254,6 +260,8 @@ class Generator:
         first = True
         while True:
             counts = out[C.NUM_OUTPUT_TOKENS].cpu().tolist()
+            if policy is not None and not first:
+                policy.observe(*verified, [c - 1 for c in counts])  # the tree this step verified
             emitted = out[C.OUTPUT_TOKENS].cpu().tolist()
             still = []
             for k, j in enumerate(active):
@@ -287,6 +295,9 @@ class Generator:
                 C.UNIFORMS: uniforms(active, start),
                 C.NUM_DRAFT_STEPS: draft_steps,
             }
+            if policy is not None:
+                verified, drafted = drafted, policy.choose(m)
+                inputs.update({C.NUM_DRAFT_STEPS: torch.tensor(drafted[1], **i32), NUM_DRAFT_BEAMS: torch.tensor(drafted[0], **i32)})
             out = be.step(inputs)
             carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
 
