@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 when any greedy speculative output differs from plain "
                         "decoding (always flagged in the report)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the engine's cost model instead (t(k) of the base forward, draft "
+                        "cost per step), store it as ENGINE_DIR/cost_model.json for the adaptive "
+                        "speculation policy, and print t(k)/t(1), draft cost, the bandwidth floor "
+                        "and the (beams, depth) chosen per --batch_sizes with its predicted speed-up")
+    p.add_argument("--acceptance", type=str, default=None,
+                   help="with --calibrate: P(accepted >= j) for j = 1..D, comma-separated, for the "
+                        "predicted speed-ups (default: 0.6^j)")
     return p
 
 
@@ -132,6 +140,22 @@ def run(args: argparse.Namespace) -> int:
     if gen.random_drafter:
         log("[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "
             "token per step and a speed-up below 1 until a trained head is used")
+    if args.calibrate:
+        from ..bench.calibrate import calibrate, calibration_markdown
+
+        prior = None
+        if args.acceptance:
+            try:
+                prior = [float(x) for x in args.acceptance.split(",")]
+            except ValueError:
+                require(False, f"--acceptance {args.acceptance!r}: expected comma-separated numbers")
+            require(len(prior) == gen.backend.shape.draft_len and all(0 <= p <= 1 for p in prior),
+                    f"--acceptance needs {gen.backend.shape.draft_len} probabilities in [0, 1], got {prior}")
+        require(hasattr(gen.backend, "base"), "--calibrate needs the torch backend")
+        rep = calibrate(gen.backend, args.engine_dir, args.batch_sizes, repeats=args.repetitions,
+                        prior=prior, log=log)
+        print(json.dumps(rep, indent=2) if args.json else calibration_markdown(rep))
+        return 0
     settings = BenchSettings(batch_sizes=args.batch_sizes, beam_shapes=args.beam_shapes,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.random_seed,
