@@ -460,3 +460,78 @@ def relocate_paged(pool: torch.Tensor, slots, cache_lengths, accepted_indices, n
     return relocate_kv_strided(pool, slots, cache_lengths, accepted_indices, num_accepted, layout=layout,
                                num_layers=layers, num_slots=blocks // max_blocks, kv_heads=kv_heads,
                                max_seq=max_blocks * tokens_per_block, head_dim=head_dim)
+
+
+# ---------------------------------------------------------------------- batch-invariant linear
+_LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
+_linear_fn = None
+_linear_msg = ctypes.create_string_buffer(_MSG_LEN)
+
+
+def _linear_symbol():
+    """``redrafter_linear_cpu`` bound once (a library built before it existed raises)."""
+    global _linear_fn
+    if _linear_fn is None:
+        lib = load_library()
+        _bind(lib, library_path(), {"redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32]})
+        fn = lib.redrafter_linear_simd_cpu
+        fn.argtypes, fn.restype = [], _i32
+        _linear_fn = lib.redrafter_linear_cpu
+    return _linear_fn
+
+
+def linear_available() -> bool:
+    """True when the CPU library with the batch-invariant linear kernel loads."""
+    try:
+        _linear_symbol()
+        return True
+    except RedrafterError:
+        return False
+
+
+def linear_simd() -> bool:
+    """True when the kernel's AVX2+FMA path runs on this CPU (else its scalar path)."""
+    _linear_symbol()
+    return bool(load_library().redrafter_linear_simd_cpu())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None, force_scalar: bool = False) -> torch.Tensor:
+    """Batch-invariant ``x @ weight.T + bias`` on the CPU (``cpp/src/linear_cpu.cpp``).
+
+    Each output element is reduced in one fixed order that depends only on K, so a row's result
+    has the same bits alone or among any number of rows; products and sums are float32.
+
+    Args:
+        x: [..., K] float32 or bfloat16 CPU tensor; weight: [N, K] float32 or bfloat16;
+        bias: [N] or None (added in float32); out_dtype: float32 or bfloat16 (default x's).
+    Returns:
+        [..., N] in ``out_dtype``.
+    """
+    fn = _linear_symbol()
+    out_dtype = out_dtype or x.dtype
+    for name, t in (("x", x), ("weight", weight)):
+        if t.device.type != "cpu" or t.dtype not in _LINEAR_DTYPES:
+            raise RedrafterError(f"linear: {name} must be a float32 or bfloat16 CPU tensor, got "
+                                 f"{t.dtype} on {t.device}")
+    if out_dtype not in _LINEAR_DTYPES:
+        raise RedrafterError(f"linear: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise RedrafterError(f"linear: x [..., K] and weight [N, K] disagree: {list(x.shape)} vs "
+                             f"{list(weight.shape)}")
+    n, k = weight.shape
+    xc = x.contiguous()
+    wc = weight if weight.is_contiguous() else weight.contiguous()
+    b = None
+    if bias is not None:
+        b = bias.detach().to(torch.float32).contiguous()
+        if b.shape != (n,):
+            raise RedrafterError(f"linear: bias must be [{n}], got {list(bias.shape)}")
+    m = xc.numel() // k
+    y = torch.empty((*x.shape[:-1], n), dtype=out_dtype)
+    status = fn(xc.data_ptr(), _LINEAR_DTYPES[xc.dtype], wc.data_ptr(), _LINEAR_DTYPES[wc.dtype],
+                None if b is None else b.data_ptr(), y.data_ptr(), _LINEAR_DTYPES[out_dtype],
+                m, n, k, int(force_scalar), _linear_msg, _MSG_LEN)
+    if status != 0:
+        raise RedrafterError(f"{_linear_msg.value.decode(errors='replace')} [native status {status}]")
+    return y

@@ -244,3 +244,21 @@ def test_help_explains_every_flag():
                  "--temperature", "--strict", "--repetitions", "--warmup", "--no_hf_baseline",
                  "--output_dir", "--json", "--num_prompts"):
         assert flag in text
+
+
+def test_calibrate_stores_cost_model_and_reports_curve(tiny_dirs, tmp_path):
+    from conftest import tiny_generator
+    from redrafter_trt.bench.calibrate import calibrate, calibration_markdown
+    from redrafter_trt.runtime.adaptive import COST_MODEL_FILE, load_cost_model
+
+    gen = tiny_generator(tiny_dirs["llama"], 2, 3, dtype=torch.float32)
+    rep = calibrate(gen.backend, str(tmp_path), [1, 4], repeats=1)
+    stored = load_cost_model(tmp_path, gen.backend)  # matches this machine and engine
+    assert (tmp_path / COST_MODEL_FILE).is_file() and stored is not None
+    assert rep["t_over_t1"][1] == 1.0 and set(rep["t_ms"]) == set(stored.verify)
+    assert all(v > 0 for v in rep["draft_step_ms"].values()) and rep["bandwidth_floor_ms"] > 0
+    for b in (1, 4):
+        shape = rep["chosen"][b]["shape"]
+        assert shape == [1, 0] or (1 <= shape[0] <= 2 and 1 <= shape[1] <= 3)
+    md = calibration_markdown(rep)
+    assert "t(k)/t(1)" in md and "bandwidth floor" in md

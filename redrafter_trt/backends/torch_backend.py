@@ -19,6 +19,37 @@ from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask
 from . import cuda_ops
+from ..runtime.adaptive import NUM_DRAFT_BEAMS
+
+
+#: /proc/cpuinfo flags of CPU bfloat16 matrix units.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 matrix-unit flags (:data:`CPU_BF16_FLAGS`) this CPU reports in /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def auto_dtype(cpuinfo: str | None = None) -> tuple[str, str]:
+    """``--dtype auto``: bfloat16 where bf16 matrix units exist (a CUDA GPU with bf16, or a CPU
+    with avx512_bf16/amx_bf16), else float32. Returns (dtype name, reason)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16", f"CUDA device {torch.cuda.get_device_name(0)} has bf16 units"
+    flags = cpu_bf16_flags(cpuinfo)
+    if flags:
+        return "bfloat16", f"the CPU has {', '.join(flags)}"
+    return "float32", f"no CUDA device and no {'/'.join(CPU_BF16_FLAGS)} in /proc/cpuinfo"
 
 
 def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
@@ -38,6 +69,34 @@ def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, 
                       packed_mask=bool_to_packed_mask(mask), mask=mask), beams
 
 
+
+
+def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
+    """Pack beams [B, w, d+1] (w <= W, d <= D) and pad to the engine's [B, W, L] / W*L shapes:
+    missing beams repeat beam 0 (the tree dedups them), missing depths are -1 tokens."""
+    b, w, l1 = beams.shape
+    W, L, N = shape.num_beams, shape.beam_len, shape.tree_size
+    if w < W:
+        beams = torch.cat([beams, beams[:, :1].expand(b, W - w, l1)], 1)
+    tree = pack_tree(beams)
+    if l1 == L:
+        return tree, beams
+    n = tree.tokens.shape[1]
+    dev = beams.device
+    full = torch.full((b, W, L), -1, dtype=beams.dtype, device=dev)
+    full[:, :, :l1] = beams
+    unpacker = torch.zeros((b, W, L), dtype=tree.unpacker.dtype, device=dev)
+    unpacker[:, :, :l1] = tree.unpacker
+    tokens = torch.zeros((b, N), dtype=tree.tokens.dtype, device=dev)
+    tokens[:, :n] = tree.tokens
+    offsets = torch.zeros((b, N), dtype=tree.offsets.dtype, device=dev)
+    offsets[:, :n] = tree.offsets
+    mask = torch.zeros((b, N, N), dtype=torch.bool, device=dev)
+    mask[:, :n, :n] = tree.mask
+    return PackedTree(tokens=tokens, lengths=tree.lengths, unpacker=unpacker, offsets=offsets,
+                      packed_mask=bool_to_packed_mask(mask), mask=mask), full
+
+
 class TorchBackend:
     """Runs whole ReDrafter steps with PyTorch.
 
@@ -53,7 +112,7 @@ class TorchBackend:
 
     def __init__(self, base: BaseModel, drafter: Drafter, num_beams: int, draft_len: int,
                  warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,
-                 max_seq_len: int = 2048, proposer=None):
+                 max_seq_len: int = 2048, proposer=None, native_linear: bool = False):
         self.base = base.eval()
         self.drafter = drafter.eval()
         self.shape = C.StepShape(num_beams, draft_len)
@@ -69,6 +128,9 @@ class TorchBackend:
         p = base.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
         self.ops = cuda_ops.select_ops(self.device)   # cpp/ kernels on CUDA when built; .name says which
+        # native_linear: every base linear on the batch-invariant CPU kernel (cpp/src/linear_cpu.cpp)
+        self.native_linear = bool(native_linear) and self.device.type == "cpu"
+        self.base.use_native_linear(self.native_linear)
 
     @property
     def vocab_size(self) -> int:
@@ -125,7 +187,7 @@ class TorchBackend:
         else:
             node_hidden = hidden.clone()
             node_hidden[:, 0] = torch.where(is_ctx[:, None], last, hidden[:, 0])
-        logits = self.base.logits(node_hidden).to(torch.float32)
+        logits = self.base.logits(node_hidden, float32=True)  # acceptance reads float32
         t0 = self._tick("verify", t0)
 
         # Acceptance over the trees' real depth only (1 for prompts and plain decoding).
@@ -147,12 +209,24 @@ class TorchBackend:
         t0 = self._tick("accept", t0)
 
         d = int(x[C.NUM_DRAFT_STEPS])
-        if d not in (0, self.shape.draft_len):
-            raise ValueError(f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}, got {d}")
+        nb = int(inputs[NUM_DRAFT_BEAMS]) if NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
+        if not 0 <= d <= self.shape.draft_len:
+            raise ValueError(f"{C.NUM_DRAFT_STEPS} must be in [0, {self.shape.draft_len}], got {d}")
+        if not 1 <= nb <= self.shape.num_beams:
+            raise ValueError(f"{NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
         if d > 0:
-            next_beams = self.proposer(context, acc.bonus, slots, new_len)
+            if d == self.shape.draft_len and nb == self.shape.num_beams:
+                next_beams = self.proposer(context, acc.bonus, slots, new_len)
+            elif self.proposer == self._draft:  # draft only what this step asks for
+                next_beams = self.drafter.beam_search(self.base.embedding, context, acc.bonus, nb, d,
+                                                      self.warp_k)
+            else:  # a plugged-in proposer: the best nb beams' first d draft tokens
+                next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, :d + 1]
             t0 = self._tick("draft", t0)
-            tree = pack_tree(next_beams)
+            if next_beams.shape[1:] == (self.shape.num_beams, self.shape.beam_len):
+                tree = pack_tree(next_beams)
+            else:
+                tree, next_beams = pad_tree(next_beams, self.shape)
         else:
             tree, next_beams = root_only_tree(acc.bonus, self.shape)
         self._tick("pack", t0)

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 from ..errors import require
-from .common import non_negative_int, positive_int, run_main
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 
 EXIT_OUTPUTS_DIFFER = 1
 
@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "float64"),
                    help="torch backend: run at this dtype instead of the engine's")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's own choice); recorded in the output")
+    add_threads_argument(p)
     p.add_argument("--output_dir", default="bench_results",
                    help="where bench.json, bench.md and bench.png go (default: %(default)s)")
     p.add_argument("--no_plot", action="store_true", help="do not write bench.png")
@@ -113,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 when any greedy speculative output differs from plain "
                         "decoding (always flagged in the report)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the engine's cost model instead (t(k) of the base forward, draft "
+                        "cost per step), store it as ENGINE_DIR/cost_model.json for the adaptive "
+                        "speculation policy, and print t(k)/t(1), draft cost, the bandwidth floor "
+                        "and the (beams, depth) chosen per --batch_sizes with its predicted speed-up")
+    p.add_argument("--acceptance", type=str, default=None,
+                   help="with --calibrate: P(accepted >= j) for j = 1..D, comma-separated, for the "
+                        "predicted speed-ups (default: 0.6^j)")
     return p
 
 
@@ -126,14 +133,29 @@ def run(args: argparse.Namespace) -> int:
 
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
     require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load_raw_prompts(args.dataset)  # fail fast (missing package / file) before loading the engine
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"[bench] {torch.get_num_threads()} torch threads ({getattr(args, 'threads_reason', 'torch default')})")
     gen = load(args.engine_dir, device=args.device, dtype=args.dtype)
     if gen.random_drafter:
         log("[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "
             "token per step and a speed-up below 1 until a trained head is used")
+    if args.calibrate:
+        from ..bench.calibrate import calibrate, calibration_markdown
+
+        prior = None
+        if args.acceptance:
+            try:
+                prior = [float(x) for x in args.acceptance.split(",")]
+            except ValueError:
+                require(False, f"--acceptance {args.acceptance!r}: expected comma-separated numbers")
+            require(len(prior) == gen.backend.shape.draft_len and all(0 <= p <= 1 for p in prior),
+                    f"--acceptance needs {gen.backend.shape.draft_len} probabilities in [0, 1], got {prior}")
+        require(hasattr(gen.backend, "base"), "--calibrate needs the torch backend")
+        rep = calibrate(gen.backend, args.engine_dir, args.batch_sizes, repeats=args.repetitions,
+                        prior=prior, log=log)
+        print(json.dumps(rep, indent=2) if args.json else calibration_markdown(rep))
+        return 0
     settings = BenchSettings(batch_sizes=args.batch_sizes, beam_shapes=args.beam_shapes,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.random_seed,

@@ -14,7 +14,7 @@ from ..errors import require
 from ..heads import builtin_head
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
-from .common import non_negative_int, positive_int, run_main
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 from .run import read_ids_file
 
 
@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="initialise a random draft head instead (for plumbing tests and demos; "
                           "it accepts almost no draft tokens)")
     p.add_argument("--output_dir", required=True, help="checkpoint directory to write")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="weight dtype of the checkpoint (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto"] + sorted(DTYPES),
+                   help="weight dtype of the checkpoint; auto = bfloat16 where bf16 matrix units "
+                        "exist (a CUDA GPU with bf16, or a CPU with avx512_bf16 or amx_bf16 in "
+                        "/proc/cpuinfo), else float32; the choice is printed (default: %(default)s)")
     p.add_argument("--redrafter_num_beams", type=positive_int, default=4,
                    help="W, beams drafted per step (default: %(default)s)")
     p.add_argument("--redrafter_draft_len_per_beam", type=positive_int, default=4,
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --random_drafter: a head without the recurrent state update")
     p.add_argument("--seed", type=int, default=0, help="with --random_drafter: init seed")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    add_threads_argument(p)  # the FP8 calibration runs the base model
     return p
 
 
@@ -94,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         require_model_dir(args.drafter_model_dir, "--drafter_model_dir", "drafter")
     calibration = read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file") \
         if args.calib_input_ids_file else None
+    if args.dtype == "auto":
+        from ..backends.torch_backend import auto_dtype
+
+        args.dtype, why = auto_dtype()
+        say(f"--dtype auto: {args.dtype} ({why})")
     base_dir = require_model_dir(resolve_base_model_dir(args.model_dir), "--model_dir", "base")
     base_cfg, base_sd = load_hf_base(base_dir)
     say(f"[convert] read base {base_dir} ({base_cfg.architecture}, "

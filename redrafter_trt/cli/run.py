@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import RedrafterError, require
-from .common import non_negative_int, positive_int, run_main
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 
 RANDOM_HEAD_NOTE = ("note: this engine's draft head is randomly initialised (--random_drafter), so it "
                     "accepts almost no draft tokens; train one for your base model with redrafter-train")
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true",
                    help="no progress bar on stderr (shown without --streaming)")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
+    add_threads_argument(p)
     return p
 
 

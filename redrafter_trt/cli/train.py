@@ -18,7 +18,7 @@ import sys
 
 from ..errors import require
 from ..models.hub import DEFAULT_MODEL
-from .common import EXIT_USAGE, non_negative_int, positive_int, run_main
+from .common import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     e.add_argument("--no_progress", action="store_true", help="no progress bar")
+    for sp in (t, q, d, e):
+        add_threads_argument(sp)
     return p
 
 

@@ -125,6 +125,24 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameter names) that can run on the batch-invariant CPU kernel.
+
+    With ``native = True`` and CPU float32/bfloat16 weights, the product runs through
+    :func:`redrafter_trt.native.linear`: a row's output has the same bits alone or among any
+    number of rows (float32 accumulation in a fixed order), which torch's GEMMs do not promise.
+    """
+
+    native = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.device.type == "cpu":
+            from .. import native
+
+            return native.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -135,8 +153,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: BaseConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-        self.qkv = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
-        self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.dense_bias)
+        self.qkv = Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.dense = Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.dense_bias)
 
     def forward(self, x, cos, sin, layer_cache, slots, read_slots, write_pos, read_len, attn_mask):
         b, t, _ = x.shape
@@ -159,9 +177,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: BaseConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.proj(F.silu(self.fc(x)) * self.gate(x))
@@ -197,7 +215,7 @@ class BaseModel(nn.Module):
         cfg.validate()
         self.config = cfg
         self.transformer = Transformer(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.vocab_embedding.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -259,5 +277,22 @@ class BaseModel(nn.Module):
             x = layer(x, cos, sin, cache[i], slots, read_slots, write_pos, read_len, mask)
         return self.transformer.ln_f(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def use_native_linear(self, on: bool = True) -> None:
+        """Route every linear layer (attention, MLP, lm_head) through the batch-invariant CPU
+        kernel (``on``) or torch (``off``)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.native = on
+
+    def logits(self, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
+        """Vocabulary logits [..., V]; ``float32`` = float32 products and output whatever the
+        weight dtype (bfloat16 weights on CPU: the native kernel, no float32 weight copy)."""
+        if not float32 or hidden.dtype == torch.float32:
+            return self.lm_head(hidden).to(torch.float32) if float32 else self.lm_head(hidden)
+        w = self.lm_head.weight
+        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+            from .. import native
+
+            if native.linear_available():
+                return native.linear(hidden, w, self.lm_head.bias, out_dtype=torch.float32)
+        return F.linear(hidden.to(torch.float32), w.to(torch.float32))

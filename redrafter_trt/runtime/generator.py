@@ -75,6 +75,7 @@ class Generator:
         self.last_stats = GenerationStats()
         self.last_results: list[GenerationResult] = []
         self._sched: Scheduler | None = None
+        self.policy = None  # adaptive speculation (runtime/adaptive.py), handed to the scheduler
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | Sequence[int], use_chat_template: bool = False,
@@ -138,6 +139,7 @@ class Generator:
         if self._sched is None or self._sched.backend is not self.backend:
             self._sched = Scheduler(self.backend, self.tokenizer, self.eos_token_ids)
         self._sched.tokenizer = self.tokenizer
+        self._sched.policy = self.policy
         self._sched.eos_token_ids = list(self.eos_token_ids)
         return self._sched
 

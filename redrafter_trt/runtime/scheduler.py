@@ -38,6 +38,7 @@ import torch
 from .. import contract as C
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
+from .adaptive import NUM_DRAFT_BEAMS
 from .detokenize import IncrementalDetokenizer
 
 
@@ -110,6 +111,7 @@ class Request:
         self.detok: IncrementalDetokenizer | None = None
         self.slot: int | None = None
         self.carried: dict[str, torch.Tensor] | None = None  # this row's next-call inputs
+        self.drafted: tuple[int, int] | None = None  # (beams, depth) of the tree in ``carried``
         self.cancel_requested = False
         self.done = threading.Event()
         self.t_submit = time.perf_counter()
@@ -192,6 +194,9 @@ class Scheduler:
         self.eos_token_ids = list(eos_token_ids)
         self.max_queue = max_queue
         self.draft_policy = draft_policy
+        # adaptive speculation (runtime/adaptive.py): ``choose(batch) -> (beams, depth)`` and
+        # ``observe(beams, depth, accepted)``; consulted for calls the draft policy lets speculate
+        self.policy = None
         self.step_listener = step_listener
         self.shape: C.StepShape = backend.shape
         self.mixed = bool(getattr(backend, "mixed_request_types", False))
@@ -467,6 +472,9 @@ class Scheduler:
             start = len(r.prompt) + len(r.tokens)
             uni[j] = position_uniforms(r.params.seed, r.params.stream, start + np.arange(l))
         d = int(self.draft_policy(rows, shape))
+        beams = shape.num_beams
+        if d > 0 and self.policy is not None:
+            beams, d = (int(x) for x in self.policy.choose(len(rows)))
         inputs = {
             C.REQUEST_TYPES: torch.tensor([C.CONTEXT if c else C.GENERATION for c in ctx], **i32),
             C.SLOT_IDS: torch.tensor([r.slot for r in rows], **i32),
@@ -483,6 +491,8 @@ class Scheduler:
             C.UNIFORMS: torch.from_numpy(uni),
             C.NUM_DRAFT_STEPS: torch.tensor(d, **i32),
         }
+        if self.policy is not None:
+            inputs[NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
         try:
             out = be.step(inputs)
         except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server
@@ -503,6 +513,9 @@ class Scheduler:
                     self.counters.row_steps += 1
                     self.counters.generated_tokens += len(added)
                     accepted_out.append(counts[j] - 1)
+                    if self.policy is not None and r.drafted is not None:
+                        self.policy.observe(*r.drafted, [counts[j] - 1])
+                r.drafted = (beams, d) if d > 0 else None
                 if r.finish_reason is not None or r.cancel_requested:
                     self._finish(r, None if r.finish_reason else "cancelled", events, added)
                     continue

@@ -1,0 +1,302 @@
+"""Adaptive speculation: per step, the beams and depth to draft (down to none, plain decoding).
+
+An engine is built for W x D maxima. :class:`AdaptivePolicy` picks ``(num_beams, num_draft_steps)``
+for the next tree from
+
+- the batch size,
+- a :class:`CostModel` of this machine and engine: ``t(n)``, the time of one base forward over
+  ``n`` new tokens in one call (``n = batch x tree tokens``), and the time of one draft step over
+  ``n`` beam rows; measured once by :func:`measure_cost_model` and stored in the engine directory
+  (:data:`COST_MODEL_FILE`), re-measured by ``redrafter-bench --calibrate``; a stored model
+  from another machine or engine shape is detected (:meth:`CostModel.check`),
+- a running estimate of the head's acceptance: for each beam count, the probability that at
+  least j draft tokens are accepted (j = 1..D), an exponential moving average over observed steps.
+
+The expected tokens a step adds with w beams and depth d is ``1 + sum_{j<=d} P_w(accepted >= j)``
+(one token always); its cost ``t(b (1 + w d)) + d draft(b w)``; plain costs ``t(b)``. The policy
+speculates only when the predicted speed-up over plain exceeds ``1 + margin``; so at large batches,
+where verification costs grow with the tree, it falls back to plain decoding. Greedy output is
+the same for every choice (each shape is exact), so the choice may change on every step.
+
+Use: ``w, d = policy.choose(batch_size)`` before a step, ``policy.observe(w, d, accepted)`` with
+the accepted draft tokens per row of the step that verified that tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import RedrafterError, require
+
+#: Optional step input next to ``NUM_DRAFT_STEPS``: beams to draft this step (1..W; default W).
+#: The torch backend pads the tree to the engine's W x L shape, so carried tensors keep theirs.
+NUM_DRAFT_BEAMS = "num_draft_beams"
+#: Where an engine directory keeps its measured cost model.
+COST_MODEL_FILE = "cost_model.json"
+COST_MODEL_SCHEMA = "redrafter-cost-model/1"
+#: Token counts per call the cost model measures (interpolated in between, linear beyond).
+TOKEN_POINTS = (1, 2, 4, 8, 17, 33, 65)
+
+
+def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
+    """What a cost model's timings depend on besides the engine: CPU model, cores, threads, torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu}
+
+
+def _interp(points: dict[int, float], n: float) -> float:
+    xs = sorted(points)
+    if n <= xs[0]:
+        return points[xs[0]] * max(n, 0) / xs[0] if n < xs[0] else points[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return points[a] + (points[b] - points[a]) * (n - a) / (b - a)
+    a, b = xs[-2], xs[-1]  # linear beyond the last point
+    return points[b] + (points[b] - points[a]) * (n - b) / (b - a)
+
+
+@dataclass
+class CostModel:
+    """Measured step costs (seconds) of one engine on one machine.
+
+    verify: {tokens in one base call: seconds}; draft: {beam rows: seconds per draft step};
+    engine: the engine's shape and dtype; machine: :func:`machine_fingerprint`.
+    """
+
+    verify: dict[int, float]
+    draft: dict[int, float]
+    engine: dict[str, Any]
+    machine: dict[str, Any]
+    measured_at: str = ""
+    load_average: float | None = None
+
+    def t(self, tokens: float) -> float:
+        """Base forward over ``tokens`` new tokens in one call."""
+        return _interp(self.verify, tokens)
+
+    def draft_step(self, rows: float) -> float:
+        return _interp(self.draft, rows)
+
+    def step_cost(self, batch: int, num_beams: int, num_draft_steps: int) -> float:
+        """Predicted seconds of one step that verifies a (w, d) tree and drafts the next alike."""
+        if num_draft_steps == 0:
+            return self.t(batch)
+        k = 1 + num_beams * num_draft_steps  # tree tokens at most (shared prefixes pack smaller)
+        return self.t(batch * k) + num_draft_steps * self.draft_step(batch * num_beams)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verify"] = {str(k): v for k, v in self.verify.items()}
+        d["draft"] = {str(k): v for k, v in self.draft.items()}
+        return {"schema": COST_MODEL_SCHEMA, **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "cost model") -> "CostModel":
+        require(isinstance(d, dict) and d.get("schema") == COST_MODEL_SCHEMA,
+                f"{where}: not a {COST_MODEL_SCHEMA} document")
+        try:
+            verify = {int(k): float(v) for k, v in d["verify"].items()}
+            draft = {int(k): float(v) for k, v in d["draft"].items()}
+            engine, machine = dict(d["engine"]), dict(d["machine"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RedrafterError(f"{where}: malformed ({e})") from None
+        require(len(verify) >= 2 and len(draft) >= 2 and all(v > 0 for v in (*verify.values(), *draft.values())),
+                f"{where}: needs >= 2 positive timings in verify and draft")
+        return cls(verify, draft, engine, machine, str(d.get("measured_at", "")), d.get("load_average"))
+
+    def check(self, engine: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+        """Why this model does not describe ``engine`` on ``machine`` (empty list: it does)."""
+        why = [f"engine {k}: stored {self.engine.get(k)!r}, now {v!r}"
+               for k, v in engine.items() if self.engine.get(k) != v]
+        why += [f"machine {k}: stored {self.machine.get(k)!r}, now {v!r}"
+                for k, v in machine.items() if k != "torch" and self.machine.get(k) != v]
+        return why
+
+
+def engine_signature(backend: Any) -> dict[str, Any]:
+    """The engine facts a cost model depends on."""
+    cfg = backend.base.config
+    return {"num_beams": backend.shape.num_beams, "draft_len": backend.shape.draft_len,
+            "dtype": str(backend.dtype).replace("torch.", ""), "device": str(backend.device),
+            "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
+            "vocab_size": cfg.vocab_size, "intermediate_size": cfg.intermediate_size,
+            "native_linear": bool(getattr(backend, "native_linear", False))}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+@torch.inference_mode()
+def measure_cost_model(backend: Any, cached_tokens: int = 300, repeats: int = 5,
+                       token_points: Sequence[int] = TOKEN_POINTS, log=None) -> CostModel:
+    """Time the torch backend's base forward over ``n`` new tokens (one row, ``cached_tokens``
+    already cached; median of ``repeats``, interleaved over n) and one draft step over ``n`` beam
+    rows. Minutes on a slow CPU for large models; progress through ``log``."""
+    base, drafter = backend.base, backend.drafter
+    dev, dt = backend.device, backend.dtype
+    n_max = max(token_points)
+    cache = base.new_cache(1, cached_tokens + n_max + 1)
+    g = torch.Generator().manual_seed(0)
+    v, h = base.config.vocab_size, base.config.hidden_size
+    prompt = torch.randint(0, v, (1, cached_tokens), generator=g).to(dev)
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    causal = torch.ones(cached_tokens, cached_tokens, dtype=torch.bool, device=dev).tril()[None]
+    base(prompt, torch.arange(cached_tokens, device=dev)[None], cache, zero, zero, causal)
+    cl = torch.tensor([cached_tokens], device=dev)
+    verify: dict[int, list[float]] = {n: [] for n in token_points}
+    draft_rows = sorted({1, 2, 4, 8, 16, 32, 64})
+    draft: dict[int, list[float]] = {n: [] for n in draft_rows}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for rep in range(repeats + 1):  # the first round warms up
+        for n in token_points:
+            ids = torch.randint(0, v, (1, n), generator=g).to(dev)
+            mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None]
+            sync()
+            t0 = time.perf_counter()
+            hid = base(ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask)
+            base.logits(hid, float32=True)
+            sync()
+            if rep:
+                verify[n].append(time.perf_counter() - t0)
+        for n in draft_rows:
+            ctx = torch.randn(n, h, generator=g).to(dt).to(dev)
+            root = torch.randint(0, v, (n,), generator=g).to(dev)
+            times = []
+            for d in (1, 2):
+                sync()
+                t0 = time.perf_counter()
+                drafter.beam_search(base.embedding, ctx, root, 1, d, backend.warp_k)
+                sync()
+                times.append(time.perf_counter() - t0)
+            if rep:
+                draft[n].append(max(times[1] - times[0], times[0] / 2))
+        if log and rep:
+            log(f"[calibrate] round {rep}/{repeats}: t(1) {verify[token_points[0]][-1] * 1e3:.1f} ms")
+    return CostModel({n: _median(x) for n, x in verify.items()}, {n: _median(x) for n, x in draft.items()},
+                     engine_signature(backend), machine_fingerprint(),
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.getloadavg()[0])
+
+
+def save_cost_model(model: CostModel, engine_dir: str | os.PathLike) -> Path:
+    """Write ``engine_dir/cost_model.json`` atomically."""
+    path = Path(engine_dir) / COST_MODEL_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(model.to_json(), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_cost_model(engine_dir: str | os.PathLike, backend: Any | None = None) -> CostModel | None:
+    """The stored cost model (None if there is none); with ``backend``, raises
+    :class:`RedrafterError` naming the file when it was measured for another machine or engine."""
+    path = Path(engine_dir) / COST_MODEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RedrafterError(f"{path}: not valid JSON ({e}); re-measure with redrafter-bench --calibrate") from None
+    model = CostModel.from_json(doc, str(path))
+    if backend is not None:
+        why = model.check(engine_signature(backend), machine_fingerprint())
+        require(not why, f"{path} was measured for another machine or engine ({'; '.join(why)}); "
+                         "re-measure with redrafter-bench --calibrate")
+    return model
+
+
+@dataclass
+class AdaptivePolicy:
+    """Chooses (num_beams, num_draft_steps) per step; see the module docstring.
+
+    Args:
+        cost: the machine's :class:`CostModel`; max_beams, max_draft_steps: the engine's W, D.
+        prior: initial P(accepted >= j) for j = 1..D with max_beams (default 0.6^j).
+        margin: speculate only when the predicted speed-up exceeds 1 + margin.
+        decay: weight of a new observation in the running estimate.
+        probe_every: after this many plain steps in a row, one speculative step refreshes the
+            acceptance estimate (0 = never).
+    """
+
+    cost: CostModel
+    max_beams: int
+    max_draft_steps: int
+    prior: Sequence[float] | None = None
+    margin: float = 0.05
+    decay: float = 0.05
+    probe_every: int = 64
+    survival: dict[int, list[float]] = field(default_factory=dict)
+    _plain_run: int = 0
+
+    def __post_init__(self):
+        require(self.max_beams >= 1 and self.max_draft_steps >= 1, "policy needs W >= 1 and D >= 1")
+        base = list(self.prior) if self.prior is not None else [0.6 ** j for j in range(1, self.max_draft_steps + 1)]
+        require(len(base) == self.max_draft_steps, f"prior needs {self.max_draft_steps} values, got {len(base)}")
+        for w in self.beam_choices():
+            # fewer beams accept less: best-of-w of independent-ish beams, from the W prior
+            self.survival.setdefault(w, [1 - (1 - p) ** (w / self.max_beams) if p < 1 else 1.0 for p in base])
+
+    def beam_choices(self) -> list[int]:
+        return sorted({1, max(1, self.max_beams // 2), self.max_beams})
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """Every shape the policy can pick; (1, 0) is plain decoding."""
+        return [(1, 0)] + [(w, d) for w in self.beam_choices() for d in range(1, self.max_draft_steps + 1)]
+
+    def expected_tokens(self, num_beams: int, num_draft_steps: int) -> float:
+        return 1.0 + sum(self.survival[num_beams][:num_draft_steps])
+
+    def predicted_speedup(self, batch: int, num_beams: int, num_draft_steps: int) -> float:
+        plain = self.cost.step_cost(batch, 1, 0)
+        return self.expected_tokens(num_beams, num_draft_steps) * plain / self.cost.step_cost(
+            batch, num_beams, num_draft_steps)
+
+    def best(self, batch: int) -> tuple[tuple[int, int], float]:
+        """The speculative shape with the highest predicted speed-up at ``batch``, and that speed-up."""
+        shapes = [c for c in self.candidates() if c[1] > 0]
+        s = max(shapes, key=lambda c: self.predicted_speedup(batch, *c))
+        return s, self.predicted_speedup(batch, *s)
+
+    def choose(self, batch_size: int) -> tuple[int, int]:
+        """(num_beams, num_draft_steps) for the tree drafted this step; (1, 0) = plain."""
+        shape, gain = self.best(batch_size)
+        if gain > 1 + self.margin:
+            self._plain_run = 0
+            return shape
+        self._plain_run += 1
+        if self.probe_every and self._plain_run >= self.probe_every:
+            self._plain_run = 0
+            return shape
+        return (1, 0)
+
+    def observe(self, num_beams: int, num_draft_steps: int, accepted: Sequence[int]) -> None:
+        """Accepted draft tokens per row of a step whose tree was drafted as (w, d)."""
+        if num_draft_steps == 0 or not accepted or num_beams not in self.survival:
+            return
+        s = self.survival[num_beams]
+        for j in range(1, num_draft_steps + 1):
+            frac = sum(1 for a in accepted if a >= j) / len(accepted)
+            s[j - 1] = (1 - self.decay) * s[j - 1] + self.decay * frac
