@@ -47,14 +47,25 @@ def drafter_and_inputs(device="cpu", dtype=torch.float32, b=3, h=32, v=97):
 
 
 @torch.inference_mode()
-def test_kernel_beam_search_loop_is_the_drafters():
-    """With the reference step the kernel path's loop returns Drafter.beam_search's beams exactly
-    (so the GPU path differs from the torch path only in the step kernel)."""
-    d, emb, context, root = drafter_and_inputs()
-    for w, depth in ((1, 3), (4, 4)):
-        want = d.beam_search(emb, context, root, w, depth, 8)
-        got = cuda_ops.kernel_beam_search(d, emb, context, root, w, depth, 8, beam_search_step)
-        assert torch.equal(got, want) and got.dtype == torch.int32
+def test_drafter_beam_search_hands_the_step_its_vocab_map(tmp_path):
+    """The CUDA path swaps only the per-depth step; the step gets the head's draft-vocabulary map
+    (a kernel called without it would return column indices instead of token ids)."""
+    from redrafter_trt.models.drafter import DrafterConfig, init_drafter
+
+    vocab = torch.tensor([7, 3, 11, 0, 29, 5], dtype=torch.int32)
+    d = init_drafter(DrafterConfig(31, 8, 16, 1, True, draft_vocab_size=6), seed=1, std=0.5, draft_vocab=vocab)
+    emb = torch.nn.Embedding(31, 8)
+    context, root = torch.randn(2, 8), torch.tensor([1, 2])
+    seen = []
+
+    def step(logits, scores, warp_k, vocab_map):
+        seen.append(vocab_map)
+        return beam_search_step(logits, scores, warp_k, vocab_map)
+
+    got = d.beam_search(emb, context, root, 3, 2, 8, step=step)
+    assert torch.equal(got, d.beam_search(emb, context, root, 3, 2, 8))
+    assert len(seen) == 2 and all(torch.equal(m, vocab) for m in seen)
+    assert set(got[:, :, 1:].flatten().tolist()) <= set(vocab.tolist())
 
 
 @gpu_kernels

@@ -39,9 +39,9 @@ _p, _i64, _i32, _sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_
 _SIGNATURES = {
     "redrafter_beam_search_workspace_bytes": ([_i64, _i64, _i64, _i64], _sz),
     "redrafter_accept_workspace_bytes": ([_i64, _i64], _sz),
-    # logits, dtype, beam_scores, batch, num_beams, vocab, warp_k, new_scores, parent, token, workspace,
-    # workspace_bytes, stream
-    "redrafter_beam_search_step_cuda": ([_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _sz, _p], _i32),
+    # logits, dtype, beam_scores, batch, num_beams, vocab, warp_k, vocab_map (NULL: identity), new_scores,
+    # parent, token, workspace, workspace_bytes, stream (C ABI version 2)
+    "redrafter_beam_search_step_cuda": ([_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _sz, _p], _i32),
     # logits, dtype, batch, num_nodes, vocab, beams, unpacker, num_beams, beam_len, packed_len, temperature,
     # top_k, top_p, uniforms, num_accepted, best_beam, bonus, accepted_indices, emitted, workspace,
     # workspace_bytes, stream
@@ -77,9 +77,11 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
 
 
-def beam_search_step_kernel(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int):
-    """cpp/ ``invokeBeamSearchStep``. logits: [B, W, V] fp32/fp16/bf16 CUDA; beam_scores: [B, W]
-    float32. Returns new_scores [B, W] float32, parent [B, W] int64, token [B, W] int64."""
+def beam_search_step_kernel(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int,
+                            vocab_map: torch.Tensor | None = None):
+    """cpp/ ``invokeBeamSearchStep``. logits: [B, W, K] fp32/fp16/bf16 CUDA; beam_scores: [B, W]
+    float32; vocab_map: None or [K] int32 full id of each column (a draft vocabulary). Returns
+    new_scores [B, W] float32, parent [B, W] int64, token [B, W] int64 (full ids)."""
     lib, dev = _lib(), logits.device
     x = logits.contiguous() if logits.dtype in native._DTYPES else logits.float().contiguous()
     b, w, v = x.shape
@@ -87,10 +89,12 @@ def beam_search_step_kernel(logits: torch.Tensor, beam_scores: torch.Tensor, war
     scores = torch.empty((b, w), dtype=torch.float32, device=dev)
     parent = torch.empty((b, w), dtype=torch.int32, device=dev)
     token = torch.empty((b, w), dtype=torch.int32, device=dev)
+    m = None if vocab_map is None else _dev(vocab_map, torch.int32, dev)
     ws_bytes = lib.redrafter_beam_search_workspace_bytes(b, w, v, int(warp_k))
     ws = _workspace(ws_bytes, dev)
     native._call("redrafter_beam_search_step_cuda", x.data_ptr(), native._DTYPES[x.dtype], s.data_ptr(), b, w, v,
-                 int(warp_k), scores.data_ptr(), parent.data_ptr(), token.data_ptr(), ws.data_ptr(), ws_bytes,
+                 int(warp_k), None if m is None else m.data_ptr(), scores.data_ptr(), parent.data_ptr(),
+                 token.data_ptr(), ws.data_ptr(), ws_bytes,
                  _stream(), lib=lib)
     return scores, parent.long(), token.long()
 
@@ -161,23 +165,3 @@ def select_ops(device: torch.device) -> Ops:
             why = str(e)
     require(mode != KERNEL, f"${CUDA_OPS_ENV}=kernel but the kernels cannot run: {why}")
     return Ops(TORCH, f"PyTorch operators: {why}", *TORCH_OPS)
-
-
-def kernel_beam_search(drafter, embedding, context: torch.Tensor, root: torch.Tensor, num_beams: int,
-                       draft_len: int, warp_k: int, step: Callable) -> torch.Tensor:
-    """:meth:`Drafter.beam_search` (SPEC section 4) with its per-depth step replaced by ``step``
-    (the kernel); built from the drafter's own ``update_state`` and ``logits``. Returns [B, W, D+1] int32."""
-    b, w, dev = context.shape[0], num_beams, context.device
-    beams = torch.empty((b, w, draft_len + 1), dtype=torch.int64, device=dev)
-    beams[:, :, 0] = root.to(torch.int64)[:, None]
-    scores = torch.full((b, w), float("-inf"), dtype=torch.float32, device=dev)
-    scores[:, 0] = 0.0
-    ctx = context[:, None, :].expand(b, w, context.shape[-1])
-    state = torch.zeros_like(ctx)
-    rows = torch.arange(b, device=dev)[:, None]
-    for d in range(1, draft_len + 1):
-        state = drafter.update_state(state, embedding(beams[:, :, d - 1]).to(state.dtype))
-        scores, parent, token = step(drafter.logits(ctx, state), scores, warp_k)
-        beams, state = beams[rows, parent], state[rows, parent]
-        beams[:, :, d] = token
-    return beams.to(torch.int32)

@@ -152,11 +152,9 @@ class TorchBackend:
         return t1
 
     def _draft(self, context, root, slots, root_positions):
-        if self.ops.name == cuda_ops.KERNEL:
-            return cuda_ops.kernel_beam_search(self.drafter, self.base.embedding, context, root, self.shape.num_beams,
-                                               self.shape.draft_len, self.warp_k, self.ops.beam_search_step)
+        step = self.ops.beam_search_step if self.ops.name == cuda_ops.KERNEL else None
         return self.drafter.beam_search(self.base.embedding, context, root, self.shape.num_beams,
-                                        self.shape.draft_len, self.warp_k)
+                                        self.shape.draft_len, self.warp_k, step=step)
 
     @torch.inference_mode()
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

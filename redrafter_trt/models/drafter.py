@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,8 @@ class Drafter(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, embedding: nn.Embedding, context: torch.Tensor, root: torch.Tensor,
-                    num_beams: int, draft_len: int, warp_k: int = DEFAULT_WARP_K) -> torch.Tensor:
+                    num_beams: int, draft_len: int, warp_k: int = DEFAULT_WARP_K,
+                    step: Callable | None = None) -> torch.Tensor:
         """D-step beam search from the root token (SPEC section 4).
 
         Args:
@@ -132,6 +134,9 @@ class Drafter(nn.Module):
             context: [B, H] base hidden state at the last accepted token.
             root: [B] int, g0 (the base model's own token).
             num_beams: W; draft_len: D.
+            step: the per-depth top-W step, ``(logits [B, W, K], scores [B, W], warp_k,
+                vocab_map) -> (scores, parent, token)``; default the PyTorch reference
+                :func:`beam_search_step` (the CUDA backend passes the cpp/ kernel).
         Returns:
             beams: [B, W, D+1] int32 full-vocabulary ids, sorted by score, best first;
             ``beams[:, :, 0] == root``. With a draft vocabulary the search runs over its K
@@ -148,7 +153,8 @@ class Drafter(nn.Module):
         rows = torch.arange(b, device=dev)[:, None]
         for d in range(1, draft_len + 1):
             state = self.update_state(state, embedding(beams[:, :, d - 1]).to(state.dtype))
-            scores, parent, token = beam_search_step(self.logits(ctx, state), scores, warp_k, self.vocab_map)
+            scores, parent, token = (step or beam_search_step)(self.logits(ctx, state), scores, warp_k,
+                                                                self.vocab_map)
             beams = beams[rows, parent]
             state = state[rows, parent]
             beams[:, :, d] = token
