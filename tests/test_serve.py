@@ -287,7 +287,8 @@ def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
     from redrafter_trt.cli import serve as serve_cli
 
     assert serve_cli.main(["--engine_dir", str(tmp_path / "nope")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--engine_dir" in err and "nope: not found" in err
     assert serve_cli.main(["--engine_dir", str(engine_dir), "--max_batch_size", "99"]) == 2
     assert "exceeds the engine's max_batch_size 8" in capsys.readouterr().err
     assert serve_cli.main(["--engine_dir", str(engine_dir), "--port", "70000"]) == 2
