@@ -99,3 +99,19 @@ def test_convert_without_a_head_names_the_flag(tiny_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--drafter_model_dir" in err and "smollm2" in err
     assert not (tmp_path / "ck").exists()
+def test_the_shipped_smollm2_head_is_intact_and_small():
+    path, rebuild = BUILTIN_HEADS["smollm2"]
+    check_head_files(path, rebuild)
+    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    assert total <= 10 * 1024 * 1024
+    cfg = json.loads((path / DRAFTER_CONFIG).read_text())
+    assert cfg[LM_HEAD_FROM_BASE].startswith("sha256:") and cfg["vocab_size"] == 49152
+
+
+@pytest.mark.smollm2
+def test_the_shipped_smollm2_head_loads_with_its_base():
+    from redrafter_trt.models.hub import ensure_smollm2
+
+    _, sd = load_hf_base(ensure_smollm2())
+    head = load_drafter(builtin_head("smollm2"), base_lm_head=sd["lm_head.weight"])
+    assert torch.equal(head.lm_head[-1].weight, sd["lm_head.weight"])
