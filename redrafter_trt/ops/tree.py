@@ -20,7 +20,14 @@ PAD_TOKEN = 0
 
 
 def mask_words(num_nodes: int) -> int:
-    """Number of int32 words per row of the packed mask for ``num_nodes`` columns."""
+    """Number of int32 words per row of the packed mask for ``num_nodes`` columns.
+
+    One word holds 32 columns, so a 4x4 tree (12 nodes) needs one word per row and 33 nodes
+    need two:
+
+    >>> mask_words(12), mask_words(32), mask_words(33)
+    (1, 1, 2)
+    """
     return (num_nodes + 31) // 32
 
 
@@ -40,7 +47,45 @@ class PackedTree(NamedTuple):
 
 
 def pack_tree(beams: torch.Tensor) -> PackedTree:
-    """Pack beams [B, W, L] (int) into a prefix tree; see the module docstring for the layout."""
+    """Pack beams [B, W, L] (int) into a prefix tree; see the module docstring for the layout.
+
+    Worked example (docs/design.md section 5), one row with W=3 beams of length L=4. All three beams
+    start ``91, 92``; beam 2 also shares ``93`` with beam 0, so only its last token is new:
+
+    >>> import torch
+    >>> beams = torch.tensor([[[91, 92, 93, 95],
+    ...                        [91, 92, 94, 96],
+    ...                        [91, 92, 93, 97]]])
+    >>> tree = pack_tree(beams)
+    >>> tree.lengths.tolist()  # 7 of the W*L = 12 nodes are kept
+    [7]
+    >>> tree.tokens.tolist()  # beam 0, then each later beam's unshared suffix, then padding
+    [[91, 92, 93, 95, 94, 96, 97, 0, 0, 0, 0, 0]]
+    >>> tree.unpacker.tolist()  # packed index of node (w, d)
+    [[[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 2, 6]]]
+    >>> tree.offsets.tolist()  # depth of each packed node; siblings share a position
+    [[0, 1, 2, 3, 2, 3, 3, 0, 0, 0, 0, 0]]
+
+    Unpacking the packed tokens gives the beams back:
+
+    >>> torch.equal(tree.tokens[0][tree.unpacker[0].long()], beams[0].int())
+    True
+
+    Each packed node sees its ancestors and itself. Node 5 (token 96) descends from 91, 92 and
+    94 (packed 0, 1, 4), so its mask row sets bits 0, 1, 4 and 5: 1 + 2 + 16 + 32 = 51. Padding
+    rows are all zero:
+
+    >>> tree.mask[0, 5, :7].int().tolist()
+    [1, 1, 0, 0, 1, 1, 0]
+    >>> tree.packed_mask[0, :, 0].tolist()
+    [1, 3, 7, 15, 19, 51, 71, 0, 0, 0, 0, 0]
+
+    Two identical beams share every node, so the tree is the single chain of beam 0:
+
+    >>> same = pack_tree(torch.tensor([[[7, 8, 9], [7, 8, 9]]]))
+    >>> same.lengths.tolist(), same.tokens.tolist(), same.unpacker.tolist()
+    ([3], [[7, 8, 9, 0, 0, 0]], [[[0, 1, 2], [0, 1, 2]]])
+    """
     b, w, l = beams.shape
     n = w * l
     dev = beams.device
@@ -80,7 +125,18 @@ def pack_tree(beams: torch.Tensor) -> PackedTree:
 
 
 def bool_to_packed_mask(mask: torch.Tensor) -> torch.Tensor:
-    """[..., R, C] bool -> [..., R, ceil(C/32)] int32 words, LSB first."""
+    """[..., R, C] bool -> [..., R, ceil(C/32)] int32 words, LSB first.
+
+    Column j is bit ``j % 32`` of word ``j // 32``; bit 31 is the sign bit of the int32 word:
+
+    >>> import torch
+    >>> bool_to_packed_mask(torch.tensor([[True, False, True], [False, True, True]])).tolist()
+    [[5], [6]]
+    >>> bool_to_packed_mask(torch.ones(1, 32, dtype=torch.bool)).tolist()  # all 32 bits set
+    [[-1]]
+    >>> bool_to_packed_mask(torch.eye(33, dtype=torch.bool))[32].tolist()  # column 32: word 1
+    [0, 1]
+    """
     *lead, r, c = mask.shape
     words = mask_words(c)
     padded = torch.zeros((*lead, r, words * 32), dtype=torch.int64, device=mask.device)
@@ -91,6 +147,13 @@ def bool_to_packed_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def packed_mask_to_bool(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """[..., R, words] int32 -> [..., R, num_cols] bool (inverse of :func:`bool_to_packed_mask`)."""
+    """[..., R, words] int32 -> [..., R, num_cols] bool (inverse of :func:`bool_to_packed_mask`).
+
+    >>> import torch
+    >>> packed_mask_to_bool(torch.tensor([[5], [6]], dtype=torch.int32), 3).tolist()
+    [[True, False, True], [False, True, True]]
+    >>> packed_mask_to_bool(torch.tensor([[-1]], dtype=torch.int32), 32).all().item()
+    True
+    """
     bits = (packed.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 32)[..., :num_cols].bool()
