@@ -28,6 +28,9 @@ from .models.drafter import (DRAFT_VOCAB, Drafter, DrafterConfig, check_draft_vo
 from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
 
 CHECKPOINT_CONFIG = "config.json"
+#: An engine directory's config file (written by :mod:`.engine` / :mod:`.trtllm.build`, read by
+#: :mod:`.runtime.loader`; :func:`model_dir_kind` tells the two kinds apart by their keys).
+ENGINE_CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")

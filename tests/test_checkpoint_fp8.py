@@ -16,7 +16,8 @@ from redrafter_trt.checkpoint import (convert_checkpoint, load_checkpoint_models
                                       load_rank_shards, padded_vocab_size, rank_file,
                                       read_checkpoint_config, tp_merge)
 from redrafter_trt.cli import convert as convert_cli
-from redrafter_trt.engine import build_engine, load
+from redrafter_trt.engine import build_engine
+from redrafter_trt.runtime.loader import load
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.fp8 import EXCLUDE_MODULES, FP8_LINEARS
 from redrafter_trt.models.base import BaseModel

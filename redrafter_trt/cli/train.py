@@ -212,7 +212,7 @@ def check_paths(args: argparse.Namespace) -> None:
     """Every directory flag names itself when it is missing or holds the wrong kind of directory,
     and --device is a device this torch can use, before any model is read."""
     from ..checkpoint import require_model_dir
-    from ..engine import resolve_device
+    from ..runtime.loader import resolve_device
     from ..models.hub import DEFAULT_MODEL
 
     if getattr(args, "model_dir", DEFAULT_MODEL) != DEFAULT_MODEL:
