@@ -278,7 +278,7 @@ def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any
                      rename) -> dict[str, torch.Tensor] | None:
     """FP8 Hugging Face tensors -> TensorRT-LLM FP8 checkpoint tensors, or None when the
     checkpoint is not quantized. ``rename`` is the float name mapping
-    (:func:`redrafter_trt.checkpoint.hf_to_trtllm`)."""
+    (:func:`redrafter_trt.names.hf_to_trtllm`)."""
     qc = raw_config.get("quantization_config")
     scale_suffixes = (".weight_scale", ".weight_scale_inv", ".input_scale")
     fp8_names = sorted(k for k, v in hf.items() if is_fp8(v))

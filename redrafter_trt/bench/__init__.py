@@ -31,7 +31,7 @@ def engine_info(engine_dir: str | Path | None, gen: Any) -> dict[str, Any]:
 
         pre = read_engine_config(engine_dir)["pretrained_config"]
     elif hasattr(be, "base"):
-        from ..checkpoint import hf_config_dict
+        from ..hf import hf_config_dict
 
         hf = hf_config_dict(be.base.config)
         pre = {"base_model_architecture": hf["architectures"][0], **hf}

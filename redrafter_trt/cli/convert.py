@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import (DTYPES, convert_checkpoint, load_hf_base, read_checkpoint_config,
-                          require_model_dir)
+from ..checkpoint import DTYPES, convert_checkpoint, read_checkpoint_config, require_model_dir
 from ..errors import require
 from ..heads import builtin_head
+from ..hf import load_hf_base
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
 from .common import add_threads_argument, non_negative_int, positive_int, run_main

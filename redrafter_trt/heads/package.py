@@ -56,7 +56,7 @@ def package_head(head_dir: Path, base_lm_head: torch.Tensor, output: Path, overw
 
 def main(argv=None) -> int:
     from ..cli.common import run_main
-    from ..checkpoint import load_hf_base
+    from ..hf import load_hf_base
     from ..models.hub import resolve_base_model_dir
 
     p = argparse.ArgumentParser(prog="python -m redrafter_trt.heads.package", description=__doc__,
