@@ -290,7 +290,8 @@ def _eval(args) -> int:
 
 
 def _train(args) -> int:
-    from ..train.trainer import TrainConfig, train_drafter
+    from ..train.config import TrainConfig
+    from ..train.loop import train_drafter
 
     cfg = TrainConfig(
         model_dir=args.model_dir, data=list(args.data), output_dir=args.output_dir,
