@@ -149,8 +149,8 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
     """Write the ReDrafter checkpoint directory atomically; returns its path.
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
-    :func:`load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"`` quantizes a float base's
-    linears to FP8 per-tensor (weight scale = amax / 448). Either way every FP8 linear needs a
+    :func:`~redrafter_trt.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
+    quantizes a float base's linears to FP8 per-tensor (weight scale = amax / 448). Either way every FP8 linear needs a
     static activation scale: the base's own, or measured on ``calibration`` (token-id rows)."""
     require(quantize in (None, "fp8"), f"--quantize {quantize!r}: expected fp8")
     quantized = fp8.is_quantized_state_dict(base_sd)

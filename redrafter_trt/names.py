@@ -103,7 +103,9 @@ def hf_to_trtllm(cfg: BaseConfig, hf: dict[str, torch.Tensor], where: str) -> di
     """Rename (and fuse q/k/v of) Hugging Face base tensors to TensorRT-LLM names.
 
     ``hf``: Hugging Face name -> tensor (extra tensors are ignored); ``where`` names the source
-    in the error for a missing tensor. A tied (or absent) ``lm_head.weight`` is the embedding."""
+    in the error for a missing tensor. The fused ``attention.qkv.weight`` is
+    [(num_attention_heads + 2 num_key_value_heads) * head_size, H] (q rows, then k, then v); a
+    tied (or absent) ``lm_head.weight`` is the embedding tensor itself."""
     out: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> torch.Tensor:

@@ -233,3 +233,18 @@ def test_the_scan_sees_the_package():
     assert ("redrafter_trt.runtime.loader", "redrafter_trt.checkpoint") in edges
     assert ("redrafter_trt.backends.torch_backend", "redrafter_trt.contract") in edges
     assert len(edges) > 150
+
+
+def test_the_version_is_written_once():
+    """pyproject reads the version from ``_version.py`` (no second literal), and the root and the
+    CLIs show that one."""
+    import tomllib
+
+    import redrafter_trt
+    from redrafter_trt import _version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": f"{PACKAGE}._version.__version__"}
+    assert redrafter_trt.__version__ == _version.__version__
+    assert [imp for imp in GRAPH if imp.target == PACKAGE] == []  # nothing imports the root
