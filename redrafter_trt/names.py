@@ -51,6 +51,13 @@ BASE_NAME_TABLE: tuple[NameRow, ...] = (
 )
 
 
+#: The per-layer prefixes of the two namings (``{}``: the layer index).
+HF_LAYER = "model.layers.{}."
+TRTLLM_LAYER = "transformer.layers.{}."
+#: The rows of the base's linear layers (those that may have a bias; FP8 quantizes these).
+LINEAR_ROWS: tuple[NameRow, ...] = tuple(r for r in BASE_NAME_TABLE if r.bias is not None)
+
+
 class NamePair(NamedTuple):
     """One tensor of a config: its Hugging Face name(s) and its TensorRT-LLM name."""
 
@@ -180,6 +187,6 @@ def drafter_from_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor
     return out
 
 
-__all__ = ["BASE_NAME_TABLE", "NameRow", "NamePair", "base_name_pairs", "hf_to_trtllm", "trtllm_to_hf",
+__all__ = ["BASE_NAME_TABLE", "NameRow", "NamePair", "HF_LAYER", "TRTLLM_LAYER", "LINEAR_ROWS", "base_name_pairs", "hf_to_trtllm", "trtllm_to_hf",
            "EMBEDDING", "LM_HEAD", "CKPT_DRAFT_VOCAB", "drafter_to_checkpoint_names",
            "drafter_from_checkpoint_names"]

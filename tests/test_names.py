@@ -10,7 +10,8 @@ from conftest import tiny_hf_config
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.hf import hf_base_config
 from redrafter_trt.models.base import BaseModel
-from redrafter_trt.names import BASE_NAME_TABLE, LM_HEAD, base_name_pairs, hf_to_trtllm, trtllm_to_hf
+from redrafter_trt.names import (BASE_NAME_TABLE, HF_LAYER, LM_HEAD, TRTLLM_LAYER, base_name_pairs, hf_to_trtllm,
+                                 trtllm_to_hf)
 
 # (arch, tie, config overrides): plain Llama, Llama with every bias, Qwen2 (q/k/v biases), tied.
 CASES = [("llama", False, {}), ("llama", False, {"attention_bias": True, "mlp_bias": True}),
@@ -80,3 +81,10 @@ def test_a_missing_tensor_is_named(tmp_path):
     del hf[LM_HEAD]
     with pytest.raises(RedrafterError, match="tiny: missing lm_head.weight"):
         hf_to_trtllm(cfg, hf, "tiny")
+
+
+def test_per_layer_rows_use_the_layer_prefixes():
+    # fp8 derives its per-layer linear names by stripping these prefixes
+    for row in BASE_NAME_TABLE:
+        if "{}" in row.trtllm:
+            assert row.trtllm.startswith(TRTLLM_LAYER) and all(h.startswith(HF_LAYER) for h in row.hf), row
