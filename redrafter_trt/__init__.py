@@ -1,15 +1,17 @@
 """redrafter_trt: ReDrafter (Recurrent Drafter) speculative decoding, from PyTorch to TensorRT-LLM.
 
 Stages: checkpoint (:mod:`.checkpoint`) -> build (:mod:`.engine`) -> engine step
-(:mod:`.backends`, contract in :mod:`.contract`) -> runtime loop (:mod:`.runtime`).
+(:mod:`.backends`, contract in :mod:`.contract`) -> runtime loop (:mod:`.runtime`, which opens
+engine directories in :mod:`.runtime.loader`). The stage order of the modules is checked by
+``tests/test_layering.py``; nothing inside the package imports this root module.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def load(engine_dir, device=None, dtype=None, proposer=None):
     """Open an engine directory; returns a :class:`~redrafter_trt.runtime.Generator`."""
-    from .engine import load as _load
+    from .runtime.loader import load as _load
 
     return _load(engine_dir, device=device, dtype=dtype, proposer=proposer)
 

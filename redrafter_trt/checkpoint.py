@@ -1,11 +1,10 @@
-"""Hugging Face base + drafter -> TensorRT-LLM style ReDrafter checkpoint, and back.
-
-The one place that knows tensor names: Hugging Face names of the base, TensorRT-LLM names of the
-checkpoint (which are also :class:`~redrafter_trt.models.base.BaseModel`'s own parameter names),
-and the drafter's Apple names vs. its ``drafter.*`` checkpoint names.
+"""The ReDrafter checkpoint (TensorRT-LLM style): its config, writing one from a base + drafter
+(:func:`convert_checkpoint`), reading its tensors and building the models from it
+(:func:`load_checkpoint_models`), and telling the project's directory kinds apart.
 
 Checkpoint directory (SPEC section 10): ``config.json`` + ``rank{i}.safetensors`` + the base's
-tokenizer files when it has them.
+tokenizer files when it has them. Tensor names are :mod:`.names`'s; reading a Hugging Face base is
+:mod:`.hf`; splitting tensors across tensor-parallel ranks is :mod:`.sharding`.
 """
 
 from __future__ import annotations
@@ -21,13 +20,17 @@ import torch
 
 from . import fp8
 from .errors import RedrafterError, require
-from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, HF_MODEL_TYPES, BaseConfig, BaseModel
-from .models.drafter import (DRAFT_VOCAB, Drafter, DrafterConfig, check_draft_vocab, expected_drafter_shapes,
-                             load_checked, load_drafter_state,
+from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, BaseConfig, BaseModel
+from .models.drafter import (Drafter, DrafterConfig, check_draft_vocab, load_checked, load_drafter_state,
                              validate_against_base)
 from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
+from .names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
+from .sharding import check_tp_size, tp_shard
 
 CHECKPOINT_CONFIG = "config.json"
+#: An engine directory's config file (written by :mod:`.engine` / :mod:`.trtllm.build`, read by
+#: :mod:`.runtime.loader`; :func:`model_dir_kind` tells the two kinds apart by their keys).
+ENGINE_CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -41,232 +44,8 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
-# --------------------------------------------------------------------------- Hugging Face base
-def _hf_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, scaling) from transformers 4.x (``rope_theta``/``rope_scaling``) or 5.x
-    (``rope_parameters``) configs; scaling is None for plain RoPE."""
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
-        params = params["full_attention"]
-    scaling = None
-    theta = raw.get("rope_theta", 10000.0)
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", theta)
-        scaling = dict(params)
-    legacy = raw.get("rope_scaling")
-    if isinstance(legacy, dict) and (legacy.get("rope_type") or legacy.get("type", "default")) != "default":
-        scaling = dict(legacy)  # a 4.x scaling entry is never silently dropped
-    if scaling is not None:
-        scaling.pop("rope_theta", None)
-        kind = scaling.pop("type", None) or scaling.get("rope_type") or "default"
-        scaling["rope_type"] = kind
-        if kind == "default":
-            scaling = None
-    return float(theta), scaling
-
-
-def hf_base_config(model_dir: str | os.PathLike) -> BaseConfig:
-    """Parse a Hugging Face ``config.json`` of a Llama-family or Qwen2 model."""
-    path = Path(model_dir) / "config.json"
-    raw = read_json(path, "base model config")
-    archs = raw.get("architectures") or []
-    arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
-    arch = arch or HF_MODEL_TYPES.get(raw.get("model_type", ""))
-    require(arch is not None, f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
-            f"supported: {sorted(HF_ARCHITECTURES)}")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
-        require(key in raw, f"{path}: missing key {key!r}")
-    heads = raw["num_attention_heads"]
-    theta, scaling = _hf_rope(raw)
-    eos = raw.get("eos_token_id")
-    gen_cfg = Path(model_dir) / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = read_json(gen_cfg, "generation config").get("eos_token_id", eos)
-    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
-    window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
-    is_qwen = arch == ARCH_QWEN2
-    cfg = BaseConfig(
-        architecture=arch,
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=raw.get("num_key_value_heads") or heads,
-        head_size=raw.get("head_dim") or raw["hidden_size"] // heads,
-        norm_epsilon=float(raw.get("rms_norm_eps", 1e-6)),
-        rotary_base=theta,
-        rotary_scaling=scaling,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-        qkv_bias=True if is_qwen else bool(raw.get("attention_bias", False)),
-        dense_bias=False if is_qwen else bool(raw.get("attention_bias", False)),
-        mlp_bias=bool(raw.get("mlp_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        sliding_window=window,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=[int(e) for e in eos_list],
-    )
-    require(raw.get("hidden_act", "silu") == "silu",
-            f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (expected 'silu')")
-    try:
-        cfg.validate()
-    except RedrafterError as e:
-        raise RedrafterError(f"{path}: {e}") from e
-    return cfg
-
-
-def _hf_weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index, "safetensors index").get("weight_map", {})
-        files = sorted({model_dir / f for f in weight_map.values()})
-        for f in files:
-            require(f.is_file(), f"{index}: names shard {f.name}, which is missing")
-        return files
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    shards = sorted(model_dir.glob("model-*-of-*.safetensors"))
-    if shards:
-        return shards
-    for name in ("pytorch_model.bin", "model.pt"):
-        if (model_dir / name).is_file():
-            return [model_dir / name]
-    raise RedrafterError(f"{model_dir}: no model.safetensors, sharded safetensors with an index, "
-                         "or pytorch_model.bin found")
-
-
-def hf_to_trtllm(cfg: BaseConfig, hf: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Rename (and fuse q/k/v of) Hugging Face base tensors to TensorRT-LLM names."""
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        require(name in hf, f"{where}: missing tensor {name}")
-        return hf[name]
-
-    out["transformer.vocab_embedding.weight"] = take("model.embed_tokens.weight")
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.layers.{i}."
-        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "post_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
-        out[dst + "attention.qkv.weight"] = torch.cat(
-            [take(src + f"self_attn.{p}_proj.weight") for p in "qkv"], 0)
-        if cfg.qkv_bias:
-            out[dst + "attention.qkv.bias"] = torch.cat(
-                [take(src + f"self_attn.{p}_proj.bias") for p in "qkv"], 0)
-        out[dst + "attention.dense.weight"] = take(src + "self_attn.o_proj.weight")
-        if cfg.dense_bias:
-            out[dst + "attention.dense.bias"] = take(src + "self_attn.o_proj.bias")
-        for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate"), ("down_proj", "proj")):
-            out[dst + f"mlp.{trt_name}.weight"] = take(src + f"mlp.{hf_name}.weight")
-            if cfg.mlp_bias:
-                out[dst + f"mlp.{trt_name}.bias"] = take(src + f"mlp.{hf_name}.bias")
-    out["transformer.ln_f.weight"] = take("model.norm.weight")
-    if "lm_head.weight" in hf and not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = hf["lm_head.weight"]
-    else:
-        require(cfg.tie_word_embeddings or "lm_head.weight" in hf, f"{where}: missing lm_head.weight")
-        out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]
-    return out
-
-
-def trtllm_to_hf(cfg: BaseConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """TensorRT-LLM names -> Hugging Face names (inverse of :func:`hf_to_trtllm`)."""
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-    out = {"model.embed_tokens.weight": sd["transformer.vocab_embedding.weight"],
-           "model.norm.weight": sd["transformer.ln_f.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"transformer.layers.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "post_layernorm.weight"]
-        for kind in ("weight", "bias"):
-            if src + f"attention.qkv.{kind}" in sd:
-                q, k, v = sd[src + f"attention.qkv.{kind}"].split([nh * hd, nkv * hd, nkv * hd], 0)
-                for p, t in zip("qkv", (q, k, v)):
-                    out[dst + f"self_attn.{p}_proj.{kind}"] = t
-            if src + f"attention.dense.{kind}" in sd:
-                out[dst + f"self_attn.o_proj.{kind}"] = sd[src + f"attention.dense.{kind}"]
-            for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate"), ("down_proj", "proj")):
-                if src + f"mlp.{trt_name}.{kind}" in sd:
-                    out[dst + f"mlp.{hf_name}.{kind}"] = sd[src + f"mlp.{trt_name}.{kind}"]
-    return out
-
-
-def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
-    """A Hugging Face ``config.json`` dict for the base (inverse of :func:`hf_base_config`)."""
-    is_qwen = cfg.architecture == ARCH_QWEN2
-    d: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if is_qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if is_qwen else "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size,
-        "rms_norm_eps": cfg.norm_epsilon, "rope_theta": cfg.rotary_base,
-        "rope_scaling": cfg.rotary_scaling, "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (cfg.eos_token_id or None),
-    }
-    if not is_qwen:
-        d["attention_bias"] = cfg.qkv_bias
-        d["mlp_bias"] = cfg.mlp_bias
-    return d
-
-
-def load_hf_base(model_dir: str | os.PathLike) -> tuple[BaseConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face base model directory: its config and its tensors in TensorRT-LLM names.
-
-    An FP8 checkpoint (see :mod:`redrafter_trt.fp8` for what is accepted) comes back in
-    TensorRT-LLM's FP8 convention: float8_e4m3fn linear weights plus their
-    ``weights_scaling_factor`` / ``activation_scaling_factor`` tensors."""
-    model_dir = Path(model_dir)
-    require(model_dir.is_dir(), f"{model_dir}: base model directory not found")
-    cfg = hf_base_config(model_dir)
-    hf: dict[str, torch.Tensor] = {}
-    for f in _hf_weight_files(model_dir):
-        hf.update(load_state_dict_file(f))
-    raw = read_json(model_dir / "config.json", "base model config")
-    quantized = fp8.hf_fp8_to_trtllm(cfg, hf, raw, str(model_dir), hf_to_trtllm)
-    return cfg, quantized if quantized is not None else hf_to_trtllm(cfg, hf, str(model_dir))
-
-
-# --------------------------------------------------------------------------- drafter names
 #: Checkpoint config key of the draft head's reduced vocabulary K (absent: K = V).
 REDRAFTER_DRAFT_VOCAB_SIZE = "redrafter_draft_vocab_size"
-#: Checkpoint name of the head's [K] int32 id map (Apple name :data:`DRAFT_VOCAB`).
-CKPT_DRAFT_VOCAB = "drafter." + DRAFT_VOCAB
-
-
-def drafter_to_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apple names -> ``drafter.*`` TensorRT-LLM ReDrafter names."""
-    out = {}
-    n = cfg.num_draft_layers
-    for k, v in sd.items():
-        if k == f"lm_head.{n}.weight":
-            out["drafter.lm_head.weight"] = v
-        elif k.startswith("lm_head."):
-            out["drafter.layers." + k[len("lm_head."):]] = v
-        else:
-            out["drafter." + k] = v
-    return out
-
-
-def drafter_from_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``drafter.*`` names -> Apple names (inverse of :func:`drafter_to_checkpoint_names`)."""
-    out = {}
-    for k, v in sd.items():
-        k = k[len("drafter."):]
-        if k == "lm_head.weight":
-            out[f"lm_head.{cfg.num_draft_layers}.weight"] = v
-        elif k.startswith("layers."):
-            out["lm_head." + k[len("layers."):]] = v
-        else:
-            out[k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -370,8 +149,8 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
     """Write the ReDrafter checkpoint directory atomically; returns its path.
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
-    :func:`load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"`` quantizes a float base's
-    linears to FP8 per-tensor (weight scale = amax / 448). Either way every FP8 linear needs a
+    :func:`~redrafter_trt.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
+    quantizes a float base's linears to FP8 per-tensor (weight scale = amax / 448). Either way every FP8 linear needs a
     static activation scale: the base's own, or measured on ``calibration`` (token-id rows)."""
     require(quantize in (None, "fp8"), f"--quantize {quantize!r}: expected fp8")
     quantized = fp8.is_quantized_state_dict(base_sd)
@@ -430,122 +209,6 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(output_dir)
-
-
-# --------------------------------------------------------------------------- tensor parallelism
-# TensorRT-LLM's layouts (its Llama/Qwen checkpoints and its ReDrafter drafter): column-parallel
-# weights split along dim 0 (qkv per q/k/v head group, mlp.fc, mlp.gate, lm_head, every drafter
-# linear: ColumnLinear with gather_output), row-parallel weights along dim 1 (attention.dense,
-# mlp.proj; their biases are replicated), everything else replicated (embedding, norms).
-# Vocabulary-sized weights are zero-padded to a multiple of tp_size first (TensorRT-LLM's
-# vocab_size_padded); :func:`tp_merge` trims the padding again.
-_COLUMN, _ROW, _QKV, _VOCAB, _REPLICATED = "column", "row", "qkv", "vocab", "replicated"
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
-    """TensorRT-LLM's ``vocab_size_padded``: the vocabulary rounded up to a multiple of tp_size."""
-    return -(-vocab_size // tp_size) * tp_size
-
-
-def check_tp_size(base: BaseConfig, drafter: DrafterConfig, tp_size: int) -> None:
-    """Raise unless every split dimension divides by ``tp_size`` (``--tp_size``)."""
-    require(isinstance(tp_size, int) and tp_size >= 1, f"tp_size (--tp_size) must be >= 1, got {tp_size}")
-    if tp_size == 1:
-        return
-    nkv = base.num_key_value_heads
-    for what, size in (("num_attention_heads", base.num_attention_heads),
-                       ("intermediate_size", base.intermediate_size),
-                       ("hidden_size", base.hidden_size), ("redrafter_exit_dim", drafter.exit_dim)):
-        require(size % tp_size == 0, f"--tp_size {tp_size} does not divide the {what} {size}: "
-                "choose a tp_size that divides the model's head count and widths")
-    require(nkv % tp_size == 0 or tp_size % nkv == 0,
-            f"--tp_size {tp_size}: num_key_value_heads {nkv} must be a multiple or a divisor of it "
-            "(fewer KV heads than ranks are replicated, as in TensorRT-LLM)")
-
-
-def _tp_rule(name: str, ndim: int) -> str:
-    if name.endswith("_scaling_factor") or name == CKPT_DRAFT_VOCAB:  # FP8 scales; the [K] id map
-        return _REPLICATED
-    if name in ("lm_head.weight", "drafter.lm_head.weight"):
-        return _VOCAB
-    if name.startswith("drafter."):
-        return _COLUMN
-    if ".attention.qkv." in name:
-        return _QKV
-    if name.endswith((".attention.dense.weight", ".mlp.proj.weight")) and ndim == 2:
-        return _ROW
-    if ".mlp.fc." in name or ".mlp.gate." in name:
-        return _COLUMN
-    return _REPLICATED
-
-
-def _kv_heads_of_rank(base: BaseConfig, tp_size: int, rank: int) -> tuple[int, int]:
-    """(first KV head, number of KV heads) of ``rank``; ranks share a head when tp_size > heads."""
-    nkv = base.num_key_value_heads
-    if nkv >= tp_size:
-        return rank * (nkv // tp_size), nkv // tp_size
-    return rank // (tp_size // nkv), 1
-
-
-def tp_shard(tensors: dict[str, torch.Tensor], cfg: "RedrafterCheckpointConfig",
-             rank: int) -> dict[str, torch.Tensor]:
-    """The tensors of tensor-parallel ``rank`` (a copy of all of them for tp_size 1)."""
-    tp, base = cfg.tp_size, cfg.base
-    require(0 <= rank < tp, f"rank {rank} outside [0, {tp})")
-    if tp == 1:
-        return dict(tensors)
-    hd = base.head_size
-    q_size, kv_size = base.num_attention_heads * hd, base.num_key_value_heads * hd
-    out = {}
-    for name, t in tensors.items():
-        rule = _tp_rule(name, t.dim())
-        if rule == _ROW:
-            t = t.chunk(tp, 1)[rank]
-        elif rule == _COLUMN:
-            t = t.chunk(tp, 0)[rank]
-        elif rule == _VOCAB:
-            pad = padded_vocab_size(t.shape[0], tp) - t.shape[0]
-            if pad:
-                t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], 0)
-            t = t.chunk(tp, 0)[rank]
-        elif rule == _QKV:
-            q, k, v = t.split([q_size, kv_size, kv_size], 0)
-            first, count = _kv_heads_of_rank(base, tp, rank)
-            kv = slice(first * hd, (first + count) * hd)
-            t = torch.cat([q.chunk(tp, 0)[rank], k[kv], v[kv]], 0)
-        out[name] = t.contiguous().clone()
-    return out
-
-
-def tp_merge(shards: list[dict[str, torch.Tensor]], cfg: "RedrafterCheckpointConfig") -> dict[str, torch.Tensor]:
-    """Inverse of :func:`tp_shard`: the full tensors from every rank's tensors (rank order)."""
-    tp, base = cfg.tp_size, cfg.base
-    require(len(shards) == tp, f"expected {tp} rank shards, got {len(shards)}")
-    hd, nkv = base.head_size, base.num_key_value_heads
-    out = {}
-    for name in shards[0]:
-        parts = [s[name] for s in shards]
-        rule = _tp_rule(name, parts[0].dim()) if tp > 1 else _REPLICATED
-        if rule == _REPLICATED:
-            out[name] = parts[0]
-        elif rule == _ROW:
-            out[name] = torch.cat(parts, 1)
-        elif rule == _COLUMN:
-            out[name] = torch.cat(parts, 0)
-        elif rule == _VOCAB:
-            rows = cfg.drafter.head_vocab_size if name == "drafter.lm_head.weight" else base.vocab_size
-            out[name] = torch.cat(parts, 0)[:rows]
-        else:  # _QKV: q from every rank, each KV head once
-            qs, ks, vs = [], [], []
-            for rank, p in enumerate(parts):
-                _, count = _kv_heads_of_rank(base, tp, rank)
-                q, k, v = p.split([p.shape[0] - 2 * count * hd, count * hd, count * hd], 0)
-                qs.append(q)
-                if nkv >= tp or rank % (tp // nkv) == 0:
-                    ks.append(k)
-                    vs.append(v)
-            out[name] = torch.cat([*qs, *ks, *vs], 0)
-    return out
 
 
 def load_rank_shards(ckpt_dir: str | os.PathLike) -> tuple["RedrafterCheckpointConfig", list[dict[str, torch.Tensor]]]:
@@ -607,8 +270,8 @@ def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.P
     drafter_sd = drafter_from_checkpoint_names(
         cfg.drafter, {k: v for k, v in sd.items() if k.startswith("drafter.")})
     base = BaseModel(cfg.base).to(torch_dtype)
-    if cfg.base.tie_word_embeddings and "lm_head.weight" in base_sd:
-        require(torch.equal(base_sd["lm_head.weight"], base_sd["transformer.vocab_embedding.weight"]),
+    if cfg.base.tie_word_embeddings and LM_HEAD in base_sd:
+        require(torch.equal(base_sd[LM_HEAD], base_sd[EMBEDDING]),
                 f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
     load_checked(base, base_sd, str(weights))
     drafter = Drafter(cfg.drafter).to(torch_dtype)
@@ -618,12 +281,9 @@ def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.P
     return cfg, base, drafter
 
 
-__all__ = ["convert_checkpoint", "load_hf_base", "hf_base_config", "hf_to_trtllm", "trtllm_to_hf",
-           "hf_config_dict",
-           "read_checkpoint_config", "load_checkpoint_models", "RedrafterCheckpointConfig",
-           "drafter_to_checkpoint_names", "drafter_from_checkpoint_names", "expected_drafter_shapes",
-           "copy_tokenizer_files", "rank_file", "DTYPES", "check_tp_size", "padded_vocab_size",
-           "tp_shard", "tp_merge", "load_rank_shards", "REDRAFTER_DRAFT_VOCAB_SIZE", "CKPT_DRAFT_VOCAB"]
+__all__ = ["convert_checkpoint", "read_checkpoint_config", "load_checkpoint_models", "load_rank_shards",
+           "RedrafterCheckpointConfig", "copy_tokenizer_files", "rank_file", "DTYPES", "CHECKPOINT_CONFIG",
+           "ENGINE_CONFIG", "REDRAFTER_DRAFT_VOCAB_SIZE", "model_dir_kind", "require_model_dir"]
 
 
 # --------------------------------------------------------------------------- what a directory is

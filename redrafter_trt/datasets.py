@@ -39,7 +39,8 @@ def package_file(name: str) -> Path:
     return path
 
 
-def _is_english(text: str) -> bool:
+def is_english(text: str) -> bool:
+    """True when more than 95% of the letters of ``text`` are ASCII (a prompt filter)."""
     letters = [c for c in text if c.isalpha()]
     return bool(letters) and sum(c.isascii() for c in letters) / len(letters) > 0.95
 
@@ -51,7 +52,7 @@ def load_prompts(name_or_path: str, limit: int | None = None, all_turns: bool = 
         prompts = [t for r in rows for t in (r["turns"] if all_turns else r["turns"][:1])]
     elif name_or_path == "writingbench":
         rows = [json.loads(line) for line in package_file("writingbench").read_text().splitlines() if line.strip()]
-        prompts = [r["query"] for r in rows if _is_english(r["query"])]
+        prompts = [r["query"] for r in rows if is_english(r["query"])]
     elif name_or_path == "sharegpt":
         prompts = [turns[0]["content"] for turns in load_conversations(package_file("sharegpt")) if turns]
     else:

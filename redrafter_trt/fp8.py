@@ -42,16 +42,17 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import RedrafterError, require
+from .names import HF_LAYER, LINEAR_ROWS, TRTLLM_LAYER
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANT_ALGO = "FP8"
-#: TensorRT-LLM names (under ``transformer.layers.{i}.``) of the base linears held in FP8.
-FP8_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+#: TensorRT-LLM names (under ``transformer.layers.{i}.``) of the base linears held in FP8: the
+#: linear rows of :data:`~redrafter_trt.names.BASE_NAME_TABLE` (qkv, dense, fc, gate, proj).
+FP8_LINEARS = tuple(r.trtllm.removeprefix(TRTLLM_LAYER) for r in LINEAR_ROWS)
 #: Hugging Face names (under ``model.layers.{i}.``) of the linears behind each.
-HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",),
-              "mlp.gate": ("mlp.up_proj",), "mlp.proj": ("mlp.down_proj",)}
+HF_LINEARS = {r.trtllm.removeprefix(TRTLLM_LAYER): tuple(h.removeprefix(HF_LAYER) for h in r.hf)
+              for r in LINEAR_ROWS}
 #: ``quantization.exclude_modules`` (fnmatch patterns over TensorRT-LLM module names, as
 #: ``tensorrt_llm.quantization.quantize.quantize_layers`` matches them): what stays float.
 EXCLUDE_MODULES = ["*lm_head", "*vocab_embedding", "*input_layernorm", "*post_layernorm", "*ln_f",
@@ -77,7 +78,7 @@ def quantization_config(quant_algo: str | None) -> dict[str, Any]:
 
 def fp8_linear_names(num_layers: int) -> list[str]:
     """TensorRT-LLM module names of every FP8 linear of the base."""
-    return [f"transformer.layers.{i}.{n}" for i in range(num_layers) for n in FP8_LINEARS]
+    return [TRTLLM_LAYER.format(i) + n for i in range(num_layers) for n in FP8_LINEARS]
 
 
 def is_fp8(t: torch.Tensor) -> bool:
@@ -278,7 +279,7 @@ def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any
                      rename) -> dict[str, torch.Tensor] | None:
     """FP8 Hugging Face tensors -> TensorRT-LLM FP8 checkpoint tensors, or None when the
     checkpoint is not quantized. ``rename`` is the float name mapping
-    (:func:`redrafter_trt.checkpoint.hf_to_trtllm`)."""
+    (:func:`redrafter_trt.names.hf_to_trtllm`)."""
     qc = raw_config.get("quantization_config")
     scale_suffixes = (".weight_scale", ".weight_scale_inv", ".input_scale")
     fp8_names = sorted(k for k, v in hf.items() if is_fp8(v))
@@ -289,7 +290,7 @@ def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any
         _check_hf_quant_config(qc, f"{where}/config.json")
     require(fp8_names, f"{where}: config.json has a quantization_config but no tensor is FP8 "
             "(float8_e4m3fn); an FP8 checkpoint stores the linear weights in float8_e4m3fn")
-    prefixes = {f"model.layers.{i}.{p}": (i, trt)
+    prefixes = {HF_LAYER.format(i) + p: (i, trt)
                 for i in range(cfg.num_hidden_layers) for trt, ps in HF_LINEARS.items() for p in ps}
     # every fp8 tensor and every scale must belong to a base linear
     for k in fp8_names:
@@ -330,8 +331,8 @@ def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any
     for p, (i, trt) in prefixes.items():
         if trt == "attention.qkv" and not p.endswith("q_proj"):
             continue
-        name = f"transformer.layers.{i}.{trt}"
-        ps = [f"model.layers.{i}.{q}" for q in HF_LINEARS[trt]]
+        name = TRTLLM_LAYER.format(i) + trt
+        ps = [HF_LAYER.format(i) + q for q in HF_LINEARS[trt]]
         if len(ps) == 1:
             out[name + ".weight"], out[f"{name}.{WEIGHT_SCALE}"] = hf[p + ".weight"], w_scales[p]
         else:

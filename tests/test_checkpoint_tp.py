@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_tiny_hf
-from redrafter_trt.checkpoint import (convert_checkpoint, load_checkpoint_models, load_hf_base,
-                                      load_rank_shards, padded_vocab_size, rank_file,
-                                      read_checkpoint_config, tp_merge)
+from redrafter_trt.checkpoint import (convert_checkpoint, load_checkpoint_models, load_rank_shards, rank_file,
+                                      read_checkpoint_config)
+from redrafter_trt.hf import load_hf_base
+from redrafter_trt.sharding import padded_vocab_size, tp_merge
 from redrafter_trt.engine import build_engine
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter

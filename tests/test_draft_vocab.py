@@ -18,9 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ARCHS
 from redrafter_trt.backends.torch_backend import TorchBackend
-from redrafter_trt.checkpoint import (CKPT_DRAFT_VOCAB, REDRAFTER_DRAFT_VOCAB_SIZE, RedrafterCheckpointConfig,
-                                      convert_checkpoint, load_checkpoint_models, load_hf_base, tp_merge,
-                                      tp_shard)
+from redrafter_trt.checkpoint import (REDRAFTER_DRAFT_VOCAB_SIZE, RedrafterCheckpointConfig, convert_checkpoint,
+                                      load_checkpoint_models)
+from redrafter_trt.hf import load_hf_base
+from redrafter_trt.names import CKPT_DRAFT_VOCAB
+from redrafter_trt.sharding import tp_merge, tp_shard
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.base import BaseModel
 from redrafter_trt.models.drafter import (DRAFT_VOCAB, DRAFTER_CONFIG, DRAFTER_WEIGHTS, DrafterConfig,

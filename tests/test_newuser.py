@@ -283,7 +283,8 @@ def test_gen_prompts_keeps_exactly_num_prompts_and_extends_exactly(text_base, tm
 
 
 def test_trainer_log_says_the_budget_sets_the_steps(text_base, tmp_path):
-    from redrafter_trt.train.trainer import TrainConfig, train_drafter
+    from redrafter_trt.train.config import TrainConfig
+    from redrafter_trt.train.loop import train_drafter
 
     g = torch.Generator().manual_seed(0)
     rows = [{"index": i, "prompt_ids": torch.randint(5, 97, (6,), generator=g).tolist(),

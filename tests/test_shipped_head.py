@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from redrafter_trt.checkpoint import load_hf_base
+from redrafter_trt.hf import load_hf_base
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.heads import BUILTIN_HEADS, CHECKSUMS, builtin_head, check_head_files
 from redrafter_trt.heads.package import package_head

@@ -19,11 +19,13 @@ from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
 from redrafter_trt.runtime import Generator
 from redrafter_trt.train.base import load_frozen_base
+from redrafter_trt.train.config import TrainConfig
 from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
 from redrafter_trt.train.gen_data import generate_data
 from redrafter_trt.train.losses import (UnrolledHead, distill_loss, gather_batch, logit_match_loss,
                                         reference_loss, unrolled_logits)
-from redrafter_trt.train.trainer import TrainConfig, forward_loss, train_drafter
+from redrafter_trt.train.loop import train_drafter
+from redrafter_trt.train.step import forward_loss
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -412,7 +414,7 @@ def test_base_initialised_frozen_projection(tiny_base, selfdistill_file, tmp_pat
     """--lm_head_init base copies the base's [V, H] projection and passes the context through
     input_proj; with --freeze_lm_head training leaves that projection bit-identical while the
     layers in front of it learn."""
-    from redrafter_trt.train.trainer import make_drafter
+    from redrafter_trt.train.head import make_drafter
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
@@ -485,7 +487,7 @@ def test_logit_match_is_zero_exactly_at_the_teacher():
 def test_logit_match_training(tiny_base, selfdistill_file, tmp_path):
     """--loss logit_match trains only the layers in front of the frozen base projection, and the
     trained head drafts better than the untrained one through the runtime."""
-    from redrafter_trt.train.trainer import make_drafter
+    from redrafter_trt.train.head import make_drafter
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
@@ -605,7 +607,7 @@ def test_projected_loss_equals_the_loss_on_full_logits(alpha, temp, dense, chunk
 
 
 def test_batch_vocabulary_reindexes_into_the_union():
-    from redrafter_trt.train.trainer import batch_vocabulary
+    from redrafter_trt.train.step import batch_vocabulary
 
     ids = torch.tensor([[7, 3, 9], [3, 12, 7]])
     labels = torch.tensor([40, 9])
@@ -623,7 +625,8 @@ def test_frozen_projection_path_gives_the_same_loss_and_gradients(tiny_base, sel
     matches the plain path (materialised logits) in loss and in every parameter's gradient."""
     from redrafter_trt.train.data import model_fingerprint
     from redrafter_trt.train.features import cached_features
-    from redrafter_trt.train.trainer import FrozenProjection, make_drafter
+    from redrafter_trt.train.head import make_drafter
+    from redrafter_trt.train.step import FrozenProjection
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
@@ -652,7 +655,7 @@ def test_batch_vocabulary_training(tiny_base, selfdistill_file, tmp_path, freeze
     """--kl_vocab batch trains a head (frozen or trainable projection) that drafts better than its
     starting point through the runtime; the trainable projection moves only through the rows the
     batches saw."""
-    from redrafter_trt.train.trainer import make_drafter
+    from redrafter_trt.train.head import make_drafter
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
@@ -688,7 +691,7 @@ def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path
 
 
 def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
-    from redrafter_trt.bench.train_step import PATHS, main
+    from redrafter_trt.train.train_step import PATHS, main
 
     out = tmp_path / "b.json"
     assert main(["--vocab", "500", "--hidden", "16", "--batch_size", "16", "--steps", "1",
@@ -702,7 +705,7 @@ def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
 # --------------------------------------------------------------------------- draft vocabulary
 def test_restricted_teacher_by_hand():
     """The teacher restricted to the draft vocabulary and renormalised; labels re-indexed."""
-    from redrafter_trt.train.trainer import restrict_to_draft_vocab
+    from redrafter_trt.train.step import restrict_to_draft_vocab
 
     vmap = torch.tensor([7, 2, 5])                      # column k is full id vmap[k]
     labels = torch.tensor([5, 3, 2])                    # 3 is outside
@@ -725,7 +728,7 @@ def test_draft_vocab_training(tiny_base, selfdistill_file, tmp_path):
     """--draft_vocab_size K: the map holds the EOS ids and the most frequent answer tokens, the
     projection is the base's rows of those ids, and the trained head decodes exactly."""
     from redrafter_trt.train.base import eos_ids
-    from redrafter_trt.train.trainer import choose_draft_vocab
+    from redrafter_trt.train.head import choose_draft_vocab
 
     base = load_frozen_base(tiny_base)
     h, v, k = base.config.hidden_size, base.config.vocab_size, 24

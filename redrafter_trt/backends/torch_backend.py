@@ -18,8 +18,8 @@ from ..models.drafter import Drafter
 from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask
+from ..contract import NUM_DRAFT_BEAMS
 from . import cuda_ops
-from ..runtime.adaptive import NUM_DRAFT_BEAMS
 
 
 #: /proc/cpuinfo flags of CPU bfloat16 matrix units.

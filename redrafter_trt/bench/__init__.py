@@ -27,11 +27,11 @@ def engine_info(engine_dir: str | Path | None, gen: Any) -> dict[str, Any]:
     be = gen.backend
     pre: dict[str, Any] = {}
     if engine_dir is not None:
-        from ..engine import read_engine_config
+        from ..runtime.loader import read_engine_config
 
         pre = read_engine_config(engine_dir)["pretrained_config"]
     elif hasattr(be, "base"):
-        from ..checkpoint import hf_config_dict
+        from ..hf import hf_config_dict
 
         hf = hf_config_dict(be.base.config)
         pre = {"base_model_architecture": hf["architectures"][0], **hf}

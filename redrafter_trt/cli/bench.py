@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import load
+    from ..runtime.loader import load
     from ..bench import BenchSettings, run_benchmark, write_outputs
     from ..bench.report import markdown
     from ..bench.prompts import load_raw_prompts

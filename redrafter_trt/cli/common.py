@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Callable, Iterator, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import RedrafterError, Terminated
 
 EXIT_USAGE = 2

@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import (DTYPES, convert_checkpoint, load_hf_base, read_checkpoint_config,
-                          require_model_dir)
+from ..checkpoint import DTYPES, convert_checkpoint, read_checkpoint_config, require_model_dir
 from ..errors import require
 from ..heads import builtin_head
+from ..hf import load_hf_base
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
+from ..names import EMBEDDING, LM_HEAD
 from .common import add_threads_argument, non_negative_int, positive_int, run_main
 from .run import read_ids_file
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                             num_draft_layers=args.redrafter_num_layers, rnn=not args.redrafter_no_rnn)
         drafter = init_drafter(cfg, seed=args.seed)
     else:
-        drafter = load_drafter(drafter_dir, base_lm_head=base_sd["lm_head.weight"])
+        drafter = load_drafter(drafter_dir, base_lm_head=base_sd[LM_HEAD])
         trained = trained_draft_len(drafter_dir)
         if trained is not None and trained != args.redrafter_draft_len_per_beam:
             say(f"warning: --drafter_model_dir {drafter_dir} was trained for D={trained} draft "
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                    if args.redrafter_draft_len_per_beam > trained else
                    ": the deeper trained steps go unused"))
     validate_against_base(drafter.config, base_cfg.hidden_size, base_cfg.vocab_size,
-                          tuple(base_sd["transformer.vocab_embedding.weight"].shape),
+                          tuple(base_sd[EMBEDDING].shape),
                           f"--drafter_model_dir {args.drafter_model_dir}")
     require(args.redrafter_num_beams <= base_cfg.vocab_size,
             f"--redrafter_num_beams {args.redrafter_num_beams} exceeds the vocabulary size "

@@ -195,8 +195,7 @@ def limit_warnings(backend, encoded: list[list[int]], max_output_len: int) -> li
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
-    from ..engine import resolve_device
+    from ..runtime.loader import load, resolve_device
 
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
     require(0 < args.top_p <= 1, f"--top_p must be in (0, 1], got {args.top_p}")

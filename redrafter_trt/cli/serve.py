@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_state(args: argparse.Namespace):
     """Load the engine and build the scheduler + app state (separate for tests and the benchmark)."""
-    from .. import load
+    from ..runtime.loader import load
     from ..runtime.scheduler import Scheduler
     from ..serve.app import ServeState
 

@@ -18,6 +18,7 @@ import sys
 
 from ..errors import require
 from ..models.hub import DEFAULT_MODEL
+from ..train.config import KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
 from .common import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_rnn", action="store_true", help="state update s + E(x) instead of the RNN")
     g.add_argument("--init_from", default=None,
                    help="start from an existing drafter directory (its shape replaces the flags above)")
-    g.add_argument("--lm_head_init", choices=("random", "base"), default="random",
+    g.add_argument("--lm_head_init", choices=LM_HEAD_INITS, default="random",
                    help="random, or base: copy the base model's vocabulary projection into the head's "
                         "(needs --exit_dim equal to the base hidden size) and start input_proj as a "
                         "pass-through of the context (default: random)")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft_len", type=positive_int, default=4,
                    help="D unrolled draft steps trained (use the engine's D; default: 4)")
     g = t.add_argument_group("loss")
-    g.add_argument("--loss", choices=("kl", "ce", "mix", "logit_match"), default="kl",
+    g.add_argument("--loss", choices=LOSSES, default="kl",
                    help="kl: forward KL from the base's next-token distribution; ce: cross-entropy "
                         "on the data tokens; mix: alpha*KL + (1-alpha)*CE; logit_match: for a head "
                         "with the base's frozen projection (--lm_head_init base --freeze_lm_head), "
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: kl)")
     g.add_argument("--mse_weight", type=float, default=1.0,
                    help="--loss logit_match: weight of the logit MSE term (default: 1)")
-    g.add_argument("--kl_vocab", choices=("full", "batch"), default="full",
+    g.add_argument("--kl_vocab", choices=KL_VOCABS, default="full",
                    help="vocabulary of the softmax in the loss: full, or batch = the union of the "
                         "batch's teacher top-k tokens (and labels), several times cheaper for a "
                         "large vocabulary; evaluation always uses the full one (default: full)")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batches accumulated per optimizer step (default: 1)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm, 0 = off")
     g.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and held-out split")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU")
     g = t.add_argument_group("data")
     g.add_argument("--max_seq_len", type=positive_int, default=1024, help="truncate sequences (default: 1024)")
@@ -212,8 +213,8 @@ def check_paths(args: argparse.Namespace) -> None:
     """Every directory flag names itself when it is missing or holds the wrong kind of directory,
     and --device is a device this torch can use, before any model is read."""
     from ..checkpoint import require_model_dir
-    from ..engine import resolve_device
     from ..models.hub import DEFAULT_MODEL
+    from ..runtime.loader import resolve_device
 
     if getattr(args, "model_dir", DEFAULT_MODEL) != DEFAULT_MODEL:
         require_model_dir(args.model_dir, "--model_dir", "base")
@@ -290,7 +291,8 @@ def _eval(args) -> int:
 
 
 def _train(args) -> int:
-    from ..train.trainer import TrainConfig, train_drafter
+    from ..train.config import TrainConfig
+    from ..train.loop import train_drafter
 
     cfg = TrainConfig(
         model_dir=args.model_dir, data=list(args.data), output_dir=args.output_dir,

@@ -56,8 +56,9 @@ def package_head(head_dir: Path, base_lm_head: torch.Tensor, output: Path, overw
 
 def main(argv=None) -> int:
     from ..cli.common import run_main
-    from ..checkpoint import load_hf_base
+    from ..hf import load_hf_base
     from ..models.hub import resolve_base_model_dir
+    from ..names import LM_HEAD
 
     p = argparse.ArgumentParser(prog="python -m redrafter_trt.heads.package", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
 
     def run(args) -> int:
         _, sd = load_hf_base(resolve_base_model_dir(args.model_dir))
-        out = package_head(args.head, sd["lm_head.weight"], args.output, args.overwrite)
+        out = package_head(args.head, sd[LM_HEAD], args.output, args.overwrite)
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"wrote {out} ({size / 1e6:.1f} MB)", file=sys.stderr)
         return 0

@@ -36,9 +36,6 @@ import torch
 
 from ..errors import RedrafterError, require
 
-#: Optional step input next to ``NUM_DRAFT_STEPS``: beams to draft this step (1..W; default W).
-#: The torch backend pads the tree to the engine's W x L shape, so carried tensors keep theirs.
-NUM_DRAFT_BEAMS = "num_draft_beams"
 #: Where an engine directory keeps its measured cost model.
 COST_MODEL_FILE = "cost_model.json"
 COST_MODEL_SCHEMA = "redrafter-cost-model/1"

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from .. import contract as C
+from ..contract import NUM_DRAFT_BEAMS
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
-from .adaptive import NUM_DRAFT_BEAMS
 from .detokenize import IncrementalDetokenizer
 
 

@@ -1,13 +1,17 @@
 """Distillation trainer for the ReDrafter draft head (``redrafter-train``).
 
 Stages: data (:mod:`.data`, :mod:`.gen_data` for self-distillation) -> frozen base features
-(:mod:`.features`) -> unrolled head and losses (:mod:`.losses`) -> training loop and drafter
-directory (:mod:`.trainer`).
+(:mod:`.features`) -> unrolled head and losses (:mod:`.losses`) -> settings (:mod:`.config`),
+positions (:mod:`.positions`), the head to train (:mod:`.head`), one step (:mod:`.step`),
+held-out evaluation (:mod:`.evaluation`), checkpoints and resume (:mod:`.resume`) -> the training
+loop and drafter directory (:mod:`.loop`). :mod:`.train_step` times one step of each loss path.
 """
 
 from .gen_data import generate_data, read_prompt_sources
 from .losses import distill_loss, gather_batch, greedy_chain_tokens_per_step, unrolled_logits
-from .trainer import TrainConfig, evaluate, train_drafter
+from .config import TrainConfig
+from .evaluation import evaluate
+from .loop import train_drafter
 
 __all__ = ["TrainConfig", "train_drafter", "evaluate", "generate_data", "read_prompt_sources",
            "distill_loss", "gather_batch", "unrolled_logits", "greedy_chain_tokens_per_step"]

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..datasets import _is_english
+from ..datasets import is_english
 from ..errors import require
 from .base import eos_ids, load_frozen_base
 from .data import load_base_tokenizer, model_fingerprint, require_chat_template
@@ -54,7 +54,7 @@ def user_turn_prefix(tokenizer, model_dir) -> list[int]:
 def acceptable(text: str, min_words: int) -> bool:
     """A usable request: enough words, mostly ASCII letters, no leftover template markup."""
     t = text.strip()
-    return len(t.split()) >= min_words and _is_english(t) and "<|" not in t and "|>" not in t
+    return len(t.split()) >= min_words and is_english(t) and "<|" not in t and "|>" not in t
 
 
 def _resume(out: Path, meta_path: Path, key: str, overwrite: bool) -> tuple[int, list[dict]]:

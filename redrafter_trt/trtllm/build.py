@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..checkpoint import CHECKPOINT_CONFIG, RedrafterCheckpointConfig, copy_tokenizer_files, load_rank_shards
+from .._version import __version__
+from ..checkpoint import (CHECKPOINT_CONFIG, ENGINE_CONFIG, RedrafterCheckpointConfig, copy_tokenizer_files,
+                          load_rank_shards)
 from ..errors import require
 from ..models.io import atomic_output_dir
 from ..ops.beam_search import DEFAULT_WARP_K
@@ -202,7 +203,7 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
         for rank, buf in enumerate(engines):
             with open(tmp / engine_file(rank), "wb") as f:
                 f.write(memoryview(buf))
-        (tmp / "config.json").write_text(json.dumps({
+        (tmp / ENGINE_CONFIG).write_text(json.dumps({
             "version": __version__, "backend": "trtllm", "pretrained_config": raw_cfg,
             "build_config": record}, indent=2))
         copy_tokenizer_files(ckpt, tmp)

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from .. import contract as C
-from ..checkpoint import RedrafterCheckpointConfig, padded_vocab_size
+from ..checkpoint import RedrafterCheckpointConfig
+from ..sharding import padded_vocab_size
 from ..errors import require
 from ..ops.beam_search import DEFAULT_WARP_K
 from . import ACCEPTED_INDICES, require_trtllm

@@ -1,0 +1,100 @@
+"""Opening an engine directory (``redrafter-build`` writes them, :mod:`redrafter_trt.engine`):
+:func:`load` reads ``config.json``, builds the backend it names and returns a
+:class:`~redrafter_trt.runtime.Generator`. Public as :func:`redrafter_trt.load`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import (DTYPES, ENGINE_CONFIG, RedrafterCheckpointConfig, load_checkpoint_models,
+                          require_model_dir)
+from ..errors import RedrafterError, require
+from ..models.io import read_json
+from ..ops.beam_search import DEFAULT_WARP_K
+from .generator import Generator
+
+
+def resolve_device(device: str | None, flag: str = "--device") -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available, else cpu) as a torch device,
+    with a :class:`RedrafterError` naming ``flag`` for a bad name or a CUDA device this torch
+    cannot use."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise RedrafterError(f"{flag} {device!r}: expected cpu, cuda or cuda:N") from None
+    require(dev.type in ("cpu", "cuda"), f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        require(torch.cuda.is_available(),
+                f"{flag} {device}: this torch ({torch.__version__}) has no usable CUDA device "
+                "(a CPU-only build, or no GPU/driver visible); use --device cpu")
+        n = torch.cuda.device_count()
+        require(dev.index is None or dev.index < n,
+                f"{flag} {device}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+    return dev
+
+
+def read_engine_config(engine_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of an engine directory, with its ``backend``, ``pretrained_config``
+    and ``build_config`` present."""
+    path = Path(engine_dir) / ENGINE_CONFIG
+    cfg = read_json(path, "engine config")
+    for key in ("backend", "pretrained_config", "build_config"):
+        require(key in cfg, f"{path}: missing {key!r}; is this a redrafter-build engine directory?")
+    return cfg
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a checkpoint or engine, or None when it has none."""
+    path = Path(path)
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad directory
+        raise RedrafterError(f"{path}: cannot load the tokenizer files ({e})") from e
+
+
+def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+         proposer=None) -> Generator:
+    """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`."""
+    engine_dir = require_model_dir(engine_dir, "--engine_dir", "engine")
+    dev = resolve_device(device)
+    cfg = read_engine_config(engine_dir)
+    ckpt_cfg = RedrafterCheckpointConfig.from_dict(cfg["pretrained_config"],
+                                                   str(engine_dir / ENGINE_CONFIG))
+    bc = cfg["build_config"]
+    if cfg["backend"] == "trtllm":
+        from ..trtllm import runtime as trt_runtime  # lazy: needs TensorRT-LLM
+
+        backend = trt_runtime.TrtllmBackend(engine_dir, ckpt_cfg, bc)
+    elif cfg["backend"] == "torch":
+        from ..backends.torch_backend import TorchBackend
+
+        torch_dtype = None
+        if dtype is not None:
+            require(dtype in DTYPES or dtype == "float64", f"dtype {dtype!r} not supported")
+            torch_dtype = torch.float64 if dtype == "float64" else DTYPES[dtype]
+        _, base, drafter = load_checkpoint_models(engine_dir, dtype=torch_dtype, config=ckpt_cfg)
+        backend = TorchBackend(base.to(dev), drafter.to(dev), ckpt_cfg.num_beams, ckpt_cfg.draft_len,
+                               warp_k=bc.get("warp_k", DEFAULT_WARP_K),
+                               max_batch_size=bc["max_batch_size"], max_input_len=bc["max_input_len"],
+                               max_seq_len=bc["max_seq_len"], proposer=proposer)
+    else:
+        raise RedrafterError(f"{engine_dir / ENGINE_CONFIG}: unknown backend {cfg['backend']!r}")
+    tok = load_tokenizer(engine_dir)
+    eos = list(ckpt_cfg.base.eos_token_id)
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(int(tok.eos_token_id))
+    return Generator(backend, tokenizer=tok, eos_token_ids=eos, random_drafter=ckpt_cfg.random_drafter)
+
+
+__all__ = ["load", "read_engine_config", "load_tokenizer", "resolve_device"]
