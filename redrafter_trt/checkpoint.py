@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from . import fp8
+from .contract import check_num_beams
 from .errors import RedrafterError, require
-from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, HF_MODEL_TYPES, BaseConfig, BaseModel
+from .models.base import (ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURE, HF_ARCHITECTURES, HF_MODEL_TYPE, HF_MODEL_TYPES,
+                          BaseConfig, BaseModel)
 from .models.drafter import (DRAFT_VOCAB, Drafter, DrafterConfig, check_draft_vocab, expected_drafter_shapes,
                              load_checked, load_drafter_state,
                              validate_against_base)
@@ -197,10 +199,9 @@ def trtllm_to_hf(cfg: BaseConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 
 def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict for the base (inverse of :func:`hf_base_config`)."""
-    is_qwen = cfg.architecture == ARCH_QWEN2
     d: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if is_qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if is_qwen else "llama",
+        "architectures": [HF_ARCHITECTURE[cfg.architecture]],
+        "model_type": HF_MODEL_TYPE[cfg.architecture],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
@@ -211,7 +212,7 @@ def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (cfg.eos_token_id or None),
     }
-    if not is_qwen:
+    if cfg.architecture != ARCH_QWEN2:
         d["attention_bias"] = cfg.qkv_bias
         d["mlp_bias"] = cfg.mlp_bias
     return d
@@ -285,7 +286,7 @@ class RedrafterCheckpointConfig:
 
     def to_dict(self) -> dict[str, Any]:
         base = self.base.to_dict()
-        hf_arch = {ARCH_LLAMA: "LlamaForCausalLM", ARCH_QWEN2: "Qwen2ForCausalLM"}[self.base.architecture]
+        hf_arch = HF_ARCHITECTURE[self.base.architecture]
         return {
             "architecture": REDRAFTER_ARCHITECTURES[self.base.architecture],
             "base_model_architecture": hf_arch,
@@ -347,8 +348,7 @@ class RedrafterCheckpointConfig:
         require(isinstance(self.draft_len, int) and self.draft_len >= 1,
                 f"redrafter_draft_len_per_beam (--redrafter_draft_len_per_beam) must be >= 1, "
                 f"got {self.draft_len}")
-        require(self.num_beams <= self.base.vocab_size,
-                f"redrafter_num_beams {self.num_beams} exceeds the vocabulary size {self.base.vocab_size}")
+        check_num_beams(self.num_beams, self.base.vocab_size, "redrafter_num_beams")
         require(self.num_beams <= self.drafter.head_vocab_size,
                 f"redrafter_num_beams {self.num_beams} exceeds the draft head's vocabulary "
                 f"(draft_vocab_size {self.drafter.head_vocab_size})")

@@ -23,10 +23,10 @@ from .checkpoint import (CHECKPOINT_CONFIG, RedrafterCheckpointConfig, copy_toke
 from .errors import RedrafterError, require
 from .models.io import atomic_output_dir, read_json
 from .ops.beam_search import DEFAULT_WARP_K
+from .trtllm import TRTLLM_CONTAINER  # TensorRT-free; the backend itself loads lazily
 
 ENGINE_CONFIG = "config.json"
 BACKENDS = ("auto", "torch", "trtllm")
-TRTLLM_CONTAINER = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
 
 
 def trtllm_available() -> bool:
