@@ -10,6 +10,7 @@ owner really holds).
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ PACKAGE = ROOT / "redrafter_trt"
 ARCH_NAMES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "QWenForCausalLM"}
 #: the KV layout and relocation names only ops/kv_cache.py defines; ``relocate_kv`` has a C++
 #: twin of the same name in native.py, as native mirrors every operator of ops by name
-KV_NAMES = {"relocate_paged", "paged_block_offsets", "paged_pool_layout", "KvLayout"}
+KV_NAMES = {"relocate_paged", "paged_block_offsets", "paged_pool_layout", "KvLayout", "paged_pool_shape",
+            "blocks_per_slot", "contiguous_cache_shape"}
 #: what measures peak memory
 PEAK_MEMORY_ATTRS = {"ru_maxrss", "getrusage", "max_memory_allocated", "reset_peak_memory_stats"}
 
@@ -84,6 +86,11 @@ def kv_layouts(tree: ast.AST, src: str) -> Iterator[tuple[int, str]]:
     for n in ast.walk(tree):
         if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in KV_NAMES:
             yield n.lineno, f"KV layout/relocation {n.name} defined again"
+        # block arithmetic of the paged layout: t // tokens_per_block, t % tpb, -(-n // tpb)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.FloorDiv, ast.Mod)):
+            right = ast.get_source_segment(src, n.right) or ""
+            if "tokens_per_block" in right or right == "tpb":
+                yield n.lineno, f"paged block arithmetic inline: {ast.get_source_segment(src, n)}"
 
 
 def peak_memory(tree: ast.AST, src: str) -> Iterator[tuple[int, str]]:
@@ -98,7 +105,8 @@ def beams_within_vocab(tree: ast.AST, src: str) -> Iterator[tuple[int, str]]:
         if "exceeds the vocabulary size" in c.value:
             yield c.lineno, "W <= vocabulary message typed out"
     for n in ast.walk(tree):
-        if isinstance(n, ast.Compare):
+        if isinstance(n, ast.Compare) and any(getattr(x, "attr", getattr(x, "id", None)) == "vocab_size"
+                                              for x in ast.walk(n)):
             sides = [ast.get_source_segment(src, x) or "" for x in (n.left, *n.comparators)]
             # the base vocabulary V (the draft head's own K, ``head_vocab_size``, is another fact)
             if any(re.search(r"\bvocab_size\b", s) for s in sides) and any("beam" in s.lower() for s in sides):
@@ -123,6 +131,8 @@ RULES = [
          "IMAGE = 'nvcr.io/nvidia/tensorrt-llm/release:1.2.1'\n"),
     Rule("KV layouts and relocations", "ops/kv_cache.py", kv_layouts,
          "def relocate_paged(pool, slots):\n    return pool\n"),
+    Rule("KV paged block arithmetic", "ops/kv_cache.py", kv_layouts,
+         "max_blocks = -(-max_seq_len // tokens_per_block)\n"),
     Rule("peak-memory measurement", "memory.py", peak_memory,
          "import resource\nmb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"),
     Rule("W <= vocab check", "contract.py", beams_within_vocab,
@@ -133,11 +143,17 @@ RULES = [
 def violations(rule: Rule, rel: str, src: str, *, owner_exempt: bool = True) -> list[str]:
     if owner_exempt and rel == rule.owner:
         return []
-    tree = ast.parse(src)
+    tree = parse(src)
     return [f"redrafter_trt/{rel}:{line}: {msg} (owner: redrafter_trt/{rule.owner})"
             for line, msg in rule.find(tree, src)]
 
 
+@functools.lru_cache(maxsize=None)
+def parse(src: str) -> ast.AST:
+    return ast.parse(src)
+
+
+@functools.lru_cache(maxsize=1)
 def package_files() -> list[tuple[str, str]]:
     return [(p.relative_to(PACKAGE).as_posix(), p.read_text()) for p in sorted(PACKAGE.rglob("*.py"))]
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RedrafterError, require
+from ..ops.kv_cache import contiguous_cache_shape
 
 #: Architectures this modeling implements, by the name TensorRT-LLM's checkpoints use.
 ARCH_LLAMA = "LlamaForCausalLM"
@@ -229,8 +230,8 @@ class BaseModel(nn.Module):
         """Allocate ``[layers, 2, slots, kv_heads, capacity, head_size]`` (zeros)."""
         c = self.config
         w = self.lm_head.weight
-        return torch.zeros((c.num_hidden_layers, 2, slots, c.num_key_value_heads, capacity,
-                            c.head_size), dtype=dtype or w.dtype, device=device or w.device)
+        shape = contiguous_cache_shape(c.num_hidden_layers, slots, c.num_key_value_heads, capacity, c.head_size)
+        return torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
                 slots: torch.Tensor, cache_lengths: torch.Tensor,

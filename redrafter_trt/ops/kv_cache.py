@@ -23,6 +23,12 @@ import torch
 from ..errors import RedrafterError
 
 
+def contiguous_cache_shape(layers: int, slots: int, kv_heads: int, max_seq: int,
+                           head_dim: int) -> tuple[int, int, int, int, int, int]:
+    """Shape of the contiguous cache: ``[layers, 2, slots, kv_heads, max_seq, head_dim]``."""
+    return (layers, 2, slots, kv_heads, max_seq, head_dim)
+
+
 def relocate_kv(cache: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.Tensor,
                 accepted_indices: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
     """Move the accepted path's K/V next to the row's cache, in place.
@@ -64,6 +70,17 @@ def relocate_kv(cache: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.T
 
 
 # --------------------------------------------------------------------------- the paged pool
+def blocks_per_slot(positions: int, tokens_per_block: int) -> int:
+    """Blocks a slot of ``positions`` KV positions owns: ceil(positions / tokens_per_block)."""
+    return -(-positions // tokens_per_block)
+
+
+def paged_pool_shape(slots: int, max_blocks: int, layers: int, kv_heads: int, tokens_per_block: int,
+                     head_dim: int) -> tuple[int, int, int, int]:
+    """Shape of the paged pool: ``[slots * max_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``."""
+    return (slots * max_blocks, layers, 2, kv_heads * tokens_per_block * head_dim)
+
+
 def paged_block_offsets(slots: torch.Tensor, max_blocks: int, layers: int) -> torch.Tensor:
     """``kv_cache_block_offsets`` [1, B, 2, max_blocks] int32 of rows whose slots are ``slots`` [B]."""
     j = torch.arange(max_blocks, device=slots.device, dtype=torch.int64)

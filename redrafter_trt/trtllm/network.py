@@ -39,6 +39,7 @@ from .. import contract as C
 from ..checkpoint import RedrafterCheckpointConfig, padded_vocab_size
 from ..errors import require
 from ..ops.beam_search import DEFAULT_WARP_K
+from ..ops.kv_cache import blocks_per_slot
 from ..ops.tree import mask_words
 from . import ACCEPTED_INDICES, Plumbing as P, require_trtllm
 from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin
@@ -220,7 +221,7 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             }
             # attention plumbing (TensorRT-LLM names; paged cache, one pool, slot-contiguous blocks)
             layers = self.config.num_hidden_layers
-            max_blocks = -(-max_seq_len // tokens_per_block)
+            max_blocks = blocks_per_slot(max_seq_len, tokens_per_block)
             a = {
                 P.SEQUENCE_LENGTH: inp(P.SEQUENCE_LENGTH, i32, [-1], [("batch", [bs])]),
                 P.HOST_PAST_KEY_VALUE_LENGTHS: inp(P.HOST_PAST_KEY_VALUE_LENGTHS, i32, [-1], [("batch", [bs])]),

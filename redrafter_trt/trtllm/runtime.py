@@ -43,7 +43,7 @@ from .. import contract as C
 from .. import native
 from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
-from ..ops.kv_cache import paged_block_offsets, relocate_paged
+from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
 from ..ops.tree import bool_to_packed_mask, mask_words, root_only_tree
 from . import ACCEPTED_INDICES, Plumbing as P, require_trtllm
 from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
@@ -307,9 +307,9 @@ class TrtllmBackend:
         torch.cuda.empty_cache()
         self.max_blocks = self.engine_max_blocks  # the engine's fixed dim
         self.slots = slots
-        block_elems = self.kv_heads * self.tokens_per_block * self.head_dim
-        self.pool = torch.zeros((slots * self.max_blocks, self.layers, 2, block_elems), dtype=self.dtype,
-                                device=self.device)
+        shape = paged_pool_shape(slots, self.max_blocks, self.layers, self.kv_heads, self.tokens_per_block,
+                                 self.head_dim)
+        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ step
     @property
