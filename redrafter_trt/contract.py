@@ -47,6 +47,11 @@ TOP_P = "top_p"                          # [B] float32: 1 = off
 UNIFORMS = "uniforms"                    # [B, L] float32: uniform of the k-th token this call emits
 NUM_DRAFT_STEPS = "num_draft_steps"      # [] int32 host scalar: D to draft the next tree, 0 = plain
 
+#: Optional input next to ``NUM_DRAFT_STEPS``: beams to draft this step (1..W; default W); [] int32
+#: host scalar. The torch backend pads the tree to the engine's W x L shape, so carried tensors
+#: keep theirs (the adaptive policy, :mod:`redrafter_trt.runtime.adaptive`, sets it).
+NUM_DRAFT_BEAMS = "num_draft_beams"
+
 INPUTS = (REQUEST_TYPES, SLOT_IDS, CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, POSITION_OFFSETS,
           PACKED_MASK, DRAFT_TOKENS, DRAFT_INDICES, TEMPERATURE, TOP_K, TOP_P, UNIFORMS,
           NUM_DRAFT_STEPS)

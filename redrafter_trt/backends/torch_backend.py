@@ -14,14 +14,13 @@ from typing import Callable
 import torch
 
 from .. import contract as C
+from ..errors import RedrafterError
 from ..models.base import BaseModel
 from ..models.drafter import Drafter
 from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
-from ..errors import RedrafterError
 from ..ops.tree import PackedTree, bool_to_packed_mask, root_only_tree
 from . import cuda_ops
-from ..runtime.adaptive import NUM_DRAFT_BEAMS
 
 
 #: ``(context [B, H], root [B], slots [B], root_positions [B]) -> beams [B, W, L]`` int
@@ -219,11 +218,11 @@ class TorchBackend:
         t0 = self._tick("accept", t0)
 
         d = int(x[C.NUM_DRAFT_STEPS])
-        nb = int(inputs[NUM_DRAFT_BEAMS]) if NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
+        nb = int(inputs[C.NUM_DRAFT_BEAMS]) if C.NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
         if not 0 <= d <= self.shape.draft_len:
             raise ValueError(f"{C.NUM_DRAFT_STEPS} must be in [0, {self.shape.draft_len}], got {d}")
         if not 1 <= nb <= self.shape.num_beams:
-            raise ValueError(f"{NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
+            raise ValueError(f"{C.NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
         if d > 0:
             if d == self.shape.draft_len and nb == self.shape.num_beams:
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)

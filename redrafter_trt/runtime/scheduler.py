@@ -39,7 +39,6 @@ from .. import contract as C
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
 from ..ops.tree import mask_words
-from .adaptive import NUM_DRAFT_BEAMS
 from .detokenize import IncrementalDetokenizer
 
 
@@ -492,7 +491,7 @@ class Scheduler:
             C.NUM_DRAFT_STEPS: torch.tensor(d, **i32),
         }
         if self.policy is not None:
-            inputs[NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
+            inputs[C.NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
         try:
             out = be.step(inputs)
         except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server
