@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from . import fp8
+from .contract import check_num_beams
 from .errors import RedrafterError, require
-from .models.base import ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURES, BaseConfig, BaseModel
+from .models.base import (ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURE, HF_ARCHITECTURES, BaseConfig, BaseModel)
 from .models.drafter import (Drafter, DrafterConfig, check_draft_vocab, load_checked, load_drafter_state,
                              validate_against_base)
 from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
@@ -64,7 +65,7 @@ class RedrafterCheckpointConfig:
 
     def to_dict(self) -> dict[str, Any]:
         base = self.base.to_dict()
-        hf_arch = {ARCH_LLAMA: "LlamaForCausalLM", ARCH_QWEN2: "Qwen2ForCausalLM"}[self.base.architecture]
+        hf_arch = HF_ARCHITECTURE[self.base.architecture]
         return {
             "architecture": REDRAFTER_ARCHITECTURES[self.base.architecture],
             "base_model_architecture": hf_arch,
@@ -126,8 +127,7 @@ class RedrafterCheckpointConfig:
         require(isinstance(self.draft_len, int) and self.draft_len >= 1,
                 f"redrafter_draft_len_per_beam (--redrafter_draft_len_per_beam) must be >= 1, "
                 f"got {self.draft_len}")
-        require(self.num_beams <= self.base.vocab_size,
-                f"redrafter_num_beams {self.num_beams} exceeds the vocabulary size {self.base.vocab_size}")
+        check_num_beams(self.num_beams, self.base.vocab_size, "redrafter_num_beams")
         require(self.num_beams <= self.drafter.head_vocab_size,
                 f"redrafter_num_beams {self.num_beams} exceeds the draft head's vocabulary "
                 f"(draft_vocab_size {self.drafter.head_vocab_size})")

@@ -17,8 +17,15 @@ root (``NUM_DRAFT_STEPS = 0``): the same forward, acceptance and cache path with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from .errors import require
+from .ops.tree import mask_words
+
+if TYPE_CHECKING:  # annotations only: the contract imports nothing above it
+    from .models.base import BaseModel
 
 # ---- request kinds
 CONTEXT = 0
@@ -40,9 +47,9 @@ TOP_P = "top_p"                          # [B] float32: 1 = off
 UNIFORMS = "uniforms"                    # [B, L] float32: uniform of the k-th token this call emits
 NUM_DRAFT_STEPS = "num_draft_steps"      # [] int32 host scalar: D to draft the next tree, 0 = plain
 
-#: Optional input next to ``NUM_DRAFT_STEPS`` (not in :data:`INPUTS`): [] int32 host scalar, the
-#: beams to draft this step (1..W; default W). The torch backend pads the tree to the engine's
-#: W x L shape, so carried tensors keep theirs.
+#: Optional input next to ``NUM_DRAFT_STEPS``: beams to draft this step (1..W; default W); [] int32
+#: host scalar. The torch backend pads the tree to the engine's W x L shape, so carried tensors
+#: keep theirs (the adaptive policy, :mod:`redrafter_trt.runtime.adaptive`, sets it).
 NUM_DRAFT_BEAMS = "num_draft_beams"
 
 INPUTS = (REQUEST_TYPES, SLOT_IDS, CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, POSITION_OFFSETS,
@@ -108,7 +115,7 @@ def check_inputs(inputs: dict[str, torch.Tensor], shape: StepShape) -> None:
     t = inputs[INPUT_IDS].shape[1]
     expected = {
         REQUEST_TYPES: (b,), SLOT_IDS: (b,), CACHE_LENGTHS: (b,), INPUT_IDS: (b, t),
-        INPUT_LENGTHS: (b,), POSITION_OFFSETS: (b, t), PACKED_MASK: (b, t, (t + 31) // 32),
+        INPUT_LENGTHS: (b,), POSITION_OFFSETS: (b, t), PACKED_MASK: (b, t, mask_words(t)),
         DRAFT_TOKENS: (b, w, l), DRAFT_INDICES: (b, w, l), TEMPERATURE: (b,), TOP_K: (b,),
         TOP_P: (b,), UNIFORMS: (b, l), NUM_DRAFT_STEPS: (),
     }
@@ -119,3 +126,65 @@ def check_inputs(inputs: dict[str, torch.Tensor], shape: StepShape) -> None:
         is_int = not inputs[name].is_floating_point()
         if is_int != (name in INT_TENSORS):
             raise ValueError(f"step input {name} has dtype {inputs[name].dtype}")
+
+
+def check_num_beams(num_beams: int, vocab_size: int, what: str) -> None:
+    """W <= V: a beam search over V tokens keeps at most V distinct beams. ``what`` names the
+    flag or field (raises :class:`~redrafter_trt.errors.RedrafterError` naming it)."""
+    require(num_beams <= vocab_size, f"{what} {num_beams} exceeds the vocabulary size {vocab_size}")
+
+
+class Backend(Protocol):
+    """What the runtime (:class:`~redrafter_trt.runtime.scheduler.Scheduler`,
+    :class:`~redrafter_trt.runtime.generator.Generator`) and the benchmark need of a backend.
+
+    Implemented by :class:`~redrafter_trt.backends.torch_backend.TorchBackend` and
+    :class:`~redrafter_trt.trtllm.runtime.TrtllmBackend`; ``tests/test_backend_protocol.py``
+    checks both structurally.
+    """
+
+    #: "torch" or "trtllm" (reports name it)
+    name: str
+    #: True when context rows and generation rows may share one :meth:`step` call
+    mixed_request_types: bool
+    #: the static W x D of :meth:`step`'s tensors
+    shape: StepShape
+    device: torch.device
+    #: dtype of the weights and the KV cache
+    dtype: torch.dtype
+    #: engine limits the runtime enforces: rows per call, prompt tokens, prompt + output tokens
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    #: top-k warp of the draft logits (0 = off; None = not recorded by the engine)
+    warp_k: int | None
+    #: cumulative seconds per phase of :meth:`step` (e.g. verify / accept / draft / pack)
+    timings: dict[str, float]
+
+    @property
+    def vocab_size(self) -> int:
+        """V: token ids of prompts and outputs lie in [0, V)."""
+        ...
+
+    @property
+    def base(self) -> BaseModel | None:
+        """The base model's torch weights (None where the backend has none, e.g. an engine)."""
+        ...
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """Bytes of the KV cache now reserved (None before :meth:`reserve`)."""
+        ...
+
+    def reserve(self, slots: int, tokens_per_slot: int) -> None:
+        """Make the KV cache hold ``slots`` rows of ``tokens_per_slot`` tokens (plus one tree)."""
+        ...
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One call of the step contract: :data:`INPUTS` -> :data:`OUTPUTS` (module docstring)."""
+        ...
+
+    def reshaped(self, num_beams: int, draft_len: int) -> Backend | None:
+        """A backend with beam shape W x D sharing this one's weights, or None when the shape is
+        fixed (an engine serves only its own shape: it returns itself for that one)."""
+        ...

@@ -23,9 +23,9 @@ from .checkpoint import (CHECKPOINT_CONFIG, ENGINE_CONFIG, copy_tokenizer_files,
 from .errors import RedrafterError, require
 from .models.io import atomic_output_dir
 from .ops.beam_search import DEFAULT_WARP_K
+from .trtllm import TRTLLM_CONTAINER  # TensorRT-free; the backend itself loads lazily
 
 BACKENDS = ("auto", "torch", "trtllm")
-TRTLLM_CONTAINER = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
 
 
 def trtllm_available() -> bool:

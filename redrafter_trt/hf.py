@@ -14,7 +14,7 @@ import torch
 
 from . import fp8
 from .errors import RedrafterError, require
-from .models.base import ARCH_QWEN2, HF_ARCHITECTURES, HF_MODEL_TYPES, BaseConfig
+from .models.base import ARCH_QWEN2, HF_ARCHITECTURE, HF_ARCHITECTURES, HF_MODEL_TYPE, HF_MODEL_TYPES, BaseConfig
 from .models.io import load_state_dict_file, read_json
 from .names import hf_to_trtllm
 
@@ -116,10 +116,9 @@ def _hf_weight_files(model_dir: Path) -> list[Path]:
 
 def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict for the base (inverse of :func:`hf_base_config`)."""
-    is_qwen = cfg.architecture == ARCH_QWEN2
     d: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if is_qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if is_qwen else "llama",
+        "architectures": [HF_ARCHITECTURE[cfg.architecture]],
+        "model_type": HF_MODEL_TYPE[cfg.architecture],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
@@ -130,7 +129,7 @@ def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (cfg.eos_token_id or None),
     }
-    if not is_qwen:
+    if cfg.architecture != ARCH_QWEN2:
         d["attention_bias"] = cfg.qkv_bias
         d["mlp_bias"] = cfg.mlp_bias
     return d

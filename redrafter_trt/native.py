@@ -21,13 +21,13 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from .errors import RedrafterError
 from .ops.accept import Acceptance
 from .ops.beam_search import DEFAULT_WARP_K
+from .ops.kv_cache import KvLayout, paged_pool_layout
 from .ops.tree import PackedTree, mask_words, packed_mask_to_bool
 
 LIB_ENV = "REDRAFTER_NATIVE_LIB"
@@ -337,48 +337,6 @@ def relocate_kv(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num
     return out
 
 
-class KvLayout(NamedTuple):
-    """A blocked, strided KV-cache layout (``cpp/include/redrafter/kv_relocate.h``), in elements.
-
-    Element (layer, kv, slot, head, t, e) lives at ``slot*stride_slot + (t // tokens_per_block) *
-    stride_block + (t % tokens_per_block)*stride_token + layer*stride_layer + kv*stride_kv +
-    head*stride_head + e``.
-    """
-
-    tokens_per_block: int
-    stride_slot: int
-    stride_block: int
-    stride_token: int
-    stride_layer: int
-    stride_kv: int
-    stride_head: int
-
-    @classmethod
-    def contiguous(cls, num_slots: int, kv_heads: int, max_seq: int, head_dim: int) -> "KvLayout":
-        """``[layers, 2, slots, kv_heads, max_seq, head_dim]`` row-major (:mod:`redrafter_trt.ops.kv_cache`)."""
-        head = max_seq * head_dim
-        slot = kv_heads * head
-        return cls(max_seq, slot, slot, head_dim, 2 * num_slots * slot, num_slots * slot, head)
-
-    @classmethod
-    def paged(cls, layers: int, kv_heads: int, tokens_per_block: int, head_dim: int, max_blocks: int,
-              block_stride: int | None = None, layer_stride: int | None = None,
-              kv_stride: int | None = None) -> "KvLayout":
-        """TensorRT-LLM's pool ``[slots * max_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``
-        (slot s owns blocks s*max_blocks ..); the outer strides default to the contiguous pool's."""
-        head = tokens_per_block * head_dim
-        kv = kv_heads * head if kv_stride is None else kv_stride
-        layer = 2 * kv_heads * head if layer_stride is None else layer_stride
-        block = layers * 2 * kv_heads * head if block_stride is None else block_stride
-        return cls(tokens_per_block, max_blocks * block, block, head_dim, layer, kv, head)
-
-    def offset(self, layer: int, kv: int, slot: int, head: int, t: int) -> int:
-        """Element offset of (layer, kv, slot, head, t, 0)."""
-        return (slot * self.stride_slot + (t // self.tokens_per_block) * self.stride_block
-                + (t % self.tokens_per_block) * self.stride_token + layer * self.stride_layer
-                + kv * self.stride_kv + head * self.stride_head)
-
-
 def _extent(t: torch.Tensor) -> int:
     """Elements a strided view reaches from its data pointer (0 when empty)."""
     if t.numel() == 0:
@@ -435,9 +393,9 @@ def relocate_kv_strided(cache: torch.Tensor, slots, cache_lengths, accepted_indi
     return out
 
 
-def relocate_paged(pool: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted, *, max_blocks: int,
-                   kv_heads: int, tokens_per_block: int, head_dim: int) -> torch.Tensor:
-    """Native twin of :func:`redrafter_trt.trtllm.runtime.relocate_paged` (CPU reference or CUDA kernel).
+def relocate_paged_native(pool: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted, *,
+                          max_blocks: int, kv_heads: int, tokens_per_block: int, head_dim: int) -> torch.Tensor:
+    """Native twin of :func:`redrafter_trt.ops.kv_cache.relocate_paged` (CPU reference or CUDA kernel).
 
     Args:
         pool: [slots * max_blocks, layers, 2, kv_heads * tokens_per_block * head_dim] (last dim
@@ -445,18 +403,9 @@ def relocate_paged(pool: torch.Tensor, slots, cache_lengths, accepted_indices, n
     Returns:
         new cache lengths [B] int32 (positions per slot: max_blocks * tokens_per_block).
     """
-    if not isinstance(pool, torch.Tensor) or pool.dim() != 4 or pool.shape[2] != 2:
-        raise RedrafterError("relocate_paged: pool must be a torch.Tensor [num_blocks, layers, 2, "
-                             f"kv_heads * tokens_per_block * head_dim], got {getattr(pool, 'shape', type(pool))}")
-    blocks, layers, _, block_elems = pool.shape
-    if block_elems != kv_heads * tokens_per_block * head_dim or pool.stride(3) != 1:
-        raise RedrafterError(f"relocate_paged: pool's last dim must be contiguous kv_heads * tokens_per_block * "
-                             f"head_dim = {kv_heads * tokens_per_block * head_dim}, got shape {list(pool.shape)} "
-                             f"strides {list(pool.stride())}")
-    if max_blocks < 1 or blocks % max_blocks:
-        raise RedrafterError(f"relocate_paged: {blocks} blocks are not a whole number of slots of {max_blocks} blocks")
-    layout = KvLayout.paged(layers, kv_heads, tokens_per_block, head_dim, max_blocks, block_stride=pool.stride(0),
-                            layer_stride=pool.stride(1), kv_stride=pool.stride(2))
+    layout = paged_pool_layout(pool, max_blocks=max_blocks, kv_heads=kv_heads, tokens_per_block=tokens_per_block,
+                               head_dim=head_dim)
+    blocks, layers = pool.shape[:2]
     return relocate_kv_strided(pool, slots, cache_lengths, accepted_indices, num_accepted, layout=layout,
                                num_layers=layers, num_slots=blocks // max_blocks, kv_heads=kv_heads,
                                max_seq=max_blocks * tokens_per_block, head_dim=head_dim)

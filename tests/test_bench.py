@@ -225,9 +225,13 @@ def test_batch_size_over_engine_limit_names_the_build_flag(tiny_engine, tmp_path
 
 
 def test_fixed_shape_backend_serves_only_its_own_shape():
-    class FixedShape:  # what a TensorRT-LLM engine looks like to the bench
+    from redrafter_trt.trtllm.runtime import TrtllmBackend
+
+    class FixedShape:  # what a TensorRT-LLM engine looks like to the bench (its own reshaped())
         name = "trtllm"
         shape = C.StepShape(4, 4)
+        vocab_size = 97
+        reshaped = TrtllmBackend.reshaped
 
     gen = Generator(FixedShape())
     assert backend_for_shape(gen, (4, 4)) is gen.backend

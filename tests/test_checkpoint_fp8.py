@@ -20,7 +20,7 @@ from redrafter_trt.errors import RedrafterError
 from redrafter_trt.fp8 import EXCLUDE_MODULES, FP8_LINEARS
 from redrafter_trt.hf import load_hf_base
 from redrafter_trt.models.base import BaseModel
-from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter
+from redrafter_trt.models.drafter import DrafterConfig, init_drafter
 from redrafter_trt.runtime.loader import load
 from redrafter_trt.sharding import padded_vocab_size, tp_merge
 

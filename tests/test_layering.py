@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The stages, lowest first: (stage, module names relative to the package; "" is the package's
 #: own ``__init__``).
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation: version, errors", ("_version", "errors")),
+    ("foundation: version, errors, memory measurement", ("_version", "errors", "memory")),
     ("core: the step contract, operators, the C++ bindings, prompt sets",
      ("contract", "ops", "native", "datasets")),
     ("models: base model, draft head, files", ("models",)),
@@ -57,11 +57,25 @@ def package_modules(root: Path, package: str) -> dict[str, tuple[Path, bool]]:
     return mods
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``."""
+    if not isinstance(node, ast.If):
+        return False
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
 def imports_of(module: str, path: Path, is_pkg: bool, modules: dict, package: str) -> list[Import]:
     """The imports of ``module`` that land inside ``package``: ``from X import a`` goes to the
     module ``X.a`` when there is one, else to ``X``."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # ``if TYPE_CHECKING:`` imports are annotations, not dependencies
+            continue
         if isinstance(node, ast.Import):
             out += [Import(module, a.name, node.lineno, ()) for a in node.names
                     if a.name == package or a.name.startswith(package + ".")]
@@ -248,3 +262,20 @@ def test_the_version_is_written_once():
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": f"{PACKAGE}._version.__version__"}
     assert redrafter_trt.__version__ == _version.__version__
     assert [imp for imp in GRAPH if imp.target == PACKAGE] == []  # nothing imports the root
+
+
+def test_annotation_only_imports_are_not_dependencies(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/low.py": """\
+            from typing import TYPE_CHECKING
+            if TYPE_CHECKING:                       # annotations only: no runtime dependency
+                from .high import g
+            else:
+                from .high import h                 # a real import, still upward
+            """,
+        "pkg/high.py": "def g():\n    return 2\n\ndef h():\n    return 3\n",
+    })
+    graph = import_graph(tmp_path, "pkg")
+    assert upward_imports(graph, "pkg", BAD_STAGES) == [
+        "pkg.low (line 5, stage 'low') imports pkg.high (stage 'high')"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from redrafter_trt import native
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.native import KvLayout
+from redrafter_trt.ops.kv_cache import KvLayout
 from redrafter_trt.ops.kv_cache import relocate_kv
 
 
@@ -73,7 +73,7 @@ def test_bad_cache_shapes():
 
 # --------------------------------------------------------------------------- strided layouts
 # redrafter_kv_relocate_strided_cpu (blocked, strided layout of cpp/include/redrafter/kv_relocate.h)
-# against the PyTorch references: ops.relocate_kv (contiguous) and trtllm.runtime.relocate_paged.
+# against the PyTorch references: ops.relocate_kv (contiguous) and ops.kv_cache.relocate_paged.
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8]  # 4, 2, 2, 8, 1 bytes
 
@@ -127,7 +127,7 @@ def test_strided_contiguous_layout_matches_pytorch_reference(seed, b, l, dtype, 
        tpb=st.sampled_from([1, 2, 3, 4, 5, 8, 16]), layers=st.integers(1, 3), heads=st.integers(1, 3),
        head_dim=st.integers(1, 8), extra_blocks=st.integers(0, 2), pad=st.integers(0, 3))
 def test_strided_paged_pool_matches_torch_relocation(seed, b, l, dtype, tpb, layers, heads, head_dim, extra_blocks, pad):
-    from redrafter_trt.trtllm.runtime import relocate_paged
+    from redrafter_trt.ops.kv_cache import relocate_paged
 
     rng = np.random.default_rng(seed)
     slots = 5
@@ -139,8 +139,8 @@ def test_strided_paged_pool_matches_torch_relocation(seed, b, l, dtype, tpb, lay
     pool = full[..., :block_elems]
     ref = full.clone()[..., :block_elems]
     slot, lens, q, n = random_rows(rng, b, l, slots, capacity)
-    got = native.relocate_paged(pool, slot, lens, q, n, max_blocks=max_blocks, kv_heads=heads,
-                                tokens_per_block=tpb, head_dim=head_dim)
+    got = native.relocate_paged_native(pool, slot, lens, q, n, max_blocks=max_blocks, kv_heads=heads,
+                                       tokens_per_block=tpb, head_dim=head_dim)
     relocate_paged(ref, slot, lens, q, n, max_blocks=max_blocks, kv_heads=heads, tokens_per_block=tpb,
                    head_dim=head_dim)
     assert torch.equal(got, lens + n + 1)
@@ -161,8 +161,8 @@ def test_paged_moves_across_block_borders_equal_the_contiguous_reference(tpb, dt
     path = torch.tensor([[0, 1, 4, 6], [0, 2, 3, 3], [0, 3, 5, 9], [0, 0, 0, 0]], dtype=torch.int32)
     n = torch.tensor([3, 2, 3, 0], dtype=torch.int32)
     want = relocate_kv(cache, row_slots, cache_len, path, n)
-    got = native.relocate_paged(pool, row_slots, cache_len, path, n, max_blocks=blocks, kv_heads=heads,
-                                tokens_per_block=tpb, head_dim=hd)
+    got = native.relocate_paged_native(pool, row_slots, cache_len, path, n, max_blocks=blocks, kv_heads=heads,
+                                       tokens_per_block=tpb, head_dim=hd)
     assert torch.equal(got, want)
     assert torch.equal(pool, to_pool(cache, tpb))
 
@@ -225,12 +225,12 @@ def test_paged_binding_checks_the_pool():
     pool = torch.zeros(6, 2, 2, 2 * 4 * 3)
     rows = ([0], [0], [[0, 1]], [1])
     with pytest.raises(RedrafterError, match="whole number of slots"):
-        native.relocate_paged(pool, *rows, max_blocks=4, kv_heads=2, tokens_per_block=4, head_dim=3)
+        native.relocate_paged_native(pool, *rows, max_blocks=4, kv_heads=2, tokens_per_block=4, head_dim=3)
     with pytest.raises(RedrafterError, match="last dim must be contiguous"):
-        native.relocate_paged(pool, *rows, max_blocks=3, kv_heads=2, tokens_per_block=4, head_dim=2)
+        native.relocate_paged_native(pool, *rows, max_blocks=3, kv_heads=2, tokens_per_block=4, head_dim=2)
     with pytest.raises(RedrafterError, match="exceeds max_seq"):  # 3 blocks of 4 positions per slot
-        native.relocate_paged(pool, [0], [11], [[0, 1]], [1], max_blocks=3, kv_heads=2, tokens_per_block=4,
-                              head_dim=3)
+        native.relocate_paged_native(pool, [0], [11], [[0, 1]], [1], max_blocks=3, kv_heads=2,
+                                     tokens_per_block=4, head_dim=3)
 
 
 def test_runtime_relocation_kernel_path_equals_torch_path(monkeypatch):

@@ -3,7 +3,8 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from redrafter_trt.ops import bool_to_packed_mask, mask_words, pack_tree, packed_mask_to_bool
+from redrafter_trt.contract import StepShape
+from redrafter_trt.ops import bool_to_packed_mask, mask_words, pack_tree, packed_mask_to_bool, root_only_tree
 
 
 def test_spec_worked_example():
@@ -81,3 +82,16 @@ def test_packed_mask_roundtrip(rows, cols, data):
         for j in range(cols):
             word = int(packed[r, j // 32]) & 0xFFFFFFFF
             assert bool((word >> (j % 32)) & 1) == bool(m[r, j])
+
+
+def test_root_only_tree_is_the_root_alone():
+    """Plain decoding's tree: one node (the root) in the W*L layout, as pack_tree pads it."""
+    tree, beams = root_only_tree(torch.tensor([7, 11]), StepShape(2, 1))
+    assert beams.tolist() == [[[7, -1], [7, -1]], [[11, -1], [11, -1]]]
+    assert tree.lengths.tolist() == [1, 1]
+    assert tree.tokens.tolist() == [[7, 0, 0, 0], [11, 0, 0, 0]]
+    assert tree.unpacker.eq(0).all() and tree.offsets.eq(0).all()
+    assert tree.packed_mask.tolist() == [[[1], [0], [0], [0]]] * 2
+    # node 0 as pack_tree lays out a tree whose only node is the root
+    one = pack_tree(torch.tensor([[[7]], [[11]]]))
+    assert tree.tokens[:, :1].tolist() == one.tokens.tolist() and tree.mask[:, :1, :1].tolist() == one.mask.tolist()

@@ -241,3 +241,23 @@ def test_stream_events_and_results_equal_generate(tiny_dirs):
     assert [streamed[i] for i in range(len(PROMPTS))] == [r.token_ids for r in want]
     assert [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in gen.last_results] == \
         [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in want]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_decoding_needs_no_draft_head(tiny_dirs, arch):
+    """A backend without a draft head decodes plainly (greedy and sampled) exactly as one with a
+    head does, and refuses a speculative step with an error saying it has no draft head."""
+    from redrafter_trt.backends.torch_backend import TorchBackend
+    from redrafter_trt.errors import RedrafterError
+    from redrafter_trt.runtime import Generator
+
+    with_head = tiny_generator(tiny_dirs[arch], 1, 1)
+    be = with_head.backend
+    headless = Generator(TorchBackend(be.base, None, 1, 1, max_batch_size=be.max_batch_size,
+                                      max_input_len=be.max_input_len, max_seq_len=be.max_seq_len))
+    for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 3}):
+        want = with_head.generate(PROMPTS, max_new_tokens=9, speculative=False, **kw)
+        got = headless.generate(PROMPTS, max_new_tokens=9, speculative=False, **kw)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    with pytest.raises(RedrafterError, match="no draft head"):
+        headless.generate(PROMPTS[:1], max_new_tokens=3, speculative=True)

@@ -115,10 +115,10 @@ def test_paged_relocation_equals_the_reference():
     import torch
 
     from redrafter_trt.ops import relocate_kv
-    from redrafter_trt.trtllm.runtime import relocate_paged
+    from redrafter_trt.ops.kv_cache import relocate_paged
 
     g = torch.Generator().manual_seed(0)
-    layers, slots, heads, tpb, blocks, hd, l = 3, 5, 2, 4, 6, 3, 4
+    layers, slots, heads, tpb, blocks, hd = 3, 5, 2, 4, 6, 3
     cache = torch.randn(layers, 2, slots, heads, tpb * blocks, hd, generator=g)
     pool = to_pool(cache, tpb)
     row_slots = torch.tensor([3, 0, 4, 1], dtype=torch.int32)
@@ -134,7 +134,7 @@ def test_paged_relocation_equals_the_reference():
 def test_block_offsets_address_each_slots_blocks():
     import torch
 
-    from redrafter_trt.trtllm.runtime import paged_block_offsets
+    from redrafter_trt.ops.kv_cache import paged_block_offsets
 
     layers, mb = 3, 4
     slots = torch.tensor([2, 0], dtype=torch.int32)
@@ -193,7 +193,7 @@ def test_prepared_feed_matches_the_network_inputs():
     import torch
 
     from redrafter_trt.ops.tree import packed_mask_to_bool
-    from redrafter_trt.trtllm.network import ATTENTION_INPUTS
+    from redrafter_trt.trtllm import ATTENTION_INPUTS
 
     inputs = generation_inputs([2, 0, 1], [10, 0, 33])
     p = prepare(inputs)
@@ -279,7 +279,7 @@ def test_host_inputs_decide_replay_or_update():
     the rounded KV length, the rows' slots (block offsets), the pool, or the call's width."""
     from redrafter_trt.trtllm.cuda_graph import (HOST_INPUTS, GraphEntry, ShapeKey, capture_host_values,
                                                  graph_action, host_signature)
-    from redrafter_trt.trtllm.network import ATTENTION_INPUTS
+    from redrafter_trt.trtllm import ATTENTION_INPUTS
 
     assert HOST_INPUTS <= set(ATTENTION_INPUTS) and "spec_decoding_use" in HOST_INPUTS
     assert all(n.startswith("host_") for n in HOST_INPUTS - {"spec_decoding_use"})
@@ -309,7 +309,7 @@ def test_static_buffers_keep_their_addresses():
     import torch
 
     from redrafter_trt.trtllm.cuda_graph import HOST_INPUTS, StaticBuffers, buffer_plan, capture_host_values
-    from redrafter_trt.trtllm.network import ATTENTION_INPUTS
+    from redrafter_trt.trtllm import ATTENTION_INPUTS
 
     engine_inputs = (set(C.INPUTS) - {C.NUM_DRAFT_STEPS, C.SLOT_IDS}) | set(ATTENTION_INPUTS)
     p0 = prepare(generation_inputs([2, 0], [10, 40], beams_seed=1), bucket=True)

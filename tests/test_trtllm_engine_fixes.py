@@ -108,7 +108,7 @@ def test_host_inputs_are_found_by_name_and_are_the_cpu_tensors_of_the_feed():
     import torch
 
     from redrafter_trt.trtllm.cuda_graph import host_input_names
-    from redrafter_trt.trtllm.network import ATTENTION_INPUTS
+    from redrafter_trt.trtllm import ATTENTION_INPUTS
     from redrafter_trt.trtllm.runtime import prepare_step
     from test_trtllm import SHAPE, generation_inputs
 

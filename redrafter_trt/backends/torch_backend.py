@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
 from .. import contract as C
+from ..errors import RedrafterError
 from ..models.base import BaseModel
 from ..models.drafter import Drafter
 from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
-from ..ops.tree import PackedTree, bool_to_packed_mask
-from ..contract import NUM_DRAFT_BEAMS
+from ..ops.tree import PackedTree, bool_to_packed_mask, root_only_tree
 from . import cuda_ops
 
+
+#: ``(context [B, H], root [B], slots [B], root_positions [B]) -> beams [B, W, L]`` int
+Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: /proc/cpuinfo flags of CPU bfloat16 matrix units.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -52,25 +56,6 @@ def auto_dtype(cpuinfo: str | None = None) -> tuple[str, str]:
     return "float32", f"no CUDA device and no {'/'.join(CPU_BF16_FLAGS)} in /proc/cpuinfo"
 
 
-def root_only_tree(root: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
-    """The tree of plain decoding: just the root token. Returns (tree, beams [root, -1, ...])."""
-    b = root.shape[0]
-    w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
-    dev = root.device
-    beams = torch.full((b, w, l), -1, dtype=torch.int32, device=dev)
-    beams[:, :, 0] = root.to(torch.int32)[:, None]
-    tokens = torch.zeros((b, n), dtype=torch.int32, device=dev)
-    tokens[:, 0] = root.to(torch.int32)
-    mask = torch.zeros((b, n, n), dtype=torch.bool, device=dev)
-    mask[:, 0, 0] = True
-    return PackedTree(tokens=tokens, lengths=torch.ones(b, dtype=torch.int32, device=dev),
-                      unpacker=torch.zeros((b, w, l), dtype=torch.int32, device=dev),
-                      offsets=torch.zeros((b, n), dtype=torch.int32, device=dev),
-                      packed_mask=bool_to_packed_mask(mask), mask=mask), beams
-
-
-
-
 def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
     """Pack beams [B, w, d+1] (w <= W, d <= D) and pad to the engine's [B, W, L] / W*L shapes:
     missing beams repeat beam 0 (the tree dedups them), missing depths are -1 tokens."""
@@ -98,23 +83,27 @@ def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch
 
 
 class TorchBackend:
-    """Runs whole ReDrafter steps with PyTorch.
+    """Runs whole ReDrafter steps with PyTorch (implements :class:`~redrafter_trt.contract.Backend`).
 
     Args:
-        base: the base LLM; drafter: its draft head (same dtype and device).
+        base: the base LLM; drafter: its draft head (same dtype and device), or None for a
+            backend that only decodes plainly (``num_draft_steps`` 0; a step asking for draft
+            steps raises).
         num_beams: W; draft_len: D; warp_k: top-k warp of draft logits (0 = off).
         max_batch_size, max_seq_len: engine limits the runtime enforces.
+        proposer: ``(context [B,H], root [B], slots [B], root_positions [B]) -> beams [B,W,L]``
+            in place of the draft head's beam search (tests plug in proposers that know the answer).
     """
 
     name = "torch"
     #: context rows and generation rows may share one call (the runtime scheduler mixes them)
     mixed_request_types = True
 
-    def __init__(self, base: BaseModel, drafter: Drafter, num_beams: int, draft_len: int,
+    def __init__(self, base: BaseModel, drafter: Drafter | None, num_beams: int, draft_len: int,
                  warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,
-                 max_seq_len: int = 2048, proposer=None, native_linear: bool = False):
+                 max_seq_len: int = 2048, proposer: Proposer | None = None, native_linear: bool = False):
         self.base = base.eval()
-        self.drafter = drafter.eval()
+        self.drafter = drafter.eval() if drafter is not None else None
         self.shape = C.StepShape(num_beams, draft_len)
         self.warp_k = warp_k
         self.max_batch_size = max_batch_size
@@ -123,6 +112,7 @@ class TorchBackend:
         self.cache: torch.Tensor | None = None
         # proposer(context [B,H], root [B], slots [B], root_positions [B]) -> beams [B,W,L];
         # default: the draft head's beam search. Tests plug in proposers that know the answer.
+        self.custom_proposer = proposer
         self.proposer = proposer or self._draft
         self.timings: dict[str, float] = defaultdict(float)
         p = base.lm_head.weight
@@ -135,6 +125,20 @@ class TorchBackend:
     @property
     def vocab_size(self) -> int:
         return self.base.config.vocab_size
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """Bytes of the contiguous KV cache (None before :meth:`reserve`)."""
+        c = self.cache
+        return None if c is None else int(c.numel() * c.element_size())
+
+    def reshaped(self, num_beams: int, draft_len: int) -> "TorchBackend":
+        """A backend of beam shape W x D around the same modules (no copy). A plugged-in proposer
+        is shape-specific: it serves this backend's own shape only."""
+        own = (self.shape.num_beams, self.shape.draft_len) == (num_beams, draft_len)
+        return TorchBackend(self.base, self.drafter, num_beams, draft_len, warp_k=self.warp_k,
+                            max_batch_size=self.max_batch_size, max_input_len=self.max_input_len,
+                            max_seq_len=self.max_seq_len, proposer=self.custom_proposer if own else None)
 
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
         """Make sure the KV cache holds ``slots`` rows of ``tokens_per_slot`` tokens (+ a tree)."""
@@ -151,9 +155,16 @@ class TorchBackend:
         self.timings[name] += t1 - t0
         return t1
 
-    def _draft(self, context, root, slots, root_positions):
+    def _head(self) -> Drafter:
+        if self.drafter is None:
+            raise RedrafterError(f"this torch backend has no draft head: it decodes plainly only "
+                                 f"({C.NUM_DRAFT_STEPS} 0); load an engine with a draft head to speculate")
+        return self.drafter
+
+    def _draft(self, context: torch.Tensor, root: torch.Tensor, slots: torch.Tensor,
+               root_positions: torch.Tensor) -> torch.Tensor:
         step = self.ops.beam_search_step if self.ops.name == cuda_ops.KERNEL else None
-        return self.drafter.beam_search(self.base.embedding, context, root, self.shape.num_beams,
+        return self._head().beam_search(self.base.embedding, context, root, self.shape.num_beams,
                                         self.shape.draft_len, self.warp_k, step=step)
 
     @torch.inference_mode()
@@ -207,16 +218,16 @@ class TorchBackend:
         t0 = self._tick("accept", t0)
 
         d = int(x[C.NUM_DRAFT_STEPS])
-        nb = int(inputs[NUM_DRAFT_BEAMS]) if NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
+        nb = int(inputs[C.NUM_DRAFT_BEAMS]) if C.NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
         if not 0 <= d <= self.shape.draft_len:
             raise ValueError(f"{C.NUM_DRAFT_STEPS} must be in [0, {self.shape.draft_len}], got {d}")
         if not 1 <= nb <= self.shape.num_beams:
-            raise ValueError(f"{NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
+            raise ValueError(f"{C.NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
         if d > 0:
             if d == self.shape.draft_len and nb == self.shape.num_beams:
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)
-            elif self.proposer == self._draft:  # draft only what this step asks for
-                next_beams = self.drafter.beam_search(self.base.embedding, context, acc.bonus, nb, d,
+            elif self.custom_proposer is None:  # draft only what this step asks for
+                next_beams = self._head().beam_search(self.base.embedding, context, acc.bonus, nb, d,
                                                       self.warp_k)
             else:  # a plugged-in proposer: the best nb beams' first d draft tokens
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, :d + 1]

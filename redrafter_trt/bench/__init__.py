@@ -14,15 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from ..errors import require
+from ..runtime.generator import Generator
 from .prompts import encode_prompts, load_raw_prompts
 from .report import SCHEMA, build_report, environment, markdown, write_outputs
 from .runner import BenchSettings, parse_beam_shapes, run_sweep, shape_name
 
 
-def engine_info(engine_dir: str | Path | None, gen: Any) -> dict[str, Any]:
+def engine_info(engine_dir: str | Path | None, gen: Generator) -> dict[str, Any]:
     """What the report says about the engine (``engine_dir`` None: a generator built in Python)."""
     be = gen.backend
     pre: dict[str, Any] = {}
@@ -30,16 +29,16 @@ def engine_info(engine_dir: str | Path | None, gen: Any) -> dict[str, Any]:
         from ..runtime.loader import read_engine_config
 
         pre = read_engine_config(engine_dir)["pretrained_config"]
-    elif hasattr(be, "base"):
+    elif be.base is not None:
         from ..hf import hf_config_dict
 
         hf = hf_config_dict(be.base.config)
         pre = {"base_model_architecture": hf["architectures"][0], **hf}
     return {
         "engine_dir": None if engine_dir is None else str(engine_dir),
-        "backend": getattr(be, "name", "unknown"),
-        "device": str(getattr(be, "device", "unknown")),
-        "dtype": str(getattr(be, "dtype", pre.get("dtype"))).replace("torch.", ""),
+        "backend": be.name,
+        "device": str(be.device),
+        "dtype": str(be.dtype).replace("torch.", ""),
         "model": f"{pre.get('base_model_architecture', '?')} {pre.get('num_hidden_layers', '?')} layers, "
                  f"hidden {pre.get('hidden_size', '?')}, vocab {pre.get('vocab_size', '?')}",
         "engine_beam_shape": shape_name((be.shape.num_beams, be.shape.draft_len)),
@@ -47,26 +46,25 @@ def engine_info(engine_dir: str | Path | None, gen: Any) -> dict[str, Any]:
         "max_batch_size": be.max_batch_size,
         "max_input_len": be.max_input_len,
         "max_seq_len": be.max_seq_len,
-        "warp_k": getattr(be, "warp_k", None),
+        "warp_k": be.warp_k,
         "tokenizer": gen.tokenizer is not None,
     }
 
 
-def hf_baseline_model(gen: Any, hf_model_dir: str | None = None) -> tuple[Any, str]:
+def hf_baseline_model(gen: Generator, hf_model_dir: str | None = None) -> tuple[Any, str]:
     """The transformers model for the outside baseline, and where it came from."""
     from .hf_baseline import hf_model_from_base, hf_model_from_dir
 
     be = gen.backend
     if hf_model_dir:
-        return (hf_model_from_dir(hf_model_dir, getattr(be, "dtype", torch.float32),
-                                  getattr(be, "device", torch.device("cpu"))), f"--hf_model_dir {hf_model_dir}")
-    if hasattr(be, "base"):
+        return hf_model_from_dir(hf_model_dir, be.dtype, be.device), f"--hf_model_dir {hf_model_dir}"
+    if be.base is not None:
         return hf_model_from_base(be.base), "rebuilt from the engine's base weights"
-    return None, (f"skipped: the {getattr(be, 'name', '?')} backend has no torch weights; "
+    return None, (f"skipped: the {be.name} backend has no torch weights; "
                   "pass --hf_model_dir with the Hugging Face base model")
 
 
-def run_benchmark(gen: Any, engine_dir: str | Path | None, dataset: str, settings: BenchSettings, *,
+def run_benchmark(gen: Generator, engine_dir: str | Path | None, dataset: str, settings: BenchSettings, *,
                   num_prompts: int = 8, chat_template: str = "auto", max_prompt_len: int | None = None,
                   hf_model_dir: str | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..backends.torch_backend import TorchBackend
 from ..runtime.adaptive import AdaptivePolicy, CostModel, measure_cost_model, save_cost_model
 
 
@@ -29,7 +30,7 @@ def copy_bandwidth(mib: int = 64, repeats: int = 5) -> float:
     return a.numel() * 4 / best
 
 
-def weight_bytes(backend: Any) -> int:
+def weight_bytes(backend: TorchBackend) -> int:
     """Bytes one plain step reads: every base parameter except an untied input embedding."""
     base = backend.base
     tied = base.config.tie_word_embeddings
@@ -37,7 +38,7 @@ def weight_bytes(backend: Any) -> int:
                if tied or "vocab_embedding" not in n)
 
 
-def calibration_report(model: CostModel, backend: Any, batch_sizes: Sequence[int],
+def calibration_report(model: CostModel, backend: TorchBackend, batch_sizes: Sequence[int],
                        prior: Sequence[float] | None = None) -> dict[str, Any]:
     w, d = backend.shape.num_beams, backend.shape.draft_len
     pol = AdaptivePolicy(model, w, d, prior=prior, probe_every=0)
@@ -58,7 +59,7 @@ def calibration_report(model: CostModel, backend: Any, batch_sizes: Sequence[int
     }
 
 
-def calibrate(backend: Any, engine_dir: str, batch_sizes: Sequence[int], repeats: int = 5,
+def calibrate(backend: TorchBackend, engine_dir: str, batch_sizes: Sequence[int], repeats: int = 5,
               prior: Sequence[float] | None = None, log=None) -> dict[str, Any]:
     """Measure, store ``engine_dir/cost_model.json``, and return the report."""
     model = measure_cost_model(backend, repeats=repeats, log=log)

@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_frozen_base(model_dir, torch.device("cpu"))
     tok = load_base_tokenizer(model_dir)
     v, h = base.config.vocab_size, base.config.hidden_size
-    stub = init_drafter(DrafterConfig(v, h, 1, 0, False))
-    gen = Generator(TorchBackend(base, stub, 1, 1, max_batch_size=16, max_input_len=256, max_seq_len=512),
+    gen = Generator(TorchBackend(base, None, 1, 1, max_batch_size=16, max_input_len=256, max_seq_len=512),
                     tokenizer=tok, eos_token_ids=eos_ids(base, tok))
     t0 = time.perf_counter()
     choose = _answers(gen, tok, CHOOSE_PROMPTS, args.max_new_tokens)

@@ -185,7 +185,7 @@ def cost_curve(name: str, shape: dict, reps: int, device: str = "cuda", tokens=T
                 s = drafter.update_state(state, base.embedding(tok).to(dt))
                 return step(drafter.logits(ctx, s), scores, 8)
             draft[label] = 1e3 * _time(one, reps, dev)
-    del base, drafter, cache
+    base = drafter = cache = None  # release the model before emptying the CUDA cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return Curve(name, verify, draft)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from ..datasets import BUILTIN, load_prompts
 from ..errors import require
+from ..runtime.generator import Generator
 
 
 def _token_id_file(path: Path) -> list[list[int]] | None:
@@ -40,7 +40,7 @@ def load_raw_prompts(dataset: str) -> list[str | list[int]]:
     return list(load_prompts(dataset))
 
 
-def encode_prompts(gen: Any, raw: list[str | list[int]], num_prompts: int, use_chat_template: bool,
+def encode_prompts(gen: Generator, raw: list[str | list[int]], num_prompts: int, use_chat_template: bool,
                    max_new_tokens: int, max_prompt_len: int | None = None) -> tuple[list[list[int]], int]:
     """The first ``num_prompts`` prompts that fit, as token ids; returns (prompts, skipped).
 

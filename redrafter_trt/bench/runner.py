@@ -14,8 +14,6 @@ same lengths); the report gives the median and the spread over repetitions.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import torch
 
 from .. import contract as C
 from ..errors import RedrafterError, require
+from ..memory import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak
 from ..runtime.generator import Generator
 from . import metrics as M
 
@@ -83,10 +82,10 @@ class StepTimer:
     Phase timings come from ``backend.timings`` (verify / accept / draft / pack) when it has them.
     """
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: C.Backend):
         self.backend = backend
         self.inner = backend.step
-        self.has_phases = isinstance(getattr(backend, "timings", None), dict)
+        self.has_phases = isinstance(backend.timings, dict)
         backend.step = self
         self.reset()
 
@@ -136,10 +135,8 @@ def _sync(device: torch.device | None) -> None:
 def run_generator(gen: Generator, timer: StepTimer | None, batches: Sequence[Sequence[list[int]]],
                   settings: BenchSettings, speculative: bool) -> Run:
     """Generate every batch (one ``generate`` call each) and time the calls."""
-    device = getattr(gen.backend, "device", None)
-    cuda = device is not None and device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    device = gen.backend.device
+    reset_cuda_peak(device)
     if timer is not None:
         timer.reset()
     run = Run(wall_s=0.0, token_ids=[])
@@ -162,8 +159,7 @@ def run_generator(gen: Generator, timer: StepTimer | None, batches: Sequence[Seq
         run.calls = dict(timer.calls)
         run.step_wall = dict(timer.wall)
         run.phases = dict(timer.phases["generation"]) if timer.has_phases else {}
-    if cuda:
-        run.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(device))
+    run.cuda_peak_bytes = cuda_peak_bytes(device)
     # The reported tokens per step is derived from the results; it must be the runtime's own.
     derived = M.tokens_per_step(run.accepted)
     runtime = run.generated_tokens / run.row_steps if run.row_steps else 0.0
@@ -177,22 +173,19 @@ def run_hf(model: Any, batches: Sequence[Sequence[list[int]]], settings: BenchSe
     from .hf_baseline import generate_fixed_length
 
     dev = next(model.parameters()).device
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_cuda_peak(dev)
     run = Run(wall_s=0.0, token_ids=[])
     for batch in batches:
         new, wall = generate_fixed_length(model, batch, settings.max_new_tokens, settings.temperature,
                                           settings.top_k, settings.top_p, settings.seed)
         run.wall_s += wall
         run.token_ids += new
-    if cuda:
-        run.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(dev))
+    run.cuda_peak_bytes = cuda_peak_bytes(dev)
     return run
 
 
 # --------------------------------------------------------------------------- backends per shape
-def backend_for_shape(gen: Generator, shape: tuple[int, int]) -> Any:
+def backend_for_shape(gen: Generator, shape: tuple[int, int]) -> C.Backend:
     """A backend with beam shape ``shape`` that shares ``gen``'s weights.
 
     The torch backend is rebuilt around the loaded modules (no copy); a backend with a fixed shape
@@ -200,39 +193,14 @@ def backend_for_shape(gen: Generator, shape: tuple[int, int]) -> Any:
     """
     be = gen.backend
     own = (be.shape.num_beams, be.shape.draft_len)
-    if getattr(be, "name", None) == "torch":
-        from ..backends.torch_backend import TorchBackend
-
-        require(shape[0] <= be.vocab_size,
-                f"--beam_shapes {shape_name(shape)}: W exceeds the vocabulary size {be.vocab_size}")
-        # A proposer given to load() (not the draft head's own beam search) is shape-specific:
-        # it serves the engine's own shape only.
-        custom = getattr(be.proposer, "__self__", None) is not be
-        return TorchBackend(be.base, be.drafter, shape[0], shape[1], warp_k=be.warp_k,
-                            max_batch_size=be.max_batch_size, max_input_len=be.max_input_len,
-                            max_seq_len=be.max_seq_len,
-                            proposer=be.proposer if custom and shape == own else None)
-    require(shape == own,
-            f"--beam_shapes {shape_name(shape)}: a {getattr(be, 'name', 'this')} engine has the fixed "
+    C.check_num_beams(shape[0], be.vocab_size, f"--beam_shapes {shape_name(shape)}: W")
+    sbe = be.reshaped(*shape)
+    require(sbe is not None,
+            f"--beam_shapes {shape_name(shape)}: a {be.name} engine has the fixed "
             f"beam shape {shape_name(own)}; benchmark other shapes with engines built for them "
             "(redrafter-convert --redrafter_num_beams W --redrafter_draft_len_per_beam D, then "
             "redrafter-build), one redrafter-bench run per engine")
-    return be
-
-
-def _kv_cache_bytes(backend: Any) -> int | None:
-    """Bytes of the backend's KV cache (torch: ``cache``; TensorRT-LLM: the paged ``pool``)."""
-    for name in ("cache", "pool"):
-        t = getattr(backend, name, None)
-        if isinstance(t, torch.Tensor):
-            return int(t.numel() * t.element_size())
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return sbe
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -379,7 +347,7 @@ def _summarize_cell(cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_promp
         "mismatches": mismatches[:50],
         "num_mismatches": len(mismatches),
         "memory": {
-            "kv_cache_bytes": _kv_cache_bytes(cell.timer.backend),
+            "kv_cache_bytes": cell.timer.backend.kv_cache_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_scope": "process lifetime up to the end of this configuration",
         },

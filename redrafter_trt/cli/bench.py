@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 require(False, f"--acceptance {args.acceptance!r}: expected comma-separated numbers")
             require(len(prior) == gen.backend.shape.draft_len and all(0 <= p <= 1 for p in prior),
                     f"--acceptance needs {gen.backend.shape.draft_len} probabilities in [0, 1], got {prior}")
-        require(hasattr(gen.backend, "base"), "--calibrate needs the torch backend")
+        require(gen.backend.base is not None, "--calibrate needs the torch backend")
         rep = calibrate(gen.backend, args.engine_dir, args.batch_sizes, repeats=args.repetitions,
                         prior=prior, log=log)
         print(json.dumps(rep, indent=2) if args.json else calibration_markdown(rep))

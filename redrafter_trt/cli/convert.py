@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import DTYPES, convert_checkpoint, read_checkpoint_config, require_model_dir
+from ..contract import check_num_beams
 from ..errors import require
 from ..heads import builtin_head
 from ..hf import load_hf_base
@@ -127,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
     validate_against_base(drafter.config, base_cfg.hidden_size, base_cfg.vocab_size,
                           tuple(base_sd[EMBEDDING].shape),
                           f"--drafter_model_dir {args.drafter_model_dir}")
-    require(args.redrafter_num_beams <= base_cfg.vocab_size,
-            f"--redrafter_num_beams {args.redrafter_num_beams} exceeds the vocabulary size "
-            f"{base_cfg.vocab_size}")
+    check_num_beams(args.redrafter_num_beams, base_cfg.vocab_size, "--redrafter_num_beams")
     out = convert_checkpoint(base_cfg, base_sd, drafter, args.output_dir, dtype=args.dtype,
                              num_beams=args.redrafter_num_beams,
                              draft_len=args.redrafter_draft_len_per_beam,

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..contract import Backend
 from ..errors import RedrafterError, require
 from .common import add_threads_argument, non_negative_int, positive_int, run_main
 
@@ -174,7 +175,7 @@ def encode_prompts(gen, args, prompts) -> list[list[int]]:
     return out
 
 
-def limit_warnings(backend, encoded: list[list[int]], max_output_len: int) -> list[str]:
+def limit_warnings(backend: Backend, encoded: list[list[int]], max_output_len: int) -> list[str]:
     """What the engine's limits will do to this request that the user did not ask for."""
     notes = []
     n, b = len(encoded), backend.max_batch_size

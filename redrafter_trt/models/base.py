@@ -19,17 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RedrafterError, require
+from ..ops.kv_cache import contiguous_cache_shape
 
 #: Architectures this modeling implements, by the name TensorRT-LLM's checkpoints use.
 ARCH_LLAMA = "LlamaForCausalLM"
 ARCH_QWEN2 = "QWenForCausalLM"
-#: Hugging Face ``architectures`` / ``model_type`` values accepted for each.
-HF_ARCHITECTURES = {
-    "LlamaForCausalLM": ARCH_LLAMA,
-    "MistralForCausalLM": ARCH_LLAMA,
-    "Qwen2ForCausalLM": ARCH_QWEN2,
-}
-HF_MODEL_TYPES = {"llama": ARCH_LLAMA, "mistral": ARCH_LLAMA, "qwen2": ARCH_QWEN2}
+#: The architecture map: each architecture's Hugging Face class (``architectures[0]``, also the
+#: name TensorRT-LLM's base ``PretrainedConfig`` takes) and ``model_type``, as written out.
+HF_ARCHITECTURE = {ARCH_LLAMA: "LlamaForCausalLM", ARCH_QWEN2: "Qwen2ForCausalLM"}
+HF_MODEL_TYPE = {ARCH_LLAMA: "llama", ARCH_QWEN2: "qwen2"}
+#: Hugging Face ``architectures`` / ``model_type`` values accepted for each (Mistral reads as Llama).
+HF_ARCHITECTURES = {**{hf: arch for arch, hf in HF_ARCHITECTURE.items()}, "MistralForCausalLM": ARCH_LLAMA}
+HF_MODEL_TYPES = {**{mt: arch for arch, mt in HF_MODEL_TYPE.items()}, "mistral": ARCH_LLAMA}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -229,8 +230,8 @@ class BaseModel(nn.Module):
         """Allocate ``[layers, 2, slots, kv_heads, capacity, head_size]`` (zeros)."""
         c = self.config
         w = self.lm_head.weight
-        return torch.zeros((c.num_hidden_layers, 2, slots, c.num_key_value_heads, capacity,
-                            c.head_size), dtype=dtype or w.dtype, device=device or w.device)
+        shape = contiguous_cache_shape(c.num_hidden_layers, slots, c.num_key_value_heads, capacity, c.head_size)
+        return torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
                 slots: torch.Tensor, cache_lengths: torch.Tensor,

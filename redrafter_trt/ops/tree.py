@@ -12,9 +12,12 @@ Layout facts (one place; ``cpp/`` and the engine import or mirror them):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:  # annotations only
+    from ..contract import StepShape
 
 PAD_TOKEN = 0
 
@@ -157,3 +160,26 @@ def packed_mask_to_bool(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
     """
     bits = (packed.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 32)[..., :num_cols].bool()
+
+
+def root_only_tree(root: torch.Tensor, shape: StepShape) -> tuple[PackedTree, torch.Tensor]:
+    """The tree of plain decoding (``num_draft_steps`` 0): just the root token, padded to the
+    engine's ``W*L`` layout. Returns (tree, beams [B, W, L] int32 = ``[root, -1, ...]``).
+
+    root: [B] int (the token each row emitted last). For ``root = [7]`` with W=2, L=2:
+    beams ``[[[7, -1], [7, -1]]]``, tokens ``[[7, 0, 0, 0]]``, lengths ``[1]``, unpacker all 0,
+    offsets all 0, mask row 0 = ``{0}`` and rows 1.. empty (packed_mask ``[[[1], [0], [0], [0]]]``).
+    """
+    b = root.shape[0]
+    w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
+    dev = root.device
+    beams = torch.full((b, w, l), -1, dtype=torch.int32, device=dev)
+    beams[:, :, 0] = root.to(torch.int32)[:, None]
+    tokens = torch.full((b, n), PAD_TOKEN, dtype=torch.int32, device=dev)
+    tokens[:, 0] = root.to(torch.int32)
+    mask = torch.zeros((b, n, n), dtype=torch.bool, device=dev)
+    mask[:, 0, 0] = True
+    return PackedTree(tokens=tokens, lengths=torch.ones(b, dtype=torch.int32, device=dev),
+                      unpacker=torch.zeros((b, w, l), dtype=torch.int32, device=dev),
+                      offsets=torch.zeros((b, n), dtype=torch.int32, device=dev),
+                      packed_mask=bool_to_packed_mask(mask), mask=mask), beams

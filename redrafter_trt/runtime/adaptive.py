@@ -30,11 +30,14 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import RedrafterError, require
+
+if TYPE_CHECKING:  # annotations only: the runtime does not import a backend
+    from ..backends.torch_backend import TorchBackend
 
 #: Where an engine directory keeps its measured cost model.
 COST_MODEL_FILE = "cost_model.json"
@@ -128,14 +131,14 @@ class CostModel:
         return why
 
 
-def engine_signature(backend: Any) -> dict[str, Any]:
-    """The engine facts a cost model depends on."""
+def engine_signature(backend: TorchBackend) -> dict[str, Any]:
+    """The engine facts a cost model depends on (a cost model times the torch backend's modules)."""
     cfg = backend.base.config
     return {"num_beams": backend.shape.num_beams, "draft_len": backend.shape.draft_len,
             "dtype": str(backend.dtype).replace("torch.", ""), "device": str(backend.device),
             "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
             "vocab_size": cfg.vocab_size, "intermediate_size": cfg.intermediate_size,
-            "native_linear": bool(getattr(backend, "native_linear", False))}
+            "native_linear": bool(backend.native_linear)}
 
 
 def _median(xs: list[float]) -> float:
@@ -144,7 +147,7 @@ def _median(xs: list[float]) -> float:
 
 
 @torch.inference_mode()
-def measure_cost_model(backend: Any, cached_tokens: int = 300, repeats: int = 5,
+def measure_cost_model(backend: TorchBackend, cached_tokens: int = 300, repeats: int = 5,
                        token_points: Sequence[int] = TOKEN_POINTS, log=None) -> CostModel:
     """Time the torch backend's base forward over ``n`` new tokens (one row, ``cached_tokens``
     already cached; median of ``repeats``, interleaved over n) and one draft step over ``n`` beam
@@ -207,7 +210,7 @@ def save_cost_model(model: CostModel, engine_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_cost_model(engine_dir: str | os.PathLike, backend: Any | None = None) -> CostModel | None:
+def load_cost_model(engine_dir: str | os.PathLike, backend: TorchBackend | None = None) -> CostModel | None:
     """The stored cost model (None if there is none); with ``backend``, raises
     :class:`RedrafterError` naming the file when it was measured for another machine or engine."""
     path = Path(engine_dir) / COST_MODEL_FILE

@@ -1,9 +1,10 @@
 """The runtime: prompts driven through any backend's step contract by the in-flight
 :class:`~redrafter_trt.runtime.scheduler.Scheduler` (rows join and leave at any step).
 
-Written only against :mod:`redrafter_trt.contract`; a backend provides ``shape``, ``vocab_size``,
-``max_batch_size``, ``max_input_len``, ``max_seq_len``, ``reserve(slots, tokens)`` and
-``step(inputs)``. Plain decoding runs through the same loop with ``num_draft_steps = 0``.
+Written only against :mod:`redrafter_trt.contract`: a backend is a
+:class:`~redrafter_trt.contract.Backend` (``shape``, ``vocab_size``, the limits, ``reserve(slots,
+tokens)``, ``step(inputs)``, ``timings``). Plain decoding runs through the same loop with
+``num_draft_steps = 0``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .. import contract as C
 from ..errors import RedrafterError, require
@@ -66,9 +66,9 @@ class GenerationStats:
 class Generator:
     """Generate with a backend; see :meth:`generate` and :meth:`generate_stream`."""
 
-    def __init__(self, backend: Any, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
+    def __init__(self, backend: C.Backend, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
                  random_drafter: bool = False):
-        self.backend = backend
+        self.backend: C.Backend = backend
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.random_drafter = random_drafter
@@ -168,7 +168,7 @@ class Generator:
         require(sched.idle(), "this Generator is already generating (one generate() at a time)")
         stats = GenerationStats(num_prompts=len(encoded))
         self.last_stats = stats
-        timings_before = dict(getattr(be, "timings", {}))
+        timings_before = dict(be.timings)
         t_start = time.perf_counter()
         sched.ensure_capacity(min(len(encoded), be.max_batch_size),
                               max(len(ids) + min(max_new_tokens, be.max_seq_len - len(ids)) for ids in encoded))
@@ -195,11 +195,12 @@ class Generator:
         stats.wall_s = time.perf_counter() - t_start
         self.last_results = [GenerationResult(r.tokens, r.text, r.accepted, r.finish_reason or "length",
                                               r.prompt) for r in reqs]
-        stats.step_timings = {k: v - timings_before.get(k, 0.0) for k, v in getattr(be, "timings", {}).items()}
+        stats.step_timings = {k: v - timings_before.get(k, 0.0) for k, v in be.timings.items()}
 
 
-def check_backend_limits(backend: Any) -> None:
-    for name in ("max_batch_size", "max_input_len", "max_seq_len"):
-        v = getattr(backend, name)
+def check_backend_limits(backend: C.Backend) -> None:
+    limits = {"max_batch_size": backend.max_batch_size, "max_input_len": backend.max_input_len,
+              "max_seq_len": backend.max_seq_len}
+    for name, v in limits.items():
         if not (isinstance(v, int) and v >= 1):
             raise RedrafterError(f"engine {name} must be a positive integer, got {v!r}")

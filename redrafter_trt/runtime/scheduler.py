@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from .. import contract as C
-from ..contract import NUM_DRAFT_BEAMS
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
+from ..ops.tree import mask_words
 from .detokenize import IncrementalDetokenizer
 
 
@@ -170,8 +170,7 @@ class Scheduler:
     """Owns a backend's KV slots and drives its step contract with in-flight batching.
 
     Args:
-        backend: any step-contract backend (``shape``, ``max_batch_size``, ``max_input_len``,
-            ``max_seq_len``, ``reserve``, ``step``).
+        backend: a step-contract backend (:class:`~redrafter_trt.contract.Backend`).
         tokenizer: for text deltas and stop strings (None: token ids only).
         eos_token_ids: default stop tokens.
         max_queue: requests waiting beyond the free slots at most (None = unbounded);
@@ -183,13 +182,13 @@ class Scheduler:
         max_prefill_tokens: padded prompt tokens admitted per iteration at most (>= 1 prompt).
     """
 
-    def __init__(self, backend: Any, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
+    def __init__(self, backend: C.Backend, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
                  max_queue: int | None = None, max_slots: int | None = None,
                  tokens_per_slot: int | None = None,
                  draft_policy: Callable[[Sequence[Request], C.StepShape], int] = full_or_plain,
                  max_prefill_tokens: int | None = None,
                  step_listener: Callable[[StepReport], None] | None = None):
-        self.backend = backend
+        self.backend: C.Backend = backend
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.max_queue = max_queue
@@ -199,7 +198,7 @@ class Scheduler:
         self.policy = None
         self.step_listener = step_listener
         self.shape: C.StepShape = backend.shape
-        self.mixed = bool(getattr(backend, "mixed_request_types", False))
+        self.mixed = bool(backend.mixed_request_types)
         self.max_prefill_tokens = max_prefill_tokens or max(backend.max_input_len, 1)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -447,7 +446,7 @@ class Scheduler:
         i32 = dict(dtype=torch.int32)
         ctx = [r.carried is None for r in rows]
         t = max([len(r.prompt) for r, c in zip(rows, ctx) if c] + ([n] if not all(ctx) else []))
-        words = (t + 31) // 32
+        words = mask_words(t)
         ids = torch.zeros((b, t), **i32)
         lens = torch.zeros(b, **i32)
         offs = torch.zeros((b, t), **i32)
@@ -492,7 +491,7 @@ class Scheduler:
             C.NUM_DRAFT_STEPS: torch.tensor(d, **i32),
         }
         if self.policy is not None:
-            inputs[NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
+            inputs[C.NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
         try:
             out = be.step(inputs)
         except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server

@@ -92,7 +92,6 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
     ``num_prompts`` needs) even when fewer were kept.
     """
     from ..backends.torch_backend import TorchBackend
-    from ..models.drafter import DrafterConfig, init_drafter
     from ..runtime.generator import Generator
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -122,8 +121,8 @@ def generate_prompts(model_dir: str | os.PathLike, output: str | os.PathLike, nu
         return out
     log(f"[gen-prompts] {out}: {len(kept)} kept from {done} batches; sampling up to {num_prompts}")
     base = load_frozen_base(model_dir, device)
-    stand_in = init_drafter(DrafterConfig(base.config.vocab_size, base.config.hidden_size, 1, 0, False))
-    backend = TorchBackend(base, stand_in.to(device), 1, 1, max_batch_size=batch_size,
+    # plain decoding only: no draft head
+    backend = TorchBackend(base, None, 1, 1, max_batch_size=batch_size,
                            max_input_len=len(prefix), max_seq_len=len(prefix) + max_prompt_tokens + 1)
     gen = Generator(backend, tokenizer=tok, eos_token_ids=eos_ids(base, tok))
     from tqdm import tqdm

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..memory import cuda_peak_bytes, peak_rss_bytes
 from ..errors import RedrafterError, require
 from ..models.drafter import Drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
@@ -52,9 +52,10 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def peak_memory_mb(dev: torch.device) -> dict[str, float]:
-    out = {"host_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if dev.type == "cuda":
-        out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    out = {"host_max_rss_mb": peak_rss_bytes() / 2**20}
+    gpu = cuda_peak_bytes(dev)
+    if gpu is not None:
+        out["gpu_max_allocated_mb"] = gpu / 2**20
     return out
 
 

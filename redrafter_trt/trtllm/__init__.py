@@ -31,8 +31,35 @@ TRTLLM_CONTAINER = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
 TRTLLM_VERSION_PREFIX = "1.2"
 
 #: Engine tensors beyond the step contract: the attention plumbing TensorRT-LLM's GPT attention
-#: plugin reads (TensorRT-LLM's own names) and the accepted path the runtime relocates KV with.
+#: plugin reads (:class:`Plumbing`) and the accepted path the runtime relocates KV with.
 ACCEPTED_INDICES = "accepted_packed_indices"   # [B, L] int32, packed index of each accepted node
+
+
+class Plumbing:
+    """TensorRT-LLM's names of the attention inputs the engine binds besides the contract:
+    :mod:`.network` declares them, :mod:`.runtime` feeds them, :mod:`.cuda_graph` keeps the
+    host ones (``host_*`` and ``spec_decoding_use``) in host buffers."""
+
+    SEQUENCE_LENGTH = "sequence_length"
+    HOST_PAST_KEY_VALUE_LENGTHS = "host_past_key_value_lengths"
+    HOST_MAX_ATTENTION_WINDOW_SIZES = "host_max_attention_window_sizes"
+    HOST_SINK_TOKEN_LENGTH = "host_sink_token_length"
+    CONTEXT_LENGTHS = "context_lengths"
+    HOST_CONTEXT_LENGTHS = "host_context_lengths"
+    HOST_REQUEST_TYPES = "host_request_types"
+    KV_CACHE_BLOCK_OFFSETS = "kv_cache_block_offsets"
+    HOST_KV_CACHE_BLOCK_OFFSETS = "host_kv_cache_block_offsets"
+    HOST_KV_CACHE_POOL_POINTERS = "host_kv_cache_pool_pointers"
+    HOST_KV_CACHE_POOL_MAPPING = "host_kv_cache_pool_mapping"
+    CACHE_INDIRECTION = "cache_indirection"
+    HOST_RUNTIME_PERF_KNOBS = "host_runtime_perf_knobs"
+    HOST_CONTEXT_PROGRESS = "host_context_progress"
+    SPEC_DECODING_GENERATION_LENGTHS = "spec_decoding_generation_lengths"
+    SPEC_DECODING_USE = "spec_decoding_use"
+
+
+#: Every :class:`Plumbing` name, in declaration order.
+ATTENTION_INPUTS = tuple(v for k, v in vars(Plumbing).items() if k.isupper())
 
 
 def missing_message(what: str) -> str:
@@ -66,4 +93,4 @@ def require_trtllm(what: str = "the TensorRT-LLM backend"):
     return trt, trtllm
 
 
-__all__ = ["TRTLLM_CONTAINER", "ACCEPTED_INDICES", "require_trtllm", "trtllm_importable", "missing_message"]
+__all__ = ["TRTLLM_CONTAINER", "ACCEPTED_INDICES", "ATTENTION_INPUTS", "Plumbing", "require_trtllm", "trtllm_importable", "missing_message"]

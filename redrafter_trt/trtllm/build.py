@@ -22,6 +22,7 @@ from ..checkpoint import (CHECKPOINT_CONFIG, ENGINE_CONFIG, RedrafterCheckpointC
 from ..errors import require
 from ..models.io import atomic_output_dir
 from ..ops.beam_search import DEFAULT_WARP_K
+from ..ops.kv_cache import blocks_per_slot
 from . import require_trtllm
 from .plugins import load_plugin_library
 
@@ -106,7 +107,7 @@ def kv_block_dims(build_record: dict[str, Any]) -> tuple[int, int]:
     kv_len = int(build_record["engine_max_seq_len"])
     tpb = int(build_record.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
     require(kv_len >= 1 and tpb >= 1, f"engine config.json: engine_max_seq_len {kv_len}, tokens_per_block {tpb}")
-    return kv_len, -(-kv_len // tpb)
+    return kv_len, blocks_per_slot(kv_len, tpb)
 
 
 def engine_file(rank: int) -> str:

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 
 from ..errors import require
-from .network import ATTENTION_INPUTS
+from . import ATTENTION_INPUTS, Plumbing as P
 
 CUDA_GRAPH_ENV = "REDRAFTER_CUDA_GRAPH"
 #: TensorRT-LLM's ``kKV_CACHE_LEN_CUDA_GRAPH_ROUND_SIZE``: re-capture when the batch's maximum KV
@@ -67,12 +67,12 @@ KV_LEN_ROUND = 256
 #: Shape keys whose buffers and executable are kept (least recently used ones are dropped).
 DEFAULT_GRAPH_CACHE_SIZE = 8
 
-PAST_KV_LENGTHS = "host_past_key_value_lengths"
+PAST_KV_LENGTHS = P.HOST_PAST_KEY_VALUE_LENGTHS
 #: Engine inputs that live in host memory; the plugins read their values when the engine is enqueued.
 #: Known by name: TensorRT 10 reports them as DEVICE-located (TensorRT-LLM declares every network
 #: input alike and binds CPU pointers to these, e.g. runtime/generation.py, runtime/redrafter_utils.py
 #: ``spec_decoding_use`` on "cpu"), so ``ICudaEngine.get_tensor_location`` cannot tell them apart.
-HOST_INPUTS = frozenset(n for n in ATTENTION_INPUTS if n.startswith("host_")) | {"spec_decoding_use"}
+HOST_INPUTS = frozenset(n for n in ATTENTION_INPUTS if n.startswith("host_")) | {P.SPEC_DECODING_USE}
 
 
 def host_input_names(engine_inputs: Iterable[str]) -> frozenset[str]:

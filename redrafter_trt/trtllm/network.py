@@ -40,17 +40,10 @@ from ..checkpoint import RedrafterCheckpointConfig
 from ..sharding import padded_vocab_size
 from ..errors import require
 from ..ops.beam_search import DEFAULT_WARP_K
-from . import ACCEPTED_INDICES, require_trtllm
+from ..ops.kv_cache import blocks_per_slot
+from ..ops.tree import mask_words
+from . import ACCEPTED_INDICES, Plumbing as P, require_trtllm
 from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin
-
-#: TensorRT-LLM's names of the attention plumbing the engine binds besides the contract.
-ATTENTION_INPUTS = ("sequence_length", "host_past_key_value_lengths", "host_max_attention_window_sizes",
-                    "host_sink_token_length", "context_lengths", "host_context_lengths",
-                    "host_request_types", "kv_cache_block_offsets", "host_kv_cache_block_offsets",
-                    "host_kv_cache_pool_pointers", "host_kv_cache_pool_mapping", "cache_indirection",
-                    "host_runtime_perf_knobs", "host_context_progress", "spec_decoding_generation_lengths",
-                    "spec_decoding_use")
-
 
 #: ``PretrainedConfig.architecture`` of the step engine (not in TensorRT-LLM's ``MODEL_MAP``, so its
 #: config is constructed directly, never through ``PretrainedConfig.from_dict``).
@@ -64,7 +57,7 @@ def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) ->
     attention applies it to qkv and dense alike (``Attention(bias=attn_bias)``, dense_bias
     defaulting to it); Qwen2's to qkv only (``dense_bias=False``). So the checkpoint's
     ``qkv_bias``/``dense_bias`` pair must be (b, b) for Llama and (b, False) for Qwen2."""
-    from ..models.base import ARCH_QWEN2
+    from ..models.base import ARCH_QWEN2, HF_ARCHITECTURE
 
     b = cfg.base
     if b.architecture == ARCH_QWEN2:
@@ -74,7 +67,7 @@ def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) ->
         require(b.qkv_bias == b.dense_bias, f"Llama checkpoint with qkv_bias={b.qkv_bias} but dense_bias="
                 f"{b.dense_bias}: TensorRT-LLM's LLaMAForCausalLM uses one attn_bias for both")
     d: dict[str, Any] = {
-        "architecture": "Qwen2ForCausalLM" if b.architecture == ARCH_QWEN2 else "LlamaForCausalLM",
+        "architecture": HF_ARCHITECTURE[b.architecture],
         "dtype": cfg.dtype, "logits_dtype": "float32", "vocab_size": b.vocab_size,
         "hidden_size": b.hidden_size, "intermediate_size": b.intermediate_size,
         "num_hidden_layers": b.num_hidden_layers, "num_attention_heads": b.num_attention_heads,
@@ -219,7 +212,7 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
                 C.POSITION_OFFSETS: inp(C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
                 C.PACKED_MASK: inp(C.PACKED_MASK, i32, [-1, -1, -1],
                                    [("batch", [bs]), ("tokens", [t_range]),
-                                    ("mask_words", [[1, (t_range[1] + 31) // 32, (t_range[2] + 31) // 32]])]),
+                                    ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]])]),
                 C.DRAFT_TOKENS: inp(C.DRAFT_TOKENS, i32, [-1, W, L], [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])]),
                 C.DRAFT_INDICES: inp(C.DRAFT_INDICES, i32, [-1, W, L], [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])]),
                 C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
@@ -229,34 +222,34 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             }
             # attention plumbing (TensorRT-LLM names; paged cache, one pool, slot-contiguous blocks)
             layers = self.config.num_hidden_layers
-            max_blocks = -(-max_seq_len // tokens_per_block)
+            max_blocks = blocks_per_slot(max_seq_len, tokens_per_block)
             a = {
-                "sequence_length": inp("sequence_length", i32, [-1], [("batch", [bs])]),
-                "host_past_key_value_lengths": inp("host_past_key_value_lengths", i32, [-1], [("batch", [bs])]),
-                "host_max_attention_window_sizes": inp("host_max_attention_window_sizes", i32, [layers],
+                P.SEQUENCE_LENGTH: inp(P.SEQUENCE_LENGTH, i32, [-1], [("batch", [bs])]),
+                P.HOST_PAST_KEY_VALUE_LENGTHS: inp(P.HOST_PAST_KEY_VALUE_LENGTHS, i32, [-1], [("batch", [bs])]),
+                P.HOST_MAX_ATTENTION_WINDOW_SIZES: inp(P.HOST_MAX_ATTENTION_WINDOW_SIZES, i32, [layers],
                                                        [("layers", [[layers] * 3])]),
-                "host_sink_token_length": inp("host_sink_token_length", i32, [1], [("one", [[1] * 3])]),
-                "context_lengths": inp("context_lengths", i32, [-1], [("batch", [bs])]),
-                "host_context_lengths": inp("host_context_lengths", i32, [-1], [("batch", [bs])]),
-                "host_request_types": inp("host_request_types", i32, [-1], [("batch", [bs])]),
-                "kv_cache_block_offsets": inp("kv_cache_block_offsets", i32, [1, -1, 2, max_blocks],
+                P.HOST_SINK_TOKEN_LENGTH: inp(P.HOST_SINK_TOKEN_LENGTH, i32, [1], [("one", [[1] * 3])]),
+                P.CONTEXT_LENGTHS: inp(P.CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
+                P.HOST_CONTEXT_LENGTHS: inp(P.HOST_CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
+                P.HOST_REQUEST_TYPES: inp(P.HOST_REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
+                P.KV_CACHE_BLOCK_OFFSETS: inp(P.KV_CACHE_BLOCK_OFFSETS, i32, [1, -1, 2, max_blocks],
                                               [("pools", [[1] * 3]), ("batch", [bs]), ("kv", [[2] * 3]),
                                                ("blocks", [[max_blocks] * 3])]),
-                "host_kv_cache_block_offsets": inp("host_kv_cache_block_offsets", i32, [1, -1, 2, max_blocks],
+                P.HOST_KV_CACHE_BLOCK_OFFSETS: inp(P.HOST_KV_CACHE_BLOCK_OFFSETS, i32, [1, -1, 2, max_blocks],
                                                    [("pools", [[1] * 3]), ("batch", [bs]), ("kv", [[2] * 3]),
                                                     ("blocks", [[max_blocks] * 3])]),
-                "host_kv_cache_pool_pointers": inp("host_kv_cache_pool_pointers", trt.int64, [1, 2],
+                P.HOST_KV_CACHE_POOL_POINTERS: inp(P.HOST_KV_CACHE_POOL_POINTERS, trt.int64, [1, 2],
                                                    [("pools", [[1] * 3]), ("two", [[2] * 3])]),
-                "host_kv_cache_pool_mapping": inp("host_kv_cache_pool_mapping", i32, [layers, 2],
+                P.HOST_KV_CACHE_POOL_MAPPING: inp(P.HOST_KV_CACHE_POOL_MAPPING, i32, [layers, 2],
                                                   [("layers", [[layers] * 3]), ("two", [[2] * 3])]),
-                "cache_indirection": inp("cache_indirection", i32, [-1, 1, -1],
+                P.CACHE_INDIRECTION: inp(P.CACHE_INDIRECTION, i32, [-1, 1, -1],
                                          [("batch", [bs]), ("beam", [[1] * 3]),
                                           ("max_seq", [[1, max_seq_len // 2 or 1, max_seq_len]])]),
-                "host_runtime_perf_knobs": inp("host_runtime_perf_knobs", trt.int64, [16], [("knobs", [[16] * 3])]),
-                "host_context_progress": inp("host_context_progress", trt.int64, [1], [("one", [[1] * 3])]),
-                "spec_decoding_generation_lengths": inp("spec_decoding_generation_lengths", i32, [-1],
+                P.HOST_RUNTIME_PERF_KNOBS: inp(P.HOST_RUNTIME_PERF_KNOBS, trt.int64, [16], [("knobs", [[16] * 3])]),
+                P.HOST_CONTEXT_PROGRESS: inp(P.HOST_CONTEXT_PROGRESS, trt.int64, [1], [("one", [[1] * 3])]),
+                P.SPEC_DECODING_GENERATION_LENGTHS: inp(P.SPEC_DECODING_GENERATION_LENGTHS, i32, [-1],
                                                         [("batch", [bs])]),
-                "spec_decoding_use": inp("spec_decoding_use", i32, [1], [("one", [[1] * 3])]),
+                P.SPEC_DECODING_USE: inp(P.SPEC_DECODING_USE, i32, [1], [("one", [[1] * 3])]),
             }
             return {"step": x, "attention": a, "max_input_len": max(max_input_len, N),
                     "tokens_per_block": tokens_per_block}
@@ -270,25 +263,25 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             spec = SpecDecodingParams(
                 spec_decoding_is_generation_length_variable=True,
                 spec_decoding_max_generation_length=N,
-                spec_decoding_generation_lengths=a["spec_decoding_generation_lengths"],
+                spec_decoding_generation_lengths=a[P.SPEC_DECODING_GENERATION_LENGTHS],
                 spec_decoding_position_offsets=x[C.POSITION_OFFSETS],
                 spec_decoding_packed_mask=F.view(x[C.PACKED_MASK], F.concat([b * t, F.shape(x[C.PACKED_MASK], 2)])),
-                spec_decoding_use=a["spec_decoding_use"])
+                spec_decoding_use=a[P.SPEC_DECODING_USE])
             kv = KeyValueCacheParams(
                 past_key_value=[None] * self.config.num_hidden_layers,
-                host_past_key_value_lengths=a["host_past_key_value_lengths"],
-                host_max_attention_window_sizes=a["host_max_attention_window_sizes"],
-                host_sink_token_length=a["host_sink_token_length"],
-                kv_cache_block_offsets=a["kv_cache_block_offsets"],
-                host_kv_cache_block_offsets=a["host_kv_cache_block_offsets"],
-                host_kv_cache_pool_pointers=a["host_kv_cache_pool_pointers"],
-                host_kv_cache_pool_mapping=a["host_kv_cache_pool_mapping"],
-                cache_indirection=a["cache_indirection"])
+                host_past_key_value_lengths=a[P.HOST_PAST_KEY_VALUE_LENGTHS],
+                host_max_attention_window_sizes=a[P.HOST_MAX_ATTENTION_WINDOW_SIZES],
+                host_sink_token_length=a[P.HOST_SINK_TOKEN_LENGTH],
+                kv_cache_block_offsets=a[P.KV_CACHE_BLOCK_OFFSETS],
+                host_kv_cache_block_offsets=a[P.HOST_KV_CACHE_BLOCK_OFFSETS],
+                host_kv_cache_pool_pointers=a[P.HOST_KV_CACHE_POOL_POINTERS],
+                host_kv_cache_pool_mapping=a[P.HOST_KV_CACHE_POOL_MAPPING],
+                cache_indirection=a[P.CACHE_INDIRECTION])
             attn = AttentionParams(
-                sequence_length=a["sequence_length"], context_lengths=a["context_lengths"],
-                host_context_lengths=a["host_context_lengths"], max_context_length=max_input_len,
-                host_request_types=a["host_request_types"], host_runtime_perf_knobs=a["host_runtime_perf_knobs"],
-                host_context_progress=a["host_context_progress"])
+                sequence_length=a[P.SEQUENCE_LENGTH], context_lengths=a[P.CONTEXT_LENGTHS],
+                host_context_lengths=a[P.HOST_CONTEXT_LENGTHS], max_context_length=max_input_len,
+                host_request_types=a[P.HOST_REQUEST_TYPES], host_runtime_perf_knobs=a[P.HOST_RUNTIME_PERF_KNOBS],
+                host_context_progress=a[P.HOST_CONTEXT_PROGRESS])
             attn = Attention.fill_attention_params(self, attn)   # rotary_inv_freq, embed_positions_for_gpt_attention
             hidden = self.transformer(flat_ids, position_ids=None, use_cache=True, spec_decoding_params=spec,
                                       kv_cache_params=kv, attention_params=attn)

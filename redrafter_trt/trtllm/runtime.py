@@ -1,8 +1,7 @@
 """The TensorRT-LLM backend of the runtime: the step contract over one engine.
 
-:class:`TrtllmBackend` provides what :class:`~redrafter_trt.runtime.Generator` needs (``shape``,
-``vocab_size``, ``max_batch_size``, ``max_input_len``, ``max_seq_len``, ``reserve``, ``step``,
-``timings``), so ``redrafter-run`` and ``redrafter-bench`` drive it unchanged.
+:class:`TrtllmBackend` implements :class:`redrafter_trt.contract.Backend` (what the runtime and
+the benchmark need), so ``redrafter-run`` and ``redrafter-bench`` drive it unchanged.
 
 Per call: the contract's tensors are bound by name (:mod:`redrafter_trt.contract`), the attention
 plumbing is derived from them (paged KV pool, each slot owning ``max_blocks`` contiguous blocks,
@@ -10,10 +9,11 @@ one pool ``[num_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``), t
 through ``tensorrt_llm.runtime.Session``, then the accepted KV entries are relocated (SPEC
 section 7) from the engine's ``accepted_packed_indices`` output, in place in the pool: by the
 cpp/ kernel ``invokeKvRelocate`` with the paged pool's strided layout
-(:func:`redrafter_trt.native.relocate_paged`, ``libredrafter_cuda.so``) when that library is
-built, else by :func:`relocate_paged` (torch indexed copies vectorised over rows and layers, no
-loop over rows). ``TrtllmBackend.relocate_impl`` says which one ran ("kernel" or "torch");
-``$REDRAFTER_KV_RELOCATE`` = ``kernel`` / ``torch`` forces one (default ``auto``).
+(:func:`redrafter_trt.native.relocate_paged_native`, ``libredrafter_cuda.so``) when that library
+is built, else by :func:`~redrafter_trt.ops.kv_cache.relocate_paged` (torch indexed copies
+vectorised over rows and layers, no loop over rows). ``TrtllmBackend.relocate_impl`` says which
+one ran ("kernel" or "torch"); ``$REDRAFTER_KV_RELOCATE`` = ``kernel`` / ``torch`` forces one
+(default ``auto``).
 
 Generation calls run as CUDA graphs (:mod:`.cuda_graph`: static buffers per (rows, tokens per
 row) key, re-captured and updated with ``cudaGraphExecUpdate`` when a host input the plugins read
@@ -43,7 +43,9 @@ from .. import contract as C
 from .. import native
 from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
-from . import ACCEPTED_INDICES, require_trtllm
+from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
+from ..ops.tree import bool_to_packed_mask, mask_words, root_only_tree
+from . import ACCEPTED_INDICES, Plumbing as P, require_trtllm
 from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
 from .cuda_graph import (DEFAULT_GRAPH_CACHE_SIZE, CudaGraphRunner, GraphUnavailable, ShapeKey, bucket_tokens,
                          cuda_graph_setting, host_input_names)
@@ -52,47 +54,6 @@ from .plugins import load_plugin_library
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# --------------------------------------------------------------------------- paged KV cache
-# Pure torch (tested on the CPU against redrafter_trt.ops.relocate_kv): the pool is
-# [num_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]; slot s owns blocks
-# s*max_blocks .. (s+1)*max_blocks - 1; token t of slot s lives in block s*max_blocks + t // tpb at
-# position t % tpb. TensorRT-LLM addresses a block as pool + offset * bytes_per_block with the
-# layer's pool pointer advanced by layer * 2 * bytes_per_block, so the K (V) offset of block id
-# is id * layers * 2 (+ 1).
-
-
-def paged_block_offsets(slots: torch.Tensor, max_blocks: int, layers: int) -> torch.Tensor:
-    """``kv_cache_block_offsets`` [1, B, 2, max_blocks] int32 of rows whose slots are ``slots`` [B]."""
-    j = torch.arange(max_blocks, device=slots.device, dtype=torch.int64)
-    block = slots.to(torch.int64)[:, None] * max_blocks + j[None, :]                 # [B, max_blocks]
-    kv = torch.arange(2, device=slots.device, dtype=torch.int64)
-    return (block[:, None, :] * (layers * 2) + kv[None, :, None]).to(torch.int32)[None]
-
-
-def relocate_paged(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.Tensor,
-                   accepted_indices: torch.Tensor, num_accepted: torch.Tensor, *, max_blocks: int,
-                   kv_heads: int, tokens_per_block: int, head_dim: int) -> None:
-    """SPEC section 7 on the paged pool, in place: token ``cache_len + q_k`` moves to
-    ``cache_len + k`` for k = 1..n, every row and layer at once (all sources are read before any
-    destination is written, which equals the ascending in-place order because q_k >= k).
-
-    slots, cache_lengths, num_accepted: [B] int; accepted_indices: [B, L] int.
-    """
-    b, l = accepted_indices.shape
-    k = torch.arange(1, l, device=pool.device)
-    keep = k[None, :] <= num_accepted.to(pool.device, torch.int64)[:, None]              # [B, L-1]
-    if not bool(keep.any()):
-        return
-    base = cache_lengths.to(pool.device, torch.int64)[:, None]
-    src = (base + accepted_indices.to(pool.device, torch.int64)[:, 1:])[keep]
-    dst = (base + k[None, :]).expand(b, l - 1)[keep]
-    first = (slots.to(pool.device, torch.int64)[:, None] * max_blocks).expand(b, l - 1)[keep]
-    tpb = tokens_per_block
-    view = pool.view(pool.shape[0], pool.shape[1], 2, kv_heads, tpb, head_dim)
-    moved = view[first + src // tpb, :, :, :, src % tpb]                                   # [M, layers, 2, H, D]
-    view[first + dst // tpb, :, :, :, dst % tpb] = moved
 
 
 #: ``spec_decoding_use`` of every call (see :func:`prepare_step`).
@@ -133,7 +94,7 @@ def relocate_pool(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.
         relocate_paged(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
         return
     require(impl == RELOCATE_KERNEL, f"unknown relocation {impl!r}")
-    new_len = native.relocate_paged(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
+    new_len = native.relocate_paged_native(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
     # The kernel skips rows with invalid data and reports them as -1 (one sync; the step syncs anyway).
     want = cache_lengths.to(new_len.device, torch.int32) + num_accepted.to(new_len.device, torch.int32) + 1
     bad = (new_len != want).nonzero().flatten().tolist()
@@ -171,7 +132,7 @@ def output_shapes(batch: int, shape: C.StepShape) -> dict[str, tuple[int, ...]]:
         C.NUM_ACCEPTED_TOKENS: (b,), C.ACCEPTED_BEAM_INDEX: (b,), C.OUTPUT_TOKENS: (b, l),
         C.NUM_OUTPUT_TOKENS: (b,), C.NEW_CACHE_LENGTHS: (b,), C.NEXT_DRAFT_TOKENS: (b, w, l),
         C.NEXT_DRAFT_INDICES: (b, w, l), C.NEXT_FLAT_TOKENS: (b, n), C.NEXT_PACKED_LENGTHS: (b,),
-        C.NEXT_POSITION_OFFSETS: (b, n), C.NEXT_PACKED_MASK: (b, n, (n + 31) // 32), ACCEPTED_INDICES: (b, l),
+        C.NEXT_POSITION_OFFSETS: (b, n), C.NEXT_PACKED_MASK: (b, n, mask_words(n)), ACCEPTED_INDICES: (b, l),
     }
 
 
@@ -196,13 +157,13 @@ def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device:
     x[C.INPUT_IDS] = x[C.INPUT_IDS][:, :t].contiguous()
     x[C.POSITION_OFFSETS] = x[C.POSITION_OFFSETS][:, :t].contiguous()
     # mask words: the tree's ceil(N/32) for generation calls (the plugin's packed-mask stride)
-    words = min(x[C.PACKED_MASK].shape[2], max((t + 31) // 32, (shape.tree_size + 31) // 32))
+    words = min(x[C.PACKED_MASK].shape[2], max(mask_words(t), mask_words(shape.tree_size)))
     mask = x[C.PACKED_MASK][:, :t, :words].clone()
     # padding nodes see themselves (never read; keeps attention rows non-empty)
     i = torch.arange(t, device=dev)
     pad = i[None, :] >= x[C.INPUT_LENGTHS][:, None]
-    diag = torch.zeros((t, max(words, (t + 31) // 32)), dtype=torch.int32, device=dev)
-    diag[i, i // 32] = torch.bitwise_left_shift(torch.ones_like(i, dtype=torch.int32), (i % 32).to(torch.int32))
+    # [t, mask_words(max(t, N))] >= words columns: bit i of row i
+    diag = bool_to_packed_mask(torch.eye(t, max(t, shape.tree_size), dtype=torch.bool, device=dev))
     x[C.PACKED_MASK] = torch.where(pad[:, :, None], mask | diag[None, :, :words], mask).contiguous()
     cache_len = torch.zeros(b, dtype=torch.int32, device=dev) if is_ctx else x[C.CACHE_LENGTHS].to(torch.int32)
     x[C.CACHE_LENGTHS] = cache_len
@@ -211,24 +172,24 @@ def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device:
     host = lambda v, dt=torch.int32: torch.as_tensor(v, dtype=dt).cpu()  # noqa: E731
     offsets = paged_block_offsets(x[C.SLOT_IDS], max_blocks, layers)
     plumbing = {
-        "sequence_length": seq,
-        "host_past_key_value_lengths": seq.cpu(),
-        "host_max_attention_window_sizes": host([kv_len] * layers),
-        "host_sink_token_length": host([0]),
-        "context_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
-        "host_context_lengths": host([t] * b),
-        "host_request_types": host([C.CONTEXT if is_ctx else C.GENERATION] * b),
-        "kv_cache_block_offsets": offsets,
-        "host_kv_cache_block_offsets": offsets.cpu(),
-        "host_kv_cache_pool_pointers": host([[pool_ptr, 0]], torch.int64),
-        "host_kv_cache_pool_mapping": host([[0, layer] for layer in range(layers)]),
-        "cache_indirection": torch.zeros((b, 1, kv_len), dtype=torch.int32, device=dev),
-        "host_runtime_perf_knobs": host([-1] * 16, torch.int64),
-        "host_context_progress": host([0], torch.int64),
-        "spec_decoding_generation_lengths": torch.full((b,), t, dtype=torch.int32, device=dev),
+        P.SEQUENCE_LENGTH: seq,
+        P.HOST_PAST_KEY_VALUE_LENGTHS: seq.cpu(),
+        P.HOST_MAX_ATTENTION_WINDOW_SIZES: host([kv_len] * layers),
+        P.HOST_SINK_TOKEN_LENGTH: host([0]),
+        P.CONTEXT_LENGTHS: torch.full((b,), t, dtype=torch.int32, device=dev),
+        P.HOST_CONTEXT_LENGTHS: host([t] * b),
+        P.HOST_REQUEST_TYPES: host([C.CONTEXT if is_ctx else C.GENERATION] * b),
+        P.KV_CACHE_BLOCK_OFFSETS: offsets,
+        P.HOST_KV_CACHE_BLOCK_OFFSETS: offsets.cpu(),
+        P.HOST_KV_CACHE_POOL_POINTERS: host([[pool_ptr, 0]], torch.int64),
+        P.HOST_KV_CACHE_POOL_MAPPING: host([[0, layer] for layer in range(layers)]),
+        P.CACHE_INDIRECTION: torch.zeros((b, 1, kv_len), dtype=torch.int32, device=dev),
+        P.HOST_RUNTIME_PERF_KNOBS: host([-1] * 16, torch.int64),
+        P.HOST_CONTEXT_PROGRESS: host([0], torch.int64),
+        P.SPEC_DECODING_GENERATION_LENGTHS: torch.full((b,), t, dtype=torch.int32, device=dev),
         # 1 on every call, context calls included, as TensorRT-LLM's own ReDrafter runtime does
         # (runtime/redrafter_utils.py): the plugin reads it at enqueue, which a graph replay skips.
-        "spec_decoding_use": host([SPEC_DECODING_USE]),
+        P.SPEC_DECODING_USE: host([SPEC_DECODING_USE]),
     }
     return PreparedStep(is_ctx, b, t, x, plumbing, output_shapes(b, shape))
 
@@ -242,9 +203,12 @@ def bind_shapes(context: Any, feed: dict[str, torch.Tensor]) -> None:
 
 
 class TrtllmBackend:
-    """Runs ReDrafter steps with a TensorRT-LLM engine directory built by ``redrafter-build``."""
+    """Runs ReDrafter steps with a TensorRT-LLM engine directory built by ``redrafter-build``
+    (implements :class:`~redrafter_trt.contract.Backend`)."""
 
     name = "trtllm"
+    #: context rows and generation rows run in separate calls (see :func:`prepare_step`)
+    mixed_request_types = False
 
     def __init__(self, engine_dir: str | Path, ckpt_cfg: RedrafterCheckpointConfig, build_config: dict[str, Any],
                  *, cuda_graph: bool | None = None, graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE):
@@ -262,6 +226,7 @@ class TrtllmBackend:
         self.max_batch_size = int(bc["max_batch_size"])
         self.max_input_len = int(bc["max_input_len"])
         self.max_seq_len = int(bc["max_seq_len"])
+        self.warp_k: int | None = None if bc.get("warp_k") is None else int(bc["warp_k"])
         self.tokens_per_block = int(bc.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
         # KV positions per slot and the engine's fixed block dimension: read from the build record
         # (the max_seq_len the engine's prepare_inputs saw), checked against the engine below
@@ -276,8 +241,8 @@ class TrtllmBackend:
         # By name: TensorRT reports these inputs as DEVICE-located (TensorRT-LLM declares them as plain
         # network inputs and binds CPU pointers to them), so get_tensor_location cannot find them.
         self.engine_host_inputs = host_input_names(self.engine_inputs)
-        if "kv_cache_block_offsets" in self.engine_inputs:
-            profile_max = tuple(engine.get_tensor_profile_shape("kv_cache_block_offsets", 0)[2])
+        if P.KV_CACHE_BLOCK_OFFSETS in self.engine_inputs:
+            profile_max = tuple(engine.get_tensor_profile_shape(P.KV_CACHE_BLOCK_OFFSETS, 0)[2])
             require(profile_max[-1] == self.engine_max_blocks,
                     f"{engine_dir}: the engine's kv_cache_block_offsets has {profile_max[-1]} blocks per row, its "
                     f"config.json says {self.engine_max_blocks}; rebuild the engine")
@@ -313,6 +278,21 @@ class TrtllmBackend:
     def vocab_size(self) -> int:
         return self.cfg.base.vocab_size
 
+    @property
+    def base(self) -> None:
+        """The engine holds the base's weights; there are no torch modules of it."""
+        return None
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """Bytes of the paged pool (None before :meth:`reserve`)."""
+        p = self.pool
+        return None if p is None else int(p.numel() * p.element_size())
+
+    def reshaped(self, num_beams: int, draft_len: int) -> "TrtllmBackend | None":
+        """An engine's beam shape is fixed: itself for its own shape, else None."""
+        return self if (num_beams, draft_len) == (self.shape.num_beams, self.shape.draft_len) else None
+
     # ------------------------------------------------------------------ KV cache
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
         """Allocate the paged pool: ``slots`` slots of ``tokens_per_slot`` tokens plus one tree."""
@@ -327,9 +307,9 @@ class TrtllmBackend:
         torch.cuda.empty_cache()
         self.max_blocks = self.engine_max_blocks  # the engine's fixed dim
         self.slots = slots
-        block_elems = self.kv_heads * self.tokens_per_block * self.head_dim
-        self.pool = torch.zeros((slots * self.max_blocks, self.layers, 2, block_elems), dtype=self.dtype,
-                                device=self.device)
+        shape = paged_pool_shape(slots, self.max_blocks, self.layers, self.kv_heads, self.tokens_per_block,
+                                 self.head_dim)
+        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ step
     @property
@@ -399,8 +379,6 @@ class TrtllmBackend:
             self.relocate_calls[self.relocate_impl] += 1
         t0 = self._tick("relocate", t0)
         if int(inputs[C.NUM_DRAFT_STEPS]) == 0:  # plain decoding: the next tree is the root alone
-            from ..backends.torch_backend import root_only_tree
-
             bonus = outputs[C.OUTPUT_TOKENS].gather(1, n_acc[:, None].to(torch.int64))[:, 0]
             tree, beams = root_only_tree(bonus, self.shape)
             outputs.update({C.NEXT_DRAFT_TOKENS: beams, C.NEXT_DRAFT_INDICES: tree.unpacker,
