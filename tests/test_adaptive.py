@@ -266,3 +266,26 @@ def test_run_cli_adaptive_flag(engine_dir, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and COST_MODEL_FILE in err and "--calibrate" in err
     assert run.main(args + ["--adaptive", "off"]) == 0
+
+
+def test_serve_scheduler_gets_the_stored_policy(engine_dir):
+    from redrafter_trt.cli import serve
+
+    gen = redrafter_trt_load(engine_dir)
+    cm = cost_model(0.01)
+    cm.engine, cm.machine = engine_signature(gen.backend), machine_fingerprint()
+    save_cost_model(cm, engine_dir)
+    try:
+        argv = ["--engine_dir", str(engine_dir)]
+        state, _ = serve.make_state(serve.build_parser().parse_args(argv))
+        assert isinstance(state.scheduler.policy, AdaptivePolicy)
+        state, _ = serve.make_state(serve.build_parser().parse_args(argv + ["--adaptive", "off"]))
+        assert state.scheduler.policy is None
+    finally:
+        (engine_dir / COST_MODEL_FILE).unlink(missing_ok=True)
+
+
+def redrafter_trt_load(path, **kw):
+    import redrafter_trt
+
+    return redrafter_trt.load(path, **kw)
