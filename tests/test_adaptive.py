@@ -289,3 +289,25 @@ def redrafter_trt_load(path, **kw):
     import redrafter_trt
 
     return redrafter_trt.load(path, **kw)
+
+
+# --------------------------------------------------------------------------- a measured cost model
+#: `redrafter-bench --calibrate` on SmolLM2-135M-Instruct + the shipped head's engine (W=4, D=4,
+#: float32, torch linears), AMD EPYC VM, 1 thread, load average 8.0-8.3, 2026-12-02 (seconds).
+SMOLLM2_EPYC_VERIFY = {1: 0.7111, 2: 1.0216, 4: 1.3011, 8: 1.4780, 17: 1.6698, 33: 1.9583, 65: 2.9550}
+SMOLLM2_EPYC_DRAFT = {1: 0.0715, 2: 0.1787, 4: 0.1980, 8: 0.2733, 16: 0.3991, 32: 0.6962, 64: 0.9891}
+#: P(accepted >= j) of the shipped head on 24 MT-Bench first turns (docs/results.md, 1.46 tokens/step)
+SHIPPED_HEAD_ACCEPTANCE = [643 / 1948, 173 / 1948, 60 / 1948, 17 / 1948]
+
+
+def test_measured_cost_model_picks_plain_where_drafting_does_not_pay():
+    cm = CostModel(SMOLLM2_EPYC_VERIFY, SMOLLM2_EPYC_DRAFT, {}, {})
+    shipped = AdaptivePolicy(cm, 4, 4, prior=SHIPPED_HEAD_ACCEPTANCE, probe_every=0)
+    for b in (1, 2, 4, 8, 16):  # the shipped head never pays on this machine: plain at every batch
+        assert shipped.choose(b) == (1, 0)
+        assert shipped.best(b)[1] < 1.0
+    perfect = AdaptivePolicy(cm, 4, 4, prior=[0.99] * 4, probe_every=0)
+    for b in (1, 4, 16):  # a head that is nearly always right pays even here: it drafts
+        assert perfect.choose(b)[1] > 0 and perfect.best(b)[1] > 1.05
+    # and the full 4x4 tree, 8x a plain step at batch 16, is not what it drafts there
+    assert cm.step_cost(16, 4, 4) / cm.t(16) > 8 and perfect.choose(16) != (4, 4)
