@@ -9,11 +9,12 @@ engine directories in :mod:`.runtime.loader`). The stage order of the modules is
 from ._version import __version__
 
 
-def load(engine_dir, device=None, dtype=None, proposer=None):
-    """Open an engine directory; returns a :class:`~redrafter_trt.runtime.Generator`."""
+def load(engine_dir, device=None, dtype=None, proposer=None, adaptive="auto"):
+    """Open an engine directory; returns a :class:`~redrafter_trt.runtime.Generator`
+    (``adaptive``: see :func:`redrafter_trt.runtime.loader.load`)."""
     from .runtime.loader import load as _load
 
-    return _load(engine_dir, device=device, dtype=dtype, proposer=proposer)
+    return _load(engine_dir, device=device, dtype=dtype, proposer=proposer, adaptive=adaptive)
 
 
 __all__ = ["load", "__version__"]

@@ -148,3 +148,166 @@ def test_cost_model_stored_checked_and_reported(tiny_dirs, tmp_path):
     path.write_text(json.dumps({"schema": "redrafter-cost-model/1", "verify": {"1": -1}}))
     with pytest.raises(RedrafterError, match="malformed|positive"):
         load_cost_model(tmp_path, be)
+
+
+# --------------------------------------------------------------------------- K < V, sampling
+def _kv_maps(tiny_dir, plain):
+    """Draft vocabularies of K < V ids: the base's most emitted tokens, and none of them."""
+    emitted = [t for r in plain for t in r.token_ids]
+    counts = torch.bincount(torch.tensor(emitted), minlength=97)
+    covering = torch.argsort(counts, descending=True, stable=True)[:6].to(torch.int32)
+    missing = torch.tensor([t for t in range(97) if t not in set(emitted)][:12], dtype=torch.int32)
+    return {"covering": covering, "missing": missing}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_changing_shapes_with_reduced_draft_vocabulary_greedy_exact(tiny_dirs, arch):
+    from test_draft_vocab import generator
+
+    w, d = 3, 3
+    plain = generator(tiny_dirs[arch], w, d, None).generate(PROMPTS, max_new_tokens=17, speculative=False)
+    shapes = AdaptivePolicy(cost_model(0.1), w, d).candidates()
+    accepted = {}
+    for name, ids in _kv_maps(tiny_dirs[arch], plain).items():
+        gen = generator(tiny_dirs[arch], w, d, ids)
+        cyc = Cycling(shapes + shapes[-2:0:-1])
+        gen.policy = cyc
+        spec = gen.generate(PROMPTS, max_new_tokens=17, speculative=True)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain], name
+        assert set(cyc.used) == set(shapes)
+        accepted[name] = sum(sum(a) for (_, _, a) in cyc.seen)
+    assert accepted["missing"] == 0   # the head cannot draft what the base emits: acceptance stops
+    assert accepted["covering"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [None, 20])
+def test_changing_shapes_seeded_sampling_same_tokens(tiny_dirs, arch, k):
+    from test_draft_vocab import generator
+
+    w, d = 3, 3
+    ids = None if k is None else torch.tensor(list(range(0, 97, 5)), dtype=torch.int32)  # K = 20 of 97
+    gen = generator(tiny_dirs[arch], w, d, ids, seed=2)
+    shapes = AdaptivePolicy(cost_model(0.1), w, d).candidates()
+    for seed, (temp, top_k, top_p) in enumerate([(1.0, 0, 1.0), (0.7, 20, 0.9)]):
+        kw = dict(max_new_tokens=15, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        gen.policy = None
+        plain = gen.generate(PROMPTS, speculative=False, **kw)
+        fixed = gen.generate(PROMPTS, speculative=True, **kw)
+        gen.policy = cyc = Cycling(shapes + shapes[-2:0:-1])
+        spec = gen.generate(PROMPTS, speculative=True, **kw)
+        assert [s.token_ids for s in spec] == [q.token_ids for q in plain] == [f.token_ids for f in fixed]
+        assert set(cyc.used) == set(shapes)
+        if ids is not None:  # sampled tokens outside the draft vocabulary occur
+            assert any(t not in ids.tolist() for q in plain for t in q.token_ids)
+
+
+# --------------------------------------------------------------------------- load(adaptive=...)
+@pytest.fixture(scope="module")
+def engine_dir(tiny_dirs, tmp_path_factory):
+    from redrafter_trt.cli import build, convert
+
+    root = tmp_path_factory.mktemp("adaptive_engine")
+    assert convert.main(["--model_dir", str(tiny_dirs["llama"]), "--random_drafter", "--output_dir",
+                         str(root / "ckpt"), "--redrafter_num_beams", "2",
+                         "--redrafter_draft_len_per_beam", "3"]) == 0
+    assert build.main(["--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "engine"),
+                       "--backend", "torch", "--max_batch_size", "4", "--max_input_len", "32",
+                       "--max_seq_len", "64"]) == 0
+    return root / "engine"
+
+
+def test_load_uses_a_matching_stored_cost_model_and_says_why_not(engine_dir):
+    import redrafter_trt
+
+    path = engine_dir / COST_MODEL_FILE
+    gen = redrafter_trt.load(engine_dir)
+    assert gen.policy is None and str(path) in gen.policy_note  # none stored
+    with pytest.raises(RedrafterError, match=rf"{path}: no cost model stored.*--calibrate"):
+        redrafter_trt.load(engine_dir, adaptive="on")
+    cm = cost_model(0.01)
+    cm.engine, cm.machine = engine_signature(gen.backend), machine_fingerprint()
+    save_cost_model(cm, engine_dir)
+    try:
+        for mode in ("auto", "on"):
+            gen = redrafter_trt.load(engine_dir, adaptive=mode)
+            assert isinstance(gen.policy, AdaptivePolicy) and gen.policy.cost.verify == cm.verify
+            assert (gen.policy.max_beams, gen.policy.max_draft_steps) == (2, 3)
+        assert redrafter_trt.load(engine_dir, adaptive="off").policy is None
+        # the stored policy runs in generate and keeps greedy output exact
+        plain = gen.generate(PROMPTS, max_new_tokens=8, speculative=False)
+        spec = gen.generate(PROMPTS, max_new_tokens=8, speculative=True)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+        # measured for another draft vocabulary size (K) / machine: refused with the file named
+        for key, value in (("engine", ("draft_vocab_size", 40)), ("machine", ("threads", 99))):
+            doc = cm.to_json()
+            doc[key] = {**doc[key], value[0]: value[1]}
+            path.write_text(json.dumps(doc))
+            with pytest.warns(UserWarning, match=rf"{path} was measured for another machine or engine "
+                                                 rf"\({key} {value[0]}: stored {value[1]}"):
+                gen = redrafter_trt.load(engine_dir)
+            assert gen.policy is None and "--calibrate" in gen.policy_note
+            with pytest.raises(RedrafterError, match=rf"{path}.*{value[0]}.*re-measure"):
+                redrafter_trt.load(engine_dir, adaptive="on")
+        with pytest.raises(RedrafterError, match="adaptive mode 'sometimes'"):
+            redrafter_trt.load(engine_dir, adaptive="sometimes")
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_run_cli_adaptive_flag(engine_dir, capsys):
+    from redrafter_trt.cli import run
+
+    args = ["--engine_dir", str(engine_dir), "--input_ids_file", None, "--max_output_len", "4"]
+    ids = engine_dir.parent / "ids.json"
+    ids.write_text(json.dumps([[5, 6, 7]]))
+    args[3] = str(ids)
+    assert run.main(args + ["--adaptive", "on"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and COST_MODEL_FILE in err and "--calibrate" in err
+    assert run.main(args + ["--adaptive", "off"]) == 0
+
+
+def test_serve_scheduler_gets_the_stored_policy(engine_dir):
+    from redrafter_trt.cli import serve
+
+    gen = redrafter_trt_load(engine_dir)
+    cm = cost_model(0.01)
+    cm.engine, cm.machine = engine_signature(gen.backend), machine_fingerprint()
+    save_cost_model(cm, engine_dir)
+    try:
+        argv = ["--engine_dir", str(engine_dir)]
+        state, _ = serve.make_state(serve.build_parser().parse_args(argv))
+        assert isinstance(state.scheduler.policy, AdaptivePolicy)
+        state, _ = serve.make_state(serve.build_parser().parse_args(argv + ["--adaptive", "off"]))
+        assert state.scheduler.policy is None
+    finally:
+        (engine_dir / COST_MODEL_FILE).unlink(missing_ok=True)
+
+
+def redrafter_trt_load(path, **kw):
+    import redrafter_trt
+
+    return redrafter_trt.load(path, **kw)
+
+
+# --------------------------------------------------------------------------- a measured cost model
+#: `redrafter-bench --calibrate` on SmolLM2-135M-Instruct + the shipped head's engine (W=4, D=4,
+#: float32, torch linears), AMD EPYC VM, 1 thread, load average 8.0-8.3, 2026-12-02 (seconds).
+SMOLLM2_EPYC_VERIFY = {1: 0.7111, 2: 1.0216, 4: 1.3011, 8: 1.4780, 17: 1.6698, 33: 1.9583, 65: 2.9550}
+SMOLLM2_EPYC_DRAFT = {1: 0.0715, 2: 0.1787, 4: 0.1980, 8: 0.2733, 16: 0.3991, 32: 0.6962, 64: 0.9891}
+#: P(accepted >= j) of the shipped head on 24 MT-Bench first turns (docs/results.md, 1.46 tokens/step)
+SHIPPED_HEAD_ACCEPTANCE = [643 / 1948, 173 / 1948, 60 / 1948, 17 / 1948]
+
+
+def test_measured_cost_model_picks_plain_where_drafting_does_not_pay():
+    cm = CostModel(SMOLLM2_EPYC_VERIFY, SMOLLM2_EPYC_DRAFT, {}, {})
+    shipped = AdaptivePolicy(cm, 4, 4, prior=SHIPPED_HEAD_ACCEPTANCE, probe_every=0)
+    for b in (1, 2, 4, 8, 16):  # the shipped head never pays on this machine: plain at every batch
+        assert shipped.choose(b) == (1, 0)
+        assert shipped.best(b)[1] < 1.0
+    perfect = AdaptivePolicy(cm, 4, 4, prior=[0.99] * 4, probe_every=0)
+    for b in (1, 4, 16):  # a head that is nearly always right pays even here: it drafts
+        assert perfect.choose(b)[1] > 0 and perfect.best(b)[1] > 1.05
+    # and the full 4x4 tree, 8x a plain step at batch 16, is not what it drafts there
+    assert cm.step_cost(16, 4, 4) / cm.t(16) > 8 and perfect.choose(16) != (4, 4)

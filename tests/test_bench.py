@@ -114,7 +114,7 @@ def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypat
 
     def recording(self, prompts, **kw):
         out = real(self, prompts, **kw)
-        calls.append((len(prompts), kw["speculative"], self.last_stats))
+        calls.append((len(prompts), kw["speculative"], self.policy is not None, self.last_stats))
         return out
 
     monkeypatch.setattr(Generator, "generate", recording)
@@ -125,7 +125,8 @@ def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypat
     for cfg in report["configs"]:
         b = cfg["batch_size"]
         for method, spec in (("plain", False), ("speculative", True)):
-            stats = [s for n, sp, s in calls if n == b and sp == spec]
+            adaptive = cfg["chosen_shapes"] is not None  # the adaptive configuration's own calls
+            stats = [s for n, sp, ad, s in calls if n == b and sp == spec and ad == adaptive]
             assert len(stats) == 2 * cfg["num_batches"]  # every batch, both repetitions
             expected = sum(s.generated_tokens for s in stats) / sum(s.row_steps for s in stats)
             got = cfg[method]
@@ -134,12 +135,23 @@ def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypat
             assert sum(hist.values()) == sum(s.row_steps for s in stats)
             assert sum(int(k) * v for k, v in hist.items()) == sum(s.generated_tokens for s in stats)
             per_rep = got["tokens_per_step_per_repetition"]
-            assert len(per_rep) == 2 and per_rep[0] == pytest.approx(per_rep[1])
+            assert len(per_rep) == 2
+            if adaptive and spec:  # every timed speculative step's choice was recorded
+                gen_steps = sum(s.num_steps for s in stats)
+                chosen = sum(x["steps"] for x in cfg["chosen_shapes"])
+                assert gen_steps <= chosen <= gen_steps + len(stats) * b  # + the prompts' calls
+            else:  # the policy learns between repetitions; a fixed shape repeats itself
+                assert per_rep[0] == pytest.approx(per_rep[1])
         assert cfg["plain"]["tokens_per_step"] == 1.0
-        assert cfg["speculative"]["tokens_per_step"] > 1.5  # the proposer is mostly right
-        rates = cfg["speculative"]["acceptance_rate_per_depth"]
-        assert len(rates) == d and all(a >= b for a, b in zip(rates, rates[1:])) and rates[0] > 0
         assert cfg["outputs_identical"]
+        assert cfg["predicted_speedup"] > 0
+        if cfg["chosen_shapes"] is None:
+            assert cfg["speculative"]["tokens_per_step"] > 1.5  # the proposer is mostly right
+            rates = cfg["speculative"]["acceptance_rate_per_depth"]
+            assert len(rates) == d and all(a >= b for a, b in zip(rates, rates[1:])) and rates[0] > 0
+    assert [(c["batch_size"], c["beam_shape"]) for c in report["configs"]] == [
+        (2, "2x3"), (2, "adaptive"), (4, "2x3"), (4, "adaptive")]
+    assert report["cost_model"]["source"].startswith("measured in this run")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -149,9 +161,25 @@ def test_cli_json_markdown_plot_and_transformers_baseline(tiny_engine, tmp_path,
     report = json.loads(capsys.readouterr().out)
     assert report["schema"] == SCHEMA and tuple(report) == TOP_KEYS
     assert report["settings"]["ignore_eos"] is True
-    assert [(c["batch_size"], c["beam_shape"]) for c in report["configs"]] == [(2, "2x3"), (2, "1x2")]
+    assert [(c["batch_size"], c["beam_shape"]) for c in report["configs"]] == [
+        (2, "2x3"), (2, "1x2"), (2, "adaptive")]
+    # Item 6 in a normal run: t(k)/t(1), draft cost, bandwidth floor, chosen shape per batch size,
+    # predicted against measured speed-up.
+    cm = report["cost_model"]
+    assert cm["source"].startswith("measured in this run (no cost_model.json")
+    assert cm["t_over_t1"]["1"] == 1.0 and len(cm["t_ms"]) >= 2 and all(v > 0 for v in cm["t_ms"].values())
+    assert all(v > 0 for v in cm["draft_step_ms"].values()) and cm["bandwidth_floor_ms"] > 0
+    assert cm["acceptance_source"] == "measured in this run at the engine's shape"
+    assert list(cm["chosen"]) == ["2"]
+    w, d = cm["chosen"]["2"]["shape"]
+    assert (w, d) == (1, 0) or (1 <= w <= 2 and 1 <= d <= 3)
+    adaptive = report["configs"][-1]
+    assert sum(x["steps"] for x in adaptive["chosen_shapes"]) >= adaptive["speculative"]["generation_steps"]
+    assert all(x["batch"] <= 2 and x["shape"] in {"1x0", "1x1", "1x2", "1x3", "2x1", "2x2", "2x3"}
+               for x in adaptive["chosen_shapes"])
     for c in report["configs"]:
         assert tuple(c) == CONFIG_KEYS
+        assert c["predicted_speedup"] > 0 and c["speedup"]["median"] > 0
         for method in ("plain", "speculative"):
             assert tuple(c[method]) == METHOD_KEYS
             assert set(c[method]["step_time_ms"]) >= {"verify", "accept", "draft", "pack"}
@@ -169,7 +197,10 @@ def test_cli_json_markdown_plot_and_transformers_baseline(tiny_engine, tmp_path,
     assert env["torch_threads"] >= 1 and env["torch"] == torch.__version__
     out = tmp_path / "out"
     assert json.loads((out / "bench.json").read_text())["configs"] == report["configs"]
-    assert "| batch | beams WxD | tokens/step" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| batch | beams WxD | tokens/step" in md and "| predicted |" in md
+    assert "t(k)/t(1)" in md and "bandwidth floor" in md and "| batch | chosen (beams, depth) |" in md
+    assert "Shapes the adaptive configuration chose" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -266,3 +297,57 @@ def test_calibrate_stores_cost_model_and_reports_curve(tiny_dirs, tmp_path):
         assert shape == [1, 0] or (1 <= shape[0] <= 2 and 1 <= shape[1] <= 3)
     md = calibration_markdown(rep)
     assert "t(k)/t(1)" in md and "bandwidth floor" in md
+
+
+def test_normal_run_uses_the_stored_cost_model_or_says_why_not(tiny_engine, tmp_path, capsys):
+    from redrafter_trt.runtime.adaptive import COST_MODEL_FILE
+
+    path = tiny_engine / "engine" / COST_MODEL_FILE
+    try:
+        assert bench_cli.main(bench_args(tiny_engine, tmp_path, "--calibrate", "--json",
+                                         "--repetitions", "1")) == 0
+        assert path.is_file()
+        capsys.readouterr()
+        args = bench_args(tiny_engine, tmp_path, "--no_hf_baseline", "--no_plot", "--json", batch_sizes="1")
+        assert bench_cli.main(args) == 0
+        report = json.loads(capsys.readouterr().out)
+        stored = json.loads(path.read_text())
+        assert report["cost_model"]["source"].startswith(f"stored {path}")
+        assert report["cost_model"]["t_ms"] == {k: round(v * 1e3, 2) for k, v in stored["verify"].items()}
+        stored["machine"]["cpu"] = "another CPU"
+        stored["engine"]["num_beams"] = 8
+        path.write_text(json.dumps(stored))
+        assert bench_cli.main(args) == 0
+        report = json.loads(capsys.readouterr().out)
+        src = report["cost_model"]["source"]
+        assert src.startswith("measured in this run") and str(path) in src
+        assert "machine cpu: stored 'another CPU'" in src and "engine num_beams: stored 8" in src
+        assert json.loads(path.read_text())["machine"]["cpu"] == "another CPU"  # not overwritten
+        # --no_adaptive: no cost model and no adaptive configuration
+        assert bench_cli.main(args + ["--no_adaptive"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert [c["beam_shape"] for c in report["configs"]] == ["2x3"]
+        assert report["cost_model"] == {"source": "not measured (adaptive off)"}
+        assert report["configs"][0]["predicted_speedup"] is None
+    finally:
+        path.unlink(missing_ok=True)  # the engine is shared by this module's tests
+
+
+def test_predicted_speedup_from_the_cost_model():
+    from redrafter_trt.bench.calibrate import annotate_predictions
+    from redrafter_trt.runtime.adaptive import CostModel
+
+    # t(n) = 1 + 0.1 n, draft(r) = 0.05 (1 + 0.1 r): at batch 1, a 2x3 tree costs
+    # t(7) + 3 draft(2) = 1.7 + 0.18 = 1.88 against t(1) = 1.1
+    cm = CostModel({n: 1 + 0.1 * n for n in (1, 2, 4, 8, 16)}, {n: 0.05 * (1 + 0.1 * n) for n in (1, 2, 4, 8)},
+                   {}, {})
+    fixed = {"batch_size": 1, "num_beams": 2, "draft_len": 3, "chosen_shapes": None,
+             "speculative": {"tokens_per_step": 2.0}}
+    plain_only = {"batch_size": 4, "num_beams": 2, "draft_len": 3, "speculative": {"tokens_per_step": 1.0},
+                  "chosen_shapes": [{"batch": 4, "shape": "1x0", "steps": 10}]}
+    mixed = {"batch_size": 1, "num_beams": 2, "draft_len": 3, "speculative": {"tokens_per_step": 1.5},
+             "chosen_shapes": [{"batch": 1, "shape": "1x0", "steps": 1}, {"batch": 1, "shape": "2x3", "steps": 1}]}
+    annotate_predictions([fixed, plain_only, mixed], cm)
+    assert fixed["predicted_speedup"] == pytest.approx(2.0 * 1.1 / 1.88, abs=1e-3)
+    assert plain_only["predicted_speedup"] == 1.0
+    assert mixed["predicted_speedup"] == pytest.approx(1.5 / ((1 + 1.88 / 1.1) / 2), abs=1e-3)

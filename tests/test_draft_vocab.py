@@ -202,3 +202,31 @@ def test_checkpoint_rejects_bad_map_and_writes_nothing(tiny_dirs, tmp_path):
     save_file(rank0, str(out / "rank0.safetensors"))
     with pytest.raises(RedrafterError, match=r"rank0.safetensors: draft_vocab holds id 97 outside"):
         load_checkpoint_models(out)
+
+
+@pytest.mark.parametrize("what", ["k_over_v", "rows", "map_length", "map_missing"])
+def test_checkpoint_bad_k_names_the_file(tiny_dirs, tmp_path, what):
+    """A checkpoint whose config K exceeds V, or whose K disagrees with the projection rows or the
+    map's length, is refused naming the file that is wrong."""
+    cfg, sd = load_hf_base(tiny_dirs["llama"])
+    head = init_drafter(head_cfg(cfg.vocab_size, cfg.hidden_size, 3), draft_vocab=torch.tensor([7, 8, 9]))
+    out = convert_checkpoint(cfg, sd, head, tmp_path / "ok", num_beams=2, draft_len=2)
+    conf_path, rank0_path = out / "config.json", out / "rank0.safetensors"
+    conf, rank0 = json.loads(conf_path.read_text()), load_file(str(rank0_path))
+    if what == "k_over_v":
+        conf[REDRAFTER_DRAFT_VOCAB_SIZE] = cfg.vocab_size + 1
+        needle, where = f"draft_vocab_size must be an integer in [1, vocab_size={cfg.vocab_size}]", conf_path
+    elif what == "rows":
+        rank0["drafter.lm_head.weight"] = torch.cat([rank0["drafter.lm_head.weight"]] * 2)
+        needle, where = "has 6 rows but draft_vocab_size K is 3", rank0_path
+    elif what == "map_length":
+        rank0[CKPT_DRAFT_VOCAB] = torch.tensor([7, 8, 9, 10], dtype=torch.int32)
+        needle, where = "has shape (4,), expected (3,) (draft_vocab_size K = 3)", rank0_path
+    else:
+        del rank0[CKPT_DRAFT_VOCAB]
+        needle, where = "no draft_vocab tensor", rank0_path
+    conf_path.write_text(json.dumps(conf))
+    save_file(rank0, str(rank0_path))
+    with pytest.raises(RedrafterError) as e:
+        load_checkpoint_models(out)
+    assert str(where) in str(e.value) and needle in str(e.value), str(e.value)

@@ -106,9 +106,27 @@ def run_benchmark(gen: Generator, engine_dir: str | Path | None, dataset: str, s
                   "batches (prompts cycled to fill the last batch), order alternating between "
                   "repetitions; warm-up calls on the first batch are not timed; tokens/s = new "
                   "tokens / wall time of the generate calls (prefill included); speed-up = plain "
-                  "wall / speculative wall of the same repetition",
+                  "wall / speculative wall of the same repetition; predicted speed-up = the "
+                  "configuration's measured tokens per step x t(batch) / the cost model's step "
+                  "cost of its shapes (prefill not modelled)",
     }
-    sweep = run_sweep(gen, prompts, settings, hf_model=hf_model, log=log)
+    cost, cost_source = None, "not measured (adaptive off)"
+    if settings.adaptive:
+        from .calibrate import bench_cost_model
+
+        cost, cost_source = bench_cost_model(gen.backend, None if engine_dir is None else str(engine_dir),
+                                             log=log)
+    settings_rec["adaptive"] = settings.adaptive and cost is not None
+    sweep = run_sweep(gen, prompts, settings, hf_model=hf_model, log=log, cost_model=cost)
+    if settings.adaptive:
+        from .calibrate import annotate_predictions, cost_section
+
+        if cost is not None:
+            annotate_predictions(sweep["configs"], cost)
+        sweep["cost_model"] = cost_section(cost, cost_source, gen.backend, sweep["configs"],
+                                           settings.batch_sizes)
+    else:
+        sweep["cost_model"] = {"source": cost_source}
     return build_report(env, engine_info(engine_dir, gen), settings_rec, sweep)
 
 

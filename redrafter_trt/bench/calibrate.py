@@ -4,17 +4,26 @@ Reports the t(k)/t(1) curve of the base forward, the draft cost per step, the ma
 memory-bandwidth floor for one plain step (weight bytes / measured one-thread copy bandwidth),
 and the beam shape :class:`~redrafter_trt.runtime.adaptive.AdaptivePolicy` picks per batch size
 with its predicted speed-up over plain decoding.
+
+A normal ``redrafter-bench`` run reports the same per run (:func:`bench_cost_model`,
+:func:`cost_section`: the stored model when it matches this machine and engine, else one measured
+in the run, saying why), the shape the policy picks per batch size given the acceptance measured
+in the run, and for every configuration the speed-up the cost model predicts from the run's own
+tokens per step next to the measured one (:func:`annotate_predictions`).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..backends.torch_backend import TorchBackend
-from ..runtime.adaptive import AdaptivePolicy, CostModel, measure_cost_model, save_cost_model
+from ..errors import RedrafterError
+from ..runtime.adaptive import (COST_MODEL_FILE, AdaptivePolicy, CostModel, load_cost_model,
+                                measure_cost_model, save_cost_model)
 
 
 def copy_bandwidth(mib: int = 64, repeats: int = 5) -> float:
@@ -78,10 +87,103 @@ def calibration_markdown(r: dict[str, Any]) -> str:
              "draft step (ms) by beam rows: " + ", ".join(f"{k}: {v}" for k, v in r["draft_step_ms"].items()),
              f"bandwidth floor of a plain step: {r['bandwidth_floor_ms']} ms (t(1) = "
              f"{r['t1_over_floor']}x the floor)",
-             f"assumed acceptance P(>= j), j = 1..D: {r['assumed_acceptance']}", "",
+             f"acceptance P(>= j), j = 1..D ({r.get('acceptance_source', 'assumed')}): "
+             f"{r['assumed_acceptance']}", "",
              "| batch | chosen (beams, depth) | predicted speed-up | best speculative | its prediction |",
              "|---|---|---|---|---|"]
     for b, c in r["chosen"].items():
         lines.append(f"| {b} | {tuple(c['shape'])} | {c['predicted_speedup']} | {tuple(c['best_speculative'])} "
                      f"| {c['its_predicted_speedup']} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- normal bench runs
+class ChoiceLog(AdaptivePolicy):
+    """:class:`AdaptivePolicy` that records every (batch size, chosen shape) it returns."""
+
+    def __init__(self, cost: CostModel, max_beams: int, max_draft_steps: int, **kw):
+        super().__init__(cost, max_beams, max_draft_steps, **kw)
+        self.steps: list[tuple[int, tuple[int, int]]] = []
+
+    def choose(self, batch_size: int) -> tuple[int, int]:
+        shape = super().choose(batch_size)
+        self.steps.append((int(batch_size), (int(shape[0]), int(shape[1]))))
+        return shape
+
+    def counts(self) -> list[dict[str, Any]]:
+        """[{"batch": b, "shape": "WxD" ("1x0" = plain), "steps": n}] in first-seen order."""
+        n: dict[tuple[int, tuple[int, int]], int] = {}
+        for key in self.steps:
+            n[key] = n.get(key, 0) + 1
+        return [{"batch": b, "shape": f"{w}x{d}", "steps": c} for (b, (w, d)), c in n.items()]
+
+
+def bench_cost_model(backend: Any, engine_dir: str | None, repeats: int = 3,
+                     log=None) -> tuple[CostModel | None, str]:
+    """The cost model a bench run reports and its adaptive configuration uses, and where it came
+    from: ``engine_dir``'s stored one when it matches this machine and engine; else measured now
+    (nothing is written; ``--calibrate`` stores one), saying why; None for a backend without
+    torch weights."""
+    if not hasattr(backend, "base") or getattr(backend, "name", None) != "torch":
+        return None, (f"not measured: the {getattr(backend, 'name', '?')} backend has no torch base "
+                      "to time (the cost model needs the torch backend)")
+    why = f"no {COST_MODEL_FILE} in the engine directory" if engine_dir else "no engine directory"
+    if engine_dir is not None:
+        try:
+            stored = load_cost_model(engine_dir, backend)
+        except RedrafterError as e:
+            stored, why = None, str(e)
+        if stored is not None:
+            return stored, f"stored {Path(engine_dir) / COST_MODEL_FILE} (measured {stored.measured_at})"
+    if log:
+        log(f"[bench] measuring the cost model ({why})")
+    model = measure_cost_model(backend, repeats=repeats, log=log)
+    return model, f"measured in this run ({why}); redrafter-bench --calibrate stores one"
+
+
+def _cost_ratio(model: CostModel, batch: int, shape: tuple[int, int]) -> float:
+    return model.step_cost(batch, *shape) / model.t(batch)
+
+
+def annotate_predictions(configs: list[dict[str, Any]], model: CostModel) -> None:
+    """Set each configuration's ``predicted_speedup``: its measured speculative tokens per step
+    over the predicted cost of its steps relative to plain ones (``step_cost / t(batch)``; the
+    adaptive configuration's recorded choices, averaged; prefill not modelled)."""
+    for c in configs:
+        tps = c["speculative"]["tokens_per_step"]
+        if c["chosen_shapes"] is not None:
+            steps = sum(x["steps"] for x in c["chosen_shapes"])
+            if not steps:
+                continue
+            ratio = sum(x["steps"] * _cost_ratio(model, x["batch"], tuple(int(v) for v in x["shape"].split("x")))
+                        for x in c["chosen_shapes"]) / steps
+        else:
+            ratio = _cost_ratio(model, c["batch_size"], (c["num_beams"], c["draft_len"]))
+        c["predicted_speedup"] = round(tps / ratio, 3)
+
+
+def cost_section(model: CostModel | None, source: str, backend: Any, configs: list[dict[str, Any]],
+                 batch_sizes: Sequence[int]) -> dict[str, Any]:
+    """The report's ``cost_model`` part: :func:`calibration_report` with the acceptance measured
+    in this run at the engine's own shape (pooled over batch sizes) as the policy's estimate."""
+    if model is None:
+        return {"source": source}
+    w, d = backend.shape.num_beams, backend.shape.draft_len
+    own = [c for c in configs if (c["num_beams"], c["draft_len"]) == (w, d) and c["chosen_shapes"] is None]
+    prior = None
+    if own:
+        rates = [c["speculative"]["acceptance_rate_per_depth"] for c in own]
+        prior = [min(1.0, max(0.0, sum(r[j] for r in rates) / len(rates))) for j in range(d)]
+    rep = calibration_report(model, backend, batch_sizes, prior)
+    rep["source"] = source
+    rep["acceptance_source"] = ("measured in this run at the engine's shape" if prior is not None
+                                else "assumed 0.6^j")
+    return rep
+
+
+def cost_markdown(r: dict[str, Any]) -> str:
+    """The report's cost-model section as Markdown (empty-model case: one line)."""
+    head = f"Cost model: {r['source']}."
+    if "t_ms" not in r:
+        return head + "\n"
+    return head + "\n\n" + calibration_markdown(r)

@@ -14,6 +14,12 @@ JSON document (``schema`` = :data:`SCHEMA`); top-level keys :data:`TOP_KEYS`:
   generation steps of all repetitions (definitions in :mod:`redrafter_trt.bench.metrics`);
   ``step_time_ms`` is the median over repetitions of time per generation step.
 - ``hf_baseline``: per batch size, transformers' ``generate`` on the same prompts and lengths.
+- ``cost_model``: where the machine's cost model came from (``source``) and, when there is one,
+  :func:`redrafter_trt.bench.calibrate.cost_section`: the t(k)/t(1) curve, draft cost per step,
+  the bandwidth floor of a plain step, and the (beams, depth) the adaptive policy picks per batch
+  size with its predicted speed-up. Each config's ``predicted_speedup`` is the cost model's
+  prediction from that config's measured tokens per step; the ``adaptive`` config (one per batch
+  size) lists the shapes it chose in ``chosen_shapes``.
 - ``flags``: ``greedy_outputs_differ`` and human-readable ``messages``.
 """
 
@@ -35,10 +41,11 @@ from ..errors import require
 
 SCHEMA = "redrafter-bench/1"
 TOP_KEYS = ("schema", "created_utc", "environment", "engine", "settings", "configs", "hf_baseline",
-            "flags")
+            "cost_model", "flags")
 CONFIG_KEYS = ("batch_size", "beam_shape", "num_beams", "draft_len", "num_prompts", "num_sequences",
                "num_batches", "plain", "speculative", "speedup", "plain_over_transformers", "greedy",
-               "outputs_identical", "mismatches", "num_mismatches", "memory")
+               "outputs_identical", "mismatches", "num_mismatches", "memory", "chosen_shapes",
+               "predicted_speedup")
 METHOD_KEYS = ("wall_s", "tokens_per_s", "tokens_per_step", "tokens_per_step_per_repetition",
                "tokens_per_step_histogram", "acceptance_rate_per_depth", "generation_steps",
                "new_tokens", "step_time_ms", "cuda_peak_bytes")
@@ -123,6 +130,7 @@ def build_report(environment_info: dict[str, Any], engine: dict[str, Any], setti
         "settings": settings,
         "configs": configs,
         "hf_baseline": sweep["hf_baseline"],
+        "cost_model": sweep.get("cost_model", {"source": "not measured"}),
         "flags": {"greedy_outputs_differ": bool(messages), "messages": messages},
     }
 
@@ -162,8 +170,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['warmup']} warm-up, median (min-max) of {s['repetitions']} interleaved repetitions.",
         "",
         "| batch | beams WxD | tokens/step | acceptance by depth | plain tok/s | speculative tok/s "
-        "| speed-up | plain / transformers | spec step ms (verify/accept/draft/pack) | identical |",
-        "|---:|:---:|---:|:---|---:|---:|---:|---:|:---|:---:|",
+        "| speed-up | predicted | plain / transformers | spec step ms (verify/accept/draft/pack) | identical |",
+        "|---:|:---:|---:|:---|---:|---:|---:|---:|---:|:---|:---:|",
     ]
     for c in report["configs"]:
         p, sp = c["plain"], c["speculative"]
@@ -176,7 +184,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {c['batch_size']} | {c['beam_shape']} | {sp['tokens_per_step']:.2f} | "
             f"{' '.join(f'{a:.2f}' for a in sp['acceptance_rate_per_depth'])} | "
             f"{_range(p['tokens_per_s'], 1)} | {_range(sp['tokens_per_s'], 1)} | "
-            f"{_range(c['speedup'])}x | {_range(c['plain_over_transformers'])} | "
+            f"{_range(c['speedup'])}x | {_fmt(c['predicted_speedup'])}{'x' if c['predicted_speedup'] else ''} | "
+            f"{_range(c['plain_over_transformers'])} | "
             f"{_fmt(st['step'], 1)} ({split}) | {identical} |")
     if report["hf_baseline"]:
         lines += ["", "transformers `generate` (same weights, prompts and lengths): " + "; ".join(
@@ -184,6 +193,15 @@ def markdown(report: dict[str, Any]) -> str:
             + (f", {h['sequences_identical_to_plain']}/{h['num_sequences']} sequences identical to plain"
                if h["sequences_identical_to_plain"] is not None else "")
             for h in report["hf_baseline"]) + "."]
+    adaptive = [c for c in report["configs"] if c["chosen_shapes"]]
+    if adaptive:
+        lines += ["", "Shapes the adaptive configuration chose (batch: WxD x steps; 1x0 = plain): " + "; ".join(
+            f"B={c['batch_size']}: " + ", ".join(f"{x['shape']} x{x['steps']}" + (
+                f" (at {x['batch']} rows)" if x["batch"] != c["batch_size"] else "")
+                for x in c["chosen_shapes"]) for c in adaptive) + "."]
+    from .calibrate import cost_markdown
+
+    lines += ["", cost_markdown(report["cost_model"]).rstrip("\n")]
     for m in report["flags"]["messages"]:
         lines += ["", f"**WARNING:** {m}"]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,8 @@ from . import metrics as M
 
 PHASES = ("verify", "accept", "draft", "pack")
 PLAIN, SPEC, HF = "plain", "speculative", "transformers"
+#: ``beam_shape`` of the configuration whose speculative runs choose their shape per step
+ADAPTIVE = "adaptive"
 
 
 @dataclass
@@ -45,6 +47,8 @@ class BenchSettings:
     repetitions: int = 3
     warmup: int = 1
     hf_baseline: bool = True
+    #: also run the engine's shape under the adaptive policy (beam_shape ADAPTIVE), given a cost model
+    adaptive: bool = True
 
 
 def parse_beam_shapes(text: str) -> list[tuple[int, int]]:
@@ -211,12 +215,17 @@ class _Cell:
     gen: Generator
     timer: StepTimer
     runs: dict[str, list[Run]] = field(default_factory=lambda: {PLAIN: [], SPEC: []})
+    policy: Any = None  # a ChoiceLog for the ADAPTIVE configuration
 
 
 def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSettings,
-              hf_model: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              hf_model: Any = None, log: Callable[[str], None] | None = None,
+              cost_model: Any = None) -> dict[str, Any]:
     """Measure every (batch size, beam shape); returns the ``configs`` and ``hf_baseline`` parts
-    of the report (see :mod:`redrafter_trt.bench.report` for the whole document)."""
+    of the report (see :mod:`redrafter_trt.bench.report` for the whole document). With a
+    ``cost_model`` and ``settings.adaptive``, one more configuration per batch size
+    (``beam_shape`` :data:`ADAPTIVE`) runs the engine's shape under
+    :class:`~redrafter_trt.runtime.adaptive.AdaptivePolicy`."""
     log = log or (lambda msg: None)
     be = gen.backend
     require(len(prompts) > 0, "no prompts to benchmark")
@@ -237,6 +246,15 @@ def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSetti
             g = Generator(sbe, tokenizer=gen.tokenizer, eos_token_ids=gen.eos_token_ids,
                           random_drafter=gen.random_drafter)
             cells.append(_Cell(b, shape, g, StepTimer(sbe)))
+        if cost_model is not None and settings.adaptive:
+            from .calibrate import ChoiceLog
+
+            own = (be.shape.num_beams, be.shape.draft_len)
+            sbe = backend_for_shape(gen, own)
+            g = Generator(sbe, tokenizer=gen.tokenizer, eos_token_ids=gen.eos_token_ids,
+                          random_drafter=gen.random_drafter)
+            g.policy = ChoiceLog(cost_model, *own)
+            cells.append(_Cell(b, own, g, StepTimer(sbe), policy=g.policy))
         hf_runs: list[Run] = []
         for i in range(settings.warmup):
             log(f"[bench] B={b}: warm-up {i + 1}/{settings.warmup}")
@@ -245,6 +263,9 @@ def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSetti
                 run_generator(cell.gen, cell.timer, batches[:1], settings, speculative=True)
             if hf_model is not None:
                 run_hf(hf_model, batches[:1], settings)
+        for cell in cells:  # count the timed steps' choices only
+            if cell.policy is not None:
+                cell.policy.steps.clear()
         for rep in range(settings.repetitions):
             tasks: list[tuple[_Cell | None, str]] = []
             for cell in cells:
@@ -261,7 +282,7 @@ def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSetti
                     run = run_generator(cell.gen, cell.timer, batches, settings,
                                         speculative=method == SPEC)
                     cell.runs[method].append(run)
-                    what = f"{shape_name(cell.shape)} {method}"
+                    what = f"{ADAPTIVE if cell.policy is not None else shape_name(cell.shape)} {method}"
                 log(f"[bench] B={b} rep {rep + 1}/{settings.repetitions} {what}: "
                     f"{run.new_tokens / run.wall_s:.1f} tok/s ({run.wall_s:.2f} s)")
         hf_summary = None
@@ -331,7 +352,7 @@ def _summarize_cell(cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_promp
     has_phases = cell.timer.has_phases
     rec: dict[str, Any] = {
         "batch_size": cell.batch_size,
-        "beam_shape": shape_name(cell.shape),
+        "beam_shape": ADAPTIVE if cell.policy is not None else shape_name(cell.shape),
         "num_beams": w,
         "draft_len": d,
         "num_prompts": num_prompts,
@@ -351,6 +372,10 @@ def _summarize_cell(cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_promp
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_scope": "process lifetime up to the end of this configuration",
         },
+        # adaptive: steps of the timed speculative runs per (batch, chosen shape); set with
+        # predicted_speedup by redrafter_trt.bench.calibrate.annotate_predictions
+        "chosen_shapes": cell.policy.counts() if cell.policy is not None else None,
+        "predicted_speedup": None,
     }
     return rec
 

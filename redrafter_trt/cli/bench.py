@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 when any greedy speculative output differs from plain "
                         "decoding (always flagged in the report)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--no_adaptive", action="store_true",
+                   help="skip the cost model (the stored ENGINE_DIR/cost_model.json when it matches "
+                        "this machine and engine, else measured in the run, not stored) and the "
+                        "'adaptive' configuration per batch size that chooses its beams and depth "
+                        "(down to plain decoding) per step with it; by default the report gives "
+                        "t(k)/t(1), draft cost, the bandwidth floor, the shape chosen per batch size "
+                        "and predicted against measured speed-up")
     p.add_argument("--calibrate", action="store_true",
                    help="measure the engine's cost model instead (t(k) of the base forward, draft "
                         "cost per step), store it as ENGINE_DIR/cost_model.json for the adaptive "
@@ -136,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     load_raw_prompts(args.dataset)  # fail fast (missing package / file) before loading the engine
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"[bench] {torch.get_num_threads()} torch threads ({getattr(args, 'threads_reason', 'torch default')})")
-    gen = load(args.engine_dir, device=args.device, dtype=args.dtype)
+    # the sweep builds its own generators; its adaptive configuration reports the cost model it uses
+    gen = load(args.engine_dir, device=args.device, dtype=args.dtype, adaptive="off")
     if gen.random_drafter:
         log("[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "
             "token per step and a speed-up below 1 until a trained head is used")
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.random_seed,
                              repetitions=args.repetitions, warmup=args.warmup,
-                             hf_baseline=not args.no_hf_baseline)
+                             hf_baseline=not args.no_hf_baseline, adaptive=not args.no_adaptive)
     report = run_benchmark(gen, args.engine_dir, args.dataset, settings, num_prompts=args.num_prompts,
                            chat_template=args.chat_template, max_prompt_len=args.max_prompt_len,
                            hf_model_dir=args.hf_model_dir, log=log)

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random_seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--no_speculation", action="store_true",
                    help="plain decoding through the same engine (the baseline)")
+    p.add_argument("--adaptive", choices=("auto", "on", "off"), default="auto",
+                   help="per step, draft the beams and depth (down to none) that the engine's stored "
+                        "cost model (ENGINE_DIR/cost_model.json, from redrafter-bench --calibrate) "
+                        "predicts pay at the current batch size; auto = when a model measured on "
+                        "this machine for this engine is stored, on = require it, off = always the "
+                        "engine's own shape (default: %(default)s)")
     p.add_argument("--use_chat_template", action="store_true",
                    help="wrap each prompt as a user turn with the tokenizer's chat template")
     p.add_argument("--system_prompt", default=None,
@@ -213,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = args.input_text
     resolve_device(args.device)  # a bad --device fails before the weights are read
-    gen = load(args.engine_dir, device=args.device)
+    gen = load(args.engine_dir, device=args.device, adaptive=args.adaptive)
+    if gen.policy is not None and not args.no_speculation:
+        print(f"[run] {gen.policy_note}", file=sys.stderr)
     if gen.random_drafter and not args.no_speculation:
         print(RANDOM_HEAD_NOTE, file=sys.stderr)
     encoded = encode_prompts(gen, args, prompts)

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompts stall running rows (default: the engine's max_input_len)")
     p.add_argument("--no_speculation", action="store_true",
                    help="plain decoding for every request (speculation is on by default)")
+    p.add_argument("--adaptive", choices=("auto", "on", "off"), default="auto",
+                   help="per step, draft the beams and depth (down to none) that the engine's stored "
+                        "cost model (ENGINE_DIR/cost_model.json, from redrafter-bench --calibrate) "
+                        "predicts pay at the current batch size; auto = when one measured on this "
+                        "machine for this engine is stored, on = require it, off = always the "
+                        "engine's own shape (default: %(default)s)")
     p.add_argument("--served_model_name", default=None,
                    help="model id clients must send (default: the engine directory's name)")
     p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
@@ -54,7 +60,7 @@ def make_state(args: argparse.Namespace):
     from ..serve.app import ServeState
 
     require(0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}")
-    gen = load(args.engine_dir, device=args.device)
+    gen = load(args.engine_dir, device=args.device, adaptive=getattr(args, "adaptive", "auto"))
     be = gen.backend
     slots = args.max_batch_size or be.max_batch_size
     tokens = args.max_seq_len or be.max_seq_len
@@ -63,6 +69,7 @@ def make_state(args: argparse.Namespace):
     require(tokens <= be.max_seq_len, f"--max_seq_len {tokens} exceeds the engine's max_seq_len {be.max_seq_len}")
     sched = Scheduler(be, gen.tokenizer, gen.eos_token_ids, max_queue=args.max_queue, max_slots=slots,
                       tokens_per_slot=tokens, max_prefill_tokens=args.max_prefill_tokens)
+    sched.policy = gen.policy  # adaptive speculation from the stored cost model (None: fixed shape)
     name = args.served_model_name or Path(args.engine_dir).resolve().name
     return ServeState(sched, name, speculative=not args.no_speculation), gen
 

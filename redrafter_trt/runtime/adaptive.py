@@ -28,12 +28,14 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from ..contract import Backend
 from ..errors import RedrafterError, require
 
 if TYPE_CHECKING:  # annotations only: the runtime does not import a backend
@@ -138,7 +140,9 @@ def engine_signature(backend: TorchBackend) -> dict[str, Any]:
             "dtype": str(backend.dtype).replace("torch.", ""), "device": str(backend.device),
             "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
             "vocab_size": cfg.vocab_size, "intermediate_size": cfg.intermediate_size,
-            "native_linear": bool(backend.native_linear)}
+            "native_linear": bool(backend.native_linear),
+            # K: the draft cost scales with the head's projection rows (a reduced draft vocabulary)
+            "draft_vocab_size": None if backend.drafter is None else backend.drafter.config.head_vocab_size}
 
 
 def _median(xs: list[float]) -> float:
@@ -300,3 +304,40 @@ class AdaptivePolicy:
         for j in range(1, num_draft_steps + 1):
             frac = sum(1 for a in accepted if a >= j) / len(accepted)
             s[j - 1] = (1 - self.decay) * s[j - 1] + self.decay * frac
+
+
+#: ``mode`` values of :func:`stored_policy` (``redrafter_trt.load(adaptive=...)``).
+ADAPTIVE_MODES = ("auto", "on", "off")
+
+
+def stored_policy(backend: Backend, engine_dir: str | os.PathLike, mode: str = "auto"
+                  ) -> tuple["AdaptivePolicy | None", str]:
+    """The adaptive policy for ``backend`` from ``engine_dir/cost_model.json``, and why (or why not).
+
+    ``mode``: ``"off"`` never; ``"on"`` requires a stored model that matches this machine and
+    engine (else :class:`RedrafterError` naming the file); ``"auto"`` uses it when it matches and
+    otherwise says why not in the returned note (and, for a model measured elsewhere, a
+    :class:`UserWarning`), leaving the engine's fixed shape. Only the torch backend drafts a
+    shape per step; other backends get ``None``.
+    """
+    require(mode in ADAPTIVE_MODES, f"adaptive mode {mode!r}: expected one of {ADAPTIVE_MODES}")
+    if mode == "off":
+        return None, "adaptive speculation off"
+    path = Path(engine_dir) / COST_MODEL_FILE
+    if backend.name != "torch":
+        require(mode != "on", f"adaptive speculation needs the torch backend, not "
+                              f"{backend.name!r}")
+        return None, f"adaptive speculation needs the torch backend ({backend.name})"
+    try:
+        model = load_cost_model(engine_dir, backend)
+    except RedrafterError as e:
+        if mode == "on":
+            raise
+        warnings.warn(f"{e}; adaptive speculation is off", stacklevel=2)
+        return None, f"adaptive speculation off: {e}"
+    if model is None:
+        require(mode != "on", f"{path}: no cost model stored; measure one with "
+                              "redrafter-bench --calibrate --engine_dir ENGINE")
+        return None, f"adaptive speculation off: no {path}"
+    return (AdaptivePolicy(model, backend.shape.num_beams, backend.shape.draft_len),
+            f"adaptive speculation from {path}")

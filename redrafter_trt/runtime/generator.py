@@ -76,6 +76,7 @@ class Generator:
         self.last_results: list[GenerationResult] = []
         self._sched: Scheduler | None = None
         self.policy = None  # adaptive speculation (runtime/adaptive.py), handed to the scheduler
+        self.policy_note = "adaptive speculation off"  # why policy is (not) set; see runtime.loader.load
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | Sequence[int], use_chat_template: bool = False,

@@ -64,8 +64,13 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-         proposer=None) -> Generator:
-    """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`."""
+         proposer=None, adaptive: str = "auto") -> Generator:
+    """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`.
+
+    ``adaptive``: per-step beams and depth from the stored ``cost_model.json``
+    (:func:`redrafter_trt.runtime.adaptive.stored_policy`: ``auto`` when it matches this machine
+    and engine, ``on`` requires it, ``off`` keeps the engine's fixed shape); ``gen.policy_note``
+    says which applies."""
     engine_dir = require_model_dir(engine_dir, "--engine_dir", "engine")
     dev = resolve_device(device)
     cfg = read_engine_config(engine_dir)
@@ -94,7 +99,11 @@ def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | 
     eos = list(ckpt_cfg.base.eos_token_id)
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(int(tok.eos_token_id))
-    return Generator(backend, tokenizer=tok, eos_token_ids=eos, random_drafter=ckpt_cfg.random_drafter)
+    gen = Generator(backend, tokenizer=tok, eos_token_ids=eos, random_drafter=ckpt_cfg.random_drafter)
+    from .adaptive import stored_policy
+
+    gen.policy, gen.policy_note = stored_policy(backend, engine_dir, adaptive)
+    return gen
 
 
 __all__ = ["load", "read_engine_config", "load_tokenizer", "resolve_device"]
