@@ -6,8 +6,8 @@ Every iteration of :meth:`Scheduler.step` makes one or two backend calls:
 - every running request enters as a *generation* row verifying the tree its previous call drafted.
 
 Where the backend accepts both kinds in one call (``backend.mixed_request_types``, the torch
-backend) and the padding a shared call adds to the generation rows (for prompts longer than the
-packed tree) is no more than the prompt tokens themselves, both kinds share one call; otherwise the context rows run in their own call just
+backend) and the prompts (or prompt chunks) are no longer than the packed tree (so the generation
+rows carry no padding), both kinds share one call; otherwise the context rows run in their own call just
 before the generation call (the TensorRT-LLM backend always does this). A finished or cancelled
 request frees its slot before the next call. A request's tokens depend only on its prompt and its
 own sampling parameters: the uniforms of sampling are keyed by the request's ``(seed, stream)``
@@ -19,10 +19,9 @@ over the iteration's context rows, padding included); a longer prompt is prefill
 iterations, each chunk a context row whose ``cache_lengths`` is the number of prompt tokens its slot
 holds already (the backend must say ``chunked_context``). Only the last chunk's call emits the
 request's first token, so chunking changes no output. While a long prompt is prefilled the running
-rows keep decoding: a chunk shares their call where the backend mixes request types and the padding
-it adds to the generation rows is no more than the chunk's own tokens (else the chunk runs in its
-own call just before theirs), so a running row waits at most one chunk per token instead of the
-whole prompt. Without ``prefill_chunk`` a prompt is prefilled whole in one context call (stalling
+rows keep decoding: a chunk shares their call where the backend mixes request types and the chunk
+is no longer than the packed tree (else it runs in its own call just before theirs), so a running
+row waits at most one chunk's prefill per step instead of the whole prompt's. Without ``prefill_chunk`` a prompt is prefilled whole in one context call (stalling
 the running rows for that call); ``max_prefill_tokens`` then bounds the padded prompt tokens
 admitted per iteration.
 
@@ -414,9 +413,9 @@ class Scheduler:
             t_ctx = max(chunks.values(), default=0)
             n = self.shape.tree_size
             cap = self._slots and (self._tokens_per_slot + n)
-            # one call when the padding it adds to the generation rows is at most the context tokens
-            mix = (self.mixed and ctx_rows and gen_rows
-                   and len(gen_rows) * max(t_ctx - n, 0) <= sum(chunks.values())
+            # one call when the generation rows need no padding for it (a wider call pads every
+            # generation row to the chunk: the torch backend computes padding, so two calls are cheaper)
+            mix = (self.mixed and ctx_rows and gen_rows and t_ctx <= n
                    and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + max(t_ctx, n) <= cap
                    and max(r.prefilled for r in ctx_rows) + max(t_ctx, n) <= cap)
             if mix:
