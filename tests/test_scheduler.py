@@ -247,3 +247,64 @@ def test_prefill_chunk_needs_a_backend_that_continues_a_cache(gen):
             Scheduler(be, prefill_chunk=64)
     finally:
         del be.chunked_context
+
+
+class TrtllmFeed:
+    """The torch backend behind the TensorRT-LLM backend's input preparation: every call the
+    scheduler makes must pass :func:`redrafter_trt.trtllm.runtime.prepare_step` (one request type
+    per call, a draft length of 0 or D) before the torch backend computes it. Request-type mixing
+    is the TensorRT-LLM backend's own setting; chunked context is on, as for an engine built with
+    paged context FMHA."""
+
+    def __init__(self, be):
+        from redrafter_trt.trtllm.runtime import TrtllmBackend
+
+        self.be = be
+        self.name = TrtllmBackend.name
+        self.mixed_request_types = TrtllmBackend.mixed_request_types
+        self.chunked_context = True
+        self.shape, self.vocab_size = be.shape, be.vocab_size
+        self.max_batch_size, self.max_input_len, self.max_seq_len = be.max_batch_size, be.max_input_len, be.max_seq_len
+        self.prepared = []
+
+    def reserve(self, slots, tokens):
+        self.be.reserve(slots, tokens)
+
+    def step(self, inputs):
+        import torch
+
+        from redrafter_trt.trtllm.runtime import prepare_step
+
+        d = int(inputs[C.NUM_DRAFT_STEPS])
+        assert d in (0, self.shape.draft_len)  # what TrtllmBackend.step accepts
+        p = prepare_step(inputs, self.shape, device=torch.device("cpu"), max_blocks=8, layers=2, kv_len=128,
+                         pool_ptr=0x1000)
+        self.prepared.append((inputs[C.CACHE_LENGTHS].clone(), p))
+        return self.be.step(inputs)
+
+
+def test_the_trtllm_backend_feed_takes_every_call_of_a_chunked_in_flight_batch(gen):
+    """In-flight batching with chunked prefill through the TensorRT-LLM backend's feed: separate
+    context and generation calls, prompt chunks continuing their slots' caches (sequence_length
+    = cached tokens + T), and every request's tokens equal to its solo run."""
+    be = TrtllmFeed(gen.backend)
+    settings = [SamplingParams(max_new_tokens=9, ignore_eos=True),
+                SamplingParams(max_new_tokens=7, temperature=0.8, seed=3, ignore_eos=True)]
+    s = Scheduler(be, max_slots=3, tokens_per_slot=96, prefill_chunk=16)
+    reqs = []
+    for i, p in enumerate(LONG):
+        reqs.append(s.submit(p, settings[i % 2]))
+        s.step()
+    for _ in range(300):
+        if all(r.finished for r in reqs):
+            break
+        s.step()
+    assert [r.finish_reason for r in reqs] == ["length"] * len(LONG)  # no call was refused
+    assert [r.tokens for r in reqs] == [solo(gen, p, settings[i % 2], 96) for i, p in enumerate(LONG)]
+    ctx = [(cl, p) for cl, p in be.prepared if p.is_ctx]
+    assert ctx and any(p.batch > 0 and int(cl.max()) > 0 for cl, p in ctx)  # continuing chunks ran
+    for cl, p in ctx:
+        assert p.tokens <= 16
+        assert p.plumbing["sequence_length"].tolist() == (cl + p.tokens).tolist()
+        assert p.plumbing["host_request_types"].tolist() == [C.CONTEXT] * p.batch
+    assert any(not p.is_ctx for _, p in be.prepared)
