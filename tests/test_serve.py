@@ -313,8 +313,14 @@ def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
     assert "exceeds the engine's max_batch_size 8" in capsys.readouterr().err
     assert serve_cli.main(["--engine_dir", str(engine_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        serve_cli.main(["--engine_dir", str(engine_dir), "--prefill_chunk", "-3"])
+    assert exit_.value.code == 2 and "--prefill_chunk: must be >= 0, got -3" in capsys.readouterr().err
+    assert serve_cli.main(["--engine_dir", str(engine_dir), "--prefill_chunk", "64", "--max_prefill_tokens", "9"]) == 2
+    assert "--prefill_chunk 0" in capsys.readouterr().err
     text = serve_cli.build_parser().format_help()
-    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout"):
+    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout",
+                 "--prefill_chunk"):
         assert flag in text
 
 
