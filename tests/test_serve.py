@@ -397,3 +397,25 @@ def test_streamed_deltas_never_split_a_utf8_character(byte_engine_dir, speculati
         assert "".join(p or "" for p in parts) == whole.choices[0].message.content
     finally:
         stop_server(proc)
+
+
+# --------------------------------------------------------------------------- the serving benchmark's modes
+def test_bench_soak_and_stall_modes_on_the_tiny_engine(tmp_path):
+    """``--soak`` (small N) passes and reports what it checked; ``--stall`` shows the running stream
+    getting tokens while a long prompt is prefilled in chunks, and none while it is prefilled whole."""
+    from redrafter_trt.bench import serve as bench
+
+    tiny = tmp_path / "tiny"
+    out = tmp_path / "soak.json"
+    assert bench.main(["--tiny_engine", str(tiny), "--soak", "24", "--soak_clients", "6", "--prefill_chunk", "16",
+                       "--threads", "1", "--rss_tolerance_mib", "64", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["passed"] and r["lost"] == 0 and r["corrupt_greedy"] == 0 and r["corrupt_sampled"] == 0
+    assert r["completed"] + r["cancelled"] == 24 and r["completed"] == r["greedy_checked"] + r["sampled_checked"]
+    assert r["idle_after"] and r["slots_free_after"] == r["slots"]
+    out = tmp_path / "stall.json"
+    assert bench.main(["--tiny_engine", str(tiny), "--stall", "--stall_repeats", "1", "--prefill_chunk", "0", "16",
+                       "--threads", "1", "--out", str(out)]) == 0
+    whole, chunked = json.loads(out.read_text())["settings"]
+    assert whole["prefill_chunk"] == 0 and whole["running_events_during_prefill"][0] <= 1
+    assert chunked["prefill_chunk"] == 16 and chunked["running_events_during_prefill"][0] >= 4  # 96 tokens / 16
