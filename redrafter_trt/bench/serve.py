@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import random
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
-
-import gc
-import random
 
 import numpy as np
 
@@ -343,7 +342,8 @@ def stall_main(args) -> int:
                           prefill_chunk=chunk or None)
         times: list[float] = []
         running = sched.submit(short, SamplingParams(max_new_tokens=slot - len(short), ignore_eos=True),
-                               on_event=lambda ev: times.append(time.perf_counter()) if ev.token_ids else None)
+                               on_event=lambda ev, times=times: times.append(time.perf_counter())
+                               if ev.token_ids else None)
         sched.start()
         try:
             while len(times) < 6:
@@ -499,8 +499,10 @@ def soak_main(args, ns) -> int:
     server, th, url = start_server(state)
     n, clients = args.soak, args.soak_clients
     be = gen.backend
-    mk = lambda count, seed: soak_requests(count, seed, gen.tokenizer, be.max_input_len,  # noqa: E731
-                                           sched.tokens_per_slot, args.soak_cancel)
+
+    def mk(count: int, seed: int) -> list[dict]:
+        return soak_requests(count, seed, gen.tokenizer, be.max_input_len, sched.tokens_per_slot, args.soak_cancel)
+
     out = {"engine_dir": str(args.engine_dir), "requests": n, "clients": clients,
            "prefill_chunk": sched.prefill_chunk, "slots": sched.num_slots,
            "torch_threads": __import__("torch").get_num_threads(), "load_average_before": os.getloadavg()}
