@@ -8,8 +8,10 @@ needs only the base model's logits.
 Shapes: ``B`` rows in the call, ``T`` input tokens per row (padded), ``W`` beams, ``L = D + 1``
 beam length, ``N = W * L`` packed tree size, ``M = ceil(N / 32)`` mask words.
 
-A row is either a *context* row (its prompt is prefilled: ``T`` >= prompt length) or a
-*generation* row (it verifies the packed tree the previous call drafted for it: its inputs are
+A row is either a *context* row (its prompt, or the next chunk of it, is prefilled: ``T`` >= the
+chunk's length; ``CACHE_LENGTHS`` = the prompt tokens its slot holds already, 0 for a whole prompt
+or a first chunk, more where the backend has ``chunked_context``; it emits the token after the
+chunk, the request's first only after the prompt's last chunk) or a *generation* row (it verifies the packed tree the previous call drafted for it: its inputs are
 that call's ``next_*`` outputs). Plain decoding is a generation call whose trees are only their
 root (``NUM_DRAFT_STEPS = 0``): the same forward, acceptance and cache path with nothing drafted.
 """
@@ -34,9 +36,10 @@ GENERATION = 1
 # ---- inputs
 REQUEST_TYPES = "request_types"          # [B] int32: CONTEXT or GENERATION
 SLOT_IDS = "slot_ids"                    # [B] int32: KV-cache slot of each row
-CACHE_LENGTHS = "cache_lengths"          # [B] int32: tokens in the slot before this call (0 for context)
+CACHE_LENGTHS = "cache_lengths"          # [B] int32: tokens in the slot before this call (context: prompt
+#                                          tokens prefilled already, 0 without chunked prefill)
 INPUT_IDS = "input_ids"                  # [B, T] int32: prompt, or the previous next_flat_tokens
-INPUT_LENGTHS = "input_lengths"          # [B] int32: prompt length, or the previous next_packed_lengths
+INPUT_LENGTHS = "input_lengths"          # [B] int32: prompt (chunk) length, or the previous next_packed_lengths
 POSITION_OFFSETS = "position_offsets"    # [B, T] int32: depth of each packed node (generation rows)
 PACKED_MASK = "packed_mask"              # [B, T, ceil(T/32)] int32: tree mask (generation rows)
 DRAFT_TOKENS = "draft_tokens"            # [B, W, L] int32: the previous next_draft_tokens
@@ -147,6 +150,8 @@ class Backend(Protocol):
     name: str
     #: True when context rows and generation rows may share one :meth:`step` call
     mixed_request_types: bool
+    #: True when a context row may continue its slot's cache (``cache_lengths`` > 0: chunked prefill)
+    chunked_context: bool
     #: the static W x D of :meth:`step`'s tensors
     shape: StepShape
     device: torch.device

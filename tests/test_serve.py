@@ -70,16 +70,32 @@ def start_server(engine_dir, *extra):
     raise AssertionError("server did not come up in 120 s")
 
 
-@pytest.fixture(scope="module")
-def server(engine_dir):
-    proc, url = start_server(engine_dir, "--max_queue", 10)
-    yield url
+def stop_server(proc) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+
+
+@pytest.fixture(scope="module")
+def server_proc(engine_dir):
+    # prompts longer than 8 tokens are prefilled in chunks: every output below is compared with
+    # the runtime's whole-prompt prefill or a request served alone
+    proc, url = start_server(engine_dir, "--max_queue", 10, "--prefill_chunk", 8)
+    yield proc, url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(server_proc):
+    return server_proc[1]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +253,7 @@ def test_client_disconnect_frees_the_slot(server):
     assert metric(server, 'redrafter_requests_total{outcome="cancelled"}') == before + 1
 
 
-def test_small_soak_with_random_cancels(server, client):
+def test_small_soak_with_random_cancels(server_proc, server, client):
     rng = random.Random(0)
     reqs = [dict(prompt="soak " + "ab" * rng.randint(0, 15), max_tokens=rng.randint(1, 40),
                  temperature=rng.choice([0, 0, 0.7, 1.0]), seed=i, extra_body={"ignore_eos": rng.random() < 0.5})
@@ -245,6 +261,8 @@ def test_small_soak_with_random_cancels(server, client):
     cancel = {i for i in range(60) if rng.random() < 0.25}
     solo = {i: client.completions.create(model=MODEL, **r).choices[0].text
             for i, r in enumerate(reqs) if i not in cancel and i % 3 == 0}
+    wait_idle(server)
+    rss_before = rss_mib(server_proc[0].pid)  # after the solo runs warmed every path up
 
     def one(i):
         r = reqs[i]
@@ -263,6 +281,8 @@ def test_small_soak_with_random_cancels(server, client):
     assert all(isinstance(got[i], str) for i in range(60) if i not in cancel)  # none lost
     assert {i: got[i] for i in solo} == solo  # none corrupted
     wait_idle(server)
+    # memory flat: what 60 requests leave behind stays under 16 MiB (the soak bench's tolerance)
+    assert rss_mib(server_proc[0].pid) - rss_before < 16
 
 
 def test_sigterm_finishes_running_requests_and_exits(engine_dir):
@@ -293,6 +313,109 @@ def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
     assert "exceeds the engine's max_batch_size 8" in capsys.readouterr().err
     assert serve_cli.main(["--engine_dir", str(engine_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        serve_cli.main(["--engine_dir", str(engine_dir), "--prefill_chunk", "-3"])
+    assert exit_.value.code == 2 and "--prefill_chunk: must be >= 0, got -3" in capsys.readouterr().err
+    assert serve_cli.main(["--engine_dir", str(engine_dir), "--prefill_chunk", "64", "--max_prefill_tokens", "9"]) == 2
+    assert "--prefill_chunk 0" in capsys.readouterr().err
     text = serve_cli.build_parser().format_help()
-    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout"):
+    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout",
+                 "--prefill_chunk"):
         assert flag in text
+
+
+# --------------------------------------------------------------------------- UTF-8 over byte tokens
+#: the text the byte-level engine below repeats: every character is 2-4 byte tokens, all distinct
+CYCLE = "☕é🍵茶"
+
+
+@pytest.fixture(scope="module")
+def byte_engine_dir(tmp_path_factory):
+    """An engine whose base model greedily continues ``CYCLE`` forever, with a byte-level BPE
+    tokenizer (each character several tokens): one layer whose attention and MLP outputs are zero,
+    so the hidden state is the current token's embedding, and an lm_head row per cycle token that
+    matches its predecessor's normalised embedding."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from redrafter_trt.bench.serve import byte_level_tokenizer
+
+    root = tmp_path_factory.mktemp("serve_bytes")
+    tok = byte_level_tokenizer()
+    ids = tok(CYCLE, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(CYCLE.encode()) == len(set(ids))  # one token per byte, none repeated
+    v, h = len(tok), 64
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         initializer_range=1.0, eos_token_id=tok.eos_token_id, bos_token_id=None))
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()  # what the final RMSNorm makes of them
+        model.lm_head.weight.zero_()
+        for k, t in enumerate(ids):
+            model.lm_head.weight[ids[(k + 1) % len(ids)]] = unit[t]
+    model.save_pretrained(str(root / "base"))
+    drafter = save_drafter(init_drafter(DrafterConfig(v, h, 2 * h, 1, True), seed=2, std=0.5), root / "drafter")
+    assert convert_cli.main([str(a) for a in ["--model_dir", root / "base", "--drafter_model_dir", drafter,
+                                              "--output_dir", root / "ckpt", "--redrafter_num_beams", 2,
+                                              "--redrafter_draft_len_per_beam", 2]]) == 0
+    engine = root / MODEL
+    assert build_cli.main([str(a) for a in ["--checkpoint_dir", root / "ckpt", "--output_dir", engine, "--backend",
+                                            "torch", "--max_batch_size", 4, "--max_input_len", 32,
+                                            "--max_seq_len", 96]]) == 0
+    tok.save_pretrained(str(engine))
+    return engine
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_streamed_deltas_never_split_a_utf8_character(byte_engine_dir, speculative):
+    proc, url = start_server(byte_engine_dir, *([] if speculative else ["--no_speculation"]))
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        n = 3 * len(CYCLE.encode())  # three times round the cycle, in tokens
+        kw = dict(model=MODEL, prompt="茶", max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+        full = c.completions.create(**kw).choices[0].text
+        assert full == CYCLE * 3  # the model is what the fixture says: characters over 2-4 tokens
+        chunks = list(c.completions.create(stream=True, **kw))
+        deltas = [ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].text]
+        assert "".join(deltas) == full
+        assert not any("\ufffd" in d for d in deltas)  # no delta carries part of a character
+        assert chunks[-1].usage.completion_tokens == n
+        # the stream really was cut inside characters: fewer text deltas than tokens, and with
+        # plain decoding (one token per step) one delta per character
+        assert len(deltas) < n
+        if not speculative:
+            assert deltas == list(full)
+        msgs = [{"role": "user", "content": "hi"}]  # chat: whatever the text, deltas are whole characters
+        parts = [p.choices[0].delta.content for p in c.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=20, temperature=0, stream=True) if p.choices]
+        whole = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
+        assert "".join(p or "" for p in parts) == whole.choices[0].message.content
+    finally:
+        stop_server(proc)
+
+
+# --------------------------------------------------------------------------- the serving benchmark's modes
+def test_bench_soak_and_stall_modes_on_the_tiny_engine(tmp_path):
+    """``--soak`` (small N) passes and reports what it checked; ``--stall`` shows the running stream
+    getting tokens while a long prompt is prefilled in chunks, and none while it is prefilled whole."""
+    from redrafter_trt.bench import serve as bench
+
+    tiny = tmp_path / "tiny"
+    out = tmp_path / "soak.json"
+    assert bench.main(["--tiny_engine", str(tiny), "--soak", "24", "--soak_clients", "6", "--prefill_chunk", "16",
+                       "--threads", "1", "--rss_tolerance_mib", "64", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["passed"] and r["lost"] == 0 and r["corrupt_greedy"] == 0 and r["corrupt_sampled"] == 0
+    assert r["completed"] + r["cancelled"] == 24 and r["completed"] == r["greedy_checked"] + r["sampled_checked"]
+    assert r["idle_after"] and r["slots_free_after"] == r["slots"]
+    out = tmp_path / "stall.json"
+    assert bench.main(["--tiny_engine", str(tiny), "--stall", "--stall_repeats", "1", "--prefill_chunk", "0", "16",
+                       "--threads", "1", "--out", str(out)]) == 0
+    whole, chunked = json.loads(out.read_text())["settings"]
+    assert whole["prefill_chunk"] == 0 and whole["running_events_during_prefill"][0] <= 1
+    assert chunked["prefill_chunk"] == 16 and chunked["running_events_during_prefill"][0] >= 4  # 96 tokens / 16

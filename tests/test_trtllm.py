@@ -223,11 +223,21 @@ def test_prepared_feed_matches_the_network_inputs():
         n = int(lengths[r])
         assert torch.equal(got[r, :n, :n], want[r, :n, :n]) and not got[r, :n, n:].any()
         assert torch.equal(got[r, n:, :], torch.eye(t, dtype=torch.bool)[n:])
-    # a context call of the same rows
-    ctx = dict(inputs, **{C.REQUEST_TYPES: torch.full((b,), C.CONTEXT, dtype=torch.int32)})
+    # a context call of the same rows: whole prompts (nothing cached yet) ...
+    ctx = dict(inputs, **{C.REQUEST_TYPES: torch.full((b,), C.CONTEXT, dtype=torch.int32),
+                          C.CACHE_LENGTHS: torch.zeros(b, dtype=torch.int32)})
     pc = prepare(ctx, bucket=True)                                     # context calls are never bucketed
     assert pc.is_ctx and pc.tokens == t and pc.plumbing["host_past_key_value_lengths"].tolist() == [t] * b
     assert pc.x[C.CACHE_LENGTHS].tolist() == [0] * b and pc.plumbing["spec_decoding_use"].tolist() == [1]
+    assert pc.plumbing["host_request_types"].tolist() == [C.CONTEXT] * b
+    # ... and prompt chunks continuing their slots' caches (chunked prefill): the plugin's past KV
+    # length is sequence_length - context_lengths = the tokens cached already
+    chunk = dict(ctx, **{C.CACHE_LENGTHS: torch.tensor([10, 0, 33], dtype=torch.int32)})
+    pk = prepare(chunk)
+    assert pk.x[C.CACHE_LENGTHS].tolist() == [10, 0, 33]
+    assert pk.plumbing["sequence_length"].tolist() == [10 + t, t, 33 + t]
+    assert pk.plumbing["host_past_key_value_lengths"].tolist() == [10 + t, t, 33 + t]
+    assert pk.plumbing["context_lengths"].tolist() == [t] * b == pk.plumbing["host_context_lengths"].tolist()
     mixed = dict(inputs, **{C.REQUEST_TYPES: torch.tensor([C.CONTEXT, C.GENERATION, C.GENERATION], dtype=torch.int32)})
     with pytest.raises(RedrafterError):
         prepare(mixed)

@@ -98,6 +98,8 @@ class TorchBackend:
     name = "torch"
     #: context rows and generation rows may share one call (the runtime scheduler mixes them)
     mixed_request_types = True
+    #: a context row may continue a slot's cache (``cache_lengths`` > 0: chunked prefill)
+    chunked_context = True
 
     def __init__(self, base: BaseModel, drafter: Drafter | None, num_beams: int, draft_len: int,
                  warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,
@@ -179,7 +181,9 @@ class TorchBackend:
         b = lengths.shape[0]
         rows = torch.arange(b, device=dev)
         t = int(lengths.max())
-        cache_len = torch.where(is_ctx, 0, x[C.CACHE_LENGTHS].to(torch.int64))
+        # a context row's cache_lengths are the prompt tokens its slot holds already (chunked
+        # prefill; 0 for a prompt's first chunk): its tokens attend to them causally
+        cache_len = x[C.CACHE_LENGTHS].to(torch.int64)
         ar = torch.arange(t, device=dev)
         offsets = torch.where(is_ctx[:, None], ar[None, :], x[C.POSITION_OFFSETS][:, :t].to(torch.int64))
         full_t = x[C.INPUT_IDS].shape[1]
@@ -211,7 +215,7 @@ class TorchBackend:
         path = torch.zeros((b, l), dtype=torch.int64, device=dev)
         path[:, :depth] = acc.accepted_indices
         self.ops.relocate_kv(self.cache, slots, cache_len, path, n)
-        new_len = torch.where(is_ctx, lengths, cache_len + n + 1)
+        new_len = torch.where(is_ctx, cache_len + lengths, cache_len + n + 1)
         context = node_hidden[rows, path[rows, n]]
         out_tokens = torch.full((b, l), -1, dtype=torch.int32, device=dev)
         out_tokens[:, :depth] = acc.emitted

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 from ..errors import require
-from .common import positive_int, run_main
+from .common import non_negative_int, positive_int, run_main
+
+#: ``--prefill_chunk`` default (prompt tokens per step) where the engine supports chunked prefill
+DEFAULT_PREFILL_CHUNK = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=positive_int, default=None,
                    help="prompt + output tokens per request at most; sizes the KV cache "
                         "(default: the engine's max_seq_len)")
+    p.add_argument("--prefill_chunk", type=non_negative_int, default=None,
+                   help="chunked prefill: prompt tokens prefilled per step at most; a longer prompt is "
+                        "prefilled in chunks over successive steps while the running requests keep "
+                        "decoding, so it delays each of their tokens by at most one chunk's prefill. "
+                        f"0 = off (prompts prefilled whole). Default: {DEFAULT_PREFILL_CHUNK} where the "
+                        "engine can continue a prompt's cache (torch engines; trtllm engines built with "
+                        "paged context FMHA), else off")
     p.add_argument("--max_prefill_tokens", type=positive_int, default=None,
-                   help="padded prompt tokens admitted per step at most, bounding how long new "
-                        "prompts stall running rows (default: the engine's max_input_len)")
+                   help="with --prefill_chunk 0: padded prompt tokens admitted per step at most (at "
+                        "least one whole prompt) (default: the engine's max_input_len)")
     p.add_argument("--no_speculation", action="store_true",
                    help="plain decoding for every request (speculation is on by default)")
     p.add_argument("--adaptive", choices=("auto", "on", "off"), default="auto",
@@ -67,8 +77,19 @@ def make_state(args: argparse.Namespace):
     require(slots <= be.max_batch_size,
             f"--max_batch_size {slots} exceeds the engine's max_batch_size {be.max_batch_size}")
     require(tokens <= be.max_seq_len, f"--max_seq_len {tokens} exceeds the engine's max_seq_len {be.max_seq_len}")
+    chunk = getattr(args, "prefill_chunk", None)
+    can_chunk = bool(be.chunked_context)
+    kind = getattr(be, "name", type(be).__name__)
+    require(not chunk or can_chunk,
+            f"--prefill_chunk {chunk}: the {args.engine_dir} engine ({kind}) cannot continue a prompt's "
+            "cache in a context row (a trtllm engine needs paged context FMHA); use --prefill_chunk 0")
+    if chunk is None:
+        chunk = DEFAULT_PREFILL_CHUNK if can_chunk else 0
+    require(not (chunk and args.max_prefill_tokens),
+            "--max_prefill_tokens applies to whole-prompt prefill only: pass --prefill_chunk 0 with it")
     sched = Scheduler(be, gen.tokenizer, gen.eos_token_ids, max_queue=args.max_queue, max_slots=slots,
-                      tokens_per_slot=tokens, max_prefill_tokens=args.max_prefill_tokens)
+                      tokens_per_slot=tokens, max_prefill_tokens=args.max_prefill_tokens,
+                      prefill_chunk=chunk or None)
     sched.policy = gen.policy  # adaptive speculation from the stored cost model (None: fixed shape)
     name = args.served_model_name or Path(args.engine_dir).resolve().name
     return ServeState(sched, name, speculative=not args.no_speculation), gen

@@ -6,17 +6,24 @@ Every iteration of :meth:`Scheduler.step` makes one or two backend calls:
 - every running request enters as a *generation* row verifying the tree its previous call drafted.
 
 Where the backend accepts both kinds in one call (``backend.mixed_request_types``, the torch
-backend) and the prompts are no longer than the packed tree (so the generation rows carry no
-padding), both kinds share one call; otherwise the context rows run in their own call just
+backend) and the prompts (or prompt chunks) are no longer than the packed tree (so the generation
+rows carry no padding), both kinds share one call; otherwise the context rows run in their own call just
 before the generation call (the TensorRT-LLM backend always does this). A finished or cancelled
 request frees its slot before the next call. A request's tokens depend only on its prompt and its
 own sampling parameters: the uniforms of sampling are keyed by the request's ``(seed, stream)``
 and the absolute position (:func:`~redrafter_trt.ops.sampling.position_uniforms`), never by its
 row or slot.
 
-Prefill is not chunked (the contract's context rows start from an empty slot): a long prompt
-stalls the running rows for one context call; ``max_prefill_tokens`` bounds the padded prompt
-tokens admitted per iteration, and the serving benchmark measures the stall.
+Chunked prefill (``prefill_chunk``): the prompt tokens prefilled per iteration are bounded (summed
+over the iteration's context rows, padding included); a longer prompt is prefilled over successive
+iterations, each chunk a context row whose ``cache_lengths`` is the number of prompt tokens its slot
+holds already (the backend must say ``chunked_context``). Only the last chunk's call emits the
+request's first token, so chunking changes no output. While a long prompt is prefilled the running
+rows keep decoding: a chunk shares their call where the backend mixes request types and the chunk
+is no longer than the packed tree (else it runs in its own call just before theirs), so a running
+row waits at most one chunk's prefill per step instead of the whole prompt's. Without ``prefill_chunk`` a prompt is prefilled whole in one context call (stalling
+the running rows for that call); ``max_prefill_tokens`` then bounds the padded prompt tokens
+admitted per iteration.
 
 The number of draft steps of each call comes from a pluggable ``draft_policy(rows, shape) -> int``
 over the call's live requests (default :func:`full_or_plain`: the engine's full draft length
@@ -104,6 +111,7 @@ class Request:
         self.index = index
         self.on_event = on_event
         self.tokens: list[int] = []
+        self.prefilled = 0  # prompt tokens in the slot's cache (< len(prompt) while prefilling)
         self.accepted: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -123,6 +131,11 @@ class Request:
         return self.finish_reason is not None
 
     @property
+    def prefilling(self) -> bool:
+        """Holds a slot, prompt not fully prefilled yet (no token emitted)."""
+        return self.slot is not None and self.carried is None
+
+    @property
     def tokens_per_step(self) -> float:
         """Mean tokens per generation step (the prompt's call excluded)."""
         steps = self.accepted[1:]
@@ -133,7 +146,7 @@ class Request:
 class StepReport:
     """What one scheduler iteration did (for metrics)."""
 
-    context_rows: int
+    context_rows: int  # prompts (or prompt chunks) prefilled
     generation_rows: int
     calls: int
     seconds: float
@@ -142,6 +155,7 @@ class StepReport:
     num_draft_steps: int
     queue_depth: int
     live_rows: int
+    prefill_tokens: int = 0  # prompt tokens prefilled (padding excluded)
 
 
 @dataclass
@@ -179,14 +193,19 @@ class Scheduler:
             this many tokens (prompt + output); None = reserve on demand while idle
             (:meth:`ensure_capacity`).
         draft_policy: ``(rows, shape) -> num_draft_steps`` for each call.
-        max_prefill_tokens: padded prompt tokens admitted per iteration at most (>= 1 prompt).
+        max_prefill_tokens: without ``prefill_chunk``: padded prompt tokens admitted per iteration
+            at most (>= 1 whole prompt).
+        prefill_chunk: chunked prefill: prompt tokens prefilled per iteration at most (summed over
+            its context rows, padding included); longer prompts are prefilled in chunks over
+            successive iterations while the running rows keep decoding. None = whole prompts.
+            Needs a backend with ``chunked_context`` (context rows continuing a cache).
     """
 
     def __init__(self, backend: C.Backend, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
                  max_queue: int | None = None, max_slots: int | None = None,
                  tokens_per_slot: int | None = None,
                  draft_policy: Callable[[Sequence[Request], C.StepShape], int] = full_or_plain,
-                 max_prefill_tokens: int | None = None,
+                 max_prefill_tokens: int | None = None, prefill_chunk: int | None = None,
                  step_listener: Callable[[StepReport], None] | None = None):
         self.backend: C.Backend = backend
         self.tokenizer = tokenizer
@@ -200,6 +219,14 @@ class Scheduler:
         self.shape: C.StepShape = backend.shape
         self.mixed = bool(backend.mixed_request_types)
         self.max_prefill_tokens = max_prefill_tokens or max(backend.max_input_len, 1)
+        if prefill_chunk is not None:
+            require(isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool)
+                    and prefill_chunk >= 1, f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+            require(bool(backend.chunked_context),
+                    f"prefill_chunk {prefill_chunk}: the {backend.name} "
+                    "backend cannot continue a prompt's cache in a context row (no chunked_context); "
+                    "run without chunked prefill")
+        self.prefill_chunk = prefill_chunk
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._live: dict[int, Request] = {}  # slot -> request
@@ -376,24 +403,29 @@ class Scheduler:
         events: list[Event] = []
         with self._lock:
             self._reap_cancelled(events)
-            admitted = self._admit()
+            chunks = self._plan_prefill()
         t0 = time.perf_counter()
-        gen_rows = [r for r in self._live.values() if r not in admitted]
-        ctx_calls, calls, accepted, d_used, mix = 0, 0, [], 0, False
-        if admitted or gen_rows:
-            t_ctx = max((len(r.prompt) for r in admitted), default=0)
-            cap = self._slots and (self._tokens_per_slot + self.shape.tree_size)
-            mix = (self.mixed and admitted and gen_rows and t_ctx <= self.shape.tree_size
-                   and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + t_ctx <= cap)
+        ctx_rows = list(chunks)
+        gen_rows = [r for r in self._live.values() if r.carried is not None]
+        ctx_calls, calls, accepted, d_used = 0, 0, [], 0
+        if ctx_rows or gen_rows:
+            t_ctx = max(chunks.values(), default=0)
+            n = self.shape.tree_size
+            cap = self._slots and (self._tokens_per_slot + n)
+            # one call when the generation rows need no padding for it (a wider call pads every
+            # generation row to the chunk: the torch backend computes padding, so two calls are cheaper)
+            mix = (self.mixed and ctx_rows and gen_rows and t_ctx <= n
+                   and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + max(t_ctx, n) <= cap
+                   and max(r.prefilled for r in ctx_rows) + max(t_ctx, n) <= cap)
             if mix:
-                d_used = self._call(admitted + gen_rows, events, accepted)
+                d_used = self._call(ctx_rows + gen_rows, chunks, events, accepted)
                 ctx_calls = calls = 1
             else:
-                if admitted:
-                    d_used = self._call(admitted, events, accepted)
+                if ctx_rows:
+                    d_used = self._call(ctx_rows, chunks, events, accepted)
                     ctx_calls = calls = 1
                 if gen_rows:
-                    d_used = self._call(gen_rows, events, accepted)
+                    d_used = self._call(gen_rows, chunks, events, accepted)
                     calls += 1
         dt = time.perf_counter() - t0
         c = self.counters
@@ -401,51 +433,84 @@ class Scheduler:
         if gen_rows:
             c.generation_calls += 1
         c.step_seconds += dt
-        for n in accepted:
-            c.accepted_hist[n] = c.accepted_hist.get(n, 0) + 1
+        for n_acc in accepted:
+            c.accepted_hist[n_acc] = c.accepted_hist.get(n_acc, 0) + 1
         for ev in events:
             if ev.finished:
                 ev.request.done.set()
             if ev.request.on_event is not None:
                 ev.request.on_event(ev)
-        if self.step_listener is not None and (admitted or gen_rows):
-            self.step_listener(StepReport(len(admitted), len(gen_rows), calls, dt,
+        if self.step_listener is not None and (ctx_rows or gen_rows):
+            self.step_listener(StepReport(len(ctx_rows), len(gen_rows), calls, dt,
                                           sum(len(e.token_ids) for e in events), accepted, d_used,
-                                          len(self._waiting), len(self._live)))
+                                          len(self._waiting), len(self._live), sum(chunks.values())))
         return events
 
-    def _admit(self) -> list[Request]:
-        """Move waiting requests into free slots (FIFO, bounded by ``max_prefill_tokens``)."""
-        admitted: list[Request] = []
+    def _plan_prefill(self) -> dict[Request, int]:
+        """This iteration's context rows: ``{request: prompt tokens to prefill}``.
+
+        Requests part-way through a chunked prefill come first (oldest first), then waiting
+        requests move into free slots (FIFO). Without chunking every prompt is taken whole, while
+        the padded total stays within ``max_prefill_tokens`` (the first always fits). With
+        ``prefill_chunk`` the padded total stays within it: a row takes what is left of its prompt
+        up to the budget, or a smaller chunk that fits beside the rows taken already."""
+        chunking = self.prefill_chunk is not None
+        budget = self.prefill_chunk if chunking else self.max_prefill_tokens
+        cap = self._tokens_per_slot + self.shape.tree_size
+        plan: dict[Request, int] = {}
+        width = 0  # padded tokens per context row so far
+
+        def fits(r: Request) -> int:
+            """Tokens ``r`` takes beside ``plan`` (0: it waits)."""
+            left = len(r.prompt) - r.prefilled
+            k = len(plan) + 1
+            c = min(left, budget) if chunking else left
+            if plan and max(width, c) * k > budget:
+                c = min(left, budget // k) if chunking else 0
+                if c < 1 or max(width, c) * k > budget:
+                    return 0
+            if plan and max([q.prefilled for q in plan] + [r.prefilled]) + max(width, c) > cap:
+                return 0  # padding would run past a slot's cache
+            return c
+
+        for r in sorted((q for q in self._live.values() if q.prefilling), key=lambda q: q.id):
+            c = fits(r)
+            if not c:
+                return plan
+            plan[r] = c
+            width = max(width, c)
         if not self._slots and self._waiting:
             # On-demand reservation for the first request(s) of an idle scheduler.
             need = max(len(r.prompt) + r.max_new for r in self._waiting)
             self._reserve(min(len(self._waiting), self.backend.max_batch_size), need)
-        longest = 0
+            cap = self._tokens_per_slot + self.shape.tree_size
         while self._waiting and self._free:
             r = self._waiting[0]
             if len(r.prompt) + r.max_new > self._tokens_per_slot:
-                if self._live or admitted or self._fixed:
+                if self._live or plan or self._fixed:
                     break  # waits until the batch drains, then the cache grows
                 self._reserve(self._slots, len(r.prompt) + r.max_new)
-            longest2 = max(longest, len(r.prompt))
-            if admitted and longest2 * (len(admitted) + 1) > self.max_prefill_tokens:
+                cap = self._tokens_per_slot + self.shape.tree_size
+            c = fits(r)
+            if not c:
                 break
-            longest = longest2
             self._waiting.popleft()
             r.slot = heapq.heappop(self._free)
             self._live[r.slot] = r
-            admitted.append(r)
-        return admitted
+            plan[r] = c
+            width = max(width, c)
+        return plan
 
-    def _call(self, rows: list[Request], events: list[Event], accepted_out: list[int]) -> int:
-        """One backend call over ``rows`` (context rows have no ``carried`` yet)."""
+    def _call(self, rows: list[Request], chunks: dict[Request, int], events: list[Event],
+              accepted_out: list[int]) -> int:
+        """One backend call over ``rows``: context rows (no ``carried`` yet) prefill their next
+        ``chunks[r]`` prompt tokens after the ``r.prefilled`` ones in their slot."""
         be, shape = self.backend, self.shape
         w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
         b = len(rows)
         i32 = dict(dtype=torch.int32)
         ctx = [r.carried is None for r in rows]
-        t = max([len(r.prompt) for r, c in zip(rows, ctx) if c] + ([n] if not all(ctx) else []))
+        t = max([chunks[r] for r, c in zip(rows, ctx) if c] + ([n] if not all(ctx) else []))
         words = mask_words(t)
         ids = torch.zeros((b, t), **i32)
         lens = torch.zeros(b, **i32)
@@ -457,8 +522,10 @@ class Scheduler:
         uni = np.zeros((b, l), dtype=np.float32)
         for j, (r, c) in enumerate(zip(rows, ctx)):
             if c:
-                ids[j, :len(r.prompt)] = torch.tensor(r.prompt, **i32)
-                lens[j] = len(r.prompt)
+                seg = r.prompt[r.prefilled:r.prefilled + chunks[r]]
+                ids[j, :len(seg)] = torch.tensor(seg, **i32)
+                lens[j] = len(seg)
+                clen[j] = r.prefilled
             else:
                 k = r.carried
                 ids[j, :n] = k[C.INPUT_IDS]
@@ -470,7 +537,9 @@ class Scheduler:
                 clen[j] = k[C.CACHE_LENGTHS]
             start = len(r.prompt) + len(r.tokens)
             uni[j] = position_uniforms(r.params.seed, r.params.stream, start + np.arange(l))
-        d = int(self.draft_policy(rows, shape))
+        # rows whose prompt is done after this call (mid-prompt chunks emit nothing)
+        emits = [not c or r.prefilled + chunks[r] == len(r.prompt) for r, c in zip(rows, ctx)]
+        d = int(self.draft_policy(rows, shape)) if any(emits) else 0
         beams = shape.num_beams
         if d > 0 and self.policy is not None:
             beams, d = (int(x) for x in self.policy.choose(len(rows)))
@@ -505,6 +574,12 @@ class Scheduler:
         now = time.perf_counter()
         with self._lock:
             for j, (r, c) in enumerate(zip(rows, ctx)):
+                if c:
+                    r.prefilled += chunks[r]
+                    if not emits[j]:  # a mid-prompt chunk: its sampled token is not the request's
+                        if r.cancel_requested:
+                            self._finish(r, "cancelled", events)
+                        continue
                 added = self._append(r, emitted[j][:counts[j]])
                 if c:
                     r.t_first = now

@@ -197,6 +197,7 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
         "speculative_decoding_mode": SPEC_DECODING_MODE,
         "dtype": cfg.dtype, "gemm_plugin": plugins.gemm_plugin,
         "gpt_attention_plugin": plugins.gpt_attention_plugin, "kv_cache_type": "paged",
+        "use_paged_context_fmha": bool(plugins.use_paged_context_fmha),
         "tensorrt_version": trt.__version__, "tensorrt_llm_version": trtllm.__version__,
         "workers": workers,
     }

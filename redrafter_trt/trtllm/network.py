@@ -308,7 +308,8 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             n_acc, best, bonus, path, emitted = plugin(
                 ACCEPT, [logits, beams_in, unpack_in, plen, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
                          x[C.UNIFORMS]], {"num_beams": W, "beam_len": L}, 5)
-            new_len = F.where(x[C.REQUEST_TYPES] == C.CONTEXT, x[C.INPUT_LENGTHS],
+            # a context row's cache_lengths: prompt tokens prefilled by earlier chunks (0 for a first)
+            new_len = F.where(x[C.REQUEST_TYPES] == C.CONTEXT, x[C.CACHE_LENGTHS] + x[C.INPUT_LENGTHS],
                               x[C.CACHE_LENGTHS] + n_acc + 1)
 
             # ---- drafting context: hidden state at the last accepted node

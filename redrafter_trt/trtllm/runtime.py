@@ -165,7 +165,10 @@ def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device:
     # [t, mask_words(max(t, N))] >= words columns: bit i of row i
     diag = bool_to_packed_mask(torch.eye(t, max(t, shape.tree_size), dtype=torch.bool, device=dev))
     x[C.PACKED_MASK] = torch.where(pad[:, :, None], mask | diag[None, :, :words], mask).contiguous()
-    cache_len = torch.zeros(b, dtype=torch.int32, device=dev) if is_ctx else x[C.CACHE_LENGTHS].to(torch.int32)
+    # context rows: the prompt tokens the slot holds already (chunked prefill, 0 for a first chunk);
+    # the attention plugin's paged context FMHA attends to those past_kv = sequence_length -
+    # context_lengths cached tokens and ropes the chunk from that position on
+    cache_len = x[C.CACHE_LENGTHS].to(torch.int32)
     x[C.CACHE_LENGTHS] = cache_len
 
     seq = (cache_len + t).to(torch.int32)
@@ -209,6 +212,8 @@ class TrtllmBackend:
     name = "trtllm"
     #: context rows and generation rows run in separate calls (see :func:`prepare_step`)
     mixed_request_types = False
+    #: context rows may continue a slot's cache (chunked prefill): set per engine in __init__
+    chunked_context = False
 
     def __init__(self, engine_dir: str | Path, ckpt_cfg: RedrafterCheckpointConfig, build_config: dict[str, Any],
                  *, cuda_graph: bool | None = None, graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE):
@@ -228,6 +233,9 @@ class TrtllmBackend:
         self.max_seq_len = int(bc["max_seq_len"])
         self.warp_k: int | None = None if bc.get("warp_k") is None else int(bc["warp_k"])
         self.tokens_per_block = int(bc.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
+        # a context row may continue its slot's cache (chunked prefill) where the engine's attention
+        # plugin has paged context FMHA (recorded by redrafter-build; older records: off)
+        self.chunked_context = bool(bc.get("use_paged_context_fmha", False))
         # KV positions per slot and the engine's fixed block dimension: read from the build record
         # (the max_seq_len the engine's prepare_inputs saw), checked against the engine below
         self.kv_len, self.engine_max_blocks = kv_block_dims(bc)
