@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny random Llama / Qwen2 models written as real Hugging Face directories."""
+"""Shared fixtures: tiny random Llama / Qwen2 models written as real Hugging Face directories.
+
+Test tiers: a plain ``pytest`` run is the fast tier; tests marked ``full`` (and every ``smollm2``
+test) are deselected unless ``--full`` is given (``build_scripts/test.sh``, i.e. CI, passes it) or
+an explicit ``-m`` expression chooses (``pytest -m full`` runs only the full tier's tests).
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -16,6 +22,23 @@ from redrafter_trt.runtime import Generator
 
 ARCHS = ("llama", "qwen2")
 VOCAB = 97
+FULL = pytest.mark.full
+
+
+def tiered(fast, *axes) -> list:
+    """``parametrize`` values for the product of ``axes`` (an axis value that is a tuple spreads
+    over several arguments): the cases in ``fast`` stay in the fast tier, every other case is
+    marked ``full``. Ids join the values with ``-``.
+
+    >>> [(p.values, p.marks != ()) for p in tiered({(1, 2, "llama")}, [(1, 2), (3, 4)], ["llama"])]
+    [((1, 2, 'llama'), False), ((3, 4, 'llama'), True)]
+    """
+    cases = [tuple(v for x in combo for v in (x if isinstance(x, tuple) else (x,)))
+             for combo in itertools.product(*axes)]
+    unknown = set(fast) - set(cases)
+    if unknown:
+        raise ValueError(f"tiered: fast cases {sorted(unknown)} are not among the cases")
+    return [pytest.param(*c, marks=() if c in fast else FULL, id="-".join(map(str, c))) for c in cases]
 
 
 def tiny_hf_config(arch: str, vocab: int = VOCAB, tie: bool = False, **overrides):
@@ -81,5 +104,30 @@ def native_library():
     native.load_library()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the full tier too: the tests marked full or smollm2 (SmolLM2, server, "
+                          "subprocess CLIs, trainer runs, wide parametrizations); CI passes it")
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m filtering, so `-m full` sees the added markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("smollm2") and not item.get_closest_marker("full"):
+            item.add_marker(FULL)
+    if config.getoption("--full") or config.getoption("markexpr"):
+        return
+    fast = [i for i in items if not i.get_closest_marker("full")]
+    if len(fast) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("full")])
+        items[:] = fast
+
+
+def pytest_report_header(config):
+    if config.getoption("--full") or config.getoption("markexpr"):
+        return "tier: as --full or -m selects"
+    return "tier: fast (tests marked full or smollm2 deselected; --full runs them)"

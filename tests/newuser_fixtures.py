@@ -14,16 +14,17 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} 
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
-def write_text_model(path: Path, seed: int = 11) -> Path:
-    """A tiny Llama with a 97-token word-level tokenizer (words joined by spaces, ``<|end|>`` the
-    end of a turn) and a chat template, saved as a Hugging Face directory."""
+def write_text_model(path: Path, seed: int = 11, arch: str = "llama") -> Path:
+    """A tiny Llama (or ``arch="qwen2"``: Qwen2) with a 97-token word-level tokenizer (words joined
+    by spaces, ``<|end|>`` the end of a turn) and a chat template, saved as a Hugging Face
+    directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
     assert len(vocab) == VOCAB
     end = vocab["<|end|>"]
-    write_tiny_hf(path, "llama", seed=seed, eos_token_id=end)
+    write_tiny_hf(path, arch, seed=seed, eos_token_id=end)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",

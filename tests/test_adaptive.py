@@ -41,7 +41,7 @@ class Cycling:
         self.seen.append((w, d, list(accepted)))
 
 
-@pytest.mark.parametrize("arch,oracle", [("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("arch,oracle", [pytest.param("llama", True, marks=pytest.mark.full), ("qwen2", False)])
 def test_every_shape_the_policy_can_pick_is_exact_with_changing_choice(tiny_dirs, arch, oracle):
     w, d = 4, 3
     plain_gen = tiny_generator(tiny_dirs[arch], w, d)

@@ -102,6 +102,7 @@ class TruthProposer:
         return beams
 
 
+@pytest.mark.full
 def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypatch):
     w, d, new = 2, 3, 12
     plain = tiny_generator(tiny_dirs["llama"], w, d).generate(PROMPTS, max_new_tokens=new + d + 1,

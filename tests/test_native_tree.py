@@ -50,7 +50,7 @@ def test_matches_pytorch_reference(seed, b, w, l, alphabet, duplicate):
     assert_same_tree(torch.from_numpy(beams))
 
 
-@pytest.mark.parametrize("w,l", [(64, 64), (64, 5), (33, 3), (1, 64)])
+@pytest.mark.parametrize("w,l", [pytest.param(64, 64, marks=pytest.mark.full), (64, 5), (33, 3), (1, 64)])
 def test_large_trees(w, l):
     rng = np.random.default_rng(w * 100 + l)
     beams = torch.from_numpy(rng.integers(0, 3, size=(2, w, l)).astype(np.int32))

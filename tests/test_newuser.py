@@ -97,6 +97,7 @@ def _start_writer(out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.full
 def test_sigterm_removes_the_temp_dir(tmp_path):
     out = tmp_path / "ckpt"
     proc = _start_writer(out)
@@ -107,6 +108,7 @@ def test_sigterm_removes_the_temp_dir(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.full
 def test_next_run_removes_what_sigkill_left(tmp_path, text_base, head, capsys):
     out = tmp_path / "ckpt"
     proc = _start_writer(out)
@@ -159,6 +161,7 @@ def test_bad_device_is_a_message(engine, capsys):
                                                  "--device", "cuda"]), "--device cuda", "no usable CUDA")
 
 
+@pytest.mark.full
 def test_prompt_that_is_not_utf8(engine, tmp_path):
     # the real command line: the shell hands Python the raw bytes
     r = subprocess.run([sys.executable, "-m", "redrafter_trt.cli.run", "--engine_dir", str(engine),

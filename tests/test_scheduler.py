@@ -42,7 +42,7 @@ def gen(tiny_dirs):
     return tiny_generator(tiny_dirs["llama"], 3, 3, max_batch_size=4)
 
 
-@pytest.mark.parametrize("mixed", [True, False])
+@pytest.mark.parametrize("mixed", [True, pytest.param(False, marks=pytest.mark.full)])
 def test_staggered_requests_equal_their_solo_runs(gen, mixed):
     want = [solo(gen, p, SETTINGS[i % 4]) for i, p in enumerate(PROMPTS)]
     be = gen.backend

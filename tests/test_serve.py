@@ -24,6 +24,8 @@ from redrafter_trt.cli import convert as convert_cli  # noqa: E402
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter  # noqa: E402
 from test_train import CHATML, _char_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.full  # a server process per module and per signal test: the full tier
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ARCHS, tiny_generator
+from conftest import ARCHS, tiered, tiny_generator
 from redrafter_trt import contract as C
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("w", [1, 3, 8])
-@pytest.mark.parametrize("d", [1, 3, 5])
+# (d, w, arch): three corners in the fast tier, all 18 with --full
+@pytest.mark.parametrize("d,w,arch", tiered({(3, 3, "llama"), (5, 8, "qwen2"), (1, 1, "qwen2")},
+                                            [1, 3, 5], [1, 3, 8], ARCHS))
 def test_greedy_speculative_equals_plain(tiny_dirs, arch, w, d):
     for seed in (0, 1):
         gen = tiny_generator(tiny_dirs[arch], w, d, drafter_seed=seed)
@@ -68,8 +68,7 @@ class OracleProposer:
         return beams
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("w,d", [(1, 3), (3, 5), (8, 1)])
+@pytest.mark.parametrize("w,d,arch", tiered({(3, 5, "llama")}, [(1, 3), (3, 5), (8, 1)], ARCHS))
 def test_oracle_drives_every_acceptance_length(tiny_dirs, arch, w, d):
     prompts = PROMPTS[:3]
     # The truth runs D+ tokens past what the speculative run generates, so every planned
@@ -134,8 +133,7 @@ def test_kv_cache_after_each_step_equals_plain_cache(tiny_dirs, arch):
     assert len(checks) > 10
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("w,d", [(1, 1), (3, 3), (8, 5)])
+@pytest.mark.parametrize("w,d,arch", tiered({(3, 3, "llama")}, [(1, 1), (3, 3), (8, 5)], ARCHS))
 def test_sampling_same_seed_same_tokens(tiny_dirs, arch, w, d):
     for seed, (temp, k, p) in enumerate([(1.0, 0, 1.0), (0.7, 20, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.9)]):
         gen = tiny_generator(tiny_dirs[arch], w, d, drafter_seed=seed)
@@ -165,6 +163,7 @@ def chi2_threshold(dof: int) -> float:
     return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
 
 
+@pytest.mark.full
 def test_first_sampled_tokens_follow_target_distribution(tmp_path):
     """Over many requests, the first two tokens (the second from the tree walk) follow the
     base model's own distribution, with a small vocabulary so drafts are often accepted."""
@@ -202,7 +201,7 @@ def test_first_sampled_tokens_follow_target_distribution(tmp_path):
     assert chi2 < chi2_threshold(int(cells.sum()) - 1)
 
 
-@pytest.mark.parametrize("w,d", [(2, 3), (4, 5)])
+@pytest.mark.parametrize("w,d", [(2, 3), pytest.param(4, 5, marks=pytest.mark.full)])
 def test_eos_stops_each_row_like_plain(tiny_dirs, w, d):
     """Per-row stopping at EOS: the row ends at the first EOS, inside a step or not."""
     truth = tiny_generator(tiny_dirs["llama"], w, d).generate(PROMPTS, max_new_tokens=30, speculative=False)
@@ -224,6 +223,7 @@ def test_eos_stops_each_row_like_plain(tiny_dirs, w, d):
     assert spec[0].finish_reason == "eos" and len(spec[0].token_ids) == 7
 
 
+@pytest.mark.full
 def test_batches_larger_than_max_batch_size_are_chunked(tiny_dirs):
     gen = tiny_generator(tiny_dirs["qwen2"], 2, 2, max_batch_size=3)
     prompts = [[i + 1, i + 2] for i in range(7)]

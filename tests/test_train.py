@@ -266,6 +266,7 @@ def test_resume_after_interruption_is_exact(tiny_base, selfdistill_file, tmp_pat
     assert len(report["eval"]["top1_accuracy_per_depth"]) == 4
 
 
+@pytest.mark.full
 def test_trained_head_is_accepted_more_than_random(tiny_base, selfdistill_file, tmp_path):
     out = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "head", tmp_path, max_steps=300,
                              warmup_steps=20, exit_dim=64, lr=1e-2, eval_fraction=0.1))
@@ -484,6 +485,7 @@ def test_logit_match_is_zero_exactly_at_the_teacher():
     assert float(at.abs().max()) < 1e-12 and bool((off > 1e-6).all())
 
 
+@pytest.mark.full
 def test_logit_match_training(tiny_base, selfdistill_file, tmp_path):
     """--loss logit_match trains only the layers in front of the frozen base projection, and the
     trained head drafts better than the untrained one through the runtime."""
@@ -523,6 +525,7 @@ def test_logit_match_needs_the_frozen_base_projection(tiny_base, selfdistill_fil
 
 
 # --------------------------------------------------------------------------- gen-prompts
+@pytest.mark.full
 def test_gen_prompts_writes_distinct_finished_requests_and_resumes_exactly(tiny_base, tmp_path):
     from redrafter_trt.train.gen_data import read_prompt_sources
     from redrafter_trt.train.gen_prompts import acceptable, generate_prompts, user_turn_prefix
@@ -650,6 +653,7 @@ def test_frozen_projection_path_gives_the_same_loss_and_gradients(tiny_base, sel
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("freeze", [True, False])
 def test_batch_vocabulary_training(tiny_base, selfdistill_file, tmp_path, freeze):
     """--kl_vocab batch trains a head (frozen or trainable projection) that drafts better than its
@@ -678,6 +682,7 @@ def test_batch_vocabulary_needs_a_teacher_top_k(tiny_base, selfdistill_file, tmp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.full
 def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path):
     """--time_budget_min fixes the step count from the measured step time (so the cosine schedule
     ends on time): training spends most of the budget and does not overrun it."""
@@ -690,6 +695,7 @@ def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path
     assert 20 <= report["steps"] < 10 ** 6
 
 
+@pytest.mark.full
 def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
     from redrafter_trt.train.train_step import PATHS, main
 

@@ -28,6 +28,7 @@ MODULES = ["redrafter_trt.trtllm", "redrafter_trt.trtllm.plugins", "redrafter_tr
 absent = pytest.mark.skipif(trtllm_importable(), reason="TensorRT-LLM is installed: gpu_selftest.sh covers it")
 
 
+@pytest.mark.full
 def test_modules_import_without_tensorrt():
     code = ("import sys\n" + "".join(f"import {m}\n" for m in MODULES) +
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'tensorrt_llm', 'cuda')]\n"

@@ -30,6 +30,7 @@ def test_script_exits_77_without_a_gpu_and_builds_nothing(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.full
 def test_python_half_exits_77_without_cuda():
     import torch
 
