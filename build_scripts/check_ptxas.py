@@ -26,7 +26,9 @@ USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
 def demangle(names: list[str]) -> dict[str, str]:
     if not names or not shutil.which("c++filt"):
         return {n: n for n in names}
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+    ).stdout
     pretty = {}
     for name, dem in zip(names, out.splitlines()):
         dem = dem.replace("(anonymous namespace)::", "").replace("redrafter::", "")
@@ -63,7 +65,9 @@ def parse(log: Path) -> dict[tuple[str, int], dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("build_dir", type=Path)
     ap.add_argument("--archs", default="80,86,89,90")
     ap.add_argument("--objects", default="beam_search,tree_pack,accept,kv_relocate")
@@ -77,7 +81,9 @@ def main() -> int:
         if (logdir / f"{obj}.cu.o.ptxas.log.failed").exists() and not log.exists():
             problems.append(f"{obj}.cu failed to compile (see {log}.failed)")
         if not log.exists():
-            problems.append(f"missing ptxas report {log}: rebuild cpp with build_scripts/build_cpp.sh")
+            problems.append(
+                f"missing ptxas report {log}: rebuild cpp with build_scripts/build_cpp.sh"
+            )
             continue
         found = parse(log)
         if not found:
@@ -86,7 +92,11 @@ def main() -> int:
     kernels = sorted({k for k, _ in records})
     names = demangle(kernels)
     width = max([len(names[k]) for k in kernels] + [6])
-    head = f"{'kernel':<{width}}  " + "  ".join(f"regs sm_{a}" for a in archs) + "  smem B  stack B  spill B"
+    head = (
+        f"{'kernel':<{width}}  "
+        + "  ".join(f"regs sm_{a}" for a in archs)
+        + "  smem B  stack B  spill B"
+    )
     print(head)
     print("-" * len(head))
     for k in sorted(kernels, key=lambda k: names[k]):
@@ -102,11 +112,19 @@ def main() -> int:
             stack = max(stack, rec["stack"])
             spill = max(spill, rec["spill_st"] + rec["spill_ld"])
             if rec["stack"] or rec["spill_st"] or rec["spill_ld"]:
-                problems.append(f"{names[k]} on sm_{a}: {rec['stack']} B stack frame, "
-                                f"{rec['spill_st']} B spill stores, {rec['spill_ld']} B spill loads")
-        print(f"{names[k]:<{width}}  " + "  ".join(f"{r:>10}" for r in regs) + f"  {smem:>6}  {stack:>7}  {spill:>7}")
-    print(f"{len(kernels)} kernels x {len(archs)} archs checked; dynamic shared memory (tree_pack) is not in the "
-          f"smem column")
+                problems.append(
+                    f"{names[k]} on sm_{a}: {rec['stack']} B stack frame, "
+                    f"{rec['spill_st']} B spill stores, {rec['spill_ld']} B spill loads"
+                )
+        print(
+            f"{names[k]:<{width}}  "
+            + "  ".join(f"{r:>10}" for r in regs)
+            + f"  {smem:>6}  {stack:>7}  {spill:>7}"
+        )
+    print(
+        f"{len(kernels)} kernels x {len(archs)} archs checked; dynamic shared memory (tree_pack) is not in the "
+        f"smem column"
+    )
     if problems:
         print("ptxas check FAILED:", *problems, sep="\n  ", file=sys.stderr)
         return 1

@@ -21,9 +21,22 @@ import torch
 from . import fp8
 from .contract import check_num_beams
 from .errors import RedrafterError, require
-from .models.base import (ARCH_LLAMA, ARCH_QWEN2, HF_ARCHITECTURE, HF_ARCHITECTURES, BaseConfig, BaseModel)
-from .models.drafter import (Drafter, DrafterConfig, check_draft_vocab, load_checked, load_drafter_state,
-                             validate_against_base)
+from .models.base import (
+    ARCH_LLAMA,
+    ARCH_QWEN2,
+    HF_ARCHITECTURE,
+    HF_ARCHITECTURES,
+    BaseConfig,
+    BaseModel,
+)
+from .models.drafter import (
+    Drafter,
+    DrafterConfig,
+    check_draft_vocab,
+    load_checked,
+    load_drafter_state,
+    validate_against_base,
+)
 from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
 from .names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
 from .sharding import check_tp_size, tp_shard
@@ -32,9 +45,18 @@ CHECKPOINT_CONFIG = "config.json"
 #: An engine directory's config file (written by :mod:`.engine` / :mod:`.trtllm.build`, read by
 #: :mod:`.runtime.loader`; :func:`model_dir_kind` tells the two kinds apart by their keys).
 ENGINE_CONFIG = "config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REDRAFTER_ARCHITECTURES = {ARCH_LLAMA: "ReDrafterForLLaMALM", ARCH_QWEN2: "ReDrafterForQWenLM"}
 #: Base config fields written at the top level of the checkpoint config (TensorRT-LLM names).
@@ -82,70 +104,114 @@ class RedrafterCheckpointConfig:
             "redrafter_hidden_size": self.drafter.hidden_size,
             "redrafter_exit_dim": self.drafter.exit_dim,
             "redrafter_is_rnn": self.drafter.rnn,
-            **({REDRAFTER_DRAFT_VOCAB_SIZE: self.drafter.draft_vocab_size}
-               if self.drafter.draft_vocab_size is not None else {}),
+            **(
+                {REDRAFTER_DRAFT_VOCAB_SIZE: self.drafter.draft_vocab_size}
+                if self.drafter.draft_vocab_size is not None
+                else {}
+            ),
             "redrafter_random_init": self.random_drafter,
             "mapping": {"world_size": self.tp_size, "tp_size": self.tp_size, "pp_size": 1},
             "quantization": fp8.quantization_config(self.quant_algo),
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str) -> "RedrafterCheckpointConfig":
+    def from_dict(cls, d: dict[str, Any], where: str) -> RedrafterCheckpointConfig:
         try:
-            require(d.get("architecture") in REDRAFTER_ARCHITECTURES.values(),
-                    f"architecture {d.get('architecture')!r} is not a ReDrafter checkpoint "
-                    f"({sorted(REDRAFTER_ARCHITECTURES.values())})")
+            require(
+                d.get("architecture") in REDRAFTER_ARCHITECTURES.values(),
+                f"architecture {d.get('architecture')!r} is not a ReDrafter checkpoint "
+                f"({sorted(REDRAFTER_ARCHITECTURES.values())})",
+            )
             base_arch = HF_ARCHITECTURES.get(d.get("base_model_architecture", ""))
-            require(base_arch is not None, f"unsupported base_model_architecture "
-                    f"{d.get('base_model_architecture')!r}")
-            base = BaseConfig.from_dict({**{k: d[k] for k in _BASE_KEYS if k in d},
-                                         "architecture": base_arch})
-            for key in ("redrafter_num_beams", "redrafter_draft_len_per_beam", "redrafter_num_layers",
-                        "redrafter_exit_dim", "dtype"):
+            require(
+                base_arch is not None,
+                f"unsupported base_model_architecture {d.get('base_model_architecture')!r}",
+            )
+            base = BaseConfig.from_dict(
+                {**{k: d[k] for k in _BASE_KEYS if k in d}, "architecture": base_arch}
+            )
+            for key in (
+                "redrafter_num_beams",
+                "redrafter_draft_len_per_beam",
+                "redrafter_num_layers",
+                "redrafter_exit_dim",
+                "dtype",
+            ):
                 require(key in d, f"missing key {key!r}")
-            drafter = DrafterConfig(vocab_size=base.vocab_size,
-                                    hidden_size=d.get("redrafter_hidden_size", base.hidden_size),
-                                    exit_dim=d["redrafter_exit_dim"],
-                                    num_draft_layers=d["redrafter_num_layers"],
-                                    rnn=bool(d.get("redrafter_is_rnn", True)),
-                                    draft_vocab_size=d.get(REDRAFTER_DRAFT_VOCAB_SIZE))
+            drafter = DrafterConfig(
+                vocab_size=base.vocab_size,
+                hidden_size=d.get("redrafter_hidden_size", base.hidden_size),
+                exit_dim=d["redrafter_exit_dim"],
+                num_draft_layers=d["redrafter_num_layers"],
+                rnn=bool(d.get("redrafter_is_rnn", True)),
+                draft_vocab_size=d.get(REDRAFTER_DRAFT_VOCAB_SIZE),
+            )
             drafter.validate()
-            cfg = cls(base=base, drafter=drafter, num_beams=d["redrafter_num_beams"],
-                      draft_len=d["redrafter_draft_len_per_beam"],
-                      greedy_search=bool(d.get("redrafter_greedy_search", True)),
-                      dtype=d["dtype"], tp_size=int(d.get("mapping", {}).get("tp_size", 1)),
-                      random_drafter=bool(d.get("redrafter_random_init", False)),
-                      quant_algo=(d.get("quantization") or {}).get("quant_algo"))
+            cfg = cls(
+                base=base,
+                drafter=drafter,
+                num_beams=d["redrafter_num_beams"],
+                draft_len=d["redrafter_draft_len_per_beam"],
+                greedy_search=bool(d.get("redrafter_greedy_search", True)),
+                dtype=d["dtype"],
+                tp_size=int(d.get("mapping", {}).get("tp_size", 1)),
+                random_drafter=bool(d.get("redrafter_random_init", False)),
+                quant_algo=(d.get("quantization") or {}).get("quant_algo"),
+            )
             cfg.validate()
         except RedrafterError as e:
             raise RedrafterError(f"{where}: {e}") from e
         return cfg
 
     def validate(self) -> None:
-        require(isinstance(self.num_beams, int) and self.num_beams >= 1,
-                f"redrafter_num_beams (--redrafter_num_beams) must be >= 1, got {self.num_beams}")
-        require(isinstance(self.draft_len, int) and self.draft_len >= 1,
-                f"redrafter_draft_len_per_beam (--redrafter_draft_len_per_beam) must be >= 1, "
-                f"got {self.draft_len}")
+        require(
+            isinstance(self.num_beams, int) and self.num_beams >= 1,
+            f"redrafter_num_beams (--redrafter_num_beams) must be >= 1, got {self.num_beams}",
+        )
+        require(
+            isinstance(self.draft_len, int) and self.draft_len >= 1,
+            f"redrafter_draft_len_per_beam (--redrafter_draft_len_per_beam) must be >= 1, "
+            f"got {self.draft_len}",
+        )
         check_num_beams(self.num_beams, self.base.vocab_size, "redrafter_num_beams")
-        require(self.num_beams <= self.drafter.head_vocab_size,
-                f"redrafter_num_beams {self.num_beams} exceeds the draft head's vocabulary "
-                f"(draft_vocab_size {self.drafter.head_vocab_size})")
+        require(
+            self.num_beams <= self.drafter.head_vocab_size,
+            f"redrafter_num_beams {self.num_beams} exceeds the draft head's vocabulary "
+            f"(draft_vocab_size {self.drafter.head_vocab_size})",
+        )
         require(self.draft_len + 1 <= 64, f"beam length D+1 = {self.draft_len + 1} exceeds 64")
         require(self.dtype in DTYPES, f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
-        require(self.quant_algo in (None, fp8.QUANT_ALGO),
-                f"quantization.quant_algo {self.quant_algo!r} not supported (None or {fp8.QUANT_ALGO!r})")
+        require(
+            self.quant_algo in (None, fp8.QUANT_ALGO),
+            f"quantization.quant_algo {self.quant_algo!r} not supported (None or {fp8.QUANT_ALGO!r})",
+        )
         check_tp_size(self.base, self.drafter, self.tp_size)
-        validate_against_base(self.drafter, self.base.hidden_size, self.base.vocab_size,
-                              (self.base.vocab_size, self.base.hidden_size), "checkpoint")
+        validate_against_base(
+            self.drafter,
+            self.base.hidden_size,
+            self.base.vocab_size,
+            (self.base.vocab_size, self.base.hidden_size),
+            "checkpoint",
+        )
 
 
-def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], drafter: Drafter,
-                       output_dir: str | os.PathLike, *, dtype: str = "float32", num_beams: int = 4,
-                       draft_len: int = 4, greedy_search: bool = True, tp_size: int = 1,
-                       tokenizer_dir: str | os.PathLike | None = None, random_drafter: bool = False,
-                       overwrite: bool = False, quantize: str | None = None,
-                       calibration: list[list[int]] | None = None) -> Path:
+def convert_checkpoint(
+    base_cfg: BaseConfig,
+    base_sd: dict[str, torch.Tensor],
+    drafter: Drafter,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    num_beams: int = 4,
+    draft_len: int = 4,
+    greedy_search: bool = True,
+    tp_size: int = 1,
+    tokenizer_dir: str | os.PathLike | None = None,
+    random_drafter: bool = False,
+    overwrite: bool = False,
+    quantize: str | None = None,
+    calibration: list[list[int]] | None = None,
+) -> Path:
     """Write the ReDrafter checkpoint directory atomically; returns its path.
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
@@ -154,64 +220,100 @@ def convert_checkpoint(base_cfg: BaseConfig, base_sd: dict[str, torch.Tensor], d
     static activation scale: the base's own, or measured on ``calibration`` (token-id rows)."""
     require(quantize in (None, "fp8"), f"--quantize {quantize!r}: expected fp8")
     quantized = fp8.is_quantized_state_dict(base_sd)
-    require(not (quantize and quantized),
-            "--quantize fp8: the base model is already FP8; convert it without --quantize")
+    require(
+        not (quantize and quantized),
+        "--quantize fp8: the base model is already FP8; convert it without --quantize",
+    )
     quant_algo = fp8.QUANT_ALGO if (quantize or quantized) else None
-    cfg = RedrafterCheckpointConfig(base=base_cfg, drafter=drafter.config, num_beams=num_beams,
-                                    draft_len=draft_len, greedy_search=greedy_search, dtype=dtype,
-                                    tp_size=tp_size, random_drafter=random_drafter,
-                                    quant_algo=quant_algo)
+    cfg = RedrafterCheckpointConfig(
+        base=base_cfg,
+        drafter=drafter.config,
+        num_beams=num_beams,
+        draft_len=draft_len,
+        greedy_search=greedy_search,
+        dtype=dtype,
+        tp_size=tp_size,
+        random_drafter=random_drafter,
+        quant_algo=quant_algo,
+    )
     cfg.validate()
     # Base tensors must be exactly what the modeling expects, and finite.
     expected = {k: tuple(v.shape) for k, v in _meta_base(base_cfg).state_dict().items()}
     for name, shape in expected.items():
         require(name in base_sd, f"base model: missing tensor {name}")
-        require(tuple(base_sd[name].shape) == shape,
-                f"base model: tensor {name} has shape {tuple(base_sd[name].shape)}, expected {shape}")
+        require(
+            tuple(base_sd[name].shape) == shape,
+            f"base model: tensor {name} has shape {tuple(base_sd[name].shape)}, expected {shape}",
+        )
     for name, t in base_sd.items():
         require(fp8.all_finite(t), f"base model: tensor {name} has non-finite values")
-    require(calibration is None or quant_algo,
-            "--calib_input_ids_file: calibration is for --quantize fp8 or an FP8 base only")
+    require(
+        calibration is None or quant_algo,
+        "--calib_input_ids_file: calibration is for --quantize fp8 or an FP8 base only",
+    )
     if quant_algo:
         linears = fp8.fp8_linear_names(base_cfg.num_hidden_layers)
         has_act = all(f"{n}.{fp8.ACT_SCALE}" in base_sd for n in linears)
-        require(calibration is None or quantize or not has_act,
-                "--calib_input_ids_file: the FP8 base already has static input scales "
-                "(input_scale), which are used; drop --calib_input_ids_file")
+        require(
+            calibration is None or quantize or not has_act,
+            "--calib_input_ids_file: the FP8 base already has static input scales "
+            "(input_scale), which are used; drop --calib_input_ids_file",
+        )
         if quantize or not has_act:
             if calibration is None:
                 raise RedrafterError(
-                    ("--quantize fp8" if quantize else "base model: FP8 without static input "
-                     "scales (input_scale)") + ": no activation scales. " + fp8.NEEDS_ACT_SCALES)
+                    (
+                        "--quantize fp8"
+                        if quantize
+                        else "base model: FP8 without static input scales (input_scale)"
+                    )
+                    + ": no activation scales. "
+                    + fp8.NEEDS_ACT_SCALES
+                )
             scales = fp8.calibrate_activation_scales(base_cfg, base_sd, calibration)
             if quantize:
                 base_sd = fp8.quantize_state_dict(base_cfg.num_hidden_layers, base_sd, scales)
             else:
                 base_sd = {**base_sd, **{f"{n}.{fp8.ACT_SCALE}": s for n, s in scales.items()}}
         fp8.check_trtllm_fp8(base_cfg.num_hidden_layers, base_sd, "base model")
-        expected.update({k: tuple(v.shape) for k, v in base_sd.items()
-                         if k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))})
+        expected.update(
+            {
+                k: tuple(v.shape)
+                for k, v in base_sd.items()
+                if k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))
+            }
+        )
     torch_dtype = DTYPES[dtype]
-    tensors = {k: base_sd[k].contiguous().clone() if fp8.is_fp8(base_sd[k])
-               or k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))
-               else base_sd[k].to(torch_dtype).contiguous().clone() for k in expected}
+    tensors = {
+        k: base_sd[k].contiguous().clone()
+        if fp8.is_fp8(base_sd[k]) or k.endswith((fp8.WEIGHT_SCALE, fp8.ACT_SCALE))
+        else base_sd[k].to(torch_dtype).contiguous().clone()
+        for k in expected
+    }
     if drafter.vocab_map is not None:
         check_draft_vocab(drafter.vocab_map, drafter.config, "drafter")
     for k, v in drafter_to_checkpoint_names(drafter.config, drafter.state_dict()).items():
         require(bool(torch.isfinite(v).all()), f"drafter: tensor {k} has non-finite values")
         # The id map stays int32; weights take the checkpoint dtype.
-        tensors[k] = (v.detach().to(torch_dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
+        tensors[k] = (
+            (v.detach().to(torch_dtype) if v.is_floating_point() else v.detach())
+            .contiguous()
+            .clone()
+        )
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         for rank in range(tp_size):
-            save_safetensors(tp_shard(tensors, cfg, rank), tmp / rank_file(rank),
-                             metadata={"format": "pt"})
+            save_safetensors(
+                tp_shard(tensors, cfg, rank), tmp / rank_file(rank), metadata={"format": "pt"}
+            )
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(output_dir)
 
 
-def load_rank_shards(ckpt_dir: str | os.PathLike) -> tuple["RedrafterCheckpointConfig", list[dict[str, torch.Tensor]]]:
+def load_rank_shards(
+    ckpt_dir: str | os.PathLike,
+) -> tuple[RedrafterCheckpointConfig, list[dict[str, torch.Tensor]]]:
     """The config and every rank's tensors of a checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
     cfg = read_checkpoint_config(ckpt_dir)
@@ -243,36 +345,49 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> RedrafterCheckpointCo
     return RedrafterCheckpointConfig.from_dict(read_json(path, "checkpoint config"), str(path))
 
 
-def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.PathLike | None = None,
-                           dtype: torch.dtype | None = None,
-                           config: RedrafterCheckpointConfig | None = None,
-                           ) -> tuple[RedrafterCheckpointConfig, BaseModel, Drafter]:
+def load_checkpoint_models(
+    ckpt_dir: str | os.PathLike,
+    weights_file: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    config: RedrafterCheckpointConfig | None = None,
+) -> tuple[RedrafterCheckpointConfig, BaseModel, Drafter]:
     """Build the base model and drafter from a checkpoint directory (or, with ``config``
     given, from any directory holding ``rank0.safetensors``, such as a torch engine)."""
     ckpt_dir = Path(ckpt_dir)
     cfg = config or read_checkpoint_config(ckpt_dir)
-    require(cfg.tp_size == 1,
-            f"{ckpt_dir}: a tp_size {cfg.tp_size} checkpoint; the torch backend runs tp_size 1 only: "
-            "convert again with --tp_size 1, or build it with --backend trtllm inside the "
-            "TensorRT-LLM container")
+    require(
+        cfg.tp_size == 1,
+        f"{ckpt_dir}: a tp_size {cfg.tp_size} checkpoint; the torch backend runs tp_size 1 only: "
+        "convert again with --tp_size 1, or build it with --backend trtllm inside the "
+        "TensorRT-LLM container",
+    )
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
     sd = load_state_dict_file(weights)
     if cfg.quant_algo == fp8.QUANT_ALGO:  # the torch modeling runs FP8 weights dequantized
-        fp8.check_trtllm_fp8(cfg.base.num_hidden_layers,
-                             {k: v for k, v in sd.items() if not k.startswith("drafter.")}, str(weights))
+        fp8.check_trtllm_fp8(
+            cfg.base.num_hidden_layers,
+            {k: v for k, v in sd.items() if not k.startswith("drafter.")},
+            str(weights),
+        )
         sd = fp8.dequantize_state_dict(sd, str(weights))
     else:
         bad = sorted(k for k, v in sd.items() if fp8.is_fp8(v))
-        require(not bad, f"{weights}: tensor {bad[0] if bad else ''} is FP8 but the config's "
-                "quantization.quant_algo is not 'FP8'")
+        require(
+            not bad,
+            f"{weights}: tensor {bad[0] if bad else ''} is FP8 but the config's "
+            "quantization.quant_algo is not 'FP8'",
+        )
     torch_dtype = dtype or DTYPES[cfg.dtype]
     base_sd = {k: v for k, v in sd.items() if not k.startswith("drafter.")}
     drafter_sd = drafter_from_checkpoint_names(
-        cfg.drafter, {k: v for k, v in sd.items() if k.startswith("drafter.")})
+        cfg.drafter, {k: v for k, v in sd.items() if k.startswith("drafter.")}
+    )
     base = BaseModel(cfg.base).to(torch_dtype)
     if cfg.base.tie_word_embeddings and LM_HEAD in base_sd:
-        require(torch.equal(base_sd[LM_HEAD], base_sd[EMBEDDING]),
-                f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
+        require(
+            torch.equal(base_sd[LM_HEAD], base_sd[EMBEDDING]),
+            f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding",
+        )
     load_checked(base, base_sd, str(weights))
     drafter = Drafter(cfg.drafter).to(torch_dtype)
     load_drafter_state(drafter, drafter_sd, str(weights))
@@ -281,9 +396,21 @@ def load_checkpoint_models(ckpt_dir: str | os.PathLike, weights_file: str | os.P
     return cfg, base, drafter
 
 
-__all__ = ["convert_checkpoint", "read_checkpoint_config", "load_checkpoint_models", "load_rank_shards",
-           "RedrafterCheckpointConfig", "copy_tokenizer_files", "rank_file", "DTYPES", "CHECKPOINT_CONFIG",
-           "ENGINE_CONFIG", "REDRAFTER_DRAFT_VOCAB_SIZE", "model_dir_kind", "require_model_dir"]
+__all__ = [
+    "convert_checkpoint",
+    "read_checkpoint_config",
+    "load_checkpoint_models",
+    "load_rank_shards",
+    "RedrafterCheckpointConfig",
+    "copy_tokenizer_files",
+    "rank_file",
+    "DTYPES",
+    "CHECKPOINT_CONFIG",
+    "ENGINE_CONFIG",
+    "REDRAFTER_DRAFT_VOCAB_SIZE",
+    "model_dir_kind",
+    "require_model_dir",
+]
 
 
 # --------------------------------------------------------------------------- what a directory is
@@ -309,7 +436,10 @@ def model_dir_kind(path: str | os.PathLike) -> str | None:
         return "engine"
     if "redrafter_num_beams" in raw or str(raw.get("architecture", "")).startswith("ReDrafter"):
         return "checkpoint"
-    if raw.get("model_type") == "recurrent_drafting_drafter" or {"exit_dim", "num_draft_layers"} <= set(raw):
+    if raw.get("model_type") == "recurrent_drafting_drafter" or {
+        "exit_dim",
+        "num_draft_layers",
+    } <= set(raw):
         return "drafter"
     if "architectures" in raw or "model_type" in raw:
         return "base"
@@ -323,9 +453,13 @@ def require_model_dir(path: str | os.PathLike | None, flag: str, kind: str) -> P
     p = Path(path)
     require(p.exists(), f"{flag} {p}: not found; expected {DIR_KINDS[kind]}")
     require(p.is_dir(), f"{flag} {p}: not a directory; expected {DIR_KINDS[kind]}")
-    require((p / CHECKPOINT_CONFIG).is_file(),
-            f"{flag} {p}: no {CHECKPOINT_CONFIG}; expected {DIR_KINDS[kind]}")
+    require(
+        (p / CHECKPOINT_CONFIG).is_file(),
+        f"{flag} {p}: no {CHECKPOINT_CONFIG}; expected {DIR_KINDS[kind]}",
+    )
     found = model_dir_kind(p)
-    require(found is None or found == kind,
-            f"{flag} {p}: this is {DIR_KINDS.get(found, found)}, not {DIR_KINDS[kind].split(' (')[0]}")
+    require(
+        found is None or found == kind,
+        f"{flag} {p}: this is {DIR_KINDS.get(found, found)}, not {DIR_KINDS[kind].split(' (')[0]}",
+    )
     return p

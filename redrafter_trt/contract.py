@@ -11,7 +11,8 @@ beam length, ``N = W * L`` packed tree size, ``M = ceil(N / 32)`` mask words.
 A row is either a *context* row (its prompt, or the next chunk of it, is prefilled: ``T`` >= the
 chunk's length; ``CACHE_LENGTHS`` = the prompt tokens its slot holds already, 0 for a whole prompt
 or a first chunk, more where the backend has ``chunked_context``; it emits the token after the
-chunk, the request's first only after the prompt's last chunk) or a *generation* row (it verifies the packed tree the previous call drafted for it: its inputs are
+chunk, the request's first only after the prompt's last chunk) or a *generation* row (it
+verifies the packed tree the previous call drafted for it: its inputs are
 that call's ``next_*`` outputs). Plain decoding is a generation call whose trees are only their
 root (``NUM_DRAFT_STEPS = 0``): the same forward, acceptance and cache path with nothing drafted.
 """
@@ -34,47 +35,72 @@ CONTEXT = 0
 GENERATION = 1
 
 # ---- inputs
-REQUEST_TYPES = "request_types"          # [B] int32: CONTEXT or GENERATION
-SLOT_IDS = "slot_ids"                    # [B] int32: KV-cache slot of each row
-CACHE_LENGTHS = "cache_lengths"          # [B] int32: tokens in the slot before this call (context: prompt
+REQUEST_TYPES = "request_types"  # [B] int32: CONTEXT or GENERATION
+SLOT_IDS = "slot_ids"  # [B] int32: KV-cache slot of each row
+CACHE_LENGTHS = "cache_lengths"  # [B] int32: tokens in the slot before this call (context: prompt
 #                                          tokens prefilled already, 0 without chunked prefill)
-INPUT_IDS = "input_ids"                  # [B, T] int32: prompt, or the previous next_flat_tokens
-INPUT_LENGTHS = "input_lengths"          # [B] int32: prompt (chunk) length, or the previous next_packed_lengths
-POSITION_OFFSETS = "position_offsets"    # [B, T] int32: depth of each packed node (generation rows)
-PACKED_MASK = "packed_mask"              # [B, T, ceil(T/32)] int32: tree mask (generation rows)
-DRAFT_TOKENS = "draft_tokens"            # [B, W, L] int32: the previous next_draft_tokens
-DRAFT_INDICES = "draft_indices"          # [B, W, L] int32: the previous next_draft_indices
-TEMPERATURE = "temperature"              # [B] float32: <= 0 = greedy
-TOP_K = "top_k"                          # [B] int32: 0 = off
-TOP_P = "top_p"                          # [B] float32: 1 = off
-UNIFORMS = "uniforms"                    # [B, L] float32: uniform of the k-th token this call emits
-NUM_DRAFT_STEPS = "num_draft_steps"      # [] int32 host scalar: D to draft the next tree, 0 = plain
+INPUT_IDS = "input_ids"  # [B, T] int32: prompt, or the previous next_flat_tokens
+INPUT_LENGTHS = (
+    "input_lengths"  # [B] int32: prompt (chunk) length, or the previous next_packed_lengths
+)
+POSITION_OFFSETS = "position_offsets"  # [B, T] int32: depth of each packed node (generation rows)
+PACKED_MASK = "packed_mask"  # [B, T, ceil(T/32)] int32: tree mask (generation rows)
+DRAFT_TOKENS = "draft_tokens"  # [B, W, L] int32: the previous next_draft_tokens
+DRAFT_INDICES = "draft_indices"  # [B, W, L] int32: the previous next_draft_indices
+TEMPERATURE = "temperature"  # [B] float32: <= 0 = greedy
+TOP_K = "top_k"  # [B] int32: 0 = off
+TOP_P = "top_p"  # [B] float32: 1 = off
+UNIFORMS = "uniforms"  # [B, L] float32: uniform of the k-th token this call emits
+NUM_DRAFT_STEPS = "num_draft_steps"  # [] int32 host scalar: D to draft the next tree, 0 = plain
 
 #: Optional input next to ``NUM_DRAFT_STEPS``: beams to draft this step (1..W; default W); [] int32
 #: host scalar. The torch backend pads the tree to the engine's W x L shape, so carried tensors
 #: keep theirs (the adaptive policy, :mod:`redrafter_trt.runtime.adaptive`, sets it).
 NUM_DRAFT_BEAMS = "num_draft_beams"
 
-INPUTS = (REQUEST_TYPES, SLOT_IDS, CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, POSITION_OFFSETS,
-          PACKED_MASK, DRAFT_TOKENS, DRAFT_INDICES, TEMPERATURE, TOP_K, TOP_P, UNIFORMS,
-          NUM_DRAFT_STEPS)
+INPUTS = (
+    REQUEST_TYPES,
+    SLOT_IDS,
+    CACHE_LENGTHS,
+    INPUT_IDS,
+    INPUT_LENGTHS,
+    POSITION_OFFSETS,
+    PACKED_MASK,
+    DRAFT_TOKENS,
+    DRAFT_INDICES,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    UNIFORMS,
+    NUM_DRAFT_STEPS,
+)
 
 # ---- outputs
-NUM_ACCEPTED_TOKENS = "num_accepted_tokens"    # [B] int32: draft tokens accepted (0..D)
-ACCEPTED_BEAM_INDEX = "accepted_beam_index"    # [B] int32
-OUTPUT_TOKENS = "output_tokens"                # [B, L] int32: emitted tokens, -1 after the last
-NUM_OUTPUT_TOKENS = "num_output_tokens"        # [B] int32: num_accepted + 1
-NEW_CACHE_LENGTHS = "new_cache_lengths"        # [B] int32: tokens in the slot after the call
-NEXT_DRAFT_TOKENS = "next_draft_tokens"        # [B, W, L] int32: beams, [:, :, 0] = last emitted token
-NEXT_DRAFT_INDICES = "next_draft_indices"      # [B, W, L] int32: packed index of each beam node
-NEXT_FLAT_TOKENS = "next_flat_tokens"          # [B, N] int32: packed tree tokens
-NEXT_PACKED_LENGTHS = "next_packed_lengths"    # [B] int32 (spec_decoding_generation_lengths)
+NUM_ACCEPTED_TOKENS = "num_accepted_tokens"  # [B] int32: draft tokens accepted (0..D)
+ACCEPTED_BEAM_INDEX = "accepted_beam_index"  # [B] int32
+OUTPUT_TOKENS = "output_tokens"  # [B, L] int32: emitted tokens, -1 after the last
+NUM_OUTPUT_TOKENS = "num_output_tokens"  # [B] int32: num_accepted + 1
+NEW_CACHE_LENGTHS = "new_cache_lengths"  # [B] int32: tokens in the slot after the call
+NEXT_DRAFT_TOKENS = "next_draft_tokens"  # [B, W, L] int32: beams, [:, :, 0] = last emitted token
+NEXT_DRAFT_INDICES = "next_draft_indices"  # [B, W, L] int32: packed index of each beam node
+NEXT_FLAT_TOKENS = "next_flat_tokens"  # [B, N] int32: packed tree tokens
+NEXT_PACKED_LENGTHS = "next_packed_lengths"  # [B] int32 (spec_decoding_generation_lengths)
 NEXT_POSITION_OFFSETS = "next_position_offsets"  # [B, N] int32 (spec_decoding_position_offsets)
-NEXT_PACKED_MASK = "next_packed_mask"          # [B, N, M] int32 (spec_decoding_packed_mask)
+NEXT_PACKED_MASK = "next_packed_mask"  # [B, N, M] int32 (spec_decoding_packed_mask)
 
-OUTPUTS = (NUM_ACCEPTED_TOKENS, ACCEPTED_BEAM_INDEX, OUTPUT_TOKENS, NUM_OUTPUT_TOKENS,
-           NEW_CACHE_LENGTHS, NEXT_DRAFT_TOKENS, NEXT_DRAFT_INDICES, NEXT_FLAT_TOKENS,
-           NEXT_PACKED_LENGTHS, NEXT_POSITION_OFFSETS, NEXT_PACKED_MASK)
+OUTPUTS = (
+    NUM_ACCEPTED_TOKENS,
+    ACCEPTED_BEAM_INDEX,
+    OUTPUT_TOKENS,
+    NUM_OUTPUT_TOKENS,
+    NEW_CACHE_LENGTHS,
+    NEXT_DRAFT_TOKENS,
+    NEXT_DRAFT_INDICES,
+    NEXT_FLAT_TOKENS,
+    NEXT_PACKED_LENGTHS,
+    NEXT_POSITION_OFFSETS,
+    NEXT_PACKED_MASK,
+)
 
 #: The outputs of one call that become the next call's inputs for the same row.
 CARRIED = {
@@ -87,17 +113,28 @@ CARRIED = {
     NEW_CACHE_LENGTHS: CACHE_LENGTHS,
 }
 
-INT_TENSORS = {REQUEST_TYPES, SLOT_IDS, CACHE_LENGTHS, INPUT_IDS, INPUT_LENGTHS, POSITION_OFFSETS,
-               PACKED_MASK, DRAFT_TOKENS, DRAFT_INDICES, TOP_K, NUM_DRAFT_STEPS,
-               *[o for o in OUTPUTS]}
+INT_TENSORS = {
+    REQUEST_TYPES,
+    SLOT_IDS,
+    CACHE_LENGTHS,
+    INPUT_IDS,
+    INPUT_LENGTHS,
+    POSITION_OFFSETS,
+    PACKED_MASK,
+    DRAFT_TOKENS,
+    DRAFT_INDICES,
+    TOP_K,
+    NUM_DRAFT_STEPS,
+    *[o for o in OUTPUTS],
+}
 
 
 @dataclass(frozen=True)
 class StepShape:
     """Static sizes of an engine's step."""
 
-    num_beams: int       # W
-    draft_len: int       # D
+    num_beams: int  # W
+    draft_len: int  # D
 
     @property
     def beam_len(self) -> int:  # L
@@ -117,10 +154,20 @@ def check_inputs(inputs: dict[str, torch.Tensor], shape: StepShape) -> None:
     w, l = shape.num_beams, shape.beam_len
     t = inputs[INPUT_IDS].shape[1]
     expected = {
-        REQUEST_TYPES: (b,), SLOT_IDS: (b,), CACHE_LENGTHS: (b,), INPUT_IDS: (b, t),
-        INPUT_LENGTHS: (b,), POSITION_OFFSETS: (b, t), PACKED_MASK: (b, t, mask_words(t)),
-        DRAFT_TOKENS: (b, w, l), DRAFT_INDICES: (b, w, l), TEMPERATURE: (b,), TOP_K: (b,),
-        TOP_P: (b,), UNIFORMS: (b, l), NUM_DRAFT_STEPS: (),
+        REQUEST_TYPES: (b,),
+        SLOT_IDS: (b,),
+        CACHE_LENGTHS: (b,),
+        INPUT_IDS: (b, t),
+        INPUT_LENGTHS: (b,),
+        POSITION_OFFSETS: (b, t),
+        PACKED_MASK: (b, t, mask_words(t)),
+        DRAFT_TOKENS: (b, w, l),
+        DRAFT_INDICES: (b, w, l),
+        TEMPERATURE: (b,),
+        TOP_K: (b,),
+        TOP_P: (b,),
+        UNIFORMS: (b, l),
+        NUM_DRAFT_STEPS: (),
     }
     for name, shp in expected.items():
         got = tuple(inputs[name].shape)

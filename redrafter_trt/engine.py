@@ -18,8 +18,15 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .checkpoint import (CHECKPOINT_CONFIG, ENGINE_CONFIG, copy_tokenizer_files, load_checkpoint_models,
-                         rank_file, read_checkpoint_config, require_model_dir)
+from .checkpoint import (
+    CHECKPOINT_CONFIG,
+    ENGINE_CONFIG,
+    copy_tokenizer_files,
+    load_checkpoint_models,
+    rank_file,
+    read_checkpoint_config,
+    require_model_dir,
+)
 from .errors import RedrafterError, require
 from .models.io import atomic_output_dir
 from .ops.beam_search import DEFAULT_WARP_K
@@ -47,46 +54,81 @@ def resolve_backend(backend: str) -> str:
     if backend == "trtllm" and not trtllm_available():
         raise RedrafterError(
             "--backend trtllm needs TensorRT-LLM 1.2 and an NVIDIA GPU, which this machine does not "
-            f"have; run inside the {TRTLLM_CONTAINER} container, or use --backend torch")
+            f"have; run inside the {TRTLLM_CONTAINER} container, or use --backend torch"
+        )
     return backend
 
 
-def build_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
-                 backend: str = "auto", max_batch_size: int = 8, max_input_len: int = 1024,
-                 max_seq_len: int = 2048, warp_k: int = DEFAULT_WARP_K, overwrite: bool = False,
-                 extra_build_config: dict[str, Any] | None = None) -> Path:
+def build_engine(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    max_batch_size: int = 8,
+    max_input_len: int = 1024,
+    max_seq_len: int = 2048,
+    warp_k: int = DEFAULT_WARP_K,
+    overwrite: bool = False,
+    extra_build_config: dict[str, Any] | None = None,
+) -> Path:
     """Build an engine directory from a ReDrafter checkpoint directory."""
     ckpt = require_model_dir(checkpoint_dir, "--checkpoint_dir", "checkpoint")
     cfg = read_checkpoint_config(ckpt)
-    for name, value in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len),
-                        ("max_seq_len", max_seq_len)):
+    for name, value in (
+        ("max_batch_size", max_batch_size),
+        ("max_input_len", max_input_len),
+        ("max_seq_len", max_seq_len),
+    ):
         require(isinstance(value, int) and value >= 1, f"--{name} must be >= 1, got {value}")
-    require(max_input_len < max_seq_len,
-            f"--max_input_len {max_input_len} must be smaller than --max_seq_len {max_seq_len}")
+    require(
+        max_input_len < max_seq_len,
+        f"--max_input_len {max_input_len} must be smaller than --max_seq_len {max_seq_len}",
+    )
     require(warp_k >= 0, f"--warp_k must be >= 0, got {warp_k}")
     window = cfg.base.sliding_window
-    require(window is None or max_seq_len <= window,
-            f"--max_seq_len {max_seq_len} exceeds the base model's sliding window {window}; "
-            "sliding-window attention is not implemented: build with --max_seq_len <= the window")
+    require(
+        window is None or max_seq_len <= window,
+        f"--max_seq_len {max_seq_len} exceeds the base model's sliding window {window}; "
+        "sliding-window attention is not implemented: build with --max_seq_len <= the window",
+    )
     backend = resolve_backend(backend)
     weights = ckpt / rank_file(0)
     require(weights.is_file(), f"{ckpt}: missing {rank_file(0)}")
     if backend == "trtllm":
         from .trtllm import build as trt_build  # lazy: needs TensorRT-LLM
 
-        return trt_build.build_trtllm_engine(ckpt, output_dir, cfg, max_batch_size=max_batch_size,
-                                             max_input_len=max_input_len, max_seq_len=max_seq_len,
-                                             warp_k=warp_k, overwrite=overwrite,
-                                             **(extra_build_config or {}))
+        return trt_build.build_trtllm_engine(
+            ckpt,
+            output_dir,
+            cfg,
+            max_batch_size=max_batch_size,
+            max_input_len=max_input_len,
+            max_seq_len=max_seq_len,
+            warp_k=warp_k,
+            overwrite=overwrite,
+            **(extra_build_config or {}),
+        )
     # Torch backend: validate by loading every tensor once, then link the weights in.
     load_checkpoint_models(ckpt)
-    build_config = {"max_batch_size": max_batch_size, "max_input_len": max_input_len,
-                    "max_seq_len": max_seq_len, "warp_k": warp_k, **(extra_build_config or {})}
+    build_config = {
+        "max_batch_size": max_batch_size,
+        "max_input_len": max_input_len,
+        "max_seq_len": max_seq_len,
+        "warp_k": warp_k,
+        **(extra_build_config or {}),
+    }
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        (tmp / ENGINE_CONFIG).write_text(json.dumps({
-            "version": __version__, "backend": "torch",
-            "pretrained_config": json.loads((ckpt / CHECKPOINT_CONFIG).read_text()),
-            "build_config": build_config}, indent=2))
+        (tmp / ENGINE_CONFIG).write_text(
+            json.dumps(
+                {
+                    "version": __version__,
+                    "backend": "torch",
+                    "pretrained_config": json.loads((ckpt / CHECKPOINT_CONFIG).read_text()),
+                    "build_config": build_config,
+                },
+                indent=2,
+            )
+        )
         try:
             os.link(weights, tmp / rank_file(0))
         except OSError:

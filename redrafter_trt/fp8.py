@@ -37,7 +37,8 @@ up_proj stay separate tensors (``mlp.fc`` / ``mlp.gate``), each with its own sca
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -51,12 +52,21 @@ QUANT_ALGO = "FP8"
 #: linear rows of :data:`~redrafter_trt.names.BASE_NAME_TABLE` (qkv, dense, fc, gate, proj).
 FP8_LINEARS = tuple(r.trtllm.removeprefix(TRTLLM_LAYER) for r in LINEAR_ROWS)
 #: Hugging Face names (under ``model.layers.{i}.``) of the linears behind each.
-HF_LINEARS = {r.trtllm.removeprefix(TRTLLM_LAYER): tuple(h.removeprefix(HF_LAYER) for h in r.hf)
-              for r in LINEAR_ROWS}
+HF_LINEARS = {
+    r.trtllm.removeprefix(TRTLLM_LAYER): tuple(h.removeprefix(HF_LAYER) for h in r.hf)
+    for r in LINEAR_ROWS
+}
 #: ``quantization.exclude_modules`` (fnmatch patterns over TensorRT-LLM module names, as
 #: ``tensorrt_llm.quantization.quantize.quantize_layers`` matches them): what stays float.
-EXCLUDE_MODULES = ["*lm_head", "*vocab_embedding", "*input_layernorm", "*post_layernorm", "*ln_f",
-                   "drafter", "drafter.*"]
+EXCLUDE_MODULES = [
+    "*lm_head",
+    "*vocab_embedding",
+    "*input_layernorm",
+    "*post_layernorm",
+    "*ln_f",
+    "drafter",
+    "drafter.*",
+]
 ACCEPTED_QUANT_METHODS = ("compressed-tensors", "fp8", "modelopt")
 WEIGHT_SCALE, ACT_SCALE = "weights_scaling_factor", "activation_scaling_factor"
 NEEDS_ACT_SCALES = (
@@ -64,16 +74,23 @@ NEEDS_ACT_SCALES = (
     "per-tensor activation_scaling_factor, a required checkpoint tensor; give calibration prompts "
     "with --calib_input_ids_file FILE.json (a JSON list of token-id lists) to measure them, or "
     "start from an FP8 checkpoint with static input_scale tensors (e.g. NVIDIA ModelOpt or "
-    "llm-compressor FP8 with static activations)")
+    "llm-compressor FP8 with static activations)"
+)
 
 
 def quantization_config(quant_algo: str | None) -> dict[str, Any]:
     """The checkpoint config's ``quantization`` block."""
     if quant_algo is None:
         return {"quant_algo": None, "kv_cache_quant_algo": None}
-    require(quant_algo == QUANT_ALGO, f"quant_algo {quant_algo!r} not supported (None or {QUANT_ALGO!r})")
-    return {"quant_algo": QUANT_ALGO, "kv_cache_quant_algo": None,
-            "exclude_modules": list(EXCLUDE_MODULES)}
+    require(
+        quant_algo == QUANT_ALGO,
+        f"quant_algo {quant_algo!r} not supported (None or {QUANT_ALGO!r})",
+    )
+    return {
+        "quant_algo": QUANT_ALGO,
+        "kv_cache_quant_algo": None,
+        "exclude_modules": list(EXCLUDE_MODULES),
+    }
 
 
 def fp8_linear_names(num_layers: int) -> list[str]:
@@ -117,7 +134,9 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float32) * scale.to(torch.float32).reshape(())
 
 
-def requantize_fused(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def requantize_fused(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate fp8 tensors with different scales under one scale, the largest of them: each
     part is dequantized with its own scale and quantized again with the shared one."""
     shared = torch.stack([s.to(torch.float32).reshape(()) for _, s in parts]).max().reshape(1)
@@ -131,25 +150,36 @@ def check_trtllm_fp8(num_layers: int, sd: dict[str, torch.Tensor], where: str) -
     for name in sorted(linears):
         w = sd.get(name + ".weight")
         require(w is not None, f"{where}: missing tensor {name}.weight")
-        require(w.dtype == FP8_DTYPE, f"{where}: tensor {name}.weight has dtype {w.dtype}; an FP8 "
-                f"checkpoint holds every base linear in {FP8_DTYPE}")
+        require(
+            w.dtype == FP8_DTYPE,
+            f"{where}: tensor {name}.weight has dtype {w.dtype}; an FP8 "
+            f"checkpoint holds every base linear in {FP8_DTYPE}",
+        )
         for kind in (WEIGHT_SCALE, ACT_SCALE):
             s = sd.get(f"{name}.{kind}")
             if s is None and kind == ACT_SCALE:
                 raise RedrafterError(f"{where}: missing tensor {name}.{kind}: {NEEDS_ACT_SCALES}")
             require(s is not None, f"{where}: fp8 weight {name}.weight has no {name}.{kind}")
-            require(s.numel() == 1 and s.dim() <= 1,
-                    f"{where}: tensor {name}.{kind} has shape {list(s.shape)}; expected [1] "
-                    "(one per-tensor scale)")
-            require(s.is_floating_point() and not is_fp8(s) and bool(torch.isfinite(s).all())
-                    and float(s.reshape(())) > 0,
-                    f"{where}: tensor {name}.{kind} must be a positive finite float32, got {s}")
+            require(
+                s.numel() == 1 and s.dim() <= 1,
+                f"{where}: tensor {name}.{kind} has shape {list(s.shape)}; expected [1] "
+                "(one per-tensor scale)",
+            )
+            require(
+                s.is_floating_point()
+                and not is_fp8(s)
+                and bool(torch.isfinite(s).all())
+                and float(s.reshape(())) > 0,
+                f"{where}: tensor {name}.{kind} must be a positive finite float32, got {s}",
+            )
     for k, v in sd.items():
         module = k.rsplit(".", 1)[0]
         if is_fp8(v):
-            require(k.endswith(".weight") and module in linears,
-                    f"{where}: tensor {k} is {v.dtype}; only the base linears "
-                    f"({', '.join(FP8_LINEARS)}) are FP8, everything else stays float")
+            require(
+                k.endswith(".weight") and module in linears,
+                f"{where}: tensor {k} is {v.dtype}; only the base linears "
+                f"({', '.join(FP8_LINEARS)}) are FP8, everything else stays float",
+            )
         elif k.endswith((WEIGHT_SCALE, ACT_SCALE)):
             require(module in linears, f"{where}: unexpected scaling factor {k}")
 
@@ -163,19 +193,25 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], where: str) -> dict[str, 
             continue
         if is_fp8(v):
             require(v.dtype == FP8_DTYPE, f"{where}: tensor {k} is {v.dtype}; expected {FP8_DTYPE}")
-            scale_name = k[:-len("weight")] + WEIGHT_SCALE
-            require(k.endswith(".weight") and scale_name in sd,
-                    f"{where}: fp8 tensor {k} has no {scale_name}")
+            scale_name = k[: -len("weight")] + WEIGHT_SCALE
+            require(
+                k.endswith(".weight") and scale_name in sd,
+                f"{where}: fp8 tensor {k} has no {scale_name}",
+            )
             s = sd[scale_name]
-            require(s.numel() == 1, f"{where}: tensor {scale_name} has shape {list(s.shape)}; "
-                    "expected [1] (one per-tensor scale)")
+            require(
+                s.numel() == 1,
+                f"{where}: tensor {scale_name} has shape {list(s.shape)}; "
+                "expected [1] (one per-tensor scale)",
+            )
             v = dequantize(v, s)
         out[k] = v
     return out
 
 
-def quantize_state_dict(num_layers: int, sd: dict[str, torch.Tensor],
-                        act_scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def quantize_state_dict(
+    num_layers: int, sd: dict[str, torch.Tensor], act_scales: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A float base state dict (TensorRT-LLM names) -> FP8 base linears with per-tensor weight
     scales (amax / 448) and the given activation scales (module name -> [1])."""
     out = dict(sd)
@@ -190,8 +226,9 @@ def quantize_state_dict(num_layers: int, sd: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def calibrate_activation_scales(base_cfg, sd: dict[str, torch.Tensor],
-                                rows: Iterable[Sequence[int]]) -> dict[str, torch.Tensor]:
+def calibrate_activation_scales(
+    base_cfg, sd: dict[str, torch.Tensor], rows: Iterable[Sequence[int]]
+) -> dict[str, torch.Tensor]:
     """Static per-tensor input scales (``amax / 448``, max calibration) of every FP8 linear,
     measured by running the base (FP8 weights dequantized) in float32 over ``rows`` of token ids,
     one row at a time, on the GPU when there is one (else the CPU: keep calibration sets small)."""
@@ -209,21 +246,31 @@ def calibrate_activation_scales(base_cfg, sd: dict[str, torch.Tensor],
     linears = set(fp8_linear_names(base_cfg.num_hidden_layers))
     for name, module in base.named_modules():
         if name in linears:
+
             def hook(_m, args, name=name):
                 a = args[0].detach().abs().max().to(torch.float32)
                 amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
             hooks.append(module.register_forward_pre_hook(hook))
     n = 0
     try:
         for row in rows:
             row = [int(t) for t in row]
-            require(row and all(0 <= t < base_cfg.vocab_size for t in row),
-                    f"calibration prompt {n}: token ids must be in [0, {base_cfg.vocab_size})")
+            require(
+                row and all(0 <= t < base_cfg.vocab_size for t in row),
+                f"calibration prompt {n}: token ids must be in [0, {base_cfg.vocab_size})",
+            )
             ids = torch.tensor([row], device=device)
             t = len(row)
             zero = torch.zeros(1, dtype=torch.long, device=device)
-            base(ids, torch.arange(t, device=device)[None], base.new_cache(1, t), zero, zero,
-                 torch.ones(t, t, dtype=torch.bool, device=device).tril()[None])
+            base(
+                ids,
+                torch.arange(t, device=device)[None],
+                base.new_cache(1, t),
+                zero,
+                zero,
+                torch.ones(t, t, dtype=torch.bool, device=device).tril()[None],
+            )
             n += 1
     finally:
         for h in hooks:
@@ -236,47 +283,67 @@ def calibrate_activation_scales(base_cfg, sd: dict[str, torch.Tensor],
 def _check_hf_quant_config(qc: Any, where: str) -> None:
     require(isinstance(qc, dict), f"{where}: quantization_config must be a JSON object")
     method = qc.get("quant_method")
-    require(method in ACCEPTED_QUANT_METHODS,
-            f"{where}: quantization_config.quant_method {method!r} is not supported; accepted: "
-            f"{list(ACCEPTED_QUANT_METHODS)} with FP8 e4m3 per-tensor scales")
+    require(
+        method in ACCEPTED_QUANT_METHODS,
+        f"{where}: quantization_config.quant_method {method!r} is not supported; accepted: "
+        f"{list(ACCEPTED_QUANT_METHODS)} with FP8 e4m3 per-tensor scales",
+    )
     if method == "fp8":
-        require(not qc.get("weight_block_size"),
-                f"{where}: quantization_config.weight_block_size {qc.get('weight_block_size')} "
-                "(block-wise FP8) is not supported; expected per-tensor scales (weight_scale of shape [1])")
+        require(
+            not qc.get("weight_block_size"),
+            f"{where}: quantization_config.weight_block_size {qc.get('weight_block_size')} "
+            "(block-wise FP8) is not supported; expected per-tensor scales (weight_scale of shape [1])",
+        )
     elif method == "modelopt":
         algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
-        require(algo == QUANT_ALGO, f"{where}: quantization_config.quant_algo {algo!r}; only "
-                f"{QUANT_ALGO!r} (per-tensor) is supported")
+        require(
+            algo == QUANT_ALGO,
+            f"{where}: quantization_config.quant_algo {algo!r}; only "
+            f"{QUANT_ALGO!r} (per-tensor) is supported",
+        )
     else:  # compressed-tensors
         for gname, group in (qc.get("config_groups") or {}).items():
             w = (group or {}).get("weights") or {}
-            require(w.get("type", "float") == "float" and w.get("num_bits", 8) == 8,
-                    f"{where}: quantization_config.config_groups.{gname}.weights is "
-                    f"{w.get('type')}{w.get('num_bits')}; only 8-bit float (FP8) is supported")
-            require(w.get("strategy", "tensor") == "tensor",
-                    f"{where}: quantization_config.config_groups.{gname}.weights.strategy "
-                    f"{w.get('strategy')!r}; only 'tensor' (per-tensor scales) is supported")
+            require(
+                w.get("type", "float") == "float" and w.get("num_bits", 8) == 8,
+                f"{where}: quantization_config.config_groups.{gname}.weights is "
+                f"{w.get('type')}{w.get('num_bits')}; only 8-bit float (FP8) is supported",
+            )
+            require(
+                w.get("strategy", "tensor") == "tensor",
+                f"{where}: quantization_config.config_groups.{gname}.weights.strategy "
+                f"{w.get('strategy')!r}; only 'tensor' (per-tensor scales) is supported",
+            )
             a = (group or {}).get("input_activations") or {}
-            require(not a or a.get("dynamic") or a.get("strategy", "tensor") == "tensor",
-                    f"{where}: quantization_config.config_groups.{gname}.input_activations.strategy "
-                    f"{a.get('strategy')!r}; only 'tensor' is supported")
+            require(
+                not a or a.get("dynamic") or a.get("strategy", "tensor") == "tensor",
+                f"{where}: quantization_config.config_groups.{gname}.input_activations.strategy "
+                f"{a.get('strategy')!r}; only 'tensor' is supported",
+            )
 
 
 def _scalar(hf: dict[str, torch.Tensor], name: str, where: str, what: str) -> torch.Tensor:
     s = hf[name]
-    require(s.numel() == 1 and s.dim() <= 1,
-            f"{where}: tensor {name} has shape {list(s.shape)}; expected a per-tensor {what} of "
-            "shape [] or [1] (per-channel and block-wise scales are not supported)")
-    require(s.is_floating_point() and not is_fp8(s), f"{where}: tensor {name} has dtype {s.dtype}; "
-            "expected float32")
+    require(
+        s.numel() == 1 and s.dim() <= 1,
+        f"{where}: tensor {name} has shape {list(s.shape)}; expected a per-tensor {what} of "
+        "shape [] or [1] (per-channel and block-wise scales are not supported)",
+    )
+    require(
+        s.is_floating_point() and not is_fp8(s),
+        f"{where}: tensor {name} has dtype {s.dtype}; expected float32",
+    )
     s = s.to(torch.float32).reshape(1)
-    require(bool(torch.isfinite(s).all()) and float(s) > 0,
-            f"{where}: tensor {name} = {float(s)}; a scale must be positive and finite")
+    require(
+        bool(torch.isfinite(s).all()) and float(s) > 0,
+        f"{where}: tensor {name} = {float(s)}; a scale must be positive and finite",
+    )
     return s
 
 
-def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any], where: str,
-                     rename) -> dict[str, torch.Tensor] | None:
+def hf_fp8_to_trtllm(
+    cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any], where: str, rename
+) -> dict[str, torch.Tensor] | None:
     """FP8 Hugging Face tensors -> TensorRT-LLM FP8 checkpoint tensors, or None when the
     checkpoint is not quantized. ``rename`` is the float name mapping
     (:func:`redrafter_trt.names.hf_to_trtllm`)."""
@@ -288,44 +355,64 @@ def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any
         return None
     if qc is not None:
         _check_hf_quant_config(qc, f"{where}/config.json")
-    require(fp8_names, f"{where}: config.json has a quantization_config but no tensor is FP8 "
-            "(float8_e4m3fn); an FP8 checkpoint stores the linear weights in float8_e4m3fn")
-    prefixes = {HF_LAYER.format(i) + p: (i, trt)
-                for i in range(cfg.num_hidden_layers) for trt, ps in HF_LINEARS.items() for p in ps}
+    require(
+        fp8_names,
+        f"{where}: config.json has a quantization_config but no tensor is FP8 "
+        "(float8_e4m3fn); an FP8 checkpoint stores the linear weights in float8_e4m3fn",
+    )
+    prefixes = {
+        HF_LAYER.format(i) + p: (i, trt)
+        for i in range(cfg.num_hidden_layers)
+        for trt, ps in HF_LINEARS.items()
+        for p in ps
+    }
     # every fp8 tensor and every scale must belong to a base linear
     for k in fp8_names:
-        require(hf[k].dtype == FP8_DTYPE, f"{where}: tensor {k} is {hf[k].dtype}; only "
-                f"{FP8_DTYPE} (e4m3) weights are supported")
-        require(k.endswith(".weight") and k[:-len(".weight")] in prefixes,
-                f"{where}: tensor {k} is FP8; only the attention and MLP linears "
-                "(q/k/v/o_proj, gate/up/down_proj) may be FP8 (embedding, lm_head and norms stay float)")
+        require(
+            hf[k].dtype == FP8_DTYPE,
+            f"{where}: tensor {k} is {hf[k].dtype}; only {FP8_DTYPE} (e4m3) weights are supported",
+        )
+        require(
+            k.endswith(".weight") and k[: -len(".weight")] in prefixes,
+            f"{where}: tensor {k} is FP8; only the attention and MLP linears "
+            "(q/k/v/o_proj, gate/up/down_proj) may be FP8 (embedding, lm_head and norms stay float)",
+        )
     for k in scale_names:
         p = k.rsplit(".", 1)[0]
         require(p in prefixes, f"{where}: scale tensor {k} belongs to no attention/MLP linear")
-        require(p + ".weight" in hf and is_fp8(hf[p + ".weight"]),
-                f"{where}: scale tensor {k} given, but {p}.weight is not FP8 "
-                f"({hf[p + '.weight'].dtype if p + '.weight' in hf else 'missing'})")
+        require(
+            p + ".weight" in hf and is_fp8(hf[p + ".weight"]),
+            f"{where}: scale tensor {k} given, but {p}.weight is not FP8 "
+            f"({hf[p + '.weight'].dtype if p + '.weight' in hf else 'missing'})",
+        )
     w_scales, a_scales = {}, {}
     for p in prefixes:
         w = hf.get(p + ".weight")
         require(w is not None, f"{where}: missing tensor {p}.weight")
-        require(is_fp8(w), f"{where}: tensor {p}.weight is {w.dtype} while other linears are FP8; "
-                "checkpoints quantizing only some linears are not supported (every "
-                "q/k/v/o_proj and gate/up/down_proj must be float8_e4m3fn with a weight_scale)")
+        require(
+            is_fp8(w),
+            f"{where}: tensor {p}.weight is {w.dtype} while other linears are FP8; "
+            "checkpoints quantizing only some linears are not supported (every "
+            "q/k/v/o_proj and gate/up/down_proj must be float8_e4m3fn with a weight_scale)",
+        )
         if p + ".weight_scale" in hf:
             w_scales[p] = _scalar(hf, p + ".weight_scale", where, "weight scale")
         elif p + ".weight_scale_inv" in hf:
             w_scales[p] = _scalar(hf, p + ".weight_scale_inv", where, "weight scale")
         else:
-            raise RedrafterError(f"{where}: fp8 weight {p}.weight has no {p}.weight_scale "
-                                 "(a float32 per-tensor scale of shape [] or [1])")
+            raise RedrafterError(
+                f"{where}: fp8 weight {p}.weight has no {p}.weight_scale "
+                "(a float32 per-tensor scale of shape [] or [1])"
+            )
         if p + ".input_scale" in hf:
             a_scales[p] = _scalar(hf, p + ".input_scale", where, "input scale")
     if a_scales:
         missing = sorted(set(prefixes) - set(a_scales))
         if missing:
-            raise RedrafterError(f"{where}: tensor {missing[0]}.input_scale is missing while other "
-                                 "linears have static input scales (all or none)")
+            raise RedrafterError(
+                f"{where}: tensor {missing[0]}.input_scale is missing while other "
+                "linears have static input scales (all or none)"
+            )
     # float names first (q/k/v fused as raw bytes; replaced below), then the FP8 tensors
     out = rename(cfg, hf, where)
     for p, (i, trt) in prefixes.items():
@@ -337,14 +424,33 @@ def hf_fp8_to_trtllm(cfg, hf: dict[str, torch.Tensor], raw_config: dict[str, Any
             out[name + ".weight"], out[f"{name}.{WEIGHT_SCALE}"] = hf[p + ".weight"], w_scales[p]
         else:
             out[name + ".weight"], out[f"{name}.{WEIGHT_SCALE}"] = requantize_fused(
-                [(hf[q + ".weight"], w_scales[q]) for q in ps])
+                [(hf[q + ".weight"], w_scales[q]) for q in ps]
+            )
         if a_scales:
             out[f"{name}.{ACT_SCALE}"] = torch.stack([a_scales[q] for q in ps]).max().reshape(1)
     return out
 
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "QUANT_ALGO", "FP8_LINEARS", "HF_LINEARS", "EXCLUDE_MODULES",
-           "quantization_config", "fp8_linear_names", "is_fp8", "is_quantized_state_dict",
-           "per_tensor_scale", "quantize", "quantize_per_tensor", "dequantize", "requantize_fused",
-           "check_trtllm_fp8", "dequantize_state_dict", "quantize_state_dict",
-           "calibrate_activation_scales", "hf_fp8_to_trtllm", "NEEDS_ACT_SCALES"]
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "QUANT_ALGO",
+    "FP8_LINEARS",
+    "HF_LINEARS",
+    "EXCLUDE_MODULES",
+    "quantization_config",
+    "fp8_linear_names",
+    "is_fp8",
+    "is_quantized_state_dict",
+    "per_tensor_scale",
+    "quantize",
+    "quantize_per_tensor",
+    "dequantize",
+    "requantize_fused",
+    "check_trtllm_fp8",
+    "dequantize_state_dict",
+    "quantize_state_dict",
+    "calibrate_activation_scales",
+    "hf_fp8_to_trtllm",
+    "NEEDS_ACT_SCALES",
+]

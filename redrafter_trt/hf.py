@@ -14,7 +14,14 @@ import torch
 
 from . import fp8
 from .errors import RedrafterError, require
-from .models.base import ARCH_QWEN2, HF_ARCHITECTURE, HF_ARCHITECTURES, HF_MODEL_TYPE, HF_MODEL_TYPES, BaseConfig
+from .models.base import (
+    ARCH_QWEN2,
+    HF_ARCHITECTURE,
+    HF_ARCHITECTURES,
+    HF_MODEL_TYPE,
+    HF_MODEL_TYPES,
+    BaseConfig,
+)
 from .models.io import load_state_dict_file, read_json
 from .names import hf_to_trtllm
 
@@ -31,7 +38,10 @@ def _hf_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         theta = params.get("rope_theta", theta)
         scaling = dict(params)
     legacy = raw.get("rope_scaling")
-    if isinstance(legacy, dict) and (legacy.get("rope_type") or legacy.get("type", "default")) != "default":
+    if (
+        isinstance(legacy, dict)
+        and (legacy.get("rope_type") or legacy.get("type", "default")) != "default"
+    ):
         scaling = dict(legacy)  # a 4.x scaling entry is never silently dropped
     if scaling is not None:
         scaling.pop("rope_theta", None)
@@ -49,10 +59,18 @@ def hf_base_config(model_dir: str | os.PathLike) -> BaseConfig:
     archs = raw.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     arch = arch or HF_MODEL_TYPES.get(raw.get("model_type", ""))
-    require(arch is not None, f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
-            f"supported: {sorted(HF_ARCHITECTURES)}")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
+    require(
+        arch is not None,
+        f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
+        f"supported: {sorted(HF_ARCHITECTURES)}",
+    )
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
         require(key in raw, f"{path}: missing key {key!r}")
     heads = raw["num_attention_heads"]
     theta, scaling = _hf_rope(raw)
@@ -84,8 +102,10 @@ def hf_base_config(model_dir: str | os.PathLike) -> BaseConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=[int(e) for e in eos_list],
     )
-    require(raw.get("hidden_act", "silu") == "silu",
-            f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (expected 'silu')")
+    require(
+        raw.get("hidden_act", "silu") == "silu",
+        f"{path}: hidden_act {raw.get('hidden_act')!r} is not supported (expected 'silu')",
+    )
     try:
         cfg.validate()
     except RedrafterError as e:
@@ -110,8 +130,10 @@ def _hf_weight_files(model_dir: Path) -> list[Path]:
     for name in ("pytorch_model.bin", "model.pt"):
         if (model_dir / name).is_file():
             return [model_dir / name]
-    raise RedrafterError(f"{model_dir}: no model.safetensors, sharded safetensors with an index, "
-                         "or pytorch_model.bin found")
+    raise RedrafterError(
+        f"{model_dir}: no model.safetensors, sharded safetensors with an index, "
+        "or pytorch_model.bin found"
+    )
 
 
 def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
@@ -119,15 +141,23 @@ def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
     d: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE[cfg.architecture]],
         "model_type": HF_MODEL_TYPE[cfg.architecture],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size,
-        "rms_norm_eps": cfg.norm_epsilon, "rope_theta": cfg.rotary_base,
-        "rope_scaling": cfg.rotary_scaling, "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_size,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": cfg.rotary_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (cfg.eos_token_id or None),
+        "eos_token_id": cfg.eos_token_id[0]
+        if len(cfg.eos_token_id) == 1
+        else (cfg.eos_token_id or None),
     }
     if cfg.architecture != ARCH_QWEN2:
         d["attention_bias"] = cfg.qkv_bias

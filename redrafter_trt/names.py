@@ -9,7 +9,8 @@ so neither direction can drift from the other.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -40,9 +41,18 @@ BASE_NAME_TABLE: tuple[NameRow, ...] = (
     NameRow(("model.embed_tokens",), "transformer.vocab_embedding"),
     NameRow(("model.layers.{}.input_layernorm",), "transformer.layers.{}.input_layernorm"),
     NameRow(("model.layers.{}.post_attention_layernorm",), "transformer.layers.{}.post_layernorm"),
-    NameRow(("model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.k_proj",
-             "model.layers.{}.self_attn.v_proj"), "transformer.layers.{}.attention.qkv", "qkv_bias"),
-    NameRow(("model.layers.{}.self_attn.o_proj",), "transformer.layers.{}.attention.dense", "dense_bias"),
+    NameRow(
+        (
+            "model.layers.{}.self_attn.q_proj",
+            "model.layers.{}.self_attn.k_proj",
+            "model.layers.{}.self_attn.v_proj",
+        ),
+        "transformer.layers.{}.attention.qkv",
+        "qkv_bias",
+    ),
+    NameRow(
+        ("model.layers.{}.self_attn.o_proj",), "transformer.layers.{}.attention.dense", "dense_bias"
+    ),
     NameRow(("model.layers.{}.mlp.gate_proj",), "transformer.layers.{}.mlp.fc", "mlp_bias"),
     NameRow(("model.layers.{}.mlp.up_proj",), "transformer.layers.{}.mlp.gate", "mlp_bias"),
     NameRow(("model.layers.{}.mlp.down_proj",), "transformer.layers.{}.mlp.proj", "mlp_bias"),
@@ -89,24 +99,35 @@ def base_name_pairs(cfg: BaseConfig, all_biases: bool = False) -> Iterator[NameP
         i = j
 
 
-def _row_pairs(row: NameRow, layer: int | None, cfg: BaseConfig, all_biases: bool) -> Iterator[NamePair]:
+def _row_pairs(
+    row: NameRow, layer: int | None, cfg: BaseConfig, all_biases: bool
+) -> Iterator[NamePair]:
     fmt = (lambda s: s) if layer is None else (lambda s: s.format(layer))
     kinds = ["weight"]
     if row.bias is not None and (all_biases or getattr(cfg, row.bias)):
         kinds.append("bias")
     for kind in kinds:
-        yield NamePair(tuple(f"{fmt(h)}.{kind}" for h in row.hf), f"{fmt(row.trtllm)}.{kind}",
-                       row.bias is not None)
+        yield NamePair(
+            tuple(f"{fmt(h)}.{kind}" for h in row.hf),
+            f"{fmt(row.trtllm)}.{kind}",
+            row.bias is not None,
+        )
 
 
 def _fused_sizes(cfg: BaseConfig, parts: int) -> list[int]:
     """Dim-0 sizes of the parts of a fused tensor: q, k, v heads."""
     require(parts == 3, f"a fused tensor of {parts} parts: only q/k/v are fused")
     hd = cfg.head_size
-    return [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
+    return [
+        cfg.num_attention_heads * hd,
+        cfg.num_key_value_heads * hd,
+        cfg.num_key_value_heads * hd,
+    ]
 
 
-def hf_to_trtllm(cfg: BaseConfig, hf: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def hf_to_trtllm(
+    cfg: BaseConfig, hf: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v of) Hugging Face base tensors to TensorRT-LLM names.
 
     ``hf``: Hugging Face name -> tensor (extra tensors are ignored); ``where`` names the source
@@ -159,7 +180,9 @@ def trtllm_to_hf(cfg: BaseConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 CKPT_DRAFT_VOCAB = "drafter." + DRAFT_VOCAB
 
 
-def drafter_to_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def drafter_to_checkpoint_names(
+    cfg: DrafterConfig, sd: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Apple names -> ``drafter.*`` TensorRT-LLM ReDrafter names."""
     out = {}
     n = cfg.num_draft_layers
@@ -167,26 +190,41 @@ def drafter_to_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor])
         if k == f"lm_head.{n}.weight":
             out["drafter.lm_head.weight"] = v
         elif k.startswith("lm_head."):
-            out["drafter.layers." + k[len("lm_head."):]] = v
+            out["drafter.layers." + k[len("lm_head.") :]] = v
         else:
             out["drafter." + k] = v
     return out
 
 
-def drafter_from_checkpoint_names(cfg: DrafterConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def drafter_from_checkpoint_names(
+    cfg: DrafterConfig, sd: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``drafter.*`` names -> Apple names (inverse of :func:`drafter_to_checkpoint_names`)."""
     out = {}
     for k, v in sd.items():
-        k = k[len("drafter."):]
+        k = k[len("drafter.") :]
         if k == "lm_head.weight":
             out[f"lm_head.{cfg.num_draft_layers}.weight"] = v
         elif k.startswith("layers."):
-            out["lm_head." + k[len("layers."):]] = v
+            out["lm_head." + k[len("layers.") :]] = v
         else:
             out[k] = v
     return out
 
 
-__all__ = ["BASE_NAME_TABLE", "NameRow", "NamePair", "HF_LAYER", "TRTLLM_LAYER", "LINEAR_ROWS", "base_name_pairs", "hf_to_trtllm", "trtllm_to_hf",
-           "EMBEDDING", "LM_HEAD", "CKPT_DRAFT_VOCAB", "drafter_to_checkpoint_names",
-           "drafter_from_checkpoint_names"]
+__all__ = [
+    "BASE_NAME_TABLE",
+    "NameRow",
+    "NamePair",
+    "HF_LAYER",
+    "TRTLLM_LAYER",
+    "LINEAR_ROWS",
+    "base_name_pairs",
+    "hf_to_trtllm",
+    "trtllm_to_hf",
+    "EMBEDDING",
+    "LM_HEAD",
+    "CKPT_DRAFT_VOCAB",
+    "drafter_to_checkpoint_names",
+    "drafter_from_checkpoint_names",
+]

@@ -52,8 +52,43 @@ _SIGNATURES = {
     "redrafter_abi_version": [],
     "redrafter_beam_search_step_cpu": [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p],
     "redrafter_tree_pack_cpu": [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p],
-    "redrafter_accept_cpu": [_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p],
-    "redrafter_kv_relocate_cpu": [_p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64, _p],
+    "redrafter_accept_cpu": [
+        _p,
+        _i32,
+        _i64,
+        _i64,
+        _i64,
+        _p,
+        _p,
+        _i64,
+        _i64,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+    ],
+    "redrafter_kv_relocate_cpu": [
+        _p,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _p,
+        _p,
+        _p,
+        _p,
+        _i64,
+        _i64,
+        _p,
+    ],
     "redrafter_draw_tokens_cpu": [_p, _i32, _i64, _i64, _p, _p, _p, _p, _p],
     # cache, cache_elems, elem_bytes, layers, slots, heads, max_seq, head_dim, tokens_per_block,
     # 6 strides, slots, cache_lengths, accepted_indices, num_accepted, batch, beam_len, new_lengths
@@ -74,15 +109,21 @@ def library_path() -> Path:
     return _env_path(LIB_ENV, DEFAULT_LIB)
 
 
-def _open(path: Path, what: str, where: str, env_name: str, file_name: str, signatures: dict) -> ctypes.CDLL:
+def _open(
+    path: Path, what: str, where: str, env_name: str, file_name: str, signatures: dict
+) -> ctypes.CDLL:
     """Open one of our shared libraries and bind ``signatures``; every failure says how to build it."""
     if not path.is_file():
-        raise RedrafterError(f"{what} not found at {path}: build it with `{BUILD_COMMAND}` {where}, "
-                             f"or set {env_name} to a built {file_name}")
+        raise RedrafterError(
+            f"{what} not found at {path}: build it with `{BUILD_COMMAND}` {where}, "
+            f"or set {env_name} to a built {file_name}"
+        )
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise RedrafterError(f"cannot load {what} {path}: {e}; rebuild it with `{BUILD_COMMAND}`") from e
+        raise RedrafterError(
+            f"cannot load {what} {path}: {e}; rebuild it with `{BUILD_COMMAND}`"
+        ) from e
     _bind(lib, path, signatures)
     return lib
 
@@ -93,12 +134,20 @@ def load_library() -> ctypes.CDLL:
     if _lib is not None:
         return _lib
     path = library_path()
-    lib = _open(path, "native library", f"from {REPO_ROOT} (needs cmake and g++)", LIB_ENV,
-                "libredrafter_cpu.so", _SIGNATURES)
+    lib = _open(
+        path,
+        "native library",
+        f"from {REPO_ROOT} (needs cmake and g++)",
+        LIB_ENV,
+        "libredrafter_cpu.so",
+        _SIGNATURES,
+    )
     found = lib.redrafter_abi_version()
     if found != ABI_VERSION:
-        raise RedrafterError(f"native library {path} speaks C ABI version {found}, this binding needs "
-                             f"{ABI_VERSION}: rebuild it with `{BUILD_COMMAND}`")
+        raise RedrafterError(
+            f"native library {path} speaks C ABI version {found}, this binding needs "
+            f"{ABI_VERSION}: rebuild it with `{BUILD_COMMAND}`"
+        )
     _lib = lib
     return lib
 
@@ -108,8 +157,10 @@ def _bind(lib: ctypes.CDLL, path: Path, signatures: dict) -> None:
         try:
             fn = getattr(lib, name)
         except AttributeError:
-            raise RedrafterError(f"native library {path} has no {name} (built from older sources): rebuild it "
-                                 f"with `{BUILD_COMMAND}`") from None
+            raise RedrafterError(
+                f"native library {path} has no {name} (built from older sources): rebuild it "
+                f"with `{BUILD_COMMAND}`"
+            ) from None
         # Every operator takes (msg, msg_len) last; the version query takes nothing.
         fn.argtypes = argtypes + ([ctypes.c_char_p, _i64] if argtypes else [])
         fn.restype = _i32
@@ -131,8 +182,14 @@ def load_cuda_library() -> ctypes.CDLL:
     if _cuda_error is not None:
         raise RedrafterError(_cuda_error)
     try:
-        lib = _open(cuda_library_path(), "CUDA library", "where nvcc exists", CUDA_LIB_ENV,
-                    "libredrafter_cuda.so", _CUDA_SIGNATURES)
+        lib = _open(
+            cuda_library_path(),
+            "CUDA library",
+            "where nvcc exists",
+            CUDA_LIB_ENV,
+            "libredrafter_cuda.so",
+            _CUDA_SIGNATURES,
+        )
     except RedrafterError as e:
         _cuda_error = str(e)
         raise
@@ -169,7 +226,9 @@ def _call(name: str, *args, lib: ctypes.CDLL | None = None) -> None:
 def _cpu(x, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.device.type != "cpu":
-        raise RedrafterError(f"{name}: the native CPU reference needs a CPU tensor, got device {t.device}")
+        raise RedrafterError(
+            f"{name}: the native CPU reference needs a CPU tensor, got device {t.device}"
+        )
     if dtype is not None:
         t = t.to(dtype)
     return t.contiguous()
@@ -220,8 +279,20 @@ def beam_search_step(logits, beam_scores, warp_k: int = DEFAULT_WARP_K, vocab_ma
     token = torch.empty((b, w), dtype=torch.int32)
     if b == 0 and 1 <= w <= min(v, 64):  # nothing to do (empty tensors have no data pointer)
         return scores, parent, token
-    _call("redrafter_beam_search_step_cpu", _ptr(x), _DTYPES[x.dtype], _ptr(s), b, w, v, int(warp_k),
-          _ptr(m), _ptr(scores), _ptr(parent), _ptr(token))
+    _call(
+        "redrafter_beam_search_step_cpu",
+        _ptr(x),
+        _DTYPES[x.dtype],
+        _ptr(s),
+        b,
+        w,
+        v,
+        int(warp_k),
+        _ptr(m),
+        _ptr(scores),
+        _ptr(parent),
+        _ptr(token),
+    )
     return scores, parent, token
 
 
@@ -237,13 +308,34 @@ def pack_tree(beams) -> PackedTree:
     offsets = torch.empty((b, n), dtype=torch.int32)
     packed_mask = torch.empty((b, n, mask_words(n)), dtype=torch.int32)
     if b == 0 and 1 <= w <= 64 and 1 <= l <= 64:
-        return PackedTree(tokens, lengths, unpacker, offsets, packed_mask, torch.zeros((0, n, n), dtype=torch.bool))
-    _call("redrafter_tree_pack_cpu", _ptr(bm), b, w, l, _ptr(tokens), _ptr(lengths), _ptr(unpacker),
-          _ptr(offsets), _ptr(packed_mask))
-    return PackedTree(tokens, lengths, unpacker, offsets, packed_mask, packed_mask_to_bool(packed_mask, n))
+        return PackedTree(
+            tokens,
+            lengths,
+            unpacker,
+            offsets,
+            packed_mask,
+            torch.zeros((0, n, n), dtype=torch.bool),
+        )
+    _call(
+        "redrafter_tree_pack_cpu",
+        _ptr(bm),
+        b,
+        w,
+        l,
+        _ptr(tokens),
+        _ptr(lengths),
+        _ptr(unpacker),
+        _ptr(offsets),
+        _ptr(packed_mask),
+    )
+    return PackedTree(
+        tokens, lengths, unpacker, offsets, packed_mask, packed_mask_to_bool(packed_mask, n)
+    )
 
 
-def accept(logits, beams, unpacker, temperature, top_k, top_p, uniforms, packed_len=None) -> Acceptance:
+def accept(
+    logits, beams, unpacker, temperature, top_k, top_p, uniforms, packed_len=None
+) -> Acceptance:
     """Native twin of :func:`redrafter_trt.ops.accept.accept`.
 
     Args:
@@ -280,9 +372,28 @@ def accept(logits, beams, unpacker, temperature, top_k, top_p, uniforms, packed_
     emitted = torch.empty((b, l), dtype=torch.int32)
     if b == 0 and 1 <= w <= 64 and 1 <= l <= 64:
         return Acceptance(num_accepted, best, bonus, path, emitted)
-    _call("redrafter_accept_cpu", _ptr(x), _DTYPES[x.dtype], b, n, v, _ptr(bm), _ptr(up), w, l, _ptr(plen),
-          _ptr(temp), _ptr(tk), _ptr(tp), _ptr(u), _ptr(num_accepted), _ptr(best), _ptr(bonus), _ptr(path),
-          _ptr(emitted))
+    _call(
+        "redrafter_accept_cpu",
+        _ptr(x),
+        _DTYPES[x.dtype],
+        b,
+        n,
+        v,
+        _ptr(bm),
+        _ptr(up),
+        w,
+        l,
+        _ptr(plen),
+        _ptr(temp),
+        _ptr(tk),
+        _ptr(tp),
+        _ptr(u),
+        _ptr(num_accepted),
+        _ptr(best),
+        _ptr(bonus),
+        _ptr(path),
+        _ptr(emitted),
+    )
     return Acceptance(num_accepted, best, bonus, path, emitted)
 
 
@@ -300,12 +411,24 @@ def draw_tokens(logits, temperature, top_k, top_p, uniforms) -> torch.Tensor:
     out = torch.empty((rows,), dtype=torch.int32)
     if rows == 0:
         return out
-    _call("redrafter_draw_tokens_cpu", _ptr(x), _DTYPES[x.dtype], rows, v, _ptr(temp), _ptr(tk), _ptr(tp),
-          _ptr(u), _ptr(out))
+    _call(
+        "redrafter_draw_tokens_cpu",
+        _ptr(x),
+        _DTYPES[x.dtype],
+        rows,
+        v,
+        _ptr(temp),
+        _ptr(tk),
+        _ptr(tp),
+        _ptr(u),
+        _ptr(out),
+    )
     return out
 
 
-def relocate_kv(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted) -> torch.Tensor:
+def relocate_kv(
+    cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted
+) -> torch.Tensor:
     """Native twin of :func:`redrafter_trt.ops.kv_cache.relocate_kv`; moves ``cache`` in place.
 
     Args:
@@ -314,13 +437,21 @@ def relocate_kv(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num
     Returns:
         new cache lengths [B] int32.
     """
-    if not isinstance(cache, torch.Tensor) or cache.device.type != "cpu" or not cache.is_contiguous():
-        raise RedrafterError("relocate_kv: cache must be a contiguous CPU torch.Tensor "
-                             "[layers, 2, slots, kv_heads, max_seq, head_dim] (it is updated in place)")
+    if (
+        not isinstance(cache, torch.Tensor)
+        or cache.device.type != "cpu"
+        or not cache.is_contiguous()
+    ):
+        raise RedrafterError(
+            "relocate_kv: cache must be a contiguous CPU torch.Tensor "
+            "[layers, 2, slots, kv_heads, max_seq, head_dim] (it is updated in place)"
+        )
     _ndim(cache, 6, "relocate_kv cache", "[layers, 2, slots, kv_heads, max_seq, head_dim]")
     layers, two, num_slots, heads, max_seq, head_dim = cache.shape
     if two != 2:
-        raise RedrafterError(f"relocate_kv cache: dim 1 must be 2 (K and V), got shape {list(cache.shape)}")
+        raise RedrafterError(
+            f"relocate_kv cache: dim 1 must be 2 (K and V), got shape {list(cache.shape)}"
+        )
     q = _cpu(accepted_indices, "relocate_kv accepted_indices", torch.int32)
     _ndim(q, 2, "relocate_kv accepted_indices", "[B, L]")
     b, l = q.shape
@@ -332,8 +463,23 @@ def relocate_kv(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num
     out = torch.empty((b,), dtype=torch.int32)
     if b == 0 and 1 <= l <= 64:
         return out
-    _call("redrafter_kv_relocate_cpu", _ptr(cache), cache.element_size(), layers, num_slots, heads, max_seq,
-          head_dim, _ptr(sl), _ptr(lens), _ptr(q), _ptr(na), b, l, _ptr(out))
+    _call(
+        "redrafter_kv_relocate_cpu",
+        _ptr(cache),
+        cache.element_size(),
+        layers,
+        num_slots,
+        heads,
+        max_seq,
+        head_dim,
+        _ptr(sl),
+        _ptr(lens),
+        _ptr(q),
+        _ptr(na),
+        b,
+        l,
+        _ptr(out),
+    )
     return out
 
 
@@ -344,9 +490,21 @@ def _extent(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
 
 
-def relocate_kv_strided(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted, *,
-                        layout: KvLayout, num_layers: int, num_slots: int, kv_heads: int, max_seq: int,
-                        head_dim: int, cache_elems: int | None = None) -> torch.Tensor:
+def relocate_kv_strided(
+    cache: torch.Tensor,
+    slots,
+    cache_lengths,
+    accepted_indices,
+    num_accepted,
+    *,
+    layout: KvLayout,
+    num_layers: int,
+    num_slots: int,
+    kv_heads: int,
+    max_seq: int,
+    head_dim: int,
+    cache_elems: int | None = None,
+) -> torch.Tensor:
     """SPEC section 7 in place on a cache of any blocked, strided layout (:class:`KvLayout`).
 
     A CPU ``cache`` runs the C++ CPU reference; a CUDA ``cache`` runs the CUDA kernel of
@@ -363,10 +521,14 @@ def relocate_kv_strided(cache: torch.Tensor, slots, cache_lengths, accepted_indi
         new cache lengths [B] int32, on the cache's device.
     """
     if not isinstance(cache, torch.Tensor):
-        raise RedrafterError("relocate_kv_strided: cache must be a torch.Tensor (it is updated in place)")
+        raise RedrafterError(
+            "relocate_kv_strided: cache must be a torch.Tensor (it is updated in place)"
+        )
     dev = cache.device
     if dev.type not in ("cpu", "cuda"):
-        raise RedrafterError(f"relocate_kv_strided: cache must be on the CPU or a CUDA device, got {dev}")
+        raise RedrafterError(
+            f"relocate_kv_strided: cache must be on the CPU or a CUDA device, got {dev}"
+        )
 
     def ints(x):
         return torch.as_tensor(x).to(device=dev, dtype=torch.int32).contiguous()
@@ -381,8 +543,24 @@ def relocate_kv_strided(cache: torch.Tensor, slots, cache_lengths, accepted_indi
     if b == 0 and 1 <= l <= 64:
         return out
     elems = _extent(cache) if cache_elems is None else int(cache_elems)
-    args = (_ptr(cache), elems, cache.element_size(), int(num_layers), int(num_slots), int(kv_heads), int(max_seq),
-            int(head_dim), *(int(v) for v in layout), _ptr(sl), _ptr(lens), _ptr(q), _ptr(na), b, l, _ptr(out))
+    args = (
+        _ptr(cache),
+        elems,
+        cache.element_size(),
+        int(num_layers),
+        int(num_slots),
+        int(kv_heads),
+        int(max_seq),
+        int(head_dim),
+        *(int(v) for v in layout),
+        _ptr(sl),
+        _ptr(lens),
+        _ptr(q),
+        _ptr(na),
+        b,
+        l,
+        _ptr(out),
+    )
     if dev.type == "cpu":
         _call("redrafter_kv_relocate_strided_cpu", *args)
     else:
@@ -393,8 +571,18 @@ def relocate_kv_strided(cache: torch.Tensor, slots, cache_lengths, accepted_indi
     return out
 
 
-def relocate_paged_native(pool: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted, *,
-                          max_blocks: int, kv_heads: int, tokens_per_block: int, head_dim: int) -> torch.Tensor:
+def relocate_paged_native(
+    pool: torch.Tensor,
+    slots,
+    cache_lengths,
+    accepted_indices,
+    num_accepted,
+    *,
+    max_blocks: int,
+    kv_heads: int,
+    tokens_per_block: int,
+    head_dim: int,
+) -> torch.Tensor:
     """Native twin of :func:`redrafter_trt.ops.kv_cache.relocate_paged` (CPU reference or CUDA kernel).
 
     Args:
@@ -403,12 +591,27 @@ def relocate_paged_native(pool: torch.Tensor, slots, cache_lengths, accepted_ind
     Returns:
         new cache lengths [B] int32 (positions per slot: max_blocks * tokens_per_block).
     """
-    layout = paged_pool_layout(pool, max_blocks=max_blocks, kv_heads=kv_heads, tokens_per_block=tokens_per_block,
-                               head_dim=head_dim)
+    layout = paged_pool_layout(
+        pool,
+        max_blocks=max_blocks,
+        kv_heads=kv_heads,
+        tokens_per_block=tokens_per_block,
+        head_dim=head_dim,
+    )
     blocks, layers = pool.shape[:2]
-    return relocate_kv_strided(pool, slots, cache_lengths, accepted_indices, num_accepted, layout=layout,
-                               num_layers=layers, num_slots=blocks // max_blocks, kv_heads=kv_heads,
-                               max_seq=max_blocks * tokens_per_block, head_dim=head_dim)
+    return relocate_kv_strided(
+        pool,
+        slots,
+        cache_lengths,
+        accepted_indices,
+        num_accepted,
+        layout=layout,
+        num_layers=layers,
+        num_slots=blocks // max_blocks,
+        kv_heads=kv_heads,
+        max_seq=max_blocks * tokens_per_block,
+        head_dim=head_dim,
+    )
 
 
 # ---------------------------------------------------------------------- batch-invariant linear
@@ -422,7 +625,11 @@ def _linear_symbol():
     global _linear_fn
     if _linear_fn is None:
         lib = load_library()
-        _bind(lib, library_path(), {"redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32]})
+        _bind(
+            lib,
+            library_path(),
+            {"redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32]},
+        )
         fn = lib.redrafter_linear_simd_cpu
         fn.argtypes, fn.restype = [], _i32
         _linear_fn = lib.redrafter_linear_cpu
@@ -444,8 +651,13 @@ def linear_simd() -> bool:
     return bool(load_library().redrafter_linear_simd_cpu())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None, force_scalar: bool = False) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    force_scalar: bool = False,
+) -> torch.Tensor:
     """Batch-invariant ``x @ weight.T + bias`` on the CPU (``cpp/src/linear_cpu.cpp``).
 
     Each output element is reduced in one fixed order that depends only on K, so a row's result
@@ -461,13 +673,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out_dtype = out_dtype or x.dtype
     for name, t in (("x", x), ("weight", weight)):
         if t.device.type != "cpu" or t.dtype not in _LINEAR_DTYPES:
-            raise RedrafterError(f"linear: {name} must be a float32 or bfloat16 CPU tensor, got "
-                                 f"{t.dtype} on {t.device}")
+            raise RedrafterError(
+                f"linear: {name} must be a float32 or bfloat16 CPU tensor, got "
+                f"{t.dtype} on {t.device}"
+            )
     if out_dtype not in _LINEAR_DTYPES:
         raise RedrafterError(f"linear: out_dtype must be float32 or bfloat16, got {out_dtype}")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise RedrafterError(f"linear: x [..., K] and weight [N, K] disagree: {list(x.shape)} vs "
-                             f"{list(weight.shape)}")
+        raise RedrafterError(
+            f"linear: x [..., K] and weight [N, K] disagree: {list(x.shape)} vs "
+            f"{list(weight.shape)}"
+        )
     n, k = weight.shape
     xc = x.contiguous()
     wc = weight if weight.is_contiguous() else weight.contiguous()
@@ -478,9 +694,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise RedrafterError(f"linear: bias must be [{n}], got {list(bias.shape)}")
     m = xc.numel() // k
     y = torch.empty((*x.shape[:-1], n), dtype=out_dtype)
-    status = fn(xc.data_ptr(), _LINEAR_DTYPES[xc.dtype], wc.data_ptr(), _LINEAR_DTYPES[wc.dtype],
-                None if b is None else b.data_ptr(), y.data_ptr(), _LINEAR_DTYPES[out_dtype],
-                m, n, k, int(force_scalar), _linear_msg, _MSG_LEN)
+    status = fn(
+        xc.data_ptr(),
+        _LINEAR_DTYPES[xc.dtype],
+        wc.data_ptr(),
+        _LINEAR_DTYPES[wc.dtype],
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        _LINEAR_DTYPES[out_dtype],
+        m,
+        n,
+        k,
+        int(force_scalar),
+        _linear_msg,
+        _MSG_LEN,
+    )
     if status != 0:
-        raise RedrafterError(f"{_linear_msg.value.decode(errors='replace')} [native status {status}]")
+        raise RedrafterError(
+            f"{_linear_msg.value.decode(errors='replace')} [native status {status}]"
+        )
     return y

@@ -39,18 +39,29 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
 
 def check_tp_size(base: BaseConfig, drafter: DrafterConfig, tp_size: int) -> None:
     """Raise unless every split dimension divides by ``tp_size`` (``--tp_size``)."""
-    require(isinstance(tp_size, int) and tp_size >= 1, f"tp_size (--tp_size) must be >= 1, got {tp_size}")
+    require(
+        isinstance(tp_size, int) and tp_size >= 1,
+        f"tp_size (--tp_size) must be >= 1, got {tp_size}",
+    )
     if tp_size == 1:
         return
     nkv = base.num_key_value_heads
-    for what, size in (("num_attention_heads", base.num_attention_heads),
-                       ("intermediate_size", base.intermediate_size),
-                       ("hidden_size", base.hidden_size), ("redrafter_exit_dim", drafter.exit_dim)):
-        require(size % tp_size == 0, f"--tp_size {tp_size} does not divide the {what} {size}: "
-                "choose a tp_size that divides the model's head count and widths")
-    require(nkv % tp_size == 0 or tp_size % nkv == 0,
-            f"--tp_size {tp_size}: num_key_value_heads {nkv} must be a multiple or a divisor of it "
-            "(fewer KV heads than ranks are replicated, as in TensorRT-LLM)")
+    for what, size in (
+        ("num_attention_heads", base.num_attention_heads),
+        ("intermediate_size", base.intermediate_size),
+        ("hidden_size", base.hidden_size),
+        ("redrafter_exit_dim", drafter.exit_dim),
+    ):
+        require(
+            size % tp_size == 0,
+            f"--tp_size {tp_size} does not divide the {what} {size}: "
+            "choose a tp_size that divides the model's head count and widths",
+        )
+    require(
+        nkv % tp_size == 0 or tp_size % nkv == 0,
+        f"--tp_size {tp_size}: num_key_value_heads {nkv} must be a multiple or a divisor of it "
+        "(fewer KV heads than ranks are replicated, as in TensorRT-LLM)",
+    )
 
 
 def _tp_rule(name: str, ndim: int) -> str:
@@ -77,8 +88,9 @@ def _kv_heads_of_rank(base: BaseConfig, tp_size: int, rank: int) -> tuple[int, i
     return rank // (tp_size // nkv), 1
 
 
-def tp_shard(tensors: dict[str, torch.Tensor], cfg: ShardedConfig,
-             rank: int) -> dict[str, torch.Tensor]:
+def tp_shard(
+    tensors: dict[str, torch.Tensor], cfg: ShardedConfig, rank: int
+) -> dict[str, torch.Tensor]:
     """The tensors of tensor-parallel ``rank`` (a copy of all of them for tp_size 1)."""
     tp, base = cfg.tp_size, cfg.base
     require(0 <= rank < tp, f"rank {rank} outside [0, {tp})")
@@ -123,7 +135,9 @@ def tp_merge(shards: list[dict[str, torch.Tensor]], cfg: ShardedConfig) -> dict[
         elif rule == _COLUMN:
             out[name] = torch.cat(parts, 0)
         elif rule == _VOCAB:
-            rows = cfg.drafter.head_vocab_size if name == "drafter.lm_head.weight" else base.vocab_size
+            rows = (
+                cfg.drafter.head_vocab_size if name == "drafter.lm_head.weight" else base.vocab_size
+            )
             out[name] = torch.cat(parts, 0)[:rows]
         else:  # _QKV: q from every rank, each KV head once
             qs, ks, vs = [], [], []

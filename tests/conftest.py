@@ -33,21 +33,35 @@ def tiered(fast, *axes) -> list:
     >>> [(p.values, p.marks != ()) for p in tiered({(1, 2, "llama")}, [(1, 2), (3, 4)], ["llama"])]
     [((1, 2, 'llama'), False), ((3, 4, 'llama'), True)]
     """
-    cases = [tuple(v for x in combo for v in (x if isinstance(x, tuple) else (x,)))
-             for combo in itertools.product(*axes)]
+    cases = [
+        tuple(v for x in combo for v in (x if isinstance(x, tuple) else (x,)))
+        for combo in itertools.product(*axes)
+    ]
     unknown = set(fast) - set(cases)
     if unknown:
         raise ValueError(f"tiered: fast cases {sorted(unknown)} are not among the cases")
-    return [pytest.param(*c, marks=() if c in fast else FULL, id="-".join(map(str, c))) for c in cases]
+    return [
+        pytest.param(*c, marks=() if c in fast else FULL, id="-".join(map(str, c))) for c in cases
+    ]
 
 
 def tiny_hf_config(arch: str, vocab: int = VOCAB, tie: bool = False, **overrides):
     from transformers import LlamaConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    kw = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              tie_word_embeddings=tie, initializer_range=0.2, eos_token_id=None, bos_token_id=None)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        initializer_range=0.2,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     kw.update(overrides)
     return cls(**kw)
 
@@ -74,17 +88,35 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {arch: write_tiny_hf(root / arch, arch, seed=i) for i, arch in enumerate(ARCHS)}
 
 
-def tiny_generator(model_dir: Path, num_beams: int, draft_len: int, dtype=torch.float64,
-                   proposer=None, max_batch_size: int = 16, drafter_seed: int = 0,
-                   warp_k: int = 50) -> Generator:
+def tiny_generator(
+    model_dir: Path,
+    num_beams: int,
+    draft_len: int,
+    dtype=torch.float64,
+    proposer=None,
+    max_batch_size: int = 16,
+    drafter_seed: int = 0,
+    warp_k: int = 50,
+) -> Generator:
     cfg, sd = load_hf_base(model_dir)
     base = BaseModel(cfg)
     base.load_state_dict(sd)
-    drafter = init_drafter(DrafterConfig(cfg.vocab_size, cfg.hidden_size, 2 * cfg.hidden_size, 1, True),
-                           seed=drafter_seed, std=0.5)
-    backend = TorchBackend(base.to(dtype), drafter.to(dtype), num_beams, draft_len, warp_k=warp_k,
-                           max_batch_size=max_batch_size, max_input_len=256, max_seq_len=512,
-                           proposer=proposer)
+    drafter = init_drafter(
+        DrafterConfig(cfg.vocab_size, cfg.hidden_size, 2 * cfg.hidden_size, 1, True),
+        seed=drafter_seed,
+        std=0.5,
+    )
+    backend = TorchBackend(
+        base.to(dtype),
+        drafter.to(dtype),
+        num_beams,
+        draft_len,
+        warp_k=warp_k,
+        max_batch_size=max_batch_size,
+        max_input_len=256,
+        max_seq_len=512,
+        proposer=proposer,
+    )
     return Generator(backend)
 
 
@@ -97,17 +129,24 @@ def native_library():
 
     if not native.available():
         if os.environ.get("CI"):
-            pytest.fail(f"native library missing: {native.library_path()} "
-                        "(build_scripts/build_cpp.sh builds it)")
-        subprocess.run(["bash", str(native.REPO_ROOT / "build_scripts" / "build_cpp.sh"), "--cpu-only"],
-                       check=True)
+            pytest.fail(
+                f"native library missing: {native.library_path()} "
+                "(build_scripts/build_cpp.sh builds it)"
+            )
+        subprocess.run(
+            ["bash", str(native.REPO_ROOT / "build_scripts" / "build_cpp.sh"), "--cpu-only"],
+            check=True,
+        )
     native.load_library()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--full", action="store_true",
-                     help="run the full tier too: the tests marked full or smollm2 (SmolLM2, server, "
-                          "subprocess CLIs, trainer runs, wide parametrizations); CI passes it")
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="run the full tier too: the tests marked full or smollm2 (SmolLM2, server, "
+        "subprocess CLIs, trainer runs, wide parametrizations); CI passes it",
+    )
 
 
 def pytest_configure(config):

@@ -8,10 +8,15 @@ from pathlib import Path
 from conftest import VOCAB, write_tiny_hf
 
 SPECIALS = ["<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-WORDS = [f"{a}{b}" for a in ("ta", "ke", "mo", "ri", "su", "no", "ha", "yu", "ko", "pe", "wa")
-         for b in ("n", "l", "r", "s", "m", "t", "d", "k", "p")][:VOCAB - len(SPECIALS)]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+WORDS = [
+    f"{a}{b}"
+    for a in ("ta", "ke", "mo", "ri", "su", "no", "ha", "yu", "ko", "pe", "wa")
+    for b in ("n", "l", "r", "s", "m", "t", "d", "k", "p")
+][: VOCAB - len(SPECIALS)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 def write_text_model(path: Path, seed: int = 11, arch: str = "llama") -> Path:
@@ -27,8 +32,12 @@ def write_text_model(path: Path, seed: int = 11, arch: str = "llama") -> Path:
     write_tiny_hf(path, arch, seed=seed, eos_token_id=end)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|end|>",
-                                   additional_special_tokens=SPECIALS[2:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|end|>",
+        additional_special_tokens=SPECIALS[2:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
     return path

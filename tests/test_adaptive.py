@@ -9,9 +9,15 @@ import torch
 from conftest import tiny_generator
 from redrafter_trt import contract as C
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.runtime.adaptive import (COST_MODEL_FILE, AdaptivePolicy, CostModel,
-                                            engine_signature, load_cost_model, machine_fingerprint,
-                                            save_cost_model)
+from redrafter_trt.runtime.adaptive import (
+    COST_MODEL_FILE,
+    AdaptivePolicy,
+    CostModel,
+    engine_signature,
+    load_cost_model,
+    machine_fingerprint,
+    save_cost_model,
+)
 from test_speculative import OracleProposer
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
@@ -19,9 +25,12 @@ PROMPTS = [[5, 6, 7, 8, 9], [11, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
 
 def cost_model(per_token: float, fixed: float = 1.0, draft: float = 0.05) -> CostModel:
     """t(n) = fixed + per_token * n (a CPU-like curve when per_token is large, GPU-like when small)."""
-    return CostModel({n: fixed + per_token * n for n in (1, 2, 4, 8, 16, 32, 64, 128)},
-                     {n: draft * (1 + 0.1 * n) for n in (1, 2, 4, 8, 16, 32, 64)},
-                     {"num_beams": 4, "draft_len": 3}, {"cpu": "x"})
+    return CostModel(
+        {n: fixed + per_token * n for n in (1, 2, 4, 8, 16, 32, 64, 128)},
+        {n: draft * (1 + 0.1 * n) for n in (1, 2, 4, 8, 16, 32, 64)},
+        {"num_beams": 4, "draft_len": 3},
+        {"cpu": "x"},
+    )
 
 
 class Cycling:
@@ -41,12 +50,18 @@ class Cycling:
         self.seen.append((w, d, list(accepted)))
 
 
-@pytest.mark.parametrize("arch,oracle", [pytest.param("llama", True, marks=pytest.mark.full), ("qwen2", False)])
+@pytest.mark.parametrize(
+    "arch,oracle", [pytest.param("llama", True, marks=pytest.mark.full), ("qwen2", False)]
+)
 def test_every_shape_the_policy_can_pick_is_exact_with_changing_choice(tiny_dirs, arch, oracle):
     w, d = 4, 3
     plain_gen = tiny_generator(tiny_dirs[arch], w, d)
     plain = [r.token_ids for r in plain_gen.generate(PROMPTS, max_new_tokens=19, speculative=False)]
-    proposer = OracleProposer({i: PROMPTS[i] + plain[i] for i in range(4)}, w, d, 97, seed=2) if oracle else None
+    proposer = (
+        OracleProposer({i: PROMPTS[i] + plain[i] for i in range(4)}, w, d, 97, seed=2)
+        if oracle
+        else None
+    )
     gen = tiny_generator(tiny_dirs[arch], w, d, proposer=proposer)
     shapes = AdaptivePolicy(cost_model(0.1), w, d).candidates()
     assert (1, 0) in shapes and (w, d) in shapes and (1, 1) in shapes
@@ -165,7 +180,9 @@ def test_changing_shapes_with_reduced_draft_vocabulary_greedy_exact(tiny_dirs, a
     from test_draft_vocab import generator
 
     w, d = 3, 3
-    plain = generator(tiny_dirs[arch], w, d, None).generate(PROMPTS, max_new_tokens=17, speculative=False)
+    plain = generator(tiny_dirs[arch], w, d, None).generate(
+        PROMPTS, max_new_tokens=17, speculative=False
+    )
     shapes = AdaptivePolicy(cost_model(0.1), w, d).candidates()
     accepted = {}
     for name, ids in _kv_maps(tiny_dirs[arch], plain).items():
@@ -176,7 +193,7 @@ def test_changing_shapes_with_reduced_draft_vocabulary_greedy_exact(tiny_dirs, a
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain], name
         assert set(cyc.used) == set(shapes)
         accepted[name] = sum(sum(a) for (_, _, a) in cyc.seen)
-    assert accepted["missing"] == 0   # the head cannot draft what the base emits: acceptance stops
+    assert accepted["missing"] == 0  # the head cannot draft what the base emits: acceptance stops
     assert accepted["covering"] > 0
 
 
@@ -186,7 +203,9 @@ def test_changing_shapes_seeded_sampling_same_tokens(tiny_dirs, arch, k):
     from test_draft_vocab import generator
 
     w, d = 3, 3
-    ids = None if k is None else torch.tensor(list(range(0, 97, 5)), dtype=torch.int32)  # K = 20 of 97
+    ids = (
+        None if k is None else torch.tensor(list(range(0, 97, 5)), dtype=torch.int32)
+    )  # K = 20 of 97
     gen = generator(tiny_dirs[arch], w, d, ids, seed=2)
     shapes = AdaptivePolicy(cost_model(0.1), w, d).candidates()
     for seed, (temp, top_k, top_p) in enumerate([(1.0, 0, 1.0), (0.7, 20, 0.9)]):
@@ -196,7 +215,11 @@ def test_changing_shapes_seeded_sampling_same_tokens(tiny_dirs, arch, k):
         fixed = gen.generate(PROMPTS, speculative=True, **kw)
         gen.policy = cyc = Cycling(shapes + shapes[-2:0:-1])
         spec = gen.generate(PROMPTS, speculative=True, **kw)
-        assert [s.token_ids for s in spec] == [q.token_ids for q in plain] == [f.token_ids for f in fixed]
+        assert (
+            [s.token_ids for s in spec]
+            == [q.token_ids for q in plain]
+            == [f.token_ids for f in fixed]
+        )
         assert set(cyc.used) == set(shapes)
         if ids is not None:  # sampled tokens outside the draft vocabulary occur
             assert any(t not in ids.tolist() for q in plain for t in q.token_ids)
@@ -208,12 +231,41 @@ def engine_dir(tiny_dirs, tmp_path_factory):
     from redrafter_trt.cli import build, convert
 
     root = tmp_path_factory.mktemp("adaptive_engine")
-    assert convert.main(["--model_dir", str(tiny_dirs["llama"]), "--random_drafter", "--output_dir",
-                         str(root / "ckpt"), "--redrafter_num_beams", "2",
-                         "--redrafter_draft_len_per_beam", "3"]) == 0
-    assert build.main(["--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "engine"),
-                       "--backend", "torch", "--max_batch_size", "4", "--max_input_len", "32",
-                       "--max_seq_len", "64"]) == 0
+    assert (
+        convert.main(
+            [
+                "--model_dir",
+                str(tiny_dirs["llama"]),
+                "--random_drafter",
+                "--output_dir",
+                str(root / "ckpt"),
+                "--redrafter_num_beams",
+                "2",
+                "--redrafter_draft_len_per_beam",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        build.main(
+            [
+                "--checkpoint_dir",
+                str(root / "ckpt"),
+                "--output_dir",
+                str(root / "engine"),
+                "--backend",
+                "torch",
+                "--max_batch_size",
+                "4",
+                "--max_input_len",
+                "32",
+                "--max_seq_len",
+                "64",
+            ]
+        )
+        == 0
+    )
     return root / "engine"
 
 
@@ -243,8 +295,11 @@ def test_load_uses_a_matching_stored_cost_model_and_says_why_not(engine_dir):
             doc = cm.to_json()
             doc[key] = {**doc[key], value[0]: value[1]}
             path.write_text(json.dumps(doc))
-            with pytest.warns(UserWarning, match=rf"{path} was measured for another machine or engine "
-                                                 rf"\({key} {value[0]}: stored {value[1]}"):
+            with pytest.warns(
+                UserWarning,
+                match=rf"{path} was measured for another machine or engine "
+                rf"\({key} {value[0]}: stored {value[1]}",
+            ):
                 gen = redrafter_trt.load(engine_dir)
             assert gen.policy is None and "--calibrate" in gen.policy_note
             with pytest.raises(RedrafterError, match=rf"{path}.*{value[0]}.*re-measure"):
@@ -294,8 +349,24 @@ def redrafter_trt_load(path, **kw):
 # --------------------------------------------------------------------------- a measured cost model
 #: `redrafter-bench --calibrate` on SmolLM2-135M-Instruct + the shipped head's engine (W=4, D=4,
 #: float32, torch linears), AMD EPYC VM, 1 thread, load average 8.0-8.3, 2026-12-02 (seconds).
-SMOLLM2_EPYC_VERIFY = {1: 0.7111, 2: 1.0216, 4: 1.3011, 8: 1.4780, 17: 1.6698, 33: 1.9583, 65: 2.9550}
-SMOLLM2_EPYC_DRAFT = {1: 0.0715, 2: 0.1787, 4: 0.1980, 8: 0.2733, 16: 0.3991, 32: 0.6962, 64: 0.9891}
+SMOLLM2_EPYC_VERIFY = {
+    1: 0.7111,
+    2: 1.0216,
+    4: 1.3011,
+    8: 1.4780,
+    17: 1.6698,
+    33: 1.9583,
+    65: 2.9550,
+}
+SMOLLM2_EPYC_DRAFT = {
+    1: 0.0715,
+    2: 0.1787,
+    4: 0.1980,
+    8: 0.2733,
+    16: 0.3991,
+    32: 0.6962,
+    64: 0.9891,
+}
 #: P(accepted >= j) of the shipped head on 24 MT-Bench first turns (docs/results.md, 1.46 tokens/step)
 SHIPPED_HEAD_ACCEPTANCE = [643 / 1948, 173 / 1948, 60 / 1948, 17 / 1948]
 

@@ -38,11 +38,20 @@ def init_assignments(cls: type) -> set[str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
     names = set()
     for node in ast.walk(tree):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, (ast.AnnAssign, ast.AugAssign)) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+            else []
+        )
         for t in targets:
-            for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
-                if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.value.id == "self":
+            for el in t.elts if isinstance(t, ast.Tuple) else [t]:
+                if (
+                    isinstance(el, ast.Attribute)
+                    and isinstance(el.value, ast.Name)
+                    and el.value.id == "self"
+                ):
                     names.add(el.attr)
     return names
 
@@ -59,11 +68,16 @@ def missing_members(cls: type, proto: type = C.Backend) -> list[str]:
             continue
         want = [p.name for p in sig.parameters.values()]
         got = [p.name for p in inspect.signature(impl).parameters.values()]
-        if got[:len(want)] != want or any(p.default is inspect.Parameter.empty
-                                          for p in list(inspect.signature(impl).parameters.values())[len(want):]):
+        if got[: len(want)] != want or any(
+            p.default is inspect.Parameter.empty
+            for p in list(inspect.signature(impl).parameters.values())[len(want) :]
+        ):
             problems.append(f"method {name}{inspect.signature(impl)} does not take {sig}")
     for name in props:
-        if not isinstance(inspect.getattr_static(cls, name, None), property) and name not in assigned:
+        if (
+            not isinstance(inspect.getattr_static(cls, name, None), property)
+            and name not in assigned
+        ):
             problems.append(f"property {name} missing")
     for name in data:
         if name not in assigned and not hasattr(cls, name):
@@ -75,8 +89,18 @@ def test_protocol_declares_what_the_runtime_and_bench_use():
     methods, props, data = protocol_members(C.Backend)
     assert {"reserve", "step", "reshaped"} <= set(methods)
     assert {"vocab_size", "base", "kv_cache_bytes"} <= props
-    assert {"name", "shape", "max_batch_size", "max_input_len", "max_seq_len", "timings",
-            "mixed_request_types", "device", "dtype", "warp_k"} <= data
+    assert {
+        "name",
+        "shape",
+        "max_batch_size",
+        "max_input_len",
+        "max_seq_len",
+        "timings",
+        "mixed_request_types",
+        "device",
+        "dtype",
+        "warp_k",
+    } <= data
 
 
 @pytest.mark.parametrize("cls", [TorchBackend, TrtllmBackend])

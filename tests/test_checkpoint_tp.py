@@ -8,13 +8,18 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_tiny_hf
-from redrafter_trt.checkpoint import (convert_checkpoint, load_checkpoint_models, load_rank_shards, rank_file,
-                                      read_checkpoint_config)
-from redrafter_trt.hf import load_hf_base
-from redrafter_trt.sharding import padded_vocab_size, tp_merge
+from redrafter_trt.checkpoint import (
+    convert_checkpoint,
+    load_checkpoint_models,
+    load_rank_shards,
+    rank_file,
+    read_checkpoint_config,
+)
 from redrafter_trt.engine import build_engine
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.hf import load_hf_base
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
+from redrafter_trt.sharding import padded_vocab_size, tp_merge
 
 # tiny models: V=97 (padded for tp 2 and 4), H=32, I=64, 4 heads of 8, 2 KV heads (replicated
 # across ranks at tp 4), exit_dim 24 < 2H (input_proj present), 2 layers.
@@ -24,15 +29,18 @@ H, I, NH, NKV, HD, V, EXIT = 32, 64, 4, 2, 8, 97, 24
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_hf")
-    return {arch: load_hf_base(write_tiny_hf(root / arch, arch, seed=11 + i))
-            for i, arch in enumerate(("llama", "qwen2"))}
+    return {
+        arch: load_hf_base(write_tiny_hf(root / arch, arch, seed=11 + i))
+        for i, arch in enumerate(("llama", "qwen2"))
+    }
 
 
 def convert(base, out, tp, dtype="float32"):
     cfg, sd = base
     drafter = init_drafter(DrafterConfig(cfg.vocab_size, cfg.hidden_size, EXIT, 2, True), seed=5)
-    return convert_checkpoint(cfg, sd, drafter, out, dtype=dtype, num_beams=3, draft_len=2,
-                              tp_size=tp)
+    return convert_checkpoint(
+        cfg, sd, drafter, out, dtype=dtype, num_beams=3, draft_len=2, tp_size=tp
+    )
 
 
 def expected_rank_shape(name: str, full: tuple, tp: int) -> tuple:
@@ -62,9 +70,13 @@ def test_tp_split_concatenates_back(bases, tmp_path, arch, tp):
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mapping"] == {"world_size": tp, "tp_size": tp, "pp_size": 1}
-    assert cfg["architecture"] == {"llama": "ReDrafterForLLaMALM", "qwen2": "ReDrafterForQWenLM"}[arch]
+    assert (
+        cfg["architecture"] == {"llama": "ReDrafterForLLaMALM", "qwen2": "ReDrafterForQWenLM"}[arch]
+    )
     assert cfg["vocab_size"] == V  # the unpadded vocabulary; ranks hold the padded one
-    assert sorted(p.name for p in out.glob("rank*.safetensors")) == sorted(rank_file(r) for r in range(tp))
+    assert sorted(p.name for p in out.glob("rank*.safetensors")) == sorted(
+        rank_file(r) for r in range(tp)
+    )
 
     ckpt_cfg, shards = load_rank_shards(out)
     assert ckpt_cfg.tp_size == tp
@@ -94,12 +106,19 @@ def test_qkv_shard_holds_its_heads(bases, tmp_path):
         for rank, shard in enumerate(shards):
             got = shard["transformer.layers.1.attention.qkv.bias"]
             h = kv_of_rank[rank]
-            want = torch.cat([q[rank * qh * HD:(rank + 1) * qh * HD], k[h * HD:(h + 1) * HD],
-                              v[h * HD:(h + 1) * HD]])
+            want = torch.cat(
+                [
+                    q[rank * qh * HD : (rank + 1) * qh * HD],
+                    k[h * HD : (h + 1) * HD],
+                    v[h * HD : (h + 1) * HD],
+                ]
+            )
             assert torch.equal(got, want), (tp, rank)
             # row-parallel biases and norms are replicated
-            assert torch.equal(shard["transformer.layers.1.post_layernorm.weight"],
-                               sd["transformer.layers.1.post_layernorm.weight"])
+            assert torch.equal(
+                shard["transformer.layers.1.post_layernorm.weight"],
+                sd["transformer.layers.1.post_layernorm.weight"],
+            )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -122,5 +141,11 @@ def test_torch_backend_refuses_tp_checkpoints(bases, tmp_path):
     with pytest.raises(RedrafterError, match="tp_size 1"):
         load_checkpoint_models(out)
     with pytest.raises(RedrafterError, match="tp_size 1"):
-        build_engine(out, tmp_path / "engine", backend="torch", max_batch_size=1,
-                     max_input_len=8, max_seq_len=32)
+        build_engine(
+            out,
+            tmp_path / "engine",
+            backend="torch",
+            max_batch_size=1,
+            max_input_len=8,
+            max_seq_len=32,
+        )

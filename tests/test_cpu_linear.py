@@ -13,8 +13,11 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def _data(m, n, k, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype),
-            torch.randn(n, generator=g))
+    return (
+        torch.randn(m, k, generator=g).to(dtype),
+        torch.randn(n, k, generator=g).to(dtype),
+        torch.randn(n, generator=g),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -24,9 +27,11 @@ def test_matches_float64_reference(dtype, k):
     y = native.linear(x, w, b, out_dtype=torch.float32)
     ref = x.double() @ w.double().T + b.double()
     # float32 sums of k products: error grows like sqrt(k) * eps * |x||w|
-    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * k ** 0.5 * 4)
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * k**0.5 * 4)
     yb = native.linear(x, w, b, out_dtype=torch.bfloat16)
-    assert torch.equal(yb, y.to(torch.bfloat16))  # bf16 output = round-to-nearest of the float32 one
+    assert torch.equal(
+        yb, y.to(torch.bfloat16)
+    )  # bf16 output = round-to-nearest of the float32 one
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -35,7 +40,9 @@ def test_row_result_is_the_same_alone_or_among_17(dtype, k):
     x, w, b = _data(17, 96, k, dtype, seed=k)
     together = native.linear(x, w, b, out_dtype=torch.float32)
     for i in range(17):
-        assert torch.equal(native.linear(x[i:i + 1], w, b, out_dtype=torch.float32), together[i:i + 1])
+        assert torch.equal(
+            native.linear(x[i : i + 1], w, b, out_dtype=torch.float32), together[i : i + 1]
+        )
     for lo, hi in ((0, 4), (3, 8), (5, 17), (1, 2)):  # any sub-batch, any position in the call
         assert torch.equal(native.linear(x[lo:hi], w, b, out_dtype=torch.float32), together[lo:hi])
     # the portable path reduces in the same order: the same bits
@@ -45,11 +52,11 @@ def test_row_result_is_the_same_alone_or_among_17(dtype, k):
 def test_torch_float32_matmul_is_not_batch_invariant_here():
     """Why the kernel exists: torch's float32 GEMM changes a row's bits with the row count."""
     x, w, _ = _data(17, 1536, 576, torch.float32, seed=1)
-    alone = torch.cat([x[i:i + 1] @ w.T for i in range(17)])
+    alone = torch.cat([x[i : i + 1] @ w.T for i in range(17)])
     if torch.equal(alone, x @ w.T):
         pytest.skip("this torch/CPU pair happens to be batch-invariant for this shape")
     together = native.linear(x, w, out_dtype=torch.float32)
-    assert torch.equal(torch.cat([native.linear(x[i:i + 1], w) for i in range(17)]), together)
+    assert torch.equal(torch.cat([native.linear(x[i : i + 1], w) for i in range(17)]), together)
 
 
 def test_leading_dims_and_empty_batch():

@@ -13,8 +13,12 @@ import redrafter_trt.ops.tree as tree
 
 
 def test_tree_docstring_examples_hold():
-    result = doctest.testmod(tree, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                             verbose=False, report=True)
+    result = doctest.testmod(
+        tree,
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        verbose=False,
+        report=True,
+    )
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples failed"
     assert result.attempted >= 15, f"only {result.attempted} docstring examples ran"
 

@@ -23,11 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: own ``__init__``).
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation: version, errors, memory measurement", ("_version", "errors", "memory")),
-    ("core: the step contract, operators, the C++ bindings, prompt sets",
-     ("contract", "ops", "native", "datasets")),
+    (
+        "core: the step contract, operators, the C++ bindings, prompt sets",
+        ("contract", "ops", "native", "datasets"),
+    ),
     ("models: base model, draft head, files", ("models",)),
-    ("formats: tensor names, FP8, Hugging Face import, sharding, checkpoint, shipped heads",
-     ("names", "fp8", "hf", "sharding", "checkpoint", "heads")),
+    (
+        "formats: tensor names, FP8, Hugging Face import, sharding, checkpoint, shipped heads",
+        ("names", "fp8", "hf", "sharding", "checkpoint", "heads"),
+    ),
     ("backends: torch, TensorRT-LLM network/builder/runtime", ("backends", "trtllm")),
     ("build: engine directories", ("engine",)),
     ("runtime: loader, scheduler, generator", ("runtime",)),
@@ -39,8 +43,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 @dataclass(frozen=True)
 class Import:
-    source: str   # importing module (dotted, full)
-    target: str   # imported module (dotted, full)
+    source: str  # importing module (dotted, full)
+    target: str  # imported module (dotted, full)
     line: int
     names: tuple[str, ...]  # the names a ``from`` import takes from the target
 
@@ -63,7 +67,8 @@ def _is_type_checking(node: ast.AST) -> bool:
         return False
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(module: str, path: Path, is_pkg: bool, modules: dict, package: str) -> list[Import]:
@@ -71,26 +76,39 @@ def imports_of(module: str, path: Path, is_pkg: bool, modules: dict, package: st
     module ``X.a`` when there is one, else to ``X``."""
     out = []
     tree = ast.parse(path.read_text(), str(path))
-    typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
-                   for stmt in block.body for n in ast.walk(stmt)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if _is_type_checking(block)
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
-        if id(node) in typing_only:  # ``if TYPE_CHECKING:`` imports are annotations, not dependencies
+        if (
+            id(node) in typing_only
+        ):  # ``if TYPE_CHECKING:`` imports are annotations, not dependencies
             continue
         if isinstance(node, ast.Import):
-            out += [Import(module, a.name, node.lineno, ()) for a in node.names
-                    if a.name == package or a.name.startswith(package + ".")]
+            out += [
+                Import(module, a.name, node.lineno, ())
+                for a in node.names
+                if a.name == package or a.name.startswith(package + ".")
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = module.split(".") if is_pkg else module.split(".")[:-1]
-                parts = parts[:len(parts) - (node.level - 1)]
+                parts = parts[: len(parts) - (node.level - 1)]
                 base = ".".join(parts + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
             if not (base == package or base.startswith(package + ".")):
                 continue
             plain = tuple(a.name for a in node.names if f"{base}.{a.name}" not in modules)
-            out += [Import(module, f"{base}.{a.name}", node.lineno, ()) for a in node.names
-                    if f"{base}.{a.name}" in modules]
+            out += [
+                Import(module, f"{base}.{a.name}", node.lineno, ())
+                for a in node.names
+                if f"{base}.{a.name}" in modules
+            ]
             if plain:
                 out.append(Import(module, base, node.lineno, plain))
     return out
@@ -98,12 +116,16 @@ def imports_of(module: str, path: Path, is_pkg: bool, modules: dict, package: st
 
 def import_graph(root: Path, package: str) -> list[Import]:
     modules = package_modules(root, package)
-    return [imp for m, (f, is_pkg) in modules.items() for imp in imports_of(m, f, is_pkg, modules, package)]
+    return [
+        imp
+        for m, (f, is_pkg) in modules.items()
+        for imp in imports_of(m, f, is_pkg, modules, package)
+    ]
 
 
 def stage_of(module: str, package: str, stages=STAGES) -> int | None:
     """Index in ``stages`` of the longest listed prefix of ``module`` (None: not listed)."""
-    rel = module[len(package) + 1:] if module != package else ""
+    rel = module[len(package) + 1 :] if module != package else ""
     best, best_len = None, -1
     for i, (_, names) in enumerate(stages):
         for n in names:
@@ -122,8 +144,10 @@ def upward_imports(graph: list[Import], package: str, stages=STAGES) -> list[str
     for imp in graph:
         src, dst = stage_of(imp.source, package, stages), stage_of(imp.target, package, stages)
         if src is not None and dst is not None and dst > src:
-            bad.append(f"{imp.source} (line {imp.line}, stage '{stages[src][0]}') imports {imp.target} "
-                       f"(stage '{stages[dst][0]}')")
+            bad.append(
+                f"{imp.source} (line {imp.line}, stage '{stages[src][0]}') imports {imp.target} "
+                f"(stage '{stages[dst][0]}')"
+            )
     return bad
 
 
@@ -164,8 +188,12 @@ def cycles(graph: list[Import]) -> list[list[str]]:
 
 
 def private_imports(graph: list[Import]) -> list[str]:
-    return [f"{imp.source} (line {imp.line}) imports {n} from {imp.target}" for imp in graph
-            for n in imp.names if n.startswith("_") and not (n.startswith("__") and n.endswith("__"))]
+    return [
+        f"{imp.source} (line {imp.line}) imports {n} from {imp.target}"
+        for imp in graph
+        for n in imp.names
+        if n.startswith("_") and not (n.startswith("__") and n.endswith("__"))
+    ]
 
 
 # --------------------------------------------------------------------------- the checks, on a bad package
@@ -180,34 +208,41 @@ BAD_STAGES = (("low", ("low", "util")), ("high", ("high", "peer")), ("root", (""
 
 
 def test_the_checks_find_a_cycle_an_upward_import_and_a_private_name(tmp_path):
-    _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/util.py": "from . import low\n",            # low <-> util: a cycle inside one stage
-        "pkg/low.py": """\
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/util.py": "from . import low\n",  # low <-> util: a cycle inside one stage
+            "pkg/low.py": """\
             from .util import helper
             def f():
                 from .high import g                 # lazy, still an upward import
                 return g
             """,
-        "pkg/high.py": "def g():\n    return 2\n",
-        "pkg/peer.py": "import pkg.high\nfrom .util import _secret\n",
-        "pkg/stray.py": "",
-    })
+            "pkg/high.py": "def g():\n    return 2\n",
+            "pkg/peer.py": "import pkg.high\nfrom .util import _secret\n",
+            "pkg/stray.py": "",
+        },
+    )
     graph = import_graph(tmp_path, "pkg")
     assert cycles(graph) == [["pkg.low", "pkg.util"]]
     assert upward_imports(graph, "pkg", BAD_STAGES) == [
-        "pkg.low (line 3, stage 'low') imports pkg.high (stage 'high')"]
+        "pkg.low (line 3, stage 'low') imports pkg.high (stage 'high')"
+    ]
     assert private_imports(graph) == ["pkg.peer (line 2) imports _secret from pkg.util"]
     assert unstaged(tmp_path, "pkg", BAD_STAGES) == ["pkg.stray"]
 
 
 def test_the_checks_pass_a_clean_package(tmp_path):
-    _write(tmp_path, {
-        "pkg/__init__.py": "from .high import g\n__all__ = ['g']\n",
-        "pkg/low.py": "def helper():\n    return 1\n",
-        "pkg/util.py": "from .low import helper\n",
-        "pkg/high.py": "from . import low, util\nfrom .low import helper as g\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from .high import g\n__all__ = ['g']\n",
+            "pkg/low.py": "def helper():\n    return 1\n",
+            "pkg/util.py": "from .low import helper\n",
+            "pkg/high.py": "from . import low, util\nfrom .low import helper as g\n",
+        },
+    )
     graph = import_graph(tmp_path, "pkg")
     assert ("pkg.high", "pkg.low") in {(i.source, i.target) for i in graph}
     assert cycles(graph) == [] and upward_imports(graph, "pkg", BAD_STAGES) == []
@@ -215,10 +250,13 @@ def test_the_checks_pass_a_clean_package(tmp_path):
 
 
 def test_an_import_of_the_package_root_from_below_is_upward(tmp_path):
-    _write(tmp_path, {"pkg/__init__.py": "__version__ = '1'\n",
-                      "pkg/low.py": "from . import __version__\n"})
+    _write(
+        tmp_path,
+        {"pkg/__init__.py": "__version__ = '1'\n", "pkg/low.py": "from . import __version__\n"},
+    )
     assert upward_imports(import_graph(tmp_path, "pkg"), "pkg", BAD_STAGES) == [
-        "pkg.low (line 1, stage 'low') imports pkg (stage 'root')"]
+        "pkg.low (line 1, stage 'low') imports pkg (stage 'root')"
+    ]
 
 
 # --------------------------------------------------------------------------- the checks, on this package
@@ -259,23 +297,29 @@ def test_the_version_is_written_once():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": f"{PACKAGE}._version.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": f"{PACKAGE}._version.__version__"
+    }
     assert redrafter_trt.__version__ == _version.__version__
     assert [imp for imp in GRAPH if imp.target == PACKAGE] == []  # nothing imports the root
 
 
 def test_annotation_only_imports_are_not_dependencies(tmp_path):
-    _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/low.py": """\
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/low.py": """\
             from typing import TYPE_CHECKING
             if TYPE_CHECKING:                       # annotations only: no runtime dependency
                 from .high import g
             else:
                 from .high import h                 # a real import, still upward
             """,
-        "pkg/high.py": "def g():\n    return 2\n\ndef h():\n    return 3\n",
-    })
+            "pkg/high.py": "def g():\n    return 2\n\ndef h():\n    return 3\n",
+        },
+    )
     graph = import_graph(tmp_path, "pkg")
     assert upward_imports(graph, "pkg", BAD_STAGES) == [
-        "pkg.low (line 5, stage 'low') imports pkg.high (stage 'high')"]
+        "pkg.low (line 5, stage 'low') imports pkg.high (stage 'high')"
+    ]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import ARCHS, write_tiny_hf
-from redrafter_trt.hf import hf_base_config, load_hf_base
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.hf import hf_base_config, load_hf_base
 from redrafter_trt.models.base import BaseModel
 
 
@@ -31,8 +31,14 @@ def causal(t):
 def full_logits(model, ids):
     b, t = ids.shape
     cache = model.new_cache(b, t)
-    h = model(ids, torch.arange(t).expand(b, t), cache, torch.arange(b), torch.zeros(b, dtype=torch.long),
-              causal(t).expand(b, t, t))
+    h = model(
+        ids,
+        torch.arange(t).expand(b, t),
+        cache,
+        torch.arange(b),
+        torch.zeros(b, dtype=torch.long),
+        causal(t).expand(b, t, t),
+    )
     return model.logits(h)
 
 
@@ -40,8 +46,18 @@ CASES = [
     ("llama", {}),
     ("qwen2", {}),
     ("llama", {"tie": True}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ("llama", {"attention_bias": True, "mlp_bias": True}),
 ]
@@ -61,13 +77,22 @@ def test_mistral_directory_loads_as_llama(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-                        initializer_range=0.2)
+    cfg = MistralConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=None,
+        initializer_range=0.2,
+    )
     MistralForCausalLM(cfg).eval().save_pretrained(str(tmp_path))
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
-        assert (full_logits(ours(tmp_path), ids) - hf_model(tmp_path)(ids).logits).abs().max() <= 1e-4
+        assert (
+            full_logits(ours(tmp_path), ids) - hf_model(tmp_path)(ids).logits
+        ).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -81,8 +106,14 @@ def test_incremental_cache_and_ragged_rows_equal_full_forward(tiny_dirs, arch):
         slots = torch.tensor([2, 0])
         # Row 0 prefills 7 tokens, row 1 prefills 11 (padding positions are never read).
         first = torch.tensor([7, 11])
-        h = m(ids[:, :11], torch.arange(11).expand(2, 11), cache, slots, torch.zeros(2, dtype=torch.long),
-              causal(11).expand(2, 11, 11))
+        h = m(
+            ids[:, :11],
+            torch.arange(11).expand(2, 11),
+            cache,
+            slots,
+            torch.zeros(2, dtype=torch.long),
+            causal(11).expand(2, 11, 11),
+        )
         assert torch.allclose(m.logits(h)[0, :7], want[0, :7], atol=1e-10)
         assert torch.allclose(m.logits(h)[1, :11], want[1, :11], atol=1e-10)
         rest = torch.stack([ids[0, 7:12], ids[1, 11:16]])
@@ -96,7 +127,11 @@ def test_transformers_4_and_5_rope_config_styles(tmp_path):
     base = write_tiny_hf(tmp_path / "m", "llama", seed=1)
     raw = json.loads((base / "config.json").read_text())
     for style in ("v4", "v5"):
-        r = {k: v for k, v in raw.items() if k not in ("rope_parameters", "rope_theta", "rope_scaling")}
+        r = {
+            k: v
+            for k, v in raw.items()
+            if k not in ("rope_parameters", "rope_theta", "rope_scaling")
+        }
         if style == "v4":
             r.update(rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 2.0})
         else:
@@ -110,11 +145,14 @@ def test_transformers_4_and_5_rope_config_styles(tmp_path):
 def test_unsupported_architecture_and_rope_are_clear_errors(tmp_path):
     base = write_tiny_hf(tmp_path / "m", "llama", seed=1)
     raw = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**raw, "architectures": ["GPT2LMHeadModel"],
-                                                   "model_type": "gpt2"}))
+    (base / "config.json").write_text(
+        json.dumps({**raw, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     with pytest.raises(RedrafterError, match="unsupported architecture"):
         hf_base_config(base)
-    (base / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (base / "config.json").write_text(
+        json.dumps({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    )
     with pytest.raises(RedrafterError, match="unsupported RoPE"):
         hf_base_config(base)
 
@@ -123,15 +161,19 @@ def test_unsupported_architecture_and_rope_are_clear_errors(tmp_path):
 def test_hf_export_roundtrip(tiny_dirs, tmp_path, arch):
     """trtllm_to_hf + hf_config_dict give back a directory transformers loads to the same logits."""
     from redrafter_trt.hf import hf_config_dict
-    from redrafter_trt.names import trtllm_to_hf
     from redrafter_trt.models.io import save_safetensors
+    from redrafter_trt.names import trtllm_to_hf
 
     cfg, sd = load_hf_base(tiny_dirs[arch])
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
-    save_safetensors({k: v.clone() for k, v in trtllm_to_hf(cfg, sd).items()}, tmp_path / "model.safetensors")
+    save_safetensors(
+        {k: v.clone() for k, v in trtllm_to_hf(cfg, sd).items()}, tmp_path / "model.safetensors"
+    )
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
-        assert torch.allclose(hf_model(tmp_path)(ids).logits, hf_model(tiny_dirs[arch])(ids).logits, atol=1e-6)
+        assert torch.allclose(
+            hf_model(tmp_path)(ids).logits, hf_model(tiny_dirs[arch])(ids).logits, atol=1e-6
+        )
 
 
 def test_sharded_safetensors_directory_loads(tmp_path, tiny_dirs):
@@ -143,7 +185,9 @@ def test_sharded_safetensors_directory_loads(tmp_path, tiny_dirs):
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     ids = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
-        assert torch.allclose(full_logits(ours(tmp_path), ids), full_logits(ours(tiny_dirs["llama"]), ids))
+        assert torch.allclose(
+            full_logits(ours(tmp_path), ids), full_logits(ours(tiny_dirs["llama"]), ids)
+        )
     # A shard named by the index but missing is a clear error.
     next(tmp_path.glob("model-*-of-*.safetensors")).unlink()
     with pytest.raises(RedrafterError, match="missing"):

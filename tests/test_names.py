@@ -10,12 +10,24 @@ from conftest import tiny_hf_config
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.hf import hf_base_config
 from redrafter_trt.models.base import BaseModel
-from redrafter_trt.names import (BASE_NAME_TABLE, HF_LAYER, LM_HEAD, TRTLLM_LAYER, base_name_pairs, hf_to_trtllm,
-                                 trtllm_to_hf)
+from redrafter_trt.names import (
+    BASE_NAME_TABLE,
+    HF_LAYER,
+    LM_HEAD,
+    TRTLLM_LAYER,
+    base_name_pairs,
+    hf_to_trtllm,
+    trtllm_to_hf,
+)
 
 # (arch, tie, config overrides): plain Llama, Llama with every bias, Qwen2 (q/k/v biases), tied.
-CASES = [("llama", False, {}), ("llama", False, {"attention_bias": True, "mlp_bias": True}),
-         ("qwen2", False, {}), ("llama", True, {}), ("qwen2", True, {})]
+CASES = [
+    ("llama", False, {}),
+    ("llama", False, {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", False, {}),
+    ("llama", True, {}),
+    ("qwen2", True, {}),
+]
 
 
 def hf_model_and_config(tmp_path, arch, tie, overrides):
@@ -75,7 +87,9 @@ def test_the_table_is_a_bijection(tmp_path, arch, tie, overrides):
 def test_a_missing_tensor_is_named(tmp_path):
     cfg, hf = hf_model_and_config(tmp_path, "llama", False, {})
     del hf["model.layers.1.self_attn.k_proj.weight"]
-    with pytest.raises(RedrafterError, match=r"tiny: missing tensor model\.layers\.1\.self_attn\.k_proj\.weight"):
+    with pytest.raises(
+        RedrafterError, match=r"tiny: missing tensor model\.layers\.1\.self_attn\.k_proj\.weight"
+    ):
         hf_to_trtllm(cfg, hf, "tiny")
     cfg, hf = hf_model_and_config(tmp_path, "llama", False, {})
     del hf[LM_HEAD]
@@ -87,4 +101,6 @@ def test_per_layer_rows_use_the_layer_prefixes():
     # fp8 derives its per-layer linear names by stripping these prefixes
     for row in BASE_NAME_TABLE:
         if "{}" in row.trtllm:
-            assert row.trtllm.startswith(TRTLLM_LAYER) and all(h.startswith(HF_LAYER) for h in row.hf), row
+            assert row.trtllm.startswith(TRTLLM_LAYER) and all(
+                h.startswith(HF_LAYER) for h in row.hf
+            ), row

@@ -6,7 +6,6 @@ ties at the top-k and top-p cuts), and the SPEC section 5 tree, all through the 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -50,20 +49,37 @@ def with_ties(rng, x, coarse):
 
 
 @settings(max_examples=120, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 8), v=st.integers(1, 50),
-       dtype=st.sampled_from(DTYPES), coarse=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 8),
+    v=st.integers(1, 50),
+    dtype=st.sampled_from(DTYPES),
+    coarse=st.booleans(),
+)
 def test_draw_tokens_matches_pytorch(seed, rows, v, dtype, coarse):
     rng = np.random.default_rng(seed)
-    logits = torch.from_numpy(with_ties(rng, rng.normal(0, 2, size=(rows, v)), coarse).astype(np.float32)).to(dtype)
+    logits = torch.from_numpy(
+        with_ties(rng, rng.normal(0, 2, size=(rows, v)), coarse).astype(np.float32)
+    ).to(dtype)
     temperature, top_k, top_p = sampling_params(rng, rows, v)
     u = uniforms(rng, rows)
     want = draw_tokens(logits, temperature, top_k, top_p, u)
-    assert torch.equal(native.draw_tokens(logits, temperature, top_k, top_p, u), want.to(torch.int32))
+    assert torch.equal(
+        native.draw_tokens(logits, temperature, top_k, top_p, u), want.to(torch.int32)
+    )
 
 
 @settings(max_examples=120, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), w=st.integers(1, 6), l=st.integers(1, 6),
-       v=st.integers(2, 40), dtype=st.sampled_from(DTYPES), coarse=st.booleans(), follow=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b=st.integers(1, 3),
+    w=st.integers(1, 6),
+    l=st.integers(1, 6),
+    v=st.integers(2, 40),
+    dtype=st.sampled_from(DTYPES),
+    coarse=st.booleans(),
+    follow=st.booleans(),
+)
 def test_accept_matches_pytorch(seed, b, w, l, v, dtype, coarse, follow):
     rng = np.random.default_rng(seed)
     beams = rng.integers(0, min(v, 3), size=(b, w, l)).astype(np.int32)
@@ -84,8 +100,11 @@ def test_accept_matches_pytorch(seed, b, w, l, v, dtype, coarse, follow):
     for packed_len in (None, tree.lengths):
         got = native.accept(*args, packed_len=packed_len)
         for field in want._fields:
-            assert torch.equal(getattr(got, field), getattr(want, field)), (field, getattr(got, field),
-                                                                            getattr(want, field))
+            assert torch.equal(getattr(got, field), getattr(want, field)), (
+                field,
+                getattr(got, field),
+                getattr(want, field),
+            )
 
 
 def test_spec_worked_example_greedy():
@@ -96,10 +115,21 @@ def test_spec_worked_example_greedy():
     for node, nxt in [(0, 92), (1, 94), (4, 96), (5, 42)]:  # packed node -> argmax token
         logits[0, node, nxt] = 1.0
     logits[0, 2, 95] = 1.0
-    args = (logits, beams, tree.unpacker, torch.zeros(1), torch.zeros(1, dtype=torch.int32), torch.ones(1),
-            torch.zeros(1, 4))
+    args = (
+        logits,
+        beams,
+        tree.unpacker,
+        torch.zeros(1),
+        torch.zeros(1, dtype=torch.int32),
+        torch.ones(1),
+        torch.zeros(1, 4),
+    )
     got = native.accept(*args, packed_len=tree.lengths)
-    assert got.num_accepted.tolist() == [3] and got.best_beam.tolist() == [1] and got.bonus.tolist() == [42]
+    assert (
+        got.num_accepted.tolist() == [3]
+        and got.best_beam.tolist() == [1]
+        and got.bonus.tolist() == [42]
+    )
     assert got.accepted_indices.tolist() == [[0, 1, 4, 5]]
     assert got.emitted.tolist() == [[92, 94, 96, 42]]
     for field in got._fields:
@@ -111,16 +141,30 @@ def test_argmax_ties_go_to_lowest_id_and_lowest_beam():
     tree = pack_tree(beams)
     logits = torch.zeros(1, 9, 8)
     logits[0, 0, [2, 4]] = 3.0  # tie between children 2 and 4: the lower id (2) wins
-    got = native.accept(logits, beams, tree.unpacker, torch.zeros(1), torch.zeros(1, dtype=torch.int32),
-                        torch.ones(1), torch.zeros(1, 3))
+    got = native.accept(
+        logits,
+        beams,
+        tree.unpacker,
+        torch.zeros(1),
+        torch.zeros(1, dtype=torch.int32),
+        torch.ones(1),
+        torch.zeros(1, 3),
+    )
     assert got.num_accepted.item() == 1 and got.best_beam.item() == 0 and got.bonus.item() == 0
 
 
 def test_bad_inputs_raise_with_message():
     beams = torch.ones(1, 2, 3, dtype=torch.int32)
     tree = pack_tree(beams)
-    args = [torch.zeros(1, 6, 5), beams, tree.unpacker, torch.zeros(1), torch.zeros(1, dtype=torch.int32),
-            torch.ones(1), torch.zeros(1, 3)]
+    args = [
+        torch.zeros(1, 6, 5),
+        beams,
+        tree.unpacker,
+        torch.zeros(1),
+        torch.zeros(1, dtype=torch.int32),
+        torch.ones(1),
+        torch.zeros(1, 3),
+    ]
     bad = tree.unpacker.clone()
     bad[0, 1, 2] = 6
     with pytest.raises(RedrafterError, match=r"unpacker\[0, 1, 2\] = 6 is outside"):
@@ -131,7 +175,14 @@ def test_bad_inputs_raise_with_message():
         native.accept(*args, packed_len=torch.tensor([1]))
     with pytest.raises(RedrafterError, match="beam length L"):
         long_beams = torch.ones(1, 1, 65, dtype=torch.int32)
-        native.accept(torch.zeros(1, 65, 5), long_beams, torch.zeros(1, 1, 65, dtype=torch.int32), torch.zeros(1),
-                      torch.zeros(1, dtype=torch.int32), torch.ones(1), torch.zeros(1, 65))
+        native.accept(
+            torch.zeros(1, 65, 5),
+            long_beams,
+            torch.zeros(1, 1, 65, dtype=torch.int32),
+            torch.zeros(1),
+            torch.zeros(1, dtype=torch.int32),
+            torch.ones(1),
+            torch.zeros(1, 65),
+        )
     with pytest.raises(RedrafterError, match=r"uniforms: expected shape \[1, 3\]"):
         native.accept(*args[:6], torch.zeros(1, 4))

@@ -56,9 +56,17 @@ def assert_same(native_out, ref_out):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), w=st.integers(1, 8), extra_v=st.integers(0, 60),
-       ties=st.sampled_from(["none", "dup_values", "dup_rows", "constant", "first_step", "equal_scores", "dead_beams"]),
-       warp=st.sampled_from(["off", "1", "2", "5", "50", "v-1", "v", "v+3"]), dtype=st.sampled_from(DTYPES))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b=st.integers(1, 3),
+    w=st.integers(1, 8),
+    extra_v=st.integers(0, 60),
+    ties=st.sampled_from(
+        ["none", "dup_values", "dup_rows", "constant", "first_step", "equal_scores", "dead_beams"]
+    ),
+    warp=st.sampled_from(["off", "1", "2", "5", "50", "v-1", "v", "v+3"]),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_matches_pytorch_reference(seed, b, w, extra_v, ties, warp, dtype):
     v = w + extra_v
     named = {"off": 0, "v-1": v - 1, "v": v, "v+3": v + 3}
@@ -70,10 +78,14 @@ def test_matches_pytorch_reference(seed, b, w, extra_v, ties, warp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("w,v,warp_k", [(4, 32000, 50), (8, 4099, 0), (64, 1000, 50), (1, 152064, 50)])
+@pytest.mark.parametrize(
+    "w,v,warp_k", [(4, 32000, 50), (8, 4099, 0), (64, 1000, 50), (1, 152064, 50)]
+)
 def test_large_vocab(dtype, w, v, warp_k):
     logits, scores = make_case(7, 1, w, v, "dup_values", dtype)
-    assert_same(native.beam_search_step(logits, scores, warp_k), beam_search_step(logits, scores, warp_k))
+    assert_same(
+        native.beam_search_step(logits, scores, warp_k), beam_search_step(logits, scores, warp_k)
+    )
 
 
 def test_fillers_rank_by_token_id():
@@ -85,12 +97,15 @@ def test_fillers_rank_by_token_id():
     assert out[2][0, :2].tolist() == [1, 3]
 
 
-@pytest.mark.parametrize("shape,scores_shape,warp_k,needle", [
-    ((1, 5, 3), (1, 5), 0, "exceeds vocab size"),
-    ((1, 65, 100), (1, 65), 0, "num_beams W must be in [1, 64]"),
-    ((1, 0, 4), (1, 0), 0, "num_beams W must be in [1, 64]"),
-    ((1, 2, 4), (1, 2), -1, "warp_k must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "shape,scores_shape,warp_k,needle",
+    [
+        ((1, 5, 3), (1, 5), 0, "exceeds vocab size"),
+        ((1, 65, 100), (1, 65), 0, "num_beams W must be in [1, 64]"),
+        ((1, 0, 4), (1, 0), 0, "num_beams W must be in [1, 64]"),
+        ((1, 2, 4), (1, 2), -1, "warp_k must be >= 0"),
+    ],
+)
 def test_bad_parameters_raise_with_message(shape, scores_shape, warp_k, needle):
     with pytest.raises(RedrafterError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         native.beam_search_step(torch.zeros(shape), torch.zeros(scores_shape), warp_k)
@@ -104,7 +119,9 @@ def test_bad_shapes_raise_before_the_call():
 def _raw_call(logits, dtype, scores, b, w, v, k, outs):
     lib = native.load_library()
     msg = ctypes.create_string_buffer(256)
-    status = lib.redrafter_beam_search_step_cpu(logits, dtype, scores, b, w, v, k, None, *outs, msg, 256)
+    status = lib.redrafter_beam_search_step_cpu(
+        logits, dtype, scores, b, w, v, k, None, *outs, msg, 256
+    )
     return status, msg.value.decode()
 
 

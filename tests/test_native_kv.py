@@ -12,16 +12,16 @@ from hypothesis import strategies as st
 
 from redrafter_trt import native
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.ops.kv_cache import KvLayout
-from redrafter_trt.ops.kv_cache import relocate_kv
-
+from redrafter_trt.ops.kv_cache import KvLayout, relocate_kv
 
 pytestmark = pytest.mark.usefixtures("native_library")
 
 
 def random_case(seed, b, l, dtype, layers=2, slots=5, heads=2, max_seq=40, head_dim=6):
     rng = np.random.default_rng(seed)
-    cache = torch.from_numpy(rng.normal(size=(layers, 2, slots, heads, max_seq, head_dim)).astype(np.float32))
+    cache = torch.from_numpy(
+        rng.normal(size=(layers, 2, slots, heads, max_seq, head_dim)).astype(np.float32)
+    )
     cache = cache.to(dtype)
     slot = torch.from_numpy(rng.permutation(slots)[:b].astype(np.int32))
     n = torch.from_numpy(rng.integers(0, l, size=b).astype(np.int32))
@@ -34,8 +34,14 @@ def random_case(seed, b, l, dtype, layers=2, slots=5, heads=2, max_seq=40, head_
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 5), l=st.integers(1, 6),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b=st.integers(1, 5),
+    l=st.integers(1, 6),
+    dtype=st.sampled_from(
+        [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8]
+    ),
+)
 def test_matches_pytorch_reference(seed, b, l, dtype):
     cache, slot, lens, q, n = random_case(seed, b, l, dtype)
     ref_cache = cache.clone()
@@ -51,7 +57,10 @@ def test_bad_rows_raise_and_leave_cache_untouched():
     for mutate, needle in [
         (lambda s, le, qq, nn: s.__setitem__(1, s[0].item()), "same cache slot"),
         (lambda s, le, qq, nn: s.__setitem__(0, 99), "slot outside"),
-        (lambda s, le, qq, nn: (nn.__setitem__(0, 2), qq.__setitem__((0, 2), qq[0, 1].item())), "not strictly increasing"),
+        (
+            lambda s, le, qq, nn: (nn.__setitem__(0, 2), qq.__setitem__((0, 2), qq[0, 1].item())),
+            "not strictly increasing",
+        ),
         (lambda s, le, qq, nn: (le.__setitem__(0, 39), nn.__setitem__(0, 1)), "exceeds max_seq"),
         (lambda s, le, qq, nn: nn.__setitem__(0, 4), "num_accepted outside"),
     ]:
@@ -75,7 +84,13 @@ def test_bad_cache_shapes():
 # redrafter_kv_relocate_strided_cpu (blocked, strided layout of cpp/include/redrafter/kv_relocate.h)
 # against the PyTorch references: ops.relocate_kv (contiguous) and ops.kv_cache.relocate_paged.
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8]  # 4, 2, 2, 8, 1 bytes
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+]  # 4, 2, 2, 8, 1 bytes
 
 
 def random_values(rng, shape, dtype):
@@ -104,29 +119,71 @@ def to_pool(cache, tpb):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 4), l=st.integers(1, 6), dtype=st.sampled_from(DTYPES),
-       layers=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 9))
-def test_strided_contiguous_layout_matches_pytorch_reference(seed, b, l, dtype, layers, heads, head_dim):
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b=st.integers(1, 4),
+    l=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    layers=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    head_dim=st.integers(1, 9),
+)
+def test_strided_contiguous_layout_matches_pytorch_reference(
+    seed, b, l, dtype, layers, heads, head_dim
+):
     rng = np.random.default_rng(seed)
     slots, max_seq = 4, 30
     cache = random_values(rng, (layers, 2, slots, heads, max_seq, head_dim), dtype)
     slot, lens, q, n = random_rows(rng, b, l, slots, max_seq)
     ref = cache.clone()
     layout = KvLayout.contiguous(slots, heads, max_seq, head_dim)
-    assert layout == KvLayout(*(int(v) for v in (max_seq, *[cache.stride(2)] * 2, cache.stride(4),
-                                                   cache.stride(0), cache.stride(1), cache.stride(3))))
-    got = native.relocate_kv_strided(cache, slot, lens, q, n, layout=layout, num_layers=layers, num_slots=slots,
-                                     kv_heads=heads, max_seq=max_seq, head_dim=head_dim)
+    assert layout == KvLayout(
+        *(
+            int(v)
+            for v in (
+                max_seq,
+                *[cache.stride(2)] * 2,
+                cache.stride(4),
+                cache.stride(0),
+                cache.stride(1),
+                cache.stride(3),
+            )
+        )
+    )
+    got = native.relocate_kv_strided(
+        cache,
+        slot,
+        lens,
+        q,
+        n,
+        layout=layout,
+        num_layers=layers,
+        num_slots=slots,
+        kv_heads=heads,
+        max_seq=max_seq,
+        head_dim=head_dim,
+    )
     want = relocate_kv(ref, slot, lens, q, n)
     assert torch.equal(got, want)
     assert torch.equal(cache, ref)
 
 
 @settings(max_examples=80, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 5), l=st.integers(1, 6), dtype=st.sampled_from(DTYPES),
-       tpb=st.sampled_from([1, 2, 3, 4, 5, 8, 16]), layers=st.integers(1, 3), heads=st.integers(1, 3),
-       head_dim=st.integers(1, 8), extra_blocks=st.integers(0, 2), pad=st.integers(0, 3))
-def test_strided_paged_pool_matches_torch_relocation(seed, b, l, dtype, tpb, layers, heads, head_dim, extra_blocks, pad):
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b=st.integers(1, 5),
+    l=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    tpb=st.sampled_from([1, 2, 3, 4, 5, 8, 16]),
+    layers=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    head_dim=st.integers(1, 8),
+    extra_blocks=st.integers(0, 2),
+    pad=st.integers(0, 3),
+)
+def test_strided_paged_pool_matches_torch_relocation(
+    seed, b, l, dtype, tpb, layers, heads, head_dim, extra_blocks, pad
+):
     from redrafter_trt.ops.kv_cache import relocate_paged
 
     rng = np.random.default_rng(seed)
@@ -139,10 +196,28 @@ def test_strided_paged_pool_matches_torch_relocation(seed, b, l, dtype, tpb, lay
     pool = full[..., :block_elems]
     ref = full.clone()[..., :block_elems]
     slot, lens, q, n = random_rows(rng, b, l, slots, capacity)
-    got = native.relocate_paged_native(pool, slot, lens, q, n, max_blocks=max_blocks, kv_heads=heads,
-                                       tokens_per_block=tpb, head_dim=head_dim)
-    relocate_paged(ref, slot, lens, q, n, max_blocks=max_blocks, kv_heads=heads, tokens_per_block=tpb,
-                   head_dim=head_dim)
+    got = native.relocate_paged_native(
+        pool,
+        slot,
+        lens,
+        q,
+        n,
+        max_blocks=max_blocks,
+        kv_heads=heads,
+        tokens_per_block=tpb,
+        head_dim=head_dim,
+    )
+    relocate_paged(
+        ref,
+        slot,
+        lens,
+        q,
+        n,
+        max_blocks=max_blocks,
+        kv_heads=heads,
+        tokens_per_block=tpb,
+        head_dim=head_dim,
+    )
     assert torch.equal(got, lens + n + 1)
     assert torch.equal(pool, ref)
     if pad:  # the padding columns are outside the layout: untouched
@@ -161,14 +236,34 @@ def test_paged_moves_across_block_borders_equal_the_contiguous_reference(tpb, dt
     path = torch.tensor([[0, 1, 4, 6], [0, 2, 3, 3], [0, 3, 5, 9], [0, 0, 0, 0]], dtype=torch.int32)
     n = torch.tensor([3, 2, 3, 0], dtype=torch.int32)
     want = relocate_kv(cache, row_slots, cache_len, path, n)
-    got = native.relocate_paged_native(pool, row_slots, cache_len, path, n, max_blocks=blocks, kv_heads=heads,
-                                       tokens_per_block=tpb, head_dim=hd)
+    got = native.relocate_paged_native(
+        pool,
+        row_slots,
+        cache_len,
+        path,
+        n,
+        max_blocks=blocks,
+        kv_heads=heads,
+        tokens_per_block=tpb,
+        head_dim=hd,
+    )
     assert torch.equal(got, want)
     assert torch.equal(pool, to_pool(cache, tpb))
 
 
-def strided_args(cache, *, elems=None, tpb=None, strides=None, slots=None, lens=None, q=None, n=None, out=None,
-                 cache_ptr=True):
+def strided_args(
+    cache,
+    *,
+    elems=None,
+    tpb=None,
+    strides=None,
+    slots=None,
+    lens=None,
+    q=None,
+    n=None,
+    out=None,
+    cache_ptr=True,
+):
     """Positional arguments of redrafter_kv_relocate_strided_{cpu,cuda} for a contiguous cache [1, 2, 2, 1, 8, 4]."""
     layout = KvLayout.contiguous(2, 1, 8, 4)
     lay = list(layout)
@@ -177,8 +272,24 @@ def strided_args(cache, *, elems=None, tpb=None, strides=None, slots=None, lens=
     if strides is not None:
         lay[1:] = strides
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    return (ptr(cache) if cache_ptr else None, cache.numel() if elems is None else elems, cache.element_size(),
-            1, 2, 1, 8, 4, *lay, ptr(slots), ptr(lens), ptr(q), ptr(n), 1, 3, ptr(out))
+    return (
+        ptr(cache) if cache_ptr else None,
+        cache.numel() if elems is None else elems,
+        cache.element_size(),
+        1,
+        2,
+        1,
+        8,
+        4,
+        *lay,
+        ptr(slots),
+        ptr(lens),
+        ptr(q),
+        ptr(n),
+        1,
+        3,
+        ptr(out),
+    )
 
 
 def bad_strided_cases():
@@ -191,7 +302,10 @@ def bad_strided_cases():
     return [
         (dict(strides=neg), "strides must be >= 0"),
         (dict(strides=overlap), "dims overlap"),
-        (dict(elems=2 * 2 * 8 * 4 - 1), "reaches element offset 127 but the cache holds cache_elems=127"),
+        (
+            dict(elems=2 * 2 * 8 * 4 - 1),
+            "reaches element offset 127 but the cache holds cache_elems=127",
+        ),
         (dict(elems=0), "cache_elems"),
         (dict(tpb=0), "tokens_per_block must be in"),
         (dict(tpb=-2), "tokens_per_block must be in"),
@@ -207,9 +321,13 @@ def test_strided_cpu_rejects_bad_parameters_with_a_message(case):
     kwargs, needle = bad_strided_cases()[case]
     cache = torch.arange(2 * 2 * 8 * 4, dtype=torch.float32).reshape(1, 2, 2, 1, 8, 4)
     before = cache.clone()
-    ints = dict(slots=torch.tensor([1], dtype=torch.int32), lens=torch.tensor([2], dtype=torch.int32),
-                q=torch.tensor([[0, 2, 3]], dtype=torch.int32), n=torch.tensor([2], dtype=torch.int32),
-                out=torch.zeros(1, dtype=torch.int32))
+    ints = dict(
+        slots=torch.tensor([1], dtype=torch.int32),
+        lens=torch.tensor([2], dtype=torch.int32),
+        q=torch.tensor([[0, 2, 3]], dtype=torch.int32),
+        n=torch.tensor([2], dtype=torch.int32),
+        out=torch.zeros(1, dtype=torch.int32),
+    )
     args = strided_args(cache, **{**ints, **kwargs})
     with pytest.raises(RedrafterError, match=needle):
         native._call("redrafter_kv_relocate_strided_cpu", *args)
@@ -225,12 +343,17 @@ def test_paged_binding_checks_the_pool():
     pool = torch.zeros(6, 2, 2, 2 * 4 * 3)
     rows = ([0], [0], [[0, 1]], [1])
     with pytest.raises(RedrafterError, match="whole number of slots"):
-        native.relocate_paged_native(pool, *rows, max_blocks=4, kv_heads=2, tokens_per_block=4, head_dim=3)
+        native.relocate_paged_native(
+            pool, *rows, max_blocks=4, kv_heads=2, tokens_per_block=4, head_dim=3
+        )
     with pytest.raises(RedrafterError, match="last dim must be contiguous"):
-        native.relocate_paged_native(pool, *rows, max_blocks=3, kv_heads=2, tokens_per_block=4, head_dim=2)
+        native.relocate_paged_native(
+            pool, *rows, max_blocks=3, kv_heads=2, tokens_per_block=4, head_dim=2
+        )
     with pytest.raises(RedrafterError, match="exceeds max_seq"):  # 3 blocks of 4 positions per slot
-        native.relocate_paged_native(pool, [0], [11], [[0, 1]], [1], max_blocks=3, kv_heads=2,
-                                     tokens_per_block=4, head_dim=3)
+        native.relocate_paged_native(
+            pool, [0], [11], [[0, 1]], [1], max_blocks=3, kv_heads=2, tokens_per_block=4, head_dim=3
+        )
 
 
 def test_runtime_relocation_kernel_path_equals_torch_path(monkeypatch):
@@ -275,7 +398,9 @@ def test_cuda_library_is_optional_and_lazy(monkeypatch, tmp_path):
     assert not native.cuda_available()
     with pytest.raises(RedrafterError, match="CUDA library not found"):
         native.load_cuda_library()
-    impl, why = rt.choose_relocation(torch.device("cuda"))  # no library: the torch fallback, and why
+    impl, why = rt.choose_relocation(
+        torch.device("cuda")
+    )  # no library: the torch fallback, and why
     assert impl == rt.RELOCATE_TORCH and "CUDA library not found" in why
 
 
@@ -286,10 +411,18 @@ def test_cuda_entry_validates_like_the_cpu_entry():
     except RedrafterError as e:
         pytest.skip(f"CUDA library unavailable: {e}")
     cache = torch.zeros(1, 2, 2, 1, 8, 4)
-    ints = dict(slots=torch.tensor([1], dtype=torch.int32), lens=torch.tensor([2], dtype=torch.int32),
-                q=torch.tensor([[0, 2, 3]], dtype=torch.int32), n=torch.tensor([2], dtype=torch.int32),
-                out=torch.zeros(1, dtype=torch.int32))
+    ints = dict(
+        slots=torch.tensor([1], dtype=torch.int32),
+        lens=torch.tensor([2], dtype=torch.int32),
+        q=torch.tensor([[0, 2, 3]], dtype=torch.int32),
+        n=torch.tensor([2], dtype=torch.int32),
+        out=torch.zeros(1, dtype=torch.int32),
+    )
     for kwargs, needle in bad_strided_cases():
         with pytest.raises(RedrafterError, match=needle):
-            native._call("redrafter_kv_relocate_strided_cuda", *strided_args(cache, **{**ints, **kwargs}), None,
-                         lib=lib)
+            native._call(
+                "redrafter_kv_relocate_strided_cuda",
+                *strided_args(cache, **{**ints, **kwargs}),
+                None,
+                lib=lib,
+            )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,6 @@ from redrafter_trt import native
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.ops.tree import pack_tree
 
-
 pytestmark = pytest.mark.usefixtures("native_library")
 
 
@@ -22,8 +20,10 @@ def assert_same_tree(beams):
     for field in ref._fields:
         assert torch.equal(getattr(got, field), getattr(ref, field)), field
     # Property: packed tokens unpack to the beams.
-    assert torch.equal(got.tokens.gather(1, got.unpacker.flatten(1).long()).reshape(beams.shape),
-                       beams.to(torch.int32))
+    assert torch.equal(
+        got.tokens.gather(1, got.unpacker.flatten(1).long()).reshape(beams.shape),
+        beams.to(torch.int32),
+    )
     return got
 
 
@@ -39,8 +39,14 @@ def test_spec_worked_example():
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), w=st.integers(1, 9), l=st.integers(1, 9),
-       alphabet=st.integers(1, 4), duplicate=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    b=st.integers(1, 3),
+    w=st.integers(1, 9),
+    l=st.integers(1, 9),
+    alphabet=st.integers(1, 4),
+    duplicate=st.booleans(),
+)
 def test_matches_pytorch_reference(seed, b, w, l, alphabet, duplicate):
     rng = np.random.default_rng(seed)
     beams = rng.integers(0, alphabet, size=(b, w, l)).astype(np.int32)
@@ -50,19 +56,24 @@ def test_matches_pytorch_reference(seed, b, w, l, alphabet, duplicate):
     assert_same_tree(torch.from_numpy(beams))
 
 
-@pytest.mark.parametrize("w,l", [pytest.param(64, 64, marks=pytest.mark.full), (64, 5), (33, 3), (1, 64)])
+@pytest.mark.parametrize(
+    "w,l", [pytest.param(64, 64, marks=pytest.mark.full), (64, 5), (33, 3), (1, 64)]
+)
 def test_large_trees(w, l):
     rng = np.random.default_rng(w * 100 + l)
     beams = torch.from_numpy(rng.integers(0, 3, size=(2, w, l)).astype(np.int32))
     assert_same_tree(beams)
 
 
-@pytest.mark.parametrize("shape,needle", [
-    ((1, 2, 65), "beam length L"),
-    ((1, 65, 2), "num_beams W"),
-    ((1, 0, 3), "num_beams W"),
-    ((1, 3, 0), "beam length L"),
-])
+@pytest.mark.parametrize(
+    "shape,needle",
+    [
+        ((1, 2, 65), "beam length L"),
+        ((1, 65, 2), "num_beams W"),
+        ((1, 0, 3), "num_beams W"),
+        ((1, 3, 0), "beam length L"),
+    ],
+)
 def test_bad_parameters_raise_with_message(shape, needle):
     with pytest.raises(RedrafterError, match=needle):
         native.pack_tree(torch.zeros(shape, dtype=torch.int32))

@@ -49,19 +49,53 @@ def text_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    return save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=5, std=0.5),
-                        tmp_path_factory.mktemp("nu") / "head")
+    return save_drafter(
+        init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=5, std=0.5),
+        tmp_path_factory.mktemp("nu") / "head",
+    )
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, text_base, head):
     root = tmp_path_factory.mktemp("nu_engine")
-    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
-                                   "--output_dir", root / "ckpt", "--redrafter_num_beams", 2,
-                                   "--redrafter_draft_len_per_beam", 2]) == 0
-    assert call(build_cli.main, ["--checkpoint_dir", root / "ckpt", "--output_dir", root / "engine",
-                                 "--backend", "torch", "--max_batch_size", 2, "--max_input_len", 32,
-                                 "--max_seq_len", 64]) == 0
+    assert (
+        call(
+            convert_cli.main,
+            [
+                "--model_dir",
+                text_base,
+                "--drafter_model_dir",
+                head,
+                "--output_dir",
+                root / "ckpt",
+                "--redrafter_num_beams",
+                2,
+                "--redrafter_draft_len_per_beam",
+                2,
+            ],
+        )
+        == 0
+    )
+    assert (
+        call(
+            build_cli.main,
+            [
+                "--checkpoint_dir",
+                root / "ckpt",
+                "--output_dir",
+                root / "engine",
+                "--backend",
+                "torch",
+                "--max_batch_size",
+                2,
+                "--max_input_len",
+                32,
+                "--max_seq_len",
+                64,
+            ],
+        )
+        == 0
+    )
     return root / "engine"
 
 
@@ -90,8 +124,13 @@ sys.exit(run_main(fn, p))
 
 
 def _start_writer(out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
     assert len(list(out.parent.glob(f".{out.name}.tmp-*"))) == 1
     return proc
@@ -122,8 +161,13 @@ def test_next_run_removes_what_sigkill_left(tmp_path, text_base, head, capsys):
     # a live writer of the same output (this test's own parent process id) is left alone too
     alive_same = tmp_path / f".ckpt.tmp-{os.getppid()}-abc123"
     alive_same.mkdir()
-    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
-                                   "--output_dir", out]) == 0
+    assert (
+        call(
+            convert_cli.main,
+            ["--model_dir", text_base, "--drafter_model_dir", head, "--output_dir", out],
+        )
+        == 0
+    )
     assert not left[0].exists()
     assert foreign.is_dir() and alive_same.is_dir()
     assert len(list(tmp_path.glob(".other.tmp-*"))) == 1
@@ -138,10 +182,20 @@ def test_outputs_honour_the_umask(tmp_path, text_base, head, mask):
     try:
         ckpt, eng, drafter = tmp_path / "ckpt", tmp_path / "engine", tmp_path / "drafter"
         save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True)), drafter)
-        assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
-                                       "--output_dir", ckpt]) == 0
-        assert call(build_cli.main, ["--checkpoint_dir", ckpt, "--output_dir", eng,
-                                     "--backend", "torch"]) == 0
+        assert (
+            call(
+                convert_cli.main,
+                ["--model_dir", text_base, "--drafter_model_dir", head, "--output_dir", ckpt],
+            )
+            == 0
+        )
+        assert (
+            call(
+                build_cli.main,
+                ["--checkpoint_dir", ckpt, "--output_dir", eng, "--backend", "torch"],
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     for d in (ckpt, eng, drafter):
@@ -154,24 +208,56 @@ def test_outputs_honour_the_umask(tmp_path, text_base, head, mask):
 
 # --------------------------------------------------------------------------- defect 5: tracebacks
 def test_bad_device_is_a_message(engine, capsys):
-    expect_error(capsys, call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan",
-                                             "--device", "gpu"]), "--device 'gpu'", "cpu, cuda or cuda:N")
+    expect_error(
+        capsys,
+        call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan", "--device", "gpu"]),
+        "--device 'gpu'",
+        "cpu, cuda or cuda:N",
+    )
     if not torch.cuda.is_available():
-        expect_error(capsys, call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan",
-                                                 "--device", "cuda"]), "--device cuda", "no usable CUDA")
+        expect_error(
+            capsys,
+            call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan", "--device", "cuda"]),
+            "--device cuda",
+            "no usable CUDA",
+        )
 
 
 @pytest.mark.full
 def test_prompt_that_is_not_utf8(engine, tmp_path):
     # the real command line: the shell hands Python the raw bytes
-    r = subprocess.run([sys.executable, "-m", "redrafter_trt.cli.run", "--engine_dir", str(engine),
-                        "--input_text", b"\xff\xfe bad"], env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "redrafter_trt.cli.run",
+            "--engine_dir",
+            str(engine),
+            "--input_text",
+            b"\xff\xfe bad",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--input_text prompt 0: not valid UTF-8" in r.stderr
     f = tmp_path / "p.txt"
     f.write_bytes(b"tan kel\n\xff\xfe bad\n")
-    r = subprocess.run([sys.executable, "-m", "redrafter_trt.cli.run", "--engine_dir", str(engine),
-                        "--input_file", str(f)], env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "redrafter_trt.cli.run",
+            "--engine_dir",
+            str(engine),
+            "--input_file",
+            str(f),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"--input_file {f}: not valid UTF-8 (byte 0xff on line 2)" in r.stderr
 
@@ -179,53 +265,165 @@ def test_prompt_that_is_not_utf8(engine, tmp_path):
 # --------------------------------------------------------------------------- defect 6: silent limits
 def test_limits_are_reported(engine, capsys):
     err_of = lambda: capsys.readouterr().err  # noqa: E731
-    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan", "kel", "mor",
-                               "--max_output_len", 4, "--no_progress"]) == 0
+    assert (
+        call(
+            run_cli.main,
+            [
+                "--engine_dir",
+                engine,
+                "--input_text",
+                "tan",
+                "kel",
+                "mor",
+                "--max_output_len",
+                4,
+                "--no_progress",
+            ],
+        )
+        == 0
+    )
     err = err_of()
     assert "3 prompts but the engine's max_batch_size is 2" in err
     long = " ".join(WORDS[:20])
-    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", long, "--max_output_len", 60,
-                               "--ignore_eos", "--no_progress", "--json"]) == 0
+    assert (
+        call(
+            run_cli.main,
+            [
+                "--engine_dir",
+                engine,
+                "--input_text",
+                long,
+                "--max_output_len",
+                60,
+                "--ignore_eos",
+                "--no_progress",
+                "--json",
+            ],
+        )
+        == 0
+    )
     out = capsys.readouterr()
-    assert "prompt 0 has 20 tokens" in out.err and "max_seq_len 64: at most 44 new tokens" in out.err
+    assert (
+        "prompt 0 has 20 tokens" in out.err and "max_seq_len 64: at most 44 new tokens" in out.err
+    )
     assert len(json.loads(out.out)["outputs"][0]["output_token_ids"]) == 44
 
 
 def test_draft_len_other_than_trained_warns(tmp_path, text_base, head, capsys):
     trained = tmp_path / "trained"
-    save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True)), trained,
-                 extra_files={"training_report.json": json.dumps({"settings": {"draft_len": 4}})})
-    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", trained,
-                                   "--output_dir", tmp_path / "c8", "--redrafter_draft_len_per_beam", 8,
-                                   "--redrafter_num_beams", 16]) == 0
-    assert "trained for D=4 draft steps but --redrafter_draft_len_per_beam is 8" in capsys.readouterr().err
-    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", trained,
-                                   "--output_dir", tmp_path / "c4"]) == 0
+    save_drafter(
+        init_drafter(DrafterConfig(97, 32, 64, 1, True)),
+        trained,
+        extra_files={"training_report.json": json.dumps({"settings": {"draft_len": 4}})},
+    )
+    assert (
+        call(
+            convert_cli.main,
+            [
+                "--model_dir",
+                text_base,
+                "--drafter_model_dir",
+                trained,
+                "--output_dir",
+                tmp_path / "c8",
+                "--redrafter_draft_len_per_beam",
+                8,
+                "--redrafter_num_beams",
+                16,
+            ],
+        )
+        == 0
+    )
+    assert (
+        "trained for D=4 draft steps but --redrafter_draft_len_per_beam is 8"
+        in capsys.readouterr().err
+    )
+    assert (
+        call(
+            convert_cli.main,
+            [
+                "--model_dir",
+                text_base,
+                "--drafter_model_dir",
+                trained,
+                "--output_dir",
+                tmp_path / "c4",
+            ],
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().err
 
 
 def test_bogus_trtllm_flags_fail_with_torch_backend(engine, tmp_path, capsys):
     ckpt = engine.parent / "ckpt"
-    for flag, value in (("--kv_cache_type", "bogus"), ("--gemm_plugin", "fp7"),
-                        ("--use_paged_context_fmha", "maybe"), ("--max_num_tokens", "-3"),
-                        ("--workers", "many")):
-        code = call(build_cli.main, ["--checkpoint_dir", ckpt, "--output_dir", tmp_path / "e",
-                                     "--backend", "torch", flag, value])
+    for flag, value in (
+        ("--kv_cache_type", "bogus"),
+        ("--gemm_plugin", "fp7"),
+        ("--use_paged_context_fmha", "maybe"),
+        ("--max_num_tokens", "-3"),
+        ("--workers", "many"),
+    ):
+        code = call(
+            build_cli.main,
+            [
+                "--checkpoint_dir",
+                ckpt,
+                "--output_dir",
+                tmp_path / "e",
+                "--backend",
+                "torch",
+                flag,
+                value,
+            ],
+        )
         expect_error(capsys, code, flag, value)
         assert not (tmp_path / "e").exists()
-    assert call(build_cli.main, ["--checkpoint_dir", ckpt, "--output_dir", tmp_path / "e",
-                                 "--backend", "torch", "--kv_cache_type", "paged"]) == 0
+    assert (
+        call(
+            build_cli.main,
+            [
+                "--checkpoint_dir",
+                ckpt,
+                "--output_dir",
+                tmp_path / "e",
+                "--backend",
+                "torch",
+                "--kv_cache_type",
+                "paged",
+            ],
+        )
+        == 0
+    )
     assert "used by the trtllm backend only" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- defect 7: streaming
 def test_streaming_json_is_json_lines(engine, capsys):
-    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan kel", "mor sun",
-                               "--streaming", "--json", "--max_output_len", 12, "--ignore_eos"]) == 0
+    assert (
+        call(
+            run_cli.main,
+            [
+                "--engine_dir",
+                engine,
+                "--input_text",
+                "tan kel",
+                "mor sun",
+                "--streaming",
+                "--json",
+                "--max_output_len",
+                12,
+                "--ignore_eos",
+            ],
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     events, summary = lines[:-1], lines[-1]
     assert summary["summary"] is True and len(summary["outputs"]) == 2
-    assert all(set(e) >= {"index", "token_ids", "text", "finished"} and "summary" not in e for e in events)
+    assert all(
+        set(e) >= {"index", "token_ids", "text", "finished"} and "summary" not in e for e in events
+    )
     for i, o in enumerate(summary["outputs"]):
         mine = [e for e in events if e["index"] == i]
         assert "".join(e["text"] for e in mine) == o["output_text"] != ""
@@ -235,39 +433,111 @@ def test_streaming_json_is_json_lines(engine, capsys):
 
 def test_streaming_several_prompts_prints_whole_blocks(engine, capsys):
     prompts = ["tan kel", "mor sun", "rin kol"]
-    plain = run_json(capsys, engine, "--input_text", *prompts, "--max_output_len", 10, "--ignore_eos")
-    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", *prompts, "--streaming",
-                               "--max_output_len", 10, "--ignore_eos"]) == 0
+    plain = run_json(
+        capsys, engine, "--input_text", *prompts, "--max_output_len", 10, "--ignore_eos"
+    )
+    assert (
+        call(
+            run_cli.main,
+            [
+                "--engine_dir",
+                engine,
+                "--input_text",
+                *prompts,
+                "--streaming",
+                "--max_output_len",
+                10,
+                "--ignore_eos",
+            ],
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert sorted(lines) == sorted(f"[{i}] {o['output_text']}" for i, o in enumerate(plain["outputs"]))
+    assert sorted(lines) == sorted(
+        f"[{i}] {o['output_text']}" for i, o in enumerate(plain["outputs"])
+    )
 
 
 # --------------------------------------------------------------------------- defect 8: smaller ones
 def test_train_unknown_subcommand(capsys):
-    expect_error(capsys, call(train_cli.main, ["gen_data", "--limit", "2"]),
-                 "unknown subcommand 'gen_data'", "did you mean 'gen-data'")
+    expect_error(
+        capsys,
+        call(train_cli.main, ["gen_data", "--limit", "2"]),
+        "unknown subcommand 'gen_data'",
+        "did you mean 'gen-data'",
+    )
 
 
 def test_directory_flags_name_themselves(engine, text_base, tmp_path, capsys):
     ckpt = engine.parent / "ckpt"
-    conv = lambda d: call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", d,  # noqa: E731
-                                             "--output_dir", tmp_path / "o"])
+
+    def conv(d):
+        return call(
+            convert_cli.main,
+            [
+                "--model_dir",
+                text_base,
+                "--drafter_model_dir",
+                d,
+                "--output_dir",
+                tmp_path / "o",
+            ],
+        )
+
     expect_error(capsys, conv("/nonexistent"), "--drafter_model_dir /nonexistent: not found")
-    expect_error(capsys, conv(engine), f"--drafter_model_dir {engine}: this is a redrafter-build engine")
+    expect_error(
+        capsys, conv(engine), f"--drafter_model_dir {engine}: this is a redrafter-build engine"
+    )
     expect_error(capsys, conv(ckpt), "this is a redrafter-convert checkpoint")
     expect_error(capsys, conv(text_base), "this is a Hugging Face base model directory")
-    expect_error(capsys, call(run_cli.main, ["--engine_dir", ckpt, "--input_text", "tan"]),
-                 f"--engine_dir {ckpt}: this is a redrafter-convert checkpoint", "redrafter-build")
-    expect_error(capsys, call(build_cli.main, ["--checkpoint_dir", engine, "--output_dir", tmp_path / "e"]),
-                 "--checkpoint_dir", "this is a redrafter-build engine")
+    expect_error(
+        capsys,
+        call(run_cli.main, ["--engine_dir", ckpt, "--input_text", "tan"]),
+        f"--engine_dir {ckpt}: this is a redrafter-convert checkpoint",
+        "redrafter-build",
+    )
+    expect_error(
+        capsys,
+        call(build_cli.main, ["--checkpoint_dir", engine, "--output_dir", tmp_path / "e"]),
+        "--checkpoint_dir",
+        "this is a redrafter-build engine",
+    )
     for sub in ("gen-data", "eval"):
-        expect_error(capsys, call(train_cli.main, [sub, "--model_dir", text_base, "--drafter_model_dir",
-                                                   "/nonexistent"]), "--drafter_model_dir /nonexistent")
-    expect_error(capsys, call(train_cli.main, ["train", "--model_dir", text_base, "--data", "x",
-                                               "--output_dir", tmp_path / "h", "--init_from", engine]),
-                 "--init_from", "redrafter-build engine")
-    expect_error(capsys, call(convert_cli.main, ["--model_dir", tmp_path / "none", "--random_drafter",
-                                                 "--output_dir", tmp_path / "o"]), "--model_dir")
+        expect_error(
+            capsys,
+            call(
+                train_cli.main,
+                [sub, "--model_dir", text_base, "--drafter_model_dir", "/nonexistent"],
+            ),
+            "--drafter_model_dir /nonexistent",
+        )
+    expect_error(
+        capsys,
+        call(
+            train_cli.main,
+            [
+                "train",
+                "--model_dir",
+                text_base,
+                "--data",
+                "x",
+                "--output_dir",
+                tmp_path / "h",
+                "--init_from",
+                engine,
+            ],
+        ),
+        "--init_from",
+        "redrafter-build engine",
+    )
+    expect_error(
+        capsys,
+        call(
+            convert_cli.main,
+            ["--model_dir", tmp_path / "none", "--random_drafter", "--output_dir", tmp_path / "o"],
+        ),
+        "--model_dir",
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -290,14 +560,29 @@ def test_trainer_log_says_the_budget_sets_the_steps(text_base, tmp_path):
     from redrafter_trt.train.loop import train_drafter
 
     g = torch.Generator().manual_seed(0)
-    rows = [{"index": i, "prompt_ids": torch.randint(5, 97, (6,), generator=g).tolist(),
-             "response_ids": torch.randint(5, 97, (40,), generator=g).tolist()} for i in range(24)]
+    rows = [
+        {
+            "index": i,
+            "prompt_ids": torch.randint(5, 97, (6,), generator=g).tolist(),
+            "response_ids": torch.randint(5, 97, (40,), generator=g).tolist(),
+        }
+        for i in range(24)
+    ]
     data = tmp_path / "sd.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     logs: list[str] = []
-    cfg = TrainConfig(model_dir=str(text_base), data=[str(data)], output_dir=str(tmp_path / "h"),
-                      exit_dim=32, batch_size=32, warmup_steps=5, epochs=1000.0,
-                      time_budget_s=1.5, cache_dir=str(tmp_path / "cache"), progress=False)
+    cfg = TrainConfig(
+        model_dir=str(text_base),
+        data=[str(data)],
+        output_dir=str(tmp_path / "h"),
+        exit_dim=32,
+        batch_size=32,
+        warmup_steps=5,
+        epochs=1000.0,
+        time_budget_s=1.5,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     out = train_drafter(cfg, log=logs.append)
     report = json.loads((out / "training_report.json").read_text())
     header = next(m for m in logs if "held-out positions" in m)
@@ -308,12 +593,30 @@ def test_trainer_log_says_the_budget_sets_the_steps(text_base, tmp_path):
 
 
 def test_progress_and_speed_lines(engine, text_base, head, tmp_path, capsys):
-    assert call(convert_cli.main, ["--model_dir", text_base, "--drafter_model_dir", head,
-                                   "--output_dir", tmp_path / "c"]) == 0
+    assert (
+        call(
+            convert_cli.main,
+            ["--model_dir", text_base, "--drafter_model_dir", head, "--output_dir", tmp_path / "c"],
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "[convert] read base" in err and " MB in " in err
-    assert call(run_cli.main, ["--engine_dir", engine, "--input_text", "tan kel", "--max_output_len",
-                               8, "--ignore_eos"]) == 0
+    assert (
+        call(
+            run_cli.main,
+            [
+                "--engine_dir",
+                engine,
+                "--input_text",
+                "tan kel",
+                "--max_output_len",
+                8,
+                "--ignore_eos",
+            ],
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "generate: " in err  # the progress bar of a non-streaming run
     assert "tokens/s: " in err and "time to first token: " in err
@@ -334,21 +637,34 @@ def test_prompt_file_chat_json_lines(engine, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(engine))
-    convs = [[{"role": "user", "content": "tan kel"}, {"role": "assistant", "content": "mor"},
-              {"role": "user", "content": "sun rin"}],
-             [{"role": "system", "content": "kol"}, {"role": "user", "content": "nol"}]]
+    convs = [
+        [
+            {"role": "user", "content": "tan kel"},
+            {"role": "assistant", "content": "mor"},
+            {"role": "user", "content": "sun rin"},
+        ],
+        [{"role": "system", "content": "kol"}, {"role": "user", "content": "nol"}],
+    ]
     f = tmp_path / "chats.jsonl"
     f.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
-    ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"] for m in convs]
+    ids = [
+        tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"]
+        for m in convs
+    ]
     assert ids[0][:1] == [tok.convert_tokens_to_ids("<|user|>")] and len(ids[0]) == 12
     idf = tmp_path / "ids.json"
     idf.write_text(json.dumps(ids))
     chat = run_json(capsys, engine, "--input_file", f, "--max_output_len", 6)
     direct = run_json(capsys, engine, "--input_ids_file", idf, "--max_output_len", 6)
-    assert [o["output_token_ids"] for o in chat["outputs"]] == [o["output_token_ids"] for o in direct["outputs"]]
+    assert [o["output_token_ids"] for o in chat["outputs"]] == [
+        o["output_token_ids"] for o in direct["outputs"]
+    ]
     f.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
-    expect_error(capsys, call(run_cli.main, ["--engine_dir", engine, "--input_file", f]),
-                 f"--input_file {f} line 1: message 0")
+    expect_error(
+        capsys,
+        call(run_cli.main, ["--engine_dir", engine, "--input_file", f]),
+        f"--input_file {f} line 1: message 0",
+    )
 
 
 def test_speed_in_json(engine, capsys):
@@ -362,9 +678,13 @@ def test_speed_in_json(engine, capsys):
 def test_version_on_every_command(capsys):
     from redrafter_trt import __version__
 
-    for mod, prog in ((convert_cli, "redrafter-convert"), (build_cli, "redrafter-build"),
-                      (run_cli, "redrafter-run"), (train_cli, "redrafter-train"),
-                      (bench_cli, "redrafter-bench")):
+    for mod, prog in (
+        (convert_cli, "redrafter-convert"),
+        (build_cli, "redrafter-build"),
+        (run_cli, "redrafter-run"),
+        (train_cli, "redrafter-train"),
+        (bench_cli, "redrafter-bench"),
+    ):
         assert call(mod.main, ["--version"]) == 0
         assert capsys.readouterr().out.strip() == f"{prog} {__version__}"
 
@@ -372,8 +692,12 @@ def test_version_on_every_command(capsys):
 # --------------------------------------------------------------------------- defect 2: demo key
 def test_demo_engine_key_follows_the_head_content(tmp_path):
     def key(d):
-        r = subprocess.run(["bash", str(REPO / "build_scripts" / "demo.sh"), "--engine-key", str(d)],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            ["bash", str(REPO / "build_scripts" / "demo.sh"), "--engine-key", str(d)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return r.stdout.strip()
 
     a = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=1), tmp_path / "a")

@@ -1,7 +1,8 @@
 """Acceptance (SPEC section 6) against a per-beam greedy oracle, and KV relocation (section 7)."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from redrafter_trt.ops import accept, pack_tree, relocate_kv
 
@@ -13,7 +14,9 @@ def greedy_oracle(logits, beams, unpacker):
         best_n, best_w = -1, 0
         for wi in range(w):
             n = 0
-            while n < l - 1 and int(beams[r, wi, n + 1]) == int(logits[r, unpacker[r, wi, n]].argmax()):
+            while n < l - 1 and int(beams[r, wi, n + 1]) == int(
+                logits[r, unpacker[r, wi, n]].argmax()
+            ):
                 n += 1
             if n > best_n:
                 best_n, best_w = n, wi
@@ -23,7 +26,13 @@ def greedy_oracle(logits, beams, unpacker):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(2, 6), st.integers(0, 10**6))
+@given(
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.integers(2, 6),
+    st.integers(0, 10**6),
+)
 def test_greedy_accept_equals_oracle(b, w, l, v, seed):
     g = torch.Generator().manual_seed(seed)
     beams = torch.randint(0, v, (b, w, l), generator=g)
@@ -31,14 +40,25 @@ def test_greedy_accept_equals_oracle(b, w, l, v, seed):
     tree = pack_tree(beams)
     logits = torch.randn((b, w * l, v), generator=g).round()  # ties: lowest id wins
     z = torch.zeros(b)
-    acc = accept(logits, beams, tree.unpacker, z, torch.zeros(b, dtype=torch.int32), torch.ones(b),
-                 torch.rand((b, l), generator=g))
+    acc = accept(
+        logits,
+        beams,
+        tree.unpacker,
+        z,
+        torch.zeros(b, dtype=torch.int32),
+        torch.ones(b),
+        torch.rand((b, l), generator=g),
+    )
     for r, (n, best, bonus) in enumerate(greedy_oracle(logits, beams, tree.unpacker)):
-        assert (int(acc.num_accepted[r]), int(acc.best_beam[r]), int(acc.bonus[r])) == (n, best, bonus)
+        assert (int(acc.num_accepted[r]), int(acc.best_beam[r]), int(acc.bonus[r])) == (
+            n,
+            best,
+            bonus,
+        )
         path = [int(tree.unpacker[r, best, d]) for d in range(n + 1)]
-        assert acc.accepted_indices[r, :n + 1].tolist() == path
-        assert acc.emitted[r, :n + 1].tolist() == beams[r, best, 1:n + 1].tolist() + [bonus]
-        assert (acc.emitted[r, n + 1:] == -1).all()
+        assert acc.accepted_indices[r, : n + 1].tolist() == path
+        assert acc.emitted[r, : n + 1].tolist() == beams[r, best, 1 : n + 1].tolist() + [bonus]
+        assert (acc.emitted[r, n + 1 :] == -1).all()
 
 
 def test_sampling_walk_follows_drawn_tokens():
@@ -48,8 +68,15 @@ def test_sampling_walk_follows_drawn_tokens():
     logits = torch.full((1, 9, 3), -1e9)
     logits[0, :, 0] = 0.0
     logits[0, 0] = torch.tensor([-1e9, -1e9, 0.0])
-    acc = accept(logits, beams, tree.unpacker, torch.ones(1), torch.zeros(1, dtype=torch.int32),
-                 torch.ones(1), torch.full((1, 3), 0.5))
+    acc = accept(
+        logits,
+        beams,
+        tree.unpacker,
+        torch.ones(1),
+        torch.zeros(1, dtype=torch.int32),
+        torch.ones(1),
+        torch.full((1, 3), 0.5),
+    )
     # Root draws 2 -> beam 1 (lowest beam with 2), then draws 0 -> beam 1 again, leaf: bonus 0.
     assert (int(acc.num_accepted), int(acc.best_beam), int(acc.bonus)) == (2, 1, 0)
     assert acc.emitted[0].tolist() == [2, 0, 0]

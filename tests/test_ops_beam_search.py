@@ -1,10 +1,15 @@
 """Beam-search step (SPEC section 4) against a naive full sort of all W*V candidates."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from redrafter_trt.ops.beam_search import (WARP_FILL, beam_search_step, beam_search_step_naive,
-                                           warped_log_softmax)
+from redrafter_trt.ops.beam_search import (
+    WARP_FILL,
+    beam_search_step,
+    beam_search_step_naive,
+    warped_log_softmax,
+)
 
 
 def naive_python(logits, scores, warp_k):
@@ -30,8 +35,15 @@ def naive_python(logits, scores, warp_k):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 40), st.integers(0, 12), st.integers(0, 2**31),
-       st.booleans(), st.booleans())
+@given(
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.integers(1, 40),
+    st.integers(0, 12),
+    st.integers(0, 2**31),
+    st.booleans(),
+    st.booleans(),
+)
 def test_two_stage_equals_full_sort(b, w, v, warp_k, seed, tie_logits, tie_scores):
     if w > v:
         w = v

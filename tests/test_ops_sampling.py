@@ -4,7 +4,8 @@ import math
 
 import numpy as np
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from redrafter_trt.ops import draw_tokens, inverse_cdf, position_uniforms, target_probs
 
@@ -23,7 +24,13 @@ def test_uniforms_are_counter_based_and_in_range():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(2, 30), st.integers(0, 35), st.floats(0.05, 1.0), st.floats(0.1, 3.0), st.integers(0, 10**6))
+@given(
+    st.integers(2, 30),
+    st.integers(0, 35),
+    st.floats(0.05, 1.0),
+    st.floats(0.1, 3.0),
+    st.integers(0, 10**6),
+)
 def test_target_probs_rules(v, k, p, temp, seed):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(1, v, generator=g) * 3).round()  # ties on purpose
@@ -49,14 +56,22 @@ def test_target_probs_rules(v, k, p, temp, seed):
 
 def test_inverse_cdf_picks_by_token_id_order():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25]], dtype=torch.float64)
-    got = [int(inverse_cdf(probs, torch.tensor([u]))[0]) for u in (0.0, 0.2499, 0.25, 0.74, 0.75, 0.999999)]
+    got = [
+        int(inverse_cdf(probs, torch.tensor([u]))[0])
+        for u in (0.0, 0.2499, 0.25, 0.74, 0.75, 0.999999)
+    ]
     assert got == [1, 1, 3, 3, 4, 4]
 
 
 def test_greedy_rows_take_lowest_id_argmax():
     logits = torch.tensor([[1.0, 5.0, 5.0, 0.0], [2.0, 0.0, 2.0, 2.0]])
-    toks = draw_tokens(logits, torch.zeros(2), torch.zeros(2, dtype=torch.int32), torch.ones(2),
-                       torch.tensor([0.9, 0.9]))
+    toks = draw_tokens(
+        logits,
+        torch.zeros(2),
+        torch.zeros(2, dtype=torch.int32),
+        torch.ones(2),
+        torch.tensor([0.9, 0.9]),
+    )
     assert toks.tolist() == [1, 0]
 
 

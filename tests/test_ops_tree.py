@@ -1,10 +1,17 @@
 """Tree packing (SPEC section 5): the worked example and properties over random beams."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from redrafter_trt.contract import StepShape
-from redrafter_trt.ops import bool_to_packed_mask, mask_words, pack_tree, packed_mask_to_bool, root_only_tree
+from redrafter_trt.ops import (
+    bool_to_packed_mask,
+    mask_words,
+    pack_tree,
+    packed_mask_to_bool,
+    root_only_tree,
+)
 
 
 def test_spec_worked_example():
@@ -20,8 +27,13 @@ def test_spec_worked_example():
     assert t.packed_mask[0, 7:].eq(0).all()
 
 
-beam_sets = st.integers(1, 6).flatmap(lambda w: st.integers(1, 6).flatmap(
-    lambda l: st.lists(st.lists(st.integers(0, 2), min_size=l, max_size=l), min_size=w, max_size=w)))
+beam_sets = st.integers(1, 6).flatmap(
+    lambda w: st.integers(1, 6).flatmap(
+        lambda l: st.lists(
+            st.lists(st.integers(0, 2), min_size=l, max_size=l), min_size=w, max_size=w
+        )
+    )
+)
 
 
 def ancestor_or_self(beams, unpacker):
@@ -54,15 +66,25 @@ def test_pack_properties(rows, batch):
         for wi in range(w):
             for d in range(l):
                 assert int(t.offsets[b, un[wi, d]]) == d
-                dup = any(torch.equal(beams[b, v, :d + 1], beams[b, wi, :d + 1]) for v in range(wi))
-                assert (un[wi, d] < un[wi].max() + 1)
-                owner = next(v for v in range(wi + 1) if torch.equal(beams[b, v, :d + 1], beams[b, wi, :d + 1]))
+                dup = any(
+                    torch.equal(beams[b, v, : d + 1], beams[b, wi, : d + 1]) for v in range(wi)
+                )
+                assert un[wi, d] < un[wi].max() + 1
+                owner = next(
+                    v
+                    for v in range(wi + 1)
+                    if torch.equal(beams[b, v, : d + 1], beams[b, wi, : d + 1])
+                )
                 assert int(un[wi, d]) == int(un[owner, d])
                 if not dup:
                     assert owner == wi
         # Packed order is beam-major, depth-minor over kept nodes.
-        order = [(wi, d) for wi in range(w) for d in range(l)
-                 if not any(torch.equal(beams[b, v, :d + 1], beams[b, wi, :d + 1]) for v in range(wi))]
+        order = [
+            (wi, d)
+            for wi in range(w)
+            for d in range(l)
+            if not any(torch.equal(beams[b, v, : d + 1], beams[b, wi, : d + 1]) for v in range(wi))
+        ]
         assert [int(un[wi, d]) for wi, d in order] == list(range(p))
         # The mask is exactly ancestor-or-self, and the packed words encode it.
         assert torch.equal(t.mask[b], ancestor_or_self(beams[b], un))
@@ -94,4 +116,7 @@ def test_root_only_tree_is_the_root_alone():
     assert tree.packed_mask.tolist() == [[[1], [0], [0], [0]]] * 2
     # node 0 as pack_tree lays out a tree whose only node is the root
     one = pack_tree(torch.tensor([[[7]], [[11]]]))
-    assert tree.tokens[:, :1].tolist() == one.tokens.tolist() and tree.mask[:, :1, :1].tolist() == one.mask.tolist()
+    assert (
+        tree.tokens[:, :1].tolist() == one.tokens.tolist()
+        and tree.mask[:, :1, :1].tolist() == one.mask.tolist()
+    )

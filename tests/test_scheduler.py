@@ -9,10 +9,12 @@ from redrafter_trt import contract as C
 from redrafter_trt.runtime.scheduler import QueueFull, SamplingParams, Scheduler, SchedulerClosed
 
 PROMPTS = [[5, 9, 13], [7, 3], [22, 40, 41, 8, 9], [60, 2, 2, 2], [11], [90, 91, 92, 93, 94, 95]]
-SETTINGS = [SamplingParams(max_new_tokens=14),
-            SamplingParams(max_new_tokens=9, temperature=0.9, top_k=20, seed=123),
-            SamplingParams(max_new_tokens=17, temperature=1.2, top_p=0.8, seed=7),
-            SamplingParams(max_new_tokens=5)]
+SETTINGS = [
+    SamplingParams(max_new_tokens=14),
+    SamplingParams(max_new_tokens=9, temperature=0.9, top_k=20, seed=123),
+    SamplingParams(max_new_tokens=17, temperature=1.2, top_p=0.8, seed=7),
+    SamplingParams(max_new_tokens=5),
+]
 
 
 def recording(be):
@@ -118,7 +120,10 @@ def test_draft_policy_sees_the_live_batch(gen):
     calls = recording(be)
     try:
         s = Scheduler(be, max_slots=4, tokens_per_slot=64, draft_policy=policy)
-        reqs = [s.submit(p, SamplingParams(max_new_tokens=12 + 3 * i)) for i, p in enumerate(PROMPTS[:3])]
+        reqs = [
+            s.submit(p, SamplingParams(max_new_tokens=12 + 3 * i))
+            for i, p in enumerate(PROMPTS[:3])
+        ]
         for _ in range(100):
             if all(r.finished for r in reqs):
                 break
@@ -126,25 +131,32 @@ def test_draft_policy_sees_the_live_batch(gen):
     finally:
         del be.step
     assert {d for _, d in calls} == {0, 3} and 1 in seen and 3 in seen
-    assert [r.tokens for r in reqs] == [solo(gen, p, SamplingParams(max_new_tokens=12 + 3 * i))
-                                        for i, p in enumerate(PROMPTS[:3])]
+    assert [r.tokens for r in reqs] == [
+        solo(gen, p, SamplingParams(max_new_tokens=12 + 3 * i)) for i, p in enumerate(PROMPTS[:3])
+    ]
 
 
 def test_bad_requests_are_refused(gen):
     s = Scheduler(gen.backend, max_slots=1, tokens_per_slot=32)
-    for prompt, params, msg in [([], SamplingParams(), "empty prompt"),
-                                ([1] * 40, SamplingParams(), "room under"),
-                                ([1, 500], SamplingParams(), "outside"),
-                                ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
-                                ([1], SamplingParams(top_p=0.0), "top_p")]:
+    for prompt, params, msg in [
+        ([], SamplingParams(), "empty prompt"),
+        ([1] * 40, SamplingParams(), "room under"),
+        ([1, 500], SamplingParams(), "outside"),
+        ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        ([1], SamplingParams(top_p=0.0), "top_p"),
+    ]:
         with pytest.raises(Exception, match=msg):
             s.submit(prompt, params)
     assert s.idle()
 
 
 # --------------------------------------------------------------------------- chunked prefill
-LONG = [[(7 * i + 3) % 97 for i in range(60)], [(5 * i + 1) % 97 for i in range(37)],
-        [(11 * i + 2) % 97 for i in range(23)], [4, 8, 15]]
+LONG = [
+    [(7 * i + 3) % 97 for i in range(60)],
+    [(5 * i + 1) % 97 for i in range(37)],
+    [(11 * i + 2) % 97 for i in range(23)],
+    [4, 8, 15],
+]
 
 
 def recording_rows(be):
@@ -153,8 +165,15 @@ def recording_rows(be):
     real = be.step
 
     def step(inputs):
-        calls.append(list(zip(inputs[C.REQUEST_TYPES].tolist(), inputs[C.CACHE_LENGTHS].tolist(),
-                              inputs[C.INPUT_LENGTHS].tolist())))
+        calls.append(
+            list(
+                zip(
+                    inputs[C.REQUEST_TYPES].tolist(),
+                    inputs[C.CACHE_LENGTHS].tolist(),
+                    inputs[C.INPUT_LENGTHS].tolist(),
+                )
+            )
+        )
         return real(inputs)
 
     be.step = step
@@ -165,10 +184,12 @@ def recording_rows(be):
 def test_chunked_prefill_gives_the_unchunked_outputs(gen, chunk):
     """Greedy and seeded sampling: the same tokens with prompts prefilled in chunks, arriving
     while others run, as each request served alone with its prompt prefilled whole."""
-    settings = [SamplingParams(max_new_tokens=12, ignore_eos=True),
-                SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, seed=5, ignore_eos=True),
-                SamplingParams(max_new_tokens=11, temperature=1.1, top_p=0.8, seed=9, ignore_eos=True),
-                SamplingParams(max_new_tokens=8)]
+    settings = [
+        SamplingParams(max_new_tokens=12, ignore_eos=True),
+        SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, seed=5, ignore_eos=True),
+        SamplingParams(max_new_tokens=11, temperature=1.1, top_p=0.8, seed=9, ignore_eos=True),
+        SamplingParams(max_new_tokens=8),
+    ]
     want = [solo(gen, p, settings[i], 96) for i, p in enumerate(LONG)]
     be = gen.backend
     calls = recording_rows(be)
@@ -207,23 +228,32 @@ def test_running_row_keeps_decoding_while_a_long_prompt_is_prefilled(gen):
         while not b.tokens:
             n0 = len(calls)
             evs = s.step()
-            per_step.append((sum(len(e.token_ids) for e in evs if e.request is a),
-                             sum(len(e.token_ids) for e in evs if e.request is b), calls[n0:]))
+            per_step.append(
+                (
+                    sum(len(e.token_ids) for e in evs if e.request is a),
+                    sum(len(e.token_ids) for e in evs if e.request is b),
+                    calls[n0:],
+                )
+            )
     finally:
         del be.step
     steps = -(-len(LONG[0]) // chunk)  # ceil: b's prompt takes this many iterations
     assert len(per_step) == steps
     assert all(na >= 1 for na, _, _ in per_step)  # a produced tokens in every one of them
-    assert [nb for _, nb, _ in per_step] == [0] * (steps - 1) + [1]  # b's first token after its last chunk
+    assert [nb for _, nb, _ in per_step] == [0] * (steps - 1) + [
+        1
+    ]  # b's first token after its last chunk
     for k, (_, _, cs) in enumerate(per_step):
         # one call per iteration, b's chunk beside a's generation row, continuing b's cache
         assert len(cs) == 1 and sorted(kind for kind, _, _ in cs[0]) == [C.CONTEXT, C.GENERATION]
-        (cl, n), = [(cl, n) for kind, cl, n in cs[0] if kind == C.CONTEXT]
+        ((cl, n),) = [(cl, n) for kind, cl, n in cs[0] if kind == C.CONTEXT]
         assert cl == k * chunk and n == min(chunk, len(LONG[0]) - cl)
     while not (a.finished and b.finished):
         s.step()
     assert b.tokens == solo(gen, LONG[0], SamplingParams(max_new_tokens=4, ignore_eos=True), 128)
-    assert a.tokens == solo(gen, [5, 9, 13], SamplingParams(max_new_tokens=60, ignore_eos=True), 128)
+    assert a.tokens == solo(
+        gen, [5, 9, 13], SamplingParams(max_new_tokens=60, ignore_eos=True), 128
+    )
 
 
 def test_cancel_during_a_chunked_prefill_frees_the_slot(gen):
@@ -233,7 +263,9 @@ def test_cancel_during_a_chunked_prefill_frees_the_slot(gen):
     assert a.prefilling and a.prefilled == 10 and not a.tokens
     s.cancel(a)
     events = s.step()
-    assert a.finish_reason == "cancelled" and [e.finished for e in events if e.request is a] == [True]
+    assert a.finish_reason == "cancelled" and [e.finished for e in events if e.request is a] == [
+        True
+    ]
     assert s.live_rows == 0 and s._free == [0]
 
 
@@ -264,7 +296,11 @@ class TrtllmFeed:
         self.mixed_request_types = TrtllmBackend.mixed_request_types
         self.chunked_context = True
         self.shape, self.vocab_size = be.shape, be.vocab_size
-        self.max_batch_size, self.max_input_len, self.max_seq_len = be.max_batch_size, be.max_input_len, be.max_seq_len
+        self.max_batch_size, self.max_input_len, self.max_seq_len = (
+            be.max_batch_size,
+            be.max_input_len,
+            be.max_seq_len,
+        )
         self.prepared = []
 
     def reserve(self, slots, tokens):
@@ -277,8 +313,15 @@ class TrtllmFeed:
 
         d = int(inputs[C.NUM_DRAFT_STEPS])
         assert d in (0, self.shape.draft_len)  # what TrtllmBackend.step accepts
-        p = prepare_step(inputs, self.shape, device=torch.device("cpu"), max_blocks=8, layers=2, kv_len=128,
-                         pool_ptr=0x1000)
+        p = prepare_step(
+            inputs,
+            self.shape,
+            device=torch.device("cpu"),
+            max_blocks=8,
+            layers=2,
+            kv_len=128,
+            pool_ptr=0x1000,
+        )
         self.prepared.append((inputs[C.CACHE_LENGTHS].clone(), p))
         return self.be.step(inputs)
 
@@ -288,8 +331,10 @@ def test_the_trtllm_backend_feed_takes_every_call_of_a_chunked_in_flight_batch(g
     context and generation calls, prompt chunks continuing their slots' caches (sequence_length
     = cached tokens + T), and every request's tokens equal to its solo run."""
     be = TrtllmFeed(gen.backend)
-    settings = [SamplingParams(max_new_tokens=9, ignore_eos=True),
-                SamplingParams(max_new_tokens=7, temperature=0.8, seed=3, ignore_eos=True)]
+    settings = [
+        SamplingParams(max_new_tokens=9, ignore_eos=True),
+        SamplingParams(max_new_tokens=7, temperature=0.8, seed=3, ignore_eos=True),
+    ]
     s = Scheduler(be, max_slots=3, tokens_per_slot=96, prefill_chunk=16)
     reqs = []
     for i, p in enumerate(LONG):
@@ -300,7 +345,9 @@ def test_the_trtllm_backend_feed_takes_every_call_of_a_chunked_in_flight_batch(g
             break
         s.step()
     assert [r.finish_reason for r in reqs] == ["length"] * len(LONG)  # no call was refused
-    assert [r.tokens for r in reqs] == [solo(gen, p, settings[i % 2], 96) for i, p in enumerate(LONG)]
+    assert [r.tokens for r in reqs] == [
+        solo(gen, p, settings[i % 2], 96) for i, p in enumerate(LONG)
+    ]
     ctx = [(cl, p) for cl, p in be.prepared if p.is_ctx]
     assert ctx and any(p.batch > 0 and int(cl.max()) > 0 for cl, p in ctx)  # continuing chunks ran
     for cl, p in ctx:

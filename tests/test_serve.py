@@ -40,14 +40,52 @@ def free_port() -> int:
 def engine_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     base = write_tiny_hf(root / "base", "llama", seed=4)
-    drafter = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2, std=0.5), root / "drafter")
-    assert convert_cli.main([str(a) for a in ["--model_dir", base, "--drafter_model_dir", drafter, "--output_dir",
-                                              root / "ckpt", "--redrafter_num_beams", 3,
-                                              "--redrafter_draft_len_per_beam", 2]]) == 0
+    drafter = save_drafter(
+        init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2, std=0.5), root / "drafter"
+    )
+    assert (
+        convert_cli.main(
+            [
+                str(a)
+                for a in [
+                    "--model_dir",
+                    base,
+                    "--drafter_model_dir",
+                    drafter,
+                    "--output_dir",
+                    root / "ckpt",
+                    "--redrafter_num_beams",
+                    3,
+                    "--redrafter_draft_len_per_beam",
+                    2,
+                ]
+            ]
+        )
+        == 0
+    )
     engine = root / MODEL
-    assert build_cli.main([str(a) for a in ["--checkpoint_dir", root / "ckpt", "--output_dir", engine, "--backend",
-                                            "torch", "--max_batch_size", 8, "--max_input_len", 48,
-                                            "--max_seq_len", 128]]) == 0
+    assert (
+        build_cli.main(
+            [
+                str(a)
+                for a in [
+                    "--checkpoint_dir",
+                    root / "ckpt",
+                    "--output_dir",
+                    engine,
+                    "--backend",
+                    "torch",
+                    "--max_batch_size",
+                    8,
+                    "--max_input_len",
+                    48,
+                    "--max_seq_len",
+                    128,
+                ]
+            ]
+        )
+        == 0
+    )
     _char_tokenizer(CHATML).save_pretrained(str(engine))
     return engine
 
@@ -55,9 +93,26 @@ def engine_dir(tmp_path_factory):
 def start_server(engine_dir, *extra):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "redrafter_trt.cli.serve", "--engine_dir", str(engine_dir),
-                             "--host", "127.0.0.1", "--port", str(port), "--threads", "1", *map(str, extra)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "redrafter_trt.cli.serve",
+            "--engine_dir",
+            str(engine_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            *map(str, extra),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):  # bounded: 120 s
         if proc.poll() is not None:
@@ -117,9 +172,15 @@ def test_models_health_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     text = httpx.get(server + "/metrics").text
-    for name in ("redrafter_requests_total", "redrafter_queue_depth", "redrafter_batch_occupancy",
-                 "redrafter_output_tokens_per_second", "redrafter_step_seconds", "redrafter_tokens_per_step",
-                 'redrafter_draft_accepted_total{depth="2"}'):
+    for name in (
+        "redrafter_requests_total",
+        "redrafter_queue_depth",
+        "redrafter_batch_occupancy",
+        "redrafter_output_tokens_per_second",
+        "redrafter_step_seconds",
+        "redrafter_tokens_per_step",
+        'redrafter_draft_accepted_total{depth="2"}',
+    ):
         assert name in text, name
 
 
@@ -128,64 +189,111 @@ def test_completion_and_chat_equal_the_runtime(client, engine_dir):
 
     gen = load(engine_dir, device="cpu")
     want = gen.generate(["hello there"], max_new_tokens=20, ignore_eos=True)[0]
-    raw = client.completions.with_raw_response.create(model=MODEL, prompt="hello there", max_tokens=20,
-                                                      temperature=0, extra_body={"ignore_eos": True})
+    raw = client.completions.with_raw_response.create(
+        model=MODEL,
+        prompt="hello there",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     r = raw.parse()
     assert r.choices[0].text == want.text and r.usage.completion_tokens == 20
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
     tps = float(raw.headers["x-redrafter-tokens-per-step"])
-    assert tps == pytest.approx(sum(want.accepted_per_step[1:]) / len(want.accepted_per_step[1:]), abs=1e-3)
+    assert tps == pytest.approx(
+        sum(want.accepted_per_step[1:]) / len(want.accepted_per_step[1:]), abs=1e-3
+    )
     assert r.model_extra["redrafter"]["accepted_per_step"] == want.accepted_per_step
 
     chat_want = gen.generate(["what is 2+2?"], max_new_tokens=16, use_chat_template=True)[0]
-    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "what is 2+2?"}],
-                                       max_tokens=16, temperature=0)
-    assert c.choices[0].message.content == chat_want.text and c.choices[0].message.role == "assistant"
-    assert c.choices[0].finish_reason == ("length" if chat_want.finish_reason == "length" else "stop")
+    c = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "what is 2+2?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert (
+        c.choices[0].message.content == chat_want.text and c.choices[0].message.role == "assistant"
+    )
+    assert c.choices[0].finish_reason == (
+        "length" if chat_want.finish_reason == "length" else "stop"
+    )
 
 
 def test_streaming_deltas_concatenate_to_the_full_text(client):
-    kw = dict(model=MODEL, prompt="stream me", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        prompt="stream me",
+        max_tokens=24,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kw).choices[0].text
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == full
-    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].choices[0].finish_reason == "length"
+    assert (
+        chunks[-1].usage.completion_tokens == 24 and chunks[-1].choices[0].finish_reason == "length"
+    )
     assert len([c for c in chunks if c.choices[0].text]) > 1  # really incremental
     msgs = [{"role": "user", "content": "hi"}]
     full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
-    parts = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
-                                                stream=True))
-    assert "".join(p.choices[0].delta.content or "" for p in parts) == full.choices[0].message.content
+    parts = list(
+        client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert (
+        "".join(p.choices[0].delta.content or "" for p in parts) == full.choices[0].message.content
+    )
     assert parts[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
 def test_stop_strings_cut_before_the_stop(client):
-    kw = dict(model=MODEL, prompt="abc", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL, prompt="abc", max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
     full = client.completions.create(**kw).choices[0].text
     stop = full[8:10]
     assert len(stop) == 2
-    cut = full[:full.find(stop)]
+    cut = full[: full.find(stop)]
     r = client.completions.create(stop=[stop, "NEVER-SEEN"], **kw)
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw))
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw)
+    )
     assert streamed == cut
 
 
 def test_seeded_sampling_is_reproducible(client):
-    kw = dict(model=MODEL, prompt="sample", max_tokens=20, temperature=1.0, top_p=0.95,
-              extra_body={"top_k": 40, "ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        prompt="sample",
+        max_tokens=20,
+        temperature=1.0,
+        top_p=0.95,
+        extra_body={"top_k": 40, "ignore_eos": True},
+    )
     a = [client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)]
     b = [client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)]
     assert a == b and len(set(a)) > 1
 
 
 def test_concurrent_requests_equal_their_single_outputs(client):
-    reqs = [dict(prompt=f"prompt {i} " + "xy" * (i % 5), max_tokens=8 + i % 9,
-                 temperature=0 if i % 2 else 0.8, seed=i, extra_body={"ignore_eos": i % 3 == 0})
-            for i in range(16)]
+    reqs = [
+        dict(
+            prompt=f"prompt {i} " + "xy" * (i % 5),
+            max_tokens=8 + i % 9,
+            temperature=0 if i % 2 else 0.8,
+            seed=i,
+            extra_body={"ignore_eos": i % 3 == 0},
+        )
+        for i in range(16)
+    ]
     solo = [client.completions.create(model=MODEL, **r).choices[0].text for r in reqs]
     with ThreadPoolExecutor(16) as ex:
-        together = list(ex.map(lambda r: client.completions.create(model=MODEL, **r).choices[0].text, reqs))
+        together = list(
+            ex.map(lambda r: client.completions.create(model=MODEL, **r).choices[0].text, reqs)
+        )
     assert together == solo
 
 
@@ -208,32 +316,58 @@ BAD = [
 def test_bad_requests_get_400_and_the_server_keeps_serving(server, client):
     for body, fragment in BAD:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        r = httpx.post(server + "/v1/completions", content=content, headers={"content-type": "application/json"})
+        r = httpx.post(
+            server + "/v1/completions",
+            content=content,
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
         assert fragment in err["message"] and err["type"] == "invalid_request_error", (body, err)
-    for body, fragment in [({"model": MODEL, "messages": []}, "messages"),
-                           ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
-                           ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []},
-                            "'tools'")]:
+    for body, fragment in [
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, "'tools'"),
+    ]:
         r = httpx.post(server + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
     with pytest.raises(openai.BadRequestError, match="unknown model"):
         client.completions.create(model="nope", prompt="x")
-    assert client.completions.create(model=MODEL, prompt="still here", max_tokens=3).usage.completion_tokens >= 1
+    assert (
+        client.completions.create(
+            model=MODEL, prompt="still here", max_tokens=3
+        ).usage.completion_tokens
+        >= 1
+    )
 
 
 def test_full_queue_gets_429_with_retry_after(server, client):
-    body = {"model": MODEL, "prompt": "fill", "max_tokens": 70, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "fill",
+        "max_tokens": 70,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     with ThreadPoolExecutor(26) as ex:
-        rs = list(ex.map(lambda _: httpx.post(server + "/v1/completions", json=body, timeout=300), range(26)))
+        rs = list(
+            ex.map(
+                lambda _: httpx.post(server + "/v1/completions", json=body, timeout=300), range(26)
+            )
+        )
     codes = sorted(r.status_code for r in rs)
     full = [r for r in rs if r.status_code == 429]
     assert full and set(codes) == {200, 429}, codes
-    assert full[0].headers["retry-after"] == "1" and "queue is full" in full[0].json()["error"]["message"]
+    assert (
+        full[0].headers["retry-after"] == "1"
+        and "queue is full" in full[0].json()["error"]["message"]
+    )
     texts = {r.json()["choices"][0]["text"] for r in rs if r.status_code == 200}
     assert len(texts) == 1  # the same greedy request: the same output in every slot
-    assert client.completions.create(model=MODEL, prompt="after", max_tokens=3).usage.completion_tokens >= 1
+    assert (
+        client.completions.create(model=MODEL, prompt="after", max_tokens=3).usage.completion_tokens
+        >= 1
+    )
 
 
 def wait_idle(url: str) -> None:
@@ -257,20 +391,34 @@ def test_client_disconnect_frees_the_slot(server):
 
 def test_small_soak_with_random_cancels(server_proc, server, client):
     rng = random.Random(0)
-    reqs = [dict(prompt="soak " + "ab" * rng.randint(0, 15), max_tokens=rng.randint(1, 40),
-                 temperature=rng.choice([0, 0, 0.7, 1.0]), seed=i, extra_body={"ignore_eos": rng.random() < 0.5})
-            for i in range(60)]
+    reqs = [
+        dict(
+            prompt="soak " + "ab" * rng.randint(0, 15),
+            max_tokens=rng.randint(1, 40),
+            temperature=rng.choice([0, 0, 0.7, 1.0]),
+            seed=i,
+            extra_body={"ignore_eos": rng.random() < 0.5},
+        )
+        for i in range(60)
+    ]
     cancel = {i for i in range(60) if rng.random() < 0.25}
-    solo = {i: client.completions.create(model=MODEL, **r).choices[0].text
-            for i, r in enumerate(reqs) if i not in cancel and i % 3 == 0}
+    solo = {
+        i: client.completions.create(model=MODEL, **r).choices[0].text
+        for i, r in enumerate(reqs)
+        if i not in cancel and i % 3 == 0
+    }
     wait_idle(server)
     rss_before = rss_mib(server_proc[0].pid)  # after the solo runs warmed every path up
 
     def one(i):
         r = reqs[i]
         if i in cancel:  # read one event, then hang up
-            body = {"model": MODEL, "stream": True, **{k: v for k, v in r.items() if k != "extra_body"},
-                    **r["extra_body"]}
+            body = {
+                "model": MODEL,
+                "stream": True,
+                **{k: v for k, v in r.items() if k != "extra_body"},
+                **r["extra_body"],
+            }
             with httpx.stream("POST", server + "/v1/completions", json=body, timeout=120) as s:
                 for line in s.iter_lines():
                     if line.startswith("data:"):
@@ -291,8 +439,11 @@ def test_sigterm_finishes_running_requests_and_exits(engine_dir):
     proc, url = start_server(engine_dir, "--graceful_timeout", 20)
     c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(lambda: c.completions.create(model=MODEL, prompt="last one", max_tokens=60,
-                                                     extra_body={"ignore_eos": True}))
+        fut = ex.submit(
+            lambda: c.completions.create(
+                model=MODEL, prompt="last one", max_tokens=60, extra_body={"ignore_eos": True}
+            )
+        )
         for _ in range(100):
             if metric(url, "redrafter_batch_rows") >= 1:
                 break
@@ -317,12 +468,26 @@ def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
     assert "--port" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         serve_cli.main(["--engine_dir", str(engine_dir), "--prefill_chunk", "-3"])
-    assert exit_.value.code == 2 and "--prefill_chunk: must be >= 0, got -3" in capsys.readouterr().err
-    assert serve_cli.main(["--engine_dir", str(engine_dir), "--prefill_chunk", "64", "--max_prefill_tokens", "9"]) == 2
+    assert (
+        exit_.value.code == 2 and "--prefill_chunk: must be >= 0, got -3" in capsys.readouterr().err
+    )
+    assert (
+        serve_cli.main(
+            ["--engine_dir", str(engine_dir), "--prefill_chunk", "64", "--max_prefill_tokens", "9"]
+        )
+        == 2
+    )
     assert "--prefill_chunk 0" in capsys.readouterr().err
     text = serve_cli.build_parser().format_help()
-    for flag in ("--engine_dir", "--host", "--port", "--max_queue", "--no_speculation", "--graceful_timeout",
-                 "--prefill_chunk"):
+    for flag in (
+        "--engine_dir",
+        "--host",
+        "--port",
+        "--max_queue",
+        "--no_speculation",
+        "--graceful_timeout",
+        "--prefill_chunk",
+    ):
         assert flag in text
 
 
@@ -348,27 +513,78 @@ def byte_engine_dir(tmp_path_factory):
     assert len(ids) == len(CYCLE.encode()) == len(set(ids))  # one token per byte, none repeated
     v, h = len(tok), 64
     torch.manual_seed(3)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         initializer_range=1.0, eos_token_id=tok.eos_token_id, bos_token_id=None))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=v,
+            hidden_size=h,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=1.0,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=None,
+        )
+    )
     with torch.no_grad():
         layer = model.model.layers[0]
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
         emb = model.model.embed_tokens.weight
-        unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()  # what the final RMSNorm makes of them
+        unit = (
+            emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+        )  # what the final RMSNorm makes of them
         model.lm_head.weight.zero_()
         for k, t in enumerate(ids):
             model.lm_head.weight[ids[(k + 1) % len(ids)]] = unit[t]
     model.save_pretrained(str(root / "base"))
-    drafter = save_drafter(init_drafter(DrafterConfig(v, h, 2 * h, 1, True), seed=2, std=0.5), root / "drafter")
-    assert convert_cli.main([str(a) for a in ["--model_dir", root / "base", "--drafter_model_dir", drafter,
-                                              "--output_dir", root / "ckpt", "--redrafter_num_beams", 2,
-                                              "--redrafter_draft_len_per_beam", 2]]) == 0
+    drafter = save_drafter(
+        init_drafter(DrafterConfig(v, h, 2 * h, 1, True), seed=2, std=0.5), root / "drafter"
+    )
+    assert (
+        convert_cli.main(
+            [
+                str(a)
+                for a in [
+                    "--model_dir",
+                    root / "base",
+                    "--drafter_model_dir",
+                    drafter,
+                    "--output_dir",
+                    root / "ckpt",
+                    "--redrafter_num_beams",
+                    2,
+                    "--redrafter_draft_len_per_beam",
+                    2,
+                ]
+            ]
+        )
+        == 0
+    )
     engine = root / MODEL
-    assert build_cli.main([str(a) for a in ["--checkpoint_dir", root / "ckpt", "--output_dir", engine, "--backend",
-                                            "torch", "--max_batch_size", 4, "--max_input_len", 32,
-                                            "--max_seq_len", 96]]) == 0
+    assert (
+        build_cli.main(
+            [
+                str(a)
+                for a in [
+                    "--checkpoint_dir",
+                    root / "ckpt",
+                    "--output_dir",
+                    engine,
+                    "--backend",
+                    "torch",
+                    "--max_batch_size",
+                    4,
+                    "--max_input_len",
+                    32,
+                    "--max_seq_len",
+                    96,
+                ]
+            ]
+        )
+        == 0
+    )
     tok.save_pretrained(str(engine))
     return engine
 
@@ -379,7 +595,9 @@ def test_streamed_deltas_never_split_a_utf8_character(byte_engine_dir, speculati
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         n = 3 * len(CYCLE.encode())  # three times round the cycle, in tokens
-        kw = dict(model=MODEL, prompt="茶", max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+        kw = dict(
+            model=MODEL, prompt="茶", max_tokens=n, temperature=0, extra_body={"ignore_eos": True}
+        )
         full = c.completions.create(**kw).choices[0].text
         assert full == CYCLE * 3  # the model is what the fixture says: characters over 2-4 tokens
         chunks = list(c.completions.create(stream=True, **kw))
@@ -392,9 +610,16 @@ def test_streamed_deltas_never_split_a_utf8_character(byte_engine_dir, speculati
         assert len(deltas) < n
         if not speculative:
             assert deltas == list(full)
-        msgs = [{"role": "user", "content": "hi"}]  # chat: whatever the text, deltas are whole characters
-        parts = [p.choices[0].delta.content for p in c.chat.completions.create(
-            model=MODEL, messages=msgs, max_tokens=20, temperature=0, stream=True) if p.choices]
+        msgs = [
+            {"role": "user", "content": "hi"}
+        ]  # chat: whatever the text, deltas are whole characters
+        parts = [
+            p.choices[0].delta.content
+            for p in c.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=20, temperature=0, stream=True
+            )
+            if p.choices
+        ]
         whole = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
         assert "".join(p or "" for p in parts) == whole.choices[0].message.content
     finally:
@@ -409,15 +634,56 @@ def test_bench_soak_and_stall_modes_on_the_tiny_engine(tmp_path):
 
     tiny = tmp_path / "tiny"
     out = tmp_path / "soak.json"
-    assert bench.main(["--tiny_engine", str(tiny), "--soak", "24", "--soak_clients", "6", "--prefill_chunk", "16",
-                       "--threads", "1", "--rss_tolerance_mib", "64", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--tiny_engine",
+                str(tiny),
+                "--soak",
+                "24",
+                "--soak_clients",
+                "6",
+                "--prefill_chunk",
+                "16",
+                "--threads",
+                "1",
+                "--rss_tolerance_mib",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["passed"] and r["lost"] == 0 and r["corrupt_greedy"] == 0 and r["corrupt_sampled"] == 0
-    assert r["completed"] + r["cancelled"] == 24 and r["completed"] == r["greedy_checked"] + r["sampled_checked"]
+    assert (
+        r["completed"] + r["cancelled"] == 24
+        and r["completed"] == r["greedy_checked"] + r["sampled_checked"]
+    )
     assert r["idle_after"] and r["slots_free_after"] == r["slots"]
     out = tmp_path / "stall.json"
-    assert bench.main(["--tiny_engine", str(tiny), "--stall", "--stall_repeats", "1", "--prefill_chunk", "0", "16",
-                       "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--tiny_engine",
+                str(tiny),
+                "--stall",
+                "--stall_repeats",
+                "1",
+                "--prefill_chunk",
+                "0",
+                "16",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     whole, chunked = json.loads(out.read_text())["settings"]
     assert whole["prefill_chunk"] == 0 and whole["running_events_during_prefill"][0] <= 1
-    assert chunked["prefill_chunk"] == 16 and chunked["running_events_during_prefill"][0] >= 4  # 96 tokens / 16
+    assert (
+        chunked["prefill_chunk"] == 16 and chunked["running_events_during_prefill"][0] >= 4
+    )  # 96 tokens / 16

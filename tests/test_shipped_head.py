@@ -8,20 +8,31 @@ import json
 import pytest
 import torch
 
-from redrafter_trt.hf import load_hf_base
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.heads import BUILTIN_HEADS, CHECKSUMS, builtin_head, check_head_files
 from redrafter_trt.heads.package import package_head
-from redrafter_trt.models.drafter import (DRAFTER_CONFIG, DRAFTER_WEIGHTS, LM_HEAD_FROM_BASE,
-                                          DrafterConfig, init_drafter, load_drafter, save_drafter)
+from redrafter_trt.hf import load_hf_base
+from redrafter_trt.models.drafter import (
+    DRAFTER_CONFIG,
+    DRAFTER_WEIGHTS,
+    LM_HEAD_FROM_BASE,
+    DrafterConfig,
+    init_drafter,
+    load_drafter,
+    save_drafter,
+)
 from redrafter_trt.models.io import load_state_dict_file
 
 
 def _head_sharing(base_lm_head: torch.Tensor, tmp_path, seed=0, draft_vocab=None):
     v, h = base_lm_head.shape
     k = None if draft_vocab is None else len(draft_vocab)
-    d = init_drafter(DrafterConfig(v, h, h, 1, True, draft_vocab_size=k), seed=seed, std=0.3,
-                     draft_vocab=draft_vocab)
+    d = init_drafter(
+        DrafterConfig(v, h, h, 1, True, draft_vocab_size=k),
+        seed=seed,
+        std=0.3,
+        draft_vocab=draft_vocab,
+    )
     with torch.no_grad():
         rows = base_lm_head if draft_vocab is None else base_lm_head[draft_vocab.long()]
         d.lm_head[-1].weight.copy_(rows)
@@ -99,6 +110,8 @@ def test_convert_without_a_head_names_the_flag(tiny_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--drafter_model_dir" in err and "smollm2" in err
     assert not (tmp_path / "ck").exists()
+
+
 def test_the_shipped_smollm2_head_is_intact_and_small():
     path, rebuild = BUILTIN_HEADS["smollm2"]
     check_head_files(path, rebuild)

@@ -12,8 +12,11 @@ from redrafter_trt.models.hub import ensure_smollm2
 
 pytestmark = pytest.mark.smollm2
 
-CHAT = ["What is the capital of France?", "Give me three tips for writing clean code.",
-        "Write a haiku about autumn leaves."]
+CHAT = [
+    "What is the capital of France?",
+    "Give me three tips for writing clean code.",
+    "Write a haiku about autumn leaves.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +26,24 @@ def smol_engine(tmp_path_factory):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
     drafter = init_drafter(DrafterConfig(cfg.vocab_size, cfg.hidden_size, 256, 1, True), seed=0)
     root = tmp_path_factory.mktemp("smol")
-    convert_checkpoint(cfg, sd, drafter, root / "ckpt", num_beams=4, draft_len=4,
-                       tokenizer_dir=model_dir, random_drafter=True)
-    build_engine(root / "ckpt", root / "engine", backend="torch", max_batch_size=4,
-                 max_input_len=256, max_seq_len=512)
+    convert_checkpoint(
+        cfg,
+        sd,
+        drafter,
+        root / "ckpt",
+        num_beams=4,
+        draft_len=4,
+        tokenizer_dir=model_dir,
+        random_drafter=True,
+    )
+    build_engine(
+        root / "ckpt",
+        root / "engine",
+        backend="torch",
+        max_batch_size=4,
+        max_input_len=256,
+        max_seq_len=512,
+    )
     return model_dir, root / "engine"
 
 
@@ -41,8 +58,14 @@ def test_logits_match_transformers(smol_engine):
     t = len(ids)
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits
-        h = base(torch.tensor([ids]), torch.arange(t)[None], base.new_cache(1, t), torch.tensor([0]),
-                 torch.zeros(1, dtype=torch.long), torch.tril(torch.ones(t, t, dtype=torch.bool))[None])
+        h = base(
+            torch.tensor([ids]),
+            torch.arange(t)[None],
+            base.new_cache(1, t),
+            torch.tensor([0]),
+            torch.zeros(1, dtype=torch.long),
+            torch.tril(torch.ones(t, t, dtype=torch.bool))[None],
+        )
         got = base.logits(h)
     assert (got - want).abs().max().item() <= 1e-3  # 30 layers in fp32
     assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -17,8 +17,10 @@ PROMPTS = [[5, 6, 7, 8, 9], [11, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
 
 
 # (d, w, arch): three corners in the fast tier, all 18 with --full
-@pytest.mark.parametrize("d,w,arch", tiered({(3, 3, "llama"), (5, 8, "qwen2"), (1, 1, "qwen2")},
-                                            [1, 3, 5], [1, 3, 8], ARCHS))
+@pytest.mark.parametrize(
+    "d,w,arch",
+    tiered({(3, 3, "llama"), (5, 8, "qwen2"), (1, 1, "qwen2")}, [1, 3, 5], [1, 3, 8], ARCHS),
+)
 def test_greedy_speculative_equals_plain(tiny_dirs, arch, w, d):
     for seed in (0, 1):
         gen = tiny_generator(tiny_dirs[arch], w, d, drafter_seed=seed)
@@ -63,7 +65,11 @@ class OracleProposer:
                 beam = [seq[pos]]
                 for j in range(1, self.d + 1):
                     true_tok = seq[pos + j] if pos + j < len(seq) else 0
-                    beam.append(true_tok if j <= kw else (true_tok + 1 + int(self.rng.integers(0, self.vocab - 1))) % self.vocab)
+                    beam.append(
+                        true_tok
+                        if j <= kw
+                        else (true_tok + 1 + int(self.rng.integers(0, self.vocab - 1))) % self.vocab
+                    )
                 beams[r, wi] = torch.tensor(beam)
         return beams
 
@@ -73,7 +79,9 @@ def test_oracle_drives_every_acceptance_length(tiny_dirs, arch, w, d):
     prompts = PROMPTS[:3]
     # The truth runs D+ tokens past what the speculative run generates, so every planned
     # mismatch is a known wrong token.
-    plain = tiny_generator(tiny_dirs[arch], w, d).generate(prompts, max_new_tokens=48, speculative=False)
+    plain = tiny_generator(tiny_dirs[arch], w, d).generate(
+        prompts, max_new_tokens=48, speculative=False
+    )
     truth = {i: prompts[i] + plain[i].token_ids for i in range(len(prompts))}
     oracle = OracleProposer(truth, w, d, 97, seed=w * 10 + d)
     gen = tiny_generator(tiny_dirs[arch], w, d, proposer=oracle)
@@ -103,7 +111,9 @@ def test_oracle_drives_every_acceptance_length(tiny_dirs, arch, w, d):
 def test_kv_cache_after_each_step_equals_plain_cache(tiny_dirs, arch):
     w, d = 3, 3
     prompts = PROMPTS[:3]
-    plain = tiny_generator(tiny_dirs[arch], w, d).generate(prompts, max_new_tokens=24, speculative=False)
+    plain = tiny_generator(tiny_dirs[arch], w, d).generate(
+        prompts, max_new_tokens=24, speculative=False
+    )
     truth = {i: prompts[i] + plain[i].token_ids for i in range(3)}
     gen = tiny_generator(tiny_dirs[arch], w, d, proposer=OracleProposer(truth, w, d, 97, seed=5))
     be = gen.backend
@@ -113,8 +123,14 @@ def test_kv_cache_after_each_step_equals_plain_cache(tiny_dirs, arch):
     with torch.no_grad():
         for i, seq in truth.items():
             t = len(seq)
-            model(torch.tensor([seq]), torch.arange(t)[None], ref, torch.tensor([i]),
-                  torch.zeros(1, dtype=torch.long), torch.tril(torch.ones(t, t, dtype=torch.bool))[None])
+            model(
+                torch.tensor([seq]),
+                torch.arange(t)[None],
+                ref,
+                torch.tensor([i]),
+                torch.zeros(1, dtype=torch.long),
+                torch.tril(torch.ones(t, t, dtype=torch.bool))[None],
+            )
     real_step = be.step
     checks = []
 
@@ -135,7 +151,9 @@ def test_kv_cache_after_each_step_equals_plain_cache(tiny_dirs, arch):
 
 @pytest.mark.parametrize("w,d,arch", tiered({(3, 3, "llama")}, [(1, 1), (3, 3), (8, 5)], ARCHS))
 def test_sampling_same_seed_same_tokens(tiny_dirs, arch, w, d):
-    for seed, (temp, k, p) in enumerate([(1.0, 0, 1.0), (0.7, 20, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.9)]):
+    for seed, (temp, k, p) in enumerate(
+        [(1.0, 0, 1.0), (0.7, 20, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.9)]
+    ):
         gen = tiny_generator(tiny_dirs[arch], w, d, drafter_seed=seed)
         kw = dict(max_new_tokens=15, temperature=temp, top_k=k, top_p=p, seed=seed)
         plain = gen.generate(PROMPTS, speculative=False, **kw)
@@ -185,8 +203,14 @@ def test_first_sampled_tokens_follow_target_distribution(tmp_path):
     with torch.no_grad():
         seqs = torch.tensor([prompt + [t] for t in range(v)])
         cache = base.new_cache(v, 8)
-        h = base(seqs, torch.arange(4).expand(v, 4), cache, torch.arange(v), torch.zeros(v, dtype=torch.long),
-                 torch.tril(torch.ones(4, 4, dtype=torch.bool)).expand(v, 4, 4))
+        h = base(
+            seqs,
+            torch.arange(4).expand(v, 4),
+            cache,
+            torch.arange(v),
+            torch.zeros(v, dtype=torch.long),
+            torch.tril(torch.ones(4, 4, dtype=torch.bool)).expand(v, 4, 4),
+        )
         logits = base.logits(h).double()
     p1 = torch.softmax(logits[0, 2], -1)
     p2 = torch.softmax(logits[:, 3], -1)  # [first token, second token]
@@ -204,13 +228,16 @@ def test_first_sampled_tokens_follow_target_distribution(tmp_path):
 @pytest.mark.parametrize("w,d", [(2, 3), pytest.param(4, 5, marks=pytest.mark.full)])
 def test_eos_stops_each_row_like_plain(tiny_dirs, w, d):
     """Per-row stopping at EOS: the row ends at the first EOS, inside a step or not."""
-    truth = tiny_generator(tiny_dirs["llama"], w, d).generate(PROMPTS, max_new_tokens=30, speculative=False)
+    truth = tiny_generator(tiny_dirs["llama"], w, d).generate(
+        PROMPTS, max_new_tokens=30, speculative=False
+    )
     eos = truth[0].token_ids[6]  # a token the first row emits at position 6
     plain_gen = tiny_generator(tiny_dirs["llama"], w, d)
     plain = plain_gen.generate(PROMPTS, max_new_tokens=30, speculative=False, eos_token_ids=[eos])
     oracle_truth = {i: PROMPTS[i] + truth[i].token_ids for i in range(len(PROMPTS))}
-    spec_gen = tiny_generator(tiny_dirs["llama"], w, d,
-                              proposer=OracleProposer(oracle_truth, w, d, 97, seed=3))
+    spec_gen = tiny_generator(
+        tiny_dirs["llama"], w, d, proposer=OracleProposer(oracle_truth, w, d, 97, seed=3)
+    )
     spec = spec_gen.generate(PROMPTS, max_new_tokens=30, speculative=True, eos_token_ids=[eos])
     for t, p, s in zip(truth, plain, spec):
         assert s.token_ids == p.token_ids
@@ -239,8 +266,9 @@ def test_stream_events_and_results_equal_generate(tiny_dirs):
     for ev in gen.generate_stream(PROMPTS, max_new_tokens=11):
         streamed.setdefault(ev.index, []).extend(ev.token_ids)
     assert [streamed[i] for i in range(len(PROMPTS))] == [r.token_ids for r in want]
-    assert [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in gen.last_results] == \
-        [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in want]
+    assert [(r.token_ids, r.accepted_per_step, r.finish_reason) for r in gen.last_results] == [
+        (r.token_ids, r.accepted_per_step, r.finish_reason) for r in want
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -253,8 +281,17 @@ def test_plain_decoding_needs_no_draft_head(tiny_dirs, arch):
 
     with_head = tiny_generator(tiny_dirs[arch], 1, 1)
     be = with_head.backend
-    headless = Generator(TorchBackend(be.base, None, 1, 1, max_batch_size=be.max_batch_size,
-                                      max_input_len=be.max_input_len, max_seq_len=be.max_seq_len))
+    headless = Generator(
+        TorchBackend(
+            be.base,
+            None,
+            1,
+            1,
+            max_batch_size=be.max_batch_size,
+            max_input_len=be.max_input_len,
+            max_seq_len=be.max_seq_len,
+        )
+    )
     for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 3}):
         want = with_head.generate(PROMPTS, max_new_tokens=9, speculative=False, **kw)
         got = headless.generate(PROMPTS, max_new_tokens=9, speculative=False, **kw)

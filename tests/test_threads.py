@@ -9,8 +9,13 @@ from redrafter_trt.cli import bench as bench_cli
 from redrafter_trt.cli import convert as convert_cli
 from redrafter_trt.cli import run as run_cli
 from redrafter_trt.cli import train as train_cli
-from redrafter_trt.cli.common import (THREADS_ENV, add_threads_argument, apply_threads,
-                                      default_threads, run_main)
+from redrafter_trt.cli.common import (
+    THREADS_ENV,
+    add_threads_argument,
+    apply_threads,
+    default_threads,
+    run_main,
+)
 from redrafter_trt.errors import RedrafterError
 
 
@@ -23,9 +28,19 @@ def keep_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("cores,load,ranks,want", [
-    (2, 0.0, 1, 2), (2, 0.4, 1, 2), (2, 1.0, 1, 1), (2, 6.5, 1, 1),  # never below 1
-    (16, 3.4, 1, 13), (16, 0.0, 2, 8), (16, 0.0, 32, 1), (1, 0.0, 1, 1)])
+@pytest.mark.parametrize(
+    "cores,load,ranks,want",
+    [
+        (2, 0.0, 1, 2),
+        (2, 0.4, 1, 2),
+        (2, 1.0, 1, 1),
+        (2, 6.5, 1, 1),  # never below 1
+        (16, 3.4, 1, 13),
+        (16, 0.0, 2, 8),
+        (16, 0.0, 32, 1),
+        (1, 0.0, 1, 1),
+    ],
+)
 def test_default_threads_leaves_busy_cores_alone(cores, load, ranks, want):
     n, why = default_threads(cores=cores, load=load, local_ranks=ranks)
     assert n == want
@@ -51,20 +66,29 @@ def test_run_main_sets_threads_before_the_command():
     p = argparse.ArgumentParser(prog="x")
     add_threads_argument(p)
     seen = []
-    assert run_main(lambda a: seen.append((torch.get_num_threads(), a.threads_reason)), p,
-                    ["--threads", "1"]) == 0
+    assert (
+        run_main(
+            lambda a: seen.append((torch.get_num_threads(), a.threads_reason)),
+            p,
+            ["--threads", "1"],
+        )
+        == 0
+    )
     assert seen == [(1, "--threads")]
 
 
-@pytest.mark.parametrize("parser,argv", [
-    (run_cli.build_parser, ["--engine_dir", "e", "--input_text", "hi"]),
-    (bench_cli.build_parser, ["--engine_dir", "e"]),
-    (convert_cli.build_parser, ["--random_drafter", "--output_dir", "o"]),
-    (train_cli.build_parser, ["train", "--data", "x", "--output_dir", "o"]),
-    (train_cli.build_parser, ["gen-prompts", "--output", "o", "--num_prompts", "2"]),
-    (train_cli.build_parser, ["gen-data", "--prompts", "x", "--output", "o"]),
-    (train_cli.build_parser, ["eval", "--drafter_model_dir", "d", "--prompts", "x"]),
-])
+@pytest.mark.parametrize(
+    "parser,argv",
+    [
+        (run_cli.build_parser, ["--engine_dir", "e", "--input_text", "hi"]),
+        (bench_cli.build_parser, ["--engine_dir", "e"]),
+        (convert_cli.build_parser, ["--random_drafter", "--output_dir", "o"]),
+        (train_cli.build_parser, ["train", "--data", "x", "--output_dir", "o"]),
+        (train_cli.build_parser, ["gen-prompts", "--output", "o", "--num_prompts", "2"]),
+        (train_cli.build_parser, ["gen-data", "--prompts", "x", "--output", "o"]),
+        (train_cli.build_parser, ["eval", "--drafter_model_dir", "d", "--prompts", "x"]),
+    ],
+)
 def test_every_model_command_takes_threads(parser, argv):
     p = parser()
     assert p.parse_args(argv + ["--threads", "3"]).threads == 3

@@ -22,13 +22,21 @@ from redrafter_trt.train.base import load_frozen_base
 from redrafter_trt.train.config import TrainConfig
 from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
 from redrafter_trt.train.gen_data import generate_data
-from redrafter_trt.train.losses import (UnrolledHead, distill_loss, gather_batch, logit_match_loss,
-                                        reference_loss, unrolled_logits)
 from redrafter_trt.train.loop import train_drafter
+from redrafter_trt.train.losses import (
+    UnrolledHead,
+    distill_loss,
+    gather_batch,
+    logit_match_loss,
+    reference_loss,
+    unrolled_logits,
+)
 from redrafter_trt.train.step import forward_loss
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -38,8 +46,10 @@ def _char_tokenizer(chat_template: str | None):
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = list(" \n" + string.ascii_letters + string.digits + ".,:;!?'\"()-_/*+=<>[]{}@#$%&|~^`\\")
-    chars = chars[:97 - len(specials)]
+    chars = list(
+        " \n" + string.ascii_letters + string.digits + ".,:;!?'\"()-_/*+=<>[]{}@#$%&|~^`\\"
+    )
+    chars = chars[: 97 - len(specials)]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.add_special_tokens(specials)
@@ -84,13 +94,19 @@ def selfdistill_file(tiny_base, tmp_path_factory) -> Path:
     base = load_frozen_base(tiny_base)
     v = base.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, v, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(48)]
+    prompts = [
+        torch.randint(3, v, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(48)
+    ]
     gen = _generator(base, _stub_head(base), 1, 1)
     res = gen.generate(prompts, max_new_tokens=48, speculative=False)
     f = tmp_path_factory.mktemp("sd") / "sd.jsonl"
-    f.write_text("".join(json.dumps({"index": i, "prompt_ids": p, "response_ids": r.token_ids}) + "\n"
-                         for i, (p, r) in enumerate(zip(prompts, res))))
+    f.write_text(
+        "".join(
+            json.dumps({"index": i, "prompt_ids": p, "response_ids": r.token_ids}) + "\n"
+            for i, (p, r) in enumerate(zip(prompts, res))
+        )
+    )
     return f
 
 
@@ -99,14 +115,18 @@ def _stub_head(base):
 
 
 def _generator(base, head, w, d):
-    return Generator(TorchBackend(base, head, w, d, max_batch_size=64, max_input_len=64, max_seq_len=256))
+    return Generator(
+        TorchBackend(base, head, w, d, max_batch_size=64, max_input_len=64, max_seq_len=256)
+    )
 
 
 def _runtime_tokens_per_step(base, heads: dict) -> dict:
     """Greedy tokens per step (W=4, D=4) of each head through the runtime, on 24 fresh random
     prompts (not the training ones)."""
     g = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, base.config.vocab_size, (6,), generator=g).tolist() for _ in range(24)]
+    prompts = [
+        torch.randint(3, base.config.vocab_size, (6,), generator=g).tolist() for _ in range(24)
+    ]
     tps = {}
     for name, head in heads.items():
         gen = _generator(base, head, 4, 4)
@@ -117,9 +137,20 @@ def _runtime_tokens_per_step(base, heads: dict) -> dict:
 
 
 def _cfg(tiny_base, data, out, tmp_path, **kw) -> TrainConfig:
-    base = dict(model_dir=str(tiny_base), data=[str(x) for x in data], output_dir=str(out), exit_dim=48,
-                num_draft_layers=1, batch_size=64, lr=1e-2, warmup_steps=5, max_steps=10,
-                cache_dir=str(tmp_path / "cache"), progress=False, eval_fraction=0.1)
+    base = dict(
+        model_dir=str(tiny_base),
+        data=[str(x) for x in data],
+        output_dir=str(out),
+        exit_dim=48,
+        num_draft_layers=1,
+        batch_size=64,
+        lr=1e-2,
+        warmup_steps=5,
+        max_steps=10,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        eval_fraction=0.1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -159,8 +190,17 @@ def test_loss_and_gradient_by_hand():
     assert torch.allclose(z2.grad, 2 * (q - torch.tensor([0.5, 0.5, 0, 0]))[None], atol=1e-6)
 
 
-@pytest.mark.parametrize("alpha,temp,dense", [(1.0, 1.0, False), (0.0, 1.0, False), (0.3, 1.0, False),
-                                              (0.7, 2.0, False), (1.0, 0.5, True), (0.5, 1.5, True)])
+@pytest.mark.parametrize(
+    "alpha,temp,dense",
+    [
+        (1.0, 1.0, False),
+        (0.0, 1.0, False),
+        (0.3, 1.0, False),
+        (0.7, 2.0, False),
+        (1.0, 0.5, True),
+        (0.5, 1.5, True),
+    ],
+)
 def test_loss_matches_autograd_reference(alpha, temp, dense):
     g = torch.Generator().manual_seed(1)
     m, v, k = 7, 11, 3
@@ -230,10 +270,23 @@ def test_only_head_parameters_get_gradients(tiny_base, selfdistill_file, tmp_pat
     for p in base.parameters():
         p.requires_grad_(True)  # even when the base would accept gradients, none reach it
     head = init_drafter(DrafterConfig(base.config.vocab_size, base.config.hidden_size, 48, 1, True))
-    feats, _, _ = cached_features(base, load_examples(cfg.data), model_fingerprint(tiny_base), 32,
-                                  cfg.cache_dir, progress=False)
-    loss, _ = forward_loss(UnrolledHead(head), base, feats, torch.arange(0, 200), cfg, "cpu",
-                           lambda: torch.autocast("cpu", enabled=False))
+    feats, _, _ = cached_features(
+        base,
+        load_examples(cfg.data),
+        model_fingerprint(tiny_base),
+        32,
+        cfg.cache_dir,
+        progress=False,
+    )
+    loss, _ = forward_loss(
+        UnrolledHead(head),
+        base,
+        feats,
+        torch.arange(0, 200),
+        cfg,
+        "cpu",
+        lambda: torch.autocast("cpu", enabled=False),
+    )
     loss.backward()
     assert all(p.grad is None for p in base.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
@@ -241,8 +294,9 @@ def test_only_head_parameters_get_gradients(tiny_base, selfdistill_file, tmp_pat
 
 # --------------------------------------------------------------------------- training loop
 def test_resume_after_interruption_is_exact(tiny_base, selfdistill_file, tmp_path):
-    full = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "full", tmp_path,
-                              max_steps=12, grad_accum=2))
+    full = train_drafter(
+        _cfg(tiny_base, [selfdistill_file], tmp_path / "full", tmp_path, max_steps=12, grad_accum=2)
+    )
 
     class Interrupt(Exception):
         pass
@@ -251,8 +305,15 @@ def test_resume_after_interruption_is_exact(tiny_base, selfdistill_file, tmp_pat
         if step == 7:
             raise Interrupt
 
-    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "cut", tmp_path, max_steps=12, grad_accum=2,
-               save_every=5)
+    cfg = _cfg(
+        tiny_base,
+        [selfdistill_file],
+        tmp_path / "cut",
+        tmp_path,
+        max_steps=12,
+        grad_accum=2,
+        save_every=5,
+    )
     with pytest.raises(Interrupt):
         train_drafter(cfg, on_step=stop)
     assert not (tmp_path / "cut").exists()  # nothing half-written
@@ -268,24 +329,43 @@ def test_resume_after_interruption_is_exact(tiny_base, selfdistill_file, tmp_pat
 
 @pytest.mark.full
 def test_trained_head_is_accepted_more_than_random(tiny_base, selfdistill_file, tmp_path):
-    out = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "head", tmp_path, max_steps=300,
-                             warmup_steps=20, exit_dim=64, lr=1e-2, eval_fraction=0.1))
+    out = train_drafter(
+        _cfg(
+            tiny_base,
+            [selfdistill_file],
+            tmp_path / "head",
+            tmp_path,
+            max_steps=300,
+            warmup_steps=20,
+            exit_dim=64,
+            lr=1e-2,
+            eval_fraction=0.1,
+        )
+    )
     trained = load_drafter(out)
     random_head = init_drafter(trained.config, seed=1)
-    tps = _runtime_tokens_per_step(load_frozen_base(tiny_base), {"trained": trained, "random": random_head})
+    tps = _runtime_tokens_per_step(
+        load_frozen_base(tiny_base), {"trained": trained, "random": random_head}
+    )
     assert tps["random"] < 1.2
     assert tps["trained"] > tps["random"] + 0.8, tps
     report = json.loads((out / "training_report.json").read_text())
     # the trainer's own held-out estimate agrees with what the runtime measures
     assert abs(report["eval"]["greedy_chain_tokens_per_step"] - tps["trained"]) < 0.6
-    assert report["throughput"]["positions_per_s"] > 0 and report["peak_memory"]["host_max_rss_mb"] > 0
+    assert (
+        report["throughput"]["positions_per_s"] > 0 and report["peak_memory"]["host_max_rss_mb"] > 0
+    )
 
 
 # --------------------------------------------------------------------------- data
 def test_conversation_targets_are_the_assistant_turns(tiny_base):
     tok = load_base_tokenizer(tiny_base)
-    conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"},
-            {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]
+    conv = [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ok"},
+    ]
     ex = render_conversation(tok, conv)
     text = "".join(tok.decode([i]) for i, t in zip(ex.ids, ex.targets) if t)
     assert text == "hello!<|im_end|>\nok<|im_end|>\n"
@@ -327,14 +407,33 @@ def test_missing_chat_template(tiny_base, tmp_path):
         f.unlink()
     _char_tokenizer(None).save_pretrained(str(d))
     f = tmp_path / "conv.jsonl"
-    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                          {"role": "assistant", "content": "hello there"}]}) + "\n")
+    f.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello there"},
+                ]
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(RedrafterError, match="no chat template"):
         train_drafter(_cfg(d, [f], tmp_path / "o", tmp_path))
     assert not (tmp_path / "o").exists()
     # raw text works when asked for
-    out = train_drafter(_cfg(d, [f], tmp_path / "o", tmp_path, chat_template=False, max_steps=2,
-                             batch_size=4, eval_fraction=0.0))
+    out = train_drafter(
+        _cfg(
+            d,
+            [f],
+            tmp_path / "o",
+            tmp_path,
+            chat_template=False,
+            max_steps=2,
+            batch_size=4,
+            eval_fraction=0.0,
+        )
+    )
     assert (out / "model.safetensors").is_file()
 
 
@@ -342,8 +441,15 @@ def test_head_base_shape_mismatch(tiny_base, selfdistill_file, tmp_path):
     other = init_drafter(DrafterConfig(97, 16, 32, 1, True))  # hidden 16, base has 32
     save_drafter(other, tmp_path / "other")
     with pytest.raises(RedrafterError, match="hidden_size 16 != base hidden_size 32"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path,
-                           init_from=str(tmp_path / "other")))
+        train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                init_from=str(tmp_path / "other"),
+            )
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -351,8 +457,19 @@ def test_output_dir_not_empty(tiny_base, selfdistill_file, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    argv = ["--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir", str(out),
-            "--max_steps", "2", "--no_progress", "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "--model_dir",
+        str(tiny_base),
+        "--data",
+        str(selfdistill_file),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--no_progress",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert train_main(argv) == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -364,9 +481,22 @@ def test_output_dir_not_empty(tiny_base, selfdistill_file, tmp_path, capsys):
 def test_unreadable_resume_checkpoint(tiny_base, selfdistill_file, tmp_path, capsys):
     bad = tmp_path / "step-0000003.pt"
     bad.write_bytes(b"not a checkpoint")
-    argv = ["train", "--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir",
-            str(tmp_path / "o"), "--max_steps", "4", "--resume", str(bad), "--no_progress",
-            "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "train",
+        "--model_dir",
+        str(tiny_base),
+        "--data",
+        str(selfdistill_file),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--max_steps",
+        "4",
+        "--resume",
+        str(bad),
+        "--no_progress",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert train_main(argv) == 2
     assert "cannot read the checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -377,8 +507,19 @@ def test_eval_subcommand_measures_through_the_runtime(tiny_base, tmp_path, capsy
     save_drafter(head, tmp_path / "head")
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(["hello", "what is up?", "abc"]))
-    argv = ["eval", "--model_dir", str(tiny_base), "--drafter_model_dir", str(tmp_path / "head"),
-            "--prompts", str(prompts), "--max_new_tokens", "12", "--plain_check", "--no_progress"]
+    argv = [
+        "eval",
+        "--model_dir",
+        str(tiny_base),
+        "--drafter_model_dir",
+        str(tmp_path / "head"),
+        "--prompts",
+        str(prompts),
+        "--max_new_tokens",
+        "12",
+        "--plain_check",
+        "--no_progress",
+    ]
     assert train_main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["prompts"] == 3 and res["identical_to_plain"] is True
@@ -391,9 +532,15 @@ def test_features_of_two_sources_concatenate_into_one_stream():
 
     def part(tokens, ends, starts):
         n = len(tokens)
-        return Features(torch.tensor(tokens), torch.ones(n, dtype=torch.bool), torch.tensor(ends),
-                        torch.zeros((n, 2)), torch.zeros((n, 3)), torch.zeros((n, 3), dtype=torch.int64),
-                        torch.tensor(starts))
+        return Features(
+            torch.tensor(tokens),
+            torch.ones(n, dtype=torch.bool),
+            torch.tensor(ends),
+            torch.zeros((n, 2)),
+            torch.zeros((n, 3)),
+            torch.zeros((n, 3), dtype=torch.int64),
+            torch.tensor(starts),
+        )
 
     f = concat_features([part([1, 2, 3], [2, 2, 3], [0, 2]), part([4, 5], [2, 2], [0])])
     assert f.tokens.tolist() == [1, 2, 3, 4, 5]
@@ -419,31 +566,57 @@ def test_base_initialised_frozen_projection(tiny_base, selfdistill_file, tmp_pat
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
-    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "frozen", tmp_path, exit_dim=h,
-               lm_head_init="base", freeze_lm_head=True, max_steps=15)
+    cfg = _cfg(
+        tiny_base,
+        [selfdistill_file],
+        tmp_path / "frozen",
+        tmp_path,
+        exit_dim=h,
+        lm_head_init="base",
+        freeze_lm_head=True,
+        max_steps=15,
+    )
     start = make_drafter(cfg, h, v, base.lm_head.weight)
     assert torch.equal(start.lm_head[-1].weight, base.lm_head.weight.float())
     assert not start.lm_head[-1].weight.requires_grad
     c = torch.randn(5, h)
     passed = start.input_proj(torch.cat([c, torch.zeros_like(c)], -1))
-    assert float((passed - c).detach().norm() / c.norm()) < 0.3  # the init noise (std 0.02) stays small
+    assert (
+        float((passed - c).detach().norm() / c.norm()) < 0.3
+    )  # the init noise (std 0.02) stays small
 
     out = train_drafter(cfg)
     trained = load_drafter(out)
     assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float())
     before, after = start.state_dict(), trained.state_dict()
     moved = [k for k in after if not torch.equal(before[k], after[k])]
-    assert "input_proj.weight" in moved and "rnn_w.weight" in moved and "lm_head.1.weight" not in moved
+    assert (
+        "input_proj.weight" in moved and "rnn_w.weight" in moved and "lm_head.1.weight" not in moved
+    )
     report = json.loads((out / "training_report.json").read_text())
-    assert report["trainable_parameters"] == sum(t.numel() for k, t in after.items() if k != "lm_head.1.weight")
+    assert report["trainable_parameters"] == sum(
+        t.numel() for k, t in after.items() if k != "lm_head.1.weight"
+    )
 
 
 def test_base_initialised_projection_needs_matching_width(tiny_base, selfdistill_file, tmp_path):
     with pytest.raises(RedrafterError, match="--exit_dim must be the base hidden size 32"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, exit_dim=48,
-                           lm_head_init="base"))
-    with pytest.raises(RedrafterError, match="--freeze_lm_head keeps a random vocabulary projection"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, freeze_lm_head=True))
+        train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                exit_dim=48,
+                lm_head_init="base",
+            )
+        )
+    with pytest.raises(
+        RedrafterError, match="--freeze_lm_head keeps a random vocabulary projection"
+    ):
+        train_drafter(
+            _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, freeze_lm_head=True)
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -462,11 +635,11 @@ def test_logit_match_equals_full_vocabulary_formulation(temp, mse_weight):
     p = torch.softmax(t_logits.gather(1, ids) / temp, -1)
     loss, zk = logit_match_loss(feat, target, w.T @ w, w[ids], p, v, temp, mse_weight)
 
-    z = feat @ w.T                                        # the head's full logits
+    z = feat @ w.T  # the head's full logits
     mse = ((z - t_logits) ** 2).mean(-1)
-    q = torch.log_softmax(z.gather(1, ids) / temp, -1)    # renormalised over the teacher's top-k
+    q = torch.log_softmax(z.gather(1, ids) / temp, -1)  # renormalised over the teacher's top-k
     kl = (p * (p.log() - q)).sum(-1)
-    ref = temp ** 2 * kl + mse_weight * mse
+    ref = temp**2 * kl + mse_weight * mse
     assert torch.allclose(zk, z.gather(1, ids))
     assert torch.allclose(loss, ref, rtol=1e-10, atol=1e-12)
     (ga,) = torch.autograd.grad(loss.sum(), feat, retain_graph=True)
@@ -493,8 +666,19 @@ def test_logit_match_training(tiny_base, selfdistill_file, tmp_path):
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
-    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "lm", tmp_path, exit_dim=h, lm_head_init="base",
-               freeze_lm_head=True, loss="logit_match", max_steps=300, warmup_steps=20, lr=1e-2)
+    cfg = _cfg(
+        tiny_base,
+        [selfdistill_file],
+        tmp_path / "lm",
+        tmp_path,
+        exit_dim=h,
+        lm_head_init="base",
+        freeze_lm_head=True,
+        loss="logit_match",
+        max_steps=300,
+        warmup_steps=20,
+        lr=1e-2,
+    )
     start = make_drafter(cfg, h, v, base.lm_head.weight)
     out = train_drafter(cfg)
     trained = load_drafter(out)
@@ -507,20 +691,53 @@ def test_logit_match_training(tiny_base, selfdistill_file, tmp_path):
 
 def test_logit_match_needs_the_frozen_base_projection(tiny_base, selfdistill_file, tmp_path):
     with pytest.raises(RedrafterError, match="logit_match needs --freeze_lm_head"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match"))
+        train_drafter(
+            _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match")
+        )
     with pytest.raises(RedrafterError, match="logit_match needs --freeze_lm_head"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match",
-                           exit_dim=32, lm_head_init="base", freeze_lm_head=True, teacher_topk=0))
+        train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                loss="logit_match",
+                exit_dim=32,
+                lm_head_init="base",
+                freeze_lm_head=True,
+                teacher_topk=0,
+            )
+        )
     with pytest.raises(RedrafterError, match="--alpha does not apply"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match",
-                           alpha=0.5))
+        train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                loss="logit_match",
+                alpha=0.5,
+            )
+        )
     # a head loaded with --init_from keeps its own (trained) projection: not the base's
     other = tmp_path / "other"
-    save_drafter(init_drafter(DrafterConfig(load_frozen_base(tiny_base).config.vocab_size, 32, 32, 1, True)),
-                 other)
+    save_drafter(
+        init_drafter(DrafterConfig(load_frozen_base(tiny_base).config.vocab_size, 32, 32, 1, True)),
+        other,
+    )
     with pytest.raises(RedrafterError, match="final projection to be the base model's lm_head"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, loss="logit_match",
-                           exit_dim=32, init_from=str(other), freeze_lm_head=True))
+        train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                loss="logit_match",
+                exit_dim=32,
+                init_from=str(other),
+                freeze_lm_head=True,
+            )
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -531,8 +748,13 @@ def test_gen_prompts_writes_distinct_finished_requests_and_resumes_exactly(tiny_
     from redrafter_trt.train.gen_prompts import acceptable, generate_prompts, user_turn_prefix
 
     tok = load_base_tokenizer(tiny_base)
-    assert user_turn_prefix(tok, tiny_base) == tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
-    kw = dict(temperature=1.0, max_prompt_tokens=24, min_words=1, batch_size=8, seed=3, progress=False)
+    assert (
+        user_turn_prefix(tok, tiny_base)
+        == tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    )
+    kw = dict(
+        temperature=1.0, max_prompt_tokens=24, min_words=1, batch_size=8, seed=3, progress=False
+    )
     full = generate_prompts(tiny_base, tmp_path / "full.jsonl", 6, **kw)
     recs = [json.loads(x) for x in full.read_text().splitlines()]
     assert len(recs) >= 6
@@ -580,8 +802,10 @@ def test_gen_prompts_needs_a_chat_template(tiny_base, tmp_path):
 
 
 # --------------------------------------------------------------------------- fused / batch-vocabulary loss
-@pytest.mark.parametrize("alpha,temp,dense,chunk", [(1.0, 1.0, False, 3), (0.0, 1.0, False, 64),
-                                                    (0.4, 2.0, False, 5), (1.0, 0.5, True, 4)])
+@pytest.mark.parametrize(
+    "alpha,temp,dense,chunk",
+    [(1.0, 1.0, False, 3), (0.0, 1.0, False, 64), (0.4, 2.0, False, 5), (1.0, 0.5, True, 4)],
+)
 def test_projected_loss_equals_the_loss_on_full_logits(alpha, temp, dense, chunk):
     """The fused, chunked loss over ``feat @ W.T`` equals :func:`reference_loss` on the materialised
     logits, in value and in the gradient reaching ``feat`` under arbitrary per-row weights."""
@@ -599,8 +823,9 @@ def test_projected_loss_equals_the_loss_on_full_logits(alpha, temp, dense, chunk
         ids = t_logits.topk(k, -1).indices
         p = torch.softmax(t_logits.gather(1, ids) / temp, -1)
     weights = torch.rand(m, generator=g, dtype=torch.float64)
-    rows, pred = projected_distill_loss(feat, w, labels, ids, p, temp, alpha, chunk=chunk,
-                                        matmul_dtype=torch.float64)
+    rows, pred = projected_distill_loss(
+        feat, w, labels, ids, p, temp, alpha, chunk=chunk, matmul_dtype=torch.float64
+    )
     ref = reference_loss(feat @ w.T, labels, ids, p, temp, alpha)
     assert torch.allclose(rows, ref, rtol=1e-10, atol=1e-12)
     assert torch.equal(pred, (feat @ w.T).argmax(-1))
@@ -623,7 +848,9 @@ def test_batch_vocabulary_reindexes_into_the_union():
     assert u3.tolist() == [9, 40] and no_ids is None and torch.equal(u3[labels3], labels)
 
 
-def test_frozen_projection_path_gives_the_same_loss_and_gradients(tiny_base, selfdistill_file, tmp_path):
+def test_frozen_projection_path_gives_the_same_loss_and_gradients(
+    tiny_base, selfdistill_file, tmp_path
+):
     """With a frozen projection the trainer routes the loss through the fused path; in float32 it
     matches the plain path (materialised logits) in loss and in every parameter's gradient."""
     from redrafter_trt.train.data import model_fingerprint
@@ -633,10 +860,26 @@ def test_frozen_projection_path_gives_the_same_loss_and_gradients(tiny_base, sel
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
-    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, exit_dim=h, lm_head_init="base",
-               freeze_lm_head=True, loss="mix", alpha=0.6, temperature=1.5)
-    feats, _, _ = cached_features(base, load_examples(cfg.data), model_fingerprint(tiny_base), 32,
-                                  cfg.cache_dir, progress=False)
+    cfg = _cfg(
+        tiny_base,
+        [selfdistill_file],
+        tmp_path / "o",
+        tmp_path,
+        exit_dim=h,
+        lm_head_init="base",
+        freeze_lm_head=True,
+        loss="mix",
+        alpha=0.6,
+        temperature=1.5,
+    )
+    feats, _, _ = cached_features(
+        base,
+        load_examples(cfg.data),
+        model_fingerprint(tiny_base),
+        32,
+        cfg.cache_dir,
+        progress=False,
+    )
     head = make_drafter(cfg, h, v, base.lm_head.weight)
     pos = torch.arange(0, 300)
     no_ac = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
@@ -663,9 +906,22 @@ def test_batch_vocabulary_training(tiny_base, selfdistill_file, tmp_path, freeze
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
-    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "bv", tmp_path, exit_dim=h, lm_head_init="base",
-               freeze_lm_head=freeze, kl_vocab="batch", teacher_topk=8, max_steps=300, warmup_steps=20,
-               lr=1e-2, loss="mix", alpha=0.8)
+    cfg = _cfg(
+        tiny_base,
+        [selfdistill_file],
+        tmp_path / "bv",
+        tmp_path,
+        exit_dim=h,
+        lm_head_init="base",
+        freeze_lm_head=freeze,
+        kl_vocab="batch",
+        teacher_topk=8,
+        max_steps=300,
+        warmup_steps=20,
+        lr=1e-2,
+        loss="mix",
+        alpha=0.8,
+    )
     start = make_drafter(cfg, h, v, base.lm_head.weight)
     trained = load_drafter(train_drafter(cfg))
     assert torch.equal(trained.lm_head[-1].weight, base.lm_head.weight.float()) == freeze
@@ -674,11 +930,23 @@ def test_batch_vocabulary_training(tiny_base, selfdistill_file, tmp_path, freeze
 
 
 def test_batch_vocabulary_needs_a_teacher_top_k(tiny_base, selfdistill_file, tmp_path):
-    with pytest.raises(RedrafterError, match="--kl_vocab batch takes its vocabulary from the teacher"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, kl_vocab="batch",
-                           teacher_topk=0))
+    with pytest.raises(
+        RedrafterError, match="--kl_vocab batch takes its vocabulary from the teacher"
+    ):
+        train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                kl_vocab="batch",
+                teacher_topk=0,
+            )
+        )
     with pytest.raises(RedrafterError, match="--kl_vocab 'sampled'"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, kl_vocab="sampled"))
+        train_drafter(
+            _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path, kl_vocab="sampled")
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -687,12 +955,21 @@ def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path
     """--time_budget_min fixes the step count from the measured step time (so the cosine schedule
     ends on time): training spends most of the budget and does not overrun it."""
     budget = 4.0
-    out = train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "tb", tmp_path, max_steps=10 ** 6,
-                             time_budget_s=budget, warmup_steps=5))
+    out = train_drafter(
+        _cfg(
+            tiny_base,
+            [selfdistill_file],
+            tmp_path / "tb",
+            tmp_path,
+            max_steps=10**6,
+            time_budget_s=budget,
+            warmup_steps=5,
+        )
+    )
     report = json.loads((out / "training_report.json").read_text())
     spent = report["train_seconds_this_run"]
     assert 0.5 * budget <= spent <= 1.25 * budget + 0.5, spent
-    assert 20 <= report["steps"] < 10 ** 6
+    assert 20 <= report["steps"] < 10**6
 
 
 @pytest.mark.full
@@ -700,8 +977,23 @@ def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
     from redrafter_trt.train.train_step import PATHS, main
 
     out = tmp_path / "b.json"
-    assert main(["--vocab", "500", "--hidden", "16", "--batch_size", "16", "--steps", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--vocab",
+                "500",
+                "--hidden",
+                "16",
+                "--batch_size",
+                "16",
+                "--steps",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["path"] for r in rows] == [p[0] for p in PATHS]
     assert all(r["positions_per_s"] > 0 and r["speedup_vs_plain"] > 0 for r in rows)
@@ -713,17 +1005,17 @@ def test_restricted_teacher_by_hand():
     """The teacher restricted to the draft vocabulary and renormalised; labels re-indexed."""
     from redrafter_trt.train.step import restrict_to_draft_vocab
 
-    vmap = torch.tensor([7, 2, 5])                      # column k is full id vmap[k]
-    labels = torch.tensor([5, 3, 2])                    # 3 is outside
+    vmap = torch.tensor([7, 2, 5])  # column k is full id vmap[k]
+    labels = torch.tensor([5, 3, 2])  # 3 is outside
     t_ids = torch.tensor([[5, 3], [3, 9], [2, 7]])
     t_probs = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.25, 0.75]])
     lab, keep, ids, probs = restrict_to_draft_vocab(vmap, 10, labels, t_ids, t_probs, alpha=1.0)
     assert lab.tolist() == [2, 0, 1]
-    assert keep.tolist() == [1.0, 0.0, 1.0]             # row 1: no teacher mass inside K
+    assert keep.tolist() == [1.0, 0.0, 1.0]  # row 1: no teacher mass inside K
     assert ids.tolist() == [[2, 0], [0, 0], [1, 0]]
     torch.testing.assert_close(probs, torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.25, 0.75]]))
     _, keep_ce, _, _ = restrict_to_draft_vocab(vmap, 10, labels, None, None, alpha=0.0)
-    assert keep_ce.tolist() == [1.0, 0.0, 1.0]          # cross-entropy: label 3 cannot be drafted
+    assert keep_ce.tolist() == [1.0, 0.0, 1.0]  # cross-entropy: label 3 cannot be drafted
     dense = torch.softmax(torch.randn(3, 10), -1)
     _, _, none_ids, dense_k = restrict_to_draft_vocab(vmap, 10, labels, None, dense, alpha=0.5)
     assert none_ids is None
@@ -738,13 +1030,25 @@ def test_draft_vocab_training(tiny_base, selfdistill_file, tmp_path):
 
     base = load_frozen_base(tiny_base)
     h, v, k = base.config.hidden_size, base.config.vocab_size, 24
-    cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "dv", tmp_path, exit_dim=h, lm_head_init="base",
-               draft_vocab_size=k, max_steps=8)
+    cfg = _cfg(
+        tiny_base,
+        [selfdistill_file],
+        tmp_path / "dv",
+        tmp_path,
+        exit_dim=h,
+        lm_head_init="base",
+        draft_vocab_size=k,
+        max_steps=8,
+    )
     out = train_drafter(cfg)
     head = load_drafter(out)
     ids = head.vocab_map.tolist()
     assert head.config.draft_vocab_size == k and len(set(ids)) == k and ids == sorted(ids)
-    answers = [t for line in selfdistill_file.read_text().splitlines() for t in json.loads(line)["response_ids"]]
+    answers = [
+        t
+        for line in selfdistill_file.read_text().splitlines()
+        for t in json.loads(line)["response_ids"]
+    ]
     counts = torch.bincount(torch.tensor(answers), minlength=v)
     eos = eos_ids(base, load_base_tokenizer(tiny_base))
     assert set(eos) <= set(ids)
@@ -762,16 +1066,31 @@ def test_draft_vocab_training(tiny_base, selfdistill_file, tmp_path):
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
     assert gen.last_stats.tokens_per_step > 1.0
     with pytest.raises(RedrafterError, match=r"--draft_vocab_size 98 must be in \[1, V=97\]"):
-        train_drafter(_cfg(tiny_base, [selfdistill_file], tmp_path / "big", tmp_path, draft_vocab_size=98))
+        train_drafter(
+            _cfg(tiny_base, [selfdistill_file], tmp_path / "big", tmp_path, draft_vocab_size=98)
+        )
     assert not (tmp_path / "big").exists()
-    feats_like = type("F", (), {"tokens": torch.tensor([4, 4, 9, 1]), "targets": torch.tensor([True] * 4)})
+    feats_like = type(
+        "F", (), {"tokens": torch.tensor([4, 4, 9, 1]), "targets": torch.tensor([True] * 4)}
+    )
     # EOS 11 first, then 4 (twice), then the tie 1 vs 9 (once each) goes to the lower id
     assert choose_draft_vocab(feats_like, 12, 3, [11]).tolist() == [1, 4, 11]
 
 
 def test_draft_vocab_size_flag_errors(tiny_base, selfdistill_file, tmp_path, capsys):
-    argv = ["--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir", str(tmp_path / "o"),
-            "--max_steps", "2", "--no_progress", "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "--model_dir",
+        str(tiny_base),
+        "--data",
+        str(selfdistill_file),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--max_steps",
+        "2",
+        "--no_progress",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert train_main(argv + ["--draft_vocab_size", "0"]) == 2
     assert "--draft_vocab_size must be >= 1, got 0" in capsys.readouterr().err
     assert train_main(argv + ["--draft_vocab_size", "500"]) == 2

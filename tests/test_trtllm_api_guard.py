@@ -108,10 +108,12 @@ class Guard:
     def call(self, value: tuple[str, dict], keywords: list[str]) -> tuple[list, str | None]:
         q, e = value
         kind = e.get("kind")
-        if kind == "instance":   # Module.__call__ -> forward
+        if kind == "instance":  # Module.__call__ -> forward
             for cq, ce in self.class_chain(e["of"]):
                 if "call_params" in ce:
-                    return [], self.bad_keywords(f"{cq}.forward", ce["call_params"], False, keywords)
+                    return [], self.bad_keywords(
+                        f"{cq}.forward", ce["call_params"], False, keywords
+                    )
             return [], None
         if kind not in ("function", "class"):
             return [], None
@@ -130,9 +132,13 @@ class Scanner(ast.NodeVisitor):
         self.report = Report()
 
     def scan(self, tree: ast.AST) -> Report:
-        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))] + [tree]:
+        for fn in [
+            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ] + [tree]:
             if isinstance(fn, ast.Module):
-                body_nodes = [n for n in fn.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+                body_nodes = [
+                    n for n in fn.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                ]
                 nodes = [x for b in body_nodes for x in ast.walk(b)]
             else:
                 nodes = list(ast.walk(fn))
@@ -152,11 +158,18 @@ class Scanner(ast.NodeVisitor):
                             env[a.asname] = [r]
                         else:
                             env[a.name.split(".")[0]] = [self.g.entry(a.name.split(".")[0])]
-            elif isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] in ROOT_MODULES and not n.level:
+            elif (
+                isinstance(n, ast.ImportFrom)
+                and n.module
+                and n.module.split(".")[0] in ROOT_MODULES
+                and not n.level
+            ):
                 for a in n.names:
                     r = self.g.entry(f"{n.module}.{a.name}")
                     if r is None:
-                        self.error(n, f"from {n.module} import {a.name}: not a name the manifest records")
+                        self.error(
+                            n, f"from {n.module} import {a.name}: not a name the manifest records"
+                        )
                         continue
                     f = self.g.forbidden(r)
                     if f:
@@ -175,7 +188,15 @@ class Scanner(ast.NodeVisitor):
             return out
         if isinstance(node, ast.Call):
             if isinstance(node.func, ast.Name) and node.func.id in PROJECT_CALLS:
-                return [("tuple", {"kind": "tuple", "items": [self.g.entry(m) for m in PROJECT_CALLS[node.func.id]]})]
+                return [
+                    (
+                        "tuple",
+                        {
+                            "kind": "tuple",
+                            "items": [self.g.entry(m) for m in PROJECT_CALLS[node.func.id]],
+                        },
+                    )
+                ]
             out = []
             kws = [k.arg for k in node.keywords if k.arg]
             for v in self.resolve(node.func, env):
@@ -188,7 +209,11 @@ class Scanner(ast.NodeVisitor):
     def assign(self, target, values: list, env: dict) -> bool:
         if isinstance(target, ast.Name):
             key = target.id
-        elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+        elif (
+            isinstance(target, ast.Attribute)
+            and isinstance(target.value, ast.Name)
+            and target.value.id == "self"
+        ):
             key = f"self.{target.attr}"
         elif isinstance(target, ast.Tuple):
             changed = False
@@ -233,11 +258,18 @@ class Scanner(ast.NodeVisitor):
                     err = self.g.call(v, kws)[1]
                     if err:
                         self.error(n, err)
-                    for k in n.keywords:   # an enum-typed (pydantic) field given a string
+                    for k in n.keywords:  # an enum-typed (pydantic) field given a string
                         ftype = v[1].get("field_types", {}).get(k.arg)
-                        if ftype and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str):
-                            self.error(n, f"{v[0]}({k.arg}={k.value.value!r}): the field is typed {ftype}; "
-                                          "pass its member, not a string")
+                        if (
+                            ftype
+                            and isinstance(k.value, ast.Constant)
+                            and isinstance(k.value.value, str)
+                        ):
+                            self.error(
+                                n,
+                                f"{v[0]}({k.arg}={k.value.value!r}): the field is typed {ftype}; "
+                                "pass its member, not a string",
+                            )
 
     def error(self, node, msg: str) -> None:
         line = f"{self.filename}:{getattr(node, 'lineno', 0)}: {msg}"
@@ -259,7 +291,10 @@ def test_trtllm_package_uses_only_recorded_names():
         total.checked_attrs += r.checked_attrs
     assert not total.errors, "\n".join(total.errors)
     # the guard resolved the package's TensorRT-LLM/TensorRT use (not a vacuous pass)
-    assert total.checked_calls >= 60 and total.checked_attrs >= 80, (total.checked_calls, total.checked_attrs)
+    assert total.checked_calls >= 60 and total.checked_attrs >= 80, (
+        total.checked_calls,
+        total.checked_attrs,
+    )
 
 
 def test_manifest_sources_are_upstream_paths():
@@ -273,31 +308,38 @@ def test_manifest_sources_are_upstream_paths():
 
 # --------------------------------------------------------------------------- it catches mistakes
 def test_guard_rejects_a_bad_keyword():
-    r = scan_source(textwrap.dedent("""
+    r = scan_source(
+        textwrap.dedent("""
         def f():
             from tensorrt_llm.builder import BuildConfig
             return BuildConfig(max_batch_size=1, speculative_decoding_modes=16)
-    """))
+    """)
+    )
     assert len(r.errors) == 1 and "speculative_decoding_modes" in r.errors[0], r.errors
-    good = scan_source(textwrap.dedent("""
+    good = scan_source(
+        textwrap.dedent("""
         def f():
             from tensorrt_llm.builder import BuildConfig
             return BuildConfig(max_batch_size=1, speculative_decoding_mode=16)
-    """))
+    """)
+    )
     assert not good.errors and good.checked_calls == 1
 
 
 def test_guard_rejects_a_string_for_an_enum_typed_field():
-    r = scan_source(textwrap.dedent("""
+    r = scan_source(
+        textwrap.dedent("""
         def f():
             from tensorrt_llm.builder import BuildConfig
             return BuildConfig(max_draft_len=3, speculative_decoding_mode="explicit_draft_tokens")
-    """))
+    """)
+    )
     assert len(r.errors) == 1 and "SpeculativeDecodingMode" in r.errors[0], r.errors
 
 
 def test_guard_follows_self_attributes_and_return_types():
-    r = scan_source(textwrap.dedent("""
+    r = scan_source(
+        textwrap.dedent("""
         class B:
             def __init__(self, blob, n):
                 from tensorrt_llm.runtime import Session
@@ -305,13 +347,15 @@ def test_guard_follows_self_attributes_and_return_types():
                 engine = self.session.engine
                 engine.get_tensor_profile_shape(n, profile=0)        # 'profile_index'
                 self.session.context.set_input_shapes(n, (1,))      # no such method
-    """))
+    """)
+    )
     msgs = "\n".join(r.errors)
     assert "'profile'" in msgs and "set_input_shapes" in msgs and len(r.errors) == 2, msgs
 
 
 def test_guard_rejects_bad_keywords_through_aliases_and_returns():
-    r = scan_source(textwrap.dedent("""
+    r = scan_source(
+        textwrap.dedent("""
         def f(x):
             trt, _ = require_trtllm("x")
             from tensorrt_llm import functional as F
@@ -320,14 +364,16 @@ def test_guard_rejects_bad_keywords_through_aliases_and_returns():
             s = F.slice(t, start=[0])                      # the parameter is 'starts'
             lin = ColumnLinear(4, 4, gather_outputs=True)   # 'gather_output'
             ctx = trt.get_plugin_registry().get_creator("A", "1", namespace="")  # 'plugin_namespace'
-    """))
+    """)
+    )
     msgs = "\n".join(r.errors)
     assert "'start'" in msgs and "'gather_outputs'" in msgs and "'namespace'" in msgs, msgs
     assert len(r.errors) == 3, msgs
 
 
 def test_guard_rejects_unknown_names_enum_members_and_forbidden_calls():
-    r = scan_source(textwrap.dedent("""
+    r = scan_source(
+        textwrap.dedent("""
         def f(engine, n):
             trt, trtllm = require_trtllm("x")
             from tensorrt_llm.functional import slice_tensor
@@ -338,11 +384,12 @@ def test_guard_rejects_unknown_names_enum_members_and_forbidden_calls():
             base_cls = QWenForCausalLM if n else LLaMAForCausalLM
             cfg2 = base_cls.config_class.from_dict({})
             host = engine.get_tensor_location(n) == trt.TensorLocation.HOST
-    """))
+    """)
+    )
     msgs = "\n".join(r.errors)
     assert "slice_tensor" in msgs
     assert "TensorIOMode.IN:" in msgs
-    assert sum("MODEL_MAP" in m for m in r.errors) >= 2, msgs       # both from_dict routes
+    assert sum("MODEL_MAP" in m for m in r.errors) >= 2, msgs  # both from_dict routes
     assert "TensorLocation" in msgs and "by name" in msgs, msgs
 
 
@@ -364,7 +411,7 @@ def test_guard_checks_calls_of_module_instances_against_forward():
                     return self.transformer.embedding(ids)
     """)
     msgs = "\n".join(scan_source(src).errors)
-    assert msgs.count("spec_decoding_param'") == 2, msgs          # LLaMAModel.forward and QWenModel.forward
+    assert msgs.count("spec_decoding_param'") == 2, msgs  # LLaMAModel.forward and QWenModel.forward
     assert "embedding: not an attribute" in msgs and "vocab_embedding" not in msgs, msgs
     net = scan_source((TRTLLM_DIR / "network.py").read_text(), "network.py")
     assert not net.errors
@@ -380,10 +427,12 @@ def test_build_config_kwargs_pass_the_enum_member_and_known_fields():
     from redrafter_trt.trtllm.build import build_config_kwargs
 
     mode = spec_mode_enum_from_manifest()
-    kw = build_config_kwargs(mode, max_batch_size=4, max_input_len=100, max_seq_len=2028, tree_size=20)
+    kw = build_config_kwargs(
+        mode, max_batch_size=4, max_input_len=100, max_seq_len=2028, tree_size=20
+    )
     v = kw["speculative_decoding_mode"]
     assert isinstance(v, mode) and not isinstance(v, str)
-    assert v is mode.EXPLICIT_DRAFT_TOKENS and int(v) == 16   # pydantic accepts 1, 2, 4, 8, 16, ...
+    assert v is mode.EXPLICIT_DRAFT_TOKENS and int(v) == 16  # pydantic accepts 1, 2, 4, 8, 16, ...
     fields = load_symbols()["tensorrt_llm.builder.BuildConfig"]["params"]
     assert set(kw) <= set(fields), set(kw) - set(fields)
     assert kw["max_draft_len"] == 19 and kw["max_seq_len"] == 2048 and kw["max_input_len"] == 100
@@ -396,7 +445,12 @@ def test_kv_block_dims_come_from_the_recorded_engine_max_seq_len():
     from redrafter_trt.errors import RedrafterError
     from redrafter_trt.trtllm.build import kv_block_dims
 
-    record = {"max_seq_len": 2028, "kv_max_seq_len": 2048, "engine_max_seq_len": 2067, "tokens_per_block": 64}
+    record = {
+        "max_seq_len": 2028,
+        "kv_max_seq_len": 2048,
+        "engine_max_seq_len": 2067,
+        "tokens_per_block": 64,
+    }
     assert kv_block_dims(record) == (2067, 33)
     with pytest.raises(RedrafterError, match="rebuild"):
         kv_block_dims({"max_seq_len": 2028, "kv_max_seq_len": 2048, "tokens_per_block": 64})

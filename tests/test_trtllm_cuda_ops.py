@@ -15,8 +15,10 @@ from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
 from redrafter_trt.ops.beam_search import beam_search_step
 
-gpu_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_ops.native.cuda_available()),
-                                 reason="needs a CUDA GPU and cpp/build/libredrafter_cuda.so (gpu_check.sh)")
+gpu_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cuda_ops.native.cuda_available()),
+    reason="needs a CUDA GPU and cpp/build/libredrafter_cuda.so (gpu_check.sh)",
+)
 
 
 def test_cpu_model_gets_the_torch_operators(monkeypatch):
@@ -53,7 +55,9 @@ def test_drafter_beam_search_hands_the_step_its_vocab_map(tmp_path):
     from redrafter_trt.models.drafter import DrafterConfig, init_drafter
 
     vocab = torch.tensor([7, 3, 11, 0, 29, 5], dtype=torch.int32)
-    d = init_drafter(DrafterConfig(31, 8, 16, 1, True, draft_vocab_size=6), seed=1, std=0.5, draft_vocab=vocab)
+    d = init_drafter(
+        DrafterConfig(31, 8, 16, 1, True, draft_vocab_size=6), seed=1, std=0.5, draft_vocab=vocab
+    )
     emb = torch.nn.Embedding(31, 8)
     context, root = torch.randn(2, 8), torch.tensor([1, 2])
     seen = []
@@ -88,13 +92,24 @@ def test_kernels_match_the_references_on_the_gpu():
     n = tree.tokens.shape[1]
     node_logits = torch.randn(3, n, 97, generator=g).to(dev)
     z = torch.zeros(3, device=dev)
-    args = (node_logits, beams, tree.unpacker, z, z.int(), torch.ones(3, device=dev), torch.rand(3, 4, device=dev))
+    args = (
+        node_logits,
+        beams,
+        tree.unpacker,
+        z,
+        z.int(),
+        torch.ones(3, device=dev),
+        torch.rand(3, 4, device=dev),
+    )
     for r, k in zip(accept(*args), cuda_ops.accept_kernel(*args)):
         assert torch.equal(r.int(), k)
     cache = torch.randn(2, 2, 3, 2, 32, 8, device=dev)
     c2 = cache.clone()
     slots, lens = torch.tensor([2, 0, 1], device=dev), torch.tensor([5, 9, 0], device=dev)
-    path, na = torch.tensor([[0, 2, 3, 3], [0, 1, 1, 1], [0, 3, 5, 7]], device=dev), torch.tensor([2, 0, 3], device=dev)
+    path, na = (
+        torch.tensor([[0, 2, 3, 3], [0, 1, 1, 1], [0, 3, 5, 7]], device=dev),
+        torch.tensor([2, 0, 3], device=dev),
+    )
     relocate_kv(cache, slots, lens, path, na)
     assert torch.equal(cuda_ops.relocate_kv_kernel(c2, slots, lens, path, na).long(), lens + na + 1)
     assert torch.equal(cache, c2)

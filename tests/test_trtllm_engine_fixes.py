@@ -25,14 +25,39 @@ ROOT = Path(__file__).resolve().parents[1]
 NETWORK = ROOT / "redrafter_trt" / "trtllm" / "network.py"
 
 
-def ckpt_cfg(arch=ARCH_LLAMA, *, head_size=64, heads=9, kv_heads=3, dtype="float16", qkv_bias=False,
-             dense_bias=False, num_beams=4, draft_len=4) -> RedrafterCheckpointConfig:
-    base = BaseConfig(architecture=arch, vocab_size=512, hidden_size=heads * head_size, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_size=head_size, qkv_bias=qkv_bias, dense_bias=dense_bias)
+def ckpt_cfg(
+    arch=ARCH_LLAMA,
+    *,
+    head_size=64,
+    heads=9,
+    kv_heads=3,
+    dtype="float16",
+    qkv_bias=False,
+    dense_bias=False,
+    num_beams=4,
+    draft_len=4,
+) -> RedrafterCheckpointConfig:
+    base = BaseConfig(
+        architecture=arch,
+        vocab_size=512,
+        hidden_size=heads * head_size,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_size=head_size,
+        qkv_bias=qkv_bias,
+        dense_bias=dense_bias,
+    )
     drafter = DrafterConfig(512, heads * head_size, 2 * heads * head_size, 1, True)
-    return RedrafterCheckpointConfig(base=base, drafter=drafter, num_beams=num_beams, draft_len=draft_len,
-                                     greedy_search=True, dtype=dtype)
+    return RedrafterCheckpointConfig(
+        base=base,
+        drafter=drafter,
+        num_beams=num_beams,
+        draft_len=draft_len,
+        greedy_search=True,
+        dtype=dtype,
+    )
 
 
 # --------------------------------------------------------------------------- XQA support at build time
@@ -42,17 +67,29 @@ def test_xqa_check_accepts_the_common_llama_and_qwen_shapes():
     # SmolLM2-135M (64 x 9/3), Llama-3-8B (128 x 32/8), Qwen2-7B (128 x 28/4); bf16 and fp16; sm80+
     for hs, h, kv in ((64, 9, 3), (128, 32, 8), (128, 28, 4)):
         for dt in ("float16", "bfloat16"):
-            assert xqa_support_problems(dtype=dt, head_size=hs, num_attention_heads=h, num_key_value_heads=kv,
-                                        tokens_per_block=64, sm=(9, 0)) == []
+            assert (
+                xqa_support_problems(
+                    dtype=dt,
+                    head_size=hs,
+                    num_attention_heads=h,
+                    num_key_value_heads=kv,
+                    tokens_per_block=64,
+                    sm=(9, 0),
+                )
+                == []
+            )
     check_xqa_support(ckpt_cfg(), 64, (8, 0))
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(head_size=72), "head_dim 72"),
-    (dict(head_size=320), "head_dim 320"),
-    (dict(dtype="float32"), "dtype float32"),
-    (dict(heads=64, kv_heads=1), "64 query heads per KV head"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(head_size=72), "head_dim 72"),
+        (dict(head_size=320), "head_dim 320"),
+        (dict(dtype="float32"), "dtype float32"),
+        (dict(heads=64, kv_heads=1), "64 query heads per KV head"),
+    ],
+)
 def test_xqa_check_refuses_what_no_kernel_runs(change, words):
     from redrafter_trt.trtllm.build import check_xqa_support
 
@@ -92,13 +129,18 @@ def test_base_config_keys_are_config_parameters():
 
     from redrafter_trt.trtllm.network import trtllm_base_config
 
-    sym = json.loads((ROOT / "redrafter_trt" / "trtllm" / "api_manifest.json").read_text())["symbols"]
+    sym = json.loads((ROOT / "redrafter_trt" / "trtllm" / "api_manifest.json").read_text())[
+        "symbols"
+    ]
     pre = set(sym["tensorrt_llm.models.modeling_utils.PretrainedConfig"]["params"])
     stored_as_attrs = {"qwen_type", "share_embedding_table", "tie_word_embeddings"}
-    for arch, cls in ((ARCH_LLAMA, "tensorrt_llm.models.llama.config.LLaMAConfig"),
-                      (ARCH_QWEN2, "tensorrt_llm.models.qwen.config.QWenConfig")):
-        keys = set(trtllm_base_config(ckpt_cfg(arch, qkv_bias=arch == ARCH_QWEN2,
-                                               dense_bias=False)))
+    for arch, cls in (
+        (ARCH_LLAMA, "tensorrt_llm.models.llama.config.LLaMAConfig"),
+        (ARCH_QWEN2, "tensorrt_llm.models.qwen.config.QWenConfig"),
+    ):
+        keys = set(
+            trtllm_base_config(ckpt_cfg(arch, qkv_bias=arch == ARCH_QWEN2, dense_bias=False))
+        )
         unknown = keys - pre - set(sym[cls]["params"]) - stored_as_attrs
         assert not unknown, (arch, unknown)
 
@@ -107,18 +149,29 @@ def test_base_config_keys_are_config_parameters():
 def test_host_inputs_are_found_by_name_and_are_the_cpu_tensors_of_the_feed():
     import torch
 
-    from redrafter_trt.trtllm.cuda_graph import host_input_names
     from redrafter_trt.trtllm import ATTENTION_INPUTS
+    from redrafter_trt.trtllm.cuda_graph import host_input_names
     from redrafter_trt.trtllm.runtime import prepare_step
     from test_trtllm import SHAPE, generation_inputs
 
     engine_inputs = set(C.INPUTS) | set(ATTENTION_INPUTS)
     host = host_input_names(engine_inputs)
-    p = prepare_step(generation_inputs([0, 1], [5, 9]), SHAPE, device=torch.device("cpu"), max_blocks=8,
-                     layers=2, kv_len=128, pool_ptr=0x1000)
-    on_cpu_by_design = {n for n in ATTENTION_INPUTS if n.startswith("host_")} | {"spec_decoding_use"}
+    p = prepare_step(
+        generation_inputs([0, 1], [5, 9]),
+        SHAPE,
+        device=torch.device("cpu"),
+        max_blocks=8,
+        layers=2,
+        kv_len=128,
+        pool_ptr=0x1000,
+    )
+    on_cpu_by_design = {n for n in ATTENTION_INPUTS if n.startswith("host_")} | {
+        "spec_decoding_use"
+    }
     assert host == on_cpu_by_design and "spec_decoding_use" in host and "host_request_types" in host
-    assert host_input_names(engine_inputs - {"host_sink_token_length"}) == host - {"host_sink_token_length"}
+    assert host_input_names(engine_inputs - {"host_sink_token_length"}) == host - {
+        "host_sink_token_length"
+    }
     assert all(n in p.plumbing for n in host)
 
 
@@ -133,15 +186,24 @@ def test_spec_decoding_use_is_1_on_context_and_generation_calls():
     gen = generation_inputs([0, 1], [5, 9])
     ctx = dict(gen, **{C.REQUEST_TYPES: torch.full((2,), C.CONTEXT, dtype=torch.int32)})
     for inputs in (gen, ctx):
-        p = prepare_step(inputs, SHAPE, device=torch.device("cpu"), max_blocks=8, layers=2, kv_len=128,
-                         pool_ptr=0x1000)
+        p = prepare_step(
+            inputs,
+            SHAPE,
+            device=torch.device("cpu"),
+            max_blocks=8,
+            layers=2,
+            kv_len=128,
+            pool_ptr=0x1000,
+        )
         assert p.plumbing["spec_decoding_use"].tolist() == [SPEC_DECODING_USE] == [1]
 
 
 # --------------------------------------------------------------------------- the network's source
 def engine_class() -> ast.ClassDef:
     tree = ast.parse(NETWORK.read_text())
-    return next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ReDrafterEngine")
+    return next(
+        n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ReDrafterEngine"
+    )
 
 
 def method(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
@@ -165,16 +227,23 @@ def test_engine_registers_and_fills_the_rope_tables_itself():
     transformer = calls(fwd, "self.transformer")
     assert len(transformer) == 1 and fill[0].lineno < transformer[0].lineno
     # the filled params are the ones handed to the transformer
-    target = next(n for n in ast.walk(fwd) if isinstance(n, ast.Assign) and n.value is fill[0]).targets[0].id
+    target = (
+        next(n for n in ast.walk(fwd) if isinstance(n, ast.Assign) and n.value is fill[0])
+        .targets[0]
+        .id
+    )
     kw = {k.arg: ast.unparse(k.value) for k in transformer[0].keywords}
     assert kw["attention_params"] == target
 
 
 def test_engine_quantizes_once_and_builds_its_config_directly():
     cls = engine_class()
-    post = method(cls, "__post_init__")     # overrides PretrainedModel.__post_init__ (quantize + optimize)
+    post = method(
+        cls, "__post_init__"
+    )  # overrides PretrainedModel.__post_init__ (quantize + optimize)
     assert not calls(post, "super().__post_init__") and not [
-        n for n in ast.walk(post) if isinstance(n, ast.Name) and n.id == "quantize"]
+        n for n in ast.walk(post) if isinstance(n, ast.Name) and n.id == "quantize"
+    ]
     tree = ast.parse(NETWORK.read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "from_dict"]
 
@@ -183,12 +252,17 @@ def test_slices_use_static_starts():
     """Every F.slice gets its starts as a list of ints (the layer's static start), as TensorRT-LLM's
     own ReDrafter does, so no int32 start tensor meets int64 (shape-derived) sizes."""
     tree = ast.parse(NETWORK.read_text())
-    slices = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "F.slice"]
+    slices = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "F.slice"
+    ]
     assert len(slices) >= 5
     for s in slices:
-        starts = s.args[1] if len(s.args) > 1 else next(k.value for k in s.keywords if k.arg == "starts")
-        assert isinstance(starts, ast.List) and all(isinstance(e, ast.Constant) for e in starts.elts), \
-            ast.unparse(s)
+        starts = (
+            s.args[1] if len(s.args) > 1 else next(k.value for k in s.keywords if k.arg == "starts")
+        )
+        assert isinstance(starts, ast.List) and all(
+            isinstance(e, ast.Constant) for e in starts.elts
+        ), ast.unparse(s)
 
 
 def test_kv_block_dims_refuses_bad_records():

@@ -36,7 +36,7 @@ struct DrawShared {
     double tileMass[kMaxTiles];  // kPathTile: mass of tile j relative to tileRef[j]
     int64_t argIdx[32];
     int64_t found;
-    float tileRef[kMaxTiles];    // kPathTile: running max after tile j
+    float tileRef[kMaxTiles];  // kPathTile: running max after tile j
     uint32_t candKey[kCandidates];
     int32_t candId[kCandidates];
     uint32_t scanU[32];
@@ -53,11 +53,13 @@ struct DrawShared {
 #if defined(REDRAFTER_EMULATE)
 __device__ __forceinline__ void countLoads(int n) {
     AcceptEmuStats& s = acceptEmuStats();
-    if (s.current >= 0 && s.current < static_cast<int64_t>(s.loads.size())) s.loads[static_cast<size_t>(s.current)] += n;
+    if (s.current >= 0 && s.current < static_cast<int64_t>(s.loads.size()))
+        s.loads[static_cast<size_t>(s.current)] += n;
 }
 __device__ __forceinline__ void recordPath(int32_t path) {
     AcceptEmuStats& s = acceptEmuStats();
-    if (s.current >= 0 && s.current < static_cast<int64_t>(s.path.size())) s.path[static_cast<size_t>(s.current)] = path;
+    if (s.current >= 0 && s.current < static_cast<int64_t>(s.path.size()))
+        s.path[static_cast<size_t>(s.current)] = path;
 }
 #else
 __device__ __forceinline__ void countLoads(int) {}
@@ -67,7 +69,8 @@ __device__ __forceinline__ void recordPath(int32_t) {}
 // Loads the kE logits of thread `threadIdx.x` at id0 (every global logits load goes through
 // here, so the emulator can count them); returns how many are valid.
 template <class T>
-__device__ __forceinline__ int loadTile(const T* row, int64_t id0, int64_t vocab, bool vec, float (&x)[device::Vec16<T>::kElems]) {
+__device__ __forceinline__ int loadTile(const T* row, int64_t id0, int64_t vocab, bool vec,
+                                        float (&x)[device::Vec16<T>::kElems]) {
     constexpr int kE = device::Vec16<T>::kElems;
     device::loadLogits<T>(row, id0, vocab, vec, x);
     const int nValid = static_cast<int>(rdMax<int64_t>(0, rdMin<int64_t>(kE, vocab - id0)));
@@ -175,8 +178,8 @@ __device__ TopPCut topPDescent(ForEach&& forEach, double pS, DrawShared& sh) {
     for (int shift = 24; shift >= 8 * kLow; shift -= 8) {
         const BinRound r = massRound(forEach, prefix, mask, shift, sh);
         // The lowest non-empty bin whose first token still starts below p: thread t <-> bin 255 - t.
-        const bool cond = threadIdx.x < 256 && r.ownCount > 0 &&
-                          samplingTopPKeeps(massAbove + (r.inclMass - r.ownMass), pS, false);
+        const bool cond =
+            threadIdx.x < 256 && r.ownCount > 0 && samplingTopPKeeps(massAbove + (r.inclMass - r.ownMass), pS, false);
         if (cond) atomicMin(&sh.pickBin, 255u - threadIdx.x);
         __syncthreads();
         const uint32_t bin = sh.pickBin;
@@ -321,7 +324,8 @@ __device__ int32_t drawMultiPass(const T* row, int64_t vocab, bool vec, float te
             const int nValid = loadTile<T>(row, id0, vocab, vec, x);
             uint32_t myEqual = 0;
 #pragma unroll
-            for (int e = 0; e < kE; ++e) myEqual += (e < nValid && topPOn && orderedKey(x[e]) == cutKey && cutKey >= kthKey);
+            for (int e = 0; e < kE; ++e)
+                myEqual += (e < nValid && topPOn && orderedKey(x[e]) == cutKey && cutKey >= kthKey);
             uint32_t tileEqual;
             uint32_t eqRank = equalSeen + device::blockExclusiveScan<uint32_t>(myEqual, sh.scanU, &tileEqual);
             float wgt[kE];
@@ -351,7 +355,8 @@ __device__ int32_t drawMultiPass(const T* row, int64_t vocab, bool vec, float te
                     for (int e = 0; e < kE; ++e) {
                         c += static_cast<double>(wgt[e]);
                         if (e < nValid && c > target) {
-                            atomicMin(reinterpret_cast<unsigned long long*>(&sh.found), static_cast<unsigned long long>(id0 + e));
+                            atomicMin(reinterpret_cast<unsigned long long*>(&sh.found),
+                                      static_cast<unsigned long long>(id0 + e));
                             break;
                         }
                     }
@@ -384,8 +389,10 @@ __device__ void compactCandidates(uint32_t n, uint32_t keepTarget, uint32_t cap,
         [&](auto&& visit) { forEachCandidate(sh, n, [&](uint32_t key, int32_t, bool valid) { visit(key, valid); }); },
         keepTarget, sh.sel, &greater, &equal);
     uint32_t thr = kNoThreshold;
-    if (greater + equal <= cap) thr = kth;
-    else if (mayDropTies && greater > 0) thr = kth + 1u;
+    if (greater + equal <= cap)
+        thr = kth;
+    else if (mayDropTies && greater > 0)
+        thr = kth + 1u;
     uint32_t out = 0;
     for (uint32_t base = 0; base < n; base += blockDim.x) {
         const uint32_t i = base + threadIdx.x;
@@ -414,7 +421,9 @@ __device__ void compactCandidates(uint32_t n, uint32_t keepTarget, uint32_t cap,
 }
 
 // The float32 weight exp((x - xmax) / T) of the logit with ordered key `key`.
-__device__ __forceinline__ float keyWeight(uint32_t key, float xmax, float invT) { return expf((keyToFloat(key) - xmax) * invT); }
+__device__ __forceinline__ float keyWeight(uint32_t key, float xmax, float invT) {
+    return expf((keyToFloat(key) - xmax) * invT);
+}
 
 // The token drawn at one node; all threads of the block call it and get the result.
 template <class T>
@@ -435,9 +444,12 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
     if (samplingIsGreedy(temperature)) mode = kPathGreedy;
     // Single-pass top-k while k <= half the kept room, so compactions stay rare (each leaves at
     // least half the room free); a larger k (or more boundary ties than the room) falls back.
-    else if (k < vocab) mode = k <= static_cast<int64_t>(cap / 2) ? kPathTopK : kPathFallback;
-    else if (topPOn) mode = kPathNucleus;
-    else if (numTiles <= kMaxTiles) mode = kPathTile;
+    else if (k < vocab)
+        mode = k <= static_cast<int64_t>(cap / 2) ? kPathTopK : kPathFallback;
+    else if (topPOn)
+        mode = kPathNucleus;
+    else if (numTiles <= kMaxTiles)
+        mode = kPathTile;
     const bool buffered = mode == kPathTopK || mode == kPathNucleus;
     const bool online = mode == kPathNucleus || mode == kPathTile;
 
@@ -494,7 +506,8 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
                 for (int w = 0; w < nw; ++w) m = fmaxf(m, sh.warpMax[w]);
                 if (m > runMax) {  // the running max rises: rescale this thread's mass (float64)
                     if (runMass != 0.0)
-                        runMass *= exp((static_cast<double>(runMax) - static_cast<double>(m)) * static_cast<double>(invT));
+                        runMass *=
+                            exp((static_cast<double>(runMax) - static_cast<double>(m)) * static_cast<double>(invT));
                     runMax = m;
                 }
                 float part = 0.0f;
@@ -557,7 +570,8 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
         // same block scan three times: S, the tile, its start), then the token inside it (the one
         // tile re-read from global memory).
         for (int j = threadIdx.x; j < numTiles; j += blockDim.x)
-            sh.tileMass[j] *= exp((static_cast<double>(sh.tileRef[j]) - static_cast<double>(xmax)) * static_cast<double>(invT));
+            sh.tileMass[j] *=
+                exp((static_cast<double>(sh.tileRef[j]) - static_cast<double>(xmax)) * static_cast<double>(invT));
         if (threadIdx.x == 0) {
             sh.pickTile = -1;
             sh.found = vocab;
@@ -586,7 +600,8 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
             scanTiles(2, 0.0, j);
             const double massBefore = sh.sel.massAbove;
             const float ref = sh.tileRef[j];
-            const double scale = exp((static_cast<double>(ref) - static_cast<double>(xmax)) * static_cast<double>(invT));
+            const double scale =
+                exp((static_cast<double>(ref) - static_cast<double>(xmax)) * static_cast<double>(invT));
             const int64_t id0 = static_cast<int64_t>(j) * tileSize + static_cast<int64_t>(threadIdx.x) * kE;
             float x[kE];
             const int nValid = loadTile<T>(row, id0, vocab, vec, x);
@@ -605,7 +620,8 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
             for (int e = 0; e < kE; ++e) {
                 c += static_cast<double>(wgt[e]);
                 if (wgt[e] > 0.0f && massBefore + scale * c > target) {
-                    atomicMin(reinterpret_cast<unsigned long long*>(&sh.found), static_cast<unsigned long long>(id0 + e));
+                    atomicMin(reinterpret_cast<unsigned long long*>(&sh.found),
+                              static_cast<unsigned long long>(id0 + e));
                     break;
                 }
             }
@@ -623,7 +639,9 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
             if (mode == kPathTopK) {  // every token with key >= the k-th largest is in the buffer
                 uint32_t greater, equal;
                 kthKey = device::blockRadixSelect<uint32_t, kLow>(
-                    [&](auto&& visit) { forEachCandidate(sh, n, [&](uint32_t key, int32_t, bool valid) { visit(key, valid); }); },
+                    [&](auto&& visit) {
+                        forEachCandidate(sh, n, [&](uint32_t key, int32_t, bool valid) { visit(key, valid); });
+                    },
                     static_cast<uint32_t>(k), sh.sel, &greater, &equal);
             }
             // Mass of the buffer's (top-k) kept entries, and their last id with non-zero weight.
@@ -659,7 +677,8 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
                         return static_cast<int32_t>(bestIdx);
                     }
                     cutKey = cut.key;
-                    const uint32_t keepEqual = topPKeepEqual(cut, pS, static_cast<double>(keyWeight(cutKey, xmax, invT)));
+                    const uint32_t keepEqual =
+                        topPKeepEqual(cut, pS, static_cast<double>(keyWeight(cutKey, xmax, invT)));
                     if (keepEqual < cut.equal) {  // the keepEqual lowest ids among the tied tokens
                         uint32_t greater, equal;
                         const uint32_t idKey = device::blockRadixSelect<uint32_t, 0>(
@@ -674,7 +693,8 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
                     local = 0.0;
                     lastLoc = -1;
                     forEachCandidate(sh, n, [&](uint32_t key, int32_t id, bool valid) {
-                        if (valid && key >= kthKey && (key > cutKey || (key == cutKey && static_cast<uint32_t>(id) <= tieIdMax))) {
+                        if (valid && key >= kthKey &&
+                            (key > cutKey || (key == cutKey && static_cast<uint32_t>(id) <= tieIdMax))) {
                             const float w = keyWeight(key, xmax, invT);
                             local += static_cast<double>(w);
                             if (w > 0.0f) lastLoc = rdMax<int32_t>(lastLoc, id);
@@ -687,8 +707,9 @@ __device__ int32_t drawAtNode(const T* row, int64_t vocab, float temperature, in
             if (inBuffer) {
                 auto keptEntries = [&](auto&& visit) {
                     forEachCandidate(sh, n, [&](uint32_t key, int32_t id, bool valid) {
-                        const bool kept = valid && key >= kthKey &&
-                                          (!topPOn || key > cutKey || (key == cutKey && static_cast<uint32_t>(id) <= tieIdMax));
+                        const bool kept =
+                            valid && key >= kthKey &&
+                            (!topPOn || key > cutKey || (key == cutKey && static_cast<uint32_t>(id) <= tieIdMax));
                         visit(id, kept ? keyWeight(key, xmax, invT) : 0.0f, kept);
                     });
                 };
@@ -734,7 +755,8 @@ __global__ void __launch_bounds__(kDrawThreads, 2) acceptDrawKernel(AcceptParams
             continue;
         }
         const T* row = static_cast<const T*>(p.logits) + job * V;
-        const int32_t tok = drawAtNode<T>(row, V, p.temperature[b], p.topK[b], p.topP[b], p.uniforms[b * L + depth], sh);
+        const int32_t tok =
+            drawAtNode<T>(row, V, p.temperature[b], p.topK[b], p.topP[b], p.uniforms[b * L + depth], sh);
         if (threadIdx.x == 0) draws[job] = tok;
     }
 }
@@ -763,16 +785,24 @@ Status invokeAccept(const AcceptParams& p, CUstream_st* stream) {
     if (p.batchSize == 0) return Status::success();
     const size_t need = acceptWorkspaceBytes(p.batchSize, p.numNodes);
     if (!p.workspace || p.workspaceBytes < need)
-        return Status::error(StatusCode::kInvalidArgument, "accept: workspace of %zu bytes needed (acceptWorkspaceBytes), got %zu at %p",
-                             need, p.workspaceBytes, p.workspace);
+        return Status::error(StatusCode::kInvalidArgument,
+                             "accept: workspace of %zu bytes needed (acceptWorkspaceBytes), got %zu at %p", need,
+                             p.workspaceBytes, p.workspace);
     int32_t* draws = static_cast<int32_t*>(p.workspace);
     const unsigned grid1 = static_cast<unsigned>(rdMin<int64_t>(p.batchSize * p.numNodes, 1 << 30));
     switch (p.logitsType) {
-        case DataType::kFloat32: RD_LAUNCH(acceptDrawKernel<float>, grid1, kDrawThreads, 0, stream, p, draws); break;
-        case DataType::kFloat16: RD_LAUNCH(acceptDrawKernel<__half>, grid1, kDrawThreads, 0, stream, p, draws); break;
-        case DataType::kBFloat16: RD_LAUNCH(acceptDrawKernel<__nv_bfloat16>, grid1, kDrawThreads, 0, stream, p, draws); break;
+        case DataType::kFloat32:
+            RD_LAUNCH(acceptDrawKernel<float>, grid1, kDrawThreads, 0, stream, p, draws);
+            break;
+        case DataType::kFloat16:
+            RD_LAUNCH(acceptDrawKernel<__half>, grid1, kDrawThreads, 0, stream, p, draws);
+            break;
+        case DataType::kBFloat16:
+            RD_LAUNCH(acceptDrawKernel<__nv_bfloat16>, grid1, kDrawThreads, 0, stream, p, draws);
+            break;
     }
-    const unsigned grid2 = static_cast<unsigned>(rdMin<int64_t>((p.batchSize + kWalkThreads - 1) / kWalkThreads, 1 << 30));
+    const unsigned grid2 =
+        static_cast<unsigned>(rdMin<int64_t>((p.batchSize + kWalkThreads - 1) / kWalkThreads, 1 << 30));
     RD_LAUNCH(acceptWalkKernel, grid2, kWalkThreads, 0, stream, p, draws);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)

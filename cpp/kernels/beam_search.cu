@@ -17,10 +17,9 @@ constexpr int kMaxRowCands = 2 * kMaxBeams;  // W kept + W fillers
 
 // Stage 1: one block per (chunk of 4096 logits, beam row). The chunk is read once into registers.
 template <class T>
-__global__ void __launch_bounds__(kThreads) beamChunkTopKKernel(const T* __restrict__ logits, int64_t rows, int64_t vocab,
-                                                                 int64_t numChunks, int32_t chunkK,
-                                                                 BeamChunkSummary* __restrict__ summaries,
-                                                                 BeamCandidate* __restrict__ lists) {
+__global__ void __launch_bounds__(kThreads)
+    beamChunkTopKKernel(const T* __restrict__ logits, int64_t rows, int64_t vocab, int64_t numChunks, int32_t chunkK,
+                        BeamChunkSummary* __restrict__ summaries, BeamCandidate* __restrict__ lists) {
     constexpr int kE = device::Vec16<T>::kElems;
     static_assert(kItems % kE == 0, "items per thread must be whole vectors");
     __shared__ ReduceScratch red;
@@ -113,12 +112,11 @@ __global__ void __launch_bounds__(kThreads) beamChunkTopKKernel(const T* __restr
 
 // Stage 2: one block per beam row: log-sum-exp and the beam's own top W from the chunk lists.
 template <class T>
-__global__ void __launch_bounds__(kMergeThreads) beamRowMergeKernel(const T* __restrict__ logits, const float* __restrict__ beamScores,
-                                                                     int64_t rows, int32_t numBeams, int64_t vocab, int64_t warpK,
-                                                                     int64_t numChunks, int32_t chunkK,
-                                                                     const BeamChunkSummary* __restrict__ summaries,
-                                                                     const BeamCandidate* __restrict__ lists,
-                                                                     BeamCandidate* __restrict__ rowCands) {
+__global__ void __launch_bounds__(kMergeThreads)
+    beamRowMergeKernel(const T* __restrict__ logits, const float* __restrict__ beamScores, int64_t rows,
+                       int32_t numBeams, int64_t vocab, int64_t warpK, int64_t numChunks, int32_t chunkK,
+                       const BeamChunkSummary* __restrict__ summaries, const BeamCandidate* __restrict__ lists,
+                       BeamCandidate* __restrict__ rowCands) {
     __shared__ ReduceScratch red;
     __shared__ SelectScratch sel;
     __shared__ uint32_t scanTotals[32];
@@ -152,7 +150,9 @@ __global__ void __launch_bounds__(kMergeThreads) beamRowMergeKernel(const T* __r
         if (warpOn) {
             uint32_t greater, equal;
             const uint32_t kth = device::blockRadixSelect<uint32_t, 0>(
-                [&](auto&& f) { forEachEntry([&](const BeamCandidate& e, bool valid) { f(orderedKey(e.value), valid); }); },
+                [&](auto&& f) {
+                    forEachEntry([&](const BeamCandidate& e, bool valid) { f(orderedKey(e.value), valid); });
+                },
                 static_cast<uint32_t>(warpK), sel, &greater, &equal);
             kthShifted = keyToFloat(kth) - m;
         }
@@ -243,7 +243,8 @@ __global__ void __launch_bounds__(kMergeThreads) beamRowMergeKernel(const T* __r
             uint32_t rank = 0;
             for (uint32_t j = 0; j < n; ++j) rank += cand[j] > cand[i];
             if (rank < static_cast<uint32_t>(numBeams)) {
-                rowCands[row * numBeams + rank] = BeamCandidate{candScore[i], static_cast<int32_t>(rankKeyIndex(cand[i]))};
+                rowCands[row * numBeams + rank] =
+                    BeamCandidate{candScore[i], static_cast<int32_t>(rankKeyIndex(cand[i]))};
             }
         }
         __syncthreads();
@@ -251,10 +252,10 @@ __global__ void __launch_bounds__(kMergeThreads) beamRowMergeKernel(const T* __r
 }
 
 // Stage 3: one block per batch row: top W of the W*W union, best first.
-__global__ void __launch_bounds__(kMergeThreads) beamMergeKernel(const BeamCandidate* __restrict__ rowCands, int64_t batch,
-                                                                  int32_t numBeams, int64_t vocab, const int32_t* __restrict__ vocabMap,
-                                                                  float* __restrict__ newScores, int32_t* __restrict__ parent,
-                                                                  int32_t* __restrict__ token) {
+__global__ void __launch_bounds__(kMergeThreads)
+    beamMergeKernel(const BeamCandidate* __restrict__ rowCands, int64_t batch, int32_t numBeams, int64_t vocab,
+                    const int32_t* __restrict__ vocabMap, float* __restrict__ newScores, int32_t* __restrict__ parent,
+                    int32_t* __restrict__ token) {
     __shared__ SelectScratch sel;
     __shared__ uint64_t top[kMaxBeams];
     __shared__ uint32_t numTop;
@@ -268,7 +269,8 @@ __global__ void __launch_bounds__(kMergeThreads) beamMergeKernel(const BeamCandi
             }
         };
         uint32_t greater, equal;
-        const uint64_t cut = device::blockRadixSelect<uint64_t, 0>(forEachKey, static_cast<uint32_t>(numBeams), sel, &greater, &equal);
+        const uint64_t cut =
+            device::blockRadixSelect<uint64_t, 0>(forEachKey, static_cast<uint32_t>(numBeams), sel, &greater, &equal);
         if (threadIdx.x == 0) numTop = 0;
         __syncthreads();
         forEachKey([&](uint64_t key, bool valid) {
@@ -300,10 +302,11 @@ Status launch(const BeamSearchParams& p, cudaStream_t stream) {
     RD_LAUNCH(beamChunkTopKKernel<T>, grid1, kThreads, 0, stream, logits, rows, p.vocabSize, ws.numChunks,
               static_cast<int32_t>(ws.chunkK), summaries, lists);
     RD_LAUNCH(beamRowMergeKernel<T>, static_cast<unsigned>(rdMin<int64_t>(rows, 1 << 30)), kMergeThreads, 0, stream,
-        logits, p.beamScores, rows, static_cast<int32_t>(p.numBeams), p.vocabSize, p.warpK, ws.numChunks,
-        static_cast<int32_t>(ws.chunkK), summaries, lists, rowCands);
+              logits, p.beamScores, rows, static_cast<int32_t>(p.numBeams), p.vocabSize, p.warpK, ws.numChunks,
+              static_cast<int32_t>(ws.chunkK), summaries, lists, rowCands);
     RD_LAUNCH(beamMergeKernel, static_cast<unsigned>(rdMin<int64_t>(p.batchSize, 1 << 30)), kMergeThreads, 0, stream,
-        rowCands, p.batchSize, static_cast<int32_t>(p.numBeams), p.vocabSize, p.vocabMap, p.newScores, p.parent, p.token);
+              rowCands, p.batchSize, static_cast<int32_t>(p.numBeams), p.vocabSize, p.vocabMap, p.newScores, p.parent,
+              p.token);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess)
         return Status::error(StatusCode::kCudaError, "beam search: kernel launch failed: %s", cudaGetErrorString(err));
@@ -317,15 +320,20 @@ Status invokeBeamSearchStep(const BeamSearchParams& p, CUstream_st* stream) {
     if (p.batchSize == 0) return Status::success();
     const int64_t numChunks = (p.vocabSize + kBeamChunk - 1) / kBeamChunk;
     if (numChunks > 2147483647)
-        return Status::error(StatusCode::kUnsupported, "beam search: V=%lld needs too many chunks", (long long)p.vocabSize);
+        return Status::error(StatusCode::kUnsupported, "beam search: V=%lld needs too many chunks",
+                             (long long)p.vocabSize);
     const size_t need = beamSearchWorkspaceBytes(p.batchSize, p.numBeams, p.vocabSize, p.warpK);
     if (!p.workspace || p.workspaceBytes < need)
-        return Status::error(StatusCode::kInvalidArgument, "beam search: workspace of %zu bytes needed (beamSearchWorkspaceBytes), got %zu at %p",
+        return Status::error(StatusCode::kInvalidArgument,
+                             "beam search: workspace of %zu bytes needed (beamSearchWorkspaceBytes), got %zu at %p",
                              need, p.workspaceBytes, p.workspace);
     switch (p.logitsType) {
-        case DataType::kFloat32: return launch<float>(p, stream);
-        case DataType::kFloat16: return launch<__half>(p, stream);
-        case DataType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+        case DataType::kFloat32:
+            return launch<float>(p, stream);
+        case DataType::kFloat16:
+            return launch<__half>(p, stream);
+        case DataType::kBFloat16:
+            return launch<__nv_bfloat16>(p, stream);
     }
     return Status::error(StatusCode::kInvalidArgument, "beam search: bad dtype");
 }

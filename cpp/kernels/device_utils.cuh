@@ -52,7 +52,8 @@ struct KeyLowBytes<__nv_bfloat16> {
 // `n` become -inf and are flagged invalid by the caller (i + e < n). `vec` = the row is 16-byte
 // aligned so a full vector can be loaded at once.
 template <class T>
-__device__ __forceinline__ void loadLogits(const T* row, int64_t i, int64_t n, bool vec, float (&out)[Vec16<T>::kElems]) {
+__device__ __forceinline__ void loadLogits(const T* row, int64_t i, int64_t n, bool vec,
+                                           float (&out)[Vec16<T>::kElems]) {
     constexpr int kE = Vec16<T>::kElems;
     if (vec && i + kE <= n) {
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + i));
@@ -201,7 +202,8 @@ __device__ __forceinline__ void binSuffix(const uint32_t* hist, uint32_t* warpTo
 // bin >= 256 means "nothing to add".
 __device__ __forceinline__ void histAdd(uint32_t* hist, uint32_t bin) {
     const unsigned peers = __match_any_sync(kFullMask, bin);
-    if (bin < 256u && static_cast<int>(threadIdx.x & 31) == __ffs(static_cast<int>(peers)) - 1) atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
+    if (bin < 256u && static_cast<int>(threadIdx.x & 31) == __ffs(static_cast<int>(peers)) - 1)
+        atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
 }
 
 // Same with a float weight per lane, accumulated into a double mass histogram.
@@ -257,7 +259,8 @@ __device__ __forceinline__ Key fillLowBytes(Key prefix) {
 // Returns the key; *greater = keys strictly above it, *equal = keys equal to it. All threads
 // of the block must call it.
 template <class Key, int kLowBytes, class ForEach>
-__device__ Key blockRadixSelect(ForEach&& forEachKey, uint32_t k, SelectScratch& s, uint32_t* greater, uint32_t* equal) {
+__device__ Key blockRadixSelect(ForEach&& forEachKey, uint32_t k, SelectScratch& s, uint32_t* greater,
+                                uint32_t* equal) {
     constexpr int kBits = static_cast<int>(sizeof(Key)) * 8;
     Key prefix = 0, mask = 0;
     uint32_t remaining = k;

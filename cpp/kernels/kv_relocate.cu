@@ -28,7 +28,8 @@ __global__ void __launch_bounds__(kThreads) kvRelocateKernel(KvRelocateParams p,
         if (ok) {
             // units = layers*2*heads*vecsPerRow fits int32 (checkParams bounds the bytes per position).
             const int32_t vpr = static_cast<int32_t>(vecsPerRow), heads = static_cast<int32_t>(p.numKvHeads);
-            for (int32_t u = blockIdx.x * blockDim.x + threadIdx.x; u < static_cast<int32_t>(units); u += gridDim.x * blockDim.x) {
+            for (int32_t u = blockIdx.x * blockDim.x + threadIdx.x; u < static_cast<int32_t>(units);
+                 u += gridDim.x * blockDim.x) {
                 const int32_t v = u % vpr;
                 const int32_t rest = u / vpr;
                 const int32_t head = rest % heads;

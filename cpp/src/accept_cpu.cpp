@@ -16,13 +16,15 @@ Status acceptCpu(const AcceptParams& p) {
         if (p.packedLen) {
             const int32_t len = p.packedLen[b];
             if (len < 1 || len > N)
-                return Status::error(StatusCode::kInvalidData, "accept: packed_len[%lld] = %d is outside [1, N=%lld]", (long long)b, len, (long long)N);
+                return Status::error(StatusCode::kInvalidData, "accept: packed_len[%lld] = %d is outside [1, N=%lld]",
+                                     (long long)b, len, (long long)N);
             limit = len;
         }
         for (int32_t i = 0; i < W * L; ++i) {
             const int32_t q = p.unpacker[b * W * L + i];
             if (q < 0 || q >= limit)
-                return Status::error(StatusCode::kInvalidData, "accept: unpacker[%lld, %d, %d] = %d is outside [0, %lld) (packed length)",
+                return Status::error(StatusCode::kInvalidData,
+                                     "accept: unpacker[%lld, %d, %d] = %d is outside [0, %lld) (packed length)",
                                      (long long)b, i / L, i % L, q, (long long)limit);
         }
     }

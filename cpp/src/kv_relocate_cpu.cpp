@@ -10,20 +10,25 @@ namespace redrafter {
 Status kvRelocateCpu(const KvRelocateParams& p) {
     RD_RETURN_IF_ERROR(p.checkParams());
     const int32_t L = static_cast<int32_t>(p.beamLength);
-    static const char* const kReasons[] = {"ok", "slot outside [0, num_slots)", "negative cache length",
-                                           "num_accepted outside [0, L)", "accepted indices q_1..q_n not strictly increasing from q_0 = 0",
+    static const char* const kReasons[] = {"ok",
+                                           "slot outside [0, num_slots)",
+                                           "negative cache length",
+                                           "num_accepted outside [0, L)",
+                                           "accepted indices q_1..q_n not strictly increasing from q_0 = 0",
                                            "cache_length + accepted index or new length exceeds max_seq"};
     for (int64_t b = 0; b < p.batchSize; ++b) {
         const int32_t err = kvCheckRow(p.slots[b], p.cacheLengths[b], p.numAccepted[b], p.acceptedIndices + b * L, L,
                                        p.numSlots, p.maxSeqLen);
         if (err != kKvRowOk)
-            return Status::error(StatusCode::kInvalidData, "kv relocate: row %lld: %s (slot=%d cache_length=%d num_accepted=%d)",
-                                 (long long)b, kReasons[err], p.slots[b], p.cacheLengths[b], p.numAccepted[b]);
+            return Status::error(StatusCode::kInvalidData,
+                                 "kv relocate: row %lld: %s (slot=%d cache_length=%d num_accepted=%d)", (long long)b,
+                                 kReasons[err], p.slots[b], p.cacheLengths[b], p.numAccepted[b]);
     }
     std::vector<int32_t> used(p.slots, p.slots + p.batchSize);
     std::sort(used.begin(), used.end());
     if (std::adjacent_find(used.begin(), used.end()) != used.end())
-        return Status::error(StatusCode::kInvalidData, "kv relocate: two rows use the same cache slot %d; every row needs its own slot",
+        return Status::error(StatusCode::kInvalidData,
+                             "kv relocate: two rows use the same cache slot %d; every row needs its own slot",
                              *std::adjacent_find(used.begin(), used.end()));
 
     // checkParams bounds every offset of the layout inside [0, cacheElems), so no write leaves the cache.

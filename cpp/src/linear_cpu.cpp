@@ -77,8 +77,8 @@ __attribute__((target("avx2,fma"))) inline __m256 widenBf16(const uint16_t* p) {
 }
 
 // One weight row (already float32 in wf, widened once) against all m rows of xf.
-__attribute__((target("avx2,fma"))) inline float finishAvx2(__m256 a0, __m256 a1, const float* x,
-                                                             const float* wf, int64_t kv, int64_t k) {
+__attribute__((target("avx2,fma"))) inline float finishAvx2(__m256 a0, __m256 a1, const float* x, const float* wf,
+                                                            int64_t kv, int64_t k) {
     float lane[16];
     _mm256_storeu_ps(lane, a0);
     _mm256_storeu_ps(lane + 8, a1);
@@ -164,8 +164,9 @@ Status linearCpu(const void* x, int32_t xDtype, const void* w, int32_t wDtype, c
                              "linear: dtypes must be 0 (float32) or 2 (bfloat16), got x=%d w=%d y=%d",
                              static_cast<int>(xDtype), static_cast<int>(wDtype), static_cast<int>(yDtype));
     if (m < 0 || n < 1 || k < 1)
-        return Status::error(StatusCode::kInvalidArgument, "linear: need m >= 0, n >= 1, k >= 1, got m=%lld n=%lld k=%lld",
-                             static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k));
+        return Status::error(StatusCode::kInvalidArgument,
+                             "linear: need m >= 0, n >= 1, k >= 1, got m=%lld n=%lld k=%lld", static_cast<long long>(m),
+                             static_cast<long long>(n), static_cast<long long>(k));
     if (m == 0) return Status::success();
     if (!x || !w || !y) return Status::error(StatusCode::kInvalidArgument, "linear: null x, w or y pointer");
     // Activations widened once to float32 (exact for bf16).
@@ -224,9 +225,9 @@ extern "C" {
 
 // y [m, n] = x [m, k] . w [n, k]^T (+ bias [n], float32); dtypes 0 = float32, 2 = bfloat16.
 // force_scalar = 1 takes the portable path (tests). Returns 0 or a StatusCode, message in msg.
-int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int32_t w_dtype, const float* bias,
-                             void* y, int32_t y_dtype, int64_t m, int64_t n, int64_t k, int32_t force_scalar,
-                             char* msg, int64_t msg_len) {
+int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int32_t w_dtype, const float* bias, void* y,
+                             int32_t y_dtype, int64_t m, int64_t n, int64_t k, int32_t force_scalar, char* msg,
+                             int64_t msg_len) {
     return redrafter::capi::guarded(msg, msg_len, [&] {
         return redrafter::linearCpu(x, x_dtype, w, w_dtype, bias, y, y_dtype, m, n, k, force_scalar);
     });

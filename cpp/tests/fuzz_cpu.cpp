@@ -26,14 +26,14 @@ char gMsg[512];
 int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 bool coin(double p = 0.5) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; }
 
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        if (!(cond)) {                                                      \
-            ++gFailures;                                                    \
+#define EXPECT(cond, ...)                                                        \
+    do {                                                                         \
+        if (!(cond)) {                                                           \
+            ++gFailures;                                                         \
             std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            std::fprintf(stderr, __VA_ARGS__);                              \
-            std::fprintf(stderr, "\n");                                     \
-        }                                                                   \
+            std::fprintf(stderr, __VA_ARGS__);                                   \
+            std::fprintf(stderr, "\n");                                          \
+        }                                                                        \
     } while (0)
 
 // Logit values: normals, a few repeated values (ties), occasionally NaN / inf / huge.
@@ -77,11 +77,26 @@ void fuzzBeamSearch() {
     const int32_t dtype = static_cast<int32_t>(pick(0, 2));
     bool bad = false;
     const int64_t mode = pick(0, 9);
-    if (mode == 0) { W = pick(-2, 0); bad = true; }
-    if (mode == 1) { W = V + pick(1, 3); bad = true; }
-    if (mode == 2) { K = -pick(1, 5); bad = true; }
-    if (mode == 3) { V = (int64_t(1) << 31) + pick(0, 5); bad = true; }
-    if (mode == 4) { W = 65; bad = true; }
+    if (mode == 0) {
+        W = pick(-2, 0);
+        bad = true;
+    }
+    if (mode == 1) {
+        W = V + pick(1, 3);
+        bad = true;
+    }
+    if (mode == 2) {
+        K = -pick(1, 5);
+        bad = true;
+    }
+    if (mode == 3) {
+        V = (int64_t(1) << 31) + pick(0, 5);
+        bad = true;
+    }
+    if (mode == 4) {
+        W = 65;
+        bad = true;
+    }
     const int64_t n = bad ? 8 : B * W * V;
     auto logits = randomLogits(n, dtype, coin(0.3));
     std::vector<float> scores(static_cast<size_t>(bad ? 8 : B * W) + 1);
@@ -94,8 +109,8 @@ void fuzzBeamSearch() {
     const bool mapped = !bad && coin(0.5);
     std::vector<int32_t> vocabMap(mapped ? static_cast<size_t>(V) : 0);
     for (size_t v = 0; v < vocabMap.size(); ++v) vocabMap[v] = static_cast<int32_t>(3 * v + 1);
-    const int32_t st = redrafter_beam_search_step_cpu(nullPtr ? nullptr : logits.data(), dtype, scores.data(), B, W, V, K,
-                                                      mapped ? vocabMap.data() : nullptr, out.data(), parent.data(),
+    const int32_t st = redrafter_beam_search_step_cpu(nullPtr ? nullptr : logits.data(), dtype, scores.data(), B, W, V,
+                                                      K, mapped ? vocabMap.data() : nullptr, out.data(), parent.data(),
                                                       token.data(), gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "beam search") == 0) {
         for (int64_t i = 0; i < B * W; ++i) {
@@ -110,10 +125,23 @@ void fuzzTreePack() {
     int64_t B = pick(0, 3), W = pick(1, 10), L = pick(1, 10);
     bool bad = false;
     const int64_t mode = pick(0, 9);
-    if (mode == 0) { L = 65; bad = true; }
-    if (mode == 1) { W = pick(-3, 0); bad = true; }
-    if (mode == 2) { W = 64; L = 64; B = pick(0, 1); }
-    if (mode == 3) { B = -1; bad = true; }
+    if (mode == 0) {
+        L = 65;
+        bad = true;
+    }
+    if (mode == 1) {
+        W = pick(-3, 0);
+        bad = true;
+    }
+    if (mode == 2) {
+        W = 64;
+        L = 64;
+        B = pick(0, 1);
+    }
+    if (mode == 3) {
+        B = -1;
+        bad = true;
+    }
     const int64_t N = W * L, words = (N + 31) / 32;
     const size_t cells = bad ? 8 : static_cast<size_t>(B * N);
     std::vector<int32_t> beams(cells + 1);
@@ -140,10 +168,24 @@ void fuzzAccept() {
     const int32_t dtype = static_cast<int32_t>(pick(0, 2));
     bool bad = false, mayReject = false;
     const int64_t mode = pick(0, 11);
-    if (mode == 0) { L = 65; bad = true; }
-    if (mode == 1) { V = 0; bad = true; }
-    if (mode == 2) { N = 0; bad = true; }
-    if (mode == 3) { B = int64_t(1) << 40; N = int64_t(1) << 20; V = int64_t(1) << 20; bad = true; }
+    if (mode == 0) {
+        L = 65;
+        bad = true;
+    }
+    if (mode == 1) {
+        V = 0;
+        bad = true;
+    }
+    if (mode == 2) {
+        N = 0;
+        bad = true;
+    }
+    if (mode == 3) {
+        B = int64_t(1) << 40;
+        N = int64_t(1) << 20;
+        V = int64_t(1) << 20;
+        bad = true;
+    }
     if (mode == 4) mayReject = true;  // garbage unpacker
     const size_t cells = bad ? 8 : static_cast<size_t>(B * W * L);
     std::vector<int32_t> beams(cells + 1), unp(cells + 1);
@@ -171,9 +213,10 @@ void fuzzAccept() {
     }
     for (auto& x : u) x = coin(0.1) ? 0.0f : static_cast<float>(pick(0, (1 << 24) - 1)) / 16777216.0f;
     std::vector<int32_t> na(rows), best(rows), bonus(rows), path(u.size()), emitted(u.size());
-    const int32_t st = redrafter_accept_cpu(logits.data(), dtype, B, N, V, beams.data(), unp.data(), W, L,
-                                            coin() ? len.data() : nullptr, temp.data(), topK.data(), topP.data(), u.data(),
-                                            na.data(), best.data(), bonus.data(), path.data(), emitted.data(), gMsg, sizeof(gMsg));
+    const int32_t st =
+        redrafter_accept_cpu(logits.data(), dtype, B, N, V, beams.data(), unp.data(), W, L,
+                             coin() ? len.data() : nullptr, temp.data(), topK.data(), topP.data(), u.data(), na.data(),
+                             best.data(), bonus.data(), path.data(), emitted.data(), gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "accept") == 0) {
         for (int64_t b = 0; b < B; ++b) {
             EXPECT(na[b] >= 0 && na[b] < L && best[b] >= 0 && best[b] < W && bonus[b] >= 0 && bonus[b] < V,
@@ -190,10 +233,22 @@ void fuzzKvRelocate() {
     int64_t elem = int64_t(1) << pick(0, 3), B = pick(0, slots), L = pick(1, 6);
     bool bad = false;
     const int64_t mode = pick(0, 9);
-    if (mode == 0) { elem = 3; bad = true; }
-    if (mode == 1) { L = 0; bad = true; }
-    if (mode == 2) { maxSeq = int64_t(1) << 40; bad = true; }
-    if (mode == 3) { headDim = int64_t(1) << 31; bad = true; }
+    if (mode == 0) {
+        elem = 3;
+        bad = true;
+    }
+    if (mode == 1) {
+        L = 0;
+        bad = true;
+    }
+    if (mode == 2) {
+        maxSeq = int64_t(1) << 40;
+        bad = true;
+    }
+    if (mode == 3) {
+        headDim = int64_t(1) << 31;
+        bad = true;
+    }
     const size_t bytes = bad ? 64 : static_cast<size_t>(layers * 2 * slots * heads * maxSeq * headDim * elem);
     std::vector<uint8_t> cache(bytes + 1);
     for (auto& c : cache) c = static_cast<uint8_t>(rng());
@@ -204,7 +259,8 @@ void fuzzKvRelocate() {
         lens[b] = static_cast<int32_t>(pick(coin(0.05) ? -3 : 0, maxSeq > 40 ? 40 : maxSeq));
         n[b] = static_cast<int32_t>(pick(coin(0.05) ? -1 : 0, L - (coin(0.95) ? 1 : 0)));
     }
-    for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int32_t>(coin(0.9) ? (i % std::max<int64_t>(L, 1)) * pick(1, 2) : pick(-2, 50));
+    for (size_t i = 0; i < q.size(); ++i)
+        q[i] = static_cast<int32_t>(coin(0.9) ? (i % std::max<int64_t>(L, 1)) * pick(1, 2) : pick(-2, 50));
     const int32_t st = redrafter_kv_relocate_cpu(cache.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
                                                  lens.data(), q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "kv relocate") == 0) {
@@ -217,7 +273,8 @@ void fuzzKvRelocate() {
 // exactly cache_elems elements (ASan sees any access outside it); a valid call must equal the
 // contiguous entry point on the same logical cache and leave the gaps untouched.
 void fuzzKvRelocateStrided() {
-    const int64_t layers = pick(1, 3), slots = pick(1, 4), heads = pick(1, 3), maxSeq = pick(1, 30), headDim = pick(1, 6);
+    const int64_t layers = pick(1, 3), slots = pick(1, 4), heads = pick(1, 3), maxSeq = pick(1, 30),
+                  headDim = pick(1, 6);
     const int64_t elem = int64_t(1) << pick(0, 3), B = pick(0, slots), L = pick(1, 6);
     int64_t tpb = pick(1, 9);
     const int64_t nBlocks = (maxSeq - 1) / tpb + 1, inBlock = std::min(tpb, maxSeq);
@@ -228,8 +285,10 @@ void fuzzKvRelocateStrided() {
     if (!paged) std::shuffle(order, order + 6, rng);
     int64_t extent = headDim;  // elements the dims placed so far reach
     for (int i : order) {
-        if (paged && i == 0) st[i] = (nBlocks + pick(0, 1)) * st[1];                 // slot = max_blocks * block
-        else st[i] = !paged && ext[i] == 1 && coin(0.3) ? pick(0, 40) : extent + (paged ? 0 : pick(0, 2));
+        if (paged && i == 0)
+            st[i] = (nBlocks + pick(0, 1)) * st[1];  // slot = max_blocks * block
+        else
+            st[i] = !paged && ext[i] == 1 && coin(0.3) ? pick(0, 40) : extent + (paged ? 0 : pick(0, 2));
         extent += (ext[i] - 1) * st[i];
     }
     // exact: 1 + the largest offset (a partial last block may not reach (nBlocks-1)*block + (inBlock-1)*token)
@@ -239,11 +298,27 @@ void fuzzKvRelocateStrided() {
     int64_t cacheElems = (paged ? slots * st[0] : extent) + pick(0, 2);  // paged: the whole pool
     bool bad = false;
     const int64_t mode = pick(0, 11);
-    if (mode == 0) { st[pick(0, 5)] = -pick(1, 5); bad = true; }
-    if (mode == 1) { cacheElems = extent - 1; bad = true; }
-    if (mode == 2) { st[4] = inBlock > 1 && coin() ? st[2] : 0; bad = true; }  // K and V (or tokens) overlap
-    if (mode == 3) { tpb = coin() ? 0 : -1; bad = true; }
-    if (mode == 4) { st[0] = int64_t(1) << 61; bad = slots > 1; cacheElems = extent; }
+    if (mode == 0) {
+        st[pick(0, 5)] = -pick(1, 5);
+        bad = true;
+    }
+    if (mode == 1) {
+        cacheElems = extent - 1;
+        bad = true;
+    }
+    if (mode == 2) {
+        st[4] = inBlock > 1 && coin() ? st[2] : 0;
+        bad = true;
+    }  // K and V (or tokens) overlap
+    if (mode == 3) {
+        tpb = coin() ? 0 : -1;
+        bad = true;
+    }
+    if (mode == 4) {
+        st[0] = int64_t(1) << 61;
+        bad = slots > 1;
+        cacheElems = extent;
+    }
 
     // the logical cache, contiguous [layers, 2, slots, heads, maxSeq, headDim], and its strided copy
     const size_t eb = static_cast<size_t>(elem);
@@ -275,25 +350,29 @@ void fuzzKvRelocateStrided() {
         n[b] = static_cast<int32_t>(pick(coin(0.05) ? -1 : 0, L - (coin(0.95) ? 1 : 0)));
     }
     for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int32_t>(coin(0.95) ? (i % L) * pick(1, 2) : pick(-2, 40));
-    const int32_t got = redrafter_kv_relocate_strided_cpu(buf.data(), cacheElems, elem, layers, slots, heads, maxSeq, headDim,
-                                                          tpb, st[0], st[1], st[2], st[3], st[4], st[5], sl.data(), lens.data(),
-                                                          q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
+    const int32_t got = redrafter_kv_relocate_strided_cpu(
+        buf.data(), cacheElems, elem, layers, slots, heads, maxSeq, headDim, tpb, st[0], st[1], st[2], st[3], st[4],
+        st[5], sl.data(), lens.data(), q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
     if (statusCheck(got, bad, "kv relocate strided") != 0 || bad) {
         EXPECT(buf == before, "kv relocate strided: a rejected call changed the cache");
         if (!bad) {  // only row data can be wrong: the contiguous entry must reject it too
-            const int32_t want = redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
-                                                           lens.data(), q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
+            const int32_t want =
+                redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
+                                          lens.data(), q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
             EXPECT(want == got, "kv relocate strided: status %d, contiguous entry %d (%s)", got, want, gMsg);
         }
         return;
     }
-    const int32_t want = redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
-                                                   lens.data(), q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
+    const int32_t want =
+        redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(), lens.data(),
+                                  q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
     EXPECT(want == 0, "kv relocate strided accepted what the contiguous entry rejects: %s", gMsg);
     if (want != 0) return;
     forEachRow([&](int64_t c, int64_t o) { std::memcpy(&before[o * eb], &ref[c * eb], headDim * eb); });
-    EXPECT(buf == before, "kv relocate strided: cache differs from the contiguous entry's (tpb=%lld paged=%d)", (long long)tpb, (int)paged);
-    for (int64_t b = 0; b < B; ++b) EXPECT(out[b] == outRef[b], "kv relocate strided: new length %d, want %d", out[b], outRef[b]);
+    EXPECT(buf == before, "kv relocate strided: cache differs from the contiguous entry's (tpb=%lld paged=%d)",
+           (long long)tpb, (int)paged);
+    for (int64_t b = 0; b < B; ++b)
+        EXPECT(out[b] == outRef[b], "kv relocate strided: new length %d, want %d", out[b], outRef[b]);
 }
 
 void fuzzDraw() {
@@ -308,10 +387,11 @@ void fuzzDraw() {
         p[r] = static_cast<float>(pick(0, 11)) / 10.0f;
         u[r] = static_cast<float>(pick(0, (1 << 24) - 1)) / 16777216.0f;
     }
-    const int32_t st = redrafter_draw_tokens_cpu(logits.data(), dtype, rows, V, temp.data(), k.data(), p.data(), u.data(),
-                                                 out.data(), gMsg, sizeof(gMsg));
+    const int32_t st = redrafter_draw_tokens_cpu(logits.data(), dtype, rows, V, temp.data(), k.data(), p.data(),
+                                                 u.data(), out.data(), gMsg, sizeof(gMsg));
     if (statusCheck(st, false, "draw tokens") == 0) {
-        for (int64_t r = 0; r < rows; ++r) EXPECT(out[r] >= 0 && out[r] < V, "drawn token %d outside [0, %lld)", out[r], (long long)V);
+        for (int64_t r = 0; r < rows; ++r)
+            EXPECT(out[r] >= 0 && out[r] < V, "drawn token %d outside [0, %lld)", out[r], (long long)V);
     }
 }
 
@@ -327,14 +407,22 @@ int main(int argc, char** argv) {
     rng.seed(seed);
     for (int64_t it = 0; it < iterations; ++it) {
         switch (pick(0, 4)) {
-            case 0: fuzzBeamSearch(); break;
-            case 1: fuzzTreePack(); break;
-            case 2: fuzzAccept(); break;
+            case 0:
+                fuzzBeamSearch();
+                break;
+            case 1:
+                fuzzTreePack();
+                break;
+            case 2:
+                fuzzAccept();
+                break;
             case 3:
                 fuzzKvRelocate();
                 fuzzKvRelocateStrided();
                 break;
-            default: fuzzDraw(); break;
+            default:
+                fuzzDraw();
+                break;
         }
     }
     std::printf("fuzz: %lld cases (seed %llu), %lld rejected with a message, %lld failures\n", (long long)gCases,

@@ -41,13 +41,13 @@ int gFailures = 0;
 int gPasses = 0;
 int gIters = 20;
 
-#define CHECK_CUDA(expr)                                                                              \
-    do {                                                                                              \
-        cudaError_t _e = (expr);                                                                      \
-        if (_e != cudaSuccess) {                                                                      \
+#define CHECK_CUDA(expr)                                                                                             \
+    do {                                                                                                             \
+        cudaError_t _e = (expr);                                                                                     \
+        if (_e != cudaSuccess) {                                                                                     \
             std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(_e), __FILE__, __LINE__, #expr); \
-            std::exit(1);                                                                             \
-        }                                                                                             \
+            std::exit(1);                                                                                            \
+        }                                                                                                            \
     } while (0)
 
 void checkStatus(const Status& s, const char* what) {
@@ -67,7 +67,9 @@ struct DevBuf {
     DevBuf& operator=(const DevBuf&) = delete;
     DevBuf& operator=(DevBuf&&) = delete;
     template <class T>
-    T* as() const { return static_cast<T*>(p); }
+    T* as() const {
+        return static_cast<T*>(p);
+    }
 };
 
 template <class T>
@@ -141,8 +143,10 @@ double timeUs(F&& launch) {
 void report(const char* op, const std::string& cfg, bool ok, int nearTies, double us, int64_t bytes) {
     std::printf("%-12s %-44s %-4s %8.1f us %10.3f MB %8.1f GB/s%s\n", op, cfg.c_str(), ok ? "ok" : "FAIL", us,
                 bytes / 1e6, us > 0 ? bytes / (us * 1e3) : 0.0, nearTies ? "  (near-tie differences tolerated)" : "");
-    if (ok) ++gPasses;
-    else ++gFailures;
+    if (ok)
+        ++gPasses;
+    else
+        ++gFailures;
 }
 
 // ---- beam search ----------------------------------------------------------------------------
@@ -207,14 +211,16 @@ void checkBeamSearch(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, int
         const bool scoreOk = std::fabs(gs[i] - cpuScores[i]) <= tol || (std::isinf(gs[i]) && gs[i] == cpuScores[i]);
         if (!scoreOk) ok = false;
         if (gp[i] != cpuParent[i] || gt[i] != cpuToken[i]) {
-            if (scoreOk) ++nearTies;  // equal scores up to rounding: a different but tied choice
-            else ok = false;
+            if (scoreOk)
+                ++nearTies;  // equal scores up to rounding: a different but tied choice
+            else
+                ok = false;
         }
     }
     const double us = timeUs([&] { invokeBeamSearchStep(g, nullptr); });
     char cfg[128];
-    std::snprintf(cfg, sizeof(cfg), "%s B=%lld W=%lld V=%lld warp_k=%lld%s", dataTypeName(t), (long long)B, (long long)W,
-                  (long long)V, (long long)warpK, mapped ? " mapped" : "");
+    std::snprintf(cfg, sizeof(cfg), "%s B=%lld W=%lld V=%lld warp_k=%lld%s", dataTypeName(t), (long long)B,
+                  (long long)W, (long long)V, (long long)warpK, mapped ? " mapped" : "");
     report("beam_search", cfg, ok, nearTies, us, beamSearchBytesMoved(B, W, V, t));
 }
 
@@ -247,7 +253,8 @@ void checkTreePack(std::mt19937_64& rng, int64_t W, int64_t L) {
     p.numBeams = W;
     p.beamLength = L;
     checkStatus(treePackCpu(p), "treePackCpu");
-    DevBuf db = upload(beams), dt(tok.size() * 4), dl(len.size() * 4), du(unp.size() * 4), doff(off.size() * 4), dm(mask.size() * 4);
+    DevBuf db = upload(beams), dt(tok.size() * 4), dl(len.size() * 4), du(unp.size() * 4), doff(off.size() * 4),
+           dm(mask.size() * 4);
     TreePackParams g = p;
     g.beams = db.as<int32_t>();
     g.packedTokens = dt.as<int32_t>();
@@ -283,7 +290,8 @@ void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sa
     std::vector<int32_t> beams(B * W * L);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t w = 0; w < W; ++w)
-            for (int64_t d = 0; d < L; ++d) beams[(b * W + w) * L + d] = d == 0 ? 1 : (w % 3 == 0 ? 2 + d : tokDist(rng));
+            for (int64_t d = 0; d < L; ++d)
+                beams[(b * W + w) * L + d] = d == 0 ? 1 : (w % 3 == 0 ? 2 + d : tokDist(rng));
     std::vector<int32_t> tok(B * N), len(B), unp(B * N), off(B * N), mask(B * N * words);
     TreePackParams tp;
     tp.beams = beams.data();
@@ -402,8 +410,8 @@ void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sa
             }
             if (draws[b * N + node] != want) {
                 if (drawDiffs++ < 4)
-                    std::printf("  accept: row %lld node %lld (depth %lld): kernel drew %d, reference %d\n", (long long)b,
-                                (long long)node, (long long)depth, draws[b * N + node], want);
+                    std::printf("  accept: row %lld node %lld (depth %lld): kernel drew %d, reference %d\n",
+                                (long long)b, (long long)node, (long long)depth, draws[b * N + node], want);
             }
         }
     }
@@ -422,20 +430,25 @@ void checkAccept(std::mt19937_64& rng, DataType t, int64_t W, int64_t V, bool sa
             const int32_t pth = j < static_cast<int64_t>(st.path.size()) ? st.path[j] : -1;
             const int64_t loads = j < static_cast<int64_t>(st.loads.size()) ? st.loads[j] : 0;
             bool good = true;
-            if (pth < 0) good = loads == 0 && draws[j] < 0;
-            else if (pth <= 2) good = loads == V;
-            else if (pth == 3) good = loads > V && loads <= V + tileElems;
-            else good = loads >= V;
+            if (pth < 0)
+                good = loads == 0 && draws[j] < 0;
+            else if (pth <= 2)
+                good = loads == V;
+            else if (pth == 3)
+                good = loads > V && loads <= V + tileElems;
+            else
+                good = loads >= V;
             if (pth >= 0 && pth < 5) {
                 ++pathCount[pth];
                 gAcceptPaths[static_cast<int>(t)] |= 1u << pth;
             }
             if (!good && loadErrors++ < 4)
-                std::printf("  accept: job %lld path %d loaded %lld logits (V = %lld)\n", (long long)j, pth, (long long)loads, (long long)V);
+                std::printf("  accept: job %lld path %d loaded %lld logits (V = %lld)\n", (long long)j, pth,
+                            (long long)loads, (long long)V);
         }
         if (loadErrors) ok = false;
-        std::printf("  accept paths (greedy/top-k/nucleus/tile/fallback): %d/%d/%d/%d/%d nodes, loads checked\n", pathCount[0],
-                    pathCount[1], pathCount[2], pathCount[3], pathCount[4]);
+        std::printf("  accept paths (greedy/top-k/nucleus/tile/fallback): %d/%d/%d/%d/%d nodes, loads checked\n",
+                    pathCount[0], pathCount[1], pathCount[2], pathCount[3], pathCount[4]);
     }
 #endif
     const double us = timeUs([&] { invokeAccept(g, nullptr); });
@@ -457,7 +470,8 @@ struct KvShape {
 };
 
 void checkKvRelocate(std::mt19937_64& rng, int64_t elemBytes, int64_t W, const KvShape& s) {
-    const int64_t layers = s.layers, slots = s.slots, heads = s.heads, maxSeq = s.maxSeq, headDim = s.headDim, B = 8, L = 5;
+    const int64_t layers = s.layers, slots = s.slots, heads = s.heads, maxSeq = s.maxSeq, headDim = s.headDim, B = 8,
+                  L = 5;
     KvCacheLayout layout;  // default: contiguous
     int64_t elems = layers * 2 * slots * heads * maxSeq * headDim;
     if (s.tokensPerBlock > 0) {
@@ -590,7 +604,8 @@ int main(int argc, char** argv) {
 #if defined(REDRAFTER_EMULATE)
         for (DataType t : types) {
             char cfg[128];
-            std::snprintf(cfg, sizeof(cfg), "%s: every draw path exercised (mask 0x%x)", dataTypeName(t), gAcceptPaths[static_cast<int>(t)]);
+            std::snprintf(cfg, sizeof(cfg), "%s: every draw path exercised (mask 0x%x)", dataTypeName(t),
+                          gAcceptPaths[static_cast<int>(t)]);
             report("accept", cfg, gAcceptPaths[static_cast<int>(t)] == 0x1Fu, 0, 0.0, 0);
         }
 #endif

@@ -6,9 +6,12 @@ namespace plugins {
 
 Status launchCpu(const LaunchParams& p) {
     switch (p.kind) {
-        case OpKind::kBeamSearch: return beamSearchStepCpu(p.beamSearch);
-        case OpKind::kTreePack: return treePackCpu(p.treePack);
-        case OpKind::kAccept: return acceptCpu(p.accept);
+        case OpKind::kBeamSearch:
+            return beamSearchStepCpu(p.beamSearch);
+        case OpKind::kTreePack:
+            return treePackCpu(p.treePack);
+        case OpKind::kAccept:
+            return acceptCpu(p.accept);
     }
     return Status::error(StatusCode::kInvalidArgument, "unknown operator %d", static_cast<int32_t>(p.kind));
 }

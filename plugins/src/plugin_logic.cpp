@@ -8,13 +8,25 @@ namespace plugins {
 namespace {
 
 constexpr OpInfo kOps[kNumOps] = {
-    {"RedrafterBeamSearchStep", 2, {"num_beams", "warp_k"}, 3, 3,
+    {"RedrafterBeamSearchStep",
+     2,
+     {"num_beams", "warp_k"},
+     3,
+     3,
      {"logits", "beam_scores", "vocab_map", "new_scores", "parent", "token"}},
-    {"RedrafterTreePack", 2, {"num_beams", "beam_len"}, 1, 5,
+    {"RedrafterTreePack",
+     2,
+     {"num_beams", "beam_len"},
+     1,
+     5,
      {"beams", "packed_tokens", "packed_len", "unpacker", "position_offsets", "packed_mask"}},
-    {"RedrafterAccept", 2, {"num_beams", "beam_len"}, 8, 5,
-     {"logits", "beams", "unpacker", "packed_len", "temperature", "top_k", "top_p", "uniforms",
-      "num_accepted", "best_beam", "bonus", "accepted_indices", "emitted"}},
+    {"RedrafterAccept",
+     2,
+     {"num_beams", "beam_len"},
+     8,
+     5,
+     {"logits", "beams", "unpacker", "packed_len", "temperature", "top_k", "top_p", "uniforms", "num_accepted",
+      "best_beam", "bonus", "accepted_indices", "emitted"}},
 };
 
 DimRule copyDim(int32_t input, int32_t dim) { return DimRule{input, dim, 0}; }
@@ -44,7 +56,7 @@ bool fixedType(OpKind kind, int32_t pos, TensorType* t) {
     switch (kind) {
         case OpKind::kBeamSearch: {
             static constexpr TensorType types[] = {TensorType::kFloat32, TensorType::kFloat32, TensorType::kInt32,
-                                                   TensorType::kFloat32, TensorType::kInt32, TensorType::kInt32};
+                                                   TensorType::kFloat32, TensorType::kInt32,   TensorType::kInt32};
             if (pos == 0) return false;
             *t = types[pos];
             return true;
@@ -53,11 +65,11 @@ bool fixedType(OpKind kind, int32_t pos, TensorType* t) {
             *t = TensorType::kInt32;
             return true;
         case OpKind::kAccept: {
-            static constexpr TensorType types[] = {
-                TensorType::kFloat32, TensorType::kInt32, TensorType::kInt32, TensorType::kInt32,
-                TensorType::kFloat32, TensorType::kInt32, TensorType::kFloat32, TensorType::kFloat32,
-                TensorType::kInt32, TensorType::kInt32, TensorType::kInt32, TensorType::kInt32,
-                TensorType::kInt32};
+            static constexpr TensorType types[] = {TensorType::kFloat32, TensorType::kInt32,   TensorType::kInt32,
+                                                   TensorType::kInt32,   TensorType::kFloat32, TensorType::kInt32,
+                                                   TensorType::kFloat32, TensorType::kFloat32, TensorType::kInt32,
+                                                   TensorType::kInt32,   TensorType::kInt32,   TensorType::kInt32,
+                                                   TensorType::kInt32};
             if (pos == 0) return false;
             *t = types[pos];
             return true;
@@ -70,20 +82,31 @@ bool fixedType(OpKind kind, int32_t pos, TensorType* t) {
 
 const char* tensorTypeName(TensorType t) {
     switch (t) {
-        case TensorType::kFloat32: return "float32";
-        case TensorType::kFloat16: return "float16";
-        case TensorType::kInt32: return "int32";
-        case TensorType::kBFloat16: return "bfloat16";
+        case TensorType::kFloat32:
+            return "float32";
+        case TensorType::kFloat16:
+            return "float16";
+        case TensorType::kInt32:
+            return "int32";
+        case TensorType::kBFloat16:
+            return "bfloat16";
     }
     return "unsupported";
 }
 
 bool logitsDataType(TensorType t, DataType* out) {
     switch (t) {
-        case TensorType::kFloat32: *out = DataType::kFloat32; return true;
-        case TensorType::kFloat16: *out = DataType::kFloat16; return true;
-        case TensorType::kBFloat16: *out = DataType::kBFloat16; return true;
-        default: return false;
+        case TensorType::kFloat32:
+            *out = DataType::kFloat32;
+            return true;
+        case TensorType::kFloat16:
+            *out = DataType::kFloat16;
+            return true;
+        case TensorType::kBFloat16:
+            *out = DataType::kBFloat16;
+            return true;
+        default:
+            return false;
     }
 }
 
@@ -102,8 +125,9 @@ Status checkFields(const PluginFields& f) {
             return Status::error(StatusCode::kInvalidArgument, "%s: field warp_k must be >= 0 (0 = off), got %d", name,
                                  f.warpK());
     } else if (f.beamLength() < 1 || f.beamLength() > kMaxBeamLength) {
-        return Status::error(StatusCode::kInvalidArgument, "%s: field beam_len (L = D + 1) must be in [1, %lld], got %d",
-                             name, (long long)kMaxBeamLength, f.beamLength());
+        return Status::error(StatusCode::kInvalidArgument,
+                             "%s: field beam_len (L = D + 1) must be in [1, %lld], got %d", name,
+                             (long long)kMaxBeamLength, f.beamLength());
     }
     return Status::success();
 }
@@ -111,8 +135,8 @@ Status checkFields(const PluginFields& f) {
 Status parseFields(OpKind kind, const FieldView* fields, int32_t nbFields, PluginFields* out) {
     const OpInfo& op = opInfo(kind);
     if (nbFields < 0 || (nbFields > 0 && fields == nullptr))
-        return Status::error(StatusCode::kInvalidArgument, "%s: bad field list (%d fields at %p)", op.pluginName, nbFields,
-                             (const void*)fields);
+        return Status::error(StatusCode::kInvalidArgument, "%s: bad field list (%d fields at %p)", op.pluginName,
+                             nbFields, (const void*)fields);
     PluginFields f;
     f.kind = kind;
     bool seen[kMaxFields] = {};
@@ -125,8 +149,8 @@ Status parseFields(OpKind kind, const FieldView* fields, int32_t nbFields, Plugi
             if (std::strcmp(v.name, op.fieldNames[j]) == 0) slot = j;
         }
         if (slot < 0)
-            return Status::error(StatusCode::kInvalidArgument, "%s: unknown field '%.64s' (expected %s, %s)", op.pluginName,
-                                 v.name, op.fieldNames[0], op.fieldNames[1]);
+            return Status::error(StatusCode::kInvalidArgument, "%s: unknown field '%.64s' (expected %s, %s)",
+                                 op.pluginName, v.name, op.fieldNames[0], op.fieldNames[1]);
         if (seen[slot])
             return Status::error(StatusCode::kInvalidArgument, "%s: field %s given twice", op.pluginName, v.name);
         if (v.type != kFieldInt32 || v.length != 1 || v.data == nullptr)
@@ -149,9 +173,7 @@ Status parseFields(OpKind kind, const FieldView* fields, int32_t nbFields, Plugi
 int32_t serializeFields(const PluginFields& f, FieldView* out, int32_t capacity) {
     const OpInfo& op = opInfo(f.kind);
     if (capacity < op.nbFields) return -1;
-    for (int32_t j = 0; j < op.nbFields; ++j) {
-        out[j] = FieldView{op.fieldNames[j], &f.values[j], kFieldInt32, 1};
-    }
+    for (int32_t j = 0; j < op.nbFields; ++j) { out[j] = FieldView{op.fieldNames[j], &f.values[j], kFieldInt32, 1}; }
     return op.nbFields;
 }
 
@@ -206,16 +228,20 @@ Status checkInputShapes(const PluginFields& f, const ShapeDims* in, int32_t nbIn
         if (got < 0) continue;  // dynamic: checked again at enqueue
         const bool vocabBound = f.kind == OpKind::kBeamSearch && k.input == 0 && k.dim == 2;
         bool ok = true;
-        if (vocabBound) ok = got >= W;
-        else if (k.value == kBatch) ok = batch < 0 || got == batch;
-        else if (k.value == kAny) ok = got >= 1;
-        else ok = got == k.value;
+        if (vocabBound)
+            ok = got >= W;
+        else if (k.value == kBatch)
+            ok = batch < 0 || got == batch;
+        else if (k.value == kAny)
+            ok = got >= 1;
+        else
+            ok = got == k.value;
         if (!ok) {
             const long long want = k.value == kBatch ? (long long)batch : k.value == kAny ? 1LL : (long long)k.value;
-            return Status::error(StatusCode::kInvalidArgument, "%s: %s is %lld, expected %s%lld (fields num_beams=%d, %s=%d)",
-                                 op.pluginName, k.what, (long long)got,
-                                 (vocabBound || k.value == kAny) ? ">= " : "", want, f.numBeams(), op.fieldNames[1],
-                                 f.values[1]);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "%s: %s is %lld, expected %s%lld (fields num_beams=%d, %s=%d)", op.pluginName, k.what,
+                                 (long long)got, (vocabBound || k.value == kAny) ? ">= " : "", want, f.numBeams(),
+                                 op.fieldNames[1], f.values[1]);
         }
     }
     if (f.kind == OpKind::kBeamSearch && in[0].d[2] >= 0 && in[2].d[0] >= 0 && in[2].d[0] != in[0].d[2])
@@ -234,11 +260,16 @@ OutputRule outputRule(const PluginFields& f, int32_t index) {
             return rule({copyDim(0, 0), constDim(W)});
         case OpKind::kTreePack:
             switch (index) {
-                case 0: return rule({copyDim(0, 0), constDim(N)});
-                case 1: return rule({copyDim(0, 0)});
-                case 2: return rule({copyDim(0, 0), constDim(W), constDim(L)});
-                case 3: return rule({copyDim(0, 0), constDim(N)});
-                default: return rule({copyDim(0, 0), constDim(N), constDim(maskWords(N))});
+                case 0:
+                    return rule({copyDim(0, 0), constDim(N)});
+                case 1:
+                    return rule({copyDim(0, 0)});
+                case 2:
+                    return rule({copyDim(0, 0), constDim(W), constDim(L)});
+                case 3:
+                    return rule({copyDim(0, 0), constDim(N)});
+                default:
+                    return rule({copyDim(0, 0), constDim(N), constDim(maskWords(N))});
             }
         case OpKind::kAccept:
             return index <= 2 ? rule({copyDim(0, 0)}) : rule({copyDim(0, 0), constDim(L)});
@@ -251,8 +282,8 @@ Status inferOutputShapes(const PluginFields& f, const ShapeDims* in, int32_t nbI
     const OpInfo& op = opInfo(f.kind);
     RD_RETURN_IF_ERROR(checkInputShapes(f, in, nbInputs));
     if (nbOutputs != op.nbOutputs || out == nullptr)
-        return Status::error(StatusCode::kInvalidArgument, "%s: expected %d outputs, got %d", op.pluginName, op.nbOutputs,
-                             nbOutputs);
+        return Status::error(StatusCode::kInvalidArgument, "%s: expected %d outputs, got %d", op.pluginName,
+                             op.nbOutputs, nbOutputs);
     for (int32_t o = 0; o < nbOutputs; ++o) {
         const OutputRule r = outputRule(f, o);
         out[o].nbDims = r.nbDims;
@@ -281,9 +312,9 @@ Status outputTypes(const PluginFields& f, const TensorType* inputTypes, int32_t 
                              op.pluginName, op.nbInputs, op.nbOutputs, nbInputs, nbOutputs);
     for (int32_t i = 0; i < nbInputs; ++i) {
         if (!supportsType(f, i, inputTypes, nbInputs))
-            return Status::error(StatusCode::kInvalidArgument, "%s: input %s has type %s (%d), which it does not accept",
-                                 op.pluginName, op.ioNames[i], tensorTypeName(inputTypes[i]),
-                                 static_cast<int32_t>(inputTypes[i]));
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "%s: input %s has type %s (%d), which it does not accept", op.pluginName,
+                                 op.ioNames[i], tensorTypeName(inputTypes[i]), static_cast<int32_t>(inputTypes[i]));
     }
     for (int32_t o = 0; o < nbOutputs; ++o) fixedType(f.kind, nbInputs + o, &outTypes[o]);
     return Status::success();

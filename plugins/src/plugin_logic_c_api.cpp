@@ -59,9 +59,8 @@ int32_t redrafter_plugin_num_outputs(int32_t kind) {
     return opKindValid(kind) ? opInfo(static_cast<OpKind>(kind)).nbOutputs : -1;
 }
 
-int32_t redrafter_plugin_serialize_fields(int32_t kind, const int32_t* values, const char** namesOut,
-                                          int32_t* typesOut, int32_t* lengthsOut, int32_t* dataOut, char* msg,
-                                          int64_t msgLen) {
+int32_t redrafter_plugin_serialize_fields(int32_t kind, const int32_t* values, const char** namesOut, int32_t* typesOut,
+                                          int32_t* lengthsOut, int32_t* dataOut, char* msg, int64_t msgLen) {
     return guarded(msg, msgLen, [&]() -> Status {
         PluginFields f;
         RD_RETURN_IF_ERROR(fieldsFrom(kind, values, &f));
@@ -93,9 +92,8 @@ int32_t redrafter_plugin_parse_fields(int32_t kind, const char* const* names, co
     });
 }
 
-int32_t redrafter_plugin_output_shapes(int32_t kind, const int32_t* values, const int64_t* inputDims,
-                                       int32_t numInputs, int64_t* outputDims, int32_t numOutputs, char* msg,
-                                       int64_t msgLen) {
+int32_t redrafter_plugin_output_shapes(int32_t kind, const int32_t* values, const int64_t* inputDims, int32_t numInputs,
+                                       int64_t* outputDims, int32_t numOutputs, char* msg, int64_t msgLen) {
     return guarded(msg, msgLen, [&]() -> Status {
         PluginFields f;
         RD_RETURN_IF_ERROR(fieldsFrom(kind, values, &f));
@@ -134,9 +132,8 @@ int32_t redrafter_plugin_supports_type(int32_t kind, const int32_t* values, int3
     return supportsType(f, pos, t, numTypes) ? 1 : 0;
 }
 
-int32_t redrafter_plugin_output_types(int32_t kind, const int32_t* values, const int32_t* inputTypes,
-                                      int32_t numInputs, int32_t* outputTypes_, int32_t numOutputs, char* msg,
-                                      int64_t msgLen) {
+int32_t redrafter_plugin_output_types(int32_t kind, const int32_t* values, const int32_t* inputTypes, int32_t numInputs,
+                                      int32_t* outputTypes_, int32_t numOutputs, char* msg, int64_t msgLen) {
     return guarded(msg, msgLen, [&]() -> Status {
         PluginFields f;
         RD_RETURN_IF_ERROR(fieldsFrom(kind, values, &f));

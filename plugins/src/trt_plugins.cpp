@@ -80,18 +80,19 @@ public:
     // ---- IPluginV3
     nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override {
         switch (type) {
-            case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-            case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-            case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+            case nvinfer1::PluginCapabilityType::kCORE:
+                return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+            case nvinfer1::PluginCapabilityType::kBUILD:
+                return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+            case nvinfer1::PluginCapabilityType::kRUNTIME:
+                return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
         }
         return nullptr;
     }
     nvinfer1::IPluginV3* clone() noexcept override {
         try {
             return new RedrafterPlugin(*this);
-        } catch (...) {
-            return nullptr;
-        }
+        } catch (...) { return nullptr; }
     }
 
     // ---- IPluginV3OneCore
@@ -134,8 +135,8 @@ public:
             const OutputRule r = outputRule(mFields, o);
             outputs[o].nbDims = r.nbDims;
             for (int32_t d = 0; d < r.nbDims; ++d) {
-                outputs[o].d[d] = r.d[d].input >= 0 ? inputs[r.d[d].input].d[r.d[d].dim]
-                                                    : exprBuilder.constant(r.d[d].value);
+                outputs[o].d[d] =
+                    r.d[d].input >= 0 ? inputs[r.d[d].input].d[r.d[d].dim] : exprBuilder.constant(r.d[d].value);
             }
         }
         return 0;
@@ -247,9 +248,7 @@ public:
                 return nullptr;
             }
             return new RedrafterPlugin(fields);
-        } catch (...) {
-            return nullptr;
-        }
+        } catch (...) { return nullptr; }
     }
 
     const nvinfer1::PluginFieldCollection* getFieldNames() noexcept override { return &mCollection; }

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -41,11 +41,17 @@ _SIGNATURES = {
     "redrafter_accept_workspace_bytes": ([_i64, _i64], _sz),
     # logits, dtype, beam_scores, batch, num_beams, vocab, warp_k, vocab_map (NULL: identity), new_scores,
     # parent, token, workspace, workspace_bytes, stream (C ABI version 2)
-    "redrafter_beam_search_step_cuda": ([_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _sz, _p], _i32),
+    "redrafter_beam_search_step_cuda": (
+        [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _sz, _p],
+        _i32,
+    ),
     # logits, dtype, batch, num_nodes, vocab, beams, unpacker, num_beams, beam_len, packed_len, temperature,
     # top_k, top_p, uniforms, num_accepted, best_beam, bonus, accepted_indices, emitted, workspace,
     # workspace_bytes, stream
-    "redrafter_accept_cuda": ([_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 11 + [_sz, _p], _i32),
+    "redrafter_accept_cuda": (
+        [_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 11 + [_sz, _p],
+        _i32,
+    ),
     # cache, elem_bytes, layers, slots, kv_heads, max_seq, head_dim, slots, cache_lengths, accepted_indices,
     # num_accepted, batch, beam_len, new_lengths, stream
     "redrafter_kv_relocate_cuda": ([_p] + [_i64] * 6 + [_p] * 4 + [_i64, _i64, _p, _p], _i32),
@@ -59,7 +65,9 @@ def _lib() -> ctypes.CDLL:
     if _bound is not lib:
         for name, (args, res) in _SIGNATURES.items():
             fn = getattr(lib, name, None)
-            require(fn is not None, f"{native.cuda_library_path()}: no symbol {name} (rebuild cpp/)")
+            require(
+                fn is not None, f"{native.cuda_library_path()}: no symbol {name} (rebuild cpp/)"
+            )
             fn.argtypes, fn.restype = args + ([ctypes.c_char_p, _i64] if res is _i32 else []), res
         _bound = lib
     return lib
@@ -77,8 +85,12 @@ def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
 
 
-def beam_search_step_kernel(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int,
-                            vocab_map: torch.Tensor | None = None):
+def beam_search_step_kernel(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    warp_k: int,
+    vocab_map: torch.Tensor | None = None,
+):
     """cpp/ ``invokeBeamSearchStep``. logits: [B, W, K] fp32/fp16/bf16 CUDA; beam_scores: [B, W]
     float32; vocab_map: None or [K] int32 full id of each column (a draft vocabulary). Returns
     new_scores [B, W] float32, parent [B, W] int64, token [B, W] int64 (full ids)."""
@@ -92,10 +104,24 @@ def beam_search_step_kernel(logits: torch.Tensor, beam_scores: torch.Tensor, war
     m = None if vocab_map is None else _dev(vocab_map, torch.int32, dev)
     ws_bytes = lib.redrafter_beam_search_workspace_bytes(b, w, v, int(warp_k))
     ws = _workspace(ws_bytes, dev)
-    native._call("redrafter_beam_search_step_cuda", x.data_ptr(), native._DTYPES[x.dtype], s.data_ptr(), b, w, v,
-                 int(warp_k), None if m is None else m.data_ptr(), scores.data_ptr(), parent.data_ptr(),
-                 token.data_ptr(), ws.data_ptr(), ws_bytes,
-                 _stream(), lib=lib)
+    native._call(
+        "redrafter_beam_search_step_cuda",
+        x.data_ptr(),
+        native._DTYPES[x.dtype],
+        s.data_ptr(),
+        b,
+        w,
+        v,
+        int(warp_k),
+        None if m is None else m.data_ptr(),
+        scores.data_ptr(),
+        parent.data_ptr(),
+        token.data_ptr(),
+        ws.data_ptr(),
+        ws_bytes,
+        _stream(),
+        lib=lib,
+    )
     return scores, parent.long(), token.long()
 
 
@@ -107,18 +133,44 @@ def accept_kernel(logits, beams, unpacker, temperature, top_k, top_p, uniforms) 
     b, n, v = x.shape
     bm, up = _dev(beams, torch.int32, dev), _dev(unpacker, torch.int32, dev)
     _, w, l = bm.shape
-    temp, tp = _dev(temperature, torch.float32, dev).reshape(-1), _dev(top_p, torch.float32, dev).reshape(-1)
+    temp, tp = (
+        _dev(temperature, torch.float32, dev).reshape(-1),
+        _dev(top_p, torch.float32, dev).reshape(-1),
+    )
     tk, u = _dev(top_k, torch.int32, dev).reshape(-1), _dev(uniforms, torch.float32, dev)
-    out = [torch.empty(s, dtype=torch.int32, device=dev) for s in ((b,), (b,), (b,), (b, l), (b, l))]
+    out = [
+        torch.empty(s, dtype=torch.int32, device=dev) for s in ((b,), (b,), (b,), (b, l), (b, l))
+    ]
     ws_bytes = lib.redrafter_accept_workspace_bytes(b, n)
     ws = _workspace(ws_bytes, dev)
-    native._call("redrafter_accept_cuda", x.data_ptr(), native._DTYPES[x.dtype], b, n, v, bm.data_ptr(),
-                 up.data_ptr(), w, l, None, temp.data_ptr(), tk.data_ptr(), tp.data_ptr(), u.data_ptr(),
-                 *[o.data_ptr() for o in out], ws.data_ptr(), ws_bytes, _stream(), lib=lib)
+    native._call(
+        "redrafter_accept_cuda",
+        x.data_ptr(),
+        native._DTYPES[x.dtype],
+        b,
+        n,
+        v,
+        bm.data_ptr(),
+        up.data_ptr(),
+        w,
+        l,
+        None,
+        temp.data_ptr(),
+        tk.data_ptr(),
+        tp.data_ptr(),
+        u.data_ptr(),
+        *[o.data_ptr() for o in out],
+        ws.data_ptr(),
+        ws_bytes,
+        _stream(),
+        lib=lib,
+    )
     return Acceptance(*out)
 
 
-def relocate_kv_kernel(cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted) -> torch.Tensor:
+def relocate_kv_kernel(
+    cache: torch.Tensor, slots, cache_lengths, accepted_indices, num_accepted
+) -> torch.Tensor:
     """cpp/ ``invokeKvRelocate`` in place on the torch backend's cache
     ``[layers, 2, slots, kv_heads, max_seq, head_dim]`` (contiguous CUDA). Returns new lengths [B] int32."""
     lib, dev = _lib(), cache.device
@@ -128,9 +180,25 @@ def relocate_kv_kernel(cache: torch.Tensor, slots, cache_lengths, accepted_indic
     a, n = _dev(accepted_indices, torch.int32, dev), _dev(num_accepted, torch.int32, dev)
     b, l = a.shape
     new_len = torch.empty((b,), dtype=torch.int32, device=dev)
-    native._call("redrafter_kv_relocate_cuda", cache.data_ptr(), cache.element_size(), layers, n_slots, heads,
-                 max_seq, head_dim, s.data_ptr(), c.data_ptr(), a.data_ptr(), n.data_ptr(), b, l, new_len.data_ptr(),
-                 _stream(), lib=lib)
+    native._call(
+        "redrafter_kv_relocate_cuda",
+        cache.data_ptr(),
+        cache.element_size(),
+        layers,
+        n_slots,
+        heads,
+        max_seq,
+        head_dim,
+        s.data_ptr(),
+        c.data_ptr(),
+        a.data_ptr(),
+        n.data_ptr(),
+        b,
+        l,
+        new_len.data_ptr(),
+        _stream(),
+        lib=lib,
+    )
     return new_len
 
 
@@ -152,7 +220,10 @@ KERNEL_OPS = (accept_kernel, relocate_kv_kernel, beam_search_step_kernel)
 def select_ops(device: torch.device) -> Ops:
     """The operators for a backend on ``device`` (see the module docstring)."""
     mode = os.environ.get(CUDA_OPS_ENV, "auto").strip().lower() or "auto"
-    require(mode in ("auto", KERNEL, TORCH), f"${CUDA_OPS_ENV} must be auto, kernel or torch, got {mode!r}")
+    require(
+        mode in ("auto", KERNEL, TORCH),
+        f"${CUDA_OPS_ENV} must be auto, kernel or torch, got {mode!r}",
+    )
     if mode == TORCH:
         return Ops(TORCH, f"${CUDA_OPS_ENV}=torch", *TORCH_OPS)
     if torch.device(device).type != "cuda":

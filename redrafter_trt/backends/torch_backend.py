@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,7 +21,6 @@ from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask, root_only_tree
 from . import cuda_ops
-
 
 #: ``(context [B, H], root [B], slots [B], root_positions [B]) -> beams [B, W, L]`` int
 Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,8 +77,14 @@ def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch
     offsets[:, :n] = tree.offsets
     mask = torch.zeros((b, N, N), dtype=torch.bool, device=dev)
     mask[:, :n, :n] = tree.mask
-    return PackedTree(tokens=tokens, lengths=tree.lengths, unpacker=unpacker, offsets=offsets,
-                      packed_mask=bool_to_packed_mask(mask), mask=mask), full
+    return PackedTree(
+        tokens=tokens,
+        lengths=tree.lengths,
+        unpacker=unpacker,
+        offsets=offsets,
+        packed_mask=bool_to_packed_mask(mask),
+        mask=mask,
+    ), full
 
 
 class TorchBackend:
@@ -101,9 +106,19 @@ class TorchBackend:
     #: a context row may continue a slot's cache (``cache_lengths`` > 0: chunked prefill)
     chunked_context = True
 
-    def __init__(self, base: BaseModel, drafter: Drafter | None, num_beams: int, draft_len: int,
-                 warp_k: int = DEFAULT_WARP_K, max_batch_size: int = 8, max_input_len: int = 1024,
-                 max_seq_len: int = 2048, proposer: Proposer | None = None, native_linear: bool = False):
+    def __init__(
+        self,
+        base: BaseModel,
+        drafter: Drafter | None,
+        num_beams: int,
+        draft_len: int,
+        warp_k: int = DEFAULT_WARP_K,
+        max_batch_size: int = 8,
+        max_input_len: int = 1024,
+        max_seq_len: int = 2048,
+        proposer: Proposer | None = None,
+        native_linear: bool = False,
+    ):
         self.base = base.eval()
         self.drafter = drafter.eval() if drafter is not None else None
         self.shape = C.StepShape(num_beams, draft_len)
@@ -119,7 +134,9 @@ class TorchBackend:
         self.timings: dict[str, float] = defaultdict(float)
         p = base.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
-        self.ops = cuda_ops.select_ops(self.device)   # cpp/ kernels on CUDA when built; .name says which
+        self.ops = cuda_ops.select_ops(
+            self.device
+        )  # cpp/ kernels on CUDA when built; .name says which
         # native_linear: every base linear on the batch-invariant CPU kernel (cpp/src/linear_cpu.cpp)
         self.native_linear = bool(native_linear) and self.device.type == "cpu"
         self.base.use_native_linear(self.native_linear)
@@ -134,13 +151,21 @@ class TorchBackend:
         c = self.cache
         return None if c is None else int(c.numel() * c.element_size())
 
-    def reshaped(self, num_beams: int, draft_len: int) -> "TorchBackend":
+    def reshaped(self, num_beams: int, draft_len: int) -> TorchBackend:
         """A backend of beam shape W x D around the same modules (no copy). A plugged-in proposer
         is shape-specific: it serves this backend's own shape only."""
         own = (self.shape.num_beams, self.shape.draft_len) == (num_beams, draft_len)
-        return TorchBackend(self.base, self.drafter, num_beams, draft_len, warp_k=self.warp_k,
-                            max_batch_size=self.max_batch_size, max_input_len=self.max_input_len,
-                            max_seq_len=self.max_seq_len, proposer=self.custom_proposer if own else None)
+        return TorchBackend(
+            self.base,
+            self.drafter,
+            num_beams,
+            draft_len,
+            warp_k=self.warp_k,
+            max_batch_size=self.max_batch_size,
+            max_input_len=self.max_input_len,
+            max_seq_len=self.max_seq_len,
+            proposer=self.custom_proposer if own else None,
+        )
 
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
         """Make sure the KV cache holds ``slots`` rows of ``tokens_per_slot`` tokens (+ a tree)."""
@@ -159,15 +184,29 @@ class TorchBackend:
 
     def _head(self) -> Drafter:
         if self.drafter is None:
-            raise RedrafterError(f"this torch backend has no draft head: it decodes plainly only "
-                                 f"({C.NUM_DRAFT_STEPS} 0); load an engine with a draft head to speculate")
+            raise RedrafterError(
+                f"this torch backend has no draft head: it decodes plainly only "
+                f"({C.NUM_DRAFT_STEPS} 0); load an engine with a draft head to speculate"
+            )
         return self.drafter
 
-    def _draft(self, context: torch.Tensor, root: torch.Tensor, slots: torch.Tensor,
-               root_positions: torch.Tensor) -> torch.Tensor:
+    def _draft(
+        self,
+        context: torch.Tensor,
+        root: torch.Tensor,
+        slots: torch.Tensor,
+        root_positions: torch.Tensor,
+    ) -> torch.Tensor:
         step = self.ops.beam_search_step if self.ops.name == cuda_ops.KERNEL else None
-        return self._head().beam_search(self.base.embedding, context, root, self.shape.num_beams,
-                                        self.shape.draft_len, self.warp_k, step=step)
+        return self._head().beam_search(
+            self.base.embedding,
+            context,
+            root,
+            self.shape.num_beams,
+            self.shape.draft_len,
+            self.warp_k,
+            step=step,
+        )
 
     @torch.inference_mode()
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,14 +224,17 @@ class TorchBackend:
         # prefill; 0 for a prompt's first chunk): its tokens attend to them causally
         cache_len = x[C.CACHE_LENGTHS].to(torch.int64)
         ar = torch.arange(t, device=dev)
-        offsets = torch.where(is_ctx[:, None], ar[None, :], x[C.POSITION_OFFSETS][:, :t].to(torch.int64))
+        offsets = torch.where(
+            is_ctx[:, None], ar[None, :], x[C.POSITION_OFFSETS][:, :t].to(torch.int64)
+        )
         full_t = x[C.INPUT_IDS].shape[1]
         tree_mask = packed_mask_to_bool(x[C.PACKED_MASK], full_t)[:, :t, :t]
         causal = (ar[None, :] <= ar[:, None])[None]
         block = torch.where(is_ctx[:, None, None], causal, tree_mask)
         slots = x[C.SLOT_IDS].to(torch.int64)
-        hidden = self.base(x[C.INPUT_IDS][:, :t], cache_len[:, None] + offsets, self.cache, slots,
-                           cache_len, block)
+        hidden = self.base(
+            x[C.INPUT_IDS][:, :t], cache_len[:, None] + offsets, self.cache, slots, cache_len, block
+        )
         # Nodes whose logits acceptance reads: the packed tree, or a prompt's last token at node 0.
         last = hidden[rows, lengths - 1]
         if bool(is_ctx.all()):
@@ -204,12 +246,31 @@ class TorchBackend:
         t0 = self._tick("verify", t0)
 
         # Acceptance over the trees' real depth only (1 for prompts and plain decoding).
-        depth = 1 if bool(is_ctx.all()) else int(
-            torch.where(is_ctx[:, None], 0, offsets.masked_fill(ar[None, :] >= lengths[:, None], 0)).max()) + 1
-        beams = torch.where(is_ctx[:, None, None], -1, x[C.DRAFT_TOKENS].to(torch.int64))[:, :, :depth]
-        unpacker = torch.where(is_ctx[:, None, None], 0, x[C.DRAFT_INDICES].to(torch.int64))[:, :, :depth]
-        acc = self.ops.accept(logits, beams, unpacker, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
-                     x[C.UNIFORMS][:, :depth])
+        depth = (
+            1
+            if bool(is_ctx.all())
+            else int(
+                torch.where(
+                    is_ctx[:, None], 0, offsets.masked_fill(ar[None, :] >= lengths[:, None], 0)
+                ).max()
+            )
+            + 1
+        )
+        beams = torch.where(is_ctx[:, None, None], -1, x[C.DRAFT_TOKENS].to(torch.int64))[
+            :, :, :depth
+        ]
+        unpacker = torch.where(is_ctx[:, None, None], 0, x[C.DRAFT_INDICES].to(torch.int64))[
+            :, :, :depth
+        ]
+        acc = self.ops.accept(
+            logits,
+            beams,
+            unpacker,
+            x[C.TEMPERATURE],
+            x[C.TOP_K],
+            x[C.TOP_P],
+            x[C.UNIFORMS][:, :depth],
+        )
         n = acc.num_accepted.to(torch.int64)
         l = self.shape.beam_len
         path = torch.zeros((b, l), dtype=torch.int64, device=dev)
@@ -226,15 +287,18 @@ class TorchBackend:
         if not 0 <= d <= self.shape.draft_len:
             raise ValueError(f"{C.NUM_DRAFT_STEPS} must be in [0, {self.shape.draft_len}], got {d}")
         if not 1 <= nb <= self.shape.num_beams:
-            raise ValueError(f"{C.NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}")
+            raise ValueError(
+                f"{C.NUM_DRAFT_BEAMS} must be in [1, {self.shape.num_beams}], got {nb}"
+            )
         if d > 0:
             if d == self.shape.draft_len and nb == self.shape.num_beams:
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)
             elif self.custom_proposer is None:  # draft only what this step asks for
-                next_beams = self._head().beam_search(self.base.embedding, context, acc.bonus, nb, d,
-                                                      self.warp_k)
+                next_beams = self._head().beam_search(
+                    self.base.embedding, context, acc.bonus, nb, d, self.warp_k
+                )
             else:  # a plugged-in proposer: the best nb beams' first d draft tokens
-                next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, :d + 1]
+                next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, : d + 1]
             t0 = self._tick("draft", t0)
             if next_beams.shape[1:] == (self.shape.num_beams, self.shape.beam_len):
                 tree = pack_tree(next_beams)

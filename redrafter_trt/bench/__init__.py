@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import require
 from ..runtime.generator import Generator
@@ -40,7 +41,7 @@ def engine_info(engine_dir: str | Path | None, gen: Generator) -> dict[str, Any]
         "device": str(be.device),
         "dtype": str(be.dtype).replace("torch.", ""),
         "model": f"{pre.get('base_model_architecture', '?')} {pre.get('num_hidden_layers', '?')} layers, "
-                 f"hidden {pre.get('hidden_size', '?')}, vocab {pre.get('vocab_size', '?')}",
+        f"hidden {pre.get('hidden_size', '?')}, vocab {pre.get('vocab_size', '?')}",
         "engine_beam_shape": shape_name((be.shape.num_beams, be.shape.draft_len)),
         "random_drafter": bool(gen.random_drafter),
         "max_batch_size": be.max_batch_size,
@@ -57,28 +58,49 @@ def hf_baseline_model(gen: Generator, hf_model_dir: str | None = None) -> tuple[
 
     be = gen.backend
     if hf_model_dir:
-        return hf_model_from_dir(hf_model_dir, be.dtype, be.device), f"--hf_model_dir {hf_model_dir}"
+        return hf_model_from_dir(
+            hf_model_dir, be.dtype, be.device
+        ), f"--hf_model_dir {hf_model_dir}"
     if be.base is not None:
         return hf_model_from_base(be.base), "rebuilt from the engine's base weights"
-    return None, (f"skipped: the {be.name} backend has no torch weights; "
-                  "pass --hf_model_dir with the Hugging Face base model")
+    return None, (
+        f"skipped: the {be.name} backend has no torch weights; "
+        "pass --hf_model_dir with the Hugging Face base model"
+    )
 
 
-def run_benchmark(gen: Generator, engine_dir: str | Path | None, dataset: str, settings: BenchSettings, *,
-                  num_prompts: int = 8, chat_template: str = "auto", max_prompt_len: int | None = None,
-                  hf_model_dir: str | None = None,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_benchmark(
+    gen: Generator,
+    engine_dir: str | Path | None,
+    dataset: str,
+    settings: BenchSettings,
+    *,
+    num_prompts: int = 8,
+    chat_template: str = "auto",
+    max_prompt_len: int | None = None,
+    hf_model_dir: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Benchmark ``gen`` (from :func:`redrafter_trt.load`) on ``dataset``; returns the report."""
-    require(chat_template in ("auto", "yes", "no"),
-            f"--chat_template {chat_template!r}: expected auto, yes or no")
+    require(
+        chat_template in ("auto", "yes", "no"),
+        f"--chat_template {chat_template!r}: expected auto, yes or no",
+    )
     env = environment()  # before the run: the load average at the start
     raw = load_raw_prompts(dataset)
-    use_chat = (gen.tokenizer is not None and getattr(gen.tokenizer, "chat_template", None) is not None
-                and chat_template != "no" and any(isinstance(p, str) for p in raw))
-    require(chat_template != "yes" or use_chat,
-            "--chat_template yes: the engine's tokenizer has no chat template (or the prompts are token ids)")
-    prompts, skipped = encode_prompts(gen, raw, num_prompts, use_chat, settings.max_new_tokens,
-                                      max_prompt_len)
+    use_chat = (
+        gen.tokenizer is not None
+        and getattr(gen.tokenizer, "chat_template", None) is not None
+        and chat_template != "no"
+        and any(isinstance(p, str) for p in raw)
+    )
+    require(
+        chat_template != "yes" or use_chat,
+        "--chat_template yes: the engine's tokenizer has no chat template (or the prompts are token ids)",
+    )
+    prompts, skipped = encode_prompts(
+        gen, raw, num_prompts, use_chat, settings.max_new_tokens, max_prompt_len
+    )
     hf_model, hf_source = (None, "disabled (--no_hf_baseline)")
     if settings.hf_baseline:
         hf_model, hf_source = hf_baseline_model(gen, hf_model_dir)
@@ -88,7 +110,11 @@ def run_benchmark(gen: Generator, engine_dir: str | Path | None, dataset: str, s
         "num_prompts": len(prompts),
         "num_prompts_requested": num_prompts,
         "prompts_skipped_too_long": skipped,
-        "prompt_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
+        "prompt_tokens": {
+            "min": lengths[0],
+            "median": lengths[len(lengths) // 2],
+            "max": lengths[-1],
+        },
         "chat_template": use_chat,
         "max_new_tokens": settings.max_new_tokens,
         "ignore_eos": True,
@@ -99,23 +125,25 @@ def run_benchmark(gen: Generator, engine_dir: str | Path | None, dataset: str, s
         "repetitions": settings.repetitions,
         "warmup": settings.warmup,
         "batch_sizes": list(settings.batch_sizes),
-        "beam_shapes": [shape_name(s) for s in settings.beam_shapes] if settings.beam_shapes
+        "beam_shapes": [shape_name(s) for s in settings.beam_shapes]
+        if settings.beam_shapes
         else [shape_name((gen.backend.shape.num_beams, gen.backend.shape.draft_len))],
         "hf_baseline": hf_source,
         "method": "per batch size, every repetition runs each method once on the same prompt "
-                  "batches (prompts cycled to fill the last batch), order alternating between "
-                  "repetitions; warm-up calls on the first batch are not timed; tokens/s = new "
-                  "tokens / wall time of the generate calls (prefill included); speed-up = plain "
-                  "wall / speculative wall of the same repetition; predicted speed-up = the "
-                  "configuration's measured tokens per step x t(batch) / the cost model's step "
-                  "cost of its shapes (prefill not modelled)",
+        "batches (prompts cycled to fill the last batch), order alternating between "
+        "repetitions; warm-up calls on the first batch are not timed; tokens/s = new "
+        "tokens / wall time of the generate calls (prefill included); speed-up = plain "
+        "wall / speculative wall of the same repetition; predicted speed-up = the "
+        "configuration's measured tokens per step x t(batch) / the cost model's step "
+        "cost of its shapes (prefill not modelled)",
     }
     cost, cost_source = None, "not measured (adaptive off)"
     if settings.adaptive:
         from .calibrate import bench_cost_model
 
-        cost, cost_source = bench_cost_model(gen.backend, None if engine_dir is None else str(engine_dir),
-                                             log=log)
+        cost, cost_source = bench_cost_model(
+            gen.backend, None if engine_dir is None else str(engine_dir), log=log
+        )
     settings_rec["adaptive"] = settings.adaptive and cost is not None
     sweep = run_sweep(gen, prompts, settings, hf_model=hf_model, log=log, cost_model=cost)
     if settings.adaptive:
@@ -123,12 +151,20 @@ def run_benchmark(gen: Generator, engine_dir: str | Path | None, dataset: str, s
 
         if cost is not None:
             annotate_predictions(sweep["configs"], cost)
-        sweep["cost_model"] = cost_section(cost, cost_source, gen.backend, sweep["configs"],
-                                           settings.batch_sizes)
+        sweep["cost_model"] = cost_section(
+            cost, cost_source, gen.backend, sweep["configs"], settings.batch_sizes
+        )
     else:
         sweep["cost_model"] = {"source": cost_source}
     return build_report(env, engine_info(engine_dir, gen), settings_rec, sweep)
 
 
-__all__ = ["BenchSettings", "SCHEMA", "run_benchmark", "parse_beam_shapes", "markdown", "write_outputs",
-           "engine_info"]
+__all__ = [
+    "BenchSettings",
+    "SCHEMA",
+    "run_benchmark",
+    "parse_beam_shapes",
+    "markdown",
+    "write_outputs",
+    "engine_info",
+]

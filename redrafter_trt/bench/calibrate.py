@@ -15,20 +15,27 @@ tokens per step next to the measured one (:func:`annotate_predictions`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..backends.torch_backend import TorchBackend
 from ..errors import RedrafterError
-from ..runtime.adaptive import (COST_MODEL_FILE, AdaptivePolicy, CostModel, load_cost_model,
-                                measure_cost_model, save_cost_model)
+from ..runtime.adaptive import (
+    COST_MODEL_FILE,
+    AdaptivePolicy,
+    CostModel,
+    load_cost_model,
+    measure_cost_model,
+    save_cost_model,
+)
 
 
 def copy_bandwidth(mib: int = 64, repeats: int = 5) -> float:
     """Bytes per second a copy reads (its read+write traffic is twice that), best of ``repeats``."""
-    a = torch.empty(mib * 2 ** 20 // 4)
+    a = torch.empty(mib * 2**20 // 4)
     b = torch.empty_like(a)
     b.copy_(a)
     best = float("inf")
@@ -43,12 +50,19 @@ def weight_bytes(backend: TorchBackend) -> int:
     """Bytes one plain step reads: every base parameter except an untied input embedding."""
     base = backend.base
     tied = base.config.tie_word_embeddings
-    return sum(p.numel() * p.element_size() for n, p in base.named_parameters()
-               if tied or "vocab_embedding" not in n)
+    return sum(
+        p.numel() * p.element_size()
+        for n, p in base.named_parameters()
+        if tied or "vocab_embedding" not in n
+    )
 
 
-def calibration_report(model: CostModel, backend: TorchBackend, batch_sizes: Sequence[int],
-                       prior: Sequence[float] | None = None) -> dict[str, Any]:
+def calibration_report(
+    model: CostModel,
+    backend: TorchBackend,
+    batch_sizes: Sequence[int],
+    prior: Sequence[float] | None = None,
+) -> dict[str, Any]:
     w, d = backend.shape.num_beams, backend.shape.draft_len
     pol = AdaptivePolicy(model, w, d, prior=prior, probe_every=0)
     t1 = model.t(1)
@@ -60,16 +74,30 @@ def calibration_report(model: CostModel, backend: TorchBackend, batch_sizes: Seq
         "bandwidth_floor_ms": round(floor * 1e3, 2),
         "t1_over_floor": round(t1 / floor, 2),
         "assumed_acceptance": [round(p, 3) for p in pol.survival[w]],
-        "chosen": {b: {"shape": list(pol.choose(b)), "predicted_speedup": round(
-            max(1.0, pol.best(b)[1]) if pol.choose(b)[1] else 1.0, 3),
-            "best_speculative": list(pol.best(b)[0]), "its_predicted_speedup": round(pol.best(b)[1], 3)}
-            for b in batch_sizes},
-        "machine": model.machine, "load_average": model.load_average,
+        "chosen": {
+            b: {
+                "shape": list(pol.choose(b)),
+                "predicted_speedup": round(
+                    max(1.0, pol.best(b)[1]) if pol.choose(b)[1] else 1.0, 3
+                ),
+                "best_speculative": list(pol.best(b)[0]),
+                "its_predicted_speedup": round(pol.best(b)[1], 3),
+            }
+            for b in batch_sizes
+        },
+        "machine": model.machine,
+        "load_average": model.load_average,
     }
 
 
-def calibrate(backend: TorchBackend, engine_dir: str, batch_sizes: Sequence[int], repeats: int = 5,
-              prior: Sequence[float] | None = None, log=None) -> dict[str, Any]:
+def calibrate(
+    backend: TorchBackend,
+    engine_dir: str,
+    batch_sizes: Sequence[int],
+    repeats: int = 5,
+    prior: Sequence[float] | None = None,
+    log=None,
+) -> dict[str, Any]:
     """Measure, store ``engine_dir/cost_model.json``, and return the report."""
     model = measure_cost_model(backend, repeats=repeats, log=log)
     path = save_cost_model(model, engine_dir)
@@ -80,20 +108,27 @@ def calibrate(backend: TorchBackend, engine_dir: str, batch_sizes: Sequence[int]
 
 def calibration_markdown(r: dict[str, Any]) -> str:
     ks = list(r["t_ms"])
-    lines = ["| k (tokens per call) | " + " | ".join(map(str, ks)) + " |",
-             "|---|" + "---|" * len(ks),
-             "| t(k) ms | " + " | ".join(str(r["t_ms"][k]) for k in ks) + " |",
-             "| t(k)/t(1) | " + " | ".join(str(r["t_over_t1"][k]) for k in ks) + " |", "",
-             "draft step (ms) by beam rows: " + ", ".join(f"{k}: {v}" for k, v in r["draft_step_ms"].items()),
-             f"bandwidth floor of a plain step: {r['bandwidth_floor_ms']} ms (t(1) = "
-             f"{r['t1_over_floor']}x the floor)",
-             f"acceptance P(>= j), j = 1..D ({r.get('acceptance_source', 'assumed')}): "
-             f"{r['assumed_acceptance']}", "",
-             "| batch | chosen (beams, depth) | predicted speed-up | best speculative | its prediction |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| k (tokens per call) | " + " | ".join(map(str, ks)) + " |",
+        "|---|" + "---|" * len(ks),
+        "| t(k) ms | " + " | ".join(str(r["t_ms"][k]) for k in ks) + " |",
+        "| t(k)/t(1) | " + " | ".join(str(r["t_over_t1"][k]) for k in ks) + " |",
+        "",
+        "draft step (ms) by beam rows: "
+        + ", ".join(f"{k}: {v}" for k, v in r["draft_step_ms"].items()),
+        f"bandwidth floor of a plain step: {r['bandwidth_floor_ms']} ms (t(1) = "
+        f"{r['t1_over_floor']}x the floor)",
+        f"acceptance P(>= j), j = 1..D ({r.get('acceptance_source', 'assumed')}): "
+        f"{r['assumed_acceptance']}",
+        "",
+        "| batch | chosen (beams, depth) | predicted speed-up | best speculative | its prediction |",
+        "|---|---|---|---|---|",
+    ]
     for b, c in r["chosen"].items():
-        lines.append(f"| {b} | {tuple(c['shape'])} | {c['predicted_speedup']} | {tuple(c['best_speculative'])} "
-                     f"| {c['its_predicted_speedup']} |")
+        lines.append(
+            f"| {b} | {tuple(c['shape'])} | {c['predicted_speedup']} | {tuple(c['best_speculative'])} "
+            f"| {c['its_predicted_speedup']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -118,15 +153,18 @@ class ChoiceLog(AdaptivePolicy):
         return [{"batch": b, "shape": f"{w}x{d}", "steps": c} for (b, (w, d)), c in n.items()]
 
 
-def bench_cost_model(backend: Any, engine_dir: str | None, repeats: int = 3,
-                     log=None) -> tuple[CostModel | None, str]:
+def bench_cost_model(
+    backend: Any, engine_dir: str | None, repeats: int = 3, log=None
+) -> tuple[CostModel | None, str]:
     """The cost model a bench run reports and its adaptive configuration uses, and where it came
     from: ``engine_dir``'s stored one when it matches this machine and engine; else measured now
     (nothing is written; ``--calibrate`` stores one), saying why; None for a backend without
     torch weights."""
     if not hasattr(backend, "base") or getattr(backend, "name", None) != "torch":
-        return None, (f"not measured: the {getattr(backend, 'name', '?')} backend has no torch base "
-                      "to time (the cost model needs the torch backend)")
+        return None, (
+            f"not measured: the {getattr(backend, 'name', '?')} backend has no torch base "
+            "to time (the cost model needs the torch backend)"
+        )
     why = f"no {COST_MODEL_FILE} in the engine directory" if engine_dir else "no engine directory"
     if engine_dir is not None:
         try:
@@ -134,7 +172,10 @@ def bench_cost_model(backend: Any, engine_dir: str | None, repeats: int = 3,
         except RedrafterError as e:
             stored, why = None, str(e)
         if stored is not None:
-            return stored, f"stored {Path(engine_dir) / COST_MODEL_FILE} (measured {stored.measured_at})"
+            return (
+                stored,
+                f"stored {Path(engine_dir) / COST_MODEL_FILE} (measured {stored.measured_at})",
+            )
     if log:
         log(f"[bench] measuring the cost model ({why})")
     model = measure_cost_model(backend, repeats=repeats, log=log)
@@ -155,29 +196,45 @@ def annotate_predictions(configs: list[dict[str, Any]], model: CostModel) -> Non
             steps = sum(x["steps"] for x in c["chosen_shapes"])
             if not steps:
                 continue
-            ratio = sum(x["steps"] * _cost_ratio(model, x["batch"], tuple(int(v) for v in x["shape"].split("x")))
-                        for x in c["chosen_shapes"]) / steps
+            ratio = (
+                sum(
+                    x["steps"]
+                    * _cost_ratio(model, x["batch"], tuple(int(v) for v in x["shape"].split("x")))
+                    for x in c["chosen_shapes"]
+                )
+                / steps
+            )
         else:
             ratio = _cost_ratio(model, c["batch_size"], (c["num_beams"], c["draft_len"]))
         c["predicted_speedup"] = round(tps / ratio, 3)
 
 
-def cost_section(model: CostModel | None, source: str, backend: Any, configs: list[dict[str, Any]],
-                 batch_sizes: Sequence[int]) -> dict[str, Any]:
+def cost_section(
+    model: CostModel | None,
+    source: str,
+    backend: Any,
+    configs: list[dict[str, Any]],
+    batch_sizes: Sequence[int],
+) -> dict[str, Any]:
     """The report's ``cost_model`` part: :func:`calibration_report` with the acceptance measured
     in this run at the engine's own shape (pooled over batch sizes) as the policy's estimate."""
     if model is None:
         return {"source": source}
     w, d = backend.shape.num_beams, backend.shape.draft_len
-    own = [c for c in configs if (c["num_beams"], c["draft_len"]) == (w, d) and c["chosen_shapes"] is None]
+    own = [
+        c
+        for c in configs
+        if (c["num_beams"], c["draft_len"]) == (w, d) and c["chosen_shapes"] is None
+    ]
     prior = None
     if own:
         rates = [c["speculative"]["acceptance_rate_per_depth"] for c in own]
         prior = [min(1.0, max(0.0, sum(r[j] for r in rates) / len(rates))) for j in range(d)]
     rep = calibration_report(model, backend, batch_sizes, prior)
     rep["source"] = source
-    rep["acceptance_source"] = ("measured in this run at the engine's shape" if prior is not None
-                                else "assumed 0.6^j")
+    rep["acceptance_source"] = (
+        "measured in this run at the engine's shape" if prior is not None else "assumed 0.6^j"
+    )
     return rep
 
 

@@ -24,14 +24,22 @@ import torch
 
 #: Prompts whose answers choose the ids (model-written answers; the prompts are ours).
 CHOOSE_PROMPTS = [
-    "Explain how a bicycle gear system works.", "Write a short story about a lighthouse keeper.",
-    "What are the main causes of inflation?", "Give me three tips for learning a new language.",
-    "Describe the water cycle for a ten-year-old.", "Write a Python function that reverses a string.",
-    "Compare electric cars and petrol cars.", "Plan a one-day trip to a mountain village.",
-    "Why is the sky blue?", "Summarise the benefits of regular exercise.",
-    "Write a polite email declining a meeting.", "How do vaccines train the immune system?",
-    "List five healthy breakfast ideas.", "What is the difference between weather and climate?",
-    "Write a haiku about autumn rain.", "Explain recursion with an example.",
+    "Explain how a bicycle gear system works.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the main causes of inflation?",
+    "Give me three tips for learning a new language.",
+    "Describe the water cycle for a ten-year-old.",
+    "Write a Python function that reverses a string.",
+    "Compare electric cars and petrol cars.",
+    "Plan a one-day trip to a mountain village.",
+    "Why is the sky blue?",
+    "Summarise the benefits of regular exercise.",
+    "Write a polite email declining a meeting.",
+    "How do vaccines train the immune system?",
+    "List five healthy breakfast ideas.",
+    "What is the difference between weather and climate?",
+    "Write a haiku about autumn rain.",
+    "Explain recursion with an example.",
 ]
 #: Held-out prompts in the style of multi-turn chat benchmarks (writing, reasoning, coding, STEM).
 MEASURE_PROMPTS = [
@@ -47,8 +55,13 @@ MEASURE_PROMPTS = [
 
 
 def _answers(gen, tok, prompts: list[str], max_new: int) -> list[list[int]]:
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    ids = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in prompts
+    ]
+    ids = [
+        list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids
+    ]
     return [r.token_ids for r in gen.generate(ids, max_new_tokens=max_new, speculative=False)]
 
 
@@ -57,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default="0,16384,8192,4096", help="draft vocabulary sizes (0 = full V)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--reps", type=int, default=5, help="beam searches per K per round")
-    ap.add_argument("--max_new_tokens", type=int, default=160, help="answer length for the coverage")
+    ap.add_argument(
+        "--max_new_tokens", type=int, default=160, help="answer length for the coverage"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -72,29 +87,44 @@ def main(argv: list[str] | None = None) -> int:
     base = load_frozen_base(model_dir, torch.device("cpu"))
     tok = load_base_tokenizer(model_dir)
     v, h = base.config.vocab_size, base.config.hidden_size
-    gen = Generator(TorchBackend(base, None, 1, 1, max_batch_size=16, max_input_len=256, max_seq_len=512),
-                    tokenizer=tok, eos_token_ids=eos_ids(base, tok))
+    gen = Generator(
+        TorchBackend(base, None, 1, 1, max_batch_size=16, max_input_len=256, max_seq_len=512),
+        tokenizer=tok,
+        eos_token_ids=eos_ids(base, tok),
+    )
     t0 = time.perf_counter()
     choose = _answers(gen, tok, CHOOSE_PROMPTS, args.max_new_tokens)
     measure = _answers(gen, tok, MEASURE_PROMPTS, args.max_new_tokens)
     gen_s = time.perf_counter() - t0
-    counts = torch.bincount(torch.tensor([t for r in choose for t in r]), minlength=v).to(torch.float64)
+    counts = torch.bincount(torch.tensor([t for r in choose for t in r]), minlength=v).to(
+        torch.float64
+    )
     counts[torch.tensor(eos_ids(base, tok))] = float("inf")
     order = torch.sort(counts, descending=True, stable=True).indices
     held = torch.tensor([t for r in measure for t in r])
     ks = [int(k) for k in args.ks.split(",")]
-    coverage = {str(k or v): float(torch.isin(held, order[:k or v]).float().mean()) for k in ks}
-    coverage_seen = {str(k or v): float(torch.isin(torch.tensor([t for r in choose for t in r]), order[:k or v])
-                                        .float().mean()) for k in ks}
+    coverage = {str(k or v): float(torch.isin(held, order[: k or v]).float().mean()) for k in ks}
+    coverage_seen = {
+        str(k or v): float(
+            torch.isin(torch.tensor([t for r in choose for t in r]), order[: k or v]).float().mean()
+        )
+        for k in ks
+    }
 
     heads = {}
     for k in ks:
         ids = None if k == 0 else torch.sort(order[:k]).values.to(torch.int32)
-        head = init_drafter(DrafterConfig(v, h, h, 1, True, draft_vocab_size=None if k == 0 else k), seed=0,
-                            draft_vocab=ids)
+        head = init_drafter(
+            DrafterConfig(v, h, h, 1, True, draft_vocab_size=None if k == 0 else k),
+            seed=0,
+            draft_vocab=ids,
+        )
         with torch.no_grad():  # the base's rows, as --lm_head_init base gives
-            head.lm_head[-1].weight.copy_(base.lm_head.weight.float()[order[:k].sort().values] if k else
-                                          base.lm_head.weight.float())
+            head.lm_head[-1].weight.copy_(
+                base.lm_head.weight.float()[order[:k].sort().values]
+                if k
+                else base.lm_head.weight.float()
+            )
         heads[k] = head.eval()
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(1, h, generator=g)
@@ -111,16 +141,32 @@ def main(argv: list[str] | None = None) -> int:
                 heads[k].beam_search(base.embedding, ctx, root, w, d)
                 times[k].append((time.perf_counter() - t) / d * 1e3)
     load_after = os.getloadavg()
-    print(json.dumps({
-        "model": "SmolLM2-135M-Instruct", "V": v, "exit_dim": h, "W": w, "D": d, "B": 1, "threads": 1,
-        "draft_ms_per_step": {str(k or v): round(statistics.median(times[k]), 3) for k in ks},
-        "draft_ms_per_step_min": {str(k or v): round(min(times[k]), 3) for k in ks},
-        "samples_per_k": args.rounds * args.reps,
-        "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": load_after,
-        "coverage_held_out": coverage, "coverage_on_choosing_set": coverage_seen,
-        "tokens_choosing": int(sum(len(r) for r in choose)), "tokens_held_out": int(held.numel()),
-        "generation_s": round(gen_s, 1),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "V": v,
+                "exit_dim": h,
+                "W": w,
+                "D": d,
+                "B": 1,
+                "threads": 1,
+                "draft_ms_per_step": {
+                    str(k or v): round(statistics.median(times[k]), 3) for k in ks
+                },
+                "draft_ms_per_step_min": {str(k or v): round(min(times[k]), 3) for k in ks},
+                "samples_per_k": args.rounds * args.reps,
+                "loadavg_1_5_15_before": load_before,
+                "loadavg_1_5_15_after": load_after,
+                "coverage_held_out": coverage,
+                "coverage_on_choosing_set": coverage_seen,
+                "tokens_choosing": int(sum(len(r) for r in choose)),
+                "tokens_held_out": int(held.numel()),
+                "generation_s": round(gen_s, 1),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

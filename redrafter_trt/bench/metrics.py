@@ -13,7 +13,7 @@ Definitions (one place; the report and the tests import them):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,7 +29,9 @@ def tokens_per_step(accepted_per_step: Sequence[Sequence[int]]) -> float:
     return sum(steps) / len(steps) if steps else 0.0
 
 
-def tokens_per_step_histogram(accepted_per_step: Sequence[Sequence[int]], draft_len: int) -> dict[str, int]:
+def tokens_per_step_histogram(
+    accepted_per_step: Sequence[Sequence[int]], draft_len: int
+) -> dict[str, int]:
     """Counts of generation steps by tokens added, keys ``"1"`` .. ``str(draft_len + 1)``."""
     steps = generation_steps(accepted_per_step)
     hist = {str(k): 0 for k in range(1, draft_len + 2)}
@@ -50,11 +52,23 @@ def spread(values: Sequence[float]) -> dict[str, float | list[float]]:
     """Median and spread of repeated measurements: median, min, max, q1, q3 and the values."""
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"),
-                "q1": float("nan"), "q3": float("nan"), "values": []}
+        return {
+            "median": float("nan"),
+            "min": float("nan"),
+            "max": float("nan"),
+            "q1": float("nan"),
+            "q3": float("nan"),
+            "values": [],
+        }
     q1, med, q3 = np.percentile(v, [25, 50, 75])
-    return {"median": float(med), "min": float(v.min()), "max": float(v.max()),
-            "q1": float(q1), "q3": float(q3), "values": [float(x) for x in v]}
+    return {
+        "median": float(med),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "q1": float(q1),
+        "q3": float(q3),
+        "values": [float(x) for x in v],
+    }
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -65,10 +79,14 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare_outputs(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> list[dict[str, int]]:
+def compare_outputs(
+    reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]
+) -> list[dict[str, int]]:
     """Sequences whose tokens differ: ``[{"sequence": i, "first_diff": pos}]`` (empty = identical)."""
     if len(reference) != len(candidate):
-        raise ValueError(f"compare_outputs: {len(reference)} reference vs {len(candidate)} candidate sequences")
+        raise ValueError(
+            f"compare_outputs: {len(reference)} reference vs {len(candidate)} candidate sequences"
+        )
     out = []
     for i, (a, b) in enumerate(zip(reference, candidate)):
         pos = first_difference(list(a), list(b))

@@ -19,13 +19,23 @@ def _token_id_file(path: Path) -> list[list[int]] | None:
     """The file's token-id prompts, or None when it holds text prompts."""
     try:
         text = path.read_text()
-        items = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                 if path.suffix == ".jsonl" else json.loads(text))
+        items = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else json.loads(text)
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    is_ids = (isinstance(items, list) and items and all(
-        isinstance(r, list) and r and all(isinstance(t, int) and not isinstance(t, bool) for t in r)
-        for r in items))
+    is_ids = (
+        isinstance(items, list)
+        and items
+        and all(
+            isinstance(r, list)
+            and r
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in r)
+            for r in items
+        )
+    )
     return items if is_ids else None
 
 
@@ -40,8 +50,14 @@ def load_raw_prompts(dataset: str) -> list[str | list[int]]:
     return list(load_prompts(dataset))
 
 
-def encode_prompts(gen: Generator, raw: list[str | list[int]], num_prompts: int, use_chat_template: bool,
-                   max_new_tokens: int, max_prompt_len: int | None = None) -> tuple[list[list[int]], int]:
+def encode_prompts(
+    gen: Generator,
+    raw: list[str | list[int]],
+    num_prompts: int,
+    use_chat_template: bool,
+    max_new_tokens: int,
+    max_prompt_len: int | None = None,
+) -> tuple[list[list[int]], int]:
     """The first ``num_prompts`` prompts that fit, as token ids; returns (prompts, skipped).
 
     A prompt fits when it has at most ``max_prompt_len`` (default: the engine's
@@ -50,13 +66,18 @@ def encode_prompts(gen: Generator, raw: list[str | list[int]], num_prompts: int,
     """
     be = gen.backend
     limit = min(be.max_input_len, be.max_seq_len - max_new_tokens)
-    require(limit >= 1, f"--max_new_tokens {max_new_tokens} leaves no room for a prompt under the "
-            f"engine's max_seq_len {be.max_seq_len}")
+    require(
+        limit >= 1,
+        f"--max_new_tokens {max_new_tokens} leaves no room for a prompt under the "
+        f"engine's max_seq_len {be.max_seq_len}",
+    )
     if max_prompt_len is not None:
         limit = min(limit, max_prompt_len)
     needs_text = any(isinstance(p, str) for p in raw)
-    require(not needs_text or gen.tokenizer is not None,
-            "this engine has no tokenizer: give --dataset a JSON/JSONL file of token-id lists")
+    require(
+        not needs_text or gen.tokenizer is not None,
+        "this engine has no tokenizer: give --dataset a JSON/JSONL file of token-id lists",
+    )
     out, skipped = [], 0
     for p in raw:
         if len(out) == num_prompts:
@@ -66,7 +87,10 @@ def encode_prompts(gen: Generator, raw: list[str | list[int]], num_prompts: int,
             skipped += 1
             continue
         out.append(ids)
-    require(out, f"no prompt has at most {limit} tokens (engine max_input_len {be.max_input_len}, "
-            f"max_seq_len {be.max_seq_len} minus --max_new_tokens {max_new_tokens}"
-            f"{', --max_prompt_len ' + str(max_prompt_len) if max_prompt_len else ''})")
+    require(
+        out,
+        f"no prompt has at most {limit} tokens (engine max_input_len {be.max_input_len}, "
+        f"max_seq_len {be.max_seq_len} minus --max_new_tokens {max_new_tokens}"
+        f"{', --max_prompt_len ' + str(max_prompt_len) if max_prompt_len else ''})",
+    )
     return out, skipped

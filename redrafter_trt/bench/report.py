@@ -40,15 +40,49 @@ from .._version import __version__
 from ..errors import require
 
 SCHEMA = "redrafter-bench/1"
-TOP_KEYS = ("schema", "created_utc", "environment", "engine", "settings", "configs", "hf_baseline",
-            "cost_model", "flags")
-CONFIG_KEYS = ("batch_size", "beam_shape", "num_beams", "draft_len", "num_prompts", "num_sequences",
-               "num_batches", "plain", "speculative", "speedup", "plain_over_transformers", "greedy",
-               "outputs_identical", "mismatches", "num_mismatches", "memory", "chosen_shapes",
-               "predicted_speedup")
-METHOD_KEYS = ("wall_s", "tokens_per_s", "tokens_per_step", "tokens_per_step_per_repetition",
-               "tokens_per_step_histogram", "acceptance_rate_per_depth", "generation_steps",
-               "new_tokens", "step_time_ms", "cuda_peak_bytes")
+TOP_KEYS = (
+    "schema",
+    "created_utc",
+    "environment",
+    "engine",
+    "settings",
+    "configs",
+    "hf_baseline",
+    "cost_model",
+    "flags",
+)
+CONFIG_KEYS = (
+    "batch_size",
+    "beam_shape",
+    "num_beams",
+    "draft_len",
+    "num_prompts",
+    "num_sequences",
+    "num_batches",
+    "plain",
+    "speculative",
+    "speedup",
+    "plain_over_transformers",
+    "greedy",
+    "outputs_identical",
+    "mismatches",
+    "num_mismatches",
+    "memory",
+    "chosen_shapes",
+    "predicted_speedup",
+)
+METHOD_KEYS = (
+    "wall_s",
+    "tokens_per_s",
+    "tokens_per_step",
+    "tokens_per_step_per_repetition",
+    "tokens_per_step_histogram",
+    "acceptance_rate_per_depth",
+    "generation_steps",
+    "new_tokens",
+    "step_time_ms",
+    "cuda_peak_bytes",
+)
 
 
 def _cpu_model() -> str:
@@ -81,8 +115,10 @@ def load_average() -> list[float] | None:
 def environment() -> dict[str, Any]:
     """The machine and software the numbers were measured on."""
     import numpy
+
     try:
         import transformers
+
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
@@ -90,8 +126,11 @@ def environment() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
     return {
         "machine": platform.machine(),
         "cpu": _cpu_model(),
@@ -112,16 +151,22 @@ def environment() -> dict[str, Any]:
     }
 
 
-def build_report(environment_info: dict[str, Any], engine: dict[str, Any], settings: dict[str, Any],
-                 sweep: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    environment_info: dict[str, Any],
+    engine: dict[str, Any],
+    settings: dict[str, Any],
+    sweep: dict[str, Any],
+) -> dict[str, Any]:
     configs = sweep["configs"]
     env = dict(environment_info, load_average_end=load_average())
     messages = []
     for c in configs:
         if c["greedy"] and not c["outputs_identical"]:
-            messages.append(f"B={c['batch_size']} {c['beam_shape']}: greedy speculative output differs "
-                            f"from plain decoding in {c['num_mismatches']} sequence-repetitions "
-                            f"(first: {c['mismatches'][0]})")
+            messages.append(
+                f"B={c['batch_size']} {c['beam_shape']}: greedy speculative output differs "
+                f"from plain decoding in {c['num_mismatches']} sequence-repetitions "
+                f"(first: {c['mismatches'][0]})"
+            )
     return {
         "schema": SCHEMA,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -149,10 +194,12 @@ def _range(s: dict[str, Any] | None, digits: int = 2) -> str:
 def machine_line(report: dict[str, Any]) -> str:
     e, g = report["environment"], report["engine"]
     gpu = ", ".join(e["gpus"]) if e["gpus"] else "no GPU"
-    return (f"{e['cpu']} ({e['cpus_usable']} usable CPUs), {gpu}; {g['backend']} backend on "
-            f"{g['device']}, {g['dtype']}, {e['torch_threads']} torch threads; torch {e['torch']}, "
-            f"transformers {e['transformers']}, Python {e['python']}, redrafter_trt "
-            f"{e['redrafter_trt']}; load average {e['load_average_start']} -> {e['load_average_end']}")
+    return (
+        f"{e['cpu']} ({e['cpus_usable']} usable CPUs), {gpu}; {g['backend']} backend on "
+        f"{g['device']}, {g['dtype']}, {e['torch_threads']} torch threads; torch {e['torch']}, "
+        f"transformers {e['transformers']}, Python {e['python']}, redrafter_trt "
+        f"{e['redrafter_trt']}; load average {e['load_average_start']} -> {e['load_average_end']}"
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -176,29 +223,55 @@ def markdown(report: dict[str, Any]) -> str:
     for c in report["configs"]:
         p, sp = c["plain"], c["speculative"]
         st = sp["step_time_ms"]
-        split = ("/".join(_fmt(st[k], 1) for k in ("verify", "accept", "draft", "pack"))
-                 if st["verify"] is not None else "n/a")
-        identical = ("yes" if c["outputs_identical"] else f"**NO ({c['num_mismatches']})**") \
-            if c["greedy"] else ("yes" if c["outputs_identical"] else "no") + " (sampled)"
+        split = (
+            "/".join(_fmt(st[k], 1) for k in ("verify", "accept", "draft", "pack"))
+            if st["verify"] is not None
+            else "n/a"
+        )
+        identical = (
+            ("yes" if c["outputs_identical"] else f"**NO ({c['num_mismatches']})**")
+            if c["greedy"]
+            else ("yes" if c["outputs_identical"] else "no") + " (sampled)"
+        )
         lines.append(
             f"| {c['batch_size']} | {c['beam_shape']} | {sp['tokens_per_step']:.2f} | "
             f"{' '.join(f'{a:.2f}' for a in sp['acceptance_rate_per_depth'])} | "
             f"{_range(p['tokens_per_s'], 1)} | {_range(sp['tokens_per_s'], 1)} | "
             f"{_range(c['speedup'])}x | {_fmt(c['predicted_speedup'])}{'x' if c['predicted_speedup'] else ''} | "
             f"{_range(c['plain_over_transformers'])} | "
-            f"{_fmt(st['step'], 1)} ({split}) | {identical} |")
+            f"{_fmt(st['step'], 1)} ({split}) | {identical} |"
+        )
     if report["hf_baseline"]:
-        lines += ["", "transformers `generate` (same weights, prompts and lengths): " + "; ".join(
-            f"B={h['batch_size']}: {_range(h['tokens_per_s'], 1)} tok/s"
-            + (f", {h['sequences_identical_to_plain']}/{h['num_sequences']} sequences identical to plain"
-               if h["sequences_identical_to_plain"] is not None else "")
-            for h in report["hf_baseline"]) + "."]
+        lines += [
+            "",
+            "transformers `generate` (same weights, prompts and lengths): "
+            + "; ".join(
+                f"B={h['batch_size']}: {_range(h['tokens_per_s'], 1)} tok/s"
+                + (
+                    f", {h['sequences_identical_to_plain']}/{h['num_sequences']} sequences identical to plain"
+                    if h["sequences_identical_to_plain"] is not None
+                    else ""
+                )
+                for h in report["hf_baseline"]
+            )
+            + ".",
+        ]
     adaptive = [c for c in report["configs"] if c["chosen_shapes"]]
     if adaptive:
-        lines += ["", "Shapes the adaptive configuration chose (batch: WxD x steps; 1x0 = plain): " + "; ".join(
-            f"B={c['batch_size']}: " + ", ".join(f"{x['shape']} x{x['steps']}" + (
-                f" (at {x['batch']} rows)" if x["batch"] != c["batch_size"] else "")
-                for x in c["chosen_shapes"]) for c in adaptive) + "."]
+        lines += [
+            "",
+            "Shapes the adaptive configuration chose (batch: WxD x steps; 1x0 = plain): "
+            + "; ".join(
+                f"B={c['batch_size']}: "
+                + ", ".join(
+                    f"{x['shape']} x{x['steps']}"
+                    + (f" (at {x['batch']} rows)" if x["batch"] != c["batch_size"] else "")
+                    for x in c["chosen_shapes"]
+                )
+                for c in adaptive
+            )
+            + ".",
+        ]
     from .calibrate import cost_markdown
 
     lines += ["", cost_markdown(report["cost_model"]).rstrip("\n")]
@@ -210,8 +283,10 @@ def markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- plot
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """Tokens per step and speed-up against batch size, one line per beam shape (PNG)."""
-    require(importlib.util.find_spec("matplotlib") is not None,
-            "the plot needs matplotlib: pip install matplotlib (or pass --no_plot)")
+    require(
+        importlib.util.find_spec("matplotlib") is not None,
+        "the plot needs matplotlib: pip install matplotlib (or pass --no_plot)",
+    )
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(10, 4))
@@ -219,18 +294,26 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     shapes = list(dict.fromkeys(c["beam_shape"] for c in report["configs"]))
     batch_sizes = sorted({c["batch_size"] for c in report["configs"]})
     for shape in shapes:
-        cs = sorted((c for c in report["configs"] if c["beam_shape"] == shape), key=lambda c: c["batch_size"])
+        cs = sorted(
+            (c for c in report["configs"] if c["beam_shape"] == shape),
+            key=lambda c: c["batch_size"],
+        )
         bs = [c["batch_size"] for c in cs]
         ax1.plot(bs, [c["speculative"]["tokens_per_step"] for c in cs], "o-", label=shape)
         med = [c["speedup"]["median"] for c in cs]
-        err = [[m - c["speedup"]["min"] for m, c in zip(med, cs)],
-               [c["speedup"]["max"] - m for m, c in zip(med, cs)]]
+        err = [
+            [m - c["speedup"]["min"] for m, c in zip(med, cs)],
+            [c["speedup"]["max"] - m for m, c in zip(med, cs)],
+        ]
         ax2.errorbar(bs, med, yerr=err, fmt="o-", capsize=3, label=shape)
     ceiling = max(c["draft_len"] for c in report["configs"]) + 1
     ax1.set_ylim(0.9, ceiling + 0.1)  # from plain decoding's 1 up to the most a step can add
     ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax, title in ((ax1, "tokens per step (max D+1)"), (ax2, "speed-up over plain decoding (min-max)")):
+    for ax, title in (
+        (ax1, "tokens per step (max D+1)"),
+        (ax2, "speed-up over plain decoding (min-max)"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.minorticks_off()
@@ -246,7 +329,9 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def write_outputs(report: dict[str, Any], output_dir: str | Path, make_plot: bool = True) -> dict[str, Path]:
+def write_outputs(
+    report: dict[str, Any], output_dir: str | Path, make_plot: bool = True
+) -> dict[str, Path]:
     """Write ``bench.json``, ``bench.md`` and (unless ``make_plot`` is False) ``bench.png``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

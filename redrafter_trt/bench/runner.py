@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ def make_batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[lis
     """Batches of exactly ``batch_size`` prompts; prompts are reused cyclically to fill the last."""
     n = -(-len(prompts) // batch_size) * batch_size
     seqs = [prompts[i % len(prompts)] for i in range(n)]
-    return [seqs[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [seqs[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 # --------------------------------------------------------------------------- one timed run
@@ -118,9 +119,9 @@ class Run:
     wall_s: float
     token_ids: list[list[int]]
     accepted: list[list[int]] = field(default_factory=list)
-    generated_tokens: int = 0   # GenerationStats.generated_tokens summed over batches
-    row_steps: int = 0          # GenerationStats.row_steps summed over batches
-    num_steps: int = 0          # generation calls (backend steps after the prompts' calls)
+    generated_tokens: int = 0  # GenerationStats.generated_tokens summed over batches
+    row_steps: int = 0  # GenerationStats.row_steps summed over batches
+    num_steps: int = 0  # generation calls (backend steps after the prompts' calls)
     calls: dict[str, int] = field(default_factory=dict)
     step_wall: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # generation calls only
@@ -136,8 +137,13 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_generator(gen: Generator, timer: StepTimer | None, batches: Sequence[Sequence[list[int]]],
-                  settings: BenchSettings, speculative: bool) -> Run:
+def run_generator(
+    gen: Generator,
+    timer: StepTimer | None,
+    batches: Sequence[Sequence[list[int]]],
+    settings: BenchSettings,
+    speculative: bool,
+) -> Run:
     """Generate every batch (one ``generate`` call each) and time the calls."""
     device = gen.backend.device
     reset_cuda_peak(device)
@@ -147,10 +153,16 @@ def run_generator(gen: Generator, timer: StepTimer | None, batches: Sequence[Seq
     for batch in batches:
         _sync(device)
         t0 = time.perf_counter()
-        results = gen.generate(list(batch), max_new_tokens=settings.max_new_tokens,
-                               temperature=settings.temperature, top_k=settings.top_k,
-                               top_p=settings.top_p, seed=settings.seed, speculative=speculative,
-                               ignore_eos=True)
+        results = gen.generate(
+            list(batch),
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            speculative=speculative,
+            ignore_eos=True,
+        )
         _sync(device)
         run.wall_s += time.perf_counter() - t0
         stats = gen.last_stats
@@ -168,8 +180,10 @@ def run_generator(gen: Generator, timer: StepTimer | None, batches: Sequence[Seq
     derived = M.tokens_per_step(run.accepted)
     runtime = run.generated_tokens / run.row_steps if run.row_steps else 0.0
     if abs(derived - runtime) > 1e-9:
-        raise RuntimeError(f"bench: tokens per step from accepted_per_step ({derived}) differs from "
-                           f"the runtime's GenerationStats ({runtime})")
+        raise RuntimeError(
+            f"bench: tokens per step from accepted_per_step ({derived}) differs from "
+            f"the runtime's GenerationStats ({runtime})"
+        )
     return run
 
 
@@ -180,8 +194,15 @@ def run_hf(model: Any, batches: Sequence[Sequence[list[int]]], settings: BenchSe
     reset_cuda_peak(dev)
     run = Run(wall_s=0.0, token_ids=[])
     for batch in batches:
-        new, wall = generate_fixed_length(model, batch, settings.max_new_tokens, settings.temperature,
-                                          settings.top_k, settings.top_p, settings.seed)
+        new, wall = generate_fixed_length(
+            model,
+            batch,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
+            settings.seed,
+        )
         run.wall_s += wall
         run.token_ids += new
     run.cuda_peak_bytes = cuda_peak_bytes(dev)
@@ -199,11 +220,13 @@ def backend_for_shape(gen: Generator, shape: tuple[int, int]) -> C.Backend:
     own = (be.shape.num_beams, be.shape.draft_len)
     C.check_num_beams(shape[0], be.vocab_size, f"--beam_shapes {shape_name(shape)}: W")
     sbe = be.reshaped(*shape)
-    require(sbe is not None,
-            f"--beam_shapes {shape_name(shape)}: a {be.name} engine has the fixed "
-            f"beam shape {shape_name(own)}; benchmark other shapes with engines built for them "
-            "(redrafter-convert --redrafter_num_beams W --redrafter_draft_len_per_beam D, then "
-            "redrafter-build), one redrafter-bench run per engine")
+    require(
+        sbe is not None,
+        f"--beam_shapes {shape_name(shape)}: a {be.name} engine has the fixed "
+        f"beam shape {shape_name(own)}; benchmark other shapes with engines built for them "
+        "(redrafter-convert --redrafter_num_beams W --redrafter_draft_len_per_beam D, then "
+        "redrafter-build), one redrafter-bench run per engine",
+    )
     return sbe
 
 
@@ -218,9 +241,14 @@ class _Cell:
     policy: Any = None  # a ChoiceLog for the ADAPTIVE configuration
 
 
-def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSettings,
-              hf_model: Any = None, log: Callable[[str], None] | None = None,
-              cost_model: Any = None) -> dict[str, Any]:
+def run_sweep(
+    gen: Generator,
+    prompts: Sequence[list[int]],
+    settings: BenchSettings,
+    hf_model: Any = None,
+    log: Callable[[str], None] | None = None,
+    cost_model: Any = None,
+) -> dict[str, Any]:
     """Measure every (batch size, beam shape); returns the ``configs`` and ``hf_baseline`` parts
     of the report (see :mod:`redrafter_trt.bench.report` for the whole document). With a
     ``cost_model`` and ``settings.adaptive``, one more configuration per batch size
@@ -231,9 +259,11 @@ def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSetti
     require(len(prompts) > 0, "no prompts to benchmark")
     shapes = list(settings.beam_shapes or [(be.shape.num_beams, be.shape.draft_len)])
     for b in settings.batch_sizes:
-        require(b <= be.max_batch_size,
-                f"--batch_sizes {b}: the engine's max_batch_size is {be.max_batch_size}; rebuild with "
-                f"redrafter-build --max_batch_size {max(settings.batch_sizes)}")
+        require(
+            b <= be.max_batch_size,
+            f"--batch_sizes {b}: the engine's max_batch_size is {be.max_batch_size}; rebuild with "
+            f"redrafter-build --max_batch_size {max(settings.batch_sizes)}",
+        )
     require(settings.repetitions >= 1, f"--repetitions must be >= 1, got {settings.repetitions}")
     greedy = settings.temperature == 0
     configs: list[dict[str, Any]] = []
@@ -243,16 +273,24 @@ def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSetti
         cells = []
         for shape in shapes:
             sbe = backend_for_shape(gen, shape)
-            g = Generator(sbe, tokenizer=gen.tokenizer, eos_token_ids=gen.eos_token_ids,
-                          random_drafter=gen.random_drafter)
+            g = Generator(
+                sbe,
+                tokenizer=gen.tokenizer,
+                eos_token_ids=gen.eos_token_ids,
+                random_drafter=gen.random_drafter,
+            )
             cells.append(_Cell(b, shape, g, StepTimer(sbe)))
         if cost_model is not None and settings.adaptive:
             from .calibrate import ChoiceLog
 
             own = (be.shape.num_beams, be.shape.draft_len)
             sbe = backend_for_shape(gen, own)
-            g = Generator(sbe, tokenizer=gen.tokenizer, eos_token_ids=gen.eos_token_ids,
-                          random_drafter=gen.random_drafter)
+            g = Generator(
+                sbe,
+                tokenizer=gen.tokenizer,
+                eos_token_ids=gen.eos_token_ids,
+                random_drafter=gen.random_drafter,
+            )
             g.policy = ChoiceLog(cost_model, *own)
             cells.append(_Cell(b, own, g, StepTimer(sbe), policy=g.policy))
         hf_runs: list[Run] = []
@@ -279,12 +317,15 @@ def run_sweep(gen: Generator, prompts: Sequence[list[int]], settings: BenchSetti
                     hf_runs.append(run)
                     what = "transformers generate"
                 else:
-                    run = run_generator(cell.gen, cell.timer, batches, settings,
-                                        speculative=method == SPEC)
+                    run = run_generator(
+                        cell.gen, cell.timer, batches, settings, speculative=method == SPEC
+                    )
                     cell.runs[method].append(run)
                     what = f"{ADAPTIVE if cell.policy is not None else shape_name(cell.shape)} {method}"
-                log(f"[bench] B={b} rep {rep + 1}/{settings.repetitions} {what}: "
-                    f"{run.new_tokens / run.wall_s:.1f} tok/s ({run.wall_s:.2f} s)")
+                log(
+                    f"[bench] B={b} rep {rep + 1}/{settings.repetitions} {what}: "
+                    f"{run.new_tokens / run.wall_s:.1f} tok/s ({run.wall_s:.2f} s)"
+                )
         hf_summary = None
         if hf_model is not None:
             hf_summary = _summarize_hf(b, hf_runs, cells[0].runs[PLAIN], greedy)
@@ -303,22 +344,39 @@ def _tok_s(runs: Sequence[Run]) -> list[float]:
 
 def _step_times(runs: Sequence[Run], has_phases: bool) -> dict[str, Any]:
     """Median per generation step (ms): backend phases, the whole step call, runtime overhead."""
+
     def med(values):
         return M.spread(values)["median"]
 
     per = {}
     if has_phases:
         for p in PHASES:
-            per[p] = med([1e3 * r.phases.get(p, 0.0) / r.num_steps if r.num_steps else 0.0 for r in runs])
+            per[p] = med(
+                [1e3 * r.phases.get(p, 0.0) / r.num_steps if r.num_steps else 0.0 for r in runs]
+            )
     else:
         per.update({p: None for p in PHASES})
-    per["step"] = med([1e3 * r.step_wall.get("generation", 0.0) / r.num_steps if r.num_steps else 0.0
-                       for r in runs])
+    per["step"] = med(
+        [
+            1e3 * r.step_wall.get("generation", 0.0) / r.num_steps if r.num_steps else 0.0
+            for r in runs
+        ]
+    )
     # Everything in the generate call outside backend steps (runtime loop, host copies).
-    per["runtime_overhead"] = med([1e3 * (r.wall_s - sum(r.step_wall.values())) / r.num_steps
-                                   if r.num_steps else 0.0 for r in runs])
-    per["prefill_per_batch"] = med([1e3 * r.step_wall.get("context", 0.0) / r.calls["context"]
-                                    if r.calls.get("context") else 0.0 for r in runs])
+    per["runtime_overhead"] = med(
+        [
+            1e3 * (r.wall_s - sum(r.step_wall.values())) / r.num_steps if r.num_steps else 0.0
+            for r in runs
+        ]
+    )
+    per["prefill_per_batch"] = med(
+        [
+            1e3 * r.step_wall.get("context", 0.0) / r.calls["context"]
+            if r.calls.get("context")
+            else 0.0
+            for r in runs
+        ]
+    )
     return per
 
 
@@ -339,16 +397,21 @@ def _method_summary(runs: Sequence[Run], draft_len: int, has_phases: bool) -> di
     }
 
 
-def _summarize_cell(cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_prompts: int,
-                    num_batches: int) -> dict[str, Any]:
+def _summarize_cell(
+    cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_prompts: int, num_batches: int
+) -> dict[str, Any]:
     w, d = cell.shape
     plain, spec = cell.runs[PLAIN], cell.runs[SPEC]
     mismatches = []
     for rep, (p, s) in enumerate(zip(plain, spec)):
         if [len(t) for t in p.token_ids] != [len(t) for t in s.token_ids]:
-            raise RedrafterError(f"B={cell.batch_size} {shape_name(cell.shape)}: plain and "
-                                 "speculative runs produced different lengths; cannot compare speeds")
-        mismatches += [{"repetition": rep, **m} for m in M.compare_outputs(p.token_ids, s.token_ids)]
+            raise RedrafterError(
+                f"B={cell.batch_size} {shape_name(cell.shape)}: plain and "
+                "speculative runs produced different lengths; cannot compare speeds"
+            )
+        mismatches += [
+            {"repetition": rep, **m} for m in M.compare_outputs(p.token_ids, s.token_ids)
+        ]
     has_phases = cell.timer.has_phases
     rec: dict[str, Any] = {
         "batch_size": cell.batch_size,
@@ -361,8 +424,16 @@ def _summarize_cell(cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_promp
         PLAIN: _method_summary(plain, d, has_phases),
         SPEC: _method_summary(spec, d, has_phases),
         "speedup": M.spread([p.wall_s / s.wall_s for p, s in zip(plain, spec)]),
-        "plain_over_transformers": (M.spread([(p.new_tokens / p.wall_s) / (h.new_tokens / h.wall_s)
-                                              for p, h in zip(plain, hf_runs)]) if hf_runs else None),
+        "plain_over_transformers": (
+            M.spread(
+                [
+                    (p.new_tokens / p.wall_s) / (h.new_tokens / h.wall_s)
+                    for p, h in zip(plain, hf_runs)
+                ]
+            )
+            if hf_runs
+            else None
+        ),
         "greedy": greedy,
         "outputs_identical": not mismatches,
         "mismatches": mismatches[:50],
@@ -380,7 +451,9 @@ def _summarize_cell(cell: _Cell, hf_runs: Sequence[Run], greedy: bool, num_promp
     return rec
 
 
-def _summarize_hf(batch_size: int, hf_runs: Sequence[Run], plain: Sequence[Run], greedy: bool) -> dict[str, Any]:
+def _summarize_hf(
+    batch_size: int, hf_runs: Sequence[Run], plain: Sequence[Run], greedy: bool
+) -> dict[str, Any]:
     same = None
     if greedy and plain:
         diff = M.compare_outputs(plain[0].token_ids, hf_runs[0].token_ids)

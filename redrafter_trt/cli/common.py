@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import os
+import signal
 import sys
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .._version import __version__
 from ..errors import RedrafterError, Terminated
@@ -20,8 +20,12 @@ TERMINATING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if
 def add_version_flag(parser: argparse.ArgumentParser) -> None:
     """``--version``: print ``PROG VERSION`` and exit 0 (every command has it)."""
     if "--version" not in parser._option_string_actions:
-        parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                            help="print the package version and exit")
+        parser.add_argument(
+            "--version",
+            action="version",
+            version=f"%(prog)s {__version__}",
+            help="print the package version and exit",
+        )
 
 
 def _raise_terminated(signum, frame):
@@ -47,8 +51,11 @@ def terminate_like_interrupt() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run_main(fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None = None) -> int:
+def run_main(
+    fn: Callable[[argparse.Namespace], int | None],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+) -> int:
     """Parse ``argv``, run ``fn``; a :class:`RedrafterError` prints ``error: ...`` and exits 2.
 
     Ctrl-C exits 130 and SIGTERM/SIGHUP exit 128 + the signal number, after the cleanup of any
@@ -104,8 +111,9 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads(cores: int | None = None, load: float | None = None,
-                    local_ranks: int | None = None) -> tuple[int, str]:
+def default_threads(
+    cores: int | None = None, load: float | None = None, local_ranks: int | None = None
+) -> tuple[int, str]:
     """A torch CPU thread count that does not oversubscribe the machine.
 
     ``cores`` available to this process, minus the cores other processes keep busy (the
@@ -127,16 +135,22 @@ def default_threads(cores: int | None = None, load: float | None = None,
             local_ranks = 1
     busy = min(cores - 1, int(load + 0.5))
     n = max(1, (cores - busy) // local_ranks)
-    why = f"{cores} cores, load {load:.2f}" + (f", {local_ranks} local ranks" if local_ranks > 1 else "")
+    why = f"{cores} cores, load {load:.2f}" + (
+        f", {local_ranks} local ranks" if local_ranks > 1 else ""
+    )
     return n, why
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """``--threads N`` on a command that runs a model."""
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: $REDRAFTER_THREADS or $OMP_NUM_THREADS, else the cores other "
-                        "processes leave idle: available cores minus the rounded 1-minute load "
-                        "average, at least 1)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: $REDRAFTER_THREADS or $OMP_NUM_THREADS, else the cores other "
+        "processes leave idle: available cores minus the rounded 1-minute load "
+        "average, at least 1)",
+    )
 
 
 def apply_threads(threads: int | None) -> tuple[int, str]:
@@ -153,7 +167,9 @@ def apply_threads(threads: int | None) -> tuple[int, str]:
         except argparse.ArgumentTypeError as e:
             raise RedrafterError(f"${THREADS_ENV}={text!r}: {e}") from None
         why = f"${THREADS_ENV}"
-    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
+    elif (
+        os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1
+    ):
         n, why = int(os.environ["OMP_NUM_THREADS"]), "$OMP_NUM_THREADS"
     else:
         n, why = default_threads()

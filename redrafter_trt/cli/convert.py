@@ -24,50 +24,96 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="redrafter-convert",
         description="Convert a Hugging Face base model (Llama family or Qwen2) and a ReDrafter "
-                    "draft head (Apple ml-recurrent-drafter format) into one TensorRT-LLM style "
-                    "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files).")
-    p.add_argument("--model_dir", default=DEFAULT_MODEL,
-                   help=f"Hugging Face base model directory, or '{DEFAULT_MODEL}' for the built-in "
-                        "SmolLM2-135M-Instruct (default: %(default)s)")
+        "draft head (Apple ml-recurrent-drafter format) into one TensorRT-LLM style "
+        "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files).",
+    )
+    p.add_argument(
+        "--model_dir",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face base model directory, or '{DEFAULT_MODEL}' for the built-in "
+        "SmolLM2-135M-Instruct (default: %(default)s)",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--drafter_model_dir",
-                     help="draft head directory (config.json + model.safetensors), e.g. from "
-                          f"redrafter-train; optional with --model_dir {DEFAULT_MODEL}, which then "
-                          "uses the head shipped with the toolkit (redrafter_trt/heads/smollm2)")
-    src.add_argument("--random_drafter", action="store_true",
-                     help="initialise a random draft head instead (for plumbing tests and demos; "
-                          "it accepts almost no draft tokens)")
+    src.add_argument(
+        "--drafter_model_dir",
+        help="draft head directory (config.json + model.safetensors), e.g. from "
+        f"redrafter-train; optional with --model_dir {DEFAULT_MODEL}, which then "
+        "uses the head shipped with the toolkit (redrafter_trt/heads/smollm2)",
+    )
+    src.add_argument(
+        "--random_drafter",
+        action="store_true",
+        help="initialise a random draft head instead (for plumbing tests and demos; "
+        "it accepts almost no draft tokens)",
+    )
     p.add_argument("--output_dir", required=True, help="checkpoint directory to write")
-    p.add_argument("--dtype", default="auto", choices=["auto"] + sorted(DTYPES),
-                   help="weight dtype of the checkpoint; auto = bfloat16 where bf16 matrix units "
-                        "exist (a CUDA GPU with bf16, or a CPU with avx512_bf16 or amx_bf16 in "
-                        "/proc/cpuinfo), else float32; the choice is printed (default: %(default)s)")
-    p.add_argument("--redrafter_num_beams", type=positive_int, default=4,
-                   help="W, beams drafted per step (default: %(default)s)")
-    p.add_argument("--redrafter_draft_len_per_beam", type=positive_int, default=4,
-                   help="D, draft tokens per beam (default: %(default)s)")
-    p.add_argument("--redrafter_no_greedy_search", action="store_true",
-                   help="record that the engine is meant for sampling (the torch backend serves "
-                        "greedy and sampling either way)")
-    p.add_argument("--tp_size", type=positive_int, default=1,
-                   help="tensor-parallel ranks: writes rank{i}.safetensors split as TensorRT-LLM "
-                        "expects (the torch backend runs tp_size 1 checkpoints only)")
-    p.add_argument("--quantize", choices=["fp8"], default=None,
-                   help="fp8: store the base's attention and MLP linears in FP8 (e4m3, per-tensor "
-                        "scale = amax / 448; embedding, lm_head, norms and the draft head keep "
-                        "--dtype); needs --calib_input_ids_file for the static activation scales "
-                        "TensorRT-LLM's FP8 GEMMs take. An FP8 base (--model_dir with float8_e4m3fn "
-                        "weights and per-tensor weight_scale) is converted as FP8 without this flag")
-    p.add_argument("--calib_input_ids_file", default=None,
-                   help="JSON list of token-id lists run through the base to measure the FP8 "
-                        "activation scales (amax / 448 of each linear's input), for --quantize fp8 "
-                        "or an FP8 base without input_scale tensors")
-    p.add_argument("--redrafter_num_layers", type=non_negative_int, default=2,
-                   help="with --random_drafter: residual blocks of the head (default: %(default)s)")
-    p.add_argument("--redrafter_exit_dim", type=positive_int, default=None,
-                   help="with --random_drafter: width of the head (default: 2 x base hidden size)")
-    p.add_argument("--redrafter_no_rnn", action="store_true",
-                   help="with --random_drafter: a head without the recurrent state update")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto"] + sorted(DTYPES),
+        help="weight dtype of the checkpoint; auto = bfloat16 where bf16 matrix units "
+        "exist (a CUDA GPU with bf16, or a CPU with avx512_bf16 or amx_bf16 in "
+        "/proc/cpuinfo), else float32; the choice is printed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--redrafter_num_beams",
+        type=positive_int,
+        default=4,
+        help="W, beams drafted per step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--redrafter_draft_len_per_beam",
+        type=positive_int,
+        default=4,
+        help="D, draft tokens per beam (default: %(default)s)",
+    )
+    p.add_argument(
+        "--redrafter_no_greedy_search",
+        action="store_true",
+        help="record that the engine is meant for sampling (the torch backend serves "
+        "greedy and sampling either way)",
+    )
+    p.add_argument(
+        "--tp_size",
+        type=positive_int,
+        default=1,
+        help="tensor-parallel ranks: writes rank{i}.safetensors split as TensorRT-LLM "
+        "expects (the torch backend runs tp_size 1 checkpoints only)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="fp8: store the base's attention and MLP linears in FP8 (e4m3, per-tensor "
+        "scale = amax / 448; embedding, lm_head, norms and the draft head keep "
+        "--dtype); needs --calib_input_ids_file for the static activation scales "
+        "TensorRT-LLM's FP8 GEMMs take. An FP8 base (--model_dir with float8_e4m3fn "
+        "weights and per-tensor weight_scale) is converted as FP8 without this flag",
+    )
+    p.add_argument(
+        "--calib_input_ids_file",
+        default=None,
+        help="JSON list of token-id lists run through the base to measure the FP8 "
+        "activation scales (amax / 448 of each linear's input), for --quantize fp8 "
+        "or an FP8 base without input_scale tensors",
+    )
+    p.add_argument(
+        "--redrafter_num_layers",
+        type=non_negative_int,
+        default=2,
+        help="with --random_drafter: residual blocks of the head (default: %(default)s)",
+    )
+    p.add_argument(
+        "--redrafter_exit_dim",
+        type=positive_int,
+        default=None,
+        help="with --random_drafter: width of the head (default: 2 x base hidden size)",
+    )
+    p.add_argument(
+        "--redrafter_no_rnn",
+        action="store_true",
+        help="with --random_drafter: a head without the recurrent state update",
+    )
     p.add_argument("--seed", type=int, default=0, help="with --random_drafter: init seed")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     add_threads_argument(p)  # the FP8 calibration runs the base model
@@ -89,16 +135,24 @@ def run(args: argparse.Namespace) -> int:
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if not args.random_drafter and args.drafter_model_dir is None:
         shipped = builtin_head(args.model_dir) if isinstance(args.model_dir, str) else None
-        require(shipped is not None,
-                f"--model_dir {args.model_dir}: give the draft head with --drafter_model_dir (no "
-                f"head ships for it; only --model_dir {DEFAULT_MODEL} has a built-in head), or "
-                "--random_drafter for plumbing tests")
+        require(
+            shipped is not None,
+            f"--model_dir {args.model_dir}: give the draft head with --drafter_model_dir (no "
+            f"head ships for it; only --model_dir {DEFAULT_MODEL} has a built-in head), or "
+            "--random_drafter for plumbing tests",
+        )
         say(f"[convert] using the draft head shipped for {args.model_dir}: {shipped}")
         args.drafter_model_dir = str(shipped)
-    drafter_dir = None if args.random_drafter else \
-        require_model_dir(args.drafter_model_dir, "--drafter_model_dir", "drafter")
-    calibration = read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file") \
-        if args.calib_input_ids_file else None
+    drafter_dir = (
+        None
+        if args.random_drafter
+        else require_model_dir(args.drafter_model_dir, "--drafter_model_dir", "drafter")
+    )
+    calibration = (
+        read_ids_file(args.calib_input_ids_file, "--calib_input_ids_file")
+        if args.calib_input_ids_file
+        else None
+    )
     if args.dtype == "auto":
         from ..backends.torch_backend import auto_dtype
 
@@ -106,41 +160,67 @@ def run(args: argparse.Namespace) -> int:
         say(f"--dtype auto: {args.dtype} ({why})")
     base_dir = require_model_dir(resolve_base_model_dir(args.model_dir), "--model_dir", "base")
     base_cfg, base_sd = load_hf_base(base_dir)
-    say(f"[convert] read base {base_dir} ({base_cfg.architecture}, "
+    say(
+        f"[convert] read base {base_dir} ({base_cfg.architecture}, "
         f"{sum(t.numel() for t in base_sd.values()) / 1e6:.0f}M weight values) in "
-        f"{time.perf_counter() - t0:.1f} s")
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     if args.random_drafter:
-        cfg = DrafterConfig(vocab_size=base_cfg.vocab_size, hidden_size=base_cfg.hidden_size,
-                            exit_dim=args.redrafter_exit_dim or 2 * base_cfg.hidden_size,
-                            num_draft_layers=args.redrafter_num_layers, rnn=not args.redrafter_no_rnn)
+        cfg = DrafterConfig(
+            vocab_size=base_cfg.vocab_size,
+            hidden_size=base_cfg.hidden_size,
+            exit_dim=args.redrafter_exit_dim or 2 * base_cfg.hidden_size,
+            num_draft_layers=args.redrafter_num_layers,
+            rnn=not args.redrafter_no_rnn,
+        )
         drafter = init_drafter(cfg, seed=args.seed)
     else:
         drafter = load_drafter(drafter_dir, base_lm_head=base_sd[LM_HEAD])
         trained = trained_draft_len(drafter_dir)
         if trained is not None and trained != args.redrafter_draft_len_per_beam:
-            say(f"warning: --drafter_model_dir {drafter_dir} was trained for D={trained} draft "
+            say(
+                f"warning: --drafter_model_dir {drafter_dir} was trained for D={trained} draft "
                 f"steps but --redrafter_draft_len_per_beam is {args.redrafter_draft_len_per_beam}"
-                + (": draft steps past the trained ones are rarely accepted and cost verify work; "
-                   f"use --redrafter_draft_len_per_beam {trained}, or train with --draft_len "
-                   f"{args.redrafter_draft_len_per_beam}"
-                   if args.redrafter_draft_len_per_beam > trained else
-                   ": the deeper trained steps go unused"))
-    validate_against_base(drafter.config, base_cfg.hidden_size, base_cfg.vocab_size,
-                          tuple(base_sd[EMBEDDING].shape),
-                          f"--drafter_model_dir {args.drafter_model_dir}")
+                + (
+                    ": draft steps past the trained ones are rarely accepted and cost verify work; "
+                    f"use --redrafter_draft_len_per_beam {trained}, or train with --draft_len "
+                    f"{args.redrafter_draft_len_per_beam}"
+                    if args.redrafter_draft_len_per_beam > trained
+                    else ": the deeper trained steps go unused"
+                )
+            )
+    validate_against_base(
+        drafter.config,
+        base_cfg.hidden_size,
+        base_cfg.vocab_size,
+        tuple(base_sd[EMBEDDING].shape),
+        f"--drafter_model_dir {args.drafter_model_dir}",
+    )
     check_num_beams(args.redrafter_num_beams, base_cfg.vocab_size, "--redrafter_num_beams")
-    out = convert_checkpoint(base_cfg, base_sd, drafter, args.output_dir, dtype=args.dtype,
-                             num_beams=args.redrafter_num_beams,
-                             draft_len=args.redrafter_draft_len_per_beam,
-                             greedy_search=not args.redrafter_no_greedy_search, tp_size=args.tp_size,
-                             tokenizer_dir=base_dir, random_drafter=args.random_drafter,
-                             overwrite=args.overwrite, quantize=args.quantize, calibration=calibration)
+    out = convert_checkpoint(
+        base_cfg,
+        base_sd,
+        drafter,
+        args.output_dir,
+        dtype=args.dtype,
+        num_beams=args.redrafter_num_beams,
+        draft_len=args.redrafter_draft_len_per_beam,
+        greedy_search=not args.redrafter_no_greedy_search,
+        tp_size=args.tp_size,
+        tokenizer_dir=base_dir,
+        random_drafter=args.random_drafter,
+        overwrite=args.overwrite,
+        quantize=args.quantize,
+        calibration=calibration,
+    )
     quant = read_checkpoint_config(out).quant_algo
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     secs = time.perf_counter() - t0
-    say(f"wrote ReDrafter checkpoint {out} ({base_cfg.architecture}, W={args.redrafter_num_beams}, "
+    say(
+        f"wrote ReDrafter checkpoint {out} ({base_cfg.architecture}, W={args.redrafter_num_beams}, "
         f"D={args.redrafter_draft_len_per_beam}, {args.dtype}"
-        f"{', FP8 base linears' if quant else ''}; {size / 1e6:.0f} MB in {secs:.1f} s)")
+        f"{', FP8 base linears' if quant else ''}; {size / 1e6:.0f} MB in {secs:.1f} s)"
+    )
     return 0
 
 

@@ -18,48 +18,95 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="redrafter-serve",
         description="OpenAI-compatible server (POST /v1/completions, /v1/chat/completions; GET "
-                    "/v1/models, /health, /metrics) over a redrafter-build engine. Requests join the "
-                    "running batch at the next step and free their KV slot as soon as they finish "
-                    "or their client goes away. Needs the 'serve' extra (fastapi, uvicorn, "
-                    "prometheus-client).")
+        "/v1/models, /health, /metrics) over a redrafter-build engine. Requests join the "
+        "running batch at the next step and free their KV slot as soon as they finish "
+        "or their client goes away. Needs the 'serve' extra (fastapi, uvicorn, "
+        "prometheus-client).",
+    )
     p.add_argument("--engine_dir", required=True, help="engine directory from redrafter-build")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free port (default: %(default)s)")
-    p.add_argument("--max_queue", type=positive_int, default=64,
-                   help="requests waiting for a slot at most; beyond it: HTTP 429 with Retry-After "
-                        "(default: %(default)s)")
-    p.add_argument("--max_batch_size", type=positive_int, default=None,
-                   help="concurrent rows (KV slots) at most (default: the engine's max_batch_size)")
-    p.add_argument("--max_seq_len", type=positive_int, default=None,
-                   help="prompt + output tokens per request at most; sizes the KV cache "
-                        "(default: the engine's max_seq_len)")
-    p.add_argument("--prefill_chunk", type=non_negative_int, default=None,
-                   help="chunked prefill: prompt tokens prefilled per step at most; a longer prompt is "
-                        "prefilled in chunks over successive steps while the running requests keep "
-                        "decoding, so it delays each of their tokens by at most one chunk's prefill. "
-                        f"0 = off (prompts prefilled whole). Default: {DEFAULT_PREFILL_CHUNK} where the "
-                        "engine can continue a prompt's cache (torch engines; trtllm engines built with "
-                        "paged context FMHA), else off")
-    p.add_argument("--max_prefill_tokens", type=positive_int, default=None,
-                   help="with --prefill_chunk 0: padded prompt tokens admitted per step at most (at "
-                        "least one whole prompt) (default: the engine's max_input_len)")
-    p.add_argument("--no_speculation", action="store_true",
-                   help="plain decoding for every request (speculation is on by default)")
-    p.add_argument("--adaptive", choices=("auto", "on", "off"), default="auto",
-                   help="per step, draft the beams and depth (down to none) that the engine's stored "
-                        "cost model (ENGINE_DIR/cost_model.json, from redrafter-bench --calibrate) "
-                        "predicts pay at the current batch size; auto = when one measured on this "
-                        "machine for this engine is stored, on = require it, off = always the "
-                        "engine's own shape (default: %(default)s)")
-    p.add_argument("--served_model_name", default=None,
-                   help="model id clients must send (default: the engine directory's name)")
-    p.add_argument("--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--graceful_timeout", type=positive_int, default=30,
-                   help="on SIGTERM, seconds to let running requests finish before they are "
-                        "cancelled (default: %(default)s)")
-    p.add_argument("--log_level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn log level (default: %(default)s)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="TCP port, 0 = any free port (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max_queue",
+        type=positive_int,
+        default=64,
+        help="requests waiting for a slot at most; beyond it: HTTP 429 with Retry-After "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max_batch_size",
+        type=positive_int,
+        default=None,
+        help="concurrent rows (KV slots) at most (default: the engine's max_batch_size)",
+    )
+    p.add_argument(
+        "--max_seq_len",
+        type=positive_int,
+        default=None,
+        help="prompt + output tokens per request at most; sizes the KV cache "
+        "(default: the engine's max_seq_len)",
+    )
+    p.add_argument(
+        "--prefill_chunk",
+        type=non_negative_int,
+        default=None,
+        help="chunked prefill: prompt tokens prefilled per step at most; a longer prompt is "
+        "prefilled in chunks over successive steps while the running requests keep "
+        "decoding, so it delays each of their tokens by at most one chunk's prefill. "
+        f"0 = off (prompts prefilled whole). Default: {DEFAULT_PREFILL_CHUNK} where the "
+        "engine can continue a prompt's cache (torch engines; trtllm engines built with "
+        "paged context FMHA), else off",
+    )
+    p.add_argument(
+        "--max_prefill_tokens",
+        type=positive_int,
+        default=None,
+        help="with --prefill_chunk 0: padded prompt tokens admitted per step at most (at "
+        "least one whole prompt) (default: the engine's max_input_len)",
+    )
+    p.add_argument(
+        "--no_speculation",
+        action="store_true",
+        help="plain decoding for every request (speculation is on by default)",
+    )
+    p.add_argument(
+        "--adaptive",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="per step, draft the beams and depth (down to none) that the engine's stored "
+        "cost model (ENGINE_DIR/cost_model.json, from redrafter-bench --calibrate) "
+        "predicts pay at the current batch size; auto = when one measured on this "
+        "machine for this engine is stored, on = require it, off = always the "
+        "engine's own shape (default: %(default)s)",
+    )
+    p.add_argument(
+        "--served_model_name",
+        default=None,
+        help="model id clients must send (default: the engine directory's name)",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    p.add_argument(
+        "--graceful_timeout",
+        type=positive_int,
+        default=30,
+        help="on SIGTERM, seconds to let running requests finish before they are "
+        "cancelled (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log_level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default: %(default)s)",
+    )
     return p
 
 
@@ -74,22 +121,38 @@ def make_state(args: argparse.Namespace):
     be = gen.backend
     slots = args.max_batch_size or be.max_batch_size
     tokens = args.max_seq_len or be.max_seq_len
-    require(slots <= be.max_batch_size,
-            f"--max_batch_size {slots} exceeds the engine's max_batch_size {be.max_batch_size}")
-    require(tokens <= be.max_seq_len, f"--max_seq_len {tokens} exceeds the engine's max_seq_len {be.max_seq_len}")
+    require(
+        slots <= be.max_batch_size,
+        f"--max_batch_size {slots} exceeds the engine's max_batch_size {be.max_batch_size}",
+    )
+    require(
+        tokens <= be.max_seq_len,
+        f"--max_seq_len {tokens} exceeds the engine's max_seq_len {be.max_seq_len}",
+    )
     chunk = getattr(args, "prefill_chunk", None)
     can_chunk = bool(be.chunked_context)
     kind = getattr(be, "name", type(be).__name__)
-    require(not chunk or can_chunk,
-            f"--prefill_chunk {chunk}: the {args.engine_dir} engine ({kind}) cannot continue a prompt's "
-            "cache in a context row (a trtllm engine needs paged context FMHA); use --prefill_chunk 0")
+    require(
+        not chunk or can_chunk,
+        f"--prefill_chunk {chunk}: the {args.engine_dir} engine ({kind}) cannot continue a prompt's "
+        "cache in a context row (a trtllm engine needs paged context FMHA); use --prefill_chunk 0",
+    )
     if chunk is None:
         chunk = DEFAULT_PREFILL_CHUNK if can_chunk else 0
-    require(not (chunk and args.max_prefill_tokens),
-            "--max_prefill_tokens applies to whole-prompt prefill only: pass --prefill_chunk 0 with it")
-    sched = Scheduler(be, gen.tokenizer, gen.eos_token_ids, max_queue=args.max_queue, max_slots=slots,
-                      tokens_per_slot=tokens, max_prefill_tokens=args.max_prefill_tokens,
-                      prefill_chunk=chunk or None)
+    require(
+        not (chunk and args.max_prefill_tokens),
+        "--max_prefill_tokens applies to whole-prompt prefill only: pass --prefill_chunk 0 with it",
+    )
+    sched = Scheduler(
+        be,
+        gen.tokenizer,
+        gen.eos_token_ids,
+        max_queue=args.max_queue,
+        max_slots=slots,
+        tokens_per_slot=tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefill_chunk=chunk or None,
+    )
     sched.policy = gen.policy  # adaptive speculation from the stored cost model (None: fixed shape)
     name = args.served_model_name or Path(args.engine_dir).resolve().name
     return ServeState(sched, name, speculative=not args.no_speculation), gen
@@ -103,8 +166,10 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         from ..errors import RedrafterError
 
-        raise RedrafterError(f"redrafter-serve needs fastapi, uvicorn and prometheus-client "
-                             f"(pip install 'redrafter-trt[serve]'): {e}") from e
+        raise RedrafterError(
+            f"redrafter-serve needs fastapi, uvicorn and prometheus-client "
+            f"(pip install 'redrafter-trt[serve]'): {e}"
+        ) from e
     if args.threads:
         import torch
 
@@ -114,12 +179,21 @@ def serve(args: argparse.Namespace) -> int:
         from .run import RANDOM_HEAD_NOTE
 
         print(RANDOM_HEAD_NOTE, file=sys.stderr)
-    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout)
+    config = uvicorn.Config(
+        create_app(state),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
     server = uvicorn.Server(config)
-    print(f"redrafter-serve: model '{state.model_name}' on http://{args.host}:{args.port} "
-          f"({state.scheduler.num_slots} slots x {state.scheduler.tokens_per_slot} tokens, "
-          f"{'speculative' if state.speculative else 'plain'})", file=sys.stderr, flush=True)
+    print(
+        f"redrafter-serve: model '{state.model_name}' on http://{args.host}:{args.port} "
+        f"({state.scheduler.num_slots} slots x {state.scheduler.tokens_per_slot} tokens, "
+        f"{'speculative' if state.speculative else 'plain'})",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers
     # in place that is a no-op, so a SIGTERM/SIGINT after a graceful shutdown exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -47,8 +47,10 @@ def check_head_files(path: Path, rebuild: str) -> None:
     """Every file listed in ``path/SHA256SUMS`` exists and matches."""
     sums = path / CHECKSUMS
     if not sums.is_file():
-        raise RedrafterError(f"{sums}: the shipped draft head is missing its checksum list; "
-                             f"rebuild the head with `{rebuild}` (or reinstall the package)")
+        raise RedrafterError(
+            f"{sums}: the shipped draft head is missing its checksum list; "
+            f"rebuild the head with `{rebuild}` (or reinstall the package)"
+        )
     for lineno, line in enumerate(sums.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -58,11 +60,15 @@ def check_head_files(path: Path, rebuild: str) -> None:
         digest, name = parts
         f = path / name
         if not f.is_file():
-            raise RedrafterError(f"{f}: missing from the shipped draft head; rebuild it with "
-                                 f"`{rebuild}` (or reinstall the package)")
+            raise RedrafterError(
+                f"{f}: missing from the shipped draft head; rebuild it with "
+                f"`{rebuild}` (or reinstall the package)"
+            )
         if _sha256(f) != digest:
-            raise RedrafterError(f"{f}: corrupt (its SHA-256 does not match {sums}); rebuild the "
-                                 f"head with `{rebuild}` (or reinstall the package)")
+            raise RedrafterError(
+                f"{f}: corrupt (its SHA-256 does not match {sums}); rebuild the "
+                f"head with `{rebuild}` (or reinstall the package)"
+            )
 
 
 def write_checksums(path: Path, names: list[str]) -> None:

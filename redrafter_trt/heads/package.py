@@ -19,32 +19,50 @@ from pathlib import Path
 import torch
 
 from ..errors import require
-from ..models.drafter import (DRAFT_VOCAB, DRAFTER_CONFIG, DRAFTER_WEIGHTS, LM_HEAD_FROM_BASE, load_drafter,
-                              projection_digest)
+from ..models.drafter import (
+    DRAFT_VOCAB,
+    DRAFTER_CONFIG,
+    DRAFTER_WEIGHTS,
+    LM_HEAD_FROM_BASE,
+    load_drafter,
+    projection_digest,
+)
 from ..models.io import atomic_output_dir, save_safetensors
 from . import write_checksums
 
 EXTRA_FILES = ("training_report.json", "DATA.md")
 
 
-def package_head(head_dir: Path, base_lm_head: torch.Tensor, output: Path, overwrite: bool = False,
-                 dtype: torch.dtype = torch.float32) -> Path:
+def package_head(
+    head_dir: Path,
+    base_lm_head: torch.Tensor,
+    output: Path,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write the shipped form of ``head_dir`` to ``output`` (atomically)."""
     head = load_drafter(head_dir, base_lm_head=base_lm_head)  # a head stored whole, or shared
     n = head.config.num_draft_layers
     proj_name = f"lm_head.{n}.weight"
     sd = head.state_dict()
     rows = base_lm_head if DRAFT_VOCAB not in sd else base_lm_head[sd[DRAFT_VOCAB].long()]
-    require(torch.equal(sd[proj_name].float(), rows.float()),
-            f"{head_dir}: the head's {proj_name} is not the base model's lm_head; only a head "
-            "trained with --lm_head_init base --freeze_lm_head shares its projection")
+    require(
+        torch.equal(sd[proj_name].float(), rows.float()),
+        f"{head_dir}: the head's {proj_name} is not the base model's lm_head; only a head "
+        "trained with --lm_head_init base --freeze_lm_head shares its projection",
+    )
     raw = json.loads((head_dir / DRAFTER_CONFIG).read_text())
     raw[LM_HEAD_FROM_BASE] = projection_digest(base_lm_head)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (tmp / DRAFTER_CONFIG).write_text(json.dumps(raw, indent=2) + "\n")
-        save_safetensors({k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
-                          for k, v in sd.items() if k != proj_name},
-                         tmp / DRAFTER_WEIGHTS)
+        save_safetensors(
+            {
+                k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+                for k, v in sd.items()
+                if k != proj_name
+            },
+            tmp / DRAFTER_WEIGHTS,
+        )
         names = [DRAFTER_CONFIG, DRAFTER_WEIGHTS]
         for extra in EXTRA_FILES:
             if (head_dir / extra).is_file():
@@ -60,11 +78,22 @@ def main(argv=None) -> int:
     from ..models.hub import resolve_base_model_dir
     from ..names import LM_HEAD
 
-    p = argparse.ArgumentParser(prog="python -m redrafter_trt.heads.package", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--head", required=True, type=Path, help="trained head directory (redrafter-train output)")
-    p.add_argument("--model_dir", default="smollm2", help="its base model: a Hugging Face directory or 'smollm2'")
-    p.add_argument("--output", required=True, type=Path, help="directory to write the shipped head to")
+    p = argparse.ArgumentParser(
+        prog="python -m redrafter_trt.heads.package",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--head", required=True, type=Path, help="trained head directory (redrafter-train output)"
+    )
+    p.add_argument(
+        "--model_dir",
+        default="smollm2",
+        help="its base model: a Hugging Face directory or 'smollm2'",
+    )
+    p.add_argument(
+        "--output", required=True, type=Path, help="directory to write the shipped head to"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
     def run(args) -> int:

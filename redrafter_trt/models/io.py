@@ -12,8 +12,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -31,20 +31,29 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise RedrafterError(f"{path}: cannot read safetensors file ({e}); it may be "
-                                 "truncated or corrupt: re-download or re-convert it") from e
+            raise RedrafterError(
+                f"{path}: cannot read safetensors file ({e}); it may be "
+                "truncated or corrupt: re-download or re-convert it"
+            ) from e
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure of the safe unpickler is a bad file
-        raise RedrafterError(f"{path}: cannot read state dict with torch.load(weights_only=True) "
-                             f"({type(e).__name__}: {e})") from e
-    require(isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()),
-            f"{path}: expected a state dict of tensors")
+    except Exception as e:
+        raise RedrafterError(
+            f"{path}: cannot read state dict with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    require(
+        isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()),
+        f"{path}: expected a state dict of tensors",
+    )
     return sd
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
@@ -121,7 +130,7 @@ def apply_umask_modes(root: str | os.PathLike) -> None:
     mask = current_umask()
     dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
     root = Path(root)
-    for d, dirs, files in os.walk(root):
+    for d, _dirs, files in os.walk(root):
         os.chmod(d, dir_mode)
         for f in files:
             fp = os.path.join(d, f)
@@ -148,8 +157,10 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     path = Path(path)
     if path.exists():
         require(path.is_dir(), f"{path}: exists and is not a directory")
-        require(overwrite or not any(path.iterdir()),
-                f"{path}: output directory is not empty; pass --overwrite or choose another")
+        require(
+            overwrite or not any(path.iterdir()),
+            f"{path}: output directory is not empty; pass --overwrite or choose another",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent))

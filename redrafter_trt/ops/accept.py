@@ -32,9 +32,15 @@ class Acceptance(NamedTuple):
     emitted: torch.Tensor
 
 
-def accept(logits: torch.Tensor, beams: torch.Tensor, unpacker: torch.Tensor,
-           temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           uniforms: torch.Tensor) -> Acceptance:
+def accept(
+    logits: torch.Tensor,
+    beams: torch.Tensor,
+    unpacker: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> Acceptance:
     """Walk each row's tree and decide what the step emits.
 
     Args:
@@ -80,5 +86,10 @@ def accept(logits: torch.Tensor, beams: torch.Tensor, unpacker: torch.Tensor,
             match = torch.where(moves[:, None], child, match)
             path[:, d + 1] = node
         active = moves
-    return Acceptance(num_accepted.to(torch.int32), best.to(torch.int32), bonus.to(torch.int32),
-                      path.to(torch.int32), emitted.to(torch.int32))
+    return Acceptance(
+        num_accepted.to(torch.int32),
+        best.to(torch.int32),
+        bonus.to(torch.int32),
+        path.to(torch.int32),
+        emitted.to(torch.int32),
+    )

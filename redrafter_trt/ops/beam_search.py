@@ -80,11 +80,19 @@ def _top_w_lowest_index(values: torch.Tensor, w: int) -> torch.Tensor:
 
 def _mapped(column: torch.Tensor, vocab_map: torch.Tensor | None) -> torch.Tensor:
     """Logit column [B, W] -> full-vocabulary token id through ``vocab_map`` [K] (None = identity)."""
-    return column if vocab_map is None else vocab_map.to(device=column.device, dtype=torch.int64)[column]
+    return (
+        column
+        if vocab_map is None
+        else vocab_map.to(device=column.device, dtype=torch.int64)[column]
+    )
 
 
-def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: int = DEFAULT_WARP_K,
-                     vocab_map: torch.Tensor | None = None):
+def beam_search_step(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    warp_k: int = DEFAULT_WARP_K,
+    vocab_map: torch.Tensor | None = None,
+):
     """One beam-search step over W beams.
 
     Two-stage, as the kernels do: each beam's own top W (ties to the lower token id), then the
@@ -119,8 +127,12 @@ def beam_search_step(logits: torch.Tensor, beam_scores: torch.Tensor, warp_k: in
     return local_scores.gather(1, order), top // v, _mapped(top % v, vocab_map)
 
 
-def beam_search_step_naive(logits: torch.Tensor, beam_scores: torch.Tensor,
-                           warp_k: int = DEFAULT_WARP_K, vocab_map: torch.Tensor | None = None):
+def beam_search_step_naive(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    warp_k: int = DEFAULT_WARP_K,
+    vocab_map: torch.Tensor | None = None,
+):
     """The same step by a full stable sort of all W*V candidates (test oracle)."""
     b, w, v = logits.shape
     logp = warped_log_softmax(logits, warp_k)

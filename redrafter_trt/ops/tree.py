@@ -179,7 +179,11 @@ def root_only_tree(root: torch.Tensor, shape: StepShape) -> tuple[PackedTree, to
     tokens[:, 0] = root.to(torch.int32)
     mask = torch.zeros((b, n, n), dtype=torch.bool, device=dev)
     mask[:, 0, 0] = True
-    return PackedTree(tokens=tokens, lengths=torch.ones(b, dtype=torch.int32, device=dev),
-                      unpacker=torch.zeros((b, w, l), dtype=torch.int32, device=dev),
-                      offsets=torch.zeros((b, n), dtype=torch.int32, device=dev),
-                      packed_mask=bool_to_packed_mask(mask), mask=mask), beams
+    return PackedTree(
+        tokens=tokens,
+        lengths=torch.ones(b, dtype=torch.int32, device=dev),
+        unpacker=torch.zeros((b, w, l), dtype=torch.int32, device=dev),
+        offsets=torch.zeros((b, n), dtype=torch.int32, device=dev),
+        packed_mask=bool_to_packed_mask(mask),
+        mask=mask,
+    ), beams

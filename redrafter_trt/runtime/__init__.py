@@ -3,5 +3,14 @@
 from .generator import GenerationResult, GenerationStats, Generator, StreamEvent
 from .scheduler import QueueFull, Request, SamplingParams, Scheduler, SchedulerClosed
 
-__all__ = ["Generator", "GenerationResult", "GenerationStats", "StreamEvent", "Scheduler",
-           "SamplingParams", "Request", "QueueFull", "SchedulerClosed"]
+__all__ = [
+    "Generator",
+    "GenerationResult",
+    "GenerationStats",
+    "StreamEvent",
+    "Scheduler",
+    "SamplingParams",
+    "Request",
+    "QueueFull",
+    "SchedulerClosed",
+]

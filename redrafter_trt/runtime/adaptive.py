@@ -29,9 +29,10 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -60,8 +61,13 @@ def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": gpu}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": gpu,
+    }
 
 
 def _interp(points: dict[int, float], n: float) -> float:
@@ -111,38 +117,60 @@ class CostModel:
         return {"schema": COST_MODEL_SCHEMA, **d}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str = "cost model") -> "CostModel":
-        require(isinstance(d, dict) and d.get("schema") == COST_MODEL_SCHEMA,
-                f"{where}: not a {COST_MODEL_SCHEMA} document")
+    def from_json(cls, d: dict[str, Any], where: str = "cost model") -> CostModel:
+        require(
+            isinstance(d, dict) and d.get("schema") == COST_MODEL_SCHEMA,
+            f"{where}: not a {COST_MODEL_SCHEMA} document",
+        )
         try:
             verify = {int(k): float(v) for k, v in d["verify"].items()}
             draft = {int(k): float(v) for k, v in d["draft"].items()}
             engine, machine = dict(d["engine"]), dict(d["machine"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RedrafterError(f"{where}: malformed ({e})") from None
-        require(len(verify) >= 2 and len(draft) >= 2 and all(v > 0 for v in (*verify.values(), *draft.values())),
-                f"{where}: needs >= 2 positive timings in verify and draft")
-        return cls(verify, draft, engine, machine, str(d.get("measured_at", "")), d.get("load_average"))
+        require(
+            len(verify) >= 2
+            and len(draft) >= 2
+            and all(v > 0 for v in (*verify.values(), *draft.values())),
+            f"{where}: needs >= 2 positive timings in verify and draft",
+        )
+        return cls(
+            verify, draft, engine, machine, str(d.get("measured_at", "")), d.get("load_average")
+        )
 
     def check(self, engine: dict[str, Any], machine: dict[str, Any]) -> list[str]:
         """Why this model does not describe ``engine`` on ``machine`` (empty list: it does)."""
-        why = [f"engine {k}: stored {self.engine.get(k)!r}, now {v!r}"
-               for k, v in engine.items() if self.engine.get(k) != v]
-        why += [f"machine {k}: stored {self.machine.get(k)!r}, now {v!r}"
-                for k, v in machine.items() if k != "torch" and self.machine.get(k) != v]
+        why = [
+            f"engine {k}: stored {self.engine.get(k)!r}, now {v!r}"
+            for k, v in engine.items()
+            if self.engine.get(k) != v
+        ]
+        why += [
+            f"machine {k}: stored {self.machine.get(k)!r}, now {v!r}"
+            for k, v in machine.items()
+            if k != "torch" and self.machine.get(k) != v
+        ]
         return why
 
 
 def engine_signature(backend: TorchBackend) -> dict[str, Any]:
     """The engine facts a cost model depends on (a cost model times the torch backend's modules)."""
     cfg = backend.base.config
-    return {"num_beams": backend.shape.num_beams, "draft_len": backend.shape.draft_len,
-            "dtype": str(backend.dtype).replace("torch.", ""), "device": str(backend.device),
-            "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-            "vocab_size": cfg.vocab_size, "intermediate_size": cfg.intermediate_size,
-            "native_linear": bool(backend.native_linear),
-            # K: the draft cost scales with the head's projection rows (a reduced draft vocabulary)
-            "draft_vocab_size": None if backend.drafter is None else backend.drafter.config.head_vocab_size}
+    return {
+        "num_beams": backend.shape.num_beams,
+        "draft_len": backend.shape.draft_len,
+        "dtype": str(backend.dtype).replace("torch.", ""),
+        "device": str(backend.device),
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": cfg.intermediate_size,
+        "native_linear": bool(backend.native_linear),
+        # K: the draft cost scales with the head's projection rows (a reduced draft vocabulary)
+        "draft_vocab_size": None
+        if backend.drafter is None
+        else backend.drafter.config.head_vocab_size,
+    }
 
 
 def _median(xs: list[float]) -> float:
@@ -151,8 +179,13 @@ def _median(xs: list[float]) -> float:
 
 
 @torch.inference_mode()
-def measure_cost_model(backend: TorchBackend, cached_tokens: int = 300, repeats: int = 5,
-                       token_points: Sequence[int] = TOKEN_POINTS, log=None) -> CostModel:
+def measure_cost_model(
+    backend: TorchBackend,
+    cached_tokens: int = 300,
+    repeats: int = 5,
+    token_points: Sequence[int] = TOKEN_POINTS,
+    log=None,
+) -> CostModel:
     """Time the torch backend's base forward over ``n`` new tokens (one row, ``cached_tokens``
     already cached; median of ``repeats``, interleaved over n) and one draft step over ``n`` beam
     rows. Minutes on a slow CPU for large models; progress through ``log``."""
@@ -181,7 +214,9 @@ def measure_cost_model(backend: TorchBackend, cached_tokens: int = 300, repeats:
             mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None]
             sync()
             t0 = time.perf_counter()
-            hid = base(ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask)
+            hid = base(
+                ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask
+            )
             base.logits(hid, float32=True)
             sync()
             if rep:
@@ -199,10 +234,17 @@ def measure_cost_model(backend: TorchBackend, cached_tokens: int = 300, repeats:
             if rep:
                 draft[n].append(max(times[1] - times[0], times[0] / 2))
         if log and rep:
-            log(f"[calibrate] round {rep}/{repeats}: t(1) {verify[token_points[0]][-1] * 1e3:.1f} ms")
-    return CostModel({n: _median(x) for n, x in verify.items()}, {n: _median(x) for n, x in draft.items()},
-                     engine_signature(backend), machine_fingerprint(),
-                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.getloadavg()[0])
+            log(
+                f"[calibrate] round {rep}/{repeats}: t(1) {verify[token_points[0]][-1] * 1e3:.1f} ms"
+            )
+    return CostModel(
+        {n: _median(x) for n, x in verify.items()},
+        {n: _median(x) for n, x in draft.items()},
+        engine_signature(backend),
+        machine_fingerprint(),
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        os.getloadavg()[0],
+    )
 
 
 def save_cost_model(model: CostModel, engine_dir: str | os.PathLike) -> Path:
@@ -214,7 +256,9 @@ def save_cost_model(model: CostModel, engine_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_cost_model(engine_dir: str | os.PathLike, backend: TorchBackend | None = None) -> CostModel | None:
+def load_cost_model(
+    engine_dir: str | os.PathLike, backend: TorchBackend | None = None
+) -> CostModel | None:
     """The stored cost model (None if there is none); with ``backend``, raises
     :class:`RedrafterError` naming the file when it was measured for another machine or engine."""
     path = Path(engine_dir) / COST_MODEL_FILE
@@ -223,12 +267,17 @@ def load_cost_model(engine_dir: str | os.PathLike, backend: TorchBackend | None 
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RedrafterError(f"{path}: not valid JSON ({e}); re-measure with redrafter-bench --calibrate") from None
+        raise RedrafterError(
+            f"{path}: not valid JSON ({e}); re-measure with redrafter-bench --calibrate"
+        ) from None
     model = CostModel.from_json(doc, str(path))
     if backend is not None:
         why = model.check(engine_signature(backend), machine_fingerprint())
-        require(not why, f"{path} was measured for another machine or engine ({'; '.join(why)}); "
-                         "re-measure with redrafter-bench --calibrate")
+        require(
+            not why,
+            f"{path} was measured for another machine or engine ({'; '.join(why)}); "
+            "re-measure with redrafter-bench --calibrate",
+        )
     return model
 
 
@@ -257,26 +306,40 @@ class AdaptivePolicy:
 
     def __post_init__(self):
         require(self.max_beams >= 1 and self.max_draft_steps >= 1, "policy needs W >= 1 and D >= 1")
-        base = list(self.prior) if self.prior is not None else [0.6 ** j for j in range(1, self.max_draft_steps + 1)]
-        require(len(base) == self.max_draft_steps, f"prior needs {self.max_draft_steps} values, got {len(base)}")
+        base = (
+            list(self.prior)
+            if self.prior is not None
+            else [0.6**j for j in range(1, self.max_draft_steps + 1)]
+        )
+        require(
+            len(base) == self.max_draft_steps,
+            f"prior needs {self.max_draft_steps} values, got {len(base)}",
+        )
         for w in self.beam_choices():
             # fewer beams accept less: best-of-w of independent-ish beams, from the W prior
-            self.survival.setdefault(w, [1 - (1 - p) ** (w / self.max_beams) if p < 1 else 1.0 for p in base])
+            self.survival.setdefault(
+                w, [1 - (1 - p) ** (w / self.max_beams) if p < 1 else 1.0 for p in base]
+            )
 
     def beam_choices(self) -> list[int]:
         return sorted({1, max(1, self.max_beams // 2), self.max_beams})
 
     def candidates(self) -> list[tuple[int, int]]:
         """Every shape the policy can pick; (1, 0) is plain decoding."""
-        return [(1, 0)] + [(w, d) for w in self.beam_choices() for d in range(1, self.max_draft_steps + 1)]
+        return [(1, 0)] + [
+            (w, d) for w in self.beam_choices() for d in range(1, self.max_draft_steps + 1)
+        ]
 
     def expected_tokens(self, num_beams: int, num_draft_steps: int) -> float:
         return 1.0 + sum(self.survival[num_beams][:num_draft_steps])
 
     def predicted_speedup(self, batch: int, num_beams: int, num_draft_steps: int) -> float:
         plain = self.cost.step_cost(batch, 1, 0)
-        return self.expected_tokens(num_beams, num_draft_steps) * plain / self.cost.step_cost(
-            batch, num_beams, num_draft_steps)
+        return (
+            self.expected_tokens(num_beams, num_draft_steps)
+            * plain
+            / self.cost.step_cost(batch, num_beams, num_draft_steps)
+        )
 
     def best(self, batch: int) -> tuple[tuple[int, int], float]:
         """The speculative shape with the highest predicted speed-up at ``batch``, and that speed-up."""
@@ -310,8 +373,9 @@ class AdaptivePolicy:
 ADAPTIVE_MODES = ("auto", "on", "off")
 
 
-def stored_policy(backend: Backend, engine_dir: str | os.PathLike, mode: str = "auto"
-                  ) -> tuple["AdaptivePolicy | None", str]:
+def stored_policy(
+    backend: Backend, engine_dir: str | os.PathLike, mode: str = "auto"
+) -> tuple[AdaptivePolicy | None, str]:
     """The adaptive policy for ``backend`` from ``engine_dir/cost_model.json``, and why (or why not).
 
     ``mode``: ``"off"`` never; ``"on"`` requires a stored model that matches this machine and
@@ -325,8 +389,7 @@ def stored_policy(backend: Backend, engine_dir: str | os.PathLike, mode: str = "
         return None, "adaptive speculation off"
     path = Path(engine_dir) / COST_MODEL_FILE
     if backend.name != "torch":
-        require(mode != "on", f"adaptive speculation needs the torch backend, not "
-                              f"{backend.name!r}")
+        require(mode != "on", f"adaptive speculation needs the torch backend, not {backend.name!r}")
         return None, f"adaptive speculation needs the torch backend ({backend.name})"
     try:
         model = load_cost_model(engine_dir, backend)
@@ -336,8 +399,13 @@ def stored_policy(backend: Backend, engine_dir: str | os.PathLike, mode: str = "
         warnings.warn(f"{e}; adaptive speculation is off", stacklevel=2)
         return None, f"adaptive speculation off: {e}"
     if model is None:
-        require(mode != "on", f"{path}: no cost model stored; measure one with "
-                              "redrafter-bench --calibrate --engine_dir ENGINE")
+        require(
+            mode != "on",
+            f"{path}: no cost model stored; measure one with "
+            "redrafter-bench --calibrate --engine_dir ENGINE",
+        )
         return None, f"adaptive speculation off: no {path}"
-    return (AdaptivePolicy(model, backend.shape.num_beams, backend.shape.draft_len),
-            f"adaptive speculation from {path}")
+    return (
+        AdaptivePolicy(model, backend.shape.num_beams, backend.shape.draft_len),
+        f"adaptive speculation from {path}",
+    )

@@ -19,7 +19,8 @@ The concatenation of all deltas and ``finish`` equals the row's final text.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 
@@ -58,6 +59,6 @@ class IncrementalDetokenizer:
     def _advance(self, upto: str) -> str:
         # Never retract what was printed: if a tokenizer's decoding of a prefix changed with later
         # tokens (byte-level BPE does not), what lies beyond the printed length is handed out.
-        delta = upto[len(self.emitted):]
+        delta = upto[len(self.emitted) :]
         self.emitted += delta
         return delta

@@ -11,8 +11,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (DTYPES, ENGINE_CONFIG, RedrafterCheckpointConfig, load_checkpoint_models,
-                          require_model_dir)
+from ..checkpoint import (
+    DTYPES,
+    ENGINE_CONFIG,
+    RedrafterCheckpointConfig,
+    load_checkpoint_models,
+    require_model_dir,
+)
 from ..errors import RedrafterError, require
 from ..models.io import read_json
 from ..ops.beam_search import DEFAULT_WARP_K
@@ -31,12 +36,16 @@ def resolve_device(device: str | None, flag: str = "--device") -> torch.device:
         raise RedrafterError(f"{flag} {device!r}: expected cpu, cuda or cuda:N") from None
     require(dev.type in ("cpu", "cuda"), f"{flag} {device!r}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda":
-        require(torch.cuda.is_available(),
-                f"{flag} {device}: this torch ({torch.__version__}) has no usable CUDA device "
-                "(a CPU-only build, or no GPU/driver visible); use --device cpu")
+        require(
+            torch.cuda.is_available(),
+            f"{flag} {device}: this torch ({torch.__version__}) has no usable CUDA device "
+            "(a CPU-only build, or no GPU/driver visible); use --device cpu",
+        )
         n = torch.cuda.device_count()
-        require(dev.index is None or dev.index < n,
-                f"{flag} {device}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+        require(
+            dev.index is None or dev.index < n,
+            f"{flag} {device}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})",
+        )
     return dev
 
 
@@ -59,12 +68,17 @@ def load_tokenizer(path: str | os.PathLike):
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad directory
+    except Exception as e:
         raise RedrafterError(f"{path}: cannot load the tokenizer files ({e})") from e
 
 
-def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-         proposer=None, adaptive: str = "auto") -> Generator:
+def load(
+    engine_dir: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    proposer=None,
+    adaptive: str = "auto",
+) -> Generator:
     """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`.
 
     ``adaptive``: per-step beams and depth from the stored ``cost_model.json``
@@ -74,8 +88,9 @@ def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | 
     engine_dir = require_model_dir(engine_dir, "--engine_dir", "engine")
     dev = resolve_device(device)
     cfg = read_engine_config(engine_dir)
-    ckpt_cfg = RedrafterCheckpointConfig.from_dict(cfg["pretrained_config"],
-                                                   str(engine_dir / ENGINE_CONFIG))
+    ckpt_cfg = RedrafterCheckpointConfig.from_dict(
+        cfg["pretrained_config"], str(engine_dir / ENGINE_CONFIG)
+    )
     bc = cfg["build_config"]
     if cfg["backend"] == "trtllm":
         from ..trtllm import runtime as trt_runtime  # lazy: needs TensorRT-LLM
@@ -89,17 +104,26 @@ def load(engine_dir: str | os.PathLike, device: str | None = None, dtype: str | 
             require(dtype in DTYPES or dtype == "float64", f"dtype {dtype!r} not supported")
             torch_dtype = torch.float64 if dtype == "float64" else DTYPES[dtype]
         _, base, drafter = load_checkpoint_models(engine_dir, dtype=torch_dtype, config=ckpt_cfg)
-        backend = TorchBackend(base.to(dev), drafter.to(dev), ckpt_cfg.num_beams, ckpt_cfg.draft_len,
-                               warp_k=bc.get("warp_k", DEFAULT_WARP_K),
-                               max_batch_size=bc["max_batch_size"], max_input_len=bc["max_input_len"],
-                               max_seq_len=bc["max_seq_len"], proposer=proposer)
+        backend = TorchBackend(
+            base.to(dev),
+            drafter.to(dev),
+            ckpt_cfg.num_beams,
+            ckpt_cfg.draft_len,
+            warp_k=bc.get("warp_k", DEFAULT_WARP_K),
+            max_batch_size=bc["max_batch_size"],
+            max_input_len=bc["max_input_len"],
+            max_seq_len=bc["max_seq_len"],
+            proposer=proposer,
+        )
     else:
         raise RedrafterError(f"{engine_dir / ENGINE_CONFIG}: unknown backend {cfg['backend']!r}")
     tok = load_tokenizer(engine_dir)
     eos = list(ckpt_cfg.base.eos_token_id)
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(int(tok.eos_token_id))
-    gen = Generator(backend, tokenizer=tok, eos_token_ids=eos, random_drafter=ckpt_cfg.random_drafter)
+    gen = Generator(
+        backend, tokenizer=tok, eos_token_ids=eos, random_drafter=ckpt_cfg.random_drafter
+    )
     from .adaptive import stored_policy
 
     gen.policy, gen.policy_note = stored_policy(backend, engine_dir, adaptive)

@@ -21,7 +21,8 @@ holds already (the backend must say ``chunked_context``). Only the last chunk's 
 request's first token, so chunking changes no output. While a long prompt is prefilled the running
 rows keep decoding: a chunk shares their call where the backend mixes request types and the chunk
 is no longer than the packed tree (else it runs in its own call just before theirs), so a running
-row waits at most one chunk's prefill per step instead of the whole prompt's. Without ``prefill_chunk`` a prompt is prefilled whole in one context call (stalling
+row waits at most one chunk's prefill per step instead of the whole prompt's. Without
+``prefill_chunk`` a prompt is prefilled whole in one context call (stalling
 the running rows for that call); ``max_prefill_tokens`` then bounds the padded prompt tokens
 admitted per iteration.
 
@@ -36,8 +37,9 @@ import heapq
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,10 +79,16 @@ class SamplingParams:
     speculative: bool = True
 
     def validate(self) -> None:
-        require(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
-                and self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        require(
+            isinstance(self.max_new_tokens, int)
+            and not isinstance(self.max_new_tokens, bool)
+            and self.max_new_tokens >= 1,
+            f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}",
+        )
         require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        require(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        require(
+            isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"
+        )
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
 
 
@@ -88,7 +96,7 @@ class SamplingParams:
 class Event:
     """Tokens one call added to ``request`` (``text``: the characters they complete)."""
 
-    request: "Request"
+    request: Request
     token_ids: list[int]
     text: str | None
     finished: bool
@@ -101,8 +109,16 @@ class Request:
     ``tokens`` exclude the prompt; ``accepted[i]`` counts the tokens call i added (call 0 is the
     prompt's own). ``finish_reason``: "eos" | "stop" | "length" | "cancelled" | "error"."""
 
-    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, max_new: int,
-                 stop_ids: set[int], index: int, on_event: Callable[[Event], None] | None):
+    def __init__(
+        self,
+        rid: int,
+        prompt: list[int],
+        params: SamplingParams,
+        max_new: int,
+        stop_ids: set[int],
+        index: int,
+        on_event: Callable[[Event], None] | None,
+    ):
         self.id = rid
         self.prompt = prompt
         self.params = params
@@ -170,9 +186,16 @@ class Counters:
     finished: int = 0
     accepted_hist: dict[int, int] = field(default_factory=dict)
 
-    def copy(self) -> "Counters":
-        return Counters(self.generation_calls, self.context_calls, self.row_steps,
-                        self.generated_tokens, self.step_seconds, self.finished, dict(self.accepted_hist))
+    def copy(self) -> Counters:
+        return Counters(
+            self.generation_calls,
+            self.context_calls,
+            self.row_steps,
+            self.generated_tokens,
+            self.step_seconds,
+            self.finished,
+            dict(self.accepted_hist),
+        )
 
 
 def full_or_plain(rows: Sequence[Request], shape: C.StepShape) -> int:
@@ -201,12 +224,19 @@ class Scheduler:
             Needs a backend with ``chunked_context`` (context rows continuing a cache).
     """
 
-    def __init__(self, backend: C.Backend, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
-                 max_queue: int | None = None, max_slots: int | None = None,
-                 tokens_per_slot: int | None = None,
-                 draft_policy: Callable[[Sequence[Request], C.StepShape], int] = full_or_plain,
-                 max_prefill_tokens: int | None = None, prefill_chunk: int | None = None,
-                 step_listener: Callable[[StepReport], None] | None = None):
+    def __init__(
+        self,
+        backend: C.Backend,
+        tokenizer: Any = None,
+        eos_token_ids: Sequence[int] = (),
+        max_queue: int | None = None,
+        max_slots: int | None = None,
+        tokens_per_slot: int | None = None,
+        draft_policy: Callable[[Sequence[Request], C.StepShape], int] = full_or_plain,
+        max_prefill_tokens: int | None = None,
+        prefill_chunk: int | None = None,
+        step_listener: Callable[[StepReport], None] | None = None,
+    ):
         self.backend: C.Backend = backend
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
@@ -220,12 +250,18 @@ class Scheduler:
         self.mixed = bool(backend.mixed_request_types)
         self.max_prefill_tokens = max_prefill_tokens or max(backend.max_input_len, 1)
         if prefill_chunk is not None:
-            require(isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool)
-                    and prefill_chunk >= 1, f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-            require(bool(backend.chunked_context),
-                    f"prefill_chunk {prefill_chunk}: the {backend.name} "
-                    "backend cannot continue a prompt's cache in a context row (no chunked_context); "
-                    "run without chunked prefill")
+            require(
+                isinstance(prefill_chunk, int)
+                and not isinstance(prefill_chunk, bool)
+                and prefill_chunk >= 1,
+                f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}",
+            )
+            require(
+                bool(backend.chunked_context),
+                f"prefill_chunk {prefill_chunk}: the {backend.name} "
+                "backend cannot continue a prompt's cache in a context row (no chunked_context); "
+                "run without chunked prefill",
+            )
         self.prefill_chunk = prefill_chunk
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -239,7 +275,9 @@ class Scheduler:
         self._stop_loop = False
         self.counters = Counters()
         if max_slots is not None or tokens_per_slot is not None:
-            self._reserve(max_slots or backend.max_batch_size, tokens_per_slot or backend.max_seq_len)
+            self._reserve(
+                max_slots or backend.max_batch_size, tokens_per_slot or backend.max_seq_len
+            )
         self._fixed = max_slots is not None or tokens_per_slot is not None
 
     # ------------------------------------------------------------------ capacity
@@ -253,10 +291,14 @@ class Scheduler:
 
     def _reserve(self, slots: int, tokens: int) -> None:
         be = self.backend
-        require(1 <= slots <= be.max_batch_size,
-                f"slots must be in [1, {be.max_batch_size}] (the engine's max_batch_size), got {slots}")
-        require(1 <= tokens <= be.max_seq_len,
-                f"tokens per slot must be in [1, {be.max_seq_len}] (the engine's max_seq_len), got {tokens}")
+        require(
+            1 <= slots <= be.max_batch_size,
+            f"slots must be in [1, {be.max_batch_size}] (the engine's max_batch_size), got {slots}",
+        )
+        require(
+            1 <= tokens <= be.max_seq_len,
+            f"tokens per slot must be in [1, {be.max_seq_len}] (the engine's max_seq_len), got {tokens}",
+        )
         be.reserve(slots, tokens)
         self._slots, self._tokens_per_slot = slots, tokens
         self._free = list(range(slots))
@@ -267,8 +309,10 @@ class Scheduler:
         with self._lock:
             if slots <= self._slots and tokens <= self._tokens_per_slot:
                 return
-            require(not self._live and not self._waiting,
-                    "the KV cache can only grow while no request is queued or running")
+            require(
+                not self._live and not self._waiting,
+                "the KV cache can only grow while no request is queued or running",
+            )
             self._reserve(max(slots, self._slots), max(tokens, self._tokens_per_slot))
 
     # ------------------------------------------------------------------ requests
@@ -277,24 +321,35 @@ class Scheduler:
         be = self.backend
         ids = list(prompt)
         require(len(ids) > 0, "empty prompt: every prompt needs at least one token")
-        require(all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids),
-                f"token-id prompt must be a list of integers, got {prompt!r:.80}")
+        require(
+            all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids),
+            f"token-id prompt must be a list of integers, got {prompt!r:.80}",
+        )
         v = be.vocab_size
         bad = [int(t) for t in ids if not 0 <= int(t) < v]
         require(not bad, f"prompt has token ids outside [0, {v}): {bad[:5]}")
-        require(len(ids) <= be.max_input_len,
-                f"prompt has {len(ids)} tokens, more than the engine's max_input_len {be.max_input_len}")
+        require(
+            len(ids) <= be.max_input_len,
+            f"prompt has {len(ids)} tokens, more than the engine's max_input_len {be.max_input_len}",
+        )
         limit = self._tokens_per_slot if self._fixed else be.max_seq_len
-        require(len(ids) < limit, f"prompt has {len(ids)} tokens, leaving no room under the "
-                f"{limit} tokens a slot holds")
+        require(
+            len(ids) < limit,
+            f"prompt has {len(ids)} tokens, leaving no room under the {limit} tokens a slot holds",
+        )
         return [int(t) for t in ids]
 
     def max_new_for(self, prompt_len: int, requested: int) -> int:
         limit = self._tokens_per_slot if self._fixed else self.backend.max_seq_len
         return min(requested, limit - prompt_len)
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), index: int = 0,
-               on_event: Callable[[Event], None] | None = None) -> Request:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        index: int = 0,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Request:
         """Queue a request; it joins the batch at the next iteration with a free slot.
 
         Raises :class:`QueueFull` when ``max_queue`` requests wait already,
@@ -303,16 +358,28 @@ class Scheduler:
         ids = self.check_prompt(prompt)
         stop = tuple(s for s in params.stop if s)
         require(not stop or self.tokenizer is not None, "stop strings need a tokenizer")
-        stop_ids = set() if params.ignore_eos else set(
-            self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        stop_ids = (
+            set()
+            if params.ignore_eos
+            else set(self.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        )
         with self._lock:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down and accepts no new requests")
             # requests that a free slot takes at the next iteration do not count as queued
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue + len(self._free):
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + len(
+                self._free
+            ):
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
-            req = Request(self._next_id, ids, params, self.max_new_for(len(ids), params.max_new_tokens),
-                          stop_ids, index, on_event)
+            req = Request(
+                self._next_id,
+                ids,
+                params,
+                self.max_new_for(len(ids), params.max_new_tokens),
+                stop_ids,
+                index,
+                on_event,
+            )
             self._next_id += 1
             if self.tokenizer is not None:
                 req.detok = IncrementalDetokenizer(self.tokenizer)
@@ -349,7 +416,7 @@ class Scheduler:
         text = self.decode(req.tokens)
         if text is not None and req.finish_reason == "stop":
             ends = [text.find(s) + len(s) for s in req.params.stop if s and s in text]
-            text = text[:min(ends)] if ends else text
+            text = text[: min(ends)] if ends else text
         return text
 
     def _append(self, req: Request, new: list[int]) -> list[int]:
@@ -370,8 +437,14 @@ class Scheduler:
         req.accepted.append(len(added))
         return added
 
-    def _finish(self, req: Request, reason: str | None, events: list[Event], added: list[int] = (),
-                error: str | None = None) -> None:
+    def _finish(
+        self,
+        req: Request,
+        reason: str | None,
+        events: list[Event],
+        added: list[int] = (),
+        error: str | None = None,
+    ) -> None:
         """Close ``req`` (reason set already when None), free its slot, emit its last event."""
         if reason is not None:
             req.finish_reason = reason
@@ -414,9 +487,14 @@ class Scheduler:
             cap = self._slots and (self._tokens_per_slot + n)
             # one call when the generation rows need no padding for it (a wider call pads every
             # generation row to the chunk: the torch backend computes padding, so two calls are cheaper)
-            mix = (self.mixed and ctx_rows and gen_rows and t_ctx <= n
-                   and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + max(t_ctx, n) <= cap
-                   and max(r.prefilled for r in ctx_rows) + max(t_ctx, n) <= cap)
+            mix = (
+                self.mixed
+                and ctx_rows
+                and gen_rows
+                and t_ctx <= n
+                and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + max(t_ctx, n) <= cap
+                and max(r.prefilled for r in ctx_rows) + max(t_ctx, n) <= cap
+            )
             if mix:
                 d_used = self._call(ctx_rows + gen_rows, chunks, events, accepted)
                 ctx_calls = calls = 1
@@ -441,9 +519,20 @@ class Scheduler:
             if ev.request.on_event is not None:
                 ev.request.on_event(ev)
         if self.step_listener is not None and (ctx_rows or gen_rows):
-            self.step_listener(StepReport(len(ctx_rows), len(gen_rows), calls, dt,
-                                          sum(len(e.token_ids) for e in events), accepted, d_used,
-                                          len(self._waiting), len(self._live), sum(chunks.values())))
+            self.step_listener(
+                StepReport(
+                    len(ctx_rows),
+                    len(gen_rows),
+                    calls,
+                    dt,
+                    sum(len(e.token_ids) for e in events),
+                    accepted,
+                    d_used,
+                    len(self._waiting),
+                    len(self._live),
+                    sum(chunks.values()),
+                )
+            )
         return events
 
     def _plan_prefill(self) -> dict[Request, int]:
@@ -501,8 +590,13 @@ class Scheduler:
             width = max(width, c)
         return plan
 
-    def _call(self, rows: list[Request], chunks: dict[Request, int], events: list[Event],
-              accepted_out: list[int]) -> int:
+    def _call(
+        self,
+        rows: list[Request],
+        chunks: dict[Request, int],
+        events: list[Event],
+        accepted_out: list[int],
+    ) -> int:
         """One backend call over ``rows``: context rows (no ``carried`` yet) prefill their next
         ``chunks[r]`` prompt tokens after the ``r.prefilled`` ones in their slot."""
         be, shape = self.backend, self.shape
@@ -522,8 +616,8 @@ class Scheduler:
         uni = np.zeros((b, l), dtype=np.float32)
         for j, (r, c) in enumerate(zip(rows, ctx)):
             if c:
-                seg = r.prompt[r.prefilled:r.prefilled + chunks[r]]
-                ids[j, :len(seg)] = torch.tensor(seg, **i32)
+                seg = r.prompt[r.prefilled : r.prefilled + chunks[r]]
+                ids[j, : len(seg)] = torch.tensor(seg, **i32)
                 lens[j] = len(seg)
                 clen[j] = r.prefilled
             else:
@@ -531,7 +625,7 @@ class Scheduler:
                 ids[j, :n] = k[C.INPUT_IDS]
                 lens[j] = k[C.INPUT_LENGTHS]
                 offs[j, :n] = k[C.POSITION_OFFSETS]
-                mask[j, :n, :k[C.PACKED_MASK].shape[-1]] = k[C.PACKED_MASK]
+                mask[j, :n, : k[C.PACKED_MASK].shape[-1]] = k[C.PACKED_MASK]
                 dtok[j] = k[C.DRAFT_TOKENS]
                 didx[j] = k[C.DRAFT_INDICES]
                 clen[j] = k[C.CACHE_LENGTHS]
@@ -553,7 +647,9 @@ class Scheduler:
             C.PACKED_MASK: mask,
             C.DRAFT_TOKENS: dtok,
             C.DRAFT_INDICES: didx,
-            C.TEMPERATURE: torch.tensor([float(r.params.temperature) for r in rows], dtype=torch.float32),
+            C.TEMPERATURE: torch.tensor(
+                [float(r.params.temperature) for r in rows], dtype=torch.float32
+            ),
             C.TOP_K: torch.tensor([int(r.params.top_k) for r in rows], **i32),
             C.TOP_P: torch.tensor([float(r.params.top_p) for r in rows], dtype=torch.float32),
             C.UNIFORMS: torch.from_numpy(uni),
@@ -580,7 +676,7 @@ class Scheduler:
                         if r.cancel_requested:
                             self._finish(r, "cancelled", events)
                         continue
-                added = self._append(r, emitted[j][:counts[j]])
+                added = self._append(r, emitted[j][: counts[j]])
                 if c:
                     r.t_first = now
                 else:

@@ -26,31 +26,69 @@ from ..runtime.scheduler import Event, QueueFull, SamplingParams, Scheduler, Sch
 from .metrics import ServeMetrics
 
 #: Body fields each endpoint understands; anything else is refused by name.
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                 "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "ignore_eos"}
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.type, self.headers = status, message, param, type_, headers
+        self.status, self.message, self.param, self.type, self.headers = (
+            status,
+            message,
+            param,
+            type_,
+            headers,
+        )
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
-def _number(body: dict, key: str, default: float, lo: float | None = None, hi: float | None = None,
-            integer: bool = False) -> Any:
+def _number(
+    body: dict,
+    key: str,
+    default: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    integer: bool = False,
+) -> Any:
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", key)
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or (integer and not isinstance(v, int))
+    ):
+        raise _bad(
+            f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}", key
+        )
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise _bad(f"'{key}' must be in {rng}, got {v}", key)
@@ -81,18 +119,25 @@ def _stop_list(body: dict) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
-def parse_request(state: ServeState, body: Any, kind: str) -> tuple[list[int], SamplingParams, bool, bool]:
+def parse_request(
+    state: ServeState, body: Any, kind: str
+) -> tuple[list[int], SamplingParams, bool, bool]:
     """Validate an OpenAI request body; returns (prompt ids, params, stream, include_usage)."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     allowed = COMPLETION_FIELDS if kind == "completion" else CHAT_FIELDS
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise _bad(f"unsupported parameter '{unknown[0]}' (this server supports "
-                   f"{', '.join(sorted(allowed))})", unknown[0])
+        raise _bad(
+            f"unsupported parameter '{unknown[0]}' (this server supports "
+            f"{', '.join(sorted(allowed))})",
+            unknown[0],
+        )
     model = body.get("model")
     if not isinstance(model, str) or model != state.model_name:
-        raise _bad(f"unknown model {json.dumps(model)}; this server serves '{state.model_name}'", "model")
+        raise _bad(
+            f"unknown model {json.dumps(model)}; this server serves '{state.model_name}'", "model"
+        )
     if _number(body, "n", 1, integer=True) != 1:
         raise _bad("unsupported parameter 'n': only n = 1 is served", "n")
     for key in ("presence_penalty", "frequency_penalty"):
@@ -108,42 +153,68 @@ def parse_request(state: ServeState, body: Any, kind: str) -> tuple[list[int], S
             if prompt == "":
                 raise _bad("'prompt' is empty", "prompt")
             if tok is None:
-                raise _bad("this engine has no tokenizer: send 'prompt' as a list of token ids", "prompt")
+                raise _bad(
+                    "this engine has no tokenizer: send 'prompt' as a list of token ids", "prompt"
+                )
             ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
             if not prompt:
                 raise _bad("'prompt' is empty", "prompt")
             ids = prompt
         else:
-            raise _bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+            raise _bad(
+                "'prompt' must be a string or a list of token ids (one prompt per request)",
+                "prompt",
+            )
     else:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise _bad("'messages' must be a non-empty list", "messages")
         for i, m in enumerate(msgs):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    and set(m) <= {"role", "content", "name"}):
-                raise _bad(f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
+            if not (
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                and set(m) <= {"role", "content", "name"}
+            ):
+                raise _bad(
+                    f"messages[{i}] must be an object with string 'role' and 'content'", "messages"
+                )
         if tok is None or getattr(tok, "chat_template", None) is None:
-            raise _bad("this engine's tokenizer has no chat template: use /v1/completions", "messages")
-        ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
-                                      add_generation_prompt=True, tokenize=True)
+            raise _bad(
+                "this engine's tokenizer has no chat template: use /v1/completions", "messages"
+            )
+        ids = tok.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in msgs],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids)
     be = sched.backend
     if len(ids) > be.max_input_len:
-        raise _bad(f"the prompt has {len(ids)} tokens, more than the engine takes ({be.max_input_len})",
-                   "messages" if kind == "chat" else "prompt")
+        raise _bad(
+            f"the prompt has {len(ids)} tokens, more than the engine takes ({be.max_input_len})",
+            "messages" if kind == "chat" else "prompt",
+        )
     room = sched.tokens_per_slot - len(ids)
     if room < 1:
-        raise _bad(f"the prompt has {len(ids)} tokens, leaving no room under the {sched.tokens_per_slot} "
-                   "tokens a request may hold", "messages" if kind == "chat" else "prompt")
+        raise _bad(
+            f"the prompt has {len(ids)} tokens, leaving no room under the {sched.tokens_per_slot} "
+            "tokens a request may hold",
+            "messages" if kind == "chat" else "prompt",
+        )
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, min(DEFAULT_MAX_TOKENS[kind], room), lo=1, integer=True)
     if max_tokens > room:
-        raise _bad(f"'{key}' = {max_tokens} is beyond the engine: this prompt ({len(ids)} tokens) leaves "
-                   f"room for {room}", key)
+        raise _bad(
+            f"'{key}' = {max_tokens} is beyond the engine: this prompt ({len(ids)} tokens) leaves "
+            f"room for {room}",
+            key,
+        )
     temperature = _number(body, "temperature", 1.0, lo=0.0, hi=2.0)
     top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if top_p == 0:
@@ -166,9 +237,16 @@ def parse_request(state: ServeState, body: Any, kind: str) -> tuple[list[int], S
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
-    params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
-                            top_k=max(int(top_k), 0), top_p=float(top_p), seed=int(seed), stop=stop,
-                            ignore_eos=ignore_eos, speculative=state.speculative)
+    params = SamplingParams(
+        max_new_tokens=int(max_tokens),
+        temperature=float(temperature),
+        top_k=max(int(top_k), 0),
+        top_p=float(top_p),
+        seed=int(seed),
+        stop=stop,
+        ignore_eos=ignore_eos,
+        speculative=state.speculative,
+    )
     return ids, params, stream, bool(opts.get("include_usage", True))
 
 
@@ -184,7 +262,7 @@ class StopHoldback:
     def push(self, delta: str) -> str:
         self.text += delta
         safe = max(self.sent, len(self.text) - self.hold)
-        out = self.text[self.sent:safe]
+        out = self.text[self.sent : safe]
         self.sent = safe
         return out
 
@@ -194,7 +272,7 @@ class StopHoldback:
         if reason == "stop":
             hits = [self.text.find(s) for s in self.stop if s in self.text]
             end = min(hits) if hits else end
-        out = self.text[self.sent:max(end, self.sent)]
+        out = self.text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
         return out
 
@@ -204,7 +282,7 @@ def final_text(text: str | None, stop: tuple[str, ...], reason: str | None) -> s
     if reason == "stop":
         hits = [text.find(s) for s in stop if s in text]
         if hits:
-            return text[:min(hits)]
+            return text[: min(hits)]
     return text
 
 
@@ -227,8 +305,11 @@ def create_app(state: ServeState) -> FastAPI:
 
     def error_response(e: ApiError) -> JSONResponse:
         state.metrics.requests.labels(outcome=str(e.status)).inc()
-        return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param,
-                                       "code": e.status}}, status_code=e.status, headers=e.headers)
+        return JSONResponse(
+            {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}},
+            status_code=e.status,
+            headers=e.headers,
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -257,7 +338,9 @@ def create_app(state: ServeState) -> FastAPI:
 
     async def generate(request: Request, kind: str):
         if state.closing:
-            raise ApiError(503, "the server is shutting down", None, "server_unavailable", {"Retry-After": "5"})
+            raise ApiError(
+                503, "the server is shutting down", None, "server_unavailable", {"Retry-After": "5"}
+            )
         body = await read_body(request)
         ids, params, stream, include_usage = parse_request(state, body, kind)
         loop = asyncio.get_running_loop()
@@ -268,17 +351,27 @@ def create_app(state: ServeState) -> FastAPI:
         obj = "text_completion" if kind == "completion" else "chat.completion"
 
         def usage():
-            return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.tokens),
-                    "total_tokens": len(req.prompt) + len(req.tokens)}
+            return {
+                "prompt_tokens": len(req.prompt),
+                "completion_tokens": len(req.tokens),
+                "total_tokens": len(req.prompt) + len(req.tokens),
+            }
 
         def extra():
-            return {"tokens_per_step": round(req.tokens_per_step, 4), "accepted_per_step": req.accepted}
+            return {
+                "tokens_per_step": round(req.tokens_per_step, 4),
+                "accepted_per_step": req.accepted,
+            }
 
         def choice(text: str, finish: str | None, delta: bool):
             if kind == "completion":
                 return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             key = "delta" if delta else "message"
-            msg = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+            msg = (
+                {"role": "assistant", "content": text}
+                if not delta
+                else ({"content": text} if text else {})
+            )
             return {"index": 0, key: msg, "logprobs": None, "finish_reason": finish}
 
         if not stream:
@@ -296,22 +389,43 @@ def create_app(state: ServeState) -> FastAPI:
                 raise
             if req.finish_reason == "error":
                 state.metrics.requests.labels(outcome="500").inc()
-                return JSONResponse({"error": {"message": req.error, "type": "server_error", "param": None,
-                                               "code": 500}}, status_code=500)
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": req.error,
+                            "type": "server_error",
+                            "param": None,
+                            "code": 500,
+                        }
+                    },
+                    status_code=500,
+                )
             state.metrics.finished(req)
             text = final_text(req.text, params.stop, req.finish_reason)
             return JSONResponse(
-                {"id": rid, "object": obj, "created": created, "model": state.model_name,
-                 "choices": [choice(text, openai_finish(req.finish_reason), False)],
-                 "usage": usage(), "redrafter": extra()},
-                headers={"x-redrafter-tokens-per-step": f"{req.tokens_per_step:.4f}"})
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": state.model_name,
+                    "choices": [choice(text, openai_finish(req.finish_reason), False)],
+                    "usage": usage(),
+                    "redrafter": extra(),
+                },
+                headers={"x-redrafter-tokens-per-step": f"{req.tokens_per_step:.4f}"},
+            )
 
         chunk_obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         hold = StopHoldback(params.stop)
 
         def chunk(text, finish, last=False):
-            c = {"id": rid, "object": chunk_obj, "created": created, "model": state.model_name,
-                 "choices": [choice(text, finish, True)]}
+            c = {
+                "id": rid,
+                "object": chunk_obj,
+                "created": created,
+                "model": state.model_name,
+                "choices": [choice(text, finish, True)],
+            }
             if last:
                 if include_usage:
                     c["usage"] = usage()
@@ -321,16 +435,43 @@ def create_app(state: ServeState) -> FastAPI:
         async def events():
             try:
                 if kind == "chat":
-                    yield ("data: " + json.dumps({"id": rid, "object": chunk_obj, "created": created,
-                                                  "model": state.model_name, "choices": [
-                                                      {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                       "logprobs": None, "finish_reason": None}]}) + "\n\n")
+                    yield (
+                        "data: "
+                        + json.dumps(
+                            {
+                                "id": rid,
+                                "object": chunk_obj,
+                                "created": created,
+                                "model": state.model_name,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
+                        + "\n\n"
+                    )
                 while True:
                     ev = await queue.get()
                     if ev.finished:
                         if ev.finish_reason == "error":
-                            yield "data: " + json.dumps({"error": {"message": req.error, "type": "server_error",
-                                                                   "code": 500}}) + "\n\n"
+                            yield (
+                                "data: "
+                                + json.dumps(
+                                    {
+                                        "error": {
+                                            "message": req.error,
+                                            "type": "server_error",
+                                            "code": 500,
+                                        }
+                                    }
+                                )
+                                + "\n\n"
+                            )
                             state.metrics.requests.labels(outcome="500").inc()
                             return
                         text = hold.finish(ev.text or "", ev.finish_reason)
@@ -346,8 +487,9 @@ def create_app(state: ServeState) -> FastAPI:
                     state.scheduler.cancel(req)
                     state.metrics.requests.labels(outcome="cancelled").inc()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -359,8 +501,17 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                            "created": state.created, "owned_by": "redrafter"}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "redrafter",
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():

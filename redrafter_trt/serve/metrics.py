@@ -19,21 +19,42 @@ class ServeMetrics:
 
         self.registry = r = CollectorRegistry()
         self.scheduler = scheduler
-        self.requests = Counter("redrafter_requests", "Requests by outcome (ok, cancelled, HTTP status)",
-                                ["outcome"], registry=r)
+        self.requests = Counter(
+            "redrafter_requests",
+            "Requests by outcome (ok, cancelled, HTTP status)",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_depth = Gauge("redrafter_queue_depth", "Requests waiting for a slot", registry=r)
         self.live = Gauge("redrafter_batch_rows", "Rows in the running batch", registry=r)
         self.occupancy = Gauge("redrafter_batch_occupancy", "Running rows / KV slots", registry=r)
         self.tokens = Counter("redrafter_output_tokens", "Output tokens emitted", registry=r)
-        self.tps = Gauge("redrafter_output_tokens_per_second",
-                         "Output tokens per second over the last 5 s of steps", registry=r)
-        self.step_time = Histogram("redrafter_step_seconds", "Wall time of one scheduler iteration",
-                                   buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10), registry=r)
-        self.row_tokens = Histogram("redrafter_tokens_per_step", "Tokens one generation row gained per step",
-                                    buckets=tuple(range(1, scheduler.shape.beam_len + 1)), registry=r)
-        self.row_steps = Counter("redrafter_generation_row_steps", "Generation row-steps", registry=r)
-        self.accepted = Counter("redrafter_draft_accepted", "Row-steps accepting at least `depth` draft tokens",
-                                ["depth"], registry=r)
+        self.tps = Gauge(
+            "redrafter_output_tokens_per_second",
+            "Output tokens per second over the last 5 s of steps",
+            registry=r,
+        )
+        self.step_time = Histogram(
+            "redrafter_step_seconds",
+            "Wall time of one scheduler iteration",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+            registry=r,
+        )
+        self.row_tokens = Histogram(
+            "redrafter_tokens_per_step",
+            "Tokens one generation row gained per step",
+            buckets=tuple(range(1, scheduler.shape.beam_len + 1)),
+            registry=r,
+        )
+        self.row_steps = Counter(
+            "redrafter_generation_row_steps", "Generation row-steps", registry=r
+        )
+        self.accepted = Counter(
+            "redrafter_draft_accepted",
+            "Row-steps accepting at least `depth` draft tokens",
+            ["depth"],
+            registry=r,
+        )
         for k in range(1, scheduler.shape.draft_len + 1):
             self.accepted.labels(depth=str(k))
         self._window: list[tuple[float, int]] = []

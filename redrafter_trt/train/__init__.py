@@ -7,11 +7,20 @@ held-out evaluation (:mod:`.evaluation`), checkpoints and resume (:mod:`.resume`
 loop and drafter directory (:mod:`.loop`). :mod:`.train_step` times one step of each loss path.
 """
 
-from .gen_data import generate_data, read_prompt_sources
-from .losses import distill_loss, gather_batch, greedy_chain_tokens_per_step, unrolled_logits
 from .config import TrainConfig
 from .evaluation import evaluate
+from .gen_data import generate_data, read_prompt_sources
 from .loop import train_drafter
+from .losses import distill_loss, gather_batch, greedy_chain_tokens_per_step, unrolled_logits
 
-__all__ = ["TrainConfig", "train_drafter", "evaluate", "generate_data", "read_prompt_sources",
-           "distill_loss", "gather_batch", "unrolled_logits", "greedy_chain_tokens_per_step"]
+__all__ = [
+    "TrainConfig",
+    "train_drafter",
+    "evaluate",
+    "generate_data",
+    "read_prompt_sources",
+    "distill_loss",
+    "gather_batch",
+    "unrolled_logits",
+    "greedy_chain_tokens_per_step",
+]

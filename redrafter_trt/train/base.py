@@ -12,8 +12,11 @@ from ..models.base import BaseModel
 from ..models.drafter import load_checked
 
 
-def load_frozen_base(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_frozen_base(
+    model_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
     """Load a Hugging Face base directory as a :class:`BaseModel` in eval mode, no gradients."""
     cfg, sd = load_hf_base(Path(model_dir))
     base = BaseModel(cfg)
@@ -26,6 +29,10 @@ def load_frozen_base(model_dir: str | os.PathLike, device: str | torch.device = 
 
 def eos_ids(base: BaseModel, tokenizer=None) -> list[int]:
     eos = list(base.config.eos_token_id)
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+    if (
+        tokenizer is not None
+        and tokenizer.eos_token_id is not None
+        and tokenizer.eos_token_id not in eos
+    ):
         eos.append(int(tokenizer.eos_token_id))
     return eos

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..datasets import BUILTIN, load_conversations, load_prompts, package_file, read_json_list
 from ..errors import RedrafterError, require
@@ -38,23 +39,27 @@ class Example:
 def load_base_tokenizer(model_dir: str | os.PathLike):
     """The Hugging Face tokenizer saved in the base model directory."""
     model_dir = Path(model_dir)
-    require((model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file(),
-            f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer.model); text data needs the "
-            "base model's tokenizer (self-distillation JSONL with token ids needs none)")
+    require(
+        (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file(),
+        f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer.model); text data needs the "
+        "base model's tokenizer (self-distillation JSONL with token ids needs none)",
+    )
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad directory
+    except Exception as e:
         raise RedrafterError(f"{model_dir}: cannot load the tokenizer ({e})") from e
 
 
 def require_chat_template(tokenizer, model_dir) -> None:
-    require(getattr(tokenizer, "chat_template", None),
-            f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json "
-            "'chat_template' or chat_template.jinja), so conversations cannot be rendered the way "
-            "the model sees them; add the template, or pass --no_chat_template to train on the "
-            "raw text of the turns")
+    require(
+        getattr(tokenizer, "chat_template", None),
+        f"{model_dir}: the tokenizer has no chat template (tokenizer_config.json "
+        "'chat_template' or chat_template.jinja), so conversations cannot be rendered the way "
+        "the model sees them; add the template, or pass --no_chat_template to train on the "
+        "raw text of the turns",
+    )
 
 
 def _as_ids(x: Any) -> list[int]:
@@ -66,12 +71,17 @@ def _as_ids(x: Any) -> list[int]:
 def render_prompt(tokenizer, prompt: str, chat_template: bool = True) -> list[int]:
     """One user turn with the generation prompt (what the runtime's --use_chat_template feeds)."""
     if chat_template:
-        return _as_ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True))
+        return _as_ids(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+        )
     return _as_ids(tokenizer(prompt, add_special_tokens=True))
 
 
-def render_conversation(tokenizer, conv: list[dict[str, str]], chat_template: bool = True) -> Example | None:
+def render_conversation(
+    tokenizer, conv: list[dict[str, str]], chat_template: bool = True
+) -> Example | None:
     """Token ids of a whole conversation; targets = the tokens of the assistant turns.
 
     The assistant spans come from rendering growing prefixes of the conversation as text and
@@ -86,8 +96,12 @@ def render_conversation(tokenizer, conv: list[dict[str, str]], chat_template: bo
         for k, turn in enumerate(conv):
             if turn["role"] != "assistant":
                 continue
-            pre = tokenizer.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True) if k else ""
-            post = tokenizer.apply_chat_template(conv[:k + 1], tokenize=False)
+            pre = (
+                tokenizer.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True)
+                if k
+                else ""
+            )
+            post = tokenizer.apply_chat_template(conv[: k + 1], tokenize=False)
             if not (full.startswith(post) and post.startswith(pre)):
                 return None  # a template that rewrites earlier turns: no clean spans
             spans.append((len(pre), len(post)))
@@ -151,16 +165,27 @@ def read_selfdistill(path: str | os.PathLike) -> list[Example]:
         except json.JSONDecodeError:
             continue  # a torn last line of an interrupted run
         p, r = rec.get("prompt_ids"), rec.get("response_ids")
-        require(isinstance(p, list) and isinstance(r, list),
-                f"{path}: line {i + 1} lacks prompt_ids/response_ids lists")
+        require(
+            isinstance(p, list) and isinstance(r, list),
+            f"{path}: line {i + 1} lacks prompt_ids/response_ids lists",
+        )
         if r:
-            out.append(Example([int(t) for t in p] + [int(t) for t in r], [False] * len(p) + [True] * len(r)))
+            out.append(
+                Example(
+                    [int(t) for t in p] + [int(t) for t in r], [False] * len(p) + [True] * len(r)
+                )
+            )
     return out
 
 
-def load_examples(sources: Sequence[str], tokenizer=None, chat_template: bool = True,
-                  max_seq_len: int = 1024, model_dir: str | os.PathLike = "",
-                  limit_per_source: int | None = None) -> list[Example]:
+def load_examples(
+    sources: Sequence[str],
+    tokenizer=None,
+    chat_template: bool = True,
+    max_seq_len: int = 1024,
+    model_dir: str | os.PathLike = "",
+    limit_per_source: int | None = None,
+) -> list[Example]:
     """Examples from every source (the first ``limit_per_source`` of each, when given),
     truncated to ``max_seq_len`` tokens.
 
@@ -181,20 +206,32 @@ def load_examples(sources: Sequence[str], tokenizer=None, chat_template: bool = 
             if kind == "conversations":
                 convs = load_conversations(package_file("sharegpt") if src == "sharegpt" else src)
                 convs = convs[:limit_per_source] if limit_per_source else convs
-                got = [e for e in (render_conversation(tokenizer, c, chat_template) for c in convs) if e]
+                got = [
+                    e
+                    for e in (render_conversation(tokenizer, c, chat_template) for c in convs)
+                    if e
+                ]
             else:
                 try:
                     prompts = load_prompts(src)
                 except RedrafterError:
                     prompts = []
                 prompts = prompts[:limit_per_source] if limit_per_source else prompts
-                got = [Example(ids, [True] * len(ids))
-                       for ids in (render_prompt(tokenizer, p, chat_template) for p in prompts)]
-        usable = [e for e in (Example(x.ids[:max_seq_len], x.targets[:max_seq_len]) for x in got)
-                  if sum(e.targets[2:]) >= 1]
-        require(usable, f"--data {src}: no usable turns ({kind}: {len(got)} item(s) read, none with "
-                "target tokens; expected ShareGPT conversations with assistant turns, prompts, or "
-                "redrafter-train gen-data output)")
+                got = [
+                    Example(ids, [True] * len(ids))
+                    for ids in (render_prompt(tokenizer, p, chat_template) for p in prompts)
+                ]
+        usable = [
+            e
+            for e in (Example(x.ids[:max_seq_len], x.targets[:max_seq_len]) for x in got)
+            if sum(e.targets[2:]) >= 1
+        ]
+        require(
+            usable,
+            f"--data {src}: no usable turns ({kind}: {len(got)} item(s) read, none with "
+            "target tokens; expected ShareGPT conversations with assistant turns, prompts, or "
+            "redrafter-train gen-data output)",
+        )
         examples.extend(usable)
     return examples
 

@@ -14,8 +14,16 @@ from .step import NullContext, restrict_to_draft_vocab, teacher
 
 
 @torch.no_grad()
-def evaluate(drafter, base, feats: Features, positions: torch.Tensor, cfg: TrainConfig, dev,
-             autocast=None, chunk: int = 256) -> dict[str, Any]:
+def evaluate(
+    drafter,
+    base,
+    feats: Features,
+    positions: torch.Tensor,
+    cfg: TrainConfig,
+    dev,
+    autocast=None,
+    chunk: int = 256,
+) -> dict[str, Any]:
     """Held-out metrics over ``positions`` (whole held-out sequences, in stream order).
 
     - loss and top-1 accuracy per depth (vs the data token, and agreement with the base's top-1);
@@ -33,19 +41,24 @@ def evaluate(drafter, base, feats: Features, positions: torch.Tensor, cfg: Train
     correct_sum, teach_sum, valid_sum, loss_sum = (torch.zeros(d) for _ in range(4))
     runs = torch.zeros(len(positions), dtype=torch.int64)
     for lo in range(0, len(positions), chunk):
-        pos = positions[lo:lo + chunk]
+        pos = positions[lo : lo + chunk]
         batch = gather_batch(feats.tokens, feats.targets, feats.seq_end, feats.hidden, pos, d)
         emb = base.embedding(batch.in_tokens.to(dev))
         with autocast():
             logits = head(batch.context.to(dev), emb)
-        pred = logits.float().argmax(-1).cpu()              # [N, D] (columns of the head)
+        pred = logits.float().argmax(-1).cpu()  # [N, D] (columns of the head)
         if drafter.vocab_map is not None:
             pred = drafter.vocab_map.cpu().to(torch.int64)[pred]
         valid = batch.valid
         correct = (pred == batch.labels) & valid
-        runs[lo:lo + len(pos)] = correct.to(torch.int64).cumprod(1).sum(1)
-        tt = feats.topk_ids[batch.teacher_pos, 0] if feats.teacher_topk else \
-            base.logits(feats.hidden[batch.teacher_pos].to(dev, base.lm_head.weight.dtype)).argmax(-1).cpu()
+        runs[lo : lo + len(pos)] = correct.to(torch.int64).cumprod(1).sum(1)
+        tt = (
+            feats.topk_ids[batch.teacher_pos, 0]
+            if feats.teacher_topk
+            else base.logits(feats.hidden[batch.teacher_pos].to(dev, base.lm_head.weight.dtype))
+            .argmax(-1)
+            .cpu()
+        )
         teach_sum += ((pred == tt) & valid).sum(0)
         correct_sum += correct.sum(0)
         valid_sum += valid.sum(0)
@@ -53,22 +66,34 @@ def evaluate(drafter, base, feats: Features, positions: torch.Tensor, cfg: Train
         t_ids, t_probs = teacher(feats, base, batch, cfg, dev)
         labels, keep = batch.labels.to(dev)[v], None
         if drafter.vocab_map is not None:
-            labels, keep, t_ids, t_probs = restrict_to_draft_vocab(drafter.vocab_map, base.config.vocab_size,
-                                                                   labels, t_ids, t_probs, cfg.resolved_alpha())
-        rows = distill_loss(logits[v], labels, t_ids, t_probs, cfg.temperature, cfg.resolved_alpha())
+            labels, keep, t_ids, t_probs = restrict_to_draft_vocab(
+                drafter.vocab_map,
+                base.config.vocab_size,
+                labels,
+                t_ids,
+                t_probs,
+                cfg.resolved_alpha(),
+            )
+        rows = distill_loss(
+            logits[v], labels, t_ids, t_probs, cfg.temperature, cfg.resolved_alpha()
+        )
         rows = (rows if keep is None else rows * keep.to(rows.dtype)).cpu()
         loss_sum += torch.zeros(valid.shape).masked_scatter(valid, rows).sum(0)
     drafter.train(was_training)
     vs = valid_sum.clamp(min=1)
-    return {"positions": int(len(positions)),
-            "loss_per_depth": (loss_sum / vs).tolist(),
-            "top1_accuracy_per_depth": (correct_sum / vs).tolist(),
-            "top1_agreement_with_base_per_depth": (teach_sum / vs).tolist(),
-            "greedy_chain_tokens_per_step": walk_tokens_per_step(positions, runs, feats.seq_end),
-            "mean_accepted_run": 1.0 + float(runs.to(torch.float64).mean()) if len(runs) else 0.0}
+    return {
+        "positions": int(len(positions)),
+        "loss_per_depth": (loss_sum / vs).tolist(),
+        "top1_accuracy_per_depth": (correct_sum / vs).tolist(),
+        "top1_agreement_with_base_per_depth": (teach_sum / vs).tolist(),
+        "greedy_chain_tokens_per_step": walk_tokens_per_step(positions, runs, feats.seq_end),
+        "mean_accepted_run": 1.0 + float(runs.to(torch.float64).mean()) if len(runs) else 0.0,
+    }
 
 
-def walk_tokens_per_step(positions: torch.Tensor, runs: torch.Tensor, seq_end: torch.Tensor) -> float:
+def walk_tokens_per_step(
+    positions: torch.Tensor, runs: torch.Tensor, seq_end: torch.Tensor
+) -> float:
     """Tokens per step of greedy chains stepping through each sequence (see :func:`evaluate`).
 
     ``positions`` [N] sorted stream positions (the usable contexts of whole sequences), ``runs``
@@ -94,7 +119,11 @@ def walk_tokens_per_step(positions: torch.Tensor, runs: torch.Tensor, seq_end: t
         if emit > 0:
             tokens += emit
             steps += 1
-        j = bisect.bisect_left(pos, t + 1 + n, j + 1, seq_stop[j]) if seq_stop[j] > j + 1 else seq_stop[j]
+        j = (
+            bisect.bisect_left(pos, t + 1 + n, j + 1, seq_stop[j])
+            if seq_stop[j] > j + 1
+            else seq_stop[j]
+        )
     return tokens / steps if steps else 0.0
 
 

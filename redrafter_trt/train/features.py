@@ -21,9 +21,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -40,13 +40,13 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Features:
-    tokens: torch.Tensor       # [N] int64
-    targets: torch.Tensor      # [N] bool
-    seq_end: torch.Tensor      # [N] int64
-    hidden: torch.Tensor       # [N, H] float16/float32
+    tokens: torch.Tensor  # [N] int64
+    targets: torch.Tensor  # [N] bool
+    seq_end: torch.Tensor  # [N] int64
+    hidden: torch.Tensor  # [N, H] float16/float32
     topk_values: torch.Tensor  # [N, K] float32 (K may be 0)
-    topk_ids: torch.Tensor     # [N, K] int64
-    seq_starts: torch.Tensor   # [S] int64, start of each sequence
+    topk_ids: torch.Tensor  # [N, K] int64
+    seq_starts: torch.Tensor  # [S] int64, start of each sequence
 
     @property
     def num_tokens(self) -> int:
@@ -61,19 +61,41 @@ class Features:
         return int(self.topk_ids.shape[1])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"tokens": self.tokens, "targets": self.targets.to(torch.uint8), "seq_end": self.seq_end,
-                "hidden": self.hidden, "topk_values": self.topk_values.to(torch.float16),
-                "topk_ids": self.topk_ids.to(torch.int32), "seq_starts": self.seq_starts}
+        return {
+            "tokens": self.tokens,
+            "targets": self.targets.to(torch.uint8),
+            "seq_end": self.seq_end,
+            "hidden": self.hidden,
+            "topk_values": self.topk_values.to(torch.float16),
+            "topk_ids": self.topk_ids.to(torch.int32),
+            "seq_starts": self.seq_starts,
+        }
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], where: str) -> "Features":
-        missing = [k for k in ("tokens", "targets", "seq_end", "hidden", "topk_values", "topk_ids",
-                               "seq_starts") if k not in t]
+    def from_tensors(cls, t: dict[str, torch.Tensor], where: str) -> Features:
+        missing = [
+            k
+            for k in (
+                "tokens",
+                "targets",
+                "seq_end",
+                "hidden",
+                "topk_values",
+                "topk_ids",
+                "seq_starts",
+            )
+            if k not in t
+        ]
         require(not missing, f"{where}: feature file lacks {missing}; delete it to recompute")
-        return cls(tokens=t["tokens"].to(torch.int64), targets=t["targets"].to(torch.bool),
-                   seq_end=t["seq_end"].to(torch.int64), hidden=t["hidden"],
-                   topk_values=t["topk_values"].to(torch.float32), topk_ids=t["topk_ids"].to(torch.int64),
-                   seq_starts=t["seq_starts"].to(torch.int64))
+        return cls(
+            tokens=t["tokens"].to(torch.int64),
+            targets=t["targets"].to(torch.bool),
+            seq_end=t["seq_end"].to(torch.int64),
+            hidden=t["hidden"],
+            topk_values=t["topk_values"].to(torch.float32),
+            topk_ids=t["topk_ids"].to(torch.int64),
+            seq_starts=t["seq_starts"].to(torch.int64),
+        )
 
 
 def length_buckets(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -99,18 +121,29 @@ def base_forward(base: BaseModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor
     b, t = len(seqs), max(len(s) for s in seqs)
     ids = torch.zeros((b, t), dtype=torch.int64, device=dev)
     for j, s in enumerate(seqs):
-        ids[j, :len(s)] = torch.tensor(list(s), dtype=torch.int64)
+        ids[j, : len(s)] = torch.tensor(list(s), dtype=torch.int64)
     ar = torch.arange(t, device=dev)
     cache = base.new_cache(b, t)
     causal = (ar[None, :] <= ar[:, None])[None].expand(b, t, t)
-    return base(ids, ar[None].expand(b, t), cache, torch.arange(b, device=dev),
-                torch.zeros(b, dtype=torch.int64, device=dev), causal)
+    return base(
+        ids,
+        ar[None].expand(b, t),
+        cache,
+        torch.arange(b, device=dev),
+        torch.zeros(b, dtype=torch.int64, device=dev),
+        causal,
+    )
 
 
 @torch.no_grad()
-def compute_features(base: BaseModel, examples: Sequence[Example], teacher_topk: int = 32,
-                     max_batch_tokens: int = 4096, hidden_dtype: torch.dtype = torch.float16,
-                     progress: bool = True) -> Features:
+def compute_features(
+    base: BaseModel,
+    examples: Sequence[Example],
+    teacher_topk: int = 32,
+    max_batch_tokens: int = 4096,
+    hidden_dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> Features:
     """Run the frozen base once over every example; see the module docstring for the layout."""
     require(len(examples) > 0, "no examples to compute features for")
     lengths = [len(e.ids) for e in examples]
@@ -129,19 +162,21 @@ def compute_features(base: BaseModel, examples: Sequence[Example], teacher_topk:
         for j, i in enumerate(batch):
             s, l = int(starts[i]), lengths[i]
             hs = out[j, :l]
-            hidden[s:s + l] = hs.to("cpu", hidden_dtype)
+            hidden[s : s + l] = hs.to("cpu", hidden_dtype)
             if k:
                 for c in range(0, l, 512):  # bound the [rows, V] logits buffer
-                    vals, idx = base.logits(hs[c:c + 512]).float().topk(k, dim=-1)
-                    topv[s + c:s + c + len(vals)] = vals.cpu()
-                    topi[s + c:s + c + len(vals)] = idx.cpu()
+                    vals, idx = base.logits(hs[c : c + 512]).float().topk(k, dim=-1)
+                    topv[s + c : s + c + len(vals)] = vals.cpu()
+                    topi[s + c : s + c + len(vals)] = idx.cpu()
         bar.update(sum(lengths[i] for i in batch))
     bar.close()
     tokens = torch.tensor([t for e in examples for t in e.ids], dtype=torch.int64)
     targets = torch.tensor([bool(t) for e in examples for t in e.targets], dtype=torch.bool)
     seq_end = torch.repeat_interleave(starts + torch.tensor(lengths), torch.tensor(lengths))
-    require(int(tokens.max()) < v and int(tokens.min()) >= 0,
-            f"data has token ids outside the base vocabulary [0, {v}); was it made for another model?")
+    require(
+        int(tokens.max()) < v and int(tokens.min()) >= 0,
+        f"data has token ids outside the base vocabulary [0, {v}); was it made for another model?",
+    )
     return Features(tokens, targets, seq_end, hidden, topv, topi, starts)
 
 
@@ -154,25 +189,38 @@ def concat_features(parts: Sequence[Features]) -> Features:
         offsets.append(total)
         total += f.num_tokens
     k = min(f.teacher_topk for f in parts)
-    return Features(tokens=torch.cat([f.tokens for f in parts]),
-                    targets=torch.cat([f.targets for f in parts]),
-                    seq_end=torch.cat([f.seq_end + o for f, o in zip(parts, offsets)]),
-                    hidden=torch.cat([f.hidden for f in parts]),
-                    topk_values=torch.cat([f.topk_values[:, :k] for f in parts]),
-                    topk_ids=torch.cat([f.topk_ids[:, :k] for f in parts]),
-                    seq_starts=torch.cat([f.seq_starts + o for f, o in zip(parts, offsets)]))
+    return Features(
+        tokens=torch.cat([f.tokens for f in parts]),
+        targets=torch.cat([f.targets for f in parts]),
+        seq_end=torch.cat([f.seq_end + o for f, o in zip(parts, offsets)]),
+        hidden=torch.cat([f.hidden for f in parts]),
+        topk_values=torch.cat([f.topk_values[:, :k] for f in parts]),
+        topk_ids=torch.cat([f.topk_ids[:, :k] for f in parts]),
+        seq_starts=torch.cat([f.seq_starts + o for f, o in zip(parts, offsets)]),
+    )
 
 
-def features_key(model_fp: str, examples: Sequence[Example], teacher_topk: int, hidden_dtype: torch.dtype) -> str:
-    h = hashlib.sha256(f"{FORMAT_VERSION}:{model_fp}:{examples_fingerprint(examples)}:{teacher_topk}:"
-                       f"{hidden_dtype}".encode())
+def features_key(
+    model_fp: str, examples: Sequence[Example], teacher_topk: int, hidden_dtype: torch.dtype
+) -> str:
+    h = hashlib.sha256(
+        f"{FORMAT_VERSION}:{model_fp}:{examples_fingerprint(examples)}:{teacher_topk}:"
+        f"{hidden_dtype}".encode()
+    )
     return h.hexdigest()[:16]
 
 
-def cached_features(base: BaseModel, examples: Sequence[Example], model_fp: str, teacher_topk: int,
-                    cache_dir: str | os.PathLike | None = None, max_batch_tokens: int = 4096,
-                    hidden_dtype: torch.dtype = torch.float16, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> tuple[Features, Path, float]:
+def cached_features(
+    base: BaseModel,
+    examples: Sequence[Example],
+    model_fp: str,
+    teacher_topk: int,
+    cache_dir: str | os.PathLike | None = None,
+    max_batch_tokens: int = 4096,
+    hidden_dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Features, Path, float]:
     """Features from the cache, computing and storing them on a miss.
 
     Returns (features, cache path, seconds spent computing (0 on a hit)).
@@ -183,7 +231,11 @@ def cached_features(base: BaseModel, examples: Sequence[Example], model_fp: str,
     path = root / key
     if (path / FEATURES_FILE).is_file():
         try:
-            return Features.from_tensors(load_state_dict_file(path / FEATURES_FILE), str(path)), path, 0.0
+            return (
+                Features.from_tensors(load_state_dict_file(path / FEATURES_FILE), str(path)),
+                path,
+                0.0,
+            )
         except RedrafterError as e:
             log(f"[train] cached features unreadable ({e}); recomputing")
     t0 = time.perf_counter()
@@ -192,10 +244,21 @@ def cached_features(base: BaseModel, examples: Sequence[Example], model_fp: str,
     feats = Features.from_tensors(feats.tensors(), str(path))  # exactly what a cache hit reads
     with atomic_output_dir(path, overwrite=True) as tmp:
         save_safetensors(feats.tensors(), tmp / FEATURES_FILE)
-        (tmp / FEATURES_META).write_text(json.dumps({
-            "format_version": FORMAT_VERSION, "num_tokens": feats.num_tokens,
-            "num_sequences": feats.num_sequences, "teacher_topk": teacher_topk,
-            "seconds": secs, "tokens_per_s": feats.num_tokens / max(secs, 1e-9)}, indent=2))
-    log(f"[train] base features for {feats.num_tokens} tokens in {secs:.0f} s "
-        f"({feats.num_tokens / max(secs, 1e-9):.0f} tok/s), cached at {path}")
+        (tmp / FEATURES_META).write_text(
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "num_tokens": feats.num_tokens,
+                    "num_sequences": feats.num_sequences,
+                    "teacher_topk": teacher_topk,
+                    "seconds": secs,
+                    "tokens_per_s": feats.num_tokens / max(secs, 1e-9),
+                },
+                indent=2,
+            )
+        )
+    log(
+        f"[train] base features for {feats.num_tokens} tokens in {secs:.0f} s "
+        f"({feats.num_tokens / max(secs, 1e-9):.0f} tok/s), cached at {path}"
+    )
     return feats, path, secs

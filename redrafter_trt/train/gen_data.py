@@ -19,8 +19,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -29,13 +29,20 @@ from ..errors import RedrafterError, require
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import cache_root
 from .base import eos_ids, load_frozen_base
-from .data import load_base_tokenizer, model_fingerprint, render_prompt, require_chat_template, source_kind
+from .data import (
+    load_base_tokenizer,
+    model_fingerprint,
+    render_prompt,
+    require_chat_template,
+    source_kind,
+)
 
 META_SUFFIX = ".meta.json"
 
 
-def read_prompt_sources(sources: Sequence[str], limit_per_source: int | None = None,
-                        dedupe: bool = True) -> list[str]:
+def read_prompt_sources(
+    sources: Sequence[str], limit_per_source: int | None = None, dedupe: bool = True
+) -> list[str]:
     """Prompts from built-in sets, prompt files, or ShareGPT files (first user turn of each).
 
     Repeated prompts are dropped (greedy answers to them would only repeat one example; the
@@ -43,8 +50,10 @@ def read_prompt_sources(sources: Sequence[str], limit_per_source: int | None = N
     prompts: list[str] = []
     for src in sources:
         if src not in BUILTIN and source_kind(src) == "conversations":
-            got = [next((t["content"] for t in c if t["role"] == "user"), None)
-                   for c in load_conversations(src)]
+            got = [
+                next((t["content"] for t in c if t["role"] == "user"), None)
+                for c in load_conversations(src)
+            ]
             got = [p for p in got if p]
         else:
             got = load_prompts(src)
@@ -73,8 +82,11 @@ def claim_output(out: Path, meta_path: Path, key: str, overwrite: bool) -> dict 
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("key") == key:
         return meta
-    require(overwrite, f"{out}: exists and was made with other settings or another model "
-            f"(key {meta.get('key')} != {key}); pass --overwrite or choose another --output")
+    require(
+        overwrite,
+        f"{out}: exists and was made with other settings or another model "
+        f"(key {meta.get('key')} != {key}); pass --overwrite or choose another --output",
+    )
     out.unlink(missing_ok=True)
     meta_path.unlink(missing_ok=True)
     return None
@@ -115,12 +127,23 @@ def _done_indices(path: Path) -> set[int]:
     return done
 
 
-def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: str | os.PathLike | None = None,
-                  *, max_new_tokens: int = 256, batch_size: int = 16, temperature: float = 0.0,
-                  seed: int = 0, max_prompt_len: int = 512, chat_template: bool = True,
-                  drafter_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                  device: str = "cpu", progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> Path:
+def generate_data(
+    model_dir: str | os.PathLike,
+    prompts: Sequence[str],
+    output: str | os.PathLike | None = None,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+    max_prompt_len: int = 512,
+    chat_template: bool = True,
+    drafter_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Write (or finish writing) the self-distillation JSONL for ``prompts``; returns its path.
 
     Prompts are processed in a fixed order (by token length, then index) and in fixed batches, so
@@ -131,25 +154,39 @@ def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: 
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     require(len(prompts) > 0, "gen-data: no prompts")
-    require(max_new_tokens >= 1 and batch_size >= 1, "gen-data: max_new_tokens and batch_size must be >= 1")
+    require(
+        max_new_tokens >= 1 and batch_size >= 1,
+        "gen-data: max_new_tokens and batch_size must be >= 1",
+    )
     tok = load_base_tokenizer(model_dir)
     if chat_template:
         require_chat_template(tok, model_dir)
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                "batch_size": batch_size, "max_prompt_len": max_prompt_len, "chat_template": chat_template}
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "batch_size": batch_size,
+        "max_prompt_len": max_prompt_len,
+        "chat_template": chat_template,
+    }
     key = settings_key(model_fingerprint(model_dir), prompts, settings)
     out = Path(output) if output else default_output(key)
     meta_path = out.with_name(out.name + META_SUFFIX)
     claimed = claim_output(out, meta_path, key, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     if claimed is None:
-        write_meta(meta_path, {"key": key, "model_dir": str(model_dir), "num_prompts": len(prompts), **settings})
+        write_meta(
+            meta_path,
+            {"key": key, "model_dir": str(model_dir), "num_prompts": len(prompts), **settings},
+        )
 
     encoded = [render_prompt(tok, p, chat_template) for p in prompts]
-    order = sorted((i for i in range(len(prompts)) if len(encoded[i]) <= max_prompt_len),
-                   key=lambda i: (len(encoded[i]), i))
+    order = sorted(
+        (i for i in range(len(prompts)) if len(encoded[i]) <= max_prompt_len),
+        key=lambda i: (len(encoded[i]), i),
+    )
     skipped = len(prompts) - len(order)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     done = _done_indices(out)
     pending = [(k, b) for k, b in enumerate(batches) if not set(b) <= done]
     if skipped:
@@ -157,35 +194,70 @@ def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: 
     if not pending:
         log(f"[gen-data] {out}: complete ({len(done)} responses)")
         return out
-    log(f"[gen-data] {out}: {len(order) - sum(len(b) for _, b in pending)} done, "
-        f"{sum(len(b) for _, b in pending)} to generate")
+    log(
+        f"[gen-data] {out}: {len(order) - sum(len(b) for _, b in pending)} done, "
+        f"{sum(len(b) for _, b in pending)} to generate"
+    )
 
     base = load_frozen_base(model_dir, device)
     if drafter_dir is not None:
         drafter = load_drafter(drafter_dir, base_lm_head=base.lm_head.weight)
-        validate_against_base(drafter.config, base.config.hidden_size, base.config.vocab_size,
-                              tuple(base.embedding.weight.shape), f"--drafter_model_dir {drafter_dir}")
+        validate_against_base(
+            drafter.config,
+            base.config.hidden_size,
+            base.config.vocab_size,
+            tuple(base.embedding.weight.shape),
+            f"--drafter_model_dir {drafter_dir}",
+        )
         w, d = 4, 4
     else:  # plain decoding never calls the head; a 1-wide stand-in satisfies the backend
-        drafter = init_drafter(DrafterConfig(base.config.vocab_size, base.config.hidden_size, 1, 0, False))
+        drafter = init_drafter(
+            DrafterConfig(base.config.vocab_size, base.config.hidden_size, 1, 0, False)
+        )
         w, d = 1, 1
-    backend = TorchBackend(base, drafter.to(device), w, d, max_batch_size=batch_size,
-                           max_input_len=max_prompt_len, max_seq_len=max_prompt_len + max_new_tokens + 1)
+    backend = TorchBackend(
+        base,
+        drafter.to(device),
+        w,
+        d,
+        max_batch_size=batch_size,
+        max_input_len=max_prompt_len,
+        max_seq_len=max_prompt_len + max_new_tokens + 1,
+    )
     gen = Generator(backend, tokenizer=tok, eos_token_ids=eos_ids(base, tok))
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(len(b) for _, b in pending), unit="prompt", disable=not progress,
-               desc="gen-data", file=sys.stderr)
+    bar = tqdm(
+        total=sum(len(b) for _, b in pending),
+        unit="prompt",
+        disable=not progress,
+        desc="gen-data",
+        file=sys.stderr,
+    )
     n_tok, t0 = 0, time.perf_counter()
     with out.open("a") as f, torch.inference_mode():
         for k, batch in pending:
-            results = gen.generate([encoded[i] for i in batch], max_new_tokens=max_new_tokens,
-                                   temperature=temperature, seed=seed + k,
-                                   speculative=drafter_dir is not None)
+            results = gen.generate(
+                [encoded[i] for i in batch],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed + k,
+                speculative=drafter_dir is not None,
+            )
             for i, r in zip(batch, results):
-                f.write(json.dumps({"index": i, "prompt": prompts[i], "prompt_ids": encoded[i],
-                                    "response_ids": r.token_ids, "response": r.text,
-                                    "finish_reason": r.finish_reason}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "index": i,
+                            "prompt": prompts[i],
+                            "prompt_ids": encoded[i],
+                            "response_ids": r.token_ids,
+                            "response": r.text,
+                            "finish_reason": r.finish_reason,
+                        }
+                    )
+                    + "\n"
+                )
                 n_tok += len(r.token_ids)
             f.flush()
             os.fsync(f.fileno())
@@ -196,5 +268,11 @@ def generate_data(model_dir: str | os.PathLike, prompts: Sequence[str], output: 
     return out
 
 
-__all__ = ["generate_data", "read_prompt_sources", "default_output", "claim_output", "write_meta",
-           "RedrafterError"]
+__all__ = [
+    "generate_data",
+    "read_prompt_sources",
+    "default_output",
+    "claim_output",
+    "write_meta",
+    "RedrafterError",
+]

@@ -22,14 +22,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..memory import cuda_peak_bytes, peak_rss_bytes
 from ..errors import RedrafterError, require
+from ..memory import cuda_peak_bytes, peak_rss_bytes
 from ..models.drafter import Drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
 from .base import eos_ids, load_frozen_base
@@ -63,8 +64,10 @@ def _check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists():
         require(out.is_dir(), f"--output_dir {out}: exists and is not a directory")
-        require(cfg.overwrite or not any(out.iterdir()),
-                f"--output_dir {out}: not empty; pass --overwrite or choose another directory")
+        require(
+            cfg.overwrite or not any(out.iterdir()),
+            f"--output_dir {out}: not empty; pass --overwrite or choose another directory",
+        )
     return out
 
 
@@ -102,29 +105,43 @@ class _Data:
         return "+".join(p.name for p in self.paths)
 
 
-def _features(cfg: TrainConfig, base, model_dir: Path, world: int, is_main: bool,
-              log: Callable[[str], None]) -> _Data:
+def _features(
+    cfg: TrainConfig, base, model_dir: Path, world: int, is_main: bool, log: Callable[[str], None]
+) -> _Data:
     needs_tok = any(source_kind(s) != "selfdistill" for s in cfg.data)
     tok = load_base_tokenizer(model_dir) if needs_tok else None
     # Features are cached per data source, so sources can be combined without recomputation.
-    per_source = [load_examples([src], tok, cfg.chat_template, cfg.max_seq_len, model_dir,
-                                cfg.limit_per_source) for src in cfg.data]
+    per_source = [
+        load_examples(
+            [src], tok, cfg.chat_template, cfg.max_seq_len, model_dir, cfg.limit_per_source
+        )
+        for src in cfg.data
+    ]
     model_fp = model_fingerprint(model_dir)
     topk_store = cfg.teacher_topk  # stored for every loss, so kl/ce/mix runs share one cache
     if world > 1 and not is_main:
         torch.distributed.barrier()  # rank 0 computes and caches the features first
     parts, feat_paths, feat_secs = [], [], 0.0
     for examples in per_source:
-        f, path, secs = cached_features(base, examples, model_fp, topk_store, cfg.cache_dir,
-                                        cfg.feature_batch_tokens, progress=cfg.progress and is_main, log=log)
+        f, path, secs = cached_features(
+            base,
+            examples,
+            model_fp,
+            topk_store,
+            cfg.cache_dir,
+            cfg.feature_batch_tokens,
+            progress=cfg.progress and is_main,
+            log=log,
+        )
         parts.append(f)
         feat_paths.append(path)
         feat_secs += secs
     return _Data(concat_features(parts), tok, feat_paths, feat_secs)
 
 
-def _draft_vocab(cfg: TrainConfig, data: _Data, base, model_dir: Path,
-                 log: Callable[[str], None]) -> torch.Tensor | None:
+def _draft_vocab(
+    cfg: TrainConfig, data: _Data, base, model_dir: Path, log: Callable[[str], None]
+) -> torch.Tensor | None:
     """``--draft_vocab_size K``: the head's K ids (:func:`choose_draft_vocab`), or None."""
     if cfg.draft_vocab_size is None:
         return None
@@ -135,10 +152,14 @@ def _draft_vocab(cfg: TrainConfig, data: _Data, base, model_dir: Path,
             eos_tok = load_base_tokenizer(model_dir)
         except RedrafterError:
             eos_tok = None
-    draft_vocab = choose_draft_vocab(feats, bc.vocab_size, cfg.draft_vocab_size, eos_ids(base, eos_tok))
-    log(f"[train] draft vocabulary: K={cfg.draft_vocab_size} of V={bc.vocab_size} ids, covering "
+    draft_vocab = choose_draft_vocab(
+        feats, bc.vocab_size, cfg.draft_vocab_size, eos_ids(base, eos_tok)
+    )
+    log(
+        f"[train] draft vocabulary: K={cfg.draft_vocab_size} of V={bc.vocab_size} ids, covering "
         f"{float(torch.isin(feats.tokens[feats.targets], draft_vocab.to(torch.int64)).float().mean()):.4f} "
-        "of the data's answer tokens")
+        "of the data's answer tokens"
+    )
     return draft_vocab
 
 
@@ -151,8 +172,9 @@ class _Budget:
     fixed: bool
     first_estimate: tuple[int, float] | None = None
 
-    def update(self, step: int, total: int, elapsed: float, warmup_steps: int,
-               log: Callable[[str], None]) -> int:
+    def update(
+        self, step: int, total: int, elapsed: float, warmup_steps: int, log: Callable[[str], None]
+    ) -> int:
         """The total steps after optimizer step ``step``, ``elapsed`` seconds into this run's loop.
 
         A first estimate after a few steps, refined once 5% of the budget has passed from the
@@ -162,34 +184,59 @@ class _Budget:
         if self.first_estimate is None and step >= max(1, min(10, warmup_steps)):
             self.first_estimate = (step, elapsed)
             per_step = elapsed / step
-        elif self.first_estimate is not None and elapsed >= 0.05 * self.seconds and step > self.first_estimate[0]:
+        elif (
+            self.first_estimate is not None
+            and elapsed >= 0.05 * self.seconds
+            and step > self.first_estimate[0]
+        ):
             per_step = (elapsed - self.first_estimate[1]) / (step - self.first_estimate[0])
             self.fixed = True
         else:
             per_step = None
         if per_step is not None:
             total = min(self.planned, max(step, int((self.seconds - elapsed) / per_step) + step))
-            log(f"[train] time budget {self.seconds:.0f} s: {per_step:.3f} s/step -> {total} steps"
-                + ("" if self.fixed else " (first estimate)"))
+            log(
+                f"[train] time budget {self.seconds:.0f} s: {per_step:.3f} s/step -> {total} steps"
+                + ("" if self.fixed else " (first estimate)")
+            )
         return total
 
 
-def _start_log(cfg: TrainConfig, base, drafter: Drafter, n_params: int, feats: Features, n_train: int,
-               n_eval: int, total: int, budget_fixed: bool, precision: str, dev) -> str:
+def _start_log(
+    cfg: TrainConfig,
+    base,
+    drafter: Drafter,
+    n_params: int,
+    feats: Features,
+    n_train: int,
+    n_eval: int,
+    total: int,
+    budget_fixed: bool,
+    precision: str,
+    dev,
+) -> str:
     bc = base.config
-    return (f"[train] {bc.architecture} H={bc.hidden_size} V={bc.vocab_size}; head exit_dim="
-            f"{drafter.config.exit_dim} layers={drafter.config.num_draft_layers} rnn={drafter.config.rnn} "
-            f"({n_params / 1e6:.1f}M params); D={cfg.draft_len}; loss={cfg.loss} alpha={cfg.resolved_alpha()} "
-            f"T={cfg.temperature} top-k={cfg.teacher_topk}; {feats.num_sequences} sequences, "
-            f"{feats.num_tokens} tokens, {n_train} train / {n_eval} held-out positions; "
-            + (f"{total} steps" if budget_fixed else
-               f"up to {total} steps (--time_budget_min {cfg.time_budget_s / 60:g} sets the count "
-               "once the step time is measured)")
-            + f" x {cfg.grad_accum} x {cfg.batch_size} positions; {precision} on {dev}")
+    return (
+        f"[train] {bc.architecture} H={bc.hidden_size} V={bc.vocab_size}; head exit_dim="
+        f"{drafter.config.exit_dim} layers={drafter.config.num_draft_layers} rnn={drafter.config.rnn} "
+        f"({n_params / 1e6:.1f}M params); D={cfg.draft_len}; loss={cfg.loss} alpha={cfg.resolved_alpha()} "
+        f"T={cfg.temperature} top-k={cfg.teacher_topk}; {feats.num_sequences} sequences, "
+        f"{feats.num_tokens} tokens, {n_train} train / {n_eval} held-out positions; "
+        + (
+            f"{total} steps"
+            if budget_fixed
+            else f"up to {total} steps (--time_budget_min {cfg.time_budget_s / 60:g} sets the count "
+            "once the step time is measured)"
+        )
+        + f" x {cfg.grad_accum} x {cfg.batch_size} positions; {precision} on {dev}"
+    )
 
 
-def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
-                  on_step: Callable[[int], None] | None = None) -> Path:
+def train_drafter(
+    cfg: TrainConfig,
+    log: Callable[[str], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Path:
     """Train a draft head and write the drafter directory ``cfg.output_dir``; returns its path.
 
     ``on_step(step)`` is called after every optimizer step (tests use it to interrupt a run).
@@ -200,7 +247,9 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     is_main = rank == 0
     out = _check_output_dir(cfg)
     # A resume checkpoint is read before any expensive work, so a bad one fails fast.
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    ckpt_dir = (
+        Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+    )
     resume_file, st = find_resume(cfg, ckpt_dir, log)
     dev = _device(cfg, world, local_rank)
     torch.manual_seed(cfg.seed)
@@ -212,7 +261,9 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     data = _features(cfg, base, model_dir, world, is_main, log)
     feats = data.feats
     draft_vocab = _draft_vocab(cfg, data, base, model_dir, log)
-    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight, draft_vocab).to(dev)
+    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight, draft_vocab).to(
+        dev
+    )
     if world > 1 and is_main:
         torch.distributed.barrier()
     train_pos, eval_pos = train_and_eval_positions(feats, cfg)
@@ -233,7 +284,9 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
 
     step, history, prior_elapsed = 0, [], 0.0
     if st is not None:
-        step, total, history, prior_elapsed = restore(st, resume_file, cfg, data.key, drafter, opt, sampler, log)
+        step, total, history, prior_elapsed = restore(
+            st, resume_file, cfg, data.key, drafter, opt, sampler, log
+        )
         budget.fixed = True
 
     # the frozen projection, in the matmul dtype of the precision (after a resume loaded the head)
@@ -241,86 +294,180 @@ def train_drafter(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     proj = FrozenProjection.of(drafter, base, cfg, mm_dtype) if cfg.freeze_lm_head else None
     n_params = sum(p.numel() for p in params)
     if is_main:
-        log(_start_log(cfg, base, drafter, n_params, feats, len(train_pos), len(eval_pos), total,
-                       budget.fixed, precision, dev))
+        log(
+            _start_log(
+                cfg,
+                base,
+                drafter,
+                n_params,
+                feats,
+                len(train_pos),
+                len(eval_pos),
+                total,
+                budget.fixed,
+                precision,
+                dev,
+            )
+        )
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", file=sys.stderr,
-               disable=not (cfg.progress and is_main))
+    bar = tqdm(
+        total=total,
+        initial=step,
+        unit="step",
+        desc="train",
+        file=sys.stderr,
+        disable=not (cfg.progress and is_main),
+    )
     model.train()
     stats = StepStats.zeros(cfg.draft_len)
     t_loop = time.perf_counter()
     stopped_early = False
     while step < total:
-        gnorm = optimizer_step(model, base, feats, sampler, cfg, dev, autocast, proj, opt, params, scaler,
-                               lr_at(step, cfg, total), stats)
+        gnorm = optimizer_step(
+            model,
+            base,
+            feats,
+            sampler,
+            cfg,
+            dev,
+            autocast,
+            proj,
+            opt,
+            params,
+            scaler,
+            lr_at(step, cfg, total),
+            stats,
+        )
         step += 1
         if not budget.fixed:
             total = budget.update(step, total, time.perf_counter() - t_loop, cfg.warmup_steps, log)
             bar.total = total
-        if cfg.time_budget_s and budget.fixed and step < total and \
-                prior_elapsed + time.perf_counter() - t_loop > cfg.time_budget_s:
-            log(f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step} (estimated "
-                f"{total}: the steps ran slower than the measured ones); stopping at step {step}")
+        if (
+            cfg.time_budget_s
+            and budget.fixed
+            and step < total
+            and prior_elapsed + time.perf_counter() - t_loop > cfg.time_budget_s
+        ):
+            log(
+                f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step} (estimated "
+                f"{total}: the steps ran slower than the measured ones); stopping at step {step}"
+            )
             stopped_early = True
             total = step
             bar.total = total
         bar.update(1)
         if step % max(1, cfg.log_every) == 0 or step == total:
             acc = (stats.correct / stats.valid.clamp(min=1)).tolist()
-            bar.set_postfix(loss=f"{stats.loss_ema:.3f}", acc="/".join(f"{a:.2f}" for a in acc),
-                            lr=f"{opt.param_groups[0]['lr']:.1e}")
-            history.append({"step": step, "loss": stats.loss_ema, "top1_accuracy_per_depth": acc,
-                            "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"]})
+            bar.set_postfix(
+                loss=f"{stats.loss_ema:.3f}",
+                acc="/".join(f"{a:.2f}" for a in acc),
+                lr=f"{opt.param_groups[0]['lr']:.1e}",
+            )
+            history.append(
+                {
+                    "step": step,
+                    "loss": stats.loss_ema,
+                    "top1_accuracy_per_depth": acc,
+                    "grad_norm": float(gnorm),
+                    "lr": opt.param_groups[0]["lr"],
+                }
+            )
             stats.correct.zero_()
             stats.valid.zero_()
         if on_step is not None:
             on_step(step)
-        if is_main and cfg.eval_every and step % cfg.eval_every == 0 and len(eval_pos) and step < total:
+        if (
+            is_main
+            and cfg.eval_every
+            and step % cfg.eval_every == 0
+            and len(eval_pos)
+            and step < total
+        ):
             last_eval = evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast)
             history.append({"step": step, "eval": last_eval})
-            log(f"\n[train] step {step}: held-out acc {format_per_depth(last_eval['top1_accuracy_per_depth'])}, "
-                f"greedy chain tokens/step {last_eval['greedy_chain_tokens_per_step']:.2f}")
+            log(
+                f"\n[train] step {step}: held-out acc {format_per_depth(last_eval['top1_accuracy_per_depth'])}, "
+                f"greedy chain tokens/step {last_eval['greedy_chain_tokens_per_step']:.2f}"
+            )
         if is_main and cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_checkpoint(ckpt_dir, drafter, opt, sampler, step, total, cfg, data.key, history,
-                            prior_elapsed + time.perf_counter() - t_loop)
+            save_checkpoint(
+                ckpt_dir,
+                drafter,
+                opt,
+                sampler,
+                step,
+                total,
+                cfg,
+                data.key,
+                history,
+                prior_elapsed + time.perf_counter() - t_loop,
+            )
     bar.close()
     train_secs = time.perf_counter() - t_loop
     if world > 1:
         torch.distributed.barrier()
     if not is_main:
         return out
-    final_eval = evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast) if len(eval_pos) else None
+    final_eval = (
+        evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast) if len(eval_pos) else None
+    )
     report = {
-        "model_dir": str(model_dir), "data": list(cfg.data), "settings": asdict(cfg),
-        "drafter_config": drafter.config.to_dict(), "trainable_parameters": n_params,
-        "base_frozen": True, "precision": precision, "device": str(dev), "world_size": world,
-        "data_stats": {"sequences": feats.num_sequences, "tokens": feats.num_tokens,
-                       "train_positions": int(len(train_pos)), "eval_positions": int(len(eval_pos)),
-                       "eval_sequences": int(feats.seq_end[eval_pos].unique().numel()) if len(eval_pos) else 0},
-        "features": {"cache": [str(p) for p in data.paths], "seconds": data.seconds,
-                     "tokens_per_s": feats.num_tokens / data.seconds if data.seconds else None},
-        "steps": step, "total_steps": total, "stopped_by_time_budget": stopped_early,
+        "model_dir": str(model_dir),
+        "data": list(cfg.data),
+        "settings": asdict(cfg),
+        "drafter_config": drafter.config.to_dict(),
+        "trainable_parameters": n_params,
+        "base_frozen": True,
+        "precision": precision,
+        "device": str(dev),
+        "world_size": world,
+        "data_stats": {
+            "sequences": feats.num_sequences,
+            "tokens": feats.num_tokens,
+            "train_positions": int(len(train_pos)),
+            "eval_positions": int(len(eval_pos)),
+            "eval_sequences": int(feats.seq_end[eval_pos].unique().numel()) if len(eval_pos) else 0,
+        },
+        "features": {
+            "cache": [str(p) for p in data.paths],
+            "seconds": data.seconds,
+            "tokens_per_s": feats.num_tokens / data.seconds if data.seconds else None,
+        },
+        "steps": step,
+        "total_steps": total,
+        "stopped_by_time_budget": stopped_early,
         "resumed_from": str(resume_file) if resume_file else None,
         "train_seconds_this_run": train_secs,
         "train_seconds_total": prior_elapsed + train_secs,
-        "throughput": {"positions_per_s": stats.positions * world / max(train_secs, 1e-9),
-                       "draft_predictions_per_s": stats.predictions * world / max(train_secs, 1e-9),
-                       "note": "a position is one context token t trained on all D draft steps; "
-                               "a draft prediction is one (t, depth) target"},
+        "throughput": {
+            "positions_per_s": stats.positions * world / max(train_secs, 1e-9),
+            "draft_predictions_per_s": stats.predictions * world / max(train_secs, 1e-9),
+            "note": "a position is one context token t trained on all D draft steps; "
+            "a draft prediction is one (t, depth) target",
+        },
         "peak_memory": peak_memory_mb(dev),
-        "eval": final_eval, "history": history,
+        "eval": final_eval,
+        "history": history,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    save_drafter(drafter.to("cpu").float(), out, overwrite=cfg.overwrite,
-                 extra_files={REPORT_FILE: json.dumps(report, indent=2)})
+    save_drafter(
+        drafter.to("cpu").float(),
+        out,
+        overwrite=cfg.overwrite,
+        extra_files={REPORT_FILE: json.dumps(report, indent=2)},
+    )
     if final_eval:
-        log(f"[train] held-out top-1 per depth {format_per_depth(final_eval['top1_accuracy_per_depth'])}; greedy "
-            f"chain tokens/step {final_eval['greedy_chain_tokens_per_step']:.2f}")
-    log(f"[train] wrote {out} ({step} steps"
+        log(
+            f"[train] held-out top-1 per depth {format_per_depth(final_eval['top1_accuracy_per_depth'])}; greedy "
+            f"chain tokens/step {final_eval['greedy_chain_tokens_per_step']:.2f}"
+        )
+    log(
+        f"[train] wrote {out} ({step} steps"
         f"{', stopped by the time budget' if stopped_early else ''}, {train_secs:.0f} s, "
         f"{report['throughput']['positions_per_s']:.0f} positions/s, peak RSS "
-        f"{report['peak_memory']['host_max_rss_mb']:.0f} MB)")
+        f"{report['peak_memory']['host_max_rss_mb']:.0f} MB)"
+    )
     return out
 
 

@@ -29,15 +29,21 @@ from ..models.drafter import Drafter
 class DraftBatch:
     """One batch of N positions, D draft steps each."""
 
-    context: torch.Tensor     # [N, H] float32, c_t
-    in_tokens: torch.Tensor   # [N, D] int64, x_{t+1} .. x_{t+D} (state-update inputs)
-    labels: torch.Tensor      # [N, D] int64, x_{t+2} .. x_{t+D+1}
-    valid: torch.Tensor       # [N, D] bool
+    context: torch.Tensor  # [N, H] float32, c_t
+    in_tokens: torch.Tensor  # [N, D] int64, x_{t+1} .. x_{t+D} (state-update inputs)
+    labels: torch.Tensor  # [N, D] int64, x_{t+2} .. x_{t+D+1}
+    valid: torch.Tensor  # [N, D] bool
     teacher_pos: torch.Tensor  # [N, D] int64, stream index t+1 .. t+D of the teacher distribution
 
 
-def gather_batch(tokens: torch.Tensor, targets: torch.Tensor, seq_end: torch.Tensor,
-                 hidden: torch.Tensor, pos: torch.Tensor, draft_len: int) -> DraftBatch:
+def gather_batch(
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    seq_end: torch.Tensor,
+    hidden: torch.Tensor,
+    pos: torch.Tensor,
+    draft_len: int,
+) -> DraftBatch:
     """Build a :class:`DraftBatch` for stream positions ``pos`` [N] of a flat token stream.
 
     Args:
@@ -46,13 +52,16 @@ def gather_batch(tokens: torch.Tensor, targets: torch.Tensor, seq_end: torch.Ten
     """
     s = tokens.shape[0]
     i = torch.arange(draft_len, dtype=torch.int64)
-    inp = pos[:, None] + 1 + i[None, :]           # t+1 .. t+D
-    lab = inp + 1                                  # t+2 .. t+D+1
+    inp = pos[:, None] + 1 + i[None, :]  # t+1 .. t+D
+    lab = inp + 1  # t+2 .. t+D+1
     valid = (lab < seq_end[pos][:, None]) & targets[lab.clamp(max=s - 1)]
-    return DraftBatch(context=hidden[pos].to(torch.float32),
-                      in_tokens=tokens[inp.clamp(max=s - 1)],
-                      labels=tokens[lab.clamp(max=s - 1)],
-                      valid=valid, teacher_pos=inp.clamp(max=s - 1))
+    return DraftBatch(
+        context=hidden[pos].to(torch.float32),
+        in_tokens=tokens[inp.clamp(max=s - 1)],
+        labels=tokens[lab.clamp(max=s - 1)],
+        valid=valid,
+        teacher_pos=inp.clamp(max=s - 1),
+    )
 
 
 class UnrolledHead(nn.Module):
@@ -68,8 +77,13 @@ class UnrolledHead(nn.Module):
         super().__init__()
         self.drafter = drafter
 
-    def forward(self, context: torch.Tensor, emb: torch.Tensor, valid: torch.Tensor | None = None,
-                project: bool = True):
+    def forward(
+        self,
+        context: torch.Tensor,
+        emb: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        project: bool = True,
+    ):
         """``project=False`` returns the inputs of the final vocabulary projection instead of logits
         (for :func:`logit_match_loss`, which never forms the [M, V] logits)."""
         d = self.drafter
@@ -78,7 +92,7 @@ class UnrolledHead(nn.Module):
         for i in range(emb.shape[1]):
             state = d.update_state(state, emb[:, i].to(state.dtype))
             states.append(state)
-        s = torch.stack(states, dim=1)                 # [N, D, H]
+        s = torch.stack(states, dim=1)  # [N, D, H]
         x = torch.cat([context[:, None, :].expand(-1, s.shape[1], context.shape[-1]), s], dim=-1)
         if d.input_proj is not None:
             x = d.input_proj(x)
@@ -89,16 +103,18 @@ class UnrolledHead(nn.Module):
         return d.lm_head[-1](x) if project else x
 
 
-def unrolled_logits(drafter: Drafter, embedding: nn.Embedding, context: torch.Tensor,
-                    in_tokens: torch.Tensor) -> torch.Tensor:
+def unrolled_logits(
+    drafter: Drafter, embedding: nn.Embedding, context: torch.Tensor, in_tokens: torch.Tensor
+) -> torch.Tensor:
     """Draft logits [N, D, V] of the D unrolled steps (teacher forcing on ``in_tokens`` [N, D])."""
     with torch.no_grad():  # the base embedding is shared and frozen
         emb = embedding(in_tokens)
     return UnrolledHead(drafter)(context, emb)
 
 
-def _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_and_grad(
+    logits, labels, t_ids, t_probs, temperature, alpha
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row loss ``alpha * T^2 * KL(p_teacher || softmax(z/T)) + (1-alpha) * CE(z, label)`` [M],
     its gradient in the logits ``alpha*T*(softmax(z/T) - p) + (1-alpha)*(softmax(z) -
     onehot(label))`` [M, V] in one float32 buffer (no log-softmax output kept), the argmax [M])."""
@@ -112,7 +128,9 @@ def _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha
     loss = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     grad = None
     # one softmax when T == 1 (or a single term), two otherwise
-    temps = [1.0] if not kd else [temperature] if (not ce or temperature == 1.0) else [temperature, 1.0]
+    temps = (
+        [1.0] if not kd else [temperature] if (not ce or temperature == 1.0) else [temperature, 1.0]
+    )
     lse = {}
     top = z.argmax(-1)  # the same for every T > 0
     for temp in temps:
@@ -132,7 +150,7 @@ def _loss_and_grad(logits, labels, t_ids, t_probs, temperature, alpha
     if kd:
         lq = (z if t_ids is None else z.gather(1, t_ids)) / temperature - lse[temperature][:, None]
         kl = (torch.xlogy(t_probs, t_probs) - t_probs * lq).sum(-1)
-        loss += alpha * temperature ** 2 * kl
+        loss += alpha * temperature**2 * kl
         if t_ids is None:
             grad.add_(t_probs, alpha=-alpha * temperature)
         else:
@@ -159,9 +177,16 @@ class _DistillLoss(torch.autograd.Function):
         return (grad * grad_rows[:, None]).to(ctx.in_dtype), None, None, None, None, None
 
 
-def logit_match_loss(feat: torch.Tensor, target: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor,
-                     t_probs: torch.Tensor, vocab_size: int, temperature: float = 1.0,
-                     mse_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_match_loss(
+    feat: torch.Tensor,
+    target: torch.Tensor,
+    gram: torch.Tensor,
+    rows: torch.Tensor,
+    t_probs: torch.Tensor,
+    vocab_size: int,
+    temperature: float = 1.0,
+    mse_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distillation for a head whose final projection ``W`` [V, H] *is* the base's (frozen), without
     forming a single [M, V] logits row.
 
@@ -191,7 +216,7 @@ def logit_match_loss(feat: torch.Tensor, target: torch.Tensor, gram: torch.Tenso
     logq = torch.log_softmax(zk / temperature, dim=-1)
     p = t_probs.to(logq.dtype)
     kl = (torch.xlogy(p, p) - p * logq).sum(-1)
-    return temperature ** 2 * kl + mse_weight * mse, zk
+    return temperature**2 * kl + mse_weight * mse, zk
 
 
 class _ProjectedDistillLoss(torch.autograd.Function):
@@ -217,8 +242,14 @@ class _ProjectedDistillLoss(torch.autograd.Function):
         for lo in range(0, m, chunk):
             hi = min(lo + chunk, m)
             z = (f[lo:hi].to(matmul_dtype) @ w.T).to(acc)
-            loss[lo:hi], gz, pred[lo:hi] = _loss_and_grad(z, labels[lo:hi], None if t_ids is None else t_ids[lo:hi],
-                                             None if t_probs is None else t_probs[lo:hi], temperature, alpha)
+            loss[lo:hi], gz, pred[lo:hi] = _loss_and_grad(
+                z,
+                labels[lo:hi],
+                None if t_ids is None else t_ids[lo:hi],
+                None if t_probs is None else t_probs[lo:hi],
+                temperature,
+                alpha,
+            )
             grad[lo:hi] = (gz.to(matmul_dtype) @ w).to(acc)
         ctx.save_for_backward(grad)
         ctx.in_dtype = feat.dtype
@@ -228,13 +259,30 @@ class _ProjectedDistillLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, _grad_pred):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_rows[:, None]).to(ctx.in_dtype), None, None, None, None, None, None, None, None
+        return (
+            (grad * grad_rows[:, None]).to(ctx.in_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def projected_distill_loss(feat: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           t_ids: torch.Tensor | None, t_probs: torch.Tensor | None, temperature: float = 1.0,
-                           alpha: float = 1.0, chunk: int = 128,
-                           matmul_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def projected_distill_loss(
+    feat: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    t_ids: torch.Tensor | None,
+    t_probs: torch.Tensor | None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    chunk: int = 128,
+    matmul_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`distill_loss` of the logits ``feat @ weight.T`` without materialising them.
 
     For a head whose final projection ``weight`` [V, H] is frozen (no gradient reaches it).
@@ -243,8 +291,17 @@ def projected_distill_loss(feat: torch.Tensor, weight: torch.Tensor, labels: tor
     assert 0.0 <= alpha <= 1.0 and temperature > 0 and chunk >= 1
     if alpha == 0:
         t_ids = t_probs = None
-    return _ProjectedDistillLoss.apply(feat, weight, labels, t_ids, t_probs, float(temperature),
-                                       float(alpha), int(chunk), matmul_dtype)
+    return _ProjectedDistillLoss.apply(
+        feat,
+        weight,
+        labels,
+        t_ids,
+        t_probs,
+        float(temperature),
+        float(alpha),
+        int(chunk),
+        matmul_dtype,
+    )
 
 
 def teacher_probs(values: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -252,8 +309,14 @@ def teacher_probs(values: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(values.to(torch.float32) / temperature, dim=-1)
 
 
-def distill_loss(logits: torch.Tensor, labels: torch.Tensor, t_ids: torch.Tensor | None,
-                 t_probs: torch.Tensor | None, temperature: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+def distill_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    t_ids: torch.Tensor | None,
+    t_probs: torch.Tensor | None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+) -> torch.Tensor:
     """Per-row loss [M] for draft logits [M, V] (differentiable in ``logits``).
 
     Args:
@@ -266,13 +329,16 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, t_ids: torch.Tensor
     """
     assert 0.0 <= alpha <= 1.0 and temperature > 0
     if alpha == 0:
-        t_ids, t_probs = torch.zeros((logits.shape[0], 1), dtype=torch.int64, device=logits.device), \
-            torch.zeros((logits.shape[0], 1), dtype=torch.float32, device=logits.device)
+        t_ids, t_probs = (
+            torch.zeros((logits.shape[0], 1), dtype=torch.int64, device=logits.device),
+            torch.zeros((logits.shape[0], 1), dtype=torch.float32, device=logits.device),
+        )
     return _DistillLoss.apply(logits, labels, t_ids, t_probs, float(temperature), float(alpha))
 
 
-def reference_loss(logits: torch.Tensor, labels: torch.Tensor, t_ids, t_probs, temperature: float,
-                   alpha: float) -> torch.Tensor:
+def reference_loss(
+    logits: torch.Tensor, labels: torch.Tensor, t_ids, t_probs, temperature: float, alpha: float
+) -> torch.Tensor:
     """Plain autograd formulation of :func:`distill_loss` (the oracle for its tests)."""
     z = logits if logits.dtype == torch.float64 else logits.to(torch.float32)
     logq = F.log_softmax(z / temperature, dim=-1)
@@ -282,10 +348,12 @@ def reference_loss(logits: torch.Tensor, labels: torch.Tensor, t_ids, t_probs, t
     else:
         kl = torch.zeros(z.shape[0], dtype=z.dtype)
     ce = -F.log_softmax(z, dim=-1).gather(1, labels[:, None]).squeeze(1)
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
 
 
-def depth_weighted_mean(row_loss: torch.Tensor, valid: torch.Tensor, depth_weights: torch.Tensor) -> torch.Tensor:
+def depth_weighted_mean(
+    row_loss: torch.Tensor, valid: torch.Tensor, depth_weights: torch.Tensor
+) -> torch.Tensor:
     """``sum_i w_i * mean_{valid at depth i}(loss) / sum_i w_i`` over the depths with any valid row.
 
     Args: row_loss [N, D]; valid [N, D] bool; depth_weights [D].

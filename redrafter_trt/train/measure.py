@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,11 +20,20 @@ from .base import eos_ids, load_frozen_base
 from .data import load_base_tokenizer, render_prompt
 
 
-def runtime_tokens_per_step(model_dir: str | os.PathLike, drafter_dir: str | os.PathLike,
-                            prompts: Sequence[str], *, num_beams: int = 4, draft_len: int = 4,
-                            max_new_tokens: int = 128, batch_size: int = 8,
-                            chat_template: bool = True, plain_check: bool = False,
-                            device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+def runtime_tokens_per_step(
+    model_dir: str | os.PathLike,
+    drafter_dir: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    num_beams: int = 4,
+    draft_len: int = 4,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    chat_template: bool = True,
+    plain_check: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Greedy speculative generation over ``prompts``; returns the measured statistics.
 
     With ``plain_check`` the prompts are also decoded without speculation and the outputs are
@@ -34,13 +44,24 @@ def runtime_tokens_per_step(model_dir: str | os.PathLike, drafter_dir: str | os.
 
     base = load_frozen_base(model_dir, device)
     head = load_drafter(drafter_dir, base_lm_head=base.lm_head.weight)
-    validate_against_base(head.config, base.config.hidden_size, base.config.vocab_size,
-                          tuple(base.embedding.weight.shape), f"--drafter_model_dir {drafter_dir}")
+    validate_against_base(
+        head.config,
+        base.config.hidden_size,
+        base.config.vocab_size,
+        tuple(base.embedding.weight.shape),
+        f"--drafter_model_dir {drafter_dir}",
+    )
     tok = load_base_tokenizer(model_dir)
     ids = [render_prompt(tok, p, chat_template) for p in prompts]
-    backend = TorchBackend(base, head.to(device), num_beams, draft_len, max_batch_size=batch_size,
-                           max_input_len=max(len(x) for x in ids),
-                           max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1)
+    backend = TorchBackend(
+        base,
+        head.to(device),
+        num_beams,
+        draft_len,
+        max_batch_size=batch_size,
+        max_input_len=max(len(x) for x in ids),
+        max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1,
+    )
     gen = Generator(backend, tokenizer=tok, eos_token_ids=eos_ids(base, tok))
     hist = [0] * (draft_len + 2)
     tokens = steps = 0
@@ -48,10 +69,12 @@ def runtime_tokens_per_step(model_dir: str | os.PathLike, drafter_dir: str | os.
     t0 = time.perf_counter()
     from tqdm import tqdm
 
-    bar = tqdm(total=len(ids), unit="prompt", desc="runtime eval", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(ids), unit="prompt", desc="runtime eval", disable=not progress, file=sys.stderr
+    )
     with torch.inference_mode():
         for lo in range(0, len(ids), batch_size):
-            chunk = ids[lo:lo + batch_size]
+            chunk = ids[lo : lo + batch_size]
             res = gen.generate(chunk, max_new_tokens=max_new_tokens, speculative=True)
             st = gen.last_stats
             tokens += st.generated_tokens
@@ -65,11 +88,17 @@ def runtime_tokens_per_step(model_dir: str | os.PathLike, drafter_dir: str | os.
             bar.update(len(chunk))
             bar.set_postfix(tokens_per_step=f"{tokens / max(steps, 1):.3f}")
     bar.close()
-    out = {"prompts": len(ids), "num_beams": num_beams, "draft_len": draft_len,
-           "max_new_tokens": max_new_tokens, "tokens_per_step": tokens / max(steps, 1),
-           "generated_tokens": tokens, "steps": steps,
-           "tokens_per_step_histogram": {str(k): v for k, v in enumerate(hist) if k},
-           "wall_s": time.perf_counter() - t0}
+    out = {
+        "prompts": len(ids),
+        "num_beams": num_beams,
+        "draft_len": draft_len,
+        "max_new_tokens": max_new_tokens,
+        "tokens_per_step": tokens / max(steps, 1),
+        "generated_tokens": tokens,
+        "steps": steps,
+        "tokens_per_step_histogram": {str(k): v for k, v in enumerate(hist) if k},
+        "wall_s": time.perf_counter() - t0,
+    }
     if plain_check:
         out["identical_to_plain"] = same
     return out

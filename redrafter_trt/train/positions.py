@@ -14,14 +14,19 @@ class PositionSampler:
     """Deterministic micro-batches of training positions: epoch ``e`` is a permutation keyed by
     (seed, e); the state is (epoch, cursor), so a resumed run continues with the same batches."""
 
-    def __init__(self, positions: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self, positions: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ):
         self.positions = positions
         self.batch = batch_size
         self.seed = seed
         self.rank, self.world = rank, world
         self.per_epoch = len(positions) // (batch_size * world)
-        require(self.per_epoch >= 1, f"only {len(positions)} training positions: fewer than one batch "
-                f"of {batch_size * world}; lower --batch_size or add data")
+        require(
+            self.per_epoch >= 1,
+            f"only {len(positions)} training positions: fewer than one batch "
+            f"of {batch_size * world}; lower --batch_size or add data",
+        )
         self.epoch, self.cursor = 0, 0
         self._perm: torch.Tensor | None = None
 
@@ -36,7 +41,7 @@ class PositionSampler:
             self.epoch, self.cursor, self._perm = self.epoch + 1, 0, None
         g = self.batch * self.world
         lo = self.cursor * g + self.rank * self.batch
-        idx = self._permutation()[lo:lo + self.batch]
+        idx = self._permutation()[lo : lo + self.batch]
         self.cursor += 1
         return self.positions[idx]
 
@@ -47,7 +52,9 @@ class PositionSampler:
         self.epoch, self.cursor, self._perm = int(st["epoch"]), int(st["cursor"]), None
 
 
-def split_positions(feats: Features, draft_len: int, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_positions(
+    feats: Features, draft_len: int, eval_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(train positions, held-out positions): stream positions whose first draft step is valid,
     split by whole sequences (held-out sequences chosen by a seeded permutation)."""
     s = feats.num_tokens
@@ -66,7 +73,9 @@ def split_positions(feats: Features, draft_len: int, eval_fraction: float, seed:
     return p[usable & ~is_eval], p[usable & is_eval]
 
 
-def train_and_eval_positions(feats: Features, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def train_and_eval_positions(
+    feats: Features, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(train positions, held-out positions) of a run: :func:`split_positions`, the held-out
     ones cut to about ``cfg.eval_positions`` (whole sequences, in order)."""
     train_pos, eval_pos = split_positions(feats, cfg.draft_len, cfg.eval_fraction, cfg.seed)

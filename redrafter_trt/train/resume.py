@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -19,17 +20,36 @@ CHECKPOINT_FORMAT = "redrafter-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path: Path, drafter, opt, sampler: PositionSampler, step: int, total: int,
-                    cfg: TrainConfig, data_key: str, history: list, elapsed: float) -> Path:
+def save_checkpoint(
+    path: Path,
+    drafter,
+    opt,
+    sampler: PositionSampler,
+    step: int,
+    total: int,
+    cfg: TrainConfig,
+    data_key: str,
+    history: list,
+    elapsed: float,
+) -> Path:
     """Write ``step-XXXXXX.pt`` atomically (tmp file + rename)."""
     path.mkdir(parents=True, exist_ok=True)
     f = path / f"step-{step:07d}.pt"
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-             "total_steps": total, "drafter": unwrap(drafter).state_dict(),
-             "drafter_config": unwrap(drafter).config.to_dict(), "optimizer": opt.state_dict(),
-             "data": sampler.state(), "settings": json.dumps(cfg.schedule_fields(), sort_keys=True),
-             "data_key": data_key, "rng": torch.get_rng_state(), "history": json.dumps(history),
-             "elapsed_s": elapsed}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "total_steps": total,
+        "drafter": unwrap(drafter).state_dict(),
+        "drafter_config": unwrap(drafter).config.to_dict(),
+        "optimizer": opt.state_dict(),
+        "data": sampler.state(),
+        "settings": json.dumps(cfg.schedule_fields(), sort_keys=True),
+        "data_key": data_key,
+        "rng": torch.get_rng_state(),
+        "history": json.dumps(history),
+        "elapsed_s": elapsed,
+    }
     tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, f)
@@ -45,18 +65,25 @@ def load_checkpoint(f: Path) -> dict[str, Any]:
     require(f.is_file(), f"--resume {f}: checkpoint file not found")
     try:
         st = torch.load(str(f), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure of the safe unpickler is a bad file
-        raise RedrafterError(f"--resume {f}: cannot read the checkpoint ({type(e).__name__}: {e}); "
-                             "it may be truncated: resume from an earlier step-*.pt or start over") from e
-    require(isinstance(st, dict) and st.get("format") == CHECKPOINT_FORMAT,
-            f"--resume {f}: not a redrafter-train checkpoint")
-    require(st.get("version") == CHECKPOINT_VERSION,
-            f"--resume {f}: checkpoint version {st.get('version')} != {CHECKPOINT_VERSION}")
+    except Exception as e:
+        raise RedrafterError(
+            f"--resume {f}: cannot read the checkpoint ({type(e).__name__}: {e}); "
+            "it may be truncated: resume from an earlier step-*.pt or start over"
+        ) from e
+    require(
+        isinstance(st, dict) and st.get("format") == CHECKPOINT_FORMAT,
+        f"--resume {f}: not a redrafter-train checkpoint",
+    )
+    require(
+        st.get("version") == CHECKPOINT_VERSION,
+        f"--resume {f}: checkpoint version {st.get('version')} != {CHECKPOINT_VERSION}",
+    )
     return st
 
 
-def find_resume(cfg: TrainConfig, ckpt_dir: Path, log: Callable[[str], None]
-                ) -> tuple[Path | None, dict[str, Any] | None]:
+def find_resume(
+    cfg: TrainConfig, ckpt_dir: Path, log: Callable[[str], None]
+) -> tuple[Path | None, dict[str, Any] | None]:
     """(checkpoint file, its state) that ``--resume`` names (``auto``: the latest in
     ``ckpt_dir``), or (None, None); read before any expensive work, so a bad one fails fast."""
     resume_file, st = None, None
@@ -69,15 +96,27 @@ def find_resume(cfg: TrainConfig, ckpt_dir: Path, log: Callable[[str], None]
     return resume_file, st
 
 
-def restore(st: dict[str, Any], resume_file: Path, cfg: TrainConfig, data_key: str, drafter, opt,
-            sampler: PositionSampler, log: Callable[[str], None]) -> tuple[int, int, list, float]:
+def restore(
+    st: dict[str, Any],
+    resume_file: Path,
+    cfg: TrainConfig,
+    data_key: str,
+    drafter,
+    opt,
+    sampler: PositionSampler,
+    log: Callable[[str], None],
+) -> tuple[int, int, list, float]:
     """Load a checkpoint's state into the head, optimizer, sampler and RNG, after checking it was
     made with the same settings and data; returns (step, total steps, history, elapsed seconds)."""
-    require(st["settings"] == json.dumps(cfg.schedule_fields(), sort_keys=True),
-            f"--resume {resume_file}: made with other training settings; resume with the same "
-            f"flags (checkpoint: {st['settings']})")
-    require(st["data_key"] == data_key, f"--resume {resume_file}: made with other data (features "
-            f"{st['data_key']} != {data_key})")
+    require(
+        st["settings"] == json.dumps(cfg.schedule_fields(), sort_keys=True),
+        f"--resume {resume_file}: made with other training settings; resume with the same "
+        f"flags (checkpoint: {st['settings']})",
+    )
+    require(
+        st["data_key"] == data_key,
+        f"--resume {resume_file}: made with other data (features {st['data_key']} != {data_key})",
+    )
     try:
         drafter.load_state_dict(st["drafter"])
         opt.load_state_dict(st["optimizer"])

@@ -5,8 +5,9 @@ autocast precision, and one optimizer step over ``grad_accum`` micro-batches
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -14,8 +15,14 @@ from ..errors import require
 from ..models.drafter import Drafter
 from .config import TrainConfig
 from .features import Features
-from .losses import (depth_weighted_mean, distill_loss, gather_batch, logit_match_loss, projected_distill_loss,
-                     teacher_probs)
+from .losses import (
+    depth_weighted_mean,
+    distill_loss,
+    gather_batch,
+    logit_match_loss,
+    projected_distill_loss,
+    teacher_probs,
+)
 from .positions import PositionSampler
 
 
@@ -42,12 +49,21 @@ def precision_context(cfg: TrainConfig, dev: torch.device) -> tuple[Callable[[],
     if p == "fp32":
         return NullContext, False, "fp32"
     dtype = torch.bfloat16 if p == "bf16" else torch.float16
-    require(not (p == "fp16" and dev.type == "cpu"), "--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    require(
+        not (p == "fp16" and dev.type == "cpu"),
+        "--precision fp16 needs a GPU (use bf16 or fp32 on CPU)",
+    )
     return (lambda: torch.autocast(dev.type, dtype=dtype)), p == "fp16", p
 
 
-def restrict_to_draft_vocab(vocab_map: torch.Tensor, vocab_size: int, labels: torch.Tensor,
-                            t_ids: torch.Tensor | None, t_probs: torch.Tensor | None, alpha: float):
+def restrict_to_draft_vocab(
+    vocab_map: torch.Tensor,
+    vocab_size: int,
+    labels: torch.Tensor,
+    t_ids: torch.Tensor | None,
+    t_probs: torch.Tensor | None,
+    alpha: float,
+):
     """Labels and teacher in the head's K columns: the teacher restricted to the draft vocabulary
     and renormalised (the distribution on those K ids closest in KL to the base's; the mass
     outside them cannot be drafted, so the head is not asked for it).
@@ -76,7 +92,9 @@ def restrict_to_draft_vocab(vocab_map: torch.Tensor, vocab_size: int, labels: to
     return lab.clamp(min=0), keep.to(torch.float32), t_ids, t_probs
 
 
-def teacher(feats: Features, base, batch, cfg: TrainConfig, dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def teacher(
+    feats: Features, base, batch, cfg: TrainConfig, dev
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Teacher (ids [M, K], probs [M, K]) or (None, dense probs [M, V]) for the valid rows."""
     if cfg.resolved_alpha() == 0:
         return None, None
@@ -101,22 +119,28 @@ class FrozenProjection:
     gram: torch.Tensor | None
 
     @classmethod
-    def of(cls, drafter: Drafter, base, cfg: "TrainConfig", matmul_dtype: torch.dtype) -> "FrozenProjection":
+    def of(
+        cls, drafter: Drafter, base, cfg: TrainConfig, matmul_dtype: torch.dtype
+    ) -> FrozenProjection:
         layer = drafter.lm_head[-1].weight
         w = layer.detach().float()
         gram = None
         if cfg.loss == "logit_match":
-            require(not layer.requires_grad and w.shape == base.lm_head.weight.shape
-                    and torch.equal(w, base.lm_head.weight.detach().float()),
-                    "--loss logit_match needs the head's final projection to be the base model's "
-                    "lm_head, frozen (--lm_head_init base --freeze_lm_head)")
+            require(
+                not layer.requires_grad
+                and w.shape == base.lm_head.weight.shape
+                and torch.equal(w, base.lm_head.weight.detach().float()),
+                "--loss logit_match needs the head's final projection to be the base model's "
+                "lm_head, frozen (--lm_head_init base --freeze_lm_head)",
+            )
             w64 = w.to(torch.float64)
             gram = (w64.T @ w64).float()
         return cls(weight=w, matmul_weight=w.to(matmul_dtype), gram=gram)
 
 
-def batch_vocabulary(t_ids: torch.Tensor | None, labels: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def batch_vocabulary(
+    t_ids: torch.Tensor | None, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``--kl_vocab batch``: the sorted union ``U`` of the batch's teacher top-k ids and labels
     (whichever are given), with each re-indexed into ``U`` (None where not given)."""
     given = [x for x in (t_ids, labels) if x is not None]
@@ -124,8 +148,16 @@ def batch_vocabulary(t_ids: torch.Tensor | None, labels: torch.Tensor | None
     return (u,) + tuple(None if x is None else torch.searchsorted(u, x) for x in (t_ids, labels))
 
 
-def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfig, dev,
-                 autocast, proj: FrozenProjection | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def forward_loss(
+    head,
+    base,
+    feats: Features,
+    pos: torch.Tensor,
+    cfg: TrainConfig,
+    dev,
+    autocast,
+    proj: FrozenProjection | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch and its metrics (per-depth correct / valid counts, loss sum).
 
     ``proj`` (given when the head's projection is frozen) routes the loss through the fused
@@ -137,28 +169,39 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
     batch = gather_batch(feats.tokens, feats.targets, feats.seq_end, feats.hidden, pos, d)
     valid = batch.valid.to(dev)
     with torch.no_grad():
-        emb = base.embedding(batch.in_tokens.to(dev))      # frozen, shared
+        emb = base.embedding(batch.in_tokens.to(dev))  # frozen, shared
     labels = batch.labels.to(dev)[valid]
     t_ids, t_probs = teacher(feats, base, batch, cfg, dev)
     alpha = cfg.resolved_alpha()
     vocab_map, keep = unwrap(head).drafter.vocab_map, None
     if vocab_map is not None:  # the loss over the head's K columns (labels/teacher re-indexed)
         full_labels = labels
-        labels, keep, t_ids, t_probs = restrict_to_draft_vocab(vocab_map, base.config.vocab_size,
-                                                               labels, t_ids, t_probs, alpha)
+        labels, keep, t_ids, t_probs = restrict_to_draft_vocab(
+            vocab_map, base.config.vocab_size, labels, t_ids, t_probs, alpha
+        )
     if cfg.loss == "logit_match":
-        require(proj is not None and proj.gram is not None,
-                "--loss logit_match: the frozen projection was not prepared")
+        require(
+            proj is not None and proj.gram is not None,
+            "--loss logit_match: the frozen projection was not prepared",
+        )
         with autocast():
-            feat = head(batch.context.to(dev), emb, valid, project=False)   # [M, H]
+            feat = head(batch.context.to(dev), emb, valid, project=False)  # [M, H]
         target = feats.hidden[batch.teacher_pos[batch.valid]].to(dev, torch.float32)
-        rows, zk = logit_match_loss(feat.float(), target, proj.gram, proj.weight[t_ids], t_probs,
-                                    proj.weight.shape[0], cfg.temperature, cfg.mse_weight)
+        rows, zk = logit_match_loss(
+            feat.float(),
+            target,
+            proj.gram,
+            proj.weight[t_ids],
+            t_probs,
+            proj.weight.shape[0],
+            cfg.temperature,
+            cfg.mse_weight,
+        )
         with torch.no_grad():
             pred = t_ids.gather(1, zk.argmax(-1, keepdim=True)).squeeze(1)
     elif cfg.kl_vocab == "batch" or proj is not None:
         with autocast():
-            feat = head(batch.context.to(dev), emb, valid, project=False)   # [M, exit_dim]
+            feat = head(batch.context.to(dev), emb, valid, project=False)  # [M, exit_dim]
         if cfg.kl_vocab == "batch":
             require(t_ids is not None or alpha == 0, "--kl_vocab batch needs --teacher_topk > 0")
             u, ids_u, labels_u = batch_vocabulary(t_ids, labels if alpha < 1 else None)
@@ -167,8 +210,9 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
             u, ids_u, labels_u = None, t_ids, labels
         if proj is not None:
             w = proj.matmul_weight if u is None else proj.matmul_weight[u]
-            rows, pred = projected_distill_loss(feat, w, labels_u, ids_u, t_probs, cfg.temperature, alpha,
-                                                matmul_dtype=w.dtype)
+            rows, pred = projected_distill_loss(
+                feat, w, labels_u, ids_u, t_probs, cfg.temperature, alpha, matmul_dtype=w.dtype
+            )
         else:
             weight = unwrap(head).drafter.lm_head[-1].weight
             with autocast():
@@ -179,7 +223,7 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
             pred = u[pred]
     else:
         with autocast():
-            flat = head(batch.context.to(dev), emb, valid)     # [M, V]: valid rows only
+            flat = head(batch.context.to(dev), emb, valid)  # [M, V]: valid rows only
         rows = distill_loss(flat, labels, t_ids, t_probs, cfg.temperature, alpha)
         with torch.no_grad():
             pred = flat.argmax(-1)
@@ -194,8 +238,11 @@ def forward_loss(head, base, feats: Features, pos: torch.Tensor, cfg: TrainConfi
     with torch.no_grad():
         correct = torch.zeros(valid.shape, dtype=torch.bool, device=dev)
         correct[valid] = pred == labels
-    return loss, {"correct": correct.sum(0).cpu(), "valid": valid.sum(0).cpu(),
-                  "loss_sum": (row_loss.detach() * valid).sum(0).cpu()}
+    return loss, {
+        "correct": correct.sum(0).cpu(),
+        "valid": valid.sum(0).cpu(),
+        "loss_sum": (row_loss.detach() * valid).sum(0).cpu(),
+    }
 
 
 @dataclass
@@ -210,13 +257,25 @@ class StepStats:
     loss_ema: float | None = None
 
     @classmethod
-    def zeros(cls, draft_len: int) -> "StepStats":
+    def zeros(cls, draft_len: int) -> StepStats:
         return cls(correct=torch.zeros(draft_len), valid=torch.zeros(draft_len))
 
 
-def optimizer_step(model, base, feats: Features, sampler: PositionSampler, cfg: TrainConfig, dev,
-                   autocast, proj: FrozenProjection | None, opt: torch.optim.Optimizer, params: list,
-                   scaler, lr: float, stats: StepStats) -> torch.Tensor:
+def optimizer_step(
+    model,
+    base,
+    feats: Features,
+    sampler: PositionSampler,
+    cfg: TrainConfig,
+    dev,
+    autocast,
+    proj: FrozenProjection | None,
+    opt: torch.optim.Optimizer,
+    params: list,
+    scaler,
+    lr: float,
+    stats: StepStats,
+) -> torch.Tensor:
     """One optimizer step at learning rate ``lr``: ``cfg.grad_accum`` micro-batches from
     ``sampler``, gradient clipping, the (scaled) update; adds to ``stats``; returns the gradient
     norm before clipping (0 with ``grad_clip`` 0)."""
@@ -235,7 +294,11 @@ def optimizer_step(model, base, feats: Features, sampler: PositionSampler, cfg: 
         stats.loss_ema = lv if stats.loss_ema is None else 0.9 * stats.loss_ema + 0.1 * lv
     if scaler:
         scaler.unscale_(opt)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+    gnorm = (
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if cfg.grad_clip > 0
+        else torch.tensor(0.0)
+    )
     if scaler:
         scaler.step(opt)
         scaler.update()

@@ -44,7 +44,9 @@ class _Base:
 
     def __init__(self, vocab: int, hidden: int, seed: int):
         g = torch.Generator().manual_seed(seed)
-        self.embedding = torch.nn.Embedding.from_pretrained(torch.randn(vocab, hidden, generator=g) * 0.02)
+        self.embedding = torch.nn.Embedding.from_pretrained(
+            torch.randn(vocab, hidden, generator=g) * 0.02
+        )
         self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
         with torch.no_grad():
             self.lm_head.weight.copy_(torch.randn(vocab, hidden, generator=g) * 0.05)
@@ -56,18 +58,28 @@ def synthetic_features(n: int, vocab: int, hidden: int, topk: int, seed: int) ->
     zipf = (1.0 / ranks) / (1.0 / ranks).sum()
     tokens = torch.multinomial(zipf, n, replacement=True, generator=g)
     topk_ids = torch.multinomial(zipf, n * topk, replacement=True, generator=g).view(n, topk)
-    return Features(tokens=tokens, targets=torch.ones(n, dtype=torch.bool),
-                    seq_end=torch.full((n,), n, dtype=torch.int64),
-                    hidden=torch.randn(n, hidden, generator=g).to(torch.float16),
-                    topk_values=torch.randn(n, topk, generator=g).sort(-1, descending=True).values,
-                    topk_ids=topk_ids, seq_starts=torch.zeros(1, dtype=torch.int64))
+    return Features(
+        tokens=tokens,
+        targets=torch.ones(n, dtype=torch.bool),
+        seq_end=torch.full((n,), n, dtype=torch.int64),
+        hidden=torch.randn(n, hidden, generator=g).to(torch.float16),
+        topk_values=torch.randn(n, topk, generator=g).sort(-1, descending=True).values,
+        topk_ids=topk_ids,
+        seq_starts=torch.zeros(1, dtype=torch.int64),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m redrafter_trt.train.train_step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features_dir", default=None,
-                   help="a feature cache directory of redrafter-train (default: synthetic features)")
+    p = argparse.ArgumentParser(
+        prog="python -m redrafter_trt.train.train_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--features_dir",
+        default=None,
+        help="a feature cache directory of redrafter-train (default: synthetic features)",
+    )
     p.add_argument("--vocab", type=int, default=49152, help="V (default: SmolLM2's 49152)")
     p.add_argument("--hidden", type=int, default=576, help="H = exit_dim (default: SmolLM2's 576)")
     p.add_argument("--batch_size", type=int, default=256, help="positions per step (default: 256)")
@@ -89,13 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     base = _Base(args.vocab, args.hidden, seed=1)
     usable, _ = split_positions(feats, args.draft_len, 0.0, seed=0)  # the positions training draws
     g = torch.Generator().manual_seed(2)
-    starts = [usable[torch.randint(0, len(usable), (args.batch_size,), generator=g)]
-              for _ in range(args.steps + 1)]
+    starts = [
+        usable[torch.randint(0, len(usable), (args.batch_size,), generator=g)]
+        for _ in range(args.steps + 1)
+    ]
     rows = []
     for name, loss, vocab, precision, frozen in PATHS:
-        cfg = TrainConfig(model_dir="-", data=["-"], output_dir="-", exit_dim=args.hidden, loss=loss,
-                          kl_vocab=vocab, precision=precision, teacher_topk=args.teacher_topk,
-                          lm_head_init="base", freeze_lm_head=True, draft_len=args.draft_len)
+        cfg = TrainConfig(
+            model_dir="-",
+            data=["-"],
+            output_dir="-",
+            exit_dim=args.hidden,
+            loss=loss,
+            kl_vocab=vocab,
+            precision=precision,
+            teacher_topk=args.teacher_topk,
+            lm_head_init="base",
+            freeze_lm_head=True,
+            draft_len=args.draft_len,
+        )
         cfg.validate()
         head = init_drafter(DrafterConfig(args.vocab, args.hidden, args.hidden, 1, True), seed=0)
         with torch.no_grad():
@@ -114,19 +138,37 @@ def main(argv: list[str] | None = None) -> int:
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
         sec = sorted(times)[len(times) // 2]
-        rows.append({"path": name, "seconds_per_step": sec, "positions_per_s": args.batch_size / sec})
-        print(f"{name:36s} {sec * 1000:8.1f} ms/step {args.batch_size / sec:8.0f} positions/s", flush=True)
+        rows.append(
+            {"path": name, "seconds_per_step": sec, "positions_per_s": args.batch_size / sec}
+        )
+        print(
+            f"{name:36s} {sec * 1000:8.1f} ms/step {args.batch_size / sec:8.0f} positions/s",
+            flush=True,
+        )
     ref = rows[0]["seconds_per_step"]
     for r in rows:
         r["speedup_vs_plain"] = ref / r["seconds_per_step"]
-    print("speed-up over the plain fp32 path: " + ", ".join(f"{r['path']}: {r['speedup_vs_plain']:.1f}x"
-                                                            for r in rows[1:]))
-    print(f"threads: {torch.get_num_threads()}; V={args.vocab} H={args.hidden} "
-          f"{args.batch_size} positions x D={args.draft_len}; "
-          f"{'features ' + args.features_dir if args.features_dir else 'synthetic Zipf features'}")
+    print(
+        "speed-up over the plain fp32 path: "
+        + ", ".join(f"{r['path']}: {r['speedup_vs_plain']:.1f}x" for r in rows[1:])
+    )
+    print(
+        f"threads: {torch.get_num_threads()}; V={args.vocab} H={args.hidden} "
+        f"{args.batch_size} positions x D={args.draft_len}; "
+        f"{'features ' + args.features_dir if args.features_dir else 'synthetic Zipf features'}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(),
-                                               "vocab": args.vocab, "hidden": args.hidden}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "threads": torch.get_num_threads(),
+                    "vocab": args.vocab,
+                    "hidden": args.hidden,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

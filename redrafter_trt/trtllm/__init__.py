@@ -32,7 +32,7 @@ TRTLLM_VERSION_PREFIX = "1.2"
 
 #: Engine tensors beyond the step contract: the attention plumbing TensorRT-LLM's GPT attention
 #: plugin reads (:class:`Plumbing`) and the accepted path the runtime relocates KV with.
-ACCEPTED_INDICES = "accepted_packed_indices"   # [B, L] int32, packed index of each accepted node
+ACCEPTED_INDICES = "accepted_packed_indices"  # [B, L] int32, packed index of each accepted node
 
 
 class Plumbing:
@@ -63,9 +63,11 @@ ATTENTION_INPUTS = tuple(v for k, v in vars(Plumbing).items() if k.isupper())
 
 
 def missing_message(what: str) -> str:
-    return (f"{what} needs TensorRT-LLM {TRTLLM_VERSION_PREFIX}.x (TensorRT 10.14, CUDA 13) and an "
-            f"NVIDIA GPU, which this environment does not have; run it inside the "
-            f"{TRTLLM_CONTAINER} container (see docs/gpu.md and the Dockerfile), or use --backend torch")
+    return (
+        f"{what} needs TensorRT-LLM {TRTLLM_VERSION_PREFIX}.x (TensorRT 10.14, CUDA 13) and an "
+        f"NVIDIA GPU, which this environment does not have; run it inside the "
+        f"{TRTLLM_CONTAINER} container (see docs/gpu.md and the Dockerfile), or use --backend torch"
+    )
 
 
 def trtllm_importable() -> bool:
@@ -84,13 +86,23 @@ def require_trtllm(what: str = "the TensorRT-LLM backend"):
     try:
         trt = importlib.import_module("tensorrt")
         trtllm = importlib.import_module("tensorrt_llm")
-    except Exception as e:  # noqa: BLE001 - a broken install is the same user problem
+    except Exception as e:
         raise RedrafterError(f"{missing_message(what)} (importing it failed: {e})") from e
     version = str(getattr(trtllm, "__version__", "?"))
     if not version.startswith(TRTLLM_VERSION_PREFIX):
-        raise RedrafterError(f"{what}: found TensorRT-LLM {version}, expected {TRTLLM_VERSION_PREFIX}.x "
-                             f"(the engine flow was removed after it); use the {TRTLLM_CONTAINER} container")
+        raise RedrafterError(
+            f"{what}: found TensorRT-LLM {version}, expected {TRTLLM_VERSION_PREFIX}.x "
+            f"(the engine flow was removed after it); use the {TRTLLM_CONTAINER} container"
+        )
     return trt, trtllm
 
 
-__all__ = ["TRTLLM_CONTAINER", "ACCEPTED_INDICES", "ATTENTION_INPUTS", "Plumbing", "require_trtllm", "trtllm_importable", "missing_message"]
+__all__ = [
+    "TRTLLM_CONTAINER",
+    "ACCEPTED_INDICES",
+    "ATTENTION_INPUTS",
+    "Plumbing",
+    "require_trtllm",
+    "trtllm_importable",
+    "missing_message",
+]

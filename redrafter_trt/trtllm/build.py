@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..checkpoint import (CHECKPOINT_CONFIG, ENGINE_CONFIG, RedrafterCheckpointConfig, copy_tokenizer_files,
-                          load_rank_shards)
+from ..checkpoint import (
+    CHECKPOINT_CONFIG,
+    ENGINE_CONFIG,
+    RedrafterCheckpointConfig,
+    copy_tokenizer_files,
+    load_rank_shards,
+)
 from ..errors import require
 from ..models.io import atomic_output_dir
 from ..ops.beam_search import DEFAULT_WARP_K
@@ -48,8 +53,15 @@ XQA_TOKENS_PER_BLOCK = (16, 32, 64, 128)
 XQA_MIN_SM = (8, 0)
 
 
-def xqa_support_problems(*, dtype: str, head_size: int, num_attention_heads: int, num_key_value_heads: int,
-                         tokens_per_block: int, sm: tuple[int, int] | None = None) -> list[str]:
+def xqa_support_problems(
+    *,
+    dtype: str,
+    head_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    tokens_per_block: int,
+    sm: tuple[int, int] | None = None,
+) -> list[str]:
     """Why TensorRT-LLM's spec-decoding attention would find no XQA kernel for this engine (empty:
     supported). ``sm`` (compute capability) is checked when given."""
     bad = []
@@ -57,32 +69,61 @@ def xqa_support_problems(*, dtype: str, head_size: int, num_attention_heads: int
         bad.append(f"dtype {dtype} (XQA: {' or '.join(XQA_DTYPES)})")
     lo, hi = XQA_HEAD_SIZE_RANGE
     if head_size % XQA_HEAD_SIZE_MULTIPLE or not lo <= head_size <= hi:
-        bad.append(f"head_dim {head_size} (XQA: a multiple of {XQA_HEAD_SIZE_MULTIPLE} in {lo}..{hi})")
+        bad.append(
+            f"head_dim {head_size} (XQA: a multiple of {XQA_HEAD_SIZE_MULTIPLE} in {lo}..{hi})"
+        )
     if num_key_value_heads < 1 or num_attention_heads % num_key_value_heads:
-        bad.append(f"{num_attention_heads} query heads over {num_key_value_heads} KV heads (not a multiple)")
+        bad.append(
+            f"{num_attention_heads} query heads over {num_key_value_heads} KV heads (not a multiple)"
+        )
     elif num_attention_heads // num_key_value_heads > XQA_MAX_HEAD_GROUP:
-        bad.append(f"{num_attention_heads // num_key_value_heads} query heads per KV head (XQA: at most "
-                   f"{XQA_MAX_HEAD_GROUP})")
+        bad.append(
+            f"{num_attention_heads // num_key_value_heads} query heads per KV head (XQA: at most "
+            f"{XQA_MAX_HEAD_GROUP})"
+        )
     if tokens_per_block not in XQA_TOKENS_PER_BLOCK:
         bad.append(f"tokens_per_block {tokens_per_block} (XQA: one of {XQA_TOKENS_PER_BLOCK})")
     if sm is not None and tuple(sm) < XQA_MIN_SM:
-        bad.append(f"GPU compute capability {sm[0]}.{sm[1]} (XQA: {XQA_MIN_SM[0]}.{XQA_MIN_SM[1]} or newer)")
+        bad.append(
+            f"GPU compute capability {sm[0]}.{sm[1]} (XQA: {XQA_MIN_SM[0]}.{XQA_MIN_SM[1]} or newer)"
+        )
     return bad
 
 
-def check_xqa_support(cfg: RedrafterCheckpointConfig, tokens_per_block: int, sm: tuple[int, int] | None = None,
-                      where: str = "redrafter-build --backend trtllm") -> None:
+def check_xqa_support(
+    cfg: RedrafterCheckpointConfig,
+    tokens_per_block: int,
+    sm: tuple[int, int] | None = None,
+    where: str = "redrafter-build --backend trtllm",
+) -> None:
     """Refuse, at build time, an engine whose generation calls TensorRT-LLM could not run."""
     b = cfg.base
-    bad = xqa_support_problems(dtype=cfg.dtype, head_size=b.head_size, num_attention_heads=b.num_attention_heads,
-                               num_key_value_heads=b.num_key_value_heads, tokens_per_block=tokens_per_block, sm=sm)
-    require(not bad, f"{where}: TensorRT-LLM's speculative-decoding attention has no kernel for this engine "
-            f"(W x L = {cfg.num_beams} x {cfg.draft_len + 1}): " + "; ".join(bad)
-            + "; use --backend torch for this model")
+    bad = xqa_support_problems(
+        dtype=cfg.dtype,
+        head_size=b.head_size,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads,
+        tokens_per_block=tokens_per_block,
+        sm=sm,
+    )
+    require(
+        not bad,
+        f"{where}: TensorRT-LLM's speculative-decoding attention has no kernel for this engine "
+        f"(W x L = {cfg.num_beams} x {cfg.draft_len + 1}): "
+        + "; ".join(bad)
+        + "; use --backend torch for this model",
+    )
 
 
-def build_config_kwargs(spec_mode_enum: Any, *, max_batch_size: int, max_input_len: int, max_seq_len: int,
-                        tree_size: int, max_num_tokens: int | None = None) -> dict[str, Any]:
+def build_config_kwargs(
+    spec_mode_enum: Any,
+    *,
+    max_batch_size: int,
+    max_input_len: int,
+    max_seq_len: int,
+    tree_size: int,
+    max_num_tokens: int | None = None,
+) -> dict[str, Any]:
     """``tensorrt_llm.builder.BuildConfig`` keyword arguments (without ``plugin_config``).
 
     ``spec_mode_enum`` is ``SpeculativeDecodingMode``; the mode is passed as its member. With a
@@ -91,9 +132,15 @@ def build_config_kwargs(spec_mode_enum: Any, *, max_batch_size: int, max_input_l
     from the built engine (:func:`kv_block_dims`), never recomputed from these values.
     ``max_seq_len`` here is the KV positions a slot needs: the user's max_seq_len plus one tree."""
     t_in = max(max_input_len, tree_size)
-    return dict(max_batch_size=max_batch_size, max_input_len=t_in, max_seq_len=max_seq_len + tree_size,
-                max_beam_width=1, max_num_tokens=int(max_num_tokens) if max_num_tokens else max_batch_size * t_in,
-                max_draft_len=tree_size - 1, speculative_decoding_mode=getattr(spec_mode_enum, SPEC_DECODING_MODE))
+    return dict(
+        max_batch_size=max_batch_size,
+        max_input_len=t_in,
+        max_seq_len=max_seq_len + tree_size,
+        max_beam_width=1,
+        max_num_tokens=int(max_num_tokens) if max_num_tokens else max_batch_size * t_in,
+        max_draft_len=tree_size - 1,
+        speculative_decoding_mode=getattr(spec_mode_enum, SPEC_DECODING_MODE),
+    )
 
 
 def kv_block_dims(build_record: dict[str, Any]) -> tuple[int, int]:
@@ -101,12 +148,17 @@ def kv_block_dims(build_record: dict[str, Any]) -> tuple[int, int]:
     ``kv_len`` = the ``max_seq_len`` the engine's ``prepare_inputs`` saw (``engine_max_seq_len``,
     read from the built engine's ``config.build_config``), ``max_blocks`` = the fixed last
     dimension of ``kv_cache_block_offsets`` = ceil(kv_len / tokens_per_block)."""
-    require("engine_max_seq_len" in build_record,
-            "engine config.json: build_config has no engine_max_seq_len (built by an older redrafter-build, "
-            "whose KV block dimension may not match the engine); rebuild the engine")
+    require(
+        "engine_max_seq_len" in build_record,
+        "engine config.json: build_config has no engine_max_seq_len (built by an older redrafter-build, "
+        "whose KV block dimension may not match the engine); rebuild the engine",
+    )
     kv_len = int(build_record["engine_max_seq_len"])
     tpb = int(build_record.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK))
-    require(kv_len >= 1 and tpb >= 1, f"engine config.json: engine_max_seq_len {kv_len}, tokens_per_block {tpb}")
+    require(
+        kv_len >= 1 and tpb >= 1,
+        f"engine config.json: engine_max_seq_len {kv_len}, tokens_per_block {tpb}",
+    )
     return kv_len, blocks_per_slot(kv_len, tpb)
 
 
@@ -114,15 +166,29 @@ def engine_file(rank: int) -> str:
     return f"rank{rank}.engine"
 
 
-def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                        cfg: RedrafterCheckpointConfig, *, max_batch_size: int, max_input_len: int,
-                        max_seq_len: int, overwrite: bool = False, warp_k: int = DEFAULT_WARP_K,
-                        gemm_plugin: str | None = None, gpt_attention_plugin: str | None = None,
-                        kv_cache_type: str | None = None, use_paged_context_fmha: str | None = None,
-                        max_num_tokens: str | int | None = None, workers: str | int | None = None,
-                        tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK, **unknown: Any) -> Path:
+def build_trtllm_engine(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: RedrafterCheckpointConfig,
+    *,
+    max_batch_size: int,
+    max_input_len: int,
+    max_seq_len: int,
+    overwrite: bool = False,
+    warp_k: int = DEFAULT_WARP_K,
+    gemm_plugin: str | None = None,
+    gpt_attention_plugin: str | None = None,
+    kv_cache_type: str | None = None,
+    use_paged_context_fmha: str | None = None,
+    max_num_tokens: str | int | None = None,
+    workers: str | int | None = None,
+    tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK,
+    **unknown: Any,
+) -> Path:
     """Build one engine per tensor-parallel rank and write the engine directory atomically."""
-    require(not unknown, f"redrafter-build --backend trtllm: unknown build options {sorted(unknown)}")
+    require(
+        not unknown, f"redrafter-build --backend trtllm: unknown build options {sorted(unknown)}"
+    )
     trt, trtllm = require_trtllm("redrafter-build --backend trtllm")
     from tensorrt_llm.builder import BuildConfig, build
     from tensorrt_llm.models.modeling_utils import SpeculativeDecodingMode
@@ -131,20 +197,30 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
     from .network import build_model
 
     ckpt = Path(checkpoint_dir)
-    require(cfg.dtype in ENGINE_DTYPES,
-            f"{ckpt}: dtype {cfg.dtype!r}; TensorRT-LLM engines are built from float16 or bfloat16 "
-            "checkpoints: convert again with --dtype float16 or --dtype bfloat16")
-    require(kv_cache_type in (None, "paged"),
-            f"--kv_cache_type {kv_cache_type}: the ReDrafter engine uses the paged KV cache layout "
-            "(each slot owns a contiguous run of blocks)")
-    require(tokens_per_block & (tokens_per_block - 1) == 0, f"tokens_per_block {tokens_per_block}: not a power of 2")
+    require(
+        cfg.dtype in ENGINE_DTYPES,
+        f"{ckpt}: dtype {cfg.dtype!r}; TensorRT-LLM engines are built from float16 or bfloat16 "
+        "checkpoints: convert again with --dtype float16 or --dtype bfloat16",
+    )
+    require(
+        kv_cache_type in (None, "paged"),
+        f"--kv_cache_type {kv_cache_type}: the ReDrafter engine uses the paged KV cache layout "
+        "(each slot owns a contiguous run of blocks)",
+    )
+    require(
+        tokens_per_block & (tokens_per_block - 1) == 0,
+        f"tokens_per_block {tokens_per_block}: not a power of 2",
+    )
     raw_cfg = json.loads((ckpt / CHECKPOINT_CONFIG).read_text())
     quant = raw_cfg.get("quantization") or {}
-    require(quant.get("quant_algo") in (None, "FP8"),
-            f"{ckpt}: quantization {quant.get('quant_algo')!r} not supported (None or FP8)")
+    require(
+        quant.get("quant_algo") in (None, "FP8"),
+        f"{ckpt}: quantization {quant.get('quant_algo')!r} not supported (None or FP8)",
+    )
     sm = None
     try:
         import torch
+
         if torch.cuda.is_available():
             sm = torch.cuda.get_device_capability()
     except Exception:  # noqa: BLE001 - the capability is only an extra check
@@ -156,57 +232,93 @@ def build_trtllm_engine(checkpoint_dir: str | os.PathLike, output_dir: str | os.
 
     plugin_dtype = cfg.dtype
     plugins = PluginConfig()
-    plugins.gpt_attention_plugin = (gpt_attention_plugin if gpt_attention_plugin not in (None, "auto")
-                                    else plugin_dtype)
-    plugins.gemm_plugin = None if gemm_plugin == "disable" else (
-        gemm_plugin if gemm_plugin not in (None, "auto") else plugin_dtype)
+    plugins.gpt_attention_plugin = (
+        gpt_attention_plugin if gpt_attention_plugin not in (None, "auto") else plugin_dtype
+    )
+    plugins.gemm_plugin = (
+        None
+        if gemm_plugin == "disable"
+        else (gemm_plugin if gemm_plugin not in (None, "auto") else plugin_dtype)
+    )
     plugins.remove_input_padding = True
     plugins.paged_kv_cache = True
     plugins.tokens_per_block = tokens_per_block
     plugins.context_fmha = True
     plugins.use_paged_context_fmha = use_paged_context_fmha != "disable"
-    kwargs = build_config_kwargs(SpeculativeDecodingMode, max_batch_size=max_batch_size, max_input_len=max_input_len,
-                                 max_seq_len=max_seq_len, tree_size=tree, max_num_tokens=max_num_tokens)
+    kwargs = build_config_kwargs(
+        SpeculativeDecodingMode,
+        max_batch_size=max_batch_size,
+        max_input_len=max_input_len,
+        max_seq_len=max_seq_len,
+        tree_size=tree,
+        max_num_tokens=max_num_tokens,
+    )
     num_tokens, kv_max_seq_len = kwargs["max_num_tokens"], kwargs["max_seq_len"]
     build_config = BuildConfig(**kwargs, plugin_config=plugins)
 
     engines = []
     engine_max_seq_len = None
     for rank, shard in enumerate(shards):
-        model = build_model(cfg_loaded, rank, warp_k=warp_k,
-                            quantization=quant if quant.get("quant_algo") else None)
+        model = build_model(
+            cfg_loaded, rank, warp_k=warp_k, quantization=quant if quant.get("quant_algo") else None
+        )
         model.load(shard)
-        engine = build(model, build_config)   # works on a deep copy of build_config (builder.py)
-        require(engine is not None and engine.engine is not None, f"TensorRT failed to build rank {rank}")
+        engine = build(model, build_config)  # works on a deep copy of build_config (builder.py)
+        require(
+            engine is not None and engine.engine is not None,
+            f"TensorRT failed to build rank {rank}",
+        )
         # the max_seq_len prepare_inputs saw (build() adds max_draft_len to it in spec-decoding modes)
         built = int(engine.config.build_config.max_seq_len)
         # build() clips max_input_len to max_seq_len (builder.py, _init_max_seq_len): refuse rather
         # than record input limits the engine's profiles do not have
         built_in = int(engine.config.build_config.max_input_len)
-        require(built_in == kwargs["max_input_len"], f"TensorRT-LLM built rank {rank} with max_input_len {built_in}, "
-                f"not {kwargs['max_input_len']}: use --max_input_len <= --max_seq_len")
-        require(engine_max_seq_len in (None, built), f"rank {rank}: max_seq_len {built} differs from rank 0's")
+        require(
+            built_in == kwargs["max_input_len"],
+            f"TensorRT-LLM built rank {rank} with max_input_len {built_in}, "
+            f"not {kwargs['max_input_len']}: use --max_input_len <= --max_seq_len",
+        )
+        require(
+            engine_max_seq_len in (None, built),
+            f"rank {rank}: max_seq_len {built} differs from rank 0's",
+        )
         engine_max_seq_len = built
         num_tokens = int(engine.config.build_config.max_num_tokens)
         engines.append(engine.engine)
 
     record = {
-        "max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
-        "warp_k": warp_k, "tokens_per_block": tokens_per_block, "max_num_tokens": num_tokens,
-        "kv_max_seq_len": kv_max_seq_len, "engine_max_seq_len": engine_max_seq_len,
+        "max_batch_size": max_batch_size,
+        "max_input_len": max_input_len,
+        "max_seq_len": max_seq_len,
+        "warp_k": warp_k,
+        "tokens_per_block": tokens_per_block,
+        "max_num_tokens": num_tokens,
+        "kv_max_seq_len": kv_max_seq_len,
+        "engine_max_seq_len": engine_max_seq_len,
         "speculative_decoding_mode": SPEC_DECODING_MODE,
-        "dtype": cfg.dtype, "gemm_plugin": plugins.gemm_plugin,
-        "gpt_attention_plugin": plugins.gpt_attention_plugin, "kv_cache_type": "paged",
+        "dtype": cfg.dtype,
+        "gemm_plugin": plugins.gemm_plugin,
+        "gpt_attention_plugin": plugins.gpt_attention_plugin,
+        "kv_cache_type": "paged",
         "use_paged_context_fmha": bool(plugins.use_paged_context_fmha),
-        "tensorrt_version": trt.__version__, "tensorrt_llm_version": trtllm.__version__,
+        "tensorrt_version": trt.__version__,
+        "tensorrt_llm_version": trtllm.__version__,
         "workers": workers,
     }
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         for rank, buf in enumerate(engines):
             with open(tmp / engine_file(rank), "wb") as f:
                 f.write(memoryview(buf))
-        (tmp / ENGINE_CONFIG).write_text(json.dumps({
-            "version": __version__, "backend": "trtllm", "pretrained_config": raw_cfg,
-            "build_config": record}, indent=2))
+        (tmp / ENGINE_CONFIG).write_text(
+            json.dumps(
+                {
+                    "version": __version__,
+                    "backend": "trtllm",
+                    "pretrained_config": raw_cfg,
+                    "build_config": record,
+                },
+                indent=2,
+            )
+        )
         copy_tokenizer_files(ckpt, tmp)
     return Path(output_dir)

@@ -52,13 +52,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ..errors import require
-from . import ATTENTION_INPUTS, Plumbing as P
+from . import ATTENTION_INPUTS
+from . import Plumbing as P
 
 CUDA_GRAPH_ENV = "REDRAFTER_CUDA_GRAPH"
 #: TensorRT-LLM's ``kKV_CACHE_LEN_CUDA_GRAPH_ROUND_SIZE``: re-capture when the batch's maximum KV
@@ -72,12 +74,16 @@ PAST_KV_LENGTHS = P.HOST_PAST_KEY_VALUE_LENGTHS
 #: Known by name: TensorRT 10 reports them as DEVICE-located (TensorRT-LLM declares every network
 #: input alike and binds CPU pointers to these, e.g. runtime/generation.py, runtime/redrafter_utils.py
 #: ``spec_decoding_use`` on "cpu"), so ``ICudaEngine.get_tensor_location`` cannot tell them apart.
-HOST_INPUTS = frozenset(n for n in ATTENTION_INPUTS if n.startswith("host_")) | {P.SPEC_DECODING_USE}
+HOST_INPUTS = frozenset(n for n in ATTENTION_INPUTS if n.startswith("host_")) | {
+    P.SPEC_DECODING_USE
+}
 
 
 def host_input_names(engine_inputs: Iterable[str]) -> frozenset[str]:
     """The engine inputs bound to host memory: :data:`HOST_INPUTS` that the engine kept."""
     return HOST_INPUTS & frozenset(engine_inputs)
+
+
 #: Host inputs the graph does not need exactly: captured with an upper bound (rounded), so they do
 #: not force a re-capture on every step.
 BOUNDED_HOST_INPUTS = frozenset({PAST_KV_LENGTHS})
@@ -136,22 +142,31 @@ def round_kv_length(max_len: int, kv_len: int, round_size: int = KV_LEN_ROUND) -
     return min(kv_len, -(-max(max_len, 1) // round_size) * round_size)
 
 
-def capture_host_values(feed: dict[str, torch.Tensor], host_names: Iterable[str], kv_len: int,
-                        round_size: int = KV_LEN_ROUND) -> dict[str, torch.Tensor]:
+def capture_host_values(
+    feed: dict[str, torch.Tensor],
+    host_names: Iterable[str],
+    kv_len: int,
+    round_size: int = KV_LEN_ROUND,
+) -> dict[str, torch.Tensor]:
     """The host inputs a graph is captured with: the feed's own values, except the past KV
     lengths, which every row gets as the rounded batch maximum (:func:`round_kv_length`)."""
     out = {}
     for name in sorted(set(host_names) & feed.keys()):
         v = feed[name].detach().cpu().contiguous()
         if name == PAST_KV_LENGTHS:
-            v = torch.full_like(v, round_kv_length(int(v.max()) if v.numel() else 0, kv_len, round_size))
+            v = torch.full_like(
+                v, round_kv_length(int(v.max()) if v.numel() else 0, kv_len, round_size)
+            )
         out[name] = v
     return out
 
 
 def host_signature(host_values: dict[str, torch.Tensor]) -> tuple:
     """Hashable identity of host values: a graph replays only under the signature it was captured with."""
-    return tuple((n, tuple(v.shape), str(v.dtype), v.numpy().tobytes()) for n, v in sorted(host_values.items()))
+    return tuple(
+        (n, tuple(v.shape), str(v.dtype), v.numpy().tobytes())
+        for n, v in sorted(host_values.items())
+    )
 
 
 # --------------------------------------------------------------------------- static buffers
@@ -160,16 +175,22 @@ class BufferSpec:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    host: bool        # in host memory (a host-located engine input)
+    host: bool  # in host memory (a host-located engine input)
     output: bool
 
 
-def buffer_plan(feed: dict[str, torch.Tensor], out_shapes: dict[str, tuple[int, ...]],
-                host_names: Iterable[str], out_dtype: torch.dtype = torch.int32) -> list[BufferSpec]:
+def buffer_plan(
+    feed: dict[str, torch.Tensor],
+    out_shapes: dict[str, tuple[int, ...]],
+    host_names: Iterable[str],
+    out_dtype: torch.dtype = torch.int32,
+) -> list[BufferSpec]:
     """One static buffer per engine input (the filtered feed) and output, shapes and dtypes from
     this call; inputs in ``host_names`` are host buffers, everything else device memory."""
     host = set(host_names)
-    plan = [BufferSpec(n, tuple(v.shape), v.dtype, n in host, False) for n, v in sorted(feed.items())]
+    plan = [
+        BufferSpec(n, tuple(v.shape), v.dtype, n in host, False) for n, v in sorted(feed.items())
+    ]
     plan += [BufferSpec(n, tuple(s), out_dtype, False, True) for n, s in sorted(out_shapes.items())]
     return plan
 
@@ -187,13 +208,16 @@ class StaticBuffers:
             else:
                 self.tensors[s.name] = torch.zeros(s.shape, dtype=s.dtype, device=device)
 
-    def matches(self, feed: dict[str, torch.Tensor], out_shapes: dict[str, tuple[int, ...]]) -> bool:
+    def matches(
+        self, feed: dict[str, torch.Tensor], out_shapes: dict[str, tuple[int, ...]]
+    ) -> bool:
         names = {n for n, s in self.plan.items() if not s.output}
         if names != set(feed) or {n for n, s in self.plan.items() if s.output} != set(out_shapes):
             return False
-        return (all(tuple(feed[n].shape) == self.plan[n].shape and feed[n].dtype == self.plan[n].dtype
-                    for n in names)
-                and all(tuple(out_shapes[n]) == self.plan[n].shape for n in out_shapes))
+        return all(
+            tuple(feed[n].shape) == self.plan[n].shape and feed[n].dtype == self.plan[n].dtype
+            for n in names
+        ) and all(tuple(out_shapes[n]) == self.plan[n].shape for n in out_shapes)
 
     def load_device(self, feed: dict[str, torch.Tensor]) -> None:
         """Copy the call's device inputs into the static device buffers (stream-ordered)."""
@@ -256,7 +280,7 @@ class LruCache:
 @dataclass
 class GraphEntry:
     buffers: StaticBuffers
-    exec_: Any = None                 # cudaGraphExec_t
+    exec_: Any = None  # cudaGraphExec_t
     signature: tuple | None = None
 
 
@@ -297,8 +321,17 @@ class CudaGraphRunner:
     run is this call's result), then records the same enqueue into a graph.
     """
 
-    def __init__(self, context: Any, stream: torch.cuda.Stream, device: torch.device, host_names: Iterable[str],
-                 kv_len: int, *, round_size: int = KV_LEN_ROUND, capacity: int = DEFAULT_GRAPH_CACHE_SIZE):
+    def __init__(
+        self,
+        context: Any,
+        stream: torch.cuda.Stream,
+        device: torch.device,
+        host_names: Iterable[str],
+        kv_len: int,
+        *,
+        round_size: int = KV_LEN_ROUND,
+        capacity: int = DEFAULT_GRAPH_CACHE_SIZE,
+    ):
         self.cudart = import_cudart()
         self.context = context
         self.stream = stream
@@ -341,8 +374,12 @@ class CudaGraphRunner:
         or a new instantiation when the update is refused, as TensorRT-LLM does)."""
         cudart, s = self.cudart, self.stream.cuda_stream
         success = cudart.cudaError_t.cudaSuccess
-        self._check(cudart.cudaStreamBeginCapture(s, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-                    "cudaStreamBeginCapture")
+        self._check(
+            cudart.cudaStreamBeginCapture(
+                s, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            ),
+            "cudaStreamBeginCapture",
+        )
         graph, ok = None, False
         try:
             ok = self.context.execute_async_v3(s)
@@ -359,32 +396,39 @@ class CudaGraphRunner:
             if entry.exec_ is not None:
                 upd = cudart.cudaGraphExecUpdate(entry.exec_, graph)
                 action = "update"
-                if (upd[0] if isinstance(upd, tuple) else upd) != success:   # topology changed
+                if (upd[0] if isinstance(upd, tuple) else upd) != success:  # topology changed
                     self._destroy(entry)
                     action = "reinstantiate"
             if entry.exec_ is None:
-                entry.exec_ = self._check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")[0]
+                entry.exec_ = self._check(
+                    cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"
+                )[0]
             self._check(cudart.cudaGraphUpload(entry.exec_, s), "cudaGraphUpload")
             return action
         finally:
             if graph is not None:
                 cudart.cudaGraphDestroy(graph)
 
-    def run(self, key: ShapeKey, feed: dict[str, torch.Tensor],
-            out_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def run(
+        self, key: ShapeKey, feed: dict[str, torch.Tensor], out_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, torch.Tensor]:
         host = capture_host_values(feed, self.host_names, self.kv_len, self.round_size)
         sig = host_signature(host)
         entry = self.cache.get(key)
         if entry is not None and not entry.buffers.matches(feed, out_shapes):
             entry = None
         if entry is None:
-            entry = GraphEntry(StaticBuffers(buffer_plan(feed, out_shapes, self.host_names), self.device))
+            entry = GraphEntry(
+                StaticBuffers(buffer_plan(feed, out_shapes, self.host_names), self.device)
+            )
             self.cache.put(key, entry)
         action = graph_action(entry, sig)
         with torch.cuda.stream(self.stream):
             entry.buffers.load_device(feed)
         if action == "replay":
-            self._check(self.cudart.cudaGraphLaunch(entry.exec_, self.stream.cuda_stream), "cudaGraphLaunch")
+            self._check(
+                self.cudart.cudaGraphLaunch(entry.exec_, self.stream.cuda_stream), "cudaGraphLaunch"
+            )
         else:
             entry.buffers.load_host(host)
             entry.signature = None
@@ -393,7 +437,7 @@ class CudaGraphRunner:
                 raise GraphUnavailable("execute_async_v3 failed with the static buffers")
             try:
                 action = self._capture(entry)
-            except Exception as e:  # noqa: BLE001 - any capture failure means: no graphs, keep the result
+            except Exception as e:
                 self.stream.synchronize()
                 outputs = {k: v.clone() for k, v in entry.buffers.outputs().items()}
                 raise GraphUnavailable(f"CUDA-graph capture failed: {e}", outputs) from e

@@ -37,12 +37,13 @@ import numpy as np
 
 from .. import contract as C
 from ..checkpoint import RedrafterCheckpointConfig
-from ..sharding import padded_vocab_size
 from ..errors import require
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.kv_cache import blocks_per_slot
 from ..ops.tree import mask_words
-from . import ACCEPTED_INDICES, Plumbing as P, require_trtllm
+from ..sharding import padded_vocab_size
+from . import ACCEPTED_INDICES, require_trtllm
+from . import Plumbing as P
 from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin
 
 #: ``PretrainedConfig.architecture`` of the step engine (not in TensorRT-LLM's ``MODEL_MAP``, so its
@@ -61,22 +62,44 @@ def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) ->
 
     b = cfg.base
     if b.architecture == ARCH_QWEN2:
-        require(not b.dense_bias, "Qwen2 checkpoint with an attention output (dense) bias: TensorRT-LLM's "
-                "QWenForCausalLM has none (dense_bias=False)")
+        require(
+            not b.dense_bias,
+            "Qwen2 checkpoint with an attention output (dense) bias: TensorRT-LLM's "
+            "QWenForCausalLM has none (dense_bias=False)",
+        )
     else:
-        require(b.qkv_bias == b.dense_bias, f"Llama checkpoint with qkv_bias={b.qkv_bias} but dense_bias="
-                f"{b.dense_bias}: TensorRT-LLM's LLaMAForCausalLM uses one attn_bias for both")
+        require(
+            b.qkv_bias == b.dense_bias,
+            f"Llama checkpoint with qkv_bias={b.qkv_bias} but dense_bias="
+            f"{b.dense_bias}: TensorRT-LLM's LLaMAForCausalLM uses one attn_bias for both",
+        )
     d: dict[str, Any] = {
         "architecture": HF_ARCHITECTURE[b.architecture],
-        "dtype": cfg.dtype, "logits_dtype": "float32", "vocab_size": b.vocab_size,
-        "hidden_size": b.hidden_size, "intermediate_size": b.intermediate_size,
-        "num_hidden_layers": b.num_hidden_layers, "num_attention_heads": b.num_attention_heads,
-        "num_key_value_heads": b.num_key_value_heads, "head_size": b.head_size,
-        "hidden_act": "silu", "norm_epsilon": b.norm_epsilon, "rotary_base": b.rotary_base,
-        "rotary_scaling": b.rotary_scaling, "max_position_embeddings": b.max_position_embeddings,
-        "position_embedding_type": "rope_gpt_neox", "attn_bias": b.qkv_bias, "mlp_bias": b.mlp_bias,
-        "share_embedding_table": False, "tie_word_embeddings": b.tie_word_embeddings,
-        "mapping": {"world_size": cfg.tp_size, "tp_size": cfg.tp_size, "pp_size": 1, "rank": mapping_rank},
+        "dtype": cfg.dtype,
+        "logits_dtype": "float32",
+        "vocab_size": b.vocab_size,
+        "hidden_size": b.hidden_size,
+        "intermediate_size": b.intermediate_size,
+        "num_hidden_layers": b.num_hidden_layers,
+        "num_attention_heads": b.num_attention_heads,
+        "num_key_value_heads": b.num_key_value_heads,
+        "head_size": b.head_size,
+        "hidden_act": "silu",
+        "norm_epsilon": b.norm_epsilon,
+        "rotary_base": b.rotary_base,
+        "rotary_scaling": b.rotary_scaling,
+        "max_position_embeddings": b.max_position_embeddings,
+        "position_embedding_type": "rope_gpt_neox",
+        "attn_bias": b.qkv_bias,
+        "mlp_bias": b.mlp_bias,
+        "share_embedding_table": False,
+        "tie_word_embeddings": b.tie_word_embeddings,
+        "mapping": {
+            "world_size": cfg.tp_size,
+            "tp_size": cfg.tp_size,
+            "pp_size": 1,
+            "rank": mapping_rank,
+        },
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
     if b.architecture == ARCH_QWEN2:
@@ -84,15 +107,24 @@ def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) ->
     return d
 
 
-def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT_WARP_K,
-                quantization: dict[str, Any] | None = None):
+def build_model(
+    cfg: RedrafterCheckpointConfig,
+    rank: int,
+    warp_k: int = DEFAULT_WARP_K,
+    quantization: dict[str, Any] | None = None,
+):
     """The TensorRT-LLM module of one tensor-parallel rank (weights not loaded yet)."""
     trt, _ = require_trtllm("building a ReDrafter TensorRT-LLM engine")
     from tensorrt_llm import functional as F
     from tensorrt_llm._common import default_net
     from tensorrt_llm.functional import Tensor
     from tensorrt_llm.layers import ColumnLinear
-    from tensorrt_llm.layers.attention import Attention, AttentionParams, KeyValueCacheParams, SpecDecodingParams
+    from tensorrt_llm.layers.attention import (
+        Attention,
+        AttentionParams,
+        KeyValueCacheParams,
+        SpecDecodingParams,
+    )
     from tensorrt_llm.mapping import Mapping
     from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
     from tensorrt_llm.models.modeling_utils import PretrainedModel
@@ -117,8 +149,15 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
     K = dc.head_vocab_size  # draft-logit columns: the head's draft vocabulary, or V
 
     def col(i, o, bias):  # ColumnLinear with gathered output: TensorRT-LLM's ReDrafter layout
-        return ColumnLinear(i, o, bias=bias, dtype=dtype, tp_group=mapping.tp_group, tp_size=mapping.tp_size,
-                            gather_output=True)
+        return ColumnLinear(
+            i,
+            o,
+            bias=bias,
+            dtype=dtype,
+            tp_group=mapping.tp_group,
+            tp_size=mapping.tp_size,
+            gather_output=True,
+        )
 
     class ResBlock(Module):
         def __init__(self):
@@ -136,7 +175,9 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             self.input_proj = col(2 * H, dc.exit_dim, True) if dc.exit_dim != 2 * H else None
             self.layers = ModuleList([ResBlock() for _ in range(dc.num_draft_layers)])
             self.lm_head = col(dc.exit_dim, padded_vocab_size(K, cfg.tp_size), False)
-            if dc.draft_vocab_size is not None:  # drafter.draft_vocab [K] int32: full id of each column
+            if (
+                dc.draft_vocab_size is not None
+            ):  # drafter.draft_vocab [K] int32: full id of each column
                 self.draft_vocab = Parameter(shape=(K,), dtype="int32")
             if dc.rnn:
                 self.rnn_u = col(H, H, True)
@@ -164,7 +205,9 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
         idx = index
         for _ in range(x.ndim() - 2):
             idx = F.unsqueeze(idx, -1)
-        target = F.concat([F.shape(index, 0), F.shape(index, 1)] + [F.shape(x, i) for i in range(2, x.ndim())])
+        target = F.concat(
+            [F.shape(index, 0), F.shape(index, 1)] + [F.shape(x, i) for i in range(2, x.ndim())]
+        )
         return F.gather(x, 1, F.expand(idx, target))
 
     # Slices below: static starts (a list of ints, the ISliceLayer's start parameter) with dynamic
@@ -175,10 +218,12 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
     class ReDrafterEngine(PretrainedModel):
         def __init__(self, config):
             super().__init__(config)
-            base = base_cls(base_config)  # not registered itself: its parts keep the checkpoint's names
-            self.transformer = base.transformer   # transformer.*
-            self.lm_head = base.lm_head           # lm_head.weight
-            self.drafter = DraftHead()            # drafter.*
+            base = base_cls(
+                base_config
+            )  # not registered itself: its parts keep the checkpoint's names
+            self.transformer = base.transformer  # transformer.*
+            self.lm_head = base.lm_head  # lm_head.weight
+            self.drafter = DraftHead()  # drafter.*
             # RoPE tables: registered on, and filled from, the top-level model, as
             # DecoderModelForCausalLM does (the base's copies are not part of this module tree)
             Attention.create_attention_const_params(self, config)
@@ -192,7 +237,9 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             self.quant_mode = self.config.quantization.quant_mode
 
         # -------------------------------------------------------------- inputs
-        def prepare_inputs(self, max_batch_size: int, max_input_len: int, max_seq_len: int, **_ignored):
+        def prepare_inputs(
+            self, max_batch_size: int, max_input_len: int, max_seq_len: int, **_ignored
+        ):
             """The engine's inputs; ``max_seq_len`` is the KV positions per slot (the build's
             max_seq_len plus one tree), ``tokens_per_block`` the plugin config's."""
             tokens_per_block = default_net().plugin_config.tokens_per_block
@@ -207,14 +254,35 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
                 C.REQUEST_TYPES: inp(C.REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
                 C.SLOT_IDS: inp(C.SLOT_IDS, i32, [-1], [("batch", [bs])]),
                 C.CACHE_LENGTHS: inp(C.CACHE_LENGTHS, i32, [-1], [("batch", [bs])]),
-                C.INPUT_IDS: inp(C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
+                C.INPUT_IDS: inp(
+                    C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
+                ),
                 C.INPUT_LENGTHS: inp(C.INPUT_LENGTHS, i32, [-1], [("batch", [bs])]),
-                C.POSITION_OFFSETS: inp(C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
-                C.PACKED_MASK: inp(C.PACKED_MASK, i32, [-1, -1, -1],
-                                   [("batch", [bs]), ("tokens", [t_range]),
-                                    ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]])]),
-                C.DRAFT_TOKENS: inp(C.DRAFT_TOKENS, i32, [-1, W, L], [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])]),
-                C.DRAFT_INDICES: inp(C.DRAFT_INDICES, i32, [-1, W, L], [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])]),
+                C.POSITION_OFFSETS: inp(
+                    C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
+                ),
+                C.PACKED_MASK: inp(
+                    C.PACKED_MASK,
+                    i32,
+                    [-1, -1, -1],
+                    [
+                        ("batch", [bs]),
+                        ("tokens", [t_range]),
+                        ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]]),
+                    ],
+                ),
+                C.DRAFT_TOKENS: inp(
+                    C.DRAFT_TOKENS,
+                    i32,
+                    [-1, W, L],
+                    [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
+                ),
+                C.DRAFT_INDICES: inp(
+                    C.DRAFT_INDICES,
+                    i32,
+                    [-1, W, L],
+                    [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
+                ),
                 C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
                 C.TOP_K: inp(C.TOP_K, i32, [-1], [("batch", [bs])]),
                 C.TOP_P: inp(C.TOP_P, f32, [-1], [("batch", [bs])]),
@@ -225,48 +293,98 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
             max_blocks = blocks_per_slot(max_seq_len, tokens_per_block)
             a = {
                 P.SEQUENCE_LENGTH: inp(P.SEQUENCE_LENGTH, i32, [-1], [("batch", [bs])]),
-                P.HOST_PAST_KEY_VALUE_LENGTHS: inp(P.HOST_PAST_KEY_VALUE_LENGTHS, i32, [-1], [("batch", [bs])]),
-                P.HOST_MAX_ATTENTION_WINDOW_SIZES: inp(P.HOST_MAX_ATTENTION_WINDOW_SIZES, i32, [layers],
-                                                       [("layers", [[layers] * 3])]),
-                P.HOST_SINK_TOKEN_LENGTH: inp(P.HOST_SINK_TOKEN_LENGTH, i32, [1], [("one", [[1] * 3])]),
+                P.HOST_PAST_KEY_VALUE_LENGTHS: inp(
+                    P.HOST_PAST_KEY_VALUE_LENGTHS, i32, [-1], [("batch", [bs])]
+                ),
+                P.HOST_MAX_ATTENTION_WINDOW_SIZES: inp(
+                    P.HOST_MAX_ATTENTION_WINDOW_SIZES, i32, [layers], [("layers", [[layers] * 3])]
+                ),
+                P.HOST_SINK_TOKEN_LENGTH: inp(
+                    P.HOST_SINK_TOKEN_LENGTH, i32, [1], [("one", [[1] * 3])]
+                ),
                 P.CONTEXT_LENGTHS: inp(P.CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
                 P.HOST_CONTEXT_LENGTHS: inp(P.HOST_CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
                 P.HOST_REQUEST_TYPES: inp(P.HOST_REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
-                P.KV_CACHE_BLOCK_OFFSETS: inp(P.KV_CACHE_BLOCK_OFFSETS, i32, [1, -1, 2, max_blocks],
-                                              [("pools", [[1] * 3]), ("batch", [bs]), ("kv", [[2] * 3]),
-                                               ("blocks", [[max_blocks] * 3])]),
-                P.HOST_KV_CACHE_BLOCK_OFFSETS: inp(P.HOST_KV_CACHE_BLOCK_OFFSETS, i32, [1, -1, 2, max_blocks],
-                                                   [("pools", [[1] * 3]), ("batch", [bs]), ("kv", [[2] * 3]),
-                                                    ("blocks", [[max_blocks] * 3])]),
-                P.HOST_KV_CACHE_POOL_POINTERS: inp(P.HOST_KV_CACHE_POOL_POINTERS, trt.int64, [1, 2],
-                                                   [("pools", [[1] * 3]), ("two", [[2] * 3])]),
-                P.HOST_KV_CACHE_POOL_MAPPING: inp(P.HOST_KV_CACHE_POOL_MAPPING, i32, [layers, 2],
-                                                  [("layers", [[layers] * 3]), ("two", [[2] * 3])]),
-                P.CACHE_INDIRECTION: inp(P.CACHE_INDIRECTION, i32, [-1, 1, -1],
-                                         [("batch", [bs]), ("beam", [[1] * 3]),
-                                          ("max_seq", [[1, max_seq_len // 2 or 1, max_seq_len]])]),
-                P.HOST_RUNTIME_PERF_KNOBS: inp(P.HOST_RUNTIME_PERF_KNOBS, trt.int64, [16], [("knobs", [[16] * 3])]),
-                P.HOST_CONTEXT_PROGRESS: inp(P.HOST_CONTEXT_PROGRESS, trt.int64, [1], [("one", [[1] * 3])]),
-                P.SPEC_DECODING_GENERATION_LENGTHS: inp(P.SPEC_DECODING_GENERATION_LENGTHS, i32, [-1],
-                                                        [("batch", [bs])]),
+                P.KV_CACHE_BLOCK_OFFSETS: inp(
+                    P.KV_CACHE_BLOCK_OFFSETS,
+                    i32,
+                    [1, -1, 2, max_blocks],
+                    [
+                        ("pools", [[1] * 3]),
+                        ("batch", [bs]),
+                        ("kv", [[2] * 3]),
+                        ("blocks", [[max_blocks] * 3]),
+                    ],
+                ),
+                P.HOST_KV_CACHE_BLOCK_OFFSETS: inp(
+                    P.HOST_KV_CACHE_BLOCK_OFFSETS,
+                    i32,
+                    [1, -1, 2, max_blocks],
+                    [
+                        ("pools", [[1] * 3]),
+                        ("batch", [bs]),
+                        ("kv", [[2] * 3]),
+                        ("blocks", [[max_blocks] * 3]),
+                    ],
+                ),
+                P.HOST_KV_CACHE_POOL_POINTERS: inp(
+                    P.HOST_KV_CACHE_POOL_POINTERS,
+                    trt.int64,
+                    [1, 2],
+                    [("pools", [[1] * 3]), ("two", [[2] * 3])],
+                ),
+                P.HOST_KV_CACHE_POOL_MAPPING: inp(
+                    P.HOST_KV_CACHE_POOL_MAPPING,
+                    i32,
+                    [layers, 2],
+                    [("layers", [[layers] * 3]), ("two", [[2] * 3])],
+                ),
+                P.CACHE_INDIRECTION: inp(
+                    P.CACHE_INDIRECTION,
+                    i32,
+                    [-1, 1, -1],
+                    [
+                        ("batch", [bs]),
+                        ("beam", [[1] * 3]),
+                        ("max_seq", [[1, max_seq_len // 2 or 1, max_seq_len]]),
+                    ],
+                ),
+                P.HOST_RUNTIME_PERF_KNOBS: inp(
+                    P.HOST_RUNTIME_PERF_KNOBS, trt.int64, [16], [("knobs", [[16] * 3])]
+                ),
+                P.HOST_CONTEXT_PROGRESS: inp(
+                    P.HOST_CONTEXT_PROGRESS, trt.int64, [1], [("one", [[1] * 3])]
+                ),
+                P.SPEC_DECODING_GENERATION_LENGTHS: inp(
+                    P.SPEC_DECODING_GENERATION_LENGTHS, i32, [-1], [("batch", [bs])]
+                ),
                 P.SPEC_DECODING_USE: inp(P.SPEC_DECODING_USE, i32, [1], [("one", [[1] * 3])]),
             }
-            return {"step": x, "attention": a, "max_input_len": max(max_input_len, N),
-                    "tokens_per_block": tokens_per_block}
+            return {
+                "step": x,
+                "attention": a,
+                "max_input_len": max(max_input_len, N),
+                "tokens_per_block": tokens_per_block,
+            }
 
         # -------------------------------------------------------------- the step
         def forward(self, step: dict, attention: dict, max_input_len: int, tokens_per_block: int):
             x, a = step, attention
             ids = x[C.INPUT_IDS]
             b, t = F.shape(ids, 0), F.shape(ids, 1)
-            flat_ids = F.view(ids, F.concat([b * t]))  # TensorRT-LLM's packed tokens: every row T long
+            flat_ids = F.view(
+                ids, F.concat([b * t])
+            )  # TensorRT-LLM's packed tokens: every row T long
             spec = SpecDecodingParams(
                 spec_decoding_is_generation_length_variable=True,
                 spec_decoding_max_generation_length=N,
                 spec_decoding_generation_lengths=a[P.SPEC_DECODING_GENERATION_LENGTHS],
                 spec_decoding_position_offsets=x[C.POSITION_OFFSETS],
-                spec_decoding_packed_mask=F.view(x[C.PACKED_MASK], F.concat([b * t, F.shape(x[C.PACKED_MASK], 2)])),
-                spec_decoding_use=a[P.SPEC_DECODING_USE])
+                spec_decoding_packed_mask=F.view(
+                    x[C.PACKED_MASK], F.concat([b * t, F.shape(x[C.PACKED_MASK], 2)])
+                ),
+                spec_decoding_use=a[P.SPEC_DECODING_USE],
+            )
             kv = KeyValueCacheParams(
                 past_key_value=[None] * self.config.num_hidden_layers,
                 host_past_key_value_lengths=a[P.HOST_PAST_KEY_VALUE_LENGTHS],
@@ -276,74 +394,128 @@ def build_model(cfg: RedrafterCheckpointConfig, rank: int, warp_k: int = DEFAULT
                 host_kv_cache_block_offsets=a[P.HOST_KV_CACHE_BLOCK_OFFSETS],
                 host_kv_cache_pool_pointers=a[P.HOST_KV_CACHE_POOL_POINTERS],
                 host_kv_cache_pool_mapping=a[P.HOST_KV_CACHE_POOL_MAPPING],
-                cache_indirection=a[P.CACHE_INDIRECTION])
+                cache_indirection=a[P.CACHE_INDIRECTION],
+            )
             attn = AttentionParams(
-                sequence_length=a[P.SEQUENCE_LENGTH], context_lengths=a[P.CONTEXT_LENGTHS],
-                host_context_lengths=a[P.HOST_CONTEXT_LENGTHS], max_context_length=max_input_len,
-                host_request_types=a[P.HOST_REQUEST_TYPES], host_runtime_perf_knobs=a[P.HOST_RUNTIME_PERF_KNOBS],
-                host_context_progress=a[P.HOST_CONTEXT_PROGRESS])
-            attn = Attention.fill_attention_params(self, attn)   # rotary_inv_freq, embed_positions_for_gpt_attention
-            hidden = self.transformer(flat_ids, position_ids=None, use_cache=True, spec_decoding_params=spec,
-                                      kv_cache_params=kv, attention_params=attn)
+                sequence_length=a[P.SEQUENCE_LENGTH],
+                context_lengths=a[P.CONTEXT_LENGTHS],
+                host_context_lengths=a[P.HOST_CONTEXT_LENGTHS],
+                max_context_length=max_input_len,
+                host_request_types=a[P.HOST_REQUEST_TYPES],
+                host_runtime_perf_knobs=a[P.HOST_RUNTIME_PERF_KNOBS],
+                host_context_progress=a[P.HOST_CONTEXT_PROGRESS],
+            )
+            attn = Attention.fill_attention_params(
+                self, attn
+            )  # rotary_inv_freq, embed_positions_for_gpt_attention
+            hidden = self.transformer(
+                flat_ids,
+                position_ids=None,
+                use_cache=True,
+                spec_decoding_params=spec,
+                kv_cache_params=kv,
+                attention_params=attn,
+            )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-            hidden = F.view(hidden, F.concat([b, t, H]))               # [B, T, H] after ln_f
+            hidden = F.view(hidden, F.concat([b, t, H]))  # [B, T, H] after ln_f
 
             # ---- nodes acceptance reads: the tree, or a prompt's last token at node 0
             is_ctx = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)  # [B, 1, 1]
-            last = rows_gather(hidden, F.unsqueeze(x[C.INPUT_LENGTHS] - 1, 1), 1)   # [B, 1, H]
-            nodes = F.slice(hidden, starts=[0, 0, 0],
-                            sizes=F.concat([b, F.minimum(t, N), H]))                 # [B, N', H]
+            last = rows_gather(hidden, F.unsqueeze(x[C.INPUT_LENGTHS] - 1, 1), 1)  # [B, 1, H]
+            nodes = F.slice(
+                hidden, starts=[0, 0, 0], sizes=F.concat([b, F.minimum(t, N), H])
+            )  # [B, N', H]
             first = F.where(is_ctx, last, F.slice(nodes, [0, 0, 0], F.concat([b, 1, H])))
             rest = F.slice(nodes, [0, 1, 0], F.concat([b, F.minimum(t, N) - 1, H]))
             node_hidden = F.concat([first, rest], dim=1)
-            logits = self.lm_head(node_hidden)                                       # [B, N', Vpad]
+            logits = self.lm_head(node_hidden)  # [B, N', Vpad]
             logits = F.slice(logits, [0, 0, 0], F.concat([b, F.shape(logits, 1), V]))
             logits = F.cast(logits, "float32")
 
             ctx_rows = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)
             beams_in = F.where(ctx_rows, F.constant(F.int32_array([-1])), x[C.DRAFT_TOKENS])
             unpack_in = F.where(ctx_rows, F.constant(F.int32_array([0])), x[C.DRAFT_INDICES])
-            plen = F.where(x[C.REQUEST_TYPES] == C.CONTEXT, F.constant(F.int32_array([1])), x[C.INPUT_LENGTHS])
+            plen = F.where(
+                x[C.REQUEST_TYPES] == C.CONTEXT, F.constant(F.int32_array([1])), x[C.INPUT_LENGTHS]
+            )
             n_acc, best, bonus, path, emitted = plugin(
-                ACCEPT, [logits, beams_in, unpack_in, plen, x[C.TEMPERATURE], x[C.TOP_K], x[C.TOP_P],
-                         x[C.UNIFORMS]], {"num_beams": W, "beam_len": L}, 5)
+                ACCEPT,
+                [
+                    logits,
+                    beams_in,
+                    unpack_in,
+                    plen,
+                    x[C.TEMPERATURE],
+                    x[C.TOP_K],
+                    x[C.TOP_P],
+                    x[C.UNIFORMS],
+                ],
+                {"num_beams": W, "beam_len": L},
+                5,
+            )
             # a context row's cache_lengths: prompt tokens prefilled by earlier chunks (0 for a first)
-            new_len = F.where(x[C.REQUEST_TYPES] == C.CONTEXT, x[C.CACHE_LENGTHS] + x[C.INPUT_LENGTHS],
-                              x[C.CACHE_LENGTHS] + n_acc + 1)
+            new_len = F.where(
+                x[C.REQUEST_TYPES] == C.CONTEXT,
+                x[C.CACHE_LENGTHS] + x[C.INPUT_LENGTHS],
+                x[C.CACHE_LENGTHS] + n_acc + 1,
+            )
 
             # ---- drafting context: hidden state at the last accepted node
-            last_node = rows_gather(path, F.unsqueeze(n_acc, 1), 1)                  # [B, 1]
+            last_node = rows_gather(path, F.unsqueeze(n_acc, 1), 1)  # [B, 1]
             context = F.view(rows_gather(node_hidden, last_node, 1), F.concat([b, H]))
 
             # ---- D unrolled beam-search steps (SPEC section 4)
-            ctx_bw = F.view(F.expand(F.unsqueeze(context, 1), F.concat([b, W, H])), F.concat([b * W, H]))
-            state = F.cast(F.expand(F.constant(np.zeros([1, H], dtype=np.float32)), F.concat([b * W, H])),
-                           dtype)                                                     # s_0 = 0
+            ctx_bw = F.view(
+                F.expand(F.unsqueeze(context, 1), F.concat([b, W, H])), F.concat([b * W, H])
+            )
+            state = F.cast(
+                F.expand(F.constant(np.zeros([1, H], dtype=np.float32)), F.concat([b * W, H])),
+                dtype,
+            )  # s_0 = 0
             neg_inf = F.constant(np.array([[0.0] + [-np.inf] * (W - 1)], dtype=np.float32))
             scores = F.expand(neg_inf, F.concat([b, W]))
-            tokens = [F.expand(F.unsqueeze(bonus, 1), F.concat([b, W]))]             # depth 0 = bonus
-            vocab_map = (self.drafter.draft_vocab.value if dc.draft_vocab_size is not None
-                         else F.constant(np.arange(V, dtype=np.int32)))                # [K] full ids
+            tokens = [F.expand(F.unsqueeze(bonus, 1), F.concat([b, W]))]  # depth 0 = bonus
+            vocab_map = (
+                self.drafter.draft_vocab.value
+                if dc.draft_vocab_size is not None
+                else F.constant(np.arange(V, dtype=np.int32))
+            )  # [K] full ids
             for _ in range(D):
                 emb = self.transformer.vocab_embedding(F.view(tokens[-1], F.concat([b * W])))
                 state = self.drafter.state(emb, state)
-                draft_logits = self.drafter(ctx_bw, state)                            # [B*W, Kpad]
-                draft_logits = F.view(F.slice(draft_logits, [0, 0], F.concat([b * W, K])),
-                                      F.concat([b, W, K]))
+                draft_logits = self.drafter(ctx_bw, state)  # [B*W, Kpad]
+                draft_logits = F.view(
+                    F.slice(draft_logits, [0, 0], F.concat([b * W, K])), F.concat([b, W, K])
+                )
                 # token = vocab_map[column]: full ids, for the next step's embedding and the tree
-                scores, parent, token = plugin(BEAM_SEARCH, [draft_logits, scores, vocab_map],
-                                               {"num_beams": W, "warp_k": warp_k}, 3)
+                scores, parent, token = plugin(
+                    BEAM_SEARCH,
+                    [draft_logits, scores, vocab_map],
+                    {"num_beams": W, "warp_k": warp_k},
+                    3,
+                )
                 tokens = [rows_gather(tk, parent, 1) for tk in tokens] + [token]
-                state = F.view(rows_gather(F.view(state, F.concat([b, W, H])), parent, 1), F.concat([b * W, H]))
-            beams = F.stack([F.cast(tk, "int32") for tk in tokens], dim=2)          # [B, W, L]
+                state = F.view(
+                    rows_gather(F.view(state, F.concat([b, W, H])), parent, 1), F.concat([b * W, H])
+                )
+            beams = F.stack([F.cast(tk, "int32") for tk in tokens], dim=2)  # [B, W, L]
 
-            flat, plen_next, unpacker, offsets, mask = plugin(TREE_PACK, [beams], {"num_beams": W, "beam_len": L}, 5)
+            flat, plen_next, unpacker, offsets, mask = plugin(
+                TREE_PACK, [beams], {"num_beams": W, "beam_len": L}, 5
+            )
             outputs = {
-                C.NUM_ACCEPTED_TOKENS: n_acc, C.ACCEPTED_BEAM_INDEX: best, C.OUTPUT_TOKENS: emitted,
-                C.NUM_OUTPUT_TOKENS: n_acc + 1, C.NEW_CACHE_LENGTHS: new_len,
-                C.NEXT_DRAFT_TOKENS: beams, C.NEXT_DRAFT_INDICES: unpacker, C.NEXT_FLAT_TOKENS: flat,
-                C.NEXT_PACKED_LENGTHS: plen_next, C.NEXT_POSITION_OFFSETS: offsets, C.NEXT_PACKED_MASK: mask,
+                C.NUM_ACCEPTED_TOKENS: n_acc,
+                C.ACCEPTED_BEAM_INDEX: best,
+                C.OUTPUT_TOKENS: emitted,
+                C.NUM_OUTPUT_TOKENS: n_acc + 1,
+                C.NEW_CACHE_LENGTHS: new_len,
+                C.NEXT_DRAFT_TOKENS: beams,
+                C.NEXT_DRAFT_INDICES: unpacker,
+                C.NEXT_FLAT_TOKENS: flat,
+                C.NEXT_PACKED_LENGTHS: plen_next,
+                C.NEXT_POSITION_OFFSETS: offsets,
+                C.NEXT_PACKED_MASK: mask,
                 ACCEPTED_INDICES: path,
             }
             for name, tensor in outputs.items():

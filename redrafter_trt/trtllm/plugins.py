@@ -27,9 +27,11 @@ PLUGIN_LIB_ENV = "REDRAFTER_PLUGIN_LIB"
 BUILD_COMMAND = "bash build_scripts/build_plugins.sh"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
-BEAM_SEARCH = "RedrafterBeamSearchStep"   # fields num_beams, warp_k; inputs logits, beam_scores, vocab_map
-TREE_PACK = "RedrafterTreePack"           # fields num_beams, beam_len
-ACCEPT = "RedrafterAccept"                # fields num_beams, beam_len
+BEAM_SEARCH = (
+    "RedrafterBeamSearchStep"  # fields num_beams, warp_k; inputs logits, beam_scores, vocab_map
+)
+TREE_PACK = "RedrafterTreePack"  # fields num_beams, beam_len
+ACCEPT = "RedrafterAccept"  # fields num_beams, beam_len
 
 _loaded_plugin_lib: Path | None = None
 
@@ -48,14 +50,22 @@ def load_plugin_library() -> Path:
         return _loaded_plugin_lib
     trt, _ = require_trtllm("loading the ReDrafter TensorRT plugins")
     path = plugin_library_path()
-    require(path.is_file(), f"{path}: ReDrafter plugin library not found; build it with {BUILD_COMMAND} "
-            f"inside the container, or point ${PLUGIN_LIB_ENV} at it")
+    require(
+        path.is_file(),
+        f"{path}: ReDrafter plugin library not found; build it with {BUILD_COMMAND} "
+        f"inside the container, or point ${PLUGIN_LIB_ENV} at it",
+    )
     registry = trt.get_plugin_registry()
     handle = registry.load_library(str(path))
-    require(handle is not None, f"{path}: TensorRT could not load the plugin library (see the TensorRT log)")
+    require(
+        handle is not None,
+        f"{path}: TensorRT could not load the plugin library (see the TensorRT log)",
+    )
     for name in (BEAM_SEARCH, TREE_PACK, ACCEPT):
-        require(registry.get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None,
-                f"{path}: plugin {name} v{PLUGIN_VERSION} is not registered after loading the library")
+        require(
+            registry.get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None,
+            f"{path}: plugin {name} v{PLUGIN_VERSION} is not registered after loading the library",
+        )
     _loaded_plugin_lib = path
     return path
 
@@ -66,11 +76,17 @@ def add_plugin(network, name: str, inputs: list, fields: dict[str, int]):
     trt, _ = require_trtllm("building a ReDrafter engine")
     load_plugin_library()
     creator = trt.get_plugin_registry().get_creator(name, PLUGIN_VERSION, PLUGIN_NAMESPACE)
-    fc = trt.PluginFieldCollection([
-        trt.PluginField(k, np.array([v], dtype=np.int32), trt.PluginFieldType.INT32)
-        for k, v in fields.items()])
+    fc = trt.PluginFieldCollection(
+        [
+            trt.PluginField(k, np.array([v], dtype=np.int32), trt.PluginFieldType.INT32)
+            for k, v in fields.items()
+        ]
+    )
     plugin = creator.create_plugin(name, fc, trt.TensorRTPhase.BUILD)
-    require(plugin is not None, f"plugin {name}: creation failed for fields {fields} (see the TensorRT log)")
+    require(
+        plugin is not None,
+        f"plugin {name}: creation failed for fields {fields} (see the TensorRT log)",
+    )
     layer = network.add_plugin_v3(inputs, [], plugin)
     require(layer is not None, f"plugin {name}: add_plugin_v3 failed")
     return layer

@@ -45,10 +45,18 @@ from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
 from ..ops.tree import bool_to_packed_mask, mask_words, root_only_tree
-from . import ACCEPTED_INDICES, Plumbing as P, require_trtllm
+from . import ACCEPTED_INDICES, require_trtllm
+from . import Plumbing as P
 from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
-from .cuda_graph import (DEFAULT_GRAPH_CACHE_SIZE, CudaGraphRunner, GraphUnavailable, ShapeKey, bucket_tokens,
-                         cuda_graph_setting, host_input_names)
+from .cuda_graph import (
+    DEFAULT_GRAPH_CACHE_SIZE,
+    CudaGraphRunner,
+    GraphUnavailable,
+    ShapeKey,
+    bucket_tokens,
+    cuda_graph_setting,
+    host_input_names,
+)
 from .plugins import load_plugin_library
 
 log = logging.getLogger(__name__)
@@ -67,8 +75,10 @@ def choose_relocation(device: torch.device) -> tuple[str, str]:
     """Which relocation the pool on ``device`` gets, and why: the cpp/ kernel when the CUDA
     library loads (``$REDRAFTER_KV_RELOCATE`` = auto, the default), else :func:`relocate_paged`."""
     mode = os.environ.get(KV_RELOCATE_ENV, "auto").strip().lower() or "auto"
-    require(mode in ("auto", RELOCATE_KERNEL, RELOCATE_TORCH),
-            f"${KV_RELOCATE_ENV} must be auto, kernel or torch, got {mode!r}")
+    require(
+        mode in ("auto", RELOCATE_KERNEL, RELOCATE_TORCH),
+        f"${KV_RELOCATE_ENV} must be auto, kernel or torch, got {mode!r}",
+    )
     if mode == RELOCATE_TORCH:
         return RELOCATE_TORCH, f"${KV_RELOCATE_ENV}=torch"
     if device.type != "cuda":
@@ -83,24 +93,47 @@ def choose_relocation(device: torch.device) -> tuple[str, str]:
     return RELOCATE_TORCH, f"torch fallback: {why}"
 
 
-def relocate_pool(pool: torch.Tensor, slots: torch.Tensor, cache_lengths: torch.Tensor,
-                  accepted_indices: torch.Tensor, num_accepted: torch.Tensor, *, max_blocks: int, kv_heads: int,
-                  tokens_per_block: int, head_dim: int, impl: str) -> None:
+def relocate_pool(
+    pool: torch.Tensor,
+    slots: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    accepted_indices: torch.Tensor,
+    num_accepted: torch.Tensor,
+    *,
+    max_blocks: int,
+    kv_heads: int,
+    tokens_per_block: int,
+    head_dim: int,
+    impl: str,
+) -> None:
     """SPEC section 7 on the paged pool with ``impl``: RELOCATE_KERNEL runs the cpp/ operator in
     the strided paged layout (the CUDA kernel on a CUDA pool, its CPU reference on a CPU pool) and
     checks its new lengths; RELOCATE_TORCH runs :func:`relocate_paged`."""
-    kw = dict(max_blocks=max_blocks, kv_heads=kv_heads, tokens_per_block=tokens_per_block, head_dim=head_dim)
+    kw = dict(
+        max_blocks=max_blocks,
+        kv_heads=kv_heads,
+        tokens_per_block=tokens_per_block,
+        head_dim=head_dim,
+    )
     if impl == RELOCATE_TORCH:
         relocate_paged(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
         return
     require(impl == RELOCATE_KERNEL, f"unknown relocation {impl!r}")
-    new_len = native.relocate_paged_native(pool, slots, cache_lengths, accepted_indices, num_accepted, **kw)
+    new_len = native.relocate_paged_native(
+        pool, slots, cache_lengths, accepted_indices, num_accepted, **kw
+    )
     # The kernel skips rows with invalid data and reports them as -1 (one sync; the step syncs anyway).
-    want = cache_lengths.to(new_len.device, torch.int32) + num_accepted.to(new_len.device, torch.int32) + 1
+    want = (
+        cache_lengths.to(new_len.device, torch.int32)
+        + num_accepted.to(new_len.device, torch.int32)
+        + 1
+    )
     bad = (new_len != want).nonzero().flatten().tolist()
     if bad:
-        raise RedrafterError(f"KV relocation kernel rejected rows {bad} (slot, cache length or accepted path out of "
-                             f"range for {max_blocks * tokens_per_block} positions per slot); their cache is unchanged")
+        raise RedrafterError(
+            f"KV relocation kernel rejected rows {bad} (slot, cache length or accepted path out of "
+            f"range for {max_blocks * tokens_per_block} positions per slot); their cache is unchanged"
+        )
 
 
 # --------------------------------------------------------------------------- one call's feed
@@ -110,9 +143,9 @@ class PreparedStep:
 
     is_ctx: bool
     batch: int
-    tokens: int                         # T of this call (tokens per row the engine sees)
-    x: dict[str, torch.Tensor]          # the contract's inputs, trimmed to ``tokens``, on ``device``
-    plumbing: dict[str, torch.Tensor]   # TensorRT-LLM's attention inputs (``host_*`` on the CPU)
+    tokens: int  # T of this call (tokens per row the engine sees)
+    x: dict[str, torch.Tensor]  # the contract's inputs, trimmed to ``tokens``, on ``device``
+    plumbing: dict[str, torch.Tensor]  # TensorRT-LLM's attention inputs (``host_*`` on the CPU)
     out_shapes: dict[str, tuple[int, ...]]
 
     @property
@@ -129,15 +162,32 @@ def output_shapes(batch: int, shape: C.StepShape) -> dict[str, tuple[int, ...]]:
     """The engine's outputs for ``batch`` rows (all int32; no dimension depends on T)."""
     b, w, l, n = batch, shape.num_beams, shape.beam_len, shape.tree_size
     return {
-        C.NUM_ACCEPTED_TOKENS: (b,), C.ACCEPTED_BEAM_INDEX: (b,), C.OUTPUT_TOKENS: (b, l),
-        C.NUM_OUTPUT_TOKENS: (b,), C.NEW_CACHE_LENGTHS: (b,), C.NEXT_DRAFT_TOKENS: (b, w, l),
-        C.NEXT_DRAFT_INDICES: (b, w, l), C.NEXT_FLAT_TOKENS: (b, n), C.NEXT_PACKED_LENGTHS: (b,),
-        C.NEXT_POSITION_OFFSETS: (b, n), C.NEXT_PACKED_MASK: (b, n, mask_words(n)), ACCEPTED_INDICES: (b, l),
+        C.NUM_ACCEPTED_TOKENS: (b,),
+        C.ACCEPTED_BEAM_INDEX: (b,),
+        C.OUTPUT_TOKENS: (b, l),
+        C.NUM_OUTPUT_TOKENS: (b,),
+        C.NEW_CACHE_LENGTHS: (b,),
+        C.NEXT_DRAFT_TOKENS: (b, w, l),
+        C.NEXT_DRAFT_INDICES: (b, w, l),
+        C.NEXT_FLAT_TOKENS: (b, n),
+        C.NEXT_PACKED_LENGTHS: (b,),
+        C.NEXT_POSITION_OFFSETS: (b, n),
+        C.NEXT_PACKED_MASK: (b, n, mask_words(n)),
+        ACCEPTED_INDICES: (b, l),
     }
 
 
-def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device: torch.device, max_blocks: int,
-                 layers: int, kv_len: int, pool_ptr: int, bucket: bool = False) -> PreparedStep:
+def prepare_step(
+    inputs: dict[str, torch.Tensor],
+    shape: C.StepShape,
+    *,
+    device: torch.device,
+    max_blocks: int,
+    layers: int,
+    kv_len: int,
+    pool_ptr: int,
+    bucket: bool = False,
+) -> PreparedStep:
     """The engine inputs of one call: the contract's tensors trimmed to the call's T, the tree
     mask with padding nodes seeing themselves, and TensorRT-LLM's attention plumbing.
 
@@ -145,8 +195,10 @@ def prepare_step(inputs: dict[str, torch.Tensor], shape: C.StepShape, *, device:
     to a bucket of :func:`~.cuda_graph.bucket_tokens` so that calls share shape keys."""
     types = inputs[C.REQUEST_TYPES]
     is_ctx = bool((types == C.CONTEXT).all())
-    require(is_ctx or bool((types == C.GENERATION).all()),
-            "the trtllm backend runs context rows and generation rows in separate calls")
+    require(
+        is_ctx or bool((types == C.GENERATION).all()),
+        "the trtllm backend runs context rows and generation rows in separate calls",
+    )
     dev = device
     x = {k: v.to(dev, non_blocking=True) for k, v in inputs.items() if k != C.NUM_DRAFT_STEPS}
     lengths = inputs[C.INPUT_LENGTHS].to(torch.int64)
@@ -201,8 +253,10 @@ def bind_shapes(context: Any, feed: dict[str, torch.Tensor]) -> None:
     """Set every input's shape on the execution context (``Session.run`` binds addresses only)."""
     for name, v in feed.items():
         if not context.set_input_shape(name, tuple(v.shape)):
-            raise RedrafterError(f"the engine refused input {name} with shape {tuple(v.shape)} "
-                                 "(outside its optimization profile)")
+            raise RedrafterError(
+                f"the engine refused input {name} with shape {tuple(v.shape)} "
+                "(outside its optimization profile)"
+            )
 
 
 class TrtllmBackend:
@@ -215,10 +269,20 @@ class TrtllmBackend:
     #: context rows may continue a slot's cache (chunked prefill): set per engine in __init__
     chunked_context = False
 
-    def __init__(self, engine_dir: str | Path, ckpt_cfg: RedrafterCheckpointConfig, build_config: dict[str, Any],
-                 *, cuda_graph: bool | None = None, graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE):
-        require(ckpt_cfg.tp_size == 1, f"{engine_dir}: tp_size {ckpt_cfg.tp_size} engine; this runtime runs "
-                "tp_size 1 engines only (multi-GPU execution is not implemented yet)")
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        ckpt_cfg: RedrafterCheckpointConfig,
+        build_config: dict[str, Any],
+        *,
+        cuda_graph: bool | None = None,
+        graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE,
+    ):
+        require(
+            ckpt_cfg.tp_size == 1,
+            f"{engine_dir}: tp_size {ckpt_cfg.tp_size} engine; this runtime runs "
+            "tp_size 1 engines only (multi-GPU execution is not implemented yet)",
+        )
         trt, _ = require_trtllm("loading a trtllm engine")
         from tensorrt_llm.runtime import Session
 
@@ -245,24 +309,32 @@ class TrtllmBackend:
         self.session = Session.from_serialized_engine(path.read_bytes())
         engine = self.session.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.engine_inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        self.engine_inputs = {
+            n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+        }
         # By name: TensorRT reports these inputs as DEVICE-located (TensorRT-LLM declares them as plain
         # network inputs and binds CPU pointers to them), so get_tensor_location cannot find them.
         self.engine_host_inputs = host_input_names(self.engine_inputs)
         if P.KV_CACHE_BLOCK_OFFSETS in self.engine_inputs:
             profile_max = tuple(engine.get_tensor_profile_shape(P.KV_CACHE_BLOCK_OFFSETS, 0)[2])
-            require(profile_max[-1] == self.engine_max_blocks,
-                    f"{engine_dir}: the engine's kv_cache_block_offsets has {profile_max[-1]} blocks per row, its "
-                    f"config.json says {self.engine_max_blocks}; rebuild the engine")
+            require(
+                profile_max[-1] == self.engine_max_blocks,
+                f"{engine_dir}: the engine's kv_cache_block_offsets has {profile_max[-1]} blocks per row, its "
+                f"config.json says {self.engine_max_blocks}; rebuild the engine",
+            )
         self.stream = torch.cuda.Stream(self.device)
         b = ckpt_cfg.base
-        self.layers, self.kv_heads, self.head_dim = b.num_hidden_layers, b.num_key_value_heads, b.head_size
+        self.layers, self.kv_heads, self.head_dim = (
+            b.num_hidden_layers,
+            b.num_key_value_heads,
+            b.head_size,
+        )
         self.pool: torch.Tensor | None = None
         self.slots = 0
         self.max_blocks = 0
         self.timings: dict[str, float] = defaultdict(float)
         # KV relocation: chosen on the first generation call (the CUDA library loads lazily)
-        self.relocate_impl: str | None = None       # RELOCATE_KERNEL or RELOCATE_TORCH
+        self.relocate_impl: str | None = None  # RELOCATE_KERNEL or RELOCATE_TORCH
         self.relocate_reason = ""
         self.relocate_calls: dict[str, int] = defaultdict(int)
         # CUDA graphs for generation calls (see .cuda_graph): on by default, $REDRAFTER_CUDA_GRAPH=0 or
@@ -276,9 +348,14 @@ class TrtllmBackend:
                 self._disable_graphs("the engine has none of the expected host inputs")
             else:
                 try:
-                    self.graph_runner = CudaGraphRunner(self.session.context, self.stream, self.device,
-                                                        self.engine_host_inputs, self.kv_len,
-                                                        capacity=graph_cache_size)
+                    self.graph_runner = CudaGraphRunner(
+                        self.session.context,
+                        self.stream,
+                        self.device,
+                        self.engine_host_inputs,
+                        self.kv_len,
+                        capacity=graph_cache_size,
+                    )
                 except Exception as e:  # noqa: BLE001 - e.g. cuda-python missing: run without graphs
                     self._disable_graphs(f"cannot set up CUDA graphs: {e}")
 
@@ -297,26 +374,31 @@ class TrtllmBackend:
         p = self.pool
         return None if p is None else int(p.numel() * p.element_size())
 
-    def reshaped(self, num_beams: int, draft_len: int) -> "TrtllmBackend | None":
+    def reshaped(self, num_beams: int, draft_len: int) -> TrtllmBackend | None:
         """An engine's beam shape is fixed: itself for its own shape, else None."""
-        return self if (num_beams, draft_len) == (self.shape.num_beams, self.shape.draft_len) else None
+        return (
+            self if (num_beams, draft_len) == (self.shape.num_beams, self.shape.draft_len) else None
+        )
 
     # ------------------------------------------------------------------ KV cache
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
         """Allocate the paged pool: ``slots`` slots of ``tokens_per_slot`` tokens plus one tree."""
-        require(tokens_per_slot <= self.max_seq_len,
-                f"{tokens_per_slot} tokens per slot exceed the engine's max_seq_len {self.max_seq_len}")
+        require(
+            tokens_per_slot <= self.max_seq_len,
+            f"{tokens_per_slot} tokens per slot exceed the engine's max_seq_len {self.max_seq_len}",
+        )
         require(slots >= 1, f"slots must be >= 1, got {slots}")
         if self.pool is not None and self.slots >= slots:
             return
         if self.graph_runner is not None:
-            self.graph_runner.clear()   # the pool pointer is a captured host value
+            self.graph_runner.clear()  # the pool pointer is a captured host value
         self.pool = None
         torch.cuda.empty_cache()
         self.max_blocks = self.engine_max_blocks  # the engine's fixed dim
         self.slots = slots
-        shape = paged_pool_shape(slots, self.max_blocks, self.layers, self.kv_heads, self.tokens_per_block,
-                                 self.head_dim)
+        shape = paged_pool_shape(
+            slots, self.max_blocks, self.layers, self.kv_heads, self.tokens_per_block, self.head_dim
+        )
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ step
@@ -333,7 +415,10 @@ class TrtllmBackend:
                 pass
         self.graph_runner = None
         if self.cuda_graph:
-            log.warning("CUDA graphs disabled for the trtllm backend, generation calls use Session.run: %s", reason)
+            log.warning(
+                "CUDA graphs disabled for the trtllm backend, generation calls use Session.run: %s",
+                reason,
+            )
         self.cuda_graph = False
         self.cuda_graph_reason = reason
 
@@ -350,8 +435,16 @@ class TrtllmBackend:
         dev = self.device
         is_gen = bool((inputs[C.REQUEST_TYPES] == C.GENERATION).all())
         use_graph = is_gen and self.graph_runner is not None
-        p = prepare_step(inputs, self.shape, device=dev, max_blocks=self.max_blocks, layers=self.layers,
-                         kv_len=self.kv_len, pool_ptr=self.pool.data_ptr(), bucket=use_graph)
+        p = prepare_step(
+            inputs,
+            self.shape,
+            device=dev,
+            max_blocks=self.max_blocks,
+            layers=self.layers,
+            kv_len=self.kv_len,
+            pool_ptr=self.pool.data_ptr(),
+            bucket=use_graph,
+        )
         is_ctx, cache_len = p.is_ctx, p.cache_lengths
         feed = p.feed(self.engine_inputs)
         torch.cuda.current_stream(dev).synchronize()
@@ -361,16 +454,22 @@ class TrtllmBackend:
             try:
                 static = self.graph_runner.run(ShapeKey(p.batch, p.tokens), feed, p.out_shapes)
                 self.stream.synchronize()
-                outputs = {k: v.clone() for k, v in static.items()}   # the static buffers are reused
-                phase = "engine_graph" if self.graph_runner.last_action == "replay" else "graph_capture"
+                outputs = {k: v.clone() for k, v in static.items()}  # the static buffers are reused
+                phase = (
+                    "engine_graph" if self.graph_runner.last_action == "replay" else "graph_capture"
+                )
                 self.graph_calls[self.graph_runner.last_action] += 1
-            except GraphUnavailable as e:   # off for good; this call's eager run may have produced the outputs
+            except (
+                GraphUnavailable
+            ) as e:  # off for good; this call's eager run may have produced the outputs
                 self._disable_graphs(str(e))
                 outputs = e.outputs
                 if outputs is not None:
                     self.graph_calls["eager"] += 1
         if outputs is None:
-            outputs = {k: torch.empty(s, dtype=torch.int32, device=dev) for k, s in p.out_shapes.items()}
+            outputs = {
+                k: torch.empty(s, dtype=torch.int32, device=dev) for k, s in p.out_shapes.items()
+            }
             self._run_eager(feed, outputs)
             self.stream.synchronize()
             if is_gen:
@@ -381,20 +480,38 @@ class TrtllmBackend:
         if not is_ctx:
             if self.relocate_impl is None:
                 self.relocate_impl, self.relocate_reason = choose_relocation(self.pool.device)
-            relocate_pool(self.pool, p.x[C.SLOT_IDS], cache_len, outputs[ACCEPTED_INDICES], n_acc,
-                          max_blocks=self.max_blocks, kv_heads=self.kv_heads,
-                          tokens_per_block=self.tokens_per_block, head_dim=self.head_dim, impl=self.relocate_impl)
+            relocate_pool(
+                self.pool,
+                p.x[C.SLOT_IDS],
+                cache_len,
+                outputs[ACCEPTED_INDICES],
+                n_acc,
+                max_blocks=self.max_blocks,
+                kv_heads=self.kv_heads,
+                tokens_per_block=self.tokens_per_block,
+                head_dim=self.head_dim,
+                impl=self.relocate_impl,
+            )
             self.relocate_calls[self.relocate_impl] += 1
         t0 = self._tick("relocate", t0)
         if int(inputs[C.NUM_DRAFT_STEPS]) == 0:  # plain decoding: the next tree is the root alone
             bonus = outputs[C.OUTPUT_TOKENS].gather(1, n_acc[:, None].to(torch.int64))[:, 0]
             tree, beams = root_only_tree(bonus, self.shape)
-            outputs.update({C.NEXT_DRAFT_TOKENS: beams, C.NEXT_DRAFT_INDICES: tree.unpacker,
-                            C.NEXT_FLAT_TOKENS: tree.tokens, C.NEXT_PACKED_LENGTHS: tree.lengths,
-                            C.NEXT_POSITION_OFFSETS: tree.offsets, C.NEXT_PACKED_MASK: tree.packed_mask})
+            outputs.update(
+                {
+                    C.NEXT_DRAFT_TOKENS: beams,
+                    C.NEXT_DRAFT_INDICES: tree.unpacker,
+                    C.NEXT_FLAT_TOKENS: tree.tokens,
+                    C.NEXT_PACKED_LENGTHS: tree.lengths,
+                    C.NEXT_POSITION_OFFSETS: tree.offsets,
+                    C.NEXT_PACKED_MASK: tree.packed_mask,
+                }
+            )
         else:
-            require(int(inputs[C.NUM_DRAFT_STEPS]) == self.shape.draft_len,
-                    f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}")
+            require(
+                int(inputs[C.NUM_DRAFT_STEPS]) == self.shape.draft_len,
+                f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}",
+            )
         self._tick("pack", t0)
         return {k: outputs[k] for k in C.OUTPUTS}
 

@@ -92,22 +92,36 @@ struct AcceptParams {
 
     Status checkParams() const {
         if (batchSize < 0 || batchSize > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "accept: batch size B must be in [0, 2^31), got %lld", (long long)batchSize);
+            return Status::error(StatusCode::kInvalidArgument, "accept: batch size B must be in [0, 2^31), got %lld",
+                                 (long long)batchSize);
         if (numBeams < 1 || numBeams > kMaxBeams)
-            return Status::error(StatusCode::kInvalidArgument, "accept: num_beams W must be in [1, %lld], got %lld", (long long)kMaxBeams, (long long)numBeams);
+            return Status::error(StatusCode::kInvalidArgument, "accept: num_beams W must be in [1, %lld], got %lld",
+                                 (long long)kMaxBeams, (long long)numBeams);
         if (beamLength < 1 || beamLength > kMaxBeamLength)
-            return Status::error(StatusCode::kInvalidArgument, "accept: beam length L = D + 1 must be in [1, %lld], got %lld", (long long)kMaxBeamLength, (long long)beamLength);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "accept: beam length L = D + 1 must be in [1, %lld], got %lld",
+                                 (long long)kMaxBeamLength, (long long)beamLength);
         if (numNodes < 1 || numNodes > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "accept: number of logits rows per sequence N must be in [1, 2^31), got %lld", (long long)numNodes);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "accept: number of logits rows per sequence N must be in [1, 2^31), got %lld",
+                                 (long long)numNodes);
         if (vocabSize < 1 || vocabSize > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "accept: vocab size V must be in [1, 2^31), got %lld", (long long)vocabSize);
+            return Status::error(StatusCode::kInvalidArgument, "accept: vocab size V must be in [1, 2^31), got %lld",
+                                 (long long)vocabSize);
         int64_t total = 0;
         if (!checkedProduct({batchSize, numNodes, vocabSize, 4}, INT64_MAX, &total))
-            return Status::error(StatusCode::kOverflow, "accept: B*N*V bytes overflow int64 (B=%lld N=%lld V=%lld)", (long long)batchSize, (long long)numNodes, (long long)vocabSize);
+            return Status::error(StatusCode::kOverflow, "accept: B*N*V bytes overflow int64 (B=%lld N=%lld V=%lld)",
+                                 (long long)batchSize, (long long)numNodes, (long long)vocabSize);
         if (!dataTypeValid(static_cast<int32_t>(logitsType)))
-            return Status::error(StatusCode::kInvalidArgument, "accept: logits dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", (int)logitsType);
-        if (!logits || !beams || !unpacker || !temperature || !topK || !topP || !uniforms || !numAccepted || !bestBeam || !bonus || !acceptedIndices)
-            return Status::error(StatusCode::kInvalidArgument, "accept: null pointer among logits, beams, unpacker, temperature, top_k, top_p, uniforms, num_accepted, best_beam, bonus, accepted_indices (only packed_len and emitted may be null)");
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "accept: logits dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d",
+                                 (int)logitsType);
+        if (!logits || !beams || !unpacker || !temperature || !topK || !topP || !uniforms || !numAccepted ||
+            !bestBeam || !bonus || !acceptedIndices)
+            return Status::error(
+                StatusCode::kInvalidArgument,
+                "accept: null pointer among logits, beams, unpacker, temperature, top_k, top_p, uniforms, "
+                "num_accepted, best_beam, bonus, accepted_indices (only packed_len and emitted may be null)");
         return Status::success();
     }
 };
@@ -137,8 +151,8 @@ RD_HD uint64_t acceptChildren(const int32_t* beams, int32_t W, int32_t L, uint64
 // Packed indices outside [0, numNodes) are replaced by 0 (the CPU reference rejects them first).
 template <class DrawFn>
 RD_HD void acceptWalkRow(const int32_t* beams, const int32_t* unpacker, int32_t W, int32_t L, int32_t numNodes,
-                         DrawFn& draw, int32_t* acceptedIndices, int32_t* emitted, int32_t* numAccepted,
-                         int32_t* bestBeam, int32_t* bonus) {
+                          DrawFn& draw, int32_t* acceptedIndices, int32_t* emitted, int32_t* numAccepted,
+                          int32_t* bestBeam, int32_t* bonus) {
     uint64_t match = allBeamsMask(W);
     int32_t node = 0;
     acceptedIndices[0] = 0;
@@ -169,7 +183,8 @@ inline size_t acceptWorkspaceBytes(int64_t batch, int64_t numNodes) {
 }
 
 // DRAM bytes one call must move, given the total packed length sum_b P_b.
-inline int64_t acceptBytesMoved(int64_t totalPacked, int64_t B, int64_t W, int64_t L, int64_t N, int64_t V, DataType t) {
+inline int64_t acceptBytesMoved(int64_t totalPacked, int64_t B, int64_t W, int64_t L, int64_t N, int64_t V,
+                                DataType t) {
     return totalPacked * V * static_cast<int64_t>(dataTypeSize(t)) + 4 * B * (2 * W * L + 4 + 2 * L) + 8 * B * N;
 }
 

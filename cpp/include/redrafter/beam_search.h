@@ -62,32 +62,48 @@ struct BeamSearchParams {
     // Shape, scalar and pointer checks shared by the CPU reference and the launcher.
     Status checkParams() const {
         if (batchSize < 0 || batchSize > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "beam search: batch size B must be in [0, 2^31), got %lld", (long long)batchSize);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "beam search: batch size B must be in [0, 2^31), got %lld", (long long)batchSize);
         if (numBeams < 1 || numBeams > kMaxBeams)
-            return Status::error(StatusCode::kInvalidArgument, "beam search: num_beams W must be in [1, %lld], got %lld", (long long)kMaxBeams, (long long)numBeams);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "beam search: num_beams W must be in [1, %lld], got %lld", (long long)kMaxBeams,
+                                 (long long)numBeams);
         if (vocabSize < 1 || vocabSize > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "beam search: vocab size V must be in [1, 2^31), got %lld", (long long)vocabSize);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "beam search: vocab size V must be in [1, 2^31), got %lld", (long long)vocabSize);
         if (numBeams > vocabSize)
-            return Status::error(StatusCode::kInvalidArgument, "beam search: num_beams W=%lld exceeds vocab size V=%lld (top W of each beam needs W <= V)", (long long)numBeams, (long long)vocabSize);
+            return Status::error(
+                StatusCode::kInvalidArgument,
+                "beam search: num_beams W=%lld exceeds vocab size V=%lld (top W of each beam needs W <= V)",
+                (long long)numBeams, (long long)vocabSize);
         if (warpK < 0)
-            return Status::error(StatusCode::kInvalidArgument, "beam search: warp_k must be >= 0 (0 = off), got %lld", (long long)warpK);
+            return Status::error(StatusCode::kInvalidArgument, "beam search: warp_k must be >= 0 (0 = off), got %lld",
+                                 (long long)warpK);
         int64_t flat = 0, total = 0;
         if (!checkedProduct({numBeams, vocabSize}, kInt32Max, &flat))
-            return Status::error(StatusCode::kOverflow, "beam search: W*V = %lld*%lld overflows int32 (flat candidate index)", (long long)numBeams, (long long)vocabSize);
+            return Status::error(StatusCode::kOverflow,
+                                 "beam search: W*V = %lld*%lld overflows int32 (flat candidate index)",
+                                 (long long)numBeams, (long long)vocabSize);
         if (!checkedProduct({batchSize, numBeams, vocabSize, 4}, INT64_MAX, &total))
             return Status::error(StatusCode::kOverflow, "beam search: B*W*V bytes overflow int64");
         if (!dataTypeValid(static_cast<int32_t>(logitsType)))
-            return Status::error(StatusCode::kInvalidArgument, "beam search: logits dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d", (int)logitsType);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "beam search: logits dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got %d",
+                                 (int)logitsType);
         if (!logits || !beamScores || !newScores || !parent || !token)
-            return Status::error(StatusCode::kInvalidArgument, "beam search: null pointer (logits=%p beam_scores=%p new_scores=%p parent=%p token=%p)",
-                                 logits, (const void*)beamScores, (void*)newScores, (void*)parent, (void*)token);
+            return Status::error(
+                StatusCode::kInvalidArgument,
+                "beam search: null pointer (logits=%p beam_scores=%p new_scores=%p parent=%p token=%p)", logits,
+                (const void*)beamScores, (void*)newScores, (void*)parent, (void*)token);
         return Status::success();
     }
 };
 
 // ---- per-element logic shared by the kernel and the CPU reference -------------------------
 
-RD_HD bool warpEnabled(int64_t warpK, int64_t vocab) { return warpK > 0 && warpK < vocab; }
+RD_HD bool warpEnabled(int64_t warpK, int64_t vocab) {
+    return warpK > 0 && warpK < vocab;
+}
 
 // The warp of one max-shifted logit: kept iff x >= the k-th largest (ties at the boundary kept).
 RD_HD float warpedLogit(float shifted, float kthShifted, bool warpOn) {
@@ -118,11 +134,11 @@ struct BeamSearchWorkspace {
 };
 
 struct BeamChunkSummary {  // 24 bytes, one per (row, chunk)
-    double sumExp;        // sum of exp(x - chunkMax) over the chunk (no-warp log-sum-exp)
+    double sumExp;         // sum of exp(x - chunkMax) over the chunk (no-warp log-sum-exp)
     float chunkMax;
-    float tailValue;      // value of the chunk's K-th candidate
-    int32_t count;        // candidates written (min(K, chunk length))
-    int32_t missing;      // elements equal to tailValue that did not fit in the K
+    float tailValue;  // value of the chunk's K-th candidate
+    int32_t count;    // candidates written (min(K, chunk length))
+    int32_t missing;  // elements equal to tailValue that did not fit in the K
 };
 
 struct BeamCandidate {  // 8 bytes
@@ -138,7 +154,8 @@ inline BeamSearchWorkspace beamSearchWorkspaceLayout(int64_t batch, int64_t beam
     ws.chunkK = beamChunkK(beams, warpK, vocab);
     ws.summaryOffset = 0;
     ws.listOffset = align(static_cast<size_t>(rows * ws.numChunks) * sizeof(BeamChunkSummary));
-    ws.rowCandOffset = ws.listOffset + align(static_cast<size_t>(rows * ws.numChunks * ws.chunkK) * sizeof(BeamCandidate));
+    ws.rowCandOffset =
+        ws.listOffset + align(static_cast<size_t>(rows * ws.numChunks * ws.chunkK) * sizeof(BeamCandidate));
     ws.totalBytes = ws.rowCandOffset + align(static_cast<size_t>(rows * beams) * sizeof(BeamCandidate));
     return ws;
 }

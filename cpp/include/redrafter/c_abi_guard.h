@@ -27,9 +27,7 @@ int32_t guarded(char* msg, int64_t msgLen, Fn fn) {
         return finish(fn(), msg, msgLen);
     } catch (const std::exception& e) {
         return finish(Status::error(StatusCode::kInvalidArgument, "internal error: %s", e.what()), msg, msgLen);
-    } catch (...) {
-        return finish(Status::error(StatusCode::kInvalidArgument, "internal error"), msg, msgLen);
-    }
+    } catch (...) { return finish(Status::error(StatusCode::kInvalidArgument, "internal error"), msg, msgLen); }
 }
 
 }  // namespace capi

@@ -24,8 +24,7 @@ int32_t redrafter_abi_version(void);
  * vocabulary); token = vocab_map[column]. */
 int32_t redrafter_beam_search_step_cpu(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
                                        int64_t num_beams, int64_t vocab, int64_t warp_k, const int32_t* vocab_map,
-                                       float* new_scores,
-                                       int32_t* parent, int32_t* token, char* msg, int64_t msg_len);
+                                       float* new_scores, int32_t* parent, int32_t* token, char* msg, int64_t msg_len);
 
 int32_t redrafter_tree_pack_cpu(const int32_t* beams, int64_t batch, int64_t num_beams, int64_t beam_len,
                                 int32_t* packed_tokens, int32_t* packed_len, int32_t* unpacker,
@@ -52,12 +51,13 @@ int32_t redrafter_kv_relocate_cpu(void* cache, int64_t elem_bytes, int64_t num_l
  * The contiguous layout of redrafter_kv_relocate_cpu and TensorRT-LLM's paged pool are both
  * of this form (see the header). */
 int32_t redrafter_kv_relocate_strided_cpu(void* cache, int64_t cache_elems, int64_t elem_bytes, int64_t num_layers,
-                                          int64_t num_slots, int64_t num_kv_heads, int64_t max_seq_len, int64_t head_dim,
-                                          int64_t tokens_per_block, int64_t stride_slot, int64_t stride_block,
-                                          int64_t stride_token, int64_t stride_layer, int64_t stride_kv,
-                                          int64_t stride_head, const int32_t* slots, const int32_t* cache_lengths,
-                                          const int32_t* accepted_indices, const int32_t* num_accepted, int64_t batch,
-                                          int64_t beam_len, int32_t* new_lengths, char* msg, int64_t msg_len);
+                                          int64_t num_slots, int64_t num_kv_heads, int64_t max_seq_len,
+                                          int64_t head_dim, int64_t tokens_per_block, int64_t stride_slot,
+                                          int64_t stride_block, int64_t stride_token, int64_t stride_layer,
+                                          int64_t stride_kv, int64_t stride_head, const int32_t* slots,
+                                          const int32_t* cache_lengths, const int32_t* accepted_indices,
+                                          const int32_t* num_accepted, int64_t batch, int64_t beam_len,
+                                          int32_t* new_lengths, char* msg, int64_t msg_len);
 
 /* One token per row of logits [rows, vocab] by the rules of redrafter/sampling.h. */
 int32_t redrafter_draw_tokens_cpu(const void* logits, int32_t dtype, int64_t rows, int64_t vocab,
@@ -70,9 +70,8 @@ size_t redrafter_accept_workspace_bytes(int64_t batch, int64_t num_nodes);
 
 int32_t redrafter_beam_search_step_cuda(const void* logits, int32_t dtype, const float* beam_scores, int64_t batch,
                                         int64_t num_beams, int64_t vocab, int64_t warp_k, const int32_t* vocab_map,
-                                        float* new_scores,
-                                        int32_t* parent, int32_t* token, void* workspace, size_t workspace_bytes,
-                                        void* stream, char* msg, int64_t msg_len);
+                                        float* new_scores, int32_t* parent, int32_t* token, void* workspace,
+                                        size_t workspace_bytes, void* stream, char* msg, int64_t msg_len);
 
 int32_t redrafter_tree_pack_cuda(const int32_t* beams, int64_t batch, int64_t num_beams, int64_t beam_len,
                                  int32_t* packed_tokens, int32_t* packed_len, int32_t* unpacker,

@@ -46,8 +46,7 @@ struct Status {
 #if defined(__GNUC__)
     __attribute__((format(printf, 2, 3)))
 #endif
-    static Status
-    error(StatusCode c, const char* fmt, ...) {
+    static Status error(StatusCode c, const char* fmt, ...) {
         Status s;
         s.code = c;
         va_list ap;
@@ -78,16 +77,20 @@ inline const char* dataTypeName(DataType t) {
 // ---------------------------------------------------------------------------------------------
 // Limits (one place; checkParams() enforces them).
 
-constexpr int64_t kMaxBeams = 64;        // W
-constexpr int64_t kMaxBeamLength = 64;   // L = D + 1
+constexpr int64_t kMaxBeams = 64;       // W
+constexpr int64_t kMaxBeamLength = 64;  // L = D + 1
 constexpr int64_t kInt32Max = 2147483647;
-constexpr float kWarpFill = -50000.0f;   // redrafter_trt.ops.beam_search.WARP_FILL
-constexpr int32_t kPadToken = 0;         // redrafter_trt.ops.tree.PAD_TOKEN
+constexpr float kWarpFill = -50000.0f;  // redrafter_trt.ops.beam_search.WARP_FILL
+constexpr int32_t kPadToken = 0;        // redrafter_trt.ops.tree.PAD_TOKEN
 
 template <class T>
-RD_HD T rdMin(T a, T b) { return b < a ? b : a; }
+RD_HD T rdMin(T a, T b) {
+    return b < a ? b : a;
+}
 template <class T>
-RD_HD T rdMax(T a, T b) { return a < b ? b : a; }
+RD_HD T rdMax(T a, T b) {
+    return a < b ? b : a;
+}
 
 RD_HD int64_t maskWords(int64_t numNodes) { return (numNodes + 31) / 32; }
 

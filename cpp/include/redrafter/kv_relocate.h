@@ -87,7 +87,8 @@ inline KvCacheLayout kvPagedLayout(int64_t numLayers, int64_t numKvHeads, int64_
 // Element offset of cache[layer, kv, slot, head, t, 0] in `layout` (the kernel and the CPU
 // reference both address the cache through this). 0 <= t < maxSeqLen and 1 <= tokensPerBlock
 // fit int32 (checkParams), so the block split is a 32-bit division.
-RD_HD int64_t kvElemOffset(const KvCacheLayout& layout, int64_t layer, int64_t kv, int64_t slot, int64_t head, int32_t t) {
+RD_HD int64_t kvElemOffset(const KvCacheLayout& layout, int64_t layer, int64_t kv, int64_t slot, int64_t head,
+                            int32_t t) {
     const int32_t tpb = static_cast<int32_t>(layout.tokensPerBlock);
     const int32_t block = t / tpb, pos = t - block * tpb;
     return slot * layout.strideSlot + static_cast<int64_t>(block) * layout.strideBlock +
@@ -99,9 +100,9 @@ struct KvRelocateParams {
     void* cache = nullptr;  // see `layout`; [numLayers, 2, numSlots, numKvHeads, maxSeqLen, headDim] by default
     int64_t elemBytes = 0;  // 1, 2, 4 or 8
     int64_t numLayers = 0, numSlots = 0, numKvHeads = 0, maxSeqLen = 0, headDim = 0;
-    KvCacheLayout layout;    // tokensPerBlock == 0: the contiguous layout of the dims above
-    int64_t cacheElems = 0;  // elements addressable from `cache`; 0 only with the default layout (= its size)
-    const int32_t* slots = nullptr;            // [B]
+    KvCacheLayout layout;            // tokensPerBlock == 0: the contiguous layout of the dims above
+    int64_t cacheElems = 0;          // elements addressable from `cache`; 0 only with the default layout (= its size)
+    const int32_t* slots = nullptr;  // [B]
     const int32_t* cacheLengths = nullptr;     // [B]
     const int32_t* acceptedIndices = nullptr;  // [B, L]
     const int32_t* numAccepted = nullptr;      // [B]
@@ -116,19 +117,30 @@ struct KvRelocateParams {
 
     Status checkParams() const {
         if (batchSize < 0 || batchSize > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: batch size B must be in [0, 2^31), got %lld", (long long)batchSize);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: batch size B must be in [0, 2^31), got %lld", (long long)batchSize);
         if (beamLength < 1 || beamLength > kMaxBeamLength)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: accepted path length L must be in [1, %lld], got %lld", (long long)kMaxBeamLength, (long long)beamLength);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: accepted path length L must be in [1, %lld], got %lld",
+                                 (long long)kMaxBeamLength, (long long)beamLength);
         if (elemBytes != 1 && elemBytes != 2 && elemBytes != 4 && elemBytes != 8)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: element size must be 1, 2, 4 or 8 bytes, got %lld", (long long)elemBytes);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: element size must be 1, 2, 4 or 8 bytes, got %lld",
+                                 (long long)elemBytes);
         if (numLayers < 1 || numSlots < 1 || numKvHeads < 1 || maxSeqLen < 1 || headDim < 1)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: cache dims [layers=%lld, 2, slots=%lld, kv_heads=%lld, max_seq=%lld, head_dim=%lld] must all be >= 1",
-                                 (long long)numLayers, (long long)numSlots, (long long)numKvHeads, (long long)maxSeqLen, (long long)headDim);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: cache dims [layers=%lld, 2, slots=%lld, kv_heads=%lld, max_seq=%lld, "
+                                 "head_dim=%lld] must all be >= 1",
+                                 (long long)numLayers, (long long)numSlots, (long long)numKvHeads, (long long)maxSeqLen,
+                                 (long long)headDim);
         if (numSlots > kInt32Max || maxSeqLen > kInt32Max || numKvHeads > kInt32Max || headDim > kInt32Max)
-            return Status::error(StatusCode::kOverflow, "kv relocate: slots, max_seq, kv_heads and head_dim must each fit int32");
+            return Status::error(StatusCode::kOverflow,
+                                 "kv relocate: slots, max_seq, kv_heads and head_dim must each fit int32");
         int64_t total = 0;
         if (!checkedProduct({numLayers, 2, numKvHeads, headDim, elemBytes}, kInt32Max, &total))
-            return Status::error(StatusCode::kOverflow, "kv relocate: layers*2*kv_heads*head_dim*elem_bytes (bytes per position) must fit int32");
+            return Status::error(
+                StatusCode::kOverflow,
+                "kv relocate: layers*2*kv_heads*head_dim*elem_bytes (bytes per position) must fit int32");
         int64_t bound = cacheElems;
         if (layout.tokensPerBlock == 0) {
             if (!checkedProduct({numLayers, 2, numSlots, numKvHeads, maxSeqLen, headDim, elemBytes}, INT64_MAX, &total))
@@ -138,32 +150,47 @@ struct KvRelocateParams {
             RD_RETURN_IF_ERROR(checkLayout());
         }
         if (bound < 1)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: cache_elems (elements addressable from the cache pointer) must be >= 1%s, got %lld",
-                                 layout.tokensPerBlock == 0 ? "" : " with a strided layout", (long long)cacheElems);
+            return Status::error(
+                StatusCode::kInvalidArgument,
+                "kv relocate: cache_elems (elements addressable from the cache pointer) must be >= 1%s, got %lld",
+                layout.tokensPerBlock == 0 ? "" : " with a strided layout", (long long)cacheElems);
         int64_t last = 0;
         RD_RETURN_IF_ERROR(lastElemOffset(&last));
         int64_t bytes = 0;
         if (last >= bound || !checkedMul(bound, elemBytes, &bytes))
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: the layout reaches element offset %lld but the cache holds cache_elems=%lld elements of %lld bytes",
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: the layout reaches element offset %lld but the cache holds "
+                                 "cache_elems=%lld elements of %lld bytes",
                                  (long long)last, (long long)bound, (long long)elemBytes);
         if (!cache || !slots || !cacheLengths || !acceptedIndices || !numAccepted || !newLengths)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: null pointer (cache=%p slots=%p cache_lengths=%p accepted_indices=%p num_accepted=%p new_lengths=%p)",
-                                 cache, (const void*)slots, (const void*)cacheLengths, (const void*)acceptedIndices, (const void*)numAccepted, (void*)newLengths);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: null pointer (cache=%p slots=%p cache_lengths=%p accepted_indices=%p "
+                                 "num_accepted=%p new_lengths=%p)",
+                                 cache, (const void*)slots, (const void*)cacheLengths, (const void*)acceptedIndices,
+                                 (const void*)numAccepted, (void*)newLengths);
         return Status::success();
     }
 
-  private:
+private:
     // An explicit layout: non-negative strides, tokensPerBlock in [1, 2^31), dims that do not overlap.
     Status checkLayout() const {
         const KvCacheLayout& l = layout;
         if (l.tokensPerBlock < 1 || l.tokensPerBlock > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: tokens_per_block must be in [1, 2^31), got %lld", (long long)l.tokensPerBlock);
-        if (l.strideSlot < 0 || l.strideBlock < 0 || l.strideToken < 0 || l.strideLayer < 0 || l.strideKv < 0 || l.strideHead < 0)
-            return Status::error(StatusCode::kInvalidArgument, "kv relocate: strides must be >= 0, got slot=%lld block=%lld token=%lld layer=%lld kv=%lld head=%lld",
-                                 (long long)l.strideSlot, (long long)l.strideBlock, (long long)l.strideToken, (long long)l.strideLayer,
-                                 (long long)l.strideKv, (long long)l.strideHead);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "kv relocate: tokens_per_block must be in [1, 2^31), got %lld",
+                                 (long long)l.tokensPerBlock);
+        if (l.strideSlot < 0 || l.strideBlock < 0 || l.strideToken < 0 || l.strideLayer < 0 || l.strideKv < 0 ||
+            l.strideHead < 0)
+            return Status::error(
+                StatusCode::kInvalidArgument,
+                "kv relocate: strides must be >= 0, got slot=%lld block=%lld token=%lld layer=%lld kv=%lld head=%lld",
+                (long long)l.strideSlot, (long long)l.strideBlock, (long long)l.strideToken, (long long)l.strideLayer,
+                (long long)l.strideKv, (long long)l.strideHead);
         // (extent, stride) of every dim with more than one index; e is (headDim, 1).
-        struct Dim { int64_t n, stride; const char* name; };
+        struct Dim {
+            int64_t n, stride;
+            const char* name;
+        };
         Dim d[7] = {{headDim, 1, "head_dim"},
                     {rdMin(l.tokensPerBlock, maxSeqLen), l.strideToken, "token"},
                     {(maxSeqLen - 1) / l.tokensPerBlock + 1, l.strideBlock, "block"},
@@ -172,16 +199,23 @@ struct KvRelocateParams {
                     {numLayers, l.strideLayer, "layer"},
                     {numSlots, l.strideSlot, "slot"}};
         for (int i = 1; i < 7; ++i)  // insertion sort by stride
-            for (int j = i; j > 0 && d[j].stride < d[j - 1].stride; --j) { Dim t = d[j]; d[j] = d[j - 1]; d[j - 1] = t; }
+            for (int j = i; j > 0 && d[j].stride < d[j - 1].stride; --j) {
+                Dim t = d[j];
+                d[j] = d[j - 1];
+                d[j - 1] = t;
+            }
         int64_t reach = 0;  // largest offset of the dims sorted so far
         for (const Dim& x : d) {
             if (x.n <= 1) continue;
             if (x.stride <= reach)
-                return Status::error(StatusCode::kInvalidArgument, "kv relocate: the layout's dims overlap: %s stride %lld does not exceed %lld, the largest offset of the dims with smaller strides",
+                return Status::error(StatusCode::kInvalidArgument,
+                                     "kv relocate: the layout's dims overlap: %s stride %lld does not exceed %lld, the "
+                                     "largest offset of the dims with smaller strides",
                                      x.name, (long long)x.stride, (long long)reach);
             int64_t span = 0;
             if (!checkedMul(x.n - 1, x.stride, &span) || span > INT64_MAX - reach)
-                return Status::error(StatusCode::kOverflow, "kv relocate: element offsets of the layout overflow int64");
+                return Status::error(StatusCode::kOverflow,
+                                     "kv relocate: element offsets of the layout overflow int64");
             reach += span;
         }
         return Status::success();
@@ -199,17 +233,23 @@ struct KvRelocateParams {
         for (int i = 0; i < 2; ++i) {
             if (bs[i] < 0) continue;
             int64_t terms[7] = {0, 0, 0, 0, 0, 0, 0};
-            const bool fine = checkedMul(numSlots - 1, l.strideSlot, &terms[0]) && checkedMul(bs[i], l.strideBlock, &terms[1]) &&
-                              checkedMul(ts[i], l.strideToken, &terms[2]) && checkedMul(numLayers - 1, l.strideLayer, &terms[3]) &&
-                              checkedMul(1, l.strideKv, &terms[4]) && checkedMul(numKvHeads - 1, l.strideHead, &terms[5]);
+            const bool fine =
+                checkedMul(numSlots - 1, l.strideSlot, &terms[0]) && checkedMul(bs[i], l.strideBlock, &terms[1]) &&
+                checkedMul(ts[i], l.strideToken, &terms[2]) && checkedMul(numLayers - 1, l.strideLayer, &terms[3]) &&
+                checkedMul(1, l.strideKv, &terms[4]) && checkedMul(numKvHeads - 1, l.strideHead, &terms[5]);
             terms[6] = headDim - 1;
             int64_t sum = 0;
             bool ok = fine;
             for (int64_t t : terms) {
-                if (!ok || t > INT64_MAX - sum) { ok = false; break; }
+                if (!ok || t > INT64_MAX - sum) {
+                    ok = false;
+                    break;
+                }
                 sum += t;
             }
-            if (!ok) return Status::error(StatusCode::kOverflow, "kv relocate: element offsets of the layout overflow int64");
+            if (!ok)
+                return Status::error(StatusCode::kOverflow,
+                                     "kv relocate: element offsets of the layout overflow int64");
             best = rdMax(best, sum);
         }
         *out = best;
@@ -222,7 +262,7 @@ struct KvRelocateParams {
 // Element offset of cache[layer, kv, slot, head, t, 0] in the contiguous (default) layout; equals
 // kvElemOffset(kvContiguousLayout(numSlots, numKvHeads, maxSeqLen, headDim), ...).
 RD_HD int64_t kvOffset(int64_t layer, int64_t kv, int64_t slot, int64_t head, int64_t t, int64_t numSlots,
-                       int64_t numKvHeads, int64_t maxSeqLen, int64_t headDim) {
+                        int64_t numKvHeads, int64_t maxSeqLen, int64_t headDim) {
     return ((((layer * 2 + kv) * numSlots + slot) * numKvHeads + head) * maxSeqLen + t) * headDim;
 }
 
@@ -236,8 +276,8 @@ enum KvRowError : int32_t {
 };
 
 // Validates one row; `q` = acceptedIndices row (q[0] is the root and is not read).
-RD_HD int32_t kvCheckRow(int32_t slot, int32_t cacheLength, int32_t n, const int32_t* q, int32_t L,
-                         int64_t numSlots, int64_t maxSeqLen) {
+RD_HD int32_t kvCheckRow(int32_t slot, int32_t cacheLength, int32_t n, const int32_t* q, int32_t L, int64_t numSlots,
+                          int64_t maxSeqLen) {
     if (slot < 0 || slot >= numSlots) return kKvBadSlot;
     if (cacheLength < 0) return kKvBadLength;
     if (n < 0 || n >= L) return kKvBadNumAccepted;

@@ -25,10 +25,14 @@ namespace redrafter {
 
 // ---- per-element logic shared by the kernel and the CPU reference -------------------------
 
-RD_HD bool samplingIsGreedy(float temperature) { return !(temperature > 0.0f); }
+RD_HD bool samplingIsGreedy(float temperature) {
+    return !(temperature > 0.0f);
+}
 
 // Effective top-k: 0, negative or > V means off (= V).
-RD_HD int64_t samplingTopK(int64_t topK, int64_t vocab) { return (topK <= 0 || topK > vocab) ? vocab : topK; }
+RD_HD int64_t samplingTopK(int64_t topK, int64_t vocab) {
+    return (topK <= 0 || topK > vocab) ? vocab : topK;
+}
 
 RD_HD bool samplingTopPActive(float topP) { return topP < 1.0f; }
 
@@ -37,10 +41,14 @@ RD_HD double samplingScaled(float logit, float temperature) {
 }
 
 // top-k filter on scaled logits: masked iff z < kth (so NaN is kept, as torch's masked_fill).
-RD_HD bool samplingTopKKeeps(double z, double kthZ) { return !(z < kthZ); }
+RD_HD bool samplingTopKKeeps(double z, double kthZ) {
+    return !(z < kthZ);
+}
 
 // top-p filter on one token of the descending order: `exclusive` = mass ranked before it.
-RD_HD bool samplingTopPKeeps(double exclusive, double topP, bool first) { return first || exclusive < topP; }
+RD_HD bool samplingTopPKeeps(double exclusive, double topP, bool first) {
+    return first || exclusive < topP;
+}
 
 RD_HD double samplingCdfTarget(float uniform, double total) { return static_cast<double>(uniform) * total; }
 
@@ -61,8 +69,8 @@ struct SamplingScratch {
 
 // One token from a row of `vocab` float32 logits (float16/bfloat16 rows are widened first,
 // exactly). Always returns an id in [0, vocab).
-inline int32_t drawTokenCpu(const float* x, int64_t vocab, float temperature, int64_t topK, float topP,
-                            float uniform, SamplingScratch& s) {
+inline int32_t drawTokenCpu(const float* x, int64_t vocab, float temperature, int64_t topK, float topP, float uniform,
+                            SamplingScratch& s) {
     if (samplingIsGreedy(temperature)) {
         int64_t best = 0;
         for (int64_t i = 1; i < vocab; ++i) {

@@ -24,30 +24,36 @@
 namespace redrafter {
 
 struct TreePackParams {
-    const int32_t* beams = nullptr;   // [B, W, L]
-    int32_t* packedTokens = nullptr;  // [B, W*L]
-    int32_t* packedLen = nullptr;     // [B]
-    int32_t* unpacker = nullptr;      // [B, W, L]
+    const int32_t* beams = nullptr;      // [B, W, L]
+    int32_t* packedTokens = nullptr;     // [B, W*L]
+    int32_t* packedLen = nullptr;        // [B]
+    int32_t* unpacker = nullptr;         // [B, W, L]
     int32_t* positionOffsets = nullptr;  // [B, W*L]
-    int32_t* packedMask = nullptr;    // [B, W*L, ceil(W*L/32)]
-    int64_t batchSize = 0;            // B >= 0
-    int64_t numBeams = 0;             // 1 <= W <= 64
-    int64_t beamLength = 0;           // 1 <= L <= 64
+    int32_t* packedMask = nullptr;       // [B, W*L, ceil(W*L/32)]
+    int64_t batchSize = 0;               // B >= 0
+    int64_t numBeams = 0;                // 1 <= W <= 64
+    int64_t beamLength = 0;              // 1 <= L <= 64
 
     Status checkParams() const {
         if (batchSize < 0 || batchSize > kInt32Max)
-            return Status::error(StatusCode::kInvalidArgument, "tree pack: batch size B must be in [0, 2^31), got %lld", (long long)batchSize);
+            return Status::error(StatusCode::kInvalidArgument, "tree pack: batch size B must be in [0, 2^31), got %lld",
+                                 (long long)batchSize);
         if (numBeams < 1 || numBeams > kMaxBeams)
-            return Status::error(StatusCode::kInvalidArgument, "tree pack: num_beams W must be in [1, %lld], got %lld", (long long)kMaxBeams, (long long)numBeams);
+            return Status::error(StatusCode::kInvalidArgument, "tree pack: num_beams W must be in [1, %lld], got %lld",
+                                 (long long)kMaxBeams, (long long)numBeams);
         if (beamLength < 1 || beamLength > kMaxBeamLength)
-            return Status::error(StatusCode::kInvalidArgument, "tree pack: beam length L = D + 1 must be in [1, %lld], got %lld", (long long)kMaxBeamLength, (long long)beamLength);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "tree pack: beam length L = D + 1 must be in [1, %lld], got %lld",
+                                 (long long)kMaxBeamLength, (long long)beamLength);
         const int64_t n = numBeams * beamLength;
         int64_t total = 0;
         if (!checkedProduct({batchSize, n, maskWords(n), 4}, INT64_MAX, &total))
             return Status::error(StatusCode::kOverflow, "tree pack: B*W*L*ceil(W*L/32) bytes overflow int64");
         if (!beams || !packedTokens || !packedLen || !unpacker || !positionOffsets || !packedMask)
-            return Status::error(StatusCode::kInvalidArgument, "tree pack: null pointer (beams=%p tokens=%p len=%p unpacker=%p offsets=%p mask=%p)",
-                                 (const void*)beams, (void*)packedTokens, (void*)packedLen, (void*)unpacker, (void*)positionOffsets, (void*)packedMask);
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "tree pack: null pointer (beams=%p tokens=%p len=%p unpacker=%p offsets=%p mask=%p)",
+                                 (const void*)beams, (void*)packedTokens, (void*)packedLen, (void*)unpacker,
+                                 (void*)positionOffsets, (void*)packedMask);
         return Status::success();
     }
 };

@@ -13,11 +13,11 @@
 // What it cannot show: timing, memory-model races between blocks, or ptxas' code generation.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <driver_types.h>
 #include <ucontext.h>
 #include <vector_types.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <chrono>
@@ -82,9 +82,9 @@ inline void switchContext(Context& from, Context& to) { emu_switch_ctx(&from.sp,
 inline void makeContext(Context& c, char* stack, size_t bytes, void (*fn)()) {
     uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top) - 8;
-    for (int i = 0; i < 6; ++i) sp[i] = nullptr;     // r15 r14 r13 r12 rbx rbp
-    sp[6] = reinterpret_cast<void*>(fn);              // return address
-    sp[7] = nullptr;                                  // keeps rsp = 8 (mod 16) at entry
+    for (int i = 0; i < 6; ++i) sp[i] = nullptr;  // r15 r14 r13 r12 rbx rbp
+    sp[6] = reinterpret_cast<void*>(fn);          // return address
+    sp[7] = nullptr;                              // keeps rsp = 8 (mod 16) at entry
     c.sp = sp;
 }
 #else
@@ -155,7 +155,8 @@ inline void runBlock(Block& blk) {
     for (int i = 0; i < n; ++i) {
         Fiber& f = blk.fibers[static_cast<size_t>(i)];
         f.linear = i;
-        f.tid = uint3{static_cast<unsigned>(i) % blk.blockDim.x, (static_cast<unsigned>(i) / blk.blockDim.x) % blk.blockDim.y,
+        f.tid = uint3{static_cast<unsigned>(i) % blk.blockDim.x,
+                      (static_cast<unsigned>(i) / blk.blockDim.x) % blk.blockDim.y,
                       static_cast<unsigned>(i) / (blk.blockDim.x * blk.blockDim.y)};
         makeContext(f.ctx, stacks.data() + static_cast<size_t>(i) * kStackBytes, kStackBytes, entry);
     }
@@ -184,7 +185,8 @@ inline void runBlock(Block& blk) {
         }
         for (int w = 0; w * 32 < n; ++w) {
             int waiting = 0, lanes = std::min(32, n - w * 32);
-            for (int l = 0; l < lanes; ++l) waiting += blk.fibers[static_cast<size_t>(w * 32 + l)].state == kAtWarpBarrier;
+            for (int l = 0; l < lanes; ++l)
+                waiting += blk.fibers[static_cast<size_t>(w * 32 + l)].state == kAtWarpBarrier;
             if (waiting == lanes) {
                 for (int l = 0; l < lanes; ++l) blk.fibers[static_cast<size_t>(w * 32 + l)].state = kRunnable;
                 released = true;
@@ -325,7 +327,9 @@ inline cudaError_t emu_cudaGetLastError() {
     emuLastError() = cudaSuccess;
     return e;
 }
-inline const char* emu_cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated CUDA error"; }
+inline const char* emu_cudaGetErrorString(cudaError_t e) {
+    return e == cudaSuccess ? "no error" : "emulated CUDA error";
+}
 inline cudaError_t emu_cudaGetDeviceCount(int* n) {
     *n = 1;
     return cudaSuccess;

@@ -92,8 +92,8 @@ struct PluginFields {
     int32_t values[kMaxFields] = {};
 
     int32_t numBeams() const { return values[0]; }
-    int32_t warpK() const { return values[1]; }      // beam search
-    int32_t beamLength() const { return values[1]; } // tree pack, accept
+    int32_t warpK() const { return values[1]; }       // beam search
+    int32_t beamLength() const { return values[1]; }  // tree pack, accept
 };
 
 struct OpInfo {
@@ -142,9 +142,9 @@ struct LaunchParams {
     TreePackParams treePack;
     AcceptParams accept;
 };
-Status makeLaunchParams(const PluginFields& f, const ShapeDims* inputs, const TensorType* inputTypes,
-                        int32_t nbInputs, const void* const* inputPtrs, void* const* outputPtrs, void* workspace,
-                        size_t workspaceBytes, LaunchParams* out);
+Status makeLaunchParams(const PluginFields& f, const ShapeDims* inputs, const TensorType* inputTypes, int32_t nbInputs,
+                        const void* const* inputPtrs, void* const* outputPtrs, void* workspace, size_t workspaceBytes,
+                        LaunchParams* out);
 // Runs the C++ CPU reference of the operator (tests; the plugins call launchCuda).
 Status launchCpu(const LaunchParams& p);
 // Runs the CUDA launcher (defined only in the plugin library, which links the kernels).
