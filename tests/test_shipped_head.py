@@ -4,6 +4,7 @@ a corrupt or missing file with the command that rebuilds it, and the built-in sm
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,42 @@ def test_the_shipped_smollm2_head_loads_with_its_base():
     _, sd = load_hf_base(ensure_smollm2())
     head = load_drafter(builtin_head("smollm2"), base_lm_head=sd["lm_head.weight"])
     assert torch.equal(head.lm_head[-1].weight, sd["lm_head.weight"])
+
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2"
+
+
+def _ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_the_committed_training_data_is_clean_disjoint_and_small():
+    from redrafter_trt.datasets import load_prompts
+    from redrafter_trt.train.data import read_selfdistill, source_kind
+
+    train = [
+        json.loads(x)["prompt"] for x in (DATA / "requests_train.jsonl").read_text().splitlines()
+    ]
+    heldout = [
+        json.loads(x)["prompt"] for x in (DATA / "requests_heldout.jsonl").read_text().splitlines()
+    ]
+    answers = [json.loads(x) for x in (DATA / "answers.jsonl").read_text().splitlines()]
+    assert len(train) == len(set(train)) and heldout and not set(train) & set(heldout)
+    assert sorted(a["prompt"] for a in answers) == sorted(train)
+    for a in answers:
+        ids = a["prompt_ids"] + a["response_ids"]
+        assert a["response_ids"] and all(0 <= t < 49152 for t in ids)
+    # MT-Bench is the evaluation set: no request may share an 8-word run with any of its turns
+    mt = set().union(*(_ngrams(q) for q in load_prompts("mt-bench", all_turns=True)))
+    assert len(mt) > 1000
+    assert [p for p in train + heldout if _ngrams(p) & mt] == []
+    # the trainer reads the answers as they are (token ids; targets only on the answer)
+    assert source_kind(str(DATA / "answers.jsonl")) == "selfdistill"
+    ex = read_selfdistill(DATA / "answers.jsonl")
+    assert len(ex) == len(answers) and sum(sum(e.targets) for e in ex) == sum(
+        len(a["response_ids"]) for a in answers
+    )
+    head_dir, _ = BUILTIN_HEADS["smollm2"]
+    stored = [f for d in (DATA, head_dir) for f in d.iterdir() if f.is_file()]
+    assert sum(f.stat().st_size for f in stored) <= 30 * 1024 * 1024
