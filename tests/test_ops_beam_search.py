@@ -1,4 +1,4 @@
-"""Beam-search step (SPEC section 4) against a naive full sort of all W*V candidates."""
+"""Beam-search step (docs/design.md section 4) against a naive full sort of all W*V candidates."""
 
 import torch
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""Target distributions, inverse CDF and counter-based uniforms (SPEC section 6)."""
+"""Target distributions, inverse CDF and counter-based uniforms (docs/design.md section 6)."""
 
 import math
 

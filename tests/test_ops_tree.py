@@ -1,4 +1,4 @@
-"""Tree packing (SPEC section 5): the worked example and properties over random beams."""
+"""Tree packing (docs/design.md section 5): the worked example and properties over random beams."""
 
 import torch
 from hypothesis import given, settings

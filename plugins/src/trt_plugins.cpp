@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 adapters of the ReDrafter operators (SPEC section 9) and the library's
+// TensorRT IPluginV3 adapters of the ReDrafter operators (docs/design.md section 9) and the library's
 // registration entry point.
 //
 // Each plugin (RedrafterBeamSearchStep, RedrafterTreePack, RedrafterAccept; version "1") is the

@@ -1,4 +1,4 @@
-"""The ReDrafter draft head (SPEC section 3), Apple ml-recurrent-drafter checkpoint compatible.
+"""The ReDrafter draft head (docs/design.md section 3), Apple ml-recurrent-drafter checkpoint compatible.
 
 Directory format: ``config.json`` (``vocab_size``, ``hidden_size``, ``exit_dim``,
 ``num_draft_layers``, ``rnn``) and ``model.safetensors``; a ``.pt``/``.bin`` state dict is read
@@ -147,7 +147,7 @@ class Drafter(nn.Module):
         warp_k: int = DEFAULT_WARP_K,
         step: Callable | None = None,
     ) -> torch.Tensor:
-        """D-step beam search from the root token (SPEC section 4).
+        """D-step beam search from the root token (docs/design.md section 4).
 
         Args:
             embedding: the base model's input embedding (shared).

@@ -1,4 +1,4 @@
-"""PyTorch references of the ReDrafter operators (SPEC section 9): the oracle for every backend."""
+"""PyTorch references of the ReDrafter operators (docs/design.md section 9): the oracle for every backend."""
 
 from .accept import Acceptance, accept
 from .beam_search import DEFAULT_WARP_K, WARP_FILL, beam_search_step, warped_log_softmax

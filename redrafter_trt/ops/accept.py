@@ -1,4 +1,4 @@
-"""Acceptance of a verified tree (SPEC section 6), the PyTorch reference.
+"""Acceptance of a verified tree (docs/design.md section 6), the PyTorch reference.
 
 One tree walk serves greedy and sampling rows alike. At depth d the walk stands at a packed node
 whose path equals ``beams[w, :d+1]`` for every beam w in the row's ``match`` set; it draws token
@@ -6,7 +6,7 @@ x from the target distribution at that node (:func:`~redrafter_trt.ops.sampling.
 uniform ``uniforms[:, d]``), moves to the child carrying x if any beam in the set continues with
 x, else emits x as the bonus token and stops. At depth D (a leaf) the draw is the bonus.
 
-For greedy rows this is exactly the SPEC's rule: the beams still in ``match`` when the walk stops
+For greedy rows this is exactly the rule of docs/design.md section 6: the beams still in ``match`` when the walk stops
 are those with the longest accepted prefix, and the accepted beam is the lowest of them.
 """
 

@@ -1,4 +1,4 @@
-"""Beam-search step of the drafter (SPEC section 4), the PyTorch reference.
+"""Beam-search step of the drafter (docs/design.md section 4), the PyTorch reference.
 
 ``beam_search_step`` is the operator the CUDA kernel and the C++ reference implement; the draft
 loop that calls it D times lives in :mod:`redrafter_trt.models.drafter`.

@@ -1,4 +1,4 @@
-"""The KV-cache layouts and their in-place relocation after acceptance (SPEC section 7).
+"""The KV-cache layouts and their in-place relocation after acceptance (docs/design.md section 7).
 
 The one module that knows where a token's K/V lives (``cpp/`` mirrors it in
 ``cpp/include/redrafter/kv_relocate.h``; :mod:`redrafter_trt.native` binds the C++ twins):
@@ -110,7 +110,7 @@ def relocate_paged(
     tokens_per_block: int,
     head_dim: int,
 ) -> None:
-    """SPEC section 7 on the paged pool, in place: token ``cache_len + q_k`` moves to
+    """docs/design.md section 7 on the paged pool, in place: token ``cache_len + q_k`` moves to
     ``cache_len + k`` for k = 1..n, every row and layer at once (all sources are read before any
     destination is written, which equals the ascending in-place order because q_k >= k).
 

@@ -1,4 +1,4 @@
-"""Target distributions, inverse-CDF draws and the counter-based uniforms (SPEC section 6).
+"""Target distributions, inverse-CDF draws and the counter-based uniforms (docs/design.md section 6).
 
 Plain sampling and the speculative tree walk both draw through :func:`draw_tokens`, with the
 uniform of the token's absolute position from :func:`position_uniforms`; with equal seeds they

@@ -1,4 +1,4 @@
-"""Dynamic tree attention: packing beams into a prefix tree (SPEC section 5), PyTorch reference.
+"""Dynamic tree attention: packing beams into a prefix tree (docs/design.md section 5), PyTorch reference.
 
 Layout facts (one place; ``cpp/`` and the engine import or mirror them):
 

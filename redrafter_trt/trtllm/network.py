@@ -1,4 +1,4 @@
-"""The ReDrafter step as one TensorRT-LLM network (SPEC sections 4-8).
+"""The ReDrafter step as one TensorRT-LLM network (docs/design.md sections 4-8).
 
 One engine call, per row of the batch (all rows of a call are context rows, or all are
 generation rows; the runtime never mixes them):
@@ -168,7 +168,7 @@ def build_model(
             return x + F.silu(self.linear(x))
 
     class DraftHead(Module):
-        """SPEC section 3; parameter names = the checkpoint's ``drafter.*`` names."""
+        """docs/design.md section 3; parameter names = the checkpoint's ``drafter.*`` names."""
 
         def __init__(self):
             super().__init__()
@@ -465,7 +465,7 @@ def build_model(
             last_node = rows_gather(path, F.unsqueeze(n_acc, 1), 1)  # [B, 1]
             context = F.view(rows_gather(node_hidden, last_node, 1), F.concat([b, H]))
 
-            # ---- D unrolled beam-search steps (SPEC section 4)
+            # ---- D unrolled beam-search steps (docs/design.md section 4)
             ctx_bw = F.view(
                 F.expand(F.unsqueeze(context, 1), F.concat([b, W, H])), F.concat([b * W, H])
             )

@@ -6,7 +6,7 @@ the benchmark need), so ``redrafter-run`` and ``redrafter-bench`` drive it uncha
 Per call: the contract's tensors are bound by name (:mod:`redrafter_trt.contract`), the attention
 plumbing is derived from them (paged KV pool, each slot owning ``max_blocks`` contiguous blocks,
 one pool ``[num_blocks, layers, 2, kv_heads * tokens_per_block * head_dim]``), the engine runs
-through ``tensorrt_llm.runtime.Session``, then the accepted KV entries are relocated (SPEC
+through ``tensorrt_llm.runtime.Session``, then the accepted KV entries are relocated (docs/design.md
 section 7) from the engine's ``accepted_packed_indices`` output, in place in the pool: by the
 cpp/ kernel ``invokeKvRelocate`` with the paged pool's strided layout
 (:func:`redrafter_trt.native.relocate_paged_native`, ``libredrafter_cuda.so``) when that library
@@ -106,7 +106,7 @@ def relocate_pool(
     head_dim: int,
     impl: str,
 ) -> None:
-    """SPEC section 7 on the paged pool with ``impl``: RELOCATE_KERNEL runs the cpp/ operator in
+    """docs/design.md section 7 on the paged pool with ``impl``: RELOCATE_KERNEL runs the cpp/ operator in
     the strided paged layout (the CUDA kernel on a CUDA pool, its CPU reference on a CPU pool) and
     checks its new lengths; RELOCATE_TORCH runs :func:`relocate_paged`."""
     kw = dict(

@@ -1,4 +1,4 @@
-// Acceptance of a verified tree (SPEC section 6): greedy and exact sampling in one tree walk.
+// Acceptance of a verified tree (docs/design.md section 6): greedy and exact sampling in one tree walk.
 //
 //   logits          [B, N, V]  float32/float16/bfloat16 base logits at the packed nodes
 //                              (N >= every packed length, usually W*L; padding never read)
@@ -15,7 +15,7 @@
 // The walk (acceptWalkRow, shared): at depth d the walk stands at a packed node whose path is
 // beams[w, :d+1] for every w in `match`; it draws x there with uniforms[b, d]; if a beam in
 // `match` continues with x it moves to that child (lowest such beam), else x is the bonus.
-// For greedy rows this is SPEC's longest-prefix rule (lowest beam on ties).
+// For greedy rows this is the longest-prefix rule of docs/design.md section 6 (lowest beam on ties).
 //
 // Kernel design (cpp/kernels/accept.cu): a node's draw depends only on its logits and on the
 // uniform of its depth, so

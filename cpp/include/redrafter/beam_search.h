@@ -1,4 +1,4 @@
-// Beam-search step of the drafter (SPEC section 4).
+// Beam-search step of the drafter (docs/design.md section 4).
 //
 //   logits      [B, W, V]  float32 / float16 / bfloat16   (drafter logits of each beam)
 //   beamScores  [B, W]     float32, -inf for dead beams
@@ -26,7 +26,7 @@
 //      Only when warped-out "filler" tokens can reach the top W (fewer than W kept tokens, or
 //      the k-th value <= WARP_FILL) does it read the first W + (kept) logits of the row again.
 //   3. beam merge: grid (B); top W of the W*W union by rank key, sorted.
-//   The top W over W*V equals the top W of the union of each beam's own top W (SPEC 4).
+//   The top W over W*V equals the top W of the union of each beam's own top W (docs/design.md section 4).
 //
 // Bytes per call it must move (DRAM): B*W*V*sizeof(T) logits read exactly once
 //   + 4*B*W scores in + 12*B*W outputs; workspace traffic is B*W*ceil(V/4096)*(24 + 8*K)

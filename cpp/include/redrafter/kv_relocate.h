@@ -1,4 +1,4 @@
-// In-place KV-cache relocation after acceptance (SPEC section 7).
+// In-place KV-cache relocation after acceptance (docs/design.md section 7).
 //
 // Cache layout: blocked and strided. Element (layer, kv, slot, head, t, e) of the cache lives at
 //

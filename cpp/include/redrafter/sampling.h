@@ -1,4 +1,4 @@
-// Target distributions and inverse-CDF draws (SPEC section 6), shared by the accept kernel and
+// Target distributions and inverse-CDF draws (docs/design.md section 6), shared by the accept kernel and
 // the CPU reference. The rules are those of redrafter_trt/ops/sampling.py:
 //
 //   temperature <= 0 (or NaN)  -> greedy: argmax, ties to the lowest token id (NaN is largest).

@@ -1,4 +1,4 @@
-// Tree packing: dynamic tree attention (SPEC section 5).
+// Tree packing: dynamic tree attention (docs/design.md section 5).
 //
 //   beams           [B, W, L]                 int32 draft beams (beams[:, :, 0] = g0)
 //   packedTokens    [B, W*L]                  int32, first P_b valid, then PAD_TOKEN (0)

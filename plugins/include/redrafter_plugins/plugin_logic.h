@@ -1,5 +1,5 @@
 // The TensorRT-free half of the ReDrafter IPluginV3 plugins: fields, shapes, types, workspace and
-// the launch parameters of each operator that runs inside the engine (SPEC section 9).
+// the launch parameters of each operator that runs inside the engine (docs/design.md section 9).
 //
 // Nothing here includes a TensorRT header, so it compiles and is unit-tested on any CPU
 // (tests/test_plugins_logic.py through the C ABI in plugin_logic_c_api.h). The adapters in
