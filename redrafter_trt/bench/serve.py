@@ -516,7 +516,7 @@ def write_tiny_engine(path: Path, log=None) -> Path:
 # --------------------------------------------------------------------------- --stall
 def stall_main(args) -> int:
     """A running stream's largest inter-token gap while a long prompt is prefilled, per chunk size."""
-    from .. import load
+    from ..runtime.loader import load
     from ..runtime.scheduler import SamplingParams, Scheduler
 
     gen = load(args.engine_dir, device="cpu")
