@@ -9,6 +9,7 @@ tokens)``, ``step(inputs)``, ``timings``). Plain decoding runs through the same 
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -169,18 +170,7 @@ class Generator:
     ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, yielding each row's new tokens as every step completes; once
         exhausted, ``last_results`` holds what :meth:`generate` would have returned."""
-        args = dict(
-            max_new_tokens=128,
-            temperature=0.0,
-            top_k=0,
-            top_p=1.0,
-            seed=0,
-            speculative=True,
-            use_chat_template=False,
-            stop=(),
-            eos_token_ids=None,
-            ignore_eos=False,
-        )
+        args = dict(_GENERATE_DEFAULTS)  # generate's own defaults, in its order
         unknown = set(kwargs) - set(args)
         require(not unknown, f"unknown generate_stream arguments {sorted(unknown)}")
         args.update(kwargs)
@@ -292,3 +282,11 @@ def check_backend_limits(backend: C.Backend) -> None:
     for name, v in limits.items():
         if not (isinstance(v, int) and v >= 1):
             raise RedrafterError(f"engine {name} must be a positive integer, got {v!r}")
+
+
+#: ``Generator.generate``'s keyword defaults (all but ``prompts``), which ``generate_stream`` shares
+_GENERATE_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(Generator.generate).parameters.items()
+    if name not in ("self", "prompts")
+}
