@@ -327,6 +327,32 @@ def test_resume_after_interruption_is_exact(tiny_base, selfdistill_file, tmp_pat
     assert len(report["eval"]["top1_accuracy_per_depth"]) == 4
 
 
+def test_a_data_directory_is_its_jsonl_files_each_a_source(tiny_base, selfdistill_file, tmp_path):
+    """``--data DIR`` trains exactly as naming DIR's *.jsonl files (sorted) one by one, and shares
+    their per-file feature caches; records beside them (``.meta.json``) are not data."""
+    lines = selfdistill_file.read_text().splitlines(keepends=True)
+    d = tmp_path / "answers"
+    d.mkdir()
+    (d / "b.jsonl").write_text("".join(lines[24:]))
+    (d / "a.jsonl").write_text("".join(lines[:24]))
+    (d / "a.jsonl.meta.json").write_text("{}")
+    listed = train_drafter(
+        _cfg(tiny_base, [d / "a.jsonl", d / "b.jsonl"], tmp_path / "listed", tmp_path, max_steps=4)
+    )
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(caches) == 2
+    from_dir = train_drafter(_cfg(tiny_base, [d], tmp_path / "dir", tmp_path, max_steps=4))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == caches  # no recomputation
+    a, b = load_drafter(listed).state_dict(), load_drafter(from_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((from_dir / "training_report.json").read_text())
+    assert report["data"] == [str(d / "a.jsonl"), str(d / "b.jsonl")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RedrafterError, match="empty.*no \\*.jsonl files"):
+        train_drafter(_cfg(tiny_base, [empty], tmp_path / "e", tmp_path, max_steps=4))
+
+
 @pytest.mark.full
 def test_trained_head_is_accepted_more_than_random(tiny_base, selfdistill_file, tmp_path):
     out = train_drafter(

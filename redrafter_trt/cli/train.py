@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="training data: gen-data JSONL (self-distillation), ShareGPT JSON/JSONL "
         "conversations ('sharegpt' = the built-in 500), or prompt lists "
-        "(JSON/JSONL, or 'writingbench')",
+        "(JSON/JSONL, or 'writingbench'); a directory stands for the *.jsonl files in it",
     )
     t.add_argument("--output_dir", required=True, help="drafter directory to write")
     g = t.add_argument_group("head")

@@ -35,7 +35,13 @@ from ..models.drafter import Drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
 from .base import eos_ids, load_frozen_base
 from .config import TrainConfig, lr_at
-from .data import load_base_tokenizer, load_examples, model_fingerprint, source_kind
+from .data import (
+    expand_sources,
+    load_base_tokenizer,
+    load_examples,
+    model_fingerprint,
+    source_kind,
+)
 from .evaluation import evaluate, format_per_depth
 from .features import Features, cached_features, concat_features
 from .head import choose_draft_vocab, make_drafter
@@ -108,14 +114,15 @@ class _Data:
 def _features(
     cfg: TrainConfig, base, model_dir: Path, world: int, is_main: bool, log: Callable[[str], None]
 ) -> _Data:
-    needs_tok = any(source_kind(s) != "selfdistill" for s in cfg.data)
+    sources = expand_sources(cfg.data)
+    needs_tok = any(source_kind(s) != "selfdistill" for s in sources)
     tok = load_base_tokenizer(model_dir) if needs_tok else None
     # Features are cached per data source, so sources can be combined without recomputation.
     per_source = [
         load_examples(
             [src], tok, cfg.chat_template, cfg.max_seq_len, model_dir, cfg.limit_per_source
         )
-        for src in cfg.data
+        for src in sources
     ]
     model_fp = model_fingerprint(model_dir)
     topk_store = cfg.teacher_topk  # stored for every loss, so kl/ce/mix runs share one cache
@@ -414,7 +421,7 @@ def train_drafter(
     )
     report = {
         "model_dir": str(model_dir),
-        "data": list(cfg.data),
+        "data": expand_sources(cfg.data),
         "settings": asdict(cfg),
         "drafter_config": drafter.config.to_dict(),
         "trainable_parameters": n_params,
