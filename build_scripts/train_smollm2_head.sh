@@ -8,12 +8,16 @@
 # 2. the same head trained on, for REDRAFTER_HEAD_STAGE2_MIN minutes, over the base's own greedy
 #    answers to requests it wrote itself (data/smollm2/answers.jsonl, in the repository: see
 #    data/smollm2/README.md for how it was made) and the ShareGPT conversations;
-# 3. packaging: the projection the head shares with its base is dropped from the shipped file.
+# 3. the stage-2 head trained on, for REDRAFTER_HEAD_STAGE3_MIN minutes on two threads, over
+#    those answers, the larger set of later base-written requests and answers in
+#    data/smollm2/answers2/ (one file per chunk of 128 requests), and the ShareGPT conversations;
+# 4. packaging: the projection the head shares with its base is dropped from the shipped file.
 #
-# One thread: 50-80 min of base features on a 2-core CPU (measured; cached under the user cache
-# dir afterwards) plus the two training budgets. Knobs (environment): REDRAFTER_HEAD_TRAIN_MIN
-# (17), REDRAFTER_HEAD_STAGE2_MIN (20), REDRAFTER_HEAD_WORK (work dir, .head_work),
-# REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
+# Base features are computed by teacher forcing on the first use of each data file: about
+# 2 hours on a 2-core CPU for all of them (cached under the user cache dir afterwards), plus the
+# three training budgets. Knobs (environment): REDRAFTER_HEAD_TRAIN_MIN (17),
+# REDRAFTER_HEAD_STAGE2_MIN (20), REDRAFTER_HEAD_STAGE3_MIN (30), REDRAFTER_HEAD_WORK (work
+# dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -23,6 +27,7 @@ work="${REDRAFTER_HEAD_WORK:-$root/.head_work}"
 out="${REDRAFTER_HEAD_OUT:-$root/redrafter_trt/heads/smollm2}"
 minutes="${REDRAFTER_HEAD_TRAIN_MIN:-17}"
 minutes2="${REDRAFTER_HEAD_STAGE2_MIN:-20}"
+minutes3="${REDRAFTER_HEAD_STAGE3_MIN:-30}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 mkdir -p "$work"
 "$bin/redrafter-train" train --model_dir smollm2 --data sharegpt writingbench \
@@ -34,5 +39,10 @@ mkdir -p "$work"
   --init_from "$work/head" --output_dir "$work/head2" --freeze_lm_head --loss kl --kl_vocab batch \
   --precision fp32 --lr 1e-3 --max_steps 1000000 --time_budget_min "$minutes2" \
   --checkpoint_dir "$work/checkpoints2" --threads 1 --no_progress --overwrite
-"$bin/python" -m redrafter_trt.heads.package --head "$work/head2" --model_dir smollm2 \
+"$bin/redrafter-train" train --model_dir smollm2 \
+  --data data/smollm2/answers.jsonl data/smollm2/answers2 sharegpt \
+  --init_from "$work/head2" --output_dir "$work/head3" --freeze_lm_head --loss kl --kl_vocab batch \
+  --precision fp32 --lr 1e-3 --max_steps 1000000 --time_budget_min "$minutes3" \
+  --checkpoint_dir "$work/checkpoints3" --threads 2 --no_progress --overwrite
+"$bin/python" -m redrafter_trt.heads.package --head "$work/head3" --model_dir smollm2 \
   --output "$out" --overwrite

@@ -368,8 +368,8 @@ SMOLLM2_EPYC_DRAFT = {
     64: 0.9891,
 }
 #: P(accepted >= j) of the shipped head on the 80 MT-Bench first turns (docs/results.md, 2026-12-02:
-#: 6,219 steps adding 1/2/3/4/5 tokens 4132/1326/478/152/131 times, 1.52 tokens/step)
-SHIPPED_HEAD_ACCEPTANCE = [2087 / 6219, 761 / 6219, 283 / 6219, 131 / 6219]
+#: 5,813 steps adding 1/2/3/4/5 tokens 3619/1325/467/199/203 times, 1.63 tokens/step)
+SHIPPED_HEAD_ACCEPTANCE = [2194 / 5813, 869 / 5813, 402 / 5813, 203 / 5813]
 
 
 def test_measured_cost_model_picks_plain_where_drafting_does_not_pay():

@@ -141,7 +141,7 @@ def _ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
 
 def test_the_committed_training_data_is_clean_disjoint_and_small():
     from redrafter_trt.datasets import load_prompts
-    from redrafter_trt.train.data import read_selfdistill, source_kind
+    from redrafter_trt.train.data import expand_sources, read_selfdistill, source_kind
 
     train = [
         json.loads(x)["prompt"] for x in (DATA / "requests_train.jsonl").read_text().splitlines()
@@ -152,19 +152,29 @@ def test_the_committed_training_data_is_clean_disjoint_and_small():
     answers = [json.loads(x) for x in (DATA / "answers.jsonl").read_text().splitlines()]
     assert len(train) == len(set(train)) and heldout and not set(train) & set(heldout)
     assert sorted(a["prompt"] for a in answers) == sorted(train)
-    for a in answers:
+    # later answers: files of their own (each keeps its prompts), never a held-out request
+    more_files = expand_sources([str(DATA / "answers2")])
+    more = [json.loads(x) for f in more_files for x in Path(f).read_text().splitlines()]
+    assert len(more) >= 500
+    seen = {p.strip().lower() for p in train + heldout}
+    assert not [a for a in more if a["prompt"].strip().lower() in seen]
+    for a in answers + more:
         ids = a["prompt_ids"] + a["response_ids"]
         assert a["response_ids"] and all(0 <= t < 49152 for t in ids)
     # MT-Bench is the evaluation set: no request may share an 8-word run with any of its turns
     mt = set().union(*(_ngrams(q) for q in load_prompts("mt-bench", all_turns=True)))
     assert len(mt) > 1000
-    assert [p for p in train + heldout if _ngrams(p) & mt] == []
+    prompts = train + heldout + [a["prompt"] for a in more]
+    assert [p for p in prompts if _ngrams(p) & mt] == []
     # the trainer reads the answers as they are (token ids; targets only on the answer)
-    assert source_kind(str(DATA / "answers.jsonl")) == "selfdistill"
-    ex = read_selfdistill(DATA / "answers.jsonl")
-    assert len(ex) == len(answers) and sum(sum(e.targets) for e in ex) == sum(
-        len(a["response_ids"]) for a in answers
-    )
+    for f, recs in [(DATA / "answers.jsonl", answers)] + [
+        (Path(f), [json.loads(x) for x in Path(f).read_text().splitlines()]) for f in more_files
+    ]:
+        assert source_kind(str(f)) == "selfdistill"
+        ex = read_selfdistill(f)
+        assert len(ex) == len(recs) and sum(sum(e.targets) for e in ex) == sum(
+            len(a["response_ids"]) for a in recs
+        )
     head_dir, _ = BUILTIN_HEADS["smollm2"]
-    stored = [f for d in (DATA, head_dir) for f in d.iterdir() if f.is_file()]
+    stored = [f for d in (DATA, head_dir) for f in d.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in stored) <= 30 * 1024 * 1024
