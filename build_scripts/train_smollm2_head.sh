@@ -13,9 +13,9 @@
 #    data/smollm2/answers2/ (one file per chunk of 128 requests), and the ShareGPT conversations;
 # 4. packaging: the projection the head shares with its base is dropped from the shipped file.
 #
-# Base features are computed by teacher forcing on the first use of each data file: about
-# 2 hours on a 2-core CPU for all of them (cached under the user cache dir afterwards), plus the
-# three training budgets. Knobs (environment): REDRAFTER_HEAD_TRAIN_MIN (17),
+# Base features are computed by teacher forcing on the first use of each data file: 1-2 hours
+# on a 2-core CPU for all of them (measured at 89-265 tokens/s, depending on load; cached under
+# the user cache dir afterwards), plus the three training budgets. Knobs (environment): REDRAFTER_HEAD_TRAIN_MIN (17),
 # REDRAFTER_HEAD_STAGE2_MIN (20), REDRAFTER_HEAD_STAGE3_MIN (30), REDRAFTER_HEAD_WORK (work
 # dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
