@@ -15,9 +15,9 @@
 #
 # Base features are computed by teacher forcing on the first use of each data file: 1-2 hours
 # on a 2-core CPU for all of them (measured at 89-265 tokens/s, depending on load; cached under
-# the user cache dir afterwards), plus the three training budgets. Knobs (environment): REDRAFTER_HEAD_TRAIN_MIN (17),
-# REDRAFTER_HEAD_STAGE2_MIN (20), REDRAFTER_HEAD_STAGE3_MIN (30), REDRAFTER_HEAD_WORK (work
-# dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
+# the user cache dir afterwards), plus the three training budgets. Knobs (environment):
+# REDRAFTER_HEAD_TRAIN_MIN (17), REDRAFTER_HEAD_STAGE2_MIN (20), REDRAFTER_HEAD_STAGE3_MIN (30),
+# REDRAFTER_HEAD_WORK (work dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
