@@ -153,8 +153,11 @@ def test_the_committed_training_data_is_clean_disjoint_and_small():
     assert len(train) == len(set(train)) and heldout and not set(train) & set(heldout)
     assert sorted(a["prompt"] for a in answers) == sorted(train)
     # later answers: files of their own (each keeps its prompts), never a held-out request
-    more_files = expand_sources([str(DATA / "answers2")])
-    more = [json.loads(x) for f in more_files for x in Path(f).read_text().splitlines()]
+    more_files = {
+        Path(f): [json.loads(x) for x in Path(f).read_text().splitlines()]
+        for f in expand_sources([str(DATA / "answers2")])
+    }
+    more = [a for recs in more_files.values() for a in recs]
     assert len(more) >= 500
     seen = {p.strip().lower() for p in train + heldout}
     assert not [a for a in more if a["prompt"].strip().lower() in seen]
@@ -167,9 +170,7 @@ def test_the_committed_training_data_is_clean_disjoint_and_small():
     prompts = train + heldout + [a["prompt"] for a in more]
     assert [p for p in prompts if _ngrams(p) & mt] == []
     # the trainer reads the answers as they are (token ids; targets only on the answer)
-    for f, recs in [(DATA / "answers.jsonl", answers)] + [
-        (Path(f), [json.loads(x) for x in Path(f).read_text().splitlines()]) for f in more_files
-    ]:
+    for f, recs in [(DATA / "answers.jsonl", answers), *more_files.items()]:
         assert source_kind(str(f)) == "selfdistill"
         ex = read_selfdistill(f)
         assert len(ex) == len(recs) and sum(sum(e.targets) for e in ex) == sum(

@@ -102,6 +102,7 @@ class _Data:
 
     feats: Features
     tokenizer: Any
+    sources: list[str]  # the data sources, directories expanded into their files
     paths: list[Path]
     seconds: float
 
@@ -143,7 +144,7 @@ def _features(
         parts.append(f)
         feat_paths.append(path)
         feat_secs += secs
-    return _Data(concat_features(parts), tok, feat_paths, feat_secs)
+    return _Data(concat_features(parts), tok, sources, feat_paths, feat_secs)
 
 
 def _draft_vocab(
@@ -421,7 +422,7 @@ def train_drafter(
     )
     report = {
         "model_dir": str(model_dir),
-        "data": expand_sources(cfg.data),
+        "data": data.sources,
         "settings": asdict(cfg),
         "drafter_config": drafter.config.to_dict(),
         "trainable_parameters": n_params,
