@@ -175,27 +175,42 @@ def test_host_inputs_are_found_by_name_and_are_the_cpu_tensors_of_the_feed():
     assert all(n in p.plumbing for n in host)
 
 
-def test_spec_decoding_use_is_1_on_context_and_generation_calls():
-    """TensorRT-LLM's ReDrafter runtime keeps spec_decoding_use at 1 (runtime/redrafter_utils.py);
-    the plugin reads it at enqueue, so it never alternates between calls."""
+def test_spec_decoding_use_is_on_only_for_generation_calls_of_two_tokens_or_more():
+    """Items 1-2 (gptAttentionPlugin.cpp:702-709, :937-942, :1093; attentionOp.cpp:273-275, :1697)."""
+    from redrafter_trt.trtllm.runtime import spec_decoding_use
+
+    assert [spec_decoding_use(False, t) for t in (1, 2, 3, 20)] == [0, 1, 1, 1]
+    assert [spec_decoding_use(True, t) for t in (1, 2, 3, 20)] == [0, 0, 0, 0]
+
+
+def test_a_sequence_of_calls_flips_the_plugin_on_a_generation_call():
+    """The plugin starts non-speculative (attentionOp.h:450) and re-prepares its XQA kernels only
+    when a generation call sees the mode change (gptAttentionPlugin.cpp:1123-1127): replayed on the
+    feed of a context call, a plain-decoding call and a tree call, every flip is on a generation
+    call, and no generation call of T >= 2 runs with the mode off or T == 1 with it on."""
     import torch
 
-    from redrafter_trt.trtllm.runtime import SPEC_DECODING_USE, prepare_step
-    from test_trtllm import SHAPE, generation_inputs
+    from test_trtllm import generation_inputs, prepare
 
     gen = generation_inputs([0, 1], [5, 9])
     ctx = dict(gen, **{C.REQUEST_TYPES: torch.full((2,), C.CONTEXT, dtype=torch.int32)})
-    for inputs in (gen, ctx):
-        p = prepare_step(
-            inputs,
-            SHAPE,
-            device=torch.device("cpu"),
-            max_blocks=8,
-            layers=2,
-            kv_len=128,
-            pool_ptr=0x1000,
-        )
-        assert p.plumbing["spec_decoding_use"].tolist() == [SPEC_DECODING_USE] == [1]
+    plain = dict(gen, **{C.INPUT_LENGTHS: torch.ones(2, dtype=torch.int32)})
+    mode, flips = 0, []
+    for name, inputs in (
+        ("ctx", ctx),
+        ("tree", gen),
+        ("plain", plain),
+        ("ctx", ctx),
+        ("tree", gen),
+    ):
+        p = prepare(inputs, bucket=name != "ctx")
+        use = int(p.plumbing["spec_decoding_use"][0])
+        if not p.is_ctx:
+            assert use == int(p.tokens >= 2), (name, p.tokens, use)
+        if use != mode:
+            flips.append((name, p.is_ctx))
+        mode = use
+    assert flips and all(not is_ctx for _, is_ctx in flips), flips
 
 
 # --------------------------------------------------------------------------- the network's source

@@ -29,9 +29,10 @@ at capture; the device *contents* are read at replay. So, per shape key:
    step copies its inputs into them and replays (device values are free to change);
 2. the graph is valid while every host input equals its value at capture. This module computes
    those values (:func:`capture_host_values`: ``host_past_key_value_lengths`` normalised to the
-   rounded maximum, as TensorRT-LLM does; the others are per call constants, the block-offset
-   table and the pool pointer), and a change of any of them (:func:`host_signature`) re-captures
-   and updates the executable in place;
+   rounded maximum, as TensorRT-LLM does; the others are per call constants and the pool
+   pointer), and a change of any of them (:func:`host_signature`) re-captures and updates the
+   executable in place. ``host_kv_cache_block_offsets`` is bound but read by no plugin (the
+   device block offsets are), so it is left out of the signature (:data:`UNREAD_HOST_INPUTS`);
 3. the static host buffers keep the capture's values for as long as the graph lives, in case a
    plugin enqueued a copy from them.
 
@@ -87,6 +88,13 @@ def host_input_names(engine_inputs: Iterable[str]) -> frozenset[str]:
 #: Host inputs the graph does not need exactly: captured with an upper bound (rounded), so they do
 #: not force a re-capture on every step.
 BOUNDED_HOST_INPUTS = frozenset({PAST_KV_LENGTHS})
+
+#: Host inputs bound to the engine that no plugin reads at enqueue, so they are no part of a graph's
+#: signature: the GPT attention plugin takes the block offsets from the device
+#: ``kv_cache_block_offsets`` (gptAttentionPlugin.cpp:862-897; ``HOST_KV_CACHE_BLOCK_OFFSETS`` is
+#: only declared, :111, :167, :398), which a replay reads from its static buffer. In the signature
+#: they would re-capture the graph whenever the rows' slots change.
+UNREAD_HOST_INPUTS = frozenset({P.HOST_KV_CACHE_BLOCK_OFFSETS})
 
 
 def cuda_graph_setting(requested: bool | None = None) -> tuple[bool, str]:
@@ -162,10 +170,12 @@ def capture_host_values(
 
 
 def host_signature(host_values: dict[str, torch.Tensor]) -> tuple:
-    """Hashable identity of host values: a graph replays only under the signature it was captured with."""
+    """Hashable identity of the host values the plugins read (all but :data:`UNREAD_HOST_INPUTS`):
+    a graph replays only under the signature it was captured with."""
     return tuple(
         (n, tuple(v.shape), str(v.dtype), v.numpy().tobytes())
         for n, v in sorted(host_values.items())
+        if n not in UNREAD_HOST_INPUTS
     )
 
 

@@ -64,8 +64,37 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-#: ``spec_decoding_use`` of every call (see :func:`prepare_step`).
-SPEC_DECODING_USE = 1
+#: ``host_runtime_perf_knobs``: 16 int64, -1 = the plugin's default. Knob 0 is multi-block mode,
+#: which the attention op turns on only when it reads 1 (``mMultiBlockMode = knobs[0] == 1``,
+#: cpp/tensorrt_llm/common/attentionOp.cpp:1027-1028, :2285-2286); TensorRT-LLM's runtimes set it
+#: to 1 on context and generation calls (runtime/generation.py:2932-2936, :3016-3021).
+PERF_KNOBS = 16
+PERF_KNOB_MULTI_BLOCK = 0
+
+
+def runtime_perf_knobs() -> list[int]:
+    """The ``host_runtime_perf_knobs`` values of every call: multi-block mode on, the rest default."""
+    knobs = [-1] * PERF_KNOBS
+    knobs[PERF_KNOB_MULTI_BLOCK] = 1
+    return knobs
+
+
+def spec_decoding_use(is_ctx: bool, tokens: int) -> int:
+    """``spec_decoding_use`` of a call: 1 for generation calls of T >= 2 tokens per row, else 0.
+
+    The GPT attention plugin reads it at enqueue. With it on and T == 1 the spec-decoding inputs
+    are one node wide, so the plugin leaves the packed-mask pointer null
+    (gptAttentionPlugin.cpp:937-942, ``num_decoding_draft_tokens`` = 0) and the attention op throws
+    "Speculative decoding mode needs a valid packed_mask input tensor" (attentionOp.cpp:273-275)
+    inside the noexcept enqueue: std::terminate. With it off and T >= 2 a generation call fails
+    "Only speculative decoding mode supports input length > 1" (gptAttentionPlugin.cpp:1093).
+    Context calls ignore the spec inputs (attentionOp.cpp:1697) and get 0, so the plugin, which
+    starts non-speculative, flips on at the first generation call of T >= 2, where it prepares
+    the speculative XQA kernels (gptAttentionPlugin.cpp:702-709, :1123-1127); a flip during a
+    context call would leave them unprepared when the first generation call has the context
+    call's shapes."""
+    return int(not is_ctx and tokens >= 2)
+
 
 KV_RELOCATE_ENV = "REDRAFTER_KV_RELOCATE"
 RELOCATE_KERNEL, RELOCATE_TORCH = "kernel", "torch"
@@ -239,12 +268,12 @@ def prepare_step(
         P.HOST_KV_CACHE_POOL_POINTERS: host([[pool_ptr, 0]], torch.int64),
         P.HOST_KV_CACHE_POOL_MAPPING: host([[0, layer] for layer in range(layers)]),
         P.CACHE_INDIRECTION: torch.zeros((b, 1, kv_len), dtype=torch.int32, device=dev),
-        P.HOST_RUNTIME_PERF_KNOBS: host([-1] * 16, torch.int64),
+        P.HOST_RUNTIME_PERF_KNOBS: host(runtime_perf_knobs(), torch.int64),
         P.HOST_CONTEXT_PROGRESS: host([0], torch.int64),
         P.SPEC_DECODING_GENERATION_LENGTHS: torch.full((b,), t, dtype=torch.int32, device=dev),
-        # 1 on every call, context calls included, as TensorRT-LLM's own ReDrafter runtime does
-        # (runtime/redrafter_utils.py): the plugin reads it at enqueue, which a graph replay skips.
-        P.SPEC_DECODING_USE: host([SPEC_DECODING_USE]),
+        # 1 only for generation calls of T >= 2 (see spec_decoding_use). The plugin reads it at
+        # enqueue; a CUDA graph's shape key fixes T, so each graph keeps one value.
+        P.SPEC_DECODING_USE: host([spec_decoding_use(is_ctx, t)]),
     }
     return PreparedStep(is_ctx, b, t, x, plumbing, output_shapes(b, shape))
 
