@@ -423,12 +423,17 @@ def spec_mode_enum_from_manifest():
     return enum.IntFlag("SpeculativeDecodingMode", e["values"])
 
 
-def test_build_config_kwargs_pass_the_enum_member_and_known_fields():
+def test_build_config_kwargs_pass_the_enum_member_and_known_fields(tmp_path):
     from redrafter_trt.trtllm.build import build_config_kwargs
 
     mode = spec_mode_enum_from_manifest()
     kw = build_config_kwargs(
-        mode, max_batch_size=4, max_input_len=100, max_seq_len=2028, tree_size=20
+        mode,
+        max_batch_size=4,
+        max_input_len=100,
+        max_seq_len=2028,
+        tree_size=20,
+        timing_cache=tmp_path / "model.cache",
     )
     v = kw["speculative_decoding_mode"]
     assert isinstance(v, mode) and not isinstance(v, str)

@@ -133,7 +133,9 @@ def test_base_config_keys_are_config_parameters():
         "symbols"
     ]
     pre = set(sym["tensorrt_llm.models.modeling_utils.PretrainedConfig"]["params"])
-    stored_as_attrs = {"qwen_type", "share_embedding_table", "tie_word_embeddings"}
+    # kept as attributes from **kwargs (PretrainedConfig.__init__): qwen_type and seq_length are read
+    # by QWenDecoderLayer (qwen/model.py:60, :68)
+    stored_as_attrs = {"qwen_type", "seq_length", "share_embedding_table", "tie_word_embeddings"}
     for arch, cls in (
         (ARCH_LLAMA, "tensorrt_llm.models.llama.config.LLaMAConfig"),
         (ARCH_QWEN2, "tensorrt_llm.models.qwen.config.QWenConfig"),
@@ -211,6 +213,108 @@ def test_a_sequence_of_calls_flips_the_plugin_on_a_generation_call():
             flips.append((name, p.is_ctx))
         mode = use
     assert flips and all(not is_ctx for _, is_ctx in flips), flips
+
+
+# --------------------------------------------------------------------------- items 7-8: build() on a stand-in
+class _FakeBuildConfig:
+    def __init__(self, plugin_config=None, **kw):
+        self.plugin_config = plugin_config
+        self.output_timing_cache = "model.cache"  # the field's default (builder.py:523-524)
+        self.__dict__.update(kw)
+
+
+def fake_trtllm(monkeypatch, tmp_path, *, paged_context_fmha_after_build: bool):
+    """TensorRT-LLM 1.2's build() as far as build_trtllm_engine sees it: a deep copy of the
+    BuildConfig with max_draft_len added to max_seq_len, paged context FMHA possibly switched off
+    (builder.py:980, :1027-1035, :1061-1111), the timing cache written to output_timing_cache with
+    an assert (:1271-1274)."""
+    import copy
+    import enum
+    import importlib.machinery
+    import os
+    import sys
+    import types
+
+    seen = {}
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+        return m
+
+    def build(model, build_config):
+        bc = copy.deepcopy(build_config)
+        bc.max_seq_len += bc.max_draft_len
+        bc.plugin_config.use_paged_context_fmha = paged_context_fmha_after_build
+        path = Path(bc.output_timing_cache)
+        seen["timing_cache"], seen["cwd"] = path, Path(os.getcwd())
+        assert path.parent.is_dir(), "Failed to save timing cache."
+        path.write_bytes(b"cache")
+        engine_config = types.SimpleNamespace(build_config=bc)
+        return types.SimpleNamespace(config=engine_config, engine=b"engine-bytes")
+
+    module("tensorrt", __version__="10.14.1")
+    trtllm = module("tensorrt_llm", __version__="1.2.1")
+    trtllm.builder = module("tensorrt_llm.builder", BuildConfig=_FakeBuildConfig, build=build)
+    modes = enum.IntFlag("SpeculativeDecodingMode", {"NONE": 1, "EXPLICIT_DRAFT_TOKENS": 16})
+    module("tensorrt_llm.models")
+    module("tensorrt_llm.models.modeling_utils", SpeculativeDecodingMode=modes)
+    trtllm.plugin = module("tensorrt_llm.plugin", PluginConfig=types.SimpleNamespace)
+
+    import redrafter_trt.trtllm.build as B
+    import redrafter_trt.trtllm.network as N
+
+    cfg = ckpt_cfg()
+    model = types.SimpleNamespace(load=lambda shard: None)
+    monkeypatch.setattr(B, "load_plugin_library", lambda: None)
+    monkeypatch.setattr(B, "load_rank_shards", lambda ckpt: (cfg, [{}]))
+    monkeypatch.setattr(N, "build_model", lambda *a, **k: model)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"quantization": null}')
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a build writing into its current directory stays here
+    return cfg, ckpt, seen
+
+
+@pytest.mark.parametrize("after_build", [False, True])
+def test_build_records_the_built_engines_paged_context_fmha(monkeypatch, tmp_path, after_build):
+    """Item 8: build() may switch paged context FMHA off; the record (which decides chunked
+    prefill in the runtime) holds the built engine's value, not the request."""
+    import json
+
+    from redrafter_trt.trtllm.build import build_trtllm_engine
+
+    cfg, ckpt, _ = fake_trtllm(monkeypatch, tmp_path, paged_context_fmha_after_build=after_build)
+    out = build_trtllm_engine(
+        ckpt, tmp_path / "engine", cfg, max_batch_size=2, max_input_len=16, max_seq_len=64
+    )
+    record = json.loads((out / "config.json").read_text())["build_config"]
+    assert record["use_paged_context_fmha"] is after_build  # requested: enabled (the default)
+    tree = cfg.num_beams * (cfg.draft_len + 1)
+    assert record["engine_max_seq_len"] == 64 + tree + tree - 1
+    assert (out / "rank0.engine").read_bytes() == b"engine-bytes"
+
+
+def test_build_writes_its_timing_cache_in_its_own_temporary_directory(monkeypatch, tmp_path):
+    """Item 7: not model.cache in the current directory (a read-only one made build() assert)."""
+    import os
+
+    from redrafter_trt.trtllm.build import build_trtllm_engine
+
+    cfg, ckpt, seen = fake_trtllm(monkeypatch, tmp_path, paged_context_fmha_after_build=True)
+    cwd = tmp_path / "cwd"
+    assert Path.cwd() == cwd
+    out = build_trtllm_engine(
+        ckpt, tmp_path / "engine", cfg, max_batch_size=2, max_input_len=16, max_seq_len=64
+    )
+    cache = seen["timing_cache"]
+    assert cache.is_absolute() and cache.name == "model.cache", cache
+    assert cwd not in cache.parents and out not in cache.parents, cache
+    assert not cache.exists() and not cache.parent.exists(), "the temporary directory is left"
+    assert os.listdir(cwd) == [] and not (out / "model.cache").exists()
 
 
 # --------------------------------------------------------------------------- the network's source

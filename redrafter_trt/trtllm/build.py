@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,30 @@ def check_xqa_support(
     )
 
 
+def check_rope_positions(
+    cfg: RedrafterCheckpointConfig,
+    max_seq_len: int,
+    where: str = "redrafter-build --backend trtllm",
+) -> None:
+    """Refuse an engine whose RoPE tables would be read past their end.
+
+    TensorRT-LLM sizes the tables by ``max_position_embeddings`` (layers/attention.py:585-722,
+    ``create_sinusoidal_positions_for_attention_plugin(max_position_embeddings, ...)``), and the
+    attention kernels index them by position unchecked (unfusedAttentionKernels_2_template.h:
+    430-436: a tree node's position is its slot's cached length plus its depth). A slot holds up to
+    ``max_seq_len`` tokens and a tree reaches depth L - 1 beyond them, so positions reach
+    ``max_seq_len + L - 1``: the tables need ``max_seq_len + L`` rows."""
+    limit = cfg.base.max_position_embeddings
+    beam_len = cfg.draft_len + 1
+    require(
+        max_seq_len + beam_len <= limit,
+        f"{where}: --max_seq_len {max_seq_len} with beams of L = {beam_len} tokens reaches position "
+        f"{max_seq_len + beam_len - 1}, past the model's max_position_embeddings {limit} (the "
+        f"RoPE tables TensorRT-LLM builds have {limit} rows, read unchecked): use --max_seq_len "
+        f"<= {limit - beam_len}",
+    )
+
+
 def build_config_kwargs(
     spec_mode_enum: Any,
     *,
@@ -122,6 +147,7 @@ def build_config_kwargs(
     max_input_len: int,
     max_seq_len: int,
     tree_size: int,
+    timing_cache: str | os.PathLike,
     max_num_tokens: int | None = None,
 ) -> dict[str, Any]:
     """``tensorrt_llm.builder.BuildConfig`` keyword arguments (without ``plugin_config``).
@@ -130,7 +156,12 @@ def build_config_kwargs(
     mode other than NONE, TensorRT-LLM's ``build()`` adds ``max_draft_len`` to ``max_seq_len``
     before ``prepare_inputs`` (builder.py), so the engine's KV positions per slot are read back
     from the built engine (:func:`kv_block_dims`), never recomputed from these values.
-    ``max_seq_len`` here is the KV positions a slot needs: the user's max_seq_len plus one tree."""
+    ``max_seq_len`` here is the KV positions a slot needs: the user's max_seq_len plus one tree.
+
+    ``timing_cache``: where ``build()`` writes its timing cache (``output_timing_cache``; its
+    default ``model.cache`` is relative, i.e. the current directory, and ``build()`` asserts when it
+    cannot write it: builder.py:523-524, :1271-1274). The caller passes a path under the build's
+    own temporary directory."""
     t_in = max(max_input_len, tree_size)
     return dict(
         max_batch_size=max_batch_size,
@@ -140,6 +171,7 @@ def build_config_kwargs(
         max_num_tokens=int(max_num_tokens) if max_num_tokens else max_batch_size * t_in,
         max_draft_len=tree_size - 1,
         speculative_decoding_mode=getattr(spec_mode_enum, SPEC_DECODING_MODE),
+        output_timing_cache=str(timing_cache),
     )
 
 
@@ -189,12 +221,11 @@ def build_trtllm_engine(
     require(
         not unknown, f"redrafter-build --backend trtllm: unknown build options {sorted(unknown)}"
     )
+    check_rope_positions(cfg, max_seq_len)
     trt, trtllm = require_trtllm("redrafter-build --backend trtllm")
-    from tensorrt_llm.builder import BuildConfig, build
+    from tensorrt_llm.builder import BuildConfig
     from tensorrt_llm.models.modeling_utils import SpeculativeDecodingMode
     from tensorrt_llm.plugin import PluginConfig
-
-    from .network import build_model
 
     ckpt = Path(checkpoint_dir)
     require(
@@ -245,62 +276,35 @@ def build_trtllm_engine(
     plugins.tokens_per_block = tokens_per_block
     plugins.context_fmha = True
     plugins.use_paged_context_fmha = use_paged_context_fmha != "disable"
-    kwargs = build_config_kwargs(
-        SpeculativeDecodingMode,
-        max_batch_size=max_batch_size,
-        max_input_len=max_input_len,
-        max_seq_len=max_seq_len,
-        tree_size=tree,
-        max_num_tokens=max_num_tokens,
-    )
-    num_tokens, kv_max_seq_len = kwargs["max_num_tokens"], kwargs["max_seq_len"]
-    build_config = BuildConfig(**kwargs, plugin_config=plugins)
-
-    engines = []
-    engine_max_seq_len = None
-    for rank, shard in enumerate(shards):
-        model = build_model(
-            cfg_loaded, rank, warp_k=warp_k, quantization=quant if quant.get("quant_algo") else None
+    with tempfile.TemporaryDirectory(prefix="redrafter-build-") as work:
+        kwargs = build_config_kwargs(
+            SpeculativeDecodingMode,
+            max_batch_size=max_batch_size,
+            max_input_len=max_input_len,
+            max_seq_len=max_seq_len,
+            tree_size=tree,
+            timing_cache=Path(work) / "model.cache",
+            max_num_tokens=max_num_tokens,
         )
-        model.load(shard)
-        engine = build(model, build_config)  # works on a deep copy of build_config (builder.py)
-        require(
-            engine is not None and engine.engine is not None,
-            f"TensorRT failed to build rank {rank}",
-        )
-        # the max_seq_len prepare_inputs saw (build() adds max_draft_len to it in spec-decoding modes)
-        built = int(engine.config.build_config.max_seq_len)
-        # build() clips max_input_len to max_seq_len (builder.py, _init_max_seq_len): refuse rather
-        # than record input limits the engine's profiles do not have
-        built_in = int(engine.config.build_config.max_input_len)
-        require(
-            built_in == kwargs["max_input_len"],
-            f"TensorRT-LLM built rank {rank} with max_input_len {built_in}, "
-            f"not {kwargs['max_input_len']}: use --max_input_len <= --max_seq_len",
-        )
-        require(
-            engine_max_seq_len in (None, built),
-            f"rank {rank}: max_seq_len {built} differs from rank 0's",
-        )
-        engine_max_seq_len = built
-        num_tokens = int(engine.config.build_config.max_num_tokens)
-        engines.append(engine.engine)
-
+        build_config = BuildConfig(**kwargs, plugin_config=plugins)
+        engines, built = _build_ranks(build_config, kwargs, cfg_loaded, shards, warp_k, quant)
     record = {
         "max_batch_size": max_batch_size,
         "max_input_len": max_input_len,
         "max_seq_len": max_seq_len,
         "warp_k": warp_k,
         "tokens_per_block": tokens_per_block,
-        "max_num_tokens": num_tokens,
-        "kv_max_seq_len": kv_max_seq_len,
-        "engine_max_seq_len": engine_max_seq_len,
+        "max_num_tokens": built["max_num_tokens"],
+        "kv_max_seq_len": kwargs["max_seq_len"],
+        "engine_max_seq_len": built["max_seq_len"],
         "speculative_decoding_mode": SPEC_DECODING_MODE,
         "dtype": cfg.dtype,
         "gemm_plugin": plugins.gemm_plugin,
         "gpt_attention_plugin": plugins.gpt_attention_plugin,
         "kv_cache_type": "paged",
-        "use_paged_context_fmha": bool(plugins.use_paged_context_fmha),
+        # the built engine's value: build() switches paged context FMHA off in some configurations
+        # (builder.py:1061-1111), whatever was requested
+        "use_paged_context_fmha": built["use_paged_context_fmha"],
         "tensorrt_version": trt.__version__,
         "tensorrt_llm_version": trtllm.__version__,
         "workers": workers,
@@ -322,3 +326,45 @@ def build_trtllm_engine(
         )
         copy_tokenizer_files(ckpt, tmp)
     return Path(output_dir)
+
+
+def _build_ranks(build_config, kwargs, cfg_loaded, shards, warp_k, quant):
+    """Build every rank's engine; return the serialized engines and the values rank 0 was built
+    with (``build()`` works on a deep copy of ``build_config``, builder.py:980, and may change it:
+    ``max_seq_len`` (+ max_draft_len), ``max_num_tokens``, ``use_paged_context_fmha``)."""
+    from tensorrt_llm.builder import build
+
+    from .network import build_model
+
+    engines = []
+    built: dict[str, Any] = {}
+    for rank, shard in enumerate(shards):
+        model = build_model(
+            cfg_loaded, rank, warp_k=warp_k, quantization=quant if quant.get("quant_algo") else None
+        )
+        model.load(shard)
+        engine = build(model, build_config)  # works on a deep copy of build_config (builder.py)
+        require(
+            engine is not None and engine.engine is not None,
+            f"TensorRT failed to build rank {rank}",
+        )
+        used = engine.config.build_config
+        # build() clips max_input_len to max_seq_len (builder.py, _init_max_seq_len): refuse rather
+        # than record input limits the engine's profiles do not have
+        built_in = int(used.max_input_len)
+        require(
+            built_in == kwargs["max_input_len"],
+            f"TensorRT-LLM built rank {rank} with max_input_len {built_in}, "
+            f"not {kwargs['max_input_len']}: use --max_input_len <= --max_seq_len",
+        )
+        values = {
+            # the max_seq_len prepare_inputs saw (build() adds max_draft_len in spec-decoding modes)
+            "max_seq_len": int(used.max_seq_len),
+            "max_num_tokens": int(used.max_num_tokens),
+            "use_paged_context_fmha": bool(used.plugin_config.use_paged_context_fmha),
+        }
+        for k, v in built.items():
+            require(values[k] == v, f"rank {rank}: {k} {values[k]} differs from rank 0's {v}")
+        built = values
+        engines.append(engine.engine)
+    return engines, built

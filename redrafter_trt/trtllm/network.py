@@ -51,6 +51,11 @@ from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin
 ENGINE_ARCHITECTURE = "ReDrafterStepEngine"
 
 
+#: ``seq_length`` of a Qwen2 config: QWenConfig.from_hugging_face's default (qwen/config.py:132) and
+#: Attention's ``max_seqlen_for_logn_scaling`` default (layers/attention.py:404).
+QWEN_SEQ_LENGTH = 8192
+
+
 def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) -> dict[str, Any]:
     """The base model's TensorRT-LLM ``PretrainedConfig`` keyword arguments (LLaMA or QWen).
 
@@ -103,7 +108,12 @@ def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) ->
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
     if b.architecture == ARCH_QWEN2:
+        # QWenDecoderLayer reads config.qwen_type and config.seq_length (qwen/model.py:60, :68);
+        # QWenConfig defines neither: they are stored from **kwargs, as QWenConfig.from_hugging_face
+        # passes them (qwen/config.py:197-199; seq_length defaults to 8192 there, :132, and only
+        # feeds logn scaling, which Qwen2 leaves off: use_logn_attn False)
         d["qwen_type"] = "qwen2"
+        d["seq_length"] = QWEN_SEQ_LENGTH
     return d
 
 
