@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from redrafter_trt.models.base import ARCH_LLAMA, ARCH_QWEN2
+
 ROOT = Path(__file__).resolve().parents[1]
 TRTLLM_DIR = ROOT / "redrafter_trt" / "trtllm"
 MANIFEST = TRTLLM_DIR / "api_manifest.json"
@@ -31,6 +33,10 @@ PROJECT_CALLS = {"require_trtllm": ("tensorrt", "tensorrt_llm")}
 
 def load_symbols() -> dict:
     return json.loads(MANIFEST.read_text())["symbols"]
+
+
+def load_rules() -> dict:
+    return json.loads(MANIFEST.read_text())["rules"]
 
 
 @dataclass
@@ -299,11 +305,22 @@ def test_trtllm_package_uses_only_recorded_names():
 
 def test_manifest_sources_are_upstream_paths():
     """Every entry names the upstream file it was read from (repository-relative, no local path)."""
+    upstream = ("tensorrt_llm/", "python/")
     for q, e in load_symbols().items():
         src = e.get("source", "")
-        assert src.startswith(("tensorrt_llm/", "python/")), (q, src)
+        assert src.startswith(upstream), (q, src)
         for a, ae in e.get("attrs", {}).items():
-            assert ae.get("source", "").startswith(("tensorrt_llm/", "python/")), (q, a, ae)
+            assert ae.get("source", "").startswith(upstream), (q, a, ae)
+        for a, src in e.get("sets", {}).items():
+            assert src.startswith(upstream), (q, a, src)
+        for a, r in e.get("reads", {}).items():
+            assert r["source"].startswith(upstream), (q, a, r)
+    rules = {k: v for k, v in load_rules().items() if k != "about"}
+    assert rules
+    for name, rule in rules.items():
+        assert rule["sources"], name
+        for src in rule["sources"]:
+            assert src.startswith(("tensorrt_llm/", "cpp/tensorrt_llm/")), (name, src)
 
 
 # --------------------------------------------------------------------------- it catches mistakes
@@ -459,3 +476,198 @@ def test_kv_block_dims_come_from_the_recorded_engine_max_seq_len():
     assert kv_block_dims(record) == (2067, 33)
     with pytest.raises(RedrafterError, match="rebuild"):
         kv_block_dims({"max_seq_len": 2028, "kv_max_seq_len": 2048, "tokens_per_block": 64})
+
+
+# --------------------------------------------------------------------------- item 3: config attributes
+def config_sets(guard: Guard, q: str) -> dict[str, str]:
+    """Attributes the config class ``q``'s constructor assigns (its bases' included)."""
+    out: dict[str, str] = {}
+    for _, e in guard.class_chain(q):
+        out.update(e.get("sets", {}))
+    return out
+
+
+LAYER_READS = {
+    # config class -> the classes whose constructors read that config when the engine is built
+    "tensorrt_llm.models.llama.config.LLaMAConfig": (
+        "tensorrt_llm.models.llama.config.LLaMAConfig",
+        "tensorrt_llm.models.modeling_utils.DecoderModelForCausalLM",
+        "tensorrt_llm.layers.attention.Attention",
+    ),
+    "tensorrt_llm.models.qwen.config.QWenConfig": (
+        "tensorrt_llm.models.qwen.config.QWenConfig",
+        "tensorrt_llm.models.modeling_utils.DecoderModelForCausalLM",
+        "tensorrt_llm.layers.attention.Attention",
+    ),
+}
+
+
+def unset_config_reads(config: dict, config_cls: str, symbols: dict | None = None) -> list[str]:
+    """The attributes upstream constructors read from a ``config_cls(**config)`` that neither
+    the class sets nor ``config`` passes (each an AttributeError while the network is built)."""
+    sym = symbols or load_symbols()
+    have = set(config_sets(Guard(sym), config_cls)) | set(config)
+    missing = []
+    for reader in LAYER_READS[config_cls]:
+        for name, r in sym[reader].get("reads", {}).items():
+            when = r.get("when", {})
+            if any(k in config and config[k] not in vals for k, vals in when.items()):
+                continue  # read only for other model types
+            if name not in have:
+                missing.append(f"{config_cls.rsplit('.', 1)[1]}.{name} (read at {r['source']})")
+    return missing
+
+
+@pytest.mark.parametrize(
+    "arch, config_cls",
+    [
+        (ARCH_LLAMA, "tensorrt_llm.models.llama.config.LLaMAConfig"),
+        (ARCH_QWEN2, "tensorrt_llm.models.qwen.config.QWenConfig"),
+    ],
+)
+def test_base_config_sets_every_attribute_the_upstream_layers_read(arch, config_cls):
+    """Item 3: QWenDecoderLayer reads config.seq_length and config.qwen_type, which QWenConfig
+    does not define; the network's config must pass them (else AttributeError at build)."""
+    from redrafter_trt.trtllm.network import trtllm_base_config
+    from test_trtllm_engine_fixes import ckpt_cfg
+
+    sym = load_symbols()
+    assert sym[config_cls]["reads"], f"{config_cls}: the manifest records no attribute reads"
+    cfg = ckpt_cfg(arch, qkv_bias=arch == ARCH_QWEN2, dense_bias=False)
+    config = trtllm_base_config(cfg)
+    missing = unset_config_reads(config, config_cls, sym)
+    assert not missing, f"{arch}: trtllm_base_config leaves unset: {missing}"
+
+
+def test_config_read_check_catches_a_missing_attribute():
+    """The check itself: the Qwen2 config without seq_length (the build blocker) or qwen_type, and
+    a Qwen2-MoE type, whose layers read the MoE sizes the config does not pass."""
+    from redrafter_trt.trtllm.network import trtllm_base_config
+    from test_trtllm_engine_fixes import ckpt_cfg
+
+    qwen = "tensorrt_llm.models.qwen.config.QWenConfig"
+    config = trtllm_base_config(ckpt_cfg(ARCH_QWEN2, qkv_bias=True))
+    for key in ("seq_length", "qwen_type"):
+        cut = {k: v for k, v in config.items() if k != key}
+        missing = unset_config_reads(cut, qwen)
+        assert any(
+            m.startswith(f"QWenConfig.{key} (read at tensorrt_llm/models/qwen/model.py:")
+            for m in missing
+        ), missing
+    moe = unset_config_reads({**config, "qwen_type": "qwen2_moe"}, qwen)
+    assert sorted(m.split(" ")[0] for m in moe) == [
+        "QWenConfig.moe_intermediate_size",
+        "QWenConfig.moe_shared_expert_intermediate_size",
+    ]
+
+
+# --------------------------------------------------------------------------- items 1-2: spec_decoding_use
+def feed_spec_use(lengths: list[int], *, context: bool = False, bucket: bool = False) -> list[int]:
+    """``spec_decoding_use`` of the feed prepare_step builds for rows of these token counts."""
+    import torch
+
+    from redrafter_trt import contract as C
+    from test_trtllm import generation_inputs, prepare
+
+    inputs = generation_inputs(list(range(len(lengths))), [7] * len(lengths))
+    inputs[C.INPUT_LENGTHS] = torch.tensor(lengths, dtype=torch.int32)
+    if context:
+        inputs[C.REQUEST_TYPES] = torch.full((len(lengths),), C.CONTEXT, dtype=torch.int32)
+        inputs[C.CACHE_LENGTHS] = torch.zeros(len(lengths), dtype=torch.int32)
+    p = prepare(inputs, bucket=bucket)
+    assert p.tokens == (max(lengths) if not bucket or context else p.tokens)
+    return p.plumbing["spec_decoding_use"].tolist()
+
+
+def test_spec_decoding_use_follows_the_attention_plugin():
+    """Items 1-2: 1 only on generation calls of T >= 2 (T == 1 with it on aborts the process in
+    the plugin's noexcept enqueue; a context call with it on flips the plugin's mode where the
+    speculative XQA kernels are not prepared)."""
+    rule = load_rules()["spec_decoding_use"]
+    lo = rule["min_generation_tokens"]
+    assert lo == 2 and rule["context"] == 0
+    for bucket in (False, True):
+        # plain decoding: one token per row (the first CUDA-graph bucket)
+        assert feed_spec_use([1, 1], bucket=bucket) == [0], bucket
+        assert feed_spec_use([1], bucket=bucket) == [0], bucket
+        # trees, and a batch where one row does not speculate: T >= 2
+        assert feed_spec_use([lo, 1], bucket=bucket) == [1], bucket
+        assert feed_spec_use([5, 6], bucket=bucket) == [1], bucket
+    # context calls: 0 whatever the prompt length
+    for lengths in ([1], [2, 5], [6, 6]):
+        assert feed_spec_use(lengths, context=True) == [rule["context"]], lengths
+
+
+# --------------------------------------------------------------------------- item 4: RoPE tables
+def test_build_refuses_positions_past_the_rope_tables(tmp_path):
+    """Item 4: positions reach max_seq_len + L - 1; the tables have max_position_embeddings rows."""
+    from redrafter_trt.errors import RedrafterError
+    from redrafter_trt.trtllm.build import build_trtllm_engine, check_rope_positions
+    from test_trtllm_engine_fixes import ckpt_cfg
+
+    rule = load_rules()["rope_positions"]
+    assert rule["max_position"] == "max_seq_len + beam_len - 1"
+    cfg = ckpt_cfg(draft_len=4)  # L = 5
+    mpe = cfg.base.max_position_embeddings
+    beam_len = cfg.draft_len + 1
+    check_rope_positions(cfg, mpe - beam_len)  # last position mpe - 1: the table's last row
+    for too_long in (mpe - beam_len + 1, mpe, mpe + 100):
+        with pytest.raises(RedrafterError) as e:
+            check_rope_positions(cfg, too_long)
+        msg = str(e.value)
+        assert (
+            f"max_position_embeddings {mpe}" in msg and f"--max_seq_len <= {mpe - beam_len}" in msg
+        )
+    # redrafter-build refuses before it needs TensorRT-LLM (so here, without it, too)
+    with pytest.raises(RedrafterError, match="max_position_embeddings"):
+        build_trtllm_engine(
+            tmp_path / "ckpt",
+            tmp_path / "engine",
+            cfg,
+            max_batch_size=1,
+            max_input_len=8,
+            max_seq_len=mpe,
+        )
+    assert not (tmp_path / "engine").exists()
+
+
+# --------------------------------------------------------------------------- items 5-7: values handed over
+def test_runtime_perf_knobs_turn_multi_block_mode_on():
+    """Item 6: all -1 leaves multi-block mode off (the attention op reads knob 0 == 1)."""
+    from test_trtllm import generation_inputs, prepare
+
+    rule = load_rules()["runtime_perf_knobs"]
+    for bucket in (False, True):
+        knobs = prepare(generation_inputs([0, 1], [5, 9]), bucket=bucket).plumbing[
+            "host_runtime_perf_knobs"
+        ]
+        assert str(knobs.dtype) == "torch.int64" and knobs.shape == (rule["size"],)
+        want = [rule["default"]] * rule["size"]
+        for i, v in rule["set"].items():
+            want[int(i)] = v
+        assert knobs.tolist() == want
+
+
+def test_graph_signature_leaves_out_the_host_inputs_no_plugin_reads():
+    """Item 5: host_kv_cache_block_offsets is bound but never read at enqueue."""
+    from redrafter_trt.trtllm.cuda_graph import HOST_INPUTS, UNREAD_HOST_INPUTS
+
+    rule = load_rules()["unread_host_inputs"]
+    assert set(rule["names"]) == set(UNREAD_HOST_INPUTS) and set(rule["names"]) <= HOST_INPUTS
+
+
+def test_timing_cache_goes_to_the_given_directory_not_the_default(tmp_path):
+    """Item 7: BuildConfig's output_timing_cache default is relative (the current directory)."""
+    from redrafter_trt.trtllm.build import build_config_kwargs
+
+    default = load_symbols()["tensorrt_llm.builder.BuildConfig"]["defaults"]["output_timing_cache"]
+    assert not Path(default["value"]).is_absolute()
+    kw = build_config_kwargs(
+        spec_mode_enum_from_manifest(),
+        max_batch_size=1,
+        max_input_len=8,
+        max_seq_len=32,
+        tree_size=6,
+        timing_cache=tmp_path / "model.cache",
+    )
+    assert kw["output_timing_cache"] == str(tmp_path / "model.cache")
