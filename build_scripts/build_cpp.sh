@@ -13,7 +13,7 @@
 #   ctest --test-dir cpp/build --output-on-failure       # emu_check, fuzz_cpu, ptxas_check, gpu_kernel_check
 #   ctest --test-dir cpp/build-asan --output-on-failure  # fuzz_cpu under ASan + UBSan
 # (REDRAFTER_FUZZ_ITERATIONS, default 4000, sets the fuzz runs' iterations at configure time.)
-# Needs cmake (>= 3.24) and g++; nvcc is found on PATH or in /usr/local/cuda*/bin. With CI set,
+# Needs cmake (>= 3.21) and g++; nvcc is found on PATH or in /usr/local/cuda*/bin. With CI set,
 # a missing nvcc is an error (set REDRAFTER_ALLOW_NO_CUDA=1 to build the CPU parts only).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,10 +51,16 @@ build="$root/cpp/build"
 if [ ! -f "$build/CMakeCache.txt" ]; then
   log "configuring $build"
   cmake -S "$root/cpp" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DREDRAFTER_BUILD_CUDA=$([ $have_cuda -eq 1 ] && echo ON || echo OFF) \
+    -DREDRAFTER_BUILD_CUDA=$([ $have_cuda -eq 1 ] && echo ON || echo OFF) -DREDRAFTER_CUDA_WERROR=ON \
     -DREDRAFTER_FUZZ_ITERATIONS="$fuzz_iterations" >/dev/null
 elif [ -n "${REDRAFTER_FUZZ_ITERATIONS:-}" ]; then
   cmake -S "$root/cpp" -B "$build" -DREDRAFTER_FUZZ_ITERATIONS="$fuzz_iterations" >/dev/null
+fi
+# CI's build keeps CUDA warnings and ptxas spills as errors (only gpu_check.sh relaxes them, in its
+# own build directory): a cache configured otherwise is switched back.
+if grep -q '^REDRAFTER_CUDA_WERROR:BOOL=OFF' "$build/CMakeCache.txt"; then
+  log "turning REDRAFTER_CUDA_WERROR back on in $build"
+  cmake -S "$root/cpp" -B "$build" -DREDRAFTER_CUDA_WERROR=ON >/dev/null
 fi
 if [ $have_cuda -eq 1 ] && [ $cpu_only -eq 0 ] && grep -q '^REDRAFTER_BUILD_CUDA:BOOL=OFF' "$build/CMakeCache.txt"; then
   log "enabling the CUDA kernels in $build"
