@@ -304,6 +304,22 @@ def test_the_version_is_written_once():
     assert [imp for imp in GRAPH if imp.target == PACKAGE] == []  # nothing imports the root
 
 
+def test_build_backend_supports_editable_installs():
+    """``pip install -e .`` with a pyproject-only project is PEP 660, which setuptools implements
+    from version 64 on: the build requirement must not admit an older one."""
+    import re
+
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    spec = [r for r in requires if re.match(r"setuptools\b", r)]
+    assert len(spec) == 1, requires
+    m = re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.\d+)*", spec[0].strip())
+    assert m and int(m.group(1)) >= 64, (
+        f"pyproject.toml build-system requires {spec[0]!r}, need >= 64"
+    )
+
+
 def test_annotation_only_imports_are_not_dependencies(tmp_path):
     _write(
         tmp_path,
