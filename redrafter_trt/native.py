@@ -18,8 +18,10 @@ nor the library.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -616,24 +618,32 @@ def relocate_paged_native(
 
 # ---------------------------------------------------------------------- batch-invariant linear
 _LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
-_linear_fn = None
+_linear_fns: dict[str, ctypes._CFuncPtr] = {}
 _linear_msg = ctypes.create_string_buffer(_MSG_LEN)
+_LINEAR_SIGNATURES = {
+    "redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32],
+    "redrafter_linear_pack_cpu": [_p, _i32, _p, _i64, _i64],
+    "redrafter_linear_packed_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32, _i32],
+}
+#: output columns per packed panel (cpp/src/linear_cpu.cpp kPanel)
+LINEAR_PANEL = 16
 
 
-def _linear_symbol():
-    """``redrafter_linear_cpu`` bound once (a library built before it existed raises)."""
-    global _linear_fn
-    if _linear_fn is None:
+def _linear_symbol(name: str = "redrafter_linear_cpu"):
+    """The linear kernel's C functions, bound once (a library built before them raises)."""
+    if not _linear_fns:
         lib = load_library()
-        _bind(
-            lib,
-            library_path(),
-            {"redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32]},
-        )
-        fn = lib.redrafter_linear_simd_cpu
-        fn.argtypes, fn.restype = [], _i32
-        _linear_fn = lib.redrafter_linear_cpu
-    return _linear_fn
+        _bind(lib, library_path(), _LINEAR_SIGNATURES)
+        for fn_name, argtypes in (
+            ("redrafter_linear_simd_cpu", []),
+            ("redrafter_linear_packed_elems", [_i64, _i64]),
+        ):
+            fn = getattr(lib, fn_name)
+            fn.argtypes = argtypes
+            fn.restype = _i32 if fn_name.endswith("simd_cpu") else _i64
+        for fn_name in _LINEAR_SIGNATURES:
+            _linear_fns[fn_name] = getattr(lib, fn_name)
+    return _linear_fns[name]
 
 
 def linear_available() -> bool:
@@ -645,10 +655,152 @@ def linear_available() -> bool:
         return False
 
 
+def require_linear() -> None:
+    """Raise a :class:`RedrafterError` saying how to build the library when the kernel is missing."""
+    _linear_symbol()
+
+
 def linear_simd() -> bool:
-    """True when the kernel's AVX2+FMA path runs on this CPU (else its scalar path)."""
+    """True when the kernel's AVX2+FMA path runs on this CPU (else its portable path, same bits)."""
     _linear_symbol()
     return bool(load_library().redrafter_linear_simd_cpu())
+
+
+def _linear_status(status: int) -> None:
+    if status != 0:
+        raise RedrafterError(
+            f"{_linear_msg.value.decode(errors='replace')} [native status {status}]"
+        )
+
+
+def _check_linear_tensor(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu" or t.dtype not in _LINEAR_DTYPES:
+        raise RedrafterError(
+            f"linear: {name} must be a float32 or bfloat16 CPU tensor, got {t.dtype} on {t.device}"
+        )
+
+
+class PackedWeight:
+    """A weight [N, K] packed once for :func:`linear_packed` (panels of 16 output columns,
+    ``[ceil(N/16), K, 16]``, zero-padded; float32 or bfloat16 as given)."""
+
+    __slots__ = ("data", "n", "k")
+
+    def __init__(self, data: torch.Tensor, n: int, k: int):
+        self.data, self.n, self.k = data, n, k
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def pack_linear(weight: torch.Tensor) -> PackedWeight:
+    """Pack ``weight`` [N, K] (float32/bfloat16, CPU) for :func:`linear_packed`."""
+    fn = _linear_symbol("redrafter_linear_pack_cpu")
+    _check_linear_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise RedrafterError(f"linear: weight must be [N, K], got {list(weight.shape)}")
+    n, k = weight.shape
+    w = weight.detach().contiguous()
+    elems = int(load_library().redrafter_linear_packed_elems(n, k))
+    packed = torch.empty(elems, dtype=w.dtype)
+    _linear_status(
+        fn(w.data_ptr(), _LINEAR_DTYPES[w.dtype], packed.data_ptr(), n, k, _linear_msg, _MSG_LEN)
+    )
+    return PackedWeight(packed, int(n), int(k))
+
+
+_linear_threads_override: int | None = None
+
+
+def linear_threads() -> int:
+    """Threads the linear kernel uses: torch's intra-op thread count (the run's ``--threads``),
+    or the count :func:`small_call_threads` saved while it runs torch's own ops on one thread."""
+    n = _linear_threads_override or torch.get_num_threads()
+    return max(1, min(256, n))
+
+
+@contextlib.contextmanager
+def small_call_threads():
+    """For a small call (a decode or verify step): torch's own ops (attention, norms, RoPE,
+    indexing) on ONE thread, the linear kernel on the run's threads. Torch's OpenMP regions over
+    a few kilobytes cost more in hand-off than they compute, and two pools spinning on two
+    cores slow each other down."""
+    global _linear_threads_override
+    n = torch.get_num_threads()
+    if n == 1 or _linear_threads_override is not None:
+        yield
+        return
+    _linear_threads_override = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _linear_threads_override = None
+
+
+def linear_packed(
+    x: torch.Tensor,
+    weight: PackedWeight,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    threads: int | None = None,
+    force_scalar: bool = False,
+) -> torch.Tensor:
+    """Batch-invariant ``x @ W.T + bias`` on the CPU with ``W`` packed by :func:`pack_linear`.
+
+    Every output element is one fused multiply-add chain over k in order (float32), so a row's
+    result has the same bits alone or among any rows, with any thread count, on either path.
+
+    Args:
+        x: [..., K] float32 or bfloat16 CPU tensor; bias: [N] or None (added in float32);
+        out_dtype: float32 or bfloat16 (default x's); threads: default :func:`linear_threads`.
+    Returns:
+        [..., N] in ``out_dtype``.
+    """
+    fn = _linear_symbol("redrafter_linear_packed_cpu")
+    out_dtype = out_dtype or x.dtype
+    _check_linear_tensor("x", x)
+    if out_dtype not in _LINEAR_DTYPES:
+        raise RedrafterError(f"linear: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    n, k = weight.n, weight.k
+    if x.shape[-1] != k:
+        raise RedrafterError(
+            f"linear: x [..., K] and weight [N, K] disagree: {list(x.shape)} vs [{n}, {k}]"
+        )
+    xc = x if x.is_contiguous() else x.contiguous()
+    b = None
+    if bias is not None:
+        b = bias.detach()
+        if b.dtype != torch.float32 or not b.is_contiguous():
+            b = b.to(torch.float32).contiguous()
+        if b.shape != (n,):
+            raise RedrafterError(f"linear: bias must be [{n}], got {list(bias.shape)}")
+    m = xc.numel() // k
+    y = torch.empty((*x.shape[:-1], n), dtype=out_dtype)
+    status = fn(
+        xc.data_ptr(),
+        _LINEAR_DTYPES[xc.dtype],
+        weight.data.data_ptr(),
+        _LINEAR_DTYPES[weight.dtype],
+        None if b is None else b.data_ptr(),
+        y.data_ptr(),
+        _LINEAR_DTYPES[out_dtype],
+        m,
+        n,
+        k,
+        linear_threads() if threads is None else int(threads),
+        int(force_scalar),
+        _linear_msg,
+        _MSG_LEN,
+    )
+    _linear_status(status)
+    return y
 
 
 def linear(
@@ -658,59 +810,133 @@ def linear(
     out_dtype: torch.dtype | None = None,
     force_scalar: bool = False,
 ) -> torch.Tensor:
-    """Batch-invariant ``x @ weight.T + bias`` on the CPU (``cpp/src/linear_cpu.cpp``).
-
-    Each output element is reduced in one fixed order that depends only on K, so a row's result
-    has the same bits alone or among any number of rows; products and sums are float32.
-
-    Args:
-        x: [..., K] float32 or bfloat16 CPU tensor; weight: [N, K] float32 or bfloat16;
-        bias: [N] or None (added in float32); out_dtype: float32 or bfloat16 (default x's).
-    Returns:
-        [..., N] in ``out_dtype``.
-    """
-    fn = _linear_symbol()
-    out_dtype = out_dtype or x.dtype
-    for name, t in (("x", x), ("weight", weight)):
-        if t.device.type != "cpu" or t.dtype not in _LINEAR_DTYPES:
-            raise RedrafterError(
-                f"linear: {name} must be a float32 or bfloat16 CPU tensor, got "
-                f"{t.dtype} on {t.device}"
-            )
-    if out_dtype not in _LINEAR_DTYPES:
-        raise RedrafterError(f"linear: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    """:func:`linear_packed` with an unpacked ``weight`` [N, K] (packed per call: for tests and
+    one-off products; layers pack once with :func:`pack_linear`). The same bits."""
+    _linear_symbol()
+    _check_linear_tensor("weight", weight)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise RedrafterError(
             f"linear: x [..., K] and weight [N, K] disagree: {list(x.shape)} vs "
             f"{list(weight.shape)}"
         )
-    n, k = weight.shape
-    xc = x.contiguous()
-    wc = weight if weight.is_contiguous() else weight.contiguous()
-    b = None
-    if bias is not None:
-        b = bias.detach().to(torch.float32).contiguous()
-        if b.shape != (n,):
-            raise RedrafterError(f"linear: bias must be [{n}], got {list(bias.shape)}")
-    m = xc.numel() // k
-    y = torch.empty((*x.shape[:-1], n), dtype=out_dtype)
+    return linear_packed(
+        x, pack_linear(weight), bias, out_dtype, threads=1, force_scalar=force_scalar
+    )
+
+
+# ---------------------------------------------------------------------- batch-invariant attention
+_ATTENTION_ARGS = [_p, _p, _i32, _p, _p, _p] + [_i64] * 8 + [ctypes.c_float, _i32, _i32]
+
+
+def attention(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    threads: int | None = None,
+    force_scalar: bool = False,
+) -> torch.Tensor:
+    """Batch-invariant attention over one layer's slot KV cache (``cpp/src/attention_cpu.cpp``).
+
+    Each query row is reduced alone over its allowed keys in position order, so its bits do not
+    depend on the other rows, the call's size or the thread count: a token verified in a tree
+    gets the bits it gets when decoded plainly.
+
+    Args:
+        q: [B, T, nh, hd] float32 (RoPE applied); layer_cache: [2, slots, nkv, cap, hd] float32
+            or bfloat16, contiguous; slots: [B] int; mask: [B, T, S] bool, keys j < S allowed
+            (S <= cap); scale: default 1/sqrt(hd).
+    Returns:
+        [B, T, nh, hd] float32.
+    """
+    lib = load_library()
+    if "redrafter_attention_cpu" not in _linear_fns:
+        _bind(lib, library_path(), {"redrafter_attention_cpu": _ATTENTION_ARGS})
+        _linear_fns["redrafter_attention_cpu"] = lib.redrafter_attention_cpu
+    fn = _linear_fns["redrafter_attention_cpu"]
+    if q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu":
+        raise RedrafterError(
+            f"attention: q must be a [B, T, nh, hd] float32 CPU tensor, got {q.dtype} {list(q.shape)}"
+        )
+    b, t, nh, hd = q.shape
+    if (
+        layer_cache.dim() != 5
+        or layer_cache.shape[0] != 2
+        or layer_cache.shape[4] != hd
+        or layer_cache.dtype not in _LINEAR_DTYPES
+        or not layer_cache.is_contiguous()
+    ):
+        raise RedrafterError(
+            f"attention: layer_cache must be a contiguous [2, slots, nkv, cap, {hd}] float32/bfloat16 "
+            f"tensor, got {layer_cache.dtype} {list(layer_cache.shape)}"
+        )
+    _, num_slots, nkv, cap, _ = layer_cache.shape
+    if mask.dim() != 3 or tuple(mask.shape[:2]) != (b, t):
+        raise RedrafterError(f"attention: mask must be [{b}, {t}, S], got {list(mask.shape)}")
+    s = mask.shape[2]
+    qc = q.contiguous()
+    sl = slots.to(torch.int64).contiguous()
+    mk = mask.to(torch.uint8).contiguous()
+    out = torch.empty_like(qc)
     status = fn(
-        xc.data_ptr(),
-        _LINEAR_DTYPES[xc.dtype],
-        wc.data_ptr(),
-        _LINEAR_DTYPES[wc.dtype],
-        None if b is None else b.data_ptr(),
-        y.data_ptr(),
-        _LINEAR_DTYPES[out_dtype],
-        m,
-        n,
-        k,
+        qc.data_ptr(),
+        layer_cache.data_ptr(),
+        _LINEAR_DTYPES[layer_cache.dtype],
+        sl.data_ptr(),
+        mk.data_ptr(),
+        out.data_ptr(),
+        b,
+        t,
+        nh,
+        nkv,
+        hd,
+        s,
+        cap,
+        num_slots,
+        float(hd**-0.5 if scale is None else scale),
+        linear_threads() if threads is None else int(threads),
         int(force_scalar),
         _linear_msg,
         _MSG_LEN,
     )
-    if status != 0:
-        raise RedrafterError(
-            f"{_linear_msg.value.decode(errors='replace')} [native status {status}]"
-        )
-    return y
+    _linear_status(status)
+    return out
+
+
+# ---------------------------------------------------------------------- the machine's limits
+def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5) -> dict[str, float]:
+    """The memory read bandwidth (bytes/s; with ``threads`` and with one thread) and the float32
+    FMA peak (flop/s with ``threads``), measured on the kernels' own thread pool
+    (``cpp/src/machine_cpu.cpp``): the limits the linear kernel is judged against. Best of
+    ``repeats``; a buffer of ``mib`` MiB (larger than the caches)."""
+    lib = load_library()
+    lib.redrafter_read_sum_cpu.argtypes = [_p, _i64, _i32]
+    lib.redrafter_read_sum_cpu.restype = ctypes.c_float
+    lib.redrafter_fma_burn_cpu.argtypes = [_i64, _i64, _i32]
+    lib.redrafter_fma_burn_cpu.restype = ctypes.c_float
+    nt = linear_threads() if threads is None else int(threads)
+    buf = torch.ones(mib * 2**20 // 4)
+
+    def best(fn) -> float:
+        fn()
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    read = {
+        n: buf.numel() * 4 / best(lambda n=n: lib.redrafter_read_sum_cpu(buf.data_ptr(), buf.numel(), n))
+        for n in sorted({1, nt})
+    }
+    iters, chunks = 200_000, 16 * nt
+    t = best(lambda: lib.redrafter_fma_burn_cpu(iters, chunks, nt))
+    peak = 0.0 if not linear_simd() else chunks * iters * 12 * 8 * 2 / t
+    return {
+        "threads": nt,
+        "read_bytes_per_s": read[nt],
+        "read_bytes_per_s_1_thread": read[1],
+        "fma_flops_per_s": peak,
+    }

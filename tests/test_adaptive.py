@@ -2,6 +2,8 @@
 shape the policy can pick with the choice changing between steps of one generation."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,8 +154,19 @@ def test_cost_model_stored_checked_and_reported(tiny_dirs, tmp_path):
     other = tiny_generator(tiny_dirs["llama"], 3, 2, dtype=torch.float32).backend
     with pytest.raises(RedrafterError, match=rf"{COST_MODEL_FILE}.*num_beams.*--calibrate"):
         load_cost_model(tmp_path, other)
+    # a model for another thread count is kept beside this one; each is found for its own
+    other_threads = cost_model(0.02)
+    other_threads.engine = engine_signature(be)
+    other_threads.machine = {**machine_fingerprint(), "threads": 99}
+    save_cost_model(other_threads, tmp_path)
     doc = json.loads(path.read_text())
-    doc["machine"]["cpu"] = "another CPU"
+    assert [m["machine"]["threads"] for m in doc["models"]] == [cm.machine["threads"], 99]
+    assert load_cost_model(tmp_path, be).verify == cm.verify
+    save_cost_model(cm, tmp_path)  # the same machine and engine: replaced, not added
+    assert len(json.loads(path.read_text())["models"]) == 2
+    doc = json.loads(path.read_text())
+    for m in doc["models"]:
+        m["machine"]["cpu"] = "another CPU"
     path.write_text(json.dumps(doc))
     with pytest.raises(RedrafterError, match="machine cpu"):
         load_cost_model(tmp_path, be)
@@ -269,45 +282,67 @@ def engine_dir(tiny_dirs, tmp_path_factory):
     return root / "engine"
 
 
-def test_load_uses_a_matching_stored_cost_model_and_says_why_not(engine_dir):
+def test_load_measures_a_cost_model_when_none_matches_and_stores_it(engine_dir):
+    """Adaptive by default: no calibration step for the user to know about."""
     import redrafter_trt
 
     path = engine_dir / COST_MODEL_FILE
-    gen = redrafter_trt.load(engine_dir)
-    assert gen.policy is None and str(path) in gen.policy_note  # none stored
-    with pytest.raises(RedrafterError, match=rf"{path}: no cost model stored.*--calibrate"):
-        redrafter_trt.load(engine_dir, adaptive="on")
-    cm = cost_model(0.01)
-    cm.engine, cm.machine = engine_signature(gen.backend), machine_fingerprint()
-    save_cost_model(cm, engine_dir)
+    path.unlink(missing_ok=True)
     try:
-        for mode in ("auto", "on"):
-            gen = redrafter_trt.load(engine_dir, adaptive=mode)
-            assert isinstance(gen.policy, AdaptivePolicy) and gen.policy.cost.verify == cm.verify
-            assert (gen.policy.max_beams, gen.policy.max_draft_steps) == (2, 3)
+        gen = redrafter_trt.load(engine_dir)
+        assert isinstance(gen.policy, AdaptivePolicy) and (
+            gen.policy.max_beams,
+            gen.policy.max_draft_steps,
+        ) == (2, 3)
+        assert "measured now" in gen.policy_note and str(path) in gen.policy_note
+        assert "\n" not in gen.policy_note
+        stored = load_cost_model(engine_dir, gen.backend)
+        assert stored.verify == gen.policy.cost.verify
+        # the next load finds it: no second measurement
+        gen = redrafter_trt.load(engine_dir, adaptive="on")
+        assert gen.policy.cost.verify == stored.verify and gen.policy_note.startswith(
+            f"adaptive speculation from {path}"
+        )
         assert redrafter_trt.load(engine_dir, adaptive="off").policy is None
-        # the stored policy runs in generate and keeps greedy output exact
+        # the policy runs in generate and keeps greedy output exact
         plain = gen.generate(PROMPTS, max_new_tokens=8, speculative=False)
         spec = gen.generate(PROMPTS, max_new_tokens=8, speculative=True)
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
-        # measured for another draft vocabulary size (K) / machine: refused with the file named
+        # a model measured for another engine or machine: a new one is measured and kept beside
         for key, value in (("engine", ("draft_vocab_size", 40)), ("machine", ("threads", 99))):
-            doc = cm.to_json()
+            doc = stored.to_json()
             doc[key] = {**doc[key], value[0]: value[1]}
             path.write_text(json.dumps(doc))
-            with pytest.warns(
-                UserWarning,
-                match=rf"{path} was measured for another machine or engine "
-                rf"\({key} {value[0]}: stored {value[1]}",
-            ):
-                gen = redrafter_trt.load(engine_dir)
-            assert gen.policy is None and "--calibrate" in gen.policy_note
-            with pytest.raises(RedrafterError, match=rf"{path}.*{value[0]}.*re-measure"):
-                redrafter_trt.load(engine_dir, adaptive="on")
+            gen = redrafter_trt.load(engine_dir)
+            assert isinstance(gen.policy, AdaptivePolicy) and "measured now" in gen.policy_note
+            assert f"{key} {value[0]}" not in gen.policy_note or str(path) in gen.policy_note
+            models = json.loads(path.read_text())["models"]
+            assert len(models) == 2 and models[0][key][value[0]] == value[1]
         with pytest.raises(RedrafterError, match="adaptive mode 'sometimes'"):
             redrafter_trt.load(engine_dir, adaptive="sometimes")
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_an_engine_dir_this_user_cannot_write_keeps_its_model_in_the_user_cache(
+    engine_dir, tmp_path, monkeypatch
+):
+    import redrafter_trt
+    from redrafter_trt.runtime import adaptive
+
+    monkeypatch.setenv(adaptive.CACHE_ENV, str(tmp_path / "cache"))
+    real_access = os.access
+    monkeypatch.setattr(
+        adaptive.os,
+        "access",
+        lambda p, mode: False if Path(p) == engine_dir and mode == os.W_OK else real_access(p, mode),
+    )
+    gen = redrafter_trt.load(engine_dir)
+    user = adaptive.user_cost_model_path(engine_dir)
+    assert user.is_file() and str(user) in gen.policy_note
+    assert not (engine_dir / COST_MODEL_FILE).exists()
+    gen = redrafter_trt.load(engine_dir)
+    assert gen.policy_note.startswith(f"adaptive speculation from {user}")
 
 
 def test_run_cli_adaptive_flag(engine_dir, capsys):
@@ -317,10 +352,14 @@ def test_run_cli_adaptive_flag(engine_dir, capsys):
     ids = engine_dir.parent / "ids.json"
     ids.write_text(json.dumps([[5, 6, 7]]))
     args[3] = str(ids)
-    assert run.main(args + ["--adaptive", "on"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and COST_MODEL_FILE in err and "--calibrate" in err
-    assert run.main(args + ["--adaptive", "off"]) == 0
+    try:
+        assert run.main(args + ["--adaptive", "on"]) == 0
+        err = capsys.readouterr().err
+        assert "adaptive speculation from" in err and COST_MODEL_FILE in err
+        assert run.main(args + ["--adaptive", "off"]) == 0
+        assert "adaptive speculation from" not in capsys.readouterr().err
+    finally:
+        (engine_dir / COST_MODEL_FILE).unlink(missing_ok=True)
 
 
 def test_serve_scheduler_gets_the_stored_policy(engine_dir):

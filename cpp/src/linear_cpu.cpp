@@ -1,22 +1,40 @@
 // Batch-invariant CPU linear layer: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
 //
-// Each weight row w[n, :] is read from memory once per call and applied to all M rows of x
-// while it sits in L1, so a verify call over 17 rows streams the weights as often as a plain
-// step over 1. Every output element is reduced in one fixed order that depends only on K
-// (never on M, N, the row's place in the call or the thread count): 16 float32 lanes over
-// k = 16 j + lane, then a fixed pairwise sum of the lanes, then the k >= 16 floor(K/16) tail in
-// order. So a row's result is bit-identical whether it is computed alone or among 17 rows.
+// Layout. The weights are packed once (redrafter_linear_pack_cpu) into panels of 16 output
+// columns: panel p holds w[16 p + j, k] at packed[p][k][j], the last panel zero-padded. A call
+// streams each panel once, front to back, and applies it to every row of x while it sits in
+// L1/L2, so verifying a 17-token tree reads the weights as often as a plain step over one token.
 //
-// Weights and activations are float32 or bfloat16 (bf16 is widened exactly to float32; products
-// and sums are float32). Paths: AVX2+FMA (runtime check), and a portable scalar path with the
-// same lanes, the same fused multiply-adds and the same reduction order, so both give the same
-// bits. avx512_bf16/AMX dot-product instructions round differently
-// (pairwise bf16 products) and are not used: one order on every x86 CPU.
+// Order. Every output element is ONE fused multiply-add chain over k in order:
+//     acc = 0; for k in 0..K-1: acc = fma(x[m, k], w[n, k], acc);  y = acc (+ bias[n])
+// It depends on nothing but K: not on M, the row's place in the call, the tile it falls in, the
+// thread that computes it or the code path. So a row's result is bit-identical alone or among 64
+// rows, with 1 or 8 threads, on the AVX2 path or the portable one (std::fma rounds once, like
+// vfmadd), and speculative decoding gives the same tokens as plain decoding by construction.
+//
+// Micro-kernel. A tile of R rows (1..6) x P panels (1 or 2) keeps R x 2P accumulators of 8 lanes
+// in registers (at most 12 of the 16 ymm), loads 2P weight vectors per k and broadcasts one x
+// value per row. Six rows keep both FMA units busy (12 independent chains of latency 4); one to
+// three rows take two panels at once so a decode step (M = 1) still has 4 chains in flight and is
+// bound by memory, not FMA latency. Rows are processed in blocks of 48 so a panel is re-used
+// from L2 while x stays in L2 too (prefill).
+//
+// Threads. Panels are split into contiguous ranges, one per thread, on the library's persistent
+// pool (cpu_pool.h), in chunks of whole panels. Each element is computed whole by one thread, so
+// the thread count never changes a bit.
+//
+// Types. Weights float32 or bfloat16 (bf16 widened exactly to float32 in registers: a bf16 engine
+// reads half the bytes on CPUs without bf16 units), activations float32 or bf16 (widened once),
+// output float32 or bf16 (round to nearest even at the end). AVX2+FMA is chosen at run time;
+// the portable path computes the same chains. avx512_bf16/AMX dot products round pairwise and
+// are not used: one order on every x86 CPU.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
 #include "redrafter/common.h"
 
@@ -30,6 +48,9 @@ namespace {
 
 constexpr int32_t kF32 = 0;
 constexpr int32_t kBF16 = 2;
+constexpr int64_t kPanel = 16;     // output columns per panel
+constexpr int64_t kMaxRows = 6;    // rows per register tile
+constexpr int64_t kRowBlock = 48;  // rows sharing one pass over a panel (8 tiles)
 
 inline float bf16ToF32(uint16_t h) {
     uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -46,108 +67,59 @@ inline uint16_t f32ToBf16(float f) {  // round to nearest even, NaN kept quiet
     return static_cast<uint16_t>(u >> 16);
 }
 
-// Fixed lane reduction: ((l0+l8)+(l4+l12)) + ... the same tree for both paths.
-inline float reduceLanes(const float* l) {
-    float a[8];
-    for (int i = 0; i < 8; ++i) a[i] = l[i] + l[i + 8];
-    float b[4];
-    for (int i = 0; i < 4; ++i) b[i] = a[i] + a[i + 4];
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
+inline float loadW(const float* p) { return *p; }
+inline float loadW(const uint16_t* p) { return bf16ToF32(*p); }
 
-// Scalar path: x row already float32 (xf), w row float32 or bf16.
-template <class W>
-float dotScalar(const float* xf, const W* w, int64_t k, float (*load)(W)) {
-    float lane[16] = {0};
-    const int64_t kv = k - k % 16;
-    for (int64_t j = 0; j < kv; j += 16)
-        for (int i = 0; i < 16; ++i) lane[i] = std::fma(xf[j + i], load(w[j + i]), lane[i]);
-    float s = reduceLanes(lane);
-    for (int64_t j = kv; j < k; ++j) s = std::fma(xf[j], load(w[j]), s);
-    return s;
+// ------------------------------------------------------------------------------- micro-kernels
+// Tile: R rows of x (float32, row stride ldx) against P panels (panel stride ps elements).
+// out[r][16 p + j] = the fma chain over k of x[r][k] * panel_p[k][j].
+template <int R, int P, class W>
+void tileScalar(const float* x, int64_t ldx, const W* w, int64_t ps, int64_t k, float* out) {
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p)
+            for (int j = 0; j < kPanel; ++j) {
+                float acc = 0.0f;
+                const W* wp = w + p * ps + j;
+                const float* xr = x + r * ldx;
+                for (int64_t kk = 0; kk < k; ++kk) acc = std::fma(xr[kk], loadW(wp + kk * kPanel), acc);
+                out[r * (kPanel * P) + p * kPanel + j] = acc;
+            }
 }
-
-float loadF32(float v) { return v; }
-float loadBf16(uint16_t v) { return bf16ToF32(v); }
 
 #ifdef RD_X86
-__attribute__((target("avx2,fma"))) inline __m256 widenBf16(const uint16_t* p) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+__attribute__((target("avx2,fma"))) inline __m256 loadW8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 loadW8(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-// One weight row (already float32 in wf, widened once) against all m rows of xf.
-__attribute__((target("avx2,fma"))) inline float finishAvx2(__m256 a0, __m256 a1, const float* x, const float* wf,
-                                                            int64_t kv, int64_t k) {
-    float lane[16];
-    _mm256_storeu_ps(lane, a0);
-    _mm256_storeu_ps(lane + 8, a1);
-    float s = reduceLanes(lane);
-    for (int64_t j = kv; j < k; ++j) s = std::fma(x[j], wf[j], s);
-    return s;
-}
-
-// One weight row (float32 in wf) against all m rows of xf; four rows at a time (eight
-// independent accumulator chains), each row's element reduced exactly as when it runs alone.
-__attribute__((target("avx2,fma"))) void rowAvx2(const float* wf, const float* xf, int64_t m, int64_t k,
-                                                 float* out /* [m] */) {
-    const int64_t kv = k - k % 16;
-    int64_t r = 0;
-    for (; r + 4 <= m; r += 4) {
-        const float* x0 = xf + r * k;
-        const float* x1 = x0 + k;
-        const float* x2 = x1 + k;
-        const float* x3 = x2 + k;
-        __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps(), a10 = _mm256_setzero_ps(),
-               a11 = _mm256_setzero_ps(), a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps(),
-               a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-        for (int64_t j = 0; j < kv; j += 16) {
-            const __m256 w0 = _mm256_loadu_ps(wf + j), w1 = _mm256_loadu_ps(wf + j + 8);
-            a00 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + j), w0, a00);
-            a01 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + j + 8), w1, a01);
-            a10 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + j), w0, a10);
-            a11 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + j + 8), w1, a11);
-            a20 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + j), w0, a20);
-            a21 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + j + 8), w1, a21);
-            a30 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + j), w0, a30);
-            a31 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + j + 8), w1, a31);
+template <int R, int P, class W>
+__attribute__((target("avx2,fma"))) void tileAvx2(const float* x, int64_t ldx, const W* w, int64_t ps, int64_t k,
+                                                  float* out) {
+    __m256 acc[R][2 * P];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < k; ++kk) {
+        __m256 wv[2 * P];
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) {
+            const W* wp = w + p * ps + kk * kPanel;
+            wv[2 * p] = loadW8(wp);
+            wv[2 * p + 1] = loadW8(wp + 8);
         }
-        out[r] = finishAvx2(a00, a01, x0, wf, kv, k);
-        out[r + 1] = finishAvx2(a10, a11, x1, wf, kv, k);
-        out[r + 2] = finishAvx2(a20, a21, x2, wf, kv, k);
-        out[r + 3] = finishAvx2(a30, a31, x3, wf, kv, k);
-    }
-    for (; r < m; ++r) {
-        const float* x = xf + r * k;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int64_t j = 0; j < kv; j += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(wf + j), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(wf + j + 8), a1);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + kk);
+#pragma GCC unroll 4
+            for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
         }
-        out[r] = finishAvx2(a0, a1, x, wf, kv, k);
     }
-}
-
-// m == 1 fast path: no widened copy of the weight row, same order as rowAvx2.
-__attribute__((target("avx2,fma"))) float dot1Bf16Avx2(const float* x, const uint16_t* w, int64_t k) {
-    const int64_t kv = k - k % 16;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int64_t j = 0; j < kv; j += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), widenBf16(w + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), widenBf16(w + j + 8), a1);
-    }
-    float lane[16];
-    _mm256_storeu_ps(lane, a0);
-    _mm256_storeu_ps(lane + 8, a1);
-    float s = reduceLanes(lane);
-    for (int64_t j = kv; j < k; ++j) s = std::fma(x[j], bf16ToF32(w[j]), s);
-    return s;
-}
-
-__attribute__((target("avx2,fma"))) void widenRowAvx2(const uint16_t* w, float* wf, int64_t k) {
-    const int64_t kv = k - k % 8;
-    for (int64_t j = 0; j < kv; j += 8) _mm256_storeu_ps(wf + j, widenBf16(w + j));
-    for (int64_t j = kv; j < k; ++j) wf[j] = bf16ToF32(w[j]);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < 2 * P; ++v) _mm256_storeu_ps(out + r * (kPanel * P) + v * 8, acc[r][v]);
 }
 
 bool haveAvx2Fma() {
@@ -156,65 +128,180 @@ bool haveAvx2Fma() {
 }
 #endif
 
-Status linearCpu(const void* x, int32_t xDtype, const void* w, int32_t wDtype, const float* bias, void* y,
-                 int32_t yDtype, int64_t m, int64_t n, int64_t k, int32_t forceScalar) {
-    auto okDtype = [](int32_t d) { return d == kF32 || d == kBF16; };
-    if (!okDtype(xDtype) || !okDtype(wDtype) || !okDtype(yDtype))
-        return Status::error(StatusCode::kInvalidArgument,
-                             "linear: dtypes must be 0 (float32) or 2 (bfloat16), got x=%d w=%d y=%d",
-                             static_cast<int>(xDtype), static_cast<int>(wDtype), static_cast<int>(yDtype));
+using TileFn = void (*)(const float*, int64_t, const void*, int64_t, int64_t, float*);
+
+template <int R, int P, class W>
+void tileScalarV(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
+    tileScalar<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
+}
+#ifdef RD_X86
+template <int R, int P, class W>
+void tileAvx2V(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
+    tileAvx2<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
+}
+#endif
+
+// table[simd][bf16][P - 1][R - 1]
+template <class W>
+void fillTable(TileFn (&t)[2][6], bool simd) {
+#ifdef RD_X86
+    if (simd) {
+        TileFn a[2][6] = {{tileAvx2V<1, 1, W>, tileAvx2V<2, 1, W>, tileAvx2V<3, 1, W>, tileAvx2V<4, 1, W>,
+                           tileAvx2V<5, 1, W>, tileAvx2V<6, 1, W>},
+                          {tileAvx2V<1, 2, W>, tileAvx2V<2, 2, W>, tileAvx2V<3, 2, W>, nullptr, nullptr, nullptr}};
+        std::memcpy(t, a, sizeof(a));
+        return;
+    }
+#endif
+    (void)simd;
+    TileFn a[2][6] = {{tileScalarV<1, 1, W>, tileScalarV<2, 1, W>, tileScalarV<3, 1, W>, tileScalarV<4, 1, W>,
+                       tileScalarV<5, 1, W>, tileScalarV<6, 1, W>},
+                      {tileScalarV<1, 2, W>, tileScalarV<2, 2, W>, tileScalarV<3, 2, W>, nullptr, nullptr, nullptr}};
+    std::memcpy(t, a, sizeof(a));
+}
+
+struct Call {
+    const float* x;  // [m, k] float32
+    const void* w;   // packed [np][k][16], float32 or bf16
+    int32_t wDtype;
+    const float* bias;
+    void* y;
+    int32_t yDtype;
+    int64_t m, n, k;
+    TileFn table[2][6];
+};
+
+void storeTile(const Call& c, const float* tile, int rows, int64_t row0, int64_t col0, int cols, int tileStride) {
+    for (int r = 0; r < rows; ++r) {
+        const int64_t base = (row0 + r) * c.n + col0;
+        for (int j = 0; j < cols; ++j) {
+            float v = tile[r * tileStride + j];
+            if (c.bias) v += c.bias[col0 + j];
+            if (c.yDtype == kF32)
+                static_cast<float*>(c.y)[base + j] = v;
+            else
+                static_cast<uint16_t*>(c.y)[base + j] = f32ToBf16(v);
+        }
+    }
+}
+
+// Panels [p0, p1) for every row of the call.
+void runPanels(const Call& c, int64_t p0, int64_t p1) {
+    const size_t esz = c.wDtype == kF32 ? 4 : 2;
+    const int64_t ps = c.k * kPanel;  // elements per panel
+    alignas(64) float tile[kMaxRows * kPanel * 2];
+    for (int64_t rb = 0; rb < c.m; rb += kRowBlock) {
+        const int64_t re = std::min(c.m, rb + kRowBlock);
+        for (int64_t p = p0; p < p1;) {
+            const int64_t group = (p + 1 < p1) ? 2 : 1;
+            const char* wp = static_cast<const char*>(c.w) + static_cast<size_t>(p * ps) * esz;
+            for (int64_t r = rb; r < re; r += kMaxRows) {
+                const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, re - r));
+                const float* xr = c.x + r * c.k;
+                if (group == 2 && rows <= 3) {
+                    c.table[1][rows - 1](xr, c.k, wp, ps, c.k, tile);
+                    for (int g = 0; g < 2; ++g) {
+                        const int64_t col0 = (p + g) * kPanel;
+                        const int cols = static_cast<int>(std::min<int64_t>(kPanel, c.n - col0));
+                        storeTile(c, tile + g * kPanel, rows, r, col0, cols, 2 * kPanel);
+                    }
+                } else {
+                    for (int64_t g = 0; g < group; ++g) {
+                        c.table[0][rows - 1](xr, c.k, wp + static_cast<size_t>(g * ps) * esz, ps, c.k, tile);
+                        const int64_t col0 = (p + g) * kPanel;
+                        const int cols = static_cast<int>(std::min<int64_t>(kPanel, c.n - col0));
+                        storeTile(c, tile, rows, r, col0, cols, kPanel);
+                    }
+                }
+            }
+            p += group;
+        }
+    }
+}
+
+bool okDtype(int32_t d) { return d == kF32 || d == kBF16; }
+
+Status checkShape(int64_t m, int64_t n, int64_t k) {
     if (m < 0 || n < 1 || k < 1)
         return Status::error(StatusCode::kInvalidArgument,
                              "linear: need m >= 0, n >= 1, k >= 1, got m=%lld n=%lld k=%lld", static_cast<long long>(m),
                              static_cast<long long>(n), static_cast<long long>(k));
+    return Status::success();
+}
+
+int64_t packedElems(int64_t n, int64_t k) { return (n + kPanel - 1) / kPanel * kPanel * k; }
+
+template <class W>
+void packRows(const W* w, W* out, int64_t n, int64_t k) {
+    const int64_t np = (n + kPanel - 1) / kPanel;
+    for (int64_t p = 0; p < np; ++p)
+        for (int64_t kk = 0; kk < k; ++kk)
+            for (int64_t j = 0; j < kPanel; ++j) {
+                const int64_t row = p * kPanel + j;
+                out[(p * k + kk) * kPanel + j] = row < n ? w[row * k + kk] : W(0);
+            }
+}
+
+Status packCpu(const void* w, int32_t wDtype, void* packed, int64_t n, int64_t k) {
+    if (!okDtype(wDtype))
+        return Status::error(StatusCode::kInvalidArgument,
+                             "linear pack: weight dtype must be 0 (float32) or 2 (bfloat16), got %d",
+                             static_cast<int>(wDtype));
+    Status s = checkShape(0, n, k);
+    if (!s.ok()) return s;
+    if (!w || !packed) return Status::error(StatusCode::kInvalidArgument, "linear pack: null weight or output pointer");
+    if (wDtype == kF32)
+        packRows(static_cast<const float*>(w), static_cast<float*>(packed), n, k);
+    else
+        packRows(static_cast<const uint16_t*>(w), static_cast<uint16_t*>(packed), n, k);
+    return Status::success();
+}
+
+Status linearPackedCpu(const void* x, int32_t xDtype, const void* packed, int32_t wDtype, const float* bias, void* y,
+                       int32_t yDtype, int64_t m, int64_t n, int64_t k, int32_t threads, int32_t forceScalar) {
+    if (!okDtype(xDtype) || !okDtype(wDtype) || !okDtype(yDtype))
+        return Status::error(StatusCode::kInvalidArgument,
+                             "linear: dtypes must be 0 (float32) or 2 (bfloat16), got x=%d w=%d y=%d",
+                             static_cast<int>(xDtype), static_cast<int>(wDtype), static_cast<int>(yDtype));
+    Status s = checkShape(m, n, k);
+    if (!s.ok()) return s;
+    if (threads < 1 || threads > kCpuPoolMaxThreads)
+        return Status::error(StatusCode::kInvalidArgument, "linear: threads must be in [1, %d], got %d",
+                             kCpuPoolMaxThreads, static_cast<int>(threads));
     if (m == 0) return Status::success();
-    if (!x || !w || !y) return Status::error(StatusCode::kInvalidArgument, "linear: null x, w or y pointer");
-    // Activations widened once to float32 (exact for bf16).
-    std::vector<float> xf(static_cast<size_t>(m * k));
-    if (xDtype == kF32) {
-        std::memcpy(xf.data(), x, xf.size() * sizeof(float));
-    } else {
+    if (!x || !packed || !y)
+        return Status::error(StatusCode::kInvalidArgument, "linear: null x, packed weight or y pointer");
+
+    std::vector<float> xw;  // bf16 activations widened once (exact)
+    const float* xf = static_cast<const float*>(x);
+    if (xDtype == kBF16) {
+        xw.resize(static_cast<size_t>(m * k));
         const uint16_t* xh = static_cast<const uint16_t*>(x);
-        for (size_t i = 0; i < xf.size(); ++i) xf[i] = bf16ToF32(xh[i]);
+        for (size_t i = 0; i < xw.size(); ++i) xw[i] = bf16ToF32(xh[i]);
+        xf = xw.data();
     }
-    std::vector<float> acc(static_cast<size_t>(m));
-    std::vector<float> wrow(wDtype == kBF16 ? static_cast<size_t>(k) : 0);
 #ifdef RD_X86
     const bool simd = !forceScalar && haveAvx2Fma();
 #else
     const bool simd = false;
     (void)forceScalar;
 #endif
-    for (int64_t o = 0; o < n; ++o) {
-        if (wDtype == kF32) {
-            const float* wr = static_cast<const float*>(w) + o * k;
-#ifdef RD_X86
-            if (simd) {
-                rowAvx2(wr, xf.data(), m, k, acc.data());
-            } else
-#endif
-                for (int64_t r = 0; r < m; ++r) acc[r] = dotScalar<float>(xf.data() + r * k, wr, k, loadF32);
-        } else {
-            const uint16_t* wr = static_cast<const uint16_t*>(w) + o * k;
-#ifdef RD_X86
-            if (simd && m == 1) {
-                acc[0] = dot1Bf16Avx2(xf.data(), wr, k);
-            } else if (simd) {
-                widenRowAvx2(wr, wrow.data(), k);
-                rowAvx2(wrow.data(), xf.data(), m, k, acc.data());
-            } else
-#endif
-                for (int64_t r = 0; r < m; ++r) acc[r] = dotScalar<uint16_t>(xf.data() + r * k, wr, k, loadBf16);
-        }
-        const float b = bias ? bias[o] : 0.0f;
-        for (int64_t r = 0; r < m; ++r) {
-            const float v = acc[r] + b;
-            if (yDtype == kF32)
-                static_cast<float*>(y)[r * n + o] = v;
-            else
-                static_cast<uint16_t*>(y)[r * n + o] = f32ToBf16(v);
-        }
-    }
+    Call c{xf, packed, wDtype, bias, y, yDtype, m, n, k, {}};
+    if (wDtype == kF32)
+        fillTable<float>(c.table, simd);
+    else
+        fillTable<uint16_t>(c.table, simd);
+    const int64_t np = (n + kPanel - 1) / kPanel;
+    // Chunks of whole panel pairs handed out one at a time (a pair keeps the two-panel tiles);
+    // about 8 chunks per thread, so a late worker costs little and a busy core is no barrier.
+    const int64_t pairs = (np + 1) / 2;
+    const int64_t perChunk = std::max<int64_t>(1, pairs / (8 * static_cast<int64_t>(threads)));
+    const int64_t chunks = (pairs + perChunk - 1) / perChunk;
+    cpuPoolFor(threads, chunks, [&](int64_t ch) {
+        const int64_t a = std::min(np, 2 * ch * perChunk);
+        const int64_t b = std::min(np, 2 * (ch + 1) * perChunk);
+        runPanels(c, a, b);
+    });
     return Status::success();
 }
 
@@ -223,13 +310,45 @@ Status linearCpu(const void* x, int32_t xDtype, const void* w, int32_t wDtype, c
 
 extern "C" {
 
-// y [m, n] = x [m, k] . w [n, k]^T (+ bias [n], float32); dtypes 0 = float32, 2 = bfloat16.
+// Elements of the packed weight for an [n, k] weight (panels of 16 rows, zero-padded).
+int64_t redrafter_linear_packed_elems(int64_t n, int64_t k) {
+    return (n < 1 || k < 1) ? 0 : redrafter::packedElems(n, k);
+}
+
+// Packs w [n, k] (dtype 0 = float32, 2 = bfloat16) into `packed`
+// (redrafter_linear_packed_elems(n, k) elements of the same dtype).
+int32_t redrafter_linear_pack_cpu(const void* w, int32_t w_dtype, void* packed, int64_t n, int64_t k, char* msg,
+                                  int64_t msg_len) {
+    return redrafter::capi::guarded(msg, msg_len, [&] { return redrafter::packCpu(w, w_dtype, packed, n, k); });
+}
+
+// y [m, n] = x [m, k] . w^T (+ bias [n], float32) with w packed by redrafter_linear_pack_cpu;
+// dtypes 0 = float32, 2 = bfloat16; `threads` workers over the panels (1..256);
 // force_scalar = 1 takes the portable path (tests). Returns 0 or a StatusCode, message in msg.
+int32_t redrafter_linear_packed_cpu(const void* x, int32_t x_dtype, const void* packed, int32_t w_dtype,
+                                    const float* bias, void* y, int32_t y_dtype, int64_t m, int64_t n, int64_t k,
+                                    int32_t threads, int32_t force_scalar, char* msg, int64_t msg_len) {
+    return redrafter::capi::guarded(msg, msg_len, [&] {
+        return redrafter::linearPackedCpu(x, x_dtype, packed, w_dtype, bias, y, y_dtype, m, n, k, threads,
+                                          force_scalar);
+    });
+}
+
+// The same product with an unpacked w [n, k]: packs into a temporary first (tests, one-off calls).
 int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int32_t w_dtype, const float* bias, void* y,
                              int32_t y_dtype, int64_t m, int64_t n, int64_t k, int32_t force_scalar, char* msg,
                              int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&] {
-        return redrafter::linearCpu(x, x_dtype, w, w_dtype, bias, y, y_dtype, m, n, k, force_scalar);
+    return redrafter::capi::guarded(msg, msg_len, [&]() -> redrafter::Status {
+        if (w_dtype != redrafter::kF32 && w_dtype != redrafter::kBF16)
+            return redrafter::linearPackedCpu(x, x_dtype, w, w_dtype, bias, y, y_dtype, m, n, k, 1, force_scalar);
+        redrafter::Status s = redrafter::checkShape(m, n, k);
+        if (!s.ok()) return s;
+        const size_t esz = w_dtype == redrafter::kF32 ? 4 : 2;
+        std::vector<unsigned char> packed(static_cast<size_t>(redrafter::packedElems(n, k)) * esz);
+        s = redrafter::packCpu(w, w_dtype, packed.data(), n, k);
+        if (!s.ok()) return s;
+        return redrafter::linearPackedCpu(x, x_dtype, packed.data(), w_dtype, bias, y, y_dtype, m, n, k, 1,
+                                          force_scalar);
     });
 }
 

@@ -397,6 +397,183 @@ void fuzzDraw() {
 
 }  // namespace
 
+// Linear: random shapes (M 0..64, N and K not multiples of the tiles), dtypes, element-offset
+// (unaligned) buffers and thread counts; checks the float64 bound, SIMD == portable bit for bit,
+// a row alone == the row among all, threads 1 == threads 3, and that bad parameters are refused.
+float bf16Round(float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+void fuzzLinear() {
+    const int64_t M = pick(0, 64), N = pick(1, 70), K = pick(1, 100);
+    const int32_t wd = coin() ? 0 : 2, xd = coin() ? 0 : 2;
+    const int64_t off = pick(0, 3);  // elements: 4- or 2-byte aligned starts, not 32
+    std::vector<float> xv(static_cast<size_t>(M * K)), wv(static_cast<size_t>(N * K)), bias(static_cast<size_t>(N));
+    for (auto& v : xv) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    for (auto& v : wv) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    for (auto& v : bias) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    if (xd == 2)
+        for (auto& v : xv) v = bf16Round(v);
+    if (wd == 2)
+        for (auto& v : wv) v = bf16Round(v);
+    auto store = [](const std::vector<float>& src, int32_t dt, int64_t offset) {
+        std::vector<uint32_t> buf(src.size() + static_cast<size_t>(offset) + 1);
+        if (dt == 0) {
+            std::memcpy(buf.data() + offset, src.data(), src.size() * 4);
+        } else {
+            uint16_t* h = reinterpret_cast<uint16_t*>(buf.data()) + offset;
+            for (size_t i = 0; i < src.size(); ++i) {
+                uint32_t u;
+                std::memcpy(&u, &src[i], 4);
+                h[i] = static_cast<uint16_t>(u >> 16);
+            }
+        }
+        return buf;
+    };
+    auto xb = store(xv, xd, off), wb = store(wv, wd, off);
+    const void* xp = xd == 0 ? static_cast<const void*>(xb.data() + off)
+                             : static_cast<const void*>(reinterpret_cast<const uint16_t*>(xb.data()) + off);
+    const void* wp = wd == 0 ? static_cast<const void*>(wb.data() + off)
+                             : static_cast<const void*>(reinterpret_cast<const uint16_t*>(wb.data()) + off);
+    const int64_t elems = redrafter_linear_packed_elems(N, K);
+    std::vector<uint32_t> packed(static_cast<size_t>(elems) + 1);
+    if (statusCheck(redrafter_linear_pack_cpu(wp, wd, packed.data(), N, K, gMsg, sizeof gMsg), false, "linear_pack"))
+        return;
+    const bool withBias = coin();
+    std::vector<float> y(static_cast<size_t>(M * N) + 1), ys(y.size()), y3(y.size());
+    const float* bp = withBias ? bias.data() : nullptr;
+    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg),
+                false, "linear");
+    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, ys.data(), 0, M, N, K, 1, 1, gMsg, sizeof gMsg),
+                false, "linear scalar");
+    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y3.data(), 0, M, N, K, 3, 0, gMsg, sizeof gMsg),
+                false, "linear threads");
+    EXPECT(std::memcmp(y.data(), ys.data(), y.size() * 4) == 0, "linear: SIMD != portable (M=%lld N=%lld K=%lld)",
+           (long long)M, (long long)N, (long long)K);
+    EXPECT(std::memcmp(y.data(), y3.data(), y.size() * 4) == 0, "linear: 3 threads != 1 (M=%lld N=%lld K=%lld)",
+           (long long)M, (long long)N, (long long)K);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+            double ref = withBias ? bias[static_cast<size_t>(n)] : 0.0, mag = std::fabs(ref);
+            for (int64_t k = 0; k < K; ++k) {
+                const double p = double(xv[static_cast<size_t>(m * K + k)]) * wv[static_cast<size_t>(n * K + k)];
+                ref += p;
+                mag += std::fabs(p);
+            }
+            const double err = std::fabs(y[static_cast<size_t>(m * N + n)] - ref);
+            EXPECT(err <= 2.0 * (K + 2) * 6e-8 * mag + 1e-30, "linear: |y - ref| = %g > bound (K=%lld)", err, (long long)K);
+        }
+    if (M > 1) {  // one row alone, out of the middle of x
+        const int64_t r = pick(0, M - 1);
+        std::vector<float> one(static_cast<size_t>(N));
+        const void* xr = xd == 0 ? static_cast<const void*>(static_cast<const float*>(xp) + r * K)
+                                 : static_cast<const void*>(static_cast<const uint16_t*>(xp) + r * K);
+        statusCheck(redrafter_linear_packed_cpu(xr, xd, packed.data(), wd, bp, one.data(), 0, 1, N, K, 2, 0, gMsg, sizeof gMsg),
+                    false, "linear row");
+        EXPECT(std::memcmp(one.data(), y.data() + r * N, static_cast<size_t>(N) * 4) == 0,
+               "linear: row %lld alone != among %lld rows", (long long)r, (long long)M);
+    }
+    // bad parameters
+    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 0, 0, gMsg, sizeof gMsg),
+                true, "linear threads=0");
+    statusCheck(redrafter_linear_packed_cpu(xp, 1, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg),
+                true, "linear dtype=1");
+    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, 0, K, 1, 0, gMsg, sizeof gMsg),
+                true, "linear n=0");
+    statusCheck(redrafter_linear_pack_cpu(nullptr, wd, packed.data(), N, K, gMsg, sizeof gMsg), true, "linear_pack null");
+}
+
+// Attention: random cache, slots, masks; float64 bound, SIMD == portable, one query alone ==
+// among all, bad slots refused.
+void fuzzAttention() {
+    const int64_t nkv = pick(1, 3), groups = pick(1, 3), nh = nkv * groups, hd = pick(1, 20);
+    const int64_t slots = pick(1, 4), cap = pick(1, 24), S = pick(1, cap), B = pick(0, slots), T = pick(1, 5);
+    const int32_t cd = coin() ? 0 : 2;
+    std::vector<float> cache(static_cast<size_t>(2 * slots * nkv * cap * hd));
+    for (auto& v : cache) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    if (cd == 2)
+        for (auto& v : cache) v = bf16Round(v);
+    std::vector<uint16_t> cache16(cache.size());
+    for (size_t i = 0; i < cache.size(); ++i) {
+        uint32_t u;
+        std::memcpy(&u, &cache[i], 4);
+        cache16[i] = static_cast<uint16_t>(u >> 16);
+    }
+    const void* cp = cd == 0 ? static_cast<const void*>(cache.data()) : static_cast<const void*>(cache16.data());
+    std::vector<float> q(static_cast<size_t>(B * T * nh * hd) + 1);
+    for (auto& v : q) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    std::vector<int64_t> sl(static_cast<size_t>(B) + 1);
+    for (int64_t b = 0; b < B; ++b) sl[static_cast<size_t>(b)] = pick(0, slots - 1);
+    std::vector<uint8_t> mask(static_cast<size_t>(B * T * S) + 1);
+    for (auto& m : mask) m = coin(0.7) ? 1 : 0;
+    std::vector<float> out(q.size()), outs(q.size());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd, S, cap,
+                                        slots, scale, 2, 0, gMsg, sizeof gMsg),
+                false, "attention");
+    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), outs.data(), B, T, nh, nkv, hd, S, cap,
+                                        slots, scale, 1, 1, gMsg, sizeof gMsg),
+                false, "attention scalar");
+    EXPECT(std::memcmp(out.data(), outs.data(), out.size() * 4) == 0, "attention: SIMD != portable");
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < nh; ++h) {
+                const int64_t kvh = h / groups;
+                const float* qr = q.data() + ((b * T + t) * nh + h) * hd;
+                const uint8_t* m = mask.data() + (b * T + t) * S;
+                std::vector<double> sc(static_cast<size_t>(S));
+                double mx = -INFINITY;
+                for (int64_t j = 0; j < S; ++j) {
+                    if (!m[j]) continue;
+                    double d = 0;
+                    for (int64_t e = 0; e < hd; ++e)
+                        d += double(qr[e]) * cache[static_cast<size_t>(((sl[b] * nkv + kvh) * cap + j) * hd + e)];
+                    sc[static_cast<size_t>(j)] = d * scale;
+                    mx = std::max(mx, sc[static_cast<size_t>(j)]);
+                }
+                for (int64_t e = 0; e < hd; ++e) {
+                    double num = 0, den = 0;
+                    for (int64_t j = 0; j < S; ++j) {
+                        if (!m[j]) continue;
+                        const double p = std::exp(sc[static_cast<size_t>(j)] - mx);
+                        den += p;
+                        num += p * cache[static_cast<size_t>((((slots + sl[b]) * nkv + kvh) * cap + j) * hd + e)];
+                    }
+                    const double ref = den > 0 ? num / den : 0.0;
+                    const float got = out[static_cast<size_t>(((b * T + t) * nh + h) * hd + e)];
+                    EXPECT(std::fabs(got - ref) <= 1e-4 * (1 + std::fabs(ref)) * std::sqrt(double(S * hd)),
+                           "attention: |out - ref| = %g (S=%lld hd=%lld)", std::fabs(got - ref), (long long)S,
+                           (long long)hd);
+                }
+            }
+    if (B > 0 && T > 1) {  // one query row alone: the same bits
+        const int64_t b = pick(0, B - 1), t = pick(0, T - 1);
+        std::vector<float> one(static_cast<size_t>(nh * hd));
+        statusCheck(redrafter_attention_cpu(q.data() + (b * T + t) * nh * hd, cp, cd, sl.data() + b,
+                                            mask.data() + (b * T + t) * S, one.data(), 1, 1, nh, nkv, hd, S, cap, slots,
+                                            scale, 1, 0, gMsg, sizeof gMsg),
+                    false, "attention row");
+        EXPECT(std::memcmp(one.data(), out.data() + (b * T + t) * nh * hd, one.size() * 4) == 0,
+               "attention: a query alone != among all");
+    }
+    if (B > 0) {
+        std::vector<int64_t> badSlots(sl);
+        badSlots[0] = slots;
+        statusCheck(redrafter_attention_cpu(q.data(), cp, cd, badSlots.data(), mask.data(), out.data(), B, T, nh, nkv, hd,
+                                            S, cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
+                    true, "attention bad slot");
+    }
+    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd, cap + 1,
+                                        cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
+                true, "attention S > cap");
+}
+
 int main(int argc, char** argv) {
     int64_t iterations = 3000;
     uint64_t seed = 20261122;
@@ -406,7 +583,7 @@ int main(int argc, char** argv) {
     }
     rng.seed(seed);
     for (int64_t it = 0; it < iterations; ++it) {
-        switch (pick(0, 4)) {
+        switch (pick(0, 6)) {
             case 0:
                 fuzzBeamSearch();
                 break;
@@ -419,6 +596,12 @@ int main(int argc, char** argv) {
             case 3:
                 fuzzKvRelocate();
                 fuzzKvRelocateStrided();
+                break;
+            case 4:
+                fuzzLinear();
+                break;
+            case 5:
+                fuzzAttention();
                 break;
             default:
                 fuzzDraw();

@@ -7,6 +7,8 @@ batch and the tree; the only Python loops are over layers, depths and draft step
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .. import contract as C
+from .. import native
 from ..errors import RedrafterError
 from ..models.base import BaseModel
 from ..models.drafter import Drafter
@@ -87,6 +90,33 @@ def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch
     ), full
 
 
+#: ``TorchBackend(native_linear=...)``'s default can be forced off with this variable set to ``torch``
+CPU_LINEAR_ENV = "REDRAFTER_CPU_LINEAR"
+
+
+def default_native_linear(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the base's linear layers run on the batch-invariant CPU kernel by default: on an
+    x86 CPU (AVX2+FMA or its portable path) with float32/bfloat16 weights where the library loads,
+    unless ``$REDRAFTER_CPU_LINEAR=torch``."""
+    import platform
+
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if os.environ.get(CPU_LINEAR_ENV, "").strip().lower() == "torch":
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64", "i686") and native.linear_available()
+
+
+def require_native_linear(dtype: torch.dtype) -> None:
+    """Raise a :class:`RedrafterError` saying why the CPU kernel cannot run these weights."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise RedrafterError(
+            f"the CPU linear kernel takes float32 or bfloat16 weights, not {dtype}; "
+            "use the torch path (native_linear=False)"
+        )
+    native.require_linear()  # raises saying how to build the library
+
+
 class TorchBackend:
     """Runs whole ReDrafter steps with PyTorch (implements :class:`~redrafter_trt.contract.Backend`).
 
@@ -117,7 +147,7 @@ class TorchBackend:
         max_input_len: int = 1024,
         max_seq_len: int = 2048,
         proposer: Proposer | None = None,
-        native_linear: bool = False,
+        native_linear: bool | None = None,
     ):
         self.base = base.eval()
         self.drafter = drafter.eval() if drafter is not None else None
@@ -137,9 +167,17 @@ class TorchBackend:
         self.ops = cuda_ops.select_ops(
             self.device
         )  # cpp/ kernels on CUDA when built; .name says which
-        # native_linear: every base linear on the batch-invariant CPU kernel (cpp/src/linear_cpu.cpp)
+        # native_linear: every base linear on the batch-invariant CPU kernel (cpp/src/linear_cpu.cpp);
+        # None = the default: on for float32/bfloat16 weights on an x86 CPU where the library loads
+        if native_linear is None:
+            native_linear = default_native_linear(self.device, self.dtype)
+        elif native_linear and self.device.type == "cpu":
+            require_native_linear(self.dtype)
         self.native_linear = bool(native_linear) and self.device.type == "cpu"
-        self.base.use_native_linear(self.native_linear)
+        if self.base.native_linear != self.native_linear:
+            self.base.use_native_linear(self.native_linear)
+        if self.drafter is not None and self.drafter.native_linear != self.native_linear:
+            self.drafter.use_native_linear(self.native_linear)
 
     @property
     def vocab_size(self) -> int:
@@ -165,6 +203,7 @@ class TorchBackend:
             max_input_len=self.max_input_len,
             max_seq_len=self.max_seq_len,
             proposer=self.custom_proposer if own else None,
+            native_linear=self.native_linear,
         )
 
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
@@ -197,7 +236,6 @@ class TorchBackend:
         slots: torch.Tensor,
         root_positions: torch.Tensor,
     ) -> torch.Tensor:
-        step = self.ops.beam_search_step if self.ops.name == cuda_ops.KERNEL else None
         return self._head().beam_search(
             self.base.embedding,
             context,
@@ -205,11 +243,32 @@ class TorchBackend:
             self.shape.num_beams,
             self.shape.draft_len,
             self.warp_k,
-            step=step,
+            step=self._step_kernel(),
         )
 
-    @torch.inference_mode()
+    def _step_kernel(self):
+        """The beam-search step kernel where one runs (CUDA), else None (the PyTorch step)."""
+        return self.ops.beam_search_step if self.ops.name == cuda_ops.KERNEL else None
+
+    #: calls of at most this many tokens run torch's own ops on one thread when the linear
+    #: kernel is on (:func:`redrafter_trt.native.small_call_threads`)
+    SMALL_CALL_TOKENS = 64
+
+    def small_call(self, tokens: int):
+        """The thread split for a call over ``tokens`` new tokens: with the CPU kernel on and a
+        small call, torch's own ops on one thread (:func:`redrafter_trt.native.small_call_threads`)."""
+        if self.native_linear and tokens <= self.SMALL_CALL_TOKENS:
+            return native.small_call_threads()
+        return contextlib.nullcontext()
+
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lengths = inputs[C.INPUT_LENGTHS]
+        tokens = int(lengths.max()) * lengths.numel() if lengths.numel() else 0
+        with self.small_call(tokens):
+            return self._step(inputs)
+
+    @torch.inference_mode()
+    def _step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         C.check_inputs(inputs, self.shape)
         assert self.cache is not None, "reserve() the KV cache before step()"
         dev = self.device
@@ -295,7 +354,13 @@ class TorchBackend:
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)
             elif self.custom_proposer is None:  # draft only what this step asks for
                 next_beams = self._head().beam_search(
-                    self.base.embedding, context, acc.bonus, nb, d, self.warp_k
+                    self.base.embedding,
+                    context,
+                    acc.bonus,
+                    nb,
+                    d,
+                    self.warp_k,
+                    step=self._step_kernel(),
                 )
             else:  # a plugged-in proposer: the best nb beams' first d draft tokens
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, : d + 1]

@@ -57,21 +57,101 @@ def weight_bytes(backend: TorchBackend) -> int:
     )
 
 
+#: rows per call (M) of the linear-work table
+LINEAR_ROWS = (1, 4, 8, 17, 33, 64)
+
+
+@torch.inference_mode()
+def linear_work(
+    backend: TorchBackend, rows: Sequence[int] = LINEAR_ROWS, repeats: int = 3
+) -> dict[int, dict[str, float]]:
+    """Seconds of one forward's linear work (every base projection and the vocabulary
+    projection, on the engine's own weights) per rows M in the call: on the batch-invariant
+    kernel (``kernel_s``) and on torch's ``F.linear`` (``torch_s``), interleaved, best of
+    ``repeats``; with the bytes and flops each call moves."""
+    from .. import native
+    from ..models.base import Linear
+
+    layers = [m for m in backend.base.modules() if isinstance(m, Linear)]
+    wbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    madds = sum(m.weight.numel() for m in layers)
+    packed = [m.packed_weight() for m in layers] if native.linear_available() else None
+    g = torch.Generator().manual_seed(0)
+    out: dict[int, dict[str, float]] = {}
+    for m_rows in rows:
+        xs = {
+            k: torch.randn(m_rows, k, generator=g).to(backend.dtype)
+            for k in {m.weight.shape[1] for m in layers}
+        }
+
+        def run_kernel():
+            for m, p in zip(layers, packed):
+                native.linear_packed(xs[m.weight.shape[1]], p, m.bias)
+
+        def run_torch():
+            for m in layers:
+                torch.nn.functional.linear(xs[m.weight.shape[1]], m.weight, m.bias)
+
+        best = {"kernel_s": float("inf"), "torch_s": float("inf")}
+        for _ in range(repeats + 1):
+            for name, fn in (("kernel_s", run_kernel), ("torch_s", run_torch)):
+                if name == "kernel_s" and packed is None:
+                    continue
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        out[m_rows] = {**best, "bytes": wbytes, "flops": 2 * m_rows * madds}
+    return out
+
+
+def limits_section(backend: TorchBackend, rows: Sequence[int] = LINEAR_ROWS) -> dict[str, Any]:
+    """The machine's limits measured now, and the linear work per M against them."""
+    from .. import native
+
+    lim = native.machine_limits()
+    work = linear_work(backend, rows)
+    bw, peak = lim["read_bytes_per_s"], lim["fma_flops_per_s"]
+    table = {}
+    for m, w in work.items():
+        row = {"torch_ms": round(w["torch_s"] * 1e3, 2)}
+        if w["kernel_s"] < float("inf"):
+            row.update(
+                kernel_ms=round(w["kernel_s"] * 1e3, 2),
+                kernel_over_torch=round(w["torch_s"] / w["kernel_s"], 2),
+                kernel_of_read_bandwidth=round(w["bytes"] / w["kernel_s"] / bw, 3),
+                kernel_of_fma_peak=round(w["flops"] / w["kernel_s"] / peak, 3) if peak else None,
+            )
+        row["torch_of_read_bandwidth"] = round(w["bytes"] / w["torch_s"] / bw, 3)
+        row["torch_of_fma_peak"] = round(w["flops"] / w["torch_s"] / peak, 3) if peak else None
+        table[m] = row
+    return {
+        "threads": lim["threads"],
+        "read_gb_per_s": round(bw / 1e9, 2),
+        "read_gb_per_s_1_thread": round(lim["read_bytes_per_s_1_thread"] / 1e9, 2),
+        "fma_gflop_per_s": round(peak / 1e9, 1),
+        "linear_weight_mb": round(next(iter(work.values()))["bytes"] / 1e6, 1),
+        "linear_work": table,
+    }
+
+
 def calibration_report(
     model: CostModel,
     backend: TorchBackend,
     batch_sizes: Sequence[int],
     prior: Sequence[float] | None = None,
+    limits: bool = False,
 ) -> dict[str, Any]:
     w, d = backend.shape.num_beams, backend.shape.draft_len
     pol = AdaptivePolicy(model, w, d, prior=prior, probe_every=0)
     t1 = model.t(1)
     floor = weight_bytes(backend) / copy_bandwidth()
+    extra = {"limits": limits_section(backend)} if limits and backend.device.type == "cpu" else {}
     return {
-        "t_ms": {k: round(v * 1e3, 2) for k, v in sorted(model.verify.items())},
+        **extra,
+        "t_ms": {k: round(v * 1e3, 3) for k, v in sorted(model.verify.items())},
         "t_over_t1": {k: round(v / t1, 3) for k, v in sorted(model.verify.items())},
-        "draft_step_ms": {k: round(v * 1e3, 2) for k, v in sorted(model.draft.items())},
-        "bandwidth_floor_ms": round(floor * 1e3, 2),
+        "draft_step_ms": {k: round(v * 1e3, 3) for k, v in sorted(model.draft.items())},
+        "bandwidth_floor_ms": round(floor * 1e3, 4),
         "t1_over_floor": round(t1 / floor, 2),
         "assumed_acceptance": [round(p, 3) for p in pol.survival[w]],
         "chosen": {
@@ -101,14 +181,33 @@ def calibrate(
     """Measure, store ``engine_dir/cost_model.json``, and return the report."""
     model = measure_cost_model(backend, repeats=repeats, log=log)
     path = save_cost_model(model, engine_dir)
-    report = calibration_report(model, backend, batch_sizes, prior)
+    report = calibration_report(model, backend, batch_sizes, prior, limits=True)
     report["cost_model_file"] = str(path)
     return report
 
 
+def limits_markdown(lim: dict[str, Any]) -> list[str]:
+    lines = [
+        f"machine limits ({lim['threads']} threads): read {lim['read_gb_per_s']} GB/s "
+        f"({lim['read_gb_per_s_1_thread']} with 1 thread), float32 FMA peak "
+        f"{lim['fma_gflop_per_s']} GFLOP/s; linear weights {lim['linear_weight_mb']} MB per forward",
+        "",
+        "| M (rows per call) | kernel ms | torch ms | kernel/torch speed | kernel: of read bandwidth "
+        "| kernel: of FMA peak | torch: of read bandwidth | torch: of FMA peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in lim["linear_work"].items():
+        lines.append(
+            f"| {m} | {r.get('kernel_ms', '-')} | {r['torch_ms']} | {r.get('kernel_over_torch', '-')} "
+            f"| {r.get('kernel_of_read_bandwidth', '-')} | {r.get('kernel_of_fma_peak', '-')} "
+            f"| {r['torch_of_read_bandwidth']} | {r['torch_of_fma_peak']} |"
+        )
+    return lines + [""]
+
+
 def calibration_markdown(r: dict[str, Any]) -> str:
     ks = list(r["t_ms"])
-    lines = [
+    lines = [*(limits_markdown(r["limits"]) if "limits" in r else []),
         "| k (tokens per call) | " + " | ".join(map(str, ks)) + " |",
         "|---|" + "---|" * len(ks),
         "| t(k) ms | " + " | ".join(str(r["t_ms"][k]) for k in ks) + " |",

@@ -111,33 +111,21 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads(
-    cores: int | None = None, load: float | None = None, local_ranks: int | None = None
-) -> tuple[int, str]:
-    """A torch CPU thread count that does not oversubscribe the machine.
-
-    ``cores`` available to this process, minus the cores other processes keep busy (the
-    1-minute load average, rounded), shared among ``local_ranks`` processes of one distributed
-    job (``LOCAL_WORLD_SIZE``); at least 1. Oversubscribed OpenMP threads spin against each
-    other: on 2 cores with one busy process, torch's default (2 threads) ran a decode 6x slower
-    than 1 thread. Returns (threads, a one-line reason).
-    """
+def default_threads(cores: int | None = None, local_ranks: int | None = None) -> tuple[int, str]:
+    """The default torch / kernel CPU thread count: the cores this process may run on (its
+    affinity mask), shared among ``local_ranks`` processes of one distributed job
+    (``LOCAL_WORLD_SIZE``); at least 1. It does not depend on the moment's load, so the same
+    command chooses the same way (and finds the same measured cost model) on the same machine;
+    on a machine shared with other busy work, pass ``--threads``. Returns (threads, a one-line
+    reason)."""
     cores = available_cores() if cores is None else cores
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = 0.0
     if local_ranks is None:
         try:
             local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         except ValueError:
             local_ranks = 1
-    busy = min(cores - 1, int(load + 0.5))
-    n = max(1, (cores - busy) // local_ranks)
-    why = f"{cores} cores, load {load:.2f}" + (
-        f", {local_ranks} local ranks" if local_ranks > 1 else ""
-    )
+    n = max(1, cores // local_ranks)
+    why = f"{cores} cores" + (f", {local_ranks} local ranks" if local_ranks > 1 else "")
     return n, why
 
 
@@ -147,9 +135,9 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="torch CPU threads (default: $REDRAFTER_THREADS or $OMP_NUM_THREADS, else the cores other "
-        "processes leave idle: available cores minus the rounded 1-minute load "
-        "average, at least 1)",
+        help="CPU threads of the model kernels and torch (default: $REDRAFTER_THREADS or "
+        "$OMP_NUM_THREADS, else every core this process may run on; the default does not depend "
+        "on the machine's load: on a machine shared with busy work, set it)",
     )
 
 

@@ -159,18 +159,47 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameter names) that can run on the batch-invariant CPU kernel.
 
     With ``native = True`` and CPU float32/bfloat16 weights, the product runs through
-    :func:`redrafter_trt.native.linear`: a row's output has the same bits alone or among any
-    number of rows (float32 accumulation in a fixed order), which torch's GEMMs do not promise.
+    :func:`redrafter_trt.native.linear_packed` on a copy of the weight packed once for streaming
+    (repacked only when the weight tensor changes): a row's output has the same bits alone or
+    among any number of rows and with any thread count (one float32 FMA chain per element),
+    which torch's GEMMs do not promise.
     """
 
     native = False
+    _packed: Any = None
+    _packed_key: tuple | None = None
+
+    def packed_weight(self):
+        """The weight packed for the CPU kernel (cached; repacked when the weight changes)."""
+        from .. import native
+
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        if self._packed is None or self._packed_key != key:
+            self._packed = native.pack_linear(w)
+            self._packed_key = key
+        return self._packed
+
+    def drop_packed(self) -> None:
+        self._packed = self._packed_key = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.device.type == "cpu":
+        if self.native and x.device.type == "cpu" and not torch.is_grad_enabled():
             from .. import native
 
-            return native.linear(x, self.weight, self.bias)
+            return native.linear_packed(x, self.packed_weight(), self.bias)
         return super().forward(x)
+
+
+def set_native_linear(module: nn.Module, on: bool) -> None:
+    """Every :class:`Linear` under ``module`` on the CPU kernel (packed now) or on torch."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.native = on
+            if on and m.weight.device.type == "cpu":
+                m.packed_weight()
+            elif not on:
+                m.drop_packed()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -195,6 +224,11 @@ class Attention(nn.Module):
         rows = slots[:, None]
         layer_cache[0, rows, :, write_pos] = k.to(layer_cache.dtype)
         layer_cache[1, rows, :, write_pos] = v.to(layer_cache.dtype)
+        if self.qkv.native and x.device.type == "cpu" and layer_cache.is_contiguous():
+            from .. import native  # batch-invariant: a tree node gets its plain-decoding bits
+
+            out = native.attention(q.to(torch.float32), layer_cache, slots, attn_mask)
+            return self.dense(out.to(x.dtype).reshape(b, t, self.nh * self.hd))
         keys = layer_cache[0, read_slots, :, :read_len].to(q.dtype)  # [B, nkv, S, hd]
         values = layer_cache[1, read_slots, :, :read_len].to(q.dtype)
         out = F.scaled_dot_product_attention(
@@ -333,10 +367,12 @@ class BaseModel(nn.Module):
 
     def use_native_linear(self, on: bool = True) -> None:
         """Route every linear layer (attention, MLP, lm_head) through the batch-invariant CPU
-        kernel (``on``) or torch (``off``)."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.native = on
+        kernel (``on``; weights packed now, once) or torch (``off``; packed copies dropped)."""
+        set_native_linear(self, on)
+
+    @property
+    def native_linear(self) -> bool:
+        return bool(self.lm_head.native)
 
     def logits(self, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
         """Vocabulary logits [..., V]; ``float32`` = float32 products and output whatever the
@@ -347,6 +383,10 @@ class BaseModel(nn.Module):
         if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
             from .. import native
 
+            if self.lm_head.native:
+                return native.linear_packed(
+                    hidden, self.lm_head.packed_weight(), self.lm_head.bias, out_dtype=torch.float32
+                )
             if native.linear_available():
                 return native.linear(hidden, w, self.lm_head.bias, out_dtype=torch.float32)
         return F.linear(hidden.to(torch.float32), w.to(torch.float32))

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import RedrafterError, require
 from ..ops.beam_search import DEFAULT_WARP_K, beam_search_step
+from .base import Linear, set_native_linear
 from .io import atomic_output_dir, load_state_dict_file, save_safetensors
 
 DRAFTER_CONFIG = "config.json"
@@ -78,7 +79,7 @@ class DrafterConfig:
 class ResBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, dim, bias=True)
+        self.linear = Linear(dim, dim, bias=True)
 
     def forward(self, x):
         return x + F.silu(self.linear(x))
@@ -92,18 +93,26 @@ class Drafter(nn.Module):
         cfg.validate()
         self.config = cfg
         if cfg.exit_dim != 2 * cfg.hidden_size:
-            self.input_proj = nn.Linear(2 * cfg.hidden_size, cfg.exit_dim, bias=True)
+            self.input_proj = Linear(2 * cfg.hidden_size, cfg.exit_dim, bias=True)
         else:
             self.input_proj = None
         self.lm_head = nn.ModuleList(
             [ResBlock(cfg.exit_dim) for _ in range(cfg.num_draft_layers)]
-            + [nn.Linear(cfg.exit_dim, cfg.head_vocab_size, bias=False)]
+            + [Linear(cfg.exit_dim, cfg.head_vocab_size, bias=False)]
         )
         if cfg.draft_vocab_size is not None:  # full id of each projection row; set by loading
             self.register_buffer(DRAFT_VOCAB, torch.arange(cfg.draft_vocab_size, dtype=torch.int32))
         if cfg.rnn:
-            self.rnn_u = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
-            self.rnn_w = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+            self.rnn_u = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+            self.rnn_w = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def use_native_linear(self, on: bool = True) -> None:
+        """Run the head's linear layers on the batch-invariant CPU kernel (``on``) or torch."""
+        set_native_linear(self, on)
+
+    @property
+    def native_linear(self) -> bool:
+        return bool(self.lm_head[-1].native)
 
     def update_state(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
         """``s_t = SiLU(rnn_w(E(x)) + rnn_u(s_{t-1}))`` with rnn, else ``s_{t-1} + E(x)``."""

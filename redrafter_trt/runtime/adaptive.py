@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import native
 from ..contract import Backend
 from ..errors import RedrafterError, require
 
@@ -64,7 +64,7 @@ def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "threads": threads or torch.get_num_threads(),
+        "threads": threads or native.linear_threads(),
         "torch": torch.__version__,
         "gpu": gpu,
     }
@@ -214,10 +214,11 @@ def measure_cost_model(
             mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None]
             sync()
             t0 = time.perf_counter()
-            hid = base(
-                ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask
-            )
-            base.logits(hid, float32=True)
+            with backend.small_call(n):  # the thread split the step uses for n tokens
+                hid = base(
+                    ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask
+                )
+                base.logits(hid, float32=True)
             sync()
             if rep:
                 verify[n].append(time.perf_counter() - t0)
@@ -228,7 +229,8 @@ def measure_cost_model(
             for d in (1, 2):
                 sync()
                 t0 = time.perf_counter()
-                drafter.beam_search(base.embedding, ctx, root, 1, d, backend.warp_k)
+                with backend.small_call(1):
+                    drafter.beam_search(base.embedding, ctx, root, 1, d, backend.warp_k)
                 sync()
                 times.append(time.perf_counter() - t0)
             if rep:
@@ -247,38 +249,92 @@ def measure_cost_model(
     )
 
 
-def save_cost_model(model: CostModel, engine_dir: str | os.PathLike) -> Path:
-    """Write ``engine_dir/cost_model.json`` atomically."""
-    path = Path(engine_dir) / COST_MODEL_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(model.to_json(), indent=2))
+#: schema of a cost-model file holding one model per machine and engine configuration
+COST_MODELS_SCHEMA = "redrafter-cost-models/2"
+#: where models are kept for engine directories this user cannot write
+CACHE_ENV = "REDRAFTER_CACHE"
+
+
+def _model_key(model: CostModel) -> str:
+    machine = {k: v for k, v in model.machine.items() if k != "torch"}
+    return json.dumps([model.engine, machine], sort_keys=True, default=str)
+
+
+def user_cost_model_path(engine_dir: str | os.PathLike) -> Path:
+    """The user-cache file that holds the cost models of an engine directory this user cannot
+    write: ``$REDRAFTER_CACHE`` (else ``$XDG_CACHE_HOME/redrafter_trt``, else
+    ``~/.cache/redrafter_trt``) ``/cost_models/<hash of the engine's path and config>.json``."""
+    import hashlib
+
+    engine_dir = Path(engine_dir).resolve()
+    h = hashlib.sha256(str(engine_dir).encode())
+    try:
+        h.update((engine_dir / "config.json").read_bytes())
+    except OSError:
+        pass
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "redrafter_trt"
+    )
+    return Path(root) / "cost_models" / f"{h.hexdigest()[:24]}.json"
+
+
+def read_cost_models(path: Path) -> list[CostModel]:
+    """Every model in a cost-model file (one model, or a list of them); [] when it is absent."""
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RedrafterError(
+            f"{path}: not valid JSON ({e}); delete it or re-measure with redrafter-bench --calibrate"
+        ) from None
+    if isinstance(doc, dict) and doc.get("schema") == COST_MODELS_SCHEMA:
+        models = doc.get("models")
+        require(isinstance(models, list), f"{path}: 'models' must be a list")
+        return [CostModel.from_json(m, f"{path} (model {i})") for i, m in enumerate(models)]
+    return [CostModel.from_json(doc, str(path))]
+
+
+def save_cost_model(model: CostModel, engine_dir: str | os.PathLike, path: Path | None = None) -> Path:
+    """Keep ``model`` in ``engine_dir/cost_model.json`` (or ``path``) beside the models stored
+    for other machines, thread counts or engine settings; one for the same ones is replaced.
+    Written atomically."""
+    path = Path(path) if path is not None else Path(engine_dir) / COST_MODEL_FILE
+    try:
+        kept = [m for m in read_cost_models(path) if _model_key(m) != _model_key(model)]
+    except RedrafterError:
+        kept = []  # an unreadable file is replaced
+    doc = {"schema": COST_MODELS_SCHEMA, "models": [m.to_json() for m in (*kept, model)]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
     return path
 
 
 def load_cost_model(
-    engine_dir: str | os.PathLike, backend: TorchBackend | None = None
+    engine_dir: str | os.PathLike, backend: TorchBackend | None = None, path: Path | None = None
 ) -> CostModel | None:
-    """The stored cost model (None if there is none); with ``backend``, raises
-    :class:`RedrafterError` naming the file when it was measured for another machine or engine."""
-    path = Path(engine_dir) / COST_MODEL_FILE
-    if not path.is_file():
+    """The stored cost model (None if there is none); with ``backend``, the one measured for
+    this machine, thread count and engine, or a :class:`RedrafterError` naming the file and
+    saying how every stored one differs."""
+    path = Path(path) if path is not None else Path(engine_dir) / COST_MODEL_FILE
+    models = read_cost_models(path)
+    if not models:
         return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RedrafterError(
-            f"{path}: not valid JSON ({e}); re-measure with redrafter-bench --calibrate"
-        ) from None
-    model = CostModel.from_json(doc, str(path))
-    if backend is not None:
-        why = model.check(engine_signature(backend), machine_fingerprint())
-        require(
-            not why,
-            f"{path} was measured for another machine or engine ({'; '.join(why)}); "
-            "re-measure with redrafter-bench --calibrate",
-        )
-    return model
+    if backend is None:
+        return models[-1]
+    engine, machine = engine_signature(backend), machine_fingerprint()
+    whys = []
+    for m in models:
+        why = m.check(engine, machine)
+        if not why:
+            return m
+        whys.append("; ".join(why))
+    raise RedrafterError(
+        f"{path} was measured for another machine or engine ({' | '.join(whys)}); "
+        "re-measure with redrafter-bench --calibrate"
+    )
 
 
 @dataclass
@@ -371,41 +427,57 @@ class AdaptivePolicy:
 
 #: ``mode`` values of :func:`stored_policy` (``redrafter_trt.load(adaptive=...)``).
 ADAPTIVE_MODES = ("auto", "on", "off")
+#: repeats of a cost model measured at load (``redrafter-bench --calibrate`` takes more)
+LOAD_REPEATS = 3
 
 
 def stored_policy(
-    backend: Backend, engine_dir: str | os.PathLike, mode: str = "auto"
+    backend: Backend, engine_dir: str | os.PathLike, mode: str = "auto", log=None
 ) -> tuple[AdaptivePolicy | None, str]:
-    """The adaptive policy for ``backend`` from ``engine_dir/cost_model.json``, and why (or why not).
+    """The adaptive policy for ``backend``, and a one-line note saying where its cost model
+    came from (or why there is none).
 
-    ``mode``: ``"off"`` never; ``"on"`` requires a stored model that matches this machine and
-    engine (else :class:`RedrafterError` naming the file); ``"auto"`` uses it when it matches and
-    otherwise says why not in the returned note (and, for a model measured elsewhere, a
-    :class:`UserWarning`), leaving the engine's fixed shape. Only the torch backend drafts a
-    shape per step; other backends get ``None``.
+    ``mode``: ``"off"`` never; ``"auto"`` (the default) and ``"on"``: the model stored for this
+    machine, thread count and engine in ``engine_dir/cost_model.json`` (or, for an engine
+    directory this user cannot write, in :func:`user_cost_model_path`); when none matches, one is
+    measured now (seconds; progress through ``log``) and stored beside the others. Only the torch
+    backend drafts a shape per step: other backends get ``None`` (``"on"`` raises).
     """
     require(mode in ADAPTIVE_MODES, f"adaptive mode {mode!r}: expected one of {ADAPTIVE_MODES}")
     if mode == "off":
         return None, "adaptive speculation off"
-    path = Path(engine_dir) / COST_MODEL_FILE
     if backend.name != "torch":
         require(mode != "on", f"adaptive speculation needs the torch backend, not {backend.name!r}")
         return None, f"adaptive speculation needs the torch backend ({backend.name})"
+    if getattr(backend, "drafter", None) is None:
+        require(mode != "on", "adaptive speculation needs an engine with a draft head")
+        return None, "adaptive speculation off: the engine has no draft head"
+    tb: Any = backend
+    engine_path = Path(engine_dir) / COST_MODEL_FILE
+    user_path = user_cost_model_path(engine_dir)
+    stale = []
+    for path in (engine_path, user_path):
+        try:
+            model = load_cost_model(engine_dir, tb, path=path)
+        except RedrafterError as e:
+            stale.append(str(e).split(" (", 1)[0])
+            continue
+        if model is not None:
+            return (
+                AdaptivePolicy(model, tb.shape.num_beams, tb.shape.draft_len),
+                f"adaptive speculation from {path} ({model.machine.get('threads')} threads)",
+            )
+    t0 = time.perf_counter()
+    model = measure_cost_model(tb, repeats=LOAD_REPEATS, log=log)
+    where = engine_path if os.access(engine_path.parent, os.W_OK) else user_path
     try:
-        model = load_cost_model(engine_dir, backend)
-    except RedrafterError as e:
-        if mode == "on":
-            raise
-        warnings.warn(f"{e}; adaptive speculation is off", stacklevel=2)
-        return None, f"adaptive speculation off: {e}"
-    if model is None:
-        require(
-            mode != "on",
-            f"{path}: no cost model stored; measure one with "
-            "redrafter-bench --calibrate --engine_dir ENGINE",
-        )
-        return None, f"adaptive speculation off: no {path}"
+        where = save_cost_model(model, engine_dir, path=where)
+        kept = f"stored in {where}"
+    except OSError as e:
+        kept = f"not stored ({e})"
+    why = "none stored" if not stale else "; ".join(stale)
     return (
-        AdaptivePolicy(model, backend.shape.num_beams, backend.shape.draft_len),
-        f"adaptive speculation from {path}",
+        AdaptivePolicy(model, tb.shape.num_beams, tb.shape.draft_len),
+        f"adaptive speculation from a cost model measured now for "
+        f"{model.machine.get('threads')} threads in {time.perf_counter() - t0:.1f} s ({why}); {kept}",
     )

@@ -78,13 +78,15 @@ def load(
     dtype: str | None = None,
     proposer=None,
     adaptive: str = "auto",
+    log=None,
 ) -> Generator:
     """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`.
 
-    ``adaptive``: per-step beams and depth from the stored ``cost_model.json``
-    (:func:`redrafter_trt.runtime.adaptive.stored_policy`: ``auto`` when it matches this machine
-    and engine, ``on`` requires it, ``off`` keeps the engine's fixed shape); ``gen.policy_note``
-    says which applies."""
+    ``adaptive``: per-step beams and depth (down to plain decoding) from a cost model of this
+    machine and engine (:func:`redrafter_trt.runtime.adaptive.stored_policy`): ``auto`` (the
+    default) and ``on`` use the one stored for this machine and thread count, or measure one now
+    (seconds) and store it; ``off`` keeps the engine's fixed shape. ``gen.policy_note`` says
+    which applies; ``log`` gets the measurement's progress."""
     engine_dir = require_model_dir(engine_dir, "--engine_dir", "engine")
     dev = resolve_device(device)
     cfg = read_engine_config(engine_dir)
@@ -126,7 +128,7 @@ def load(
     )
     from .adaptive import stored_policy
 
-    gen.policy, gen.policy_note = stored_policy(backend, engine_dir, adaptive)
+    gen.policy, gen.policy_note = stored_policy(backend, engine_dir, adaptive, log=log)
     return gen
 
 

@@ -101,6 +101,23 @@ int32_t redrafter_kv_relocate_strided_cuda(void* cache, int64_t cache_elems, int
                                            const int32_t* num_accepted, int64_t batch, int64_t beam_len,
                                            int32_t* new_lengths, void* stream, char* msg, int64_t msg_len);
 
+/* ---- CPU model kernels (cpp/src/linear_cpu.cpp, cpp/src/attention_cpu.cpp): batch-invariant,
+ * dtypes 0 = float32, 2 = bfloat16; threads on the library's pool (1..256). ---- */
+int64_t redrafter_linear_packed_elems(int64_t n, int64_t k);
+int32_t redrafter_linear_pack_cpu(const void* w, int32_t w_dtype, void* packed, int64_t n, int64_t k, char* msg,
+                                  int64_t msg_len);
+int32_t redrafter_linear_packed_cpu(const void* x, int32_t x_dtype, const void* packed, int32_t w_dtype,
+                                    const float* bias, void* y, int32_t y_dtype, int64_t m, int64_t n, int64_t k,
+                                    int32_t threads, int32_t force_scalar, char* msg, int64_t msg_len);
+int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int32_t w_dtype, const float* bias, void* y,
+                             int32_t y_dtype, int64_t m, int64_t n, int64_t k, int32_t force_scalar, char* msg,
+                             int64_t msg_len);
+int32_t redrafter_linear_simd_cpu(void);
+int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache_dtype, const int64_t* slots,
+                                const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
+                                int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,
+                                int32_t force_scalar, char* msg, int64_t msg_len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,224 @@
+// Batch-invariant CPU attention over a slot KV cache with a per-query key mask.
+//
+// out[b, t, h, :] = sum_j p_j v_j / sum_j p_j over the keys j < S that mask[b, t, j] allows, with
+// p_j = exp(s_j - max_j s_j) and s_j = scale * q[b, t, h, :] . k_j, where k_j, v_j are
+// cache[0 / 1, slots[b], h / (nh / nkv), j, :] (grouped-query attention).
+//
+// Order. Each query row is computed alone, from its own q and its allowed keys in position
+// order: the dot product as 8 lanes over d = 8 i + lane (FMA chains), then a fixed pairwise sum
+// of the lanes and the d >= 8 floor(hd / 8) tail in order; the softmax sum in key order; each
+// output element one FMA chain over the allowed keys in order, divided once by the sum. Nothing
+// depends on T, B, the row's place in the call, the masked-out keys or the thread count. A token
+// verified in a tree sees its ancestors in depth order, exactly the keys and order it sees when
+// decoded plainly after they entered the cache, so tree verification and plain decoding give
+// the same bits. The AVX2 path and the portable path compute the same chains (std::fma,
+// std::exp on both).
+//
+// Types: q and out float32; the cache float32 or bfloat16 (widened exactly).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "cpu_pool.h"
+#include "redrafter/c_abi_guard.h"
+#include "redrafter/common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RD_X86 1
+#endif
+
+namespace redrafter {
+namespace {
+
+constexpr int32_t kF32 = 0;
+constexpr int32_t kBF16 = 2;
+
+inline float bf16ToF32(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float ld(const float* p) { return *p; }
+inline float ld(const uint16_t* p) { return bf16ToF32(*p); }
+
+inline float reduce8(const float* l) { return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])); }
+
+template <class T>
+float dotScalar(const float* q, const T* k, int64_t hd) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t dv = hd - hd % 8;
+    for (int64_t d = 0; d < dv; d += 8)
+        for (int i = 0; i < 8; ++i) lane[i] = std::fma(q[d + i], ld(k + d + i), lane[i]);
+    float s = reduce8(lane);
+    for (int64_t d = dv; d < hd; ++d) s = std::fma(q[d], ld(k + d), s);
+    return s;
+}
+
+template <class T>
+void accScalar(float* acc, float p, const T* v, int64_t hd) {
+    for (int64_t d = 0; d < hd; ++d) acc[d] = std::fma(p, ld(v + d), acc[d]);
+}
+
+#ifdef RD_X86
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <class T>
+__attribute__((target("avx2,fma"))) float dotAvx2(const float* q, const T* k, int64_t hd) {
+    const int64_t dv = hd - hd % 8;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dv; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a);
+    float lane[8];
+    _mm256_storeu_ps(lane, a);
+    float s = reduce8(lane);
+    for (int64_t d = dv; d < hd; ++d) s = std::fma(q[d], ld(k + d), s);
+    return s;
+}
+
+template <class T>
+__attribute__((target("avx2,fma"))) void accAvx2(float* acc, float p, const T* v, int64_t hd) {
+    const int64_t dv = hd - hd % 8;
+    const __m256 pb = _mm256_set1_ps(p);
+    for (int64_t d = 0; d < dv; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pb, load8(v + d), _mm256_loadu_ps(acc + d)));
+    for (int64_t d = dv; d < hd; ++d) acc[d] = std::fma(p, ld(v + d), acc[d]);
+}
+
+bool haveAvx2Fma() {
+    static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return v;
+}
+#endif
+
+struct AttnCall {
+    const float* q;        // [B, T, nh, hd]
+    const void* cache;     // [2, slots, nkv, cap, hd] (one layer)
+    int32_t cacheDtype;
+    const int64_t* slots;  // [B]
+    const uint8_t* mask;   // [B, T, S]
+    float* out;            // [B, T, nh, hd]
+    int64_t b, t, nh, nkv, hd, s, cap, numSlots;
+    float scale;
+    bool simd;
+};
+
+template <class T>
+void queryRow(const AttnCall& c, int64_t row /* b * T * nh + t * nh + h */, std::vector<float>& sc) {
+    const int64_t h = row % c.nh;
+    const int64_t bt = row / c.nh;
+    const int64_t bi = bt / c.t;
+    const int64_t kvh = h / (c.nh / c.nkv);
+    const T* cache = static_cast<const T*>(c.cache);
+    const int64_t plane = c.numSlots * c.nkv * c.cap * c.hd;  // K -> V
+    const T* keys = cache + ((c.slots[bi] * c.nkv + kvh) * c.cap) * c.hd;
+    const T* vals = keys + plane;
+    const float* q = c.q + row * c.hd;
+    const uint8_t* m = c.mask + bt * c.s;
+    float* o = c.out + row * c.hd;
+    sc.resize(static_cast<size_t>(c.s));
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < c.s; ++j) {
+        if (!m[j]) continue;
+#ifdef RD_X86
+        const float d = c.simd ? dotAvx2<T>(q, keys + j * c.hd, c.hd) : dotScalar<T>(q, keys + j * c.hd, c.hd);
+#else
+        const float d = dotScalar<T>(q, keys + j * c.hd, c.hd);
+#endif
+        sc[j] = d * c.scale;
+        mx = std::max(mx, sc[j]);
+    }
+    std::fill(o, o + c.hd, 0.0f);
+    if (mx == -std::numeric_limits<float>::infinity()) return;  // no key allowed: zeros
+    float sum = 0.0f;
+    for (int64_t j = 0; j < c.s; ++j) {
+        if (!m[j]) continue;
+        const float p = std::exp(sc[j] - mx);
+        sum += p;
+#ifdef RD_X86
+        if (c.simd)
+            accAvx2<T>(o, p, vals + j * c.hd, c.hd);
+        else
+#endif
+            accScalar<T>(o, p, vals + j * c.hd, c.hd);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < c.hd; ++d) o[d] *= inv;
+}
+
+Status attentionCpu(const float* q, const void* cache, int32_t cacheDtype, const int64_t* slots, const uint8_t* mask,
+                    float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv, int64_t hd, int64_t s, int64_t cap,
+                    int64_t numSlots, float scale, int32_t threads, int32_t forceScalar) {
+    if (cacheDtype != kF32 && cacheDtype != kBF16)
+        return Status::error(StatusCode::kInvalidArgument, "attention: cache dtype must be 0 (float32) or 2 (bfloat16), got %d",
+                             static_cast<int>(cacheDtype));
+    if (b < 0 || t < 0 || nh < 1 || nkv < 1 || hd < 1 || s < 1 || cap < s || numSlots < 1 || nh % nkv != 0)
+        return Status::error(StatusCode::kInvalidArgument,
+                             "attention: bad shape b=%lld t=%lld nh=%lld nkv=%lld hd=%lld S=%lld cap=%lld slots=%lld "
+                             "(need nh %% nkv == 0, 1 <= S <= cap)",
+                             static_cast<long long>(b), static_cast<long long>(t), static_cast<long long>(nh),
+                             static_cast<long long>(nkv), static_cast<long long>(hd), static_cast<long long>(s),
+                             static_cast<long long>(cap), static_cast<long long>(numSlots));
+    if (threads < 1 || threads > kCpuPoolMaxThreads)
+        return Status::error(StatusCode::kInvalidArgument, "attention: threads must be in [1, %d], got %d",
+                             kCpuPoolMaxThreads, static_cast<int>(threads));
+    if (b == 0 || t == 0) return Status::success();
+    if (!q || !cache || !slots || !mask || !out)
+        return Status::error(StatusCode::kInvalidArgument, "attention: null pointer argument");
+    for (int64_t i = 0; i < b; ++i)
+        if (slots[i] < 0 || slots[i] >= numSlots)
+            return Status::error(StatusCode::kInvalidArgument, "attention: slots[%lld] = %lld outside [0, %lld)",
+                                 static_cast<long long>(i), static_cast<long long>(slots[i]),
+                                 static_cast<long long>(numSlots));
+#ifdef RD_X86
+    const bool simd = !forceScalar && haveAvx2Fma();
+#else
+    const bool simd = false;
+    (void)forceScalar;
+#endif
+    const AttnCall c{q, cache, cacheDtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, numSlots, scale, simd};
+    const int64_t rows = b * t * nh;
+    // Threads only where the work pays for the hand-off (about 1 M multiply-adds a chunk).
+    const int64_t perRow = std::max<int64_t>(1, s * hd * 2);
+    const int64_t rowsPerChunk = std::max<int64_t>(1, (int64_t{1} << 20) / perRow);
+    const int64_t chunks = (rows + rowsPerChunk - 1) / rowsPerChunk;
+    cpuPoolFor(threads, chunks, [&](int64_t ch) {
+        std::vector<float> sc;
+        const int64_t r1 = std::min(rows, (ch + 1) * rowsPerChunk);
+        for (int64_t r = ch * rowsPerChunk; r < r1; ++r) {
+            if (cacheDtype == kF32)
+                queryRow<float>(c, r, sc);
+            else
+                queryRow<uint16_t>(c, r, sc);
+        }
+    });
+    return Status::success();
+}
+
+}  // namespace
+}  // namespace redrafter
+
+extern "C" {
+
+// out [b, t, nh, hd] float32 = attention of q [b, t, nh, hd] float32 over one layer's cache
+// [2, num_slots, nkv, cap, hd] (dtype 0 = float32, 2 = bfloat16) rows slots [b] (int64), keys
+// j < s that mask [b, t, s] (uint8, 1 = allowed) allows, scores times `scale`.
+int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache_dtype, const int64_t* slots,
+                                const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
+                                int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,
+                                int32_t force_scalar, char* msg, int64_t msg_len) {
+    return redrafter::capi::guarded(msg, msg_len, [&] {
+        return redrafter::attentionCpu(q, cache, cache_dtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, num_slots,
+                                       scale, threads, force_scalar);
+    });
+}
+
+}  // extern "C"
