@@ -905,7 +905,9 @@ def attention(
 
 
 # ---------------------------------------------------------------------- the machine's limits
-def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5) -> dict[str, float]:
+def machine_limits(
+    threads: int | None = None, mib: int = 512, repeats: int = 5
+) -> dict[str, float]:
     """The memory read bandwidth (bytes/s; with ``threads`` and with one thread) and the float32
     FMA peak (flop/s with ``threads``), measured on the kernels' own thread pool
     (``cpp/src/machine_cpu.cpp``): the limits the linear kernel is judged against. Best of
@@ -928,7 +930,9 @@ def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5)
         return t
 
     read = {
-        n: buf.numel() * 4 / best(lambda n=n: lib.redrafter_read_sum_cpu(buf.data_ptr(), buf.numel(), n))
+        n: buf.numel()
+        * 4
+        / best(lambda n=n: lib.redrafter_read_sum_cpu(buf.data_ptr(), buf.numel(), n))
         for n in sorted({1, nt})
     }
     iters, chunks = 200_000, 16 * nt

@@ -335,7 +335,9 @@ def test_an_engine_dir_this_user_cannot_write_keeps_its_model_in_the_user_cache(
     monkeypatch.setattr(
         adaptive.os,
         "access",
-        lambda p, mode: False if Path(p) == engine_dir and mode == os.W_OK else real_access(p, mode),
+        lambda p, mode: (
+            False if Path(p) == engine_dir and mode == os.W_OK else real_access(p, mode)
+        ),
     )
     gen = redrafter_trt.load(engine_dir)
     user = adaptive.user_cost_model_path(engine_dir)

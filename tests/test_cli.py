@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import write_tiny_hf
+from redrafter_trt.backends.torch_backend import auto_dtype
 from redrafter_trt.checkpoint import read_checkpoint_config
 from redrafter_trt.cli import build as build_cli
 from redrafter_trt.cli import convert as convert_cli
@@ -91,7 +92,7 @@ def test_checkpoint_layout(engine_dir):
         "redrafter_hidden_size": 32,
         "redrafter_exit_dim": 24,
         "redrafter_is_rnn": True,
-        "dtype": "float32",
+        "dtype": auto_dtype()[0],  # --dtype auto: bfloat16 where the CPU has bf16 units
     }.items():
         assert cfg[key] == value
     assert cfg["mapping"]["tp_size"] == 1

@@ -105,3 +105,189 @@ def test_bf16_logits_are_float32_products():
     ref = h.double() @ m.lm_head.weight.double().T
     assert lg.dtype == torch.float32 and torch.allclose(lg.double(), ref, atol=1e-5)
     assert not torch.equal(lg, lg.to(torch.bfloat16).float())  # finer than bf16 rounding
+
+
+# ---------------------------------------------------------------------- packed kernel invariance
+def rows_are_batch_invariant(linear_fn, x) -> bool:
+    """True when every row's result has the same bits alone, in any sub-batch and whole."""
+    whole = linear_fn(x)
+    m = x.shape[0]
+    if not all(torch.equal(linear_fn(x[i : i + 1]), whole[i : i + 1]) for i in range(m)):
+        return False
+    cuts = [(0, m // 2), (m // 3, m), (1, min(m, 7))]
+    return all(torch.equal(linear_fn(x[a:b]), whole[a:b]) for a, b in cuts if a < b)
+
+
+def test_the_invariance_check_catches_an_m_dependent_reduction():
+    """Planted once: a product that splits K differently when there are more rows (as a GEMM
+    picking another blocking does) must fail the check our kernel passes."""
+    x, w, _ = _data(17, 48, 576, torch.float32, seed=3)
+
+    def m_dependent(xs):
+        split = 64 if xs.shape[0] > 4 else 192  # the reduction order follows M
+        parts = [xs[:, i : i + split] @ w[:, i : i + split].T for i in range(0, 576, split)]
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    assert not rows_are_batch_invariant(m_dependent, x)
+    packed = native.pack_linear(w)
+    assert rows_are_batch_invariant(lambda xs: native.linear_packed(xs, packed), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(960, 576), (70, 37), (33, 1536), (17, 5)])
+def test_packed_rows_are_invariant_to_m_place_threads_and_path(dtype, n, k):
+    x, w, b = _data(64, n, k, dtype, seed=n + k)
+    packed = native.pack_linear(w)
+    ref = native.linear_packed(x, packed, b, out_dtype=torch.float32, threads=1)
+    for threads in (2, 3, 7):
+        assert torch.equal(
+            native.linear_packed(x, packed, b, out_dtype=torch.float32, threads=threads), ref
+        )
+    assert torch.equal(
+        native.linear_packed(x, packed, b, out_dtype=torch.float32, force_scalar=True), ref
+    )
+    for m in (1, 2, 3, 5, 6, 7, 13, 17, 33):  # every tile shape, any place in the call
+        lo = (m * 7) % (64 - m + 1)
+        got = native.linear_packed(x[lo : lo + m], packed, b, out_dtype=torch.float32, threads=2)
+        assert torch.equal(got, ref[lo : lo + m]), (m, lo)
+    # within a float64 bound that scales with K, and the unpacked entry gives the same bits
+    exact = x.double() @ w.double().T + b.double()
+    bound = 4 * k * 6e-8 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    assert bool(((ref.double() - exact).abs() <= bound + 1e-30).all())
+    assert torch.equal(native.linear(x, w, b, out_dtype=torch.float32), ref)
+
+
+def test_packed_weight_follows_weight_changes():
+    from redrafter_trt.models.base import Linear
+
+    lin = Linear(32, 20)
+    lin.native = True
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        y0 = lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the packed copy must not go stale
+    with torch.inference_mode():
+        y1 = lin(x)
+    assert torch.allclose(y1 - lin.bias, 2 * (y0 - lin.bias), atol=1e-5)
+
+
+def test_packed_bad_inputs_name_what_is_wrong():
+    _, w, _ = _data(1, 8, 32, torch.float32)
+    p = native.pack_linear(w)
+    with pytest.raises(RedrafterError, match="threads must be in"):
+        native.linear_packed(torch.randn(2, 32), p, threads=0)
+    with pytest.raises(RedrafterError, match="disagree"):
+        native.linear_packed(torch.randn(2, 16), p)
+    with pytest.raises(RedrafterError, match="weight must be"):
+        native.pack_linear(torch.randn(2, 3, 4))
+
+
+# ---------------------------------------------------------------------- attention
+def _attention_data(seed=0, b=3, t=5, nh=6, nkv=2, hd=64, slots=4, cap=48, s=40):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, slots, nkv, cap, hd, generator=g)
+    q = torch.randn(b, t, nh, hd, generator=g)
+    sl = torch.randperm(slots, generator=g)[:b]
+    mask = torch.rand(b, t, s, generator=g) > 0.4
+    return q, cache, sl, mask
+
+
+def _attention_reference(q, cache, sl, mask):
+    b, t, nh, hd = q.shape
+    nkv, s = cache.shape[2], mask.shape[2]
+    out = torch.zeros(b, t, nh, hd, dtype=torch.float64)
+    for i in range(b):
+        for h in range(nh):
+            kv = h // (nh // nkv)
+            keys, vals = cache[0, sl[i], kv, :s].double(), cache[1, sl[i], kv, :s].double()
+            sc = (q[i, :, h].double() @ keys.T) / hd**0.5
+            sc = sc.masked_fill(~mask[i], float("-inf"))
+            p = torch.softmax(sc, -1).nan_to_num(0.0)
+            out[i, :, h] = p @ vals
+    return out
+
+
+@pytest.mark.parametrize("cache_dtype", DTYPES)
+def test_attention_matches_float64_and_is_invariant(cache_dtype):
+    q, cache, sl, mask = _attention_data()
+    cache = cache.to(cache_dtype)
+    out = native.attention(q, cache, sl, mask, threads=1)
+    ref = _attention_reference(q, cache.float(), sl, mask)
+    assert torch.allclose(out.double(), ref, atol=2e-5, rtol=1e-5)
+    assert torch.equal(native.attention(q, cache, sl, mask, force_scalar=True), out)
+    assert torch.equal(native.attention(q, cache, sl, mask, threads=3), out)
+    # one query alone, any row of the batch: the same bits
+    for i, j in ((0, 0), (2, 4), (1, 2)):
+        alone = native.attention(
+            q[i : i + 1, j : j + 1], cache, sl[i : i + 1], mask[i : i + 1, j : j + 1]
+        )
+        assert torch.equal(alone, out[i : i + 1, j : j + 1])
+    # masked-out keys do not take part at all: changing them changes nothing
+    poked = cache.clone()
+    hidden = (~mask[0, 0]).nonzero().flatten()
+    poked[:, sl[0], :, hidden] = 7.0
+    assert torch.equal(native.attention(q[:1, :1], poked, sl[:1], mask[:1, :1]), out[:1, :1])
+
+
+def test_attention_bad_inputs_name_what_is_wrong():
+    q, cache, sl, mask = _attention_data()
+    with pytest.raises(RedrafterError, match="slots"):
+        native.attention(q, cache, torch.tensor([0, 1, 9]), mask)
+    with pytest.raises(RedrafterError, match="mask must be"):
+        native.attention(q, cache, sl, mask[:, :2])
+    with pytest.raises(RedrafterError, match="S=49"):
+        native.attention(q, cache, sl, torch.ones(3, 5, 49, dtype=torch.bool))
+    with pytest.raises(RedrafterError, match="layer_cache must be"):
+        native.attention(q, cache.transpose(3, 4), sl, mask)
+
+
+def test_machine_limits_are_measured():
+    lim = native.machine_limits(threads=1, mib=64, repeats=1)
+    assert lim["read_bytes_per_s"] > 1e8 and lim["read_bytes_per_s_1_thread"] > 1e8
+    assert (lim["fma_flops_per_s"] > 1e8) == native.linear_simd()
+
+
+# ---------------------------------------------------------------------- whole steps on the kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_speculation_on_the_kernels_equals_plain_for_every_shape_batch_and_thread_count(
+    tiny_dirs, arch
+):
+    """Greedy output with the CPU kernels (the default on x86): every shape the adaptive policy
+    can choose, batch sizes 1 and 3, one and two threads, gives plain decoding's exact tokens."""
+    from conftest import tiny_generator
+
+    from redrafter_trt.runtime.adaptive import AdaptivePolicy
+
+    gen = tiny_generator(tiny_dirs[arch], 3, 3, dtype=torch.float32)
+    assert gen.backend.native_linear
+    prompts = [[5, 9, 2, 7], [11, 3], [8, 8, 8, 1, 4, 6]]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for batch in (1, 3):
+                ps = prompts[:batch]
+                plain = [r.token_ids for r in gen.generate(ps, max_new_tokens=12, speculative=False)]
+                shapes = [(w, d) for w in (1, 2, 3) for d in (1, 2, 3)]
+
+                class Fixed(AdaptivePolicy):
+                    def __init__(self, shape):
+                        self.shape = shape
+
+                    def choose(self, batch_size):
+                        return self.shape
+
+                    def observe(self, *a):
+                        pass
+
+                for shape in shapes:
+                    gen.policy = Fixed(shape)
+                    spec = [r.token_ids for r in gen.generate(ps, max_new_tokens=12)]
+                    assert spec == plain, (threads, batch, shape)
+                gen.policy = None
+    finally:
+        torch.set_num_threads(before)

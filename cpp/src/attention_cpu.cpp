@@ -100,8 +100,8 @@ bool haveAvx2Fma() {
 #endif
 
 struct AttnCall {
-    const float* q;        // [B, T, nh, hd]
-    const void* cache;     // [2, slots, nkv, cap, hd] (one layer)
+    const float* q;     // [B, T, nh, hd]
+    const void* cache;  // [2, slots, nkv, cap, hd] (one layer)
     int32_t cacheDtype;
     const int64_t* slots;  // [B]
     const uint8_t* mask;   // [B, T, S]
@@ -158,7 +158,8 @@ Status attentionCpu(const float* q, const void* cache, int32_t cacheDtype, const
                     float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv, int64_t hd, int64_t s, int64_t cap,
                     int64_t numSlots, float scale, int32_t threads, int32_t forceScalar) {
     if (cacheDtype != kF32 && cacheDtype != kBF16)
-        return Status::error(StatusCode::kInvalidArgument, "attention: cache dtype must be 0 (float32) or 2 (bfloat16), got %d",
+        return Status::error(StatusCode::kInvalidArgument,
+                             "attention: cache dtype must be 0 (float32) or 2 (bfloat16), got %d",
                              static_cast<int>(cacheDtype));
     if (b < 0 || t < 0 || nh < 1 || nkv < 1 || hd < 1 || s < 1 || cap < s || numSlots < 1 || nh % nkv != 0)
         return Status::error(StatusCode::kInvalidArgument,

@@ -64,8 +64,7 @@ public:
         runChunks();
         // Close the job: workers that have not entered yet stay out; wait for those inside.
         uint64_t w = word_.load(std::memory_order_acquire);
-        while (!word_.compare_exchange_weak(w, w & ~kOpen, std::memory_order_acq_rel)) {
-        }
+        while (!word_.compare_exchange_weak(w, w & ~kOpen, std::memory_order_acq_rel)) {}
         while ((word_.load(std::memory_order_acquire) & kActiveMask) != 0) cpuPause();
         job_ = nullptr;
     }

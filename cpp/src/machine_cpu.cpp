@@ -77,8 +77,8 @@ float redrafter_read_sum_cpu(const float* buf, int64_t n, int32_t threads) {
     redrafter::cpuPoolFor(std::max(1, std::min(threads, redrafter::kCpuPoolMaxThreads)), chunks, [&](int64_t c) {
         const int64_t a = c * chunk, len = std::min(chunk, n - a);
 #ifdef RD_X86
-        part[static_cast<size_t>(c)] = redrafter::haveAvx2() ? redrafter::sumAvx2(buf + a, len)
-                                                            : redrafter::sumScalar(buf + a, len);
+        part[static_cast<size_t>(c)] =
+            redrafter::haveAvx2() ? redrafter::sumAvx2(buf + a, len) : redrafter::sumScalar(buf + a, len);
 #else
         part[static_cast<size_t>(c)] = redrafter::sumScalar(buf + a, len);
 #endif

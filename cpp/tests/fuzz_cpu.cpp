@@ -448,12 +448,15 @@ void fuzzLinear() {
     const bool withBias = coin();
     std::vector<float> y(static_cast<size_t>(M * N) + 1), ys(y.size()), y3(y.size());
     const float* bp = withBias ? bias.data() : nullptr;
-    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg),
-                false, "linear");
-    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, ys.data(), 0, M, N, K, 1, 1, gMsg, sizeof gMsg),
-                false, "linear scalar");
-    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y3.data(), 0, M, N, K, 3, 0, gMsg, sizeof gMsg),
-                false, "linear threads");
+    statusCheck(
+        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg),
+        false, "linear");
+    statusCheck(
+        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, ys.data(), 0, M, N, K, 1, 1, gMsg, sizeof gMsg),
+        false, "linear scalar");
+    statusCheck(
+        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y3.data(), 0, M, N, K, 3, 0, gMsg, sizeof gMsg),
+        false, "linear threads");
     EXPECT(std::memcmp(y.data(), ys.data(), y.size() * 4) == 0, "linear: SIMD != portable (M=%lld N=%lld K=%lld)",
            (long long)M, (long long)N, (long long)K);
     EXPECT(std::memcmp(y.data(), y3.data(), y.size() * 4) == 0, "linear: 3 threads != 1 (M=%lld N=%lld K=%lld)",
@@ -467,26 +470,32 @@ void fuzzLinear() {
                 mag += std::fabs(p);
             }
             const double err = std::fabs(y[static_cast<size_t>(m * N + n)] - ref);
-            EXPECT(err <= 2.0 * (K + 2) * 6e-8 * mag + 1e-30, "linear: |y - ref| = %g > bound (K=%lld)", err, (long long)K);
+            EXPECT(err <= 2.0 * (K + 2) * 6e-8 * mag + 1e-30, "linear: |y - ref| = %g > bound (K=%lld)", err,
+                   (long long)K);
         }
     if (M > 1) {  // one row alone, out of the middle of x
         const int64_t r = pick(0, M - 1);
         std::vector<float> one(static_cast<size_t>(N));
         const void* xr = xd == 0 ? static_cast<const void*>(static_cast<const float*>(xp) + r * K)
                                  : static_cast<const void*>(static_cast<const uint16_t*>(xp) + r * K);
-        statusCheck(redrafter_linear_packed_cpu(xr, xd, packed.data(), wd, bp, one.data(), 0, 1, N, K, 2, 0, gMsg, sizeof gMsg),
-                    false, "linear row");
+        statusCheck(
+            redrafter_linear_packed_cpu(xr, xd, packed.data(), wd, bp, one.data(), 0, 1, N, K, 2, 0, gMsg, sizeof gMsg),
+            false, "linear row");
         EXPECT(std::memcmp(one.data(), y.data() + r * N, static_cast<size_t>(N) * 4) == 0,
                "linear: row %lld alone != among %lld rows", (long long)r, (long long)M);
     }
     // bad parameters
-    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 0, 0, gMsg, sizeof gMsg),
-                true, "linear threads=0");
-    statusCheck(redrafter_linear_packed_cpu(xp, 1, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg),
-                true, "linear dtype=1");
-    statusCheck(redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, 0, K, 1, 0, gMsg, sizeof gMsg),
-                true, "linear n=0");
-    statusCheck(redrafter_linear_pack_cpu(nullptr, wd, packed.data(), N, K, gMsg, sizeof gMsg), true, "linear_pack null");
+    statusCheck(
+        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 0, 0, gMsg, sizeof gMsg), true,
+        "linear threads=0");
+    statusCheck(
+        redrafter_linear_packed_cpu(xp, 1, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg), true,
+        "linear dtype=1");
+    statusCheck(
+        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, 0, K, 1, 0, gMsg, sizeof gMsg), true,
+        "linear n=0");
+    statusCheck(redrafter_linear_pack_cpu(nullptr, wd, packed.data(), N, K, gMsg, sizeof gMsg), true,
+                "linear_pack null");
 }
 
 // Attention: random cache, slots, masks; float64 bound, SIMD == portable, one query alone ==
@@ -517,8 +526,8 @@ void fuzzAttention() {
     statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd, S, cap,
                                         slots, scale, 2, 0, gMsg, sizeof gMsg),
                 false, "attention");
-    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), outs.data(), B, T, nh, nkv, hd, S, cap,
-                                        slots, scale, 1, 1, gMsg, sizeof gMsg),
+    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), outs.data(), B, T, nh, nkv, hd, S,
+                                        cap, slots, scale, 1, 1, gMsg, sizeof gMsg),
                 false, "attention scalar");
     EXPECT(std::memcmp(out.data(), outs.data(), out.size() * 4) == 0, "attention: SIMD != portable");
     for (int64_t b = 0; b < B; ++b)
@@ -565,12 +574,12 @@ void fuzzAttention() {
     if (B > 0) {
         std::vector<int64_t> badSlots(sl);
         badSlots[0] = slots;
-        statusCheck(redrafter_attention_cpu(q.data(), cp, cd, badSlots.data(), mask.data(), out.data(), B, T, nh, nkv, hd,
-                                            S, cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
+        statusCheck(redrafter_attention_cpu(q.data(), cp, cd, badSlots.data(), mask.data(), out.data(), B, T, nh, nkv,
+                                            hd, S, cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
                     true, "attention bad slot");
     }
-    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd, cap + 1,
-                                        cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
+    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd,
+                                        cap + 1, cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
                 true, "attention S > cap");
 }
 

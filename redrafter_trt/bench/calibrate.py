@@ -207,7 +207,8 @@ def limits_markdown(lim: dict[str, Any]) -> list[str]:
 
 def calibration_markdown(r: dict[str, Any]) -> str:
     ks = list(r["t_ms"])
-    lines = [*(limits_markdown(r["limits"]) if "limits" in r else []),
+    lines = [
+        *(limits_markdown(r["limits"]) if "limits" in r else []),
         "| k (tokens per call) | " + " | ".join(map(str, ks)) + " |",
         "|---|" + "---|" * len(ks),
         "| t(k) ms | " + " | ".join(str(r["t_ms"][k]) for k in ks) + " |",

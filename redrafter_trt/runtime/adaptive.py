@@ -295,7 +295,9 @@ def read_cost_models(path: Path) -> list[CostModel]:
     return [CostModel.from_json(doc, str(path))]
 
 
-def save_cost_model(model: CostModel, engine_dir: str | os.PathLike, path: Path | None = None) -> Path:
+def save_cost_model(
+    model: CostModel, engine_dir: str | os.PathLike, path: Path | None = None
+) -> Path:
     """Keep ``model`` in ``engine_dir/cost_model.json`` (or ``path``) beside the models stored
     for other machines, thread counts or engine settings; one for the same ones is replaced.
     Written atomically."""
