@@ -259,7 +259,6 @@ def test_speculation_on_the_kernels_equals_plain_for_every_shape_batch_and_threa
     """Greedy output with the CPU kernels (the default on x86): every shape the adaptive policy
     can choose, batch sizes 1 and 3, one and two threads, gives plain decoding's exact tokens."""
     from conftest import tiny_generator
-
     from redrafter_trt.runtime.adaptive import AdaptivePolicy
 
     gen = tiny_generator(tiny_dirs[arch], 3, 3, dtype=torch.float32)
@@ -271,7 +270,9 @@ def test_speculation_on_the_kernels_equals_plain_for_every_shape_batch_and_threa
             torch.set_num_threads(threads)
             for batch in (1, 3):
                 ps = prompts[:batch]
-                plain = [r.token_ids for r in gen.generate(ps, max_new_tokens=12, speculative=False)]
+                plain = [
+                    r.token_ids for r in gen.generate(ps, max_new_tokens=12, speculative=False)
+                ]
                 shapes = [(w, d) for w in (1, 2, 3) for d in (1, 2, 3)]
 
                 class Fixed(AdaptivePolicy):

@@ -84,11 +84,11 @@ def linear_work(
             for k in {m.weight.shape[1] for m in layers}
         }
 
-        def run_kernel():
+        def run_kernel(xs=xs):
             for m, p in zip(layers, packed):
                 native.linear_packed(xs[m.weight.shape[1]], p, m.bias)
 
-        def run_torch():
+        def run_torch(xs=xs):
             for m in layers:
                 torch.nn.functional.linear(xs[m.weight.shape[1]], m.weight, m.bias)
 
