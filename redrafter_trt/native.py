@@ -660,10 +660,16 @@ def require_linear() -> None:
     _linear_symbol()
 
 
-def linear_simd() -> bool:
-    """True when the kernel's AVX2+FMA path runs on this CPU (else its portable path, same bits)."""
+def simd_level() -> int:
+    """The kernels' SIMD path on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 the portable path (same bits
+    on every path; ``$REDRAFTER_NO_AVX512`` keeps AVX2)."""
     _linear_symbol()
-    return bool(load_library().redrafter_linear_simd_cpu())
+    return int(load_library().redrafter_linear_simd_cpu())
+
+
+def linear_simd() -> bool:
+    """True when a SIMD path of the kernel runs on this CPU (else its portable path, same bits)."""
+    return simd_level() > 0
 
 
 def _linear_status(status: int) -> None:
@@ -937,7 +943,8 @@ def machine_limits(
     }
     iters, chunks = 200_000, 16 * nt
     t = best(lambda: lib.redrafter_fma_burn_cpu(iters, chunks, nt))
-    peak = 0.0 if not linear_simd() else chunks * iters * 12 * 8 * 2 / t
+    lanes = {2: 16, 1: 8}.get(simd_level(), 0)
+    peak = chunks * iters * 12 * lanes * 2 / t
     return {
         "threads": nt,
         "read_bytes_per_s": read[nt],

@@ -25,12 +25,13 @@
 //
 // Types. Weights float32 or bfloat16 (bf16 widened exactly to float32 in registers: a bf16 engine
 // reads half the bytes on CPUs without bf16 units), activations float32 or bf16 (widened once),
-// output float32 or bf16 (round to nearest even at the end). AVX2+FMA is chosen at run time;
-// the portable path computes the same chains. avx512_bf16/AMX dot products round pairwise and
+// output float32 or bf16 (round to nearest even at the end). AVX-512 or AVX2+FMA is chosen at
+// run time ($REDRAFTER_NO_AVX512 keeps AVX2); the portable path computes the same chains. avx512_bf16/AMX dot products round pairwise and
 // are not used: one order on every x86 CPU.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -122,8 +123,52 @@ __attribute__((target("avx2,fma"))) void tileAvx2(const float* x, int64_t ldx, c
         for (int v = 0; v < 2 * P; ++v) _mm256_storeu_ps(out + r * (kPanel * P) + v * 8, acc[r][v]);
 }
 
+// GCC 12 reports its own AVX-512 intrinsics' "undefined" operands as uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// AVX-512: a panel is one 16-lane register, so a tile of R rows x P panels keeps R x P
+// accumulators (at most 12 of the 32 zmm); the same per-element chains, the same bits.
+__attribute__((target("avx512f"))) inline __m512 loadW16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 loadW16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int R, int P, class W>
+__attribute__((target("avx512f"))) void tileAvx512(const float* x, int64_t ldx, const W* w, int64_t ps, int64_t k,
+                                                   float* out) {
+    __m512 acc[R][P];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; ++kk) {
+        __m512 wv[P];
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) wv[p] = loadW16(w + p * ps + kk * kPanel);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+            const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
+#pragma GCC unroll 2
+            for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) _mm512_storeu_ps(out + r * (kPanel * P) + p * kPanel, acc[r][p]);
+}
+
+#pragma GCC diagnostic pop
+
 bool haveAvx2Fma() {
     static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return v;
+}
+
+bool haveAvx512() {
+    static const bool v = __builtin_cpu_supports("avx512f") && std::getenv("REDRAFTER_NO_AVX512") == nullptr;
     return v;
 }
 #endif
@@ -139,13 +184,25 @@ template <int R, int P, class W>
 void tileAvx2V(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
     tileAvx2<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
 }
+template <int R, int P, class W>
+void tileAvx512V(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
+    tileAvx512<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
+}
 #endif
 
-// table[simd][bf16][P - 1][R - 1]
+// table[P - 1][R - 1]; simd: 0 portable, 1 AVX2, 2 AVX-512
 template <class W>
-void fillTable(TileFn (&t)[2][6], bool simd) {
+void fillTable(TileFn (&t)[2][6], int simd) {
 #ifdef RD_X86
-    if (simd) {
+    if (simd == 2) {
+        TileFn a[2][6] = {{tileAvx512V<1, 1, W>, tileAvx512V<2, 1, W>, tileAvx512V<3, 1, W>, tileAvx512V<4, 1, W>,
+                           tileAvx512V<5, 1, W>, tileAvx512V<6, 1, W>},
+                          {tileAvx512V<1, 2, W>, tileAvx512V<2, 2, W>, tileAvx512V<3, 2, W>, tileAvx512V<4, 2, W>,
+                           tileAvx512V<5, 2, W>, tileAvx512V<6, 2, W>}};
+        std::memcpy(t, a, sizeof(a));
+        return;
+    }
+    if (simd == 1) {
         TileFn a[2][6] = {{tileAvx2V<1, 1, W>, tileAvx2V<2, 1, W>, tileAvx2V<3, 1, W>, tileAvx2V<4, 1, W>,
                            tileAvx2V<5, 1, W>, tileAvx2V<6, 1, W>},
                           {tileAvx2V<1, 2, W>, tileAvx2V<2, 2, W>, tileAvx2V<3, 2, W>, nullptr, nullptr, nullptr}};
@@ -169,6 +226,7 @@ struct Call {
     int32_t yDtype;
     int64_t m, n, k;
     TileFn table[2][6];
+    int pairRows;  // two-panel tiles for row tiles of at most this many rows
 };
 
 void storeTile(const Call& c, const float* tile, int rows, int64_t row0, int64_t col0, int cols, int tileStride) {
@@ -198,7 +256,7 @@ void runPanels(const Call& c, int64_t p0, int64_t p1) {
             for (int64_t r = rb; r < re; r += kMaxRows) {
                 const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, re - r));
                 const float* xr = c.x + r * c.k;
-                if (group == 2 && rows <= 3) {
+                if (group == 2 && rows <= c.pairRows) {
                     c.table[1][rows - 1](xr, c.k, wp, ps, c.k, tile);
                     for (int g = 0; g < 2; ++g) {
                         const int64_t col0 = (p + g) * kPanel;
@@ -281,12 +339,12 @@ Status linearPackedCpu(const void* x, int32_t xDtype, const void* packed, int32_
         xf = xw.data();
     }
 #ifdef RD_X86
-    const bool simd = !forceScalar && haveAvx2Fma();
+    const int simd = forceScalar ? 0 : haveAvx512() ? 2 : haveAvx2Fma() ? 1 : 0;
 #else
-    const bool simd = false;
+    const int simd = 0;
     (void)forceScalar;
 #endif
-    Call c{xf, packed, wDtype, bias, y, yDtype, m, n, k, {}};
+    Call c{xf, packed, wDtype, bias, y, yDtype, m, n, k, {}, simd == 2 ? 6 : 3};
     if (wDtype == kF32)
         fillTable<float>(c.table, simd);
     else
@@ -352,10 +410,10 @@ int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int3
     });
 }
 
-// 1 when the SIMD (AVX2+FMA) path runs on this CPU, else 0.
+// The SIMD path that runs on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 none (the portable path).
 int32_t redrafter_linear_simd_cpu(void) {
 #ifdef RD_X86
-    return redrafter::haveAvx2Fma() ? 1 : 0;
+    return redrafter::haveAvx512() ? 2 : redrafter::haveAvx2Fma() ? 1 : 0;
 #else
     return 0;
 #endif

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu_pool.h"
@@ -47,6 +48,29 @@ __attribute__((target("avx2,fma"))) float fmaAvx2(int64_t iters, float seed) {
     return l[0] + l[7];
 }
 
+// GCC 12 reports its own AVX-512 intrinsics' "undefined" operands as uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) float fmaAvx512(int64_t iters, float seed) {
+    __m512 a[12];
+    const __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(seed * 1e-7f);
+    for (int j = 0; j < 12; ++j) a[j] = _mm512_set1_ps(seed + static_cast<float>(j));
+    for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 12
+        for (int j = 0; j < 12; ++j) a[j] = _mm512_fmadd_ps(a[j], m, c);
+    __m512 s = a[0];
+    for (int j = 1; j < 12; ++j) s = _mm512_add_ps(s, a[j]);
+    return _mm512_reduce_add_ps(s);
+}
+
+#pragma GCC diagnostic pop
+
+bool haveAvx512() {
+    static const bool v = __builtin_cpu_supports("avx512f") && std::getenv("REDRAFTER_NO_AVX512") == nullptr;
+    return v;
+}
+
 bool haveAvx2() {
     static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return v;
@@ -88,15 +112,18 @@ float redrafter_read_sum_cpu(const float* buf, int64_t n, int32_t threads) {
     return s;
 }
 
-// `chunks` x `iters` x 12 x 8 float32 FMAs shared by `threads` threads (the caller times it);
-// 0 when the CPU has no AVX2+FMA (no peak to measure).
+// `chunks` x `iters` x 12 x (16 with AVX-512, else 8) float32 FMAs shared by `threads` threads
+// (the caller times it), on the widest path the linear kernel uses; 0 when the CPU has no
+// AVX2+FMA (no peak to measure).
 float redrafter_fma_burn_cpu(int64_t iters, int64_t chunks, int32_t threads) {
 #ifdef RD_X86
     if (!redrafter::haveAvx2() || chunks < 1) return 0.0f;
     const int nt = std::max(1, std::min(threads, redrafter::kCpuPoolMaxThreads));
     std::vector<float> out(static_cast<size_t>(chunks));
     redrafter::cpuPoolFor(nt, chunks, [&](int64_t c) {
-        out[static_cast<size_t>(c)] = redrafter::fmaAvx2(iters, 1.0f + static_cast<float>(c));
+        const float seed = 1.0f + static_cast<float>(c);
+        out[static_cast<size_t>(c)] =
+            redrafter::haveAvx512() ? redrafter::fmaAvx512(iters, seed) : redrafter::fmaAvx2(iters, seed);
     });
     float s = 0;
     for (float v : out) s += v;

@@ -425,7 +425,7 @@ void fuzzLinear() {
     auto store = [](const std::vector<float>& src, int32_t dt, int64_t offset) {
         std::vector<uint32_t> buf(src.size() + static_cast<size_t>(offset) + 1);
         if (dt == 0) {
-            std::memcpy(buf.data() + offset, src.data(), src.size() * 4);
+            if (!src.empty()) std::memcpy(buf.data() + offset, src.data(), src.size() * 4);
         } else {
             uint16_t* h = reinterpret_cast<uint16_t*>(buf.data()) + offset;
             for (size_t i = 0; i < src.size(); ++i) {
