@@ -26,8 +26,8 @@
 // Types. Weights float32 or bfloat16 (bf16 widened exactly to float32 in registers: a bf16 engine
 // reads half the bytes on CPUs without bf16 units), activations float32 or bf16 (widened once),
 // output float32 or bf16 (round to nearest even at the end). AVX-512 or AVX2+FMA is chosen at
-// run time ($REDRAFTER_NO_AVX512 keeps AVX2); the portable path computes the same chains. avx512_bf16/AMX dot products round pairwise and
-// are not used: one order on every x86 CPU.
+// run time ($REDRAFTER_NO_AVX512 keeps AVX2); the portable path computes the same chains. avx512_bf16/AMX dot products
+// round pairwise and are not used: one order on every x86 CPU.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
