@@ -725,16 +725,16 @@ _linear_threads_override: int | None = None
 
 def linear_threads() -> int:
     """Threads the linear kernel uses: torch's intra-op thread count (the run's ``--threads``),
-    or the count :func:`small_call_threads` saved while it runs torch's own ops on one thread."""
+    or, inside :func:`torch_ops_on_one_thread`, the count it saved."""
     n = _linear_threads_override or torch.get_num_threads()
     return max(1, min(256, n))
 
 
 @contextlib.contextmanager
-def small_call_threads():
-    """For a small call (a decode or verify step): torch's own ops (attention, norms, RoPE,
-    indexing) on ONE thread, the linear kernel on the run's threads. Torch's OpenMP regions over
-    a few kilobytes cost more in hand-off than they compute, and two pools spinning on two
+def torch_ops_on_one_thread():
+    """Inside: torch's own ops (norms, RoPE, activation, indexing) on ONE thread, the kernels
+    (:func:`linear_packed`, :func:`attention`) on the run's threads. Torch's OpenMP regions over
+    a few kilobytes cost more in hand-off than they compute, and two pools spinning on the same
     cores slow each other down."""
     global _linear_threads_override
     n = torch.get_num_threads()

@@ -250,21 +250,19 @@ class TorchBackend:
         """The beam-search step kernel where one runs (CUDA), else None (the PyTorch step)."""
         return self.ops.beam_search_step if self.ops.name == cuda_ops.KERNEL else None
 
-    #: calls of at most this many tokens run torch's own ops on one thread when the linear
-    #: kernel is on (:func:`redrafter_trt.native.small_call_threads`)
-    SMALL_CALL_TOKENS = 64
-
-    def small_call(self, tokens: int):
-        """The thread split for a call over ``tokens`` new tokens: with the CPU kernel on and a
-        small call, torch's own ops on one thread (:func:`redrafter_trt.native.small_call_threads`)."""
-        if self.native_linear and tokens <= self.SMALL_CALL_TOKENS:
-            return native.small_call_threads()
+    def thread_split(self):
+        """The thread split of a step: with the CPU kernels on, the
+        linear and attention kernels take the run's threads and torch's own remaining ops
+        (norms, RoPE, the gated activation, indexing: a few percent of a step, less for long
+        prompts) run on one thread (:func:`redrafter_trt.native.torch_ops_on_one_thread`); torch's
+        OpenMP regions over a few kilobytes cost more in hand-off than they compute, and on a
+        busy machine a second torch thread waiting for a core stalls every op."""
+        if self.native_linear:
+            return native.torch_ops_on_one_thread()
         return contextlib.nullcontext()
 
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        lengths = inputs[C.INPUT_LENGTHS]
-        tokens = int(lengths.max()) * lengths.numel() if lengths.numel() else 0
-        with self.small_call(tokens):
+        with self.thread_split():
             return self._step(inputs)
 
     @torch.inference_mode()

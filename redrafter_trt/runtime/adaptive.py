@@ -214,7 +214,7 @@ def measure_cost_model(
             mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None]
             sync()
             t0 = time.perf_counter()
-            with backend.small_call(n):  # the thread split the step uses for n tokens
+            with backend.thread_split():  # the thread split the step uses for n tokens
                 hid = base(
                     ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask
                 )
@@ -229,7 +229,7 @@ def measure_cost_model(
             for d in (1, 2):
                 sync()
                 t0 = time.perf_counter()
-                with backend.small_call(1):
+                with backend.thread_split():
                     drafter.beam_search(base.embedding, ctx, root, 1, d, backend.warp_k)
                 sync()
                 times.append(time.perf_counter() - t0)
