@@ -449,11 +449,59 @@ def test_sigterm_finishes_running_requests_and_exits(engine_dir):
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
+        # while the running request finishes, a new client is refused at connect (the README
+        # says so): it never gets an HTTP answer such as 503
+        answered = []
+        for _ in range(100):
+            try:
+                answered.append(httpx.get(url + "/health", timeout=2).status_code)
+            except httpx.ConnectError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"still accepting connections after SIGTERM: {answered}")
+        assert 503 not in answered, answered
         r = fut.result(60)
     assert r.usage.completion_tokens == 60  # the running request was finished, not dropped
     assert proc.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+    serving = (REPO / "README.md").read_text().split("## Serving")[1].split("\n## ")[0]
+    assert "shutting down answers 503" not in serving
+    assert "new connections are refused" in serving
+
+
+def test_port_0_announces_the_port_it_bound(engine_dir):
+    import re
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "redrafter_trt.cli.serve", "--engine_dir", str(engine_dir)]
+        + ["--port", "0", "--threads", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = ""
+        for _ in range(50):  # bounded: the announcement is the command's first lines
+            line = proc.stdout.readline()
+            if "redrafter-serve: model" in line or not line:
+                break
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        port = int(m.group(1))
+        assert port != 0, line  # before: http://127.0.0.1:0
+        for _ in range(120):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert r.status_code == 200
+    finally:
+        stop_server(proc)
 
 
 def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
@@ -687,3 +735,43 @@ def test_bench_soak_and_stall_modes_on_the_tiny_engine(tmp_path):
     assert (
         chunked["prefill_chunk"] == 16 and chunked["running_events_during_prefill"][0] >= 4
     )  # 96 tokens / 16
+
+
+def test_serving_bench_records_the_policy_and_threads_it_ran(engine_dir, tmp_path):
+    """The speculative mode's policy (fixed shape, or adaptive from a stored cost model with the
+    shapes it chose) and the torch threads are in the JSON (before: neither)."""
+    import shutil
+
+    from redrafter_trt.bench import serve as bench
+    from redrafter_trt.runtime.adaptive import (
+        CostModel,
+        engine_signature,
+        machine_fingerprint,
+        save_cost_model,
+    )
+    from redrafter_trt.runtime.loader import load
+
+    engine = tmp_path / "tiny"
+    shutil.copytree(engine_dir, engine)
+    args = ["--engine_dir", str(engine), "--concurrency", "1", "--requests_per_client", "1"]
+    args += ["--max_tokens", "4", "--threads", "1", "--modes", "speculative"]
+    out = tmp_path / "fixed.json"
+    assert bench.main(args + ["--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["speculative_policy"].startswith("fixed 3x2"), r
+    assert r["threads"] == 1 and r["threads_source"] == "--threads"
+    assert r["levels"]["speculative"][0]["chosen_shapes"] is None
+    # a stored cost model under which drafting never pays: the adaptive policy, plain steps
+    sig = engine_signature(load(engine, adaptive="off").backend)
+    save_cost_model(
+        CostModel({1: 1.0, 64: 1000.0}, {1: 100.0, 8: 100.0}, sig, machine_fingerprint(1)), engine
+    )
+    out = tmp_path / "adaptive.json"
+    assert bench.main(args + ["--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["speculative_policy"].startswith("adaptive"), r
+    shapes = r["levels"]["speculative"][0]["chosen_shapes"]
+    assert [c["shape"] for c in shapes] == ["1x0"], shapes
+    out = tmp_path / "off.json"
+    assert bench.main(args + ["--adaptive", "off", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["speculative_policy"].startswith("fixed 3x2")
