@@ -307,7 +307,7 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, "beyond the engine"),
     ({"model": MODEL, "prompt": "y" * 60}, "more than the engine takes"),
     ({"model": MODEL, "prompt": "x", "n": 2}, "'n'"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 2}, "'logprobs'"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 6}, "'logprobs'"),
     ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
     ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
 ]
@@ -339,6 +339,110 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, client):
         ).usage.completion_tokens
         >= 1
     )
+
+
+# --------------------------------------------------------------------------- the OpenAI contract
+def test_openapi_publishes_the_request_and_response_bodies(server):
+    doc = httpx.get(server + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def resolve(s):
+        return schemas[s["$ref"].rsplit("/", 1)[1]]
+
+    for path, field, response in (
+        ("/v1/completions", "prompt", "CompletionResponse"),
+        ("/v1/chat/completions", "messages", "ChatCompletionResponse"),
+    ):
+        op = doc["paths"][path]["post"]
+        body = resolve(op["requestBody"]["content"]["application/json"]["schema"])
+        assert field in body["required"] and "model" in body["required"]
+        assert body["additionalProperties"] is False
+        assert body["properties"]["model"]["enum"] == [MODEL]
+        assert "logprobs" in body["properties"]
+        ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok["$ref"].endswith("/" + response) and "choices" in resolve(ok)["properties"]
+        err = resolve(op["responses"]["400"]["content"]["application/json"]["schema"])
+        assert err["required"] == ["error"]
+
+
+OUTSIDE_THE_SCHEMA = [
+    ({"messages": [{"role": "user", "content": "x"}], "user": 5}, "'user'"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": 1}},)
+    + ("stream_options",),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "'logprobs': true"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},)
+    + ("top_logprobs",),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+]
+
+
+@pytest.mark.parametrize("body, fragment", OUTSIDE_THE_SCHEMA)
+def test_requests_outside_the_openai_schema_get_400(server, body, fragment):
+    r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error", err
+
+
+def test_unknown_paths_and_methods_answer_the_openai_error_object(server):
+    for r in (httpx.get(server + "/v1/nope"), httpx.put(server + "/v1/completions")):
+        assert r.status_code in (404, 405) and set(r.json()) == {"error"}, r.text
+
+
+def test_content_as_an_array_of_text_parts(client):
+    kw = dict(model=MODEL, max_tokens=8, temperature=0)
+    text = client.chat.completions.create(
+        messages=[{"role": "user", "content": "what is 2+2?"}], **kw
+    )
+    parts = client.chat.completions.create(
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "what is "}, {"type": "text", "text": "2+2?"}],
+            }
+        ],
+        **kw,
+    )
+    assert parts.choices[0].message.content == text.choices[0].message.content
+    assert parts.usage.prompt_tokens == text.usage.prompt_tokens
+
+
+def test_logprobs_on_both_endpoints(client):
+    c = client.completions.create(
+        model=MODEL, prompt="tea", max_tokens=6, temperature=0, logprobs=3, extra_body={}
+    )
+    lp = c.choices[0].logprobs
+    n = c.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and value <= 0
+        assert value == pytest.approx(max(top.values()))  # greedy: the most likely token
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    r = client.chat.completions.create(
+        **chat, temperature=0.8, seed=5, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob <= t.top_logprobs[0].logprob + 1e-6 and t.bytes == list(t.token.encode())
+    # streamed: the chunks' log-probabilities are the same list
+    parts = client.chat.completions.create(
+        **chat, temperature=0.8, seed=5, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [
+        t
+        for p in parts
+        if p.choices and p.choices[0].logprobs
+        for t in p.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # without logprobs: none
+    assert client.chat.completions.create(**chat, temperature=0).choices[0].logprobs is None
 
 
 def test_full_queue_gets_429_with_retry_after(server, client):
