@@ -850,3 +850,25 @@ def test_run_summary_says_which_policy_ran_and_its_shapes(engine, tmp_path, caps
         assert sum(c["steps"] for c in out["chosen_shapes"]) >= 1
     finally:
         (engine / "cost_model.json").unlink()
+
+
+def test_readme_says_how_to_reach_the_commands_and_what_the_tests_need():
+    readme = (REPO / "README.md").read_text()
+    workflow = readme.split("## Workflow")[1].split("```")[0]
+    assert "source .venv/bin/activate" in workflow and "pip install -e ." in workflow
+    setup = readme.split("## The two set-up commands")[1].split("## ")[0]
+    # the prerequisites build_cpp.sh states in its header, said where the test command is
+    import re
+
+    header = (REPO / "build_scripts" / "build_cpp.sh").read_text()
+    cmake = re.search(r"cmake \(>= ([\d.]+)\)", header).group(1)
+    assert f"cmake\n(>= {cmake})" in setup or f"cmake (>= {cmake})" in setup, setup
+    assert "g++" in header and "g++" in setup and "nvcc is optional" in setup
+
+
+def test_readme_says_the_builtin_model_is_the_dequantized_q4_gguf():
+    from redrafter_trt.models.hub import SMOLLM2_GGUF
+
+    quant = SMOLLM2_GGUF.rsplit(".", 2)[1]  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"the {quant} quantization, dequantized to float32" in readme
