@@ -872,3 +872,68 @@ def test_readme_says_the_builtin_model_is_the_dequantized_q4_gguf():
     quant = SMOLLM2_GGUF.rsplit(".", 2)[1]  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f"the {quant} quantization, dequantized to float32" in readme
+
+
+def test_progress_bar_ends_at_100_percent_on_a_line_of_its_own(engine, tmp_path, capsys):
+    """Rows that end at end-of-sequence count their unused budget as done (before: the bar
+    stopped where they ended, e.g. at 50%), and the bar's last state ends with a newline, so a
+    header printed next does not land on the bar's line."""
+    import shutil
+
+    eng = tmp_path / "engine"
+    shutil.copytree(engine, eng)
+    cfg = json.loads((eng / "config.json").read_text())
+    cfg["pretrained_config"]["eos_token_id"] = list(range(97))  # every token ends a row
+    (eng / "config.json").write_text(json.dumps(cfg))
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 2, 3], [4, 5]]))
+    args = ["--engine_dir", eng, "--input_ids_file", ids, "--max_output_len", 10, "--json"]
+    assert call(run_cli.main, args) == 0
+    out, err = capsys.readouterr()
+    assert [len(o["output_token_ids"]) for o in json.loads(out)["outputs"]] == [1, 1]
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "20/20" in last, err
+    assert err.endswith("\n"), repr(err[-80:])
+
+
+@pytest.mark.parametrize("spec_s, plain_s", [(27.0, 12.0), (6.0, 12.0)])
+def test_demo_report_says_what_each_figure_is_and_what_the_speed_means(tmp_path, spec_s, plain_s):
+    """The demo's closing report (the Python block of demo.sh) labels the trainer's greedy-chain
+    estimate and the measured tokens per step, and ends with a sentence on the measured speed."""
+    script = (REPO / "build_scripts" / "demo.sh").read_text()
+    code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+
+    def run_doc(wall, tps):
+        out = {"token_ids": [1, 2], "output_token_ids": [1, 2], "output_text": "hi"}
+        out["accepted_per_step"] = [1, 1]
+        return {"outputs": [out], "tokens_per_step": tps, "num_steps": 9, "wall_s": wall}
+
+    files = []
+    for name, doc in (
+        ("spec", run_doc(spec_s, 1.65)),
+        ("plain", run_doc(plain_s, 1.0)),
+        (
+            "report",
+            {
+                "steps": 10,
+                "train_seconds_total": 5,
+                "eval": {"top1_accuracy_per_depth": [0.5], "greedy_chain_tokens_per_step": 1.94},
+            },
+        ),
+    ):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(doc))
+    r = subprocess.run(
+        [sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True, check=True
+    )
+    lines = r.stdout.splitlines()
+    chain = next(x for x in lines if "1.94" in x)
+    assert "estimate" in chain and "greedy chain" in chain, chain
+    measured = next(x for x in lines if "1.65" in x and "1.94" not in x)
+    assert measured.startswith("measured on these prompts"), measured
+    closing = lines[-1]
+    assert closing.startswith("On this machine"), r.stdout
+    if spec_s > plain_s:
+        assert f"{spec_s / plain_s:.2f}x as long as plain" in closing, closing
+    else:
+        assert f"{plain_s / spec_s:.2f}x as fast as plain" in closing, closing

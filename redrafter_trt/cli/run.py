@@ -444,13 +444,16 @@ def _generate(gen, encoded, kw, args):
     from tqdm import tqdm
 
     many = len(encoded) > 1
-    expected = sum(min(kw["max_new_tokens"], gen.backend.max_seq_len - len(ids)) for ids in encoded)
+    # the bar counts tokens up to each row's limit; a row that stops early (end-of-sequence, a
+    # stop string) counts its remaining ones as done, so the bar ends at 100%
+    budget = [min(kw["max_new_tokens"], gen.backend.max_seq_len - len(ids)) for ids in encoded]
+    got = [0] * len(encoded)
     bar = tqdm(
-        total=expected,
+        total=sum(budget),
         unit="tok",
         desc="generate",
         file=sys.stderr,
-        leave=False,
+        leave=True,  # its last state stays on a line of its own: what follows starts a new line
         disable=args.streaming or args.no_progress,
     )
     row_ttft: dict[int, float] = {}
@@ -459,7 +462,10 @@ def _generate(gen, encoded, kw, args):
     for ev in gen.generate_stream(encoded, **kw):
         if ev.token_ids and ev.index not in row_ttft:
             row_ttft[ev.index] = time.perf_counter() - t0
-        bar.update(len(ev.token_ids))
+        got[ev.index] += len(ev.token_ids)
+        bar.update(
+            len(ev.token_ids) + (max(0, budget[ev.index] - got[ev.index]) if ev.finished else 0)
+        )
         if not args.streaming:
             continue
         if args.json:
