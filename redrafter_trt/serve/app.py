@@ -190,6 +190,9 @@ def parse_request(
             ids = ids["input_ids"]
         ids = list(ids)
     be = sched.backend
+    bad = [t for t in ids if not 0 <= t < be.vocab_size]
+    if bad:
+        raise _bad(f"'prompt' has token ids outside [0, {be.vocab_size}): {bad[:5]}", "prompt")
     if len(ids) > be.max_input_len:
         raise _bad(
             f"the prompt has {len(ids)} tokens, more than the engine takes ({be.max_input_len})",

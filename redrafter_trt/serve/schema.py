@@ -71,9 +71,11 @@ class CommonRequest(BaseModel):
 class CompletionRequest(CommonRequest):
     """``POST /v1/completions`` (one prompt per request)."""
 
-    prompt: str | list[str] | list[int] = Field(
-        description="a string, a list of one string, or a list of token ids"
-    )
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(min_length=1)]
+    ) = Field(description="a string, a list of one string, or a list of token ids")
     logprobs: int | None = Field(
         None, ge=0, le=5, description="log-probabilities of the tokens and of the N most likely"
     )
@@ -184,6 +186,12 @@ REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
 RESPONSES = {"completion": CompletionResponse, "chat": ChatCompletionResponse}
 
 
+PROMPT_SHAPES = (
+    "expected a non-empty string, a list of one non-empty string, or a non-empty list of "
+    f"token ids in [0, {INT32}]"
+)
+
+
 def fields_of(kind: str) -> set[str]:
     """The body fields an endpoint takes."""
     return set(REQUESTS[kind].model_fields)
@@ -211,9 +219,13 @@ def validate_body(body: dict, kind: str) -> tuple[str, str | None] | None:
         errs = e.errors(include_url=False)
         err = max(errs, key=lambda x: len(x["loc"]))  # the most specific (a union's deepest)
         path = _path(err["loc"]) or "body"
+        field = path.split("[")[0].split(".")[0]
+        if field == "prompt":  # a union of three shapes: say all three
+            err = {"msg": PROMPT_SHAPES, "input": body.get("prompt")}
+            path = field
         got = json.dumps(err.get("input"), default=str)
         got = got if len(got) <= 80 else got[:77] + "..."
-        return f"'{path}': {err['msg']}, got {got}", path.split("[")[0].split(".")[0]
+        return f"'{path}': {err['msg']}, got {got}", field
     return None
 
 
