@@ -5,6 +5,11 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
 mean tokens per generation step in the ``x-redrafter-tokens-per-step`` header (non-streaming) and
 in a ``redrafter`` object (``tokens_per_step``, ``accepted_per_step``) of the body or of the last
 stream chunk. Stop strings are excluded from the returned text, as the OpenAI API does.
+
+Every request body is checked against the endpoint's request schema
+(:mod:`redrafter_trt.serve.schema`, published with the response bodies in ``/openapi.json``),
+then against what this engine serves; ``logprobs`` answers carry the base model's own
+log-probabilities of the output tokens (the backend's optional ``output_logprobs``).
 """
 
 from __future__ import annotations
@@ -144,10 +149,8 @@ def parse_request(
     tok = state.tokenizer
     if kind == "completion":
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) > 1:
-                raise _bad("'prompt': one prompt per request (send a string)", "prompt")
-            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]  # the schema allows a list of one string
         if isinstance(prompt, str):
             if prompt == "":
                 raise _bad("'prompt' is empty", "prompt")
