@@ -38,7 +38,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+    return build_engine(tmp_path_factory.mktemp("serve"))
+
+
+def build_engine(root: Path, *convert_extra) -> Path:
+    """The tiny Llama engine the server tests use (``convert_extra``: more convert flags)."""
     base = write_tiny_hf(root / "base", "llama", seed=4)
     drafter = save_drafter(
         init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2, std=0.5), root / "drafter"
@@ -58,6 +62,7 @@ def engine_dir(tmp_path_factory):
                     3,
                     "--redrafter_draft_len_per_beam",
                     2,
+                    *convert_extra,
                 ]
             ]
         )
@@ -447,6 +452,52 @@ def test_logprobs_on_both_endpoints(client):
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     # without logprobs: none
     assert client.chat.completions.create(**chat, temperature=0).choices[0].logprobs is None
+
+
+def test_logprobs_are_the_same_with_and_without_speculation(tmp_path):
+    """Through the server, greedy and seeded, on a float32 engine: the same tokens and the same
+    log-probabilities (up to float32 rounding of differently shaped forwards) from a speculative
+    server and a --no_speculation one."""
+    engine = build_engine(tmp_path, "--dtype", "float32")
+    answers = []
+    for extra in ((), ("--no_speculation",)):
+        proc, url = start_server(engine, *extra)
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            got = []
+            for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 3}):
+                r = c.completions.create(
+                    model=MODEL, prompt="tea is", max_tokens=12, logprobs=2, **sampling
+                )
+                lp = r.choices[0].logprobs
+                got.append((r.choices[0].text, lp.tokens, lp.token_logprobs, lp.top_logprobs))
+                r = c.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=12,
+                    logprobs=True,
+                    top_logprobs=2,
+                    **sampling,
+                )
+                content = r.choices[0].logprobs.content
+                got.append(
+                    (
+                        r.choices[0].message.content,
+                        [t.token for t in content],
+                        [t.logprob for t in content],
+                        [{x.token: x.logprob for x in t.top_logprobs} for t in content],
+                    )
+                )
+        finally:
+            stop_server(proc)
+        answers.append(got)
+    for spec, plain in zip(*answers):
+        assert spec[:2] == plain[:2] and len(spec[1]) >= 1
+        assert spec[2] == pytest.approx(plain[2], abs=1e-5)
+        for a, b in zip(spec[3], plain[3]):
+            assert a.keys() == b.keys() and list(a.values()) == pytest.approx(
+                list(b.values()), abs=1e-5
+            )
 
 
 def test_full_queue_gets_429_with_retry_after(server, client):
