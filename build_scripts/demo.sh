@@ -88,16 +88,28 @@ spec, plain, report = (json.load(open(p)) for p in sys.argv[1:4])
 ev = report.get("eval") or {}
 if ev:
     acc = "/".join(f"{a:.2f}" for a in ev["top1_accuracy_per_depth"])
-    print(f"draft head: held-out top-1 per depth {acc}, greedy-chain tokens/step "
-          f"{ev['greedy_chain_tokens_per_step']:.2f} ({report['steps']} steps, "
-          f"{report['train_seconds_total']:.0f} s of training)")
+    print(f"draft head (training report, {report['steps']} steps, "
+          f"{report['train_seconds_total']:.0f} s of training): held-out top-1 agreement per "
+          f"depth {acc}; its estimate of tokens per step for one greedy chain (1 beam) over the "
+          f"held-out data: {ev['greedy_chain_tokens_per_step']:.2f}")
 for i, (s, p) in enumerate(zip(spec["outputs"], plain["outputs"])):
     print(f"[{i}] {s['output_text']!r}")
     print(f"    tokens per step: {s['accepted_per_step'][1:]}")
     print(f"    identical to plain decoding: {s['output_token_ids'] == p['output_token_ids']}")
-print(f"speculative: {spec['tokens_per_step']:.2f} tokens/step, {spec['num_steps']} steps, "
-      f"{spec['wall_s']:.2f} s; plain: {plain['tokens_per_step']:.2f} tokens/step, "
-      f"{plain['num_steps']} steps, {plain['wall_s']:.2f} s")
+print(f"measured on these prompts: speculative {spec['tokens_per_step']:.2f} tokens/step "
+      f"({spec['num_steps']} steps, {spec['wall_s']:.2f} s); plain {plain['tokens_per_step']:.2f} "
+      f"tokens/step ({plain['num_steps']} steps, {plain['wall_s']:.2f} s)")
+ratio = plain["wall_s"] / spec["wall_s"] if spec["wall_s"] > 0 else float("inf")
+if ratio >= 1:
+    print(f"On this machine speculation was {ratio:.2f}x as fast as plain decoding: "
+          f"{spec['tokens_per_step']:.2f} tokens per step paid for the drafting and the larger "
+          "verifying forward.")
+else:
+    print(f"On this machine speculation took {1 / ratio:.2f}x as long as plain decoding: "
+          f"drafting and verifying the tree cost more per step than the "
+          f"{spec['tokens_per_step']:.2f} tokens per step save. On a CPU a forward's cost grows "
+          "with the tokens it verifies; the speed-up speculative decoding aims at needs "
+          "hardware where it barely does (a GPU) or a head that is accepted more often.")
 if any(s["output_token_ids"] != p["output_token_ids"] for s, p in zip(spec["outputs"], plain["outputs"])):
     sys.exit("speculative output differs from plain decoding")
 PY

@@ -38,7 +38,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--engine_dir", required=True, help="engine directory from redrafter-build")
     ap.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     ap.add_argument(
-        "--prompt", default="Tell me a short story about a lighthouse.", help="the text sent"
+        "--prompt",
+        default="Tell me a short story about a lighthouse.",
+        help="the user message of the chat requests",
+    )
+    ap.add_argument(
+        "--completion_prompt",
+        default="Once upon a time, the lighthouse keeper",
+        help="the text the completion request continues (a completion continues text: an "
+        "instruct model often ends an instruction sent this way at once)",
     )
     ap.add_argument("--max_tokens", type=int, default=48, help="tokens per answer (default: 48)")
     ap.add_argument(
@@ -90,20 +98,17 @@ def query(base_url: str, args: argparse.Namespace) -> None:
     print(f"model: {model}")
 
     raw = client.completions.with_raw_response.create(
-        model=model, prompt=args.prompt, max_tokens=args.max_tokens, temperature=0
+        model=model, prompt=args.completion_prompt, max_tokens=args.max_tokens, temperature=0
     )
     completion = raw.parse()
-    print(
-        f"completion: {completion.choices[0].text!r} "
-        f"({completion.usage.completion_tokens} tokens, "
-        f"{raw.headers.get('x-redrafter-tokens-per-step')} tokens/step)"
-    )
+    print(f"completion: {completion.choices[0].text!r} ({speed(completion, raw.headers)})")
 
     messages = [{"role": "user", "content": args.prompt}]
-    chat = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model=model, messages=messages, max_tokens=args.max_tokens, temperature=0
     )
-    print(f"chat: {chat.choices[0].message.content!r} (finish: {chat.choices[0].finish_reason})")
+    chat = raw.parse()
+    print(f"chat: {chat.choices[0].message.content!r} ({speed(chat, raw.headers)})")
 
     print("chat, streamed: ", end="", flush=True)
     streamed = []
@@ -123,6 +128,19 @@ def query(base_url: str, args: argparse.Namespace) -> None:
     for line in metrics.splitlines():
         if line.startswith(("redrafter_requests_total", "redrafter_output_tokens_total")):
             print(f"metric: {line}")
+
+
+def speed(response, headers) -> str:
+    """Tokens, finish reason and tokens per generation step of a response, or why there are no
+    steps: the prompt's own call gives the first token, so an answer that ends there ran none."""
+    n = response.usage.completion_tokens
+    finish = response.choices[0].finish_reason
+    if n <= 1:
+        return (
+            f"{n} token, finish: {finish}; the model ended at its first token, so no "
+            "generation step ran and there is no tokens/step"
+        )
+    return f"{n} tokens, finish: {finish}, {headers.get('x-redrafter-tokens-per-step')} tokens/step"
 
 
 def main(argv: list[str] | None = None) -> int:

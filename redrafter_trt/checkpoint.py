@@ -415,7 +415,8 @@ __all__ = [
 
 # --------------------------------------------------------------------------- what a directory is
 DIR_KINDS = {
-    "engine": "a redrafter-build engine directory (give it to redrafter-run --engine_dir)",
+    "engine": "a redrafter-build engine directory (give it to redrafter-run, redrafter-serve or "
+    "redrafter-bench --engine_dir)",
     "checkpoint": "a redrafter-convert checkpoint (give it to redrafter-build --checkpoint_dir)",
     "drafter": "a draft head directory (give it to redrafter-convert --drafter_model_dir)",
     "base": "a Hugging Face base model directory (give it to --model_dir)",
@@ -451,15 +452,16 @@ def require_model_dir(path: str | os.PathLike | None, flag: str, kind: str) -> P
     :class:`RedrafterError` naming ``flag``, the path and what it holds instead."""
     require(path is not None and str(path) != "", f"{flag}: no directory given")
     p = Path(path)
-    require(p.exists(), f"{flag} {p}: not found; expected {DIR_KINDS[kind]}")
-    require(p.is_dir(), f"{flag} {p}: not a directory; expected {DIR_KINDS[kind]}")
+    expected = DIR_KINDS[kind].split(" (")[0]
+    require(p.exists(), f"{flag} {p}: not found; expected {expected}")
+    require(p.is_dir(), f"{flag} {p}: not a directory; expected {expected}")
     require(
         (p / CHECKPOINT_CONFIG).is_file(),
-        f"{flag} {p}: no {CHECKPOINT_CONFIG}; expected {DIR_KINDS[kind]}",
+        f"{flag} {p}: no {CHECKPOINT_CONFIG}; expected {expected}",
     )
     found = model_dir_kind(p)
     require(
         found is None or found == kind,
-        f"{flag} {p}: this is {DIR_KINDS.get(found, found)}, not {DIR_KINDS[kind].split(' (')[0]}",
+        f"{flag} {p}: this is {DIR_KINDS.get(found, found)}, not {expected}",
     )
     return p

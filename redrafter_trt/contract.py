@@ -58,6 +58,16 @@ NUM_DRAFT_STEPS = "num_draft_steps"  # [] int32 host scalar: D to draft the next
 #: keep theirs (the adaptive policy, :mod:`redrafter_trt.runtime.adaptive`, sets it).
 NUM_DRAFT_BEAMS = "num_draft_beams"
 
+#: Optional input: ask a backend whose ``logprobs`` attribute is True for the log-probabilities of
+#: the tokens it emits, with the K >= 0 most likely tokens at each (K = this value); [] int32
+#: host scalar. It then adds the three outputs below: the base model's own log-softmax (no
+#: temperature, top-k or top-p) over the float32 logits each output token was accepted or
+#: sampled from, so they do not depend on speculation.
+NUM_TOP_LOGPROBS = "num_top_logprobs"
+OUTPUT_LOGPROBS = "output_logprobs"  # [B, L] float32: of output_tokens (0 after the last)
+TOP_LOGPROB_TOKENS = "top_logprob_tokens"  # [B, L, K] int32: most likely first
+TOP_LOGPROBS = "top_logprobs"  # [B, L, K] float32: their log-probabilities
+
 INPUTS = (
     REQUEST_TYPES,
     SLOT_IDS,

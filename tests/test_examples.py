@@ -293,8 +293,19 @@ def test_serve(tools, llama_dir, tmp_path):
     )
     assert "model: engine" in r.stdout
     assert re.search(
-        r"^completion: '.*' \([1-8] tokens, [0-9.]+ tokens/step\)", r.stdout, flags=re.M
-    )
+        r"^completion: '.+' \([2-8] tokens, finish: \w+, [0-9.]+ tokens/step\)",
+        r.stdout,
+        flags=re.M,
+    ), r.stdout
     assert re.search(r"^chat: ", r.stdout, flags=re.M) and "chat, streamed: " in r.stdout
     assert "redrafter_requests_total" in r.stdout
     assert "redrafter-serve stopped (exit status 0)" in r.stdout
+    # a model that ends at its first token (every token is end-of-sequence here): the example
+    # says so instead of an empty answer at "0.0000 tokens/step"
+    cfg = json.loads((engine / "config.json").read_text())
+    base = cfg["pretrained_config"] if "pretrained_config" in cfg else cfg
+    base["eos_token_id"] = list(range(97))
+    (engine / "config.json").write_text(json.dumps(cfg))
+    r = ok(run_example(tools, "serve.py", "--engine_dir", engine, "--max_tokens", 8))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("completion: "))
+    assert "0.0000" not in line and "ended at its first token" in line, line

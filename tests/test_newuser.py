@@ -704,3 +704,236 @@ def test_demo_engine_key_follows_the_head_content(tmp_path):
     b = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2), tmp_path / "b")
     same = save_drafter(init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=1), tmp_path / "a2")
     assert len(key(a)) == 16 and key(a) != key(b) and key(a) == key(same)
+
+
+# --------------------------------------------------------------------------- issue 26
+def test_mistyped_flag_is_named_with_the_closest_one(capsys):
+    # before: "the following arguments are required: --engine_dir", the typo unmentioned
+    assert call(run_cli.main, ["--input_txt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--input_txt" in err and "--input_text" in err, err
+    assert "required" not in err
+    assert call(train_cli.main, ["gen-data", "--model_dri", "x"]) == 2  # subcommand flags too
+    err = capsys.readouterr().err
+    assert "--model_dri" in err and "--model_dir" in err, err
+    # an abbreviation argparse accepts is not reported as unknown
+    assert call(run_cli.main, ["--engine", "/nonexistent", "--input_text", "x"]) == 2
+    assert "unrecognized" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["nonexistent", "smollm", "SmolLM2"])
+def test_convert_names_a_base_dir_that_does_not_exist(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # before: "give the draft head with --drafter_model_dir (no head ships for it ...)"
+    err = expect_error(
+        capsys,
+        call(convert_cli.main, ["--model_dir", name, "--output_dir", tmp_path / "o"]),
+        f"--model_dir {name}: no such directory",
+    )
+    assert "--drafter_model_dir" not in err
+    assert ("did you mean 'smollm2'" in err) == (name != "nonexistent"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_engine_dir_errors_do_not_send_serve_or_bench_users_to_run(tmp_path, capsys):
+    from redrafter_trt.cli import serve as serve_cli
+
+    for main, prog in ((serve_cli.main, "redrafter-serve"), (bench_cli.main, "redrafter-bench")):
+        err = expect_error(
+            capsys, call(main, ["--engine_dir", tmp_path / "nope"]), "--engine_dir", "not found"
+        )
+        assert "give it to redrafter-run" not in err, err
+        assert f"{prog}: error: --engine_dir" in err, err
+
+
+def test_ids_file_errors_name_the_prompt_and_precede_any_warning(engine, tmp_path, capsys):
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 2, 3], [4, 500]]))
+    err = expect_error(
+        capsys,
+        call(run_cli.main, ["--engine_dir", engine, "--input_ids_file", ids]),
+        f"--input_ids_file {ids} prompt 1",
+        "[0, 97)",
+    )
+    ids.write_text(json.dumps([[1, 2], list(range(40))]))  # max_input_len 32
+    err = expect_error(
+        capsys,
+        call(run_cli.main, ["--engine_dir", engine, "--input_ids_file", ids]),
+        f"--input_ids_file {ids} prompt 1 has 40 tokens",
+        "max_input_len 32",
+    )
+    assert "warning" not in err, err  # the error alone, no warning about capped output first
+
+
+def test_bench_checks_batch_sizes_before_measuring(engine, tmp_path, capsys, monkeypatch):
+    import redrafter_trt.bench.calibrate as cal
+
+    def measured(*a, **k):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(cal, "measure_cost_model", measured)
+    for extra in (["--calibrate"], ["--no_hf_baseline"]):
+        expect_error(
+            capsys,
+            call(
+                bench_cli.main,
+                ["--engine_dir", engine, "--batch_sizes", "4", "--output_dir", tmp_path / "b"]
+                + extra,
+            ),
+            "--batch_sizes 4",
+            "max_batch_size is 2",
+        )
+    assert not (engine / "cost_model.json").exists()
+
+
+def test_serve_threads_help_says_the_default_that_applies():
+    from redrafter_trt.cli import serve as serve_cli
+
+    def threads_help(parser):
+        return next(a.help for a in parser._actions if "--threads" in a.option_strings)
+
+    # before: "torch CPU threads (default: torch's)", while every command applies the same default
+    assert threads_help(serve_cli.build_parser()) == threads_help(run_cli.build_parser())
+
+
+def test_serve_port_in_use_exits_2_naming_the_port_before_announcing(engine, capsys):
+    import socket
+
+    from redrafter_trt.cli import serve as serve_cli
+
+    pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = expect_error(
+            capsys,
+            call(serve_cli.main, ["--engine_dir", engine, "--port", port, "--threads", 1]),
+            f"--port {port}",
+            "already in use",
+        )
+    assert "http://" not in err and "Errno" not in err, err
+
+
+def test_run_summary_says_which_policy_ran_and_its_shapes(engine, tmp_path, capsys):
+    from redrafter_trt.runtime.adaptive import CostModel, engine_signature, save_cost_model
+    from redrafter_trt.runtime.loader import load
+
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 2, 3]]))
+    args = ["--engine_dir", engine, "--input_ids_file", ids, "--max_output_len", 8, "--threads", 1]
+    assert call(run_cli.main, args + ["--no_progress"]) == 0
+    err = capsys.readouterr().err
+    assert "fixed 2x2" in err, err  # before: "(speculative)" whatever ran
+    out = run_json(capsys, engine, *args[2:])
+    assert out["policy"] == "fixed 2x2" and out["chosen_shapes"] is None
+    assert out["threads"] == 1
+    # a cost model under which drafting never pays: the adaptive policy runs plain steps
+    gen = load(engine, adaptive="off")
+    sig = engine_signature(gen.backend)
+    from redrafter_trt.runtime.adaptive import machine_fingerprint
+
+    cost = CostModel(
+        verify={1: 1.0, 64: 1000.0},
+        draft={1: 100.0, 8: 100.0},
+        engine=sig,
+        machine=machine_fingerprint(1),
+    )
+    save_cost_model(cost, engine)
+    try:
+        assert call(run_cli.main, args + ["--no_progress", "--adaptive", "on"]) == 0
+        err = capsys.readouterr().err
+        assert "adaptive policy" in err and "1x0 (plain)" in err, err
+        out = run_json(capsys, engine, *args[2:], "--adaptive", "on")
+        assert out["policy"] == "adaptive"
+        assert [c["shape"] for c in out["chosen_shapes"]] == ["1x0"]
+        assert sum(c["steps"] for c in out["chosen_shapes"]) >= 1
+    finally:
+        (engine / "cost_model.json").unlink()
+
+
+def test_readme_says_how_to_reach_the_commands_and_what_the_tests_need():
+    readme = (REPO / "README.md").read_text()
+    workflow = readme.split("## Workflow")[1].split("```")[0]
+    assert "source .venv/bin/activate" in workflow and "pip install -e ." in workflow
+    setup = readme.split("## The two set-up commands")[1].split("## ")[0]
+    # the prerequisites build_cpp.sh states in its header, said where the test command is
+    import re
+
+    header = (REPO / "build_scripts" / "build_cpp.sh").read_text()
+    cmake = re.search(r"cmake \(>= ([\d.]+)\)", header).group(1)
+    assert f"cmake\n(>= {cmake})" in setup or f"cmake (>= {cmake})" in setup, setup
+    assert "g++" in header and "g++" in setup and "nvcc is optional" in setup
+
+
+def test_readme_says_the_builtin_model_is_the_dequantized_q4_gguf():
+    from redrafter_trt.models.hub import SMOLLM2_GGUF
+
+    quant = SMOLLM2_GGUF.rsplit(".", 2)[1]  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"the {quant} quantization, dequantized to float32" in readme
+
+
+def test_progress_bar_ends_at_100_percent_on_a_line_of_its_own(engine, tmp_path, capsys):
+    """Rows that end at end-of-sequence count their unused budget as done (before: the bar
+    stopped where they ended, e.g. at 50%), and the bar's last state ends with a newline, so a
+    header printed next does not land on the bar's line."""
+    import shutil
+
+    eng = tmp_path / "engine"
+    shutil.copytree(engine, eng)
+    cfg = json.loads((eng / "config.json").read_text())
+    cfg["pretrained_config"]["eos_token_id"] = list(range(97))  # every token ends a row
+    (eng / "config.json").write_text(json.dumps(cfg))
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 2, 3], [4, 5]]))
+    args = ["--engine_dir", eng, "--input_ids_file", ids, "--max_output_len", 10, "--json"]
+    assert call(run_cli.main, args) == 0
+    out, err = capsys.readouterr()
+    assert [len(o["output_token_ids"]) for o in json.loads(out)["outputs"]] == [1, 1]
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "20/20" in last, err
+    assert err.endswith("\n"), repr(err[-80:])
+
+
+@pytest.mark.parametrize("spec_s, plain_s", [(27.0, 12.0), (6.0, 12.0)])
+def test_demo_report_says_what_each_figure_is_and_what_the_speed_means(tmp_path, spec_s, plain_s):
+    """The demo's closing report (the Python block of demo.sh) labels the trainer's greedy-chain
+    estimate and the measured tokens per step, and ends with a sentence on the measured speed."""
+    script = (REPO / "build_scripts" / "demo.sh").read_text()
+    code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+
+    def run_doc(wall, tps):
+        out = {"token_ids": [1, 2], "output_token_ids": [1, 2], "output_text": "hi"}
+        out["accepted_per_step"] = [1, 1]
+        return {"outputs": [out], "tokens_per_step": tps, "num_steps": 9, "wall_s": wall}
+
+    files = []
+    for name, doc in (
+        ("spec", run_doc(spec_s, 1.65)),
+        ("plain", run_doc(plain_s, 1.0)),
+        (
+            "report",
+            {
+                "steps": 10,
+                "train_seconds_total": 5,
+                "eval": {"top1_accuracy_per_depth": [0.5], "greedy_chain_tokens_per_step": 1.94},
+            },
+        ),
+    ):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(doc))
+    r = subprocess.run(
+        [sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True, check=True
+    )
+    lines = r.stdout.splitlines()
+    chain = next(x for x in lines if "1.94" in x)
+    assert "estimate" in chain and "greedy chain" in chain, chain
+    measured = next(x for x in lines if "1.65" in x and "1.94" not in x)
+    assert measured.startswith("measured on these prompts"), measured
+    closing = lines[-1]
+    assert closing.startswith("On this machine"), r.stdout
+    if spec_s > plain_s:
+        assert f"{spec_s / plain_s:.2f}x as long as plain" in closing, closing
+    else:
+        assert f"{plain_s / spec_s:.2f}x as fast as plain" in closing, closing

@@ -38,7 +38,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+    return build_engine(tmp_path_factory.mktemp("serve"))
+
+
+def build_engine(root: Path, *convert_extra) -> Path:
+    """The tiny Llama engine the server tests use (``convert_extra``: more convert flags)."""
     base = write_tiny_hf(root / "base", "llama", seed=4)
     drafter = save_drafter(
         init_drafter(DrafterConfig(97, 32, 64, 1, True), seed=2, std=0.5), root / "drafter"
@@ -58,6 +62,7 @@ def engine_dir(tmp_path_factory):
                     3,
                     "--redrafter_draft_len_per_beam",
                     2,
+                    *convert_extra,
                 ]
             ]
         )
@@ -307,7 +312,7 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, "beyond the engine"),
     ({"model": MODEL, "prompt": "y" * 60}, "more than the engine takes"),
     ({"model": MODEL, "prompt": "x", "n": 2}, "'n'"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 2}, "'logprobs'"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 6}, "'logprobs'"),
     ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
     ({"model": MODEL, "prompt": "x", "stop": [1]}, "stop"),
 ]
@@ -339,6 +344,160 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, client):
         ).usage.completion_tokens
         >= 1
     )
+
+
+# --------------------------------------------------------------------------- the OpenAI contract
+def test_openapi_publishes_the_request_and_response_bodies(server):
+    doc = httpx.get(server + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def resolve(s):
+        return schemas[s["$ref"].rsplit("/", 1)[1]]
+
+    for path, field, response in (
+        ("/v1/completions", "prompt", "CompletionResponse"),
+        ("/v1/chat/completions", "messages", "ChatCompletionResponse"),
+    ):
+        op = doc["paths"][path]["post"]
+        body = resolve(op["requestBody"]["content"]["application/json"]["schema"])
+        assert field in body["required"] and "model" in body["required"]
+        assert body["additionalProperties"] is False
+        assert body["properties"]["model"]["enum"] == [MODEL]
+        assert "logprobs" in body["properties"]
+        ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok["$ref"].endswith("/" + response) and "choices" in resolve(ok)["properties"]
+        err = resolve(op["responses"]["400"]["content"]["application/json"]["schema"])
+        assert err["required"] == ["error"]
+
+
+OUTSIDE_THE_SCHEMA = [  # (chat body without "model", what the message names); before: 200 or 400
+    ({"messages": [{"role": "user", "content": "x"}], "user": 5}, "'user'"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": 1}},
+        "stream_options",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "'logprobs': true"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+]
+
+
+@pytest.mark.parametrize("body, fragment", OUTSIDE_THE_SCHEMA)
+def test_requests_outside_the_openai_schema_get_400(server, body, fragment):
+    r = httpx.post(server + "/v1/chat/completions", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error", err
+
+
+def test_unknown_paths_and_methods_answer_the_openai_error_object(server):
+    for r in (httpx.get(server + "/v1/nope"), httpx.put(server + "/v1/completions")):
+        assert r.status_code in (404, 405) and set(r.json()) == {"error"}, r.text
+
+
+def test_content_as_an_array_of_text_parts(client):
+    kw = dict(model=MODEL, max_tokens=8, temperature=0)
+    text = client.chat.completions.create(
+        messages=[{"role": "user", "content": "what is 2+2?"}], **kw
+    )
+    parts = client.chat.completions.create(
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "what is "}, {"type": "text", "text": "2+2?"}],
+            }
+        ],
+        **kw,
+    )
+    assert parts.choices[0].message.content == text.choices[0].message.content
+    assert parts.usage.prompt_tokens == text.usage.prompt_tokens
+
+
+def test_logprobs_on_both_endpoints(client):
+    c = client.completions.create(
+        model=MODEL, prompt="tea", max_tokens=6, temperature=0, logprobs=3, extra_body={}
+    )
+    lp = c.choices[0].logprobs
+    n = c.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and value <= 0
+        assert value == pytest.approx(max(top.values()))  # greedy: the most likely token
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    r = client.chat.completions.create(
+        **chat, temperature=0.8, seed=5, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob <= t.top_logprobs[0].logprob + 1e-6 and t.bytes == list(t.token.encode())
+    # streamed: the chunks' log-probabilities are the same list
+    parts = client.chat.completions.create(
+        **chat, temperature=0.8, seed=5, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [
+        t
+        for p in parts
+        if p.choices and p.choices[0].logprobs
+        for t in p.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # without logprobs: none
+    assert client.chat.completions.create(**chat, temperature=0).choices[0].logprobs is None
+
+
+def test_logprobs_are_the_same_with_and_without_speculation(tmp_path):
+    """Through the server, greedy and seeded, on a float32 engine: the same tokens and the same
+    log-probabilities (up to float32 rounding of differently shaped forwards) from a speculative
+    server and a --no_speculation one."""
+    engine = build_engine(tmp_path, "--dtype", "float32")
+    answers = []
+    for extra in ((), ("--no_speculation",)):
+        proc, url = start_server(engine, *extra)
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            got = []
+            for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 3}):
+                r = c.completions.create(
+                    model=MODEL, prompt="tea is", max_tokens=12, logprobs=2, **sampling
+                )
+                lp = r.choices[0].logprobs
+                got.append((r.choices[0].text, lp.tokens, lp.token_logprobs, lp.top_logprobs))
+                r = c.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=12,
+                    logprobs=True,
+                    top_logprobs=2,
+                    **sampling,
+                )
+                content = r.choices[0].logprobs.content
+                got.append(
+                    (
+                        r.choices[0].message.content,
+                        [t.token for t in content],
+                        [t.logprob for t in content],
+                        [{x.token: x.logprob for x in t.top_logprobs} for t in content],
+                    )
+                )
+        finally:
+            stop_server(proc)
+        answers.append(got)
+    for spec, plain in zip(*answers):
+        assert spec[:2] == plain[:2] and len(spec[1]) >= 1
+        assert spec[2] == pytest.approx(plain[2], abs=1e-5)
+        for a, b in zip(spec[3], plain[3]):
+            assert a.keys() == b.keys() and list(a.values()) == pytest.approx(
+                list(b.values()), abs=1e-5
+            )
 
 
 def test_full_queue_gets_429_with_retry_after(server, client):
@@ -449,11 +608,59 @@ def test_sigterm_finishes_running_requests_and_exits(engine_dir):
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
+        # while the running request finishes, a new client is refused at connect (the README
+        # says so): it never gets an HTTP answer such as 503
+        answered = []
+        for _ in range(100):
+            try:
+                answered.append(httpx.get(url + "/health", timeout=2).status_code)
+            except httpx.ConnectError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"still accepting connections after SIGTERM: {answered}")
+        assert 503 not in answered, answered
         r = fut.result(60)
     assert r.usage.completion_tokens == 60  # the running request was finished, not dropped
     assert proc.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+    serving = (REPO / "README.md").read_text().split("## Serving")[1].split("\n## ")[0]
+    assert "shutting down answers 503" not in serving
+    assert "new connections are refused" in serving
+
+
+def test_port_0_announces_the_port_it_bound(engine_dir):
+    import re
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "redrafter_trt.cli.serve", "--engine_dir", str(engine_dir)]
+        + ["--port", "0", "--threads", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = ""
+        for _ in range(50):  # bounded: the announcement is the command's first lines
+            line = proc.stdout.readline()
+            if "redrafter-serve: model" in line or not line:
+                break
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        port = int(m.group(1))
+        assert port != 0, line  # before: http://127.0.0.1:0
+        for _ in range(120):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert r.status_code == 200
+    finally:
+        stop_server(proc)
 
 
 def test_bad_flags_exit_2_with_a_message(engine_dir, tmp_path, capsys):
@@ -687,3 +894,43 @@ def test_bench_soak_and_stall_modes_on_the_tiny_engine(tmp_path):
     assert (
         chunked["prefill_chunk"] == 16 and chunked["running_events_during_prefill"][0] >= 4
     )  # 96 tokens / 16
+
+
+def test_serving_bench_records_the_policy_and_threads_it_ran(engine_dir, tmp_path):
+    """The speculative mode's policy (fixed shape, or adaptive from a stored cost model with the
+    shapes it chose) and the torch threads are in the JSON (before: neither)."""
+    import shutil
+
+    from redrafter_trt.bench import serve as bench
+    from redrafter_trt.runtime.adaptive import (
+        CostModel,
+        engine_signature,
+        machine_fingerprint,
+        save_cost_model,
+    )
+    from redrafter_trt.runtime.loader import load
+
+    engine = tmp_path / "tiny"
+    shutil.copytree(engine_dir, engine)
+    args = ["--engine_dir", str(engine), "--concurrency", "1", "--requests_per_client", "1"]
+    args += ["--max_tokens", "4", "--threads", "1", "--modes", "speculative"]
+    out = tmp_path / "fixed.json"
+    assert bench.main(args + ["--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["speculative_policy"].startswith("fixed 3x2"), r
+    assert r["threads"] == 1 and r["threads_source"] == "--threads"
+    assert r["levels"]["speculative"][0]["chosen_shapes"] is None
+    # a stored cost model under which drafting never pays: the adaptive policy, plain steps
+    sig = engine_signature(load(engine, adaptive="off").backend)
+    save_cost_model(
+        CostModel({1: 1.0, 64: 1000.0}, {1: 100.0, 8: 100.0}, sig, machine_fingerprint(1)), engine
+    )
+    out = tmp_path / "adaptive.json"
+    assert bench.main(args + ["--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["speculative_policy"].startswith("adaptive"), r
+    shapes = r["levels"]["speculative"][0]["chosen_shapes"]
+    assert [c["shape"] for c in shapes] == ["1x0"], shapes
+    out = tmp_path / "off.json"
+    assert bench.main(args + ["--adaptive", "off", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["speculative_policy"].startswith("fixed 3x2")

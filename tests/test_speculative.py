@@ -298,3 +298,67 @@ def test_plain_decoding_needs_no_draft_head(tiny_dirs, arch):
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
     with pytest.raises(RedrafterError, match="no draft head"):
         headless.generate(PROMPTS[:1], max_new_tokens=3, speculative=True)
+
+
+# --------------------------------------------------------------------------- log-probabilities
+@pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.9, 11)])
+def test_logprobs_are_the_base_models_own_with_and_without_speculation(
+    tiny_dirs, temperature, seed
+):
+    """``SamplingParams(logprobs=K)``: each generated token's log-probability and the K most likely
+    tokens equal a single forward over prompt + output (the oracle), and are the same with and
+    without speculation, greedy and seeded, while drafts of every length are accepted."""
+    from dataclasses import replace
+
+    from redrafter_trt.runtime.scheduler import SamplingParams, Scheduler
+
+    w, d, k = 3, 3, 4
+    prompts = PROMPTS[:3]
+    params = SamplingParams(
+        max_new_tokens=20, temperature=temperature, seed=seed, ignore_eos=True, logprobs=k
+    )
+
+    def serve(gen, speculative):
+        s = Scheduler(gen.backend, max_slots=3, tokens_per_slot=64)
+        reqs = [
+            s.submit(p, replace(params, speculative=speculative, stream=i))
+            for i, p in enumerate(prompts)
+        ]
+        while not all(r.finished for r in reqs):
+            s.step()
+        return reqs
+
+    plain = serve(tiny_generator(tiny_dirs["llama"], w, d), False)
+    truth = {i: prompts[i] + r.tokens for i, r in enumerate(plain)}
+    gen = tiny_generator(tiny_dirs["llama"], w, d, proposer=OracleProposer(truth, w, d, 97, seed=2))
+    spec = serve(gen, True)
+    assert max(a for r in spec for a in r.accepted[1:]) > 1  # drafts were accepted
+    model = gen.backend.base
+    for prompt, p, s in zip(prompts, plain, spec):
+        assert s.tokens == p.tokens and len(p.logprobs) == len(p.tokens) == 20
+        assert [[t for t, _ in top] for top in s.top_logprobs] == [
+            [t for t, _ in top] for top in p.top_logprobs
+        ]
+        np.testing.assert_allclose(s.logprobs, p.logprobs, rtol=0, atol=1e-5)
+        seq = prompt + p.tokens
+        t = len(seq)
+        with torch.no_grad():
+            cache = model.new_cache(1, 64)
+            hidden = model(
+                torch.tensor([seq]),
+                torch.arange(t)[None],
+                cache,
+                torch.tensor([0]),
+                torch.zeros(1, dtype=torch.long),
+                torch.tril(torch.ones(t, t, dtype=torch.bool))[None],
+            )
+            ref = torch.log_softmax(model.logits(hidden[0], float32=False).double(), -1)
+        ref = ref[len(prompt) - 1 : t - 1]
+        want = ref[torch.arange(20), torch.tensor(p.tokens)].tolist()
+        np.testing.assert_allclose(p.logprobs, want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(s.logprobs, want, rtol=0, atol=1e-5)
+        top_lp, top_ids = ref.topk(k, -1)
+        assert [[a for a, _ in top] for top in p.top_logprobs] == top_ids.tolist()
+        np.testing.assert_allclose(
+            [[v for _, v in top] for top in s.top_logprobs], top_lp.tolist(), rtol=0, atol=1e-5
+        )

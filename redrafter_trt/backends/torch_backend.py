@@ -131,6 +131,8 @@ class TorchBackend:
     """
 
     name = "torch"
+    #: step() returns the emitted tokens' log-probabilities when asked (``NUM_TOP_LOGPROBS``)
+    logprobs = True
     #: context rows and generation rows may share one call (the runtime scheduler mixes them)
     mixed_request_types = True
     #: a context row may continue a slot's cache (``cache_lengths`` > 0: chunked prefill)
@@ -370,7 +372,13 @@ class TorchBackend:
         else:
             tree, next_beams = root_only_tree(acc.bonus, self.shape)
         self._tick("pack", t0)
+        extra = {}
+        if C.NUM_TOP_LOGPROBS in inputs:  # optional: log-probabilities of the emitted tokens
+            extra = emitted_logprobs(
+                logits, path[:, :depth], acc.emitted, l, int(inputs[C.NUM_TOP_LOGPROBS])
+            )
         return {
+            **extra,
             C.NUM_ACCEPTED_TOKENS: acc.num_accepted,
             C.ACCEPTED_BEAM_INDEX: acc.best_beam,
             C.OUTPUT_TOKENS: out_tokens,
@@ -383,3 +391,27 @@ class TorchBackend:
             C.NEXT_POSITION_OFFSETS: tree.offsets,
             C.NEXT_PACKED_MASK: tree.packed_mask,
         }
+
+
+# --------------------------------------------------------------------------- optional logprobs
+def emitted_logprobs(
+    logits: torch.Tensor, nodes: torch.Tensor, emitted: torch.Tensor, beam_len: int, top: int
+) -> dict[str, torch.Tensor]:
+    """The base model's log-softmax at the nodes each emitted token came from (``nodes`` [B, d]:
+    the accepted path's packed indices; ``emitted`` [B, d], -1 after the last): the
+    ``OUTPUT_LOGPROBS`` / ``TOP_LOGPROB_TOKENS`` / ``TOP_LOGPROBS`` outputs, padded to
+    ``beam_len``."""
+    b, d = emitted.shape
+    rows = torch.arange(b, device=logits.device)[:, None]
+    lsm = torch.log_softmax(logits[rows, nodes.clamp(0, logits.shape[1] - 1)].float(), dim=-1)
+    chosen = lsm.gather(-1, emitted.clamp(min=0).to(torch.int64)[..., None])[..., 0]
+    chosen = torch.where(emitted >= 0, chosen, torch.zeros_like(chosen))
+    k = max(0, min(int(top), lsm.shape[-1]))
+    top_lp, top_ids = lsm.topk(k, dim=-1) if k else (lsm[..., :0], lsm[..., :0].long())
+    out_lp = torch.zeros((b, beam_len), dtype=torch.float32, device=logits.device)
+    out_lp[:, :d] = chosen
+    t_ids = torch.zeros((b, beam_len, k), dtype=torch.int32, device=logits.device)
+    t_lp = torch.zeros((b, beam_len, k), dtype=torch.float32, device=logits.device)
+    t_ids[:, :d] = top_ids.to(torch.int32)
+    t_lp[:, :d] = top_lp
+    return {C.OUTPUT_LOGPROBS: out_lp, C.TOP_LOGPROB_TOKENS: t_ids, C.TOP_LOGPROBS: t_lp}

@@ -19,7 +19,7 @@ from ..errors import require
 from ..runtime.generator import Generator
 from .prompts import encode_prompts, load_raw_prompts
 from .report import SCHEMA, build_report, environment, markdown, write_outputs
-from .runner import BenchSettings, parse_beam_shapes, run_sweep, shape_name
+from .runner import BenchSettings, check_sweep_settings, parse_beam_shapes, run_sweep, shape_name
 
 
 def engine_info(engine_dir: str | Path | None, gen: Generator) -> dict[str, Any]:
@@ -86,6 +86,7 @@ def run_benchmark(
         chat_template in ("auto", "yes", "no"),
         f"--chat_template {chat_template!r}: expected auto, yes or no",
     )
+    check_sweep_settings(gen, settings.batch_sizes, settings.beam_shapes, settings.repetitions)
     env = environment()  # before the run: the load average at the start
     raw = load_raw_prompts(dataset)
     use_chat = (

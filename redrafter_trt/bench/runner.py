@@ -230,6 +230,25 @@ def backend_for_shape(gen: Generator, shape: tuple[int, int]) -> C.Backend:
     return sbe
 
 
+def check_sweep_settings(
+    gen: Generator,
+    batch_sizes: Sequence[int],
+    beam_shapes: Sequence[tuple[int, int]] | None = None,
+    repetitions: int = 1,
+) -> None:
+    """Every batch size and beam shape the engine can run, before anything is measured."""
+    be = gen.backend
+    for b in batch_sizes:
+        require(
+            b <= be.max_batch_size,
+            f"--batch_sizes {b}: the engine's max_batch_size is {be.max_batch_size}; rebuild with "
+            f"redrafter-build --max_batch_size {max(batch_sizes)}",
+        )
+    for shape in beam_shapes or ():
+        backend_for_shape(gen, shape)
+    require(repetitions >= 1, f"--repetitions must be >= 1, got {repetitions}")
+
+
 # --------------------------------------------------------------------------- the sweep
 @dataclass
 class _Cell:
@@ -258,13 +277,7 @@ def run_sweep(
     be = gen.backend
     require(len(prompts) > 0, "no prompts to benchmark")
     shapes = list(settings.beam_shapes or [(be.shape.num_beams, be.shape.draft_len)])
-    for b in settings.batch_sizes:
-        require(
-            b <= be.max_batch_size,
-            f"--batch_sizes {b}: the engine's max_batch_size is {be.max_batch_size}; rebuild with "
-            f"redrafter-build --max_batch_size {max(settings.batch_sizes)}",
-        )
-    require(settings.repetitions >= 1, f"--repetitions must be >= 1, got {settings.repetitions}")
+    check_sweep_settings(gen, settings.batch_sizes, settings.beam_shapes, settings.repetitions)
     greedy = settings.temperature == 0
     configs: list[dict[str, Any]] = []
     hf_records: list[dict[str, Any]] = []

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli.common import non_negative_int, positive_int, run_main
+from ..cli.common import add_threads_argument, non_negative_int, positive_int, run_main
 from ..errors import RedrafterError, require
 
 PROMPTS = [
@@ -256,19 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, help="--soak: seed of the request mix (default: %(default)s)"
     )
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    add_threads_argument(p)
+    p.add_argument(
+        "--adaptive",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the speculative mode's policy, as redrafter-serve --adaptive: auto = the engine's "
+        "stored cost model (ENGINE_DIR/cost_model.json) when it matches this machine, on = "
+        "require it, off = the engine's fixed beam shape; the JSON records which ran and the "
+        "shapes it chose (default: %(default)s)",
+    )
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     return p
 
 
 def main_fn(args) -> int:
-    import torch
-
     from ..cli.serve import make_state
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     require(args.engine_dir or args.tiny_engine, "pass --engine_dir (or --tiny_engine DIR)")
     if args.tiny_engine:
         require(not args.engine_dir, "pass --engine_dir or --tiny_engine, not both")
@@ -292,16 +297,30 @@ def main_fn(args) -> int:
         prefill_chunk=chunk,
         no_speculation=False,
         served_model_name="bench",
+        adaptive=args.adaptive,
     )
     if args.soak:
         return soak_main(args, ns)
     ns.max_batch_size = max(args.concurrency)
     state, gen = make_state(ns)
+    ran = what_ran(gen, args)
+    shapes = None
+    if state.scheduler.policy is not None:
+        from ..cli.run import ShapeLog
+
+        shapes = state.scheduler.policy = ShapeLog(state.scheduler.policy)
+    print(
+        f"[serve-bench] speculative mode: {ran['speculative_policy']}; "
+        f"{ran['threads']} torch threads ({ran['threads_source']})",
+        file=sys.stderr,
+        flush=True,
+    )
     server, th, url = start_server(state)
     results = {
         "engine_dir": str(args.engine_dir),
         "random_drafter": bool(gen.random_drafter),
         "max_tokens": args.max_tokens,
+        **ran,
         "load_average_before": os.getloadavg(),
         "levels": {},
     }
@@ -311,9 +330,13 @@ def main_fn(args) -> int:
             asyncio.run(run_level(url, "bench", 1, 1, 4))  # warm-up
             rows = []
             for c in args.concurrency:
+                if shapes is not None:
+                    shapes.chosen.clear()
                 r = asyncio.run(
                     run_level(url, "bench", c, c * args.requests_per_client, args.max_tokens)
                 )
+                if mode == "speculative":
+                    r["chosen_shapes"] = shapes.counts() if shapes is not None else None
                 rows.append(r)
                 print(
                     f"{mode:11s} c={c:3d}  {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.0f} ms "
@@ -342,6 +365,25 @@ def main_fn(args) -> int:
     if args.plot:
         _plot(results, args.plot)
     return 0
+
+
+def what_ran(gen, args) -> dict:
+    """The speculative mode's policy (the adaptive one and its cost model, or the engine's fixed
+    beam shape) and the torch threads, as the results JSON records them."""
+    import torch
+
+    shape = gen.backend.shape
+    policy = (
+        f"adaptive ({gen.policy_note})"
+        if gen.policy is not None
+        else f"fixed {shape.num_beams}x{shape.draft_len} ({gen.policy_note})"
+    )
+    return {
+        "speculative_policy": policy,
+        "adaptive": args.adaptive,
+        "threads": torch.get_num_threads(),
+        "threads_source": getattr(args, "threads_reason", "torch default"),
+    }
 
 
 def _plot(results, path) -> None:

@@ -230,6 +230,10 @@ def run(args: argparse.Namespace) -> int:
             "[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "
             "token per step and a speed-up below 1 until a trained head is used"
         )
+    from ..bench.runner import check_sweep_settings
+
+    # every size and shape the engine cannot run is named before anything is measured
+    check_sweep_settings(gen, args.batch_sizes, args.beam_shapes, args.repetitions)
     if args.calibrate:
         from ..bench.calibrate import calibrate, calibration_markdown
 

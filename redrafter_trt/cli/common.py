@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import signal
 import sys
@@ -61,6 +62,7 @@ def run_main(
     Ctrl-C exits 130 and SIGTERM/SIGHUP exit 128 + the signal number, after the cleanup of any
     output being written (no temporary directory is left behind)."""
     add_version_flag(parser)
+    reject_unknown_flags(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "threads"):  # every command that runs a model has --threads
@@ -76,6 +78,33 @@ def run_main(
     except Terminated as e:
         print(f"{parser.prog}: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
+    flags = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _known_flags(sub)
+    return flags
+
+
+def reject_unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Exit 2 naming a flag the command does not know (and the closest one it does), before
+    argparse would report only the required arguments a mistyped flag leaves missing."""
+    known = _known_flags(parser)
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name in known or (parser.allow_abbrev and sum(k.startswith(name) for k in known) == 1):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        parser.error(
+            f"unrecognized argument {name}" + (f" (did you mean {close[0]}?)" if close else "")
+        )
 
 
 def positive_int(text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from ..checkpoint import DTYPES, convert_checkpoint, read_checkpoint_config, require_model_dir
 from ..contract import check_num_beams
-from ..errors import require
+from ..errors import RedrafterError, require
 from ..heads import builtin_head
 from ..hf import load_hf_base
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
@@ -120,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def require_base_dir(model_dir: str) -> Path:
+    """``--model_dir`` as a Hugging Face base directory; a path that does not exist says so, and
+    a name close to the built-in default's (``smollm``, ``SmolLM2``) suggests it."""
+    p = Path(model_dir)
+    if not p.exists():
+        close = difflib.get_close_matches(model_dir.lower(), [DEFAULT_MODEL], n=1, cutoff=0.6)
+        raise RedrafterError(
+            f"--model_dir {model_dir}: no such directory; expected a Hugging Face base model "
+            f"directory or '{DEFAULT_MODEL}' for the built-in default"
+            + (f" (did you mean '{DEFAULT_MODEL}'?)" if close else "")
+        )
+    return require_model_dir(p, "--model_dir", "base")
+
+
 def trained_draft_len(drafter_dir: Path) -> int | None:
     """D the head was trained for, from the training_report.json redrafter-train writes."""
     try:
@@ -133,6 +148,8 @@ def trained_draft_len(drafter_dir: Path) -> int | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.model_dir != DEFAULT_MODEL:  # a mistyped base is named before the head is asked for
+        require_base_dir(args.model_dir)
     if not args.random_drafter and args.drafter_model_dir is None:
         shipped = builtin_head(args.model_dir) if isinstance(args.model_dir, str) else None
         require(

@@ -234,19 +234,43 @@ def encode_prompts(gen, args, prompts) -> list[list[int]]:
         args.system_prompt is None or args.use_chat_template or args.input_file,
         "--system_prompt needs --use_chat_template",
     )
+    source = prompt_source(args)
+    be = gen.backend
     out = []
-    for p in prompts:
-        if isinstance(p, list) and p and isinstance(p[0], dict):
-            out.append(render_conversation(gen, p, args.system_prompt))
-        else:
-            out.append(
-                gen.encode(
+    for i, p in enumerate(prompts):
+        try:
+            if isinstance(p, list) and p and isinstance(p[0], dict):
+                ids = render_conversation(gen, p, args.system_prompt)
+            else:
+                ids = gen.encode(
                     p,
                     args.use_chat_template,
                     args.system_prompt if args.use_chat_template else None,
                 )
-            )
+        except RedrafterError as e:
+            raise RedrafterError(f"{source} prompt {i}: {e}") from None
+        # checked here, before any warning about the engine's limits is printed
+        require(
+            len(ids) <= be.max_input_len,
+            f"{source} prompt {i} has {len(ids)} tokens, more than the engine's max_input_len "
+            f"{be.max_input_len} (rebuild with a larger --max_input_len)",
+        )
+        require(
+            len(ids) < be.max_seq_len,
+            f"{source} prompt {i} has {len(ids)} tokens, leaving no room under the engine's "
+            f"max_seq_len {be.max_seq_len}",
+        )
+        out.append(ids)
     return out
+
+
+def prompt_source(args) -> str:
+    """The flag (and file) the prompts came from, for messages about one of them."""
+    if getattr(args, "input_ids_file", None):
+        return f"--input_ids_file {args.input_ids_file}"
+    if getattr(args, "input_file", None):
+        return f"--input_file {args.input_file}"
+    return "--input_text"
 
 
 def limit_warnings(backend: Backend, encoded: list[list[int]], max_output_len: int) -> list[str]:
@@ -313,6 +337,10 @@ def run(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+    shapes = None
+    if gen.policy is not None and not args.no_speculation:
+        shapes = ShapeLog(gen.policy)
+        gen.policy = shapes
     results, timing = _generate(gen, encoded, kw, args)
     stats = gen.last_stats
     generated = sum(len(r.token_ids) for r in results)
@@ -335,6 +363,9 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_s": tokens_per_s,
         "time_to_first_token_s": timing["ttft"],
         "speculative": not args.no_speculation,
+        "policy": policy_name(gen, args),
+        "chosen_shapes": shapes.counts() if shapes is not None else None,
+        "threads": getattr(args, "threads_used", None),
     }
     if args.json:
         if args.streaming:
@@ -348,11 +379,58 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"steps: {stats.num_steps}  tokens/step: {stats.tokens_per_step:.2f}  "
             f"tokens: {generated}  wall: {stats.wall_s:.2f} s  tokens/s: {tokens_per_s:.1f}  "
-            f"time to first token: {ttft}  "
-            f"({'speculative' if not args.no_speculation else 'plain'})",
+            f"time to first token: {ttft}  ({mode_line(gen, args, shapes)})",
             file=sys.stderr,
         )
     return 0
+
+
+class ShapeLog:
+    """Wraps the engine's adaptive policy, counting the (beams, depth) it chooses per step."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.chosen: dict[tuple[int, int], int] = {}
+
+    def choose(self, batch_size: int) -> tuple[int, int]:
+        w, d = (int(x) for x in self.policy.choose(batch_size))
+        self.chosen[(w, d)] = self.chosen.get((w, d), 0) + 1
+        return w, d
+
+    def __getattr__(self, name):  # observe() and anything else: the policy's own
+        return getattr(self.policy, name)
+
+    def counts(self) -> list[dict]:
+        """[{"shape": "WxD" ("1x0" = a plain step), "steps": n}], most chosen first."""
+        return [
+            {"shape": f"{w}x{d}", "steps": n}
+            for (w, d), n in sorted(self.chosen.items(), key=lambda kv: -kv[1])
+        ]
+
+
+def policy_name(gen, args) -> str:
+    """``plain``, ``adaptive`` (shapes chosen per step from the stored cost model) or
+    ``fixed WxD`` (the engine's own beam shape every step)."""
+    if args.no_speculation:
+        return "plain"
+    if gen.policy is not None:
+        return "adaptive"
+    shape = gen.backend.shape
+    return f"fixed {shape.num_beams}x{shape.draft_len}"
+
+
+def mode_line(gen, args, shapes: ShapeLog | None) -> str:
+    """What ran, for the summary line: plain, the fixed shape, or the adaptive policy's choices."""
+    name = policy_name(gen, args)
+    if name == "plain":
+        return "plain"
+    if shapes is None:
+        return f"speculative, {name} shape"
+    steps = ", ".join(
+        f"{c['shape']}{' (plain)' if c['shape'].endswith('x0') else ''} in {c['steps']} steps"
+        for c in shapes.counts()
+    )
+    return f"speculative, adaptive policy chose beams x depth: {steps or 'no step'}"
 
 
 def _shown(text: str | None, ids) -> str:
@@ -366,13 +444,16 @@ def _generate(gen, encoded, kw, args):
     from tqdm import tqdm
 
     many = len(encoded) > 1
-    expected = sum(min(kw["max_new_tokens"], gen.backend.max_seq_len - len(ids)) for ids in encoded)
+    # the bar counts tokens up to each row's limit; a row that stops early (end-of-sequence, a
+    # stop string) counts its remaining ones as done, so the bar ends at 100%
+    budget = [min(kw["max_new_tokens"], gen.backend.max_seq_len - len(ids)) for ids in encoded]
+    got = [0] * len(encoded)
     bar = tqdm(
-        total=expected,
+        total=sum(budget),
         unit="tok",
         desc="generate",
         file=sys.stderr,
-        leave=False,
+        leave=True,  # its last state stays on a line of its own: what follows starts a new line
         disable=args.streaming or args.no_progress,
     )
     row_ttft: dict[int, float] = {}
@@ -381,7 +462,10 @@ def _generate(gen, encoded, kw, args):
     for ev in gen.generate_stream(encoded, **kw):
         if ev.token_ids and ev.index not in row_ttft:
             row_ttft[ev.index] = time.perf_counter() - t0
-        bar.update(len(ev.token_ids))
+        got[ev.index] += len(ev.token_ids)
+        bar.update(
+            len(ev.token_ids) + (max(0, budget[ev.index] - got[ev.index]) if ev.finished else 0)
+        )
         if not args.streaming:
             continue
         if args.json:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+import socket
 import sys
 from pathlib import Path
 
-from ..errors import require
-from .common import non_negative_int, positive_int, run_main
+from ..errors import RedrafterError, require
+from .common import add_threads_argument, non_negative_int, positive_int, run_main
 
 #: ``--prefill_chunk`` default (prompt tokens per step) where the engine supports chunked prefill
 DEFAULT_PREFILL_CHUNK = 256
@@ -91,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)"
     )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
-    )
+    add_threads_argument(p)
     p.add_argument(
         "--graceful_timeout",
         type=positive_int,
@@ -158,6 +158,44 @@ def make_state(args: argparse.Namespace):
     return ServeState(sched, name, speculative=not args.no_speculation), gen
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0 = any free port), not yet listening; a port in
+    use, a privileged port or an address that is not this machine's is a :class:`RedrafterError`
+    naming the flag, before anything is announced or loaded."""
+    require(0 <= port <= 65535, f"--port must be in [0, 65535], got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise RedrafterError(f"--host {host}: not an address or a resolvable name ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            why = (
+                f"--port {port}: port {port} on {host} is already in use; pick another, or "
+                "--port 0 for any free port"
+            )
+        elif e.errno == errno.EACCES:
+            why = f"--port {port}: permission denied (ports below 1024 need privileges)"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = f"--host {host}: not an address of this machine"
+        else:
+            why = f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
+        raise RedrafterError(why) from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket (the port it got, also for --port 0)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -170,10 +208,14 @@ def serve(args: argparse.Namespace) -> int:
             f"redrafter-serve needs fastapi, uvicorn and prometheus-client "
             f"(pip install 'redrafter-trt[serve]'): {e}"
         ) from e
-    if args.threads:
-        import torch
+    sock = bind_socket(args.host, args.port)  # a port in use fails here, before the weights load
+    try:
+        return _serve_on(args, sock, uvicorn, create_app)
+    finally:
+        sock.close()
 
-        torch.set_num_threads(args.threads)
+
+def _serve_on(args: argparse.Namespace, sock: socket.socket, uvicorn, create_app) -> int:
     state, gen = make_state(args)
     if gen.random_drafter and not args.no_speculation:
         from .run import RANDOM_HEAD_NOTE
@@ -188,7 +230,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     print(
-        f"redrafter-serve: model '{state.model_name}' on http://{args.host}:{args.port} "
+        f"redrafter-serve: model '{state.model_name}' on {url_of(sock)} "
         f"({state.scheduler.num_slots} slots x {state.scheduler.tokens_per_slot} tokens, "
         f"{'speculative' if state.speculative else 'plain'})",
         file=sys.stderr,
@@ -198,7 +240,7 @@ def serve(args: argparse.Namespace) -> int:
     # in place that is a no-op, so a SIGTERM/SIGINT after a graceful shutdown exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    server.run(sockets=[sock])
     print("redrafter-serve: stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -77,6 +77,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     speculative: bool = True
+    #: None: no log-probabilities; K >= 0: the base model's log-probability of each generated
+    #: token and its K most likely alternatives (``Request.logprobs`` / ``top_logprobs``)
+    logprobs: int | None = None
 
     def validate(self) -> None:
         require(
@@ -90,6 +93,15 @@ class SamplingParams:
             isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"
         )
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(
+            self.logprobs is None
+            or (
+                isinstance(self.logprobs, int)
+                and not isinstance(self.logprobs, bool)
+                and self.logprobs >= 0
+            ),
+            f"logprobs must be None or an integer >= 0, got {self.logprobs!r}",
+        )
 
 
 @dataclass
@@ -127,6 +139,10 @@ class Request:
         self.index = index
         self.on_event = on_event
         self.tokens: list[int] = []
+        # with params.logprobs: per token of ``tokens``, its log-probability under the base model
+        # and the params.logprobs most likely (token, log-probability) pairs
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.prefilled = 0  # prompt tokens in the slot's cache (< len(prompt) while prefilling)
         self.accepted: list[int] = []
         self.finish_reason: str | None = None
@@ -355,6 +371,11 @@ class Scheduler:
         Raises :class:`QueueFull` when ``max_queue`` requests wait already,
         :class:`SchedulerClosed` after :meth:`shutdown`, RedrafterError on bad input."""
         params.validate()
+        require(
+            params.logprobs is None or getattr(self.backend, "logprobs", False),
+            f"logprobs: the {getattr(self.backend, 'name', '?')} backend does not return "
+            "log-probabilities (the torch backend does)",
+        )
         ids = self.check_prompt(prompt)
         stop = tuple(s for s in params.stop if s)
         require(not stop or self.tokenizer is not None, "stop strings need a tokenizer")
@@ -657,6 +678,9 @@ class Scheduler:
         }
         if self.policy is not None:
             inputs[C.NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
+        top = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        if top:
+            inputs[C.NUM_TOP_LOGPROBS] = torch.tensor(max(top), **i32)
         try:
             out = be.step(inputs)
         except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server
@@ -667,6 +691,10 @@ class Scheduler:
         carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
         counts = out[C.NUM_OUTPUT_TOKENS].cpu().tolist()
         emitted = out[C.OUTPUT_TOKENS].cpu().tolist()
+        if top:
+            lps = out[C.OUTPUT_LOGPROBS].cpu().tolist()
+            top_ids = out[C.TOP_LOGPROB_TOKENS].cpu().tolist()
+            top_lps = out[C.TOP_LOGPROBS].cpu().tolist()
         now = time.perf_counter()
         with self._lock:
             for j, (r, c) in enumerate(zip(rows, ctx)):
@@ -677,6 +705,12 @@ class Scheduler:
                             self._finish(r, "cancelled", events)
                         continue
                 added = self._append(r, emitted[j][: counts[j]])
+                if r.params.logprobs is not None:
+                    k = r.params.logprobs
+                    r.logprobs.extend(lps[j][: len(added)])
+                    r.top_logprobs.extend(
+                        list(zip(top_ids[j][i][:k], top_lps[j][i][:k])) for i in range(len(added))
+                    )
                 if c:
                     r.t_first = now
                 else:

@@ -5,6 +5,11 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
 mean tokens per generation step in the ``x-redrafter-tokens-per-step`` header (non-streaming) and
 in a ``redrafter`` object (``tokens_per_step``, ``accepted_per_step``) of the body or of the last
 stream chunk. Stop strings are excluded from the returned text, as the OpenAI API does.
+
+Every request body is checked against the endpoint's request schema
+(:mod:`redrafter_trt.serve.schema`, published with the response bodies in ``/openapi.json``),
+then against what this engine serves; ``logprobs`` answers carry the base model's own
+log-probabilities of the output tokens (the backend's optional ``output_logprobs``).
 """
 
 from __future__ import annotations
@@ -18,33 +23,27 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .._version import __version__
 from ..errors import RedrafterError
 from ..runtime.scheduler import Event, QueueFull, SamplingParams, Scheduler, SchedulerClosed
 from .metrics import ServeMetrics
+from .schema import (
+    REQUESTS,
+    RESPONSES,
+    ErrorResponse,
+    fields_of,
+    openapi_components,
+    validate_body,
+)
 
-#: Body fields each endpoint understands; anything else is refused by name.
-COMMON_FIELDS = {
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "stream",
-    "stream_options",
-    "n",
-    "user",
-    "presence_penalty",
-    "frequency_penalty",
-    "ignore_eos",
-}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
+#: a log-probability JSON can hold (the OpenAI API's floor for impossible tokens)
+LOGPROB_FLOOR = -9999.0
 
 
 class ApiError(Exception):
@@ -125,7 +124,7 @@ def parse_request(
     """Validate an OpenAI request body; returns (prompt ids, params, stream, include_usage)."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
-    allowed = COMPLETION_FIELDS if kind == "completion" else CHAT_FIELDS
+    allowed = fields_of(kind)
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise _bad(
@@ -133,6 +132,9 @@ def parse_request(
             f"{', '.join(sorted(allowed))})",
             unknown[0],
         )
+    invalid = validate_body(body, kind)  # the OpenAI request schema: types, enums, ranges
+    if invalid:
+        raise _bad(*invalid)
     model = body.get("model")
     if not isinstance(model, str) or model != state.model_name:
         raise _bad(
@@ -147,8 +149,8 @@ def parse_request(
     tok = state.tokenizer
     if kind == "completion":
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]  # the schema allows a list of one string
         if isinstance(prompt, str):
             if prompt == "":
                 raise _bad("'prompt' is empty", "prompt")
@@ -172,22 +174,18 @@ def parse_request(
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise _bad("'messages' must be a non-empty list", "messages")
-        for i, m in enumerate(msgs):
-            if not (
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                and set(m) <= {"role", "content", "name"}
-            ):
-                raise _bad(
-                    f"messages[{i}] must be an object with string 'role' and 'content'", "messages"
-                )
         if tok is None or getattr(tok, "chat_template", None) is None:
             raise _bad(
                 "this engine's tokenizer has no chat template: use /v1/completions", "messages"
             )
         ids = tok.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in msgs],
+            [
+                {
+                    "role": "system" if m["role"] == "developer" else m["role"],
+                    "content": message_text(m["content"]),
+                }
+                for m in msgs
+            ],
             add_generation_prompt=True,
             tokenize=True,
         )
@@ -195,6 +193,9 @@ def parse_request(
             ids = ids["input_ids"]
         ids = list(ids)
     be = sched.backend
+    bad = [t for t in ids if not 0 <= t < be.vocab_size]
+    if bad:
+        raise _bad(f"'prompt' has token ids outside [0, {be.vocab_size}): {bad[:5]}", "prompt")
     if len(ids) > be.max_input_len:
         raise _bad(
             f"the prompt has {len(ids)} tokens, more than the engine takes ({be.max_input_len})",
@@ -219,7 +220,7 @@ def parse_request(
     top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if top_p == 0:
         raise _bad("'top_p' must be in (0, 1]", "top_p")
-    top_k = _number(body, "top_k", 0, lo=-1, integer=True)
+    top_k = min(_number(body, "top_k", 0, lo=-1, integer=True), be.vocab_size)
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(63)
@@ -233,6 +234,15 @@ def parse_request(
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
         raise _bad("'stream_options' supports only include_usage", "stream_options")
+    if body.get("stream_options") is not None and not stream:
+        raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    logprobs = requested_logprobs(body, kind)
+    if logprobs is not None and not getattr(be, "logprobs", False):
+        raise _bad(
+            f"'logprobs': the {getattr(be, 'name', '?')} backend does not return "
+            "log-probabilities (the torch backend does)",
+            "logprobs",
+        )
     stop = _stop_list(body)
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
@@ -246,8 +256,27 @@ def parse_request(
         stop=stop,
         ignore_eos=ignore_eos,
         speculative=state.speculative,
+        logprobs=logprobs,
     )
-    return ids, params, stream, bool(opts.get("include_usage", True))
+    return ids, params, stream, opts.get("include_usage") is not False
+
+
+def message_text(content: str | list) -> str:
+    """A message's text: the string, or its text parts concatenated."""
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+def requested_logprobs(body: dict, kind: str) -> int | None:
+    """None (no log-probabilities), or how many most likely tokens to give per position:
+    completions ``logprobs: N``; chat ``logprobs: true`` with ``top_logprobs: N`` (default 0)."""
+    if kind == "completion":
+        return body.get("logprobs")
+    top = body.get("top_logprobs")
+    if not body.get("logprobs"):
+        if top is not None:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return top or 0
 
 
 class StopHoldback:
@@ -277,6 +306,47 @@ class StopHoldback:
         return out
 
 
+def token_text(tok, t: int) -> str:
+    """A token's own text (``token_id:N`` without a tokenizer)."""
+    return f"token_id:{t}" if tok is None else tok.decode([t])
+
+
+def format_logprobs(tok, kind: str, toks: list[int], lps: list[float], tops: list) -> dict:
+    """Log-probabilities in the endpoint's OpenAI format: chat ``{"content": [{"token",
+    "logprob", "bytes", "top_logprobs"}], "refusal"}``, completions ``{"tokens",
+    "token_logprobs", "top_logprobs", "text_offset"}``."""
+
+    def lp(x: float) -> float:
+        return max(float(x), LOGPROB_FLOOR) if x == x else LOGPROB_FLOOR
+
+    texts = [token_text(tok, t) for t in toks]
+    if kind == "chat":
+
+        def entry(text, value):
+            return {"token": text, "logprob": lp(value), "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [
+                {
+                    **entry(text, value),
+                    "top_logprobs": [entry(token_text(tok, a), v) for a, v in top],
+                }
+                for text, value, top in zip(texts, lps, tops)
+            ],
+            "refusal": None,
+        }
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [lp(v) for v in lps],
+        "top_logprobs": [{token_text(tok, a): lp(v) for a, v in top} for top in tops],
+        "text_offset": offsets,
+    }
+
+
 def final_text(text: str | None, stop: tuple[str, ...], reason: str | None) -> str:
     text = text or ""
     if reason == "stop":
@@ -301,7 +371,54 @@ def create_app(state: ServeState) -> FastAPI:
         # uvicorn has stopped accepting and waited for open requests; cancel what is left.
         await asyncio.to_thread(state.scheduler.shutdown, True, 30.0)
 
-    app = FastAPI(title="redrafter-serve", lifespan=lifespan)
+    app = FastAPI(title="redrafter-serve", version=__version__, lifespan=lifespan)
+
+    def openapi() -> dict:
+        """The generated document plus the request and response bodies of the two endpoints
+        (the routes read their body themselves, so FastAPI cannot see them)."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(openapi_components())
+        for name in (REQUESTS["completion"].__name__, REQUESTS["chat"].__name__):
+            schemas[name]["properties"]["model"]["enum"] = [state.model_name]  # the one served
+
+        def ref(name: str) -> dict:
+            return {"$ref": f"#/components/schemas/{name}"}
+
+        error = {"content": {"application/json": {"schema": ref(ErrorResponse.__name__)}}}
+        for path, kind in (("/v1/completions", "completion"), ("/v1/chat/completions", "chat")):
+            op = doc["paths"][path]["post"]
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(REQUESTS[kind].__name__)}},
+            }
+            op["responses"] = {
+                "200": {
+                    "description": "the completion; with stream: true, server-sent events of "
+                    "chunks ending with data: [DONE]",
+                    "content": {
+                        "application/json": {"schema": ref(RESPONSES[kind].__name__)},
+                        "text/event-stream": {
+                            "schema": {
+                                "description": "an event: data holds a chunk object as JSON, "
+                                "or [DONE]",
+                                "type": "object",
+                                "properties": {"data": {"type": "string"}},
+                                "required": ["data"],
+                            }
+                        },
+                    },
+                },
+                "400": {"description": "invalid or unsupported request", **error},
+                "429": {"description": "the queue is full (Retry-After)", **error},
+                "503": {"description": "shutting down", **error},
+            }
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi
 
     def error_response(e: ApiError) -> JSONResponse:
         state.metrics.requests.labels(outcome=str(e.status)).inc()
@@ -314,6 +431,14 @@ def create_app(state: ServeState) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        # unknown paths (404), wrong methods (405): the OpenAI error object too
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(
+            ApiError(exc.status_code, str(exc.detail), None, kind, dict(exc.headers or {}))
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
@@ -363,16 +488,30 @@ def create_app(state: ServeState) -> FastAPI:
                 "accepted_per_step": req.accepted,
             }
 
-        def choice(text: str, finish: str | None, delta: bool):
+        lp_sent = 0  # tokens whose log-probabilities a stream chunk carried already
+
+        def logprobs(upto: int | None = None):
+            """The log-probabilities of the tokens after ``lp_sent`` (up to ``upto``), in the
+            endpoint's format; None when the request did not ask for them."""
+            nonlocal lp_sent
+            if params.logprobs is None:
+                return None
+            end = len(req.tokens) if upto is None else upto
+            toks, lps = req.tokens[lp_sent:end], req.logprobs[lp_sent:end]
+            tops = req.top_logprobs[lp_sent:end]
+            lp_sent = end
+            return format_logprobs(state.tokenizer, kind, toks, lps, tops)
+
+        def choice(text: str, finish: str | None, delta: bool, lp=None):
             if kind == "completion":
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
             key = "delta" if delta else "message"
             msg = (
                 {"role": "assistant", "content": text}
                 if not delta
                 else ({"content": text} if text else {})
             )
-            return {"index": 0, key: msg, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, key: msg, "logprobs": lp, "finish_reason": finish}
 
         if not stream:
             try:
@@ -408,7 +547,7 @@ def create_app(state: ServeState) -> FastAPI:
                     "object": obj,
                     "created": created,
                     "model": state.model_name,
-                    "choices": [choice(text, openai_finish(req.finish_reason), False)],
+                    "choices": [choice(text, openai_finish(req.finish_reason), False, logprobs())],
                     "usage": usage(),
                     "redrafter": extra(),
                 },
@@ -418,13 +557,13 @@ def create_app(state: ServeState) -> FastAPI:
         chunk_obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         hold = StopHoldback(params.stop)
 
-        def chunk(text, finish, last=False):
+        def chunk(text, finish, last=False, lp=None):
             c = {
                 "id": rid,
                 "object": chunk_obj,
                 "created": created,
                 "model": state.model_name,
-                "choices": [choice(text, finish, True)],
+                "choices": [choice(text, finish, True, lp)],
             }
             if last:
                 if include_usage:
@@ -476,12 +615,13 @@ def create_app(state: ServeState) -> FastAPI:
                             return
                         text = hold.finish(ev.text or "", ev.finish_reason)
                         state.metrics.finished(req)
-                        yield chunk(text, openai_finish(ev.finish_reason), last=True)
+                        yield chunk(text, openai_finish(ev.finish_reason), True, logprobs())
                         yield "data: [DONE]\n\n"
                         return
                     text = hold.push(ev.text or "")
-                    if text:
-                        yield chunk(text, None)
+                    lp = logprobs(lp_sent + len(ev.token_ids)) if ev.token_ids else None
+                    if text or lp:
+                        yield chunk(text, None, lp=lp)
             finally:
                 if not req.finished:  # the client went away mid-stream: free its slot now
                     state.scheduler.cancel(req)
