@@ -772,6 +772,7 @@ def test_bench_checks_batch_sizes_before_measuring(engine, tmp_path, capsys, mon
         raise AssertionError("measured before the arguments were checked")
 
     monkeypatch.setattr(cal, "measure_cost_model", measured)
+    (engine / "cost_model.json").unlink(missing_ok=True)  # an earlier load may have measured one
     for extra in (["--calibrate"], ["--no_hf_baseline"]):
         expect_error(
             capsys,

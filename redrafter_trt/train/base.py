@@ -17,13 +17,19 @@ def load_frozen_base(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> BaseModel:
-    """Load a Hugging Face base directory as a :class:`BaseModel` in eval mode, no gradients."""
+    """Load a Hugging Face base directory as a :class:`BaseModel` in eval mode, no gradients,
+    on the CPU kernels where the torch backend would use them (feature extraction then runs on
+    them; gen-data and gen-prompts run through the backend)."""
+    from ..backends.torch_backend import default_native_linear
+
     cfg, sd = load_hf_base(Path(model_dir))
     base = BaseModel(cfg)
     load_checked(base, sd, str(model_dir))
     base = base.to(device=device, dtype=dtype).eval()
     for p in base.parameters():
         p.requires_grad_(False)
+    if default_native_linear(torch.device(device), dtype):
+        base.use_native_linear(True)
     return base
 
 

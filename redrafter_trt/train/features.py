@@ -16,6 +16,7 @@ to a token budget), so little compute goes to padding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import native
 from ..errors import RedrafterError, require
 from ..models.base import BaseModel
 from ..models.hub import cache_root
@@ -125,14 +127,16 @@ def base_forward(base: BaseModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor
     ar = torch.arange(t, device=dev)
     cache = base.new_cache(b, t)
     causal = (ar[None, :] <= ar[:, None])[None].expand(b, t, t)
-    return base(
-        ids,
-        ar[None].expand(b, t),
-        cache,
-        torch.arange(b, device=dev),
-        torch.zeros(b, dtype=torch.int64, device=dev),
-        causal,
-    )
+    split = native.torch_ops_on_one_thread() if base.native_linear else contextlib.nullcontext()
+    with split:
+        return base(
+            ids,
+            ar[None].expand(b, t),
+            cache,
+            torch.arange(b, device=dev),
+            torch.zeros(b, dtype=torch.int64, device=dev),
+            causal,
+        )
 
 
 @torch.no_grad()
