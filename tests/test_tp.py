@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,6 +321,48 @@ def test_cli_tp2_matches_tp1(engines, tmp_path):
         assert p.returncode == 0, err
         outs[tp] = [o["output_token_ids"] for o in json.loads(out)["outputs"]]
     assert outs[2] == outs[1]
+    # under torchrun: both ranks run the command, rank 0 prints, rank 1 follows and exits 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "redrafter_trt.cli.run",
+        "--engine_dir",
+        str(engines["qwen2"][2]),
+        "--input_ids_file",
+        str(ids),
+        "--no_progress",
+        "--json",
+        "--max_output_len",
+        "16",
+    ]
+    # (torchrun's own torchelastic_* temp dir goes to its own TMPDIR)
+    p = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(tmp_path / "tmp_torchrun"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, err
+    assert [o["output_token_ids"] for o in json.loads(out)["outputs"]] == outs[1]
+    assert "terminate called" not in err
     p = _run_cli(engines["qwen2"][1], ids, "--tp_size", "2", env=env)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and "--tp_size 2:" in err and "Traceback" not in err
@@ -364,6 +407,40 @@ def test_sigkill_one_rank_ends_the_others(engines, tmp_path, victim):
             assert "rank 1" in err and f"rank 0 (pid {p.pid}) is gone" in err
         assert not alive(rank1) and not alive(p.pid)
         assert list(tmp.iterdir()) == []
+    finally:
+        for pid in [p.pid, *child_pids(p.pid)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
+
+
+def test_hung_rank_times_out_naming_it(engines, tmp_path):
+    """A rank that stops answering (SIGSTOP) ends the run after --tp_timeout with a message
+    naming it, and is reaped."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[5, 17, 33]]))
+    p = _run_cli(
+        engines["llama"][2],
+        ids,
+        "--streaming",
+        "--json",
+        "--max_output_len",
+        "1000",
+        "--no_speculation",
+        "--tp_timeout",
+        "3",
+        env=_env(tmp_path / "tmp"),
+    )
+    try:
+        assert json.loads(p.stdout.readline())["token_ids"]
+        (rank1,) = child_pids(p.pid)
+        os.kill(rank1, signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 20
+        assert p.returncode == 2, err
+        assert "rank 1 (last finished command" in err and "Traceback" not in err
+        assert not alive(rank1)
     finally:
         for pid in [p.pid, *child_pids(p.pid)]:
             if alive(pid):

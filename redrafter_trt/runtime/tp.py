@@ -136,6 +136,19 @@ class _Ranks:
         self._stop.set()
 
 
+def _behind(store, n: int, seq: int) -> str:
+    """The ranks that have not finished rank 0's command ``seq`` (a hung rank), from the
+    progress each child records in the store."""
+    late = []
+    for r in range(1, n):
+        done = int(store.get(f"done/{r}").decode()) if store.check([f"done/{r}"]) else 0
+        if done < seq:
+            late.append(f"rank {r} (last finished command {done}, rank 0 is at {seq})")
+    if not late:
+        return ""
+    return "alive but not through this command within --tp_timeout: " + ", ".join(late)
+
+
 def _wait_joined(store, ranks: _Ranks, n: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     waiting = set(range(1, n))
@@ -219,9 +232,13 @@ def start_torch_tp(
         dev = rank_device(device, 0)
         tp = TPGroup(store, 0, n, dev, timeout_s)
 
+        backend_box: list[TPBackend] = []
+
         def diagnose() -> str:
             time.sleep(0.3)  # let the watcher see a rank that just died
-            return ranks.describe()
+            if ranks.dead or not backend_box:
+                return ranks.describe()
+            return _behind(store, n, backend_box[0].channel.seq)
 
         tp.diagnose = diagnose
         failure, local = None, None
@@ -240,11 +257,12 @@ def start_torch_tp(
         raise
 
     def on_close() -> None:
-        ranks.reap(0.5 if ranks.dead else 10.0)
+        ranks.reap(0.5 if ranks.dead or tp.broken else 10.0)
         tp.shutdown()
 
     backend = TPBackend(local, tp, heartbeat_s=max(timeout_s / 4, 0.5), on_close=on_close)
     backend.store = store  # kept alive as long as the ranks
+    backend_box.append(backend)
     atexit.register(backend.close)
     return backend
 
