@@ -155,7 +155,7 @@ def test_tp2_equals_tp1_and_speculates_exactly(engines, arch):
     assert [r.token_ids for r in want] == [r.token_ids for r in want_plain]
     with load(engines[arch][2], device="cpu") as g2:
         assert (
-            g2.backend.tp_size == 2 and g2.backend.base.lm_head.weight.shape[0] == 49
+            g2.backend.tp_size == 2 and g2.backend.local.base.lm_head.weight.shape[0] == 49
         )  # 97 -> 98/2
         spec = g2.generate(PROMPTS, max_new_tokens=24)
         plain = g2.generate(PROMPTS, max_new_tokens=24, speculative=False)

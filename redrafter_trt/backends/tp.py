@@ -567,12 +567,14 @@ class TPBackend:
         return self.local.vocab_size
 
     @property
-    def base(self) -> BaseModel:
-        return self.local.base
+    def base(self) -> None:
+        """None: no process holds the whole base model (this rank's share is ``local.base``),
+        so what needs its full weights (the transformers baseline, calibration) says so."""
+        return None
 
     @property
-    def drafter(self) -> Drafter | None:
-        return self.local.drafter
+    def drafter(self) -> None:
+        return None
 
     @property
     def native_linear(self) -> bool:
