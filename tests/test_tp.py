@@ -446,3 +446,23 @@ def test_hung_rank_times_out_naming_it(engines, tmp_path):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         p.wait()
+
+
+def test_trtllm_tp_engine_says_how_to_start_it(engines, tmp_path, monkeypatch):
+    """A tp_size 2 TensorRT-LLM engine runs on MPI ranks (GPU only): outside mpirun, a missing
+    rank engine or another rank count is a clear error naming the fix, before anything loads."""
+    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    eng = tmp_path / "trt"
+    eng.mkdir()
+    raw = json.loads((engines["llama"][2] / "config.json").read_text())
+    raw["backend"] = "trtllm"
+    (eng / "config.json").write_text(json.dumps(raw))
+    (eng / "rank0.engine").write_bytes(b"")
+    with pytest.raises(RedrafterError, match=r"missing rank1.engine \(tp_size 2\)"):
+        load(eng, device="cpu")
+    (eng / "rank1.engine").write_bytes(b"")
+    with pytest.raises(RedrafterError, match=r"--tp_size 4: .* built for tp_size 2"):
+        load(eng, device="cpu", tp_size=4)
+    with pytest.raises(RedrafterError, match=r"mpirun -n 2 redrafter-run --engine_dir"):
+        load(eng, device="cpu")

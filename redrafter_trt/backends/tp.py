@@ -535,11 +535,12 @@ def prompt_logits(base: BaseModel, ids: torch.Tensor) -> torch.Tensor:
 class TPBackend:
     """Rank 0's backend of a tensor-parallel engine (a :class:`~redrafter_trt.contract.Backend`):
     each call sends its inputs to the other ranks, then runs this rank's share. ``close()``
-    stops the other ranks (the launcher's ``on_close`` then reaps them)."""
+    stops the other ranks (the launcher's ``on_close`` then reaps them).
 
-    name = "torch"
-    mixed_request_types = True
-    chunked_context = True
+    ``local`` is this rank's backend (a :class:`TorchBackend` over its shard, or a TensorRT-LLM
+    engine's rank); ``tp`` anything with ``rank``, ``size``, ``device``, ``backend``, ``lock``
+    and ``broadcast(tensor, what)``: a :class:`TPGroup`, or the MPI group of
+    :mod:`redrafter_trt.trtllm.mpi`."""
 
     def __init__(
         self,
@@ -554,7 +555,17 @@ class TPBackend:
         self.tp_size = tp.size
         self.channel = _channel or _Channel(tp, heartbeat_s)
         self._on_close = on_close
-        for k in ("shape", "device", "dtype", "max_batch_size", "max_input_len", "max_seq_len"):
+        for k in (
+            "name",
+            "mixed_request_types",
+            "chunked_context",
+            "shape",
+            "device",
+            "dtype",
+            "max_batch_size",
+            "max_input_len",
+            "max_seq_len",
+        ):
             setattr(self, k, getattr(local, k))
         self.warp_k = local.warp_k
 
@@ -578,7 +589,7 @@ class TPBackend:
 
     @property
     def native_linear(self) -> bool:
-        return self.local.native_linear
+        return bool(getattr(self.local, "native_linear", False))
 
     @property
     def kv_cache_bytes(self) -> int | None:
@@ -606,11 +617,13 @@ class TPBackend:
             with torch.inference_mode():
                 return prompt_logits(self.local.base, ids)
 
-    def reshaped(self, num_beams: int, draft_len: int) -> TPBackend:
-        """The same ranks with beam shape W x D (each rank reshapes its own backend)."""
+    def reshaped(self, num_beams: int, draft_len: int) -> TPBackend | None:
+        """The same ranks with beam shape W x D (each rank reshapes its own backend); None where
+        the rank's backend has a fixed shape (an engine)."""
         if (num_beams, draft_len) == self._shape():
             return self
-        return TPBackend(self.local.reshaped(num_beams, draft_len), self.tp, _channel=self.channel)
+        local = self.local.reshaped(num_beams, draft_len)
+        return None if local is None else TPBackend(local, self.tp, _channel=self.channel)
 
     def close(self) -> None:
         """Stop the other ranks; idempotent."""

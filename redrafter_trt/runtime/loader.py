@@ -138,6 +138,21 @@ def load(
             timeout_s=tp_timeout or DEFAULT_TIMEOUT_S,
             proposer=proposer,
         )
+    elif cfg["backend"] == "trtllm" and (tp > 1 or ckpt_cfg.tp_size > 1):
+        from ..backends.tp import DEFAULT_TIMEOUT_S
+        from ..trtllm.build import engine_file
+        from ..trtllm.mpi import start_trtllm_tp  # lazy: needs TensorRT-LLM and mpi4py
+
+        n = ckpt_cfg.tp_size
+        require(
+            tp == n,
+            f"--tp_size {tp}: {engine_dir} was built for tp_size {n}; run it with --tp_size {n}",
+        )
+        missing = [engine_file(r) for r in range(n) if not (engine_dir / engine_file(r)).is_file()]
+        require(not missing, f"{engine_dir}: missing {', '.join(missing)} (tp_size {n})")
+        backend = start_trtllm_tp(
+            engine_dir, ckpt_cfg, bc, timeout_s=tp_timeout or DEFAULT_TIMEOUT_S
+        )
     elif cfg["backend"] == "trtllm":
         from ..trtllm import runtime as trt_runtime  # lazy: needs TensorRT-LLM
 
