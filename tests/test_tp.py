@@ -466,3 +466,54 @@ def test_trtllm_tp_engine_says_how_to_start_it(engines, tmp_path, monkeypatch):
         load(eng, device="cpu", tp_size=4)
     with pytest.raises(RedrafterError, match=r"mpirun -n 2 redrafter-run --engine_dir"):
         load(eng, device="cpu")
+
+
+@pytest.mark.smollm2
+def test_smollm2_tp3_equals_tp1_on_chat_prompts(tmp_path):
+    """SmolLM2-135M (9 heads, 3 KV heads: tp_size 2 does not divide it, 3 does) with its shipped
+    draft head: tp_size 3 on 3 ranks gives the tp_size 1 greedy tokens on chat prompts,
+    speculative equals plain, and the logits agree within 1e-3 (30 layers of float32)."""
+    from redrafter_trt.heads import builtin_head
+    from redrafter_trt.models.drafter import load_drafter
+    from redrafter_trt.models.hub import ensure_smollm2
+
+    model_dir = ensure_smollm2()
+    cfg, sd = load_hf_base(model_dir)
+    drafter = load_drafter(builtin_head("smollm2"), base_lm_head=sd["lm_head.weight"])
+    with pytest.raises(
+        RedrafterError, match="--tp_size 2 does not divide the num_attention_heads 9"
+    ):
+        convert_checkpoint(cfg, sd, drafter, tmp_path / "tp2", tp_size=2)
+    eng = {}
+    for tp in (1, 3):
+        ckpt = convert_checkpoint(
+            cfg,
+            sd,
+            drafter,
+            tmp_path / f"ckpt{tp}",
+            num_beams=4,
+            draft_len=4,
+            tp_size=tp,
+            tokenizer_dir=model_dir,
+        )
+        eng[tp] = build_engine(
+            ckpt,
+            tmp_path / f"engine{tp}",
+            backend="torch",
+            max_batch_size=4,
+            max_input_len=256,
+            max_seq_len=512,
+        )
+    chat = ["What is the capital of France?", "Give me three tips for writing clean code."]
+    g1 = load(eng[1], device="cpu")
+    want = g1.generate(chat, max_new_tokens=24, use_chat_template=True)
+    with load(eng[3], device="cpu") as g3:
+        spec = g3.generate(chat, max_new_tokens=24, use_chat_template=True)
+        plain = g3.generate(chat, max_new_tokens=24, use_chat_template=True, speculative=False)
+        ids = torch.tensor([g1.encode(chat[0], True)])
+        diff = (g3.backend.prompt_logits(ids) - prompt_logits(g1.backend.base, ids)).abs().max()
+    assert [r.token_ids for r in spec] == [r.token_ids for r in want]
+    assert [r.token_ids for r in plain] == [r.token_ids for r in want]
+    assert [r.accepted_per_step for r in spec] == [r.accepted_per_step for r in want]
+    assert max(max(r.accepted_per_step) for r in spec) > 1
+    assert diff.item() < 1e-3, diff
