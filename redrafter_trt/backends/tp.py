@@ -555,18 +555,14 @@ class TPBackend:
         self.tp_size = tp.size
         self.channel = _channel or _Channel(tp, heartbeat_s)
         self._on_close = on_close
-        for k in (
-            "name",
-            "mixed_request_types",
-            "chunked_context",
-            "shape",
-            "device",
-            "dtype",
-            "max_batch_size",
-            "max_input_len",
-            "max_seq_len",
-        ):
-            setattr(self, k, getattr(local, k))
+        # the rank's own backend's facts: every rank's are alike
+        self.name = local.name
+        self.mixed_request_types = local.mixed_request_types
+        self.chunked_context = local.chunked_context
+        self.shape = local.shape
+        self.device, self.dtype = local.device, local.dtype
+        self.max_batch_size = local.max_batch_size
+        self.max_input_len, self.max_seq_len = local.max_input_len, local.max_seq_len
         self.warp_k = local.warp_k
 
     @property
