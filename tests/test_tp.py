@@ -517,3 +517,34 @@ def test_smollm2_tp3_equals_tp1_on_chat_prompts(tmp_path):
     assert [r.accepted_per_step for r in spec] == [r.accepted_per_step for r in want]
     assert max(max(r.accepted_per_step) for r in spec) > 1
     assert diff.item() < 1e-3, diff
+
+
+@pytest.mark.full
+def test_tp4_shares_kv_heads_and_equals_tp1(tmp_path):
+    """tp_size 4 on the tiny Llama (2 KV heads): ranks 0,1 hold KV head 0 and ranks 2,3 KV head
+    1 (TensorRT-LLM's replication), 4 real ranks give the tp_size 1 tokens."""
+    cfg, sd = load_hf_base(write_tiny_hf(tmp_path / "hf", "llama", seed=21))
+    drafter = fit_drafter(cfg, sd, PROMPTS, steps=100)
+    eng = {}
+    for tp in (1, 4):
+        ckpt = convert_checkpoint(
+            cfg, sd, drafter, tmp_path / f"ckpt{tp}", num_beams=W, draft_len=D, tp_size=tp
+        )
+        eng[tp] = build_engine(
+            ckpt,
+            tmp_path / f"e{tp}",
+            backend="torch",
+            max_batch_size=4,
+            max_input_len=64,
+            max_seq_len=256,
+        )
+    g1 = load(eng[1], device="cpu")
+    want = g1.generate(PROMPTS, max_new_tokens=16)
+    with load(eng[4], device="cpu") as g4:
+        assert g4.backend.local.base.config.num_key_value_heads == 1
+        got = g4.generate(PROMPTS, max_new_tokens=16)
+        ids = torch.tensor([PROMPTS[0]])
+        diff = (g4.backend.prompt_logits(ids) - prompt_logits(g1.backend.base, ids)).abs().max()
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [r.accepted_per_step for r in got] == [r.accepted_per_step for r in want]
+    assert diff.item() < LOGITS_ATOL

@@ -230,6 +230,8 @@ def start_torch_tp(
         ranks = _Ranks(procs)
         _wait_joined(store, ranks, n, timeout_s)
         dev = rank_device(device, 0)
+        if dev.type == "cuda":  # NCCL binds the current device
+            torch.cuda.set_device(dev)
         tp = TPGroup(store, 0, n, dev, timeout_s)
 
         backend_box: list[TPBackend] = []
