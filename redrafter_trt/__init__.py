@@ -9,12 +9,28 @@ engine directories in :mod:`.runtime.loader`). The stage order of the modules is
 from ._version import __version__
 
 
-def load(engine_dir, device=None, dtype=None, proposer=None, adaptive="auto"):
+def load(
+    engine_dir,
+    device=None,
+    dtype=None,
+    proposer=None,
+    adaptive="auto",
+    tp_size=None,
+    tp_timeout=None,
+):
     """Open an engine directory; returns a :class:`~redrafter_trt.runtime.Generator`
-    (``adaptive``: see :func:`redrafter_trt.runtime.loader.load`)."""
+    (``adaptive``, ``tp_size``, ``tp_timeout``: see :func:`redrafter_trt.runtime.loader.load`)."""
     from .runtime.loader import load as _load
 
-    return _load(engine_dir, device=device, dtype=dtype, proposer=proposer, adaptive=adaptive)
+    return _load(
+        engine_dir,
+        device=device,
+        dtype=dtype,
+        proposer=proposer,
+        adaptive=adaptive,
+        tp_size=tp_size,
+        tp_timeout=tp_timeout,
+    )
 
 
 __all__ = ["load", "__version__"]

@@ -67,6 +67,23 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of a checkpoint config (key order and layout ignored): recorded in every
+    rank file's metadata so that rank files of different conversions are told apart."""
+    import hashlib
+
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+#: safetensors metadata of every rank file: the config digest, the rank and the tp_size.
+RANK_META_CONFIG, RANK_META_RANK, RANK_META_TP_SIZE = (
+    "redrafter_config_sha256",
+    "redrafter_rank",
+    "redrafter_tp_size",
+)
+
+
 #: Checkpoint config key of the draft head's reduced vocabulary K (absent: K = V).
 REDRAFTER_DRAFT_VOCAB_SIZE = "redrafter_draft_vocab_size"
 
@@ -300,12 +317,17 @@ def convert_checkpoint(
             .contiguous()
             .clone()
         )
+    digest = config_digest(cfg.to_dict())
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         for rank in range(tp_size):
-            save_safetensors(
-                tp_shard(tensors, cfg, rank), tmp / rank_file(rank), metadata={"format": "pt"}
-            )
+            meta = {
+                "format": "pt",
+                RANK_META_CONFIG: digest,
+                RANK_META_RANK: str(rank),
+                RANK_META_TP_SIZE: str(tp_size),
+            }
+            save_safetensors(tp_shard(tensors, cfg, rank), tmp / rank_file(rank), metadata=meta)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(output_dir)
@@ -357,9 +379,9 @@ def load_checkpoint_models(
     cfg = config or read_checkpoint_config(ckpt_dir)
     require(
         cfg.tp_size == 1,
-        f"{ckpt_dir}: a tp_size {cfg.tp_size} checkpoint; the torch backend runs tp_size 1 only: "
-        "convert again with --tp_size 1, or build it with --backend trtllm inside the "
-        "TensorRT-LLM container",
+        f"{ckpt_dir}: a tp_size {cfg.tp_size} checkpoint holds one shard per rank and loads "
+        f"only on {cfg.tp_size} ranks (redrafter-build, then redrafter-run --tp_size "
+        f"{cfg.tp_size}); this reads tp_size 1 checkpoints (convert again with --tp_size 1)",
     )
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
     sd = load_state_dict_file(weights)
@@ -404,6 +426,7 @@ __all__ = [
     "RedrafterCheckpointConfig",
     "copy_tokenizer_files",
     "rank_file",
+    "config_digest",
     "DTYPES",
     "CHECKPOINT_CONFIG",
     "ENGINE_CONFIG",

@@ -3,8 +3,8 @@
 
 An engine directory mirrors TensorRT-LLM's: ``config.json`` with ``version``, ``backend``,
 ``pretrained_config`` (the checkpoint's config) and ``build_config``, plus the backend's files:
-``rank0.safetensors`` for the torch backend, ``rank{i}.engine`` for the TensorRT-LLM backend, and
-the tokenizer files when the checkpoint has them.
+``rank{i}.safetensors`` for the torch backend (one per tensor-parallel rank), ``rank{i}.engine``
+for the TensorRT-LLM backend, and the tokenizer files when the checkpoint has them.
 """
 
 from __future__ import annotations
@@ -109,7 +109,17 @@ def build_engine(
             **(extra_build_config or {}),
         )
     # Torch backend: validate by loading every tensor once, then link the weights in.
-    load_checkpoint_models(ckpt)
+    if cfg.tp_size == 1:
+        load_checkpoint_models(ckpt)
+        rank_files = [weights]
+    else:  # every rank's shard, checked against the config and the others, then loaded once
+        from .backends.tp import check_rank_files, load_rank_models
+
+        rank_files = check_rank_files(
+            ckpt, cfg, None, json.loads((ckpt / CHECKPOINT_CONFIG).read_text())
+        )
+        for rank in range(cfg.tp_size):
+            load_rank_models(ckpt, cfg, rank)
     build_config = {
         "max_batch_size": max_batch_size,
         "max_input_len": max_input_len,
@@ -129,9 +139,10 @@ def build_engine(
                 indent=2,
             )
         )
-        try:
-            os.link(weights, tmp / rank_file(0))
-        except OSError:
-            shutil.copy2(weights, tmp / rank_file(0))
+        for f in rank_files:
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
         copy_tokenizer_files(ckpt, tmp)
     return Path(output_dir)

@@ -1,4 +1,4 @@
-"""Both backends implement :class:`redrafter_trt.contract.Backend` structurally.
+"""The backends (and rank 0's tensor-parallel wrapper) implement :class:`redrafter_trt.contract.Backend` structurally.
 
 The TensorRT-LLM backend cannot be constructed here (no GPU, no TensorRT), so the check is on the
 classes: every protocol method exists with the protocol's parameters, every property is a
@@ -16,6 +16,7 @@ import pytest
 
 from redrafter_trt import contract as C
 from redrafter_trt.backends.torch_backend import TorchBackend
+from redrafter_trt.backends.tp import TPBackend
 from redrafter_trt.trtllm.runtime import TrtllmBackend
 
 
@@ -103,7 +104,7 @@ def test_protocol_declares_what_the_runtime_and_bench_use():
     } <= data
 
 
-@pytest.mark.parametrize("cls", [TorchBackend, TrtllmBackend])
+@pytest.mark.parametrize("cls", [TorchBackend, TrtllmBackend, TPBackend])
 def test_backend_satisfies_the_protocol(cls):
     assert missing_members(cls) == []
 

@@ -135,17 +135,21 @@ def test_bad_tp_size_names_the_flag(bases, tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_torch_backend_refuses_tp_checkpoints(bases, tmp_path):
+def test_tp_checkpoints_build_one_rank_file_per_rank(bases, tmp_path):
+    """The tp_size 1 loader refuses a tp_size 2 checkpoint (naming how to run it); a torch
+    engine built from it carries every rank's file, identical to the checkpoint's."""
     out = convert(bases["llama"], tmp_path / "ckpt", 2)
     assert read_checkpoint_config(out).tp_size == 2
-    with pytest.raises(RedrafterError, match="tp_size 1"):
+    with pytest.raises(RedrafterError, match="--tp_size 2"):
         load_checkpoint_models(out)
-    with pytest.raises(RedrafterError, match="tp_size 1"):
-        build_engine(
-            out,
-            tmp_path / "engine",
-            backend="torch",
-            max_batch_size=1,
-            max_input_len=8,
-            max_seq_len=32,
-        )
+    engine = build_engine(
+        out,
+        tmp_path / "engine",
+        backend="torch",
+        max_batch_size=1,
+        max_input_len=8,
+        max_seq_len=32,
+    )
+    assert sorted(p.name for p in engine.glob("rank*")) == [rank_file(0), rank_file(1)]
+    for r in range(2):
+        assert (engine / rank_file(r)).read_bytes() == (out / rank_file(r)).read_bytes()

@@ -260,10 +260,10 @@ def bench_cost_model(
     from: ``engine_dir``'s stored one when it matches this machine and engine; else measured now
     (nothing is written; ``--calibrate`` stores one), saying why; None for a backend without
     torch weights."""
-    if not hasattr(backend, "base") or getattr(backend, "name", None) != "torch":
+    if getattr(backend, "base", None) is None or getattr(backend, "name", None) != "torch":
         return None, (
             f"not measured: the {getattr(backend, 'name', '?')} backend has no torch base "
-            "to time (the cost model needs the torch backend)"
+            "to time in this process (the cost model needs the torch backend on one rank)"
         )
     why = f"no {COST_MODEL_FILE} in the engine directory" if engine_dir else "no engine directory"
     if engine_dir is not None:

@@ -8,7 +8,14 @@ import sys
 import textwrap
 
 from ..errors import require
-from .common import add_threads_argument, non_negative_int, positive_int, run_main
+from .common import (
+    add_threads_argument,
+    add_tp_arguments,
+    apply_tp_threads,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 
 EXIT_OUTPUTS_DIFFER = 1
 
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch backend: run at this dtype instead of the engine's",
     )
     add_threads_argument(p)
+    add_tp_arguments(p)
     p.add_argument(
         "--output_dir",
         default="bench_results",
@@ -224,7 +232,15 @@ def run(args: argparse.Namespace) -> int:
         f"[bench] {torch.get_num_threads()} torch threads ({getattr(args, 'threads_reason', 'torch default')})"
     )
     # the sweep builds its own generators; its adaptive configuration reports the cost model it uses
-    gen = load(args.engine_dir, device=args.device, dtype=args.dtype, adaptive="off")
+    apply_tp_threads(args)
+    gen = load(
+        args.engine_dir,
+        device=args.device,
+        dtype=args.dtype,
+        adaptive="off",
+        tp_size=args.tp_size,
+        tp_timeout=args.tp_timeout,
+    )
     if gen.random_drafter:
         log(
             "[bench] note: the engine's draft head is random (--random_drafter): expect about 1 "

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="tensor-parallel ranks: writes rank{i}.safetensors split as TensorRT-LLM "
-        "expects (the torch backend runs tp_size 1 checkpoints only)",
+        "expects; the torch backend runs them on tp_size ranks (redrafter-run --tp_size N)",
     )
     p.add_argument(
         "--quantize",

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from ..contract import Backend
 from ..errors import RedrafterError, require
-from .common import add_threads_argument, non_negative_int, positive_int, run_main
+from .common import (
+    add_threads_argument,
+    add_tp_arguments,
+    apply_tp_threads,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 
 RANDOM_HEAD_NOTE = (
     "note: this engine's draft head is randomly initialised (--random_drafter), so it "
@@ -118,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)"
     )
     add_threads_argument(p)
+    add_tp_arguments(p)
     return p
 
 
@@ -318,7 +326,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = args.input_text
     resolve_device(args.device)  # a bad --device fails before the weights are read
-    gen = load(args.engine_dir, device=args.device, adaptive=args.adaptive)
+    apply_tp_threads(args)
+    gen = load(
+        args.engine_dir,
+        device=args.device,
+        adaptive=args.adaptive,
+        tp_size=args.tp_size,
+        tp_timeout=args.tp_timeout,
+    )
     if gen.policy is not None and not args.no_speculation:
         print(f"[run] {gen.policy_note}", file=sys.stderr)
     if gen.random_drafter and not args.no_speculation:

@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from ..errors import RedrafterError, require
-from .common import add_threads_argument, non_negative_int, positive_int, run_main
+from .common import (
+    add_threads_argument,
+    add_tp_arguments,
+    apply_tp_threads,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 
 #: ``--prefill_chunk`` default (prompt tokens per step) where the engine supports chunked prefill
 DEFAULT_PREFILL_CHUNK = 256
@@ -107,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn log level (default: %(default)s)",
     )
+    add_tp_arguments(p)
     return p
 
 
@@ -117,7 +125,14 @@ def make_state(args: argparse.Namespace):
     from ..serve.app import ServeState
 
     require(0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}")
-    gen = load(args.engine_dir, device=args.device, adaptive=getattr(args, "adaptive", "auto"))
+    apply_tp_threads(args)
+    gen = load(
+        args.engine_dir,
+        device=args.device,
+        adaptive=getattr(args, "adaptive", "auto"),
+        tp_size=args.tp_size,
+        tp_timeout=args.tp_timeout,
+    )
     be = gen.backend
     slots = args.max_batch_size or be.max_batch_size
     tokens = args.max_seq_len or be.max_seq_len

@@ -87,6 +87,18 @@ class Generator:
             "adaptive speculation off"  # why policy is (not) set; see runtime.loader.load
         )
 
+    def close(self) -> None:
+        """Release the backend (a tensor-parallel backend stops its other ranks); idempotent."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ prompts
     def encode(
         self,

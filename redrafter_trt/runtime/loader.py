@@ -72,6 +72,13 @@ def load_tokenizer(path: str | os.PathLike):
         raise RedrafterError(f"{path}: cannot load the tokenizer files ({e})") from e
 
 
+def _torch_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    require(dtype in DTYPES or dtype == "float64", f"dtype {dtype!r} not supported")
+    return torch.float64 if dtype == "float64" else DTYPES[dtype]
+
+
 def load(
     engine_dir: str | os.PathLike,
     device: str | None = None,
@@ -79,6 +86,8 @@ def load(
     proposer=None,
     adaptive: str = "auto",
     log=None,
+    tp_size: int | None = None,
+    tp_timeout: float | None = None,
 ) -> Generator:
     """Open an engine directory and return a :class:`~redrafter_trt.runtime.Generator`.
 
@@ -86,7 +95,13 @@ def load(
     machine and engine (:func:`redrafter_trt.runtime.adaptive.stored_policy`): ``auto`` (the
     default) and ``on`` use the one stored for this machine and thread count, or measure one now
     (seconds) and store it; ``off`` keeps the engine's fixed shape. ``gen.policy_note`` says
-    which applies; ``log`` gets the measurement's progress."""
+    which applies; ``log`` gets the measurement's progress.
+
+    ``tp_size``: the ranks to run a tensor-parallel engine on (None: the engine's own tp_size;
+    another number is an error naming both). A torch engine with tp_size > 1 starts its ranks
+    here (:mod:`redrafter_trt.runtime.tp`; under torchrun the ranks other than 0 follow rank 0
+    inside this call and exit); ``gen.close()`` stops them. ``tp_timeout``: seconds a collective
+    may wait for the other ranks."""
     engine_dir = require_model_dir(engine_dir, "--engine_dir", "engine")
     dev = resolve_device(device)
     cfg = read_engine_config(engine_dir)
@@ -94,17 +109,60 @@ def load(
         cfg["pretrained_config"], str(engine_dir / ENGINE_CONFIG)
     )
     bc = cfg["build_config"]
-    if cfg["backend"] == "trtllm":
+    if tp_size is not None:
+        require(
+            isinstance(tp_size, int) and tp_size >= 1, f"--tp_size must be >= 1, got {tp_size!r}"
+        )
+    tp = ckpt_cfg.tp_size if tp_size is None else tp_size
+    if cfg["backend"] == "torch" and (tp > 1 or ckpt_cfg.tp_size > 1):
+        from ..backends.tp import DEFAULT_TIMEOUT_S, check_rank_files, read_config_dict
+        from .tp import start_torch_tp
+
+        require(
+            proposer is None,
+            "proposer: a plugged-in proposer runs in one process; with tp_size > 1 every rank "
+            "runs the draft head",
+        )
+        # every rank file checked before any rank starts
+        check_rank_files(engine_dir, ckpt_cfg, tp, read_config_dict(engine_dir))
+        require(
+            adaptive != "on",
+            "--adaptive on: adaptive speculation is not available with tp_size > 1 "
+            "(its cost model times one process); use --adaptive off",
+        )
+        adaptive = "off"
+        backend = start_torch_tp(
+            engine_dir,
+            ckpt_cfg,
+            bc,
+            dev,
+            dtype=_torch_dtype(dtype),
+            timeout_s=tp_timeout or DEFAULT_TIMEOUT_S,
+            proposer=proposer,
+        )
+    elif cfg["backend"] == "trtllm" and (tp > 1 or ckpt_cfg.tp_size > 1):
+        from ..backends.tp import DEFAULT_TIMEOUT_S
+        from ..trtllm.build import engine_file
+        from ..trtllm.mpi import start_trtllm_tp  # lazy: needs TensorRT-LLM and mpi4py
+
+        n = ckpt_cfg.tp_size
+        require(
+            tp == n,
+            f"--tp_size {tp}: {engine_dir} was built for tp_size {n}; run it with --tp_size {n}",
+        )
+        missing = [engine_file(r) for r in range(n) if not (engine_dir / engine_file(r)).is_file()]
+        require(not missing, f"{engine_dir}: missing {', '.join(missing)} (tp_size {n})")
+        backend = start_trtllm_tp(
+            engine_dir, ckpt_cfg, bc, timeout_s=tp_timeout or DEFAULT_TIMEOUT_S
+        )
+    elif cfg["backend"] == "trtllm":
         from ..trtllm import runtime as trt_runtime  # lazy: needs TensorRT-LLM
 
         backend = trt_runtime.TrtllmBackend(engine_dir, ckpt_cfg, bc)
     elif cfg["backend"] == "torch":
         from ..backends.torch_backend import TorchBackend
 
-        torch_dtype = None
-        if dtype is not None:
-            require(dtype in DTYPES or dtype == "float64", f"dtype {dtype!r} not supported")
-            torch_dtype = torch.float64 if dtype == "float64" else DTYPES[dtype]
+        torch_dtype = _torch_dtype(dtype)
         _, base, drafter = load_checkpoint_models(engine_dir, dtype=torch_dtype, config=ckpt_cfg)
         backend = TorchBackend(
             base.to(dev),

@@ -23,8 +23,9 @@ graphs off. ``TrtllmBackend.uses_cuda_graphs``, ``cuda_graph_reason`` and ``grap
 what ran; ``timings`` has ``engine`` (Session.run), ``graph_capture`` (capture calls: an eager run
 plus the capture) and ``engine_graph`` (replays, input copies included).
 
-Not run on hardware yet (see :mod:`redrafter_trt.trtllm`). Tensor parallelism: engines with
-tp_size > 1 build, but this backend runs tp_size 1 only (multi-rank execution needs MPI ranks).
+Not run on hardware yet (see :mod:`redrafter_trt.trtllm`). Tensor parallelism: one backend per
+MPI rank, each over its ``rank{i}.engine`` on its own GPU, the engine's NCCL plugin doing the
+collectives; :mod:`redrafter_trt.trtllm.mpi` makes rank 0 drive the others.
 """
 
 from __future__ import annotations
@@ -306,18 +307,26 @@ class TrtllmBackend:
         *,
         cuda_graph: bool | None = None,
         graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE,
+        rank: int = 0,
     ):
-        require(
-            ckpt_cfg.tp_size == 1,
-            f"{engine_dir}: tp_size {ckpt_cfg.tp_size} engine; this runtime runs "
-            "tp_size 1 engines only (multi-GPU execution is not implemented yet)",
-        )
+        # rank: this process's tensor-parallel rank (an MPI rank, redrafter_trt.trtllm.mpi); it
+        # loads rank{rank}.engine on GPU rank % device_count, as TensorRT-LLM's ModelRunner does
+        # (runtime/model_runner.py: torch.cuda.set_device(rank % gpus_per_node))
+        tp = ckpt_cfg.tp_size
+        require(0 <= rank < tp, f"{engine_dir}: rank {rank} outside the engine's tp_size {tp}")
         trt, _ = require_trtllm("loading a trtllm engine")
         from tensorrt_llm.runtime import Session
 
         require(torch.cuda.is_available(), "the trtllm backend needs a CUDA GPU; none is visible")
         load_plugin_library()
-        self.device = torch.device("cuda")
+        self.rank = rank
+        self.device = (
+            torch.device("cuda", rank % torch.cuda.device_count())
+            if tp > 1
+            else (torch.device("cuda"))
+        )
+        if tp > 1:
+            torch.cuda.set_device(self.device)
         self.cfg = ckpt_cfg
         self.shape = C.StepShape(ckpt_cfg.num_beams, ckpt_cfg.draft_len)
         bc = build_config
@@ -333,8 +342,8 @@ class TrtllmBackend:
         # (the max_seq_len the engine's prepare_inputs saw), checked against the engine below
         self.kv_len, self.engine_max_blocks = kv_block_dims(bc)
         self.dtype = TORCH_DTYPES[ckpt_cfg.dtype]
-        path = Path(engine_dir) / engine_file(0)
-        require(path.is_file(), f"{engine_dir}: missing {engine_file(0)}")
+        path = Path(engine_dir) / engine_file(rank)
+        require(path.is_file(), f"{engine_dir}: missing {engine_file(rank)}")
         self.session = Session.from_serialized_engine(path.read_bytes())
         engine = self.session.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -353,9 +362,11 @@ class TrtllmBackend:
             )
         self.stream = torch.cuda.Stream(self.device)
         b = ckpt_cfg.base
+        # a rank's pool holds its KV heads: ceil(kv_heads / tp_size), as model_runner.py's
+        # num_kv_heads (heads shared by several ranks when tp_size exceeds them)
         self.layers, self.kv_heads, self.head_dim = (
             b.num_hidden_layers,
-            b.num_key_value_heads,
+            -(-b.num_key_value_heads // tp),
             b.head_size,
         )
         self.pool: torch.Tensor | None = None
