@@ -823,10 +823,10 @@ def test_run_summary_says_which_policy_ran_and_its_shapes(engine, tmp_path, caps
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[1, 2, 3]]))
     args = ["--engine_dir", engine, "--input_ids_file", ids, "--max_output_len", 8, "--threads", 1]
-    assert call(run_cli.main, args + ["--no_progress"]) == 0
+    assert call(run_cli.main, args + ["--no_progress", "--adaptive", "off"]) == 0
     err = capsys.readouterr().err
     assert "fixed 2x2" in err, err  # before: "(speculative)" whatever ran
-    out = run_json(capsys, engine, *args[2:])
+    out = run_json(capsys, engine, *args[2:], "--adaptive", "off")
     assert out["policy"] == "fixed 2x2" and out["chosen_shapes"] is None
     assert out["threads"] == 1
     # a cost model under which drafting never pays: the adaptive policy runs plain steps

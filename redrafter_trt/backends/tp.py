@@ -156,10 +156,10 @@ class RowParallelLinear(Linear):
     tp: TPGroup | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.device.type == "cpu":
+        if self.native and x.device.type == "cpu" and not torch.is_grad_enabled():
             from .. import native
 
-            y = native.linear(x, self.weight, None)
+            y = native.linear_packed(x, self.packed_weight(), None)
         else:
             y = F.linear(x, self.weight)
         if self.tp is not None:
