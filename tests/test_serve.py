@@ -204,11 +204,11 @@ def test_completion_and_chat_equal_the_runtime(client, engine_dir):
     r = raw.parse()
     assert r.choices[0].text == want.text and r.usage.completion_tokens == 20
     assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    # the steps' shapes follow the adaptive policy (its acceptance estimate has seen other
+    # requests): the text is the same, and the header agrees with the response's own steps
+    steps = r.model_extra["redrafter"]["accepted_per_step"]
     tps = float(raw.headers["x-redrafter-tokens-per-step"])
-    assert tps == pytest.approx(
-        sum(want.accepted_per_step[1:]) / len(want.accepted_per_step[1:]), abs=1e-3
-    )
-    assert r.model_extra["redrafter"]["accepted_per_step"] == want.accepted_per_step
+    assert tps == pytest.approx(sum(steps[1:]) / len(steps[1:]), abs=1e-3)
 
     chat_want = gen.generate(["what is 2+2?"], max_new_tokens=16, use_chat_template=True)[0]
     c = client.chat.completions.create(

@@ -130,8 +130,8 @@ def make_state(args: argparse.Namespace):
         args.engine_dir,
         device=args.device,
         adaptive=getattr(args, "adaptive", "auto"),
-        tp_size=args.tp_size,
-        tp_timeout=args.tp_timeout,
+        tp_size=getattr(args, "tp_size", None),
+        tp_timeout=getattr(args, "tp_timeout", None),
     )
     be = gen.backend
     slots = args.max_batch_size or be.max_batch_size

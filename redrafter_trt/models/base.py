@@ -372,7 +372,8 @@ class BaseModel(nn.Module):
 
     @property
     def native_linear(self) -> bool:
-        return bool(self.lm_head.native)
+        """True when the linear layers run on the CPU kernel (see :meth:`use_native_linear`)."""
+        return any(m.native for m in self.modules() if isinstance(m, Linear))
 
     def logits(self, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
         """Vocabulary logits [..., V]; ``float32`` = float32 products and output whatever the

@@ -112,7 +112,8 @@ class Drafter(nn.Module):
 
     @property
     def native_linear(self) -> bool:
-        return bool(self.lm_head[-1].native)
+        """True when the head's linear layers run on the CPU kernel (see :meth:`use_native_linear`)."""
+        return any(getattr(m, "native", False) for m in self.modules() if isinstance(m, Linear))
 
     def update_state(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
         """``s_t = SiLU(rnn_w(E(x)) + rnn_u(s_{t-1}))`` with rnn, else ``s_{t-1} + E(x)``."""
