@@ -951,3 +951,108 @@ def machine_limits(
         "read_bytes_per_s_1_thread": read[1],
         "fma_flops_per_s": peak,
     }
+
+
+# ---------------------------------------------------------------------- small per-layer ops
+_LAYER_OPS = {
+    "redrafter_rmsnorm_cpu": [_p, _p, _p, _i32, _i64, _i64, ctypes.c_float],
+    "redrafter_rope_cpu": [_p, _i32, _i64, _i64, _i64, _i64, _p, _p],
+    "redrafter_silu_mul_cpu": [_p, _p, _i32, _i64, _i64],
+}
+
+
+def _layer_op(name: str):
+    if name not in _linear_fns:
+        _bind(load_library(), library_path(), _LAYER_OPS)
+        for n in _LAYER_OPS:
+            _linear_fns[n] = getattr(load_library(), n)
+    return _linear_fns[name]
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (``cpp/src/layer_ops_cpu.cpp``): float32 arithmetic, each row
+    reduced alone in a fixed order; x and weight float32 or bfloat16 of one dtype."""
+    fn = _layer_op("redrafter_rmsnorm_cpu")
+    _check_linear_tensor("x", x)
+    if weight.dtype != x.dtype or weight.shape != (x.shape[-1],):
+        raise RedrafterError(
+            f"rmsnorm: weight must be [{x.shape[-1]}] {x.dtype}, got {weight.dtype} {list(weight.shape)}"
+        )
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    h = x.shape[-1]
+    _linear_status(
+        fn(
+            xc.data_ptr(),
+            weight.detach().contiguous().data_ptr(),
+            y.data_ptr(),
+            _LINEAR_DTYPES[x.dtype],
+            xc.numel() // h,
+            h,
+            float(eps),
+            _linear_msg,
+            _MSG_LEN,
+        )
+    )
+    return y
+
+
+def rope_(
+    x: torch.Tensor, offset: int, heads: int, head_size: int, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Rotate, in place, ``heads`` heads starting at column ``offset`` of every row of the
+    contiguous ``x`` [..., C] (a fused qkv output) by cos/sin [rows, head_size/2] float32."""
+    fn = _layer_op("redrafter_rope_cpu")
+    _check_linear_tensor("x", x)
+    if not x.is_contiguous():
+        raise RedrafterError("rope: x must be contiguous")
+    c = x.shape[-1]
+    rows = x.numel() // c
+    if (
+        offset + heads * head_size > c
+        or cos.shape != (rows, head_size // 2)
+        or sin.shape != cos.shape
+    ):
+        raise RedrafterError(
+            f"rope: {heads} heads of {head_size} at column {offset} of [{rows}, {c}] with cos "
+            f"{list(cos.shape)}: shapes disagree"
+        )
+    cc, sc = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    ptr = x.data_ptr() + offset * x.element_size()
+    _linear_status(
+        fn(
+            ptr,
+            _LINEAR_DTYPES[x.dtype],
+            rows,
+            heads,
+            head_size,
+            c,
+            cc.data_ptr(),
+            sc.data_ptr(),
+            _linear_msg,
+            _MSG_LEN,
+        )
+    )
+
+
+def silu_mul(ab: torch.Tensor) -> torch.Tensor:
+    """``silu(ab[..., :n]) * ab[..., n:]`` for ab [..., 2n] (float32 arithmetic)."""
+    fn = _layer_op("redrafter_silu_mul_cpu")
+    _check_linear_tensor("ab", ab)
+    abc = ab.contiguous()
+    n = ab.shape[-1] // 2
+    if ab.shape[-1] != 2 * n or n < 1:
+        raise RedrafterError(f"silu_mul: last dim must be even, got {list(ab.shape)}")
+    y = torch.empty((*ab.shape[:-1], n), dtype=ab.dtype)
+    _linear_status(
+        fn(
+            abc.data_ptr(),
+            y.data_ptr(),
+            _LINEAR_DTYPES[ab.dtype],
+            abc.numel() // (2 * n),
+            n,
+            _linear_msg,
+            _MSG_LEN,
+        )
+    )
+    return y

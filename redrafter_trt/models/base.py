@@ -144,12 +144,19 @@ def rope_inv_freq(cfg: BaseConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    #: on the CPU kernel (``cpp/src/layer_ops_cpu.cpp``), set with the linear layers
+    native = False
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
+            from .. import native
+
+            return native.rmsnorm(x, self.weight, self.eps)
         x32 = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
@@ -200,6 +207,10 @@ def set_native_linear(module: nn.Module, on: bool) -> None:
                 m.packed_weight()
             elif not on:
                 m.drop_packed()
+        elif isinstance(m, RMSNorm):
+            m.native = on
+        elif isinstance(m, MLP) and not on:
+            m._fused = m._fused_key = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -217,6 +228,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer_cache, slots, read_slots, write_pos, read_len, attn_mask):
         b, t, _ = x.shape
+        if cos.dim() == 2:  # the CPU kernels' step (BaseModel.forward chose it)
+            return self._forward_kernels(x, cos, sin, layer_cache, slots, write_pos, attn_mask)
         q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
         q = _rotate(q.view(b, t, self.nh, self.hd), cos, sin)
         k = _rotate(k.view(b, t, self.nkv, self.hd), cos, sin)
@@ -224,17 +237,31 @@ class Attention(nn.Module):
         rows = slots[:, None]
         layer_cache[0, rows, :, write_pos] = k.to(layer_cache.dtype)
         layer_cache[1, rows, :, write_pos] = v.to(layer_cache.dtype)
-        if self.qkv.native and x.device.type == "cpu" and layer_cache.is_contiguous():
-            from .. import native  # batch-invariant: a tree node gets its plain-decoding bits
-
-            out = native.attention(q.to(torch.float32), layer_cache, slots, attn_mask)
-            return self.dense(out.to(x.dtype).reshape(b, t, self.nh * self.hd))
         keys = layer_cache[0, read_slots, :, :read_len].to(q.dtype)  # [B, nkv, S, hd]
         values = layer_cache[1, read_slots, :, :read_len].to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=attn_mask[:, None], enable_gqa=True
         )
         return self.dense(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+    def _forward_kernels(self, x, cos, sin, layer_cache, slots, write_pos, attn_mask):
+        """The step on the CPU kernels: fused qkv, RoPE in place, KV write, batch-invariant
+        attention (a tree node gets its plain-decoding bits), output projection."""
+        from .. import native
+
+        b, t, _ = x.shape
+        nq, nk = self.nh * self.hd, self.nkv * self.hd
+        qkv = self.qkv(x)  # [B, T, (nh + 2 nkv) hd], contiguous
+        native.rope_(qkv, 0, self.nh, self.hd, cos, sin)
+        native.rope_(qkv, nq, self.nkv, self.hd, cos, sin)
+        k = qkv[..., nq : nq + nk].view(b, t, self.nkv, self.hd)
+        v = qkv[..., nq + nk :].view(b, t, self.nkv, self.hd)
+        rows = slots[:, None]
+        layer_cache[0, rows, :, write_pos] = k.to(layer_cache.dtype)
+        layer_cache[1, rows, :, write_pos] = v.to(layer_cache.dtype)
+        q = qkv[..., :nq].reshape(b, t, self.nh, self.hd).to(torch.float32)
+        out = native.attention(q, layer_cache, slots, attn_mask)
+        return self.dense(out.to(x.dtype).reshape(b, t, nq))
 
 
 class MLP(nn.Module):
@@ -246,7 +273,25 @@ class MLP(nn.Module):
         self.gate = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+    _fused: Any = None
+    _fused_key: tuple | None = None
+
     def forward(self, x):
+        if self.fc.native and x.device.type == "cpu" and not torch.is_grad_enabled():
+            from .. import native
+
+            # gate_proj and up_proj as one packed [2I, H] weight (each output its own FMA chain:
+            # the same bits as two calls), then silu(a) * b in one pass
+            key = (self.fc.packed_weight(), self.gate.packed_weight())
+            if self._fused_key is None or any(a is not b for a, b in zip(key, self._fused_key)):
+                w = torch.cat([self.fc.weight.detach(), self.gate.weight.detach()])
+                bias = None
+                if self.fc.bias is not None:
+                    bias = torch.cat([self.fc.bias.detach(), self.gate.bias.detach()])
+                self._fused, self._fused_key = (native.pack_linear(w), bias), key
+            packed, bias = self._fused
+            ab = native.linear_packed(x, packed, bias)
+            return self.proj(native.silu_mul(ab))
         return self.proj(F.silu(self.fc(x)) * self.gate(x))
 
 
@@ -354,8 +399,18 @@ class BaseModel(nn.Module):
         mask = (rel < 0)[:, None, :] | (in_block[:, None, :] & gathered)
         freqs = positions.to(torch.float64)[..., None] * self.inv_freq  # [B, T, hd/2]
         dtype = self.lm_head.weight.dtype
-        cos = torch.cos(freqs).to(dtype)[:, :, None, :]
-        sin = torch.sin(freqs).to(dtype)[:, :, None, :]
+        kernels = (
+            self.lm_head.native
+            and input_ids.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and cache.is_contiguous()
+        )
+        if kernels:  # the CPU kernels' tables: float32 [B*T, hd/2]
+            cos = torch.cos(freqs).to(torch.float32).reshape(b * t, -1)
+            sin = torch.sin(freqs).to(torch.float32).reshape(b * t, -1)
+        else:
+            cos = torch.cos(freqs).to(dtype)[:, :, None, :]
+            sin = torch.sin(freqs).to(dtype)[:, :, None, :]
         x = self.transformer.vocab_embedding(input_ids.to(torch.int64))
         # Contiguous slots (the usual case) are read as a view instead of a gathered copy.
         s0 = int(slots[0])
