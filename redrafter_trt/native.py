@@ -631,7 +631,7 @@ LINEAR_PANEL = 16
 
 def _linear_symbol(name: str = "redrafter_linear_cpu"):
     """The linear kernel's C functions, bound once (a library built before them raises)."""
-    if not _linear_fns:
+    if "redrafter_linear_cpu" not in _linear_fns:
         lib = load_library()
         _bind(lib, library_path(), _LINEAR_SIGNATURES)
         for fn_name, argtypes in (

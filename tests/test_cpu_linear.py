@@ -292,3 +292,66 @@ def test_speculation_on_the_kernels_equals_plain_for_every_shape_batch_and_threa
                 gen.policy = None
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- small per-layer ops
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_ops_match_torch_and_are_row_invariant(dtype):
+    from redrafter_trt.models.base import _rotate
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, 100, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(100, generator=g)).to(dtype)
+    y = native.rmsnorm(x, w, 1e-6)
+    x32 = x.float()
+    ref = w.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(y.float(), ref, atol=tol, rtol=tol)
+    assert torch.equal(native.rmsnorm(x[2:3, 1:2], w, 1e-6), y[2:3, 1:2])  # a row alone
+
+    ab = torch.randn(5, 64, generator=g).to(dtype)
+    got = native.silu_mul(ab)
+    want = torch.nn.functional.silu(ab[:, :32].float()) * ab[:, 32:].float()
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+    heads, hd = 3, 16
+    qkv = torch.randn(4, 2 * heads * hd + 8, generator=g).to(dtype)
+    ang = torch.rand(4, hd // 2, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    rotated = qkv.clone()
+    native.rope_(rotated, heads * hd, heads, hd, cos, sin)  # the second group of heads only
+    part = qkv[:, heads * hd : 2 * heads * hd].float().view(4, heads, hd)
+    want = _rotate(part, cos[:, None], sin[:, None]).reshape(4, -1)
+    assert torch.allclose(rotated[:, heads * hd : 2 * heads * hd].float(), want, atol=tol, rtol=tol)
+    assert torch.equal(rotated[:, : heads * hd], qkv[:, : heads * hd])  # untouched around it
+    assert torch.equal(rotated[:, 2 * heads * hd :], qkv[:, 2 * heads * hd :])
+    with pytest.raises(RedrafterError, match="shapes disagree"):
+        native.rope_(rotated, 2 * heads * hd, heads, hd, cos, sin)
+
+
+def test_kernel_forward_matches_the_torch_forward():
+    """The whole base forward on the kernels agrees with the torch path (the oracle) to float32
+    rounding, on prompts and tree blocks."""
+    from redrafter_trt.models.base import BaseConfig, BaseModel
+
+    torch.manual_seed(0)
+    for cfg in (
+        BaseConfig("LlamaForCausalLM", 97, 64, 96, 2, 4, 2, 16),
+        BaseConfig("QWenForCausalLM", 97, 64, 96, 2, 4, 1, 16, qkv_bias=True),
+    ):
+        m = BaseModel(cfg).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.2)
+        ids = torch.randint(0, 97, (2, 9))
+        pos = torch.arange(9)[None].expand(2, 9)
+        mask = torch.ones(9, 9, dtype=torch.bool).tril()[None].expand(2, 9, 9)
+        outs = []
+        for on in (False, True):
+            m.use_native_linear(on)
+            cache = m.new_cache(2, 16)
+            with torch.inference_mode():
+                outs.append(
+                    m(ids, pos, cache, torch.arange(2), torch.zeros(2, dtype=torch.long), mask)
+                )
+        assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -138,7 +138,8 @@ int32_t redrafter_silu_mul_cpu(const void* ab, void* y, int32_t dtype, int64_t r
         if (!ab || !y) return Status::error(StatusCode::kInvalidArgument, "silu_mul: null pointer argument");
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t i = 0; i < n; ++i) {
-                const float a = redrafter::get(ab, dtype, r * 2 * n + i), b = redrafter::get(ab, dtype, r * 2 * n + n + i);
+                const float a = redrafter::get(ab, dtype, r * 2 * n + i),
+                            b = redrafter::get(ab, dtype, r * 2 * n + n + i);
                 const float act = redrafter::roundTo(dtype, a / (1.0f + std::exp(-a)));
                 redrafter::put(y, dtype, r * n + i, act * b);
             }
