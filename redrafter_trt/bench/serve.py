@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--adaptive",
         choices=("auto", "on", "off"),
         default="auto",
-        help="the speculative mode's policy, as redrafter-serve --adaptive: auto = the engine's "
-        "stored cost model (ENGINE_DIR/cost_model.json) when it matches this machine, on = "
-        "require it, off = the engine's fixed beam shape; the JSON records which ran and the "
-        "shapes it chose (default: %(default)s)",
+        help="the speculative mode's policy, as redrafter-serve --adaptive: auto/on = shapes "
+        "per step from this machine's cost model (kept in ENGINE_DIR/cost_model.json, measured "
+        "at load when none matches), off = the engine's fixed beam shape; the JSON records "
+        "which ran and the shapes it chose (default: %(default)s)",
     )
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")

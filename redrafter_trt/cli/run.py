@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--adaptive",
         choices=("auto", "on", "off"),
         default="auto",
-        help="per step, draft the beams and depth (down to none) that the engine's stored "
-        "cost model (ENGINE_DIR/cost_model.json, from redrafter-bench --calibrate) "
-        "predicts pay at the current batch size; auto = when a model measured on "
-        "this machine for this engine is stored, on = require it, off = always the "
-        "engine's own shape (default: %(default)s)",
+        help="per step, draft the beams and depth (down to none, plain decoding) that a cost "
+        "model of this machine and engine predicts pay at the current batch size. auto and on: "
+        "the model kept in ENGINE_DIR/cost_model.json for this machine and thread count, or "
+        "one measured at load (seconds) and kept there (the user cache for a read-only "
+        "engine); auto falls back to the fixed shape where no model can be had (a TensorRT-LLM "
+        "engine, no draft head), on refuses; off = always the engine's own shape "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--use_chat_template",
@@ -424,7 +426,7 @@ class ShapeLog:
 
 
 def policy_name(gen, args) -> str:
-    """``plain``, ``adaptive`` (shapes chosen per step from the stored cost model) or
+    """``plain``, ``adaptive`` (shapes chosen per step from the cost model) or
     ``fixed WxD`` (the engine's own beam shape every step)."""
     if args.no_speculation:
         return "plain"

@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--adaptive",
         choices=("auto", "on", "off"),
         default="auto",
-        help="per step, draft the beams and depth (down to none) that the engine's stored "
-        "cost model (ENGINE_DIR/cost_model.json, from redrafter-bench --calibrate) "
-        "predicts pay at the current batch size; auto = when one measured on this "
-        "machine for this engine is stored, on = require it, off = always the "
-        "engine's own shape (default: %(default)s)",
+        help="per step, draft the beams and depth (down to none, plain decoding) that a cost "
+        "model of this machine and engine predicts pay at the current batch size. auto and on: "
+        "the model kept in ENGINE_DIR/cost_model.json for this machine and thread count, or "
+        "one measured at load (seconds) and kept there (the user cache for a read-only "
+        "engine); auto falls back to the fixed shape where no model can be had (a TensorRT-LLM "
+        "engine, no draft head), on refuses; off = always the engine's own shape "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--served_model_name",
@@ -168,7 +170,7 @@ def make_state(args: argparse.Namespace):
         max_prefill_tokens=args.max_prefill_tokens,
         prefill_chunk=chunk or None,
     )
-    sched.policy = gen.policy  # adaptive speculation from the stored cost model (None: fixed shape)
+    sched.policy = gen.policy  # adaptive speculation (None: the fixed shape)
     name = args.served_model_name or Path(args.engine_dir).resolve().name
     return ServeState(sched, name, speculative=not args.no_speculation), gen
 
