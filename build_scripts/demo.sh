@@ -96,6 +96,18 @@ for i, (s, p) in enumerate(zip(spec["outputs"], plain["outputs"])):
     print(f"[{i}] {s['output_text']!r}")
     print(f"    tokens per step: {s['accepted_per_step'][1:]}")
     print(f"    identical to plain decoding: {s['output_token_ids'] == p['output_token_ids']}")
+if spec.get("policy") == "adaptive":
+    shapes = ", ".join(f"{c['shape']}{' (plain)' if c['shape'].endswith('x0') else ''}: "
+                       f"{c['steps']} steps" for c in spec.get("chosen_shapes") or [])
+    print(f"adaptive speculation ({spec.get('policy_note')}) chose beams x depth per step: {shapes}")
+    why = spec.get("policy_why")
+    if why:
+        print(f"  why: at batch {why['batch']} the best speculative shape, {why['best_speculative']}, "
+              f"is predicted at {why['predicted_speedup']:.2f}x plain decoding (it drafts above "
+              f"{why['speculates_above']:.2f}x), with the head's estimated acceptance "
+              f"P(>= j) = {why['estimated_acceptance']} and this machine's measured step costs")
+else:
+    print(f"speculation policy: {spec.get('policy')}")
 print(f"measured on these prompts: speculative {spec['tokens_per_step']:.2f} tokens/step "
       f"({spec['num_steps']} steps, {spec['wall_s']:.2f} s); plain {plain['tokens_per_step']:.2f} "
       f"tokens/step ({plain['num_steps']} steps, {plain['wall_s']:.2f} s)")

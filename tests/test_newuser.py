@@ -848,6 +848,9 @@ def test_run_summary_says_which_policy_ran_and_its_shapes(engine, tmp_path, caps
         out = run_json(capsys, engine, *args[2:], "--adaptive", "on")
         assert out["policy"] == "adaptive"
         assert [c["shape"] for c in out["chosen_shapes"]] == ["1x0"]
+        why = out["policy_why"]  # why it stayed plain: no shape is predicted to pay
+        assert why["predicted_speedup"] < why["speculates_above"] and why["batch"] == 1
+        assert str(engine / "cost_model.json") in out["policy_note"]
         assert sum(c["steps"] for c in out["chosen_shapes"]) >= 1
     finally:
         (engine / "cost_model.json").unlink()

@@ -382,6 +382,8 @@ def run(args: argparse.Namespace) -> int:
         "speculative": not args.no_speculation,
         "policy": policy_name(gen, args),
         "chosen_shapes": shapes.counts() if shapes is not None else None,
+        "policy_note": gen.policy_note if gen.policy is not None else None,
+        "policy_why": policy_why(gen.policy, len(prompts)) if gen.policy is not None else None,
         "threads": getattr(args, "threads_used", None),
     }
     if args.json:
@@ -423,6 +425,23 @@ class ShapeLog:
             {"shape": f"{w}x{d}", "steps": n}
             for (w, d), n in sorted(self.chosen.items(), key=lambda kv: -kv[1])
         ]
+
+
+def policy_why(policy, batch: int) -> dict | None:
+    """Why the adaptive policy chose as it did, at the end of the run: its acceptance estimate,
+    the best speculative shape at this batch size and that shape's predicted speed-up over
+    plain decoding (the policy drafts only above 1 + its margin)."""
+    try:
+        (w, d), gain = policy.best(batch)
+        return {
+            "batch": batch,
+            "best_speculative": f"{w}x{d}",
+            "predicted_speedup": round(float(gain), 3),
+            "speculates_above": round(1 + float(policy.margin), 3),
+            "estimated_acceptance": [round(float(p), 3) for p in policy.survival[w]],
+        }
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def policy_name(gen, args) -> str:
