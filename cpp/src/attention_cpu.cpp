@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_numeric.h"
 #include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
 #include "redrafter/common.h"
@@ -35,15 +36,11 @@
 namespace redrafter {
 namespace {
 
-constexpr int32_t kF32 = 0;
-constexpr int32_t kBF16 = 2;
+using cpu::bf16ToF32;
+using cpu::f32ToBf16;
+using cpu::kBF16;
+using cpu::kF32;
 
-inline float bf16ToF32(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
 inline float ld(const float* p) { return *p; }
 inline float ld(const uint16_t* p) { return bf16ToF32(*p); }
 

@@ -12,29 +12,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_numeric.h"
 #include "redrafter/c_abi_guard.h"
 #include "redrafter/common.h"
 
 namespace redrafter {
 namespace {
 
-constexpr int32_t kF32 = 0;
-constexpr int32_t kBF16 = 2;
-
-inline float bf16ToF32(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t f32ToBf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
+using cpu::bf16ToF32;
+using cpu::f32ToBf16;
+using cpu::kBF16;
+using cpu::kF32;
 
 inline float get(const void* p, int32_t dt, int64_t i) {
     return dt == kF32 ? static_cast<const float*>(p)[i] : bf16ToF32(static_cast<const uint16_t*>(p)[i]);

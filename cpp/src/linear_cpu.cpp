@@ -35,6 +35,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_numeric.h"
 #include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
 #include "redrafter/common.h"
@@ -47,26 +48,13 @@
 namespace redrafter {
 namespace {
 
-constexpr int32_t kF32 = 0;
-constexpr int32_t kBF16 = 2;
+using cpu::bf16ToF32;
+using cpu::f32ToBf16;
+using cpu::kBF16;
+using cpu::kF32;
 constexpr int64_t kPanel = 16;     // output columns per panel
 constexpr int64_t kMaxRows = 6;    // rows per register tile
 constexpr int64_t kRowBlock = 48;  // rows sharing one pass over a panel (8 tiles)
-
-inline float bf16ToF32(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t f32ToBf16(float f) {  // round to nearest even, NaN kept quiet
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
 
 inline float loadW(const float* p) { return *p; }
 inline float loadW(const uint16_t* p) { return bf16ToF32(*p); }

@@ -39,7 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli.common import add_threads_argument, non_negative_int, positive_int, run_main
+from ..cli.common import (
+    add_adaptive_argument,
+    add_threads_argument,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from ..errors import RedrafterError, require
 
 PROMPTS = [
@@ -257,14 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="--soak: seed of the request mix (default: %(default)s)"
     )
     add_threads_argument(p)
-    p.add_argument(
-        "--adaptive",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="the speculative mode's policy, as redrafter-serve --adaptive: auto/on = shapes "
-        "per step from this machine's cost model (kept in ENGINE_DIR/cost_model.json, measured "
-        "at load when none matches), off = the engine's fixed beam shape; the JSON records "
-        "which ran and the shapes it chose (default: %(default)s)",
+    add_adaptive_argument(
+        p, "the speculative mode's policy; the JSON records which ran and the shapes it chose. "
     )
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")

@@ -158,6 +158,23 @@ def default_threads(cores: int | None = None, local_ranks: int | None = None) ->
     return n, why
 
 
+def add_adaptive_argument(p: argparse.ArgumentParser, lead: str = "") -> None:
+    """``--adaptive auto|on|off`` on a command that runs an engine."""
+    p.add_argument(
+        "--adaptive",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=lead
+        + "per step, draft the beams and depth (down to none, plain decoding) that a cost "
+        "model of this machine and engine predicts pay at the current batch size. auto and on: "
+        "the model kept in ENGINE_DIR/cost_model.json for this machine and thread count, or "
+        "one measured at load (seconds) and kept there (the user cache for a read-only "
+        "engine); auto falls back to the fixed shape where no model can be had (a TensorRT-LLM "
+        "engine, no draft head), on refuses; off = always the engine's own shape "
+        "(default: %(default)s)",
+    )
+
+
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """``--threads N`` on a command that runs a model."""
     p.add_argument(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import RedrafterError, require
 from .common import (
+    add_adaptive_argument,
     add_threads_argument,
     add_tp_arguments,
     apply_tp_threads,
@@ -82,18 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="plain decoding for every request (speculation is on by default)",
     )
-    p.add_argument(
-        "--adaptive",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="per step, draft the beams and depth (down to none, plain decoding) that a cost "
-        "model of this machine and engine predicts pay at the current batch size. auto and on: "
-        "the model kept in ENGINE_DIR/cost_model.json for this machine and thread count, or "
-        "one measured at load (seconds) and kept there (the user cache for a read-only "
-        "engine); auto falls back to the fixed shape where no model can be had (a TensorRT-LLM "
-        "engine, no draft head), on refuses; off = always the engine's own shape "
-        "(default: %(default)s)",
-    )
+    add_adaptive_argument(p)
     p.add_argument(
         "--served_model_name",
         default=None,
