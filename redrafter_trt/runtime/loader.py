@@ -95,7 +95,8 @@ def load(
     machine and engine (:func:`redrafter_trt.runtime.adaptive.stored_policy`): ``auto`` (the
     default) and ``on`` use the one stored for this machine and thread count, or measure one now
     (seconds) and store it; ``off`` keeps the engine's fixed shape. ``gen.policy_note`` says
-    which applies; ``log`` gets the measurement's progress.
+    which applies; ``log`` gets the measurement's progress. With a plugged-in ``proposer``,
+    ``auto`` keeps the fixed shape (the cost model times the draft head, not the proposer).
 
     ``tp_size``: the ranks to run a tensor-parallel engine on (None: the engine's own tp_size;
     another number is an error naming both). A torch engine with tp_size > 1 starts its ranks
@@ -186,7 +187,11 @@ def load(
     )
     from .adaptive import stored_policy
 
-    gen.policy, gen.policy_note = stored_policy(backend, engine_dir, adaptive, log=log)
+    if proposer is not None and adaptive == "auto":
+        # the cost model times the draft head, not a plugged-in proposer: its fixed shape
+        gen.policy, gen.policy_note = None, "adaptive speculation off: a plugged-in proposer"
+    else:
+        gen.policy, gen.policy_note = stored_policy(backend, engine_dir, adaptive, log=log)
     return gen
 
 
