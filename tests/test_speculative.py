@@ -362,3 +362,47 @@ def test_logprobs_are_the_base_models_own_with_and_without_speculation(
         np.testing.assert_allclose(
             [[v for _, v in top] for top in s.top_logprobs], top_lp.tolist(), rtol=0, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, 0), (0.8, 11)])
+def test_logprobs_on_the_cpu_kernels_are_bit_identical_with_and_without_speculation(
+    tiny_dirs, temperature, seed
+):
+    """On the CPU kernels (float32, batch-invariant) a verified token's logits have the bits of
+    its plain-decoding logits, so its log-probabilities are exactly equal, not only close."""
+    from dataclasses import replace
+
+    from redrafter_trt.runtime.scheduler import SamplingParams, Scheduler
+
+    w, d = 3, 3
+    prompts = PROMPTS[:3]
+    params = SamplingParams(
+        max_new_tokens=16, temperature=temperature, seed=seed, ignore_eos=True, logprobs=3
+    )
+
+    def serve(gen, speculative):
+        s = Scheduler(gen.backend, max_slots=3, tokens_per_slot=64)
+        reqs = [
+            s.submit(p, replace(params, speculative=speculative, stream=i))
+            for i, p in enumerate(prompts)
+        ]
+        while not all(r.finished for r in reqs):
+            s.step()
+        return reqs
+
+    plain_gen = tiny_generator(tiny_dirs["llama"], w, d, dtype=torch.float32)
+    assert plain_gen.backend.native_linear
+    plain = serve(plain_gen, False)
+    truth = {i: prompts[i] + r.tokens for i, r in enumerate(plain)}
+    gen = tiny_generator(
+        tiny_dirs["llama"],
+        w,
+        d,
+        dtype=torch.float32,
+        proposer=OracleProposer(truth, w, d, 97, seed=2),
+    )
+    spec = serve(gen, True)
+    assert max(a for r in spec for a in r.accepted[1:]) > 1  # drafts were accepted
+    for p, s in zip(plain, spec):
+        assert s.tokens == p.tokens
+        assert s.logprobs == p.logprobs and s.top_logprobs == p.top_logprobs
