@@ -252,16 +252,18 @@ def test_machine_limits_are_measured():
 
 
 # ---------------------------------------------------------------------- whole steps on the kernels
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "arch,dtype", [("llama", torch.float32), ("qwen2", torch.float32), ("llama", torch.bfloat16)]
+)
 def test_speculation_on_the_kernels_equals_plain_for_every_shape_batch_and_thread_count(
-    tiny_dirs, arch
+    tiny_dirs, arch, dtype
 ):
     """Greedy output with the CPU kernels (the default on x86): every shape the adaptive policy
     can choose, batch sizes 1 and 3, one and two threads, gives plain decoding's exact tokens."""
     from conftest import tiny_generator
     from redrafter_trt.runtime.adaptive import AdaptivePolicy
 
-    gen = tiny_generator(tiny_dirs[arch], 3, 3, dtype=torch.float32)
+    gen = tiny_generator(tiny_dirs[arch], 3, 3, dtype=dtype)
     assert gen.backend.native_linear
     prompts = [[5, 9, 2, 7], [11, 3], [8, 8, 8, 1, 4, 6]]
     before = torch.get_num_threads()
@@ -290,6 +292,10 @@ def test_speculation_on_the_kernels_equals_plain_for_every_shape_batch_and_threa
                     spec = [r.token_ids for r in gen.generate(ps, max_new_tokens=12)]
                     assert spec == plain, (threads, batch, shape)
                 gen.policy = None
+                # seeded sampling: the same draws, the same tokens
+                kw = dict(max_new_tokens=12, temperature=0.8, seed=3)
+                sampled = [r.token_ids for r in gen.generate(ps, speculative=False, **kw)]
+                assert [r.token_ids for r in gen.generate(ps, **kw)] == sampled
     finally:
         torch.set_num_threads(before)
 
