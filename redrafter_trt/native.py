@@ -947,6 +947,7 @@ def machine_limits(
     peak = chunks * iters * 12 * lanes * 2 / t
     return {
         "threads": nt,
+        "simd": {2: "AVX-512", 1: "AVX2+FMA"}.get(simd_level(), "portable (no AVX2+FMA)"),
         "read_bytes_per_s": read[nt],
         "read_bytes_per_s_1_thread": read[1],
         "fma_flops_per_s": peak,

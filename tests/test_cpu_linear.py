@@ -361,3 +361,24 @@ def test_kernel_forward_matches_the_torch_forward():
                     m(ids, pos, cache, torch.arange(2), torch.zeros(2, dtype=torch.long), mask)
                 )
         assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_default_kernels_need_x86_simd_and_say_why_not(monkeypatch, capsys):
+    import platform
+
+    from redrafter_trt.backends import torch_backend as tb
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(tb.CPU_LINEAR_ENV, raising=False)
+    assert tb.default_native_linear(cpu, torch.float32) == (native.simd_level() > 0)
+    assert not tb.default_native_linear(cpu, torch.float64)
+    monkeypatch.setenv(tb.CPU_LINEAR_ENV, "torch")
+    assert not tb.default_native_linear(cpu, torch.float32)
+    monkeypatch.delenv(tb.CPU_LINEAR_ENV)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not tb.default_native_linear(cpu, torch.float32)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "simd_level", lambda: 0)
+    monkeypatch.setattr(tb, "_NO_SIMD_SAID", False)
+    assert not tb.default_native_linear(cpu, torch.float32)
+    assert "no AVX2+FMA" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -95,16 +96,36 @@ CPU_LINEAR_ENV = "REDRAFTER_CPU_LINEAR"
 
 
 def default_native_linear(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the base's linear layers run on the batch-invariant CPU kernel by default: on an
-    x86 CPU (AVX2+FMA or its portable path) with float32/bfloat16 weights where the library loads,
-    unless ``$REDRAFTER_CPU_LINEAR=torch``."""
+    """Whether the base's linear layers run on the batch-invariant CPU kernels by default: on an
+    x86 CPU with AVX2+FMA (or AVX-512) and float32/bfloat16 weights where the library loads,
+    unless ``$REDRAFTER_CPU_LINEAR=torch``. An x86 CPU without AVX2+FMA keeps the torch path and
+    says so once on stderr (the kernels' portable path gives the same bits, but slowly)."""
     import platform
 
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     if os.environ.get(CPU_LINEAR_ENV, "").strip().lower() == "torch":
         return False
-    return platform.machine().lower() in ("x86_64", "amd64", "i686") and native.linear_available()
+    if (
+        platform.machine().lower() not in ("x86_64", "amd64", "i686")
+        or not native.linear_available()
+    ):
+        return False
+    if native.simd_level() == 0:
+        global _NO_SIMD_SAID
+        if not _NO_SIMD_SAID:
+            print(
+                "note: this CPU has no AVX2+FMA: the model runs on torch's kernels, not the "
+                "toolkit's batch-invariant ones (set TorchBackend(native_linear=True) for their "
+                "portable path: the same bits, slower)",
+                file=sys.stderr,
+            )
+            _NO_SIMD_SAID = True
+        return False
+    return True
+
+
+_NO_SIMD_SAID = False
 
 
 def require_native_linear(dtype: torch.dtype) -> None:

@@ -126,6 +126,7 @@ def limits_section(backend: TorchBackend, rows: Sequence[int] = LINEAR_ROWS) -> 
         table[m] = row
     return {
         "threads": lim["threads"],
+        "simd": lim["simd"],
         "read_gb_per_s": round(bw / 1e9, 2),
         "read_gb_per_s_1_thread": round(lim["read_bytes_per_s_1_thread"] / 1e9, 2),
         "fma_gflop_per_s": round(peak / 1e9, 1),
@@ -188,7 +189,7 @@ def calibrate(
 
 def limits_markdown(lim: dict[str, Any]) -> list[str]:
     lines = [
-        f"machine limits ({lim['threads']} threads): read {lim['read_gb_per_s']} GB/s "
+        f"machine limits ({lim['threads']} threads, kernels on their {lim['simd']} path): read {lim['read_gb_per_s']} GB/s "
         f"({lim['read_gb_per_s_1_thread']} with 1 thread), float32 FMA peak "
         f"{lim['fma_gflop_per_s']} GFLOP/s; linear weights {lim['linear_weight_mb']} MB per forward",
         "",
