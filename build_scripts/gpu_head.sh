@@ -51,6 +51,7 @@
 # argument, no GPU, or a missing prompt package.
 set -euo pipefail
 
+args=("$@")
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "gpu_head.sh: $*" >&2; exit 2; }
@@ -181,7 +182,9 @@ timeout --signal=TERM "$cap" "$PY" -m redrafter_trt.cli.train gen-data --model_d
 [ "$rc" = 0 ] || [ "$rc" = 124 ] || fail "gen-data failed (exit $rc)"
 gen_s=$((SECONDS - t))
 # Keep the whole records (the cap may stop a write), then count them.
-"$PY" - "$work/answers.jsonl" "$gen_s" "$rc" << 'EOF' || fail "gen-data wrote no answers"
+rm -f "$work/summary.txt"
+summary="$work/summary.txt"
+"$PY" - "$work/answers.jsonl" "$gen_s" "$rc" << 'EOF' | tee -a "$summary" || fail "no answers"
 import json, os, sys
 path, seconds, rc = sys.argv[1], max(1, int(sys.argv[2])), sys.argv[3]
 rows = []
@@ -191,7 +194,7 @@ for line in open(path, encoding="utf-8") if os.path.exists(path) else []:
     except json.JSONDecodeError:
         pass  # a record cut by the time cap
 if not rows:
-    sys.exit(1)
+    sys.exit(f"gpu_head.sh: gen-data wrote no whole answer in {seconds} s to {path}")
 with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 os.replace(path + ".tmp", path)
@@ -216,7 +219,7 @@ train train --model_dir "$model" --data "$work/answers.jsonl" $extra_data --outp
   --batch_size "$batch_size" "${length[@]}" --cache_dir "$work/cache" \
   --checkpoint_dir "$work/checkpoints" --device "$device" --overwrite --no_progress \
   "${threads[@]}" >&2 || fail "train failed"
-"$PY" - "$out/training_report.json" "$((SECONDS - t))" << 'EOF'
+"$PY" - "$out/training_report.json" "$((SECONDS - t))" << 'EOF' | tee -a "$work/summary.txt"
 import json, sys
 r = json.load(open(sys.argv[1]))
 top1 = " ".join(f"{a:.3f}" for a in r["eval"]["top1_accuracy_per_depth"])
@@ -244,7 +247,24 @@ phase "3. eval: $eval_limit $eval_prompts prompts x $eval_tokens new tokens, gre
 t=$SECONDS
 tps="$(measure "$out" "$work/eval.json")"
 echo "eval: $tps tokens/step (trained head, $eval_limit prompts of $eval_prompts x" \
-  "$eval_tokens tokens, W=4 D=4, output identical to plain decoding; $((SECONDS - t)) s)"
+  "$eval_tokens tokens, W=4 D=4, output identical to plain decoding; $((SECONDS - t)) s)" |
+  tee -a "$work/summary.txt"
+# The head's data card: what this run read and printed (packaged with the head by --install).
+{
+  echo "# Data card: a draft head trained by build_scripts/gpu_head.sh"
+  echo
+  echo "- Base model: $model; device: $device ($precision); $(date -u +%Y-%m-%d)."
+  echo "- Command: \`bash build_scripts/gpu_head.sh ${args[*]}\`"
+  echo "- Training data: the base's greedy answers ($gen_tokens new tokens at most) to the" \
+    "prompt sources $prompts (gen-data, in $work/answers.jsonl), plus: ${extra_data:-nothing}."
+  echo "- Prompts are read from installed packages or the files named; none is stored here."
+  echo "- Head: exit_dim $exit_dim, 1 residual block, RNN, the base's frozen vocabulary" \
+    "projection, D=4, forward KL over the batch vocabulary; training_report.json has the rest."
+  echo
+  echo "What the run printed:"
+  echo
+  sed 's/^/    /' "$work/summary.txt"
+} > "$out/DATA.md"
 echo "total: $((SECONDS - t_all)) s"
 [ $((SECONDS - t_all)) -le 600 ] || echo "gpu_head.sh: over the 10-minute budget" >&2
 
@@ -256,5 +276,5 @@ if [ "$install" = 1 ]; then
     "$tps" "$old" || fail "not installed: the trained head does not beat the shipped one"
   "$PY" -m redrafter_trt.heads.package --head "$out" --model_dir smollm2 --output "$shipped" \
     --overwrite
-  echo "installed $out -> $shipped (update DATA.md there with this run's data)"
+  echo "installed $out -> $shipped (with its training_report.json and DATA.md)"
 fi

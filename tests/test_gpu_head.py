@@ -126,6 +126,18 @@ def test_cpu_form_runs_every_phase_and_writes_a_head_that_loads(text_model, prom
     assert cfg["exit_dim"] == 32 == cfg["hidden_size"] and cfg["num_draft_layers"] == 1
     assert sum(p.numel() for p in drafter.parameters()) > 0
     assert re.search(r"^total: \d+ s$", r.stdout, re.M)
+    card = (out / "DATA.md").read_text()  # the data card --install would ship with the head
+    assert str(train_prompts) in card and all(m[0] in card for m in (data, train, ev))
+
+
+@pytest.mark.full
+def test_a_cap_with_no_whole_answer_fails_before_training(text_model, prompt_files, tmp_path):
+    r = run_script(
+        tmp_path / "head", "--cpu-smoke", "--model_dir", text_model, "--prompts",
+        prompt_files[0], "--gen_min", 0.01,
+    )  # fmt: skip
+    assert r.returncode == 1 and "gen-data wrote no whole answer in" in r.stderr, r.stderr
+    assert not (tmp_path / "head").exists()
 
 
 def test_no_gpu_exits_2_before_any_work(tmp_path):
