@@ -110,7 +110,7 @@ for v in gen_min train_min; do
 done
 if [ "$extra_data" = "-" ]; then
   if [ "$model" = smollm2 ]; then
-    extra_data="data/smollm2/answers.jsonl data/smollm2/answers2 sharegpt"
+    extra_data="$root/data/smollm2/answers.jsonl $root/data/smollm2/answers2 sharegpt"
   else
     extra_data=""
   fi
@@ -131,7 +131,6 @@ shipped="$root/redrafter_trt/heads/smollm2"
 [ "$out" != "$shipped" ] || die "OUT_DIR is the shipped head; write elsewhere and use --install"
 work="$out.work"
 
-cd "$root"
 PY="${PY:-$root/.venv/bin/python}"
 [ -x "$PY" ] || command -v "$PY" > /dev/null || die "python not found: $PY (set PY)"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
