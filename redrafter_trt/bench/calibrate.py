@@ -189,8 +189,9 @@ def calibrate(
 
 def limits_markdown(lim: dict[str, Any]) -> list[str]:
     lines = [
-        f"machine limits ({lim['threads']} threads, kernels on their {lim['simd']} path): read {lim['read_gb_per_s']} GB/s "
-        f"({lim['read_gb_per_s_1_thread']} with 1 thread), float32 FMA peak "
+        f"machine limits ({lim['threads']} threads, kernels on their {lim['simd']} path): "
+        f"read {lim['read_gb_per_s']} GB/s ({lim['read_gb_per_s_1_thread']} with 1 thread), "
+        "float32 FMA peak "
         f"{lim['fma_gflop_per_s']} GFLOP/s; linear weights {lim['linear_weight_mb']} MB per forward",
         "",
         "| M (rows per call) | kernel ms | torch ms | kernel/torch speed | kernel: of read bandwidth "
