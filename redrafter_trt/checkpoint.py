@@ -29,6 +29,14 @@ from .models.base import (
     BaseConfig,
     BaseModel,
 )
+from .models.blocks import (
+    BLOCKS_FILE,
+    BlockTensor,
+    check_block_tensor,
+    decode,
+    load_blocks,
+    save_blocks,
+)
 from .models.drafter import (
     Drafter,
     DrafterConfig,
@@ -228,8 +236,14 @@ def convert_checkpoint(
     overwrite: bool = False,
     quantize: str | None = None,
     calibration: list[list[int]] | None = None,
+    blocks: dict[str, BlockTensor] | None = None,
+    blocks_source: str = "blocks",
 ) -> Path:
     """Write the ReDrafter checkpoint directory atomically; returns its path.
+
+    ``blocks`` (a float32, tp_size 1, unquantized checkpoint only) are the base's GGUF block
+    weights (models/blocks.py), written as ``blocks.safetensors`` next to ``rank0.safetensors``,
+    which keeps the float32 expansion for every other reader (TensorRT-LLM, tensor parallel).
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
     :func:`~redrafter_trt.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
@@ -317,8 +331,25 @@ def convert_checkpoint(
             .contiguous()
             .clone()
         )
+    if blocks:
+        require(
+            dtype == "float32" and tp_size == 1 and quantize is None and not quantized,
+            f"{blocks_source}: block weights are kept only in a float32, tp_size 1, unquantized "
+            f"checkpoint (got --dtype {dtype}, --tp_size {tp_size}"
+            f"{', FP8' if quantize or quantized else ''})",
+        )
+        for name, bt in blocks.items():
+            check_block_tensor(name, bt, blocks_source)
+            require(
+                name in tensors and tuple(tensors[name].shape) == (bt.n, bt.k),
+                f"{blocks_source}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no base "
+                f"weight of that shape"
+                + (f" (the base's is {list(tensors[name].shape)})" if name in tensors else ""),
+            )
     digest = config_digest(cfg.to_dict())
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        if blocks:
+            save_blocks(blocks, tmp / BLOCKS_FILE)
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         for rank in range(tp_size):
             meta = {
@@ -385,6 +416,15 @@ def load_checkpoint_models(
     )
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
     sd = load_state_dict_file(weights)
+    blocks_file = weights.parent / BLOCKS_FILE
+    if blocks_file.is_file():  # the base's block weights, decoded exactly (models/blocks.py)
+        for name, bt in load_blocks(blocks_file).items():
+            require(
+                name in sd and tuple(sd[name].shape) == (bt.n, bt.k),
+                f"{blocks_file}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no weight of "
+                f"{weights}" + (f" (shape {list(sd[name].shape)})" if name in sd else ""),
+            )
+            sd[name] = decode(bt)
     if cfg.quant_algo == fp8.QUANT_ALGO:  # the torch modeling runs FP8 weights dequantized
         fp8.check_trtllm_fp8(
             cfg.base.num_hidden_layers,
