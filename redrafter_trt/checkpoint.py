@@ -364,6 +364,26 @@ def convert_checkpoint(
     return Path(output_dir)
 
 
+def attach_blocks(base: BaseModel, blocks: dict[str, BlockTensor]) -> int:
+    """Hand each linear whose weight a block tensor expands to (bit for bit) its blocks, for the
+    CPU kernel to stream (models/base.py ``Linear.attach_blocks``); the tied vocabulary projection
+    takes the embedding's. Returns how many linears got blocks."""
+    from .models.base import Linear
+
+    modules = dict(base.named_modules())
+    targets = [(n.removesuffix(".weight"), bt) for n, bt in blocks.items()]
+    if base.config.tie_word_embeddings and EMBEDDING in blocks:
+        targets.append((LM_HEAD.removesuffix(".weight"), blocks[EMBEDDING]))
+    count = 0
+    for path, bt in targets:
+        mod = modules.get(path)
+        if isinstance(mod, Linear) and mod.weight.dtype == torch.float32:
+            if torch.equal(mod.weight.detach().view(torch.int32), decode(bt).view(torch.int32)):
+                mod.attach_blocks(bt)
+                count += 1
+    return count
+
+
 def load_rank_shards(
     ckpt_dir: str | os.PathLike,
 ) -> tuple[RedrafterCheckpointConfig, list[dict[str, torch.Tensor]]]:
@@ -417,8 +437,9 @@ def load_checkpoint_models(
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
     sd = load_state_dict_file(weights)
     blocks_file = weights.parent / BLOCKS_FILE
-    if blocks_file.is_file():  # the base's block weights, decoded exactly (models/blocks.py)
-        for name, bt in load_blocks(blocks_file).items():
+    blocks = load_blocks(blocks_file) if blocks_file.is_file() else {}
+    if blocks:  # the base's block weights, decoded exactly (models/blocks.py)
+        for name, bt in blocks.items():
             require(
                 name in sd and tuple(sd[name].shape) == (bt.n, bt.k),
                 f"{blocks_file}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no weight of "
@@ -451,6 +472,7 @@ def load_checkpoint_models(
             f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding",
         )
     load_checked(base, base_sd, str(weights))
+    attach_blocks(base, blocks)
     drafter = Drafter(cfg.drafter).to(torch_dtype)
     load_drafter_state(drafter, drafter_sd, str(weights))
     base.eval()

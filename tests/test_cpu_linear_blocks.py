@@ -87,3 +87,31 @@ def test_block_pack_bad_inputs_name_what_is_wrong():
         native.pack_blocks(B.BlockTensor("q8_0", 8, 64, bt.qs, bt.d))  # parts of 4 rows
     with pytest.raises(RedrafterError, match="disagree"):
         native.linear_packed(torch.randn(1, 32), native.pack_blocks(bt))
+
+
+def test_a_loaded_checkpoint_streams_blocks_with_the_float32_bits(tmp_path):
+    """A --keep_blocks checkpoint: its linears pack the blocks (a fifth of the bytes), and
+    every linear gives the float32 checkpoint's bits."""
+    from redrafter_trt.checkpoint import load_checkpoint_models
+    from redrafter_trt.models.base import Linear, set_native_linear
+    from test_block_weights import cli_convert, tiny_gguf_like_base
+
+    base_dir = tiny_gguf_like_base(tmp_path)
+    plain = cli_convert(base_dir, tmp_path / "plain")
+    kept = cli_convert(base_dir, tmp_path / "kept", "--keep_blocks")
+    _, base_p, _ = load_checkpoint_models(plain)
+    _, base_k, _ = load_checkpoint_models(kept)
+    set_native_linear(base_p, True)
+    set_native_linear(base_k, True)
+    fmts = [m.packed_weight().fmt for m in base_k.modules() if isinstance(m, Linear)]
+    assert fmts.count("q4_1") == 2 * 5 and fmts.count("q8_0") == 1  # + the tied lm_head
+    assert all(m.packed_weight().fmt is None for m in base_p.modules() if isinstance(m, Linear))
+    x = torch.randn(5, base_k.config.hidden_size)
+    for mp, mk in zip(base_p.modules(), base_k.modules()):
+        if isinstance(mp, Linear):
+            assert same_bits(mp(x[:, : mp.in_features]), mk(x[:, : mk.in_features]))
+    # a changed weight drops the blocks: the kernel follows the weight, never stale blocks
+    lin = base_k.transformer.layers[0].mlp.fc
+    with torch.no_grad():
+        lin.weight[0, 0] += 1.0
+    assert lin.packed_weight().fmt is None
