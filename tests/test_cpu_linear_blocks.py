@@ -116,3 +116,30 @@ def test_a_loaded_checkpoint_streams_blocks_with_the_float32_bits(tmp_path):
     with torch.no_grad():
         lin.weight[0, 0] += 1.0
     assert lin.packed_weight().fmt is None
+
+
+def test_a_torch_engine_carries_the_blocks_and_greedy_tokens_do_not_change(tmp_path):
+    from redrafter_trt.engine import build_engine
+    from redrafter_trt.models.base import Linear
+    from redrafter_trt.runtime.loader import load
+    from test_block_weights import cli_convert, tiny_gguf_like_base
+
+    base_dir = tiny_gguf_like_base(tmp_path)
+    tokens = {}
+    for name, extra in (("plain", ()), ("kept", ("--keep_blocks",))):
+        ckpt = cli_convert(base_dir, tmp_path / name, *extra)
+        engine = build_engine(ckpt, tmp_path / f"engine_{name}", backend="torch")
+        assert (engine / B.BLOCKS_FILE).is_file() == (name == "kept")
+        gen = load(engine, device="cpu", adaptive="off")
+        base = gen.backend.base
+        linears = [m for m in base.modules() if isinstance(m, Linear)]
+        assert all(m.native for m in linears)  # the CPU kernel runs them
+        fmts = {m.packed_weight().fmt for m in linears}
+        assert fmts == ({"q4_1", "q8_0"} if name == "kept" else {None}), fmts
+        prompts = [[1, 2, 3, 4], [7, 5, 3]]
+        tokens[name] = [
+            [r.token_ids for r in gen.generate(prompts, max_new_tokens=12, speculative=s)]
+            for s in (False, True)
+        ]
+    assert tokens["kept"] == tokens["plain"]
+    assert tokens["kept"][0] == tokens["kept"][1]  # speculative == plain on blocks too
