@@ -29,6 +29,14 @@ from .models.base import (
     BaseConfig,
     BaseModel,
 )
+from .models.blocks import (
+    BLOCKS_FILE,
+    BlockTensor,
+    check_block_tensor,
+    decode,
+    load_blocks,
+    save_blocks,
+)
 from .models.drafter import (
     Drafter,
     DrafterConfig,
@@ -228,8 +236,14 @@ def convert_checkpoint(
     overwrite: bool = False,
     quantize: str | None = None,
     calibration: list[list[int]] | None = None,
+    blocks: dict[str, BlockTensor] | None = None,
+    blocks_source: str = "blocks",
 ) -> Path:
     """Write the ReDrafter checkpoint directory atomically; returns its path.
+
+    ``blocks`` (a float32, tp_size 1, unquantized checkpoint only) are the base's GGUF block
+    weights (models/blocks.py), written as ``blocks.safetensors`` next to ``rank0.safetensors``,
+    which keeps the float32 expansion for every other reader (TensorRT-LLM, tensor parallel).
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
     :func:`~redrafter_trt.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
@@ -317,8 +331,25 @@ def convert_checkpoint(
             .contiguous()
             .clone()
         )
+    if blocks:
+        require(
+            dtype == "float32" and tp_size == 1 and quantize is None and not quantized,
+            f"{blocks_source}: block weights are kept only in a float32, tp_size 1, unquantized "
+            f"checkpoint (got --dtype {dtype}, --tp_size {tp_size}"
+            f"{', FP8' if quantize or quantized else ''})",
+        )
+        for name, bt in blocks.items():
+            check_block_tensor(name, bt, blocks_source)
+            require(
+                name in tensors and tuple(tensors[name].shape) == (bt.n, bt.k),
+                f"{blocks_source}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no base "
+                f"weight of that shape"
+                + (f" (the base's is {list(tensors[name].shape)})" if name in tensors else ""),
+            )
     digest = config_digest(cfg.to_dict())
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        if blocks:
+            save_blocks(blocks, tmp / BLOCKS_FILE)
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
         for rank in range(tp_size):
             meta = {
@@ -331,6 +362,26 @@ def convert_checkpoint(
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
     return Path(output_dir)
+
+
+def attach_blocks(base: BaseModel, blocks: dict[str, BlockTensor]) -> int:
+    """Hand each linear whose weight a block tensor expands to (bit for bit) its blocks, for the
+    CPU kernel to stream (models/base.py ``Linear.attach_blocks``); the tied vocabulary projection
+    takes the embedding's. Returns how many linears got blocks."""
+    from .models.base import Linear
+
+    modules = dict(base.named_modules())
+    targets = [(n.removesuffix(".weight"), bt) for n, bt in blocks.items()]
+    if base.config.tie_word_embeddings and EMBEDDING in blocks:
+        targets.append((LM_HEAD.removesuffix(".weight"), blocks[EMBEDDING]))
+    count = 0
+    for path, bt in targets:
+        mod = modules.get(path)
+        if isinstance(mod, Linear) and mod.weight.dtype == torch.float32:
+            if torch.equal(mod.weight.detach().view(torch.int32), decode(bt).view(torch.int32)):
+                mod.attach_blocks(bt)
+                count += 1
+    return count
 
 
 def load_rank_shards(
@@ -385,6 +436,16 @@ def load_checkpoint_models(
     )
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
     sd = load_state_dict_file(weights)
+    blocks_file = weights.parent / BLOCKS_FILE
+    blocks = load_blocks(blocks_file) if blocks_file.is_file() else {}
+    if blocks:  # the base's block weights, decoded exactly (models/blocks.py)
+        for name, bt in blocks.items():
+            require(
+                name in sd and tuple(sd[name].shape) == (bt.n, bt.k),
+                f"{blocks_file}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no weight of "
+                f"{weights}" + (f" (shape {list(sd[name].shape)})" if name in sd else ""),
+            )
+            sd[name] = decode(bt)
     if cfg.quant_algo == fp8.QUANT_ALGO:  # the torch modeling runs FP8 weights dequantized
         fp8.check_trtllm_fp8(
             cfg.base.num_hidden_layers,
@@ -411,6 +472,7 @@ def load_checkpoint_models(
             f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding",
         )
     load_checked(base, base_sd, str(weights))
+    attach_blocks(base, blocks)
     drafter = Drafter(cfg.drafter).to(torch_dtype)
     load_drafter_state(drafter, drafter_sd, str(weights))
     base.eval()

@@ -28,6 +28,7 @@ from .checkpoint import (
     require_model_dir,
 )
 from .errors import RedrafterError, require
+from .models.blocks import BLOCKS_FILE
 from .models.io import atomic_output_dir
 from .ops.beam_search import DEFAULT_WARP_K
 from .trtllm import TRTLLM_CONTAINER  # TensorRT-free; the backend itself loads lazily
@@ -112,6 +113,8 @@ def build_engine(
     if cfg.tp_size == 1:
         load_checkpoint_models(ckpt)
         rank_files = [weights]
+        if (ckpt / BLOCKS_FILE).is_file():  # block weights travel with the engine
+            rank_files.append(ckpt / BLOCKS_FILE)
     else:  # every rank's shard, checked against the config and the others, then loaded once
         from .backends.tp import check_rank_files, load_rank_models
 

@@ -624,7 +624,12 @@ _LINEAR_SIGNATURES = {
     "redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32],
     "redrafter_linear_pack_cpu": [_p, _i32, _p, _i64, _i64],
     "redrafter_linear_packed_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32, _i32],
+    "redrafter_linear_pack_blocks_cpu": [_p, _p, _p, _i32, _p, _i64, _i64],
 }
+#: GGUF block formats the kernel decodes in registers (cpp/src/linear_cpu.cpp kQ4_1, kQ8_0)
+_BLOCK_CODES = {"q4_1": 10, "q8_0": 11}
+#: weights per GGUF block along K (cpp/src/linear_cpu.cpp kBlock)
+GGUF_BLOCK = 32
 #: output columns per packed panel (cpp/src/linear_cpu.cpp kPanel)
 LINEAR_PANEL = 16
 
@@ -637,6 +642,7 @@ def _linear_symbol(name: str = "redrafter_linear_cpu"):
         for fn_name, argtypes in (
             ("redrafter_linear_simd_cpu", []),
             ("redrafter_linear_packed_elems", [_i64, _i64]),
+            ("redrafter_linear_blocks_packed_bytes", [_i32, _i64, _i64]),
         ):
             fn = getattr(lib, fn_name)
             fn.argtypes = argtypes
@@ -688,16 +694,22 @@ def _check_linear_tensor(name: str, t: torch.Tensor) -> None:
 
 class PackedWeight:
     """A weight [N, K] packed once for :func:`linear_packed` (panels of 16 output columns,
-    ``[ceil(N/16), K, 16]``, zero-padded; float32 or bfloat16 as given)."""
+    ``[ceil(N/16), K, 16]``, zero-padded; float32 or bfloat16 as given), or a GGUF block weight
+    packed by :func:`pack_blocks` (``fmt`` ``q4_1`` / ``q8_0``; ``data`` bytes)."""
 
-    __slots__ = ("data", "n", "k")
+    __slots__ = ("data", "n", "k", "fmt")
 
-    def __init__(self, data: torch.Tensor, n: int, k: int):
-        self.data, self.n, self.k = data, n, k
+    def __init__(self, data: torch.Tensor, n: int, k: int, fmt: str | None = None):
+        self.data, self.n, self.k, self.fmt = data, n, k, fmt
 
     @property
     def dtype(self) -> torch.dtype:
         return self.data.dtype
+
+    @property
+    def code(self) -> int:
+        """The kernel's weight type: 0 float32, 2 bfloat16, 10 q4_1, 11 q8_0."""
+        return _BLOCK_CODES[self.fmt] if self.fmt else _LINEAR_DTYPES[self.data.dtype]
 
     @property
     def nbytes(self) -> int:
@@ -718,6 +730,50 @@ def pack_linear(weight: torch.Tensor) -> PackedWeight:
         fn(w.data_ptr(), _LINEAR_DTYPES[w.dtype], packed.data_ptr(), n, k, _linear_msg, _MSG_LEN)
     )
     return PackedWeight(packed, int(n), int(k))
+
+
+def pack_blocks(bt) -> PackedWeight:
+    """Pack a GGUF block weight (:class:`~redrafter_trt.models.blocks.BlockTensor`) into block
+    panels the kernel decodes in registers: 16 columns x 32 k each, scales widened to float32;
+    :func:`linear_packed` then gives the bits of the float32 path on its exact expansion."""
+    fn = _linear_symbol("redrafter_linear_pack_blocks_cpu")
+    if bt.fmt not in _BLOCK_CODES:
+        raise RedrafterError(f"linear: unknown block format {bt.fmt!r}")
+    code = _BLOCK_CODES[bt.fmt]
+    nbytes = int(load_library().redrafter_linear_blocks_packed_bytes(code, bt.n, bt.k))
+    if nbytes <= 0:
+        raise RedrafterError(f"linear: a {bt.fmt} weight [{bt.n}, {bt.k}] cannot be packed")
+    # the parts must have the stated shapes (the kernel reads what the shapes promise)
+    n, k, nb = bt.n, bt.k, bt.k // GGUF_BLOCK
+    want = {"qs": ((n, k // 2), torch.uint8), "d": ((n, nb), torch.float16)}
+    if bt.fmt == "q8_0":
+        want["qs"] = ((n, k), torch.int8)
+    else:
+        want["m"] = ((n, nb), torch.float16)
+    for part, (shape, dtype) in want.items():
+        t = getattr(bt, part, None)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            found = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
+            raise RedrafterError(
+                f"linear: tensor weight.{bt.fmt}.{part}: expected {dtype} {list(shape)}, found {found}"
+            )
+    qs, d = bt.qs.contiguous(), bt.d.contiguous()
+    m = bt.m.contiguous() if bt.m is not None else None
+    packed = torch.empty(nbytes, dtype=torch.uint8)
+    _linear_status(
+        fn(
+            qs.data_ptr(),
+            d.data_ptr(),
+            None if m is None else m.data_ptr(),
+            code,
+            packed.data_ptr(),
+            bt.n,
+            bt.k,
+            _linear_msg,
+            _MSG_LEN,
+        )
+    )
+    return PackedWeight(packed, int(bt.n), int(bt.k), bt.fmt)
 
 
 _linear_threads_override: int | None = None
@@ -793,7 +849,7 @@ def linear_packed(
         xc.data_ptr(),
         _LINEAR_DTYPES[xc.dtype],
         weight.data.data_ptr(),
-        _LINEAR_DTYPES[weight.dtype],
+        weight.code,
         None if b is None else b.data_ptr(),
         y.data_ptr(),
         _LINEAR_DTYPES[out_dtype],

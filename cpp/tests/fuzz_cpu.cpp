@@ -498,6 +498,96 @@ void fuzzLinear() {
                 "linear_pack null");
 }
 
+// Block weights (Q4_1 / Q8_0): random blocks against the float32 path on their expansion
+// (w = d * q + m, d * q exact): the same bits, on SIMD and portable paths, any threads, a row
+// alone; bad formats and shapes refused.
+float halfBitsToFloat(uint16_t h) {  // normals and zero only (what the case draws)
+    const int e = (h >> 10) & 0x1f, mt = h & 0x3ff;
+    const float v = e == 0 ? 0.0f : std::ldexp(1.0f + mt / 1024.0f, e - 15);
+    return (h & 0x8000) ? -v : v;
+}
+
+void fuzzLinearBlocks() {
+    const int32_t fmt = coin() ? 10 : 11;
+    const int64_t M = pick(0, 20), N = pick(1, 70), K = 32 * pick(1, 4), nb = K / 32;
+    auto drawHalf = [](bool sign) {
+        const int e = static_cast<int>(pick(5, 18)), mt = static_cast<int>(pick(0, 1023));
+        return static_cast<uint16_t>(((sign && coin()) ? 0x8000 : 0) | (e << 10) | mt);
+    };
+    std::vector<uint16_t> d(static_cast<size_t>(N * nb)), mm(d.size());
+    for (auto& v : d) v = drawHalf(fmt == 11);
+    for (auto& v : mm) v = drawHalf(true);
+    std::vector<unsigned char> qs(static_cast<size_t>(fmt == 10 ? N * K / 2 : N * K));
+    for (auto& v : qs) v = static_cast<unsigned char>(pick(0, 255));
+    std::vector<float> wv(static_cast<size_t>(N * K)), xv(static_cast<size_t>(M * K) + 1), bias(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < nb; ++b) {
+            const float dv = halfBitsToFloat(d[n * nb + b]), mv = halfBitsToFloat(mm[n * nb + b]);
+            for (int j = 0; j < 32; ++j) {
+                float w;
+                if (fmt == 10) {
+                    const unsigned char byte = qs[n * (K / 2) + b * 16 + (j & 15)];
+                    const float prod = dv * static_cast<float>(j < 16 ? (byte & 15) : (byte >> 4));
+                    w = prod + mv;
+                } else {
+                    w = dv * static_cast<float>(static_cast<int8_t>(qs[n * K + b * 32 + j]));
+                }
+                wv[n * K + b * 32 + j] = w;
+            }
+        }
+    for (auto& v : xv) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    for (auto& v : bias) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+    const int64_t bytes = redrafter_linear_blocks_packed_bytes(fmt, N, K);
+    std::vector<unsigned char> packed(static_cast<size_t>(bytes));
+    if (statusCheck(redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), fmt == 10 ? mm.data() : nullptr, fmt,
+                                                     packed.data(), N, K, gMsg, sizeof gMsg),
+                    false, "linear_pack_blocks"))
+        return;
+    std::vector<float> fpacked(static_cast<size_t>(redrafter_linear_packed_elems(N, K)));
+    statusCheck(redrafter_linear_pack_cpu(wv.data(), 0, fpacked.data(), N, K, gMsg, sizeof gMsg), false, "linear_pack");
+    const float* bp = coin() ? bias.data() : nullptr;
+    std::vector<float> ref(static_cast<size_t>(M * N) + 1), y(ref.size()), ys(ref.size()), y3(ref.size());
+    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, fpacked.data(), 0, bp, ref.data(), 0, M, N, K, 1, 0, gMsg,
+                                            sizeof gMsg),
+                false, "linear f32");
+    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, y.data(), 0, M, N, K, 1, 0, gMsg,
+                                            sizeof gMsg),
+                false, "linear blocks");
+    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, ys.data(), 0, M, N, K, 1, 1, gMsg,
+                                            sizeof gMsg),
+                false, "linear blocks scalar");
+    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, y3.data(), 0, M, N, K, 3, 0, gMsg,
+                                            sizeof gMsg),
+                false, "linear blocks threads");
+    EXPECT(std::memcmp(y.data(), ref.data(), y.size() * 4) == 0,
+           "linear blocks: fmt %d != float32 path (M=%lld N=%lld K=%lld)", (int)fmt, (long long)M, (long long)N,
+           (long long)K);
+    EXPECT(std::memcmp(ys.data(), ref.data(), y.size() * 4) == 0, "linear blocks: portable != float32 path (fmt %d)",
+           (int)fmt);
+    EXPECT(std::memcmp(y3.data(), ref.data(), y.size() * 4) == 0, "linear blocks: 3 threads != float32 path (fmt %d)",
+           (int)fmt);
+    if (M > 1) {
+        const int64_t r = pick(0, M - 1);
+        std::vector<float> one(static_cast<size_t>(N));
+        statusCheck(redrafter_linear_packed_cpu(xv.data() + r * K, 0, packed.data(), fmt, bp, one.data(), 0, 1, N, K, 2,
+                                                0, gMsg, sizeof gMsg),
+                    false, "linear blocks row");
+        EXPECT(std::memcmp(one.data(), ref.data() + r * N, static_cast<size_t>(N) * 4) == 0,
+               "linear blocks: row %lld alone != among %lld", (long long)r, (long long)M);
+    }
+    statusCheck(
+        redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), mm.data(), 12, packed.data(), N, K, gMsg, sizeof gMsg),
+        true, "linear_pack_blocks fmt=12");
+    statusCheck(redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), mm.data(), fmt, packed.data(), N, K + 16, gMsg,
+                                                 sizeof gMsg),
+                true, "linear_pack_blocks k%32");
+    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, y.data(), 0, M, N, K + 16, 1, 0, gMsg,
+                                            sizeof gMsg),
+                true, "linear blocks k%32");
+    statusCheck(redrafter_linear_cpu(xv.data(), 0, qs.data(), fmt, bp, y.data(), 0, M, N, K, 0, gMsg, sizeof gMsg),
+                true, "linear unpacked blocks");
+}
+
 // Attention: random cache, slots, masks; float64 bound, SIMD == portable, one query alone ==
 // among all, bad slots refused.
 void fuzzAttention() {
@@ -608,6 +698,7 @@ int main(int argc, char** argv) {
                 break;
             case 4:
                 fuzzLinear();
+                fuzzLinearBlocks();
                 break;
             case 5:
                 fuzzAttention();

@@ -14,9 +14,10 @@ from ..contract import check_num_beams
 from ..errors import RedrafterError, require
 from ..heads import builtin_head
 from ..hf import load_hf_base
+from ..models.blocks import BLOCKS_FILE, concat_rows, load_blocks
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
-from ..names import EMBEDDING, LM_HEAD
+from ..names import EMBEDDING, LM_HEAD, base_name_pairs
 from .common import add_threads_argument, non_negative_int, positive_int, run_main
 from .run import read_ids_file
 
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "weights and per-tensor weight_scale) is converted as FP8 without this flag",
     )
     p.add_argument(
+        "--keep_blocks",
+        action="store_true",
+        help="keep the base's GGUF block weights (Q4_1, Q8_0) as stored, in blocks.safetensors "
+        "next to rank0.safetensors (which keeps the float32 expansion for TensorRT-LLM); the "
+        "torch backend reads them. Needs a base converted from a GGUF (--model_dir smollm2), "
+        "--dtype float32 and --tp_size 1",
+    )
+    p.add_argument(
         "--calib_input_ids_file",
         default=None,
         help="JSON list of token-id lists run through the base to measure the FP8 "
@@ -143,6 +152,17 @@ def trained_draft_len(drafter_dir: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return d if isinstance(d, int) and not isinstance(d, bool) else None
+
+
+def blocks_to_trtllm(cfg, hf_blocks: dict, base_dir: Path) -> dict:
+    """The base's block weights (Hugging Face names) under the checkpoint's names, q/k/v fused
+    in the checkpoint's order; a weight whose parts are not all blocks stays float32 only."""
+    where = str(base_dir / BLOCKS_FILE)
+    out = {}
+    for pair in base_name_pairs(cfg):
+        if pair.trtllm.endswith(".weight") and all(h in hf_blocks for h in pair.hf):
+            out[pair.trtllm] = concat_rows(pair.trtllm, [hf_blocks[h] for h in pair.hf], where)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,6 +234,14 @@ def run(args: argparse.Namespace) -> int:
         f"--drafter_model_dir {args.drafter_model_dir}",
     )
     check_num_beams(args.redrafter_num_beams, base_cfg.vocab_size, "--redrafter_num_beams")
+    blocks = None
+    if args.keep_blocks:
+        require(
+            (base_dir / BLOCKS_FILE).is_file(),
+            f"--keep_blocks: {base_dir} has no {BLOCKS_FILE} (only a base converted from a GGUF "
+            f"has block weights, e.g. --model_dir {DEFAULT_MODEL})",
+        )
+        blocks = blocks_to_trtllm(base_cfg, load_blocks(base_dir / BLOCKS_FILE), base_dir)
     out = convert_checkpoint(
         base_cfg,
         base_sd,
@@ -229,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quantize=args.quantize,
         calibration=calibration,
+        blocks=blocks,
+        blocks_source=str(base_dir / BLOCKS_FILE),
     )
     quant = read_checkpoint_config(out).quant_algo
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())

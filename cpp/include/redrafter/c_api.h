@@ -113,6 +113,11 @@ int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int3
                              int32_t y_dtype, int64_t m, int64_t n, int64_t k, int32_t force_scalar, char* msg,
                              int64_t msg_len);
 int32_t redrafter_linear_simd_cpu(void);
+/* GGUF block weights (w_dtype 10 = q4_1, 11 = q8_0 in redrafter_linear_packed_cpu; k a multiple of
+ * 32): qs, float16 d and m (null for q8_0) in the stored layout (redrafter_trt/models/blocks.py). */
+int64_t redrafter_linear_blocks_packed_bytes(int32_t fmt, int64_t n, int64_t k);
+int32_t redrafter_linear_pack_blocks_cpu(const void* qs, const uint16_t* d, const uint16_t* m, int32_t fmt,
+                                         void* packed, int64_t n, int64_t k, char* msg, int64_t msg_len);
 int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache_dtype, const int64_t* slots,
                                 const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
                                 int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,

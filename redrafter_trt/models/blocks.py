@@ -1,0 +1,267 @@
+"""GGUF block weights kept as stored (Q4_1, Q8_0) in a safetensors file, and their exact decoding.
+
+A base that came from a GGUF (the built-in ``smollm2``) keeps, next to the float32
+``model.safetensors``, a ``blocks.safetensors`` with its block-quantized matrices as they are in
+the GGUF (layout in docs/design.md, "Block weights"). For a weight ``W`` of shape [N, K]
+(Hugging Face orientation, K a multiple of 32):
+
+* Q4_1: ``W.q4_1.qs`` uint8 [N, K/2] (per 32-block 16 bytes: the low nibble of byte j is element
+  j, the high nibble element j + 16), ``W.q4_1.d`` and ``W.q4_1.m`` float16 [N, K/32];
+  ``w[n, 32 b + j] = f32(d) * f32(q) + f32(m)`` in float32, two roundings (the product is exact:
+  11 x 4 significant bits).
+* Q8_0: ``W.q8_0.qs`` int8 [N, K], ``W.q8_0.d`` float16 [N, K/32]; ``w = f32(d) * f32(q)``
+  (exact: 11 x 8 bits).
+
+These are the operations of the ``gguf`` package's dequantisation, which the converter's float32
+expansion uses, so :func:`decode` gives the float32 checkpoint's bits exactly (tested over every
+tensor of the built-in model). The file's metadata ``redrafter_blocks`` is a JSON object
+``{name: [format, N, K]}``; a missing piece, a wrong shape or dtype, an unknown format or a
+truncated file is an error naming the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RedrafterError, require
+
+BLOCKS_FILE = "blocks.safetensors"
+BLOCK = 32
+FORMATS = {"q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d")}
+_META_KEY = "redrafter_blocks"
+# GGUF llama tensor names -> Hugging Face names (the block-quantized matrices only)
+_GGUF_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head"}
+
+
+@dataclass
+class BlockTensor:
+    """One block-quantized matrix of logical shape [n, k]: its parts as stored."""
+
+    fmt: str
+    n: int
+    k: int
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        out = {"qs": self.qs, "d": self.d}
+        if self.m is not None:
+            out["m"] = self.m
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+
+def _expected_shapes(fmt: str, n: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if fmt == "q4_1":
+        return {
+            "qs": ((n, k // 2), torch.uint8),
+            "d": ((n, k // BLOCK), torch.float16),
+            "m": ((n, k // BLOCK), torch.float16),
+        }
+    return {"qs": ((n, k), torch.int8), "d": ((n, k // BLOCK), torch.float16)}
+
+
+def check_block_tensor(name: str, bt: BlockTensor, where: str) -> None:
+    """Raise a RedrafterError naming ``name`` and ``where`` unless ``bt`` is well-formed."""
+    require(
+        bt.fmt in FORMATS,
+        f"{where}: tensor {name}: unknown block format {bt.fmt!r} (known: {sorted(FORMATS)})",
+    )
+    require(
+        bt.n > 0 and bt.k > 0 and bt.k % BLOCK == 0,
+        f"{where}: tensor {name}: shape [{bt.n}, {bt.k}] is not a matrix with K a multiple of {BLOCK}",
+    )
+    parts = bt.parts()
+    for part, (shape, dtype) in _expected_shapes(bt.fmt, bt.n, bt.k).items():
+        require(part in parts, f"{where}: tensor {name}: {bt.fmt} part {part!r} is missing")
+        t = parts[part]
+        require(
+            tuple(t.shape) == shape and t.dtype == dtype,
+            f"{where}: tensor {name}.{bt.fmt}.{part}: expected {dtype} {list(shape)}, "
+            f"found {t.dtype} {list(t.shape)}",
+        )
+    extra = set(parts) - set(FORMATS[bt.fmt])
+    require(not extra, f"{where}: tensor {name}: parts {sorted(extra)} do not belong to {bt.fmt}")
+
+
+def decode(bt: BlockTensor) -> torch.Tensor:
+    """The float32 [n, k] weight, bit-identical to the gguf package's dequantisation."""
+    nb = bt.k // BLOCK
+    d = bt.d.to(torch.float32).reshape(bt.n, nb, 1)
+    if bt.fmt == "q8_0":
+        q = bt.qs.reshape(bt.n, nb, BLOCK).to(torch.float32)
+        return (q * d).reshape(bt.n, bt.k)
+    qs = bt.qs.reshape(bt.n, nb, BLOCK // 2)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).to(torch.float32)  # elements j and j + 16
+    m = bt.m.to(torch.float32).reshape(bt.n, nb, 1)
+    prod = d * q  # exact; a separate op so nothing fuses it with the add
+    return (prod + m).reshape(bt.n, bt.k)
+
+
+def concat_rows(name: str, parts: list[BlockTensor], where: str) -> BlockTensor:
+    """Blocks of matrices stacked along N (q, k, v fused into qkv): the decoded result equals
+    the concatenation of the decoded parts, row for row."""
+    fmts = {p.fmt for p in parts}
+    ks = {p.k for p in parts}
+    require(
+        len(fmts) == 1 and len(ks) == 1,
+        f"{where}: tensor {name}: fuses parts of formats {sorted(fmts)} and K {sorted(ks)}; "
+        "block weights are kept only where all parts share one format and K",
+    )
+    fmt, k = parts[0].fmt, parts[0].k
+    cat = {f: torch.cat([p.parts()[f] for p in parts], 0) for f in FORMATS[fmt]}
+    return BlockTensor(fmt, sum(p.n for p in parts), k, **cat)
+
+
+def save_blocks(blocks: dict[str, BlockTensor], path: str | os.PathLike) -> None:
+    """Write ``blocks`` to ``path`` (callers write into an atomic output directory)."""
+    from .io import save_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, list] = {}
+    for name, bt in blocks.items():
+        check_block_tensor(name, bt, str(path))
+        meta[name] = [bt.fmt, bt.n, bt.k]
+        for part, t in bt.parts().items():
+            tensors[f"{name}.{bt.fmt}.{part}"] = t
+    save_safetensors(tensors, path, metadata={"format": "pt", _META_KEY: json.dumps(meta)})
+
+
+def load_blocks(path: str | os.PathLike) -> dict[str, BlockTensor]:
+    """Read a ``blocks.safetensors``; every tensor is checked (see the module doc)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    require(path.is_file(), f"{path}: block weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_json = (f.metadata() or {}).get(_META_KEY)
+            require(
+                meta_json is not None,
+                f"{path}: no '{_META_KEY}' metadata: not a block weights file",
+            )
+            try:
+                meta = json.loads(meta_json)
+            except json.JSONDecodeError as e:
+                raise RedrafterError(f"{path}: '{_META_KEY}' metadata is not JSON ({e})") from e
+            require(isinstance(meta, dict), f"{path}: '{_META_KEY}' metadata is not an object")
+            keys = set(f.keys())
+            out: dict[str, BlockTensor] = {}
+            for name, entry in meta.items():
+                require(
+                    isinstance(entry, list) and len(entry) == 3,
+                    f"{path}: tensor {name}: metadata entry {entry!r} is not [format, N, K]",
+                )
+                fmt, n, k = entry
+                require(
+                    fmt in FORMATS,
+                    f"{path}: tensor {name}: unknown block format {fmt!r} "
+                    f"(known: {sorted(FORMATS)})",
+                )
+                parts = {}
+                for part in FORMATS[fmt]:
+                    key = f"{name}.{fmt}.{part}"
+                    require(key in keys, f"{path}: tensor {name}: {fmt} part {key} is missing")
+                    parts[part] = f.get_tensor(key)
+                bt = BlockTensor(fmt, int(n), int(k), **parts)
+                check_block_tensor(name, bt, str(path))
+                out[name] = bt
+            used = {f"{n}.{e[0]}.{p}" for n, e in meta.items() for p in FORMATS[e[0]]}
+            stray = sorted(keys - used)
+            require(not stray, f"{path}: tensors {stray[:5]} are not described by the metadata")
+            return out
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise RedrafterError(
+            f"{path}: cannot read block weights ({e}); it may be truncated or corrupt: "
+            "re-convert it"
+        ) from e
+
+
+def _reverse_permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
+    """The row order transformers gives q/k projections read from a llama GGUF."""
+    dim = a.shape[0] // n_head // 2
+    return a.reshape(n_head, dim, 2, *a.shape[1:]).swapaxes(2, 1).reshape(a.shape)
+
+
+def gguf_name_to_hf(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[-1] != "weight":
+        return None
+    if len(parts) == 2 and parts[0] in _GGUF_TOP:
+        return f"{_GGUF_TOP[parts[0]]}.weight"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER:
+        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER[parts[2]]}.weight"
+    return None
+
+
+def read_gguf_blocks(
+    gguf_path: str | os.PathLike, num_heads: int, num_kv_heads: int
+) -> dict[str, BlockTensor]:
+    """The Q4_1 / Q8_0 matrices of a llama GGUF as :class:`BlockTensor` under Hugging Face
+    names, rows in the order the float32 conversion gives them (q/k reverse-permuted)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    where = str(gguf_path)
+    fmts = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
+    reader = GGUFReader(where)
+    out: dict[str, BlockTensor] = {}
+    for t in reader.tensors:
+        fmt = fmts.get(t.tensor_type)
+        hf = gguf_name_to_hf(t.name)
+        if fmt is None or hf is None:
+            continue
+        require(len(t.shape) == 2, f"{where}: tensor {t.name}: expected a matrix, got {t.shape}")
+        k, n = int(t.shape[0]), int(t.shape[1])  # GGUF lists ne0 (the contiguous dim) first
+        bpb = 2 + 2 + BLOCK // 2 if fmt == "q4_1" else 2 + BLOCK
+        raw = np.asarray(t.data, dtype=np.uint8)
+        require(
+            raw.size == n * (k // BLOCK) * bpb and k % BLOCK == 0,
+            f"{where}: tensor {t.name}: {raw.size} bytes for a {fmt} [{n}, {k}] matrix",
+        )
+        raw = raw.reshape(n, k // BLOCK, bpb)
+        if ".attn_q." in t.name:
+            raw = _reverse_permute_rows(raw, num_heads)
+        elif ".attn_k." in t.name:
+            raw = _reverse_permute_rows(raw, num_kv_heads)
+        raw = np.ascontiguousarray(raw)
+        d = torch.from_numpy(raw[:, :, 0:2].copy().view(np.float16).reshape(n, k // BLOCK))
+        if fmt == "q4_1":
+            m = torch.from_numpy(raw[:, :, 2:4].copy().view(np.float16).reshape(n, k // BLOCK))
+            qs = torch.from_numpy(raw[:, :, 4:].copy().reshape(n, k // 2))
+            out[hf] = BlockTensor(fmt, n, k, qs, d, m)
+        else:
+            qs = torch.from_numpy(raw[:, :, 2:].copy().view(np.int8).reshape(n, k))
+            out[hf] = BlockTensor(fmt, n, k, qs, d)
+    return out
+
+
+__all__ = [
+    "BLOCKS_FILE",
+    "BlockTensor",
+    "FORMATS",
+    "check_block_tensor",
+    "concat_rows",
+    "decode",
+    "gguf_name_to_hf",
+    "load_blocks",
+    "read_gguf_blocks",
+    "save_blocks",
+]
