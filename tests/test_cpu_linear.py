@@ -89,7 +89,13 @@ def test_cpu_bf16_flags_and_auto_dtype(monkeypatch):
     assert cpu_bf16_flags(AMX_CPU) == ["avx512_bf16", "amx_bf16"]
     assert cpu_bf16_flags(ZEN3_CPU) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import redrafter_trt.backends.torch_backend as tb
+
+    monkeypatch.setattr(tb, "_cpu_kernels_run", lambda: False)  # torch's own matmuls
     assert auto_dtype(AMX_CPU)[0] == "bfloat16" and "amx_bf16" in auto_dtype(AMX_CPU)[1]
+    monkeypatch.setattr(tb, "_cpu_kernels_run", lambda: True)  # the float32 CPU kernels
+    dtype, why = auto_dtype(AMX_CPU)
+    assert dtype == "float32" and "amx_bf16" in why and "kernels" in why
     dtype, why = auto_dtype(ZEN3_CPU)
     assert dtype == "float32" and "avx512_bf16" in why
 

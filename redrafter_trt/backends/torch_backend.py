@@ -49,14 +49,32 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 
 
 def auto_dtype(cpuinfo: str | None = None) -> tuple[str, str]:
-    """``--dtype auto``: bfloat16 where bf16 matrix units exist (a CUDA GPU with bf16, or a CPU
-    with avx512_bf16/amx_bf16), else float32. Returns (dtype name, reason)."""
+    """``--dtype auto``: bfloat16 on a CUDA GPU with bf16; on a CPU, float32 where the toolkit's
+    CPU kernels run (they compute in float32; bf16 would only re-round the converted weights,
+    and on the built-in 4-bit model it changed answers), else bfloat16 where the CPU has bf16
+    matrix units for torch (avx512_bf16/amx_bf16), else float32. Returns (dtype name, reason)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bfloat16", f"CUDA device {torch.cuda.get_device_name(0)} has bf16 units"
     flags = cpu_bf16_flags(cpuinfo)
+    if flags and _cpu_kernels_run():
+        return "float32", (
+            f"the CPU has {', '.join(flags)}, but the model runs on the toolkit's CPU kernels, "
+            "which compute in float32"
+        )
     if flags:
         return "bfloat16", f"the CPU has {', '.join(flags)}"
     return "float32", f"no CUDA device and no {'/'.join(CPU_BF16_FLAGS)} in /proc/cpuinfo"
+
+
+def _cpu_kernels_run() -> bool:
+    import platform
+
+    return (
+        platform.machine().lower() in ("x86_64", "amd64", "i686")
+        and os.environ.get(CPU_LINEAR_ENV, "").strip().lower() != "torch"
+        and native.linear_available()
+        and native.simd_level() > 0
+    )
 
 
 def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
