@@ -90,10 +90,7 @@ __attribute__((target("avx2,fma"))) void accAvx2(float* acc, float p, const T* v
     for (int64_t d = dv; d < hd; ++d) acc[d] = std::fma(p, ld(v + d), acc[d]);
 }
 
-bool haveAvx2Fma() {
-    static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return v;
-}
+using cpu::haveAvx2Fma;
 #endif
 
 struct AttnCall {

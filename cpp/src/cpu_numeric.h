@@ -1,8 +1,10 @@
-// float32 <-> bfloat16 for the CPU model kernels (linear, attention, per-layer ops): bf16 widens
-// exactly; float32 rounds to the nearest even bf16, NaN kept quiet. dtype codes as the C ABI's.
+// Shared by the CPU model kernels (linear, attention, per-layer ops, machine probes): float32 <->
+// bfloat16 (bf16 widens exactly; float32 rounds to the nearest even bf16, NaN kept quiet), the
+// dtype codes of the C ABI, and the run-time checks of the SIMD paths.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace redrafter {
@@ -25,6 +27,20 @@ inline uint16_t f32ToBf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return static_cast<uint16_t>(u >> 16);
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+// AVX2 + FMA: the 8-lane paths.
+inline bool haveAvx2Fma() {
+    static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return v;
+}
+
+// AVX-512F: the 16-lane paths; $REDRAFTER_NO_AVX512 keeps AVX2 (tests compare both paths).
+inline bool haveAvx512() {
+    static const bool v = __builtin_cpu_supports("avx512f") && std::getenv("REDRAFTER_NO_AVX512") == nullptr;
+    return v;
+}
+#endif
 
 }  // namespace cpu
 }  // namespace redrafter

@@ -311,15 +311,8 @@ __attribute__((target("avx512f"))) void tileAvx512Q(const float* x, int64_t ldx,
 
 #pragma GCC diagnostic pop
 
-bool haveAvx2Fma() {
-    static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return v;
-}
-
-bool haveAvx512() {
-    static const bool v = __builtin_cpu_supports("avx512f") && std::getenv("REDRAFTER_NO_AVX512") == nullptr;
-    return v;
-}
+using cpu::haveAvx2Fma;
+using cpu::haveAvx512;
 #endif
 
 using TileFn = void (*)(const float*, int64_t, const void*, int64_t, int64_t, float*);

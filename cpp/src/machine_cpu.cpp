@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cpu_numeric.h"
 #include "cpu_pool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -65,16 +66,6 @@ __attribute__((target("avx512f"))) float fmaAvx512(int64_t iters, float seed) {
 }
 
 #pragma GCC diagnostic pop
-
-bool haveAvx512() {
-    static const bool v = __builtin_cpu_supports("avx512f") && std::getenv("REDRAFTER_NO_AVX512") == nullptr;
-    return v;
-}
-
-bool haveAvx2() {
-    static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return v;
-}
 #endif
 
 float sumScalar(const float* p, int64_t n) {
@@ -102,7 +93,7 @@ float redrafter_read_sum_cpu(const float* buf, int64_t n, int32_t threads) {
         const int64_t a = c * chunk, len = std::min(chunk, n - a);
 #ifdef RD_X86
         part[static_cast<size_t>(c)] =
-            redrafter::haveAvx2() ? redrafter::sumAvx2(buf + a, len) : redrafter::sumScalar(buf + a, len);
+            redrafter::cpu::haveAvx2Fma() ? redrafter::sumAvx2(buf + a, len) : redrafter::sumScalar(buf + a, len);
 #else
         part[static_cast<size_t>(c)] = redrafter::sumScalar(buf + a, len);
 #endif
@@ -117,13 +108,13 @@ float redrafter_read_sum_cpu(const float* buf, int64_t n, int32_t threads) {
 // AVX2+FMA (no peak to measure).
 float redrafter_fma_burn_cpu(int64_t iters, int64_t chunks, int32_t threads) {
 #ifdef RD_X86
-    if (!redrafter::haveAvx2() || chunks < 1) return 0.0f;
+    if (!redrafter::cpu::haveAvx2Fma() || chunks < 1) return 0.0f;
     const int nt = std::max(1, std::min(threads, redrafter::kCpuPoolMaxThreads));
     std::vector<float> out(static_cast<size_t>(chunks));
     redrafter::cpuPoolFor(nt, chunks, [&](int64_t c) {
         const float seed = 1.0f + static_cast<float>(c);
         out[static_cast<size_t>(c)] =
-            redrafter::haveAvx512() ? redrafter::fmaAvx512(iters, seed) : redrafter::fmaAvx2(iters, seed);
+            redrafter::cpu::haveAvx512() ? redrafter::fmaAvx512(iters, seed) : redrafter::fmaAvx2(iters, seed);
     });
     float s = 0;
     for (float v : out) s += v;
