@@ -218,17 +218,27 @@ class Linear(nn.Linear):
 
 def set_native_linear(module: nn.Module, on: bool) -> None:
     """Every :class:`Linear` under ``module`` on the CPU kernel (packed now) or on torch."""
+    # an MLP's gate_proj and up_proj stream as one fused weight: no packed copy of their own
+    fused = {
+        id(lin)
+        for m in module.modules()
+        if isinstance(m, MLP) and m.fuses()
+        for lin in (m.fc, m.gate)
+    }
     for m in module.modules():
         if isinstance(m, Linear):
             m.native = on
-            if on and m.weight.device.type == "cpu":
+            if on and m.weight.device.type == "cpu" and id(m) not in fused:
                 m.packed_weight()
             elif not on:
                 m.drop_packed()
         elif isinstance(m, RMSNorm):
             m.native = on
-        elif isinstance(m, MLP) and not on:
-            m._fused = m._fused_key = None
+        elif isinstance(m, MLP):
+            if on and m.fuses() and m.fc.weight.device.type == "cpu":
+                m.fused_weight()
+            elif not on:
+                m._fused = m._fused_key = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -294,24 +304,32 @@ class MLP(nn.Module):
     _fused: Any = None
     _fused_key: tuple | None = None
 
+    def fuses(self) -> bool:
+        """gate_proj and up_proj run as one packed call (not when either streams GGUF blocks)."""
+        return self.fc._blocks is None and self.gate._blocks is None
+
+    def fused_weight(self):
+        """gate_proj and up_proj as one packed [2I, H] weight and bias (cached; repacked when
+        either weight changes). Each output is its own FMA chain: the same bits as two calls."""
+        from .. import native
+
+        key = (self.fc._weight_key(), self.gate._weight_key())
+        if self._fused is None or self._fused_key != key:
+            w = torch.cat([self.fc.weight.detach(), self.gate.weight.detach()])
+            bias = None
+            if self.fc.bias is not None:
+                bias = torch.cat([self.fc.bias.detach(), self.gate.bias.detach()])
+            self._fused, self._fused_key = (native.pack_linear(w), bias), key
+        return self._fused
+
     def forward(self, x):
         if self.fc.native and x.device.type == "cpu" and not torch.is_grad_enabled():
             from .. import native
 
-            if self.fc._blocks is not None or self.gate._blocks is not None:
-                # GGUF block weights stream as stored: two calls (the same bits as the fused one)
-                return self.proj(native.silu_mul(torch.cat([self.fc(x), self.gate(x)], -1)))
-            # gate_proj and up_proj as one packed [2I, H] weight (each output its own FMA chain:
-            # the same bits as two calls), then silu(a) * b in one pass
-            key = (self.fc.packed_weight(), self.gate.packed_weight())
-            if self._fused_key is None or any(a is not b for a, b in zip(key, self._fused_key)):
-                w = torch.cat([self.fc.weight.detach(), self.gate.weight.detach()])
-                bias = None
-                if self.fc.bias is not None:
-                    bias = torch.cat([self.fc.bias.detach(), self.gate.bias.detach()])
-                self._fused, self._fused_key = (native.pack_linear(w), bias), key
-            packed, bias = self._fused
-            ab = native.linear_packed(x, packed, bias)
+            if self.fuses():
+                ab = native.linear_packed(x, *self.fused_weight())
+            else:  # GGUF block weights stream as stored: two calls, the same bits
+                ab = torch.cat([self.fc(x), self.gate(x)], -1)
             return self.proj(native.silu_mul(ab))
         return self.proj(F.silu(self.fc(x)) * self.gate(x))
 
