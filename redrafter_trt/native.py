@@ -618,13 +618,29 @@ def relocate_paged_native(
 
 # ---------------------------------------------------------------------- batch-invariant linear
 _LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
-_linear_fns: dict[str, ctypes._CFuncPtr] = {}
+_kernel_fns: dict[str, ctypes._CFuncPtr] = {}
 _linear_msg = ctypes.create_string_buffer(_MSG_LEN)
-_LINEAR_SIGNATURES = {
+#: the CPU model kernels' C functions (cpp/src/{linear,attention,layer_ops}_cpu.cpp), each
+#: returning a status with its message last
+_KERNEL_SIGNATURES = {
     "redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32],
     "redrafter_linear_pack_cpu": [_p, _i32, _p, _i64, _i64],
     "redrafter_linear_packed_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32, _i32],
     "redrafter_linear_pack_blocks_cpu": [_p, _p, _p, _i32, _p, _i64, _i64],
+    "redrafter_attention_cpu": [_p, _p, _i32, _p, _p, _p]
+    + [_i64] * 8
+    + [ctypes.c_float, _i32, _i32],
+    "redrafter_rmsnorm_cpu": [_p, _p, _p, _i32, _i64, _i64, ctypes.c_float],
+    "redrafter_rope_cpu": [_p, _i32, _i64, _i64, _i64, _i64, _p, _p],
+    "redrafter_silu_mul_cpu": [_p, _p, _i32, _i64, _i64],
+}
+#: their queries and the machine probes (cpp/src/machine_cpu.cpp): (argtypes, restype), no status
+_KERNEL_QUERIES = {
+    "redrafter_linear_simd_cpu": ([], _i32),
+    "redrafter_linear_packed_elems": ([_i64, _i64], _i64),
+    "redrafter_linear_blocks_packed_bytes": ([_i32, _i64, _i64], _i64),
+    "redrafter_read_sum_cpu": ([_p, _i64, _i32], ctypes.c_float),
+    "redrafter_fma_burn_cpu": ([_i64, _i64, _i32], ctypes.c_float),
 }
 #: GGUF block formats the kernel decodes in registers (cpp/src/linear_cpu.cpp kQ4_1, kQ8_0)
 _BLOCK_CODES = {"q4_1": 10, "q8_0": 11}
@@ -634,28 +650,25 @@ GGUF_BLOCK = 32
 LINEAR_PANEL = 16
 
 
-def _linear_symbol(name: str = "redrafter_linear_cpu"):
-    """The linear kernel's C functions, bound once (a library built before them raises)."""
-    if "redrafter_linear_cpu" not in _linear_fns:
-        lib = load_library()
-        _bind(lib, library_path(), _LINEAR_SIGNATURES)
-        for fn_name, argtypes in (
-            ("redrafter_linear_simd_cpu", []),
-            ("redrafter_linear_packed_elems", [_i64, _i64]),
-            ("redrafter_linear_blocks_packed_bytes", [_i32, _i64, _i64]),
-        ):
+def _kernel(name: str = "redrafter_linear_cpu"):
+    """One of the CPU kernels' C functions, all bound at the first call (a library built before
+    them raises saying how to rebuild it)."""
+    if not _kernel_fns:
+        lib, path = load_library(), library_path()
+        _bind(lib, path, _KERNEL_SIGNATURES)
+        _bind(lib, path, {n: [] for n in _KERNEL_QUERIES})  # present, or the same error
+        for fn_name, (argtypes, restype) in _KERNEL_QUERIES.items():
             fn = getattr(lib, fn_name)
-            fn.argtypes = argtypes
-            fn.restype = _i32 if fn_name.endswith("simd_cpu") else _i64
-        for fn_name in _LINEAR_SIGNATURES:
-            _linear_fns[fn_name] = getattr(lib, fn_name)
-    return _linear_fns[name]
+            fn.argtypes, fn.restype = argtypes, restype
+        for fn_name in (*_KERNEL_SIGNATURES, *_KERNEL_QUERIES):
+            _kernel_fns[fn_name] = getattr(lib, fn_name)
+    return _kernel_fns[name]
 
 
 def linear_available() -> bool:
     """True when the CPU library with the batch-invariant linear kernel loads."""
     try:
-        _linear_symbol()
+        _kernel()
         return True
     except RedrafterError:
         return False
@@ -663,14 +676,14 @@ def linear_available() -> bool:
 
 def require_linear() -> None:
     """Raise a :class:`RedrafterError` saying how to build the library when the kernel is missing."""
-    _linear_symbol()
+    _kernel()
 
 
 def simd_level() -> int:
     """The kernels' SIMD path on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 the portable path (same bits
     on every path; ``$REDRAFTER_NO_AVX512`` keeps AVX2)."""
-    _linear_symbol()
-    return int(load_library().redrafter_linear_simd_cpu())
+    _kernel()
+    return int(_kernel("redrafter_linear_simd_cpu")())
 
 
 def linear_simd() -> bool:
@@ -718,13 +731,13 @@ class PackedWeight:
 
 def pack_linear(weight: torch.Tensor) -> PackedWeight:
     """Pack ``weight`` [N, K] (float32/bfloat16, CPU) for :func:`linear_packed`."""
-    fn = _linear_symbol("redrafter_linear_pack_cpu")
+    fn = _kernel("redrafter_linear_pack_cpu")
     _check_linear_tensor("weight", weight)
     if weight.dim() != 2:
         raise RedrafterError(f"linear: weight must be [N, K], got {list(weight.shape)}")
     n, k = weight.shape
     w = weight.detach().contiguous()
-    elems = int(load_library().redrafter_linear_packed_elems(n, k))
+    elems = int(_kernel("redrafter_linear_packed_elems")(n, k))
     packed = torch.empty(elems, dtype=w.dtype)
     _linear_status(
         fn(w.data_ptr(), _LINEAR_DTYPES[w.dtype], packed.data_ptr(), n, k, _linear_msg, _MSG_LEN)
@@ -736,11 +749,11 @@ def pack_blocks(bt) -> PackedWeight:
     """Pack a GGUF block weight (:class:`~redrafter_trt.models.blocks.BlockTensor`) into block
     panels the kernel decodes in registers: 16 columns x 32 k each, scales widened to float32;
     :func:`linear_packed` then gives the bits of the float32 path on its exact expansion."""
-    fn = _linear_symbol("redrafter_linear_pack_blocks_cpu")
+    fn = _kernel("redrafter_linear_pack_blocks_cpu")
     if bt.fmt not in _BLOCK_CODES:
         raise RedrafterError(f"linear: unknown block format {bt.fmt!r}")
     code = _BLOCK_CODES[bt.fmt]
-    nbytes = int(load_library().redrafter_linear_blocks_packed_bytes(code, bt.n, bt.k))
+    nbytes = int(_kernel("redrafter_linear_blocks_packed_bytes")(code, bt.n, bt.k))
     if nbytes <= 0:
         raise RedrafterError(f"linear: a {bt.fmt} weight [{bt.n}, {bt.k}] cannot be packed")
     # the parts must have the stated shapes (the kernel reads what the shapes promise)
@@ -825,7 +838,7 @@ def linear_packed(
     Returns:
         [..., N] in ``out_dtype``.
     """
-    fn = _linear_symbol("redrafter_linear_packed_cpu")
+    fn = _kernel("redrafter_linear_packed_cpu")
     out_dtype = out_dtype or x.dtype
     _check_linear_tensor("x", x)
     if out_dtype not in _LINEAR_DTYPES:
@@ -874,7 +887,7 @@ def linear(
 ) -> torch.Tensor:
     """:func:`linear_packed` with an unpacked ``weight`` [N, K] (packed per call: for tests and
     one-off products; layers pack once with :func:`pack_linear`). The same bits."""
-    _linear_symbol()
+    _kernel()
     _check_linear_tensor("weight", weight)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise RedrafterError(
@@ -887,9 +900,6 @@ def linear(
 
 
 # ---------------------------------------------------------------------- batch-invariant attention
-_ATTENTION_ARGS = [_p, _p, _i32, _p, _p, _p] + [_i64] * 8 + [ctypes.c_float, _i32, _i32]
-
-
 def attention(
     q: torch.Tensor,
     layer_cache: torch.Tensor,
@@ -912,11 +922,7 @@ def attention(
     Returns:
         [B, T, nh, hd] float32.
     """
-    lib = load_library()
-    if "redrafter_attention_cpu" not in _linear_fns:
-        _bind(lib, library_path(), {"redrafter_attention_cpu": _ATTENTION_ARGS})
-        _linear_fns["redrafter_attention_cpu"] = lib.redrafter_attention_cpu
-    fn = _linear_fns["redrafter_attention_cpu"]
+    fn = _kernel("redrafter_attention_cpu")
     if q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu":
         raise RedrafterError(
             f"attention: q must be a [B, T, nh, hd] float32 CPU tensor, got {q.dtype} {list(q.shape)}"
@@ -974,11 +980,7 @@ def machine_limits(
     FMA peak (flop/s with ``threads``), measured on the kernels' own thread pool
     (``cpp/src/machine_cpu.cpp``): the limits the linear kernel is judged against. Best of
     ``repeats``; a buffer of ``mib`` MiB (larger than the caches)."""
-    lib = load_library()
-    lib.redrafter_read_sum_cpu.argtypes = [_p, _i64, _i32]
-    lib.redrafter_read_sum_cpu.restype = ctypes.c_float
-    lib.redrafter_fma_burn_cpu.argtypes = [_i64, _i64, _i32]
-    lib.redrafter_fma_burn_cpu.restype = ctypes.c_float
+    read_sum, fma_burn = _kernel("redrafter_read_sum_cpu"), _kernel("redrafter_fma_burn_cpu")
     nt = linear_threads() if threads is None else int(threads)
     buf = torch.ones(mib * 2**20 // 4)
 
@@ -992,13 +994,11 @@ def machine_limits(
         return t
 
     read = {
-        n: buf.numel()
-        * 4
-        / best(lambda n=n: lib.redrafter_read_sum_cpu(buf.data_ptr(), buf.numel(), n))
+        n: buf.numel() * 4 / best(lambda n=n: read_sum(buf.data_ptr(), buf.numel(), n))
         for n in sorted({1, nt})
     }
     iters, chunks = 200_000, 16 * nt
-    t = best(lambda: lib.redrafter_fma_burn_cpu(iters, chunks, nt))
+    t = best(lambda: fma_burn(iters, chunks, nt))
     lanes = {2: 16, 1: 8}.get(simd_level(), 0)
     peak = chunks * iters * 12 * lanes * 2 / t
     return {
@@ -1011,25 +1011,10 @@ def machine_limits(
 
 
 # ---------------------------------------------------------------------- small per-layer ops
-_LAYER_OPS = {
-    "redrafter_rmsnorm_cpu": [_p, _p, _p, _i32, _i64, _i64, ctypes.c_float],
-    "redrafter_rope_cpu": [_p, _i32, _i64, _i64, _i64, _i64, _p, _p],
-    "redrafter_silu_mul_cpu": [_p, _p, _i32, _i64, _i64],
-}
-
-
-def _layer_op(name: str):
-    if name not in _linear_fns:
-        _bind(load_library(), library_path(), _LAYER_OPS)
-        for n in _LAYER_OPS:
-            _linear_fns[n] = getattr(load_library(), n)
-    return _linear_fns[name]
-
-
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (``cpp/src/layer_ops_cpu.cpp``): float32 arithmetic, each row
     reduced alone in a fixed order; x and weight float32 or bfloat16 of one dtype."""
-    fn = _layer_op("redrafter_rmsnorm_cpu")
+    fn = _kernel("redrafter_rmsnorm_cpu")
     _check_linear_tensor("x", x)
     if weight.dtype != x.dtype or weight.shape != (x.shape[-1],):
         raise RedrafterError(
@@ -1059,7 +1044,7 @@ def rope_(
 ) -> None:
     """Rotate, in place, ``heads`` heads starting at column ``offset`` of every row of the
     contiguous ``x`` [..., C] (a fused qkv output) by cos/sin [rows, head_size/2] float32."""
-    fn = _layer_op("redrafter_rope_cpu")
+    fn = _kernel("redrafter_rope_cpu")
     _check_linear_tensor("x", x)
     if not x.is_contiguous():
         raise RedrafterError("rope: x must be contiguous")
@@ -1094,7 +1079,7 @@ def rope_(
 
 def silu_mul(ab: torch.Tensor) -> torch.Tensor:
     """``silu(ab[..., :n]) * ab[..., n:]`` for ab [..., 2n] (float32 arithmetic)."""
-    fn = _layer_op("redrafter_silu_mul_cpu")
+    fn = _kernel("redrafter_silu_mul_cpu")
     _check_linear_tensor("ab", ab)
     abc = ab.contiguous()
     n = ab.shape[-1] // 2
