@@ -301,6 +301,22 @@ def test_plain_decoding_needs_no_draft_head(tiny_dirs, arch):
 
 
 # --------------------------------------------------------------------------- log-probabilities
+def _serve(gen, prompts, params, speculative):
+    """Every prompt through the in-flight scheduler at once; the finished requests."""
+    from dataclasses import replace
+
+    from redrafter_trt.runtime.scheduler import Scheduler
+
+    s = Scheduler(gen.backend, max_slots=3, tokens_per_slot=64)
+    reqs = [
+        s.submit(p, replace(params, speculative=speculative, stream=i))
+        for i, p in enumerate(prompts)
+    ]
+    while not all(r.finished for r in reqs):
+        s.step()
+    return reqs
+
+
 @pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.9, 11)])
 def test_logprobs_are_the_base_models_own_with_and_without_speculation(
     tiny_dirs, temperature, seed
@@ -308,9 +324,8 @@ def test_logprobs_are_the_base_models_own_with_and_without_speculation(
     """``SamplingParams(logprobs=K)``: each generated token's log-probability and the K most likely
     tokens equal a single forward over prompt + output (the oracle), and are the same with and
     without speculation, greedy and seeded, while drafts of every length are accepted."""
-    from dataclasses import replace
 
-    from redrafter_trt.runtime.scheduler import SamplingParams, Scheduler
+    from redrafter_trt.runtime.scheduler import SamplingParams
 
     w, d, k = 3, 3, 4
     prompts = PROMPTS[:3]
@@ -319,14 +334,7 @@ def test_logprobs_are_the_base_models_own_with_and_without_speculation(
     )
 
     def serve(gen, speculative):
-        s = Scheduler(gen.backend, max_slots=3, tokens_per_slot=64)
-        reqs = [
-            s.submit(p, replace(params, speculative=speculative, stream=i))
-            for i, p in enumerate(prompts)
-        ]
-        while not all(r.finished for r in reqs):
-            s.step()
-        return reqs
+        return _serve(gen, prompts, params, speculative)
 
     plain = serve(tiny_generator(tiny_dirs["llama"], w, d), False)
     truth = {i: prompts[i] + r.tokens for i, r in enumerate(plain)}
@@ -370,9 +378,8 @@ def test_logprobs_on_the_cpu_kernels_are_bit_identical_with_and_without_speculat
 ):
     """On the CPU kernels (float32, batch-invariant) a verified token's logits have the bits of
     its plain-decoding logits, so its log-probabilities are exactly equal, not only close."""
-    from dataclasses import replace
 
-    from redrafter_trt.runtime.scheduler import SamplingParams, Scheduler
+    from redrafter_trt.runtime.scheduler import SamplingParams
 
     w, d = 3, 3
     prompts = PROMPTS[:3]
@@ -381,14 +388,7 @@ def test_logprobs_on_the_cpu_kernels_are_bit_identical_with_and_without_speculat
     )
 
     def serve(gen, speculative):
-        s = Scheduler(gen.backend, max_slots=3, tokens_per_slot=64)
-        reqs = [
-            s.submit(p, replace(params, speculative=speculative, stream=i))
-            for i, p in enumerate(prompts)
-        ]
-        while not all(r.finished for r in reqs):
-            s.step()
-        return reqs
+        return _serve(gen, prompts, params, speculative)
 
     plain_gen = tiny_generator(tiny_dirs["llama"], w, d, dtype=torch.float32)
     assert plain_gen.backend.native_linear
