@@ -66,15 +66,23 @@ def auto_dtype(cpuinfo: str | None = None) -> tuple[str, str]:
     return "float32", f"no CUDA device and no {'/'.join(CPU_BF16_FLAGS)} in /proc/cpuinfo"
 
 
-def _cpu_kernels_run() -> bool:
+def _cpu_kernels_state() -> str:
+    """``on`` where the toolkit's CPU kernels run by default, ``no-simd`` on an x86 CPU without
+    AVX2+FMA (their portable path would be slow), ``off`` elsewhere (another architecture,
+    ``$REDRAFTER_CPU_LINEAR=torch``, no library)."""
     import platform
 
-    return (
-        platform.machine().lower() in ("x86_64", "amd64", "i686")
-        and os.environ.get(CPU_LINEAR_ENV, "").strip().lower() != "torch"
-        and native.linear_available()
-        and native.simd_level() > 0
-    )
+    if (
+        platform.machine().lower() not in ("x86_64", "amd64", "i686")
+        or os.environ.get(CPU_LINEAR_ENV, "").strip().lower() == "torch"
+        or not native.linear_available()
+    ):
+        return "off"
+    return "on" if native.simd_level() > 0 else "no-simd"
+
+
+def _cpu_kernels_run() -> bool:
+    return _cpu_kernels_state() == "on"
 
 
 def pad_tree(beams: torch.Tensor, shape: C.StepShape) -> tuple[PackedTree, torch.Tensor]:
@@ -118,18 +126,10 @@ def default_native_linear(device: torch.device, dtype: torch.dtype) -> bool:
     x86 CPU with AVX2+FMA (or AVX-512) and float32/bfloat16 weights where the library loads,
     unless ``$REDRAFTER_CPU_LINEAR=torch``. An x86 CPU without AVX2+FMA keeps the torch path and
     says so once on stderr (the kernels' portable path gives the same bits, but slowly)."""
-    import platform
-
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
-    if os.environ.get(CPU_LINEAR_ENV, "").strip().lower() == "torch":
-        return False
-    if (
-        platform.machine().lower() not in ("x86_64", "amd64", "i686")
-        or not native.linear_available()
-    ):
-        return False
-    if native.simd_level() == 0:
+    state = _cpu_kernels_state()
+    if state == "no-simd":
         global _NO_SIMD_SAID
         if not _NO_SIMD_SAID:
             print(
@@ -139,8 +139,7 @@ def default_native_linear(device: torch.device, dtype: torch.dtype) -> bool:
                 file=sys.stderr,
             )
             _NO_SIMD_SAID = True
-        return False
-    return True
+    return state == "on"
 
 
 _NO_SIMD_SAID = False
