@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu_numeric.h"
@@ -55,9 +56,10 @@ using cpu::kF32;
 constexpr int32_t kQ4_1 = 10;  // GGUF blocks of 32 along k, packed by redrafter_linear_pack_blocks_cpu
 constexpr int32_t kQ8_0 = 11;
 constexpr int64_t kBlock = 32;
-// A block panel: 16 output columns x 32 k. Q4_1: float d[16], float m[16], then for each k 8 bytes
-// (byte j: column j in the low nibble, column j + 8 in the high one); Q8_0: float d[16], then for
-// each k 16 int8. Padded columns have d = m = q = 0, so w = 0.
+// A block panel: 16 output columns x 32 k. Q4_1: float d[16], float m[16], then 4 groups of 8 k,
+// each 16 uint32 words: word j holds column j's 4-bit values for k = 8 g + i at bits 4 i..4 i + 3
+// (one 64-byte load serves 8 k steps; a shift per k brings its nibble to the bottom of every
+// lane); Q8_0: float d[16], then for each k 16 int8. Padded columns have d = m = q = 0, so w = 0.
 constexpr int64_t kQ41PanelBytes = 16 * 4 * 2 + kBlock * 8;
 constexpr int64_t kQ80PanelBytes = 16 * 4 + kBlock * 16;
 inline bool isBlockFmt(int32_t d) { return d == kQ4_1 || d == kQ8_0; }
@@ -94,8 +96,9 @@ inline float decodeScalar(const unsigned char* bp, int kk, int j) {
     const float* d = reinterpret_cast<const float*>(bp);
     if (F == kQ4_1) {
         const float* mm = d + 16;
-        const unsigned char b = bp[128 + kk * 8 + (j & 7)];
-        const float q = static_cast<float>(j < 8 ? (b & 0x0f) : (b >> 4));
+        uint32_t word;
+        std::memcpy(&word, bp + 128 + ((kk >> 3) * 16 + j) * 4, 4);
+        const float q = static_cast<float>((word >> (4 * (kk & 7))) & 0x0fu);
         const float prod = d[j] * q;
         return prod + mm[j];
     }
@@ -157,7 +160,9 @@ __attribute__((target("avx2,fma"))) void tileAvx2(const float* x, int64_t ldx, c
         for (int v = 0; v < 2 * P; ++v) _mm256_storeu_ps(out + r * (kPanel * P) + v * 8, acc[r][v]);
 }
 
-// AVX2 block tiles: a panel is two 8-lane halves; the same decode, the same chains.
+// AVX2 block tiles: a panel is two 8-lane halves; the same decode, the same chains. Q4_1 takes
+// one 32-byte load per half for 8 k steps, then per k a shift, a mask and a conversion;
+// w = fma(d, q, m) is the two-rounding d * q + m exactly (the product is exact).
 template <int R, int P, int32_t F>
 __attribute__((target("avx2,fma"))) void tileAvx2Q(const float* x, int64_t ldx, const unsigned char* w, int64_t ps,
                                                    int64_t k, float* out) {
@@ -168,7 +173,7 @@ __attribute__((target("avx2,fma"))) void tileAvx2Q(const float* x, int64_t ldx, 
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_setzero_ps();
-    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    const __m256i lo4 = _mm256_set1_epi32(0x0f);
     for (int64_t b = 0; b < nb; ++b) {
         __m256 dv[2 * P], mv[2 * P];
 #pragma GCC unroll 2
@@ -181,36 +186,50 @@ __attribute__((target("avx2,fma"))) void tileAvx2Q(const float* x, int64_t ldx, 
                 mv[2 * p + 1] = _mm256_loadu_ps(d + 24);
             }
         }
-        for (int kk = 0; kk < kBlock; ++kk) {
-            __m256 wv[2 * P];
+        if constexpr (F == kQ4_1) {
+            for (int g = 0; g < kBlock / 8; ++g) {
+                __m256i qw[2 * P];
 #pragma GCC unroll 2
-            for (int p = 0; p < P; ++p) {
-                const unsigned char* bp = w + p * ps + b * bpb;
-                __m256i q0, q1;
-                if (F == kQ4_1) {
-                    const __m128i by = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bp + 128 + kk * 8));
-                    q0 = _mm256_cvtepu8_epi32(_mm_and_si128(by, lo4));
-                    q1 = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(by, 4), lo4));
-                } else {
-                    const __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 64 + kk * 16));
-                    q0 = _mm256_cvtepi8_epi32(by);
-                    q1 = _mm256_cvtepi8_epi32(_mm_srli_si128(by, 8));
+                for (int p = 0; p < P; ++p) {
+                    const unsigned char* wp = w + p * ps + b * bpb + 128 + g * 64;
+                    qw[2 * p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+                    qw[2 * p + 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
                 }
-                __m256 w0 = _mm256_mul_ps(dv[2 * p], _mm256_cvtepi32_ps(q0));
-                __m256 w1 = _mm256_mul_ps(dv[2 * p + 1], _mm256_cvtepi32_ps(q1));
-                if (F == kQ4_1) {
-                    w0 = _mm256_add_ps(w0, mv[2 * p]);
-                    w1 = _mm256_add_ps(w1, mv[2 * p + 1]);
-                }
-                wv[2 * p] = w0;
-                wv[2 * p + 1] = w1;
-            }
-            const int64_t xk = b * kBlock + kk;
-#pragma GCC unroll 6
-            for (int r = 0; r < R; ++r) {
-                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + xk);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; ++i) {
+                    __m256 wv[2 * P];
 #pragma GCC unroll 4
-                for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
+                    for (int v = 0; v < 2 * P; ++v) {
+                        const __m256i q = _mm256_and_si256(_mm256_srli_epi32(qw[v], 4 * i), lo4);
+                        wv[v] = _mm256_fmadd_ps(dv[v], _mm256_cvtepi32_ps(q), mv[v]);
+                    }
+                    const int64_t xk = b * kBlock + g * 8 + i;
+#pragma GCC unroll 6
+                    for (int r = 0; r < R; ++r) {
+                        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + xk);
+#pragma GCC unroll 4
+                        for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
+                    }
+                }
+            }
+        } else {
+            for (int kk = 0; kk < kBlock; ++kk) {
+                __m256 wv[2 * P];
+#pragma GCC unroll 2
+                for (int p = 0; p < P; ++p) {
+                    const unsigned char* bp = w + p * ps + b * bpb;
+                    const __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 64 + kk * 16));
+                    wv[2 * p] = _mm256_mul_ps(dv[2 * p], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(by)));
+                    wv[2 * p + 1] =
+                        _mm256_mul_ps(dv[2 * p + 1], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(by, 8))));
+                }
+                const int64_t xk = b * kBlock + kk;
+#pragma GCC unroll 6
+                for (int r = 0; r < R; ++r) {
+                    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + xk);
+#pragma GCC unroll 4
+                    for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
+                }
             }
         }
     }
@@ -238,25 +257,28 @@ __attribute__((target("avx512f"))) void tileAvx512(const float* x, int64_t ldx, 
     __m512 acc[R][P];
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
     for (int64_t kk = 0; kk < k; ++kk) {
         __m512 wv[P];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int p = 0; p < P; ++p) wv[p] = loadW16(w + p * ps + kk * kPanel);
 #pragma GCC unroll 6
         for (int r = 0; r < R; ++r) {
             const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
         }
     }
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int p = 0; p < P; ++p) _mm512_storeu_ps(out + r * (kPanel * P) + p * kPanel, acc[r][p]);
 }
 
+// AVX-512 block tiles. Q4_1: one 64-byte load per panel serves 8 k steps; per k a shift brings
+// each lane's nibble to bits 0..3 and a permute of the table 0..15 (which reads only those bits)
+// turns it into float: w = fma(d, q, m), exact as above.
 template <int R, int P, int32_t F>
 __attribute__((target("avx512f"))) void tileAvx512Q(const float* x, int64_t ldx, const unsigned char* w, int64_t ps,
                                                     int64_t k, float* out) {
@@ -265,47 +287,62 @@ __attribute__((target("avx512f"))) void tileAvx512Q(const float* x, int64_t ldx,
     __m512 acc[R][P];
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
-    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t b = 0; b < nb; ++b) {
         __m512 dv[P], mv[P];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int p = 0; p < P; ++p) {
             const float* d = reinterpret_cast<const float*>(w + p * ps + b * bpb);
             dv[p] = _mm512_loadu_ps(d);
             if (F == kQ4_1) mv[p] = _mm512_loadu_ps(d + 16);
         }
-        for (int kk = 0; kk < kBlock; ++kk) {
-            __m512 wv[P];
-#pragma GCC unroll 2
-            for (int p = 0; p < P; ++p) {
-                const unsigned char* bp = w + p * ps + b * bpb;
-                __m512i q;
-                if (F == kQ4_1) {
-                    const __m128i by = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bp + 128 + kk * 8));
-                    const __m128i both =
-                        _mm_unpacklo_epi64(_mm_and_si128(by, lo4), _mm_and_si128(_mm_srli_epi16(by, 4), lo4));
-                    q = _mm512_cvtepu8_epi32(both);
-                } else {
-                    q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 64 + kk * 16)));
-                }
-                __m512 wq = _mm512_mul_ps(dv[p], _mm512_cvtepi32_ps(q));
-                if (F == kQ4_1) wq = _mm512_add_ps(wq, mv[p]);
-                wv[p] = wq;
-            }
-            const int64_t xk = b * kBlock + kk;
+        if constexpr (F == kQ4_1) {
+            for (int g = 0; g < kBlock / 8; ++g) {
+                __m512i qw[P];
+#pragma GCC unroll 4
+                for (int p = 0; p < P; ++p) qw[p] = _mm512_loadu_si512(w + p * ps + b * bpb + 128 + g * 64);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; ++i) {
+                    __m512 wv[P];
+#pragma GCC unroll 4
+                    for (int p = 0; p < P; ++p) {
+                        const __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(qw[p], 4 * i), iota);
+                        wv[p] = _mm512_fmadd_ps(dv[p], q, mv[p]);
+                    }
+                    const int64_t xk = b * kBlock + g * 8 + i;
 #pragma GCC unroll 6
-            for (int r = 0; r < R; ++r) {
-                const __m512 xb = _mm512_set1_ps(x[r * ldx + xk]);
-#pragma GCC unroll 2
-                for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
+                    for (int r = 0; r < R; ++r) {
+                        const __m512 xb = _mm512_set1_ps(x[r * ldx + xk]);
+#pragma GCC unroll 4
+                        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
+                    }
+                }
+            }
+        } else {
+            for (int kk = 0; kk < kBlock; ++kk) {
+                __m512 wv[P];
+#pragma GCC unroll 4
+                for (int p = 0; p < P; ++p) {
+                    const unsigned char* bp = w + p * ps + b * bpb;
+                    const __m512i q =
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 64 + kk * 16)));
+                    wv[p] = _mm512_mul_ps(dv[p], _mm512_cvtepi32_ps(q));
+                }
+                const int64_t xk = b * kBlock + kk;
+#pragma GCC unroll 6
+                for (int r = 0; r < R; ++r) {
+                    const __m512 xb = _mm512_set1_ps(x[r * ldx + xk]);
+#pragma GCC unroll 4
+                    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
+                }
             }
         }
     }
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int p = 0; p < P; ++p) _mm512_storeu_ps(out + r * (kPanel * P) + p * kPanel, acc[r][p]);
 }
 
@@ -317,100 +354,91 @@ using cpu::haveAvx512;
 
 using TileFn = void (*)(const float*, int64_t, const void*, int64_t, int64_t, float*);
 
-template <int R, int P, class W>
-void tileScalarV(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
-    tileScalar<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
-}
-#ifdef RD_X86
-template <int R, int P, class W>
-void tileAvx2V(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
-    tileAvx2<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
-}
-template <int R, int P, class W>
-void tileAvx512V(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
-    tileAvx512<R, P, W>(x, ldx, static_cast<const W*>(w), ps, k, out);
-}
-#endif
+// One dispatch table per (weight format, SIMD path): table[g][R - 1] runs a tile of R rows over
+// 1 << g panels (null where that tile would not fit the registers). A policy names its tile and
+// the most rows it runs over two and over four panels.
+constexpr int kGroups = 3;  // 1, 2 or 4 panels per tile
+using TileTable = TileFn[kGroups][kMaxRows];
 
-template <int R, int P, int32_t F>
-void tileScalarQV(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
-    tileScalarQ<R, P, F>(x, ldx, static_cast<const unsigned char*>(w), ps, k, out);
-}
+template <class W, int S>
+struct DenseTiles {  // float32 / bf16 panels; S: 0 portable, 1 AVX2, 2 AVX-512
+    static constexpr int kPairRows = S == 2 ? 6 : 3;
+    static constexpr int kQuadRows = S == 2 ? 2 : 0;
+    template <int R, int P>
+    static void run(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
+        const W* wp = static_cast<const W*>(w);
 #ifdef RD_X86
-template <int R, int P, int32_t F>
-void tileAvx2QV(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
-    tileAvx2Q<R, P, F>(x, ldx, static_cast<const unsigned char*>(w), ps, k, out);
-}
-template <int R, int P, int32_t F>
-void tileAvx512QV(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
-    tileAvx512Q<R, P, F>(x, ldx, static_cast<const unsigned char*>(w), ps, k, out);
-}
+        if constexpr (S == 2) return tileAvx512<R, P, W>(x, ldx, wp, ps, k, out);
+        if constexpr (S == 1) return tileAvx2<R, P, W>(x, ldx, wp, ps, k, out);
 #endif
+        tileScalar<R, P, W>(x, ldx, wp, ps, k, out);
+    }
+};
 
-// The block formats' tables (ps: the panel stride in bytes).
+template <int32_t F, int S>
+struct BlockTiles {  // Q4_1 / Q8_0 block panels (ps: the panel stride in bytes)
+    static constexpr int kPairRows = S == 2 ? 6 : 3;
+    static constexpr int kQuadRows = S == 2 ? 2 : 0;
+    template <int R, int P>
+    static void run(const float* x, int64_t ldx, const void* w, int64_t ps, int64_t k, float* out) {
+        const unsigned char* wp = static_cast<const unsigned char*>(w);
+#ifdef RD_X86
+        if constexpr (S == 2) return tileAvx512Q<R, P, F>(x, ldx, wp, ps, k, out);
+        if constexpr (S == 1) return tileAvx2Q<R, P, F>(x, ldx, wp, ps, k, out);
+#endif
+        tileScalarQ<R, P, F>(x, ldx, wp, ps, k, out);
+    }
+};
+
+template <class T, int R, int P>
+constexpr TileFn tileOrNull() {
+    constexpr int limit = P == 1 ? kMaxRows : P == 2 ? T::kPairRows : T::kQuadRows;
+    if constexpr (R <= limit)
+        return &T::template run<R, P>;
+    else
+        return nullptr;
+}
+
+template <class T, int P, int... R>
+void fillRow(TileFn (&row)[kMaxRows], std::integer_sequence<int, R...>) {
+    ((row[R] = tileOrNull<T, R + 1, P>()), ...);
+}
+
+template <class T>
+void fillTiles(TileTable& t, int& pairRows, int& quadRows) {
+    fillRow<T, 1>(t[0], std::make_integer_sequence<int, kMaxRows>{});
+    fillRow<T, 2>(t[1], std::make_integer_sequence<int, kMaxRows>{});
+    fillRow<T, 4>(t[2], std::make_integer_sequence<int, kMaxRows>{});
+    pairRows = T::kPairRows;
+    quadRows = T::kQuadRows;
+}
+
+// simd: 0 portable, 1 AVX2, 2 AVX-512
+template <template <class, int> class T, class W>
+void fillFor(TileTable& t, int simd, int& pairRows, int& quadRows) {
+    if (simd == 2) return fillTiles<T<W, 2>>(t, pairRows, quadRows);
+    if (simd == 1) return fillTiles<T<W, 1>>(t, pairRows, quadRows);
+    fillTiles<T<W, 0>>(t, pairRows, quadRows);
+}
+
 template <int32_t F>
-void fillTableQ(TileFn (&t)[2][6], int simd) {
-#ifdef RD_X86
-    if (simd == 2) {
-        TileFn a[2][6] = {{tileAvx512QV<1, 1, F>, tileAvx512QV<2, 1, F>, tileAvx512QV<3, 1, F>, tileAvx512QV<4, 1, F>,
-                           tileAvx512QV<5, 1, F>, tileAvx512QV<6, 1, F>},
-                          {tileAvx512QV<1, 2, F>, tileAvx512QV<2, 2, F>, tileAvx512QV<3, 2, F>, tileAvx512QV<4, 2, F>,
-                           tileAvx512QV<5, 2, F>, tileAvx512QV<6, 2, F>}};
-        std::memcpy(t, a, sizeof(a));
-        return;
-    }
-    if (simd == 1) {
-        TileFn a[2][6] = {{tileAvx2QV<1, 1, F>, tileAvx2QV<2, 1, F>, tileAvx2QV<3, 1, F>, tileAvx2QV<4, 1, F>,
-                           tileAvx2QV<5, 1, F>, tileAvx2QV<6, 1, F>},
-                          {tileAvx2QV<1, 2, F>, tileAvx2QV<2, 2, F>, tileAvx2QV<3, 2, F>, nullptr, nullptr, nullptr}};
-        std::memcpy(t, a, sizeof(a));
-        return;
-    }
-#endif
-    (void)simd;
-    TileFn a[2][6] = {{tileScalarQV<1, 1, F>, tileScalarQV<2, 1, F>, tileScalarQV<3, 1, F>, tileScalarQV<4, 1, F>,
-                       tileScalarQV<5, 1, F>, tileScalarQV<6, 1, F>},
-                      {tileScalarQV<1, 2, F>, tileScalarQV<2, 2, F>, tileScalarQV<3, 2, F>, nullptr, nullptr, nullptr}};
-    std::memcpy(t, a, sizeof(a));
-}
-
-// table[P - 1][R - 1]; simd: 0 portable, 1 AVX2, 2 AVX-512
-template <class W>
-void fillTable(TileFn (&t)[2][6], int simd) {
-#ifdef RD_X86
-    if (simd == 2) {
-        TileFn a[2][6] = {{tileAvx512V<1, 1, W>, tileAvx512V<2, 1, W>, tileAvx512V<3, 1, W>, tileAvx512V<4, 1, W>,
-                           tileAvx512V<5, 1, W>, tileAvx512V<6, 1, W>},
-                          {tileAvx512V<1, 2, W>, tileAvx512V<2, 2, W>, tileAvx512V<3, 2, W>, tileAvx512V<4, 2, W>,
-                           tileAvx512V<5, 2, W>, tileAvx512V<6, 2, W>}};
-        std::memcpy(t, a, sizeof(a));
-        return;
-    }
-    if (simd == 1) {
-        TileFn a[2][6] = {{tileAvx2V<1, 1, W>, tileAvx2V<2, 1, W>, tileAvx2V<3, 1, W>, tileAvx2V<4, 1, W>,
-                           tileAvx2V<5, 1, W>, tileAvx2V<6, 1, W>},
-                          {tileAvx2V<1, 2, W>, tileAvx2V<2, 2, W>, tileAvx2V<3, 2, W>, nullptr, nullptr, nullptr}};
-        std::memcpy(t, a, sizeof(a));
-        return;
-    }
-#endif
-    (void)simd;
-    TileFn a[2][6] = {{tileScalarV<1, 1, W>, tileScalarV<2, 1, W>, tileScalarV<3, 1, W>, tileScalarV<4, 1, W>,
-                       tileScalarV<5, 1, W>, tileScalarV<6, 1, W>},
-                      {tileScalarV<1, 2, W>, tileScalarV<2, 2, W>, tileScalarV<3, 2, W>, nullptr, nullptr, nullptr}};
-    std::memcpy(t, a, sizeof(a));
+void fillBlocks(TileTable& t, int simd, int& pairRows, int& quadRows) {
+    if (simd == 2) return fillTiles<BlockTiles<F, 2>>(t, pairRows, quadRows);
+    if (simd == 1) return fillTiles<BlockTiles<F, 1>>(t, pairRows, quadRows);
+    fillTiles<BlockTiles<F, 0>>(t, pairRows, quadRows);
 }
 
 struct Call {
     const float* x;  // [m, k] float32
-    const void* w;   // packed [np][k][16], float32 or bf16
+    const void* w;   // packed panels: float32 / bf16 [np][k][16], or block panels (bytes)
     int32_t wDtype;
     const float* bias;
     void* y;
     int32_t yDtype;
     int64_t m, n, k;
-    TileFn table[2][6];
+    TileTable table;
     int pairRows;  // two-panel tiles for row tiles of at most this many rows
+    int quadRows;  // four-panel tiles (more independent chains for a decode step) up to this many
     size_t esz;    // bytes per unit of ps (1 for the block formats)
     int64_t ps;    // panel stride passed to the tiles: elements (float32/bf16) or bytes (blocks)
 };
@@ -429,33 +457,30 @@ void storeTile(const Call& c, const float* tile, int rows, int64_t row0, int64_t
     }
 }
 
-// Panels [p0, p1) for every row of the call.
+// Panels [p0, p1) for every row of the call: each row tile takes the panels four, two or one at
+// a time, as wide as its row count allows (the bits do not depend on the grouping).
 void runPanels(const Call& c, int64_t p0, int64_t p1) {
-    const size_t esz = c.esz;
-    const int64_t ps = c.ps;
-    alignas(64) float tile[kMaxRows * kPanel * 2];
+    alignas(64) float tile[kMaxRows * kPanel * 4];
     for (int64_t rb = 0; rb < c.m; rb += kRowBlock) {
         const int64_t re = std::min(c.m, rb + kRowBlock);
         for (int64_t p = p0; p < p1;) {
-            const int64_t group = (p + 1 < p1) ? 2 : 1;
-            const char* wp = static_cast<const char*>(c.w) + static_cast<size_t>(p * ps) * esz;
+            const int64_t group = std::min<int64_t>(4, p1 - p);
             for (int64_t r = rb; r < re; r += kMaxRows) {
                 const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, re - r));
                 const float* xr = c.x + r * c.k;
-                if (group == 2 && rows <= c.pairRows) {
-                    c.table[1][rows - 1](xr, c.k, wp, ps, c.k, tile);
-                    for (int g = 0; g < 2; ++g) {
-                        const int64_t col0 = (p + g) * kPanel;
+                for (int64_t q = 0; q < group;) {
+                    const int g = (group - q >= 4 && rows <= c.quadRows)   ? 2
+                                  : (group - q >= 2 && rows <= c.pairRows) ? 1
+                                                                           : 0;
+                    const int np = 1 << g;
+                    const char* wp = static_cast<const char*>(c.w) + static_cast<size_t>((p + q) * c.ps) * c.esz;
+                    c.table[g][rows - 1](xr, c.k, wp, c.ps, c.k, tile);
+                    for (int j = 0; j < np; ++j) {
+                        const int64_t col0 = (p + q + j) * kPanel;
                         const int cols = static_cast<int>(std::min<int64_t>(kPanel, c.n - col0));
-                        storeTile(c, tile + g * kPanel, rows, r, col0, cols, 2 * kPanel);
+                        storeTile(c, tile + j * kPanel, rows, r, col0, cols, np * kPanel);
                     }
-                } else {
-                    for (int64_t g = 0; g < group; ++g) {
-                        c.table[0][rows - 1](xr, c.k, wp + static_cast<size_t>(g * ps) * esz, ps, c.k, tile);
-                        const int64_t col0 = (p + g) * kPanel;
-                        const int cols = static_cast<int>(std::min<int64_t>(kPanel, c.n - col0));
-                        storeTile(c, tile, rows, r, col0, cols, kPanel);
-                    }
+                    q += np;
                 }
             }
             p += group;
@@ -522,9 +547,12 @@ Status packBlocksCpu(const void* qs, const uint16_t* d, const uint16_t* m, int32
                     dd[16 + j] = halfToF32(m[row * nb + b]);
                     const unsigned char* src = q + row * (k / 2) + b * 16;
                     for (int kk = 0; kk < kBlock; ++kk) {
-                        const int v = kk < 16 ? (src[kk] & 0x0f) : (src[kk - 16] >> 4);
-                        unsigned char& dst = bp[128 + kk * 8 + (j & 7)];
-                        dst = static_cast<unsigned char>(dst | (j < 8 ? v : v << 4));
+                        const uint32_t v = kk < 16 ? (src[kk] & 0x0f) : (src[kk - 16] >> 4);
+                        unsigned char* word = bp + 128 + ((kk >> 3) * 16 + j) * 4;
+                        uint32_t w;
+                        std::memcpy(&w, word, 4);
+                        w |= v << (4 * (kk & 7));
+                        std::memcpy(word, &w, 4);
                     }
                 } else {
                     for (int kk = 0; kk < kBlock; ++kk) bp[64 + kk * 16 + j] = q[row * k + b * kBlock + kk];
@@ -603,31 +631,33 @@ Status linearPackedCpu(const void* x, int32_t xDtype, const void* packed, int32_
     const int simd = 0;
     (void)forceScalar;
 #endif
-    Call c{xf, packed, wDtype, bias, y, yDtype, m, n, k, {}, simd == 2 ? 6 : 3, 0, 0};
+    Call c{xf, packed, wDtype, bias, y, yDtype, m, n, k, {}, 0, 0, 0, 0};
     if (isBlockFmt(wDtype)) {
         c.esz = 1;
         c.ps = k / kBlock * blockPanelBytes(wDtype);
         if (wDtype == kQ4_1)
-            fillTableQ<kQ4_1>(c.table, simd);
+            fillBlocks<kQ4_1>(c.table, simd, c.pairRows, c.quadRows);
         else
-            fillTableQ<kQ8_0>(c.table, simd);
+            fillBlocks<kQ8_0>(c.table, simd, c.pairRows, c.quadRows);
     } else {
         c.esz = wDtype == kF32 ? 4 : 2;
         c.ps = k * kPanel;
         if (wDtype == kF32)
-            fillTable<float>(c.table, simd);
+            fillFor<DenseTiles, float>(c.table, simd, c.pairRows, c.quadRows);
         else
-            fillTable<uint16_t>(c.table, simd);
+            fillFor<DenseTiles, uint16_t>(c.table, simd, c.pairRows, c.quadRows);
     }
     const int64_t np = (n + kPanel - 1) / kPanel;
-    // Chunks of whole panel pairs handed out one at a time (a pair keeps the two-panel tiles);
-    // about 8 chunks per thread, so a late worker costs little and a busy core is no barrier.
-    const int64_t pairs = (np + 1) / 2;
-    const int64_t perChunk = std::max<int64_t>(1, pairs / (8 * static_cast<int64_t>(threads)));
-    const int64_t chunks = (pairs + perChunk - 1) / perChunk;
+    // Chunks of whole panel groups (four for a decode step's rows, else pairs: a group keeps its
+    // wide tiles) handed out one at a time; about 8 chunks per thread, so a late worker costs
+    // little and a busy core is no barrier.
+    const int64_t unit = m <= c.quadRows ? 4 : 2;
+    const int64_t units = (np + unit - 1) / unit;
+    const int64_t perChunk = std::max<int64_t>(1, units / (8 * static_cast<int64_t>(threads)));
+    const int64_t chunks = (units + perChunk - 1) / perChunk;
     cpuPoolFor(threads, chunks, [&](int64_t ch) {
-        const int64_t a = std::min(np, 2 * ch * perChunk);
-        const int64_t b = std::min(np, 2 * (ch + 1) * perChunk);
+        const int64_t a = std::min(np, unit * ch * perChunk);
+        const int64_t b = std::min(np, unit * (ch + 1) * perChunk);
         runPanels(c, a, b);
     });
     return Status::success();
