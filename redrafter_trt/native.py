@@ -633,6 +633,7 @@ _KERNEL_SIGNATURES = {
     "redrafter_rmsnorm_cpu": [_p, _p, _p, _i32, _i64, _i64, ctypes.c_float],
     "redrafter_rope_cpu": [_p, _i32, _i64, _i64, _i64, _i64, _p, _p],
     "redrafter_silu_mul_cpu": [_p, _p, _i32, _i64, _i64],
+    "redrafter_decoder_forward_cpu": [_p],
 }
 #: their queries and the machine probes (cpp/src/machine_cpu.cpp): (argtypes, restype), no status
 _KERNEL_QUERIES = {
@@ -641,6 +642,7 @@ _KERNEL_QUERIES = {
     "redrafter_linear_blocks_packed_bytes": ([_i32, _i64, _i64], _i64),
     "redrafter_read_sum_cpu": ([_p, _i64, _i32], ctypes.c_float),
     "redrafter_fma_burn_cpu": ([_i64, _i64, _i32], ctypes.c_float),
+    "redrafter_decoder_params_layout": ([_p, _i64], _i64),
 }
 #: GGUF block formats the kernel decodes in registers (cpp/src/linear_cpu.cpp kQ4_1, kQ8_0)
 _BLOCK_CODES = {"q4_1": 10, "q8_0": 11}
@@ -1098,3 +1100,207 @@ def silu_mul(ab: torch.Tensor) -> torch.Tensor:
         )
     )
     return y
+
+
+# ---------------------------------------------------------------------- the fused decoder forward
+class DecoderLayerParams(ctypes.Structure):
+    """``RedrafterDecoderLayer`` (cpp/include/redrafter/decoder_cpu.h): one layer's packed weights,
+    their format codes and float32 biases and norm weights (pointers)."""
+
+    _fields_ = [
+        (name, _p)
+        for name in (
+            "qkv",
+            "qkv_bias",
+            "dense",
+            "dense_bias",
+            "gate_up",
+            "gate_up_bias",
+            "gate",
+            "gate_bias",
+            "up",
+            "up_bias",
+            "down",
+            "down_bias",
+            "input_norm",
+            "post_norm",
+        )
+    ] + [(f"{w}_fmt", _i32) for w in ("qkv", "dense", "gate_up", "gate", "up", "down")]
+
+
+class DecoderParams(ctypes.Structure):
+    """``RedrafterDecoderParams`` (cpp/include/redrafter/decoder_cpu.h), the one argument of
+    :func:`decoder_forward`'s C function."""
+
+    _fields_ = (
+        [("struct_size", _i64)]
+        + [(n, _p) for n in ("x", "cos", "sin", "cache", "slots", "write_pos", "mask", "layers")]
+        + [
+            (n, _i64)
+            for n in (
+                "num_layers",
+                "b",
+                "t",
+                "s",
+                "cap",
+                "num_slots",
+                "hidden",
+                "heads",
+                "kv_heads",
+                "head_size",
+                "intermediate",
+            )
+        ]
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        + [("cache_dtype", _i32), ("threads", _i32)]
+    )
+
+
+def decoder_params_layout() -> list[int]:
+    """The C side's ``sizeof`` of both structs, then every field's offset (params fields, then
+    layer fields, in declaration order): what the ctypes mirrors above must match."""
+    fn = _kernel("redrafter_decoder_params_layout")
+    buf = (_i64 * 64)()
+    count = int(fn(buf, 64))
+    return list(buf[:count])
+
+
+def python_decoder_params_layout() -> list[int]:
+    """The same list computed from the ctypes mirrors."""
+    return [
+        ctypes.sizeof(DecoderParams),
+        ctypes.sizeof(DecoderLayerParams),
+        *(getattr(DecoderParams, n).offset for n, _ in DecoderParams._fields_),
+        *(getattr(DecoderLayerParams, n).offset for n, _ in DecoderLayerParams._fields_),
+    ]
+
+
+class DecoderWeights:
+    """Every layer's weights for :func:`decoder_forward`, as a C array of
+    :class:`DecoderLayerParams`; holds the tensors the pointers point into.
+
+    ``layers``: one dict per layer with ``qkv``, ``dense``, ``down`` and either ``gate_up`` or
+    ``gate`` and ``up`` (each ``(PackedWeight, bias or None)``), and ``input_norm``,
+    ``post_norm`` (float32 [H] tensors)."""
+
+    def __init__(self, layers: list[dict]):
+        self._keep: list[torch.Tensor] = []
+        self.array = (DecoderLayerParams * len(layers))()
+        for entry, layer in zip(self.array, layers):
+            for name in ("qkv", "dense", "gate_up", "gate", "up", "down"):
+                if layer.get(name) is None:
+                    continue
+                packed, bias = layer[name]
+                setattr(entry, name, self._ptr(packed.data))
+                setattr(entry, f"{name}_fmt", packed.code)
+                if bias is not None:
+                    if bias.shape != (packed.n,):
+                        raise RedrafterError(
+                            f"decoder: {name} bias must be [{packed.n}], got {list(bias.shape)}"
+                        )
+                    setattr(entry, f"{name}_bias", self._ptr(bias, torch.float32))
+            for name in ("input_norm", "post_norm"):
+                setattr(entry, name, self._ptr(layer[name], torch.float32))
+        self.num_layers = len(layers)
+
+    def _ptr(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        t = t.detach()
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        t = t.contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+
+def decoder_forward(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    write_pos: torch.Tensor,
+    mask: torch.Tensor,
+    weights: DecoderWeights,
+    heads: int,
+    intermediate: int,
+    eps: float,
+    threads: int | None = None,
+) -> None:
+    """Every decoder layer in one call (``cpp/src/decoder_cpu.cpp``), in place on ``x``: the
+    kernels of the per-layer path in its order, so the same bits.
+
+    Args:
+        x: [B, T, H] float32 contiguous: the embeddings in, the last layer's output out.
+        cos, sin: [B*T, hd/2] float32. cache: [layers, 2, slots, nkv, cap, hd] float32 or
+            bfloat16, contiguous; token (i, j) is written at ``write_pos[i, j]`` of slot
+            ``slots[i]``. mask: [B, T, S] bool, query (i, j) sees key positions p < S allowed.
+        weights: the layers' :class:`DecoderWeights`; heads: query heads; intermediate: the MLP
+            width; eps: the RMSNorm epsilon. Scores are scaled by 1/sqrt(hd).
+    """
+    fn = _kernel("redrafter_decoder_forward_cpu")
+    if x.dim() != 3 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise RedrafterError(
+            f"decoder: x must be a contiguous [B, T, H] float32 tensor, got {x.dtype} {list(x.shape)}"
+        )
+    b, t, h = x.shape
+    if (
+        cache.dim() != 6
+        or cache.shape[1] != 2
+        or cache.shape[0] != weights.num_layers
+        or cache.dtype not in _LINEAR_DTYPES
+        or not cache.is_contiguous()
+    ):
+        raise RedrafterError(
+            f"decoder: cache must be a contiguous [{weights.num_layers}, 2, slots, nkv, cap, hd] "
+            f"float32/bfloat16 tensor, got {cache.dtype} {list(cache.shape)}"
+        )
+    _, _, num_slots, nkv, cap, hd = cache.shape
+    if mask.dim() != 3 or tuple(mask.shape[:2]) != (b, t) or mask.dtype != torch.bool:
+        raise RedrafterError(
+            f"decoder: mask must be [{b}, {t}, S] bool, got {mask.dtype} {list(mask.shape)}"
+        )
+    rows = b * t
+    for name, tab in (("cos", cos), ("sin", sin)):
+        if (
+            tab.dtype != torch.float32
+            or tuple(tab.shape) != (rows, hd // 2)
+            or not tab.is_contiguous()
+        ):
+            raise RedrafterError(
+                f"decoder: {name} must be a contiguous [{rows}, {hd // 2}] float32 tensor, got "
+                f"{tab.dtype} {list(tab.shape)}"
+            )
+    sl = slots.to(torch.int64).contiguous()
+    wp = write_pos.to(torch.int64).contiguous()
+    if tuple(sl.shape) != (b,) or tuple(wp.shape) != (b, t):
+        raise RedrafterError(
+            f"decoder: slots must be [{b}] and write_pos [{b}, {t}], got {list(sl.shape)} and {list(wp.shape)}"
+        )
+    mk = mask.contiguous().view(torch.uint8)
+    p = DecoderParams(
+        struct_size=ctypes.sizeof(DecoderParams),
+        x=x.data_ptr(),
+        cos=cos.data_ptr(),
+        sin=sin.data_ptr(),
+        cache=cache.data_ptr(),
+        slots=sl.data_ptr(),
+        write_pos=wp.data_ptr(),
+        mask=mk.data_ptr(),
+        layers=ctypes.addressof(weights.array),
+        num_layers=weights.num_layers,
+        b=b,
+        t=t,
+        s=mask.shape[2],
+        cap=cap,
+        num_slots=num_slots,
+        hidden=h,
+        heads=heads,
+        kv_heads=nkv,
+        head_size=hd,
+        intermediate=intermediate,
+        eps=float(eps),
+        scale=float(hd**-0.5),
+        cache_dtype=_LINEAR_DTYPES[cache.dtype],
+        threads=linear_threads() if threads is None else int(threads),
+    )
+    _linear_status(fn(ctypes.addressof(p), _linear_msg, _MSG_LEN))

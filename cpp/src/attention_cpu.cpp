@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_numeric.h"
 #include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
@@ -148,9 +149,11 @@ void queryRow(const AttnCall& c, int64_t row /* b * T * nh + t * nh + h */, std:
     for (int64_t d = 0; d < c.hd; ++d) o[d] *= inv;
 }
 
-Status attentionCpu(const float* q, const void* cache, int32_t cacheDtype, const int64_t* slots, const uint8_t* mask,
-                    float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv, int64_t hd, int64_t s, int64_t cap,
-                    int64_t numSlots, float scale, int32_t threads, int32_t forceScalar) {
+}  // namespace
+
+Status cpu::attention(const float* q, const void* cache, int32_t cacheDtype, const int64_t* slots, const uint8_t* mask,
+                      float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv, int64_t hd, int64_t s, int64_t cap,
+                      int64_t numSlots, float scale, int32_t threads, int32_t forceScalar) {
     if (cacheDtype != kF32 && cacheDtype != kBF16)
         return Status::error(StatusCode::kInvalidArgument,
                              "attention: cache dtype must be 0 (float32) or 2 (bfloat16), got %d",
@@ -198,7 +201,6 @@ Status attentionCpu(const float* q, const void* cache, int32_t cacheDtype, const
     return Status::success();
 }
 
-}  // namespace
 }  // namespace redrafter
 
 extern "C" {
@@ -211,8 +213,8 @@ int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache
                                 int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,
                                 int32_t force_scalar, char* msg, int64_t msg_len) {
     return redrafter::capi::guarded(msg, msg_len, [&] {
-        return redrafter::attentionCpu(q, cache, cache_dtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, num_slots,
-                                       scale, threads, force_scalar);
+        return redrafter::cpu::attention(q, cache, cache_dtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, num_slots,
+                                         scale, threads, force_scalar);
     });
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_kernels.h"
 #include "cpu_numeric.h"
 #include "redrafter/c_abi_guard.h"
 #include "redrafter/common.h"
@@ -43,95 +44,106 @@ Status checkDtype(int32_t dt, const char* op) {
 }
 
 }  // namespace
-}  // namespace redrafter
 
-using redrafter::Status;
-using redrafter::StatusCode;
+Status cpu::rmsnorm(const void* x, const void* w, void* y, int32_t dtype, int64_t rows, int64_t h, float eps) {
+    Status s = checkDtype(dtype, "rmsnorm");
+    if (!s.ok()) return s;
+    if (rows < 0 || h < 1)
+        return Status::error(StatusCode::kInvalidArgument, "rmsnorm: need rows >= 0 and h >= 1, got %lld, %lld",
+                             static_cast<long long>(rows), static_cast<long long>(h));
+    if (rows == 0) return Status::success();
+    if (!x || !w || !y) return Status::error(StatusCode::kInvalidArgument, "rmsnorm: null pointer argument");
+    for (int64_t r = 0; r < rows; ++r) {
+        float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const int64_t hv = h - h % 8;
+        for (int64_t i = 0; i < hv; i += 8)
+            for (int j = 0; j < 8; ++j) {
+                const float v = get(x, dtype, r * h + i + j);
+                lane[j] = std::fma(v, v, lane[j]);
+            }
+        float ss = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+        for (int64_t i = hv; i < h; ++i) {
+            const float v = get(x, dtype, r * h + i);
+            ss = std::fma(v, v, ss);
+        }
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+        for (int64_t i = 0; i < h; ++i) {
+            const float n = roundTo(dtype, get(x, dtype, r * h + i) * inv);
+            put(y, dtype, r * h + i, get(w, dtype, i) * n);
+        }
+    }
+    return Status::success();
+}
+
+Status cpu::rope(void* x, int32_t dtype, int64_t rows, int64_t heads, int64_t hd, int64_t rowStride, const float* cos,
+                 const float* sin) {
+    Status s = checkDtype(dtype, "rope");
+    if (!s.ok()) return s;
+    if (rows < 0 || heads < 1 || hd < 2 || hd % 2 || rowStride < heads * hd)
+        return Status::error(StatusCode::kInvalidArgument,
+                             "rope: need rows >= 0, heads >= 1, even hd >= 2, row_stride >= heads * hd; got "
+                             "%lld, %lld, %lld, %lld",
+                             static_cast<long long>(rows), static_cast<long long>(heads), static_cast<long long>(hd),
+                             static_cast<long long>(rowStride));
+    if (rows == 0) return Status::success();
+    if (!x || !cos || !sin) return Status::error(StatusCode::kInvalidArgument, "rope: null pointer argument");
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t hh = 0; hh < heads; ++hh) {
+            const int64_t base = r * rowStride + hh * hd;
+            for (int64_t i = 0; i < half; ++i) {
+                const float c = cos[r * half + i], sn = sin[r * half + i];
+                const float a = get(x, dtype, base + i), b = get(x, dtype, base + i + half);
+                put(x, dtype, base + i, a * c - b * sn);
+                put(x, dtype, base + i + half, b * c + a * sn);
+            }
+        }
+    return Status::success();
+}
+
+Status cpu::siluMul(const void* a, int64_t lda, const void* b, int64_t ldb, void* y, int32_t dtype, int64_t rows,
+                    int64_t n) {
+    Status s = checkDtype(dtype, "silu_mul");
+    if (!s.ok()) return s;
+    if (rows < 0 || n < 1 || lda < n || ldb < n)
+        return Status::error(StatusCode::kInvalidArgument, "silu_mul: need rows >= 0, n >= 1 and row strides >= n");
+    if (rows == 0) return Status::success();
+    if (!a || !b || !y) return Status::error(StatusCode::kInvalidArgument, "silu_mul: null pointer argument");
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < n; ++i) {
+            const float av = get(a, dtype, r * lda + i), bv = get(b, dtype, r * ldb + i);
+            const float act = roundTo(dtype, av / (1.0f + std::exp(-av)));
+            put(y, dtype, r * n + i, act * bv);
+        }
+    return Status::success();
+}
+
+}  // namespace redrafter
 
 extern "C" {
 
 // y [rows, h] = RMSNorm(x [rows, h]) * w [h]; x, w, y of dtype `dtype`.
 int32_t redrafter_rmsnorm_cpu(const void* x, const void* w, void* y, int32_t dtype, int64_t rows, int64_t h, float eps,
                               char* msg, int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&]() -> Status {
-        Status s = redrafter::checkDtype(dtype, "rmsnorm");
-        if (!s.ok()) return s;
-        if (rows < 0 || h < 1)
-            return Status::error(StatusCode::kInvalidArgument, "rmsnorm: need rows >= 0 and h >= 1, got %lld, %lld",
-                                 static_cast<long long>(rows), static_cast<long long>(h));
-        if (rows == 0) return Status::success();
-        if (!x || !w || !y) return Status::error(StatusCode::kInvalidArgument, "rmsnorm: null pointer argument");
-        for (int64_t r = 0; r < rows; ++r) {
-            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            const int64_t hv = h - h % 8;
-            for (int64_t i = 0; i < hv; i += 8)
-                for (int j = 0; j < 8; ++j) {
-                    const float v = redrafter::get(x, dtype, r * h + i + j);
-                    lane[j] = std::fma(v, v, lane[j]);
-                }
-            float ss = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-            for (int64_t i = hv; i < h; ++i) {
-                const float v = redrafter::get(x, dtype, r * h + i);
-                ss = std::fma(v, v, ss);
-            }
-            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-            for (int64_t i = 0; i < h; ++i) {
-                const float n = redrafter::roundTo(dtype, redrafter::get(x, dtype, r * h + i) * inv);
-                redrafter::put(y, dtype, r * h + i, redrafter::get(w, dtype, i) * n);
-            }
-        }
-        return Status::success();
-    });
+    return redrafter::capi::guarded(msg, msg_len,
+                                    [&] { return redrafter::cpu::rmsnorm(x, w, y, dtype, rows, h, eps); });
 }
 
 // In place on x [rows, heads, hd] (row stride `row_stride` elements, so q and k can be views of
 // one fused qkv output): rotate each head's pairs (i, i + hd/2) by cos/sin [rows, hd/2] float32.
 int32_t redrafter_rope_cpu(void* x, int32_t dtype, int64_t rows, int64_t heads, int64_t hd, int64_t row_stride,
                            const float* cos, const float* sin, char* msg, int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&]() -> Status {
-        Status s = redrafter::checkDtype(dtype, "rope");
-        if (!s.ok()) return s;
-        if (rows < 0 || heads < 1 || hd < 2 || hd % 2 || row_stride < heads * hd)
-            return Status::error(StatusCode::kInvalidArgument,
-                                 "rope: need rows >= 0, heads >= 1, even hd >= 2, row_stride >= heads * hd; got "
-                                 "%lld, %lld, %lld, %lld",
-                                 static_cast<long long>(rows), static_cast<long long>(heads),
-                                 static_cast<long long>(hd), static_cast<long long>(row_stride));
-        if (rows == 0) return Status::success();
-        if (!x || !cos || !sin) return Status::error(StatusCode::kInvalidArgument, "rope: null pointer argument");
-        const int64_t half = hd / 2;
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t hh = 0; hh < heads; ++hh) {
-                const int64_t base = r * row_stride + hh * hd;
-                for (int64_t i = 0; i < half; ++i) {
-                    const float c = cos[r * half + i], sn = sin[r * half + i];
-                    const float a = redrafter::get(x, dtype, base + i), b = redrafter::get(x, dtype, base + i + half);
-                    redrafter::put(x, dtype, base + i, a * c - b * sn);
-                    redrafter::put(x, dtype, base + i + half, b * c + a * sn);
-                }
-            }
-        return Status::success();
-    });
+    return redrafter::capi::guarded(
+        msg, msg_len, [&] { return redrafter::cpu::rope(x, dtype, rows, heads, hd, row_stride, cos, sin); });
 }
 
 // y [rows, n] = silu(ab[:, :n]) * ab[:, n:] for ab [rows, 2n] (the fused gate|up projection).
 int32_t redrafter_silu_mul_cpu(const void* ab, void* y, int32_t dtype, int64_t rows, int64_t n, char* msg,
                                int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&]() -> Status {
-        Status s = redrafter::checkDtype(dtype, "silu_mul");
-        if (!s.ok()) return s;
-        if (rows < 0 || n < 1)
-            return Status::error(StatusCode::kInvalidArgument, "silu_mul: need rows >= 0 and n >= 1");
-        if (rows == 0) return Status::success();
-        if (!ab || !y) return Status::error(StatusCode::kInvalidArgument, "silu_mul: null pointer argument");
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < n; ++i) {
-                const float a = redrafter::get(ab, dtype, r * 2 * n + i),
-                            b = redrafter::get(ab, dtype, r * 2 * n + n + i);
-                const float act = redrafter::roundTo(dtype, a / (1.0f + std::exp(-a)));
-                redrafter::put(y, dtype, r * n + i, act * b);
-            }
-        return Status::success();
+    return redrafter::capi::guarded(msg, msg_len, [&]() -> redrafter::Status {
+        const size_t esz = dtype == redrafter::cpu::kF32 ? 4 : 2;
+        const void* b = ab ? static_cast<const char*>(ab) + static_cast<size_t>(n > 0 ? n : 0) * esz : nullptr;
+        return redrafter::cpu::siluMul(ab, 2 * n, b, 2 * n, y, dtype, rows, n);
     });
 }
 

@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_numeric.h"
 #include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
@@ -64,9 +65,10 @@ constexpr int64_t kQ41PanelBytes = 16 * 4 * 2 + kBlock * 8;
 constexpr int64_t kQ80PanelBytes = 16 * 4 + kBlock * 16;
 inline bool isBlockFmt(int32_t d) { return d == kQ4_1 || d == kQ8_0; }
 inline int64_t blockPanelBytes(int32_t d) { return d == kQ4_1 ? kQ41PanelBytes : kQ80PanelBytes; }
-constexpr int64_t kPanel = 16;     // output columns per panel
-constexpr int64_t kMaxRows = 6;    // rows per register tile
-constexpr int64_t kRowBlock = 48;  // rows sharing one pass over a panel (8 tiles)
+constexpr int64_t kPanel = 16;          // output columns per panel
+constexpr int64_t kMaxRows = 6;         // rows per register tile
+constexpr int64_t kRowBlock = 48;       // rows sharing one pass over a panel (8 tiles)
+constexpr int64_t kPrefetchBlocks = 8;  // block tiles fetch this many blocks ahead of their reads
 
 inline float loadW(const float* p) { return *p; }
 inline float loadW(const uint16_t* p) { return bf16ToF32(*p); }
@@ -160,6 +162,19 @@ __attribute__((target("avx2,fma"))) void tileAvx2(const float* x, int64_t ldx, c
         for (int v = 0; v < 2 * P; ++v) _mm256_storeu_ps(out + r * (kPanel * P) + v * 8, acc[r][v]);
 }
 
+// Block tiles fetch ahead in each panel's stream, past its end into the panel the next tile reads
+// (prefetches never fault): a decode step computes too little per byte for the hardware
+// prefetchers to keep P streams ahead alone (one core streamed Q4_1 panels 2-3x faster with it).
+template <int P>
+__attribute__((target("sse"))) inline void prefetchBlocks(const unsigned char* w, int64_t ps, int64_t bpb, int64_t b,
+                                                          int64_t nb) {
+    const int64_t ab = b + kPrefetchBlocks;
+    const unsigned char* base = ab < nb ? w + ab * bpb : w + P * ps + (ab - nb) * bpb;
+    for (int p = 0; p < P; ++p)
+        for (int64_t line = 0; line < bpb; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(base + p * ps + line), _MM_HINT_T0);
+}
+
 // AVX2 block tiles: a panel is two 8-lane halves; the same decode, the same chains. Q4_1 takes
 // one 32-byte load per half for 8 k steps, then per k a shift, a mask and a conversion;
 // w = fma(d, q, m) is the two-rounding d * q + m exactly (the product is exact).
@@ -176,6 +191,7 @@ __attribute__((target("avx2,fma"))) void tileAvx2Q(const float* x, int64_t ldx, 
     const __m256i lo4 = _mm256_set1_epi32(0x0f);
     for (int64_t b = 0; b < nb; ++b) {
         __m256 dv[2 * P], mv[2 * P];
+        prefetchBlocks<P>(w, ps, bpb, b, nb);
 #pragma GCC unroll 2
         for (int p = 0; p < P; ++p) {
             const float* d = reinterpret_cast<const float*>(w + p * ps + b * bpb);
@@ -292,6 +308,7 @@ __attribute__((target("avx512f"))) void tileAvx512Q(const float* x, int64_t ldx,
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t b = 0; b < nb; ++b) {
         __m512 dv[P], mv[P];
+        prefetchBlocks<P>(w, ps, bpb, b, nb);
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) {
             const float* d = reinterpret_cast<const float*>(w + p * ps + b * bpb);
@@ -598,8 +615,10 @@ Status packCpu(const void* w, int32_t wDtype, void* packed, int64_t n, int64_t k
     return Status::success();
 }
 
-Status linearPackedCpu(const void* x, int32_t xDtype, const void* packed, int32_t wDtype, const float* bias, void* y,
-                       int32_t yDtype, int64_t m, int64_t n, int64_t k, int32_t threads, int32_t forceScalar) {
+}  // namespace
+
+Status cpu::linearPacked(const void* x, int32_t xDtype, const void* packed, int32_t wDtype, const float* bias, void* y,
+                         int32_t yDtype, int64_t m, int64_t n, int64_t k, int32_t threads, int32_t forceScalar) {
     if (!okDtype(xDtype) || !(okDtype(wDtype) || isBlockFmt(wDtype)) || !okDtype(yDtype))
         return Status::error(StatusCode::kInvalidArgument,
                              "linear: dtypes must be 0 (float32) or 2 (bfloat16) (weights also 10 q4_1, 11 q8_0), "
@@ -663,7 +682,6 @@ Status linearPackedCpu(const void* x, int32_t xDtype, const void* packed, int32_
     return Status::success();
 }
 
-}  // namespace
 }  // namespace redrafter
 
 extern "C" {
@@ -687,8 +705,8 @@ int32_t redrafter_linear_packed_cpu(const void* x, int32_t x_dtype, const void* 
                                     const float* bias, void* y, int32_t y_dtype, int64_t m, int64_t n, int64_t k,
                                     int32_t threads, int32_t force_scalar, char* msg, int64_t msg_len) {
     return redrafter::capi::guarded(msg, msg_len, [&] {
-        return redrafter::linearPackedCpu(x, x_dtype, packed, w_dtype, bias, y, y_dtype, m, n, k, threads,
-                                          force_scalar);
+        return redrafter::cpu::linearPacked(x, x_dtype, packed, w_dtype, bias, y, y_dtype, m, n, k, threads,
+                                            force_scalar);
     });
 }
 
@@ -703,15 +721,15 @@ int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int3
                                             "(redrafter_linear_pack_blocks_cpu)",
                                             static_cast<int>(w_dtype));
         if (w_dtype != redrafter::kF32 && w_dtype != redrafter::kBF16)
-            return redrafter::linearPackedCpu(x, x_dtype, w, w_dtype, bias, y, y_dtype, m, n, k, 1, force_scalar);
+            return redrafter::cpu::linearPacked(x, x_dtype, w, w_dtype, bias, y, y_dtype, m, n, k, 1, force_scalar);
         redrafter::Status s = redrafter::checkShape(m, n, k);
         if (!s.ok()) return s;
         const size_t esz = w_dtype == redrafter::kF32 ? 4 : 2;
         std::vector<unsigned char> packed(static_cast<size_t>(redrafter::packedElems(n, k)) * esz);
         s = redrafter::packCpu(w, w_dtype, packed.data(), n, k);
         if (!s.ok()) return s;
-        return redrafter::linearPackedCpu(x, x_dtype, packed.data(), w_dtype, bias, y, y_dtype, m, n, k, 1,
-                                          force_scalar);
+        return redrafter::cpu::linearPacked(x, x_dtype, packed.data(), w_dtype, bias, y, y_dtype, m, n, k, 1,
+                                            force_scalar);
     });
 }
 

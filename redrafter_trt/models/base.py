@@ -11,6 +11,7 @@ whole cache plus an intra-block mask (causal for prompts, ancestor-or-self for p
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ HF_ARCHITECTURES = {
 }
 HF_MODEL_TYPES = {**{mt: arch for arch, mt in HF_MODEL_TYPE.items()}, "mistral": ARCH_LLAMA}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+#: set to 0 to run the CPU kernels layer by layer from Python instead of in one fused call
+FUSED_ENV = "REDRAFTER_CPU_FUSED"
 
 
 @dataclass
@@ -451,6 +454,25 @@ class BaseModel(nn.Module):
             cos = torch.cos(freqs).to(dtype)[:, :, None, :]
             sin = torch.sin(freqs).to(dtype)[:, :, None, :]
         x = self.transformer.vocab_embedding(input_ids.to(torch.int64))
+        fused = self._fused_weights() if kernels and dtype == torch.float32 else None
+        if fused is not None:  # every layer in one C++ call: the same kernels, the same bits
+            from .. import native
+
+            x = x.contiguous()
+            native.decoder_forward(
+                x,
+                cos,
+                sin,
+                cache,
+                slots,
+                write_pos,
+                mask,
+                fused,
+                self.config.num_attention_heads,
+                self.config.intermediate_size,
+                self.config.norm_epsilon,
+            )
+            return self.transformer.ln_f(x)
         # Contiguous slots (the usual case) are read as a view instead of a gathered copy.
         s0 = int(slots[0])
         contiguous = bool(torch.equal(slots, torch.arange(s0, s0 + b, device=slots.device)))
@@ -458,6 +480,62 @@ class BaseModel(nn.Module):
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, cos, sin, cache[i], slots, read_slots, write_pos, read_len, mask)
         return self.transformer.ln_f(x)
+
+    _fused: Any = None
+    _fused_key: list | None = None
+
+    def fused_layers_apply(self) -> bool:
+        """True when every layer is this module's own Llama/Qwen2 layer with plain
+        :class:`Linear` projections (not a tensor-parallel shard's, whose products are reduced
+        across ranks) on the CPU kernels: what the fused forward computes
+        (``$REDRAFTER_CPU_FUSED=0`` turns it off, for comparison)."""
+        if os.environ.get(FUSED_ENV, "1") == "0":
+            return False
+        for layer in self.transformer.layers:
+            if type(layer) is not DecoderLayer or type(layer.attention) is not Attention:
+                return False
+            if type(layer.mlp) is not MLP:
+                return False
+            lins = (layer.attention.qkv, layer.attention.dense, layer.mlp.fc, layer.mlp.gate)
+            if any(type(m) is not Linear or not m.native for m in (*lins, layer.mlp.proj)):
+                return False
+            norms = (layer.input_layernorm, layer.post_layernorm)
+            if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
+                return False
+        return True
+
+    def _fused_weights(self):
+        """The layers' packed weights for :func:`redrafter_trt.native.decoder_forward` (rebuilt
+        when any weight, bias or norm changes), or None where the fused forward does not apply."""
+        if not self.fused_layers_apply():
+            return None
+        from .. import native
+
+        layers, key = [], []
+        for layer in self.transformer.layers:
+            att, mlp = layer.attention, layer.mlp
+            entry = {
+                "qkv": (att.qkv.packed_weight(), att.qkv.bias),
+                "dense": (att.dense.packed_weight(), att.dense.bias),
+                "down": (mlp.proj.packed_weight(), mlp.proj.bias),
+                "input_norm": layer.input_layernorm.weight,
+                "post_norm": layer.post_layernorm.weight,
+            }
+            if mlp.fuses():
+                entry["gate_up"] = mlp.fused_weight()
+            else:
+                entry["gate"] = (mlp.fc.packed_weight(), mlp.fc.bias)
+                entry["up"] = (mlp.gate.packed_weight(), mlp.gate.bias)
+            layers.append(entry)
+            for name, v in entry.items():
+                if isinstance(v, tuple):
+                    key.append(id(v[0]))
+                    v = v[1]
+                if v is not None:
+                    key.append((v.data_ptr(), v._version))
+        if self._fused is None or self._fused_key != key:
+            self._fused, self._fused_key = native.DecoderWeights(layers), key
+        return self._fused
 
     def use_native_linear(self, on: bool = True) -> None:
         """Route every linear layer (attention, MLP, lm_head) through the batch-invariant CPU
