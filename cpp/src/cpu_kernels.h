@@ -27,8 +27,7 @@ Status rope(void* x, int32_t dtype, int64_t rows, int64_t heads, int64_t hd, int
             const float* sin);
 // y [rows, n] = silu(a) * b, a and b rows of stride lda / ldb elements (one fused [rows, 2n]
 // gate|up output: a = ab, b = ab + n, lda = ldb = 2n).
-Status siluMul(const void* a, int64_t lda, const void* b, int64_t ldb, void* y, int32_t dtype, int64_t rows,
-               int64_t n);
+Status siluMul(const void* a, int64_t lda, const void* b, int64_t ldb, void* y, int32_t dtype, int64_t rows, int64_t n);
 
 }  // namespace cpu
 }  // namespace redrafter

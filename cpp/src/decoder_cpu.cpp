@@ -37,19 +37,17 @@ Status checkParams(const RedrafterDecoderParams& p) {
                              "library or the binding)",
                              static_cast<long long>(p.struct_size),
                              static_cast<long long>(sizeof(RedrafterDecoderParams)));
-    if (p.num_layers < 1 || p.b < 0 || p.t < 0 || p.hidden < 1 || p.heads < 1 || p.kv_heads < 1 ||
-        p.head_size < 2 || p.head_size % 2 || p.intermediate < 1 || p.heads % p.kv_heads != 0 || p.s < 1 ||
-        p.cap < p.s || p.num_slots < 1)
-        return Status::error(StatusCode::kInvalidArgument,
-                             "decoder forward: bad shape layers=%lld b=%lld t=%lld H=%lld nh=%lld nkv=%lld hd=%lld "
-                             "I=%lld S=%lld cap=%lld slots=%lld (need positive sizes, even hd, nh %% nkv == 0, "
-                             "1 <= S <= cap)",
-                             static_cast<long long>(p.num_layers), static_cast<long long>(p.b),
-                             static_cast<long long>(p.t), static_cast<long long>(p.hidden),
-                             static_cast<long long>(p.heads), static_cast<long long>(p.kv_heads),
-                             static_cast<long long>(p.head_size), static_cast<long long>(p.intermediate),
-                             static_cast<long long>(p.s), static_cast<long long>(p.cap),
-                             static_cast<long long>(p.num_slots));
+    if (p.num_layers < 1 || p.b < 0 || p.t < 0 || p.hidden < 1 || p.heads < 1 || p.kv_heads < 1 || p.head_size < 2 ||
+        p.head_size % 2 || p.intermediate < 1 || p.heads % p.kv_heads != 0 || p.s < 1 || p.cap < p.s || p.num_slots < 1)
+        return Status::error(
+            StatusCode::kInvalidArgument,
+            "decoder forward: bad shape layers=%lld b=%lld t=%lld H=%lld nh=%lld nkv=%lld hd=%lld "
+            "I=%lld S=%lld cap=%lld slots=%lld (need positive sizes, even hd, nh %% nkv == 0, "
+            "1 <= S <= cap)",
+            static_cast<long long>(p.num_layers), static_cast<long long>(p.b), static_cast<long long>(p.t),
+            static_cast<long long>(p.hidden), static_cast<long long>(p.heads), static_cast<long long>(p.kv_heads),
+            static_cast<long long>(p.head_size), static_cast<long long>(p.intermediate), static_cast<long long>(p.s),
+            static_cast<long long>(p.cap), static_cast<long long>(p.num_slots));
     if (p.cache_dtype != kF32 && p.cache_dtype != kBF16)
         return Status::error(StatusCode::kInvalidArgument,
                              "decoder forward: cache dtype must be 0 (float32) or 2 (bfloat16), got %d",
@@ -66,8 +64,8 @@ Status checkParams(const RedrafterDecoderParams& p) {
             if (pos < 0 || pos >= p.cap)
                 return Status::error(StatusCode::kInvalidArgument,
                                      "decoder forward: write_pos[%lld, %lld] = %lld outside the cache [0, %lld)",
-                                     static_cast<long long>(i), static_cast<long long>(j),
-                                     static_cast<long long>(pos), static_cast<long long>(p.cap));
+                                     static_cast<long long>(i), static_cast<long long>(j), static_cast<long long>(pos),
+                                     static_cast<long long>(p.cap));
         }
     }
     for (int64_t l = 0; l < p.num_layers; ++l) {
@@ -96,7 +94,8 @@ void writeKv(const RedrafterDecoderParams& p, const float* qkv, int64_t qkvN, vo
                     if (p.cache_dtype == kF32)
                         std::memcpy(static_cast<float*>(layerCache) + dst, src, static_cast<size_t>(hd) * 4);
                     else
-                        for (int64_t d = 0; d < hd; ++d) static_cast<uint16_t*>(layerCache)[dst + d] = f32ToBf16(src[d]);
+                        for (int64_t d = 0; d < hd; ++d)
+                            static_cast<uint16_t*>(layerCache)[dst + d] = f32ToBf16(src[d]);
                 }
             }
         }
@@ -106,10 +105,10 @@ void addInto(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-#define RD_TRY(expr)                       \
-    do {                                   \
-        const Status st_ = (expr);         \
-        if (!st_.ok()) return st_;         \
+#define RD_TRY(expr)               \
+    do {                           \
+        const Status st_ = (expr); \
+        if (!st_.ok()) return st_; \
     } while (0)
 
 Status decoderForward(const RedrafterDecoderParams& p) {
@@ -135,8 +134,8 @@ Status decoderForward(const RedrafterDecoderParams& p) {
         void* layerCache = static_cast<char*>(p.cache) + static_cast<size_t>(l * layerElems) * cacheEsz;
         // attention block
         RD_TRY(cpu::rmsnorm(p.x, w.input_norm, hbuf.data(), kF32, rows, H, p.eps));
-        RD_TRY(cpu::linearPacked(hbuf.data(), kF32, w.qkv, w.qkv_fmt, w.qkv_bias, qkv.data(), kF32, rows, qkvN, H, th,
-                                 0));
+        RD_TRY(
+            cpu::linearPacked(hbuf.data(), kF32, w.qkv, w.qkv_fmt, w.qkv_bias, qkv.data(), kF32, rows, qkvN, H, th, 0));
         RD_TRY(cpu::rope(qkv.data(), kF32, rows, p.heads, hd, qkvN, p.cos, p.sin));
         RD_TRY(cpu::rope(qkv.data() + nq, kF32, rows, p.kv_heads, hd, qkvN, p.cos, p.sin));
         writeKv(p, qkv.data(), qkvN, layerCache);
@@ -160,8 +159,8 @@ Status decoderForward(const RedrafterDecoderParams& p) {
             RD_TRY(cpu::linearPacked(hbuf.data(), kF32, w.up, w.up_fmt, w.up_bias, u, kF32, rows, I, H, th, 0));
             RD_TRY(cpu::siluMul(g, I, u, I, act.data(), kF32, rows, I));
         }
-        RD_TRY(cpu::linearPacked(act.data(), kF32, w.down, w.down_fmt, w.down_bias, tmp.data(), kF32, rows, H, I, th,
-                                 0));
+        RD_TRY(
+            cpu::linearPacked(act.data(), kF32, w.down, w.down_fmt, w.down_bias, tmp.data(), kF32, rows, H, I, th, 0));
         addInto(p.x, tmp.data(), rows * H);
     }
     return Status::success();
@@ -180,11 +179,10 @@ int32_t redrafter_decoder_forward_cpu(const RedrafterDecoderParams* params, char
 }
 
 int64_t redrafter_decoder_params_layout(int64_t* out, int64_t n) {
-    const int64_t fields[] = {
-        static_cast<int64_t>(sizeof(RedrafterDecoderParams)),
-        static_cast<int64_t>(sizeof(RedrafterDecoderLayer)),
+    const int64_t fields[] = {static_cast<int64_t>(sizeof(RedrafterDecoderParams)),
+                              static_cast<int64_t>(sizeof(RedrafterDecoderLayer)),
 #define RD_OFF(S, f) static_cast<int64_t>(offsetof(S, f)),
-        REDRAFTER_DECODER_PARAMS_FIELDS(RD_OFF) REDRAFTER_DECODER_LAYER_FIELDS(RD_OFF)
+                              REDRAFTER_DECODER_PARAMS_FIELDS(RD_OFF) REDRAFTER_DECODER_LAYER_FIELDS(RD_OFF)
 #undef RD_OFF
     };
     const int64_t count = static_cast<int64_t>(sizeof(fields) / sizeof(fields[0]));

@@ -527,7 +527,7 @@ class BaseModel(nn.Module):
                 entry["gate"] = (mlp.fc.packed_weight(), mlp.fc.bias)
                 entry["up"] = (mlp.gate.packed_weight(), mlp.gate.bias)
             layers.append(entry)
-            for name, v in entry.items():
+            for v in entry.values():
                 if isinstance(v, tuple):
                     key.append(id(v[0]))
                     v = v[1]
