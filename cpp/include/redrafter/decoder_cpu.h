@@ -69,28 +69,54 @@ typedef struct RedrafterDecoderParams {
 } RedrafterDecoderParams;
 
 // The fields in declaration order, for the layout export (and nothing else).
-#define REDRAFTER_DECODER_PARAMS_FIELDS(F)                                                                          \
-    F(RedrafterDecoderParams, struct_size)                                                                          \
-    F(RedrafterDecoderParams, x) F(RedrafterDecoderParams, cos) F(RedrafterDecoderParams, sin)                      \
-        F(RedrafterDecoderParams, cache) F(RedrafterDecoderParams, slots) F(RedrafterDecoderParams, write_pos)      \
-            F(RedrafterDecoderParams, mask) F(RedrafterDecoderParams, layers) F(RedrafterDecoderParams, num_layers) \
-                F(RedrafterDecoderParams, b) F(RedrafterDecoderParams, t) F(RedrafterDecoderParams, s)              \
-                    F(RedrafterDecoderParams, cap) F(RedrafterDecoderParams, num_slots)                             \
-                        F(RedrafterDecoderParams, hidden) F(RedrafterDecoderParams, heads)                          \
-                            F(RedrafterDecoderParams, kv_heads) F(RedrafterDecoderParams, head_size)                \
-                                F(RedrafterDecoderParams, intermediate) F(RedrafterDecoderParams, eps)              \
-                                    F(RedrafterDecoderParams, scale) F(RedrafterDecoderParams, cache_dtype)         \
-                                        F(RedrafterDecoderParams, threads)
-#define REDRAFTER_DECODER_LAYER_FIELDS(F)                                                                       \
-    F(RedrafterDecoderLayer, qkv)                                                                               \
-    F(RedrafterDecoderLayer, qkv_bias) F(RedrafterDecoderLayer, dense) F(RedrafterDecoderLayer, dense_bias)     \
-        F(RedrafterDecoderLayer, gate_up) F(RedrafterDecoderLayer, gate_up_bias) F(RedrafterDecoderLayer, gate) \
-            F(RedrafterDecoderLayer, gate_bias) F(RedrafterDecoderLayer, up) F(RedrafterDecoderLayer, up_bias)  \
-                F(RedrafterDecoderLayer, down) F(RedrafterDecoderLayer, down_bias)                              \
-                    F(RedrafterDecoderLayer, input_norm) F(RedrafterDecoderLayer, post_norm)                    \
-                        F(RedrafterDecoderLayer, qkv_fmt) F(RedrafterDecoderLayer, dense_fmt)                   \
-                            F(RedrafterDecoderLayer, gate_up_fmt) F(RedrafterDecoderLayer, gate_fmt)            \
-                                F(RedrafterDecoderLayer, up_fmt) F(RedrafterDecoderLayer, down_fmt)
+// clang-format off
+#define REDRAFTER_DECODER_PARAMS_FIELDS(F)  \
+    F(RedrafterDecoderParams, struct_size)  \
+    F(RedrafterDecoderParams, x)            \
+    F(RedrafterDecoderParams, cos)          \
+    F(RedrafterDecoderParams, sin)          \
+    F(RedrafterDecoderParams, cache)        \
+    F(RedrafterDecoderParams, slots)        \
+    F(RedrafterDecoderParams, write_pos)    \
+    F(RedrafterDecoderParams, mask)         \
+    F(RedrafterDecoderParams, layers)       \
+    F(RedrafterDecoderParams, num_layers)   \
+    F(RedrafterDecoderParams, b)            \
+    F(RedrafterDecoderParams, t)            \
+    F(RedrafterDecoderParams, s)            \
+    F(RedrafterDecoderParams, cap)          \
+    F(RedrafterDecoderParams, num_slots)    \
+    F(RedrafterDecoderParams, hidden)       \
+    F(RedrafterDecoderParams, heads)        \
+    F(RedrafterDecoderParams, kv_heads)     \
+    F(RedrafterDecoderParams, head_size)    \
+    F(RedrafterDecoderParams, intermediate) \
+    F(RedrafterDecoderParams, eps)          \
+    F(RedrafterDecoderParams, scale)        \
+    F(RedrafterDecoderParams, cache_dtype)  \
+    F(RedrafterDecoderParams, threads)
+#define REDRAFTER_DECODER_LAYER_FIELDS(F)  \
+    F(RedrafterDecoderLayer, qkv)          \
+    F(RedrafterDecoderLayer, qkv_bias)     \
+    F(RedrafterDecoderLayer, dense)        \
+    F(RedrafterDecoderLayer, dense_bias)   \
+    F(RedrafterDecoderLayer, gate_up)      \
+    F(RedrafterDecoderLayer, gate_up_bias) \
+    F(RedrafterDecoderLayer, gate)         \
+    F(RedrafterDecoderLayer, gate_bias)    \
+    F(RedrafterDecoderLayer, up)           \
+    F(RedrafterDecoderLayer, up_bias)      \
+    F(RedrafterDecoderLayer, down)         \
+    F(RedrafterDecoderLayer, down_bias)    \
+    F(RedrafterDecoderLayer, input_norm)   \
+    F(RedrafterDecoderLayer, post_norm)    \
+    F(RedrafterDecoderLayer, qkv_fmt)      \
+    F(RedrafterDecoderLayer, dense_fmt)    \
+    F(RedrafterDecoderLayer, gate_up_fmt)  \
+    F(RedrafterDecoderLayer, gate_fmt)     \
+    F(RedrafterDecoderLayer, up_fmt)       \
+    F(RedrafterDecoderLayer, down_fmt)
+// clang-format on
 
 // Runs every layer (see the struct); returns 0 or a status code with the message in msg.
 int32_t redrafter_decoder_forward_cpu(const RedrafterDecoderParams* params, char* msg, int64_t msg_len);
