@@ -194,3 +194,16 @@ def test_bad_inputs_name_what_is_wrong():
     empty._keep, empty.array, empty.num_layers = [], (native.DecoderLayerParams * 3)(), 3
     with pytest.raises(RedrafterError, match="layer 0 has a null weight"):
         native.decoder_forward(x, cos, sin, cache, slots, write_pos, mask, empty, heads, inter, eps)
+
+
+def test_fused_weights_follow_a_data_swap(monkeypatch):
+    """``param.data = ...`` (what ``module.to`` does) replaces the storage without bumping the
+    version: the fused table is rebuilt all the same."""
+    m = _model(CONFIGS["llama"])
+    inputs = _step_inputs(1, 2, 6)
+    first = _forward(m, True, m.new_cache(4, 24), inputs, monkeypatch)
+    w = m.transformer.layers[2].input_layernorm.weight
+    w.data = w.data * 0.5
+    second = _forward(m, True, m.new_cache(4, 24), inputs, monkeypatch)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, _forward(m, False, m.new_cache(4, 24), inputs, monkeypatch))

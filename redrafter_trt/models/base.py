@@ -368,6 +368,12 @@ class Transformer(nn.Module):
         self.ln_f = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
 
 
+def _versions(params: list) -> list:
+    """Each parameter's in-place version and storage (``module.to`` swaps ``.data`` without
+    bumping the version)."""
+    return [(p._version, p.data_ptr()) for p in params]
+
+
 class BaseModel(nn.Module):
     """The base LLM. ``forward`` returns the final-norm hidden states; ``lm_head`` gives logits."""
 
@@ -504,14 +510,48 @@ class BaseModel(nn.Module):
                 return False
         return True
 
+    def _fused_refs(self) -> tuple[list, list]:
+        """Where everything the fused weights were built from lives, as (dict, key) pairs read
+        without nn.Module's attribute lookup (every module, parameter, packed copy, block weight
+        and ``native`` flag the table depends on), and every parameter (whose in-place changes
+        show in its ``_version``)."""
+        refs: list = [(self._modules, "transformer"), (self.transformer._modules, "layers")]
+        params: list = []
+        layers = self.transformer.layers._modules
+        for name, layer in layers.items():
+            refs.append((layers, name))
+            lm = layer._modules
+            refs.extend((lm, k) for k in ("input_layernorm", "post_layernorm", "attention", "mlp"))
+            att, mlp = lm["attention"]._modules, lm["mlp"]
+            refs.extend((att, k) for k in ("qkv", "dense"))
+            refs.extend((mlp._modules, k) for k in ("fc", "gate", "proj"))
+            refs.append((mlp.__dict__, "_fused"))
+            lins = (att["qkv"], att["dense"], *mlp._modules.values())
+            for mod in (lm["input_layernorm"], lm["post_layernorm"], *lins):
+                refs.extend((mod._parameters, k) for k in mod._parameters)
+                params.extend(p for p in mod._parameters.values() if p is not None)
+            for lin in lins:
+                refs.extend((lin.__dict__, k) for k in ("_packed", "native", "_blocks"))
+        return refs, params
+
+    def _fused_current(self) -> bool:
+        refs, params, ids, versions = self._fused_key
+        return [id(d.get(k)) for d, k in refs] == ids and _versions(params) == versions
+
     def _fused_weights(self):
         """The layers' packed weights for :func:`redrafter_trt.native.decoder_forward` (rebuilt
-        when any weight, bias or norm changes), or None where the fused forward does not apply."""
+        when any module, weight, bias or norm changes), or None where the fused forward does not
+        apply."""
+        if os.environ.get(FUSED_ENV, "1") == "0":
+            return None
+        if self._fused is not None and self._fused_current():
+            return self._fused
         if not self.fused_layers_apply():
+            self._fused = self._fused_key = None
             return None
         from .. import native
 
-        layers, key = [], []
+        layers = []
         for layer in self.transformer.layers:
             att, mlp = layer.attention, layer.mlp
             entry = {
@@ -527,14 +567,13 @@ class BaseModel(nn.Module):
                 entry["gate"] = (mlp.fc.packed_weight(), mlp.fc.bias)
                 entry["up"] = (mlp.gate.packed_weight(), mlp.gate.bias)
             layers.append(entry)
-            for v in entry.values():
-                if isinstance(v, tuple):
-                    key.append(id(v[0]))
-                    v = v[1]
-                if v is not None:
-                    key.append((v.data_ptr(), v._version))
-        if self._fused is None or self._fused_key != key:
-            self._fused, self._fused_key = native.DecoderWeights(layers), key
+        self._fused = native.DecoderWeights(layers)
+        refs, params = self._fused_refs()
+        ids = [id(d.get(k)) for d, k in refs]
+        # every object an id was taken of stays referenced while the table is cached, so a
+        # replacement cannot reuse its id
+        self._keep_alive = [d.get(k) for d, k in refs]
+        self._fused_key = (refs, params, ids, _versions(params))
         return self._fused
 
     def use_native_linear(self, on: bool = True) -> None:
