@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "redrafter/c_api.h"
+#include "redrafter/decoder_cpu.h"
 
 namespace {
 
@@ -673,6 +674,168 @@ void fuzzAttention() {
                 true, "attention S > cap");
 }
 
+// The fused decoder forward: random small models (float32 or Q8_0 weights, biases or not, GQA),
+// rows in random slots after random cached lengths, random masks, float32 or bf16 caches; the
+// hidden states and the cache it writes must have the bits of the same layers composed from the
+// per-op C functions; bad slots, positions and a struct of another size are refused.
+void fuzzDecoder() {
+    const int64_t L = pick(1, 3), nkv = pick(1, 2), nh = nkv * pick(1, 2), hd = 2 * pick(1, 6);
+    const bool q8 = coin(0.3);
+    const int64_t H = q8 ? 32 * pick(1, 2) : pick(1, 24), I = q8 ? 32 * pick(1, 2) : pick(1, 30);
+    const int64_t slots = pick(1, 3), cap = pick(2, 12), B = pick(1, slots), T = pick(1, 3);
+    const int32_t cd = coin() ? 0 : 2, wfmt = q8 ? 11 : 0;
+    const int64_t qkvN = (nh + 2 * nkv) * hd, nq = nh * hd;
+    auto normal = [](std::vector<float>& v, float sd) {
+        for (auto& e : v) e = std::normal_distribution<float>(0.0f, sd)(rng);
+    };
+    // weights: [L] x {qkv, dense, gate_up, down} packed, biases, norms
+    struct Lin {
+        std::vector<unsigned char> packed;
+        std::vector<float> bias;
+        int64_t n, k;
+    };
+    auto makeLin = [&](int64_t n, int64_t k) {
+        Lin l{{}, {}, n, k};
+        std::vector<float> w(static_cast<size_t>(n * k));
+        normal(w, 0.3f);
+        if (q8) {
+            std::vector<int8_t> qs(w.size());
+            for (auto& v : qs) v = static_cast<int8_t>(pick(-127, 127));
+            std::vector<uint16_t> d(static_cast<size_t>(n * k / 32), 0x2000);  // float16 2^-7
+            l.packed.resize(static_cast<size_t>(redrafter_linear_blocks_packed_bytes(11, n, k)));
+            redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), nullptr, 11, l.packed.data(), n, k, gMsg,
+                                             sizeof gMsg);
+        } else {
+            l.packed.resize(static_cast<size_t>(redrafter_linear_packed_elems(n, k)) * 4);
+            redrafter_linear_pack_cpu(w.data(), 0, l.packed.data(), n, k, gMsg, sizeof gMsg);
+        }
+        if (coin()) {
+            l.bias.resize(static_cast<size_t>(n));
+            normal(l.bias, 0.1f);
+        }
+        return l;
+    };
+    std::vector<Lin> lins;
+    std::vector<std::vector<float>> norms;
+    std::vector<RedrafterDecoderLayer> layers(static_cast<size_t>(L));
+    for (int64_t l = 0; l < L; ++l) {
+        lins.push_back(makeLin(qkvN, H));
+        lins.push_back(makeLin(H, nq));
+        lins.push_back(makeLin(2 * I, H));
+        lins.push_back(makeLin(H, I));
+        for (int i = 0; i < 2; ++i) {
+            norms.emplace_back(static_cast<size_t>(H));
+            for (auto& v : norms.back()) v = 1.0f + std::normal_distribution<float>(0.0f, 0.1f)(rng);
+        }
+    }
+    auto bp = [](const Lin& l) { return l.bias.empty() ? nullptr : l.bias.data(); };
+    for (int64_t l = 0; l < L; ++l) {
+        RedrafterDecoderLayer& w = layers[static_cast<size_t>(l)];
+        std::memset(&w, 0, sizeof w);
+        const Lin* f = &lins[static_cast<size_t>(4 * l)];
+        w.qkv = f[0].packed.data(), w.qkv_bias = bp(f[0]), w.dense = f[1].packed.data(), w.dense_bias = bp(f[1]);
+        w.gate_up = f[2].packed.data(), w.gate_up_bias = bp(f[2]), w.down = f[3].packed.data(), w.down_bias = bp(f[3]);
+        w.input_norm = norms[static_cast<size_t>(2 * l)].data();
+        w.post_norm = norms[static_cast<size_t>(2 * l + 1)].data();
+        w.qkv_fmt = w.dense_fmt = w.gate_up_fmt = w.down_fmt = wfmt;
+    }
+    const int64_t rows = B * T, layerElems = 2 * slots * nkv * cap * hd, esz = cd == 0 ? 4 : 2;
+    std::vector<unsigned char> cache(static_cast<size_t>(L * layerElems * esz));
+    for (auto& c : cache) c = static_cast<unsigned char>(pick(0, 63));  // small finite values
+    std::vector<unsigned char> cacheRef(cache);
+    std::vector<float> x(static_cast<size_t>(rows * H)), cos(static_cast<size_t>(rows * hd / 2)), sin(cos.size());
+    normal(x, 1.0f);
+    for (size_t i = 0; i < cos.size(); ++i) {
+        const float a = std::uniform_real_distribution<float>(0.0f, 6.0f)(rng);
+        cos[i] = std::cos(a), sin[i] = std::sin(a);
+    }
+    std::vector<int64_t> sl(static_cast<size_t>(B)), wp(static_cast<size_t>(rows));
+    for (int64_t b = 0; b < B; ++b) {
+        sl[static_cast<size_t>(b)] = pick(0, slots - 1);
+        const int64_t len = pick(0, cap - T);
+        for (int64_t t = 0; t < T; ++t) wp[static_cast<size_t>(b * T + t)] = len + t;
+    }
+    const int64_t S = pick(1, cap);
+    std::vector<uint8_t> mask(static_cast<size_t>(rows * S));
+    for (auto& m : mask) m = coin(0.7) ? 1 : 0;
+    std::vector<float> xRef(x);
+    RedrafterDecoderParams p;
+    std::memset(&p, 0, sizeof p);
+    p.struct_size = sizeof p, p.x = x.data(), p.cos = cos.data(), p.sin = sin.data(), p.cache = cache.data();
+    p.slots = sl.data(), p.write_pos = wp.data(), p.mask = mask.data(), p.layers = layers.data();
+    p.num_layers = L, p.b = B, p.t = T, p.s = S, p.cap = cap, p.num_slots = slots, p.hidden = H, p.heads = nh;
+    p.kv_heads = nkv, p.head_size = hd, p.intermediate = I, p.eps = 1e-5f, p.scale = 1.0f / std::sqrt(float(hd));
+    p.cache_dtype = cd, p.threads = static_cast<int32_t>(pick(1, 3));
+    if (statusCheck(redrafter_decoder_forward_cpu(&p, gMsg, sizeof gMsg), false, "decoder")) return;
+    // the same layers from the per-op functions
+    std::vector<float> h(static_cast<size_t>(rows * H)), qkv(static_cast<size_t>(rows * qkvN)),
+        q(static_cast<size_t>(rows * nq)), att(q.size()), ab(static_cast<size_t>(rows * 2 * I)),
+        act(static_cast<size_t>(rows * I)), tmp(h.size());
+    for (int64_t l = 0; l < L; ++l) {
+        const Lin* f = &lins[static_cast<size_t>(4 * l)];
+        unsigned char* lc = cacheRef.data() + l * layerElems * esz;
+        redrafter_rmsnorm_cpu(xRef.data(), norms[static_cast<size_t>(2 * l)].data(), h.data(), 0, rows, H, 1e-5f, gMsg,
+                              sizeof gMsg);
+        redrafter_linear_packed_cpu(h.data(), 0, f[0].packed.data(), wfmt, bp(f[0]), qkv.data(), 0, rows, qkvN, H, 1, 0,
+                                    gMsg, sizeof gMsg);
+        redrafter_rope_cpu(qkv.data(), 0, rows, nh, hd, qkvN, cos.data(), sin.data(), gMsg, sizeof gMsg);
+        redrafter_rope_cpu(qkv.data() + nq, 0, rows, nkv, hd, qkvN, cos.data(), sin.data(), gMsg, sizeof gMsg);
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t b = r / T;
+            for (int64_t kvh = 0; kvh < nkv; ++kvh)
+                for (int kv = 0; kv < 2; ++kv)
+                    for (int64_t e = 0; e < hd; ++e) {
+                        const float v = qkv[static_cast<size_t>(r * qkvN + nq + kv * nkv * hd + kvh * hd + e)];
+                        const int64_t at =
+                            kv * slots * nkv * cap * hd +
+                            ((sl[static_cast<size_t>(b)] * nkv + kvh) * cap + wp[static_cast<size_t>(r)]) * hd + e;
+                        if (cd == 0) {
+                            std::memcpy(lc + at * 4, &v, 4);
+                        } else {
+                            const float rv = std::isnan(v) ? v : bf16Round(v);
+                            uint32_t u;
+                            std::memcpy(&u, &rv, 4);
+                            const uint16_t hb = static_cast<uint16_t>(u >> 16);
+                            std::memcpy(lc + at * 2, &hb, 2);
+                        }
+                    }
+            std::memcpy(q.data() + r * nq, qkv.data() + r * qkvN, static_cast<size_t>(nq) * 4);
+        }
+        redrafter_attention_cpu(q.data(), lc, cd, sl.data(), mask.data(), att.data(), B, T, nh, nkv, hd, S, cap, slots,
+                                1.0f / std::sqrt(float(hd)), 1, 0, gMsg, sizeof gMsg);
+        redrafter_linear_packed_cpu(att.data(), 0, f[1].packed.data(), wfmt, bp(f[1]), tmp.data(), 0, rows, H, nq, 1, 0,
+                                    gMsg, sizeof gMsg);
+        for (size_t i = 0; i < xRef.size(); ++i) xRef[i] += tmp[i];
+        redrafter_rmsnorm_cpu(xRef.data(), norms[static_cast<size_t>(2 * l + 1)].data(), h.data(), 0, rows, H, 1e-5f,
+                              gMsg, sizeof gMsg);
+        redrafter_linear_packed_cpu(h.data(), 0, f[2].packed.data(), wfmt, bp(f[2]), ab.data(), 0, rows, 2 * I, H, 1, 0,
+                                    gMsg, sizeof gMsg);
+        redrafter_silu_mul_cpu(ab.data(), act.data(), 0, rows, I, gMsg, sizeof gMsg);
+        redrafter_linear_packed_cpu(act.data(), 0, f[3].packed.data(), wfmt, bp(f[3]), tmp.data(), 0, rows, H, I, 1, 0,
+                                    gMsg, sizeof gMsg);
+        for (size_t i = 0; i < xRef.size(); ++i) xRef[i] += tmp[i];
+    }
+    EXPECT(std::memcmp(x.data(), xRef.data(), x.size() * 4) == 0, "decoder: fused != per-op hidden states");
+    EXPECT(std::memcmp(cache.data(), cacheRef.data(), cache.size()) == 0, "decoder: fused != per-op cache");
+    // bad parameters
+    RedrafterDecoderParams bad = p;
+    bad.struct_size = sizeof p - 8;
+    statusCheck(redrafter_decoder_forward_cpu(&bad, gMsg, sizeof gMsg), true, "decoder struct size");
+    bad = p;
+    std::vector<int64_t> badSl(sl);
+    badSl[0] = slots;
+    bad.slots = badSl.data();
+    statusCheck(redrafter_decoder_forward_cpu(&bad, gMsg, sizeof gMsg), true, "decoder bad slot");
+    bad = p;
+    std::vector<int64_t> badWp(wp);
+    badWp[static_cast<size_t>(pick(0, rows - 1))] = cap;
+    bad.write_pos = badWp.data();
+    statusCheck(redrafter_decoder_forward_cpu(&bad, gMsg, sizeof gMsg), true, "decoder bad write_pos");
+    bad = p;
+    bad.s = cap + 1;
+    statusCheck(redrafter_decoder_forward_cpu(&bad, gMsg, sizeof gMsg), true, "decoder S > cap");
+}
+
 int main(int argc, char** argv) {
     int64_t iterations = 3000;
     uint64_t seed = 20261122;
@@ -702,6 +865,7 @@ int main(int argc, char** argv) {
                 break;
             case 5:
                 fuzzAttention();
+                fuzzDecoder();
                 break;
             default:
                 fuzzDraw();

@@ -122,6 +122,14 @@ int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache
                                 const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
                                 int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,
                                 int32_t force_scalar, char* msg, int64_t msg_len);
+/* The per-layer ops (cpp/src/layer_ops_cpu.cpp) and the fused decoder forward
+ * (redrafter/decoder_cpu.h). */
+int32_t redrafter_rmsnorm_cpu(const void* x, const void* w, void* y, int32_t dtype, int64_t rows, int64_t h, float eps,
+                              char* msg, int64_t msg_len);
+int32_t redrafter_rope_cpu(void* x, int32_t dtype, int64_t rows, int64_t heads, int64_t hd, int64_t row_stride,
+                           const float* cos, const float* sin, char* msg, int64_t msg_len);
+int32_t redrafter_silu_mul_cpu(const void* ab, void* y, int32_t dtype, int64_t rows, int64_t n, char* msg,
+                               int64_t msg_len);
 
 #ifdef __cplusplus
 }
