@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -206,6 +207,21 @@ def cuda_available() -> bool:
         return True
     except RedrafterError:
         return False
+
+
+def kernels_fingerprint() -> str | None:
+    """A short digest of the loaded CPU library's file (None when it does not load): timings
+    measured on one build of the kernels (a cost model) do not describe another."""
+    try:
+        load_library()
+    except RedrafterError:
+        return None
+    path = library_path()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def available() -> bool:

@@ -193,6 +193,12 @@ class Linear(nn.Linear):
         self._blocks, self._blocks_key = blocks, self._weight_key()
         self.drop_packed()
 
+    @property
+    def streamed_format(self) -> str:
+        """What this layer's weight is stored as for the CPU kernel: its GGUF block format
+        (``q4_1``, ``q8_0``) or its dtype (``float32``, ``bfloat16``)."""
+        return self._blocks.fmt if self._blocks is not None else str(self.weight.dtype)[6:]
+
     def packed_weight(self):
         """The weight packed for the CPU kernel (cached; repacked when the weight changes): the
         attached block weights while the weight is the one they expand to, else the weight."""

@@ -38,6 +38,7 @@ import torch
 from .. import native
 from ..contract import Backend
 from ..errors import RedrafterError, require
+from ..models.base import Linear
 
 if TYPE_CHECKING:  # annotations only: the runtime does not import a backend
     from ..backends.torch_backend import TorchBackend
@@ -166,6 +167,12 @@ def engine_signature(backend: TorchBackend) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "intermediate_size": cfg.intermediate_size,
         "native_linear": bool(backend.native_linear),
+        # what the base's projections stream: float32 panels and GGUF blocks cost differently
+        "weights": ",".join(
+            sorted({m.streamed_format for m in backend.base.modules() if isinstance(m, Linear)})
+        ),
+        # the CPU kernels' build: another build of them times differently
+        "kernels": native.kernels_fingerprint() if backend.native_linear else None,
         # K: the draft cost scales with the head's projection rows (a reduced draft vocabulary)
         "draft_vocab_size": None
         if backend.drafter is None
