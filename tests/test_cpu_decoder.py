@@ -207,3 +207,28 @@ def test_fused_weights_follow_a_data_swap(monkeypatch):
     second = _forward(m, True, m.new_cache(4, 24), inputs, monkeypatch)
     assert not torch.equal(first, second)
     assert torch.equal(second, _forward(m, False, m.new_cache(4, 24), inputs, monkeypatch))
+
+
+def test_the_bandwidth_floor_counts_the_bytes_the_kernels_stream():
+    """A plain step's floor (``redrafter-bench --calibrate``) counts block panels for block
+    weights, not their float32 expansion, and float32 panels with their padding."""
+    from types import SimpleNamespace
+
+    from redrafter_trt.bench.calibrate import weight_bytes
+
+    cfg = CONFIGS["llama"]
+    dense, blocks = _model(cfg), _model(cfg, blocks=True)
+
+    def projections(m):
+        return [x for x in m.modules() if isinstance(x, Linear) and x is not m.lm_head]
+
+    assert all(x.streamed_format == "q4_1" for x in projections(blocks))
+    assert all(x.streamed_format == "float32" for x in projections(dense))
+    got_dense = weight_bytes(SimpleNamespace(base=dense))
+    got_blocks = weight_bytes(SimpleNamespace(base=blocks))
+    embedding = dense.embedding.weight.numel() * 4  # untied: a lookup, not streamed
+    assert got_dense >= sum(p.numel() * 4 for p in dense.parameters()) - embedding
+    assert got_dense - got_blocks == sum(
+        x.packed_weight().nbytes for x in projections(dense)
+    ) - sum(x.packed_weight().nbytes for x in projections(blocks))
+    assert got_blocks < got_dense / 3
