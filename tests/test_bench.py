@@ -360,7 +360,7 @@ def test_without_llama_cpp_the_run_says_in_one_line_why_it_did_not_compare(
     assert f"llama.cpp: not compared ({report['llama_cpp']['reason']})." in md
     assert bench_cli.main(args + ["--no_llama_cpp", "--quiet"]) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert report["llama_cpp"] == {"compared": False, "reason": "disabled (--no_llama_cpp)"}
+    assert report["llama_cpp"] == {"compared": False, "reason": "skipped with --no_llama_cpp"}
 
 
 def test_batch_size_over_engine_limit_names_the_build_flag(tiny_engine, tmp_path, capsys):

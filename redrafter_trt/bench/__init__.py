@@ -149,7 +149,7 @@ def run_benchmark(
             gen.backend, None if engine_dir is None else str(engine_dir), log=log
         )
     settings_rec["adaptive"] = settings.adaptive and cost is not None
-    llama, llama_sec = None, {"compared": False, "reason": "disabled (--no_llama_cpp)"}
+    llama, llama_sec = None, {"compared": False, "reason": "skipped with --no_llama_cpp"}
     if settings.llama_cpp:
         from .llamacpp_baseline import open_baseline
 
