@@ -378,9 +378,9 @@ def markdown_lines(sec: dict[str, Any]) -> list[str]:
     if t is not None:
         lines += [
             "",
-            f"t(k): one forward over k new tokens after {t['cached_tokens']} cached ones; "
-            f"llama.cpp: {t['llama_cpp_statistic']}; engine: its cost model "
-            f"({t['engine_source']}; ~ = interpolated between its measured k).",
+            f"t(k): one forward over k new tokens after {t['cached_tokens']} cached ones. "
+            f"llama.cpp: {t['llama_cpp_statistic']}. Engine: its cost model, "
+            f"{t['engine_source']}; ~ marks values interpolated between the k it measured.",
             "",
             "| k | llama.cpp t(k) ms | llama.cpp t(k)/t(1) | engine t(k) ms | engine t(k)/t(1) "
             "| engine / llama.cpp |",
