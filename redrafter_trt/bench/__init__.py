@@ -4,6 +4,7 @@
 - :mod:`.prompts`: data set -> token-id prompts that fit the engine.
 - :mod:`.runner`: the interleaved sweep over batch sizes and beam shapes.
 - :mod:`.hf_baseline`: transformers' own ``generate`` on the engine's base weights.
+- :mod:`.llamacpp_baseline`: llama.cpp (when ``llama_cpp`` imports) on the built-in model's GGUF.
 - :mod:`.report`: JSON document, Markdown table, plot.
 
 :func:`run_benchmark` ties them together; the command line is :mod:`redrafter_trt.cli.bench`.
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import require
 from ..runtime.generator import Generator
@@ -146,7 +149,36 @@ def run_benchmark(
             gen.backend, None if engine_dir is None else str(engine_dir), log=log
         )
     settings_rec["adaptive"] = settings.adaptive and cost is not None
-    sweep = run_sweep(gen, prompts, settings, hf_model=hf_model, log=log, cost_model=cost)
+    llama, llama_sec = None, {"compared": False, "reason": "skipped with --no_llama_cpp"}
+    if settings.llama_cpp:
+        from .llamacpp_baseline import open_baseline
+
+        llama, llama_sec = open_baseline(
+            gen.backend, prompts, settings.max_new_tokens, torch.get_num_threads(), log
+        )
+    if not llama_sec["compared"] and log:
+        log(f"[bench] llama.cpp not compared: {llama_sec['reason']}")
+    try:
+        sweep = run_sweep(
+            gen, prompts, settings, hf_model=hf_model, log=log, cost_model=cost, llama=llama
+        )
+        llama_plain = sweep.pop("llama_cpp_plain")
+        if llama is not None:
+            from .llamacpp_baseline import TOKEN_COUNTS, t_section
+
+            llama_sec["plain"] = llama_plain
+            if llama_plain is None:
+                llama_sec["plain_note"] = (
+                    "not measured: --batch_sizes has no 1 (llama.cpp's side runs batch 1)"
+                )
+            if log:
+                log(f"[bench] llama.cpp: t(k) for k = 1..{TOKEN_COUNTS[-1]}")
+            llama_t = llama.t_of_k(TOKEN_COUNTS, repeats=settings.repetitions)
+            llama_sec["t_k"] = t_section(llama_t, cost, cost_source, settings.repetitions)
+    finally:
+        if llama is not None:
+            llama.close()
+    sweep["llama_cpp"] = llama_sec
     if settings.adaptive:
         from .calibrate import annotate_predictions, cost_section
 

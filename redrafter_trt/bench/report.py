@@ -14,6 +14,11 @@ JSON document (``schema`` = :data:`SCHEMA`); top-level keys :data:`TOP_KEYS`:
   generation steps of all repetitions (definitions in :mod:`redrafter_trt.bench.metrics`);
   ``step_time_ms`` is the median over repetitions of time per generation step.
 - ``hf_baseline``: per batch size, transformers' ``generate`` on the same prompts and lengths.
+- ``llama_cpp``: llama.cpp on the built-in model's GGUF (:mod:`redrafter_trt.bench.llamacpp_baseline`):
+  ``compared`` and, when false, ``reason``; when true, the GGUF, llama-cpp-python's version,
+  threads, ``plain`` (batch-1 greedy tokens/s, the engine's plain over it paired by repetition,
+  ``identical_tokens`` for information only) and ``t_k`` (one row per k = 1..33: llama.cpp's
+  t(k) beside the engine's cost model's, ``engine_measured`` false where interpolated).
 - ``cost_model``: where the machine's cost model came from (``source``) and, when there is one,
   :func:`redrafter_trt.bench.calibrate.cost_section`: the t(k)/t(1) curve, draft cost per step,
   the bandwidth floor of a plain step, and the (beams, depth) the adaptive policy picks per batch
@@ -48,6 +53,7 @@ TOP_KEYS = (
     "settings",
     "configs",
     "hf_baseline",
+    "llama_cpp",
     "cost_model",
     "flags",
 )
@@ -175,6 +181,7 @@ def build_report(
         "settings": settings,
         "configs": configs,
         "hf_baseline": sweep["hf_baseline"],
+        "llama_cpp": sweep.get("llama_cpp", {"compared": False, "reason": "not run"}),
         "cost_model": sweep.get("cost_model", {"source": "not measured"}),
         "flags": {"greedy_outputs_differ": bool(messages), "messages": messages},
     }
@@ -273,7 +280,9 @@ def markdown(report: dict[str, Any]) -> str:
             + ".",
         ]
     from .calibrate import cost_markdown
+    from .llamacpp_baseline import markdown_lines
 
+    lines += ["", *markdown_lines(report["llama_cpp"])]
     lines += ["", cost_markdown(report["cost_model"]).rstrip("\n")]
     for m in report["flags"]["messages"]:
         lines += ["", f"**WARNING:** {m}"]

@@ -5,7 +5,8 @@ batch, so every call really runs ``B`` rows). Every configuration (``B``, beam s
 runs plain and speculative decoding on those same batches with ``ignore_eos=True``, so both
 produce exactly ``max_new_tokens`` tokens per row. Within one repetition every method at that
 batch size runs once, in an order that alternates between repetitions (plain/speculative pairs
-flip; the transformers baseline moves from first to last), so machine drift hits them alike.
+flip; the transformers baseline moves from first to last, llama.cpp's greedy decoding at batch
+size 1 from last to first), so machine drift hits them alike.
 Warm-up calls (untimed, first batch only) come before the repetitions.
 
 Speed-up of a repetition = plain wall / speculative wall of that repetition (same prompts,
@@ -29,7 +30,7 @@ from ..runtime.generator import Generator
 from . import metrics as M
 
 PHASES = ("verify", "accept", "draft", "pack")
-PLAIN, SPEC, HF = "plain", "speculative", "transformers"
+PLAIN, SPEC, HF, LLAMA = "plain", "speculative", "transformers", "llama.cpp"
 #: ``beam_shape`` of the configuration whose speculative runs choose their shape per step
 ADAPTIVE = "adaptive"
 
@@ -50,6 +51,8 @@ class BenchSettings:
     hf_baseline: bool = True
     #: also run the engine's shape under the adaptive policy (beam_shape ADAPTIVE), given a cost model
     adaptive: bool = True
+    #: compare with llama.cpp on the built-in model's GGUF when it can (bench/llamacpp_baseline.py)
+    llama_cpp: bool = True
 
 
 def parse_beam_shapes(text: str) -> list[tuple[int, int]]:
@@ -209,6 +212,12 @@ def run_hf(model: Any, batches: Sequence[Sequence[list[int]]], settings: BenchSe
     return run
 
 
+def run_llama(llama: Any, batches: Sequence[Sequence[list[int]]], settings: BenchSettings) -> Run:
+    """llama.cpp's greedy decoding of every prompt of ``batches``, one at a time (batch 1)."""
+    new, wall = llama.generate([p for batch in batches for p in batch], settings.max_new_tokens)
+    return Run(wall_s=wall, token_ids=new)
+
+
 # --------------------------------------------------------------------------- backends per shape
 def backend_for_shape(gen: Generator, shape: tuple[int, int]) -> C.Backend:
     """A backend with beam shape ``shape`` that shares ``gen``'s weights.
@@ -267,12 +276,16 @@ def run_sweep(
     hf_model: Any = None,
     log: Callable[[str], None] | None = None,
     cost_model: Any = None,
+    llama: Any = None,
 ) -> dict[str, Any]:
     """Measure every (batch size, beam shape); returns the ``configs`` and ``hf_baseline`` parts
     of the report (see :mod:`redrafter_trt.bench.report` for the whole document). With a
     ``cost_model`` and ``settings.adaptive``, one more configuration per batch size
     (``beam_shape`` :data:`ADAPTIVE`) runs the engine's shape under
-    :class:`~redrafter_trt.runtime.adaptive.AdaptivePolicy`."""
+    :class:`~redrafter_trt.runtime.adaptive.AdaptivePolicy`. With ``llama`` (a
+    :class:`~redrafter_trt.bench.llamacpp_baseline.LlamaCppModel`), its greedy decoding joins
+    the repetitions at batch size 1, and ``llama_cpp_plain`` holds its section (None without
+    batch size 1)."""
     log = log or (lambda msg: None)
     be = gen.backend
     require(len(prompts) > 0, "no prompts to benchmark")
@@ -281,6 +294,7 @@ def run_sweep(
     greedy = settings.temperature == 0
     configs: list[dict[str, Any]] = []
     hf_records: list[dict[str, Any]] = []
+    llama_record = None
     for b in settings.batch_sizes:
         batches = make_batches(prompts, b)
         cells = []
@@ -307,6 +321,8 @@ def run_sweep(
             g.policy = ChoiceLog(cost_model, *own)
             cells.append(_Cell(b, own, g, StepTimer(sbe), policy=g.policy))
         hf_runs: list[Run] = []
+        llama_here = llama is not None and b == 1  # llama.cpp's side runs batch 1
+        llama_runs: list[Run] = []
         for i in range(settings.warmup):
             log(f"[bench] B={b}: warm-up {i + 1}/{settings.warmup}")
             for cell in cells:
@@ -314,6 +330,8 @@ def run_sweep(
                 run_generator(cell.gen, cell.timer, batches[:1], settings, speculative=True)
             if hf_model is not None:
                 run_hf(hf_model, batches[:1], settings)
+            if llama_here:
+                run_llama(llama, batches[:1], settings)
         for cell in cells:  # count the timed steps' choices only
             if cell.policy is not None:
                 cell.policy.steps.clear()
@@ -324,11 +342,17 @@ def run_sweep(
                 tasks += pair if rep % 2 == 0 else pair[::-1]
             if hf_model is not None:
                 tasks = [(None, HF)] + tasks if rep % 2 == 0 else tasks + [(None, HF)]
+            if llama_here:  # last, then first: the other end from transformers
+                tasks = tasks + [(None, LLAMA)] if rep % 2 == 0 else [(None, LLAMA)] + tasks
             for cell, method in tasks:
                 if method == HF:
                     run = run_hf(hf_model, batches, settings)
                     hf_runs.append(run)
                     what = "transformers generate"
+                elif method == LLAMA:
+                    run = run_llama(llama, batches, settings)
+                    llama_runs.append(run)
+                    what = "llama.cpp greedy"
                 else:
                     run = run_generator(
                         cell.gen, cell.timer, batches, settings, speculative=method == SPEC
@@ -343,11 +367,22 @@ def run_sweep(
         if hf_model is not None:
             hf_summary = _summarize_hf(b, hf_runs, cells[0].runs[PLAIN], greedy)
             hf_records.append(hf_summary)
+        if llama_here:
+            from .llamacpp_baseline import plain_section
+
+            plain = cells[0].runs[PLAIN]
+            llama_record = plain_section(
+                [r.wall_s for r in llama_runs],
+                llama_runs[0].token_ids,
+                [r.wall_s for r in plain],
+                plain[0].token_ids if greedy else None,
+                llama_runs[0].new_tokens,
+            )
         for cell in cells:
             configs.append(_summarize_cell(cell, hf_runs, greedy, len(prompts), len(batches)))
             cell.timer.backend.step = cell.timer.inner  # unwrap
         del cells
-    return {"configs": configs, "hf_baseline": hf_records}
+    return {"configs": configs, "hf_baseline": hf_records, "llama_cpp_plain": llama_record}
 
 
 # --------------------------------------------------------------------------- summaries

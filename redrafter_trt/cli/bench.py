@@ -47,7 +47,8 @@ DESCRIPTION = (
     "process: tokens per step (mean and distribution), acceptance rate by draft depth, tokens per "
     "second, speed-up, time per step (verify / accept / draft / pack), peak memory, and whether "
     "greedy outputs are identical. transformers' own generate on the same weights, prompts and "
-    "lengths runs alongside as an outside check of the plain path's speed.",
+    "lengths runs alongside as an outside check of the plain path's speed, and so does llama.cpp "
+    "when llama-cpp-python is installed and the engine's base is the built-in model's GGUF.",
 )
 EPILOG = (
     "Every configuration (batch size x beam shape) runs plain and speculative decoding on the same "
@@ -150,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no_hf_baseline", action="store_true", help="skip the transformers generate baseline"
+    )
+    p.add_argument(
+        "--no_llama_cpp",
+        action="store_true",
+        help="skip the llama.cpp comparison. By default, when llama_cpp imports (the optional "
+        "package llama-cpp-python; docs/bench.md gives its install command) and every tensor "
+        "of the built-in model's GGUF equals the "
+        "engine's base weights, llama.cpp runs that GGUF with the same threads: plain "
+        "greedy decoding at batch 1 on the same prompts and lengths, interleaved with the "
+        "repetitions (needs 1 in --batch_sizes), and t(k), one forward over k = 1..33 new "
+        "tokens, beside the engine's cost model's t(k); otherwise the report says in one "
+        "line why it was not compared",
     )
     p.add_argument(
         "--hf_model_dir",
@@ -288,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         hf_baseline=not args.no_hf_baseline,
         adaptive=not args.no_adaptive,
+        llama_cpp=not args.no_llama_cpp,
     )
     report = run_benchmark(
         gen,

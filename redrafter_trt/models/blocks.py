@@ -35,7 +35,8 @@ BLOCKS_FILE = "blocks.safetensors"
 BLOCK = 32
 FORMATS = {"q4_1": ("qs", "d", "m"), "q8_0": ("qs", "d")}
 _META_KEY = "redrafter_blocks"
-# GGUF llama tensor names -> Hugging Face names (the block-quantized matrices only)
+# GGUF llama tensor names -> Hugging Face names: the matrices and the norms (read_gguf_blocks keeps
+# the Q4_1 / Q8_0 ones; the bench's llama.cpp baseline compares all of them with the engine's)
 _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -44,8 +45,10 @@ _GGUF_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
-_GGUF_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head"}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
 
 
 @dataclass
@@ -213,15 +216,17 @@ def gguf_name_to_hf(name: str) -> str | None:
 
 
 def read_gguf_blocks(
-    gguf_path: str | os.PathLike, num_heads: int, num_kv_heads: int
+    gguf_path: str | os.PathLike, num_heads: int, num_kv_heads: int, reader=None
 ) -> dict[str, BlockTensor]:
     """The Q4_1 / Q8_0 matrices of a llama GGUF as :class:`BlockTensor` under Hugging Face
-    names, rows in the order the float32 conversion gives them (q/k reverse-permuted)."""
+    names, rows in the order the float32 conversion gives them (q/k reverse-permuted).
+    ``reader``: a ``gguf.GGUFReader`` of ``gguf_path`` already open (opening one parses the whole
+    vocabulary: seconds)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
     where = str(gguf_path)
     fmts = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
-    reader = GGUFReader(where)
+    reader = reader if reader is not None else GGUFReader(where)
     out: dict[str, BlockTensor] = {}
     for t in reader.tensors:
         fmt = fmts.get(t.tensor_type)

@@ -48,6 +48,8 @@ COST_MODEL_FILE = "cost_model.json"
 COST_MODEL_SCHEMA = "redrafter-cost-model/1"
 #: Token counts per call the cost model measures (interpolated in between, linear beyond).
 TOKEN_POINTS = (1, 2, 4, 8, 17, 33, 65)
+#: Tokens already in the KV cache when :func:`measure_cost_model` times a forward (a prompt's worth).
+CACHED_TOKENS = 300
 
 
 def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
@@ -188,7 +190,7 @@ def _median(xs: list[float]) -> float:
 @torch.inference_mode()
 def measure_cost_model(
     backend: TorchBackend,
-    cached_tokens: int = 300,
+    cached_tokens: int = CACHED_TOKENS,
     repeats: int = 5,
     token_points: Sequence[int] = TOKEN_POINTS,
     log=None,
