@@ -285,11 +285,6 @@ def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) 
     load_checked(model, sd, where)
 
 
-def expected_drafter_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the Apple-format state dict."""
-    return {k: tuple(v.shape) for k, v in Drafter(cfg).to("meta").state_dict().items()}
-
-
 def read_drafter_config(path: str | os.PathLike) -> DrafterConfig:
     path = Path(path)
     cfg_file = path / DRAFTER_CONFIG
