@@ -686,11 +686,6 @@ def simd_level() -> int:
     return int(_kernel("redrafter_linear_simd_cpu")())
 
 
-def linear_simd() -> bool:
-    """True when a SIMD path of the kernel runs on this CPU (else its portable path, same bits)."""
-    return simd_level() > 0
-
-
 def _linear_status(status: int) -> None:
     if status != 0:
         raise RedrafterError(
