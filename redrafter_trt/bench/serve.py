@@ -818,7 +818,7 @@ def soak_main(args, ns) -> int:
         out["idle_after"] = _wait_idle(sched)
         gc.collect()
         out["rss_mib_after_run"] = rss_mib()
-        out["slots_free_after"] = len(sched._free)
+        out["slots_free_after"] = sched.free_slots
         done = [i for i, g in enumerate(got) if g["outcome"] == "ok"]
         out["cancelled"] = sum(g["outcome"] == "cancelled" for g in got)
         out["completed"] = len(done)

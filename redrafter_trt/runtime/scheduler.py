@@ -766,3 +766,15 @@ class Scheduler:
                 self._lock.notify_all()
             self._thread.join()
         self._thread = None
+
+    # ------------------------------------------------------------------ state for callers
+    @property
+    def running(self) -> bool:
+        """True while the background loop of :meth:`start` runs (until :meth:`shutdown`)."""
+        return self._thread is not None
+
+    @property
+    def free_slots(self) -> int:
+        """KV slots that no request holds."""
+        with self._lock:
+            return len(self._free)

@@ -364,7 +364,7 @@ def create_app(state: ServeState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        if state.scheduler._thread is None:
+        if not state.scheduler.running:
             state.scheduler.start()
         yield
         state.closing = True
