@@ -7,15 +7,9 @@ import json
 import sys
 import textwrap
 
+from ..cmdline import add_threads_argument, non_negative_int, positive_int, run_main
 from ..errors import require
-from .common import (
-    add_threads_argument,
-    add_tp_arguments,
-    apply_tp_threads,
-    non_negative_int,
-    positive_int,
-    run_main,
-)
+from .common import add_tp_arguments, apply_tp_threads
 
 EXIT_OUTPUTS_DIFFER = 1
 

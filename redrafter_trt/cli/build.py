@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cmdline import non_negative_int, positive_int, run_main
 from ..engine import BACKENDS, build_engine
-from .common import non_negative_int, positive_int, run_main
 
 # trtllm-build flags accepted for familiarity: flag -> (help, argparse keywords). Their values are
 # checked whatever the backend (a typo fails here, not later in a container); recorded in the build

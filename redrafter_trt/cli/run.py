@@ -7,18 +7,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..contract import Backend
-from ..errors import RedrafterError, require
-from .common import (
+from ..cmdline import (
     add_adaptive_argument,
     add_threads_argument,
-    add_tp_arguments,
-    apply_tp_threads,
     non_negative_int,
     positive_int,
     run_main,
 )
+from ..contract import Backend
+from ..errors import RedrafterError, require
+from .common import add_tp_arguments, apply_tp_threads
+
+if TYPE_CHECKING:
+    from ..runtime.adaptive import ShapeLog
 
 RANDOM_HEAD_NOTE = (
     "note: this engine's draft head is randomly initialised (--random_drafter), so it "
@@ -301,6 +304,7 @@ def limit_warnings(backend: Backend, encoded: list[list[int]], max_output_len: i
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime.adaptive import ShapeLog
     from ..runtime.loader import load, resolve_device
 
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
@@ -392,29 +396,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-class ShapeLog:
-    """Wraps the engine's adaptive policy, counting the (beams, depth) it chooses per step."""
-
-    def __init__(self, policy):
-        self.policy = policy
-        self.chosen: dict[tuple[int, int], int] = {}
-
-    def choose(self, batch_size: int) -> tuple[int, int]:
-        w, d = (int(x) for x in self.policy.choose(batch_size))
-        self.chosen[(w, d)] = self.chosen.get((w, d), 0) + 1
-        return w, d
-
-    def __getattr__(self, name):  # observe() and anything else: the policy's own
-        return getattr(self.policy, name)
-
-    def counts(self) -> list[dict]:
-        """[{"shape": "WxD" ("1x0" = a plain step), "steps": n}], most chosen first."""
-        return [
-            {"shape": f"{w}x{d}", "steps": n}
-            for (w, d), n in sorted(self.chosen.items(), key=lambda kv: -kv[1])
-        ]
 
 
 def policy_why(policy, batch: int) -> dict | None:

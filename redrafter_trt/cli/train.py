@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cmdline import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 from ..errors import require
 from ..models.hub import DEFAULT_MODEL
 from ..train.config import KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
-from .common import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
