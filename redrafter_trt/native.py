@@ -23,6 +23,7 @@ import ctypes
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -618,7 +619,7 @@ def relocate_paged_native(
 
 # ---------------------------------------------------------------------- batch-invariant linear
 _LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
-_kernel_fns: dict[str, ctypes._CFuncPtr] = {}
+_kernel_fns: dict[str, Any] = {}
 _linear_msg = ctypes.create_string_buffer(_MSG_LEN)
 #: the CPU model kernels' C functions (cpp/src/{linear,attention,layer_ops}_cpu.cpp), each
 #: returning a status with its message last
@@ -968,9 +969,7 @@ def attention(
 
 
 # ---------------------------------------------------------------------- the machine's limits
-def machine_limits(
-    threads: int | None = None, mib: int = 512, repeats: int = 5
-) -> dict[str, float]:
+def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5) -> dict[str, Any]:
     """The memory read bandwidth (bytes/s; with ``threads`` and with one thread) and the float32
     FMA peak (flop/s with ``threads``), measured on the kernels' own thread pool
     (``cpp/src/machine_cpu.cpp``): the limits the linear kernel is judged against. Best of

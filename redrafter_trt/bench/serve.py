@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +536,12 @@ def write_tiny_engine(path: Path, log=None) -> Path:
 
 
 # --------------------------------------------------------------------------- --stall
+def _stamp_token_events(times: list[float], ev) -> None:
+    """The arrival time of each scheduler event that carries tokens, appended to ``times``."""
+    if ev.token_ids:
+        times.append(time.perf_counter())
+
+
 def stall_main(args) -> int:
     """A running stream's largest inter-token gap while a long prompt is prefilled, per chunk size."""
     from ..runtime.loader import load
@@ -573,9 +580,7 @@ def stall_main(args) -> int:
         running = sched.submit(
             short,
             SamplingParams(max_new_tokens=slot - len(short), ignore_eos=True),
-            on_event=lambda ev, times=times: (
-                times.append(time.perf_counter()) if ev.token_ids else None
-            ),
+            on_event=partial(_stamp_token_events, times),
         )
         sched.start()
         try:

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             )
         require(gen.backend.base is not None, "--calibrate needs the torch backend")
         rep = calibrate(
-            gen.backend,
+            gen.backend,  # type: ignore[arg-type]  # a torch backend: it has base weights
             args.engine_dir,
             args.batch_sizes,
             repeats=args.repetitions,

@@ -161,7 +161,7 @@ def require_utf8(text: str, what: str) -> str:
     return text
 
 
-def read_input_file(path: str, flag: str = "--input_file") -> list[str | list[dict]]:
+def read_input_file(path: str, flag: str = "--input_file") -> list:
     """Prompts of a prompt file: a list of strings (text, one per line) or of message lists
     (JSON Lines of ``{"messages": [...]}``); see :data:`INPUT_FILE_HELP`."""
     f = Path(path)
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system_prompt is not None:
         require_utf8(args.system_prompt, "--system_prompt")
     if args.input_ids_file:
-        prompts = read_ids_file(args.input_ids_file)
+        prompts: list = read_ids_file(args.input_ids_file)
     elif args.input_file:
         prompts = read_input_file(args.input_file)
     else:

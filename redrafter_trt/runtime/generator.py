@@ -82,7 +82,9 @@ class Generator:
         self.last_stats = GenerationStats()
         self.last_results: list[GenerationResult] = []
         self._sched: Scheduler | None = None
-        self.policy = None  # adaptive speculation (runtime/adaptive.py), handed to the scheduler
+        self.policy: Any = (
+            None  # adaptive speculation (runtime/adaptive.py), handed to the scheduler
+        )
         self.policy_note = (
             "adaptive speculation off"  # why policy is (not) set; see runtime.loader.load
         )

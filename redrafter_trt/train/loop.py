@@ -435,7 +435,8 @@ def train_drafter(
     model, params, opt = _optimised(cfg, drafter, dev, world)
     scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
 
-    step, history, prior_elapsed = 0, [], 0.0
+    step, prior_elapsed = 0, 0.0
+    history: list[dict[str, Any]] = []
     if st is not None:
         step, total, history, prior_elapsed = restore(
             st, resume_file, cfg, data.key, drafter, opt, sampler, log
