@@ -218,10 +218,16 @@ class Backend(Protocol):
     max_batch_size: int
     max_input_len: int
     max_seq_len: int
-    #: top-k warp of the draft logits (0 = off; None = not recorded by the engine)
-    warp_k: int | None
-    #: cumulative seconds per phase of :meth:`step` (e.g. verify / accept / draft / pack)
-    timings: dict[str, float]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds per phase of :meth:`step` (e.g. verify / accept / draft / pack)."""
+        ...
+
+    @property
+    def warp_k(self) -> int | None:
+        """Top-k warp of the draft logits (0 = off; None = not recorded by the engine)."""
+        ...
 
     @property
     def vocab_size(self) -> int:

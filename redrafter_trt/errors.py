@@ -10,7 +10,7 @@ class RedrafterError(ValueError):
     """Bad input: a file, a flag or a value that the user can fix."""
 
 
-def require(condition: bool, message: str) -> None:
+def require(condition: object, message: str) -> None:
     """Raise :class:`RedrafterError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise RedrafterError(message)

@@ -24,6 +24,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -634,7 +635,7 @@ def relocate_paged_native(
 
 # ---------------------------------------------------------------------- batch-invariant linear
 _LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
-_kernel_fns: dict[str, ctypes._CFuncPtr] = {}
+_kernel_fns: dict[str, Any] = {}
 _linear_msg = ctypes.create_string_buffer(_MSG_LEN)
 #: the CPU model kernels' C functions (cpp/src/{linear,attention,layer_ops}_cpu.cpp), each
 #: returning a status with its message last
@@ -702,11 +703,6 @@ def simd_level() -> int:
     on every path; ``$REDRAFTER_NO_AVX512`` keeps AVX2)."""
     _kernel()
     return int(_kernel("redrafter_linear_simd_cpu")())
-
-
-def linear_simd() -> bool:
-    """True when a SIMD path of the kernel runs on this CPU (else its portable path, same bits)."""
-    return simd_level() > 0
 
 
 def _linear_status(status: int) -> None:
@@ -991,9 +987,7 @@ def attention(
 
 
 # ---------------------------------------------------------------------- the machine's limits
-def machine_limits(
-    threads: int | None = None, mib: int = 512, repeats: int = 5
-) -> dict[str, float]:
+def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5) -> dict[str, Any]:
     """The memory read bandwidth (bytes/s; with ``threads`` and with one thread) and the float32
     FMA peak (flop/s with ``threads``), measured on the kernels' own thread pool
     (``cpp/src/machine_cpu.cpp``): the limits the linear kernel is judged against. Best of

@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The stages, lowest first: (stage, module names relative to the package; "" is the package's
 #: own ``__init__``).
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation: version, errors, memory measurement", ("_version", "errors", "memory")),
+    (
+        "foundation: version, errors, the commands' conventions, memory measurement",
+        ("_version", "errors", "cmdline", "memory"),
+    ),
     (
         "core: the step contract, operators, the C++ bindings, prompt sets",
         ("contract", "ops", "native", "datasets"),
@@ -36,7 +39,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("build: engine directories", ("engine",)),
     ("runtime: loader, scheduler, generator", ("runtime",)),
     ("applications: benchmark, trainer, server", ("bench", "train", "serve")),
-    ("commands", ("cli", "heads.package", "bench.serve")),
+    ("commands", ("cli",)),
     ("the package root", ("",)),
 )
 

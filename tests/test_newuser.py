@@ -107,7 +107,7 @@ def run_json(capsys, engine, *args):
 # --------------------------------------------------------------------------- defect 3: leaks
 WRITER = r"""
 import sys, time
-from redrafter_trt.cli.common import run_main
+from redrafter_trt.cmdline import run_main
 from redrafter_trt.models.io import atomic_output_dir
 import argparse
 

@@ -355,3 +355,16 @@ def test_the_trtllm_backend_feed_takes_every_call_of_a_chunked_in_flight_batch(g
         assert p.plumbing["sequence_length"].tolist() == (cl + p.tokens).tolist()
         assert p.plumbing["host_request_types"].tolist() == [C.CONTEXT] * p.batch
     assert any(not p.is_ctx for _, p in be.prepared)
+
+
+def test_running_and_free_slots_follow_the_loop_and_the_requests(gen):
+    """The public state the server and the serving benchmark read: the loop's, and the slots."""
+    s = Scheduler(gen.backend, max_slots=2, tokens_per_slot=64)
+    assert not s.running and s.free_slots == 2
+    r = s.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))
+    s.step()  # admitted: it holds a slot until it finishes
+    assert s.free_slots == 1 and not r.finished
+    s.start()
+    assert s.running
+    s.shutdown(timeout=60)
+    assert not s.running and r.finished and s.free_slots == 2

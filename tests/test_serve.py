@@ -608,7 +608,7 @@ def test_sigterm_finishes_running_requests_and_exits(engine_dir):
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        # while the running request finishes, a new client is refused at connect (the README
+        # while the running request finishes, a new client is refused at connect (docs/usage.md
         # says so): it never gets an HTTP answer such as 503
         answered = []
         for _ in range(100):
@@ -625,7 +625,7 @@ def test_sigterm_finishes_running_requests_and_exits(engine_dir):
     assert proc.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
-    serving = (REPO / "README.md").read_text().split("## Serving")[1].split("\n## ")[0]
+    serving = (REPO / "docs" / "usage.md").read_text().split("## Serving")[1].split("\n## ")[0]
     assert "shutting down answers 503" not in serving
     assert "new connections are refused" in serving
 

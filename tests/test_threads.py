@@ -9,7 +9,7 @@ from redrafter_trt.cli import bench as bench_cli
 from redrafter_trt.cli import convert as convert_cli
 from redrafter_trt.cli import run as run_cli
 from redrafter_trt.cli import train as train_cli
-from redrafter_trt.cli.common import (
+from redrafter_trt.cmdline import (
     THREADS_ENV,
     add_threads_argument,
     apply_threads,

@@ -1,1 +1,14 @@
 """Backends implementing the step contract (:mod:`redrafter_trt.contract`)."""
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the type checker holds every backend to the contract's protocol
+    from ..contract import Backend
+    from ..trtllm.runtime import TrtllmBackend
+    from .torch_backend import TorchBackend
+    from .tp import TPBackend
+
+    def _implement_the_protocol(
+        torch: TorchBackend, trtllm: TrtllmBackend, tp: TPBackend
+    ) -> tuple[Backend, Backend, Backend]:
+        return torch, trtllm, tp

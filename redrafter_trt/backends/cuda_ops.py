@@ -21,6 +21,7 @@ import ctypes
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ KERNEL, TORCH = "kernel", "torch"
 
 _p, _i64, _i32, _sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_size_t
 #: Argument types of the C ABI (cpp/include/redrafter/c_api.h), message buffer and length last.
-_SIGNATURES = {
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "redrafter_beam_search_workspace_bytes": ([_i64, _i64, _i64, _i64], _sz),
     "redrafter_accept_workspace_bytes": ([_i64, _i64], _sz),
     # logits, dtype, beam_scores, batch, num_beams, vocab, warp_k, vocab_map (NULL: identity), new_scores,

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,10 @@ from ..models.io import load_state_dict_file
 from ..names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
 from ..sharding import check_tp_size, padded_vocab_size
 from .torch_backend import TorchBackend
+
+if TYPE_CHECKING:  # annotations only: the TensorRT-LLM ranks use this backend too
+    from ..trtllm.mpi import MpiGroup
+    from ..trtllm.runtime import TrtllmBackend
 
 #: Default seconds a collective may wait for the other ranks (``--tp_timeout``).
 DEFAULT_TIMEOUT_S = 120.0
@@ -104,7 +109,7 @@ class TPGroup:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout
             self.backend = "nccl"
-            self.pg = dist.ProcessGroupNCCL(store, rank, size, opts)
+            self.pg: Any = dist.ProcessGroupNCCL(store, rank, size, opts)
         else:
             self.backend = "gloo"
             self.pg = dist.ProcessGroupGloo(store, rank, size, self.timeout)
@@ -215,7 +220,8 @@ class TPBaseModel(BaseModel):
         vp = padded_vocab_size(cfg.vocab_size, tp_size) // tp_size
         self.lm_head = Linear(h, vp, bias=False)
         for layer in self.transformer.layers:
-            att, mlp = layer.attention, layer.mlp
+            att: Any = layer.attention
+            mlp: Any = layer.mlp
             att.dense = RowParallelLinear(att.nh * att.hd, h, bias=cfg.dense_bias)
             mlp.proj = RowParallelLinear(local.intermediate_size, h, bias=cfg.mlp_bias)
         self.set_group(tp)
@@ -464,7 +470,7 @@ def _unpack(header: torch.Tensor, payload: torch.Tensor) -> dict[str, torch.Tens
 class _Channel:
     """Rank 0's side of the command stream: numbered commands, a heartbeat while idle."""
 
-    def __init__(self, tp: TPGroup, heartbeat_s: float | None):
+    def __init__(self, tp: TPGroup | MpiGroup, heartbeat_s: float | None):
         self.tp = tp
         self.seq = 0
         self.last = time.monotonic()
@@ -544,14 +550,15 @@ class TPBackend:
 
     def __init__(
         self,
-        local: TorchBackend,
-        tp: TPGroup,
+        local: TorchBackend | TrtllmBackend,
+        tp: TPGroup | MpiGroup,
         heartbeat_s: float | None = None,
         on_close: Callable[[], None] | None = None,
         _channel: _Channel | None = None,
     ):
         self.local = local
         self.tp = tp
+        self.store: Any = None  # a launcher's rendezvous store, kept alive as long as the ranks
         self.tp_size = tp.size
         self.channel = _channel or _Channel(tp, heartbeat_s)
         self._on_close = on_close
@@ -629,7 +636,11 @@ class TPBackend:
             fn()
 
 
-def follow(local: TorchBackend, tp: TPGroup, progress: Callable[[int], None] | None = None) -> None:
+def follow(
+    local: TorchBackend | TrtllmBackend,
+    tp: TPGroup | MpiGroup,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """A rank other than 0: run rank 0's commands until it says stop (or a collective fails,
     raising :class:`TPError`)."""
     require(tp.rank != 0, "rank 0 drives; follow() is for the other ranks")

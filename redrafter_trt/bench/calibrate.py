@@ -295,7 +295,7 @@ def bench_cost_model(
     return model, f"measured in this run ({why}); redrafter-bench --calibrate stores one"
 
 
-def _cost_ratio(model: CostModel, batch: int, shape: tuple[int, int]) -> float:
+def _cost_ratio(model: CostModel, batch: int, shape: tuple[int, ...]) -> float:
     return model.step_cost(batch, *shape) / model.t(batch)
 
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             draft_vocab=ids,
         )
         with torch.no_grad():  # the base's rows, as --lm_head_init base gives
-            head.lm_head[-1].weight.copy_(
+            head.projection.weight.copy_(
                 base.lm_head.weight.float()[order[:k].sort().values]
                 if k
                 else base.lm_head.weight.float()
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = torch.randn(1, h, generator=g)
     root = torch.tensor([int(held[0])])
     w, d = 4, 4
-    times = {k: [] for k in ks}
+    times: dict[int, list[float]] = {k: [] for k in ks}
     for k in ks:  # warm-up
         heads[k].beam_search(base.embedding, ctx, root, w, d)
     load_before = os.getloadavg()

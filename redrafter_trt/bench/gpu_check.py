@@ -22,7 +22,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 NO_GPU = 77
 #: Models the cost curves are measured on (random weights): Llama-3.2-1B and Llama-2-7B shapes.
@@ -237,7 +239,7 @@ def cost_curve(name: str, shape: dict, reps: int, device: str = "cuda", tokens=T
         tok = torch.randint(0, cfg.vocab_size, (1, w), device=dev)
         scores = torch.zeros(1, w, device=dev)
         draft = {}
-        sets = [("torch", cuda_ops.TORCH_OPS[2])]
+        sets: list[tuple[str, Callable[..., Any]]] = [("torch", cuda_ops.TORCH_OPS[2])]
         if cuda_ops.select_ops(dev).name == cuda_ops.KERNEL:
             sets.append(("kernel", cuda_ops.KERNEL_OPS[2]))
         for label, step in sets:

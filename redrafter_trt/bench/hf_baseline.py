@@ -56,7 +56,7 @@ def hf_model_from_dir(model_dir: str | Path, dtype: torch.dtype, device: torch.d
     except Exception as e:
         raise RedrafterError(f"--hf_model_dir {path}: transformers cannot load it ({e})") from e
     model.generation_config.eos_token_id = None
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types to() oddly
 
 
 def pad_left(

@@ -46,7 +46,7 @@ def load_raw_prompts(dataset: str) -> list[str | list[int]]:
         require(path.is_file(), f"--dataset {dataset}: neither a built-in set {BUILTIN} nor a file")
         ids = _token_id_file(path)
         if ids is not None:
-            return ids
+            return list(ids)
     return list(load_prompts(dataset))
 
 
@@ -78,7 +78,8 @@ def encode_prompts(
         not needs_text or gen.tokenizer is not None,
         "this engine has no tokenizer: give --dataset a JSON/JSONL file of token-id lists",
     )
-    out, skipped = [], 0
+    out: list[list[int]] = []
+    skipped = 0
     for p in raw:
         if len(out) == num_prompts:
             break

@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import platform
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -350,7 +349,3 @@ def write_outputs(
     if make_plot:
         paths["plot"] = plot(report, out / "bench.png")
     return paths
-
-
-def print_table(report: dict[str, Any], stream=None) -> None:
-    (stream or sys.stdout).write(markdown(report))

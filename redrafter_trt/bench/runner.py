@@ -94,13 +94,16 @@ class StepTimer:
         self.backend = backend
         self.inner = backend.step
         self.has_phases = isinstance(backend.timings, dict)
-        backend.step = self
+        backend.step = self  # type: ignore[method-assign]  # timed until unwrapped
         self.reset()
 
     def reset(self) -> None:
         self.calls = {"context": 0, "generation": 0}
         self.wall = {"context": 0.0, "generation": 0.0}
-        self.phases = {"context": defaultdict(float), "generation": defaultdict(float)}
+        self.phases: dict[str, defaultdict[str, float]] = {
+            "context": defaultdict(float),
+            "generation": defaultdict(float),
+        }
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kind = "context" if bool((inputs[C.REQUEST_TYPES] == C.CONTEXT).all()) else "generation"
@@ -380,7 +383,7 @@ def run_sweep(
             )
         for cell in cells:
             configs.append(_summarize_cell(cell, hf_runs, greedy, len(prompts), len(batches)))
-            cell.timer.backend.step = cell.timer.inner  # unwrap
+            cell.timer.backend.step = cell.timer.inner  # type: ignore[method-assign]  # unwrap
         del cells
     return {"configs": configs, "hf_baseline": hf_records, "llama_cpp_plain": llama_record}
 

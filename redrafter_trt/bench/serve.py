@@ -35,11 +35,12 @@ import socket
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..cli.common import (
+from ..cmdline import (
     add_adaptive_argument,
     add_threads_argument,
     non_negative_int,
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_fn(args) -> int:
-    from ..cli.serve import make_state
+    from ..serve.state import load_state
 
     require(args.engine_dir or args.tiny_engine, "pass --engine_dir (or --tiny_engine DIR)")
     if args.tiny_engine:
@@ -286,27 +287,20 @@ def main_fn(args) -> int:
         return stall_main(args)
     chunk = args.prefill_chunk[0] if args.prefill_chunk else None
     clients = args.soak_clients if args.soak else max(args.concurrency)
-    ns = argparse.Namespace(
-        engine_dir=args.engine_dir,
-        port=0,
+    serving = dict(
         device="cpu",
-        max_batch_size=None,
-        max_seq_len=None,
         max_queue=clients * 4,
-        max_prefill_tokens=None,
         prefill_chunk=chunk,
-        no_speculation=False,
         served_model_name="bench",
         adaptive=args.adaptive,
     )
     if args.soak:
-        return soak_main(args, ns)
-    ns.max_batch_size = max(args.concurrency)
-    state, gen = make_state(ns)
+        return soak_main(args, serving)
+    state, gen = load_state(args.engine_dir, max_batch_size=max(args.concurrency), **serving)
     ran = what_ran(gen, args)
     shapes = None
     if state.scheduler.policy is not None:
-        from ..cli.run import ShapeLog
+        from ..runtime.adaptive import ShapeLog
 
         shapes = state.scheduler.policy = ShapeLog(state.scheduler.policy)
     print(
@@ -478,9 +472,12 @@ def write_tiny_engine(path: Path, log=None) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..cli import build as build_cli
-    from ..cli import convert as convert_cli
-    from ..models.drafter import DrafterConfig, init_drafter, save_drafter
+    from ..backends.torch_backend import auto_dtype
+    from ..checkpoint import convert_checkpoint
+    from ..engine import build_engine
+    from ..hf import load_hf_base
+    from ..models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
+    from ..names import LM_HEAD
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if (path / "config.json").is_file():
@@ -509,45 +506,28 @@ def write_tiny_engine(path: Path, log=None) -> Path:
         save_drafter(
             init_drafter(DrafterConfig(v, 32, 64, 1, True), seed=2, std=0.5), tmp / "drafter"
         )
-        for cli, argv in [
-            (
-                convert_cli,
-                [
-                    "--model_dir",
-                    tmp / "base",
-                    "--drafter_model_dir",
-                    tmp / "drafter",
-                    "--output_dir",
-                    tmp / "ckpt",
-                    "--redrafter_num_beams",
-                    3,
-                    "--redrafter_draft_len_per_beam",
-                    2,
-                ],
-            ),
-            (
-                build_cli,
-                [
-                    "--checkpoint_dir",
-                    tmp / "ckpt",
-                    "--output_dir",
-                    tmp / "engine",
-                    "--backend",
-                    "torch",
-                    "--max_batch_size",
-                    16,
-                    "--max_input_len",
-                    96,
-                    "--max_seq_len",
-                    192,
-                ],
-            ),
-        ]:
-            rc = cli.main([str(a) for a in argv])
-            if rc != 0:
-                raise RedrafterError(
-                    f"writing the tiny engine: {cli.__name__} exited with status {rc}"
-                )
+        # what redrafter-convert and redrafter-build write for these directories with their
+        # defaults and W=3, D=2
+        base_cfg, base_sd = load_hf_base(tmp / "base")
+        drafter = load_drafter(tmp / "drafter", base_lm_head=base_sd[LM_HEAD])
+        convert_checkpoint(
+            base_cfg,
+            base_sd,
+            drafter,
+            tmp / "ckpt",
+            dtype=auto_dtype()[0],
+            num_beams=3,
+            draft_len=2,
+            tokenizer_dir=tmp / "base",
+        )
+        build_engine(
+            tmp / "ckpt",
+            tmp / "engine",
+            backend="torch",
+            max_batch_size=16,
+            max_input_len=96,
+            max_seq_len=192,
+        )
         tok.save_pretrained(str(tmp / "engine"))
         os.replace(tmp / "engine", path)
     finally:
@@ -556,6 +536,12 @@ def write_tiny_engine(path: Path, log=None) -> Path:
 
 
 # --------------------------------------------------------------------------- --stall
+def _stamp_token_events(times: list[float], ev) -> None:
+    """The arrival time of each scheduler event that carries tokens, appended to ``times``."""
+    if ev.token_ids:
+        times.append(time.perf_counter())
+
+
 def stall_main(args) -> int:
     """A running stream's largest inter-token gap while a long prompt is prefilled, per chunk size."""
     from ..runtime.loader import load
@@ -594,9 +580,7 @@ def stall_main(args) -> int:
         running = sched.submit(
             short,
             SamplingParams(max_new_tokens=slot - len(short), ignore_eos=True),
-            on_event=lambda ev, times=times: (
-                times.append(time.perf_counter()) if ev.token_ids else None
-            ),
+            on_event=partial(_stamp_token_events, times),
         )
         sched.start()
         try:
@@ -772,10 +756,12 @@ def _wait_idle(sched, timeout: float = 120) -> bool:
     return False
 
 
-def soak_main(args, ns) -> int:
-    from ..cli.serve import make_state
+def soak_main(args, serving: dict) -> int:
+    """The soak (``--soak``) against a server on ``args.engine_dir`` set up with ``serving``
+    (:func:`~redrafter_trt.serve.state.load_state`'s keywords)."""
+    from ..serve.state import load_state
 
-    state, gen = make_state(ns)
+    state, gen = load_state(args.engine_dir, **serving)
     sched = state.scheduler
     require(
         gen.tokenizer is not None,
@@ -818,7 +804,7 @@ def soak_main(args, ns) -> int:
         out["idle_after"] = _wait_idle(sched)
         gc.collect()
         out["rss_mib_after_run"] = rss_mib()
-        out["slots_free_after"] = len(sched._free)
+        out["slots_free_after"] = sched.free_slots
         done = [i for i, g in enumerate(got) if g["outcome"] == "ok"]
         out["cancelled"] = sum(g["outcome"] == "cancelled" for g in got)
         out["completed"] = len(done)

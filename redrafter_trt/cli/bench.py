@@ -7,15 +7,9 @@ import json
 import sys
 import textwrap
 
+from ..cmdline import add_threads_argument, non_negative_int, positive_int, run_main
 from ..errors import require
-from .common import (
-    add_threads_argument,
-    add_tp_arguments,
-    apply_tp_threads,
-    non_negative_int,
-    positive_int,
-    run_main,
-)
+from .common import add_tp_arguments, apply_tp_threads
 
 EXIT_OUTPUTS_DIFFER = 1
 
@@ -280,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
             )
         require(gen.backend.base is not None, "--calibrate needs the torch backend")
         rep = calibrate(
-            gen.backend,
+            gen.backend,  # type: ignore[arg-type]  # a torch backend: it has base weights
             args.engine_dir,
             args.batch_sizes,
             repeats=args.repetitions,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from ..cmdline import non_negative_int, positive_int, run_main
 from ..engine import BACKENDS, build_engine
-from .common import non_negative_int, positive_int, run_main
 
 # trtllm-build flags accepted for familiarity: flag -> (help, argparse keywords). Their values are
 # checked whatever the backend (a typo fails here, not later in a container); recorded in the build
 # config and used by the TensorRT-LLM backend, ignored by the torch backend.
 PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32")
-TRTLLM_FLAGS = {
+TRTLLM_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--gemm_plugin": ("GEMM plugin dtype", dict(choices=PLUGIN_DTYPES + ("disable",))),
     "--gpt_attention_plugin": ("GPT attention plugin dtype", dict(choices=PLUGIN_DTYPES)),
     "--kv_cache_type": (

@@ -7,18 +7,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..contract import Backend
-from ..errors import RedrafterError, require
-from .common import (
+from ..cmdline import (
     add_adaptive_argument,
     add_threads_argument,
-    add_tp_arguments,
-    apply_tp_threads,
     non_negative_int,
     positive_int,
     run_main,
 )
+from ..contract import Backend
+from ..errors import RedrafterError, require
+from .common import add_tp_arguments, apply_tp_threads
+
+if TYPE_CHECKING:
+    from ..runtime.adaptive import ShapeLog
 
 RANDOM_HEAD_NOTE = (
     "note: this engine's draft head is randomly initialised (--random_drafter), so it "
@@ -158,7 +161,7 @@ def require_utf8(text: str, what: str) -> str:
     return text
 
 
-def read_input_file(path: str, flag: str = "--input_file") -> list[str | list[dict]]:
+def read_input_file(path: str, flag: str = "--input_file") -> list:
     """Prompts of a prompt file: a list of strings (text, one per line) or of message lists
     (JSON Lines of ``{"messages": [...]}``); see :data:`INPUT_FILE_HELP`."""
     f = Path(path)
@@ -301,6 +304,7 @@ def limit_warnings(backend: Backend, encoded: list[list[int]], max_output_len: i
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime.adaptive import ShapeLog
     from ..runtime.loader import load, resolve_device
 
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
@@ -312,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system_prompt is not None:
         require_utf8(args.system_prompt, "--system_prompt")
     if args.input_ids_file:
-        prompts = read_ids_file(args.input_ids_file)
+        prompts: list = read_ids_file(args.input_ids_file)
     elif args.input_file:
         prompts = read_input_file(args.input_file)
     else:
@@ -392,29 +396,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-class ShapeLog:
-    """Wraps the engine's adaptive policy, counting the (beams, depth) it chooses per step."""
-
-    def __init__(self, policy):
-        self.policy = policy
-        self.chosen: dict[tuple[int, int], int] = {}
-
-    def choose(self, batch_size: int) -> tuple[int, int]:
-        w, d = (int(x) for x in self.policy.choose(batch_size))
-        self.chosen[(w, d)] = self.chosen.get((w, d), 0) + 1
-        return w, d
-
-    def __getattr__(self, name):  # observe() and anything else: the policy's own
-        return getattr(self.policy, name)
-
-    def counts(self) -> list[dict]:
-        """[{"shape": "WxD" ("1x0" = a plain step), "steps": n}], most chosen first."""
-        return [
-            {"shape": f"{w}x{d}", "steps": n}
-            for (w, d), n in sorted(self.chosen.items(), key=lambda kv: -kv[1])
-        ]
 
 
 def policy_why(policy, batch: int) -> dict | None:

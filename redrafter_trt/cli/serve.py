@@ -7,21 +7,17 @@ import errno
 import signal
 import socket
 import sys
-from pathlib import Path
 
-from ..errors import RedrafterError, require
-from .common import (
+from ..cmdline import (
     add_adaptive_argument,
     add_threads_argument,
-    add_tp_arguments,
-    apply_tp_threads,
     non_negative_int,
     positive_int,
     run_main,
 )
-
-#: ``--prefill_chunk`` default (prompt tokens per step) where the engine supports chunked prefill
-DEFAULT_PREFILL_CHUNK = 256
+from ..errors import RedrafterError, require
+from ..serve.state import DEFAULT_PREFILL_CHUNK, load_state
+from .common import add_tp_arguments, apply_tp_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,58 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_state(args: argparse.Namespace):
-    """Load the engine and build the scheduler + app state (separate for tests and the benchmark)."""
-    from ..runtime.loader import load
-    from ..runtime.scheduler import Scheduler
-    from ..serve.app import ServeState
-
+    """Load the engine and build the scheduler + app state from the parsed flags."""
     require(0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}")
     apply_tp_threads(args)
-    gen = load(
+    return load_state(
         args.engine_dir,
         device=args.device,
         adaptive=getattr(args, "adaptive", "auto"),
         tp_size=getattr(args, "tp_size", None),
         tp_timeout=getattr(args, "tp_timeout", None),
-    )
-    be = gen.backend
-    slots = args.max_batch_size or be.max_batch_size
-    tokens = args.max_seq_len or be.max_seq_len
-    require(
-        slots <= be.max_batch_size,
-        f"--max_batch_size {slots} exceeds the engine's max_batch_size {be.max_batch_size}",
-    )
-    require(
-        tokens <= be.max_seq_len,
-        f"--max_seq_len {tokens} exceeds the engine's max_seq_len {be.max_seq_len}",
-    )
-    chunk = getattr(args, "prefill_chunk", None)
-    can_chunk = bool(be.chunked_context)
-    kind = getattr(be, "name", type(be).__name__)
-    require(
-        not chunk or can_chunk,
-        f"--prefill_chunk {chunk}: the {args.engine_dir} engine ({kind}) cannot continue a prompt's "
-        "cache in a context row (a trtllm engine needs paged context FMHA); use --prefill_chunk 0",
-    )
-    if chunk is None:
-        chunk = DEFAULT_PREFILL_CHUNK if can_chunk else 0
-    require(
-        not (chunk and args.max_prefill_tokens),
-        "--max_prefill_tokens applies to whole-prompt prefill only: pass --prefill_chunk 0 with it",
-    )
-    sched = Scheduler(
-        be,
-        gen.tokenizer,
-        gen.eos_token_ids,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
         max_queue=args.max_queue,
-        max_slots=slots,
-        tokens_per_slot=tokens,
+        prefill_chunk=getattr(args, "prefill_chunk", None),
         max_prefill_tokens=args.max_prefill_tokens,
-        prefill_chunk=chunk or None,
+        served_model_name=args.served_model_name,
+        speculative=not args.no_speculation,
     )
-    sched.policy = gen.policy  # adaptive speculation (None: the fixed shape)
-    name = args.served_model_name or Path(args.engine_dir).resolve().name
-    return ServeState(sched, name, speculative=not args.no_speculation), gen
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cmdline import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 from ..errors import require
 from ..models.hub import DEFAULT_MODEL
 from ..train.config import KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
-from .common import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
@@ -40,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(subcommands: train, gen-prompts, gen-data, eval; 'train' is the default).",
     )
     sub = p.add_subparsers(dest="command", metavar="{train,gen-prompts,gen-data,eval}")
+    for add in (add_train_command, add_gen_prompts_command, add_gen_data_command, add_eval_command):
+        add_threads_argument(add(sub))
+    return p
 
+
+def add_train_command(sub) -> argparse.ArgumentParser:
+    """``redrafter-train train``: its own flags, then each argument group's."""
     t = sub.add_parser(
         "train",
         help="train a draft head; writes a drafter directory",
@@ -62,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(JSON/JSONL, or 'writingbench'); a directory stands for the *.jsonl files in it",
     )
     t.add_argument("--output_dir", required=True, help="drafter directory to write")
+    for add_group in (
+        add_head_arguments,
+        add_loss_arguments,
+        add_optimisation_arguments,
+        add_data_arguments,
+        add_checkpoint_arguments,
+    ):
+        add_group(t)
+    return t
+
+
+def add_head_arguments(t: argparse.ArgumentParser) -> None:
+    """``train``: the head's shape and initialisation."""
     g = t.add_argument_group("head")
     g.add_argument(
         "--exit_dim",
@@ -109,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="D unrolled draft steps trained (use the engine's D; default: 4)",
     )
+
+
+def add_loss_arguments(t: argparse.ArgumentParser) -> None:
+    """``train``: the loss."""
     g = t.add_argument_group("loss")
     g.add_argument(
         "--loss",
@@ -153,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="per-draft-step loss weights, comma-separated, D values (default: all 1)",
     )
+
+
+def add_optimisation_arguments(t: argparse.ArgumentParser) -> None:
+    """``train``: the optimiser, its schedule and budget."""
     g = t.add_argument_group("optimisation")
     g.add_argument(
         "--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)"
@@ -200,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16 (fp16 without bf16) autocast on GPU, fp32 on CPU",
     )
+
+
+def add_data_arguments(t: argparse.ArgumentParser) -> None:
+    """``train``: the training and held-out data."""
     g = t.add_argument_group("data")
     g.add_argument(
         "--max_seq_len", type=positive_int, default=1024, help="truncate sequences (default: 1024)"
@@ -227,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where base features are cached (default: the user cache dir)",
     )
+
+
+def add_checkpoint_arguments(t: argparse.ArgumentParser) -> None:
+    """``train``: checkpoints, resuming, output and device."""
     g = t.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_dir", default=None, help="default: <output_dir>.checkpoints")
     g.add_argument(
@@ -244,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
 
+
+def add_gen_prompts_command(sub) -> argparse.ArgumentParser:
+    """``redrafter-train gen-prompts``."""
     q = sub.add_parser(
         "gen-prompts",
         help="let the base model write user requests (more prompts)",
@@ -292,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     q.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return q
 
+
+def add_gen_data_command(sub) -> argparse.ArgumentParser:
+    """``redrafter-train gen-data``."""
     d = sub.add_parser(
         "gen-data",
         help="let the base model write responses (self-distillation data)",
@@ -352,7 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     d.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return d
 
+
+def add_eval_command(sub) -> argparse.ArgumentParser:
+    """``redrafter-train eval``."""
     e = sub.add_parser(
         "eval",
         help="tokens per step of a head through the runtime (greedy)",
@@ -405,9 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="also write the JSON here")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     e.add_argument("--no_progress", action="store_true", help="no progress bar")
-    for sp in (t, q, d, e):
-        add_threads_argument(sp)
-    return p
+    return e
 
 
 def check_paths(args: argparse.Namespace) -> None:

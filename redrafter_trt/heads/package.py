@@ -73,7 +73,7 @@ def package_head(
 
 
 def main(argv=None) -> int:
-    from ..cli.common import run_main
+    from ..cmdline import run_main
     from ..hf import load_hf_base
     from ..models.hub import resolve_base_model_dir
     from ..names import LM_HEAD

@@ -383,6 +383,8 @@ def _versions(params: list) -> list:
 class BaseModel(nn.Module):
     """The base LLM. ``forward`` returns the final-norm hidden states; ``lm_head`` gives logits."""
 
+    inv_freq: torch.Tensor  # RoPE inverse frequencies [hd/2], a buffer
+
     def __init__(self, cfg: BaseConfig):
         super().__init__()
         cfg.validate()

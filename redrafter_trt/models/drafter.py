@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,11 @@ class Drafter(nn.Module):
         if cfg.rnn:
             self.rnn_u = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
             self.rnn_w = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    @property
+    def projection(self) -> Linear:
+        """The final vocabulary projection ``lm_head.{n}`` (weight [K or V, exit_dim])."""
+        return cast(Linear, self.lm_head[-1])
 
     def use_native_linear(self, on: bool = True) -> None:
         """Run the head's linear layers on the batch-invariant CPU kernel (``on``) or torch."""
@@ -214,7 +220,7 @@ def validate_against_base(
     cfg: DrafterConfig,
     hidden_size: int,
     vocab_size: int,
-    embedding_shape: tuple[int, int],
+    embedding_shape: tuple[int, ...],
     where: str,
 ) -> None:
     """The drafter must match the base: hidden size, vocab size and embedding shape."""
@@ -283,11 +289,6 @@ def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) 
             f"draft_vocab_size K is {cfg.draft_vocab_size}; the projection must have one row per draft id",
         )
     load_checked(model, sd, where)
-
-
-def expected_drafter_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the Apple-format state dict."""
-    return {k: tuple(v.shape) for k, v in Drafter(cfg).to("meta").state_dict().items()}
 
 
 def read_drafter_config(path: str | os.PathLike) -> DrafterConfig:

@@ -437,6 +437,29 @@ class AdaptivePolicy:
 
 
 #: ``mode`` values of :func:`stored_policy` (``redrafter_trt.load(adaptive=...)``).
+class ShapeLog:
+    """Wraps the engine's adaptive policy, counting the (beams, depth) it chooses per step."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.chosen: dict[tuple[int, int], int] = {}
+
+    def choose(self, batch_size: int) -> tuple[int, int]:
+        w, d = (int(x) for x in self.policy.choose(batch_size))
+        self.chosen[(w, d)] = self.chosen.get((w, d), 0) + 1
+        return w, d
+
+    def __getattr__(self, name):  # observe() and anything else: the policy's own
+        return getattr(self.policy, name)
+
+    def counts(self) -> list[dict]:
+        """[{"shape": "WxD" ("1x0" = a plain step), "steps": n}], most chosen first."""
+        return [
+            {"shape": f"{w}x{d}", "steps": n}
+            for (w, d), n in sorted(self.chosen.items(), key=lambda kv: -kv[1])
+        ]
+
+
 ADAPTIVE_MODES = ("auto", "on", "off")
 #: repeats of a cost model measured at load (``redrafter-bench --calibrate`` takes more)
 LOAD_REPEATS = 3

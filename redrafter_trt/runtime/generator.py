@@ -82,7 +82,9 @@ class Generator:
         self.last_stats = GenerationStats()
         self.last_results: list[GenerationResult] = []
         self._sched: Scheduler | None = None
-        self.policy = None  # adaptive speculation (runtime/adaptive.py), handed to the scheduler
+        self.policy: Any = (
+            None  # adaptive speculation (runtime/adaptive.py), handed to the scheduler
+        )
         self.policy_note = (
             "adaptive speculation off"  # why policy is (not) set; see runtime.loader.load
         )
@@ -283,17 +285,6 @@ class Generator:
             for r in reqs
         ]
         stats.step_timings = {k: v - timings_before.get(k, 0.0) for k, v in be.timings.items()}
-
-
-def check_backend_limits(backend: C.Backend) -> None:
-    limits = {
-        "max_batch_size": backend.max_batch_size,
-        "max_input_len": backend.max_input_len,
-        "max_seq_len": backend.max_seq_len,
-    }
-    for name, v in limits.items():
-        if not (isinstance(v, int) and v >= 1):
-            raise RedrafterError(f"engine {name} must be a positive integer, got {v!r}")
 
 
 #: ``Generator.generate``'s keyword defaults (all but ``prompts``), which ``generate_stream`` shares

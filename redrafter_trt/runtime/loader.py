@@ -18,6 +18,7 @@ from ..checkpoint import (
     load_checkpoint_models,
     require_model_dir,
 )
+from ..contract import Backend
 from ..errors import RedrafterError, require
 from ..models.io import read_json
 from ..ops.beam_search import DEFAULT_WARP_K
@@ -132,7 +133,7 @@ def load(
             "(its cost model times one process); use --adaptive off",
         )
         adaptive = "off"
-        backend = start_torch_tp(
+        backend: Backend = start_torch_tp(
             engine_dir,
             ckpt_cfg,
             bc,

@@ -463,7 +463,7 @@ class Scheduler:
         req: Request,
         reason: str | None,
         events: list[Event],
-        added: list[int] = (),
+        added: Sequence[int] = (),
         error: str | None = None,
     ) -> None:
         """Close ``req`` (reason set already when None), free its slot, emit its last event."""
@@ -501,7 +501,7 @@ class Scheduler:
         t0 = time.perf_counter()
         ctx_rows = list(chunks)
         gen_rows = [r for r in self._live.values() if r.carried is not None]
-        ctx_calls, calls, accepted, d_used = 0, 0, [], 0
+        ctx_calls, calls, accepted, d_used = 0, 0, list[int](), 0
         if ctx_rows or gen_rows:
             t_ctx = max(chunks.values(), default=0)
             n = self.shape.tree_size
@@ -623,7 +623,7 @@ class Scheduler:
         be, shape = self.backend, self.shape
         w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
         b = len(rows)
-        i32 = dict(dtype=torch.int32)
+        i32: dict[str, Any] = dict(dtype=torch.int32)
         ctx = [r.carried is None for r in rows]
         t = max([chunks[r] for r, c in zip(rows, ctx) if c] + ([n] if not all(ctx) else []))
         words = mask_words(t)
@@ -706,10 +706,11 @@ class Scheduler:
                         continue
                 added = self._append(r, emitted[j][: counts[j]])
                 if r.params.logprobs is not None:
-                    k = r.params.logprobs
+                    n_top = r.params.logprobs
                     r.logprobs.extend(lps[j][: len(added)])
                     r.top_logprobs.extend(
-                        list(zip(top_ids[j][i][:k], top_lps[j][i][:k])) for i in range(len(added))
+                        list(zip(top_ids[j][i][:n_top], top_lps[j][i][:n_top]))
+                        for i in range(len(added))
                     )
                 if c:
                     r.t_first = now
@@ -766,3 +767,15 @@ class Scheduler:
                 self._lock.notify_all()
             self._thread.join()
         self._thread = None
+
+    # ------------------------------------------------------------------ state for callers
+    @property
+    def running(self) -> bool:
+        """True while the background loop of :meth:`start` runs (until :meth:`shutdown`)."""
+        return self._thread is not None
+
+    @property
+    def free_slots(self) -> int:
+        """KV slots that no request holds."""
+        with self._lock:
+            return len(self._free)

@@ -1,5 +1,5 @@
-"""``redrafter-serve``: an OpenAI-compatible HTTP server over the in-flight scheduler."""
+"""``redrafter-serve``: an OpenAI-compatible HTTP server over the in-flight scheduler.
 
-from .app import ServeState, create_app
-
-__all__ = ["ServeState", "create_app"]
+:mod:`.app` holds the routes (it needs the 'serve' extra: fastapi, uvicorn, prometheus-client),
+:mod:`.state` loads an engine for them, :mod:`.schema` and :mod:`.metrics` the request schema and
+the Prometheus metrics."""

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._version import __version__
 from ..errors import RedrafterError
 from ..runtime.scheduler import Event, QueueFull, SamplingParams, Scheduler, SchedulerClosed
+from ..runtime.scheduler import Request as QueuedRequest
 from .metrics import ServeMetrics
 from .schema import (
     REQUESTS,
@@ -361,10 +362,12 @@ def openai_finish(reason: str | None) -> str:
 
 
 def create_app(state: ServeState) -> FastAPI:
+    """The app over ``state``'s scheduler: it starts the scheduler's loop (unless it runs
+    already) and, at shutdown, cancels what is still running."""
 
     @asynccontextmanager
     async def lifespan(app):
-        if state.scheduler._thread is None:
+        if not state.scheduler.running:
             state.scheduler.start()
         yield
         state.closing = True
@@ -372,272 +375,16 @@ def create_app(state: ServeState) -> FastAPI:
         await asyncio.to_thread(state.scheduler.shutdown, True, 30.0)
 
     app = FastAPI(title="redrafter-serve", version=__version__, lifespan=lifespan)
-
-    def openapi() -> dict:
-        """The generated document plus the request and response bodies of the two endpoints
-        (the routes read their body themselves, so FastAPI cannot see them)."""
-        if app.openapi_schema:
-            return app.openapi_schema
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        schemas.update(openapi_components())
-        for name in (REQUESTS["completion"].__name__, REQUESTS["chat"].__name__):
-            schemas[name]["properties"]["model"]["enum"] = [state.model_name]  # the one served
-
-        def ref(name: str) -> dict:
-            return {"$ref": f"#/components/schemas/{name}"}
-
-        error = {"content": {"application/json": {"schema": ref(ErrorResponse.__name__)}}}
-        for path, kind in (("/v1/completions", "completion"), ("/v1/chat/completions", "chat")):
-            op = doc["paths"][path]["post"]
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": ref(REQUESTS[kind].__name__)}},
-            }
-            op["responses"] = {
-                "200": {
-                    "description": "the completion; with stream: true, server-sent events of "
-                    "chunks ending with data: [DONE]",
-                    "content": {
-                        "application/json": {"schema": ref(RESPONSES[kind].__name__)},
-                        "text/event-stream": {
-                            "schema": {
-                                "description": "an event: data holds a chunk object as JSON, "
-                                "or [DONE]",
-                                "type": "object",
-                                "properties": {"data": {"type": "string"}},
-                                "required": ["data"],
-                            }
-                        },
-                    },
-                },
-                "400": {"description": "invalid or unsupported request", **error},
-                "429": {"description": "the queue is full (Retry-After)", **error},
-                "503": {"description": "shutting down", **error},
-            }
-        app.openapi_schema = doc
-        return doc
-
-    app.openapi = openapi
-
-    def error_response(e: ApiError) -> JSONResponse:
-        state.metrics.requests.labels(outcome=str(e.status)).inc()
-        return JSONResponse(
-            {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}},
-            status_code=e.status,
-            headers=e.headers,
-        )
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        # unknown paths (404), wrong methods (405): the OpenAI error object too
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(
-            ApiError(exc.status_code, str(exc.detail), None, kind, dict(exc.headers or {}))
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc):
-        return error_response(_bad(f"invalid request: {exc.errors()[:1]}"))
-
-    async def read_body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON ({e})") from None
-
-    def submit(ids, params, on_event):
-        try:
-            return state.scheduler.submit(ids, params, on_event=on_event)
-        except QueueFull as e:
-            raise ApiError(429, str(e), None, "rate_limit_exceeded", {"Retry-After": "1"}) from None
-        except SchedulerClosed as e:
-            raise ApiError(503, str(e), None, "server_unavailable", {"Retry-After": "5"}) from None
-        except RedrafterError as e:
-            raise _bad(str(e)) from None
-
-    async def generate(request: Request, kind: str):
-        if state.closing:
-            raise ApiError(
-                503, "the server is shutting down", None, "server_unavailable", {"Retry-After": "5"}
-            )
-        body = await read_body(request)
-        ids, params, stream, include_usage = parse_request(state, body, kind)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        req = submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + secrets.token_hex(12)
-        created = int(time.time())
-        obj = "text_completion" if kind == "completion" else "chat.completion"
-
-        def usage():
-            return {
-                "prompt_tokens": len(req.prompt),
-                "completion_tokens": len(req.tokens),
-                "total_tokens": len(req.prompt) + len(req.tokens),
-            }
-
-        def extra():
-            return {
-                "tokens_per_step": round(req.tokens_per_step, 4),
-                "accepted_per_step": req.accepted,
-            }
-
-        lp_sent = 0  # tokens whose log-probabilities a stream chunk carried already
-
-        def logprobs(upto: int | None = None):
-            """The log-probabilities of the tokens after ``lp_sent`` (up to ``upto``), in the
-            endpoint's format; None when the request did not ask for them."""
-            nonlocal lp_sent
-            if params.logprobs is None:
-                return None
-            end = len(req.tokens) if upto is None else upto
-            toks, lps = req.tokens[lp_sent:end], req.logprobs[lp_sent:end]
-            tops = req.top_logprobs[lp_sent:end]
-            lp_sent = end
-            return format_logprobs(state.tokenizer, kind, toks, lps, tops)
-
-        def choice(text: str, finish: str | None, delta: bool, lp=None):
-            if kind == "completion":
-                return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-            key = "delta" if delta else "message"
-            msg = (
-                {"role": "assistant", "content": text}
-                if not delta
-                else ({"content": text} if text else {})
-            )
-            return {"index": 0, key: msg, "logprobs": lp, "finish_reason": finish}
-
-        if not stream:
-            try:
-                while not req.done.is_set():
-                    try:
-                        await asyncio.wait_for(queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            state.scheduler.cancel(req)
-                            state.metrics.requests.labels(outcome="cancelled").inc()
-                            return Response(status_code=499)
-            except asyncio.CancelledError:
-                state.scheduler.cancel(req)
-                raise
-            if req.finish_reason == "error":
-                state.metrics.requests.labels(outcome="500").inc()
-                return JSONResponse(
-                    {
-                        "error": {
-                            "message": req.error,
-                            "type": "server_error",
-                            "param": None,
-                            "code": 500,
-                        }
-                    },
-                    status_code=500,
-                )
-            state.metrics.finished(req)
-            text = final_text(req.text, params.stop, req.finish_reason)
-            return JSONResponse(
-                {
-                    "id": rid,
-                    "object": obj,
-                    "created": created,
-                    "model": state.model_name,
-                    "choices": [choice(text, openai_finish(req.finish_reason), False, logprobs())],
-                    "usage": usage(),
-                    "redrafter": extra(),
-                },
-                headers={"x-redrafter-tokens-per-step": f"{req.tokens_per_step:.4f}"},
-            )
-
-        chunk_obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-        hold = StopHoldback(params.stop)
-
-        def chunk(text, finish, last=False, lp=None):
-            c = {
-                "id": rid,
-                "object": chunk_obj,
-                "created": created,
-                "model": state.model_name,
-                "choices": [choice(text, finish, True, lp)],
-            }
-            if last:
-                if include_usage:
-                    c["usage"] = usage()
-                c["redrafter"] = extra()
-            return "data: " + json.dumps(c) + "\n\n"
-
-        async def events():
-            try:
-                if kind == "chat":
-                    yield (
-                        "data: "
-                        + json.dumps(
-                            {
-                                "id": rid,
-                                "object": chunk_obj,
-                                "created": created,
-                                "model": state.model_name,
-                                "choices": [
-                                    {
-                                        "index": 0,
-                                        "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ],
-                            }
-                        )
-                        + "\n\n"
-                    )
-                while True:
-                    ev = await queue.get()
-                    if ev.finished:
-                        if ev.finish_reason == "error":
-                            yield (
-                                "data: "
-                                + json.dumps(
-                                    {
-                                        "error": {
-                                            "message": req.error,
-                                            "type": "server_error",
-                                            "code": 500,
-                                        }
-                                    }
-                                )
-                                + "\n\n"
-                            )
-                            state.metrics.requests.labels(outcome="500").inc()
-                            return
-                        text = hold.finish(ev.text or "", ev.finish_reason)
-                        state.metrics.finished(req)
-                        yield chunk(text, openai_finish(ev.finish_reason), True, logprobs())
-                        yield "data: [DONE]\n\n"
-                        return
-                    text = hold.push(ev.text or "")
-                    lp = logprobs(lp_sent + len(ev.token_ids)) if ev.token_ids else None
-                    if text or lp:
-                        yield chunk(text, None, lp=lp)
-            finally:
-                if not req.finished:  # the client went away mid-stream: free its slot now
-                    state.scheduler.cancel(req)
-                    state.metrics.requests.labels(outcome="cancelled").inc()
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+    app.openapi = lambda: openapi_document(app, state)  # type: ignore[method-assign]
+    add_error_handlers(app, state)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(request, "completion")
+        return await generate(state, request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await generate(request, "chat")
+        return await generate(state, request, "chat")
 
     @app.get("/v1/models")
     async def models():
@@ -664,3 +411,285 @@ def create_app(state: ServeState) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def openapi_document(app: FastAPI, state: ServeState) -> dict:
+    """The generated document plus the request and response bodies of the two endpoints
+    (the routes read their body themselves, so FastAPI cannot see them); built once."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(openapi_components())
+    for name in (REQUESTS["completion"].__name__, REQUESTS["chat"].__name__):
+        schemas[name]["properties"]["model"]["enum"] = [state.model_name]  # the one served
+
+    def ref(name: str) -> dict:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    error = {"content": {"application/json": {"schema": ref(ErrorResponse.__name__)}}}
+    for path, kind in (("/v1/completions", "completion"), ("/v1/chat/completions", "chat")):
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref(REQUESTS[kind].__name__)}},
+        }
+        op["responses"] = {
+            "200": {
+                "description": "the completion; with stream: true, server-sent events of "
+                "chunks ending with data: [DONE]",
+                "content": {
+                    "application/json": {"schema": ref(RESPONSES[kind].__name__)},
+                    "text/event-stream": {
+                        "schema": {
+                            "description": "an event: data holds a chunk object as JSON, or [DONE]",
+                            "type": "object",
+                            "properties": {"data": {"type": "string"}},
+                            "required": ["data"],
+                        }
+                    },
+                },
+            },
+            "400": {"description": "invalid or unsupported request", **error},
+            "429": {"description": "the queue is full (Retry-After)", **error},
+            "503": {"description": "shutting down", **error},
+        }
+    app.openapi_schema = doc
+    return doc
+
+
+def add_error_handlers(app: FastAPI, state: ServeState) -> None:
+    """Every error answers the OpenAI error object and is counted by its status."""
+
+    def error_response(e: ApiError) -> JSONResponse:
+        state.metrics.requests.labels(outcome=str(e.status)).inc()
+        return JSONResponse(
+            {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}},
+            status_code=e.status,
+            headers=e.headers,
+        )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        # unknown paths (404), wrong methods (405): the OpenAI error object too
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(
+            ApiError(exc.status_code, str(exc.detail), None, kind, dict(exc.headers or {}))
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        return error_response(_bad(f"invalid request: {exc.errors()[:1]}"))
+
+
+async def read_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad(f"the request body is not valid JSON ({e})") from None
+
+
+def submit(state: ServeState, ids, params: SamplingParams, on_event) -> QueuedRequest:
+    """Queue the request; a full queue is HTTP 429, a closing scheduler 503, bad input 400."""
+    try:
+        return state.scheduler.submit(ids, params, on_event=on_event)
+    except QueueFull as e:
+        raise ApiError(429, str(e), None, "rate_limit_exceeded", {"Retry-After": "1"}) from None
+    except SchedulerClosed as e:
+        raise ApiError(503, str(e), None, "server_unavailable", {"Retry-After": "5"}) from None
+    except RedrafterError as e:
+        raise _bad(str(e)) from None
+
+
+async def generate(state: ServeState, request: Request, kind: str) -> Response:
+    """``POST /v1/completions`` (``kind`` completion) and ``/v1/chat/completions`` (chat): the
+    request is validated, queued, and answered whole or as a stream of server-sent events."""
+    if state.closing:
+        raise ApiError(
+            503, "the server is shutting down", None, "server_unavailable", {"Retry-After": "5"}
+        )
+    body = await read_body(request)
+    ids, params, stream, include_usage = parse_request(state, body, kind)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    req = submit(state, ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+    out = Completion(state, req, params, kind, include_usage)
+    if not stream:
+        return await whole_response(request, queue, out)
+    return StreamingResponse(
+        stream_events(queue, out),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+class Completion:
+    """One queued request's answer in its endpoint's format (``kind``: completion or chat): the
+    parts of the whole body and of the stream's chunks."""
+
+    def __init__(
+        self,
+        state: ServeState,
+        req: QueuedRequest,
+        params: SamplingParams,
+        kind: str,
+        include_usage: bool,
+    ):
+        self.state, self.req, self.params, self.kind = state, req, params, kind
+        self.include_usage = include_usage
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.object = "text_completion" if kind == "completion" else "chat.completion"
+        self.chunk_object = "text_completion" if kind == "completion" else "chat.completion.chunk"
+        self.lp_sent = 0  # tokens whose log-probabilities a stream chunk carried already
+
+    def usage(self) -> dict:
+        req = self.req
+        return {
+            "prompt_tokens": len(req.prompt),
+            "completion_tokens": len(req.tokens),
+            "total_tokens": len(req.prompt) + len(req.tokens),
+        }
+
+    def extra(self) -> dict:
+        return {
+            "tokens_per_step": round(self.req.tokens_per_step, 4),
+            "accepted_per_step": self.req.accepted,
+        }
+
+    def logprobs(self, upto: int | None = None) -> dict | None:
+        """The log-probabilities of the tokens after ``lp_sent`` (up to ``upto``), in the
+        endpoint's format; None when the request did not ask for them."""
+        if self.params.logprobs is None:
+            return None
+        req = self.req
+        end = len(req.tokens) if upto is None else upto
+        toks, lps = req.tokens[self.lp_sent : end], req.logprobs[self.lp_sent : end]
+        tops = req.top_logprobs[self.lp_sent : end]
+        self.lp_sent = end
+        return format_logprobs(self.state.tokenizer, self.kind, toks, lps, tops)
+
+    def choice(self, text: str, finish: str | None, delta: bool, lp=None) -> dict:
+        if self.kind == "completion":
+            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        msg = (
+            {"role": "assistant", "content": text}
+            if not delta
+            else ({"content": text} if text else {})
+        )
+        return {"index": 0, key: msg, "logprobs": lp, "finish_reason": finish}
+
+    def body(self) -> dict:
+        """The whole (non-streamed) answer of the finished request."""
+        req = self.req
+        text = final_text(req.text, self.params.stop, req.finish_reason)
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": [
+                self.choice(text, openai_finish(req.finish_reason), False, self.logprobs())
+            ],
+            "usage": self.usage(),
+            "redrafter": self.extra(),
+        }
+
+    def chunk(self, text: str, finish: str | None, last: bool = False, lp=None) -> str:
+        """One server-sent event of the stream; the last carries usage and the statistics."""
+        c = {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": [self.choice(text, finish, True, lp)],
+        }
+        if last:
+            if self.include_usage:
+                c["usage"] = self.usage()
+            c["redrafter"] = self.extra()
+        return "data: " + json.dumps(c) + "\n\n"
+
+    def role_chunk(self) -> str:
+        """A chat stream's first event: the assistant role, no text yet."""
+        c = {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+        return "data: " + json.dumps(c) + "\n\n"
+
+
+async def whole_response(request: Request, queue: asyncio.Queue, out: Completion) -> Response:
+    """Wait for the request to finish (cancelling it when the client goes away) and answer it
+    whole."""
+    state, req = out.state, out.req
+    try:
+        while not req.done.is_set():
+            try:
+                await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    state.scheduler.cancel(req)
+                    state.metrics.requests.labels(outcome="cancelled").inc()
+                    return Response(status_code=499)
+    except asyncio.CancelledError:
+        state.scheduler.cancel(req)
+        raise
+    if req.finish_reason == "error":
+        state.metrics.requests.labels(outcome="500").inc()
+        return JSONResponse(
+            {"error": {"message": req.error, "type": "server_error", "param": None, "code": 500}},
+            status_code=500,
+        )
+    state.metrics.finished(req)
+    return JSONResponse(
+        out.body(), headers={"x-redrafter-tokens-per-step": f"{req.tokens_per_step:.4f}"}
+    )
+
+
+async def stream_events(queue: asyncio.Queue, out: Completion):
+    """The stream's server-sent events as the scheduler's events arrive: text held back until it
+    cannot be part of a stop string, the last chunk, then ``[DONE]``. A client that goes away
+    mid-stream cancels the request, freeing its slot."""
+    state, req = out.state, out.req
+    hold = StopHoldback(out.params.stop)
+    try:
+        if out.kind == "chat":
+            yield out.role_chunk()
+        while True:
+            ev = await queue.get()
+            if ev.finished:
+                if ev.finish_reason == "error":
+                    error = {"message": req.error, "type": "server_error", "code": 500}
+                    yield "data: " + json.dumps({"error": error}) + "\n\n"
+                    state.metrics.requests.labels(outcome="500").inc()
+                    return
+                text = hold.finish(ev.text or "", ev.finish_reason)
+                state.metrics.finished(req)
+                yield out.chunk(text, openai_finish(ev.finish_reason), True, out.logprobs())
+                yield "data: [DONE]\n\n"
+                return
+            text = hold.push(ev.text or "")
+            lp = out.logprobs(out.lp_sent + len(ev.token_ids)) if ev.token_ids else None
+            if text or lp:
+                yield out.chunk(text, None, lp=lp)
+    finally:
+        if not req.finished:  # the client went away mid-stream: free its slot now
+            state.scheduler.cancel(req)
+            state.metrics.requests.labels(outcome="cancelled").inc()

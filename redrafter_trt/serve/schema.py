@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 STRICT = ConfigDict(extra="forbid", strict=True)
 #: seeds are 64-bit, as the sampling uniforms' key
-INT64 = dict(ge=-(2**63), le=2**63 - 1)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: a token id or a top-k value fits in int32 (the step's tensors)
 INT32 = 2**31 - 1
 
@@ -57,7 +57,7 @@ class CommonRequest(BaseModel):
     top_k: int | None = Field(
         None, ge=-1, le=INT32, description="extension: top-k filter, 0 or -1 = off"
     )
-    seed: int | None = Field(None, **INT64)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Stop | None = Field(None, description="up to 4 strings, excluded from the text")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -182,8 +182,14 @@ class ErrorResponse(OpenModel):
     error: ErrorObject
 
 
-REQUESTS = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
-RESPONSES = {"completion": CompletionResponse, "chat": ChatCompletionResponse}
+REQUESTS: dict[str, type[BaseModel]] = {
+    "completion": CompletionRequest,
+    "chat": ChatCompletionRequest,
+}
+RESPONSES: dict[str, type[BaseModel]] = {
+    "completion": CompletionResponse,
+    "chat": ChatCompletionResponse,
+}
 
 
 PROMPT_SHAPES = (
@@ -221,7 +227,7 @@ def validate_body(body: dict, kind: str) -> tuple[str, str | None] | None:
         path = _path(err["loc"]) or "body"
         field = path.split("[")[0].split(".")[0]
         if field == "prompt":  # a union of three shapes: say all three
-            err = {"msg": PROMPT_SHAPES, "input": body.get("prompt")}
+            err = {"msg": PROMPT_SHAPES, "input": body.get("prompt")}  # type: ignore[typeddict-item]
             path = field
         got = json.dumps(err.get("input"), default=str)
         got = got if len(got) <= 80 else got[:77] + "..."
@@ -233,8 +239,9 @@ def openapi_components() -> dict[str, Any]:
     """JSON schemas of every request and response model, for ``components.schemas``."""
     from pydantic.json_schema import models_json_schema
 
-    models = [(m, "validation") for m in REQUESTS.values()] + [
-        (m, "serialization") for m in (*RESPONSES.values(), ErrorResponse)
-    ]
+    Mode = Literal["validation", "serialization"]
+    models: list[tuple[type[BaseModel], Mode]] = [(m, "validation") for m in REQUESTS.values()]
+    responses: list[type[BaseModel]] = [*RESPONSES.values(), ErrorResponse]
+    models += [(m, "serialization") for m in responses]
     _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
     return top.get("$defs", {})

@@ -105,7 +105,8 @@ def length_buckets(lengths: Sequence[int], max_batch_tokens: int) -> list[list[i
     ``len(batch) * longest`` stays within ``max_batch_tokens`` (a lone longer example is its own
     batch)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches, cur = [], []
+    batches: list[list[int]] = []
+    cur: list[int] = []
     for i in order:
         if cur and (len(cur) + 1) * lengths[i] > max_batch_tokens:
             batches.append(cur)

@@ -60,7 +60,12 @@ def read_prompt_sources(
         require(got, f"--prompts {src}: no prompts found")
         if dedupe:
             seen = set(prompts)
-            got = [p for p in got if not (p in seen or seen.add(p))]
+            fresh = []
+            for p in got:
+                if p not in seen:
+                    seen.add(p)
+                    fresh.append(p)
+            got = fresh
         prompts.extend(got[:limit_per_source] if limit_per_source else got)
     return prompts
 

@@ -184,7 +184,8 @@ def generate_prompts(
                 seed=seed + done,
                 speculative=False,
             )
-            new, finished_batch = [], True
+            new: list[dict] = []
+            finished_batch = True
             for r in results:
                 if len(kept) + len(new) == num_prompts:
                     # the batch is cut here and stays unfinished: a longer run resumes it

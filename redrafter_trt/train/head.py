@@ -94,9 +94,9 @@ def make_drafter(
             if draft_vocab is not None:
                 rows = rows[draft_vocab.to(rows.device, torch.int64)]
             with torch.no_grad():
-                d.lm_head[-1].weight.copy_(rows)
+                d.projection.weight.copy_(rows)
                 proj = d.input_proj.weight  # [H, 2H]
                 proj[:, :hidden_size] += torch.eye(hidden_size)
     if cfg.freeze_lm_head:
-        d.lm_head[-1].weight.requires_grad_(False)
+        d.projection.weight.requires_grad_(False)
     return d

@@ -209,6 +209,18 @@ class _Budget:
             )
         return total
 
+    def spent(self, step: int, total: int, elapsed: float, log: Callable[[str], None]) -> bool:
+        """True when the budget is spent, ``elapsed`` seconds into the run (resumed runs
+        included), before the fixed step count: the steps ran slower than the measured ones and
+        the run stops at ``step``."""
+        if not (self.seconds and self.fixed and step < total and elapsed > self.seconds):
+            return False
+        log(
+            f"\n[train] time budget {self.seconds:.0f} s spent at step {step} (estimated "
+            f"{total}: the steps ran slower than the measured ones); stopping at step {step}"
+        )
+        return True
+
 
 def _start_log(
     cfg: TrainConfig,
@@ -240,6 +252,154 @@ def _start_log(
     )
 
 
+def _log_entry(step: int, stats: StepStats, lr: float, gnorm, bar) -> dict[str, Any]:
+    """The history entry of a log step (shown on the progress bar too); restarts the per-depth
+    accuracy counts."""
+    acc = (stats.correct / stats.valid.clamp(min=1)).tolist()
+    bar.set_postfix(
+        loss=f"{stats.loss_ema:.3f}", acc="/".join(f"{a:.2f}" for a in acc), lr=f"{lr:.1e}"
+    )
+    stats.correct.zero_()
+    stats.valid.zero_()
+    return {
+        "step": step,
+        "loss": stats.loss_ema,
+        "top1_accuracy_per_depth": acc,
+        "grad_norm": float(gnorm),
+        "lr": lr,
+    }
+
+
+def _eval_line(ev: dict[str, Any]) -> str:
+    return (
+        f"held-out acc {format_per_depth(ev['top1_accuracy_per_depth'])}, "
+        f"greedy chain tokens/step {ev['greedy_chain_tokens_per_step']:.2f}"
+    )
+
+
+def _data_stats(feats: Features, train_pos: torch.Tensor, eval_pos: torch.Tensor) -> dict:
+    return {
+        "sequences": feats.num_sequences,
+        "tokens": feats.num_tokens,
+        "train_positions": int(len(train_pos)),
+        "eval_positions": int(len(eval_pos)),
+        "eval_sequences": int(feats.seq_end[eval_pos].unique().numel()) if len(eval_pos) else 0,
+    }
+
+
+def _throughput(stats: StepStats, world: int, train_secs: float) -> dict:
+    return {
+        "positions_per_s": stats.positions * world / max(train_secs, 1e-9),
+        "draft_predictions_per_s": stats.predictions * world / max(train_secs, 1e-9),
+        "note": "a position is one context token t trained on all D draft steps; "
+        "a draft prediction is one (t, depth) target",
+    }
+
+
+def _optimised(cfg: TrainConfig, drafter: Drafter, dev: torch.device, world: int):
+    """The unrolled head to step (wrapped for data parallelism over ``world`` ranks), its
+    trainable parameters and their AdamW optimiser."""
+    model: torch.nn.Module = UnrolledHead(drafter)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return model, params, opt
+
+
+def _report(
+    cfg: TrainConfig,
+    *,
+    model_dir: Path,
+    data,
+    drafter: Drafter,
+    n_params: int,
+    precision: str,
+    dev: torch.device,
+    world: int,
+    positions: tuple[torch.Tensor, torch.Tensor],
+    steps: tuple[int, int, bool],
+    resume_file: Path | None,
+    seconds: tuple[float, float, float],
+    stats: StepStats,
+    final_eval: dict | None,
+    history: list,
+) -> dict[str, Any]:
+    """``training_report.json``: the run's settings, data, steps (done, planned, stopped by the
+    time budget), times (this run's training, earlier runs', the start), throughput, memory and
+    held-out evaluation."""
+    feats = data.feats
+    (train_pos, eval_pos), (step, total, stopped_early) = positions, steps
+    train_secs, prior_elapsed, t_start = seconds
+    return {
+        "model_dir": str(model_dir),
+        "data": data.sources,
+        "settings": asdict(cfg),
+        "drafter_config": drafter.config.to_dict(),
+        "trainable_parameters": n_params,
+        "base_frozen": True,
+        "precision": precision,
+        "device": str(dev),
+        "world_size": world,
+        "data_stats": _data_stats(feats, train_pos, eval_pos),
+        "features": {
+            "cache": [str(p) for p in data.paths],
+            "seconds": data.seconds,
+            "tokens_per_s": feats.num_tokens / data.seconds if data.seconds else None,
+        },
+        "steps": step,
+        "total_steps": total,
+        "stopped_by_time_budget": stopped_early,
+        "resumed_from": str(resume_file) if resume_file else None,
+        "train_seconds_this_run": train_secs,
+        "train_seconds_total": prior_elapsed + train_secs,
+        "throughput": _throughput(stats, world, train_secs),
+        "peak_memory": peak_memory_mb(dev),
+        "eval": final_eval,
+        "history": history,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _base_data_and_head(cfg: TrainConfig, dev: torch.device, world: int, is_main: bool, log):
+    """The frozen base on ``dev``, the training data with its base features, and the new (or
+    ``--init_from``) head; rank 0 computes the features the other ranks then read."""
+    model_dir = resolve_base_model_dir(cfg.model_dir)
+    base = load_frozen_base(model_dir, dev)
+    bc = base.config
+    data = _features(cfg, base, model_dir, world, is_main, log)
+    draft_vocab = _draft_vocab(cfg, data, base, model_dir, log)
+    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight, draft_vocab)
+    if world > 1 and is_main:
+        torch.distributed.barrier()
+    return model_dir, base, data, drafter.to(dev)
+
+
+def _final_log(log, out: Path, report: dict[str, Any], final_eval: dict | None) -> None:
+    if final_eval:
+        log(
+            f"[train] held-out top-1 per depth {format_per_depth(final_eval['top1_accuracy_per_depth'])}; greedy "
+            f"chain tokens/step {final_eval['greedy_chain_tokens_per_step']:.2f}"
+        )
+    stopped = ", stopped by the time budget" if report["stopped_by_time_budget"] else ""
+    log(
+        f"[train] wrote {out} ({report['steps']} steps{stopped}, "
+        f"{report['train_seconds_this_run']:.0f} s, "
+        f"{report['throughput']['positions_per_s']:.0f} positions/s, peak RSS "
+        f"{report['peak_memory']['host_max_rss_mb']:.0f} MB)"
+    )
+
+
+def _progress_bar(total: int, step: int, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=step, unit="step", desc="train", file=sys.stderr, disable=not show
+    )
+
+
 def train_drafter(
     cfg: TrainConfig,
     log: Callable[[str], None] | None = None,
@@ -263,17 +423,8 @@ def train_drafter(
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
 
-    model_dir = resolve_base_model_dir(cfg.model_dir)
-    base = load_frozen_base(model_dir, dev)
-    bc = base.config
-    data = _features(cfg, base, model_dir, world, is_main, log)
+    model_dir, base, data, drafter = _base_data_and_head(cfg, dev, world, is_main, log)
     feats = data.feats
-    draft_vocab = _draft_vocab(cfg, data, base, model_dir, log)
-    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight, draft_vocab).to(
-        dev
-    )
-    if world > 1 and is_main:
-        torch.distributed.barrier()
     train_pos, eval_pos = train_and_eval_positions(feats, cfg)
     sampler = PositionSampler(train_pos, cfg.batch_size, cfg.seed, rank, world)
     steps_per_epoch = max(1, sampler.per_epoch // cfg.grad_accum)
@@ -281,16 +432,11 @@ def train_drafter(
     budget = _Budget(cfg.time_budget_s, planned=total, fixed=cfg.time_budget_s is None)
 
     autocast, use_scaler, precision = precision_context(cfg, dev)
-    model = UnrolledHead(drafter)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model, params, opt = _optimised(cfg, drafter, dev, world)
     scaler = torch.amp.GradScaler(dev.type) if use_scaler else None
 
-    step, history, prior_elapsed = 0, [], 0.0
+    step, prior_elapsed = 0, 0.0
+    history: list[dict[str, Any]] = []
     if st is not None:
         step, total, history, prior_elapsed = restore(
             st, resume_file, cfg, data.key, drafter, opt, sampler, log
@@ -302,31 +448,13 @@ def train_drafter(
     proj = FrozenProjection.of(drafter, base, cfg, mm_dtype) if cfg.freeze_lm_head else None
     n_params = sum(p.numel() for p in params)
     if is_main:
+        split = (len(train_pos), len(eval_pos))
         log(
             _start_log(
-                cfg,
-                base,
-                drafter,
-                n_params,
-                feats,
-                len(train_pos),
-                len(eval_pos),
-                total,
-                budget.fixed,
-                precision,
-                dev,
+                cfg, base, drafter, n_params, feats, *split, total, budget.fixed, precision, dev
             )
         )
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=step,
-        unit="step",
-        desc="train",
-        file=sys.stderr,
-        disable=not (cfg.progress and is_main),
-    )
+    bar = _progress_bar(total, step, cfg.progress and is_main)
     model.train()
     stats = StepStats.zeros(cfg.draft_len)
     t_loop = time.perf_counter()
@@ -351,38 +479,13 @@ def train_drafter(
         if not budget.fixed:
             total = budget.update(step, total, time.perf_counter() - t_loop, cfg.warmup_steps, log)
             bar.total = total
-        if (
-            cfg.time_budget_s
-            and budget.fixed
-            and step < total
-            and prior_elapsed + time.perf_counter() - t_loop > cfg.time_budget_s
-        ):
-            log(
-                f"\n[train] time budget {cfg.time_budget_s:.0f} s spent at step {step} (estimated "
-                f"{total}: the steps ran slower than the measured ones); stopping at step {step}"
-            )
+        if budget.spent(step, total, prior_elapsed + time.perf_counter() - t_loop, log):
             stopped_early = True
             total = step
             bar.total = total
         bar.update(1)
         if step % max(1, cfg.log_every) == 0 or step == total:
-            acc = (stats.correct / stats.valid.clamp(min=1)).tolist()
-            bar.set_postfix(
-                loss=f"{stats.loss_ema:.3f}",
-                acc="/".join(f"{a:.2f}" for a in acc),
-                lr=f"{opt.param_groups[0]['lr']:.1e}",
-            )
-            history.append(
-                {
-                    "step": step,
-                    "loss": stats.loss_ema,
-                    "top1_accuracy_per_depth": acc,
-                    "grad_norm": float(gnorm),
-                    "lr": opt.param_groups[0]["lr"],
-                }
-            )
-            stats.correct.zero_()
-            stats.valid.zero_()
+            history.append(_log_entry(step, stats, opt.param_groups[0]["lr"], gnorm, bar))
         if on_step is not None:
             on_step(step)
         if (
@@ -394,10 +497,7 @@ def train_drafter(
         ):
             last_eval = evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast)
             history.append({"step": step, "eval": last_eval})
-            log(
-                f"\n[train] step {step}: held-out acc {format_per_depth(last_eval['top1_accuracy_per_depth'])}, "
-                f"greedy chain tokens/step {last_eval['greedy_chain_tokens_per_step']:.2f}"
-            )
+            log(f"\n[train] step {step}: {_eval_line(last_eval)}")
         if is_main and cfg.save_every and step % cfg.save_every == 0 and step < total:
             save_checkpoint(
                 ckpt_dir,
@@ -420,62 +520,30 @@ def train_drafter(
     final_eval = (
         evaluate(drafter, base, feats, eval_pos, cfg, dev, autocast) if len(eval_pos) else None
     )
-    report = {
-        "model_dir": str(model_dir),
-        "data": data.sources,
-        "settings": asdict(cfg),
-        "drafter_config": drafter.config.to_dict(),
-        "trainable_parameters": n_params,
-        "base_frozen": True,
-        "precision": precision,
-        "device": str(dev),
-        "world_size": world,
-        "data_stats": {
-            "sequences": feats.num_sequences,
-            "tokens": feats.num_tokens,
-            "train_positions": int(len(train_pos)),
-            "eval_positions": int(len(eval_pos)),
-            "eval_sequences": int(feats.seq_end[eval_pos].unique().numel()) if len(eval_pos) else 0,
-        },
-        "features": {
-            "cache": [str(p) for p in data.paths],
-            "seconds": data.seconds,
-            "tokens_per_s": feats.num_tokens / data.seconds if data.seconds else None,
-        },
-        "steps": step,
-        "total_steps": total,
-        "stopped_by_time_budget": stopped_early,
-        "resumed_from": str(resume_file) if resume_file else None,
-        "train_seconds_this_run": train_secs,
-        "train_seconds_total": prior_elapsed + train_secs,
-        "throughput": {
-            "positions_per_s": stats.positions * world / max(train_secs, 1e-9),
-            "draft_predictions_per_s": stats.predictions * world / max(train_secs, 1e-9),
-            "note": "a position is one context token t trained on all D draft steps; "
-            "a draft prediction is one (t, depth) target",
-        },
-        "peak_memory": peak_memory_mb(dev),
-        "eval": final_eval,
-        "history": history,
-        "wall_seconds": time.perf_counter() - t_start,
-    }
+    report = _report(
+        cfg,
+        model_dir=model_dir,
+        data=data,
+        drafter=drafter,
+        n_params=n_params,
+        precision=precision,
+        dev=dev,
+        world=world,
+        positions=(train_pos, eval_pos),
+        steps=(step, total, stopped_early),
+        resume_file=resume_file,
+        seconds=(train_secs, prior_elapsed, t_start),
+        stats=stats,
+        final_eval=final_eval,
+        history=history,
+    )
     save_drafter(
         drafter.to("cpu").float(),
         out,
         overwrite=cfg.overwrite,
         extra_files={REPORT_FILE: json.dumps(report, indent=2)},
     )
-    if final_eval:
-        log(
-            f"[train] held-out top-1 per depth {format_per_depth(final_eval['top1_accuracy_per_depth'])}; greedy "
-            f"chain tokens/step {final_eval['greedy_chain_tokens_per_step']:.2f}"
-        )
-    log(
-        f"[train] wrote {out} ({step} steps"
-        f"{', stopped by the time budget' if stopped_early else ''}, {train_secs:.0f} s, "
-        f"{report['throughput']['positions_per_s']:.0f} positions/s, peak RSS "
-        f"{report['peak_memory']['host_max_rss_mb']:.0f} MB)"
-    )
+    _final_log(log, out, report, final_eval)
     return out
 
 

@@ -100,7 +100,7 @@ class UnrolledHead(nn.Module):
             x = layer(x)
         if valid is not None:
             x = x[valid]
-        return d.lm_head[-1](x) if project else x
+        return d.projection(x) if project else x
 
 
 def unrolled_logits(

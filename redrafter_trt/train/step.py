@@ -122,7 +122,7 @@ class FrozenProjection:
     def of(
         cls, drafter: Drafter, base, cfg: TrainConfig, matmul_dtype: torch.dtype
     ) -> FrozenProjection:
-        layer = drafter.lm_head[-1].weight
+        layer = drafter.projection.weight
         w = layer.detach().float()
         gram = None
         if cfg.loss == "logit_match":
@@ -214,7 +214,7 @@ def forward_loss(
                 feat, w, labels_u, ids_u, t_probs, cfg.temperature, alpha, matmul_dtype=w.dtype
             )
         else:
-            weight = unwrap(head).drafter.lm_head[-1].weight
+            weight = unwrap(head).drafter.projection.weight
             with autocast():
                 flat = torch.nn.functional.linear(feat, weight[u])
             rows = distill_loss(flat, labels_u, ids_u, t_probs, cfg.temperature, alpha)

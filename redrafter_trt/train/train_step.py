@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate()
         head = init_drafter(DrafterConfig(args.vocab, args.hidden, args.hidden, 1, True), seed=0)
         with torch.no_grad():
-            head.lm_head[-1].weight.copy_(base.lm_head.weight)
-        head.lm_head[-1].weight.requires_grad_(False)
+            head.projection.weight.copy_(base.lm_head.weight)
+        head.projection.weight.requires_grad_(False)
         autocast, _, prec = precision_context(cfg, torch.device("cpu"))
         mm = torch.bfloat16 if prec == "bf16" else torch.float32
         proj = FrozenProjection.of(head, base, cfg, mm) if frozen else None

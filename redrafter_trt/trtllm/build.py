@@ -148,7 +148,7 @@ def build_config_kwargs(
     max_seq_len: int,
     tree_size: int,
     timing_cache: str | os.PathLike,
-    max_num_tokens: int | None = None,
+    max_num_tokens: str | int | None = None,
 ) -> dict[str, Any]:
     """``tensorrt_llm.builder.BuildConfig`` keyword arguments (without ``plugin_config``).
 

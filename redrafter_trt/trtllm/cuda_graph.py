@@ -307,9 +307,9 @@ def graph_action(entry: GraphEntry | None, signature: tuple) -> str:
 def import_cudart():
     """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
     try:
-        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+        from cuda.bindings import runtime as cudart
     except ImportError:
-        from cuda import cudart  # type: ignore[import-not-found,no-redef]
+        from cuda import cudart
     return cudart
 
 

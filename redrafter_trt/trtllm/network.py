@@ -117,29 +117,24 @@ def trtllm_base_config(cfg: RedrafterCheckpointConfig, mapping_rank: int = 0) ->
     return d
 
 
+#: what a missing TensorRT-LLM stops (every builder below needs it)
+BUILDING = "building a ReDrafter TensorRT-LLM engine"
+
+
 def build_model(
     cfg: RedrafterCheckpointConfig,
     rank: int,
     warp_k: int = DEFAULT_WARP_K,
     quantization: dict[str, Any] | None = None,
 ):
-    """The TensorRT-LLM module of one tensor-parallel rank (weights not loaded yet)."""
-    trt, _ = require_trtllm("building a ReDrafter TensorRT-LLM engine")
+    """The TensorRT-LLM module of one tensor-parallel rank (weights not loaded yet): the base
+    model's transformer and ``lm_head`` (TensorRT-LLM's LLaMA or QWen classes), the draft head
+    (:func:`draft_head_class`), and the step of the module docstring in ``forward``."""
+    trt, _ = require_trtllm(BUILDING)
     from tensorrt_llm import functional as F
-    from tensorrt_llm._common import default_net
-    from tensorrt_llm.functional import Tensor
-    from tensorrt_llm.layers import ColumnLinear
-    from tensorrt_llm.layers.attention import (
-        Attention,
-        AttentionParams,
-        KeyValueCacheParams,
-        SpecDecodingParams,
-    )
-    from tensorrt_llm.mapping import Mapping
+    from tensorrt_llm.layers.attention import Attention, AttentionParams
     from tensorrt_llm.models import LLaMAForCausalLM, QWenForCausalLM
     from tensorrt_llm.models.modeling_utils import PretrainedModel
-    from tensorrt_llm.module import Module, ModuleList
-    from tensorrt_llm.parameter import Parameter
 
     from ..models.base import ARCH_QWEN2
 
@@ -150,11 +145,125 @@ def build_model(
     # constructed directly: PretrainedConfig.from_dict looks config["architecture"] up in MODEL_MAP
     config_cls = base_cls.config_class
     base_config = config_cls(**base_dict)
+    DraftHead = draft_head_class(cfg, rank)
+    W, D = cfg.num_beams, cfg.draft_len
+    N = W * (D + 1)
+    H = cfg.base.hidden_size
+
+    class ReDrafterEngine(PretrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            base = base_cls(
+                base_config
+            )  # not registered itself: its parts keep the checkpoint's names
+            self.transformer = base.transformer  # transformer.*
+            self.lm_head = base.lm_head  # lm_head.weight
+            self.drafter = DraftHead()  # drafter.*
+            # RoPE tables: registered on, and filled from, the top-level model, as
+            # DecoderModelForCausalLM does (the base's copies are not part of this module tree)
+            Attention.create_attention_const_params(self, config)
+            self.position_embedding_type = config.position_embedding_type
+
+        def __post_init__(self):
+            # PostInitCaller calls this once per constructed PretrainedModel. The base's own
+            # __post_init__ already quantized its layers (FP8 bases) with the checkpoint's config;
+            # quantizing again would re-wrap those FP8 linears (FP8Linear is a ColumnLinear) and
+            # reach the draft head, which stays in the checkpoint's float dtype.
+            self.quant_mode = self.config.quantization.quant_mode
+
+        def prepare_inputs(
+            self, max_batch_size: int, max_input_len: int, max_seq_len: int, **_ignored
+        ):
+            """The engine's inputs (:func:`engine_inputs`)."""
+            return engine_inputs(
+                cfg, self.config.num_hidden_layers, max_batch_size, max_input_len, max_seq_len
+            )
+
+        def forward(self, step: dict, attention: dict, max_input_len: int, tokens_per_block: int):
+            x, a = step, attention
+            ids = x[C.INPUT_IDS]
+            b, t = F.shape(ids, 0), F.shape(ids, 1)
+            flat_ids = F.view(
+                ids, F.concat([b * t])
+            )  # TensorRT-LLM's packed tokens: every row T long
+            spec, kv = tree_attention_params(x, a, self.config.num_hidden_layers, N)
+            attn = AttentionParams(
+                sequence_length=a[P.SEQUENCE_LENGTH],
+                context_lengths=a[P.CONTEXT_LENGTHS],
+                host_context_lengths=a[P.HOST_CONTEXT_LENGTHS],
+                max_context_length=max_input_len,
+                host_request_types=a[P.HOST_REQUEST_TYPES],
+                host_runtime_perf_knobs=a[P.HOST_RUNTIME_PERF_KNOBS],
+                host_context_progress=a[P.HOST_CONTEXT_PROGRESS],
+            )
+            attn = Attention.fill_attention_params(
+                self, attn
+            )  # rotary_inv_freq, embed_positions_for_gpt_attention
+            hidden = self.transformer(
+                flat_ids,
+                position_ids=None,
+                use_cache=True,
+                spec_decoding_params=spec,
+                kv_cache_params=kv,
+                attention_params=attn,
+            )
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            hidden = F.view(hidden, F.concat([b, t, H]))  # [B, T, H] after ln_f
+            n_acc, best, bonus, path, emitted, node_hidden = accept_tree(
+                cfg, x, hidden, self.lm_head
+            )
+            # a context row's cache_lengths: prompt tokens prefilled by earlier chunks (0 for a first)
+            new_len = F.where(
+                x[C.REQUEST_TYPES] == C.CONTEXT,
+                x[C.CACHE_LENGTHS] + x[C.INPUT_LENGTHS],
+                x[C.CACHE_LENGTHS] + n_acc + 1,
+            )
+            # ---- drafting context: hidden state at the last accepted node
+            last_node = rows_gather(path, F.unsqueeze(n_acc, 1))  # [B, 1]
+            context = F.view(rows_gather(node_hidden, last_node), F.concat([b, H]))
+            beams = draft_beams(
+                cfg, context, bonus, self.transformer.vocab_embedding, self.drafter, warp_k
+            )
+            flat, plen_next, unpacker, offsets, mask = plugin(
+                TREE_PACK, [beams], {"num_beams": W, "beam_len": D + 1}, 5
+            )
+            outputs = {
+                C.NUM_ACCEPTED_TOKENS: n_acc,
+                C.ACCEPTED_BEAM_INDEX: best,
+                C.OUTPUT_TOKENS: emitted,
+                C.NUM_OUTPUT_TOKENS: n_acc + 1,
+                C.NEW_CACHE_LENGTHS: new_len,
+                C.NEXT_DRAFT_TOKENS: beams,
+                C.NEXT_DRAFT_INDICES: unpacker,
+                C.NEXT_FLAT_TOKENS: flat,
+                C.NEXT_PACKED_LENGTHS: plen_next,
+                C.NEXT_POSITION_OFFSETS: offsets,
+                C.NEXT_PACKED_MASK: mask,
+                ACCEPTED_INDICES: path,
+            }
+            for name, tensor in outputs.items():
+                tensor.mark_output(name, trt.int32)
+            return outputs
+
+    engine_config = config_cls(**{**base_dict, "architecture": ENGINE_ARCHITECTURE})
+    return ReDrafterEngine(engine_config)
+
+
+def draft_head_class(cfg: RedrafterCheckpointConfig, rank: int):
+    """The draft head's TensorRT-LLM module class (docs/design.md section 3); its parameter names
+    are the checkpoint's ``drafter.*`` names, its linears TensorRT-LLM's ReDrafter layout
+    (column-parallel with gathered output)."""
+    require_trtllm(BUILDING)
+    from tensorrt_llm import functional as F
+    from tensorrt_llm.layers import ColumnLinear
+    from tensorrt_llm.mapping import Mapping
+    from tensorrt_llm.module import Module, ModuleList
+    from tensorrt_llm.parameter import Parameter
+
     mapping = Mapping(world_size=cfg.tp_size, rank=rank, tp_size=cfg.tp_size)
     dtype = cfg.dtype
-    W, D = cfg.num_beams, cfg.draft_len
-    L, N = D + 1, W * (D + 1)
-    V, H = cfg.base.vocab_size, cfg.base.hidden_size
+    H = cfg.base.hidden_size
     dc = cfg.drafter
     K = dc.head_vocab_size  # draft-logit columns: the head's draft vocabulary, or V
 
@@ -206,331 +315,297 @@ def build_model(
                 x = layer(x)
             return self.lm_head(x)
 
-    def plugin(name, inputs, fields, n_out):
-        layer = add_plugin(default_net().trt_network, name, [t.trt_tensor for t in inputs], fields)
-        return [F._create_tensor(layer.get_output(i), layer) for i in range(n_out)]
+    return DraftHead
 
-    def rows_gather(x, index, width):
-        """x [B, M, ...] gathered along dim 1 by index [B, K] -> [B, K, ...]."""
-        idx = index
-        for _ in range(x.ndim() - 2):
-            idx = F.unsqueeze(idx, -1)
-        target = F.concat(
-            [F.shape(index, 0), F.shape(index, 1)] + [F.shape(x, i) for i in range(2, x.ndim())]
+
+# ---------------------------------------------------------------------------- graph helpers
+# Slices below: static starts (a list of ints, the ISliceLayer's start parameter) with dynamic
+# sizes (an int64 shape tensor from F.shape/F.concat, set as input 2), the pattern TensorRT-LLM's
+# own ReDrafter uses (models/redrafter/redrafter_helper.py): no int32 start tensor is paired
+# with int64 sizes.
+
+
+def plugin(name: str, inputs: list, fields: dict[str, int], n_out: int) -> list:
+    """Add the ReDrafter plugin ``name`` to the network being built; its ``n_out`` outputs."""
+    from tensorrt_llm import functional as F
+    from tensorrt_llm._common import default_net
+
+    layer = add_plugin(default_net().trt_network, name, [t.trt_tensor for t in inputs], fields)
+    return [F._create_tensor(layer.get_output(i), layer) for i in range(n_out)]
+
+
+def rows_gather(x, index):
+    """x [B, M, ...] gathered along dim 1 by index [B, K] -> [B, K, ...]."""
+    from tensorrt_llm import functional as F
+
+    idx = index
+    for _ in range(x.ndim() - 2):
+        idx = F.unsqueeze(idx, -1)
+    target = F.concat(
+        [F.shape(index, 0), F.shape(index, 1)] + [F.shape(x, i) for i in range(2, x.ndim())]
+    )
+    return F.gather(x, 1, F.expand(idx, target))
+
+
+# ---------------------------------------------------------------------------- the step's parts
+def tree_attention_params(x: dict, a: dict, num_layers: int, tree_size: int) -> tuple:
+    """The GPT attention plugin's speculative-decoding and paged-KV parameters for a call of
+    ``x`` (the contract's inputs) and ``a`` (the attention plumbing): generation rows attend
+    through the packed tree mask at the given position offsets, at most ``tree_size`` tokens."""
+    from tensorrt_llm import functional as F
+    from tensorrt_llm.layers.attention import KeyValueCacheParams, SpecDecodingParams
+
+    ids = x[C.INPUT_IDS]
+    b, t = F.shape(ids, 0), F.shape(ids, 1)
+    spec = SpecDecodingParams(
+        spec_decoding_is_generation_length_variable=True,
+        spec_decoding_max_generation_length=tree_size,
+        spec_decoding_generation_lengths=a[P.SPEC_DECODING_GENERATION_LENGTHS],
+        spec_decoding_position_offsets=x[C.POSITION_OFFSETS],
+        spec_decoding_packed_mask=F.view(
+            x[C.PACKED_MASK], F.concat([b * t, F.shape(x[C.PACKED_MASK], 2)])
+        ),
+        spec_decoding_use=a[P.SPEC_DECODING_USE],
+    )
+    kv = KeyValueCacheParams(
+        past_key_value=[None] * num_layers,
+        host_past_key_value_lengths=a[P.HOST_PAST_KEY_VALUE_LENGTHS],
+        host_max_attention_window_sizes=a[P.HOST_MAX_ATTENTION_WINDOW_SIZES],
+        host_sink_token_length=a[P.HOST_SINK_TOKEN_LENGTH],
+        kv_cache_block_offsets=a[P.KV_CACHE_BLOCK_OFFSETS],
+        host_kv_cache_block_offsets=a[P.HOST_KV_CACHE_BLOCK_OFFSETS],
+        host_kv_cache_pool_pointers=a[P.HOST_KV_CACHE_POOL_POINTERS],
+        host_kv_cache_pool_mapping=a[P.HOST_KV_CACHE_POOL_MAPPING],
+        cache_indirection=a[P.CACHE_INDIRECTION],
+    )
+    return spec, kv
+
+
+def accept_tree(cfg: RedrafterCheckpointConfig, x: dict, hidden, lm_head) -> tuple:
+    """Acceptance (docs/design.md section 6) from the base's ``hidden`` [B, T, H]: logits at the
+    first ``min(T, N)`` nodes (node 0 of a context row: its prompt's last token) through
+    ``lm_head`` into the RedrafterAccept plugin. Returns (num_accepted [B], best beam [B], bonus
+    token [B], accepted path [B, L], emitted tokens [B, L], the nodes' hidden states [B, N', H])."""
+    from tensorrt_llm import functional as F
+
+    W, L = cfg.num_beams, cfg.draft_len + 1
+    N, V, H = W * L, cfg.base.vocab_size, cfg.base.hidden_size
+    b, t = F.shape(hidden, 0), F.shape(hidden, 1)
+    is_ctx = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)  # [B, 1, 1]
+    last = rows_gather(hidden, F.unsqueeze(x[C.INPUT_LENGTHS] - 1, 1))  # [B, 1, H]
+    nodes = F.slice(hidden, starts=[0, 0, 0], sizes=F.concat([b, F.minimum(t, N), H]))  # [B, N', H]
+    first = F.where(is_ctx, last, F.slice(nodes, [0, 0, 0], F.concat([b, 1, H])))
+    rest = F.slice(nodes, [0, 1, 0], F.concat([b, F.minimum(t, N) - 1, H]))
+    node_hidden = F.concat([first, rest], dim=1)
+    logits = lm_head(node_hidden)  # [B, N', Vpad]
+    logits = F.slice(logits, [0, 0, 0], F.concat([b, F.shape(logits, 1), V]))
+    logits = F.cast(logits, "float32")
+
+    ctx_rows = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)
+    beams_in = F.where(ctx_rows, F.constant(F.int32_array([-1])), x[C.DRAFT_TOKENS])
+    unpack_in = F.where(ctx_rows, F.constant(F.int32_array([0])), x[C.DRAFT_INDICES])
+    plen = F.where(
+        x[C.REQUEST_TYPES] == C.CONTEXT, F.constant(F.int32_array([1])), x[C.INPUT_LENGTHS]
+    )
+    n_acc, best, bonus, path, emitted = plugin(
+        ACCEPT,
+        [
+            logits,
+            beams_in,
+            unpack_in,
+            plen,
+            x[C.TEMPERATURE],
+            x[C.TOP_K],
+            x[C.TOP_P],
+            x[C.UNIFORMS],
+        ],
+        {"num_beams": W, "beam_len": L},
+        5,
+    )
+    return n_acc, best, bonus, path, emitted, node_hidden
+
+
+def draft_beams(cfg: RedrafterCheckpointConfig, context, bonus, embedding, drafter, warp_k: int):
+    """The D unrolled beam-search steps (docs/design.md section 4) from the drafting ``context``
+    [B, H] and the ``bonus`` token [B] (depth 0 of every beam): ``embedding`` (the base's token
+    embedding) and the draft head ``drafter`` per step, then the RedrafterBeamSearchStep plugin,
+    beams reordered by parent. Returns the beams [B, W, L] int32 (full-vocabulary ids)."""
+    from tensorrt_llm import functional as F
+
+    W, D, H, V = cfg.num_beams, cfg.draft_len, cfg.base.hidden_size, cfg.base.vocab_size
+    K = cfg.drafter.head_vocab_size
+    b = F.shape(context, 0)
+    ctx_bw = F.view(F.expand(F.unsqueeze(context, 1), F.concat([b, W, H])), F.concat([b * W, H]))
+    state = F.cast(
+        F.expand(F.constant(np.zeros([1, H], dtype=np.float32)), F.concat([b * W, H])),
+        cfg.dtype,
+    )  # s_0 = 0
+    neg_inf = F.constant(np.array([[0.0] + [-np.inf] * (W - 1)], dtype=np.float32))
+    scores = F.expand(neg_inf, F.concat([b, W]))
+    tokens = [F.expand(F.unsqueeze(bonus, 1), F.concat([b, W]))]  # depth 0 = bonus
+    vocab_map = (
+        drafter.draft_vocab.value
+        if cfg.drafter.draft_vocab_size is not None
+        else F.constant(np.arange(V, dtype=np.int32))
+    )  # [K] full ids
+    for _ in range(D):
+        emb = embedding(F.view(tokens[-1], F.concat([b * W])))
+        state = drafter.state(emb, state)
+        draft_logits = drafter(ctx_bw, state)  # [B*W, Kpad]
+        draft_logits = F.view(
+            F.slice(draft_logits, [0, 0], F.concat([b * W, K])), F.concat([b, W, K])
         )
-        return F.gather(x, 1, F.expand(idx, target))
+        # token = vocab_map[column]: full ids, for the next step's embedding and the tree
+        scores, parent, token = plugin(
+            BEAM_SEARCH,
+            [draft_logits, scores, vocab_map],
+            {"num_beams": W, "warp_k": warp_k},
+            3,
+        )
+        tokens = [rows_gather(tk, parent) for tk in tokens] + [token]
+        state = F.view(
+            rows_gather(F.view(state, F.concat([b, W, H])), parent), F.concat([b * W, H])
+        )
+    return F.stack([F.cast(tk, "int32") for tk in tokens], dim=2)  # [B, W, L]
 
-    # Slices below: static starts (a list of ints, the ISliceLayer's start parameter) with dynamic
-    # sizes (an int64 shape tensor from F.shape/F.concat, set as input 2), the pattern TensorRT-LLM's
-    # own ReDrafter uses (models/redrafter/redrafter_helper.py): no int32 start tensor is paired
-    # with int64 sizes.
 
-    class ReDrafterEngine(PretrainedModel):
-        def __init__(self, config):
-            super().__init__(config)
-            base = base_cls(
-                base_config
-            )  # not registered itself: its parts keep the checkpoint's names
-            self.transformer = base.transformer  # transformer.*
-            self.lm_head = base.lm_head  # lm_head.weight
-            self.drafter = DraftHead()  # drafter.*
-            # RoPE tables: registered on, and filled from, the top-level model, as
-            # DecoderModelForCausalLM does (the base's copies are not part of this module tree)
-            Attention.create_attention_const_params(self, config)
-            self.position_embedding_type = config.position_embedding_type
+# ---------------------------------------------------------------------------- the engine's inputs
+def engine_inputs(
+    cfg: RedrafterCheckpointConfig,
+    num_layers: int,
+    max_batch_size: int,
+    max_input_len: int,
+    max_seq_len: int,
+) -> dict[str, Any]:
+    """The engine's inputs, ``forward``'s keyword arguments: the contract's tensors
+    (:func:`step_inputs`), TensorRT-LLM's attention plumbing (:func:`attention_inputs`), the
+    longest call and the plugin config's ``tokens_per_block``. ``max_seq_len`` is the KV
+    positions per slot (the build's max_seq_len plus one tree)."""
+    from tensorrt_llm._common import default_net
 
-        def __post_init__(self):
-            # PostInitCaller calls this once per constructed PretrainedModel. The base's own
-            # __post_init__ already quantized its layers (FP8 bases) with the checkpoint's config;
-            # quantizing again would re-wrap those FP8 linears (FP8Linear is a ColumnLinear) and
-            # reach the draft head, which stays in the checkpoint's float dtype.
-            self.quant_mode = self.config.quantization.quant_mode
+    n = cfg.num_beams * (cfg.draft_len + 1)
+    tokens_per_block = default_net().plugin_config.tokens_per_block
+    bs = [1, (max_batch_size + 1) // 2, max_batch_size]
+    return {
+        "step": step_inputs(cfg, bs, [1, min(n, max_input_len), max(max_input_len, n)]),
+        "attention": attention_inputs(
+            bs, num_layers, max_seq_len, blocks_per_slot(max_seq_len, tokens_per_block)
+        ),
+        "max_input_len": max(max_input_len, n),
+        "tokens_per_block": tokens_per_block,
+    }
 
-        # -------------------------------------------------------------- inputs
-        def prepare_inputs(
-            self, max_batch_size: int, max_input_len: int, max_seq_len: int, **_ignored
-        ):
-            """The engine's inputs; ``max_seq_len`` is the KV positions per slot (the build's
-            max_seq_len plus one tree), ``tokens_per_block`` the plugin config's."""
-            tokens_per_block = default_net().plugin_config.tokens_per_block
-            bs = [1, (max_batch_size + 1) // 2, max_batch_size]
-            t_range = [1, min(N, max_input_len), max(max_input_len, N)]
-            i32, f32 = trt.int32, trt.float32
 
-            def inp(name, dtype_, shape, dims):
-                return Tensor(name=name, dtype=dtype_, shape=shape, dim_range=OrderedDict(dims))
+def network_input(name: str, dtype, shape: list[int], dims: list[tuple[str, list]]):
+    """One engine input: ``shape`` with -1 for the dims given (min, opt, max) ranges in ``dims``."""
+    from tensorrt_llm.functional import Tensor
 
-            x = {
-                C.REQUEST_TYPES: inp(C.REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
-                C.SLOT_IDS: inp(C.SLOT_IDS, i32, [-1], [("batch", [bs])]),
-                C.CACHE_LENGTHS: inp(C.CACHE_LENGTHS, i32, [-1], [("batch", [bs])]),
-                C.INPUT_IDS: inp(
-                    C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
-                ),
-                C.INPUT_LENGTHS: inp(C.INPUT_LENGTHS, i32, [-1], [("batch", [bs])]),
-                C.POSITION_OFFSETS: inp(
-                    C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
-                ),
-                C.PACKED_MASK: inp(
-                    C.PACKED_MASK,
-                    i32,
-                    [-1, -1, -1],
-                    [
-                        ("batch", [bs]),
-                        ("tokens", [t_range]),
-                        ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]]),
-                    ],
-                ),
-                C.DRAFT_TOKENS: inp(
-                    C.DRAFT_TOKENS,
-                    i32,
-                    [-1, W, L],
-                    [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
-                ),
-                C.DRAFT_INDICES: inp(
-                    C.DRAFT_INDICES,
-                    i32,
-                    [-1, W, L],
-                    [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
-                ),
-                C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
-                C.TOP_K: inp(C.TOP_K, i32, [-1], [("batch", [bs])]),
-                C.TOP_P: inp(C.TOP_P, f32, [-1], [("batch", [bs])]),
-                C.UNIFORMS: inp(C.UNIFORMS, f32, [-1, L], [("batch", [bs]), ("L", [[L] * 3])]),
-            }
-            # attention plumbing (TensorRT-LLM names; paged cache, one pool, slot-contiguous blocks)
-            layers = self.config.num_hidden_layers
-            max_blocks = blocks_per_slot(max_seq_len, tokens_per_block)
-            a = {
-                P.SEQUENCE_LENGTH: inp(P.SEQUENCE_LENGTH, i32, [-1], [("batch", [bs])]),
-                P.HOST_PAST_KEY_VALUE_LENGTHS: inp(
-                    P.HOST_PAST_KEY_VALUE_LENGTHS, i32, [-1], [("batch", [bs])]
-                ),
-                P.HOST_MAX_ATTENTION_WINDOW_SIZES: inp(
-                    P.HOST_MAX_ATTENTION_WINDOW_SIZES, i32, [layers], [("layers", [[layers] * 3])]
-                ),
-                P.HOST_SINK_TOKEN_LENGTH: inp(
-                    P.HOST_SINK_TOKEN_LENGTH, i32, [1], [("one", [[1] * 3])]
-                ),
-                P.CONTEXT_LENGTHS: inp(P.CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
-                P.HOST_CONTEXT_LENGTHS: inp(P.HOST_CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
-                P.HOST_REQUEST_TYPES: inp(P.HOST_REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
-                P.KV_CACHE_BLOCK_OFFSETS: inp(
-                    P.KV_CACHE_BLOCK_OFFSETS,
-                    i32,
-                    [1, -1, 2, max_blocks],
-                    [
-                        ("pools", [[1] * 3]),
-                        ("batch", [bs]),
-                        ("kv", [[2] * 3]),
-                        ("blocks", [[max_blocks] * 3]),
-                    ],
-                ),
-                P.HOST_KV_CACHE_BLOCK_OFFSETS: inp(
-                    P.HOST_KV_CACHE_BLOCK_OFFSETS,
-                    i32,
-                    [1, -1, 2, max_blocks],
-                    [
-                        ("pools", [[1] * 3]),
-                        ("batch", [bs]),
-                        ("kv", [[2] * 3]),
-                        ("blocks", [[max_blocks] * 3]),
-                    ],
-                ),
-                P.HOST_KV_CACHE_POOL_POINTERS: inp(
-                    P.HOST_KV_CACHE_POOL_POINTERS,
-                    trt.int64,
-                    [1, 2],
-                    [("pools", [[1] * 3]), ("two", [[2] * 3])],
-                ),
-                P.HOST_KV_CACHE_POOL_MAPPING: inp(
-                    P.HOST_KV_CACHE_POOL_MAPPING,
-                    i32,
-                    [layers, 2],
-                    [("layers", [[layers] * 3]), ("two", [[2] * 3])],
-                ),
-                P.CACHE_INDIRECTION: inp(
-                    P.CACHE_INDIRECTION,
-                    i32,
-                    [-1, 1, -1],
-                    [
-                        ("batch", [bs]),
-                        ("beam", [[1] * 3]),
-                        ("max_seq", [[1, max_seq_len // 2 or 1, max_seq_len]]),
-                    ],
-                ),
-                P.HOST_RUNTIME_PERF_KNOBS: inp(
-                    P.HOST_RUNTIME_PERF_KNOBS, trt.int64, [16], [("knobs", [[16] * 3])]
-                ),
-                P.HOST_CONTEXT_PROGRESS: inp(
-                    P.HOST_CONTEXT_PROGRESS, trt.int64, [1], [("one", [[1] * 3])]
-                ),
-                P.SPEC_DECODING_GENERATION_LENGTHS: inp(
-                    P.SPEC_DECODING_GENERATION_LENGTHS, i32, [-1], [("batch", [bs])]
-                ),
-                P.SPEC_DECODING_USE: inp(P.SPEC_DECODING_USE, i32, [1], [("one", [[1] * 3])]),
-            }
-            return {
-                "step": x,
-                "attention": a,
-                "max_input_len": max(max_input_len, N),
-                "tokens_per_block": tokens_per_block,
-            }
+    return Tensor(name=name, dtype=dtype, shape=shape, dim_range=OrderedDict(dims))
 
-        # -------------------------------------------------------------- the step
-        def forward(self, step: dict, attention: dict, max_input_len: int, tokens_per_block: int):
-            x, a = step, attention
-            ids = x[C.INPUT_IDS]
-            b, t = F.shape(ids, 0), F.shape(ids, 1)
-            flat_ids = F.view(
-                ids, F.concat([b * t])
-            )  # TensorRT-LLM's packed tokens: every row T long
-            spec = SpecDecodingParams(
-                spec_decoding_is_generation_length_variable=True,
-                spec_decoding_max_generation_length=N,
-                spec_decoding_generation_lengths=a[P.SPEC_DECODING_GENERATION_LENGTHS],
-                spec_decoding_position_offsets=x[C.POSITION_OFFSETS],
-                spec_decoding_packed_mask=F.view(
-                    x[C.PACKED_MASK], F.concat([b * t, F.shape(x[C.PACKED_MASK], 2)])
-                ),
-                spec_decoding_use=a[P.SPEC_DECODING_USE],
-            )
-            kv = KeyValueCacheParams(
-                past_key_value=[None] * self.config.num_hidden_layers,
-                host_past_key_value_lengths=a[P.HOST_PAST_KEY_VALUE_LENGTHS],
-                host_max_attention_window_sizes=a[P.HOST_MAX_ATTENTION_WINDOW_SIZES],
-                host_sink_token_length=a[P.HOST_SINK_TOKEN_LENGTH],
-                kv_cache_block_offsets=a[P.KV_CACHE_BLOCK_OFFSETS],
-                host_kv_cache_block_offsets=a[P.HOST_KV_CACHE_BLOCK_OFFSETS],
-                host_kv_cache_pool_pointers=a[P.HOST_KV_CACHE_POOL_POINTERS],
-                host_kv_cache_pool_mapping=a[P.HOST_KV_CACHE_POOL_MAPPING],
-                cache_indirection=a[P.CACHE_INDIRECTION],
-            )
-            attn = AttentionParams(
-                sequence_length=a[P.SEQUENCE_LENGTH],
-                context_lengths=a[P.CONTEXT_LENGTHS],
-                host_context_lengths=a[P.HOST_CONTEXT_LENGTHS],
-                max_context_length=max_input_len,
-                host_request_types=a[P.HOST_REQUEST_TYPES],
-                host_runtime_perf_knobs=a[P.HOST_RUNTIME_PERF_KNOBS],
-                host_context_progress=a[P.HOST_CONTEXT_PROGRESS],
-            )
-            attn = Attention.fill_attention_params(
-                self, attn
-            )  # rotary_inv_freq, embed_positions_for_gpt_attention
-            hidden = self.transformer(
-                flat_ids,
-                position_ids=None,
-                use_cache=True,
-                spec_decoding_params=spec,
-                kv_cache_params=kv,
-                attention_params=attn,
-            )
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-            hidden = F.view(hidden, F.concat([b, t, H]))  # [B, T, H] after ln_f
 
-            # ---- nodes acceptance reads: the tree, or a prompt's last token at node 0
-            is_ctx = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)  # [B, 1, 1]
-            last = rows_gather(hidden, F.unsqueeze(x[C.INPUT_LENGTHS] - 1, 1), 1)  # [B, 1, H]
-            nodes = F.slice(
-                hidden, starts=[0, 0, 0], sizes=F.concat([b, F.minimum(t, N), H])
-            )  # [B, N', H]
-            first = F.where(is_ctx, last, F.slice(nodes, [0, 0, 0], F.concat([b, 1, H])))
-            rest = F.slice(nodes, [0, 1, 0], F.concat([b, F.minimum(t, N) - 1, H]))
-            node_hidden = F.concat([first, rest], dim=1)
-            logits = self.lm_head(node_hidden)  # [B, N', Vpad]
-            logits = F.slice(logits, [0, 0, 0], F.concat([b, F.shape(logits, 1), V]))
-            logits = F.cast(logits, "float32")
+def step_inputs(cfg: RedrafterCheckpointConfig, bs: list[int], t_range: list[int]) -> dict:
+    """The contract's inputs (:mod:`redrafter_trt.contract`) for batch sizes ``bs`` and tokens
+    per row ``t_range`` (min, opt, max)."""
+    trt, _ = require_trtllm(BUILDING)
+    inp = network_input
+    W, L = cfg.num_beams, cfg.draft_len + 1
+    i32, f32 = trt.int32, trt.float32
+    return {
+        C.REQUEST_TYPES: inp(C.REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
+        C.SLOT_IDS: inp(C.SLOT_IDS, i32, [-1], [("batch", [bs])]),
+        C.CACHE_LENGTHS: inp(C.CACHE_LENGTHS, i32, [-1], [("batch", [bs])]),
+        C.INPUT_IDS: inp(C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
+        C.INPUT_LENGTHS: inp(C.INPUT_LENGTHS, i32, [-1], [("batch", [bs])]),
+        C.POSITION_OFFSETS: inp(
+            C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
+        ),
+        C.PACKED_MASK: inp(
+            C.PACKED_MASK,
+            i32,
+            [-1, -1, -1],
+            [
+                ("batch", [bs]),
+                ("tokens", [t_range]),
+                ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]]),
+            ],
+        ),
+        C.DRAFT_TOKENS: inp(
+            C.DRAFT_TOKENS,
+            i32,
+            [-1, W, L],
+            [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
+        ),
+        C.DRAFT_INDICES: inp(
+            C.DRAFT_INDICES,
+            i32,
+            [-1, W, L],
+            [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
+        ),
+        C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
+        C.TOP_K: inp(C.TOP_K, i32, [-1], [("batch", [bs])]),
+        C.TOP_P: inp(C.TOP_P, f32, [-1], [("batch", [bs])]),
+        C.UNIFORMS: inp(C.UNIFORMS, f32, [-1, L], [("batch", [bs]), ("L", [[L] * 3])]),
+    }
 
-            ctx_rows = F.unsqueeze(F.unsqueeze(x[C.REQUEST_TYPES] == C.CONTEXT, 1), 2)
-            beams_in = F.where(ctx_rows, F.constant(F.int32_array([-1])), x[C.DRAFT_TOKENS])
-            unpack_in = F.where(ctx_rows, F.constant(F.int32_array([0])), x[C.DRAFT_INDICES])
-            plen = F.where(
-                x[C.REQUEST_TYPES] == C.CONTEXT, F.constant(F.int32_array([1])), x[C.INPUT_LENGTHS]
-            )
-            n_acc, best, bonus, path, emitted = plugin(
-                ACCEPT,
-                [
-                    logits,
-                    beams_in,
-                    unpack_in,
-                    plen,
-                    x[C.TEMPERATURE],
-                    x[C.TOP_K],
-                    x[C.TOP_P],
-                    x[C.UNIFORMS],
-                ],
-                {"num_beams": W, "beam_len": L},
-                5,
-            )
-            # a context row's cache_lengths: prompt tokens prefilled by earlier chunks (0 for a first)
-            new_len = F.where(
-                x[C.REQUEST_TYPES] == C.CONTEXT,
-                x[C.CACHE_LENGTHS] + x[C.INPUT_LENGTHS],
-                x[C.CACHE_LENGTHS] + n_acc + 1,
-            )
 
-            # ---- drafting context: hidden state at the last accepted node
-            last_node = rows_gather(path, F.unsqueeze(n_acc, 1), 1)  # [B, 1]
-            context = F.view(rows_gather(node_hidden, last_node, 1), F.concat([b, H]))
-
-            # ---- D unrolled beam-search steps (docs/design.md section 4)
-            ctx_bw = F.view(
-                F.expand(F.unsqueeze(context, 1), F.concat([b, W, H])), F.concat([b * W, H])
-            )
-            state = F.cast(
-                F.expand(F.constant(np.zeros([1, H], dtype=np.float32)), F.concat([b * W, H])),
-                dtype,
-            )  # s_0 = 0
-            neg_inf = F.constant(np.array([[0.0] + [-np.inf] * (W - 1)], dtype=np.float32))
-            scores = F.expand(neg_inf, F.concat([b, W]))
-            tokens = [F.expand(F.unsqueeze(bonus, 1), F.concat([b, W]))]  # depth 0 = bonus
-            vocab_map = (
-                self.drafter.draft_vocab.value
-                if dc.draft_vocab_size is not None
-                else F.constant(np.arange(V, dtype=np.int32))
-            )  # [K] full ids
-            for _ in range(D):
-                emb = self.transformer.vocab_embedding(F.view(tokens[-1], F.concat([b * W])))
-                state = self.drafter.state(emb, state)
-                draft_logits = self.drafter(ctx_bw, state)  # [B*W, Kpad]
-                draft_logits = F.view(
-                    F.slice(draft_logits, [0, 0], F.concat([b * W, K])), F.concat([b, W, K])
-                )
-                # token = vocab_map[column]: full ids, for the next step's embedding and the tree
-                scores, parent, token = plugin(
-                    BEAM_SEARCH,
-                    [draft_logits, scores, vocab_map],
-                    {"num_beams": W, "warp_k": warp_k},
-                    3,
-                )
-                tokens = [rows_gather(tk, parent, 1) for tk in tokens] + [token]
-                state = F.view(
-                    rows_gather(F.view(state, F.concat([b, W, H])), parent, 1), F.concat([b * W, H])
-                )
-            beams = F.stack([F.cast(tk, "int32") for tk in tokens], dim=2)  # [B, W, L]
-
-            flat, plen_next, unpacker, offsets, mask = plugin(
-                TREE_PACK, [beams], {"num_beams": W, "beam_len": L}, 5
-            )
-            outputs = {
-                C.NUM_ACCEPTED_TOKENS: n_acc,
-                C.ACCEPTED_BEAM_INDEX: best,
-                C.OUTPUT_TOKENS: emitted,
-                C.NUM_OUTPUT_TOKENS: n_acc + 1,
-                C.NEW_CACHE_LENGTHS: new_len,
-                C.NEXT_DRAFT_TOKENS: beams,
-                C.NEXT_DRAFT_INDICES: unpacker,
-                C.NEXT_FLAT_TOKENS: flat,
-                C.NEXT_PACKED_LENGTHS: plen_next,
-                C.NEXT_POSITION_OFFSETS: offsets,
-                C.NEXT_PACKED_MASK: mask,
-                ACCEPTED_INDICES: path,
-            }
-            for name, tensor in outputs.items():
-                tensor.mark_output(name, trt.int32)
-            return outputs
-
-    engine_config = config_cls(**{**base_dict, "architecture": ENGINE_ARCHITECTURE})
-    return ReDrafterEngine(engine_config)
+def attention_inputs(bs: list[int], layers: int, max_seq_len: int, max_blocks: int) -> dict:
+    """TensorRT-LLM's attention plumbing (its names; paged cache, one pool, slot-contiguous
+    blocks, ``max_blocks`` per slot) for batch sizes ``bs``."""
+    trt, _ = require_trtllm(BUILDING)
+    inp = network_input
+    i32 = trt.int32
+    block_offsets = [
+        ("pools", [[1] * 3]),
+        ("batch", [bs]),
+        ("kv", [[2] * 3]),
+        ("blocks", [[max_blocks] * 3]),
+    ]
+    return {
+        P.SEQUENCE_LENGTH: inp(P.SEQUENCE_LENGTH, i32, [-1], [("batch", [bs])]),
+        P.HOST_PAST_KEY_VALUE_LENGTHS: inp(
+            P.HOST_PAST_KEY_VALUE_LENGTHS, i32, [-1], [("batch", [bs])]
+        ),
+        P.HOST_MAX_ATTENTION_WINDOW_SIZES: inp(
+            P.HOST_MAX_ATTENTION_WINDOW_SIZES, i32, [layers], [("layers", [[layers] * 3])]
+        ),
+        P.HOST_SINK_TOKEN_LENGTH: inp(P.HOST_SINK_TOKEN_LENGTH, i32, [1], [("one", [[1] * 3])]),
+        P.CONTEXT_LENGTHS: inp(P.CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
+        P.HOST_CONTEXT_LENGTHS: inp(P.HOST_CONTEXT_LENGTHS, i32, [-1], [("batch", [bs])]),
+        P.HOST_REQUEST_TYPES: inp(P.HOST_REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
+        P.KV_CACHE_BLOCK_OFFSETS: inp(
+            P.KV_CACHE_BLOCK_OFFSETS, i32, [1, -1, 2, max_blocks], block_offsets
+        ),
+        P.HOST_KV_CACHE_BLOCK_OFFSETS: inp(
+            P.HOST_KV_CACHE_BLOCK_OFFSETS, i32, [1, -1, 2, max_blocks], block_offsets
+        ),
+        P.HOST_KV_CACHE_POOL_POINTERS: inp(
+            P.HOST_KV_CACHE_POOL_POINTERS,
+            trt.int64,
+            [1, 2],
+            [("pools", [[1] * 3]), ("two", [[2] * 3])],
+        ),
+        P.HOST_KV_CACHE_POOL_MAPPING: inp(
+            P.HOST_KV_CACHE_POOL_MAPPING,
+            i32,
+            [layers, 2],
+            [("layers", [[layers] * 3]), ("two", [[2] * 3])],
+        ),
+        P.CACHE_INDIRECTION: inp(
+            P.CACHE_INDIRECTION,
+            i32,
+            [-1, 1, -1],
+            [
+                ("batch", [bs]),
+                ("beam", [[1] * 3]),
+                ("max_seq", [[1, max_seq_len // 2 or 1, max_seq_len]]),
+            ],
+        ),
+        P.HOST_RUNTIME_PERF_KNOBS: inp(
+            P.HOST_RUNTIME_PERF_KNOBS, trt.int64, [16], [("knobs", [[16] * 3])]
+        ),
+        P.HOST_CONTEXT_PROGRESS: inp(P.HOST_CONTEXT_PROGRESS, trt.int64, [1], [("one", [[1] * 3])]),
+        P.SPEC_DECODING_GENERATION_LENGTHS: inp(
+            P.SPEC_DECODING_GENERATION_LENGTHS, i32, [-1], [("batch", [bs])]
+        ),
+        P.SPEC_DECODING_USE: inp(P.SPEC_DECODING_USE, i32, [1], [("one", [[1] * 3])]),
+    }

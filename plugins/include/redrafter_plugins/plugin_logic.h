@@ -3,7 +3,7 @@
 //
 // Nothing here includes a TensorRT header, so it compiles and is unit-tested on any CPU
 // (tests/test_plugins_logic.py through the C ABI in plugin_logic_c_api.h). The adapters in
-// plugins/src/*_plugin.cpp only translate TensorRT's types to these and back:
+// plugins/src/trt_plugins.cpp only translate TensorRT's types to these and back:
 //
 //   TensorRT                              here
 //   PluginField {name, data, type, len}   FieldView (same members; type = PluginFieldType value)
