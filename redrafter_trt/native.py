@@ -1180,8 +1180,8 @@ def python_decoder_params_layout() -> list[int]:
     return [
         ctypes.sizeof(DecoderParams),
         ctypes.sizeof(DecoderLayerParams),
-        *(getattr(DecoderParams, n).offset for n, _ in DecoderParams._fields_),
-        *(getattr(DecoderLayerParams, n).offset for n, _ in DecoderLayerParams._fields_),
+        *(getattr(DecoderParams, f[0]).offset for f in DecoderParams._fields_),
+        *(getattr(DecoderLayerParams, f[0]).offset for f in DecoderLayerParams._fields_),
     ]
 
 

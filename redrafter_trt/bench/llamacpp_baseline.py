@@ -26,7 +26,9 @@ fraction is information only.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +52,11 @@ IDENTITY_NOTE = (
 
 
 # --------------------------------------------------------------------------- is it comparable
+def _f32_tensor(data: Any, shape: Sequence[int]) -> torch.Tensor:
+    """A GGUF F32 tensor's values as a float32 tensor of the model's shape (a copy)."""
+    return torch.from_numpy(np.asarray(data, dtype=np.float32).reshape(shape).copy())
+
+
 def gguf_mismatch(base: Any, gguf_path: str | Path) -> str | None:
     """Why ``base`` (a :class:`~redrafter_trt.models.base.BaseModel`) is not the model in the
     llama GGUF ``gguf_path``, or None when every tensor of the GGUF equals the base weight it
@@ -73,7 +80,7 @@ def gguf_mismatch(base: Any, gguf_path: str | Path) -> str | None:
         )
     ours = trtllm_to_hf(cfg, base.state_dict())
     theirs: dict[str, Callable[[], torch.Tensor]] = {
-        name: (lambda bt=bt: decode(bt))
+        name: functools.partial(decode, bt)
         for name, bt in read_gguf_blocks(
             path, cfg.num_attention_heads, cfg.num_key_value_heads, reader
         ).items()
@@ -81,9 +88,7 @@ def gguf_mismatch(base: Any, gguf_path: str | Path) -> str | None:
     for t in reader.tensors:
         name = gguf_name_to_hf(t.name)
         if t.tensor_type == GGMLQuantizationType.F32 and name is not None:
-            theirs[name] = lambda t=t, shape=shapes[t.name]: torch.from_numpy(
-                np.asarray(t.data, dtype=np.float32).reshape(shape).copy()
-            )
+            theirs[name] = functools.partial(_f32_tensor, t.data, shapes[t.name])
     unread = sorted(n for n, t in shapes.items() if gguf_name_to_hf(n) not in theirs)
     if unread:
         return f"{path.name}: tensors {unread[:3]} have a name or format this check does not read"
@@ -262,7 +267,7 @@ class LlamaCppModel:
                 self.cut(cached_tokens)
                 if rep:
                     times[k].append(dt)
-        return {k: M.spread(v)["median"] for k, v in times.items()}
+        return {k: statistics.median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------- the report section

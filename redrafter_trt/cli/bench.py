@@ -61,6 +61,31 @@ def _paragraphs(paragraphs: tuple[str, ...]) -> str:
     return "\n\n".join(textwrap.fill(p, width=90) for p in paragraphs)
 
 
+def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
+    """The other engines the run compares with: transformers' generate and llama.cpp."""
+    p.add_argument(
+        "--no_hf_baseline", action="store_true", help="skip the transformers generate baseline"
+    )
+    p.add_argument(
+        "--no_llama_cpp",
+        action="store_true",
+        help="skip the llama.cpp comparison. By default, when llama_cpp imports (the optional "
+        "package llama-cpp-python; docs/bench.md gives its install command) and every tensor "
+        "of the built-in model's GGUF equals the "
+        "engine's base weights, llama.cpp runs that GGUF with the same threads: plain "
+        "greedy decoding at batch 1 on the same prompts and lengths, interleaved with the "
+        "repetitions (needs 1 in --batch_sizes), and t(k), one forward over k = 1..33 new "
+        "tokens, beside the engine's cost model's t(k); otherwise the report says in one "
+        "line why it was not compared",
+    )
+    p.add_argument(
+        "--hf_model_dir",
+        default=None,
+        help="Hugging Face base model for the transformers baseline (default: rebuilt "
+        "from the engine's own weights; needed for engines without torch weights)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="redrafter-bench",
@@ -143,27 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="untimed warm-up calls of every method on the first batch (default: %(default)s)",
     )
-    p.add_argument(
-        "--no_hf_baseline", action="store_true", help="skip the transformers generate baseline"
-    )
-    p.add_argument(
-        "--no_llama_cpp",
-        action="store_true",
-        help="skip the llama.cpp comparison. By default, when llama_cpp imports (the optional "
-        "package llama-cpp-python; docs/bench.md gives its install command) and every tensor "
-        "of the built-in model's GGUF equals the "
-        "engine's base weights, llama.cpp runs that GGUF with the same threads: plain "
-        "greedy decoding at batch 1 on the same prompts and lengths, interleaved with the "
-        "repetitions (needs 1 in --batch_sizes), and t(k), one forward over k = 1..33 new "
-        "tokens, beside the engine's cost model's t(k); otherwise the report says in one "
-        "line why it was not compared",
-    )
-    p.add_argument(
-        "--hf_model_dir",
-        default=None,
-        help="Hugging Face base model for the transformers baseline (default: rebuilt "
-        "from the engine's own weights; needed for engines without torch weights)",
-    )
+    add_baseline_arguments(p)
     p.add_argument(
         "--device", default=None, help="torch backend: cpu, cuda, cuda:N (default: auto)"
     )
