@@ -260,43 +260,23 @@ def build_model(
             def inp(name, dtype_, shape, dims):
                 return Tensor(name=name, dtype=dtype_, shape=shape, dim_range=OrderedDict(dims))
 
+            # the step's inputs, declared from the contract's table (B, T and mask words dynamic)
+            ranges = {
+                "B": ("batch", bs),
+                "T": ("tokens", t_range),
+                "ceil(T/32)": ("mask_words", [1, mask_words(t_range[1]), mask_words(t_range[2])]),
+                "W": ("W", [W] * 3),
+                "L": ("L", [L] * 3),
+            }
+            dynamic = ("B", "T", "ceil(T/32)")
             x = {
-                C.REQUEST_TYPES: inp(C.REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
-                C.SLOT_IDS: inp(C.SLOT_IDS, i32, [-1], [("batch", [bs])]),
-                C.CACHE_LENGTHS: inp(C.CACHE_LENGTHS, i32, [-1], [("batch", [bs])]),
-                C.INPUT_IDS: inp(
-                    C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
-                ),
-                C.INPUT_LENGTHS: inp(C.INPUT_LENGTHS, i32, [-1], [("batch", [bs])]),
-                C.POSITION_OFFSETS: inp(
-                    C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
-                ),
-                C.PACKED_MASK: inp(
-                    C.PACKED_MASK,
-                    i32,
-                    [-1, -1, -1],
-                    [
-                        ("batch", [bs]),
-                        ("tokens", [t_range]),
-                        ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]]),
-                    ],
-                ),
-                C.DRAFT_TOKENS: inp(
-                    C.DRAFT_TOKENS,
-                    i32,
-                    [-1, W, L],
-                    [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
-                ),
-                C.DRAFT_INDICES: inp(
-                    C.DRAFT_INDICES,
-                    i32,
-                    [-1, W, L],
-                    [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
-                ),
-                C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
-                C.TOP_K: inp(C.TOP_K, i32, [-1], [("batch", [bs])]),
-                C.TOP_P: inp(C.TOP_P, f32, [-1], [("batch", [bs])]),
-                C.UNIFORMS: inp(C.UNIFORMS, f32, [-1, L], [("batch", [bs]), ("L", [[L] * 3])]),
+                s.name: inp(
+                    s.name,
+                    {C.I32: i32, C.F32: f32}[s.dtype],
+                    [-1 if d in dynamic else ranges[d][1][0] for d in s.dims],
+                    [(ranges[d][0], [ranges[d][1]]) for d in s.dims],
+                )
+                for s in map(C.SPECS.get, C.ENGINE_INPUTS)
             }
             # attention plumbing (TensorRT-LLM names; paged cache, one pool, slot-contiguous blocks)
             layers = self.config.num_hidden_layers

@@ -189,22 +189,12 @@ class PreparedStep:
 
 
 def output_shapes(batch: int, shape: C.StepShape) -> dict[str, tuple[int, ...]]:
-    """The engine's outputs for ``batch`` rows (all int32; no dimension depends on T)."""
-    b, w, l, n = batch, shape.num_beams, shape.beam_len, shape.tree_size
-    return {
-        C.NUM_ACCEPTED_TOKENS: (b,),
-        C.ACCEPTED_BEAM_INDEX: (b,),
-        C.OUTPUT_TOKENS: (b, l),
-        C.NUM_OUTPUT_TOKENS: (b,),
-        C.NEW_CACHE_LENGTHS: (b,),
-        C.NEXT_DRAFT_TOKENS: (b, w, l),
-        C.NEXT_DRAFT_INDICES: (b, w, l),
-        C.NEXT_FLAT_TOKENS: (b, n),
-        C.NEXT_PACKED_LENGTHS: (b,),
-        C.NEXT_POSITION_OFFSETS: (b, n),
-        C.NEXT_PACKED_MASK: (b, n, mask_words(n)),
-        ACCEPTED_INDICES: (b, l),
-    }
+    """The engine's outputs for ``batch`` rows (all int32; no dimension depends on T): the
+    contract's (its table) and :data:`~redrafter_trt.trtllm.ACCEPTED_INDICES` [B, L]."""
+    sizes = C.dim_sizes(batch, 0, shape)
+    out = {n: C.SPECS[n].shape(sizes) for n in C.OUTPUTS}
+    out[ACCEPTED_INDICES] = (batch, shape.beam_len)
+    return out
 
 
 def prepare_step(
