@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_generator
 from redrafter_trt import contract as C
 from redrafter_trt.runtime.scheduler import QueueFull, SamplingParams, Scheduler, SchedulerClosed
+from test_slot_state import full_form, keep_trees
 
 PROMPTS = [[5, 9, 13], [7, 3], [22, 40, 41, 8, 9], [60, 2, 2, 2], [11], [90, 91, 92, 93, 94, 95]]
 SETTINGS = [
@@ -286,7 +287,9 @@ class TrtllmFeed:
     scheduler makes must pass :func:`redrafter_trt.trtllm.runtime.prepare_step` (one request type
     per call, a draft length of 0 or D) before the torch backend computes it. Request-type mixing
     is the TensorRT-LLM backend's own setting; chunked context is on, as for an engine built with
-    paged context FMHA."""
+    paged context FMHA. Like the TensorRT-LLM backend it keeps the trees in a slot state; each
+    generation call's feed must equal the feed of the same call with every input given, built
+    from host copies of the trees (what the runtime passed before backends kept them)."""
 
     def __init__(self, be):
         from redrafter_trt.trtllm.runtime import TrtllmBackend
@@ -304,26 +307,38 @@ class TrtllmFeed:
         self.prepared = []
 
     def reserve(self, slots, tokens):
+        import torch
+
+        from redrafter_trt.backends.slot_state import SlotState
+
         self.be.reserve(slots, tokens)
+        self.state = SlotState(slots, self.shape, torch.device("cpu"))
+        self.trees = {}  # slot -> host copies of its last call's carried outputs
 
     def step(self, inputs):
         import torch
 
+        from redrafter_trt.backends.slot_state import explicit_rows
         from redrafter_trt.trtllm.runtime import prepare_step
 
         d = int(inputs[C.NUM_DRAFT_STEPS])
         assert d in (0, self.shape.draft_len)  # what TrtllmBackend.step accepts
-        p = prepare_step(
-            inputs,
-            self.shape,
-            device=torch.device("cpu"),
-            max_blocks=8,
-            layers=2,
-            kv_len=128,
-            pool_ptr=0x1000,
-        )
+        kw = dict(device=torch.device("cpu"), max_blocks=8, layers=2, kv_len=128, pool_ptr=0x1000)
+        from_slots = C.from_slots(inputs)
+        rows = self.state.gather(inputs) if from_slots else explicit_rows(inputs, kw["device"])
+        p = prepare_step(inputs, self.shape, rows=rows, **kw)
+        if from_slots and not p.is_ctx:
+            given = prepare_step(full_form(inputs, self.trees, self.shape), self.shape, **kw)
+            assert (p.is_ctx, p.batch, p.tokens) == (given.is_ctx, given.batch, given.tokens)
+            for part in ("x", "plumbing"):
+                a, b = getattr(p, part), getattr(given, part)
+                assert a.keys() == b.keys()
+                assert all(torch.equal(a[k], b[k]) for k in a), part
         self.prepared.append((inputs[C.CACHE_LENGTHS].clone(), p))
-        return self.be.step(inputs)
+        out = self.be.step(inputs)
+        self.state.store(rows, out)
+        keep_trees(self.trees, inputs, out)
+        return out
 
 
 def test_the_trtllm_backend_feed_takes_every_call_of_a_chunked_in_flight_batch(gen):

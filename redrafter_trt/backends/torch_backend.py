@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -25,6 +23,8 @@ from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.tree import PackedTree, bool_to_packed_mask, root_only_tree
 from . import cuda_ops
+from .slot_state import SlotState, StepRows, explicit_rows
+from .timing import PhaseTimer
 
 #: ``(context [B, H], root [B], slots [B], root_positions [B]) -> beams [B, W, L]`` int
 Proposer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -201,9 +201,11 @@ class TorchBackend:
         # default: the draft head's beam search. Tests plug in proposers that know the answer.
         self.custom_proposer = proposer
         self.proposer = proposer or self._draft
-        self.timings: dict[str, float] = defaultdict(float)
         p = base.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
+        self.timer = PhaseTimer(self.device)
+        #: each slot's carried tree, on the device (made by :meth:`reserve`)
+        self.slot_state: SlotState | None = None
         self.ops = cuda_ops.select_ops(
             self.device
         )  # cpp/ kernels on CUDA when built; .name says which
@@ -222,6 +224,11 @@ class TorchBackend:
     @property
     def vocab_size(self) -> int:
         return self.base.config.vocab_size
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds per phase (verify / accept / draft / pack); see :class:`PhaseTimer`."""
+        return self.timer.totals
 
     @property
     def kv_cache_bytes(self) -> int | None:
@@ -247,19 +254,21 @@ class TorchBackend:
         )
 
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
-        """Make sure the KV cache holds ``slots`` rows of ``tokens_per_slot`` tokens (+ a tree)."""
+        """Make sure the KV cache holds ``slots`` rows of ``tokens_per_slot`` tokens (+ a tree);
+        every slot's carried tree is dropped."""
         need = tokens_per_slot + self.shape.tree_size
         c = self.cache
         if c is None or c.shape[2] < slots or c.shape[4] < need:
             self.cache = None
             self.cache = self.base.new_cache(slots, need)
+        self.slot_state = SlotState(self.cache.shape[2], self.shape, self.device)
 
-    def _tick(self, name: str, t0: float) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t1 = time.perf_counter()
-        self.timings[name] += t1 - t0
-        return t1
+    def _rows(self, inputs: dict[str, torch.Tensor]) -> StepRows:
+        """The call's inputs on the device: generation rows' trees from the slot state
+        (``FROM_SLOTS``) or from ``inputs``."""
+        if C.from_slots(inputs):
+            return self.slot_state.gather(inputs)
+        return explicit_rows(inputs, self.device)
 
     def _head(self) -> Drafter:
         if self.drafter is None:
@@ -310,13 +319,17 @@ class TorchBackend:
         C.check_inputs(inputs, self.shape)
         assert self.cache is not None, "reserve() the KV cache before step()"
         dev = self.device
-        t0 = time.perf_counter()
-        x = {k: v.to(dev) for k, v in inputs.items()}
+        t0 = self.timer.start()
+        # every input on the device; T, the acceptance depth and whether every row is a prompt
+        # come from the host (no read of the device mid-step)
+        feed = self._rows(inputs)
+        x = feed.x
+        all_ctx = feed.all_context
         is_ctx = x[C.REQUEST_TYPES] == C.CONTEXT
         lengths = x[C.INPUT_LENGTHS].to(torch.int64)
         b = lengths.shape[0]
         rows = torch.arange(b, device=dev)
-        t = int(lengths.max())
+        t = feed.tokens
         # a context row's cache_lengths are the prompt tokens its slot holds already (chunked
         # prefill; 0 for a prompt's first chunk): its tokens attend to them causally
         cache_len = x[C.CACHE_LENGTHS].to(torch.int64)
@@ -334,25 +347,16 @@ class TorchBackend:
         )
         # Nodes whose logits acceptance reads: the packed tree, or a prompt's last token at node 0.
         last = hidden[rows, lengths - 1]
-        if bool(is_ctx.all()):
+        if all_ctx:
             node_hidden = last[:, None]
         else:
             node_hidden = hidden.clone()
             node_hidden[:, 0] = torch.where(is_ctx[:, None], last, hidden[:, 0])
         logits = self.base.logits(node_hidden, float32=True)  # acceptance reads float32
-        t0 = self._tick("verify", t0)
+        t0 = self.timer.tick("verify", t0)
 
         # Acceptance over the trees' real depth only (1 for prompts and plain decoding).
-        depth = (
-            1
-            if bool(is_ctx.all())
-            else int(
-                torch.where(
-                    is_ctx[:, None], 0, offsets.masked_fill(ar[None, :] >= lengths[:, None], 0)
-                ).max()
-            )
-            + 1
-        )
+        depth = feed.depth
         beams = torch.where(is_ctx[:, None, None], -1, x[C.DRAFT_TOKENS].to(torch.int64))[
             :, :, :depth
         ]
@@ -377,9 +381,9 @@ class TorchBackend:
         context = node_hidden[rows, path[rows, n]]
         out_tokens = torch.full((b, l), -1, dtype=torch.int32, device=dev)
         out_tokens[:, :depth] = acc.emitted
-        t0 = self._tick("accept", t0)
+        t0 = self.timer.tick("accept", t0)
 
-        d = int(x[C.NUM_DRAFT_STEPS])
+        d = int(inputs[C.NUM_DRAFT_STEPS])
         nb = int(inputs[C.NUM_DRAFT_BEAMS]) if C.NUM_DRAFT_BEAMS in inputs else self.shape.num_beams
         if not 0 <= d <= self.shape.draft_len:
             raise ValueError(f"{C.NUM_DRAFT_STEPS} must be in [0, {self.shape.draft_len}], got {d}")
@@ -402,21 +406,14 @@ class TorchBackend:
                 )
             else:  # a plugged-in proposer: the best nb beams' first d draft tokens
                 next_beams = self.proposer(context, acc.bonus, slots, new_len)[:, :nb, : d + 1]
-            t0 = self._tick("draft", t0)
+            t0 = self.timer.tick("draft", t0)
             if next_beams.shape[1:] == (self.shape.num_beams, self.shape.beam_len):
                 tree = pack_tree(next_beams)
             else:
                 tree, next_beams = pad_tree(next_beams, self.shape)
         else:
             tree, next_beams = root_only_tree(acc.bonus, self.shape)
-        self._tick("pack", t0)
-        extra = {}
-        if C.NUM_TOP_LOGPROBS in inputs:  # optional: log-probabilities of the emitted tokens
-            extra = emitted_logprobs(
-                logits, path[:, :depth], acc.emitted, l, int(inputs[C.NUM_TOP_LOGPROBS])
-            )
-        return {
-            **extra,
+        out = {
             C.NUM_ACCEPTED_TOKENS: acc.num_accepted,
             C.ACCEPTED_BEAM_INDEX: acc.best_beam,
             C.OUTPUT_TOKENS: out_tokens,
@@ -429,6 +426,15 @@ class TorchBackend:
             C.NEXT_POSITION_OFFSETS: tree.offsets,
             C.NEXT_PACKED_MASK: tree.packed_mask,
         }
+        self.slot_state.store(feed, out)  # the next call's generation rows read it
+        self.timer.tick("pack", t0)
+        if C.NUM_TOP_LOGPROBS in inputs:  # optional: log-probabilities of the emitted tokens
+            out.update(
+                emitted_logprobs(
+                    logits, path[:, :depth], acc.emitted, l, int(inputs[C.NUM_TOP_LOGPROBS])
+                )
+            )
+        return out
 
 
 # --------------------------------------------------------------------------- optional logprobs

@@ -429,10 +429,9 @@ def rank_bytes_per_step(cfg: RedrafterCheckpointConfig, tp_size: int, bytes_per_
 # --------------------------------------------------------------------------- step protocol
 # One command = a fixed int64 header (broadcast) + for STEP one uint8 payload (broadcast).
 CMD_STEP, CMD_RESERVE, CMD_PING, CMD_STOP, CMD_LOGITS = 1, 2, 3, 4, 5
-_HEADER = (
-    8 + 16 * 7
-)  # cmd, seq, W, D, a, b, payload bytes, tensors; 16 x (name, dtype, ndim, 4 dims)
-_NAMES = (*C.INPUTS, C.NUM_DRAFT_BEAMS, "prompt_ids")
+_NAMES = (*C.ALL_INPUTS, "prompt_ids")  # every step input, the optional ones too
+# cmd, seq, W, D, a, b, payload bytes, tensors; per tensor (name, dtype, ndim, 4 dims)
+_HEADER = 8 + len(_NAMES) * 7
 _DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64, torch.bool, torch.float16)
 
 

@@ -3,7 +3,9 @@
 Every iteration of :meth:`Scheduler.step` makes one or two backend calls:
 
 - new requests (taken from a bounded FIFO queue while slots are free) enter as *context* rows;
-- every running request enters as a *generation* row verifying the tree its previous call drafted.
+- every running request enters as a *generation* row verifying the tree its previous call drafted,
+  which the backend keeps in the request's slot (``FROM_SLOTS``: only the slot id is passed; of a
+  call's outputs only the emitted tokens, and log-probabilities where asked, come to the host).
 
 Where the backend accepts both kinds in one call (``backend.mixed_request_types``, the torch
 backend) and the prompts (or prompt chunks) are no longer than the packed tree (so the generation
@@ -47,7 +49,6 @@ import torch
 from .. import contract as C
 from ..errors import RedrafterError, require
 from ..ops.sampling import position_uniforms
-from ..ops.tree import mask_words
 from .detokenize import IncrementalDetokenizer
 
 
@@ -150,8 +151,10 @@ class Request:
         self.text: str | None = None
         self.detok: IncrementalDetokenizer | None = None
         self.slot: int | None = None
-        self.carried: dict[str, torch.Tensor] | None = None  # this row's next-call inputs
-        self.drafted: tuple[int, int] | None = None  # (beams, depth) of the tree in ``carried``
+        # the prompt is prefilled and the backend holds, in the slot, the tree the next call
+        # verifies (contract.FROM_SLOTS: the tree never comes to the host)
+        self.generating = False
+        self.drafted: tuple[int, int] | None = None  # (beams, depth) of that tree
         self.cancel_requested = False
         self.done = threading.Event()
         self.t_submit = time.perf_counter()
@@ -165,7 +168,13 @@ class Request:
     @property
     def prefilling(self) -> bool:
         """Holds a slot, prompt not fully prefilled yet (no token emitted)."""
-        return self.slot is not None and self.carried is None
+        return self.slot is not None and not self.generating
+
+    @property
+    def cache_length(self) -> int:
+        """Tokens the slot's cache holds while generating: the prompt and every token but the
+        last, the root of the tree the next call verifies (the backend's ``new_cache_lengths``)."""
+        return len(self.prompt) + len(self.tokens) - 1
 
     @property
     def tokens_per_step(self) -> float:
@@ -212,6 +221,31 @@ class Counters:
             self.finished,
             dict(self.accepted_hist),
         )
+
+
+@dataclass
+class Call:
+    """One backend call as :meth:`Scheduler._pack` planned it."""
+
+    rows: list[Request]
+    ctx: list[bool]  # per row: a context row (prefilling its prompt)
+    emits: list[bool]  # per row: the call ends its prompt or is a generation row
+    num_draft_steps: int
+    num_beams: int
+    logprobs: bool  # some row asked for log-probabilities
+    inputs: dict[str, torch.Tensor]
+
+
+#: The outputs the scheduler reads to the host, with the log-probabilities where asked.
+HOST_OUTPUTS = (C.NUM_OUTPUT_TOKENS, C.OUTPUT_TOKENS)
+LOGPROB_OUTPUTS = (C.OUTPUT_LOGPROBS, C.TOP_LOGPROB_TOKENS, C.TOP_LOGPROBS)
+
+
+def read_outputs(out: dict[str, torch.Tensor], logprobs: bool) -> dict[str, list]:
+    """The outputs a call's rows need on the host, as lists (the carried tree stays with the
+    backend)."""
+    names = HOST_OUTPUTS + (LOGPROB_OUTPUTS if logprobs else ())
+    return {n: out[n].cpu().tolist() for n in names}
 
 
 def full_or_plain(rows: Sequence[Request], shape: C.StepShape) -> int:
@@ -478,7 +512,7 @@ class Scheduler:
             self._live.pop(req.slot, None)
             heapq.heappush(self._free, req.slot)
             req.slot = None
-        req.carried = None
+        req.generating = False
         req.t_done = time.perf_counter()
         self.counters.finished += 1
         events.append(Event(req, list(added), text, True, req.finish_reason))
@@ -500,7 +534,7 @@ class Scheduler:
             chunks = self._plan_prefill()
         t0 = time.perf_counter()
         ctx_rows = list(chunks)
-        gen_rows = [r for r in self._live.values() if r.carried is not None]
+        gen_rows = [r for r in self._live.values() if r.generating]
         ctx_calls, calls, accepted, d_used = 0, 0, list[int](), 0
         if ctx_rows or gen_rows:
             t_ctx = max(chunks.values(), default=0)
@@ -513,7 +547,7 @@ class Scheduler:
                 and ctx_rows
                 and gen_rows
                 and t_ctx <= n
-                and max(int(r.carried[C.CACHE_LENGTHS]) for r in gen_rows) + max(t_ctx, n) <= cap
+                and max(r.cache_length for r in gen_rows) + max(t_ctx, n) <= cap
                 and max(r.prefilled for r in ctx_rows) + max(t_ctx, n) <= cap
             )
             if mix:
@@ -618,40 +652,41 @@ class Scheduler:
         events: list[Event],
         accepted_out: list[int],
     ) -> int:
-        """One backend call over ``rows``: context rows (no ``carried`` yet) prefill their next
-        ``chunks[r]`` prompt tokens after the ``r.prefilled`` ones in their slot."""
-        be, shape = self.backend, self.shape
-        w, l, n = shape.num_beams, shape.beam_len, shape.tree_size
-        b = len(rows)
-        i32: dict[str, Any] = dict(dtype=torch.int32)
-        ctx = [r.carried is None for r in rows]
-        t = max([chunks[r] for r, c in zip(rows, ctx) if c] + ([n] if not all(ctx) else []))
-        words = mask_words(t)
-        ids = torch.zeros((b, t), **i32)
-        lens = torch.zeros(b, **i32)
-        offs = torch.zeros((b, t), **i32)
-        mask = torch.zeros((b, t, words), **i32)
-        dtok = torch.full((b, w, l), -1, **i32)
-        didx = torch.zeros((b, w, l), **i32)
-        clen = torch.zeros(b, **i32)
-        uni = np.zeros((b, l), dtype=np.float32)
+        """One backend call over ``rows``: its inputs, the step, its outputs applied to the rows.
+        Returns the call's draft steps."""
+        call = self._pack(rows, chunks)
+        try:
+            out = self.backend.step(call.inputs)
+        except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server
+            with self._lock:
+                for r in rows:
+                    self._finish(r, "error", events, error=f"{type(e).__name__}: {e}")
+            return call.num_draft_steps
+        self._apply(call, chunks, read_outputs(out, call.logprobs), events, accepted_out)
+        return call.num_draft_steps
+
+    def _pack(self, rows: list[Request], chunks: dict[Request, int]) -> Call:
+        """The inputs of one call (shapes and dtypes from the contract's table): context rows
+        prefill their next ``chunks[r]`` prompt tokens after the ``r.prefilled`` ones in their
+        slot; generation rows pass their slot alone, the backend holds their trees
+        (``FROM_SLOTS``)."""
+        shape = self.shape
+        ctx = [not r.generating for r in rows]
+        t = max((chunks[r] for r, c in zip(rows, ctx) if c), default=0)
+        sizes = C.dim_sizes(len(rows), t, shape)
+        ids, lens, clen, uni = (
+            C.SPECS[n].new(sizes)
+            for n in (C.INPUT_IDS, C.INPUT_LENGTHS, C.CACHE_LENGTHS, C.UNIFORMS)
+        )
+        positions, uniforms = np.arange(shape.beam_len), uni.numpy()
         for j, (r, c) in enumerate(zip(rows, ctx)):
             if c:
                 seg = r.prompt[r.prefilled : r.prefilled + chunks[r]]
-                ids[j, : len(seg)] = torch.tensor(seg, **i32)
+                ids[j, : len(seg)] = C.input_tensor(C.INPUT_IDS, seg)
                 lens[j] = len(seg)
                 clen[j] = r.prefilled
-            else:
-                k = r.carried
-                ids[j, :n] = k[C.INPUT_IDS]
-                lens[j] = k[C.INPUT_LENGTHS]
-                offs[j, :n] = k[C.POSITION_OFFSETS]
-                mask[j, :n, : k[C.PACKED_MASK].shape[-1]] = k[C.PACKED_MASK]
-                dtok[j] = k[C.DRAFT_TOKENS]
-                didx[j] = k[C.DRAFT_INDICES]
-                clen[j] = k[C.CACHE_LENGTHS]
             start = len(r.prompt) + len(r.tokens)
-            uni[j] = position_uniforms(r.params.seed, r.params.stream, start + np.arange(l))
+            uniforms[j] = position_uniforms(r.params.seed, r.params.stream, start + positions)
         # rows whose prompt is done after this call (mid-prompt chunks emit nothing)
         emits = [not c or r.prefilled + chunks[r] == len(r.prompt) for r, c in zip(rows, ctx)]
         d = int(self.draft_policy(rows, shape)) if any(emits) else 0
@@ -659,58 +694,55 @@ class Scheduler:
         if d > 0 and self.policy is not None:
             beams, d = (int(x) for x in self.policy.choose(len(rows)))
         inputs = {
-            C.REQUEST_TYPES: torch.tensor([C.CONTEXT if c else C.GENERATION for c in ctx], **i32),
-            C.SLOT_IDS: torch.tensor([r.slot for r in rows], **i32),
+            C.REQUEST_TYPES: C.input_tensor(
+                C.REQUEST_TYPES, [C.CONTEXT if c else C.GENERATION for c in ctx]
+            ),
+            C.SLOT_IDS: C.input_tensor(C.SLOT_IDS, [r.slot for r in rows]),
             C.CACHE_LENGTHS: clen,
             C.INPUT_IDS: ids,
             C.INPUT_LENGTHS: lens,
-            C.POSITION_OFFSETS: offs,
-            C.PACKED_MASK: mask,
-            C.DRAFT_TOKENS: dtok,
-            C.DRAFT_INDICES: didx,
-            C.TEMPERATURE: torch.tensor(
-                [float(r.params.temperature) for r in rows], dtype=torch.float32
-            ),
-            C.TOP_K: torch.tensor([int(r.params.top_k) for r in rows], **i32),
-            C.TOP_P: torch.tensor([float(r.params.top_p) for r in rows], dtype=torch.float32),
-            C.UNIFORMS: torch.from_numpy(uni),
-            C.NUM_DRAFT_STEPS: torch.tensor(d, **i32),
+            C.TEMPERATURE: C.input_tensor(C.TEMPERATURE, [r.params.temperature for r in rows]),
+            C.TOP_K: C.input_tensor(C.TOP_K, [r.params.top_k for r in rows]),
+            C.TOP_P: C.input_tensor(C.TOP_P, [r.params.top_p for r in rows]),
+            C.UNIFORMS: uni,
+            C.NUM_DRAFT_STEPS: C.input_tensor(C.NUM_DRAFT_STEPS, d),
+            C.FROM_SLOTS: C.input_tensor(C.FROM_SLOTS, 1),
         }
         if self.policy is not None:
-            inputs[C.NUM_DRAFT_BEAMS] = torch.tensor(beams if d > 0 else 1, **i32)
+            inputs[C.NUM_DRAFT_BEAMS] = C.input_tensor(C.NUM_DRAFT_BEAMS, beams if d > 0 else 1)
         top = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         if top:
-            inputs[C.NUM_TOP_LOGPROBS] = torch.tensor(max(top), **i32)
-        try:
-            out = be.step(inputs)
-        except Exception as e:  # noqa: BLE001 - a failed call fails its rows, not the server
-            with self._lock:
-                for r in rows:
-                    self._finish(r, "error", events, error=f"{type(e).__name__}: {e}")
-            return d
-        carried = {dst: out[src].cpu() for src, dst in C.CARRIED.items()}
-        counts = out[C.NUM_OUTPUT_TOKENS].cpu().tolist()
-        emitted = out[C.OUTPUT_TOKENS].cpu().tolist()
-        if top:
-            lps = out[C.OUTPUT_LOGPROBS].cpu().tolist()
-            top_ids = out[C.TOP_LOGPROB_TOKENS].cpu().tolist()
-            top_lps = out[C.TOP_LOGPROBS].cpu().tolist()
+            inputs[C.NUM_TOP_LOGPROBS] = C.input_tensor(C.NUM_TOP_LOGPROBS, max(top))
+        return Call(rows, ctx, emits, d, beams, bool(top), inputs)
+
+    def _apply(
+        self,
+        call: Call,
+        chunks: dict[Request, int],
+        out: dict[str, list],
+        events: list[Event],
+        accepted_out: list[int],
+    ) -> None:
+        """A call's outputs (read to the host) applied to its rows: tokens appended, rows that
+        stop finished, events for the rest."""
+        counts, emitted = out[C.NUM_OUTPUT_TOKENS], out[C.OUTPUT_TOKENS]
+        beams, d = call.num_beams, call.num_draft_steps
         now = time.perf_counter()
         with self._lock:
-            for j, (r, c) in enumerate(zip(rows, ctx)):
+            for j, (r, c) in enumerate(zip(call.rows, call.ctx)):
                 if c:
                     r.prefilled += chunks[r]
-                    if not emits[j]:  # a mid-prompt chunk: its sampled token is not the request's
+                    if not call.emits[j]:  # a mid-prompt chunk: its token is not the request's
                         if r.cancel_requested:
                             self._finish(r, "cancelled", events)
                         continue
                 added = self._append(r, emitted[j][: counts[j]])
                 if r.params.logprobs is not None:
                     n_top = r.params.logprobs
-                    r.logprobs.extend(lps[j][: len(added)])
+                    r.logprobs.extend(out[C.OUTPUT_LOGPROBS][j][: len(added)])
+                    ids, lps = out[C.TOP_LOGPROB_TOKENS][j], out[C.TOP_LOGPROBS][j]
                     r.top_logprobs.extend(
-                        list(zip(top_ids[j][i][:n_top], top_lps[j][i][:n_top]))
-                        for i in range(len(added))
+                        list(zip(ids[i][:n_top], lps[i][:n_top])) for i in range(len(added))
                     )
                 if c:
                     r.t_first = now
@@ -724,10 +756,9 @@ class Scheduler:
                 if r.finish_reason is not None or r.cancel_requested:
                     self._finish(r, None if r.finish_reason else "cancelled", events, added)
                     continue
-                r.carried = {k: v[j] for k, v in carried.items()}
+                r.generating = True
                 text = r.detok.push(added) if r.detok is not None else None
                 events.append(Event(r, added, text, False, None))
-        return d
 
     # ------------------------------------------------------------------ background loop
     def start(self) -> None:

@@ -504,47 +504,28 @@ def network_input(name: str, dtype, shape: list[int], dims: list[tuple[str, list
 
 
 def step_inputs(cfg: RedrafterCheckpointConfig, bs: list[int], t_range: list[int]) -> dict:
-    """The contract's inputs (:mod:`redrafter_trt.contract`) for batch sizes ``bs`` and tokens
-    per row ``t_range`` (min, opt, max)."""
+    """The contract's inputs for batch sizes ``bs`` and tokens per row ``t_range`` (min, opt,
+    max), declared from its table (:data:`redrafter_trt.contract.SPECS`): B, T and the mask
+    words dynamic, W and L fixed."""
     trt, _ = require_trtllm(BUILDING)
-    inp = network_input
     W, L = cfg.num_beams, cfg.draft_len + 1
-    i32, f32 = trt.int32, trt.float32
+    dtypes = {C.I32: trt.int32, C.F32: trt.float32}
+    ranges = {
+        "B": ("batch", bs),
+        "T": ("tokens", t_range),
+        "ceil(T/32)": ("mask_words", [1, mask_words(t_range[1]), mask_words(t_range[2])]),
+        "W": ("W", [W] * 3),
+        "L": ("L", [L] * 3),
+    }
+    dynamic = ("B", "T", "ceil(T/32)")
     return {
-        C.REQUEST_TYPES: inp(C.REQUEST_TYPES, i32, [-1], [("batch", [bs])]),
-        C.SLOT_IDS: inp(C.SLOT_IDS, i32, [-1], [("batch", [bs])]),
-        C.CACHE_LENGTHS: inp(C.CACHE_LENGTHS, i32, [-1], [("batch", [bs])]),
-        C.INPUT_IDS: inp(C.INPUT_IDS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]),
-        C.INPUT_LENGTHS: inp(C.INPUT_LENGTHS, i32, [-1], [("batch", [bs])]),
-        C.POSITION_OFFSETS: inp(
-            C.POSITION_OFFSETS, i32, [-1, -1], [("batch", [bs]), ("tokens", [t_range])]
-        ),
-        C.PACKED_MASK: inp(
-            C.PACKED_MASK,
-            i32,
-            [-1, -1, -1],
-            [
-                ("batch", [bs]),
-                ("tokens", [t_range]),
-                ("mask_words", [[1, mask_words(t_range[1]), mask_words(t_range[2])]]),
-            ],
-        ),
-        C.DRAFT_TOKENS: inp(
-            C.DRAFT_TOKENS,
-            i32,
-            [-1, W, L],
-            [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
-        ),
-        C.DRAFT_INDICES: inp(
-            C.DRAFT_INDICES,
-            i32,
-            [-1, W, L],
-            [("batch", [bs]), ("W", [[W] * 3]), ("L", [[L] * 3])],
-        ),
-        C.TEMPERATURE: inp(C.TEMPERATURE, f32, [-1], [("batch", [bs])]),
-        C.TOP_K: inp(C.TOP_K, i32, [-1], [("batch", [bs])]),
-        C.TOP_P: inp(C.TOP_P, f32, [-1], [("batch", [bs])]),
-        C.UNIFORMS: inp(C.UNIFORMS, f32, [-1, L], [("batch", [bs]), ("L", [[L] * 3])]),
+        s.name: network_input(
+            s.name,
+            dtypes[s.dtype],
+            [-1 if d in dynamic else ranges[d][1][0] for d in s.dims],
+            [(ranges[d][0], [ranges[d][1]]) for d in s.dims],
+        )
+        for s in map(C.SPECS.get, C.ENGINE_INPUTS)
     }
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ import torch
 
 from .. import contract as C
 from .. import native
+from ..backends.slot_state import SlotState, StepRows, explicit_rows
+from ..backends.timing import PhaseTimer
 from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
@@ -189,22 +190,12 @@ class PreparedStep:
 
 
 def output_shapes(batch: int, shape: C.StepShape) -> dict[str, tuple[int, ...]]:
-    """The engine's outputs for ``batch`` rows (all int32; no dimension depends on T)."""
-    b, w, l, n = batch, shape.num_beams, shape.beam_len, shape.tree_size
-    return {
-        C.NUM_ACCEPTED_TOKENS: (b,),
-        C.ACCEPTED_BEAM_INDEX: (b,),
-        C.OUTPUT_TOKENS: (b, l),
-        C.NUM_OUTPUT_TOKENS: (b,),
-        C.NEW_CACHE_LENGTHS: (b,),
-        C.NEXT_DRAFT_TOKENS: (b, w, l),
-        C.NEXT_DRAFT_INDICES: (b, w, l),
-        C.NEXT_FLAT_TOKENS: (b, n),
-        C.NEXT_PACKED_LENGTHS: (b,),
-        C.NEXT_POSITION_OFFSETS: (b, n),
-        C.NEXT_PACKED_MASK: (b, n, mask_words(n)),
-        ACCEPTED_INDICES: (b, l),
-    }
+    """The engine's outputs for ``batch`` rows (all int32; no dimension depends on T): the
+    contract's (its table) and :data:`~redrafter_trt.trtllm.ACCEPTED_INDICES` [B, L]."""
+    sizes = C.dim_sizes(batch, 0, shape)
+    out = {n: C.SPECS[n].shape(sizes) for n in C.OUTPUTS}
+    out[ACCEPTED_INDICES] = (batch, shape.beam_len)
+    return out
 
 
 def prepare_step(
@@ -217,25 +208,30 @@ def prepare_step(
     kv_len: int,
     pool_ptr: int,
     bucket: bool = False,
+    rows: StepRows | None = None,
 ) -> PreparedStep:
     """The engine inputs of one call: the contract's tensors trimmed to the call's T, the tree
     mask with padding nodes seeing themselves, and TensorRT-LLM's attention plumbing.
 
+    ``rows``: the call's inputs on ``device`` with their host facts (a ``FROM_SLOTS`` call's,
+    from the slot state); None = built from ``inputs``, which then holds every input. The host
+    plumbing comes from the host facts, so nothing is read back from the device.
+
     T is the longest row; with ``bucket`` (CUDA-graph mode) a generation call's T is rounded up
     to a bucket of :func:`~.cuda_graph.bucket_tokens` so that calls share shape keys."""
-    types = inputs[C.REQUEST_TYPES]
-    is_ctx = bool((types == C.CONTEXT).all())
+    if rows is None:
+        rows = explicit_rows(inputs, device)
+    is_ctx = rows.all_context
     require(
-        is_ctx or bool((types == C.GENERATION).all()),
+        is_ctx or not any(rows.is_ctx),
         "the trtllm backend runs context rows and generation rows in separate calls",
     )
     dev = device
-    x = {k: v.to(dev, non_blocking=True) for k, v in inputs.items() if k != C.NUM_DRAFT_STEPS}
-    lengths = inputs[C.INPUT_LENGTHS].to(torch.int64)
-    b = lengths.shape[0]
-    t = int(lengths.max())
+    x = dict(rows.x)
+    b = rows.batch
+    t = rows.tokens
     if bucket and not is_ctx:
-        t = bucket_tokens(t, shape.tree_size, inputs[C.INPUT_IDS].shape[1])
+        t = bucket_tokens(t, shape.tree_size, x[C.INPUT_IDS].shape[1])
     x[C.INPUT_IDS] = x[C.INPUT_IDS][:, :t].contiguous()
     x[C.POSITION_OFFSETS] = x[C.POSITION_OFFSETS][:, :t].contiguous()
     # mask words: the tree's ceil(N/32) for generation calls (the plugin's packed-mask stride)
@@ -255,17 +251,18 @@ def prepare_step(
 
     seq = (cache_len + t).to(torch.int32)
     host = lambda v, dt=torch.int32: torch.as_tensor(v, dtype=dt).cpu()  # noqa: E731
-    offsets = paged_block_offsets(x[C.SLOT_IDS], max_blocks, layers)
+    host_offsets = paged_block_offsets(torch.tensor(rows.slots), max_blocks, layers)
+    offsets = host_offsets.to(dev, non_blocking=True)
     plumbing = {
         P.SEQUENCE_LENGTH: seq,
-        P.HOST_PAST_KEY_VALUE_LENGTHS: seq.cpu(),
+        P.HOST_PAST_KEY_VALUE_LENGTHS: host([c + t for c in rows.cache_lengths]),
         P.HOST_MAX_ATTENTION_WINDOW_SIZES: host([kv_len] * layers),
         P.HOST_SINK_TOKEN_LENGTH: host([0]),
         P.CONTEXT_LENGTHS: torch.full((b,), t, dtype=torch.int32, device=dev),
         P.HOST_CONTEXT_LENGTHS: host([t] * b),
         P.HOST_REQUEST_TYPES: host([C.CONTEXT if is_ctx else C.GENERATION] * b),
         P.KV_CACHE_BLOCK_OFFSETS: offsets,
-        P.HOST_KV_CACHE_BLOCK_OFFSETS: offsets.cpu(),
+        P.HOST_KV_CACHE_BLOCK_OFFSETS: host_offsets,
         P.HOST_KV_CACHE_POOL_POINTERS: host([[pool_ptr, 0]], torch.int64),
         P.HOST_KV_CACHE_POOL_MAPPING: host([[0, layer] for layer in range(layers)]),
         P.CACHE_INDIRECTION: torch.zeros((b, 1, kv_len), dtype=torch.int32, device=dev),
@@ -372,7 +369,9 @@ class TrtllmBackend:
         self.pool: torch.Tensor | None = None
         self.slots = 0
         self.max_blocks = 0
-        self.timings: dict[str, float] = defaultdict(float)
+        self.timer = PhaseTimer(self.device)
+        #: each slot's carried tree, on the GPU (made by :meth:`reserve`)
+        self.slot_state: SlotState | None = None
         # KV relocation: chosen on the first generation call (the CUDA library loads lazily)
         self.relocate_impl: str | None = None  # RELOCATE_KERNEL or RELOCATE_TORCH
         self.relocate_reason = ""
@@ -409,6 +408,12 @@ class TrtllmBackend:
         return None
 
     @property
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds per phase (engine or engine_graph / graph_capture, relocate, pack),
+        CUDA-event intervals read when this is read (:class:`~..backends.timing.PhaseTimer`)."""
+        return self.timer.totals
+
+    @property
     def kv_cache_bytes(self) -> int | None:
         """Bytes of the paged pool (None before :meth:`reserve`)."""
         p = self.pool
@@ -422,13 +427,15 @@ class TrtllmBackend:
 
     # ------------------------------------------------------------------ KV cache
     def reserve(self, slots: int, tokens_per_slot: int) -> None:
-        """Allocate the paged pool: ``slots`` slots of ``tokens_per_slot`` tokens plus one tree."""
+        """Allocate the paged pool: ``slots`` slots of ``tokens_per_slot`` tokens plus one tree;
+        every slot's carried tree is dropped."""
         require(
             tokens_per_slot <= self.max_seq_len,
             f"{tokens_per_slot} tokens per slot exceed the engine's max_seq_len {self.max_seq_len}",
         )
         require(slots >= 1, f"slots must be >= 1, got {slots}")
         if self.pool is not None and self.slots >= slots:
+            self.slot_state = SlotState(self.slots, self.shape, self.device)
             return
         if self.graph_runner is not None:
             self.graph_runner.clear()  # the pool pointer is a captured host value
@@ -440,6 +447,7 @@ class TrtllmBackend:
             slots, self.max_blocks, self.layers, self.kv_heads, self.tokens_per_block, self.head_dim
         )
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.slot_state = SlotState(slots, self.shape, self.device)
 
     # ------------------------------------------------------------------ step
     @property
@@ -471,9 +479,12 @@ class TrtllmBackend:
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         C.check_inputs(inputs, self.shape)
         require(self.pool is not None, "reserve() the KV cache before step()")
-        t0 = time.perf_counter()
         dev = self.device
-        is_gen = bool((inputs[C.REQUEST_TYPES] == C.GENERATION).all())
+        t0 = self.timer.start()
+        rows = (
+            self.slot_state.gather(inputs) if C.from_slots(inputs) else explicit_rows(inputs, dev)
+        )
+        is_gen = not any(rows.is_ctx)
         use_graph = is_gen and self.graph_runner is not None
         p = prepare_step(
             inputs,
@@ -484,16 +495,20 @@ class TrtllmBackend:
             kv_len=self.kv_len,
             pool_ptr=self.pool.data_ptr(),
             bucket=use_graph,
+            rows=rows,
         )
         is_ctx, cache_len = p.is_ctx, p.cache_lengths
         feed = p.feed(self.engine_inputs)
-        torch.cuda.current_stream(dev).synchronize()
+        # the engine's stream starts after the inputs made on the current stream, and the current
+        # stream goes on after the engine: stream order, no host synchronisation
+        current = torch.cuda.current_stream(dev)
+        self.stream.wait_stream(current)
         outputs: dict[str, torch.Tensor] | None = None
         phase = "engine"
         if use_graph:
             try:
                 static = self.graph_runner.run(ShapeKey(p.batch, p.tokens), feed, p.out_shapes)
-                self.stream.synchronize()
+                current.wait_stream(self.stream)
                 outputs = {k: v.clone() for k, v in static.items()}  # the static buffers are reused
                 phase = (
                     "engine_graph" if self.graph_runner.last_action == "replay" else "graph_capture"
@@ -511,10 +526,10 @@ class TrtllmBackend:
                 k: torch.empty(s, dtype=torch.int32, device=dev) for k, s in p.out_shapes.items()
             }
             self._run_eager(feed, outputs)
-            self.stream.synchronize()
+            current.wait_stream(self.stream)
             if is_gen:
                 self.graph_calls["eager"] += 1
-        t0 = self._tick(phase, t0)
+        t0 = self.timer.tick(phase, t0)
 
         n_acc = outputs[C.NUM_ACCEPTED_TOKENS]
         if not is_ctx:
@@ -533,7 +548,7 @@ class TrtllmBackend:
                 impl=self.relocate_impl,
             )
             self.relocate_calls[self.relocate_impl] += 1
-        t0 = self._tick("relocate", t0)
+        t0 = self.timer.tick("relocate", t0)
         if int(inputs[C.NUM_DRAFT_STEPS]) == 0:  # plain decoding: the next tree is the root alone
             bonus = outputs[C.OUTPUT_TOKENS].gather(1, n_acc[:, None].to(torch.int64))[:, 0]
             tree, beams = root_only_tree(bonus, self.shape)
@@ -552,11 +567,7 @@ class TrtllmBackend:
                 int(inputs[C.NUM_DRAFT_STEPS]) == self.shape.draft_len,
                 f"{C.NUM_DRAFT_STEPS} must be 0 or {self.shape.draft_len}",
             )
-        self._tick("pack", t0)
-        return {k: outputs[k] for k in C.OUTPUTS}
-
-    def _tick(self, name: str, t0: float) -> float:
-        torch.cuda.synchronize(self.device)
-        t1 = time.perf_counter()
-        self.timings[name] += t1 - t0
-        return t1
+        out = {k: outputs[k] for k in C.OUTPUTS}
+        self.slot_state.store(rows, out)  # the next call's generation rows read it
+        self.timer.tick("pack", t0)
+        return out
