@@ -151,10 +151,11 @@ def test_truncated_blocks_file_is_a_clear_error(tmp_path):
     assert str(path) in str(e.value)
 
 
-def tiny_gguf_like_base(tmp_path) -> Path:
+def tiny_gguf_like_base(tmp_path, **cfg) -> Path:
     """A tiny llama HF directory as a GGUF conversion leaves it: its linears Q4_1 blocks and its
-    embedding Q8_0 in blocks.safetensors, model.safetensors their float32 expansion."""
-    d = write_tiny_hf(tmp_path / "hf", "llama", tie=True)
+    embedding Q8_0 in blocks.safetensors, model.safetensors their float32 expansion (``cfg``:
+    config overrides, sizes multiples of 32)."""
+    d = write_tiny_hf(tmp_path / "hf", "llama", tie=True, **cfg)
     sd = load_file(str(d / "model.safetensors"))
     blocks = {}
     for name in sd:
@@ -179,7 +180,7 @@ def cli_convert(base: Path, out: Path, *extra: str) -> Path:
 
 def test_checkpoint_keeps_blocks_and_the_torch_backend_loads_them(tmp_path):
     base = tiny_gguf_like_base(tmp_path)
-    plain = cli_convert(base, tmp_path / "plain")
+    plain = cli_convert(base, tmp_path / "plain", "--no_keep_blocks")
     kept = cli_convert(base, tmp_path / "kept", "--keep_blocks")
     assert (kept / B.BLOCKS_FILE).is_file() and not (plain / B.BLOCKS_FILE).exists()
     stored = B.load_blocks(kept / B.BLOCKS_FILE)

@@ -97,7 +97,7 @@ def test_a_loaded_checkpoint_streams_blocks_with_the_float32_bits(tmp_path):
     from test_block_weights import cli_convert, tiny_gguf_like_base
 
     base_dir = tiny_gguf_like_base(tmp_path)
-    plain = cli_convert(base_dir, tmp_path / "plain")
+    plain = cli_convert(base_dir, tmp_path / "plain", "--no_keep_blocks")
     kept = cli_convert(base_dir, tmp_path / "kept", "--keep_blocks")
     _, base_p, _ = load_checkpoint_models(plain)
     _, base_k, _ = load_checkpoint_models(kept)
@@ -126,7 +126,7 @@ def test_a_torch_engine_carries_the_blocks_and_greedy_tokens_do_not_change(tmp_p
 
     base_dir = tiny_gguf_like_base(tmp_path)
     tokens = {}
-    for name, extra in (("plain", ()), ("kept", ("--keep_blocks",))):
+    for name, extra in (("plain", ("--no_keep_blocks",)), ("kept", ())):
         ckpt = cli_convert(base_dir, tmp_path / name, *extra)
         engine = build_engine(ckpt, tmp_path / f"engine_{name}", backend="torch")
         assert (engine / B.BLOCKS_FILE).is_file() == (name == "kept")
