@@ -711,7 +711,7 @@ class PackedWeight:
     ``[ceil(N/16), K, 16]``, zero-padded; float32 or bfloat16 as given), or a GGUF block weight
     packed by :func:`pack_blocks` (``fmt`` ``q4_1`` / ``q8_0``; ``data`` bytes)."""
 
-    __slots__ = ("data", "n", "k", "fmt")
+    __slots__ = ("data", "n", "k", "fmt", "__weakref__")
 
     def __init__(self, data: torch.Tensor, n: int, k: int, fmt: str | None = None):
         self.data, self.n, self.k, self.fmt = data, n, k, fmt

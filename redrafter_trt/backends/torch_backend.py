@@ -202,8 +202,8 @@ class TorchBackend:
         self.custom_proposer = proposer
         self.proposer = proposer or self._draft
         self.timings: dict[str, float] = defaultdict(float)
-        p = base.lm_head.weight
-        self.device, self.dtype = p.device, p.dtype
+        # (not base.lm_head.weight: a projection streaming GGUF blocks would decode it)
+        self.device, self.dtype = base.lm_head.weight_device, base.lm_head.weight_dtype
         self.ops = cuda_ops.select_ops(
             self.device
         )  # cpp/ kernels on CUDA when built; .name says which

@@ -47,14 +47,24 @@ def copy_bandwidth(mib: int = 64, repeats: int = 5) -> float:
 
 
 def weight_bytes(backend: TorchBackend) -> int:
-    """Bytes one plain step reads: every base parameter except an untied input embedding."""
+    """Bytes one plain step reads: every base weight as it is held (a layer streaming GGUF
+    blocks: the blocks), each shared one once, except an untied input embedding."""
+    from ..models.base import BlockBacked
+
     base = backend.base
     tied = base.config.tie_word_embeddings
-    return sum(
-        p.numel() * p.element_size()
-        for n, p in base.named_parameters()
-        if tied or "vocab_embedding" not in n
-    )
+    seen, total = set(), 0
+    for m in base.modules():
+        if m is base.embedding and not tied:
+            continue
+        held = [(p, p.numel() * p.element_size()) for p in m.parameters(recurse=False)]
+        if isinstance(m, BlockBacked) and m.streams_blocks():
+            held.append((m._blocks, m._blocks.nbytes()))
+        for obj, nbytes in held:
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += nbytes
+    return total
 
 
 #: rows per call (M) of the linear-work table
