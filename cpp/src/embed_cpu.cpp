@@ -37,9 +37,9 @@ Status embedBlocks(const void* qs, const uint16_t* d, const uint16_t* m, int32_t
         return Status::error(StatusCode::kInvalidArgument, "embed_blocks: null pointer argument");
     for (int64_t i = 0; i < count; ++i)  // every id checked before anything is written
         if (ids[i] < 0 || ids[i] >= rows)
-            return Status::error(StatusCode::kInvalidArgument, "embed_blocks: id %lld at position %lld is outside [0, %lld)",
-                                 static_cast<long long>(ids[i]), static_cast<long long>(i),
-                                 static_cast<long long>(rows));
+            return Status::error(
+                StatusCode::kInvalidArgument, "embed_blocks: id %lld at position %lld is outside [0, %lld)",
+                static_cast<long long>(ids[i]), static_cast<long long>(i), static_cast<long long>(rows));
     const int64_t nb = k / kBlock;
     for (int64_t i = 0; i < count; ++i) {
         const int64_t r = ids[i];
@@ -76,9 +76,8 @@ extern "C" {
 int32_t redrafter_embed_blocks_cpu(const void* qs, const uint16_t* d, const uint16_t* m, int32_t fmt, int64_t rows,
                                    int64_t k, const int64_t* ids, int64_t count, float* out, char* msg,
                                    int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&] {
-        return redrafter::embedBlocks(qs, d, m, fmt, rows, k, ids, count, out);
-    });
+    return redrafter::capi::guarded(msg, msg_len,
+                                    [&] { return redrafter::embedBlocks(qs, d, m, fmt, rows, k, ids, count, out); });
 }
 
 }  // extern "C"
