@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="redrafter-convert",
         description="Convert a Hugging Face base model (Llama family or Qwen2) and a ReDrafter "
         "draft head (Apple ml-recurrent-drafter format) into one TensorRT-LLM style "
-        "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files).",
+        "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files, + "
+        "blocks.safetensors for a base converted from a GGUF: see --keep_blocks).",
     )
     p.add_argument(
         "--model_dir",
