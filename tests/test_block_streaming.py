@@ -272,3 +272,23 @@ print(rss() - before)
     assert grown["plain"] > 2 * table, grown
     assert grown["plain"] - grown["kept"] > 1.5 * table, grown
     print(f"resident memory added by the load: {grown}")
+
+
+def test_blocks_attached_beside_a_held_weight_stream_until_the_weight_changes():
+    from redrafter_trt.models.base import Linear
+    from test_block_weights import quantize
+
+    lin = Linear(64, 40, bias=False)
+    bt = quantize(torch.randn(40, 64), "q4_1")
+    with torch.no_grad():
+        lin.weight.copy_(B.decode(bt))
+    lin.attach_blocks(bt)
+    lin.native = True
+    assert not lin.streams_blocks() and lin.packed_weight().fmt == "q4_1"
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        from redrafter_trt import native
+
+        assert same_bits(lin(x), native.linear(x, lin.weight))
+        lin.weight[0, 0] += 1.0
+        assert lin.packed_weight().fmt is None and same_bits(lin(x), native.linear(x, lin.weight))

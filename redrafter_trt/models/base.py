@@ -227,6 +227,13 @@ class BlockBacked:
     def _blocks_changed(self) -> None:
         """Hook: the blocks were attached or dropped (a Linear drops its packed copy)."""
 
+    def attach_blocks(self, blocks) -> None:
+        """GGUF blocks whose exact float32 expansion this layer's weight is now, the weight
+        staying held: the CPU kernel streams the blocks instead (the same bits) until the weight
+        changes. :func:`stream_blocks` also drops the weight."""
+        self._blocks, self._blocks_key, self._tied = blocks, self._weight_key(), (self,)
+        self._blocks_changed()
+
     def _materialize(self) -> nn.Parameter:
         """Decode the blocks into the float32 weight of every layer tied to this one."""
         with torch.inference_mode(False), torch.no_grad():
