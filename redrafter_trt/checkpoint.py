@@ -28,6 +28,9 @@ from .models.base import (
     HF_ARCHITECTURES,
     BaseConfig,
     BaseModel,
+    BlockBacked,
+    stream_blocks,
+    weights_uninitialized,
 )
 from .models.blocks import (
     BLOCKS_FILE,
@@ -35,6 +38,9 @@ from .models.blocks import (
     check_block_tensor,
     decode,
     load_blocks,
+    parts_equal,
+    release_pages,
+    rows,
     save_blocks,
 )
 from .models.drafter import (
@@ -45,8 +51,20 @@ from .models.drafter import (
     load_drafter_state,
     validate_against_base,
 )
-from .models.io import atomic_output_dir, load_state_dict_file, read_json, save_safetensors
-from .names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
+from .models.io import (
+    atomic_output_dir,
+    load_state_dict_file,
+    read_json,
+    safetensors_shapes,
+    save_safetensors,
+)
+from .names import (
+    CKPT_DRAFT_PROJECTION,
+    EMBEDDING,
+    LM_HEAD,
+    drafter_from_checkpoint_names,
+    drafter_to_checkpoint_names,
+)
 from .sharding import check_tp_size, tp_shard
 
 CHECKPOINT_CONFIG = "config.json"
@@ -243,7 +261,10 @@ def convert_checkpoint(
 
     ``blocks`` (a float32, tp_size 1, unquantized checkpoint only) are the base's GGUF block
     weights (models/blocks.py), written as ``blocks.safetensors`` next to ``rank0.safetensors``,
-    which keeps the float32 expansion for every other reader (TensorRT-LLM, tensor parallel).
+    which keeps the float32 expansion for every other reader (TensorRT-LLM, tensor parallel);
+    each must decode to its float32 tensor bit for bit. A draft head whose projection is the
+    base's vocabulary projection (all of it, or the rows of its draft vocabulary: a head trained
+    with ``--freeze_lm_head``) gets those blocks too, under its own name.
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
     :func:`~redrafter_trt.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
@@ -332,20 +353,16 @@ def convert_checkpoint(
             .clone()
         )
     if blocks:
-        require(
-            dtype == "float32" and tp_size == 1 and quantize is None and not quantized,
-            f"{blocks_source}: block weights are kept only in a float32, tp_size 1, unquantized "
-            f"checkpoint (got --dtype {dtype}, --tp_size {tp_size}"
-            f"{', FP8' if quantize or quantized else ''})",
+        blocks = checked_blocks(
+            blocks,
+            tensors,
+            base_cfg,
+            drafter,
+            blocks_source,
+            dtype,
+            tp_size,
+            bool(quantize or quantized),
         )
-        for name, bt in blocks.items():
-            check_block_tensor(name, bt, blocks_source)
-            require(
-                name in tensors and tuple(tensors[name].shape) == (bt.n, bt.k),
-                f"{blocks_source}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no base "
-                f"weight of that shape"
-                + (f" (the base's is {list(tensors[name].shape)})" if name in tensors else ""),
-            )
     digest = config_digest(cfg.to_dict())
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         if blocks:
@@ -364,24 +381,178 @@ def convert_checkpoint(
     return Path(output_dir)
 
 
-def attach_blocks(base: BaseModel, blocks: dict[str, BlockTensor]) -> int:
-    """Hand each linear whose weight a block tensor expands to (bit for bit) its blocks, for the
-    CPU kernel to stream (models/base.py ``Linear.attach_blocks``); the tied vocabulary projection
-    takes the embedding's. Returns how many linears got blocks."""
-    from .models.base import Linear
+def checked_blocks(
+    blocks: dict[str, BlockTensor],
+    tensors: dict[str, torch.Tensor],
+    base_cfg: BaseConfig,
+    drafter: Drafter,
+    source: str,
+    dtype: str,
+    tp_size: int,
+    fp8_checkpoint: bool,
+) -> dict[str, BlockTensor]:
+    """The block weights a checkpoint of ``tensors`` keeps: each must have its float32 tensor's
+    shape and decode to it bit for bit (float32, tp_size 1, unquantized checkpoints only), plus
+    the draft head's projection when it is the base's (:func:`draft_projection_blocks`)."""
+    require(
+        dtype == "float32" and tp_size == 1 and not fp8_checkpoint,
+        f"{source}: block weights are kept only in a float32, tp_size 1, unquantized "
+        f"checkpoint (got --dtype {dtype}, --tp_size {tp_size}"
+        f"{', FP8' if fp8_checkpoint else ''})",
+    )
+    for name, bt in blocks.items():
+        check_block_tensor(name, bt, source)
+        require(
+            name in tensors and tuple(tensors[name].shape) == (bt.n, bt.k),
+            f"{source}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no base "
+            f"weight of that shape"
+            + (f" (the base's is {list(tensors[name].shape)})" if name in tensors else ""),
+        )
+        require(
+            same_bits(decode(bt), tensors[name]),
+            f"{source}: tensor {name}: its {bt.fmt} blocks do not decode to the base's "
+            "float32 weight bit for bit (the blocks and the float32 file are of different "
+            "models or conversions)",
+        )
+    blocks = dict(blocks)
+    proj = draft_projection_blocks(base_cfg, blocks, drafter, tensors)
+    if proj is not None:
+        blocks[CKPT_DRAFT_PROJECTION] = proj
+    return blocks
 
-    modules = dict(base.named_modules())
-    targets = [(n.removesuffix(".weight"), bt) for n, bt in blocks.items()]
-    if base.config.tie_word_embeddings and EMBEDDING in blocks:
-        targets.append((LM_HEAD.removesuffix(".weight"), blocks[EMBEDDING]))
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two float32 tensors hold the same bits (so -0.0 != 0.0, NaN == same NaN)."""
+    return (
+        a.dtype == b.dtype == torch.float32
+        and a.shape == b.shape
+        and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    )
+
+
+def vocabulary_blocks(cfg: BaseConfig, blocks: dict[str, BlockTensor]) -> BlockTensor | None:
+    """The blocks of the base's vocabulary projection: its own, or the embedding's when tied."""
+    if LM_HEAD in blocks:
+        return blocks[LM_HEAD]
+    return blocks.get(EMBEDDING) if cfg.tie_word_embeddings else None
+
+
+def draft_projection_blocks(
+    cfg: BaseConfig,
+    blocks: dict[str, BlockTensor],
+    drafter: Drafter,
+    tensors: dict[str, torch.Tensor],
+) -> BlockTensor | None:
+    """Blocks for the draft head's final projection when it is the base's vocabulary projection
+    bit for bit (all of it, or the rows of its draft vocabulary), else None."""
+    vocab = vocabulary_blocks(cfg, blocks)
+    proj = tensors.get(CKPT_DRAFT_PROJECTION)
+    if vocab is None or proj is None or proj.dtype != torch.float32:
+        return None
+    ids = drafter.vocab_map
+    cand = vocab if ids is None else rows(vocab, ids)
+    if (cand.n, cand.k) != tuple(proj.shape) or not same_bits(decode(cand), proj):
+        return None
+    if cand is vocab:  # its own copy in the file (safetensors stores no shared tensors)
+        cand = BlockTensor(
+            vocab.fmt, vocab.n, vocab.k, **{f: t.clone() for f, t in vocab.parts().items()}
+        )
+    return cand
+
+
+def stream_checkpoint_blocks(
+    base: BaseModel,
+    drafter: Drafter,
+    blocks: dict[str, BlockTensor],
+    where: str,
+) -> int:
+    """Let each block tensor stand in for the float32 weight of its name (models/base.py
+    :func:`~redrafter_trt.models.base.stream_blocks`): the layer holding that weight, with every
+    layer tied to it (the tied vocabulary projection takes the embedding's), keeps no float32
+    copy. A draft projection with the same blocks as the base's vocabulary projection shares
+    them (and the kernel's panels). Returns how many layers stream blocks."""
+    cfg = drafter.config
+    base_layers = dict(base.named_modules())
+    head_layers = dict(drafter.named_modules())
+    everything = [m for m in (*base.modules(), *drafter.modules()) if isinstance(m, BlockBacked)]
+    vocab = vocabulary_blocks(base.config, blocks)
     count = 0
-    for path, bt in targets:
-        mod = modules.get(path)
-        if isinstance(mod, Linear) and mod.weight.dtype == torch.float32:
-            if torch.equal(mod.weight.detach().view(torch.int32), decode(bt).view(torch.int32)):
-                mod.attach_blocks(bt)
-                count += 1
+    for name, bt in blocks.items():
+        if name.startswith("drafter."):
+            (head_name,) = drafter_from_checkpoint_names(cfg, {name: bt})  # type: ignore[dict-item]
+            layer = head_layers.get(head_name.removesuffix(".weight"))
+            if vocab is not None and parts_equal(bt, vocab):
+                bt = vocab  # one set of blocks and panels for both projections
+        else:
+            layer = base_layers.get(name.removesuffix(".weight"))
+        held = layer._parameters.get("weight") if isinstance(layer, BlockBacked) else None
+        require(
+            name.endswith(".weight") and held is not None,
+            f"{where}: tensor {name}: no linear or embedding layer of the model has this weight",
+        )
+        require(
+            tuple(held.shape) == (bt.n, bt.k),
+            f"{where}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] does not fit the layer's weight "
+            f"{list(held.shape)}",
+        )
+        tied = [m for m in everything if m._parameters.get("weight") is held]
+        stream_blocks(tied, bt)
+        count += len(tied)
+    if vocab is not None:  # the comparison above read its pages
+        release_pages(vocab, whole_file=True)
     return count
+
+
+def check_blocks_match(ckpt_dir: str | os.PathLike) -> None:
+    """Every tensor of ``blocks.safetensors`` decodes bit for bit to the float32 tensor of its
+    name in ``rank0.safetensors`` (and a tied ``lm_head.weight`` to the embedding's): the torch
+    backend reads the blocks, TensorRT-LLM the float32 file, and both must be the same model.
+    One tensor at a time; a mismatch names the tensor and both files."""
+    from safetensors import safe_open
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = read_checkpoint_config(ckpt_dir)
+    blocks_file, weights = ckpt_dir / BLOCKS_FILE, ckpt_dir / rank_file(0)
+    blocks = load_blocks(blocks_file, mapped=True)
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+        for name, bt in blocks.items():
+            also = cfg.base.tie_word_embeddings and name == EMBEDDING and LM_HEAD in keys
+            for target in (name, LM_HEAD) if also else (name,):
+                require(
+                    target in keys,
+                    f"{blocks_file}: tensor {name}: {weights} has no {target}",
+                )
+                require(
+                    same_bits(decode(bt), f.get_tensor(target)),
+                    f"{blocks_file}: tensor {name}: its {bt.fmt} blocks do not decode to "
+                    f"{target} of {weights} bit for bit: the two files are of different "
+                    "conversions; convert the checkpoint again",
+                )
+            release_pages(bt, whole_file=True)
+
+
+def block_backed_names(
+    cfg: RedrafterCheckpointConfig,
+    blocks: dict[str, BlockTensor],
+    blocks_file: Path,
+    weights: Path,
+) -> set[str]:
+    """The tensors of ``weights`` that ``blocks`` stand in for (a tied ``lm_head.weight`` with the
+    embedding's), each checked against the file's header: present, of the blocks' shape."""
+    if not blocks:
+        return set()
+    shapes = safetensors_shapes(weights)
+    for name, bt in blocks.items():
+        require(
+            shapes.get(name) == (bt.n, bt.k),
+            f"{blocks_file}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no weight of "
+            f"{weights}" + (f" (shape {list(shapes[name])})" if name in shapes else ""),
+        )
+    names = set(blocks)
+    if cfg.base.tie_word_embeddings and EMBEDDING in blocks and LM_HEAD in shapes:
+        names.add(LM_HEAD)  # the tied projection is the embedding
+    return names
 
 
 def load_rank_shards(
@@ -435,17 +606,14 @@ def load_checkpoint_models(
         f"{cfg.tp_size}); this reads tp_size 1 checkpoints (convert again with --tp_size 1)",
     )
     weights = Path(weights_file) if weights_file else ckpt_dir / rank_file(0)
-    sd = load_state_dict_file(weights)
+    torch_dtype = dtype or DTYPES[cfg.dtype]
     blocks_file = weights.parent / BLOCKS_FILE
-    blocks = load_blocks(blocks_file) if blocks_file.is_file() else {}
-    if blocks:  # the base's block weights, decoded exactly (models/blocks.py)
-        for name, bt in blocks.items():
-            require(
-                name in sd and tuple(sd[name].shape) == (bt.n, bt.k),
-                f"{blocks_file}: tensor {name}: {bt.fmt} [{bt.n}, {bt.k}] matches no weight of "
-                f"{weights}" + (f" (shape {list(sd[name].shape)})" if name in sd else ""),
-            )
-            sd[name] = decode(bt)
+    blocks: dict[str, BlockTensor] = {}
+    if blocks_file.is_file() and torch_dtype == torch.float32 and cfg.quant_algo is None:
+        # GGUF block weights stand in for their float32 tensors, which are not read at all
+        blocks = load_blocks(blocks_file, mapped=True)
+    skip = block_backed_names(cfg, blocks, blocks_file, weights)
+    sd = load_state_dict_file(weights, skip=skip)
     if cfg.quant_algo == fp8.QUANT_ALGO:  # the torch modeling runs FP8 weights dequantized
         fp8.check_trtllm_fp8(
             cfg.base.num_hidden_layers,
@@ -460,21 +628,24 @@ def load_checkpoint_models(
             f"{weights}: tensor {bad[0] if bad else ''} is FP8 but the config's "
             "quantization.quant_algo is not 'FP8'",
         )
-    torch_dtype = dtype or DTYPES[cfg.dtype]
     base_sd = {k: v for k, v in sd.items() if not k.startswith("drafter.")}
     drafter_sd = drafter_from_checkpoint_names(
         cfg.drafter, {k: v for k, v in sd.items() if k.startswith("drafter.")}
     )
-    base = BaseModel(cfg.base).to(torch_dtype)
+    head_skip = drafter_from_checkpoint_names(
+        cfg.drafter, {k: None for k in skip if k.startswith("drafter.")}
+    )
+    with weights_uninitialized():  # every weight is loaded or streamed next
+        base = BaseModel(cfg.base).to(torch_dtype)
+        drafter = Drafter(cfg.drafter).to(torch_dtype)
     if cfg.base.tie_word_embeddings and LM_HEAD in base_sd:
         require(
             torch.equal(base_sd[LM_HEAD], base_sd[EMBEDDING]),
             f"{weights}: tie_word_embeddings is set but lm_head.weight differs from the embedding",
         )
-    load_checked(base, base_sd, str(weights))
-    attach_blocks(base, blocks)
-    drafter = Drafter(cfg.drafter).to(torch_dtype)
-    load_drafter_state(drafter, drafter_sd, str(weights))
+    load_checked(base, base_sd, str(weights), {k for k in skip if not k.startswith("drafter.")})
+    load_drafter_state(drafter, drafter_sd, str(weights), set(head_skip))
+    stream_checkpoint_blocks(base, drafter, blocks, str(blocks_file))
     base.eval()
     drafter.eval()
     return cfg, base, drafter

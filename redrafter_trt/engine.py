@@ -21,6 +21,7 @@ from ._version import __version__
 from .checkpoint import (
     CHECKPOINT_CONFIG,
     ENGINE_CONFIG,
+    check_blocks_match,
     copy_tokenizer_files,
     load_checkpoint_models,
     rank_file,
@@ -114,6 +115,7 @@ def build_engine(
         load_checkpoint_models(ckpt)
         rank_files = [weights]
         if (ckpt / BLOCKS_FILE).is_file():  # block weights travel with the engine
+            check_blocks_match(ckpt)  # the loader trusts them instead of the float32 tensors
             rank_files.append(ckpt / BLOCKS_FILE)
     else:  # every rank's shard, checked against the config and the others, then loaded once
         from .backends.tp import check_rank_files, load_rank_models

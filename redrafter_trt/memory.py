@@ -5,6 +5,8 @@ Callers that report another unit divide these (``bytes / 2**20`` = MiB).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -28,3 +30,17 @@ def cuda_peak_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return int(torch.cuda.max_memory_allocated(device))
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``): loading an engine frees
+    temporaries (file reads, the tokenizer's construction) whose pages the allocator otherwise
+    keeps resident. False where the C library has no ``malloc_trim``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn(0)
+    return True

@@ -178,6 +178,8 @@ def trtllm_to_hf(cfg: BaseConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 # --------------------------------------------------------------------------- drafter names
 #: Checkpoint name of the head's [K] int32 id map (Apple name :data:`DRAFT_VOCAB`).
 CKPT_DRAFT_VOCAB = "drafter." + DRAFT_VOCAB
+#: Checkpoint name of the head's final (vocabulary) projection (Apple ``lm_head.{n}.weight``).
+CKPT_DRAFT_PROJECTION = "drafter.lm_head.weight"
 
 
 def drafter_to_checkpoint_names(
@@ -188,7 +190,7 @@ def drafter_to_checkpoint_names(
     n = cfg.num_draft_layers
     for k, v in sd.items():
         if k == f"lm_head.{n}.weight":
-            out["drafter.lm_head.weight"] = v
+            out[CKPT_DRAFT_PROJECTION] = v
         elif k.startswith("lm_head."):
             out["drafter.layers." + k[len("lm_head.") :]] = v
         else:
@@ -225,6 +227,7 @@ __all__ = [
     "EMBEDDING",
     "LM_HEAD",
     "CKPT_DRAFT_VOCAB",
+    "CKPT_DRAFT_PROJECTION",
     "drafter_to_checkpoint_names",
     "drafter_from_checkpoint_names",
 ]

@@ -637,7 +637,7 @@ def relocate_paged_native(
 _LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
 _kernel_fns: dict[str, Any] = {}
 _linear_msg = ctypes.create_string_buffer(_MSG_LEN)
-#: the CPU model kernels' C functions (cpp/src/{linear,attention,layer_ops}_cpu.cpp), each
+#: the CPU model kernels' C functions (cpp/src/{linear,attention,layer_ops,embed}_cpu.cpp), each
 #: returning a status with its message last
 _KERNEL_SIGNATURES = {
     "redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32],
@@ -651,6 +651,7 @@ _KERNEL_SIGNATURES = {
     "redrafter_rope_cpu": [_p, _i32, _i64, _i64, _i64, _i64, _p, _p],
     "redrafter_silu_mul_cpu": [_p, _p, _i32, _i64, _i64],
     "redrafter_decoder_forward_cpu": [_p],
+    "redrafter_embed_blocks_cpu": [_p, _p, _p, _i32, _i64, _i64, _p, _i64, _p],
 }
 #: their queries and the machine probes (cpp/src/machine_cpu.cpp): (argtypes, restype), no status
 _KERNEL_QUERIES = {
@@ -724,7 +725,7 @@ class PackedWeight:
     ``[ceil(N/16), K, 16]``, zero-padded; float32 or bfloat16 as given), or a GGUF block weight
     packed by :func:`pack_blocks` (``fmt`` ``q4_1`` / ``q8_0``; ``data`` bytes)."""
 
-    __slots__ = ("data", "n", "k", "fmt")
+    __slots__ = ("data", "n", "k", "fmt", "__weakref__")
 
     def __init__(self, data: torch.Tensor, n: int, k: int, fmt: str | None = None):
         self.data, self.n, self.k, self.fmt = data, n, k, fmt
@@ -766,26 +767,10 @@ def pack_blocks(bt) -> PackedWeight:
     fn = _kernel("redrafter_linear_pack_blocks_cpu")
     if bt.fmt not in _BLOCK_CODES:
         raise RedrafterError(f"linear: unknown block format {bt.fmt!r}")
-    code = _BLOCK_CODES[bt.fmt]
-    nbytes = int(_kernel("redrafter_linear_blocks_packed_bytes")(code, bt.n, bt.k))
+    nbytes = int(_kernel("redrafter_linear_blocks_packed_bytes")(_BLOCK_CODES[bt.fmt], bt.n, bt.k))
     if nbytes <= 0:
         raise RedrafterError(f"linear: a {bt.fmt} weight [{bt.n}, {bt.k}] cannot be packed")
-    # the parts must have the stated shapes (the kernel reads what the shapes promise)
-    n, k, nb = bt.n, bt.k, bt.k // GGUF_BLOCK
-    want = {"qs": ((n, k // 2), torch.uint8), "d": ((n, nb), torch.float16)}
-    if bt.fmt == "q8_0":
-        want["qs"] = ((n, k), torch.int8)
-    else:
-        want["m"] = ((n, nb), torch.float16)
-    for part, (shape, dtype) in want.items():
-        t = getattr(bt, part, None)
-        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
-            found = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
-            raise RedrafterError(
-                f"linear: tensor weight.{bt.fmt}.{part}: expected {dtype} {list(shape)}, found {found}"
-            )
-    qs, d = bt.qs.contiguous(), bt.d.contiguous()
-    m = bt.m.contiguous() if bt.m is not None else None
+    code, qs, d, m = _block_parts(bt, "linear")
     packed = torch.empty(nbytes, dtype=torch.uint8)
     _linear_status(
         fn(
@@ -801,6 +786,62 @@ def pack_blocks(bt) -> PackedWeight:
         )
     )
     return PackedWeight(packed, int(bt.n), int(bt.k), bt.fmt)
+
+
+def _block_parts(bt, where: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The kernel's format code and the contiguous parts of a block weight, checked against the
+    shapes its [n, k] promises (the kernels read what the shapes promise)."""
+    if bt.fmt not in _BLOCK_CODES:
+        raise RedrafterError(f"{where}: unknown block format {bt.fmt!r}")
+    n, k, nb = bt.n, bt.k, bt.k // GGUF_BLOCK
+    want = {"qs": ((n, k // 2), torch.uint8), "d": ((n, nb), torch.float16)}
+    if bt.fmt == "q8_0":
+        want["qs"] = ((n, k), torch.int8)
+    else:
+        want["m"] = ((n, nb), torch.float16)
+    for part, (shape, dtype) in want.items():
+        t = getattr(bt, part, None)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            found = "nothing" if t is None else f"{t.dtype} {list(t.shape)}"
+            raise RedrafterError(
+                f"{where}: tensor weight.{bt.fmt}.{part}: expected {dtype} {list(shape)}, found {found}"
+            )
+    m = bt.m.contiguous() if bt.m is not None else None
+    return _BLOCK_CODES[bt.fmt], bt.qs.contiguous(), bt.d.contiguous(), m
+
+
+def embed_blocks(bt, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a GGUF block table (:class:`~redrafter_trt.models.blocks.BlockTensor`
+    [V, H], ``q8_0`` or ``q4_1``) as float32 ``[*ids.shape, H]``, decoded in C++
+    (``cpp/src/embed_cpu.cpp``) with the converter's operations: bit-identical to the rows of
+    :func:`~redrafter_trt.models.blocks.decode`, without a float32 [V, H] table. An id outside
+    [0, V) is an error naming it."""
+    fn = _kernel("redrafter_embed_blocks_cpu")
+    if ids.device.type != "cpu" or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise RedrafterError(
+            f"embed: ids must be an integer CPU tensor, got {ids.dtype} on {ids.device}"
+        )
+    code, qs, d, m = _block_parts(bt, "embed")
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty((*ids.shape, bt.k), dtype=torch.float32)
+    if flat.numel() == 0:
+        return out
+    _linear_status(
+        fn(
+            qs.data_ptr(),
+            d.data_ptr(),
+            None if m is None else m.data_ptr(),
+            code,
+            bt.n,
+            bt.k,
+            flat.data_ptr(),
+            flat.numel(),
+            out.data_ptr(),
+            _linear_msg,
+            _MSG_LEN,
+        )
+    )
+    return out
 
 
 _linear_threads_override: int | None = None

@@ -11,7 +11,7 @@ import torch
 from .errors import require
 from .models.base import BaseConfig
 from .models.drafter import DrafterConfig
-from .names import CKPT_DRAFT_VOCAB, LM_HEAD
+from .names import CKPT_DRAFT_PROJECTION, CKPT_DRAFT_VOCAB, LM_HEAD
 
 
 class ShardedConfig(Protocol):
@@ -67,7 +67,7 @@ def check_tp_size(base: BaseConfig, drafter: DrafterConfig, tp_size: int) -> Non
 def _tp_rule(name: str, ndim: int) -> str:
     if name.endswith("_scaling_factor") or name == CKPT_DRAFT_VOCAB:  # FP8 scales; the [K] id map
         return _REPLICATED
-    if name in (LM_HEAD, "drafter.lm_head.weight"):
+    if name in (LM_HEAD, CKPT_DRAFT_PROJECTION):
         return _VOCAB
     if name.startswith("drafter."):
         return _COLUMN
@@ -135,9 +135,7 @@ def tp_merge(shards: list[dict[str, torch.Tensor]], cfg: ShardedConfig) -> dict[
         elif rule == _COLUMN:
             out[name] = torch.cat(parts, 0)
         elif rule == _VOCAB:
-            rows = (
-                cfg.drafter.head_vocab_size if name == "drafter.lm_head.weight" else base.vocab_size
-            )
+            rows = cfg.drafter.head_vocab_size if name == CKPT_DRAFT_PROJECTION else base.vocab_size
             out[name] = torch.cat(parts, 0)[:rows]
         else:  # _QKV: q from every rank, each KV head once
             qs, ks, vs = [], [], []

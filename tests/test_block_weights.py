@@ -141,20 +141,50 @@ def test_bad_blocks_file_names_tensor_and_file(tmp_path, case, edit_tensors, edi
     assert str(path) in str(e.value)
 
 
-def test_truncated_blocks_file_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_truncated_blocks_file_is_a_clear_error(tmp_path, mapped):
     path = tmp_path / B.BLOCKS_FILE
     B.save_blocks({"a.weight": quantize(torch.randn(8, 64), "q4_1")}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(RedrafterError, match="truncated or corrupt") as e:
-        B.load_blocks(path)
+        B.load_blocks(path, mapped=mapped)
     assert str(path) in str(e.value)
 
 
-def tiny_gguf_like_base(tmp_path) -> Path:
+def test_mapped_blocks_are_views_of_the_file_with_the_same_values(tmp_path):
+    path = tmp_path / B.BLOCKS_FILE
+    blocks = {
+        "a.weight": quantize(torch.randn(8, 64), "q4_1"),
+        "b.weight": quantize(torch.randn(40, 96), "q8_0"),
+    }
+    B.save_blocks(blocks, path)
+    mapped = B.load_blocks(path, mapped=True)
+    for name, bt in blocks.items():
+        m = mapped[name]
+        assert m.mapping is not None and torch.equal(B.decode(m), B.decode(bt))
+        base = m.mapping.base
+        assert all(base <= t.data_ptr() < base + path.stat().st_size for t in m.parts().values())
+        B.release_pages(m)  # dropped pages are read again from the file: same values
+        assert torch.equal(B.decode(m), B.decode(bt))
+    assert all(bt.mapping is None for bt in B.load_blocks(path).values())
+
+
+def test_non_finite_scales_are_refused_naming_tensor_and_file(tmp_path):
+    path = tmp_path / B.BLOCKS_FILE
+    bt = quantize(torch.randn(8, 64), "q8_0")
+    B.save_blocks({"a.weight": bt}, path)
+    _rewrite(path, edit_tensors=lambda t: t["a.weight.q8_0.d"].view(-1)[3:4].fill_(float("nan")))
+    for mapped in (False, True):
+        with pytest.raises(RedrafterError, match=r"tensor a\.weight\.q8_0\.d: non-finite scales"):
+            B.load_blocks(path, mapped=mapped)
+
+
+def tiny_gguf_like_base(tmp_path, **cfg) -> Path:
     """A tiny llama HF directory as a GGUF conversion leaves it: its linears Q4_1 blocks and its
-    embedding Q8_0 in blocks.safetensors, model.safetensors their float32 expansion."""
-    d = write_tiny_hf(tmp_path / "hf", "llama", tie=True)
+    embedding Q8_0 in blocks.safetensors, model.safetensors their float32 expansion (``cfg``:
+    config overrides, sizes multiples of 32)."""
+    d = write_tiny_hf(tmp_path / "hf", "llama", tie=True, **cfg)
     sd = load_file(str(d / "model.safetensors"))
     blocks = {}
     for name in sd:
@@ -179,7 +209,7 @@ def cli_convert(base: Path, out: Path, *extra: str) -> Path:
 
 def test_checkpoint_keeps_blocks_and_the_torch_backend_loads_them(tmp_path):
     base = tiny_gguf_like_base(tmp_path)
-    plain = cli_convert(base, tmp_path / "plain")
+    plain = cli_convert(base, tmp_path / "plain", "--no_keep_blocks")
     kept = cli_convert(base, tmp_path / "kept", "--keep_blocks")
     assert (kept / B.BLOCKS_FILE).is_file() and not (plain / B.BLOCKS_FILE).exists()
     stored = B.load_blocks(kept / B.BLOCKS_FILE)

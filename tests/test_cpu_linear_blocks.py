@@ -97,7 +97,7 @@ def test_a_loaded_checkpoint_streams_blocks_with_the_float32_bits(tmp_path):
     from test_block_weights import cli_convert, tiny_gguf_like_base
 
     base_dir = tiny_gguf_like_base(tmp_path)
-    plain = cli_convert(base_dir, tmp_path / "plain")
+    plain = cli_convert(base_dir, tmp_path / "plain", "--no_keep_blocks")
     kept = cli_convert(base_dir, tmp_path / "kept", "--keep_blocks")
     _, base_p, _ = load_checkpoint_models(plain)
     _, base_k, _ = load_checkpoint_models(kept)
@@ -126,7 +126,7 @@ def test_a_torch_engine_carries_the_blocks_and_greedy_tokens_do_not_change(tmp_p
 
     base_dir = tiny_gguf_like_base(tmp_path)
     tokens = {}
-    for name, extra in (("plain", ()), ("kept", ("--keep_blocks",))):
+    for name, extra in (("plain", ("--no_keep_blocks",)), ("kept", ())):
         ckpt = cli_convert(base_dir, tmp_path / name, *extra)
         engine = build_engine(ckpt, tmp_path / f"engine_{name}", backend="torch")
         assert (engine / B.BLOCKS_FILE).is_file() == (name == "kept")
@@ -143,3 +143,45 @@ def test_a_torch_engine_carries_the_blocks_and_greedy_tokens_do_not_change(tmp_p
         ]
     assert tokens["kept"] == tokens["plain"]
     assert tokens["kept"][0] == tokens["kept"][1]  # speculative == plain on blocks too
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_rows_are_the_decoded_rows_bit_for_bit(fmt):
+    """native.embed_blocks (cpp/src/embed_cpu.cpp) against models/blocks.py decode: any ids, in
+    any shape, repeated, first and last row; and the weight the block linear kernel multiplies
+    by (a one-hot input picks out a column of the decoded table)."""
+    g = torch.Generator().manual_seed(11)
+    bt = quantize(torch.randn(300, 96, generator=g) * 3, fmt)
+    table = B.decode(bt)
+    ids = torch.tensor([[0, 299, 7, 7], [150, 3, 0, 298]])
+    rows = native.embed_blocks(bt, ids)
+    assert rows.shape == (2, 4, 96) and rows.dtype == torch.float32
+    assert same_bits(rows, table[ids])
+    assert same_bits(native.embed_blocks(bt, torch.arange(300)), table)
+    assert native.embed_blocks(bt, torch.zeros(0, dtype=torch.int64)).shape == (0, 96)
+    onehot = torch.zeros(1, 96)
+    onehot[0, 40] = 1.0
+    col = native.linear_packed(onehot, native.pack_blocks(bt))[0]
+    assert torch.equal(col, table[:, 40])  # == (a -0.0 weight sums to +0.0 in the chain)
+    # the comparison can fail: one changed byte of the table moves its row
+    bt.qs[7, 5] ^= 0x11
+    assert not same_bits(native.embed_blocks(bt, ids), rows)
+
+
+def test_embedding_bad_inputs_name_what_is_wrong():
+    bt = quantize(torch.randn(8, 64), "q8_0")
+    with pytest.raises(RedrafterError, match=r"id 8 at position 1 is outside \[0, 8\)"):
+        native.embed_blocks(bt, torch.tensor([3, 8]))
+    with pytest.raises(RedrafterError, match=r"id -1 at position 0"):
+        native.embed_blocks(bt, torch.tensor([-1]))
+    with pytest.raises(RedrafterError, match="unknown block format 'q5_k'"):
+        native.embed_blocks(B.BlockTensor("q5_k", 8, 64, bt.qs, bt.d), torch.tensor([0]))
+    with pytest.raises(RedrafterError, match=r"weight\.q8_0\.qs: expected torch\.int8 \[9, 64\]"):
+        native.embed_blocks(B.BlockTensor("q8_0", 9, 64, bt.qs, bt.d), torch.tensor([0]))
+    with pytest.raises(
+        RedrafterError, match=r"weight\.q4_1\.m: expected torch\.float16 \[8, 2\], found nothing"
+    ):
+        q = quantize(torch.randn(8, 64), "q4_1")
+        native.embed_blocks(B.BlockTensor("q4_1", 8, 64, q.qs, q.d), torch.tensor([0]))
+    with pytest.raises(RedrafterError, match="ids must be an integer CPU tensor"):
+        native.embed_blocks(bt, torch.tensor([0.0]))

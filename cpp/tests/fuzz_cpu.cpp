@@ -589,6 +589,85 @@ void fuzzLinearBlocks() {
                 true, "linear unpacked blocks");
 }
 
+// Embedding rows of a block table (Q4_1 / Q8_0): each row equals an independent decode bit for
+// bit and the weight the block linear kernel multiplies by (x = a one-hot row picks it out);
+// ids outside the table, bad formats and shapes refused with nothing written.
+void fuzzEmbedBlocks() {
+    const int32_t fmt = coin() ? 10 : 11;
+    const int64_t V = pick(1, 40), K = 32 * pick(1, 3), nb = K / 32, count = pick(0, 12);
+    auto drawHalf = [](bool sign) {
+        const int e = static_cast<int>(pick(5, 18)), mt = static_cast<int>(pick(0, 1023));
+        return static_cast<uint16_t>(((sign && coin()) ? 0x8000 : 0) | (e << 10) | mt);
+    };
+    std::vector<uint16_t> d(static_cast<size_t>(V * nb)), mm(d.size());
+    for (auto& v : d) v = drawHalf(true);
+    for (auto& v : mm) v = drawHalf(true);
+    std::vector<unsigned char> qs(static_cast<size_t>(fmt == 10 ? V * K / 2 : V * K));
+    for (auto& v : qs) v = static_cast<unsigned char>(pick(0, 255));
+    std::vector<int64_t> ids(static_cast<size_t>(count) + 1);
+    for (auto& v : ids) v = pick(0, V - 1);
+    const float sentinel = -12345.0f;
+    std::vector<float> out(static_cast<size_t>(count * K) + 1, sentinel);
+    const uint16_t* mp = fmt == 10 ? mm.data() : nullptr;
+    if (statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, fmt, V, K, ids.data(), count, out.data(), gMsg,
+                                               sizeof gMsg),
+                    false, "embed_blocks"))
+        return;
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = ids[static_cast<size_t>(i)];
+        for (int64_t b = 0; b < nb; ++b) {
+            const float dv = halfBitsToFloat(d[r * nb + b]), mv = halfBitsToFloat(mm[r * nb + b]);
+            for (int j = 0; j < 32; ++j) {
+                float w;
+                if (fmt == 10) {
+                    const unsigned char byte = qs[r * (K / 2) + b * 16 + (j & 15)];
+                    const float prod = dv * static_cast<float>(j < 16 ? (byte & 15) : (byte >> 4));
+                    w = prod + mv;
+                } else {
+                    w = dv * static_cast<float>(static_cast<int8_t>(qs[r * K + b * 32 + j]));
+                }
+                const float got = out[static_cast<size_t>(i * K + b * 32 + j)];
+                EXPECT(std::memcmp(&got, &w, 4) == 0, "embed_blocks: fmt %d row %lld col %lld: %g != decode %g",
+                       (int)fmt, (long long)r, (long long)(b * 32 + j), (double)got, (double)w);
+            }
+        }
+    }
+    EXPECT(out[static_cast<size_t>(count * K)] == sentinel, "embed_blocks wrote past its output");
+    if (count > 0) {  // the row the linear kernel multiplies by: y[n] = W[n, :] . e_c = W[n, c]
+        const int64_t c = pick(0, K - 1);
+        std::vector<float> onehot(static_cast<size_t>(K), 0.0f), y(static_cast<size_t>(V));
+        onehot[static_cast<size_t>(c)] = 1.0f;
+        std::vector<unsigned char> packed(static_cast<size_t>(redrafter_linear_blocks_packed_bytes(fmt, V, K)));
+        if (!statusCheck(
+                redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), mp, fmt, packed.data(), V, K, gMsg, sizeof gMsg),
+                false, "embed vs linear pack") &&
+            !statusCheck(redrafter_linear_packed_cpu(onehot.data(), 0, packed.data(), fmt, nullptr, y.data(), 0, 1, V,
+                                                     K, 1, 0, gMsg, sizeof gMsg),
+                         false, "embed vs linear")) {
+            const int64_t r = ids[0];
+            EXPECT(y[static_cast<size_t>(r)] == out[static_cast<size_t>(c)],
+                   "embed_blocks row %lld col %lld = %g, the linear kernel's weight %g", (long long)r, (long long)c,
+                   (double)out[static_cast<size_t>(c)], (double)y[static_cast<size_t>(r)]);
+        }
+    }
+    // bad parameters: an error with a message, nothing written
+    std::vector<float> untouched(static_cast<size_t>(K) + 1, sentinel);
+    std::vector<int64_t> bad = {coin() ? V + pick(0, 3) : -pick(1, 3)};
+    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, fmt, V, K, bad.data(), 1, untouched.data(), gMsg,
+                                           sizeof gMsg),
+                true, "embed_blocks id out of range");
+    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, 12, V, K, ids.data(), 1, untouched.data(), gMsg,
+                                           sizeof gMsg),
+                true, "embed_blocks fmt=12");
+    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, fmt, V, K + 16, ids.data(), 1, untouched.data(),
+                                           gMsg, sizeof gMsg),
+                true, "embed_blocks k%32");
+    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), nullptr, 10, V, K, ids.data(), 1, untouched.data(),
+                                           gMsg, sizeof gMsg),
+                true, "embed_blocks q4_1 without m");
+    for (float v : untouched) EXPECT(v == sentinel, "embed_blocks wrote output on a refused call");
+}
+
 // Attention: random cache, slots, masks; float64 bound, SIMD == portable, one query alone ==
 // among all, bad slots refused.
 void fuzzAttention() {
@@ -862,6 +941,7 @@ int main(int argc, char** argv) {
             case 4:
                 fuzzLinear();
                 fuzzLinearBlocks();
+                fuzzEmbedBlocks();
                 break;
             case 5:
                 fuzzAttention();

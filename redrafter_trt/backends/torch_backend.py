@@ -201,8 +201,8 @@ class TorchBackend:
         # default: the draft head's beam search. Tests plug in proposers that know the answer.
         self.custom_proposer = proposer
         self.proposer = proposer or self._draft
-        p = base.lm_head.weight
-        self.device, self.dtype = p.device, p.dtype
+        # (not base.lm_head.weight: a projection streaming GGUF blocks would decode it)
+        self.device, self.dtype = base.lm_head.weight_device, base.lm_head.weight_dtype
         self.timer = PhaseTimer(self.device)
         #: each slot's carried tree, on the device (made by :meth:`reserve`)
         self.slot_state: SlotState | None = None

@@ -47,22 +47,32 @@ def copy_bandwidth(mib: int = 64, repeats: int = 5) -> float:
 
 
 def weight_bytes(backend: TorchBackend) -> int:
-    """Bytes one plain step reads: every base parameter except an untied input embedding, a
-    projection on the CPU kernels counted as the panels it streams (GGUF blocks or float32 /
-    bf16 panels: padding included)."""
-    from ..models.base import Linear
+    """Bytes one plain step reads: every base weight as the step streams it (a projection on the
+    CPU kernels: its packed panels, GGUF block panels or float32 / bf16 panels with their
+    padding), each shared one once; the input embedding is a lookup of a few rows (a tied one
+    is counted as the vocabulary projection)."""
+    from ..models.base import BlockBacked, Linear
 
     base = backend.base
-    tied = base.config.tie_word_embeddings
-    streamed = {}
-    for name, m in base.named_modules():
-        if isinstance(m, Linear) and m.native and m.weight.device.type == "cpu":
-            streamed[f"{name}.weight"] = m.packed_weight().nbytes
-    total = 0
-    for n, p in base.named_parameters():
-        if not tied and "vocab_embedding" in n:
+    seen, total = set(), 0
+    for m in base.modules():
+        if m is base.embedding:
             continue
-        total += streamed.get(n, p.numel() * p.element_size())
+        held = [(p, p.numel() * p.element_size()) for p in m.parameters(recurse=False)]
+        if isinstance(m, Linear) and m.native and m.weight_device.type == "cpu":
+            packed = m.packed_weight()
+            held = [
+                (p, p.numel() * p.element_size())
+                for name, p in m.named_parameters(recurse=False)
+                if name != "weight"
+            ]
+            held.append((packed.data, packed.nbytes))
+        elif isinstance(m, BlockBacked) and m.streams_blocks():
+            held.append((m._blocks, m._blocks.nbytes()))
+        for obj, nbytes in held:
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += nbytes
     return total
 
 
@@ -80,28 +90,32 @@ def linear_work(
     ``repeats``; with the bytes and flops each call moves."""
     from .. import native
     from ..models.base import Linear
+    from ..models.blocks import decode
 
     layers = [m for m in backend.base.modules() if isinstance(m, Linear)]
-    madds = sum(m.weight.numel() for m in layers)
+    madds = sum(m.in_features * m.out_features for m in layers)
     packed = [m.packed_weight() for m in layers] if native.linear_available() else None
     # the bytes the kernel streams (block panels for GGUF block weights), else the weights'
-    tbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    # torch's F.linear reads float32 / bf16 weights: a layer streaming GGUF blocks is compared on
+    # their exact expansion, decoded here for the run (not kept by the layer)
+    dense = [decode(m._blocks) if m.streams_blocks() else m.weight.detach() for m in layers]
+    tbytes = sum(w.numel() * w.element_size() for w in dense)
     wbytes = sum(p.nbytes for p in packed) if packed else tbytes
     g = torch.Generator().manual_seed(0)
     out: dict[int, dict[str, float]] = {}
     for m_rows in rows:
         xs = {
             k: torch.randn(m_rows, k, generator=g).to(backend.dtype)
-            for k in {m.weight.shape[1] for m in layers}
+            for k in {m.in_features for m in layers}
         }
 
         def run_kernel(xs=xs):
             for m, p in zip(layers, packed):
-                native.linear_packed(xs[m.weight.shape[1]], p, m.bias)
+                native.linear_packed(xs[m.in_features], p, m.bias)
 
         def run_torch(xs=xs):
-            for m in layers:
-                torch.nn.functional.linear(xs[m.weight.shape[1]], m.weight, m.bias)
+            for m, w in zip(layers, dense):
+                torch.nn.functional.linear(xs[m.in_features], w, m.bias)
 
         best = {"kernel_s": float("inf"), "torch_s": float("inf")}
         for _ in range(repeats + 1):

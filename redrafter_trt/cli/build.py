@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="redrafter-build",
         description="Build an engine directory from a redrafter-convert checkpoint. The torch "
         "backend runs anywhere (CPU or GPU); the trtllm backend builds one fused "
-        "TensorRT-LLM engine and needs TensorRT-LLM 1.2 and an NVIDIA GPU.",
+        "TensorRT-LLM engine and needs TensorRT-LLM 1.2 and an NVIDIA GPU. A torch engine "
+        "carries the checkpoint's GGUF block weights (blocks.safetensors, checked to decode "
+        "to rank0.safetensors bit for bit): its CPU kernels stream them and hold no float32 "
+        "copy; the trtllm backend reads the float32 tensors of rank0.safetensors.",
     )
     p.add_argument("--checkpoint_dir", required=True, help="checkpoint from redrafter-convert")
     p.add_argument("--output_dir", required=True, help="engine directory to write")

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="redrafter-convert",
         description="Convert a Hugging Face base model (Llama family or Qwen2) and a ReDrafter "
         "draft head (Apple ml-recurrent-drafter format) into one TensorRT-LLM style "
-        "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files).",
+        "checkpoint directory: config.json + rank0.safetensors (+ tokenizer files, + "
+        "blocks.safetensors for a base converted from a GGUF: see --keep_blocks).",
     )
     p.add_argument(
         "--model_dir",
@@ -92,13 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorRT-LLM's FP8 GEMMs take. An FP8 base (--model_dir with float8_e4m3fn "
         "weights and per-tensor weight_scale) is converted as FP8 without this flag",
     )
-    p.add_argument(
+    blk = p.add_mutually_exclusive_group()
+    blk.add_argument(
         "--keep_blocks",
-        action="store_true",
+        dest="keep_blocks",
+        action="store_const",
+        const=True,
+        default=None,
         help="keep the base's GGUF block weights (Q4_1, Q8_0) as stored, in blocks.safetensors "
-        "next to rank0.safetensors (which keeps the float32 expansion for TensorRT-LLM); the "
-        "torch backend reads them. Needs a base converted from a GGUF (--model_dir smollm2), "
-        "--dtype float32 and --tp_size 1",
+        "next to rank0.safetensors, or fail: needs a base converted from a GGUF (--model_dir "
+        "smollm2), --dtype float32, --tp_size 1 and no FP8. Without either flag they are kept "
+        "whenever these hold (the converter says when they do not). The torch backend's CPU "
+        "kernels stream the blocks and hold no float32 copy of those weights (the same bits); "
+        "rank0.safetensors always holds their float32 expansion, which is what TensorRT-LLM, "
+        "tensor parallelism and every other dtype read",
+    )
+    blk.add_argument(
+        "--no_keep_blocks",
+        dest="keep_blocks",
+        action="store_const",
+        const=False,
+        help="write only the float32 expansion of a GGUF base's block weights (no "
+        "blocks.safetensors): the torch backend then holds every weight in float32",
     )
     p.add_argument(
         "--calib_input_ids_file",
@@ -235,13 +251,38 @@ def run(args: argparse.Namespace) -> int:
     )
     check_num_beams(args.redrafter_num_beams, base_cfg.vocab_size, "--redrafter_num_beams")
     blocks = None
+    has_blocks = (base_dir / BLOCKS_FILE).is_file()
     if args.keep_blocks:
         require(
-            (base_dir / BLOCKS_FILE).is_file(),
+            has_blocks,
             f"--keep_blocks: {base_dir} has no {BLOCKS_FILE} (only a base converted from a GGUF "
             f"has block weights, e.g. --model_dir {DEFAULT_MODEL})",
         )
+    keep = args.keep_blocks
+    if keep is None and has_blocks:  # the default for a GGUF base: keep them where they fit
+        unfit = [
+            reason
+            for reason, applies in (
+                (f"--dtype {args.dtype}", args.dtype != "float32"),
+                (f"--tp_size {args.tp_size}", args.tp_size != 1),
+                (f"--quantize {args.quantize}", args.quantize is not None),
+            )
+            if applies
+        ]
+        keep = not unfit
+        if unfit:
+            say(
+                f"[convert] the base's GGUF block weights are not kept ({', '.join(unfit)}; "
+                "blocks are kept only in float32, tp_size 1, unquantized checkpoints): "
+                "rank0.safetensors holds every weight expanded"
+            )
+    if keep:
         blocks = blocks_to_trtllm(base_cfg, load_blocks(base_dir / BLOCKS_FILE), base_dir)
+        say(
+            f"[convert] keeping the base's GGUF block weights ({len(blocks)} matrices) in "
+            f"{BLOCKS_FILE} for the torch backend's CPU kernels; rank0.safetensors holds their "
+            "float32 expansion (TensorRT-LLM, other dtypes); --no_keep_blocks leaves them out"
+        )
     out = convert_checkpoint(
         base_cfg,
         base_sd,

@@ -10,8 +10,12 @@ whole cache plus an intra-block mask (causal for prompts, ancestor-or-self for p
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +25,7 @@ from torch import nn
 
 from ..errors import RedrafterError, require
 from ..ops.kv_cache import contiguous_cache_shape
+from .blocks import decode, release_pages, rows
 
 #: Architectures this modeling implements, by the name TensorRT-LLM's checkpoints use.
 ARCH_LLAMA = "LlamaForCausalLM"
@@ -165,51 +170,181 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-class Linear(nn.Linear):
+_NO_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("no_weight_init", default=False)
+
+
+@contextlib.contextmanager
+def weights_uninitialized() -> Iterator[None]:
+    """Inside: :class:`Linear` and :class:`Embedding` skip their random initialisation (the
+    weights are allocated but never touched: no time spent, no memory resident), for a model
+    whose every weight is loaded, or replaced by block weights, right after."""
+    token = _NO_INIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_INIT.reset(token)
+
+
+#: the CPU kernel's panels of a block tensor, made once and shared by every Linear streaming it
+#: (a draft head whose projection is the base's vocabulary projection); held weakly on both
+#: sides: the panels live while a layer holds them
+_PANELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class BlockBacked:
+    """What :class:`Linear` and :class:`Embedding` share: a float32 weight that GGUF block weights
+    (models/blocks.py) can stand in for.
+
+    After :func:`stream_blocks` the layer holds no float32 weight at all: the CPU kernels read the
+    blocks (the linear kernel's block panels, the embedding's Q8_0/Q4_1 rows), which give the
+    float32 weight's bits. Everything that wants the float32 values still gets them exactly:
+    reading ``.weight`` decodes the blocks (:func:`~.blocks.decode`) into a parameter again,
+    shared with the layers tied to it, and kept (the layer follows that parameter from then on:
+    a changed weight drops the blocks); ``state_dict()`` holds the decoded weight; moving the
+    layer to another device or dtype decodes it first. ``weight_dtype`` and ``weight_device``
+    answer without decoding."""
+
+    _blocks: Any = None  # the BlockTensor whose exact float32 expansion is the weight
+    _blocks_key: tuple | None = None  # the weight's key the blocks stand for (None: no weight held)
+    _tied: tuple = ()  # the layers sharing this weight (a tied embedding and vocabulary projection)
+    _weight_requires_grad = True
+
+    def streams_blocks(self) -> bool:
+        """True while no float32 weight is held: the blocks stand in for it."""
+        return self._blocks is not None and self._parameters.get("weight") is None
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The weight's dtype (float32 for blocks), without decoding blocks."""
+        return torch.float32 if self.streams_blocks() else self._parameters["weight"].dtype
+
+    @property
+    def weight_device(self) -> torch.device:
+        """The weight's device (the CPU for blocks), without decoding blocks."""
+        return torch.device("cpu") if self.streams_blocks() else self._parameters["weight"].device
+
+    def _weight_key(self) -> tuple | None:
+        w = self._parameters.get("weight")
+        return None if w is None else (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+
+    def _blocks_changed(self) -> None:
+        """Hook: the blocks were attached or dropped (a Linear drops its packed copy)."""
+
+    def attach_blocks(self, blocks) -> None:
+        """GGUF blocks whose exact float32 expansion this layer's weight is now, the weight
+        staying held: the CPU kernel streams the blocks instead (the same bits) until the weight
+        changes. :func:`stream_blocks` also drops the weight."""
+        self._blocks, self._blocks_key, self._tied = blocks, self._weight_key(), (self,)
+        self._blocks_changed()
+
+    def _materialize(self) -> nn.Parameter:
+        """Decode the blocks into the float32 weight of every layer tied to this one."""
+        with torch.inference_mode(False), torch.no_grad():
+            w = decode(self._blocks)
+        release_pages(self._blocks, whole_file=True)
+        p = nn.Parameter(w, requires_grad=self._weight_requires_grad)
+        key = (p.data_ptr(), p._version, p.dtype, tuple(p.shape))
+        for m in self._tied:
+            m._parameters["weight"] = p
+            m._blocks_key = key
+        return p
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.streams_blocks():
+            return self._materialize()
+        return super().__getattr__(name)  # type: ignore[misc]  # nn.Module's, after the mixin
+
+    def _apply(self, fn, recurse=True):
+        if self.streams_blocks():  # blocks are float32 CPU values: another dtype or device decodes
+            probe = fn(torch.empty(0, 0))
+            if probe.device.type != "cpu" or probe.dtype != torch.float32:
+                self._materialize()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.streams_blocks():  # the weight's values, decoded (a copy; the layer keeps none)
+            destination[prefix + "weight"] = decode(self._blocks)
+            release_pages(self._blocks, whole_file=True)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.streams_blocks() and prefix + "weight" in state_dict:
+            self._materialize()  # a weight loaded into it replaces the blocks (its key changes)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def stream_blocks(layers: Sequence[BlockBacked], blocks) -> None:
+    """Let ``blocks`` (a :class:`~.blocks.BlockTensor`) stand in for the float32 weight that
+    ``layers`` share (one layer, or every layer tied to one weight: the caller passes all of
+    them) and drop that weight: the layers keep no float32 copy of it. The caller vouches that
+    the blocks decode to the weight the layers are meant to have (a checkpoint writes both from
+    one source and checks them)."""
+    w = layers[0]._parameters.get("weight")
+    require(
+        all(m._parameters.get("weight") is w for m in layers),
+        "stream_blocks: the layers do not share one weight",
+    )
+    require(
+        w is None or (tuple(w.shape) == (blocks.n, blocks.k) and w.dtype == torch.float32),
+        f"stream_blocks: {blocks.fmt} [{blocks.n}, {blocks.k}] cannot stand in for a "
+        f"{None if w is None else w.dtype} weight of shape {None if w is None else list(w.shape)}",
+    )
+    for m in layers:
+        m._blocks, m._blocks_key, m._tied = blocks, None, tuple(layers)
+        m._weight_requires_grad = True if w is None else w.requires_grad
+        m._parameters["weight"] = None
+        m._blocks_changed()
+
+
+class Linear(BlockBacked, nn.Linear):
     """``nn.Linear`` (same parameter names) that can run on the batch-invariant CPU kernel.
 
     With ``native = True`` and CPU float32/bfloat16 weights, the product runs through
     :func:`redrafter_trt.native.linear_packed` on a copy of the weight packed once for streaming
     (repacked only when the weight tensor changes): a row's output has the same bits alone or
     among any number of rows and with any thread count (one float32 FMA chain per element),
-    which torch's GEMMs do not promise.
+    which torch's GEMMs do not promise. A layer streaming GGUF blocks (:class:`BlockBacked`)
+    packs the blocks instead: the same bits, no float32 weight held.
     """
 
     native = False
     _packed: Any = None
     _packed_key: tuple | None = None
 
-    _blocks: Any = None
-    _blocks_key: tuple | None = None
+    def reset_parameters(self) -> None:
+        if not _NO_INIT.get():
+            super().reset_parameters()
 
-    def _weight_key(self) -> tuple:
-        w = self.weight
-        return (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-
-    def attach_blocks(self, blocks) -> None:
-        """GGUF block weights (models/blocks.py) whose exact float32 expansion is this layer's
-        weight now: the CPU kernel streams and decodes them in registers instead (the same bits,
-        a fifth of the bytes). Dropped as soon as the weight tensor changes."""
-        self._blocks, self._blocks_key = blocks, self._weight_key()
+    def _blocks_changed(self) -> None:
         self.drop_packed()
 
     @property
     def streamed_format(self) -> str:
         """What this layer's weight is stored as for the CPU kernel: its GGUF block format
         (``q4_1``, ``q8_0``) or its dtype (``float32``, ``bfloat16``)."""
-        return self._blocks.fmt if self._blocks is not None else str(self.weight.dtype)[6:]
+        packed = self._packed
+        if packed is not None:
+            return packed.fmt or str(packed.dtype)[6:]
+        return self._blocks.fmt if self.streams_blocks() else str(self.weight_dtype)[6:]
 
     def packed_weight(self):
         """The weight packed for the CPU kernel (cached; repacked when the weight changes): the
-        attached block weights while the weight is the one they expand to, else the weight."""
+        block panels while the blocks stand for the weight, else the weight."""
         from .. import native
 
         key = self._weight_key()
         if self._packed is None or self._packed_key != key:
             if self._blocks is not None and self._blocks_key == key:
-                self._packed = native.pack_blocks(self._blocks)
-            else:
+                ref = _PANELS.get(self._blocks)
+                packed = ref() if ref is not None else None
+                if packed is None:
+                    packed = native.pack_blocks(self._blocks)
+                    _PANELS[self._blocks] = weakref.ref(packed)
+                    release_pages(self._blocks, whole_file=True)  # the panels are enough
+                self._packed = packed
+            else:  # the weight changed: it no longer is the blocks' expansion
                 self._blocks = self._blocks_key = None
+                self._tied = ()
                 self._packed = native.pack_linear(self.weight)
             self._packed_key = key
         return self._packed
@@ -225,6 +360,30 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
+class Embedding(BlockBacked, nn.Embedding):
+    """``nn.Embedding`` (same parameter name) that can look its rows up in GGUF block weights:
+    while the blocks stand in for the table (:class:`BlockBacked`), a CPU lookup decodes only the
+    rows asked for (:func:`redrafter_trt.native.embed_blocks`; the rows of
+    :func:`~.blocks.decode` bit for bit), so no float32 [V, H] table is held."""
+
+    def reset_parameters(self) -> None:
+        if not _NO_INIT.get():
+            super().reset_parameters()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.streams_blocks() and ids.device.type == "cpu":
+            from .. import native
+
+            bt = self._blocks
+            if native.linear_available():
+                out = native.embed_blocks(bt, ids)
+            else:
+                out = decode(rows(bt, ids)).reshape(*ids.shape, bt.k)
+            release_pages(bt)  # a mapped table keeps no pages resident between lookups
+            return out
+        return super().forward(ids)
+
+
 def set_native_linear(module: nn.Module, on: bool) -> None:
     """Every :class:`Linear` under ``module`` on the CPU kernel (packed now) or on torch."""
     # an MLP's gate_proj and up_proj stream as one fused weight: no packed copy of their own
@@ -237,7 +396,7 @@ def set_native_linear(module: nn.Module, on: bool) -> None:
     for m in module.modules():
         if isinstance(m, Linear):
             m.native = on
-            if on and m.weight.device.type == "cpu" and id(m) not in fused:
+            if on and m.weight_device.type == "cpu" and id(m) not in fused:
                 m.packed_weight()
             elif not on:
                 m.drop_packed()
@@ -369,7 +528,7 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: BaseConfig):
         super().__init__()
-        self.vocab_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vocab_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.ln_f = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
 
@@ -396,7 +555,7 @@ class BaseModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @property
-    def embedding(self) -> nn.Embedding:
+    def embedding(self) -> Embedding:
         return self.transformer.vocab_embedding
 
     def new_cache(
@@ -408,11 +567,14 @@ class BaseModel(nn.Module):
     ) -> torch.Tensor:
         """Allocate ``[layers, 2, slots, kv_heads, capacity, head_size]`` (zeros)."""
         c = self.config
-        w = self.lm_head.weight
         shape = contiguous_cache_shape(
             c.num_hidden_layers, slots, c.num_key_value_heads, capacity, c.head_size
         )
-        return torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)
+        return torch.zeros(
+            shape,
+            dtype=dtype or self.lm_head.weight_dtype,
+            device=device or self.lm_head.weight_device,
+        )
 
     def forward(
         self,
@@ -454,7 +616,7 @@ class BaseModel(nn.Module):
         gathered = block.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, read_len))
         mask = (rel < 0)[:, None, :] | (in_block[:, None, :] & gathered)
         freqs = positions.to(torch.float64)[..., None] * self.inv_freq  # [B, T, hd/2]
-        dtype = self.lm_head.weight.dtype
+        dtype = self.lm_head.weight_dtype
         kernels = (
             self.lm_head.native
             and input_ids.device.type == "cpu"
@@ -599,14 +761,14 @@ class BaseModel(nn.Module):
         weight dtype (bfloat16 weights on CPU: the native kernel, no float32 weight copy)."""
         if not float32 or hidden.dtype == torch.float32:
             return self.lm_head(hidden).to(torch.float32) if float32 else self.lm_head(hidden)
-        w = self.lm_head.weight
-        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+        lm = self.lm_head
+        if lm.weight_device.type == "cpu" and lm.weight_dtype in (torch.float32, torch.bfloat16):
             from .. import native
 
-            if self.lm_head.native:
+            if lm.native:
                 return native.linear_packed(
-                    hidden, self.lm_head.packed_weight(), self.lm_head.bias, out_dtype=torch.float32
+                    hidden, lm.packed_weight(), lm.bias, out_dtype=torch.float32
                 )
             if native.linear_available():
-                return native.linear(hidden, w, self.lm_head.bias, out_dtype=torch.float32)
-        return F.linear(hidden.to(torch.float32), w.to(torch.float32))
+                return native.linear(hidden, lm.weight, lm.bias, out_dtype=torch.float32)
+        return F.linear(hidden.to(torch.float32), lm.weight.to(torch.float32))

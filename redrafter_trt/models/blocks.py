@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ _GGUF_LAYER = {
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a loaded table is shared, never compared by value
 class BlockTensor:
     """One block-quantized matrix of logical shape [n, k]: its parts as stored."""
 
@@ -61,6 +62,9 @@ class BlockTensor:
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None = None
+    #: the :class:`FileMapping` the parts are views of (``load_blocks(mapped=True)``), or None
+    #: (parts in memory); see :func:`release_pages`
+    mapping: Any = field(default=None, repr=False)
 
     def parts(self) -> dict[str, torch.Tensor]:
         out = {"qs": self.qs, "d": self.d}
@@ -103,6 +107,12 @@ def check_block_tensor(name: str, bt: BlockTensor, where: str) -> None:
         )
     extra = set(parts) - set(FORMATS[bt.fmt])
     require(not extra, f"{where}: tensor {name}: parts {sorted(extra)} do not belong to {bt.fmt}")
+    for part in ("d", "m"):  # the float32 path refuses non-finite weights; so do the blocks
+        t = parts.get(part)
+        require(
+            t is None or bool(torch.isfinite(t).all()),
+            f"{where}: tensor {name}.{bt.fmt}.{part}: non-finite scales (NaN/inf)",
+        )
 
 
 def decode(bt: BlockTensor) -> torch.Tensor:
@@ -117,6 +127,24 @@ def decode(bt: BlockTensor) -> torch.Tensor:
     m = bt.m.to(torch.float32).reshape(bt.n, nb, 1)
     prod = d * q  # exact; a separate op so nothing fuses it with the add
     return (prod + m).reshape(bt.n, bt.k)
+
+
+def rows(bt: BlockTensor, ids: torch.Tensor) -> BlockTensor:
+    """The blocks of rows ``ids`` [r] of ``bt`` (a draft head's projection over a reduced
+    vocabulary, an embedding lookup): decoding them gives those rows of :func:`decode` exactly."""
+    ids = ids.reshape(-1).to(torch.int64)
+    picked = {f: p.index_select(0, ids) for f, p in bt.parts().items()}
+    return BlockTensor(bt.fmt, int(ids.numel()), bt.k, **picked)
+
+
+def parts_equal(a: BlockTensor, b: BlockTensor) -> bool:
+    """True when ``a`` and ``b`` hold the same blocks (format, shape and every stored byte)."""
+    if (a.fmt, a.n, a.k) != (b.fmt, b.n, b.k):
+        return False
+    pa, pb = a.parts(), b.parts()
+    return pa.keys() == pb.keys() and all(
+        torch.equal(pa[f].view(torch.uint8), pb[f].view(torch.uint8)) for f in pa
+    )
 
 
 def concat_rows(name: str, parts: list[BlockTensor], where: str) -> BlockTensor:
@@ -148,14 +176,121 @@ def save_blocks(blocks: dict[str, BlockTensor], path: str | os.PathLike) -> None
     save_safetensors(tensors, path, metadata={"format": "pt", _META_KEY: json.dumps(meta)})
 
 
-def load_blocks(path: str | os.PathLike) -> dict[str, BlockTensor]:
-    """Read a ``blocks.safetensors``; every tensor is checked (see the module doc)."""
+_SAFETENSORS_DTYPES = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F64": torch.float64,
+}
+
+
+class FileMapping:
+    """A private memory map of a block weights file (the parts of ``load_blocks(mapped=True)``
+    are views of it): pages are read from the file when touched and can be dropped again."""
+
+    def __init__(self, mapped, base: int):
+        self.mapped, self.base = mapped, base  # the mmap and the address of its first byte
+
+    def release(self, parts: list[torch.Tensor] | None = None) -> None:
+        """Drop the resident pages under ``parts`` (views of this map; the pages around them
+        too), or every page of the map (None): the OS reads them from the file again when next
+        touched."""
+        import mmap
+
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if parts is None:
+            self.mapped.madvise(mmap.MADV_DONTNEED)
+            return
+        if not parts:
+            return
+        lo = min(t.data_ptr() for t in parts) - self.base
+        hi = max(t.data_ptr() + t.numel() * t.element_size() for t in parts) - self.base
+        if lo < 0 or hi > len(self.mapped):  # not views of this map (copied parts)
+            return
+        lo -= lo % mmap.PAGESIZE
+        self.mapped.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(self.mapped)) - lo)
+
+
+def release_pages(bt: BlockTensor, whole_file: bool = False) -> None:
+    """Let the OS drop the resident pages of the file ``bt`` is mapped from: under its parts
+    (after a lookup of embedding rows), or all of them (``whole_file``: after a pass over the
+    parts, such as packing them for the CPU kernel, which also maps pages around them). They
+    stop counting as this process's memory and are read from the file again when next touched
+    (the page cache usually still has them). The parts are read-only by contract (a write to a
+    mapped part would be dropped with them); nothing happens to parts in memory."""
+    if bt.mapping is not None:
+        bt.mapping.release(None if whole_file else list(bt.parts().values()))
+
+
+def _mapped_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """Every tensor of a safetensors file as a view of one private
+    memory map of it: pages are read from the file when first touched, so an unused table holds
+    no memory. A range outside the file or of the wrong length is an error naming the tensor."""
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        require(len(head) == 8, f"{path}: shorter than a safetensors header: truncated")
+        n = int.from_bytes(head, "little")
+        require(8 + n <= size, f"{path}: header of {n} bytes runs past the file: truncated")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RedrafterError(f"{path}: safetensors header is not JSON ({e})") from e
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        require(dtype is not None, f"{path}: tensor {key}: unknown dtype {info.get('dtype')}")
+        shape, (begin, end) = [int(x) for x in info["shape"]], info["data_offsets"]
+        numel = 1
+        for x in shape:
+            numel *= x
+        item = torch.empty((), dtype=dtype).element_size()
+        require(
+            end - begin == numel * item and 8 + n + end <= size and mapped is not None,
+            f"{path}: tensor {key}: bytes {begin}..{end} do not hold {dtype} {shape} inside the "
+            f"file ({size} bytes): truncated or corrupt",
+        )
+        offset = 8 + n + begin
+        if numel == 0:
+            out[key] = torch.empty(shape, dtype=dtype)
+        elif offset % item:  # not aligned for its dtype: a copy (the parts are small)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=numel * item, offset=offset)
+            out[key] = raw.clone().view(dtype).reshape(shape)
+        else:
+            out[key] = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset).reshape(
+                shape
+            )
+    mapping = None
+    if mapped is not None:
+        probe = torch.frombuffer(mapped, dtype=torch.uint8, count=1, offset=0)
+        mapping = FileMapping(mapped, probe.data_ptr())
+    return out, mapping
+
+
+def load_blocks(path: str | os.PathLike, mapped: bool = False) -> dict[str, BlockTensor]:
+    """Read a ``blocks.safetensors``; every tensor is checked (see the module doc).
+
+    ``mapped``: the parts are views of a private memory map of the file instead of copies (what
+    a loaded model streams: the pages a kernel never reads again cost no memory, and the file's
+    bytes stay the ones mapped even if it is replaced)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     require(path.is_file(), f"{path}: block weights file not found")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # checks the header and the file's size
+            views, mapping = _mapped_tensors(path) if mapped else (None, None)
             meta_json = (f.metadata() or {}).get(_META_KEY)
             require(
                 meta_json is not None,
@@ -183,13 +318,15 @@ def load_blocks(path: str | os.PathLike) -> dict[str, BlockTensor]:
                 for part in FORMATS[fmt]:
                     key = f"{name}.{fmt}.{part}"
                     require(key in keys, f"{path}: tensor {name}: {fmt} part {key} is missing")
-                    parts[part] = f.get_tensor(key)
-                bt = BlockTensor(fmt, int(n), int(k), **parts)
+                    parts[part] = views[key] if views is not None else f.get_tensor(key)
+                bt = BlockTensor(fmt, int(n), int(k), **parts, mapping=mapping)
                 check_block_tensor(name, bt, str(path))
                 out[name] = bt
             used = {f"{n}.{e[0]}.{p}" for n, e in meta.items() for p in FORMATS[e[0]]}
             stray = sorted(keys - used)
             require(not stray, f"{path}: tensors {stray[:5]} are not described by the metadata")
+            if out:  # the checks read every scale: drop those pages again
+                release_pages(next(iter(out.values())), whole_file=True)
             return out
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RedrafterError(
@@ -267,6 +404,9 @@ __all__ = [
     "decode",
     "gguf_name_to_hf",
     "load_blocks",
+    "parts_equal",
     "read_gguf_blocks",
+    "release_pages",
+    "rows",
     "save_blocks",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -265,8 +265,11 @@ def check_draft_vocab(ids: torch.Tensor, cfg: DrafterConfig, where: str) -> None
         )
 
 
-def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) -> None:
-    """:func:`load_checked` for a draft head, with the draft-vocabulary rules spelt out."""
+def load_drafter_state(
+    model: Drafter, sd: dict[str, torch.Tensor], where: str, provided: Collection[str] = ()
+) -> None:
+    """:func:`load_checked` for a draft head, with the draft-vocabulary rules spelt out
+    (``provided``: as :func:`load_checked`'s)."""
     cfg = model.config
     n = cfg.num_draft_layers
     if cfg.draft_vocab_size is None:
@@ -288,7 +291,7 @@ def load_drafter_state(model: Drafter, sd: dict[str, torch.Tensor], where: str) 
             f"{where}: lm_head.{n}.weight has {None if proj is None else proj.shape[0]} rows but "
             f"draft_vocab_size K is {cfg.draft_vocab_size}; the projection must have one row per draft id",
         )
-    load_checked(model, sd, where)
+    load_checked(model, sd, where, provided)
 
 
 def read_drafter_config(path: str | os.PathLike) -> DrafterConfig:
@@ -384,10 +387,19 @@ def load_drafter(path: str | os.PathLike, base_lm_head: torch.Tensor | None = No
     return model
 
 
-def load_checked(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``sd`` into ``model`` requiring exactly its keys, shapes and finite values."""
+def load_checked(
+    model: nn.Module, sd: dict[str, torch.Tensor], where: str, provided: Collection[str] = ()
+) -> None:
+    """Load ``sd`` into ``model`` requiring exactly its keys, shapes and finite values.
+
+    ``provided``: keys of ``model`` whose values come from elsewhere (GGUF block weights, which
+    the caller hands the layers next); they must not be in ``sd`` and are left as they are."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
+    stray = sorted(set(provided) - set(expected))
+    require(not stray, f"{where}: {stray[0] if stray else ''} is not a tensor of this model")
+    twice = sorted(set(provided) & set(sd))
+    require(not twice, f"{where}: {twice[0] if twice else ''} is given twice")
+    missing = sorted(set(expected) - set(sd) - set(provided))
     unexpected = sorted(set(sd) - set(expected))
     require(
         not missing, f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}"
@@ -411,7 +423,13 @@ def load_checked(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> N
         require(
             bool(torch.isfinite(v).all()), f"{where}: tensor {k} has non-finite values (NaN/inf)"
         )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+    result = model.load_state_dict(
+        {k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=not provided
+    )
+    require(
+        set(result.missing_keys) <= set(provided) and not result.unexpected_keys,
+        f"{where}: tensors {sorted(set(result.missing_keys) - set(provided))[:8]} not loaded",
+    )
 
 
 def save_drafter(

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -20,16 +20,21 @@ import torch
 from ..errors import RedrafterError, require
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read one weights file into a dict of CPU tensors, with a clear error when it is bad."""
+def load_state_dict_file(
+    path: str | os.PathLike, skip: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Read one weights file into a dict of CPU tensors, with a clear error when it is bad.
+
+    ``skip``: names not to read (a safetensors file reads only the others' bytes; tensors whose
+    values come from elsewhere, such as GGUF block weights, then cost neither time nor memory)."""
     path = Path(path)
     require(path.is_file(), f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k not in skip}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise RedrafterError(
                 f"{path}: cannot read safetensors file ({e}); it may be "
@@ -46,7 +51,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()),
         f"{path}: expected a state dict of tensors",
     )
-    return sd
+    return {k: v for k, v in sd.items() if k not in skip}
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a safetensors file, from its header (no tensor read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    require(path.is_file(), f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RedrafterError(
+            f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt: "
+            "re-download or re-convert it"
+        ) from e
 
 
 def save_safetensors(

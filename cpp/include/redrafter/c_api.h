@@ -118,6 +118,12 @@ int32_t redrafter_linear_simd_cpu(void);
 int64_t redrafter_linear_blocks_packed_bytes(int32_t fmt, int64_t n, int64_t k);
 int32_t redrafter_linear_pack_blocks_cpu(const void* qs, const uint16_t* d, const uint16_t* m, int32_t fmt,
                                          void* packed, int64_t n, int64_t k, char* msg, int64_t msg_len);
+/* Embedding rows of a GGUF block table (cpp/src/embed_cpu.cpp): out [count, k] float32 = rows ids
+ * [count] (int64, each in [0, rows)) of the q4_1 (10) / q8_0 (11) table [rows, k], decoded exactly
+ * as redrafter_trt/models/blocks.py decode(). */
+int32_t redrafter_embed_blocks_cpu(const void* qs, const uint16_t* d, const uint16_t* m, int32_t fmt, int64_t rows,
+                                   int64_t k, const int64_t* ids, int64_t count, float* out, char* msg,
+                                   int64_t msg_len);
 int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache_dtype, const int64_t* slots,
                                 const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
                                 int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,
