@@ -184,9 +184,11 @@ Status cpu::attention(const float* q, const void* cache, int32_t cacheDtype, con
 #endif
     const AttnCall c{q, cache, cacheDtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, numSlots, scale, simd};
     const int64_t rows = b * t * nh;
-    // Threads only where the work pays for the hand-off (about 1 M multiply-adds a chunk).
+    // Chunks of about 1 M multiply-adds at most (a hand-off costs a few microseconds).
     const int64_t perRow = std::max<int64_t>(1, s * hd * 2);
-    const int64_t rowsPerChunk = std::max<int64_t>(1, (int64_t{1} << 20) / perRow);
+    // At least one chunk per thread when there are rows enough (a decode step's few heads).
+    const int64_t rowsPerChunk =
+        std::max<int64_t>(1, std::min((int64_t{1} << 20) / perRow, (rows + threads - 1) / threads));
     const int64_t chunks = (rows + rowsPerChunk - 1) / rowsPerChunk;
     cpuPoolFor(threads, chunks, [&](int64_t ch) {
         std::vector<float> sc;

@@ -68,7 +68,7 @@ inline int64_t blockPanelBytes(int32_t d) { return d == kQ4_1 ? kQ41PanelBytes :
 constexpr int64_t kPanel = 16;          // output columns per panel
 constexpr int64_t kMaxRows = 6;         // rows per register tile
 constexpr int64_t kRowBlock = 48;       // rows sharing one pass over a panel (8 tiles)
-constexpr int64_t kPrefetchBlocks = 8;  // block tiles fetch this many blocks ahead of their reads
+constexpr int64_t kPrefetchBlocks = 4;  // block tiles fetch this many blocks ahead of their reads
 
 inline float loadW(const float* p) { return *p; }
 inline float loadW(const uint16_t* p) { return bf16ToF32(*p); }
