@@ -11,8 +11,9 @@
 // depends on T, B, the row's place in the call, the masked-out keys or the thread count. A token
 // verified in a tree sees its ancestors in depth order, exactly the keys and order it sees when
 // decoded plainly after they entered the cache, so tree verification and plain decoding give
-// the same bits. The AVX2 path and the portable path compute the same chains (std::fma,
-// std::exp on both).
+// the same bits. The AVX-512, AVX2 and portable paths compute the same chains (std::fma,
+// std::exp on all three; AVX-512 takes two keys' dot products per register and holds the output
+// row in registers across the keys).
 //
 // Types: q and out float32; the cache float32 or bfloat16 (widened exactly).
 #include <algorithm>
@@ -91,7 +92,101 @@ __attribute__((target("avx2,fma"))) void accAvx2(float* acc, float p, const T* v
     for (int64_t d = dv; d < hd; ++d) acc[d] = std::fma(p, ld(v + d), acc[d]);
 }
 
+// AVX-512. Two keys' dot products in one register (lanes 0-7 the first key, 8-15 the second):
+// each lane the same FMA chain as dotAvx2's, then reduce8's lane tree done in registers (a + b
+// == b + a, so each half's lane 0 holds reduce8's value bit for bit), then the same tail.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) inline __m512 pair8(__m256 a, __m256 b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(a)), _mm256_castps_pd(b), 1));
+}
+__attribute__((target("avx512f"))) inline __m256 wide8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m256 wide8(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx512f"))) inline __m512 wide16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 wide16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <class T>
+__attribute__((target("avx512f"))) void dot2Avx512(const float* q, const T* ka, const T* kb, int64_t hd, float* da,
+                                                   float* db) {
+    const int64_t dv = hd - hd % 8;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dv; d += 8) {
+        const __m256 q8 = _mm256_loadu_ps(q + d);
+        a = _mm512_fmadd_ps(pair8(q8, q8), pair8(wide8(ka + d), wide8(kb + d)), a);
+    }
+    a = _mm512_add_ps(a, _mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(2, 3, 0, 1)));  // l_i + l_i+4
+    a = _mm512_add_ps(a, _mm512_shuffle_ps(a, a, _MM_SHUFFLE(1, 0, 3, 2)));     // + (l_i+2 + l_i+6)
+    a = _mm512_add_ps(a, _mm512_shuffle_ps(a, a, _MM_SHUFFLE(2, 3, 0, 1)));     // + the odd lanes' sum
+    float sa = _mm512_cvtss_f32(a), sb = _mm_cvtss_f32(_mm512_extractf32x4_ps(a, 2));
+    for (int64_t d = dv; d < hd; ++d) {
+        sa = std::fma(q[d], ld(ka + d), sa);
+        sb = std::fma(q[d], ld(kb + d), sb);
+    }
+    *da = sa;
+    *db = sb;
+}
+
+// The softmax-weighted sum with the NV x 16 output lanes held in registers across the keys: each
+// element the same FMA chain over the allowed keys as accAvx2 / accScalar.
+template <class T, int NV>
+__attribute__((target("avx512f"))) float accumulateAvx512(const float* sc, const uint8_t* m, const T* vals, int64_t s,
+                                                          int64_t hd, float mx, float* o) {
+    __m512 acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    float sum = 0.0f;
+    for (int64_t j = 0; j < s; ++j) {
+        if (!m[j]) continue;
+        const float p = std::exp(sc[j] - mx);
+        sum += p;
+        const __m512 pb = _mm512_set1_ps(p);
+        const T* vj = vals + j * hd;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(pb, wide16(vj + 16 * v), acc[v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o + 16 * v, acc[v]);
+    return sum;
+}
+#pragma GCC diagnostic pop
+
+template <class T>
+using AccFn = float (*)(const float*, const uint8_t*, const T*, int64_t, int64_t, float, float*);
+
+// The register-held sum for head sizes 16, 32, ..., 128; null otherwise (the AVX2 path then).
+template <class T>
+AccFn<T> accumulatorFor(int64_t hd) {
+    switch (hd) {
+        case 16:
+            return accumulateAvx512<T, 1>;
+        case 32:
+            return accumulateAvx512<T, 2>;
+        case 48:
+            return accumulateAvx512<T, 3>;
+        case 64:
+            return accumulateAvx512<T, 4>;
+        case 80:
+            return accumulateAvx512<T, 5>;
+        case 96:
+            return accumulateAvx512<T, 6>;
+        case 112:
+            return accumulateAvx512<T, 7>;
+        case 128:
+            return accumulateAvx512<T, 8>;
+        default:
+            return nullptr;
+    }
+}
+
 using cpu::haveAvx2Fma;
+using cpu::haveAvx512;
 #endif
 
 struct AttnCall {
@@ -103,7 +198,7 @@ struct AttnCall {
     float* out;            // [B, T, nh, hd]
     int64_t b, t, nh, nkv, hd, s, cap, numSlots;
     float scale;
-    bool simd;
+    int simd;  // 0 portable, 1 AVX2, 2 AVX-512
 };
 
 template <class T>
@@ -121,30 +216,59 @@ void queryRow(const AttnCall& c, int64_t row /* b * T * nh + t * nh + h */, std:
     float* o = c.out + row * c.hd;
     sc.resize(static_cast<size_t>(c.s));
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < c.s; ++j) {
-        if (!m[j]) continue;
 #ifdef RD_X86
-        const float d = c.simd ? dotAvx2<T>(q, keys + j * c.hd, c.hd) : dotScalar<T>(q, keys + j * c.hd, c.hd);
+    if (c.simd == 2) {  // keys two at a time (the same per-key sums)
+        int64_t pend = -1;
+        for (int64_t j = 0; j < c.s; ++j) {
+            if (!m[j]) continue;
+            if (pend < 0) {
+                pend = j;
+                continue;
+            }
+            float da, db;
+            dot2Avx512<T>(q, keys + pend * c.hd, keys + j * c.hd, c.hd, &da, &db);
+            sc[pend] = da * c.scale;
+            mx = std::max(mx, sc[pend]);
+            sc[j] = db * c.scale;
+            mx = std::max(mx, sc[j]);
+            pend = -1;
+        }
+        if (pend >= 0) {
+            sc[pend] = dotAvx2<T>(q, keys + pend * c.hd, c.hd) * c.scale;
+            mx = std::max(mx, sc[pend]);
+        }
+    } else
+#endif
+        for (int64_t j = 0; j < c.s; ++j) {
+            if (!m[j]) continue;
+#ifdef RD_X86
+            const float d = c.simd ? dotAvx2<T>(q, keys + j * c.hd, c.hd) : dotScalar<T>(q, keys + j * c.hd, c.hd);
 #else
         const float d = dotScalar<T>(q, keys + j * c.hd, c.hd);
 #endif
-        sc[j] = d * c.scale;
-        mx = std::max(mx, sc[j]);
-    }
+            sc[j] = d * c.scale;
+            mx = std::max(mx, sc[j]);
+        }
     std::fill(o, o + c.hd, 0.0f);
     if (mx == -std::numeric_limits<float>::infinity()) return;  // no key allowed: zeros
     float sum = 0.0f;
-    for (int64_t j = 0; j < c.s; ++j) {
-        if (!m[j]) continue;
-        const float p = std::exp(sc[j] - mx);
-        sum += p;
 #ifdef RD_X86
-        if (c.simd)
-            accAvx2<T>(o, p, vals + j * c.hd, c.hd);
-        else
+    const AccFn<T> held = c.simd == 2 ? accumulatorFor<T>(c.hd) : nullptr;
+    if (held) {
+        sum = held(sc.data(), m, vals, c.s, c.hd, mx, o);
+    } else
 #endif
-            accScalar<T>(o, p, vals + j * c.hd, c.hd);
-    }
+        for (int64_t j = 0; j < c.s; ++j) {
+            if (!m[j]) continue;
+            const float p = std::exp(sc[j] - mx);
+            sum += p;
+#ifdef RD_X86
+            if (c.simd)
+                accAvx2<T>(o, p, vals + j * c.hd, c.hd);
+            else
+#endif
+                accScalar<T>(o, p, vals + j * c.hd, c.hd);
+        }
     const float inv = 1.0f / sum;
     for (int64_t d = 0; d < c.hd; ++d) o[d] *= inv;
 }
@@ -177,9 +301,9 @@ Status cpu::attention(const float* q, const void* cache, int32_t cacheDtype, con
                                  static_cast<long long>(i), static_cast<long long>(slots[i]),
                                  static_cast<long long>(numSlots));
 #ifdef RD_X86
-    const bool simd = !forceScalar && haveAvx2Fma();
+    const int simd = forceScalar ? 0 : haveAvx512() ? 2 : haveAvx2Fma() ? 1 : 0;
 #else
-    const bool simd = false;
+    const int simd = 0;
     (void)forceScalar;
 #endif
     const AttnCall c{q, cache, cacheDtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, numSlots, scale, simd};
