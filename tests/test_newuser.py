@@ -870,12 +870,13 @@ def test_readme_says_how_to_reach_the_commands_and_what_the_tests_need():
     assert "g++" in header and "g++" in setup and "nvcc is optional" in setup
 
 
-def test_readme_says_the_builtin_model_is_the_dequantized_q4_gguf():
+def test_readme_says_the_builtin_model_is_the_q4_gguf_streamed_as_stored():
     from redrafter_trt.models.hub import SMOLLM2_GGUF
 
     quant = SMOLLM2_GGUF.rsplit(".", 2)[1]  # SmolLM2-135M-Instruct.Q4_1.gguf -> Q4_1
     readme = " ".join((REPO / "README.md").read_text().split())
-    assert f"the {quant} quantization, dequantized to float32" in readme
+    assert f"that GGUF is the {quant} quantization: the checkpoint keeps its 4-bit blocks" in readme
+    assert "not of the original bfloat16 weights" in readme
 
 
 def test_progress_bar_ends_at_100_percent_on_a_line_of_its_own(engine, tmp_path, capsys):
