@@ -28,7 +28,7 @@ from .models.base import (
     HF_ARCHITECTURES,
     BaseConfig,
     BaseModel,
-    BlockBacked,
+    StoredWeight,
     stream_blocks,
     weights_uninitialized,
 )
@@ -474,7 +474,7 @@ def stream_checkpoint_blocks(
     cfg = drafter.config
     base_layers = dict(base.named_modules())
     head_layers = dict(drafter.named_modules())
-    everything = [m for m in (*base.modules(), *drafter.modules()) if isinstance(m, BlockBacked)]
+    everything = [m for m in (*base.modules(), *drafter.modules()) if isinstance(m, StoredWeight)]
     vocab = vocabulary_blocks(base.config, blocks)
     count = 0
     for name, bt in blocks.items():
@@ -485,7 +485,7 @@ def stream_checkpoint_blocks(
                 bt = vocab  # one set of blocks and panels for both projections
         else:
             layer = base_layers.get(name.removesuffix(".weight"))
-        held = layer._parameters.get("weight") if isinstance(layer, BlockBacked) else None
+        held = layer._parameters.get("weight") if isinstance(layer, StoredWeight) else None
         require(
             name.endswith(".weight") and held is not None,
             f"{where}: tensor {name}: no linear or embedding layer of the model has this weight",
