@@ -58,7 +58,9 @@ def weight_bytes(backend: TorchBackend) -> int:
     for m in base.modules():
         if m is base.embedding:
             continue
-        held = [(p, p.numel() * p.element_size()) for p in m.parameters(recurse=False)]
+        held: list[tuple[Any, int]] = [
+            (p, p.numel() * p.element_size()) for p in m.parameters(recurse=False)
+        ]
         if isinstance(m, Linear) and m.native and m.weight_device.type == "cpu":
             packed = m.packed_weight()
             held = [
