@@ -301,3 +301,45 @@ def test_a_loaded_float32_engine_holds_only_panels_and_decodes_the_same_tokens(
                 assert held == [], held
                 assert be.base.embedding.streams_panels()
     assert runs["dropped"] == runs["kept"] and runs["dropped"][0] == runs["dropped"][1]
+
+
+def test_a_head_sharing_the_base_projection_shares_its_panels(tmp_path):
+    """A float32 engine whose head's projection is the base's vocabulary projection (stored
+    under the head's name too): the loader ties the two, the kernels pack it once, and neither
+    model holds it; a head with a projection of its own keeps its own."""
+    from redrafter_trt.checkpoint import share_base_projection
+    from redrafter_trt.engine import build_engine
+    from redrafter_trt.runtime.loader import load
+    from test_block_streaming import convert_with_head, shared_head
+    from test_block_weights import tiny_gguf_like_base
+
+    base_dir = tiny_gguf_like_base(tmp_path)
+    head = shared_head(base_dir, tmp_path / "head")
+    ckpt = convert_with_head(base_dir, head, tmp_path / "ck", "--no_keep_blocks")
+    gen = load(build_engine(ckpt, tmp_path / "engine", backend="torch"), adaptive="off")
+    base, drafter = gen.backend.base, gen.backend.drafter
+    assert drafter.projection._stored is base.lm_head._stored is base.embedding._stored
+    assert held_weights(base) == [] and held_weights(drafter) == []
+    tokens = [
+        [r.token_ids for r in gen.generate([[1, 2, 3, 4]], max_new_tokens=10, speculative=s)]
+        for s in (False, True)
+    ]
+    assert tokens[0] == tokens[1]
+    # reading gives the weight back in each model (the base's tie kept; the models, dropped one
+    # after the other, each get a copy of their own)
+    assert same_bits(drafter.projection.weight, base.lm_head.weight)
+    assert base.lm_head.weight is base.embedding.weight
+    # only the same bits tie: one changed bit (a zero's sign) keeps them apart
+    m, d = _model(), copy.deepcopy(drafter)
+    m2 = _model()
+    d.lm_head[-1] = Linear(64, 97, bias=False)
+    with torch.no_grad():
+        d.lm_head[-1].weight.copy_(m.lm_head.weight)
+    assert share_base_projection(m, d) and d.projection.weight is m.lm_head.weight
+    d.lm_head[-1] = Linear(64, 97, bias=False)
+    with torch.no_grad():
+        w = m2.lm_head.weight.clone()
+        w[0, 0] = 0.0
+        m2.lm_head.weight[0, 0] = -0.0
+        d.lm_head[-1].weight.copy_(w)
+    assert not share_base_projection(m2, d)

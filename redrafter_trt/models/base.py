@@ -191,6 +191,29 @@ def weights_uninitialized() -> Iterator[None]:
 _PANELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: the kernel's panels of a float32/bf16 parameter by the parameter's id: (the parameter, its key
+#: when packed, the panels), all held weakly, so that layers of two models sharing one weight (a
+#: draft head's projection tied to the base's) pack it once; an entry goes with its parameter
+_PACKED_FROM: dict[int, tuple] = {}
+
+
+def _pack_weight(w: torch.Tensor, key: tuple):
+    """``w`` packed for the CPU kernel: the panels packed from this very parameter in its current
+    state when some layer still holds them, else packed now (and remembered)."""
+    from .. import native
+
+    entry = _PACKED_FROM.get(id(w))
+    if entry is not None and entry[0]() is w and entry[1] == key:
+        packed = entry[2]()
+        if packed is not None:
+            return packed
+    packed = native.pack_linear(w)
+    if entry is None or entry[0]() is not w:
+        weakref.finalize(w, _PACKED_FROM.pop, id(w), None)
+    _PACKED_FROM[id(w)] = (weakref.ref(w), key, weakref.ref(packed))
+    return packed
+
+
 def _is_panels(stored: Any) -> bool:
     """True for the CPU kernel's float32/bf16 panels (``native.PackedWeight`` of no block format),
     False for GGUF blocks (:class:`~.blocks.BlockTensor`) and None."""
@@ -456,7 +479,7 @@ class Linear(StoredWeight, nn.Linear):
                     if m is not self and m._stored is stored and not m.streams_stored():
                         m._stored = m._stored_key = None
                         m._tied = ()
-                self._packed = native.pack_linear(self.weight)
+                self._packed = _pack_weight(self.weight, key)
                 self._stored, self._stored_key, self._tied = self._packed, key, (self,)
             self._packed_key = key
         return self._packed
