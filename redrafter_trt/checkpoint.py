@@ -28,7 +28,7 @@ from .models.base import (
     HF_ARCHITECTURES,
     BaseConfig,
     BaseModel,
-    BlockBacked,
+    StoredWeight,
     stream_blocks,
     weights_uninitialized,
 )
@@ -474,7 +474,7 @@ def stream_checkpoint_blocks(
     cfg = drafter.config
     base_layers = dict(base.named_modules())
     head_layers = dict(drafter.named_modules())
-    everything = [m for m in (*base.modules(), *drafter.modules()) if isinstance(m, BlockBacked)]
+    everything = [m for m in (*base.modules(), *drafter.modules()) if isinstance(m, StoredWeight)]
     vocab = vocabulary_blocks(base.config, blocks)
     count = 0
     for name, bt in blocks.items():
@@ -485,7 +485,7 @@ def stream_checkpoint_blocks(
                 bt = vocab  # one set of blocks and panels for both projections
         else:
             layer = base_layers.get(name.removesuffix(".weight"))
-        held = layer._parameters.get("weight") if isinstance(layer, BlockBacked) else None
+        held = layer._parameters.get("weight") if isinstance(layer, StoredWeight) else None
         require(
             name.endswith(".weight") and held is not None,
             f"{where}: tensor {name}: no linear or embedding layer of the model has this weight",
@@ -501,6 +501,23 @@ def stream_checkpoint_blocks(
     if vocab is not None:  # the comparison above read its pages
         release_pages(vocab, whole_file=True)
     return count
+
+
+def share_base_projection(base: BaseModel, drafter: Drafter) -> bool:
+    """Tie the draft head's final projection to the base's vocabulary projection where the two
+    hold the same weight bit for bit (a head trained with the base's projection frozen, stored
+    under its own name): one parameter, so the CPU kernels pack and hold it once (the GGUF-block
+    counterpart is :func:`stream_checkpoint_blocks`). True when tied."""
+    proj, vocab = drafter.projection, base.lm_head
+    w, v = proj._parameters.get("weight"), vocab._parameters.get("weight")
+    if w is None or v is None or w is v or w.shape != v.shape or w.dtype != v.dtype:
+        return False
+    if w.device != v.device or not w.is_contiguous() or not v.is_contiguous():
+        return False
+    if not torch.equal(w.detach().view(torch.uint8), v.detach().view(torch.uint8)):
+        return False  # the same bits (equal values could differ in a zero's sign)
+    proj.weight = v
+    return True
 
 
 def check_blocks_match(ckpt_dir: str | os.PathLike) -> None:
@@ -646,6 +663,7 @@ def load_checkpoint_models(
     load_checked(base, base_sd, str(weights), {k for k in skip if not k.startswith("drafter.")})
     load_drafter_state(drafter, drafter_sd, str(weights), set(head_skip))
     stream_checkpoint_blocks(base, drafter, blocks, str(blocks_file))
+    share_base_projection(base, drafter)
     base.eval()
     drafter.eval()
     return cfg, base, drafter

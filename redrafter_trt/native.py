@@ -760,6 +760,55 @@ def pack_linear(weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(packed, int(n), int(k))
 
 
+def _panels(packed: PackedWeight, where: str) -> torch.Tensor:
+    """The float32/bf16 panels of a :func:`pack_linear` packing as ``[ceil(N/16), K, 16]``."""
+    if packed.fmt:
+        raise RedrafterError(
+            f"{where}: {packed.fmt} block panels hold no float weight to read; decode the blocks"
+        )
+    np_ = -(-packed.n // LINEAR_PANEL)
+    return packed.data[: np_ * packed.k * LINEAR_PANEL].view(np_, packed.k, LINEAR_PANEL)
+
+
+def unpack_linear(packed: PackedWeight) -> torch.Tensor:
+    """The weight [N, K] that :func:`pack_linear` packed (a new tensor of its dtype): the
+    panels' permutation undone and the padding left out, so the packed values, bit for bit."""
+    panels = _panels(packed, "unpack")
+    np_, k = panels.shape[0], packed.k
+    out = torch.empty((np_ * LINEAR_PANEL, k), dtype=packed.dtype)
+    out.view(np_, LINEAR_PANEL, k).copy_(panels.transpose(1, 2))
+    return out if np_ * LINEAR_PANEL == packed.n else out[: packed.n].clone()
+
+
+def packed_rows(packed: PackedWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the weight a :func:`pack_linear` packing holds, ``[*ids.shape, K]`` (the
+    rows of :func:`unpack_linear` bit for bit, without unpacking the rest): an embedding lookup
+    in a tied vocabulary projection's panels. An id outside [0, N) is an error naming it."""
+    if ids.device.type != "cpu" or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise RedrafterError(
+            f"packed rows: ids must be an integer CPU tensor, got {ids.dtype} on {ids.device}"
+        )
+    panels = _panels(packed, "packed rows")
+    flat = ids.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= packed.n):
+        bad = int(flat.min()) if int(flat.min()) < 0 else int(flat.max())
+        raise RedrafterError(f"packed rows: id {bad} is outside [0, {packed.n})")
+    rows = panels[flat // LINEAR_PANEL, :, flat % LINEAR_PANEL]  # [M, K]
+    return rows.reshape(*ids.shape, packed.k)
+
+
+def packed_row_range(packed: PackedWeight, lo: int, hi: int) -> PackedWeight | None:
+    """Rows [lo, hi) of a :func:`pack_linear` packing as a packing of their own that shares its
+    memory (a view), or None where they do not start and end on panel boundaries (the end of
+    the weight counts as one)."""
+    if packed.fmt or lo % LINEAR_PANEL or not 0 <= lo < hi <= packed.n:
+        return None
+    if hi % LINEAR_PANEL and hi != packed.n:
+        return None
+    start, stop = lo * packed.k, -(-hi // LINEAR_PANEL) * LINEAR_PANEL * packed.k
+    return PackedWeight(packed.data[start:stop], hi - lo, packed.k)
+
+
 def pack_blocks(bt) -> PackedWeight:
     """Pack a GGUF block weight (:class:`~redrafter_trt.models.blocks.BlockTensor`) into block
     panels the kernel decodes in registers: 16 columns x 32 k each, scales widened to float32;

@@ -136,6 +136,40 @@ def test_fused_weights_follow_weight_changes(monkeypatch):
     assert torch.equal(second, per_layer)
 
 
+def test_fused_weights_follow_dropped_read_changed_and_dropped_again_weights(monkeypatch):
+    """The weights the panels stand in for (dropped by ``use_native_linear(True)``): read back
+    (a parameter again, the same panels), changed in place, dropped again, and the kernels off
+    and on: the fused table follows each, with the per-layer path's bits."""
+    m = _model(CONFIGS["llama"])
+    inputs = _step_inputs(2, 3, 8)
+
+    def both():
+        per_layer = _forward(m, False, m.new_cache(4, 24), inputs, monkeypatch)
+        fused = _forward(m, True, m.new_cache(4, 24), inputs, monkeypatch)  # leaves it on
+        assert torch.equal(fused, per_layer)
+        return fused
+
+    layer = m.transformer.layers[1]
+    assert layer.attention.qkv._parameters["weight"] is None  # dropped when packed
+    first = both()
+    table = m._fused_weights()
+    w = layer.attention.qkv.weight  # unpacked: a parameter again, the same panels
+    assert torch.equal(both(), first) and layer.attention.qkv._parameters["weight"] is w
+    assert table is not None and m._fused_weights() is not table  # rebuilt: a new parameter
+    with torch.no_grad():
+        w.add_(0.01)
+        layer.mlp.fc.weight.mul_(0.5)  # one half of the fused gate|up panels
+    changed = both()
+    assert not torch.equal(changed, first)
+    m.use_native_linear(True)  # dropped again: the changed values are what the panels hold
+    assert layer.attention.qkv._parameters["weight"] is None
+    assert layer.mlp.fc._parameters["weight"] is None
+    assert torch.equal(both(), changed)
+    m.use_native_linear(False)
+    m.use_native_linear(True)
+    assert torch.equal(both(), changed)
+
+
 def test_params_binding_matches_the_c_layout():
     c_side = native.decoder_params_layout()
     assert c_side == native.python_decoder_params_layout()
@@ -227,7 +261,8 @@ def test_the_bandwidth_floor_counts_the_bytes_the_kernels_stream():
     got_dense = weight_bytes(SimpleNamespace(base=dense))
     got_blocks = weight_bytes(SimpleNamespace(base=blocks))
     embedding = dense.embedding.weight.numel() * 4  # untied: a lookup, not streamed
-    assert got_dense >= sum(p.numel() * 4 for p in dense.parameters()) - embedding
+    # every weight's bytes (the panels stand in for the projections' dropped parameters)
+    assert got_dense >= sum(v.numel() * 4 for v in dense.state_dict().values()) - embedding
     assert got_dense - got_blocks == sum(
         x.packed_weight().nbytes for x in projections(dense)
     ) - sum(x.packed_weight().nbytes for x in projections(blocks))

@@ -528,7 +528,7 @@ class _Channel:
 def prompt_logits(base: BaseModel, ids: torch.Tensor) -> torch.Tensor:
     """Float32 logits [B, T, V] of prompts ``ids`` [B, T] in a scratch cache (no state kept)."""
     b, t = ids.shape
-    dev = base.lm_head.weight.device
+    dev = base.lm_head.weight_device
     cache = base.new_cache(b, t)
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
     causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None].expand(b, t, t)

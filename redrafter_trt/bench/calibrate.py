@@ -51,14 +51,16 @@ def weight_bytes(backend: TorchBackend) -> int:
     CPU kernels: its packed panels, GGUF block panels or float32 / bf16 panels with their
     padding), each shared one once; the input embedding is a lookup of a few rows (a tied one
     is counted as the vocabulary projection)."""
-    from ..models.base import BlockBacked, Linear
+    from ..models.base import Linear, StoredWeight
 
     base = backend.base
     seen, total = set(), 0
     for m in base.modules():
         if m is base.embedding:
             continue
-        held = [(p, p.numel() * p.element_size()) for p in m.parameters(recurse=False)]
+        held: list[tuple[Any, int]] = [
+            (p, p.numel() * p.element_size()) for p in m.parameters(recurse=False)
+        ]
         if isinstance(m, Linear) and m.native and m.weight_device.type == "cpu":
             packed = m.packed_weight()
             held = [
@@ -67,8 +69,8 @@ def weight_bytes(backend: TorchBackend) -> int:
                 if name != "weight"
             ]
             held.append((packed.data, packed.nbytes))
-        elif isinstance(m, BlockBacked) and m.streams_blocks():
-            held.append((m._blocks, m._blocks.nbytes()))
+        elif isinstance(m, StoredWeight) and m.streams_blocks():
+            held.append((m.blocks, m.blocks.nbytes()))
         for obj, nbytes in held:
             if id(obj) not in seen:
                 seen.add(id(obj))
@@ -90,15 +92,15 @@ def linear_work(
     ``repeats``; with the bytes and flops each call moves."""
     from .. import native
     from ..models.base import Linear
-    from ..models.blocks import decode
 
     layers = [m for m in backend.base.modules() if isinstance(m, Linear)]
     madds = sum(m.in_features * m.out_features for m in layers)
     packed = [m.packed_weight() for m in layers] if native.linear_available() else None
     # the bytes the kernel streams (block panels for GGUF block weights), else the weights'
-    # torch's F.linear reads float32 / bf16 weights: a layer streaming GGUF blocks is compared on
-    # their exact expansion, decoded here for the run (not kept by the layer)
-    dense = [decode(m._blocks) if m.streams_blocks() else m.weight.detach() for m in layers]
+    # torch's F.linear reads float32 / bf16 weights: a layer whose stored form (GGUF blocks,
+    # kernel panels) stands in for its weight is compared on its exact values, decoded here for
+    # the run (not kept by the layer)
+    dense = [m.weight_values() for m in layers]
     tbytes = sum(w.numel() * w.element_size() for w in dense)
     wbytes = sum(p.nbytes for p in packed) if packed else tbytes
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import RedrafterError, require
 from ..ops.kv_cache import contiguous_cache_shape
-from .blocks import decode, release_pages, rows
+from .blocks import BlockTensor, decode, release_pages, rows
 
 #: Architectures this modeling implements, by the name TensorRT-LLM's checkpoints use.
 ARCH_LLAMA = "LlamaForCausalLM"
@@ -191,120 +191,248 @@ def weights_uninitialized() -> Iterator[None]:
 _PANELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class BlockBacked:
-    """What :class:`Linear` and :class:`Embedding` share: a float32 weight that GGUF block weights
-    (models/blocks.py) can stand in for.
+#: the kernel's panels of a float32/bf16 parameter by the parameter's id: (the parameter, its key
+#: when packed, the panels), all held weakly, so that layers of two models sharing one weight (a
+#: draft head's projection tied to the base's) pack it once; an entry goes with its parameter
+_PACKED_FROM: dict[int, tuple] = {}
 
-    After :func:`stream_blocks` the layer holds no float32 weight at all: the CPU kernels read the
-    blocks (the linear kernel's block panels, the embedding's Q8_0/Q4_1 rows), which give the
-    float32 weight's bits. Everything that wants the float32 values still gets them exactly:
-    reading ``.weight`` decodes the blocks (:func:`~.blocks.decode`) into a parameter again,
-    shared with the layers tied to it, and kept (the layer follows that parameter from then on:
-    a changed weight drops the blocks); ``state_dict()`` holds the decoded weight; moving the
-    layer to another device or dtype decodes it first. ``weight_dtype`` and ``weight_device``
-    answer without decoding."""
 
-    _blocks: Any = None  # the BlockTensor whose exact float32 expansion is the weight
-    _blocks_key: tuple | None = None  # the weight's key the blocks stand for (None: no weight held)
+def _pack_weight(w: torch.Tensor, key: tuple):
+    """``w`` packed for the CPU kernel: the panels packed from this very parameter in its current
+    state when some layer still holds them, else packed now (and remembered)."""
+    from .. import native
+
+    entry = _PACKED_FROM.get(id(w))
+    if entry is not None and entry[0]() is w and entry[1] == key:
+        packed = entry[2]()
+        if packed is not None:
+            return packed
+    packed = native.pack_linear(w)
+    if entry is None or entry[0]() is not w:
+        weakref.finalize(w, _PACKED_FROM.pop, id(w), None)
+    _PACKED_FROM[id(w)] = (weakref.ref(w), key, weakref.ref(packed))
+    return packed
+
+
+def _is_panels(stored: Any) -> bool:
+    """True for the CPU kernel's float32/bf16 panels (``native.PackedWeight`` of no block format),
+    False for GGUF blocks (:class:`~.blocks.BlockTensor`) and None."""
+    return stored is not None and not isinstance(stored, BlockTensor) and stored.fmt is None
+
+
+def _stored_dtype(stored: Any) -> torch.dtype:
+    """The dtype of the weight a stored form stands for: blocks expand to float32, panels hold
+    their weight's dtype."""
+    return stored.dtype if _is_panels(stored) else torch.float32
+
+
+class StoredWeight:
+    """What :class:`Linear` and :class:`Embedding` share: a weight that a stored form holding its
+    exact values can stand in for, GGUF block weights (models/blocks.py) or the CPU kernel's
+    panels (:func:`redrafter_trt.native.pack_linear`, a permutation of the values plus padding).
+
+    After :func:`stream_stored` (:func:`stream_blocks` for blocks; :func:`stream_panels` when
+    the kernels are turned on) the layer holds no weight parameter at all: the CPU kernels read
+    the stored form (the linear kernel its panels or block panels, the embedding its rows),
+    which give the weight's bits. Everything that wants the weight still gets it exactly:
+    reading ``.weight`` decodes (unpacks) the stored form into a parameter again, shared with
+    the layers tied to it, and kept (the layer follows that parameter from then on: a changed
+    weight drops the stored form); ``state_dict()`` holds the decoded weight; moving the layer
+    to another device or dtype decodes it first. ``weight_dtype`` and ``weight_device`` answer
+    without decoding."""
+
+    _stored: Any = None  # the BlockTensor or PackedWeight panels whose exact values are the weight
+    _stored_key: tuple | None = None  # the held weight's key it stands for (None: no weight held)
     _tied: tuple = ()  # the layers sharing this weight (a tied embedding and vocabulary projection)
     _weight_requires_grad = True
 
+    def streams_stored(self) -> bool:
+        """True while no weight parameter is held: its stored form stands in for it."""
+        return self._stored is not None and self._parameters.get("weight") is None
+
     def streams_blocks(self) -> bool:
-        """True while no float32 weight is held: the blocks stand in for it."""
-        return self._blocks is not None and self._parameters.get("weight") is None
+        """True while no float32 weight is held: GGUF blocks stand in for it."""
+        return self.streams_stored() and isinstance(self._stored, BlockTensor)
+
+    def streams_panels(self) -> bool:
+        """True while no weight is held: the CPU kernel's float32/bf16 panels stand in for it."""
+        return self.streams_stored() and _is_panels(self._stored)
+
+    @property
+    def blocks(self) -> BlockTensor | None:
+        """The GGUF blocks whose expansion the weight is (held or not), or None."""
+        return self._stored if isinstance(self._stored, BlockTensor) else None
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """The weight's dtype (float32 for blocks), without decoding blocks."""
-        return torch.float32 if self.streams_blocks() else self._parameters["weight"].dtype
+        """The weight's dtype (float32 for blocks), without decoding a stored form."""
+        if self.streams_stored():
+            return _stored_dtype(self._stored)
+        return self._parameters["weight"].dtype
 
     @property
     def weight_device(self) -> torch.device:
-        """The weight's device (the CPU for blocks), without decoding blocks."""
-        return torch.device("cpu") if self.streams_blocks() else self._parameters["weight"].device
+        """The weight's device (the CPU for a stored form), without decoding it."""
+        return torch.device("cpu") if self.streams_stored() else self._parameters["weight"].device
 
     def _weight_key(self) -> tuple | None:
         w = self._parameters.get("weight")
         return None if w is None else (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
 
-    def _blocks_changed(self) -> None:
-        """Hook: the blocks were attached or dropped (a Linear drops its packed copy)."""
+    def _stored_changed(self) -> None:
+        """Hook: the stored form was attached or dropped (a Linear drops its packed copy)."""
 
     def attach_blocks(self, blocks) -> None:
         """GGUF blocks whose exact float32 expansion this layer's weight is now, the weight
         staying held: the CPU kernel streams the blocks instead (the same bits) until the weight
         changes. :func:`stream_blocks` also drops the weight."""
-        self._blocks, self._blocks_key, self._tied = blocks, self._weight_key(), (self,)
-        self._blocks_changed()
+        self._stored, self._stored_key, self._tied = blocks, self._weight_key(), (self,)
+        self._stored_changed()
+
+    def _decoded(self) -> torch.Tensor:
+        """The stored form's values as a new tensor (the layer keeps none)."""
+        stored = self._stored
+        if _is_panels(stored):
+            from .. import native
+
+            return native.unpack_linear(stored)
+        w = decode(stored)
+        release_pages(stored, whole_file=True)
+        return w
+
+    def weight_values(self) -> torch.Tensor:
+        """The weight's values without making the layer hold them: the held weight (detached),
+        else its stored form decoded (a copy)."""
+        return self._decoded() if self.streams_stored() else self._parameters["weight"].detach()
 
     def _materialize(self) -> nn.Parameter:
-        """Decode the blocks into the float32 weight of every layer tied to this one."""
+        """Decode the stored form into the weight of every layer tied to this one."""
         with torch.inference_mode(False), torch.no_grad():
-            w = decode(self._blocks)
-        release_pages(self._blocks, whole_file=True)
+            w = self._decoded()
         p = nn.Parameter(w, requires_grad=self._weight_requires_grad)
         key = (p.data_ptr(), p._version, p.dtype, tuple(p.shape))
         for m in self._tied:
             m._parameters["weight"] = p
-            m._blocks_key = key
+            m._stored_key = key
         return p
 
     def __getattr__(self, name: str):
-        if name == "weight" and self.streams_blocks():
+        if name == "weight" and self.streams_stored():
             return self._materialize()
         return super().__getattr__(name)  # type: ignore[misc]  # nn.Module's, after the mixin
 
     def _apply(self, fn, recurse=True):
-        if self.streams_blocks():  # blocks are float32 CPU values: another dtype or device decodes
-            probe = fn(torch.empty(0, 0))
-            if probe.device.type != "cpu" or probe.dtype != torch.float32:
+        if self.streams_stored():  # a stored form is CPU values of one dtype: another decodes
+            dtype = _stored_dtype(self._stored)
+            probe = fn(torch.empty(0, 0, dtype=dtype))
+            if probe.device.type != "cpu" or probe.dtype != dtype:
                 self._materialize()
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.streams_blocks():  # the weight's values, decoded (a copy; the layer keeps none)
-            destination[prefix + "weight"] = decode(self._blocks)
-            release_pages(self._blocks, whole_file=True)
+        if self.streams_stored():  # the weight's values, decoded (a copy; the layer keeps none)
+            destination[prefix + "weight"] = self._decoded()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.streams_blocks() and prefix + "weight" in state_dict:
-            self._materialize()  # a weight loaded into it replaces the blocks (its key changes)
+        if self.streams_stored() and prefix + "weight" in state_dict:
+            self._materialize()  # a weight loaded into it replaces the stored form (its key changes)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def stream_blocks(layers: Sequence[BlockBacked], blocks) -> None:
-    """Let ``blocks`` (a :class:`~.blocks.BlockTensor`) stand in for the float32 weight that
-    ``layers`` share (one layer, or every layer tied to one weight: the caller passes all of
-    them) and drop that weight: the layers keep no float32 copy of it. The caller vouches that
-    the blocks decode to the weight the layers are meant to have (a checkpoint writes both from
-    one source and checks them)."""
+#: the name this mixin had while only GGUF blocks could stand in for a weight
+BlockBacked = StoredWeight
+
+
+def stream_stored(layers: Sequence[StoredWeight], stored) -> None:
+    """Let ``stored`` (GGUF blocks, a :class:`~.blocks.BlockTensor`, or the CPU kernel's panels,
+    a ``native.PackedWeight``) stand in for the weight that ``layers`` share (one layer, or
+    every layer tied to one weight: the caller passes all of them) and drop that weight: the
+    layers keep no copy of it. The caller vouches that the stored form holds exactly the
+    weight the layers are meant to have (a checkpoint writes both from one source and checks
+    them; the kernel's panels are packed from the weight)."""
     w = layers[0]._parameters.get("weight")
     require(
         all(m._parameters.get("weight") is w for m in layers),
-        "stream_blocks: the layers do not share one weight",
+        "stream_stored: the layers do not share one weight",
     )
+    what = stored.fmt or f"{str(stored.dtype)[6:]} panels"
     require(
-        w is None or (tuple(w.shape) == (blocks.n, blocks.k) and w.dtype == torch.float32),
-        f"stream_blocks: {blocks.fmt} [{blocks.n}, {blocks.k}] cannot stand in for a "
+        w is None or (tuple(w.shape) == (stored.n, stored.k) and w.dtype == _stored_dtype(stored)),
+        f"stream_stored: {what} [{stored.n}, {stored.k}] cannot stand in for a "
         f"{None if w is None else w.dtype} weight of shape {None if w is None else list(w.shape)}",
     )
     for m in layers:
-        m._blocks, m._blocks_key, m._tied = blocks, None, tuple(layers)
+        m._stored, m._stored_key, m._tied = stored, None, tuple(layers)
         m._weight_requires_grad = True if w is None else w.requires_grad
         m._parameters["weight"] = None
-        m._blocks_changed()
+        m._stored_changed()
 
 
-class Linear(BlockBacked, nn.Linear):
+def stream_blocks(layers: Sequence[StoredWeight], blocks) -> None:
+    """:func:`stream_stored` with GGUF blocks (a :class:`~.blocks.BlockTensor`)."""
+    stream_stored(layers, blocks)
+
+
+def _weight_groups(module: nn.Module) -> dict[int, list[StoredWeight]]:
+    """The layers under ``module`` holding each weight parameter, by the parameter's id."""
+    groups: dict[int, list[StoredWeight]] = {}
+    for m in module.modules():
+        if isinstance(m, StoredWeight) and m._parameters.get("weight") is not None:
+            groups.setdefault(id(m._parameters["weight"]), []).append(m)
+    return groups
+
+
+def _stream_held(tied: Sequence[StoredWeight]) -> bool:
+    """Drop the weight ``tied`` hold where a kernel layer among them has a stored form standing
+    for it (:func:`stream_panels`); True if it was dropped."""
+    if not tied or tied[0]._parameters.get("weight") is None:
+        return False
+    key = tied[0]._weight_key()
+    for m in tied:
+        if isinstance(m, Linear) and m.native and _is_panels(m._stored) and m._stored_key == key:
+            stream_stored(tied, m._stored)
+            return True
+    return False
+
+
+def stream_panels(module: nn.Module) -> int:
+    """Drop every weight under ``module`` that the CPU kernel's panels already stand for (a
+    :class:`Linear` on the kernels holds its packed panels; an MLP's gate_proj and up_proj the
+    halves of their fused panels): the panels stand in for it from now on
+    (:func:`stream_stored`), in every layer under ``module`` tied to it (a tied embedding then
+    looks its rows up in the vocabulary projection's panels). Returns how many weights were
+    dropped. A parameter someone else still holds is theirs: the layers no longer follow it
+    (reading ``.weight`` gives the layer's own again). A weight decoded from GGUF blocks stays
+    held (its reader asked for it). :func:`set_native_linear` does this as it packs."""
+    return sum(_stream_held(tied) for tied in _weight_groups(module).values())
+
+
+def hold_weights(module: nn.Module) -> None:
+    """The reverse of :func:`stream_panels`: every weight under ``module`` that kernel panels
+    stand in for is a parameter again (unpacked: the same bits), and the layers keep no panels
+    as its stored form (GGUF blocks stay: they are the weights as stored)."""
+    for m in module.modules():
+        if isinstance(m, StoredWeight) and m.streams_panels():
+            m._materialize()
+    for m in module.modules():
+        if isinstance(m, StoredWeight) and _is_panels(m._stored):
+            m._stored = m._stored_key = None
+            m._tied = ()
+
+
+class Linear(StoredWeight, nn.Linear):
     """``nn.Linear`` (same parameter names) that can run on the batch-invariant CPU kernel.
 
     With ``native = True`` and CPU float32/bfloat16 weights, the product runs through
     :func:`redrafter_trt.native.linear_packed` on a copy of the weight packed once for streaming
     (repacked only when the weight tensor changes): a row's output has the same bits alone or
     among any number of rows and with any thread count (one float32 FMA chain per element),
-    which torch's GEMMs do not promise. A layer streaming GGUF blocks (:class:`BlockBacked`)
-    packs the blocks instead: the same bits, no float32 weight held.
+    which torch's GEMMs do not promise. The panels are the weight as the layer stores it: after
+    :func:`stream_panels` (``use_native_linear(True)``) they stand in for it and the layer holds
+    no float32/bf16 parameter (:class:`StoredWeight`: reading ``.weight`` unpacks them, exactly).
+    A layer whose weight is GGUF blocks packs the blocks instead: the same bits, no float32
+    weight held.
     """
 
     native = False
@@ -315,7 +443,7 @@ class Linear(BlockBacked, nn.Linear):
         if not _NO_INIT.get():
             super().reset_parameters()
 
-    def _blocks_changed(self) -> None:
+    def _stored_changed(self) -> None:
         self.drop_packed()
 
     @property
@@ -325,27 +453,34 @@ class Linear(BlockBacked, nn.Linear):
         packed = self._packed
         if packed is not None:
             return packed.fmt or str(packed.dtype)[6:]
-        return self._blocks.fmt if self.streams_blocks() else str(self.weight_dtype)[6:]
+        return self._stored.fmt if self.streams_blocks() else str(self.weight_dtype)[6:]
 
     def packed_weight(self):
         """The weight packed for the CPU kernel (cached; repacked when the weight changes): the
-        block panels while the blocks stand for the weight, else the weight."""
+        stored form while it stands for the weight (its panels, or the blocks' panels), else
+        the weight packed now, and those panels then stand for it."""
         from .. import native
 
         key = self._weight_key()
         if self._packed is None or self._packed_key != key:
-            if self._blocks is not None and self._blocks_key == key:
-                ref = _PANELS.get(self._blocks)
-                packed = ref() if ref is not None else None
+            stored = self._stored
+            if stored is not None and self._stored_key == key:
+                packed = stored if _is_panels(stored) else None
                 if packed is None:
-                    packed = native.pack_blocks(self._blocks)
-                    _PANELS[self._blocks] = weakref.ref(packed)
-                    release_pages(self._blocks, whole_file=True)  # the panels are enough
+                    ref = _PANELS.get(stored)
+                    packed = ref() if ref is not None else None
+                if packed is None:
+                    packed = native.pack_blocks(stored)
+                    _PANELS[stored] = weakref.ref(packed)
+                    release_pages(stored, whole_file=True)  # the panels are enough
                 self._packed = packed
-            else:  # the weight changed: it no longer is the blocks' expansion
-                self._blocks = self._blocks_key = None
-                self._tied = ()
-                self._packed = native.pack_linear(self.weight)
+            else:  # the weight changed: it no longer is the stored form's values
+                for m in self._tied:  # nor for the layers tied to it that hold it
+                    if m is not self and m._stored is stored and not m.streams_stored():
+                        m._stored = m._stored_key = None
+                        m._tied = ()
+                self._packed = _pack_weight(self.weight, key)
+                self._stored, self._stored_key, self._tied = self._packed, key, (self,)
             self._packed_key = key
         return self._packed
 
@@ -360,32 +495,46 @@ class Linear(BlockBacked, nn.Linear):
         return super().forward(x)
 
 
-class Embedding(BlockBacked, nn.Embedding):
-    """``nn.Embedding`` (same parameter name) that can look its rows up in GGUF block weights:
-    while the blocks stand in for the table (:class:`BlockBacked`), a CPU lookup decodes only the
-    rows asked for (:func:`redrafter_trt.native.embed_blocks`; the rows of
-    :func:`~.blocks.decode` bit for bit), so no float32 [V, H] table is held."""
+class Embedding(StoredWeight, nn.Embedding):
+    """``nn.Embedding`` (same parameter name) that looks its rows up in a stored form standing in
+    for the table (:class:`StoredWeight`), so no float32 [V, H] table is held: GGUF block
+    weights (a CPU lookup decodes only the rows asked for, :func:`redrafter_trt.native.embed_blocks`;
+    the rows of :func:`~.blocks.decode` bit for bit), or the panels of the vocabulary
+    projection it is tied to (:func:`redrafter_trt.native.packed_rows`, the rows as packed;
+    not while a gradient is wanted: that reads the weight)."""
 
     def reset_parameters(self) -> None:
         if not _NO_INIT.get():
             super().reset_parameters()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.streams_blocks() and ids.device.type == "cpu":
+        if self.streams_stored() and ids.device.type == "cpu":
             from .. import native
 
-            bt = self._blocks
-            if native.linear_available():
-                out = native.embed_blocks(bt, ids)
-            else:
-                out = decode(rows(bt, ids)).reshape(*ids.shape, bt.k)
-            release_pages(bt)  # a mapped table keeps no pages resident between lookups
-            return out
+            stored = self._stored
+            if not _is_panels(stored):
+                if native.linear_available():
+                    out = native.embed_blocks(stored, ids)
+                else:
+                    out = decode(rows(stored, ids)).reshape(*ids.shape, stored.k)
+                release_pages(stored)  # a mapped table keeps no pages resident between lookups
+                return out
+            if not (torch.is_grad_enabled() and self._weight_requires_grad):
+                return native.packed_rows(stored, ids)
         return super().forward(ids)
 
 
 def set_native_linear(module: nn.Module, on: bool) -> None:
-    """Every :class:`Linear` under ``module`` on the CPU kernel (packed now) or on torch."""
+    """Every :class:`Linear` under ``module`` on the CPU kernel (packed now) or on torch.
+
+    On: each weight's panels then stand in for it (:func:`stream_panels`, one layer at a time,
+    so the load never holds every weight twice). Off: every weight is a parameter again
+    (:func:`hold_weights`, unpacked exactly) and the packed copies are dropped."""
+    if not on:
+        hold_weights(module)
+    for m in module.modules():
+        if isinstance(m, (Linear, RMSNorm)):
+            m.native = on
     # an MLP's gate_proj and up_proj stream as one fused weight: no packed copy of their own
     fused = {
         id(lin)
@@ -393,20 +542,25 @@ def set_native_linear(module: nn.Module, on: bool) -> None:
         if isinstance(m, MLP) and m.fuses()
         for lin in (m.fc, m.gate)
     }
+    groups = _weight_groups(module) if on else {}
     for m in module.modules():
         if isinstance(m, Linear):
-            m.native = on
             if on and m.weight_device.type == "cpu" and id(m) not in fused:
+                w = m._parameters.get("weight")
                 m.packed_weight()
+                if w is not None:
+                    _stream_held(groups.get(id(w), []))
             elif not on:
                 m.drop_packed()
-        elif isinstance(m, RMSNorm):
-            m.native = on
         elif isinstance(m, MLP):
-            if on and m.fuses() and m.fc.weight.device.type == "cpu":
+            if on and m.fuses() and m.fc.weight_device.type == "cpu":
+                ws = [lin._parameters.get("weight") for lin in (m.fc, m.gate)]
                 m.fused_weight()
+                for w in ws:
+                    if w is not None:
+                        _stream_held(groups.get(id(w), []))
             elif not on:
-                m._fused = m._fused_key = None
+                m._fused = m._fused_key = m._fused_parts = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -471,23 +625,49 @@ class MLP(nn.Module):
 
     _fused: Any = None
     _fused_key: tuple | None = None
+    #: gate_proj's and up_proj's rows of the fused panels (views), which stand for their
+    #: weights; None where the split falls inside a panel (then both weights stay held)
+    _fused_parts: tuple | None = None
 
     def fuses(self) -> bool:
         """gate_proj and up_proj run as one packed call (not when either streams GGUF blocks)."""
-        return self.fc._blocks is None and self.gate._blocks is None
+        return self.fc.blocks is None and self.gate.blocks is None
+
+    def _fused_current(self) -> bool:
+        if self._fused is None:
+            return False
+        if self._fused_parts is None:
+            return self._fused_key == (self.fc._weight_key(), self.gate._weight_key())
+        return all(
+            lin._stored is part and lin._stored_key == lin._weight_key()
+            for lin, part in zip((self.fc, self.gate), self._fused_parts)
+        )
 
     def fused_weight(self):
         """gate_proj and up_proj as one packed [2I, H] weight and bias (cached; repacked when
-        either weight changes). Each output is its own FMA chain: the same bits as two calls."""
+        either weight changes). Each output is its own FMA chain: the same bits as two calls.
+        Its two halves are the two layers' stored forms (panel views; I a multiple of 16), so
+        :func:`stream_panels` can drop both weights."""
         from .. import native
 
-        key = (self.fc._weight_key(), self.gate._weight_key())
-        if self._fused is None or self._fused_key != key:
-            w = torch.cat([self.fc.weight.detach(), self.gate.weight.detach()])
+        if not self._fused_current():
+            fc, gate = self.fc, self.gate
+            key = (fc._weight_key(), gate._weight_key())
+            packed = native.pack_linear(torch.cat([fc.weight.detach(), gate.weight.detach()]))
             bias = None
-            if self.fc.bias is not None:
-                bias = torch.cat([self.fc.bias.detach(), self.gate.bias.detach()])
-            self._fused, self._fused_key = (native.pack_linear(w), bias), key
+            if fc.bias is not None:
+                bias = torch.cat([fc.bias.detach(), gate.bias.detach()])
+            n = fc.out_features
+            parts = (
+                native.packed_row_range(packed, 0, n),
+                native.packed_row_range(packed, n, 2 * n),
+            )
+            self._fused_parts = None if None in parts else parts
+            if self._fused_parts is not None:
+                for lin, part in zip((fc, gate), parts):
+                    lin._stored, lin._stored_key, lin._tied = part, lin._weight_key(), (lin,)
+                    lin.drop_packed()
+            self._fused, self._fused_key = (packed, bias), key
         return self._fused
 
     def forward(self, x):
@@ -701,7 +881,7 @@ class BaseModel(nn.Module):
                 refs.extend((mod._parameters, k) for k in mod._parameters)
                 params.extend(p for p in mod._parameters.values() if p is not None)
             for lin in lins:
-                refs.extend((lin.__dict__, k) for k in ("_packed", "native", "_blocks"))
+                refs.extend((lin.__dict__, k) for k in ("_packed", "native", "_stored"))
         return refs, params
 
     def _fused_current(self) -> bool:
@@ -748,7 +928,9 @@ class BaseModel(nn.Module):
 
     def use_native_linear(self, on: bool = True) -> None:
         """Route every linear layer (attention, MLP, lm_head) through the batch-invariant CPU
-        kernel (``on``; weights packed now, once) or torch (``off``; packed copies dropped)."""
+        kernel (``on``; weights packed now, once, and the panels stand in for them) or torch
+        (``off``; the weights held again, packed copies dropped)."""
+        self._fused = self._fused_key = self._keep_alive = None  # what it kept holds old weights
         set_native_linear(self, on)
 
     @property

@@ -55,7 +55,7 @@ def evaluate(
         tt = (
             feats.topk_ids[batch.teacher_pos, 0]
             if feats.teacher_topk
-            else base.logits(feats.hidden[batch.teacher_pos].to(dev, base.lm_head.weight.dtype))
+            else base.logits(feats.hidden[batch.teacher_pos].to(dev, base.lm_head.weight_dtype))
             .argmax(-1)
             .cpu()
         )

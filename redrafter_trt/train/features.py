@@ -120,7 +120,7 @@ def length_buckets(lengths: Sequence[int], max_batch_tokens: int) -> list[list[i
 @torch.no_grad()
 def base_forward(base: BaseModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     """Final-norm hidden states [B, T, H] of a batch of right-padded sequences (causal, fresh cache)."""
-    dev = base.lm_head.weight.device
+    dev = base.lm_head.weight_device
     b, t = len(seqs), max(len(s) for s in seqs)
     ids = torch.zeros((b, t), dtype=torch.int64, device=dev)
     for j, s in enumerate(seqs):

@@ -105,7 +105,7 @@ def teacher(
         ids = feats.topk_ids[tp, :k].to(dev)
         return ids, teacher_probs(feats.topk_values[tp, :k].to(dev), cfg.temperature)
     with torch.no_grad():
-        logits = base.logits(feats.hidden[tp].to(dev, base.lm_head.weight.dtype)).float()
+        logits = base.logits(feats.hidden[tp].to(dev, base.lm_head.weight_dtype)).float()
     return None, teacher_probs(logits, cfg.temperature)
 
 
