@@ -3,7 +3,7 @@ collectives between ranks, and rank 0's backend that drives the others (docs/des
 "Tensor parallelism").
 
 Layout and collectives are TensorRT-LLM's (its ``layers/linear.py``, ``models/llama``,
-``models/redrafter/drafter.py``), as :mod:`redrafter_trt.sharding` writes the rank files:
+``models/redrafter/drafter.py``), as :mod:`redrafter_trt.formats.sharding` writes the rank files:
 
 - attention ``qkv`` and MLP ``fc``/``gate`` are column-parallel (each rank its own heads and
   intermediate columns, no collective); attention ``dense`` and MLP ``proj`` are row-parallel:
@@ -46,17 +46,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import contract as C
-from .. import fp8
-from ..checkpoint import (
+from ..formats import fp8
+from ..formats.checkpoint import (
     RANK_META_CONFIG as META_CONFIG,
 )
-from ..checkpoint import (
+from ..formats.checkpoint import (
     RANK_META_RANK as META_RANK,
 )
-from ..checkpoint import (
+from ..formats.checkpoint import (
     RANK_META_TP_SIZE as META_TP_SIZE,
 )
-from ..checkpoint import (
+from ..formats.checkpoint import (
     RedrafterCheckpointConfig,
     config_digest,
     rank_file,
@@ -65,8 +65,8 @@ from ..errors import RedrafterError, require
 from ..models.base import BaseConfig, BaseModel, Linear
 from ..models.drafter import DRAFT_VOCAB, Drafter, check_draft_vocab, load_checked
 from ..models.io import load_state_dict_file
-from ..names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
-from ..sharding import check_tp_size, padded_vocab_size
+from ..formats.names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
+from ..formats.sharding import check_tp_size, padded_vocab_size
 from .torch_backend import TorchBackend
 
 if TYPE_CHECKING:  # annotations only: the TensorRT-LLM ranks use this backend too
@@ -371,7 +371,7 @@ def load_rank_models(
 ) -> tuple[TPBaseModel, Drafter]:
     """Rank ``rank``'s base model and draft head from ``model_dir/rank{rank}.safetensors``
     (every tensor checked for name, shape and finiteness)."""
-    from ..checkpoint import DTYPES
+    from ..formats.checkpoint import DTYPES
 
     weights = Path(model_dir) / rank_file(rank)
     sd = load_state_dict_file(weights)

@@ -65,7 +65,7 @@ def gguf_mismatch(base: Any, gguf_path: str | Path) -> str | None:
     from gguf import GGMLQuantizationType, GGUFReader
 
     from ..models.blocks import decode, gguf_name_to_hf, read_gguf_blocks
-    from ..names import trtllm_to_hf
+    from ..formats.names import trtllm_to_hf
 
     cfg, path = base.config, Path(gguf_path)
     reader = GGUFReader(str(path))

@@ -33,7 +33,7 @@ from ..errors import RedrafterError, require
 from ..memory import cuda_peak_bytes, peak_rss_bytes
 from ..models.drafter import Drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
-from .base import eos_ids, load_frozen_base
+from .frozen_base import eos_ids, load_frozen_base
 from .config import TrainConfig, lr_at
 from .data import (
     expand_sources,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..backends.tp import DEFAULT_TIMEOUT_S, TPBackend, TPError, follow
-from ..checkpoint import RedrafterCheckpointConfig
+from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 
 #: Environment variables mpirun (Open MPI, MPICH/Hydra, Slurm's PMI) sets in every rank.

@@ -43,13 +43,13 @@ from .. import contract as C
 from .. import native
 from ..backends.slot_state import SlotState, StepRows, explicit_rows
 from ..backends.timing import PhaseTimer
-from ..checkpoint import RedrafterCheckpointConfig
+from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
 from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
 from ..ops.tree import bool_to_packed_mask, mask_words, root_only_tree
 from . import ACCEPTED_INDICES, require_trtllm
 from . import Plumbing as P
-from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
+from .builder import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
 from .cuda_graph import (
     DEFAULT_GRAPH_CACHE_SIZE,
     CudaGraphRunner,

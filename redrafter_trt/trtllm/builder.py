@@ -1,7 +1,7 @@
 """``redrafter-build --backend trtllm``: ReDrafter checkpoint -> TensorRT-LLM engine directory.
 
 Engine directory (same ``config.json`` schema as the torch backend's, see
-:mod:`redrafter_trt.engine`): ``config.json`` with ``backend: "trtllm"``, ``pretrained_config``
+:mod:`redrafter_trt.runtime.engine`): ``config.json`` with ``backend: "trtllm"``, ``pretrained_config``
 (the checkpoint's) and ``build_config``; ``rank{i}.engine`` per tensor-parallel rank; the
 tokenizer files. Base weights keep the checkpoint's dtype (fp16/bf16; FP8 base GEMMs when the
 checkpoint's ``quantization.quant_algo`` is ``"FP8"``), the draft head stays fp16/bf16.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..checkpoint import (
+from ..formats.checkpoint import (
     CHECKPOINT_CONFIG,
     ENGINE_CONFIG,
     RedrafterCheckpointConfig,
