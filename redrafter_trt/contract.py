@@ -31,6 +31,7 @@ with a context row) and dropped by ``reserve``. Without ``FROM_SLOTS`` every inp
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -401,3 +402,25 @@ class Backend(Protocol):
         fixed (an engine serves only its own shape: it returns itself for that one)."""
         ...
 
+
+class Measurable(Protocol):
+    """A backend whose step costs can be timed (:class:`~redrafter_trt.backends.torch_backend.TorchBackend`):
+    what the adaptive policy's cost model (:mod:`redrafter_trt.runtime.adaptive`) reads of it."""
+
+    shape: StepShape
+
+    def engine_signature(self) -> dict[str, Any]:
+        """The engine facts (shape, dtype, sizes, kernels) a cost model is measured for; a stored
+        model whose facts differ is not used."""
+        ...
+
+    def measure_step_costs(
+        self,
+        token_points: Sequence[int],
+        draft_rows: Sequence[int],
+        cached_tokens: int,
+        repeats: int,
+        log: Callable[[str], None] | None = None,
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """({tokens in one base call: seconds}, {beam rows: seconds per draft step})."""
+        ...

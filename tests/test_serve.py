@@ -904,7 +904,6 @@ def test_serving_bench_records_the_policy_and_threads_it_ran(engine_dir, tmp_pat
     from redrafter_trt.bench import serving as bench
     from redrafter_trt.runtime.adaptive import (
         CostModel,
-        engine_signature,
         machine_fingerprint,
         save_cost_model,
     )
@@ -921,7 +920,7 @@ def test_serving_bench_records_the_policy_and_threads_it_ran(engine_dir, tmp_pat
     assert r["threads"] == 1 and r["threads_source"] == "--threads"
     assert r["levels"]["speculative"][0]["chosen_shapes"] is None
     # a stored cost model under which drafting never pays: the adaptive policy, plain steps
-    sig = engine_signature(load(engine, adaptive="off").backend)
+    sig = load(engine, adaptive="off").backend.engine_signature()
     save_cost_model(
         CostModel({1: 1.0, 64: 1000.0}, {1: 100.0, 8: 100.0}, sig, machine_fingerprint(1)), engine
     )
