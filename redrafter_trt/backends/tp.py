@@ -39,13 +39,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import contract as C
+from ..contract import Backend
 from ..formats import fp8
 from ..formats.checkpoint import (
     RANK_META_CONFIG as META_CONFIG,
@@ -69,10 +70,6 @@ from ..formats.names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, d
 from ..formats.sharding import check_tp_size, padded_vocab_size
 from .torch_backend import TorchBackend
 
-if TYPE_CHECKING:  # annotations only: the TensorRT-LLM ranks use this backend too
-    from ..trtllm.mpi import MpiGroup
-    from ..trtllm.runtime import TrtllmBackend
-
 #: Default seconds a collective may wait for the other ranks (``--tp_timeout``).
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -82,6 +79,21 @@ class TPError(RedrafterError):
 
 
 # --------------------------------------------------------------------------- the group
+class RankGroup(Protocol):
+    """What rank 0's backend and the other ranks need of their group: a :class:`TPGroup` (torch
+    ranks), or the MPI group of :mod:`redrafter_trt.trtllm.mpi` (TensorRT-LLM engine ranks)."""
+
+    rank: int
+    size: int
+    #: where a broadcast's tensors live; ``backend``: "gloo", "nccl" or "mpi"
+    device: torch.device
+    backend: str
+    #: held around each command, so rank 0's heartbeat never interleaves with a step
+    lock: Any
+
+    def broadcast(self, x: torch.Tensor, what: str = "broadcast") -> torch.Tensor: ...
+
+
 class TPGroup:
     """One rank's view of the tensor-parallel group: a c10d backend object (gloo on CPU, NCCL on
     CUDA) used directly, so no process-global default group is needed.
@@ -469,7 +481,7 @@ def _unpack(header: torch.Tensor, payload: torch.Tensor) -> dict[str, torch.Tens
 class _Channel:
     """Rank 0's side of the command stream: numbered commands, a heartbeat while idle."""
 
-    def __init__(self, tp: TPGroup | MpiGroup, heartbeat_s: float | None):
+    def __init__(self, tp: RankGroup, heartbeat_s: float | None):
         self.tp = tp
         self.seq = 0
         self.last = time.monotonic()
@@ -543,14 +555,12 @@ class TPBackend:
     stops the other ranks (the launcher's ``on_close`` then reaps them).
 
     ``local`` is this rank's backend (a :class:`TorchBackend` over its shard, or a TensorRT-LLM
-    engine's rank); ``tp`` anything with ``rank``, ``size``, ``device``, ``backend``, ``lock``
-    and ``broadcast(tensor, what)``: a :class:`TPGroup`, or the MPI group of
-    :mod:`redrafter_trt.trtllm.mpi`."""
+    engine's rank); ``tp`` its :class:`RankGroup`."""
 
     def __init__(
         self,
-        local: TorchBackend | TrtllmBackend,
-        tp: TPGroup | MpiGroup,
+        local: Backend,
+        tp: RankGroup,
         heartbeat_s: float | None = None,
         on_close: Callable[[], None] | None = None,
         _channel: _Channel | None = None,
@@ -636,8 +646,8 @@ class TPBackend:
 
 
 def follow(
-    local: TorchBackend | TrtllmBackend,
-    tp: TPGroup | MpiGroup,
+    local: Backend,
+    tp: RankGroup,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """A rank other than 0: run rank 0's commands until it says stop (or a collective fails,
