@@ -47,6 +47,7 @@ from torch import nn
 
 from .. import contract as C
 from ..contract import Backend
+from ..errors import RedrafterError, require
 from ..formats import fp8
 from ..formats.checkpoint import (
     RANK_META_CONFIG as META_CONFIG,
@@ -62,13 +63,16 @@ from ..formats.checkpoint import (
     config_digest,
     rank_file,
 )
-from ..errors import RedrafterError, require
+from ..formats.names import (
+    EMBEDDING,
+    LM_HEAD,
+    drafter_from_checkpoint_names,
+    drafter_to_checkpoint_names,
+)
+from ..formats.sharding import check_tp_size, padded_vocab_size
 from ..models.base import BaseConfig, BaseModel, Linear
 from ..models.drafter import DRAFT_VOCAB, Drafter, check_draft_vocab, load_checked
 from ..models.io import load_state_dict_file
-from ..formats.names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
-from ..formats.sharding import check_tp_size, padded_vocab_size
-from .torch_backend import TorchBackend
 
 #: Default seconds a collective may wait for the other ranks (``--tp_timeout``).
 DEFAULT_TIMEOUT_S = 120.0
@@ -549,12 +553,25 @@ def prompt_logits(base: BaseModel, ids: torch.Tensor) -> torch.Tensor:
     return base.logits(hidden, float32=True)
 
 
+def rank_base(local: Backend) -> BaseModel:
+    """The torch base model of this rank's backend, its share of the weights (a TensorRT-LLM
+    engine's rank has none: its logits come from the engine)."""
+    base = local.base
+    if not isinstance(base, BaseModel):
+        raise RedrafterError(
+            f"prompt logits run on the torch ranks' base models; this rank's {local.name} "
+            "backend has none"
+        )
+    return base
+
+
 class TPBackend:
     """Rank 0's backend of a tensor-parallel engine (a :class:`~redrafter_trt.contract.Backend`):
     each call sends its inputs to the other ranks, then runs this rank's share. ``close()``
     stops the other ranks (the launcher's ``on_close`` then reaps them).
 
-    ``local`` is this rank's backend (a :class:`TorchBackend` over its shard, or a TensorRT-LLM
+    ``local`` is this rank's backend (a
+    :class:`~redrafter_trt.backends.torch_backend.TorchBackend` over its shard, or a TensorRT-LLM
     engine's rank); ``tp`` its :class:`RankGroup`."""
 
     def __init__(
@@ -624,10 +641,11 @@ class TPBackend:
 
     def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 base logits [B, T, V] of token ids [B, T] (all ranks compute them together)."""
+        base = rank_base(self.local)
         with self.tp.lock:
             self.channel.send(CMD_LOGITS, self._shape(), tensors={"prompt_ids": ids})
             with torch.inference_mode():
-                return prompt_logits(self.local.base, ids)
+                return prompt_logits(base, ids)
 
     def reshaped(self, num_beams: int, draft_len: int) -> TPBackend | None:
         """The same ranks with beam shape W x D (each rank reshapes its own backend); None where
@@ -676,7 +694,7 @@ def follow(
             be.step(_unpack(header, payload.cpu()))
         elif cmd == CMD_LOGITS:
             with torch.inference_mode():
-                prompt_logits(be.base, _unpack(header, payload.cpu())["prompt_ids"])
+                prompt_logits(rank_base(be), _unpack(header, payload.cpu())["prompt_ids"])
         else:
             raise TPError(f"tensor-parallel rank {tp.rank}: unknown command {cmd} from rank 0")
         if progress is not None:

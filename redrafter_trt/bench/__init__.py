@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import require
+from ..models.base import BaseModel
 from ..runtime.generator import Generator
 from .prompts import encode_prompts, load_raw_prompts
 from .report import SCHEMA, build_report, environment, markdown, write_outputs
@@ -38,7 +39,7 @@ def engine_info(engine_dir: str | Path | None, gen: Generator) -> dict[str, Any]
         from ..runtime.loader import read_engine_config
 
         pre = read_engine_config(engine_dir)["pretrained_config"]
-    elif be.base is not None:
+    elif isinstance(be.base, BaseModel):  # the torch backend's weights (engines have none)
         from ..formats.hf import hf_config_dict
 
         hf = hf_config_dict(be.base.config)
