@@ -170,10 +170,10 @@ def test_a_bench_run_on_the_builtin_model_compares_with_llama_cpp(tmp_path):
     from redrafter_trt import load
     from redrafter_trt.bench import BenchSettings, markdown, run_benchmark
     from redrafter_trt.formats.checkpoint import convert_checkpoint
-    from redrafter_trt.runtime.engine import build_engine
     from redrafter_trt.formats.hf import load_hf_base
     from redrafter_trt.models.drafter import DrafterConfig, init_drafter
     from redrafter_trt.models.hub import ensure_smollm2
+    from redrafter_trt.runtime.engine import build_engine
 
     builtin_gguf()
     model_dir = ensure_smollm2()

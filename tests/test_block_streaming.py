@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from redrafter_trt.formats.checkpoint import load_checkpoint_models
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import load_checkpoint_models
+from redrafter_trt.formats.names import CKPT_DRAFT_PROJECTION, EMBEDDING, LM_HEAD
 from redrafter_trt.models import blocks as B
 from redrafter_trt.models.base import BlockBacked
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter
-from redrafter_trt.formats.names import CKPT_DRAFT_PROJECTION, EMBEDDING, LM_HEAD
 from test_block_weights import _rewrite, cli_convert, tiny_gguf_like_base
 
 pytestmark = pytest.mark.usefixtures("native_library")

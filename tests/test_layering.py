@@ -366,7 +366,9 @@ def test_the_stages_are_the_folders():
 
 
 def test_a_module_staged_apart_from_its_folder_is_found(tmp_path):
-    _write(tmp_path, {"pkg/__init__.py": "", "pkg/low.py": "", "pkg/sub/__init__.py": "",
-                      "pkg/sub/odd.py": ""})
+    _write(
+        tmp_path,
+        {"pkg/__init__.py": "", "pkg/low.py": "", "pkg/sub/__init__.py": "", "pkg/sub/odd.py": ""},
+    )
     stages = (("low", ("low", "sub")), ("high", ("sub.odd", "gone")))
     assert staged_names_inside_folders(tmp_path, "pkg", stages) == ["sub.odd", "gone"]

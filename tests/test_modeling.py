@@ -161,8 +161,8 @@ def test_unsupported_architecture_and_rope_are_clear_errors(tmp_path):
 def test_hf_export_roundtrip(tiny_dirs, tmp_path, arch):
     """trtllm_to_hf + hf_config_dict give back a directory transformers loads to the same logits."""
     from redrafter_trt.formats.hf import hf_config_dict
-    from redrafter_trt.models.io import save_safetensors
     from redrafter_trt.formats.names import trtllm_to_hf
+    from redrafter_trt.models.io import save_safetensors
 
     cfg, sd = load_hf_base(tiny_dirs[arch])
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))

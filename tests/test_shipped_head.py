@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.heads import BUILTIN_HEADS, CHECKSUMS, builtin_head, check_head_files
 from redrafter_trt.heads.package import package_head
-from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models.drafter import (
     DRAFTER_CONFIG,
     DRAFTER_WEIGHTS,

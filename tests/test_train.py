@@ -18,9 +18,9 @@ from redrafter_trt.cli.train import main as train_main
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
 from redrafter_trt.runtime import Generator
-from redrafter_trt.train.frozen_base import load_frozen_base
 from redrafter_trt.train.config import TrainConfig
 from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
+from redrafter_trt.train.frozen_base import load_frozen_base
 from redrafter_trt.train.gen_data import generate_data
 from redrafter_trt.train.loop import train_drafter
 from redrafter_trt.train.losses import (

@@ -13,12 +13,12 @@ import pytest
 
 from conftest import write_tiny_hf
 from redrafter_trt import contract as C
-from redrafter_trt.formats.checkpoint import convert_checkpoint, read_checkpoint_config
 from redrafter_trt.cli import build as build_cli
-from redrafter_trt.runtime.engine import build_engine
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import convert_checkpoint, read_checkpoint_config
 from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
+from redrafter_trt.runtime.engine import build_engine
 from redrafter_trt.runtime.loader import load
 from redrafter_trt.trtllm import TRTLLM_CONTAINER, trtllm_importable
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from redrafter_trt import contract as C
-from redrafter_trt.formats.checkpoint import RedrafterCheckpointConfig
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import RedrafterCheckpointConfig
 from redrafter_trt.models.base import ARCH_LLAMA, ARCH_QWEN2, BaseConfig
 from redrafter_trt.models.drafter import DrafterConfig
 

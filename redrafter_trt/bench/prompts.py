@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..formats.datasets import BUILTIN, load_prompts
 from ..errors import require
+from ..formats.datasets import BUILTIN, load_prompts
 from ..runtime.generator import Generator
 
 

@@ -474,10 +474,10 @@ def write_tiny_engine(path: Path, log=None) -> Path:
 
     from ..backends.torch_backend import auto_dtype
     from ..formats.checkpoint import convert_checkpoint
-    from ..runtime.engine import build_engine
     from ..formats.hf import load_hf_base
-    from ..models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
     from ..formats.names import LM_HEAD
+    from ..models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
+    from ..runtime.engine import build_engine
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if (path / "config.json").is_file():

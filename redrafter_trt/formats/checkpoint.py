@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from . import fp8
 from ..contract import check_num_beams
 from ..errors import RedrafterError, require
 from ..models.base import (
@@ -58,6 +57,7 @@ from ..models.io import (
     safetensors_shapes,
     save_safetensors,
 )
+from . import fp8
 from .names import (
     CKPT_DRAFT_PROJECTION,
     EMBEDDING,

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from . import fp8
 from ..errors import RedrafterError, require
 from ..models.base import (
     ARCH_QWEN2,
@@ -23,6 +22,7 @@ from ..models.base import (
     BaseConfig,
 )
 from ..models.io import load_state_dict_file, read_json
+from . import fp8
 from .names import hf_to_trtllm
 
 

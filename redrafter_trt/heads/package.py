@@ -75,8 +75,8 @@ def package_head(
 def main(argv=None) -> int:
     from ..cmdline import run_main
     from ..formats.hf import load_hf_base
-    from ..models.hub import resolve_base_model_dir
     from ..formats.names import LM_HEAD
+    from ..models.hub import resolve_base_model_dir
 
     p = argparse.ArgumentParser(
         prog="python -m redrafter_trt.heads.package",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..errors import RedrafterError, require
 from ..formats.checkpoint import (
     CHECKPOINT_CONFIG,
     ENGINE_CONFIG,
@@ -28,7 +29,6 @@ from ..formats.checkpoint import (
     read_checkpoint_config,
     require_model_dir,
 )
-from ..errors import RedrafterError, require
 from ..models.blocks import BLOCKS_FILE
 from ..models.io import atomic_output_dir
 from ..ops.beam_search import DEFAULT_WARP_K

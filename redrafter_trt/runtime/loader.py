@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..contract import Backend
+from ..errors import RedrafterError, require
 from ..formats.checkpoint import (
     DTYPES,
     ENGINE_CONFIG,
@@ -18,8 +20,6 @@ from ..formats.checkpoint import (
     load_checkpoint_models,
     require_model_dir,
 )
-from ..contract import Backend
-from ..errors import RedrafterError, require
 from ..memory import trim_heap
 from ..models.io import read_json
 from ..ops.beam_search import DEFAULT_WARP_K

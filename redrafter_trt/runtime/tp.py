@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from ..backends.tp import DEFAULT_TIMEOUT_S, TPBackend, TPError, TPGroup, follow, load_rank_models
-from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
+from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..ops.beam_search import DEFAULT_WARP_K
 
 #: Environment of an external launcher (torchrun, or any that sets these four).

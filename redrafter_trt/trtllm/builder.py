@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..errors import require
 from ..formats.checkpoint import (
     CHECKPOINT_CONFIG,
     ENGINE_CONFIG,
@@ -25,7 +26,6 @@ from ..formats.checkpoint import (
     copy_tokenizer_files,
     load_rank_shards,
 )
-from ..errors import require
 from ..models.io import atomic_output_dir
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.kv_cache import blocks_per_slot

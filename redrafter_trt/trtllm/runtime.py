@@ -43,8 +43,8 @@ from .. import contract as C
 from .. import native
 from ..backends.slot_state import SlotState, StepRows, explicit_rows
 from ..backends.timing import PhaseTimer
-from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
+from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
 from ..ops.tree import bool_to_packed_mask, mask_words, root_only_tree
 from . import ACCEPTED_INDICES, require_trtllm
