@@ -149,7 +149,7 @@ fi
 # shellcheck disable=SC2086 # the source lists are words
 "$PY" - $prompts $extra_data "$eval_prompts" << 'EOF' || exit 2
 import sys
-from redrafter_trt import datasets
+from redrafter_trt.formats import datasets
 from redrafter_trt.errors import RedrafterError
 for src in sys.argv[1:]:
     if src in datasets.BUILTIN:

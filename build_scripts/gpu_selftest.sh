@@ -59,7 +59,7 @@ log "4/5 greedy equality"
 python3 - "$work" "$prompts" "$max_new" <<'PY'
 import sys
 import redrafter_trt
-from redrafter_trt.datasets import load_prompts
+from redrafter_trt.formats.datasets import load_prompts
 
 work, n, max_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 prompts = load_prompts("mt-bench", limit=n)

@@ -1,9 +1,10 @@
 """redrafter_trt: ReDrafter (Recurrent Drafter) speculative decoding, from PyTorch to TensorRT-LLM.
 
-Stages: checkpoint (:mod:`.checkpoint`) -> build (:mod:`.engine`) -> engine step
-(:mod:`.backends`, contract in :mod:`.contract`) -> runtime loop (:mod:`.runtime`, which opens
-engine directories in :mod:`.runtime.loader`). The stage order of the modules is checked by
-``tests/test_layering.py``; nothing inside the package imports this root module.
+The flow: checkpoint (:mod:`.formats.checkpoint`) -> build (:mod:`.runtime.engine`) -> engine
+step (:mod:`.backends`, :mod:`.trtllm`; contract in :mod:`.contract`) -> runtime loop
+(:mod:`.runtime`, which opens engine directories in :mod:`.runtime.loader`). Each folder is one
+stage of the import order that ``tests/test_layering.py`` checks; nothing inside the package
+imports this root module.
 """
 
 from ._version import __version__

@@ -2,7 +2,7 @@
 rejection of unknown flags, integer flag types, ``--threads`` and ``--adaptive``.
 
 Used by the commands of ``cli/`` and by the modules that carry a command of their own
-(``python -m redrafter_trt.bench.serve``, ``python -m redrafter_trt.heads.package``); it
+(``python -m redrafter_trt.bench.serving``, ``python -m redrafter_trt.heads.package``); it
 imports only the foundation, so any layer may use it.
 """
 

@@ -31,16 +31,14 @@ with a context row) and dropped by ``reserve``. Without ``FROM_SLOTS`` every inp
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .errors import require
-from .ops.tree import mask_words
-
-if TYPE_CHECKING:  # annotations only: the contract imports nothing above it
-    from .models.base import BaseModel
+from .ops.tree import StepShape, mask_words
 
 # ---- request kinds
 CONTEXT = 0
@@ -282,22 +280,6 @@ def dim_sizes(batch: int, tokens: int, shape: StepShape, top: int = 0) -> dict[s
     }
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """Static sizes of an engine's step."""
-
-    num_beams: int  # W
-    draft_len: int  # D
-
-    @property
-    def beam_len(self) -> int:  # L
-        return self.draft_len + 1
-
-    @property
-    def tree_size(self) -> int:  # N
-        return self.num_beams * self.beam_len
-
-
 def input_tensor(name: str, values: Any) -> torch.Tensor:
     """A host tensor of ``values`` in the dtype the table gives input ``name``."""
     return torch.tensor(values, dtype=SPECS[name].dtype)
@@ -395,8 +377,10 @@ class Backend(Protocol):
         ...
 
     @property
-    def base(self) -> BaseModel | None:
-        """The base model's torch weights (None where the backend has none, e.g. an engine)."""
+    def base(self) -> torch.nn.Module | None:
+        """The base model's torch weights, a :class:`~redrafter_trt.models.base.BaseModel` (None
+        where the backend has none, e.g. an engine); typed as a module here, as the contract imports
+        nothing above it."""
         ...
 
     @property
@@ -416,4 +400,27 @@ class Backend(Protocol):
     def reshaped(self, num_beams: int, draft_len: int) -> Backend | None:
         """A backend with beam shape W x D sharing this one's weights, or None when the shape is
         fixed (an engine serves only its own shape: it returns itself for that one)."""
+        ...
+
+
+class Measurable(Protocol):
+    """A backend whose step costs can be timed (:class:`~redrafter_trt.backends.torch_backend.TorchBackend`):
+    what the adaptive policy's cost model (:mod:`redrafter_trt.runtime.adaptive`) reads of it."""
+
+    shape: StepShape
+
+    def engine_signature(self) -> dict[str, Any]:
+        """The engine facts (shape, dtype, sizes, kernels) a cost model is measured for; a stored
+        model whose facts differ is not used."""
+        ...
+
+    def measure_step_costs(
+        self,
+        token_points: Sequence[int],
+        draft_rows: Sequence[int],
+        cached_tokens: int,
+        repeats: int,
+        log: Callable[[str], None] | None = None,
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """({tokens in one base call: seconds}, {beam rows: seconds per draft step})."""
         ...

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from redrafter_trt.backends.torch_backend import TorchBackend
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models.base import BaseModel
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
 from redrafter_trt.runtime import Generator

@@ -15,7 +15,6 @@ from redrafter_trt.runtime.adaptive import (
     COST_MODEL_FILE,
     AdaptivePolicy,
     CostModel,
-    engine_signature,
     load_cost_model,
     machine_fingerprint,
     save_cost_model,
@@ -146,7 +145,7 @@ def test_cost_model_stored_checked_and_reported(tiny_dirs, tmp_path):
     be = gen.backend
     assert load_cost_model(tmp_path, be) is None
     cm = cost_model(0.01)
-    cm.engine, cm.machine = engine_signature(be), machine_fingerprint()
+    cm.engine, cm.machine = be.engine_signature(), machine_fingerprint()
     path = save_cost_model(cm, tmp_path)
     assert path.name == COST_MODEL_FILE and not list(tmp_path.glob("*.tmp"))
     back = load_cost_model(tmp_path, be)
@@ -156,7 +155,7 @@ def test_cost_model_stored_checked_and_reported(tiny_dirs, tmp_path):
         load_cost_model(tmp_path, other)
     # a model for another thread count is kept beside this one; each is found for its own
     other_threads = cost_model(0.02)
-    other_threads.engine = engine_signature(be)
+    other_threads.engine = be.engine_signature()
     other_threads.machine = {**machine_fingerprint(), "threads": 99}
     save_cost_model(other_threads, tmp_path)
     doc = json.loads(path.read_text())
@@ -369,7 +368,7 @@ def test_serve_scheduler_gets_the_stored_policy(engine_dir):
 
     gen = redrafter_trt_load(engine_dir)
     cm = cost_model(0.01)
-    cm.engine, cm.machine = engine_signature(gen.backend), machine_fingerprint()
+    cm.engine, cm.machine = gen.backend.engine_signature(), machine_fingerprint()
     save_cost_model(cm, engine_dir)
     try:
         argv = ["--engine_dir", str(engine_dir)]

@@ -118,7 +118,7 @@ def test_a_base_that_is_not_the_builtin_gguf_is_named(tiny_dirs):
 
 @pytest.mark.smollm2
 def test_the_builtin_base_passes_the_gguf_check_and_one_changed_weight_fails():
-    from redrafter_trt.hf import load_hf_base
+    from redrafter_trt.formats.hf import load_hf_base
     from redrafter_trt.models.base import BaseModel
     from redrafter_trt.models.hub import ensure_smollm2
 
@@ -169,11 +169,11 @@ def test_the_driver_decodes_like_llama_cpp_pythons_own_greedy_generate():
 def test_a_bench_run_on_the_builtin_model_compares_with_llama_cpp(tmp_path):
     from redrafter_trt import load
     from redrafter_trt.bench import BenchSettings, markdown, run_benchmark
-    from redrafter_trt.checkpoint import convert_checkpoint
-    from redrafter_trt.engine import build_engine
-    from redrafter_trt.hf import load_hf_base
+    from redrafter_trt.formats.checkpoint import convert_checkpoint
+    from redrafter_trt.formats.hf import load_hf_base
     from redrafter_trt.models.drafter import DrafterConfig, init_drafter
     from redrafter_trt.models.hub import ensure_smollm2
+    from redrafter_trt.runtime.engine import build_engine
 
     builtin_gguf()
     model_dir = ensure_smollm2()

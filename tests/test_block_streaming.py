@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from redrafter_trt.checkpoint import load_checkpoint_models
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import load_checkpoint_models
+from redrafter_trt.formats.names import CKPT_DRAFT_PROJECTION, EMBEDDING, LM_HEAD
 from redrafter_trt.models import blocks as B
 from redrafter_trt.models.base import StoredWeight
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter
-from redrafter_trt.names import CKPT_DRAFT_PROJECTION, EMBEDDING, LM_HEAD
 from test_block_weights import _rewrite, cli_convert, tiny_gguf_like_base
 
 pytestmark = pytest.mark.usefixtures("native_library")
@@ -60,7 +60,7 @@ def convert_with_head(base_dir: Path, head: Path, out: Path, *extra: str) -> Pat
 
 
 def test_a_loaded_engine_holds_no_float32_copy_and_greedy_tokens_do_not_change(tmp_path):
-    from redrafter_trt.engine import build_engine
+    from redrafter_trt.runtime.engine import build_engine
     from redrafter_trt.runtime.loader import load
 
     base_dir = tiny_gguf_like_base(tmp_path)
@@ -207,7 +207,7 @@ def test_a_head_over_a_draft_vocabulary_streams_the_rows_of_the_base_projection(
 
 
 def test_the_build_refuses_blocks_that_disagree_with_the_float32_file(tmp_path):
-    from redrafter_trt.engine import build_engine
+    from redrafter_trt.runtime.engine import build_engine
 
     kept = cli_convert(tiny_gguf_like_base(tmp_path), tmp_path / "k")
     name = "transformer.layers.1.attention.qkv.weight"
@@ -242,7 +242,7 @@ def test_loading_a_blocks_engine_costs_a_fraction_of_the_float32_memory(tmp_path
     the float32 engine holds its weights once, as the kernels' panels (``held``: the same
     engine keeping its parameters beside them, as every load did before), the blocks engine
     only its block panels."""
-    from redrafter_trt.engine import build_engine
+    from redrafter_trt.runtime.engine import build_engine
 
     base_dir = tiny_gguf_like_base(
         tmp_path, vocab=16384, hidden_size=256, intermediate_size=512, num_attention_heads=4

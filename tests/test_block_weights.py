@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_tiny_hf
-from redrafter_trt.checkpoint import convert_checkpoint, load_checkpoint_models
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.checkpoint import convert_checkpoint, load_checkpoint_models
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models import blocks as B
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
 

@@ -12,22 +12,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_tiny_hf
-from redrafter_trt.checkpoint import (
+from redrafter_trt.cli import convert as convert_cli
+from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import (
     convert_checkpoint,
     load_checkpoint_models,
     load_rank_shards,
     rank_file,
     read_checkpoint_config,
 )
-from redrafter_trt.cli import convert as convert_cli
-from redrafter_trt.engine import build_engine
-from redrafter_trt.errors import RedrafterError
-from redrafter_trt.fp8 import EXCLUDE_MODULES, FP8_LINEARS
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.fp8 import EXCLUDE_MODULES, FP8_LINEARS
+from redrafter_trt.formats.hf import load_hf_base
+from redrafter_trt.formats.sharding import padded_vocab_size, tp_merge
 from redrafter_trt.models.base import BaseModel
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
+from redrafter_trt.runtime.engine import build_engine
 from redrafter_trt.runtime.loader import load
-from redrafter_trt.sharding import padded_vocab_size, tp_merge
 
 F8 = torch.float8_e4m3fn
 H, NH, NKV, HD, V, LAYERS = 32, 4, 2, 8, 97, 2

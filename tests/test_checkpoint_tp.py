@@ -8,18 +8,18 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_tiny_hf
-from redrafter_trt.checkpoint import (
+from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import (
     convert_checkpoint,
     load_checkpoint_models,
     load_rank_shards,
     rank_file,
     read_checkpoint_config,
 )
-from redrafter_trt.engine import build_engine
-from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.hf import load_hf_base
+from redrafter_trt.formats.sharding import padded_vocab_size, tp_merge
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
-from redrafter_trt.sharding import padded_vocab_size, tp_merge
+from redrafter_trt.runtime.engine import build_engine
 
 # tiny models: V=97 (padded for tp 2 and 4), H=32, I=64, 4 heads of 8, 2 KV heads (replicated
 # across ranks at tp 4), exit_dim 24 < 2H (input_proj present), 2 layers.

@@ -8,10 +8,10 @@ import torch
 
 from conftest import write_tiny_hf
 from redrafter_trt.backends.torch_backend import auto_dtype
-from redrafter_trt.checkpoint import read_checkpoint_config
 from redrafter_trt.cli import build as build_cli
 from redrafter_trt.cli import convert as convert_cli
 from redrafter_trt.cli import run as run_cli
+from redrafter_trt.formats.checkpoint import read_checkpoint_config
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter
 from redrafter_trt.models.io import save_safetensors
 

@@ -92,7 +92,7 @@ def test_block_pack_bad_inputs_name_what_is_wrong():
 def test_a_loaded_checkpoint_streams_blocks_with_the_float32_bits(tmp_path):
     """A --keep_blocks checkpoint: its linears pack the blocks (a fifth of the bytes), and
     every linear gives the float32 checkpoint's bits."""
-    from redrafter_trt.checkpoint import load_checkpoint_models
+    from redrafter_trt.formats.checkpoint import load_checkpoint_models
     from redrafter_trt.models.base import Linear, set_native_linear
     from test_block_weights import cli_convert, tiny_gguf_like_base
 
@@ -119,8 +119,8 @@ def test_a_loaded_checkpoint_streams_blocks_with_the_float32_bits(tmp_path):
 
 
 def test_a_torch_engine_carries_the_blocks_and_greedy_tokens_do_not_change(tmp_path):
-    from redrafter_trt.engine import build_engine
     from redrafter_trt.models.base import Linear
+    from redrafter_trt.runtime.engine import build_engine
     from redrafter_trt.runtime.loader import load
     from test_block_weights import cli_convert, tiny_gguf_like_base
 

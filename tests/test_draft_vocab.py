@@ -18,14 +18,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ARCHS
 from redrafter_trt.backends.torch_backend import TorchBackend
-from redrafter_trt.checkpoint import (
+from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import (
     REDRAFTER_DRAFT_VOCAB_SIZE,
     RedrafterCheckpointConfig,
     convert_checkpoint,
     load_checkpoint_models,
 )
-from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.hf import load_hf_base
+from redrafter_trt.formats.names import CKPT_DRAFT_VOCAB
+from redrafter_trt.formats.sharding import tp_merge, tp_shard
 from redrafter_trt.models.base import BaseModel
 from redrafter_trt.models.drafter import (
     DRAFT_VOCAB,
@@ -36,10 +38,8 @@ from redrafter_trt.models.drafter import (
     load_drafter,
     save_drafter,
 )
-from redrafter_trt.names import CKPT_DRAFT_VOCAB
 from redrafter_trt.ops.beam_search import beam_search_step, beam_search_step_naive
 from redrafter_trt.runtime import Generator
-from redrafter_trt.sharding import tp_merge, tp_shard
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
 

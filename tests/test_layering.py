@@ -1,10 +1,16 @@
-"""The package's import structure: one stage per module, imports only downward, no cycles.
+"""The package's import structure: one stage per folder, imports only downward, no cycles.
 
-The stage order is written once, here (:data:`STAGES`), lowest first. A module belongs to the
-stage of the longest name in the list that is it or one of its packages; every module must have
-one. An import (at the top of a module or inside a function: both are dependencies) may go to
-the module's own stage or a lower one, never higher; no set of modules may import each other in a
-cycle; and no module imports another module's private (``_name``) names. The scan reads the
+The stage order is written once, here (:data:`STAGES`), lowest first, and it is the package's
+folders: every folder of ``redrafter_trt/`` belongs to one stage whole, and the few modules at
+its root (the foundation, and the contract and the C++ binding of the core) are named one by one;
+no module inside a folder is staged apart from its folder. A module belongs to the stage of the
+longest name in the list that is it or one of its packages; every module must have one.
+
+An import may go to the module's own stage or a lower one, never higher, wherever it stands: at
+the top of a module, inside a function (run later, still a dependency), or under
+``if TYPE_CHECKING:`` (an annotation that names another module's class depends on that module as
+much as a call does). No set of modules may import each other in a cycle, counting all three
+kinds; and no module imports another module's private (``_name``) names. The scan reads the
 source with :mod:`ast`, so it runs nothing of the package; the checks are tried on a synthetic
 bad package first, so they can fail.
 """
@@ -19,25 +25,29 @@ from pathlib import Path
 PACKAGE = "redrafter_trt"
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The stages, lowest first: (stage, module names relative to the package; "" is the package's
-#: own ``__init__``).
+#: The stages, lowest first: (stage, names relative to the package: a folder, or a module at the
+#: package root; "" is the package's own ``__init__``). Mirrored by CONTRIBUTING.md's stage map.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
-        "foundation: version, errors, the commands' conventions, memory measurement",
+        "foundation: the version, errors, the commands' conventions, memory measurement",
         ("_version", "errors", "cmdline", "memory"),
     ),
     (
-        "core: the step contract, operators, the C++ bindings, prompt sets",
-        ("contract", "ops", "native", "datasets"),
+        "core: the reference operators, the step contract, the C++ binding",
+        ("ops", "contract", "native"),
     ),
-    ("models: base model, draft head, files", ("models",)),
+    ("models: base model, draft head, model files", ("models",)),
     (
-        "formats: tensor names, FP8, Hugging Face import, sharding, checkpoint, shipped heads",
-        ("names", "fp8", "hf", "sharding", "checkpoint", "heads"),
+        "formats: checkpoint names and files, FP8, Hugging Face import, sharding, prompt sets; "
+        "the shipped heads",
+        ("formats", "heads"),
     ),
-    ("backends: torch, TensorRT-LLM network/builder/runtime", ("backends", "trtllm")),
-    ("build: engine directories", ("engine",)),
-    ("runtime: loader, scheduler, generator", ("runtime",)),
+    ("backends: torch and tensor-parallel backends, slot state, phase timer", ("backends",)),
+    ("TensorRT-LLM: network, builder, runtime backend, MPI ranks", ("trtllm",)),
+    (
+        "runtime: engine directories built and opened, scheduler, generator, adaptive policy",
+        ("runtime",),
+    ),
     ("applications: benchmark, trainer, server", ("bench", "train", "serve")),
     ("commands", ("cli",)),
     ("the package root", ("",)),
@@ -64,33 +74,12 @@ def package_modules(root: Path, package: str) -> dict[str, tuple[Path, bool]]:
     return mods
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    """``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``."""
-    if not isinstance(node, ast.If):
-        return False
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
-    )
-
-
 def imports_of(module: str, path: Path, is_pkg: bool, modules: dict, package: str) -> list[Import]:
     """The imports of ``module`` that land inside ``package``: ``from X import a`` goes to the
     module ``X.a`` when there is one, else to ``X``."""
     out = []
     tree = ast.parse(path.read_text(), str(path))
-    typing_only = {
-        id(n)
-        for block in ast.walk(tree)
-        if _is_type_checking(block)
-        for stmt in block.body
-        for n in ast.walk(stmt)
-    }
-    for node in ast.walk(tree):
-        if (
-            id(node) in typing_only
-        ):  # ``if TYPE_CHECKING:`` imports are annotations, not dependencies
-            continue
+    for node in ast.walk(tree):  # every import: top level, in a function, under TYPE_CHECKING
         if isinstance(node, ast.Import):
             out += [
                 Import(module, a.name, node.lineno, ())
@@ -285,7 +274,7 @@ def test_no_module_imports_another_modules_private_names():
 def test_the_scan_sees_the_package():
     # the scan reads real imports (a broken scan that finds nothing would pass the checks above)
     edges = {(i.source, i.target) for i in GRAPH}
-    assert ("redrafter_trt.runtime.loader", "redrafter_trt.checkpoint") in edges
+    assert ("redrafter_trt.runtime.loader", "redrafter_trt.formats.checkpoint") in edges
     assert ("redrafter_trt.backends.torch_backend", "redrafter_trt.contract") in edges
     assert len(edges) > 150
 
@@ -323,22 +312,63 @@ def test_build_backend_supports_editable_installs():
     )
 
 
-def test_annotation_only_imports_are_not_dependencies(tmp_path):
+def test_annotation_and_function_level_imports_are_dependencies(tmp_path):
+    """An import under ``if TYPE_CHECKING:`` or inside a function is read like one at the top:
+    upward it is reported, and it closes a cycle."""
     _write(
         tmp_path,
         {
             "pkg/__init__.py": "",
             "pkg/low.py": """\
             from typing import TYPE_CHECKING
-            if TYPE_CHECKING:                       # annotations only: no runtime dependency
+            if TYPE_CHECKING:                       # an annotation names a higher module's type
                 from .high import g
-            else:
-                from .high import h                 # a real import, still upward
+            def f():
+                from .high import h                 # run later, still upward
+                return h
             """,
-            "pkg/high.py": "def g():\n    return 2\n\ndef h():\n    return 3\n",
+            "pkg/high.py": "from . import peer\ndef g():\n    return 2\n\ndef h():\n    return 3\n",
+            "pkg/peer.py": """\
+            from typing import TYPE_CHECKING
+            if TYPE_CHECKING:                       # annotation only, yet it closes the loop
+                from .high import g
+            """,
         },
     )
     graph = import_graph(tmp_path, "pkg")
     assert upward_imports(graph, "pkg", BAD_STAGES) == [
-        "pkg.low (line 5, stage 'low') imports pkg.high (stage 'high')"
+        "pkg.low (line 3, stage 'low') imports pkg.high (stage 'high')",
+        "pkg.low (line 5, stage 'low') imports pkg.high (stage 'high')",
     ]
+    assert cycles(graph) == [["pkg.high", "pkg.peer"]]
+
+
+def staged_names_inside_folders(root: Path, package: str, stages=STAGES) -> list[str]:
+    """Names in ``stages`` that are neither a folder of ``package`` nor a module at its root: a
+    module staged apart from its folder, or a name that is not there."""
+    pkg = root / package
+    return [
+        n
+        for _, names in stages
+        for n in names
+        if n and not ((pkg / n / "__init__.py").is_file() or (pkg / f"{n}.py").is_file())
+    ]
+
+
+def test_the_stages_are_the_folders():
+    """The map states what the folders show: each stage is whole folders (and root modules), no
+    module is staged apart from its folder, and no name is listed twice."""
+    names = [n for _, ns in STAGES for n in ns]
+    assert len(names) == len(set(names)), names
+    assert staged_names_inside_folders(ROOT, PACKAGE) == []
+    folders = {p.parent.name for p in (ROOT / PACKAGE).glob("*/__init__.py")}
+    assert folders <= set(names), f"folders with no stage: {sorted(folders - set(names))}"
+
+
+def test_a_module_staged_apart_from_its_folder_is_found(tmp_path):
+    _write(
+        tmp_path,
+        {"pkg/__init__.py": "", "pkg/low.py": "", "pkg/sub/__init__.py": "", "pkg/sub/odd.py": ""},
+    )
+    stages = (("low", ("low", "sub")), ("high", ("sub.odd", "gone")))
+    assert staged_names_inside_folders(tmp_path, "pkg", stages) == ["sub.odd", "gone"]

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ARCHS, write_tiny_hf
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import hf_base_config, load_hf_base
+from redrafter_trt.formats.hf import hf_base_config, load_hf_base
 from redrafter_trt.models.base import BaseModel
 
 
@@ -160,9 +160,9 @@ def test_unsupported_architecture_and_rope_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_export_roundtrip(tiny_dirs, tmp_path, arch):
     """trtllm_to_hf + hf_config_dict give back a directory transformers loads to the same logits."""
-    from redrafter_trt.hf import hf_config_dict
+    from redrafter_trt.formats.hf import hf_config_dict
+    from redrafter_trt.formats.names import trtllm_to_hf
     from redrafter_trt.models.io import save_safetensors
-    from redrafter_trt.names import trtllm_to_hf
 
     cfg, sd = load_hf_base(tiny_dirs[arch])
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))

@@ -8,9 +8,8 @@ import torch
 
 from conftest import tiny_hf_config
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import hf_base_config
-from redrafter_trt.models.base import BaseModel
-from redrafter_trt.names import (
+from redrafter_trt.formats.hf import hf_base_config
+from redrafter_trt.formats.names import (
     BASE_NAME_TABLE,
     HF_LAYER,
     LM_HEAD,
@@ -19,6 +18,7 @@ from redrafter_trt.names import (
     hf_to_trtllm,
     trtllm_to_hf,
 )
+from redrafter_trt.models.base import BaseModel
 
 # (arch, tie, config overrides): plain Llama, Llama with every bias, Qwen2 (q/k/v biases), tied.
 CASES = [

@@ -817,7 +817,7 @@ def test_serve_port_in_use_exits_2_naming_the_port_before_announcing(engine, cap
 
 
 def test_run_summary_says_which_policy_ran_and_its_shapes(engine, tmp_path, capsys):
-    from redrafter_trt.runtime.adaptive import CostModel, engine_signature, save_cost_model
+    from redrafter_trt.runtime.adaptive import CostModel, save_cost_model
     from redrafter_trt.runtime.loader import load
 
     ids = tmp_path / "ids.json"
@@ -831,7 +831,7 @@ def test_run_summary_says_which_policy_ran_and_its_shapes(engine, tmp_path, caps
     assert out["threads"] == 1
     # a cost model under which drafting never pays: the adaptive policy runs plain steps
     gen = load(engine, adaptive="off")
-    sig = engine_signature(gen.backend)
+    sig = gen.backend.engine_signature()
     from redrafter_trt.runtime.adaptive import machine_fingerprint
 
     cost = CostModel(

@@ -276,7 +276,7 @@ def test_a_loaded_float32_engine_holds_only_panels_and_decodes_the_same_tokens(
     """The whole load (checkpoint, backend, kernels on): no weight parameter in the base or the
     head, and greedy tokens, plain and speculative, equal to the same engine loaded keeping its
     parameters (the panels' drop turned off)."""
-    from redrafter_trt.engine import build_engine
+    from redrafter_trt.runtime.engine import build_engine
     from redrafter_trt.runtime.loader import load
     from test_block_weights import cli_convert, tiny_gguf_like_base
 
@@ -307,8 +307,8 @@ def test_a_head_sharing_the_base_projection_shares_its_panels(tmp_path):
     """A float32 engine whose head's projection is the base's vocabulary projection (stored
     under the head's name too): the loader ties the two, the kernels pack it once, and neither
     model holds it; a head with a projection of its own keeps its own."""
-    from redrafter_trt.checkpoint import share_base_projection
-    from redrafter_trt.engine import build_engine
+    from redrafter_trt.formats.checkpoint import share_base_projection
+    from redrafter_trt.runtime.engine import build_engine
     from redrafter_trt.runtime.loader import load
     from test_block_streaming import convert_with_head, shared_head
     from test_block_weights import tiny_gguf_like_base

@@ -712,7 +712,7 @@ def byte_engine_dir(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from redrafter_trt.bench.serve import byte_level_tokenizer
+    from redrafter_trt.bench.serving import byte_level_tokenizer
 
     root = tmp_path_factory.mktemp("serve_bytes")
     tok = byte_level_tokenizer()
@@ -837,7 +837,7 @@ def test_streamed_deltas_never_split_a_utf8_character(byte_engine_dir, speculati
 def test_bench_soak_and_stall_modes_on_the_tiny_engine(tmp_path):
     """``--soak`` (small N) passes and reports what it checked; ``--stall`` shows the running stream
     getting tokens while a long prompt is prefilled in chunks, and none while it is prefilled whole."""
-    from redrafter_trt.bench import serve as bench
+    from redrafter_trt.bench import serving as bench
 
     tiny = tmp_path / "tiny"
     out = tmp_path / "soak.json"
@@ -901,10 +901,9 @@ def test_serving_bench_records_the_policy_and_threads_it_ran(engine_dir, tmp_pat
     shapes it chose) and the torch threads are in the JSON (before: neither)."""
     import shutil
 
-    from redrafter_trt.bench import serve as bench
+    from redrafter_trt.bench import serving as bench
     from redrafter_trt.runtime.adaptive import (
         CostModel,
-        engine_signature,
         machine_fingerprint,
         save_cost_model,
     )
@@ -921,7 +920,7 @@ def test_serving_bench_records_the_policy_and_threads_it_ran(engine_dir, tmp_pat
     assert r["threads"] == 1 and r["threads_source"] == "--threads"
     assert r["levels"]["speculative"][0]["chosen_shapes"] is None
     # a stored cost model under which drafting never pays: the adaptive policy, plain steps
-    sig = engine_signature(load(engine, adaptive="off").backend)
+    sig = load(engine, adaptive="off").backend.engine_signature()
     save_cost_model(
         CostModel({1: 1.0, 64: 1000.0}, {1: 100.0, 8: 100.0}, sig, machine_fingerprint(1)), engine
     )

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.heads import BUILTIN_HEADS, CHECKSUMS, builtin_head, check_head_files
 from redrafter_trt.heads.package import package_head
-from redrafter_trt.hf import load_hf_base
 from redrafter_trt.models.drafter import (
     DRAFTER_CONFIG,
     DRAFTER_WEIGHTS,
@@ -140,7 +140,7 @@ def _ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
 
 
 def test_the_committed_training_data_is_clean_disjoint_and_small():
-    from redrafter_trt.datasets import load_prompts
+    from redrafter_trt.formats.datasets import load_prompts
     from redrafter_trt.train.data import expand_sources, read_selfdistill, source_kind
 
     train = [

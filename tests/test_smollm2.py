@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from redrafter_trt import load
-from redrafter_trt.checkpoint import convert_checkpoint
-from redrafter_trt.engine import build_engine
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.checkpoint import convert_checkpoint
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
 from redrafter_trt.models.hub import ensure_smollm2
+from redrafter_trt.runtime.engine import build_engine
 
 pytestmark = pytest.mark.smollm2
 

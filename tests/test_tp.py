@@ -31,16 +31,16 @@ from redrafter_trt.backends.tp import (
     rank_bytes_per_step,
     read_config_dict,
 )
-from redrafter_trt.checkpoint import (
+from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import (
     convert_checkpoint,
     load_checkpoint_models,
     rank_file,
     read_checkpoint_config,
 )
-from redrafter_trt.engine import build_engine
-from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
+from redrafter_trt.runtime.engine import build_engine
 
 REPO = Path(__file__).resolve().parents[1]
 LOGITS_ATOL = 1e-4

@@ -18,9 +18,9 @@ from redrafter_trt.cli.train import main as train_main
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
 from redrafter_trt.runtime import Generator
-from redrafter_trt.train.base import load_frozen_base
 from redrafter_trt.train.config import TrainConfig
 from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
+from redrafter_trt.train.frozen_base import load_frozen_base
 from redrafter_trt.train.gen_data import generate_data
 from redrafter_trt.train.loop import train_drafter
 from redrafter_trt.train.losses import (
@@ -1000,7 +1000,7 @@ def test_time_budget_is_used_and_respected(tiny_base, selfdistill_file, tmp_path
 
 @pytest.mark.full
 def test_train_step_benchmark_runs_every_path(tmp_path, capsys):
-    from redrafter_trt.train.train_step import PATHS, main
+    from redrafter_trt.bench.train_step import PATHS, main
 
     out = tmp_path / "b.json"
     assert (
@@ -1051,7 +1051,7 @@ def test_restricted_teacher_by_hand():
 def test_draft_vocab_training(tiny_base, selfdistill_file, tmp_path):
     """--draft_vocab_size K: the map holds the EOS ids and the most frequent answer tokens, the
     projection is the base's rows of those ids, and the trained head decodes exactly."""
-    from redrafter_trt.train.base import eos_ids
+    from redrafter_trt.train.frozen_base import eos_ids
     from redrafter_trt.train.head import choose_draft_vocab
 
     base = load_frozen_base(tiny_base)

@@ -13,12 +13,12 @@ import pytest
 
 from conftest import write_tiny_hf
 from redrafter_trt import contract as C
-from redrafter_trt.checkpoint import convert_checkpoint, read_checkpoint_config
 from redrafter_trt.cli import build as build_cli
-from redrafter_trt.engine import build_engine
 from redrafter_trt.errors import RedrafterError
-from redrafter_trt.hf import load_hf_base
+from redrafter_trt.formats.checkpoint import convert_checkpoint, read_checkpoint_config
+from redrafter_trt.formats.hf import load_hf_base
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter
+from redrafter_trt.runtime.engine import build_engine
 from redrafter_trt.runtime.loader import load
 from redrafter_trt.trtllm import TRTLLM_CONTAINER, trtllm_importable
 
@@ -27,7 +27,7 @@ MODULES = [
     "redrafter_trt.trtllm",
     "redrafter_trt.trtllm.plugins",
     "redrafter_trt.trtllm.network",
-    "redrafter_trt.trtllm.build",
+    "redrafter_trt.trtllm.builder",
     "redrafter_trt.trtllm.runtime",
     "redrafter_trt.trtllm.cuda_graph",
 ]
@@ -86,7 +86,7 @@ def test_build_trtllm_names_the_container(ckpt, tmp_path):
         )
     assert_names_container(e)
     assert not (tmp_path / "engine").exists()
-    from redrafter_trt.trtllm.build import build_trtllm_engine
+    from redrafter_trt.trtllm.builder import build_trtllm_engine
 
     with pytest.raises(RedrafterError) as e:
         build_trtllm_engine(

@@ -441,7 +441,7 @@ def spec_mode_enum_from_manifest():
 
 
 def test_build_config_kwargs_pass_the_enum_member_and_known_fields(tmp_path):
-    from redrafter_trt.trtllm.build import build_config_kwargs
+    from redrafter_trt.trtllm.builder import build_config_kwargs
 
     mode = spec_mode_enum_from_manifest()
     kw = build_config_kwargs(
@@ -465,7 +465,7 @@ def test_kv_block_dims_come_from_the_recorded_engine_max_seq_len():
     positions (build() adds max_draft_len), so its kv_cache_block_offsets has 33 blocks, not the
     ceil(2048 / 64) = 32 a recomputation from the requested length gives."""
     from redrafter_trt.errors import RedrafterError
-    from redrafter_trt.trtllm.build import kv_block_dims
+    from redrafter_trt.trtllm.builder import kv_block_dims
 
     record = {
         "max_seq_len": 2028,
@@ -602,7 +602,7 @@ def test_spec_decoding_use_follows_the_attention_plugin():
 def test_build_refuses_positions_past_the_rope_tables(tmp_path):
     """Item 4: positions reach max_seq_len + L - 1; the tables have max_position_embeddings rows."""
     from redrafter_trt.errors import RedrafterError
-    from redrafter_trt.trtllm.build import build_trtllm_engine, check_rope_positions
+    from redrafter_trt.trtllm.builder import build_trtllm_engine, check_rope_positions
     from test_trtllm_engine_fixes import ckpt_cfg
 
     rule = load_rules()["rope_positions"]
@@ -658,7 +658,7 @@ def test_graph_signature_leaves_out_the_host_inputs_no_plugin_reads():
 
 def test_timing_cache_goes_to_the_given_directory_not_the_default(tmp_path):
     """Item 7: BuildConfig's output_timing_cache default is relative (the current directory)."""
-    from redrafter_trt.trtllm.build import build_config_kwargs
+    from redrafter_trt.trtllm.builder import build_config_kwargs
 
     default = load_symbols()["tensorrt_llm.builder.BuildConfig"]["defaults"]["output_timing_cache"]
     assert not Path(default["value"]).is_absolute()

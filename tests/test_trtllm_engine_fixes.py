@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from redrafter_trt import contract as C
-from redrafter_trt.checkpoint import RedrafterCheckpointConfig
 from redrafter_trt.errors import RedrafterError
+from redrafter_trt.formats.checkpoint import RedrafterCheckpointConfig
 from redrafter_trt.models.base import ARCH_LLAMA, ARCH_QWEN2, BaseConfig
 from redrafter_trt.models.drafter import DrafterConfig
 
@@ -62,7 +62,7 @@ def ckpt_cfg(
 
 # --------------------------------------------------------------------------- XQA support at build time
 def test_xqa_check_accepts_the_common_llama_and_qwen_shapes():
-    from redrafter_trt.trtllm.build import check_xqa_support, xqa_support_problems
+    from redrafter_trt.trtllm.builder import check_xqa_support, xqa_support_problems
 
     # SmolLM2-135M (64 x 9/3), Llama-3-8B (128 x 32/8), Qwen2-7B (128 x 28/4); bf16 and fp16; sm80+
     for hs, h, kv in ((64, 9, 3), (128, 32, 8), (128, 28, 4)):
@@ -91,7 +91,7 @@ def test_xqa_check_accepts_the_common_llama_and_qwen_shapes():
     ],
 )
 def test_xqa_check_refuses_what_no_kernel_runs(change, words):
-    from redrafter_trt.trtllm.build import check_xqa_support
+    from redrafter_trt.trtllm.builder import check_xqa_support
 
     with pytest.raises(RedrafterError) as e:
         check_xqa_support(ckpt_cfg(**change), 64)
@@ -100,7 +100,7 @@ def test_xqa_check_refuses_what_no_kernel_runs(change, words):
 
 
 def test_xqa_check_refuses_block_sizes_and_old_gpus():
-    from redrafter_trt.trtllm.build import check_xqa_support
+    from redrafter_trt.trtllm.builder import check_xqa_support
 
     with pytest.raises(RedrafterError, match="tokens_per_block 8"):
         check_xqa_support(ckpt_cfg(), 8)
@@ -263,7 +263,7 @@ def fake_trtllm(monkeypatch, tmp_path, *, paged_context_fmha_after_build: bool):
     module("tensorrt_llm.models.modeling_utils", SpeculativeDecodingMode=modes)
     trtllm.plugin = module("tensorrt_llm.plugin", PluginConfig=types.SimpleNamespace)
 
-    import redrafter_trt.trtllm.build as B
+    import redrafter_trt.trtllm.builder as B
     import redrafter_trt.trtllm.network as N
 
     cfg = ckpt_cfg()
@@ -285,7 +285,7 @@ def test_build_records_the_built_engines_paged_context_fmha(monkeypatch, tmp_pat
     prefill in the runtime) holds the built engine's value, not the request."""
     import json
 
-    from redrafter_trt.trtllm.build import build_trtllm_engine
+    from redrafter_trt.trtllm.builder import build_trtllm_engine
 
     cfg, ckpt, _ = fake_trtllm(monkeypatch, tmp_path, paged_context_fmha_after_build=after_build)
     out = build_trtllm_engine(
@@ -302,7 +302,7 @@ def test_build_writes_its_timing_cache_in_its_own_temporary_directory(monkeypatc
     """Item 7: not model.cache in the current directory (a read-only one made build() assert)."""
     import os
 
-    from redrafter_trt.trtllm.build import build_trtllm_engine
+    from redrafter_trt.trtllm.builder import build_trtllm_engine
 
     cfg, ckpt, seen = fake_trtllm(monkeypatch, tmp_path, paged_context_fmha_after_build=True)
     cwd = tmp_path / "cwd"
@@ -385,7 +385,7 @@ def test_slices_use_static_starts():
 
 
 def test_kv_block_dims_refuses_bad_records():
-    from redrafter_trt.trtllm.build import kv_block_dims
+    from redrafter_trt.trtllm.builder import kv_block_dims
 
     assert kv_block_dims({"engine_max_seq_len": 64, "tokens_per_block": 64}) == (64, 1)
     assert kv_block_dims({"engine_max_seq_len": 65, "tokens_per_block": 64}) == (65, 2)

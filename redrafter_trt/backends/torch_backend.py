@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from .. import contract as C
 from .. import native
 from ..errors import RedrafterError
-from ..models.base import BaseModel
+from ..models.base import BaseModel, Linear
 from ..models.drafter import Drafter
 from ..ops import pack_tree, packed_mask_to_bool
 from ..ops.beam_search import DEFAULT_WARP_K
@@ -153,6 +155,11 @@ def require_native_linear(dtype: torch.dtype) -> None:
             "use the torch path (native_linear=False)"
         )
     native.require_linear()  # raises saying how to build the library
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
 
 
 class TorchBackend:
@@ -309,6 +316,93 @@ class TorchBackend:
         if self.native_linear:
             return native.torch_ops_on_one_thread()
         return contextlib.nullcontext()
+
+    def engine_signature(self) -> dict[str, Any]:
+        """The facts of this engine that its step costs depend on (a cost model of
+        :mod:`redrafter_trt.runtime.adaptive` holds them, and is used only where they match)."""
+        cfg = self.base.config
+        return {
+            "num_beams": self.shape.num_beams,
+            "draft_len": self.shape.draft_len,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_hidden_layers,
+            "vocab_size": cfg.vocab_size,
+            "intermediate_size": cfg.intermediate_size,
+            "native_linear": bool(self.native_linear),
+            # what the base's projections stream: float32 panels and GGUF blocks cost differently
+            "weights": ",".join(
+                sorted({m.streamed_format for m in self.base.modules() if isinstance(m, Linear)})
+            ),
+            # the CPU kernels' build: another build of them times differently
+            "kernels": native.kernels_fingerprint() if self.native_linear else None,
+            # K: the draft cost scales with the head's projection rows (a reduced draft vocabulary)
+            "draft_vocab_size": None
+            if self.drafter is None
+            else self.drafter.config.head_vocab_size,
+        }
+
+    @torch.inference_mode()
+    def measure_step_costs(
+        self,
+        token_points: Sequence[int],
+        draft_rows: Sequence[int],
+        cached_tokens: int,
+        repeats: int,
+        log: Callable[[str], None] | None = None,
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """Seconds of the base forward over ``n`` new tokens in one row, for each ``n`` of
+        ``token_points`` (``cached_tokens`` already cached), and of one draft step over ``n`` beam
+        rows, for each ``n`` of ``draft_rows``: the median of ``repeats`` rounds interleaved over
+        ``n``, after one warm-up round, each under the step's thread split. Minutes on a slow CPU
+        for large models; progress through ``log``."""
+        base, drafter = self.base, self._head()
+        dev, dt = self.device, self.dtype
+        cache = base.new_cache(1, cached_tokens + max(token_points) + 1)
+        g = torch.Generator().manual_seed(0)
+        v, h = base.config.vocab_size, base.config.hidden_size
+        prompt = torch.randint(0, v, (1, cached_tokens), generator=g).to(dev)
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        causal = torch.ones(cached_tokens, cached_tokens, dtype=torch.bool, device=dev).tril()[None]
+        base(prompt, torch.arange(cached_tokens, device=dev)[None], cache, zero, zero, causal)
+        cl = torch.tensor([cached_tokens], device=dev)
+        verify: dict[int, list[float]] = {n: [] for n in token_points}
+        draft: dict[int, list[float]] = {n: [] for n in draft_rows}
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        for rep in range(repeats + 1):  # the first round warms up
+            for n in token_points:
+                ids = torch.randint(0, v, (1, n), generator=g).to(dev)
+                mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None]
+                positions = cached_tokens + torch.arange(n, device=dev)[None]
+                sync()
+                t0 = time.perf_counter()
+                with self.thread_split():  # the thread split the step uses for n tokens
+                    base.logits(base(ids, positions, cache, zero, cl, mask), float32=True)
+                sync()
+                if rep:
+                    verify[n].append(time.perf_counter() - t0)
+            for n in draft_rows:
+                ctx = torch.randn(n, h, generator=g).to(dt).to(dev)
+                root = torch.randint(0, v, (n,), generator=g).to(dev)
+                times = []
+                for d in (1, 2):
+                    sync()
+                    t0 = time.perf_counter()
+                    with self.thread_split():
+                        drafter.beam_search(base.embedding, ctx, root, 1, d, self.warp_k)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                if rep:
+                    draft[n].append(max(times[1] - times[0], times[0] / 2))
+            if log and rep:
+                t1 = verify[token_points[0]][-1]
+                log(f"[calibrate] round {rep}/{repeats}: t(1) {t1 * 1e3:.1f} ms")
+        return {n: _median(x) for n, x in verify.items()}, {n: _median(x) for n, x in draft.items()}
 
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self.thread_split():

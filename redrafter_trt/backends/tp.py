@@ -3,7 +3,7 @@ collectives between ranks, and rank 0's backend that drives the others (docs/des
 "Tensor parallelism").
 
 Layout and collectives are TensorRT-LLM's (its ``layers/linear.py``, ``models/llama``,
-``models/redrafter/drafter.py``), as :mod:`redrafter_trt.sharding` writes the rank files:
+``models/redrafter/drafter.py``), as :mod:`redrafter_trt.formats.sharding` writes the rank files:
 
 - attention ``qkv`` and MLP ``fc``/``gate`` are column-parallel (each rank its own heads and
   intermediate columns, no collective); attention ``dense`` and MLP ``proj`` are row-parallel:
@@ -39,39 +39,40 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import contract as C
-from .. import fp8
-from ..checkpoint import (
+from ..contract import Backend
+from ..errors import RedrafterError, require
+from ..formats import fp8
+from ..formats.checkpoint import (
     RANK_META_CONFIG as META_CONFIG,
 )
-from ..checkpoint import (
+from ..formats.checkpoint import (
     RANK_META_RANK as META_RANK,
 )
-from ..checkpoint import (
+from ..formats.checkpoint import (
     RANK_META_TP_SIZE as META_TP_SIZE,
 )
-from ..checkpoint import (
+from ..formats.checkpoint import (
     RedrafterCheckpointConfig,
     config_digest,
     rank_file,
 )
-from ..errors import RedrafterError, require
+from ..formats.names import (
+    EMBEDDING,
+    LM_HEAD,
+    drafter_from_checkpoint_names,
+    drafter_to_checkpoint_names,
+)
+from ..formats.sharding import check_tp_size, padded_vocab_size
 from ..models.base import BaseConfig, BaseModel, Linear
 from ..models.drafter import DRAFT_VOCAB, Drafter, check_draft_vocab, load_checked
 from ..models.io import load_state_dict_file
-from ..names import EMBEDDING, LM_HEAD, drafter_from_checkpoint_names, drafter_to_checkpoint_names
-from ..sharding import check_tp_size, padded_vocab_size
-from .torch_backend import TorchBackend
-
-if TYPE_CHECKING:  # annotations only: the TensorRT-LLM ranks use this backend too
-    from ..trtllm.mpi import MpiGroup
-    from ..trtllm.runtime import TrtllmBackend
 
 #: Default seconds a collective may wait for the other ranks (``--tp_timeout``).
 DEFAULT_TIMEOUT_S = 120.0
@@ -82,6 +83,21 @@ class TPError(RedrafterError):
 
 
 # --------------------------------------------------------------------------- the group
+class RankGroup(Protocol):
+    """What rank 0's backend and the other ranks need of their group: a :class:`TPGroup` (torch
+    ranks), or the MPI group of :mod:`redrafter_trt.trtllm.mpi` (TensorRT-LLM engine ranks)."""
+
+    rank: int
+    size: int
+    #: where a broadcast's tensors live; ``backend``: "gloo", "nccl" or "mpi"
+    device: torch.device
+    backend: str
+    #: held around each command, so rank 0's heartbeat never interleaves with a step
+    lock: Any
+
+    def broadcast(self, x: torch.Tensor, what: str = "broadcast") -> torch.Tensor: ...
+
+
 class TPGroup:
     """One rank's view of the tensor-parallel group: a c10d backend object (gloo on CPU, NCCL on
     CUDA) used directly, so no process-global default group is needed.
@@ -371,7 +387,7 @@ def load_rank_models(
 ) -> tuple[TPBaseModel, Drafter]:
     """Rank ``rank``'s base model and draft head from ``model_dir/rank{rank}.safetensors``
     (every tensor checked for name, shape and finiteness)."""
-    from ..checkpoint import DTYPES
+    from ..formats.checkpoint import DTYPES
 
     weights = Path(model_dir) / rank_file(rank)
     sd = load_state_dict_file(weights)
@@ -469,7 +485,7 @@ def _unpack(header: torch.Tensor, payload: torch.Tensor) -> dict[str, torch.Tens
 class _Channel:
     """Rank 0's side of the command stream: numbered commands, a heartbeat while idle."""
 
-    def __init__(self, tp: TPGroup | MpiGroup, heartbeat_s: float | None):
+    def __init__(self, tp: RankGroup, heartbeat_s: float | None):
         self.tp = tp
         self.seq = 0
         self.last = time.monotonic()
@@ -537,20 +553,31 @@ def prompt_logits(base: BaseModel, ids: torch.Tensor) -> torch.Tensor:
     return base.logits(hidden, float32=True)
 
 
+def rank_base(local: Backend) -> BaseModel:
+    """The torch base model of this rank's backend, its share of the weights (a TensorRT-LLM
+    engine's rank has none: its logits come from the engine)."""
+    base = local.base
+    if not isinstance(base, BaseModel):
+        raise RedrafterError(
+            f"prompt logits run on the torch ranks' base models; this rank's {local.name} "
+            "backend has none"
+        )
+    return base
+
+
 class TPBackend:
     """Rank 0's backend of a tensor-parallel engine (a :class:`~redrafter_trt.contract.Backend`):
     each call sends its inputs to the other ranks, then runs this rank's share. ``close()``
     stops the other ranks (the launcher's ``on_close`` then reaps them).
 
-    ``local`` is this rank's backend (a :class:`TorchBackend` over its shard, or a TensorRT-LLM
-    engine's rank); ``tp`` anything with ``rank``, ``size``, ``device``, ``backend``, ``lock``
-    and ``broadcast(tensor, what)``: a :class:`TPGroup`, or the MPI group of
-    :mod:`redrafter_trt.trtllm.mpi`."""
+    ``local`` is this rank's backend (a
+    :class:`~redrafter_trt.backends.torch_backend.TorchBackend` over its shard, or a TensorRT-LLM
+    engine's rank); ``tp`` its :class:`RankGroup`."""
 
     def __init__(
         self,
-        local: TorchBackend | TrtllmBackend,
-        tp: TPGroup | MpiGroup,
+        local: Backend,
+        tp: RankGroup,
         heartbeat_s: float | None = None,
         on_close: Callable[[], None] | None = None,
         _channel: _Channel | None = None,
@@ -614,10 +641,11 @@ class TPBackend:
 
     def prompt_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 base logits [B, T, V] of token ids [B, T] (all ranks compute them together)."""
+        base = rank_base(self.local)
         with self.tp.lock:
             self.channel.send(CMD_LOGITS, self._shape(), tensors={"prompt_ids": ids})
             with torch.inference_mode():
-                return prompt_logits(self.local.base, ids)
+                return prompt_logits(base, ids)
 
     def reshaped(self, num_beams: int, draft_len: int) -> TPBackend | None:
         """The same ranks with beam shape W x D (each rank reshapes its own backend); None where
@@ -636,8 +664,8 @@ class TPBackend:
 
 
 def follow(
-    local: TorchBackend | TrtllmBackend,
-    tp: TPGroup | MpiGroup,
+    local: Backend,
+    tp: RankGroup,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """A rank other than 0: run rank 0's commands until it says stop (or a collective fails,
@@ -666,7 +694,7 @@ def follow(
             be.step(_unpack(header, payload.cpu()))
         elif cmd == CMD_LOGITS:
             with torch.inference_mode():
-                prompt_logits(be.base, _unpack(header, payload.cpu())["prompt_ids"])
+                prompt_logits(rank_base(be), _unpack(header, payload.cpu())["prompt_ids"])
         else:
             raise TPError(f"tensor-parallel rank {tp.rank}: unknown command {cmd} from rank 0")
         if progress is not None:

@@ -6,6 +6,11 @@
 - :mod:`.hf_baseline`: transformers' own ``generate`` on the engine's base weights.
 - :mod:`.llamacpp_baseline`: llama.cpp (when ``llama_cpp`` imports) on the built-in model's GGUF.
 - :mod:`.report`: JSON document, Markdown table, plot.
+- :mod:`.calibrate`: the cost model of the adaptive policy, measured and checked.
+
+Benchmarks of their own (``python -m``): :mod:`.serving` (``redrafter-serve`` under concurrent
+clients), :mod:`.train_step` (one optimizer step per loss path), :mod:`.draft_vocab` and
+:mod:`.gpu_check`.
 
 :func:`run_benchmark` ties them together; the command line is :mod:`redrafter_trt.cli.bench`.
 """
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import require
+from ..models.base import BaseModel
 from ..runtime.generator import Generator
 from .prompts import encode_prompts, load_raw_prompts
 from .report import SCHEMA, build_report, environment, markdown, write_outputs
@@ -33,8 +39,8 @@ def engine_info(engine_dir: str | Path | None, gen: Generator) -> dict[str, Any]
         from ..runtime.loader import read_engine_config
 
         pre = read_engine_config(engine_dir)["pretrained_config"]
-    elif be.base is not None:
-        from ..hf import hf_config_dict
+    elif isinstance(be.base, BaseModel):  # the torch backend's weights (engines have none)
+        from ..formats.hf import hf_config_dict
 
         hf = hf_config_dict(be.base.config)
         pre = {"base_model_architecture": hf["architectures"][0], **hf}

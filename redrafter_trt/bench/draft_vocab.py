@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.drafter import DrafterConfig, init_drafter
     from ..models.hub import ensure_smollm2
     from ..runtime import Generator
-    from ..train.base import eos_ids, load_frozen_base
     from ..train.data import load_base_tokenizer
+    from ..train.frozen_base import eos_ids, load_frozen_base
 
     model_dir = ensure_smollm2()
     base = load_frozen_base(model_dir, torch.device("cpu"))

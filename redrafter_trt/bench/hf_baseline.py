@@ -1,7 +1,7 @@
 """The outside baseline: transformers' own ``generate`` on the engine's base weights.
 
 The Hugging Face model is rebuilt from the weights the engine runs (TensorRT-LLM names ->
-Hugging Face names with :func:`~redrafter_trt.names.trtllm_to_hf`), so it is the same model
+Hugging Face names with :func:`~redrafter_trt.formats.names.trtllm_to_hf`), so it is the same model
 at the same dtype, not a separate download. Prompts are left-padded into one batch with an
 attention mask; end-of-sequence stopping is switched off so every row generates exactly
 ``max_new_tokens`` tokens, the same lengths the runtime produces with ``ignore_eos=True``.
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import RedrafterError, require
-from ..hf import hf_config_dict
-from ..names import trtllm_to_hf
+from ..formats.hf import hf_config_dict
+from ..formats.names import trtllm_to_hf
 
 
 def hf_model_from_base(base: Any) -> Any:

@@ -64,8 +64,8 @@ def gguf_mismatch(base: Any, gguf_path: str | Path) -> str | None:
     are; both rounded to the base's dtype) and the base has no tensor the GGUF lacks."""
     from gguf import GGMLQuantizationType, GGUFReader
 
+    from ..formats.names import trtllm_to_hf
     from ..models.blocks import decode, gguf_name_to_hf, read_gguf_blocks
-    from ..names import trtllm_to_hf
 
     cfg, path = base.config, Path(gguf_path)
     reader = GGUFReader(str(path))

@@ -1,6 +1,6 @@
 """Benchmark prompts: a built-in set or a file, as token ids that fit the engine.
 
-A file may hold text prompts (anything :func:`redrafter_trt.datasets.load_prompts` reads) or
+A file may hold text prompts (anything :func:`redrafter_trt.formats.datasets.load_prompts` reads) or
 token-id prompts: a JSON list of token-id lists, or JSONL with one token-id list per line (for
 engines without a tokenizer).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..datasets import BUILTIN, load_prompts
 from ..errors import require
+from ..formats.datasets import BUILTIN, load_prompts
 from ..runtime.generator import Generator
 
 

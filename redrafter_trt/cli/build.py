@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..cmdline import non_negative_int, positive_int, run_main
-from ..engine import BACKENDS, build_engine
+from ..runtime.engine import BACKENDS, build_engine
 
 # trtllm-build flags accepted for familiarity: flag -> (help, argparse keywords). Their values are
 # checked whatever the backend (a typo fails here, not later in a container); recorded in the build
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         for f in TRTLLM_FLAGS
         if getattr(args, f.lstrip("-")) is not None
     }
-    from ..engine import resolve_backend
+    from ..runtime.engine import resolve_backend
 
     if extra and resolve_backend(args.backend) == "torch":
         print(

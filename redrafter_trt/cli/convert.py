@@ -9,16 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import DTYPES, convert_checkpoint, read_checkpoint_config, require_model_dir
 from ..cmdline import add_threads_argument, non_negative_int, positive_int, run_main
 from ..contract import check_num_beams
 from ..errors import RedrafterError, require
+from ..formats.checkpoint import (
+    DTYPES,
+    convert_checkpoint,
+    read_checkpoint_config,
+    require_model_dir,
+)
+from ..formats.hf import load_hf_base
+from ..formats.names import EMBEDDING, LM_HEAD, base_name_pairs
 from ..heads import builtin_head
-from ..hf import load_hf_base
 from ..models.blocks import BLOCKS_FILE, concat_rows, load_blocks
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import DEFAULT_MODEL, resolve_base_model_dir
-from ..names import EMBEDDING, LM_HEAD, base_name_pairs
 from .run import read_ids_file
 
 

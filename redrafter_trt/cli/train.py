@@ -457,7 +457,7 @@ def add_eval_command(sub) -> argparse.ArgumentParser:
 def check_paths(args: argparse.Namespace) -> None:
     """Every directory flag names itself when it is missing or holds the wrong kind of directory,
     and --device is a device this torch can use, before any model is read."""
-    from ..checkpoint import require_model_dir
+    from ..formats.checkpoint import require_model_dir
     from ..models.hub import DEFAULT_MODEL
     from ..runtime.loader import resolve_device
 

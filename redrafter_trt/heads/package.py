@@ -74,9 +74,9 @@ def package_head(
 
 def main(argv=None) -> int:
     from ..cmdline import run_main
-    from ..hf import load_hf_base
+    from ..formats.hf import load_hf_base
+    from ..formats.names import LM_HEAD
     from ..models.hub import resolve_base_model_dir
-    from ..names import LM_HEAD
 
     p = argparse.ArgumentParser(
         prog="python -m redrafter_trt.heads.package",

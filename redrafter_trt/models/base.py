@@ -2,7 +2,7 @@
 
 Parameter names are TensorRT-LLM's checkpoint names (``transformer.layers.{i}.attention.qkv``,
 ...), so the TensorRT-LLM style checkpoint written by ``redrafter-convert`` loads as it is; the
-Hugging Face name mapping lives in :mod:`redrafter_trt.checkpoint`.
+Hugging Face name mapping lives in :mod:`redrafter_trt.formats.names`.
 
 One forward appends ``T`` tokens per row to the row's cache slot and attends over the row's
 whole cache plus an intra-block mask (causal for prompts, ancestor-or-self for packed trees).

@@ -7,6 +7,7 @@ from .sampling import draw_tokens, inverse_cdf, position_uniforms, target_probs
 from .tree import (
     PAD_TOKEN,
     PackedTree,
+    StepShape,
     bool_to_packed_mask,
     mask_words,
     pack_tree,
@@ -28,6 +29,7 @@ __all__ = [
     "target_probs",
     "PAD_TOKEN",
     "PackedTree",
+    "StepShape",
     "bool_to_packed_mask",
     "mask_words",
     "pack_tree",

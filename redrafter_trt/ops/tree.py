@@ -12,14 +12,36 @@ Layout facts (one place; ``cpp/`` and the engine import or mirror them):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-if TYPE_CHECKING:  # annotations only
-    from ..contract import StepShape
-
 PAD_TOKEN = 0
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Static sizes of an engine's step: ``W`` beams of ``D`` draft tokens, each beam ``L = D + 1``
+    tokens with its root, packed into a tree of at most ``N = W * L`` nodes. The step contract
+    (:mod:`redrafter_trt.contract`, which hands it on), the backends and the runtime size their
+    tensors from it.
+
+    >>> s = StepShape(num_beams=4, draft_len=3)
+    >>> s.beam_len, s.tree_size, mask_words(s.tree_size)
+    (4, 16, 1)
+    """
+
+    num_beams: int  # W
+    draft_len: int  # D
+
+    @property
+    def beam_len(self) -> int:  # L
+        return self.draft_len + 1
+
+    @property
+    def tree_size(self) -> int:  # N
+        return self.num_beams * self.beam_len
 
 
 def mask_words(num_nodes: int) -> int:

@@ -6,7 +6,9 @@ for the next tree from
 - the batch size,
 - a :class:`CostModel` of this machine and engine: ``t(n)``, the time of one base forward over
   ``n`` new tokens in one call (``n = batch x tree tokens``), and the time of one draft step over
-  ``n`` beam rows; measured once by :func:`measure_cost_model` and stored in the engine directory
+  ``n`` beam rows; measured once by :func:`measure_cost_model` (the backend times its own
+  steps and names the engine facts the times depend on: the contract's
+  :class:`~redrafter_trt.contract.Measurable`) and stored in the engine directory
   (:data:`COST_MODEL_FILE`), re-measured by ``redrafter-bench --calibrate``; a stored model
   from another machine or engine shape is detected (:meth:`CostModel.check`),
 - a running estimate of the head's acceptance: for each beam count, the probability that at
@@ -31,17 +33,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import torch
 
 from .. import native
-from ..contract import Backend
+from ..contract import Backend, Measurable
 from ..errors import RedrafterError, require
-from ..models.base import Linear
-
-if TYPE_CHECKING:  # annotations only: the runtime does not import a backend
-    from ..backends.torch_backend import TorchBackend
 
 #: Where an engine directory keeps its measured cost model.
 COST_MODEL_FILE = "cost_model.json"
@@ -156,102 +154,29 @@ class CostModel:
         return why
 
 
-def engine_signature(backend: TorchBackend) -> dict[str, Any]:
-    """The engine facts a cost model depends on (a cost model times the torch backend's modules)."""
-    cfg = backend.base.config
-    return {
-        "num_beams": backend.shape.num_beams,
-        "draft_len": backend.shape.draft_len,
-        "dtype": str(backend.dtype).replace("torch.", ""),
-        "device": str(backend.device),
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_hidden_layers,
-        "vocab_size": cfg.vocab_size,
-        "intermediate_size": cfg.intermediate_size,
-        "native_linear": bool(backend.native_linear),
-        # what the base's projections stream: float32 panels and GGUF blocks cost differently
-        "weights": ",".join(
-            sorted({m.streamed_format for m in backend.base.modules() if isinstance(m, Linear)})
-        ),
-        # the CPU kernels' build: another build of them times differently
-        "kernels": native.kernels_fingerprint() if backend.native_linear else None,
-        # K: the draft cost scales with the head's projection rows (a reduced draft vocabulary)
-        "draft_vocab_size": None
-        if backend.drafter is None
-        else backend.drafter.config.head_vocab_size,
-    }
+#: Beam rows per draft step the cost model measures.
+DRAFT_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
-@torch.inference_mode()
 def measure_cost_model(
-    backend: TorchBackend,
+    backend: Measurable,
     cached_tokens: int = CACHED_TOKENS,
     repeats: int = 5,
     token_points: Sequence[int] = TOKEN_POINTS,
     log=None,
 ) -> CostModel:
-    """Time the torch backend's base forward over ``n`` new tokens (one row, ``cached_tokens``
-    already cached; median of ``repeats``, interleaved over n) and one draft step over ``n`` beam
-    rows. Minutes on a slow CPU for large models; progress through ``log``."""
-    base, drafter = backend.base, backend.drafter
-    dev, dt = backend.device, backend.dtype
-    n_max = max(token_points)
-    cache = base.new_cache(1, cached_tokens + n_max + 1)
-    g = torch.Generator().manual_seed(0)
-    v, h = base.config.vocab_size, base.config.hidden_size
-    prompt = torch.randint(0, v, (1, cached_tokens), generator=g).to(dev)
-    zero = torch.zeros(1, dtype=torch.int64, device=dev)
-    causal = torch.ones(cached_tokens, cached_tokens, dtype=torch.bool, device=dev).tril()[None]
-    base(prompt, torch.arange(cached_tokens, device=dev)[None], cache, zero, zero, causal)
-    cl = torch.tensor([cached_tokens], device=dev)
-    verify: dict[int, list[float]] = {n: [] for n in token_points}
-    draft_rows = sorted({1, 2, 4, 8, 16, 32, 64})
-    draft: dict[int, list[float]] = {n: [] for n in draft_rows}
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    for rep in range(repeats + 1):  # the first round warms up
-        for n in token_points:
-            ids = torch.randint(0, v, (1, n), generator=g).to(dev)
-            mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None]
-            sync()
-            t0 = time.perf_counter()
-            with backend.thread_split():  # the thread split the step uses for n tokens
-                hid = base(
-                    ids, cached_tokens + torch.arange(n, device=dev)[None], cache, zero, cl, mask
-                )
-                base.logits(hid, float32=True)
-            sync()
-            if rep:
-                verify[n].append(time.perf_counter() - t0)
-        for n in draft_rows:
-            ctx = torch.randn(n, h, generator=g).to(dt).to(dev)
-            root = torch.randint(0, v, (n,), generator=g).to(dev)
-            times = []
-            for d in (1, 2):
-                sync()
-                t0 = time.perf_counter()
-                with backend.thread_split():
-                    drafter.beam_search(base.embedding, ctx, root, 1, d, backend.warp_k)
-                sync()
-                times.append(time.perf_counter() - t0)
-            if rep:
-                draft[n].append(max(times[1] - times[0], times[0] / 2))
-        if log and rep:
-            log(
-                f"[calibrate] round {rep}/{repeats}: t(1) {verify[token_points[0]][-1] * 1e3:.1f} ms"
-            )
+    """The cost model of ``backend`` on this machine: its base forward over ``n`` new tokens
+    (one row, ``cached_tokens`` already cached; median of ``repeats``) and one draft step over
+    ``n`` beam rows, timed by the backend itself
+    (:meth:`~redrafter_trt.contract.Measurable.measure_step_costs`). Minutes on a slow CPU for
+    large models; progress through ``log``."""
+    verify, draft = backend.measure_step_costs(
+        token_points, DRAFT_ROWS, cached_tokens, repeats, log=log
+    )
     return CostModel(
-        {n: _median(x) for n, x in verify.items()},
-        {n: _median(x) for n, x in draft.items()},
-        engine_signature(backend),
+        verify,
+        draft,
+        backend.engine_signature(),
         machine_fingerprint(),
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         os.getloadavg()[0],
@@ -324,7 +249,7 @@ def save_cost_model(
 
 
 def load_cost_model(
-    engine_dir: str | os.PathLike, backend: TorchBackend | None = None, path: Path | None = None
+    engine_dir: str | os.PathLike, backend: Measurable | None = None, path: Path | None = None
 ) -> CostModel | None:
     """The stored cost model (None if there is none); with ``backend``, the one measured for
     this machine, thread count and engine, or a :class:`RedrafterError` naming the file and
@@ -335,7 +260,7 @@ def load_cost_model(
         return None
     if backend is None:
         return models[-1]
-    engine, machine = engine_signature(backend), machine_fingerprint()
+    engine, machine = backend.engine_signature(), machine_fingerprint()
     whys = []
     for m in models:
         why = m.check(engine, machine)
@@ -486,7 +411,7 @@ def stored_policy(
     if getattr(backend, "drafter", None) is None:
         require(mode != "on", "adaptive speculation needs an engine with a draft head")
         return None, "adaptive speculation off: the engine has no draft head"
-    tb: Any = backend
+    tb = cast(Measurable, backend)  # the torch backend with a head: it times its own steps
     engine_path = Path(engine_dir) / COST_MODEL_FILE
     user_path = user_cost_model_path(engine_dir)
     stale = []

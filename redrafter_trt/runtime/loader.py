@@ -1,4 +1,4 @@
-"""Opening an engine directory (``redrafter-build`` writes them, :mod:`redrafter_trt.engine`):
+"""Opening an engine directory (``redrafter-build`` writes them, :mod:`.engine`):
 :func:`load` reads ``config.json``, builds the backend it names and returns a
 :class:`~redrafter_trt.runtime.Generator`. Public as :func:`redrafter_trt.load`.
 """
@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
+from ..contract import Backend
+from ..errors import RedrafterError, require
+from ..formats.checkpoint import (
     DTYPES,
     ENGINE_CONFIG,
     RedrafterCheckpointConfig,
     load_checkpoint_models,
     require_model_dir,
 )
-from ..contract import Backend
-from ..errors import RedrafterError, require
 from ..memory import trim_heap
 from ..models.io import read_json
 from ..ops.beam_search import DEFAULT_WARP_K
@@ -145,7 +145,7 @@ def load(
         )
     elif cfg["backend"] == "trtllm" and (tp > 1 or ckpt_cfg.tp_size > 1):
         from ..backends.tp import DEFAULT_TIMEOUT_S
-        from ..trtllm.build import engine_file
+        from ..trtllm.builder import engine_file
         from ..trtllm.mpi import start_trtllm_tp  # lazy: needs TensorRT-LLM and mpi4py
 
         n = ckpt_cfg.tp_size

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from ..backends.tp import DEFAULT_TIMEOUT_S, TPBackend, TPError, TPGroup, follow, load_rank_models
-from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
+from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..ops.beam_search import DEFAULT_WARP_K
 
 #: Environment of an external launcher (torchrun, or any that sets these four).
@@ -330,7 +330,7 @@ def child_main(argv=None) -> int:
     """Entry point of ranks 1..N-1 started by :func:`start_torch_tp` (not a user command)."""
     import torch.distributed as dist
 
-    from ..checkpoint import DTYPES, ENGINE_CONFIG
+    from ..formats.checkpoint import DTYPES, ENGINE_CONFIG
     from ..models.io import read_json
 
     p = argparse.ArgumentParser(prog="redrafter-tp-rank")

@@ -4,7 +4,7 @@ Stages: data (:mod:`.data`, :mod:`.gen_data` for self-distillation) -> frozen ba
 (:mod:`.features`) -> unrolled head and losses (:mod:`.losses`) -> settings (:mod:`.config`),
 positions (:mod:`.positions`), the head to train (:mod:`.head`), one step (:mod:`.step`),
 held-out evaluation (:mod:`.evaluation`), checkpoints and resume (:mod:`.resume`) -> the training
-loop and drafter directory (:mod:`.loop`). :mod:`.train_step` times one step of each loss path.
+loop and drafter directory (:mod:`.loop`). ``redrafter_trt.bench.train_step`` times one step of each loss path.
 """
 
 from .config import TrainConfig

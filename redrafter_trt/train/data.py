@@ -22,8 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..datasets import BUILTIN, load_conversations, load_prompts, package_file, read_json_list
 from ..errors import RedrafterError, require
+from ..formats.datasets import (
+    BUILTIN,
+    load_conversations,
+    load_prompts,
+    package_file,
+    read_json_list,
+)
 
 
 @dataclass

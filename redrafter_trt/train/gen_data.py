@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..datasets import BUILTIN, load_conversations, load_prompts
 from ..errors import RedrafterError, require
+from ..formats.datasets import BUILTIN, load_conversations, load_prompts
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import cache_root
-from .base import eos_ids, load_frozen_base
 from .data import (
     load_base_tokenizer,
     model_fingerprint,
@@ -36,6 +35,7 @@ from .data import (
     require_chat_template,
     source_kind,
 )
+from .frozen_base import eos_ids, load_frozen_base
 
 META_SUFFIX = ".meta.json"
 

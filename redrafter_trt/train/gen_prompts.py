@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..datasets import is_english
 from ..errors import require
-from .base import eos_ids, load_frozen_base
+from ..formats.datasets import is_english
 from .data import load_base_tokenizer, model_fingerprint, require_chat_template
+from .frozen_base import eos_ids, load_frozen_base
 from .gen_data import META_SUFFIX, claim_output, settings_key, write_meta
 
 _SENTINEL = "\u2063REDRAFTER-USER-TEXT\u2063"

@@ -33,7 +33,6 @@ from ..errors import RedrafterError, require
 from ..memory import cuda_peak_bytes, peak_rss_bytes
 from ..models.drafter import Drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
-from .base import eos_ids, load_frozen_base
 from .config import TrainConfig, lr_at
 from .data import (
     expand_sources,
@@ -44,6 +43,7 @@ from .data import (
 )
 from .evaluation import evaluate, format_per_depth
 from .features import Features, cached_features, concat_features
+from .frozen_base import eos_ids, load_frozen_base
 from .head import choose_draft_vocab, make_drafter
 from .losses import UnrolledHead
 from .positions import PositionSampler, train_and_eval_positions

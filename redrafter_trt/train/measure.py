@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ..models.drafter import load_drafter, validate_against_base
-from .base import eos_ids, load_frozen_base
 from .data import load_base_tokenizer, render_prompt
+from .frozen_base import eos_ids, load_frozen_base
 
 
 def runtime_tokens_per_step(

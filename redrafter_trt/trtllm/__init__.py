@@ -7,7 +7,7 @@ Stages (one module each):
 - :mod:`.network`  — the TensorRT-LLM model: Llama/Qwen2 base (TensorRT-LLM's own layers, GPT
   attention plugin with the spec-decoding packed mask and position offsets), acceptance, D
   unrolled draft steps, tree packing; engine I/O named by :mod:`redrafter_trt.contract`.
-- :mod:`.build`    — checkpoint directory -> engine directory (``redrafter-build --backend trtllm``).
+- :mod:`.builder`  — checkpoint directory -> engine directory (``redrafter-build --backend trtllm``).
 - :mod:`.runtime`  — :class:`~.runtime.TrtllmBackend`, the step contract over the engine.
 
 Everything that imports ``tensorrt`` or ``tensorrt_llm`` does so inside functions, through

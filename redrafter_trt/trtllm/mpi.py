@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from ..backends.tp import DEFAULT_TIMEOUT_S, TPBackend, TPError, follow
-from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
+from ..formats.checkpoint import RedrafterCheckpointConfig
 
 #: Environment variables mpirun (Open MPI, MPICH/Hydra, Slurm's PMI) sets in every rank.
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from .. import contract as C
-from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import require
+from ..formats.checkpoint import RedrafterCheckpointConfig
+from ..formats.sharding import padded_vocab_size
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.kv_cache import blocks_per_slot
 from ..ops.tree import mask_words
-from ..sharding import padded_vocab_size
 from . import ACCEPTED_INDICES, require_trtllm
 from . import Plumbing as P
 from .plugins import ACCEPT, BEAM_SEARCH, TREE_PACK, add_plugin

@@ -35,7 +35,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,13 +43,13 @@ from .. import contract as C
 from .. import native
 from ..backends.slot_state import SlotState, StepRows, explicit_rows
 from ..backends.timing import PhaseTimer
-from ..checkpoint import RedrafterCheckpointConfig
 from ..errors import RedrafterError, require
+from ..formats.checkpoint import RedrafterCheckpointConfig
 from ..ops.kv_cache import paged_block_offsets, paged_pool_shape, relocate_paged
 from ..ops.tree import bool_to_packed_mask, mask_words, root_only_tree
 from . import ACCEPTED_INDICES, require_trtllm
 from . import Plumbing as P
-from .build import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
+from .builder import DEFAULT_TOKENS_PER_BLOCK, engine_file, kv_block_dims
 from .cuda_graph import (
     DEFAULT_GRAPH_CACHE_SIZE,
     CudaGraphRunner,
@@ -571,3 +571,9 @@ class TrtllmBackend:
         self.slot_state.store(rows, out)  # the next call's generation rows read it
         self.timer.tick("pack", t0)
         return out
+
+
+if TYPE_CHECKING:  # the type checker holds this backend to the contract's protocol
+
+    def _implements_the_protocol(backend: TrtllmBackend) -> C.Backend:
+        return backend

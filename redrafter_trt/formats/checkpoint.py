@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from . import fp8
-from .contract import check_num_beams
-from .errors import RedrafterError, require
-from .models.base import (
+from ..contract import check_num_beams
+from ..errors import RedrafterError, require
+from ..models.base import (
     ARCH_LLAMA,
     ARCH_QWEN2,
     HF_ARCHITECTURE,
@@ -32,7 +31,7 @@ from .models.base import (
     stream_blocks,
     weights_uninitialized,
 )
-from .models.blocks import (
+from ..models.blocks import (
     BLOCKS_FILE,
     BlockTensor,
     check_block_tensor,
@@ -43,7 +42,7 @@ from .models.blocks import (
     rows,
     save_blocks,
 )
-from .models.drafter import (
+from ..models.drafter import (
     Drafter,
     DrafterConfig,
     check_draft_vocab,
@@ -51,13 +50,14 @@ from .models.drafter import (
     load_drafter_state,
     validate_against_base,
 )
-from .models.io import (
+from ..models.io import (
     atomic_output_dir,
     load_state_dict_file,
     read_json,
     safetensors_shapes,
     save_safetensors,
 )
+from . import fp8
 from .names import (
     CKPT_DRAFT_PROJECTION,
     EMBEDDING,
@@ -68,8 +68,9 @@ from .names import (
 from .sharding import check_tp_size, tp_shard
 
 CHECKPOINT_CONFIG = "config.json"
-#: An engine directory's config file (written by :mod:`.engine` / :mod:`.trtllm.build`, read by
-#: :mod:`.runtime.loader`; :func:`model_dir_kind` tells the two kinds apart by their keys).
+#: An engine directory's config file (written by :mod:`redrafter_trt.runtime.engine` /
+#: :mod:`redrafter_trt.trtllm.builder`, read by :mod:`redrafter_trt.runtime.loader`;
+#: :func:`model_dir_kind` tells the two kinds apart by their keys).
 ENGINE_CONFIG = "config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -267,7 +268,7 @@ def convert_checkpoint(
     with ``--freeze_lm_head``) gets those blocks too, under its own name.
 
     ``base_sd`` in TensorRT-LLM's FP8 convention (FP8 Hugging Face checkpoints read by
-    :func:`~redrafter_trt.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
+    :func:`~redrafter_trt.formats.hf.load_hf_base`) writes an FP8 checkpoint; ``quantize="fp8"``
     quantizes a float base's linears to FP8 per-tensor (weight scale = amax / 448). Either way every FP8 linear needs a
     static activation scale: the base's own, or measured on ``calibration`` (token-id rows)."""
     require(quantize in (None, "fp8"), f"--quantize {quantize!r}: expected fp8")

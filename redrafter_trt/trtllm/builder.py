@@ -1,7 +1,7 @@
 """``redrafter-build --backend trtllm``: ReDrafter checkpoint -> TensorRT-LLM engine directory.
 
 Engine directory (same ``config.json`` schema as the torch backend's, see
-:mod:`redrafter_trt.engine`): ``config.json`` with ``backend: "trtllm"``, ``pretrained_config``
+:mod:`redrafter_trt.runtime.engine`): ``config.json`` with ``backend: "trtllm"``, ``pretrained_config``
 (the checkpoint's) and ``build_config``; ``rank{i}.engine`` per tensor-parallel rank; the
 tokenizer files. Base weights keep the checkpoint's dtype (fp16/bf16; FP8 base GEMMs when the
 checkpoint's ``quantization.quant_algo`` is ``"FP8"``), the draft head stays fp16/bf16.
@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..checkpoint import (
+from ..errors import require
+from ..formats.checkpoint import (
     CHECKPOINT_CONFIG,
     ENGINE_CONFIG,
     RedrafterCheckpointConfig,
     copy_tokenizer_files,
     load_rank_shards,
 )
-from ..errors import require
 from ..models.io import atomic_output_dir
 from ..ops.beam_search import DEFAULT_WARP_K
 from ..ops.kv_cache import blocks_per_slot

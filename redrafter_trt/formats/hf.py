@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from . import fp8
-from .errors import RedrafterError, require
-from .models.base import (
+from ..errors import RedrafterError, require
+from ..models.base import (
     ARCH_QWEN2,
     HF_ARCHITECTURE,
     HF_ARCHITECTURES,
@@ -22,7 +21,8 @@ from .models.base import (
     HF_MODEL_TYPES,
     BaseConfig,
 )
-from .models.io import load_state_dict_file, read_json
+from ..models.io import load_state_dict_file, read_json
+from . import fp8
 from .names import hf_to_trtllm
 
 
@@ -168,7 +168,7 @@ def hf_config_dict(cfg: BaseConfig) -> dict[str, Any]:
 def load_hf_base(model_dir: str | os.PathLike) -> tuple[BaseConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face base model directory: its config and its tensors in TensorRT-LLM names.
 
-    An FP8 checkpoint (see :mod:`redrafter_trt.fp8` for what is accepted) comes back in
+    An FP8 checkpoint (see :mod:`redrafter_trt.formats.fp8` for what is accepted) comes back in
     TensorRT-LLM's FP8 convention: float8_e4m3fn linear weights plus their
     ``weights_scaling_factor`` / ``activation_scaling_factor`` tensors."""
     model_dir = Path(model_dir)

@@ -42,14 +42,14 @@ from typing import Any
 
 import torch
 
-from .errors import RedrafterError, require
+from ..errors import RedrafterError, require
 from .names import HF_LAYER, LINEAR_ROWS, TRTLLM_LAYER
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANT_ALGO = "FP8"
 #: TensorRT-LLM names (under ``transformer.layers.{i}.``) of the base linears held in FP8: the
-#: linear rows of :data:`~redrafter_trt.names.BASE_NAME_TABLE` (qkv, dense, fc, gate, proj).
+#: linear rows of :data:`~redrafter_trt.formats.names.BASE_NAME_TABLE` (qkv, dense, fc, gate, proj).
 FP8_LINEARS = tuple(r.trtllm.removeprefix(TRTLLM_LAYER) for r in LINEAR_ROWS)
 #: Hugging Face names (under ``model.layers.{i}.``) of the linears behind each.
 HF_LINEARS = {
@@ -232,8 +232,8 @@ def calibrate_activation_scales(
     """Static per-tensor input scales (``amax / 448``, max calibration) of every FP8 linear,
     measured by running the base (FP8 weights dequantized) in float32 over ``rows`` of token ids,
     one row at a time, on the GPU when there is one (else the CPU: keep calibration sets small)."""
-    from .models.base import BaseModel
-    from .models.drafter import load_checked
+    from ..models.base import BaseModel
+    from ..models.drafter import load_checked
 
     base = BaseModel(base_cfg)
     float_sd = dequantize_state_dict(sd, "calibration") if is_quantized_state_dict(sd) else sd
@@ -346,7 +346,7 @@ def hf_fp8_to_trtllm(
 ) -> dict[str, torch.Tensor] | None:
     """FP8 Hugging Face tensors -> TensorRT-LLM FP8 checkpoint tensors, or None when the
     checkpoint is not quantized. ``rename`` is the float name mapping
-    (:func:`redrafter_trt.names.hf_to_trtllm`)."""
+    (:func:`redrafter_trt.formats.names.hf_to_trtllm`)."""
     qc = raw_config.get("quantization_config")
     scale_suffixes = (".weight_scale", ".weight_scale_inv", ".input_scale")
     fp8_names = sorted(k for k, v in hf.items() if is_fp8(v))

@@ -15,7 +15,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .errors import RedrafterError, require
+from ..errors import RedrafterError, require
 
 BUILTIN = ("mt-bench", "writingbench", "sharegpt")
 _PACKAGES = {

@@ -8,15 +8,15 @@ from typing import Protocol
 
 import torch
 
-from .errors import require
-from .models.base import BaseConfig
-from .models.drafter import DrafterConfig
+from ..errors import require
+from ..models.base import BaseConfig
+from ..models.drafter import DrafterConfig
 from .names import CKPT_DRAFT_PROJECTION, CKPT_DRAFT_VOCAB, LM_HEAD
 
 
 class ShardedConfig(Protocol):
     """What sharding reads of a checkpoint config
-    (:class:`~redrafter_trt.checkpoint.RedrafterCheckpointConfig`)."""
+    (:class:`~redrafter_trt.formats.checkpoint.RedrafterCheckpointConfig`)."""
 
     base: BaseConfig
     drafter: DrafterConfig

@@ -5,7 +5,7 @@ C closed-loop streaming clients (each sends its next request when the last one e
 list of prompts, and reports time to first token (TTFT), time per output token after the first
 (TPOT), p50/p99, and aggregate output tokens/s. Writes JSON and, with matplotlib, a PNG.
 
-    python -m redrafter_trt.bench.serve --engine_dir E --out docs/serve_bench.json \\
+    python -m redrafter_trt.bench.serving --engine_dir E --out docs/serve_bench.json \\
         --plot docs/serve_bench.png --concurrency 1 4 16 32 --requests_per_client 2 --max_tokens 32
 
 Two more modes:
@@ -157,7 +157,7 @@ async def run_level(url, model, concurrency, requests, max_tokens):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m redrafter_trt.bench.serve",
+        prog="python -m redrafter_trt.bench.serving",
         description="Throughput and latency of redrafter-serve against concurrency, "
         "speculative and plain, in one run.",
     )
@@ -473,11 +473,11 @@ def write_tiny_engine(path: Path, log=None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..backends.torch_backend import auto_dtype
-    from ..checkpoint import convert_checkpoint
-    from ..engine import build_engine
-    from ..hf import load_hf_base
+    from ..formats.checkpoint import convert_checkpoint
+    from ..formats.hf import load_hf_base
+    from ..formats.names import LM_HEAD
     from ..models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
-    from ..names import LM_HEAD
+    from ..runtime.engine import build_engine
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if (path / "config.json").is_file():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..hf import load_hf_base
+from ..formats.hf import load_hf_base
 from ..models.base import BaseModel
 from ..models.drafter import load_checked
 

@@ -1,5 +1,5 @@
-"""Building engine directories (``redrafter-build``); the runtime opens them
-(:func:`redrafter_trt.runtime.loader.load`, public as :func:`redrafter_trt.load`).
+"""Building engine directories (``redrafter-build``) for either backend; :mod:`.loader` opens
+them (:func:`redrafter_trt.runtime.loader.load`, public as :func:`redrafter_trt.load`).
 
 An engine directory mirrors TensorRT-LLM's: ``config.json`` with ``version``, ``backend``,
 ``pretrained_config`` (the checkpoint's config) and ``build_config``, plus the backend's files:
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
-from .checkpoint import (
+from .._version import __version__
+from ..errors import RedrafterError, require
+from ..formats.checkpoint import (
     CHECKPOINT_CONFIG,
     ENGINE_CONFIG,
     check_blocks_match,
@@ -28,11 +29,10 @@ from .checkpoint import (
     read_checkpoint_config,
     require_model_dir,
 )
-from .errors import RedrafterError, require
-from .models.blocks import BLOCKS_FILE
-from .models.io import atomic_output_dir
-from .ops.beam_search import DEFAULT_WARP_K
-from .trtllm import TRTLLM_CONTAINER  # TensorRT-free; the backend itself loads lazily
+from ..models.blocks import BLOCKS_FILE
+from ..models.io import atomic_output_dir
+from ..ops.beam_search import DEFAULT_WARP_K
+from ..trtllm import TRTLLM_CONTAINER  # TensorRT-free; the backend itself loads lazily
 
 BACKENDS = ("auto", "torch", "trtllm")
 
@@ -97,7 +97,7 @@ def build_engine(
     weights = ckpt / rank_file(0)
     require(weights.is_file(), f"{ckpt}: missing {rank_file(0)}")
     if backend == "trtllm":
-        from .trtllm import build as trt_build  # lazy: needs TensorRT-LLM
+        from ..trtllm import builder as trt_build  # lazy: needs TensorRT-LLM
 
         return trt_build.build_trtllm_engine(
             ckpt,
@@ -118,7 +118,7 @@ def build_engine(
             check_blocks_match(ckpt)  # the loader trusts them instead of the float32 tensors
             rank_files.append(ckpt / BLOCKS_FILE)
     else:  # every rank's shard, checked against the config and the others, then loaded once
-        from .backends.tp import check_rank_files, load_rank_models
+        from ..backends.tp import check_rank_files, load_rank_models
 
         rank_files = check_rank_files(
             ckpt, cfg, None, json.loads((ckpt / CHECKPOINT_CONFIG).read_text())

@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import require
-from .models.base import BaseConfig
-from .models.drafter import DRAFT_VOCAB, DrafterConfig
+from ..errors import require
+from ..models.base import BaseConfig
+from ..models.drafter import DRAFT_VOCAB, DrafterConfig
 
 #: TensorRT-LLM names of the two vocabulary-sized base tensors (the projection may be tied to the
 #: embedding: ``tie_word_embeddings``).
