@@ -192,3 +192,36 @@ def test_sharded_safetensors_directory_loads(tmp_path, tiny_dirs):
     next(tmp_path.glob("model-*-of-*.safetensors")).unlink()
     with pytest.raises(RedrafterError, match="missing"):
         load_hf_base(tmp_path)
+
+
+def test_safetensors_files_are_the_same_bytes_from_run_to_run(tmp_path):
+    """The library writes a header's metadata in a per-process random order; ours sorts it, so the
+    same tensors and metadata give the same file in every process (checkpoints and engines can be
+    compared byte for byte), and the file reads back the same."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    code = """
+import sys, torch
+from redrafter_trt.models.io import save_safetensors
+t = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16),
+     "i": torch.tensor([1, -2], dtype=torch.int8), "e": torch.zeros(0)}
+save_safetensors(t, sys.argv[1], metadata={k: k * 3 for k in ("format", "rank", "tp_size", "config", "zeta", "alpha")})
+"""
+    digests = set()
+    for i in range(4):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == {
+            k: k * 3 for k in ("format", "rank", "tp_size", "config", "zeta", "alpha")
+        }
+        assert torch.equal(f.get_tensor("w"), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+        assert torch.equal(f.get_tensor("b"), torch.ones(3, dtype=torch.bfloat16))
+        assert torch.equal(f.get_tensor("i"), torch.tensor([1, -2], dtype=torch.int8))
+        assert f.get_tensor("e").numel() == 0

@@ -78,6 +78,29 @@ def save_safetensors(
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    if metadata:
+        _sort_metadata(Path(path))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted: the library writes
+    them in a per-process random order, so the same tensors and metadata would give different
+    bytes from run to run. The header keeps its length (the same keys and values, reordered), so
+    nothing after it moves."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        out = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(out) > n:  # not the library's layout: leave the file as it was written
+            return
+        f.seek(8)
+        f.write(out + b" " * (n - len(out)))
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
