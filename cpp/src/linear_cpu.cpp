@@ -133,6 +133,20 @@ __attribute__((target("avx2,fma"))) inline __m256 loadW8(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// One k step of a tile's chains: acc[r][v] = fma(x[r][xk], wv[v], acc[r][v]) for every row r and
+// weight vector v (the step every micro-kernel below shares, whatever its weights' format).
+template <int R, int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void fmaRows8(__m256 (&acc)[R][NV], const float* x,
+                                                                        int64_t ldx, int64_t xk,
+                                                                        const __m256 (&wv)[NV]) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + xk);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
+    }
+}
+
 template <int R, int P, class W>
 __attribute__((target("avx2,fma"))) void tileAvx2(const float* x, int64_t ldx, const W* w, int64_t ps, int64_t k,
                                                   float* out) {
@@ -149,12 +163,7 @@ __attribute__((target("avx2,fma"))) void tileAvx2(const float* x, int64_t ldx, c
             wv[2 * p] = loadW8(wp);
             wv[2 * p + 1] = loadW8(wp + 8);
         }
-#pragma GCC unroll 6
-        for (int r = 0; r < R; ++r) {
-            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + kk);
-#pragma GCC unroll 4
-            for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
-        }
+        fmaRows8<R, 2 * P>(acc, x, ldx, kk, wv);
     }
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
@@ -220,12 +229,7 @@ __attribute__((target("avx2,fma"))) void tileAvx2Q(const float* x, int64_t ldx, 
                         wv[v] = _mm256_fmadd_ps(dv[v], _mm256_cvtepi32_ps(q), mv[v]);
                     }
                     const int64_t xk = b * kBlock + g * 8 + i;
-#pragma GCC unroll 6
-                    for (int r = 0; r < R; ++r) {
-                        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + xk);
-#pragma GCC unroll 4
-                        for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
-                    }
+                    fmaRows8<R, 2 * P>(acc, x, ldx, xk, wv);
                 }
             }
         } else {
@@ -240,12 +244,7 @@ __attribute__((target("avx2,fma"))) void tileAvx2Q(const float* x, int64_t ldx, 
                         _mm256_mul_ps(dv[2 * p + 1], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(by, 8))));
                 }
                 const int64_t xk = b * kBlock + kk;
-#pragma GCC unroll 6
-                for (int r = 0; r < R; ++r) {
-                    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + xk);
-#pragma GCC unroll 4
-                    for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_fmadd_ps(xb, wv[v], acc[r][v]);
-                }
+                fmaRows8<R, 2 * P>(acc, x, ldx, xk, wv);
             }
         }
     }
@@ -267,6 +266,19 @@ __attribute__((target("avx512f"))) inline __m512 loadW16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// The AVX-512 form of fmaRows8: one 16-lane vector per panel.
+template <int R, int P>
+__attribute__((target("avx512f"), always_inline)) inline void fmaRows16(__m512 (&acc)[R][P], const float* x,
+                                                                        int64_t ldx, int64_t xk,
+                                                                        const __m512 (&wv)[P]) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+        const __m512 xb = _mm512_set1_ps(x[r * ldx + xk]);
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
+    }
+}
+
 template <int R, int P, class W>
 __attribute__((target("avx512f"))) void tileAvx512(const float* x, int64_t ldx, const W* w, int64_t ps, int64_t k,
                                                    float* out) {
@@ -279,12 +291,7 @@ __attribute__((target("avx512f"))) void tileAvx512(const float* x, int64_t ldx, 
         __m512 wv[P];
 #pragma GCC unroll 4
         for (int p = 0; p < P; ++p) wv[p] = loadW16(w + p * ps + kk * kPanel);
-#pragma GCC unroll 6
-        for (int r = 0; r < R; ++r) {
-            const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
-#pragma GCC unroll 4
-            for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
-        }
+        fmaRows16<R, P>(acc, x, ldx, kk, wv);
     }
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r)
@@ -329,12 +336,7 @@ __attribute__((target("avx512f"))) void tileAvx512Q(const float* x, int64_t ldx,
                         wv[p] = _mm512_fmadd_ps(dv[p], q, mv[p]);
                     }
                     const int64_t xk = b * kBlock + g * 8 + i;
-#pragma GCC unroll 6
-                    for (int r = 0; r < R; ++r) {
-                        const __m512 xb = _mm512_set1_ps(x[r * ldx + xk]);
-#pragma GCC unroll 4
-                        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
-                    }
+                    fmaRows16<R, P>(acc, x, ldx, xk, wv);
                 }
             }
         } else {
@@ -348,12 +350,7 @@ __attribute__((target("avx512f"))) void tileAvx512Q(const float* x, int64_t ldx,
                     wv[p] = _mm512_mul_ps(dv[p], _mm512_cvtepi32_ps(q));
                 }
                 const int64_t xk = b * kBlock + kk;
-#pragma GCC unroll 6
-                for (int r = 0; r < R; ++r) {
-                    const __m512 xb = _mm512_set1_ps(x[r * ldx + xk]);
-#pragma GCC unroll 4
-                    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xb, wv[p], acc[r][p]);
-                }
+                fmaRows16<R, P>(acc, x, ldx, xk, wv);
             }
         }
     }
