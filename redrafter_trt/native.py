@@ -212,17 +212,24 @@ def cuda_available() -> bool:
 
 def kernels_fingerprint() -> str | None:
     """A short digest of the loaded CPU library's file (None when it does not load): timings
-    measured on one build of the kernels (a cost model) do not describe another."""
-    try:
-        load_library()
-    except RedrafterError:
-        return None
-    path = library_path()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    measured on one build of the kernels (a cost model) do not describe another. Taken once, when
+    first asked after the library loaded (a rebuild of the file does not change the library this
+    process runs)."""
+    global _kernels_digest
+    if _kernels_digest is None:
+        try:
+            load_library()
+        except RedrafterError:
+            return None
+        h = hashlib.sha256()
+        with open(library_path(), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _kernels_digest = h.hexdigest()[:16]
+    return _kernels_digest
+
+
+_kernels_digest: str | None = None
 
 
 def available() -> bool:
