@@ -919,11 +919,10 @@ class BaseModel(nn.Module):
             layers.append(entry)
         self._fused = native.DecoderWeights(layers)
         refs, params = self._fused_refs()
-        ids = [id(d.get(k)) for d, k in refs]
-        # every object an id was taken of stays referenced while the table is cached, so a
+        # every object an id is taken of stays referenced while the table is cached, so a
         # replacement cannot reuse its id
         self._keep_alive = [d.get(k) for d, k in refs]
-        self._fused_key = (refs, params, ids, _versions(params))
+        self._fused_key = (refs, params, [id(o) for o in self._keep_alive], _versions(params))
         return self._fused
 
     def use_native_linear(self, on: bool = True) -> None:
