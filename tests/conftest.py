@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import string
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,48 @@ def pytest_report_header(config):
     if config.getoption("--full") or config.getoption("markexpr"):
         return "tier: as --full or -m selects"
     return "tier: fast (tests marked full or smollm2 deselected; --full runs them)"
+
+
+# --------------------------------------------------------------------------- tiny ChatML base
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- fixtures
+def char_tokenizer(chat_template: str | None):
+    """A 97-token character-level fast tokenizer (fits the tiny models' vocabulary)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = list(
+        " \n" + string.ascii_letters + string.digits + ".,:;!?'\"()-_/*+=<>[]{}@#$%&|~^`\\"
+    )
+    chars = chars[: 97 - len(specials)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama directory with a character tokenizer and a ChatML template.
+
+    Its lm_head is scaled up so that its next-token distributions are peaked like a trained
+    LM's (a random tiny model's are nearly uniform, which no distillation can make useful)."""
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("train") / "llama"
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_hf_config("llama", initializer_range=0.02)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(str(d))
+    char_tokenizer(CHATML).save_pretrained(str(d))
+    return d

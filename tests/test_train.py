@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import string
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import char_tokenizer
 from redrafter_trt.backends.torch_backend import TorchBackend
 from redrafter_trt.cli.train import main as train_main
 from redrafter_trt.errors import RedrafterError
@@ -33,31 +33,6 @@ from redrafter_trt.train.losses import (
 )
 from redrafter_trt.train.step import forward_loss
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-# --------------------------------------------------------------------------- fixtures
-def _char_tokenizer(chat_template: str | None):
-    """A 97-token character-level fast tokenizer (fits the tiny models' vocabulary)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = list(
-        " \n" + string.ascii_letters + string.digits + ".,:;!?'\"()-_/*+=<>[]{}@#$%&|~^`\\"
-    )
-    chars = chars[: 97 - len(specials)]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -66,26 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """A tiny Llama directory with a character tokenizer and a ChatML template.
-
-    Its lm_head is scaled up so that its next-token distributions are peaked like a trained
-    LM's (a random tiny model's are nearly uniform, which no distillation can make useful)."""
-    from transformers import LlamaForCausalLM
-
-    from conftest import tiny_hf_config
-
-    d = tmp_path_factory.mktemp("train") / "llama"
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(tiny_hf_config("llama", initializer_range=0.02)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    model.save_pretrained(str(d))
-    _char_tokenizer(CHATML).save_pretrained(str(d))
-    return d
 
 
 @pytest.fixture(scope="session")
@@ -431,7 +386,7 @@ def test_missing_chat_template(tiny_base, tmp_path):
     shutil.copytree(tiny_base, d)
     for f in d.glob("chat_template*"):
         f.unlink()
-    _char_tokenizer(None).save_pretrained(str(d))
+    char_tokenizer(None).save_pretrained(str(d))
     f = tmp_path / "conv.jsonl"
     f.write_text(
         json.dumps(
@@ -816,7 +771,7 @@ def test_gen_prompts_needs_a_chat_template(tiny_base, tmp_path):
 
     d = tmp_path / "nochat"
     shutil.copytree(tiny_base, d)
-    _char_tokenizer(None).save_pretrained(str(d))
+    char_tokenizer(None).save_pretrained(str(d))
     cfg_file = d / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg.pop("chat_template", None)

@@ -176,6 +176,14 @@ def add_loss_arguments(t: argparse.ArgumentParser) -> None:
         default=None,
         help="per-draft-step loss weights, comma-separated, D values (default: all 1)",
     )
+    g.add_argument(
+        "--own_path",
+        action="store_true",
+        help="train depth i > 1 only where the head's own top-1 drafts at depths 1..i-1 equal "
+        "the data: the path its own greedy draft takes, which greedy verification accepts "
+        "when the data are the base's greedy answers (default: every depth of every position, "
+        "teacher forced)",
+    )
 
 
 def add_optimisation_arguments(t: argparse.ArgumentParser) -> None:
@@ -390,6 +398,14 @@ def add_gen_data_command(sub) -> argparse.ArgumentParser:
         help="feed prompts as raw text instead of a chat user turn",
     )
     d.add_argument(
+        "--refs_only",
+        action="store_true",
+        help="write each prompt as a reference to its record in the installed package "
+        "(set, package, version, record id, hash) instead of its text and token ids; the "
+        "trainer rebuilds the prompt from the package. Needs every --prompts source to be a "
+        "built-in package set",
+    )
+    d.add_argument(
         "--overwrite", action="store_true", help="replace an --output made with other settings"
     )
     d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
@@ -506,15 +522,17 @@ def _gen_prompts(args) -> int:
 
 def _gen_data(args) -> int:
     from ..models.hub import resolve_base_model_dir
-    from ..train.gen_data import generate_data, read_prompt_sources
+    from ..train.gen_data import generate_data, read_prompt_entries
 
     require(args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}")
     model_dir = resolve_base_model_dir(args.model_dir)
-    prompts = read_prompt_sources(args.prompts, args.limit)
+    entries = read_prompt_entries(args.prompts, args.limit, training=True)
     out = generate_data(
         model_dir,
-        prompts,
+        [p for p, _ in entries],
         args.output,
+        refs=[r for _, r in entries],
+        refs_only=args.refs_only,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         temperature=args.temperature,
@@ -587,6 +605,7 @@ def _train(args) -> int:
         temperature=args.temperature,
         teacher_topk=args.teacher_topk,
         depth_weights=args.depth_weights,
+        own_path=args.own_path,
         lr=args.lr,
         min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay,

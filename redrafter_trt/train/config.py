@@ -36,6 +36,7 @@ class TrainConfig:
     temperature: float = 1.0
     teacher_topk: int = 32  # 0 = the full distribution (computed on the fly)
     depth_weights: list[float] | None = None
+    own_path: bool = False  # depth i trained only where the head's own drafts 1..i-1 are right
     # optimisation
     lr: float = 1e-3
     min_lr_ratio: float = 0.1

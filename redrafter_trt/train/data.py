@@ -25,10 +25,12 @@ from typing import Any
 from ..errors import RedrafterError, require
 from ..formats.datasets import (
     BUILTIN,
+    PACKAGE_SETS,
     load_conversations,
     load_prompts,
     package_file,
     read_json_list,
+    resolve_prompt_ref,
 )
 
 
@@ -175,28 +177,67 @@ def source_kind(source: str) -> str:
     return "prompts"
 
 
-def read_selfdistill(path: str | os.PathLike) -> list[Example]:
-    """Examples from a gen-data JSONL file (prompt_ids + response_ids)."""
-    path = Path(path)
+def _selfdistill_records(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of a gen-data file. A torn last line (an interrupted run) is
+    dropped; a line that is not JSON anywhere else is an error naming the file and line."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RedrafterError(f"{path}: cannot read the gen-data file ({e})") from e
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     out = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
+    for k, (n, line) in enumerate(numbered):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line of an interrupted run
+        except json.JSONDecodeError as e:
+            require(
+                k == len(numbered) - 1,
+                f"{path}: line {n} is not valid JSON ({e}); the file is corrupt (only the "
+                "last line of an interrupted gen-data run may be torn)",
+            )
+            continue
+        require(isinstance(rec, dict), f"{path}: line {n} is not a JSON object")
+        out.append((n, rec))
+    return out
+
+
+def selfdistill_needs_tokenizer(path: str | os.PathLike) -> bool:
+    """True when a gen-data file names its prompts by reference (``prompt_ref``, no
+    ``prompt_ids``): rebuilding them needs the base model's tokenizer."""
+    return any(
+        "prompt_ids" not in rec and "prompt_ref" in rec
+        for _, rec in _selfdistill_records(Path(path))
+    )
+
+
+def read_selfdistill(
+    path: str | os.PathLike, tokenizer=None, chat_template: bool = True
+) -> list[Example]:
+    """Examples from a gen-data JSONL file: ``prompt_ids`` + ``response_ids``, or a
+    ``prompt_ref`` whose prompt is rebuilt from its installed package and rendered with the
+    base model's ``tokenizer`` (see :func:`redrafter_trt.formats.datasets.resolve_prompt_ref`)."""
+    path = Path(path)
+    out = []
+    for n, rec in _selfdistill_records(path):
         p, r = rec.get("prompt_ids"), rec.get("response_ids")
+        if p is None and "prompt_ref" in rec:
+            require(
+                tokenizer is not None,
+                f"{path}: line {n} names its prompt by reference (prompt_ref); rebuilding it "
+                "needs the base model's tokenizer",
+            )
+            text = resolve_prompt_ref(rec["prompt_ref"], f"{path}: line {n}")
+            p = render_prompt(tokenizer, text, chat_template)
         require(
             isinstance(p, list) and isinstance(r, list),
-            f"{path}: line {i + 1} lacks prompt_ids/response_ids lists",
+            f"{path}: line {n} lacks prompt_ids (or prompt_ref) and response_ids lists",
+        )
+        require(
+            all(isinstance(t, int) and t >= 0 for t in p + r),
+            f"{path}: line {n} holds token ids that are not non-negative integers",
         )
         if r:
-            out.append(
-                Example(
-                    [int(t) for t in p] + [int(t) for t in r], [False] * len(p) + [True] * len(r)
-                )
-            )
+            out.append(Example(p + r, [False] * len(p) + [True] * len(r)))
     return out
 
 
@@ -218,8 +259,12 @@ def load_examples(
     examples: list[Example] = []
     for src in sources:
         kind = source_kind(src)
+        require(
+            src not in PACKAGE_SETS or PACKAGE_SETS[src].train,
+            f"--data {src}: the evaluation set; it is never trained on",
+        )
         if kind == "selfdistill":
-            got = read_selfdistill(src)
+            got = read_selfdistill(src, tokenizer, chat_template)
             got = got[:limit_per_source] if limit_per_source else got
         else:
             require(tokenizer is not None, f"{src}: text data needs the base model's tokenizer")

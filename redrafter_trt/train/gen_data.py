@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from ..errors import RedrafterError, require
-from ..formats.datasets import BUILTIN, load_conversations, load_prompts
+from ..formats.datasets import (
+    PACKAGE_SETS,
+    load_conversations,
+    load_prompts,
+    package_prompts,
+    prompt_ref,
+    shares_text_with_eval,
+)
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import cache_root
 from .data import (
@@ -40,34 +47,57 @@ from .frozen_base import eos_ids, load_frozen_base
 META_SUFFIX = ".meta.json"
 
 
-def read_prompt_sources(
-    sources: Sequence[str], limit_per_source: int | None = None, dedupe: bool = True
-) -> list[str]:
-    """Prompts from built-in sets, prompt files, or ShareGPT files (first user turn of each).
+def read_prompt_entries(
+    sources: Sequence[str],
+    limit_per_source: int | None = None,
+    dedupe: bool = True,
+    training: bool = False,
+) -> list[tuple[str, dict | None]]:
+    """``(prompt, reference)`` from built-in sets, prompt files, or ShareGPT files (first user
+    turn of each); the reference (:func:`prompt_ref`) names a built-in set's record, None for a
+    file's prompt.
 
     Repeated prompts are dropped (greedy answers to them would only repeat one example; the
-    built-in ``sharegpt`` set has 52 distinct first turns among its 500 conversations)."""
-    prompts: list[str] = []
+    built-in ``sharegpt`` set has 52 distinct first turns among its 500 conversations).
+    ``training``: an evaluation set (MT-Bench) is refused, and a prompt sharing an 8-word run
+    with one of its turns is dropped."""
+    entries: list[tuple[str, dict | None]] = []
+    seen: set[str] = set()
     for src in sources:
-        if src not in BUILTIN and source_kind(src) == "conversations":
-            got = [
+        got: list[tuple[str, dict | None]]
+        if src in PACKAGE_SETS:
+            require(
+                PACKAGE_SETS[src].train or not training,
+                f"--prompts {src}: the evaluation set; it is never answered for training",
+            )
+            got = [(t, prompt_ref(src, rid)) for rid, t in package_prompts(src)]
+        elif source_kind(src) == "conversations":
+            firsts = [
                 next((t["content"] for t in c if t["role"] == "user"), None)
                 for c in load_conversations(src)
             ]
-            got = [p for p in got if p]
+            got = [(p, None) for p in firsts if p]
         else:
-            got = load_prompts(src)
+            got = [(p, None) for p in load_prompts(src)]
         require(got, f"--prompts {src}: no prompts found")
+        if training:
+            got = [(p, ref) for p, ref in got if not shares_text_with_eval(p)]
         if dedupe:
-            seen = set(prompts)
             fresh = []
-            for p in got:
+            for p, ref in got:
                 if p not in seen:
                     seen.add(p)
-                    fresh.append(p)
+                    fresh.append((p, ref))
             got = fresh
-        prompts.extend(got[:limit_per_source] if limit_per_source else got)
-    return prompts
+        entries.extend(got[:limit_per_source] if limit_per_source else got)
+    return entries
+
+
+def read_prompt_sources(
+    sources: Sequence[str], limit_per_source: int | None = None, dedupe: bool = True
+) -> list[str]:
+    """The prompts of :func:`read_prompt_entries`, without their references."""
+    return [p for p, _ in read_prompt_entries(sources, limit_per_source, dedupe)]
 
 
 def settings_key(model_fp: str, prompts: Sequence[str], settings: dict) -> str:
@@ -144,6 +174,8 @@ def generate_data(
     max_prompt_len: int = 512,
     chat_template: bool = True,
     drafter_dir: str | os.PathLike | None = None,
+    refs: Sequence[dict | None] | None = None,
+    refs_only: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
@@ -153,6 +185,10 @@ def generate_data(
 
     Prompts are processed in a fixed order (by token length, then index) and in fixed batches, so
     an interrupted run resumes exactly; batch ``k`` samples with seed ``seed + k``.
+    ``refs`` (one per prompt, or None) are written as each record's ``prompt_ref``; with
+    ``refs_only`` a record holds the reference and the answer's token ids but neither the prompt's
+    text nor its ids (the trainer rebuilds them from the installed package), so a file to keep in a
+    repository carries no third-party text.
     """
     from ..backends.torch_backend import TorchBackend
     from ..runtime.generator import Generator
@@ -162,6 +198,15 @@ def generate_data(
     require(
         max_new_tokens >= 1 and batch_size >= 1,
         "gen-data: max_new_tokens and batch_size must be >= 1",
+    )
+    require(
+        refs is None or len(refs) == len(prompts),
+        f"gen-data: {len(prompts)} prompts but {len(refs or [])} references",
+    )
+    require(
+        not refs_only or (refs is not None and all(refs)),
+        "gen-data: --refs_only needs every prompt from a built-in package set "
+        f"({', '.join(s for s in PACKAGE_SETS if PACKAGE_SETS[s].train)})",
     )
     tok = load_base_tokenizer(model_dir)
     if chat_template:
@@ -173,6 +218,7 @@ def generate_data(
         "batch_size": batch_size,
         "max_prompt_len": max_prompt_len,
         "chat_template": chat_template,
+        "refs_only": refs_only,
     }
     key = settings_key(model_fingerprint(model_dir), prompts, settings)
     out = Path(output) if output else default_output(key)
@@ -250,19 +296,16 @@ def generate_data(
                 speculative=drafter_dir is not None,
             )
             for i, r in zip(batch, results):
-                f.write(
-                    json.dumps(
-                        {
-                            "index": i,
-                            "prompt": prompts[i],
-                            "prompt_ids": encoded[i],
-                            "response_ids": r.token_ids,
-                            "response": r.text,
-                            "finish_reason": r.finish_reason,
-                        }
-                    )
-                    + "\n"
-                )
+                ref = refs[i] if refs is not None else None
+                rec: dict = {"index": i}
+                rec.update({"prompt_ref": ref} if ref else {})
+                if not refs_only:
+                    rec.update({"prompt": prompts[i], "prompt_ids": encoded[i]})
+                rec["response_ids"] = r.token_ids
+                if not refs_only:
+                    rec["response"] = r.text
+                rec["finish_reason"] = r.finish_reason
+                f.write(json.dumps(rec) + "\n")
                 n_tok += len(r.token_ids)
             f.flush()
             os.fsync(f.fileno())
@@ -276,6 +319,7 @@ def generate_data(
 __all__ = [
     "generate_data",
     "read_prompt_sources",
+    "read_prompt_entries",
     "default_output",
     "claim_output",
     "write_meta",

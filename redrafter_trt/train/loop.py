@@ -39,6 +39,7 @@ from .data import (
     load_base_tokenizer,
     load_examples,
     model_fingerprint,
+    selfdistill_needs_tokenizer,
     source_kind,
 )
 from .evaluation import evaluate, format_per_depth
@@ -116,7 +117,9 @@ def _features(
     cfg: TrainConfig, base, model_dir: Path, world: int, is_main: bool, log: Callable[[str], None]
 ) -> _Data:
     sources = expand_sources(cfg.data)
-    needs_tok = any(source_kind(s) != "selfdistill" for s in sources)
+    needs_tok = any(
+        source_kind(s) != "selfdistill" or selfdistill_needs_tokenizer(s) for s in sources
+    )
     tok = load_base_tokenizer(model_dir) if needs_tok else None
     # Features are cached per data source, so sources can be combined without recomputation.
     per_source = [

@@ -234,15 +234,25 @@ def forward_loss(
     row_loss = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
     row_loss = row_loss.masked_scatter(valid, rows)
     weights = torch.tensor(cfg.depth_weights or [1.0] * d, dtype=torch.float32, device=dev)
-    loss = depth_weighted_mean(row_loss, valid, weights)
     with torch.no_grad():
         correct = torch.zeros(valid.shape, dtype=torch.bool, device=dev)
         correct[valid] = pred == labels
+    trained = valid & own_path_reach(correct) if cfg.own_path else valid
+    loss = depth_weighted_mean(row_loss, trained, weights)
     return loss, {
         "correct": correct.sum(0).cpu(),
         "valid": valid.sum(0).cpu(),
         "loss_sum": (row_loss.detach() * valid).sum(0).cpu(),
     }
+
+
+def own_path_reach(correct: torch.Tensor) -> torch.Tensor:
+    """[N, D] bool: depth i of a position lies on the path the head's own top-1 draft takes, i.e.
+    its drafts at depths 1..i-1 all equal the data (depth 1 always does). With the base's greedy
+    answers as data, that is the path greedy verification would accept up to depth i."""
+    reach = torch.ones_like(correct)
+    reach[:, 1:] = correct[:, :-1].to(torch.int64).cumprod(1).bool()
+    return reach
 
 
 @dataclass
