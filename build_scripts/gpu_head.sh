@@ -4,8 +4,9 @@
 #   0. checks (seconds): a CUDA GPU is visible (else exit 2), the prompt packages are installed
 #      (else exit 2 naming the package), the output is not the shipped head;
 #   1. gen-data, capped at --gen_min minutes (4): the base's greedy answers (--gen_tokens 256
-#      tokens) to the human-written requests of the installed prompt sets (ShareGPT first turns,
-#      WritingBench), batched --gen_batch 256 prompts at a time on the GPU. Batches are appended as
+#      tokens) to the human-written requests of the installed prompt sets (WritingBench,
+#      Arena-Hard, IFEval, IFBench, LongBench-Write, HELM's prompts: the sets the repository's
+#      data/smollm2/human answers; AlpacaEval is held out), batched --gen_batch 256 prompts at a time on the GPU. Batches are appended as
 #      they finish, so the cap stops it between batches with what is done; this is the phase
 #      that buys the data volume, hence the largest share;
 #   2. train, --train_min minutes (3) of optimizer steps (trainer --time_budget_min) plus the base
@@ -27,7 +28,8 @@
 #                        redrafter_trt/gpu_head); data, feature cache and eval JSON go to
 #                        OUT_DIR.work/. The shipped head is never written unless --install.
 #   --model_dir DIR      base model: smollm2 (default) or a Hugging Face directory
-#   --prompts "SRC.."    gen-data prompt sources (default: "sharegpt writingbench")
+#   --prompts "SRC.."    gen-data prompt sources (default: "writingbench arena-hard ifeval
+#                        ifbench longbench-write helm-prompts")
 #   --limit N            first N prompts of each source (default: all)
 #   --gen_min M          gen-data wall-time cap in minutes (default: 4)
 #   --gen_tokens N       new tokens per answer (default: 256)
@@ -57,7 +59,8 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 die() { echo "gpu_head.sh: $*" >&2; exit 2; }
 fail() { echo "gpu_head.sh: $*" >&2; exit 1; }
 
-out="" model=smollm2 prompts="sharegpt writingbench" limit="" extra_data="-"
+out="" model=smollm2 prompts="writingbench arena-hard ifeval ifbench longbench-write helm-prompts"
+limit="" extra_data="-"
 gen_min="" gen_tokens="" gen_batch="" train_min="" max_steps="" batch_size=""
 eval_prompts=mt-bench eval_limit="" eval_tokens="" install=0 smoke=0
 while [ $# -gt 0 ]; do

@@ -64,7 +64,8 @@ def runtime_tokens_per_step(
     )
     gen = Generator(backend, tokenizer=tok, eos_token_ids=eos_ids(base, tok))
     hist = [0] * (draft_len + 2)
-    tokens = steps = 0
+    tokens = steps = calls = 0
+    phases: dict[str, float] = {}
     same = True
     t0 = time.perf_counter()
     from tqdm import tqdm
@@ -79,6 +80,9 @@ def runtime_tokens_per_step(
             st = gen.last_stats
             tokens += st.generated_tokens
             steps += st.row_steps
+            calls += st.num_steps
+            for k, v in st.step_timings.items():
+                phases[k] = phases.get(k, 0.0) + v
             for r in res:
                 for a in r.accepted_per_step[1:]:
                     hist[min(a, draft_len + 1)] += 1
@@ -97,6 +101,9 @@ def runtime_tokens_per_step(
         "generated_tokens": tokens,
         "steps": steps,
         "tokens_per_step_histogram": {str(k): v for k, v in enumerate(hist) if k},
+        # the speculative steps' time per phase (draft = the head's beam search), per engine call
+        # of up to batch_size rows
+        "ms_per_call": {k: 1e3 * v / max(calls, 1) for k, v in sorted(phases.items())},
         "wall_s": time.perf_counter() - t0,
     }
     if plain_check:
