@@ -5,6 +5,12 @@ per-element logic as the CUDA kernels (``__host__ __device__`` functions shared 
 CPU-only machine tests the kernels' logic through them. Inputs are CPU tensors (numpy arrays
 are accepted too); integer outputs are int32 as in the engine's tensors.
 
+This module is the package's one binding of the C ABI (``cpp/include/redrafter/c_api.h``): each
+operator takes one params struct by pointer, mirrored once here (:data:`ABI_STRUCTS`, checked
+against the library's own layout by tests/test_native_abi.py), and :func:`call` runs any of the
+C functions, raising :class:`RedrafterError` with the library's message. The CUDA operators of
+the torch backend (:mod:`redrafter_trt.backends.cuda_ops`) fill the same structs.
+
 The library is ``cpp/build/libredrafter_cpu.so`` under the repository, built by
 ``bash build_scripts/build_cpp.sh``; the environment variable ``REDRAFTER_NATIVE_LIB`` points
 to another build.
@@ -22,6 +28,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,65 +48,251 @@ DEFAULT_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cpu.so"
 CUDA_LIB_ENV = "REDRAFTER_CUDA_LIB"
 DEFAULT_CUDA_LIB = REPO_ROOT / "cpp" / "build" / "libredrafter_cuda.so"
 #: C ABI version this binding speaks (cpp/include/redrafter/c_api.h, REDRAFTER_ABI_VERSION).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: The operators' logits dtypes and their C ABI codes (any other dtype is taken as float32).
+LOGITS_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MSG_LEN = 512
 _lib: ctypes.CDLL | None = None
 _cuda_lib: ctypes.CDLL | None = None
 _cuda_error: str | None = None  # why the CUDA library did not load (cached: tried once)
 
-_p = ctypes.c_void_p
-_i64 = ctypes.c_int64
-_i32 = ctypes.c_int32
-_SIGNATURES = {
-    "redrafter_abi_version": [],
-    "redrafter_beam_search_step_cpu": [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p],
-    "redrafter_tree_pack_cpu": [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p],
-    "redrafter_accept_cpu": [
-        _p,
-        _i32,
-        _i64,
-        _i64,
-        _i64,
-        _p,
-        _p,
-        _i64,
-        _i64,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-    ],
-    "redrafter_kv_relocate_cpu": [
-        _p,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _p,
-        _p,
-        _p,
-        _p,
-        _i64,
-        _i64,
-        _p,
-    ],
-    "redrafter_draw_tokens_cpu": [_p, _i32, _i64, _i64, _p, _p, _p, _p, _p],
-    # cache, cache_elems, elem_bytes, layers, slots, heads, max_seq, head_dim, tokens_per_block,
-    # 6 strides, slots, cache_lengths, accepted_indices, num_accepted, batch, beam_len, new_lengths
-    "redrafter_kv_relocate_strided_cpu": [_p] + [_i64] * 14 + [_p, _p, _p, _p, _i64, _i64, _p],
+_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_sz, _f32 = ctypes.c_size_t, ctypes.c_float
+
+
+# ---------------------------------------------------------------------- the C ABI's params structs
+def _fields(ctype: Any, *names: str) -> list[tuple[str, Any]]:
+    return [(n, ctype) for n in names]
+
+
+class _Params(ctypes.Structure):
+    """A params struct of the C ABI: its first field, ``struct_size``, is its own size (set here
+    unless given), which the library checks; the fields are keywords (pointers as ints such as
+    ``data_ptr()``, None for NULL). Unset fields are 0 / NULL."""
+
+    def __init__(self, **fields: Any) -> None:
+        fields.setdefault("struct_size", ctypes.sizeof(self))
+        super().__init__(**fields)
+
+
+class BeamSearchParams(_Params):
+    """``RedrafterBeamSearchParams``: :func:`beam_search_step`'s and the CUDA launcher's
+    (``workspace`` and ``stream`` are the launcher's)."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "logits", "beam_scores", "vocab_map", "new_scores", "parent", "token"),
+        *_fields(_p, "workspace", "stream"),
+        *_fields(_i64, "batch", "num_beams", "vocab", "warp_k"),
+        ("workspace_bytes", _sz),
+        ("dtype", _i32),
+    ]
+
+
+class TreePackParams(_Params):
+    """``RedrafterTreePackParams``: :func:`pack_tree`'s."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "beams", "packed_tokens", "packed_len", "unpacker", "position_offsets"),
+        *_fields(_p, "packed_mask", "stream"),
+        *_fields(_i64, "batch", "num_beams", "beam_len"),
+    ]
+
+
+class AcceptParams(_Params):
+    """``RedrafterAcceptParams``: :func:`accept`'s and the CUDA launcher's."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "logits", "beams", "unpacker", "packed_len"),
+        *_fields(_p, "temperature", "top_k", "top_p", "uniforms"),
+        *_fields(_p, *Acceptance._fields),  # num_accepted .. emitted, the outputs
+        *_fields(_p, "workspace", "stream"),
+        *_fields(_i64, "batch", "num_nodes", "vocab", "num_beams", "beam_len"),
+        ("workspace_bytes", _sz),
+        ("dtype", _i32),
+    ]
+
+
+class KvRelocateParams(_Params):
+    """``RedrafterKvRelocateParams``: KV relocation's, contiguous (the fields from
+    ``cache_elems`` on unread) and strided (:class:`KvLayout`'s fields)."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "cache", "slots", "cache_lengths", "accepted_indices", "num_accepted"),
+        *_fields(_p, "new_lengths", "stream"),
+        *_fields(_i64, "elem_bytes", "num_layers", "num_slots", "num_kv_heads", "max_seq_len"),
+        *_fields(_i64, "head_dim", "batch", "beam_len", "cache_elems", *KvLayout._fields),
+    ]
+
+
+class DrawTokensParams(_Params):
+    """``RedrafterDrawTokensParams``: :func:`draw_tokens`'s."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "logits", "temperature", "top_k", "top_p", "uniforms", "tokens"),
+        *_fields(_i64, "rows", "vocab"),
+        ("dtype", _i32),
+    ]
+
+
+class LinearParams(_Params):
+    """``RedrafterLinearParams``: the CPU linear kernel's (:func:`linear_packed`)."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "x", "w", "bias", "y"),
+        *_fields(_i64, "m", "n", "k"),
+        *_fields(_i32, "x_dtype", "w_dtype", "y_dtype", "threads", "force_scalar"),
+    ]
+
+
+class AttentionParams(_Params):
+    """``RedrafterAttentionParams``: the CPU attention kernel's (:func:`attention`)."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "q", "cache", "slots", "mask", "out"),
+        *_fields(_i64, "b", "t", "nh", "nkv", "hd", "s", "cap", "num_slots"),
+        ("scale", _f32),
+        *_fields(_i32, "cache_dtype", "threads", "force_scalar"),
+    ]
+
+
+class EmbedBlocksParams(_Params):
+    """``RedrafterEmbedBlocksParams``: :func:`embed_blocks`'s."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "qs", "d", "m", "ids", "out"),
+        *_fields(_i64, "rows", "k", "count"),
+        ("fmt", _i32),
+    ]
+
+
+class DecoderLayerParams(ctypes.Structure):
+    """``RedrafterDecoderLayer`` (cpp/include/redrafter/decoder_cpu.h): one layer's packed weights,
+    their format codes and float32 biases and norm weights (pointers)."""
+
+    _fields_ = [
+        *_fields(_p, "qkv", "qkv_bias", "dense", "dense_bias", "gate_up", "gate_up_bias"),
+        *_fields(_p, "gate", "gate_bias", "up", "up_bias", "down", "down_bias"),
+        *_fields(_p, "input_norm", "post_norm"),
+        *_fields(_i32, "qkv_fmt", "dense_fmt", "gate_up_fmt", "gate_fmt", "up_fmt", "down_fmt"),
+    ]
+
+
+class DecoderParams(_Params):
+    """``RedrafterDecoderParams`` (cpp/include/redrafter/decoder_cpu.h), the one argument of
+    :func:`decoder_forward`'s C function."""
+
+    _fields_ = [
+        ("struct_size", _i64),
+        *_fields(_p, "x", "cos", "sin", "cache", "slots", "write_pos", "mask", "layers"),
+        *_fields(_i64, "num_layers", "b", "t", "s", "cap", "num_slots", "hidden", "heads"),
+        *_fields(_i64, "kv_heads", "head_size", "intermediate"),
+        *_fields(_f32, "eps", "scale"),
+        *_fields(_i32, "cache_dtype", "threads"),
+    ]
+
+
+#: Every struct of the C ABI by its C name (tests/test_native_abi.py compares each with the
+#: library's layout, :func:`c_params_layout`).
+ABI_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "RedrafterBeamSearchParams": BeamSearchParams,
+    "RedrafterTreePackParams": TreePackParams,
+    "RedrafterAcceptParams": AcceptParams,
+    "RedrafterKvRelocateParams": KvRelocateParams,
+    "RedrafterDrawTokensParams": DrawTokensParams,
+    "RedrafterLinearParams": LinearParams,
+    "RedrafterAttentionParams": AttentionParams,
+    "RedrafterEmbedBlocksParams": EmbedBlocksParams,
+    "RedrafterDecoderParams": DecoderParams,
+    "RedrafterDecoderLayer": DecoderLayerParams,
 }
-_CUDA_SIGNATURES = {
-    "redrafter_kv_relocate_strided_cuda": [_p] + [_i64] * 14 + [_p, _p, _p, _p, _i64, _i64, _p, _p],
+
+#: A field's layout: (name, offset, size, kind: p pointer, i signed / u unsigned int, f float).
+FieldLayout = tuple[str, int, int, str]
+
+
+def c_params_layout() -> dict[str, tuple[int, list[FieldLayout]]]:
+    """Every params struct's ``sizeof`` and fields as the loaded library lays them out
+    (``redrafter_params_layout``): what the mirrors above must match."""
+    out = {}
+    for line in load_library().redrafter_params_layout().decode().splitlines():
+        name, size, *fields = line.split()
+        parsed = [f.split(":") for f in fields]
+        out[name] = (int(size), [(n, int(o), int(s), k) for n, o, s, k in parsed])
+    return out
+
+
+def _kind(ctype: Any) -> str:
+    if ctype is _p:
+        return "p"
+    if ctype in (_f32, ctypes.c_double):
+        return "f"
+    return "i" if ctype(-1).value < 0 else "u"
+
+
+def python_params_layout() -> dict[str, tuple[int, list[FieldLayout]]]:
+    """The same description computed from the ctypes mirrors (:data:`ABI_STRUCTS`)."""
+    out = {}
+    for name, cls in ABI_STRUCTS.items():
+        fields = [(fd[0], getattr(cls, fd[0]), _kind(fd[1])) for fd in cls._fields_]
+        out[name] = (ctypes.sizeof(cls), [(f, d.offset, d.size, k) for f, d, k in fields])
+    return out
+
+
+# ---------------------------------------------------------------------- the libraries' functions
+#: restype of an operator: a status code, with (msg, msg_len) appended to its arguments
+_STATUS = "status"
+
+
+def _op(params: type[ctypes.Structure]) -> tuple[list[Any], Any]:
+    """An operator's signature: its params struct by pointer, a status."""
+    return [ctypes.POINTER(params)], _STATUS
+
+
+#: The functions of libredrafter_cpu.so this binding calls: name -> (argtypes, restype).
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "redrafter_params_layout": ([], ctypes.c_char_p),
+    "redrafter_beam_search_step_cpu": _op(BeamSearchParams),
+    "redrafter_tree_pack_cpu": _op(TreePackParams),
+    "redrafter_accept_cpu": _op(AcceptParams),
+    "redrafter_kv_relocate_cpu": _op(KvRelocateParams),
+    "redrafter_kv_relocate_strided_cpu": _op(KvRelocateParams),
+    "redrafter_draw_tokens_cpu": _op(DrawTokensParams),
+    "redrafter_linear_packed_cpu": _op(LinearParams),
+    "redrafter_linear_cpu": _op(LinearParams),
+    "redrafter_attention_cpu": _op(AttentionParams),
+    "redrafter_embed_blocks_cpu": _op(EmbedBlocksParams),
+    "redrafter_decoder_forward_cpu": _op(DecoderParams),
+    # the small kernels (cpp/src/{linear,layer_ops}_cpu.cpp) take their few arguments directly
+    "redrafter_linear_pack_cpu": ([_p, _i32, _p, _i64, _i64], _STATUS),
+    "redrafter_linear_pack_blocks_cpu": ([_p, _p, _p, _i32, _p, _i64, _i64], _STATUS),
+    "redrafter_rmsnorm_cpu": ([_p, _p, _p, _i32, _i64, _i64, _f32], _STATUS),
+    "redrafter_rope_cpu": ([_p, _i32, _i64, _i64, _i64, _i64, _p, _p], _STATUS),
+    "redrafter_silu_mul_cpu": ([_p, _p, _i32, _i64, _i64], _STATUS),
+    # queries, and the machine probes (cpp/src/machine_cpu.cpp)
+    "redrafter_linear_simd_cpu": ([], _i32),
+    "redrafter_linear_packed_elems": ([_i64, _i64], _i64),
+    "redrafter_linear_blocks_packed_bytes": ([_i32, _i64, _i64], _i64),
+    "redrafter_read_sum_cpu": ([_p, _i64, _i32], _f32),
+    "redrafter_fma_burn_cpu": ([_i64, _i64, _i32], _f32),
+}
+#: The functions of libredrafter_cuda.so (the same operators' CUDA launchers).
+_CUDA_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "redrafter_beam_search_workspace_bytes": ([ctypes.POINTER(BeamSearchParams)], _sz),
+    "redrafter_accept_workspace_bytes": ([ctypes.POINTER(AcceptParams)], _sz),
+    "redrafter_beam_search_step_cuda": _op(BeamSearchParams),
+    "redrafter_tree_pack_cuda": _op(TreePackParams),
+    "redrafter_accept_cuda": _op(AcceptParams),
+    "redrafter_kv_relocate_cuda": _op(KvRelocateParams),
+    "redrafter_kv_relocate_strided_cuda": _op(KvRelocateParams),
 }
 
 
@@ -114,9 +307,10 @@ def library_path() -> Path:
 
 
 def _open(
-    path: Path, what: str, where: str, env_name: str, file_name: str, signatures: dict
+    path: Path, what: str, where: str, env_name: str, file_name: str, version: str, signatures: dict
 ) -> ctypes.CDLL:
-    """Open one of our shared libraries and bind ``signatures``; every failure says how to build it."""
+    """Open one of our shared libraries, check its C ABI version (the function ``version``) and
+    bind ``signatures``; every failure says how to build it."""
     if not path.is_file():
         raise RedrafterError(
             f"{what} not found at {path}: build it with `{BUILD_COMMAND}` {where}, "
@@ -128,6 +322,13 @@ def _open(
         raise RedrafterError(
             f"cannot load {what} {path}: {e}; rebuild it with `{BUILD_COMMAND}`"
         ) from e
+    _bind(lib, path, {version: ([], _i32)})
+    found = getattr(lib, version)()
+    if found != ABI_VERSION:
+        raise RedrafterError(
+            f"{what} {path} speaks C ABI version {found}, this binding needs "
+            f"{ABI_VERSION}: rebuild it with `{BUILD_COMMAND}`"
+        )
     _bind(lib, path, signatures)
     return lib
 
@@ -137,27 +338,20 @@ def load_library() -> ctypes.CDLL:
     global _lib
     if _lib is not None:
         return _lib
-    path = library_path()
-    lib = _open(
-        path,
+    _lib = _open(
+        library_path(),
         "native library",
         f"from {REPO_ROOT} (needs cmake and g++)",
         LIB_ENV,
         "libredrafter_cpu.so",
+        "redrafter_abi_version",
         _SIGNATURES,
     )
-    found = lib.redrafter_abi_version()
-    if found != ABI_VERSION:
-        raise RedrafterError(
-            f"native library {path} speaks C ABI version {found}, this binding needs "
-            f"{ABI_VERSION}: rebuild it with `{BUILD_COMMAND}`"
-        )
-    _lib = lib
-    return lib
+    return _lib
 
 
 def _bind(lib: ctypes.CDLL, path: Path, signatures: dict) -> None:
-    for name, argtypes in signatures.items():
+    for name, (argtypes, restype) in signatures.items():
         try:
             fn = getattr(lib, name)
         except AttributeError:
@@ -165,9 +359,10 @@ def _bind(lib: ctypes.CDLL, path: Path, signatures: dict) -> None:
                 f"native library {path} has no {name} (built from older sources): rebuild it "
                 f"with `{BUILD_COMMAND}`"
             ) from None
-        # Every operator takes (msg, msg_len) last; the version query takes nothing.
-        fn.argtypes = argtypes + ([ctypes.c_char_p, _i64] if argtypes else [])
-        fn.restype = _i32
+        if restype == _STATUS:  # an operator: its message buffer and length last
+            fn.argtypes, fn.restype = [*argtypes, ctypes.c_char_p, _i64], _i32
+        else:
+            fn.argtypes, fn.restype = argtypes, restype
 
 
 def cuda_library_path() -> Path:
@@ -192,6 +387,7 @@ def load_cuda_library() -> ctypes.CDLL:
             "where nvcc exists",
             CUDA_LIB_ENV,
             "libredrafter_cuda.so",
+            "redrafter_cuda_abi_version",
             _CUDA_SIGNATURES,
         )
     except RedrafterError as e:
@@ -241,10 +437,18 @@ def available() -> bool:
         return False
 
 
-def _call(name: str, *args, lib: ctypes.CDLL | None = None) -> None:
-    lib = lib if lib is not None else load_library()
-    msg = ctypes.create_string_buffer(_MSG_LEN)
-    status = getattr(lib, name)(*args, msg, _MSG_LEN)
+_local = threading.local()  # each thread's message buffer
+
+
+def call(name: str, *args: Any, lib: ctypes.CDLL | None = None) -> None:
+    """Run the operator ``name`` of the CPU library (or of ``lib``, e.g. :func:`load_cuda_library`)
+    on ``args`` (its params struct, or the few arguments of a small kernel), with a message
+    buffer; a non-zero status raises :class:`RedrafterError` with the library's message."""
+    fn = getattr(lib if lib is not None else load_library(), name)
+    msg = getattr(_local, "msg", None)
+    if msg is None:
+        msg = _local.msg = ctypes.create_string_buffer(_MSG_LEN)
+    status = fn(*args, msg, _MSG_LEN)
     if status != 0:
         raise RedrafterError(f"{msg.value.decode(errors='replace')} [native status {status}]")
 
@@ -260,11 +464,13 @@ def _cpu(x, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t.contiguous()
 
 
+def as_logits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous in a dtype of :data:`LOGITS_DTYPES` (float32 unless it has one)."""
+    return (t if t.dtype in LOGITS_DTYPES else t.float()).contiguous()
+
+
 def _logits(x, name: str) -> torch.Tensor:
-    t = _cpu(x, name)
-    if t.dtype not in _DTYPES:
-        t = t.to(torch.float32)
-    return t
+    return as_logits(_cpu(x, name))
 
 
 def _shape(t: torch.Tensor, shape: tuple, name: str) -> None:
@@ -277,8 +483,36 @@ def _ndim(t: torch.Tensor, ndim: int, name: str, dims: str) -> None:
         raise RedrafterError(f"{name}: expected {ndim} dims {dims}, got shape {list(t.shape)}")
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def beam_search_params(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    warp_k: int,
+    vocab_map: torch.Tensor | None,
+    new_scores: torch.Tensor,
+    parent: torch.Tensor,
+    token: torch.Tensor,
+) -> BeamSearchParams:
+    """The beam-search step's params over these contiguous tensors (CPU or CUDA; logits
+    [B, W, V] in a dtype of :data:`LOGITS_DTYPES`, the rest as :func:`beam_search_step`'s);
+    the library checks them."""
+    b, w, v = logits.shape
+    return BeamSearchParams(
+        logits=logits.data_ptr(),
+        dtype=LOGITS_DTYPES[logits.dtype],
+        beam_scores=beam_scores.data_ptr(),
+        vocab_map=_ptr(vocab_map),
+        new_scores=new_scores.data_ptr(),
+        parent=parent.data_ptr(),
+        token=token.data_ptr(),
+        batch=b,
+        num_beams=w,
+        vocab=v,
+        warp_k=int(warp_k),
+    )
 
 
 def beam_search_step(logits, beam_scores, warp_k: int = DEFAULT_WARP_K, vocab_map=None):
@@ -305,19 +539,8 @@ def beam_search_step(logits, beam_scores, warp_k: int = DEFAULT_WARP_K, vocab_ma
     token = torch.empty((b, w), dtype=torch.int32)
     if b == 0 and 1 <= w <= min(v, 64):  # nothing to do (empty tensors have no data pointer)
         return scores, parent, token
-    _call(
-        "redrafter_beam_search_step_cpu",
-        _ptr(x),
-        _DTYPES[x.dtype],
-        _ptr(s),
-        b,
-        w,
-        v,
-        int(warp_k),
-        _ptr(m),
-        _ptr(scores),
-        _ptr(parent),
-        _ptr(token),
+    call(
+        "redrafter_beam_search_step_cpu", beam_search_params(x, s, warp_k, m, scores, parent, token)
     )
     return scores, parent, token
 
@@ -342,20 +565,55 @@ def pack_tree(beams) -> PackedTree:
             packed_mask,
             torch.zeros((0, n, n), dtype=torch.bool),
         )
-    _call(
-        "redrafter_tree_pack_cpu",
-        _ptr(bm),
-        b,
-        w,
-        l,
-        _ptr(tokens),
-        _ptr(lengths),
-        _ptr(unpacker),
-        _ptr(offsets),
-        _ptr(packed_mask),
+    p = TreePackParams(
+        beams=bm.data_ptr(),
+        packed_tokens=tokens.data_ptr(),
+        packed_len=lengths.data_ptr(),
+        unpacker=unpacker.data_ptr(),
+        position_offsets=offsets.data_ptr(),
+        packed_mask=packed_mask.data_ptr(),
+        batch=b,
+        num_beams=w,
+        beam_len=l,
     )
+    call("redrafter_tree_pack_cpu", p)
     return PackedTree(
         tokens, lengths, unpacker, offsets, packed_mask, packed_mask_to_bool(packed_mask, n)
+    )
+
+
+def accept_params(
+    logits: torch.Tensor,
+    beams: torch.Tensor,
+    unpacker: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+    out: Acceptance,
+    packed_len: torch.Tensor | None = None,
+) -> AcceptParams:
+    """Acceptance's params over these contiguous tensors (CPU or CUDA; logits [B, N, V] in a
+    dtype of :data:`LOGITS_DTYPES`, the rest as :func:`accept`'s, int32 and float32; ``out``
+    the output tensors); the library checks them."""
+    b, n, v = logits.shape
+    _, w, l = beams.shape
+    return AcceptParams(
+        logits=logits.data_ptr(),
+        dtype=LOGITS_DTYPES[logits.dtype],
+        beams=beams.data_ptr(),
+        unpacker=unpacker.data_ptr(),
+        packed_len=_ptr(packed_len),
+        temperature=temperature.data_ptr(),
+        top_k=top_k.data_ptr(),
+        top_p=top_p.data_ptr(),
+        uniforms=uniforms.data_ptr(),
+        **{name: t.data_ptr() for name, t in out._asdict().items()},
+        batch=b,
+        num_nodes=n,
+        vocab=v,
+        num_beams=w,
+        beam_len=l,
     )
 
 
@@ -391,36 +649,13 @@ def accept(
     if packed_len is not None:
         plen = _cpu(packed_len, "accept packed_len", torch.int32)
         _shape(plen, (b,), "accept packed_len")
-    num_accepted = torch.empty((b,), dtype=torch.int32)
-    best = torch.empty((b,), dtype=torch.int32)
-    bonus = torch.empty((b,), dtype=torch.int32)
-    path = torch.empty((b, l), dtype=torch.int32)
-    emitted = torch.empty((b, l), dtype=torch.int32)
-    if b == 0 and 1 <= w <= 64 and 1 <= l <= 64:
-        return Acceptance(num_accepted, best, bonus, path, emitted)
-    _call(
-        "redrafter_accept_cpu",
-        _ptr(x),
-        _DTYPES[x.dtype],
-        b,
-        n,
-        v,
-        _ptr(bm),
-        _ptr(up),
-        w,
-        l,
-        _ptr(plen),
-        _ptr(temp),
-        _ptr(tk),
-        _ptr(tp),
-        _ptr(u),
-        _ptr(num_accepted),
-        _ptr(best),
-        _ptr(bonus),
-        _ptr(path),
-        _ptr(emitted),
+    out = Acceptance(
+        *(torch.empty(s, dtype=torch.int32) for s in ((b,), (b,), (b,), (b, l), (b, l)))
     )
-    return Acceptance(num_accepted, best, bonus, path, emitted)
+    if b == 0 and 1 <= w <= 64 and 1 <= l <= 64:
+        return out
+    call("redrafter_accept_cpu", accept_params(x, bm, up, temp, tk, tp, u, out, plen))
+    return out
 
 
 def draw_tokens(logits, temperature, top_k, top_p, uniforms) -> torch.Tensor:
@@ -437,19 +672,63 @@ def draw_tokens(logits, temperature, top_k, top_p, uniforms) -> torch.Tensor:
     out = torch.empty((rows,), dtype=torch.int32)
     if rows == 0:
         return out
-    _call(
-        "redrafter_draw_tokens_cpu",
-        _ptr(x),
-        _DTYPES[x.dtype],
-        rows,
-        v,
-        _ptr(temp),
-        _ptr(tk),
-        _ptr(tp),
-        _ptr(u),
-        _ptr(out),
+    p = DrawTokensParams(
+        logits=x.data_ptr(),
+        dtype=LOGITS_DTYPES[x.dtype],
+        temperature=temp.data_ptr(),
+        top_k=tk.data_ptr(),
+        top_p=tp.data_ptr(),
+        uniforms=u.data_ptr(),
+        tokens=out.data_ptr(),
+        rows=rows,
+        vocab=v,
     )
+    call("redrafter_draw_tokens_cpu", p)
     return out
+
+
+def kv_relocate_params(
+    cache: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    cache_lengths: torch.Tensor | None,
+    accepted_indices: torch.Tensor,
+    num_accepted: torch.Tensor | None,
+    new_lengths: torch.Tensor | None,
+    *,
+    num_layers: int,
+    num_slots: int,
+    kv_heads: int,
+    max_seq: int,
+    head_dim: int,
+    elem_bytes: int | None = None,
+    layout: KvLayout | None = None,
+    cache_elems: int = 0,
+) -> KvRelocateParams:
+    """KV relocation's params over these contiguous tensors (CPU or CUDA; as
+    :func:`relocate_kv_strided`'s, int32; None is NULL): the dims, the element size (default the
+    cache's), and for the strided entry points the ``layout`` and ``cache_elems``. The library
+    checks them."""
+    b, l = accepted_indices.shape
+    if elem_bytes is None:
+        elem_bytes = 0 if cache is None else cache.element_size()
+    return KvRelocateParams(
+        cache=_ptr(cache),
+        slots=_ptr(slots),
+        cache_lengths=_ptr(cache_lengths),
+        accepted_indices=accepted_indices.data_ptr(),
+        num_accepted=_ptr(num_accepted),
+        new_lengths=_ptr(new_lengths),
+        elem_bytes=elem_bytes,
+        num_layers=int(num_layers),
+        num_slots=int(num_slots),
+        num_kv_heads=int(kv_heads),
+        max_seq_len=int(max_seq),
+        head_dim=int(head_dim),
+        batch=b,
+        beam_len=l,
+        cache_elems=int(cache_elems),
+        **({} if layout is None else {f: int(v) for f, v in layout._asdict().items()}),
+    )
 
 
 def relocate_kv(
@@ -489,23 +768,20 @@ def relocate_kv(
     out = torch.empty((b,), dtype=torch.int32)
     if b == 0 and 1 <= l <= 64:
         return out
-    _call(
-        "redrafter_kv_relocate_cpu",
-        _ptr(cache),
-        cache.element_size(),
-        layers,
-        num_slots,
-        heads,
-        max_seq,
-        head_dim,
-        _ptr(sl),
-        _ptr(lens),
-        _ptr(q),
-        _ptr(na),
-        b,
-        l,
-        _ptr(out),
+    p = kv_relocate_params(
+        cache,
+        sl,
+        lens,
+        q,
+        na,
+        out,
+        num_layers=layers,
+        num_slots=num_slots,
+        kv_heads=heads,
+        max_seq=max_seq,
+        head_dim=head_dim,
     )
+    call("redrafter_kv_relocate_cpu", p)
     return out
 
 
@@ -568,32 +844,28 @@ def relocate_kv_strided(
     out = torch.empty((b,), dtype=torch.int32, device=dev)
     if b == 0 and 1 <= l <= 64:
         return out
-    elems = _extent(cache) if cache_elems is None else int(cache_elems)
-    args = (
-        _ptr(cache),
-        elems,
-        cache.element_size(),
-        int(num_layers),
-        int(num_slots),
-        int(kv_heads),
-        int(max_seq),
-        int(head_dim),
-        *(int(v) for v in layout),
-        _ptr(sl),
-        _ptr(lens),
-        _ptr(q),
-        _ptr(na),
-        b,
-        l,
-        _ptr(out),
+    p = kv_relocate_params(
+        cache,
+        sl,
+        lens,
+        q,
+        na,
+        out,
+        num_layers=num_layers,
+        num_slots=num_slots,
+        kv_heads=kv_heads,
+        max_seq=max_seq,
+        head_dim=head_dim,
+        layout=layout,
+        cache_elems=_extent(cache) if cache_elems is None else int(cache_elems),
     )
     if dev.type == "cpu":
-        _call("redrafter_kv_relocate_strided_cpu", *args)
+        call("redrafter_kv_relocate_strided_cpu", p)
     else:
         lib = load_cuda_library()
         with torch.cuda.device(dev):
-            stream = ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream)
-            _call("redrafter_kv_relocate_strided_cuda", *args, stream, lib=lib)
+            p.stream = torch.cuda.current_stream(dev).cuda_stream
+            call("redrafter_kv_relocate_strided_cuda", p, lib=lib)
     return out
 
 
@@ -642,33 +914,6 @@ def relocate_paged_native(
 
 # ---------------------------------------------------------------------- batch-invariant linear
 _LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
-_kernel_fns: dict[str, Any] = {}
-_linear_msg = ctypes.create_string_buffer(_MSG_LEN)
-#: the CPU model kernels' C functions (cpp/src/{linear,attention,layer_ops,embed}_cpu.cpp), each
-#: returning a status with its message last
-_KERNEL_SIGNATURES = {
-    "redrafter_linear_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32],
-    "redrafter_linear_pack_cpu": [_p, _i32, _p, _i64, _i64],
-    "redrafter_linear_packed_cpu": [_p, _i32, _p, _i32, _p, _p, _i32, _i64, _i64, _i64, _i32, _i32],
-    "redrafter_linear_pack_blocks_cpu": [_p, _p, _p, _i32, _p, _i64, _i64],
-    "redrafter_attention_cpu": [_p, _p, _i32, _p, _p, _p]
-    + [_i64] * 8
-    + [ctypes.c_float, _i32, _i32],
-    "redrafter_rmsnorm_cpu": [_p, _p, _p, _i32, _i64, _i64, ctypes.c_float],
-    "redrafter_rope_cpu": [_p, _i32, _i64, _i64, _i64, _i64, _p, _p],
-    "redrafter_silu_mul_cpu": [_p, _p, _i32, _i64, _i64],
-    "redrafter_decoder_forward_cpu": [_p],
-    "redrafter_embed_blocks_cpu": [_p, _p, _p, _i32, _i64, _i64, _p, _i64, _p],
-}
-#: their queries and the machine probes (cpp/src/machine_cpu.cpp): (argtypes, restype), no status
-_KERNEL_QUERIES = {
-    "redrafter_linear_simd_cpu": ([], _i32),
-    "redrafter_linear_packed_elems": ([_i64, _i64], _i64),
-    "redrafter_linear_blocks_packed_bytes": ([_i32, _i64, _i64], _i64),
-    "redrafter_read_sum_cpu": ([_p, _i64, _i32], ctypes.c_float),
-    "redrafter_fma_burn_cpu": ([_i64, _i64, _i32], ctypes.c_float),
-    "redrafter_decoder_params_layout": ([_p, _i64], _i64),
-}
 #: GGUF block formats the kernel decodes in registers (cpp/src/linear_cpu.cpp kQ4_1, kQ8_0)
 _BLOCK_CODES = {"q4_1": 10, "q8_0": 11}
 #: weights per GGUF block along K (cpp/src/linear_cpu.cpp kBlock)
@@ -677,47 +922,20 @@ GGUF_BLOCK = 32
 LINEAR_PANEL = 16
 
 
-def _kernel(name: str = "redrafter_linear_cpu"):
-    """One of the CPU kernels' C functions, all bound at the first call (a library built before
-    them raises saying how to rebuild it)."""
-    if not _kernel_fns:
-        lib, path = load_library(), library_path()
-        _bind(lib, path, _KERNEL_SIGNATURES)
-        _bind(lib, path, {n: [] for n in _KERNEL_QUERIES})  # present, or the same error
-        for fn_name, (argtypes, restype) in _KERNEL_QUERIES.items():
-            fn = getattr(lib, fn_name)
-            fn.argtypes, fn.restype = argtypes, restype
-        for fn_name in (*_KERNEL_SIGNATURES, *_KERNEL_QUERIES):
-            _kernel_fns[fn_name] = getattr(lib, fn_name)
-    return _kernel_fns[name]
-
-
 def linear_available() -> bool:
-    """True when the CPU library with the batch-invariant linear kernel loads."""
-    try:
-        _kernel()
-        return True
-    except RedrafterError:
-        return False
+    """True when the CPU library, and with it the batch-invariant linear kernel, loads."""
+    return available()
 
 
 def require_linear() -> None:
     """Raise a :class:`RedrafterError` saying how to build the library when the kernel is missing."""
-    _kernel()
+    load_library()
 
 
 def simd_level() -> int:
     """The kernels' SIMD path on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 the portable path (same bits
     on every path; ``$REDRAFTER_NO_AVX512`` keeps AVX2)."""
-    _kernel()
-    return int(_kernel("redrafter_linear_simd_cpu")())
-
-
-def _linear_status(status: int) -> None:
-    if status != 0:
-        raise RedrafterError(
-            f"{_linear_msg.value.decode(errors='replace')} [native status {status}]"
-        )
+    return int(load_library().redrafter_linear_simd_cpu())
 
 
 def _check_linear_tensor(name: str, t: torch.Tensor) -> None:
@@ -753,16 +971,16 @@ class PackedWeight:
 
 def pack_linear(weight: torch.Tensor) -> PackedWeight:
     """Pack ``weight`` [N, K] (float32/bfloat16, CPU) for :func:`linear_packed`."""
-    fn = _kernel("redrafter_linear_pack_cpu")
+    lib = load_library()
     _check_linear_tensor("weight", weight)
     if weight.dim() != 2:
         raise RedrafterError(f"linear: weight must be [N, K], got {list(weight.shape)}")
     n, k = weight.shape
     w = weight.detach().contiguous()
-    elems = int(_kernel("redrafter_linear_packed_elems")(n, k))
+    elems = int(lib.redrafter_linear_packed_elems(n, k))
     packed = torch.empty(elems, dtype=w.dtype)
-    _linear_status(
-        fn(w.data_ptr(), _LINEAR_DTYPES[w.dtype], packed.data_ptr(), n, k, _linear_msg, _MSG_LEN)
+    call(
+        "redrafter_linear_pack_cpu", w.data_ptr(), _LINEAR_DTYPES[w.dtype], packed.data_ptr(), n, k
     )
     return PackedWeight(packed, int(n), int(k))
 
@@ -820,26 +1038,23 @@ def pack_blocks(bt) -> PackedWeight:
     """Pack a GGUF block weight (:class:`~redrafter_trt.models.blocks.BlockTensor`) into block
     panels the kernel decodes in registers: 16 columns x 32 k each, scales widened to float32;
     :func:`linear_packed` then gives the bits of the float32 path on its exact expansion."""
-    fn = _kernel("redrafter_linear_pack_blocks_cpu")
+    lib = load_library()
     if bt.fmt not in _BLOCK_CODES:
         raise RedrafterError(f"linear: unknown block format {bt.fmt!r}")
-    nbytes = int(_kernel("redrafter_linear_blocks_packed_bytes")(_BLOCK_CODES[bt.fmt], bt.n, bt.k))
+    nbytes = int(lib.redrafter_linear_blocks_packed_bytes(_BLOCK_CODES[bt.fmt], bt.n, bt.k))
     if nbytes <= 0:
         raise RedrafterError(f"linear: a {bt.fmt} weight [{bt.n}, {bt.k}] cannot be packed")
     code, qs, d, m = _block_parts(bt, "linear")
     packed = torch.empty(nbytes, dtype=torch.uint8)
-    _linear_status(
-        fn(
-            qs.data_ptr(),
-            d.data_ptr(),
-            None if m is None else m.data_ptr(),
-            code,
-            packed.data_ptr(),
-            bt.n,
-            bt.k,
-            _linear_msg,
-            _MSG_LEN,
-        )
+    call(
+        "redrafter_linear_pack_blocks_cpu",
+        qs.data_ptr(),
+        d.data_ptr(),
+        _ptr(m),
+        code,
+        packed.data_ptr(),
+        bt.n,
+        bt.k,
     )
     return PackedWeight(packed, int(bt.n), int(bt.k), bt.fmt)
 
@@ -872,7 +1087,6 @@ def embed_blocks(bt, ids: torch.Tensor) -> torch.Tensor:
     (``cpp/src/embed_cpu.cpp``) with the converter's operations: bit-identical to the rows of
     :func:`~redrafter_trt.models.blocks.decode`, without a float32 [V, H] table. An id outside
     [0, V) is an error naming it."""
-    fn = _kernel("redrafter_embed_blocks_cpu")
     if ids.device.type != "cpu" or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise RedrafterError(
             f"embed: ids must be an integer CPU tensor, got {ids.dtype} on {ids.device}"
@@ -882,21 +1096,18 @@ def embed_blocks(bt, ids: torch.Tensor) -> torch.Tensor:
     out = torch.empty((*ids.shape, bt.k), dtype=torch.float32)
     if flat.numel() == 0:
         return out
-    _linear_status(
-        fn(
-            qs.data_ptr(),
-            d.data_ptr(),
-            None if m is None else m.data_ptr(),
-            code,
-            bt.n,
-            bt.k,
-            flat.data_ptr(),
-            flat.numel(),
-            out.data_ptr(),
-            _linear_msg,
-            _MSG_LEN,
-        )
+    p = EmbedBlocksParams(
+        qs=qs.data_ptr(),
+        d=d.data_ptr(),
+        m=_ptr(m),
+        fmt=code,
+        rows=bt.n,
+        k=bt.k,
+        ids=flat.data_ptr(),
+        count=flat.numel(),
+        out=out.data_ptr(),
     )
+    call("redrafter_embed_blocks_cpu", p)
     return out
 
 
@@ -949,7 +1160,6 @@ def linear_packed(
     Returns:
         [..., N] in ``out_dtype``.
     """
-    fn = _kernel("redrafter_linear_packed_cpu")
     out_dtype = out_dtype or x.dtype
     _check_linear_tensor("x", x)
     if out_dtype not in _LINEAR_DTYPES:
@@ -969,23 +1179,21 @@ def linear_packed(
             raise RedrafterError(f"linear: bias must be [{n}], got {list(bias.shape)}")
     m = xc.numel() // k
     y = torch.empty((*x.shape[:-1], n), dtype=out_dtype)
-    status = fn(
-        xc.data_ptr(),
-        _LINEAR_DTYPES[xc.dtype],
-        weight.data.data_ptr(),
-        weight.code,
-        None if b is None else b.data_ptr(),
-        y.data_ptr(),
-        _LINEAR_DTYPES[out_dtype],
-        m,
-        n,
-        k,
-        linear_threads() if threads is None else int(threads),
-        int(force_scalar),
-        _linear_msg,
-        _MSG_LEN,
+    p = LinearParams(
+        x=xc.data_ptr(),
+        x_dtype=_LINEAR_DTYPES[xc.dtype],
+        w=weight.data.data_ptr(),
+        w_dtype=weight.code,
+        bias=_ptr(b),
+        y=y.data_ptr(),
+        y_dtype=_LINEAR_DTYPES[out_dtype],
+        m=m,
+        n=n,
+        k=k,
+        threads=linear_threads() if threads is None else int(threads),
+        force_scalar=int(force_scalar),
     )
-    _linear_status(status)
+    call("redrafter_linear_packed_cpu", p)
     return y
 
 
@@ -998,7 +1206,7 @@ def linear(
 ) -> torch.Tensor:
     """:func:`linear_packed` with an unpacked ``weight`` [N, K] (packed per call: for tests and
     one-off products; layers pack once with :func:`pack_linear`). The same bits."""
-    _kernel()
+    load_library()
     _check_linear_tensor("weight", weight)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise RedrafterError(
@@ -1033,7 +1241,6 @@ def attention(
     Returns:
         [B, T, nh, hd] float32.
     """
-    fn = _kernel("redrafter_attention_cpu")
     if q.dim() != 4 or q.dtype != torch.float32 or q.device.type != "cpu":
         raise RedrafterError(
             f"attention: q must be a [B, T, nh, hd] float32 CPU tensor, got {q.dtype} {list(q.shape)}"
@@ -1058,28 +1265,26 @@ def attention(
     sl = slots.to(torch.int64).contiguous()
     mk = mask.to(torch.uint8).contiguous()
     out = torch.empty_like(qc)
-    status = fn(
-        qc.data_ptr(),
-        layer_cache.data_ptr(),
-        _LINEAR_DTYPES[layer_cache.dtype],
-        sl.data_ptr(),
-        mk.data_ptr(),
-        out.data_ptr(),
-        b,
-        t,
-        nh,
-        nkv,
-        hd,
-        s,
-        cap,
-        num_slots,
-        float(hd**-0.5 if scale is None else scale),
-        linear_threads() if threads is None else int(threads),
-        int(force_scalar),
-        _linear_msg,
-        _MSG_LEN,
+    p = AttentionParams(
+        q=qc.data_ptr(),
+        cache=layer_cache.data_ptr(),
+        cache_dtype=_LINEAR_DTYPES[layer_cache.dtype],
+        slots=sl.data_ptr(),
+        mask=mk.data_ptr(),
+        out=out.data_ptr(),
+        b=b,
+        t=t,
+        nh=nh,
+        nkv=nkv,
+        hd=hd,
+        s=s,
+        cap=cap,
+        num_slots=num_slots,
+        scale=float(hd**-0.5 if scale is None else scale),
+        threads=linear_threads() if threads is None else int(threads),
+        force_scalar=int(force_scalar),
     )
-    _linear_status(status)
+    call("redrafter_attention_cpu", p)
     return out
 
 
@@ -1089,7 +1294,8 @@ def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5)
     FMA peak (flop/s with ``threads``), measured on the kernels' own thread pool
     (``cpp/src/machine_cpu.cpp``): the limits the linear kernel is judged against. Best of
     ``repeats``; a buffer of ``mib`` MiB (larger than the caches)."""
-    read_sum, fma_burn = _kernel("redrafter_read_sum_cpu"), _kernel("redrafter_fma_burn_cpu")
+    lib = load_library()
+    read_sum, fma_burn = lib.redrafter_read_sum_cpu, lib.redrafter_fma_burn_cpu
     nt = linear_threads() if threads is None else int(threads)
     buf = torch.ones(mib * 2**20 // 4)
 
@@ -1123,27 +1329,23 @@ def machine_limits(threads: int | None = None, mib: int = 512, repeats: int = 5)
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (``cpp/src/layer_ops_cpu.cpp``): float32 arithmetic, each row
     reduced alone in a fixed order; x and weight float32 or bfloat16 of one dtype."""
-    fn = _kernel("redrafter_rmsnorm_cpu")
     _check_linear_tensor("x", x)
     if weight.dtype != x.dtype or weight.shape != (x.shape[-1],):
         raise RedrafterError(
             f"rmsnorm: weight must be [{x.shape[-1]}] {x.dtype}, got {weight.dtype} {list(weight.shape)}"
         )
-    xc = x.contiguous()
+    xc, wc = x.contiguous(), weight.detach().contiguous()
     y = torch.empty_like(xc)
     h = x.shape[-1]
-    _linear_status(
-        fn(
-            xc.data_ptr(),
-            weight.detach().contiguous().data_ptr(),
-            y.data_ptr(),
-            _LINEAR_DTYPES[x.dtype],
-            xc.numel() // h,
-            h,
-            float(eps),
-            _linear_msg,
-            _MSG_LEN,
-        )
+    call(
+        "redrafter_rmsnorm_cpu",
+        xc.data_ptr(),
+        wc.data_ptr(),
+        y.data_ptr(),
+        _LINEAR_DTYPES[x.dtype],
+        xc.numel() // h,
+        h,
+        float(eps),
     )
     return y
 
@@ -1153,7 +1355,6 @@ def rope_(
 ) -> None:
     """Rotate, in place, ``heads`` heads starting at column ``offset`` of every row of the
     contiguous ``x`` [..., C] (a fused qkv output) by cos/sin [rows, head_size/2] float32."""
-    fn = _kernel("redrafter_rope_cpu")
     _check_linear_tensor("x", x)
     if not x.is_contiguous():
         raise RedrafterError("rope: x must be contiguous")
@@ -1170,118 +1371,39 @@ def rope_(
         )
     cc, sc = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
     ptr = x.data_ptr() + offset * x.element_size()
-    _linear_status(
-        fn(
-            ptr,
-            _LINEAR_DTYPES[x.dtype],
-            rows,
-            heads,
-            head_size,
-            c,
-            cc.data_ptr(),
-            sc.data_ptr(),
-            _linear_msg,
-            _MSG_LEN,
-        )
+    call(
+        "redrafter_rope_cpu",
+        ptr,
+        _LINEAR_DTYPES[x.dtype],
+        rows,
+        heads,
+        head_size,
+        c,
+        cc.data_ptr(),
+        sc.data_ptr(),
     )
 
 
 def silu_mul(ab: torch.Tensor) -> torch.Tensor:
     """``silu(ab[..., :n]) * ab[..., n:]`` for ab [..., 2n] (float32 arithmetic)."""
-    fn = _kernel("redrafter_silu_mul_cpu")
     _check_linear_tensor("ab", ab)
     abc = ab.contiguous()
     n = ab.shape[-1] // 2
     if ab.shape[-1] != 2 * n or n < 1:
         raise RedrafterError(f"silu_mul: last dim must be even, got {list(ab.shape)}")
     y = torch.empty((*ab.shape[:-1], n), dtype=ab.dtype)
-    _linear_status(
-        fn(
-            abc.data_ptr(),
-            y.data_ptr(),
-            _LINEAR_DTYPES[ab.dtype],
-            abc.numel() // (2 * n),
-            n,
-            _linear_msg,
-            _MSG_LEN,
-        )
+    call(
+        "redrafter_silu_mul_cpu",
+        abc.data_ptr(),
+        y.data_ptr(),
+        _LINEAR_DTYPES[ab.dtype],
+        abc.numel() // (2 * n),
+        n,
     )
     return y
 
 
 # ---------------------------------------------------------------------- the fused decoder forward
-class DecoderLayerParams(ctypes.Structure):
-    """``RedrafterDecoderLayer`` (cpp/include/redrafter/decoder_cpu.h): one layer's packed weights,
-    their format codes and float32 biases and norm weights (pointers)."""
-
-    _fields_ = [
-        (name, _p)
-        for name in (
-            "qkv",
-            "qkv_bias",
-            "dense",
-            "dense_bias",
-            "gate_up",
-            "gate_up_bias",
-            "gate",
-            "gate_bias",
-            "up",
-            "up_bias",
-            "down",
-            "down_bias",
-            "input_norm",
-            "post_norm",
-        )
-    ] + [(f"{w}_fmt", _i32) for w in ("qkv", "dense", "gate_up", "gate", "up", "down")]
-
-
-class DecoderParams(ctypes.Structure):
-    """``RedrafterDecoderParams`` (cpp/include/redrafter/decoder_cpu.h), the one argument of
-    :func:`decoder_forward`'s C function."""
-
-    _fields_ = (
-        [("struct_size", _i64)]
-        + [(n, _p) for n in ("x", "cos", "sin", "cache", "slots", "write_pos", "mask", "layers")]
-        + [
-            (n, _i64)
-            for n in (
-                "num_layers",
-                "b",
-                "t",
-                "s",
-                "cap",
-                "num_slots",
-                "hidden",
-                "heads",
-                "kv_heads",
-                "head_size",
-                "intermediate",
-            )
-        ]
-        + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
-        + [("cache_dtype", _i32), ("threads", _i32)]
-    )
-
-
-def decoder_params_layout() -> list[int]:
-    """The C side's ``sizeof`` of both structs, then every field's offset (params fields, then
-    layer fields, in declaration order): what the ctypes mirrors above must match."""
-    fn = _kernel("redrafter_decoder_params_layout")
-    buf = (_i64 * 64)()
-    count = int(fn(buf, 64))
-    return list(buf[:count])
-
-
-def python_decoder_params_layout() -> list[int]:
-    """The same list computed from the ctypes mirrors."""
-    return [
-        ctypes.sizeof(DecoderParams),
-        ctypes.sizeof(DecoderLayerParams),
-        *(getattr(DecoderParams, f[0]).offset for f in DecoderParams._fields_),
-        *(getattr(DecoderLayerParams, f[0]).offset for f in DecoderLayerParams._fields_),
-    ]
-
-
 class DecoderWeights:
     """Every layer's weights for :func:`decoder_forward`, as a C array of
     :class:`DecoderLayerParams`; holds the tensors the pointers point into.
@@ -1344,7 +1466,6 @@ def decoder_forward(
         weights: the layers' :class:`DecoderWeights`; heads: query heads; intermediate: the MLP
             width; eps: the RMSNorm epsilon. Scores are scaled by 1/sqrt(hd).
     """
-    fn = _kernel("redrafter_decoder_forward_cpu")
     if x.dim() != 3 or x.dtype != torch.float32 or not x.is_contiguous():
         raise RedrafterError(
             f"decoder: x must be a contiguous [B, T, H] float32 tensor, got {x.dtype} {list(x.shape)}"
@@ -1385,7 +1506,6 @@ def decoder_forward(
         )
     mk = mask.contiguous().view(torch.uint8)
     p = DecoderParams(
-        struct_size=ctypes.sizeof(DecoderParams),
         x=x.data_ptr(),
         cos=cos.data_ptr(),
         sin=sin.data_ptr(),
@@ -1410,4 +1530,4 @@ def decoder_forward(
         cache_dtype=_LINEAR_DTYPES[cache.dtype],
         threads=linear_threads() if threads is None else int(threads),
     )
-    _linear_status(fn(ctypes.addressof(p), _linear_msg, _MSG_LEN))
+    call("redrafter_decoder_forward_cpu", p)

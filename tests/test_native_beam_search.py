@@ -119,9 +119,21 @@ def test_bad_shapes_raise_before_the_call():
 def _raw_call(logits, dtype, scores, b, w, v, k, outs):
     lib = native.load_library()
     msg = ctypes.create_string_buffer(256)
-    status = lib.redrafter_beam_search_step_cpu(
-        logits, dtype, scores, b, w, v, k, None, *outs, msg, 256
+    addr = lambda buf: None if buf is None else ctypes.addressof(buf)  # noqa: E731
+    new_scores, parent, token = (addr(o) for o in outs)
+    p = native.BeamSearchParams(
+        logits=addr(logits),
+        dtype=dtype,
+        beam_scores=addr(scores),
+        new_scores=new_scores,
+        parent=parent,
+        token=token,
+        batch=b,
+        num_beams=w,
+        vocab=v,
+        warp_k=k,
     )
+    status = lib.redrafter_beam_search_step_cpu(p, msg, 256)
     return status, msg.value.decode()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 import torch
@@ -251,7 +249,7 @@ def test_paged_moves_across_block_borders_equal_the_contiguous_reference(tpb, dt
     assert torch.equal(pool, to_pool(cache, tpb))
 
 
-def strided_args(
+def strided_params(
     cache,
     *,
     elems=None,
@@ -264,31 +262,27 @@ def strided_args(
     out=None,
     cache_ptr=True,
 ):
-    """Positional arguments of redrafter_kv_relocate_strided_{cpu,cuda} for a contiguous cache [1, 2, 2, 1, 8, 4]."""
-    layout = KvLayout.contiguous(2, 1, 8, 4)
-    lay = list(layout)
+    """redrafter_kv_relocate_strided_{cpu,cuda}'s params for a contiguous cache [1, 2, 2, 1, 8, 4]."""
+    lay = list(KvLayout.contiguous(2, 1, 8, 4))
     if tpb is not None:
         lay[0] = tpb
     if strides is not None:
         lay[1:] = strides
-    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    return (
-        ptr(cache) if cache_ptr else None,
-        cache.numel() if elems is None else elems,
-        cache.element_size(),
-        1,
-        2,
-        1,
-        8,
-        4,
-        *lay,
-        ptr(slots),
-        ptr(lens),
-        ptr(q),
-        ptr(n),
-        1,
-        3,
-        ptr(out),
+    return native.kv_relocate_params(
+        cache if cache_ptr else None,
+        slots,
+        lens,
+        q,
+        n,
+        out,
+        num_layers=1,
+        num_slots=2,
+        kv_heads=1,
+        max_seq=8,
+        head_dim=4,
+        elem_bytes=cache.element_size(),
+        layout=KvLayout(*lay),
+        cache_elems=cache.numel() if elems is None else elems,
     )
 
 
@@ -328,12 +322,12 @@ def test_strided_cpu_rejects_bad_parameters_with_a_message(case):
         n=torch.tensor([2], dtype=torch.int32),
         out=torch.zeros(1, dtype=torch.int32),
     )
-    args = strided_args(cache, **{**ints, **kwargs})
+    params = strided_params(cache, **{**ints, **kwargs})
     with pytest.raises(RedrafterError, match=needle):
-        native._call("redrafter_kv_relocate_strided_cpu", *args)
+        native.call("redrafter_kv_relocate_strided_cpu", params)
     assert torch.equal(cache, before)
     # the same arguments, valid: moves t=4 -> 3, t=5 -> 4 of slot 1
-    native._call("redrafter_kv_relocate_strided_cpu", *strided_args(cache, **ints))
+    native.call("redrafter_kv_relocate_strided_cpu", strided_params(cache, **ints))
     want = before.clone()
     want[:, :, 1, :, 3:5] = before[:, :, 1, :, 4:6]
     assert torch.equal(cache, want) and int(ints["out"][0]) == 5
@@ -420,9 +414,8 @@ def test_cuda_entry_validates_like_the_cpu_entry():
     )
     for kwargs, needle in bad_strided_cases():
         with pytest.raises(RedrafterError, match=needle):
-            native._call(
+            native.call(
                 "redrafter_kv_relocate_strided_cuda",
-                *strided_args(cache, **{**ints, **kwargs}),
-                None,
+                strided_params(cache, **{**ints, **kwargs}),
                 lib=lib,
             )

@@ -28,6 +28,7 @@
 #include "cpu_numeric.h"
 #include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
+#include "redrafter/c_api.h"
 #include "redrafter/common.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -331,16 +332,12 @@ Status cpu::attention(const float* q, const void* cache, int32_t cacheDtype, con
 
 extern "C" {
 
-// out [b, t, nh, hd] float32 = attention of q [b, t, nh, hd] float32 over one layer's cache
-// [2, num_slots, nkv, cap, hd] (dtype 0 = float32, 2 = bfloat16) rows slots [b] (int64), keys
-// j < s that mask [b, t, s] (uint8, 1 = allowed) allows, scores times `scale`.
-int32_t redrafter_attention_cpu(const float* q, const void* cache, int32_t cache_dtype, const int64_t* slots,
-                                const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
-                                int64_t hd, int64_t s, int64_t cap, int64_t num_slots, float scale, int32_t threads,
-                                int32_t force_scalar, char* msg, int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&] {
-        return redrafter::cpu::attention(q, cache, cache_dtype, slots, mask, out, b, t, nh, nkv, hd, s, cap, num_slots,
-                                         scale, threads, force_scalar);
+// out [b, t, nh, hd] float32 = attention of q over one layer's cache (redrafter/c_api.h
+// RedrafterAttentionParams).
+int32_t redrafter_attention_cpu(const RedrafterAttentionParams* params, char* msg, int64_t msg_len) {
+    return redrafter::capi::guardedParams(params, "attention", msg, msg_len, [](const RedrafterAttentionParams& a) {
+        return redrafter::cpu::attention(a.q, a.cache, a.cache_dtype, a.slots, a.mask, a.out, a.b, a.t, a.nh, a.nkv,
+                                         a.hd, a.s, a.cap, a.num_slots, a.scale, a.threads, a.force_scalar);
     });
 }
 

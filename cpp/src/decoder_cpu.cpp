@@ -31,12 +31,6 @@ using cpu::kF32;
 Status bad(const char* what) { return Status::error(StatusCode::kInvalidArgument, "decoder forward: %s", what); }
 
 Status checkParams(const RedrafterDecoderParams& p) {
-    if (p.struct_size != static_cast<int64_t>(sizeof(RedrafterDecoderParams)))
-        return Status::error(StatusCode::kInvalidArgument,
-                             "decoder forward: params struct of %lld bytes, this library expects %lld (rebuild the "
-                             "library or the binding)",
-                             static_cast<long long>(p.struct_size),
-                             static_cast<long long>(sizeof(RedrafterDecoderParams)));
     if (p.num_layers < 1 || p.b < 0 || p.t < 0 || p.hidden < 1 || p.heads < 1 || p.kv_heads < 1 || p.head_size < 2 ||
         p.head_size % 2 || p.intermediate < 1 || p.heads % p.kv_heads != 0 || p.s < 1 || p.cap < p.s || p.num_slots < 1)
         return Status::error(
@@ -172,22 +166,7 @@ Status decoderForward(const RedrafterDecoderParams& p) {
 extern "C" {
 
 int32_t redrafter_decoder_forward_cpu(const RedrafterDecoderParams* params, char* msg, int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&]() -> redrafter::Status {
-        if (!params) return redrafter::bad("null params");
-        return redrafter::decoderForward(*params);
-    });
-}
-
-int64_t redrafter_decoder_params_layout(int64_t* out, int64_t n) {
-    const int64_t fields[] = {static_cast<int64_t>(sizeof(RedrafterDecoderParams)),
-                              static_cast<int64_t>(sizeof(RedrafterDecoderLayer)),
-#define RD_OFF(S, f) static_cast<int64_t>(offsetof(S, f)),
-                              REDRAFTER_DECODER_PARAMS_FIELDS(RD_OFF) REDRAFTER_DECODER_LAYER_FIELDS(RD_OFF)
-#undef RD_OFF
-    };
-    const int64_t count = static_cast<int64_t>(sizeof(fields) / sizeof(fields[0]));
-    for (int64_t i = 0; i < count && i < n; ++i) out[i] = fields[i];
-    return count;
+    return redrafter::capi::guardedParams(params, "decoder forward", msg, msg_len, redrafter::decoderForward);
 }
 
 }  // extern "C"

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "redrafter/c_abi_guard.h"
+#include "redrafter/c_api.h"
 #include "redrafter/common.h"
 
 namespace redrafter {
@@ -70,14 +71,13 @@ Status embedBlocks(const void* qs, const uint16_t* d, const uint16_t* m, int32_t
 
 extern "C" {
 
-// out [count, k] float32 = rows ids [count] (int64) of the block table [rows, k] (qs, float16 d,
-// float16 m for q4_1 / null for q8_0, in the stored layout); an id outside [0, rows) is an error
-// and nothing is written.
-int32_t redrafter_embed_blocks_cpu(const void* qs, const uint16_t* d, const uint16_t* m, int32_t fmt, int64_t rows,
-                                   int64_t k, const int64_t* ids, int64_t count, float* out, char* msg,
-                                   int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len,
-                                    [&] { return redrafter::embedBlocks(qs, d, m, fmt, rows, k, ids, count, out); });
+// out [count, k] float32 = rows ids [count] (int64) of the block table [rows, k] (redrafter/c_api.h
+// RedrafterEmbedBlocksParams); an id outside [0, rows) is an error and nothing is written.
+int32_t redrafter_embed_blocks_cpu(const RedrafterEmbedBlocksParams* params, char* msg, int64_t msg_len) {
+    return redrafter::capi::guardedParams(
+        params, "embed_blocks", msg, msg_len, [](const RedrafterEmbedBlocksParams& a) {
+            return redrafter::embedBlocks(a.qs, a.d, a.m, a.fmt, a.rows, a.k, a.ids, a.count, a.out);
+        });
 }
 
 }  // extern "C"

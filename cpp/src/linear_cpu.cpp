@@ -40,6 +40,7 @@
 #include "cpu_numeric.h"
 #include "cpu_pool.h"
 #include "redrafter/c_abi_guard.h"
+#include "redrafter/c_api.h"
 #include "redrafter/common.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -679,6 +680,29 @@ Status cpu::linearPacked(const void* x, int32_t xDtype, const void* packed, int3
     return Status::success();
 }
 
+namespace {
+
+// redrafter_linear_cpu: w [n, k] float32 / bf16 packed into a temporary, then the packed product.
+Status linearUnpacked(const RedrafterLinearParams& a) {
+    if (isBlockFmt(a.w_dtype))
+        return Status::error(StatusCode::kInvalidArgument,
+                             "linear: block weights (w dtype %d) must be packed first "
+                             "(redrafter_linear_pack_blocks_cpu)",
+                             static_cast<int>(a.w_dtype));
+    if (a.w_dtype != kF32 && a.w_dtype != kBF16)
+        return cpu::linearPacked(a.x, a.x_dtype, a.w, a.w_dtype, a.bias, a.y, a.y_dtype, a.m, a.n, a.k, a.threads,
+                                 a.force_scalar);
+    Status s = checkShape(a.m, a.n, a.k);
+    if (!s.ok()) return s;
+    const size_t esz = a.w_dtype == kF32 ? 4 : 2;
+    std::vector<unsigned char> packed(static_cast<size_t>(packedElems(a.n, a.k)) * esz);
+    s = packCpu(a.w, a.w_dtype, packed.data(), a.n, a.k);
+    if (!s.ok()) return s;
+    return cpu::linearPacked(a.x, a.x_dtype, packed.data(), a.w_dtype, a.bias, a.y, a.y_dtype, a.m, a.n, a.k, a.threads,
+                             a.force_scalar);
+}
+
+}  // namespace
 }  // namespace redrafter
 
 extern "C" {
@@ -695,39 +719,19 @@ int32_t redrafter_linear_pack_cpu(const void* w, int32_t w_dtype, void* packed, 
     return redrafter::capi::guarded(msg, msg_len, [&] { return redrafter::packCpu(w, w_dtype, packed, n, k); });
 }
 
-// y [m, n] = x [m, k] . w^T (+ bias [n], float32) with w packed by redrafter_linear_pack_cpu;
-// dtypes 0 = float32, 2 = bfloat16; `threads` workers over the panels (1..256);
-// force_scalar = 1 takes the portable path (tests). Returns 0 or a StatusCode, message in msg.
-int32_t redrafter_linear_packed_cpu(const void* x, int32_t x_dtype, const void* packed, int32_t w_dtype,
-                                    const float* bias, void* y, int32_t y_dtype, int64_t m, int64_t n, int64_t k,
-                                    int32_t threads, int32_t force_scalar, char* msg, int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&] {
-        return redrafter::cpu::linearPacked(x, x_dtype, packed, w_dtype, bias, y, y_dtype, m, n, k, threads,
-                                            force_scalar);
+// y [m, n] = x [m, k] . w^T (+ bias [n], float32) with w packed by redrafter_linear_pack_cpu
+// (redrafter/c_api.h RedrafterLinearParams). Returns 0 or a StatusCode, message in msg.
+int32_t redrafter_linear_packed_cpu(const RedrafterLinearParams* params, char* msg, int64_t msg_len) {
+    return redrafter::capi::guardedParams(params, "linear", msg, msg_len, [](const RedrafterLinearParams& a) {
+        return redrafter::cpu::linearPacked(a.x, a.x_dtype, a.w, a.w_dtype, a.bias, a.y, a.y_dtype, a.m, a.n, a.k,
+                                            a.threads, a.force_scalar);
     });
 }
 
 // The same product with an unpacked w [n, k]: packs into a temporary first (tests, one-off calls).
-int32_t redrafter_linear_cpu(const void* x, int32_t x_dtype, const void* w, int32_t w_dtype, const float* bias, void* y,
-                             int32_t y_dtype, int64_t m, int64_t n, int64_t k, int32_t force_scalar, char* msg,
-                             int64_t msg_len) {
-    return redrafter::capi::guarded(msg, msg_len, [&]() -> redrafter::Status {
-        if (redrafter::isBlockFmt(w_dtype))
-            return redrafter::Status::error(redrafter::StatusCode::kInvalidArgument,
-                                            "linear: block weights (w dtype %d) must be packed first "
-                                            "(redrafter_linear_pack_blocks_cpu)",
-                                            static_cast<int>(w_dtype));
-        if (w_dtype != redrafter::kF32 && w_dtype != redrafter::kBF16)
-            return redrafter::cpu::linearPacked(x, x_dtype, w, w_dtype, bias, y, y_dtype, m, n, k, 1, force_scalar);
-        redrafter::Status s = redrafter::checkShape(m, n, k);
-        if (!s.ok()) return s;
-        const size_t esz = w_dtype == redrafter::kF32 ? 4 : 2;
-        std::vector<unsigned char> packed(static_cast<size_t>(redrafter::packedElems(n, k)) * esz);
-        s = redrafter::packCpu(w, w_dtype, packed.data(), n, k);
-        if (!s.ok()) return s;
-        return redrafter::cpu::linearPacked(x, x_dtype, packed.data(), w_dtype, bias, y, y_dtype, m, n, k, 1,
-                                            force_scalar);
-    });
+int32_t redrafter_linear_cpu(const RedrafterLinearParams* params, char* msg, int64_t msg_len) {
+    return redrafter::capi::guardedParams(params, "linear", msg, msg_len,
+                                          [](const RedrafterLinearParams& a) { return redrafter::linearUnpacked(a); });
 }
 
 // Bytes of a block weight [n, k] (format 10 q4_1, 11 q8_0) packed by

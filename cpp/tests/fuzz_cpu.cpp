@@ -63,6 +63,21 @@ std::vector<uint16_t> randomLogits(int64_t n, int32_t dtype, bool wild) {
     return buf;
 }
 
+// A params struct of the C ABI (redrafter/c_api.h): zeroed, its size set.
+template <class S>
+S newParams() {
+    S p{};
+    p.struct_size = sizeof(S);
+    return p;
+}
+
+// A copy of params p with edit(copy) applied.
+template <class S, class Edit>
+S with(S p, Edit edit) {
+    edit(p);
+    return p;
+}
+
 int32_t statusCheck(int32_t status, bool expectError, const char* op) {
     ++gCases;
     if (status != 0) {
@@ -110,9 +125,12 @@ void fuzzBeamSearch() {
     const bool mapped = !bad && coin(0.5);
     std::vector<int32_t> vocabMap(mapped ? static_cast<size_t>(V) : 0);
     for (size_t v = 0; v < vocabMap.size(); ++v) vocabMap[v] = static_cast<int32_t>(3 * v + 1);
-    const int32_t st = redrafter_beam_search_step_cpu(nullPtr ? nullptr : logits.data(), dtype, scores.data(), B, W, V,
-                                                      K, mapped ? vocabMap.data() : nullptr, out.data(), parent.data(),
-                                                      token.data(), gMsg, sizeof(gMsg));
+    auto p = newParams<RedrafterBeamSearchParams>();
+    p.logits = nullPtr ? nullptr : logits.data(), p.dtype = dtype, p.beam_scores = scores.data();
+    p.vocab_map = mapped ? vocabMap.data() : nullptr;
+    p.new_scores = out.data(), p.parent = parent.data(), p.token = token.data();
+    p.batch = B, p.num_beams = W, p.vocab = V, p.warp_k = K;
+    const int32_t st = redrafter_beam_search_step_cpu(&p, gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "beam search") == 0) {
         for (int64_t i = 0; i < B * W; ++i) {
             const int64_t column = mapped ? (token[i] - 1) / 3 : token[i];
@@ -150,8 +168,11 @@ void fuzzTreePack() {
     for (auto& t : beams) t = static_cast<int32_t>(pick(0, alphabet - 1));
     std::vector<int32_t> tokens(cells + 1), len(static_cast<size_t>(bad ? 8 : B) + 1), unp(cells + 1), off(cells + 1),
         mask(bad ? 8 : static_cast<size_t>(B * N * words) + 1);
-    const int32_t st = redrafter_tree_pack_cpu(beams.data(), B, W, L, tokens.data(), len.data(), unp.data(), off.data(),
-                                               mask.data(), gMsg, sizeof(gMsg));
+    auto p = newParams<RedrafterTreePackParams>();
+    p.beams = beams.data(), p.batch = B, p.num_beams = W, p.beam_len = L;
+    p.packed_tokens = tokens.data(), p.packed_len = len.data(), p.unpacker = unp.data();
+    p.position_offsets = off.data(), p.packed_mask = mask.data();
+    const int32_t st = redrafter_tree_pack_cpu(&p, gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "tree pack") == 0) {
         for (int64_t b = 0; b < B; ++b) {
             EXPECT(len[b] >= L && len[b] <= N, "packed length %d out of range", len[b]);
@@ -195,8 +216,11 @@ void fuzzAccept() {
     std::vector<int32_t> len(static_cast<size_t>(bad ? 8 : B) + 1, 1);
     if (!bad) {
         std::vector<int32_t> tk(cells + 1), off(cells + 1), mask(cells * ((W * L + 31) / 32) + 1);
-        redrafter_tree_pack_cpu(beams.data(), B, W, L, tk.data(), len.data(), unp.data(), off.data(), mask.data(), gMsg,
-                                sizeof(gMsg));
+        auto tp = newParams<RedrafterTreePackParams>();
+        tp.beams = beams.data(), tp.batch = B, tp.num_beams = W, tp.beam_len = L;
+        tp.packed_tokens = tk.data(), tp.packed_len = len.data(), tp.unpacker = unp.data();
+        tp.position_offsets = off.data(), tp.packed_mask = mask.data();
+        redrafter_tree_pack_cpu(&tp, gMsg, sizeof(gMsg));
         if (mayReject) {
             for (auto& q : unp) q = static_cast<int32_t>(pick(-2, N + 2));
         }
@@ -214,10 +238,14 @@ void fuzzAccept() {
     }
     for (auto& x : u) x = coin(0.1) ? 0.0f : static_cast<float>(pick(0, (1 << 24) - 1)) / 16777216.0f;
     std::vector<int32_t> na(rows), best(rows), bonus(rows), path(u.size()), emitted(u.size());
-    const int32_t st =
-        redrafter_accept_cpu(logits.data(), dtype, B, N, V, beams.data(), unp.data(), W, L,
-                             coin() ? len.data() : nullptr, temp.data(), topK.data(), topP.data(), u.data(), na.data(),
-                             best.data(), bonus.data(), path.data(), emitted.data(), gMsg, sizeof(gMsg));
+    auto p = newParams<RedrafterAcceptParams>();
+    p.logits = logits.data(), p.dtype = dtype, p.batch = B, p.num_nodes = N, p.vocab = V;
+    p.beams = beams.data(), p.unpacker = unp.data(), p.num_beams = W, p.beam_len = L;
+    p.packed_len = coin() ? len.data() : nullptr;
+    p.temperature = temp.data(), p.top_k = topK.data(), p.top_p = topP.data(), p.uniforms = u.data();
+    p.num_accepted = na.data(), p.best_beam = best.data(), p.bonus = bonus.data();
+    p.accepted_indices = path.data(), p.emitted = emitted.data();
+    const int32_t st = redrafter_accept_cpu(&p, gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "accept") == 0) {
         for (int64_t b = 0; b < B; ++b) {
             EXPECT(na[b] >= 0 && na[b] < L && best[b] >= 0 && best[b] < W && bonus[b] >= 0 && bonus[b] < V,
@@ -227,6 +255,19 @@ void fuzzAccept() {
     } else {
         EXPECT(bad || mayReject, "accept rejected valid input: %s", gMsg);
     }
+}
+
+// The contiguous KV relocation's params over the fuzz cases' row vectors.
+RedrafterKvRelocateParams kvParams(void* cache, int64_t elem, int64_t layers, int64_t slots, int64_t heads,
+                                   int64_t maxSeq, int64_t headDim, const std::vector<int32_t>& sl,
+                                   const std::vector<int32_t>& lens, const std::vector<int32_t>& q,
+                                   const std::vector<int32_t>& n, int64_t B, int64_t L, std::vector<int32_t>& out) {
+    auto p = newParams<RedrafterKvRelocateParams>();
+    p.cache = cache, p.elem_bytes = elem, p.num_layers = layers, p.num_slots = slots, p.num_kv_heads = heads;
+    p.max_seq_len = maxSeq, p.head_dim = headDim, p.batch = B, p.beam_len = L;
+    p.slots = sl.data(), p.cache_lengths = lens.data(), p.accepted_indices = q.data(), p.num_accepted = n.data();
+    p.new_lengths = out.data();
+    return p;
 }
 
 void fuzzKvRelocate() {
@@ -262,8 +303,8 @@ void fuzzKvRelocate() {
     }
     for (size_t i = 0; i < q.size(); ++i)
         q[i] = static_cast<int32_t>(coin(0.9) ? (i % std::max<int64_t>(L, 1)) * pick(1, 2) : pick(-2, 50));
-    const int32_t st = redrafter_kv_relocate_cpu(cache.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
-                                                 lens.data(), q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
+    const auto p = kvParams(cache.data(), elem, layers, slots, heads, maxSeq, headDim, sl, lens, q, n, B, L, out);
+    const int32_t st = redrafter_kv_relocate_cpu(&p, gMsg, sizeof(gMsg));
     if (statusCheck(st, bad, "kv relocate") == 0) {
         for (int64_t b = 0; b < B; ++b) EXPECT(out[b] == lens[b] + n[b] + 1 && out[b] <= maxSeq, "new length wrong");
     }
@@ -351,22 +392,21 @@ void fuzzKvRelocateStrided() {
         n[b] = static_cast<int32_t>(pick(coin(0.05) ? -1 : 0, L - (coin(0.95) ? 1 : 0)));
     }
     for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int32_t>(coin(0.95) ? (i % L) * pick(1, 2) : pick(-2, 40));
-    const int32_t got = redrafter_kv_relocate_strided_cpu(
-        buf.data(), cacheElems, elem, layers, slots, heads, maxSeq, headDim, tpb, st[0], st[1], st[2], st[3], st[4],
-        st[5], sl.data(), lens.data(), q.data(), n.data(), B, L, out.data(), gMsg, sizeof(gMsg));
+    auto sp = kvParams(buf.data(), elem, layers, slots, heads, maxSeq, headDim, sl, lens, q, n, B, L, out);
+    sp.cache_elems = cacheElems, sp.tokens_per_block = tpb;
+    sp.stride_slot = st[0], sp.stride_block = st[1], sp.stride_token = st[2];
+    sp.stride_layer = st[3], sp.stride_kv = st[4], sp.stride_head = st[5];
+    const int32_t got = redrafter_kv_relocate_strided_cpu(&sp, gMsg, sizeof(gMsg));
+    const auto rp = kvParams(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl, lens, q, n, B, L, outRef);
     if (statusCheck(got, bad, "kv relocate strided") != 0 || bad) {
         EXPECT(buf == before, "kv relocate strided: a rejected call changed the cache");
         if (!bad) {  // only row data can be wrong: the contiguous entry must reject it too
-            const int32_t want =
-                redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(),
-                                          lens.data(), q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
+            const int32_t want = redrafter_kv_relocate_cpu(&rp, gMsg, sizeof(gMsg));
             EXPECT(want == got, "kv relocate strided: status %d, contiguous entry %d (%s)", got, want, gMsg);
         }
         return;
     }
-    const int32_t want =
-        redrafter_kv_relocate_cpu(ref.data(), elem, layers, slots, heads, maxSeq, headDim, sl.data(), lens.data(),
-                                  q.data(), n.data(), B, L, outRef.data(), gMsg, sizeof(gMsg));
+    const int32_t want = redrafter_kv_relocate_cpu(&rp, gMsg, sizeof(gMsg));
     EXPECT(want == 0, "kv relocate strided accepted what the contiguous entry rejects: %s", gMsg);
     if (want != 0) return;
     forEachRow([&](int64_t c, int64_t o) { std::memcpy(&before[o * eb], &ref[c * eb], headDim * eb); });
@@ -388,8 +428,11 @@ void fuzzDraw() {
         p[r] = static_cast<float>(pick(0, 11)) / 10.0f;
         u[r] = static_cast<float>(pick(0, (1 << 24) - 1)) / 16777216.0f;
     }
-    const int32_t st = redrafter_draw_tokens_cpu(logits.data(), dtype, rows, V, temp.data(), k.data(), p.data(),
-                                                 u.data(), out.data(), gMsg, sizeof(gMsg));
+    auto dp = newParams<RedrafterDrawTokensParams>();
+    dp.logits = logits.data(), dp.dtype = dtype, dp.rows = rows, dp.vocab = V;
+    dp.temperature = temp.data(), dp.top_k = k.data(), dp.top_p = p.data(), dp.uniforms = u.data();
+    dp.tokens = out.data();
+    const int32_t st = redrafter_draw_tokens_cpu(&dp, gMsg, sizeof(gMsg));
     if (statusCheck(st, false, "draw tokens") == 0) {
         for (int64_t r = 0; r < rows; ++r)
             EXPECT(out[r] >= 0 && out[r] < V, "drawn token %d outside [0, %lld)", out[r], (long long)V);
@@ -409,6 +452,17 @@ float bf16Round(float v) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
+}
+
+int32_t linearPacked(const RedrafterLinearParams& p) { return redrafter_linear_packed_cpu(&p, gMsg, sizeof gMsg); }
+
+// y [m, n] float32 = x [m, k] (x_dtype) . w (packed, w_dtype), one thread on the SIMD path.
+RedrafterLinearParams linearParams(const void* x, int32_t xDtype, const void* w, int32_t wDtype, const float* bias,
+                                   float* y, int64_t m, int64_t n, int64_t k) {
+    auto p = newParams<RedrafterLinearParams>();
+    p.x = x, p.x_dtype = xDtype, p.w = w, p.w_dtype = wDtype, p.bias = bias, p.y = y, p.y_dtype = 0;
+    p.m = m, p.n = n, p.k = k, p.threads = 1, p.force_scalar = 0;
+    return p;
 }
 
 void fuzzLinear() {
@@ -449,15 +503,10 @@ void fuzzLinear() {
     const bool withBias = coin();
     std::vector<float> y(static_cast<size_t>(M * N) + 1), ys(y.size()), y3(y.size());
     const float* bp = withBias ? bias.data() : nullptr;
-    statusCheck(
-        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg),
-        false, "linear");
-    statusCheck(
-        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, ys.data(), 0, M, N, K, 1, 1, gMsg, sizeof gMsg),
-        false, "linear scalar");
-    statusCheck(
-        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y3.data(), 0, M, N, K, 3, 0, gMsg, sizeof gMsg),
-        false, "linear threads");
+    const auto lp = linearParams(xp, xd, packed.data(), wd, bp, y.data(), M, N, K);
+    statusCheck(linearPacked(lp), false, "linear");
+    statusCheck(linearPacked(with(lp, [&](auto& p) { p.y = ys.data(), p.force_scalar = 1; })), false, "linear scalar");
+    statusCheck(linearPacked(with(lp, [&](auto& p) { p.y = y3.data(), p.threads = 3; })), false, "linear threads");
     EXPECT(std::memcmp(y.data(), ys.data(), y.size() * 4) == 0, "linear: SIMD != portable (M=%lld N=%lld K=%lld)",
            (long long)M, (long long)N, (long long)K);
     EXPECT(std::memcmp(y.data(), y3.data(), y.size() * 4) == 0, "linear: 3 threads != 1 (M=%lld N=%lld K=%lld)",
@@ -479,22 +528,15 @@ void fuzzLinear() {
         std::vector<float> one(static_cast<size_t>(N));
         const void* xr = xd == 0 ? static_cast<const void*>(static_cast<const float*>(xp) + r * K)
                                  : static_cast<const void*>(static_cast<const uint16_t*>(xp) + r * K);
-        statusCheck(
-            redrafter_linear_packed_cpu(xr, xd, packed.data(), wd, bp, one.data(), 0, 1, N, K, 2, 0, gMsg, sizeof gMsg),
-            false, "linear row");
+        statusCheck(linearPacked(with(lp, [&](auto& p) { p.x = xr, p.y = one.data(), p.m = 1, p.threads = 2; })), false,
+                    "linear row");
         EXPECT(std::memcmp(one.data(), y.data() + r * N, static_cast<size_t>(N) * 4) == 0,
                "linear: row %lld alone != among %lld rows", (long long)r, (long long)M);
     }
     // bad parameters
-    statusCheck(
-        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, N, K, 0, 0, gMsg, sizeof gMsg), true,
-        "linear threads=0");
-    statusCheck(
-        redrafter_linear_packed_cpu(xp, 1, packed.data(), wd, bp, y.data(), 0, M, N, K, 1, 0, gMsg, sizeof gMsg), true,
-        "linear dtype=1");
-    statusCheck(
-        redrafter_linear_packed_cpu(xp, xd, packed.data(), wd, bp, y.data(), 0, M, 0, K, 1, 0, gMsg, sizeof gMsg), true,
-        "linear n=0");
+    statusCheck(linearPacked(with(lp, [](auto& p) { p.threads = 0; })), true, "linear threads=0");
+    statusCheck(linearPacked(with(lp, [](auto& p) { p.x_dtype = 1; })), true, "linear dtype=1");
+    statusCheck(linearPacked(with(lp, [](auto& p) { p.n = 0; })), true, "linear n=0");
     statusCheck(redrafter_linear_pack_cpu(nullptr, wd, packed.data(), N, K, gMsg, sizeof gMsg), true,
                 "linear_pack null");
 }
@@ -548,18 +590,14 @@ void fuzzLinearBlocks() {
     statusCheck(redrafter_linear_pack_cpu(wv.data(), 0, fpacked.data(), N, K, gMsg, sizeof gMsg), false, "linear_pack");
     const float* bp = coin() ? bias.data() : nullptr;
     std::vector<float> ref(static_cast<size_t>(M * N) + 1), y(ref.size()), ys(ref.size()), y3(ref.size());
-    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, fpacked.data(), 0, bp, ref.data(), 0, M, N, K, 1, 0, gMsg,
-                                            sizeof gMsg),
-                false, "linear f32");
-    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, y.data(), 0, M, N, K, 1, 0, gMsg,
-                                            sizeof gMsg),
-                false, "linear blocks");
-    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, ys.data(), 0, M, N, K, 1, 1, gMsg,
-                                            sizeof gMsg),
-                false, "linear blocks scalar");
-    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, y3.data(), 0, M, N, K, 3, 0, gMsg,
-                                            sizeof gMsg),
-                false, "linear blocks threads");
+    const auto lp = linearParams(xv.data(), 0, packed.data(), fmt, bp, y.data(), M, N, K);
+    statusCheck(linearPacked(with(lp, [&](auto& p) { p.w = fpacked.data(), p.w_dtype = 0, p.y = ref.data(); })), false,
+                "linear f32");
+    statusCheck(linearPacked(lp), false, "linear blocks");
+    statusCheck(linearPacked(with(lp, [&](auto& p) { p.y = ys.data(), p.force_scalar = 1; })), false,
+                "linear blocks scalar");
+    statusCheck(linearPacked(with(lp, [&](auto& p) { p.y = y3.data(), p.threads = 3; })), false,
+                "linear blocks threads");
     EXPECT(std::memcmp(y.data(), ref.data(), y.size() * 4) == 0,
            "linear blocks: fmt %d != float32 path (M=%lld N=%lld K=%lld)", (int)fmt, (long long)M, (long long)N,
            (long long)K);
@@ -570,9 +608,9 @@ void fuzzLinearBlocks() {
     if (M > 1) {
         const int64_t r = pick(0, M - 1);
         std::vector<float> one(static_cast<size_t>(N));
-        statusCheck(redrafter_linear_packed_cpu(xv.data() + r * K, 0, packed.data(), fmt, bp, one.data(), 0, 1, N, K, 2,
-                                                0, gMsg, sizeof gMsg),
-                    false, "linear blocks row");
+        statusCheck(
+            linearPacked(with(lp, [&](auto& p) { p.x = xv.data() + r * K, p.y = one.data(), p.m = 1, p.threads = 2; })),
+            false, "linear blocks row");
         EXPECT(std::memcmp(one.data(), ref.data() + r * N, static_cast<size_t>(N) * 4) == 0,
                "linear blocks: row %lld alone != among %lld", (long long)r, (long long)M);
     }
@@ -582,11 +620,9 @@ void fuzzLinearBlocks() {
     statusCheck(redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), mm.data(), fmt, packed.data(), N, K + 16, gMsg,
                                                  sizeof gMsg),
                 true, "linear_pack_blocks k%32");
-    statusCheck(redrafter_linear_packed_cpu(xv.data(), 0, packed.data(), fmt, bp, y.data(), 0, M, N, K + 16, 1, 0, gMsg,
-                                            sizeof gMsg),
-                true, "linear blocks k%32");
-    statusCheck(redrafter_linear_cpu(xv.data(), 0, qs.data(), fmt, bp, y.data(), 0, M, N, K, 0, gMsg, sizeof gMsg),
-                true, "linear unpacked blocks");
+    statusCheck(linearPacked(with(lp, [&](auto& p) { p.k = K + 16; })), true, "linear blocks k%32");
+    const auto unpacked = with(lp, [&](auto& p) { p.w = qs.data(); });
+    statusCheck(redrafter_linear_cpu(&unpacked, gMsg, sizeof gMsg), true, "linear unpacked blocks");
 }
 
 // Embedding rows of a block table (Q4_1 / Q8_0): each row equals an independent decode bit for
@@ -609,10 +645,11 @@ void fuzzEmbedBlocks() {
     const float sentinel = -12345.0f;
     std::vector<float> out(static_cast<size_t>(count * K) + 1, sentinel);
     const uint16_t* mp = fmt == 10 ? mm.data() : nullptr;
-    if (statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, fmt, V, K, ids.data(), count, out.data(), gMsg,
-                                               sizeof gMsg),
-                    false, "embed_blocks"))
-        return;
+    auto ep = newParams<RedrafterEmbedBlocksParams>();
+    ep.qs = qs.data(), ep.d = d.data(), ep.m = mp, ep.fmt = fmt, ep.rows = V, ep.k = K;
+    ep.ids = ids.data(), ep.count = count, ep.out = out.data();
+    auto embed = [](const RedrafterEmbedBlocksParams& p) { return redrafter_embed_blocks_cpu(&p, gMsg, sizeof gMsg); };
+    if (statusCheck(embed(ep), false, "embed_blocks")) return;
     for (int64_t i = 0; i < count; ++i) {
         const int64_t r = ids[static_cast<size_t>(i)];
         for (int64_t b = 0; b < nb; ++b) {
@@ -641,8 +678,7 @@ void fuzzEmbedBlocks() {
         if (!statusCheck(
                 redrafter_linear_pack_blocks_cpu(qs.data(), d.data(), mp, fmt, packed.data(), V, K, gMsg, sizeof gMsg),
                 false, "embed vs linear pack") &&
-            !statusCheck(redrafter_linear_packed_cpu(onehot.data(), 0, packed.data(), fmt, nullptr, y.data(), 0, 1, V,
-                                                     K, 1, 0, gMsg, sizeof gMsg),
+            !statusCheck(linearPacked(linearParams(onehot.data(), 0, packed.data(), fmt, nullptr, y.data(), 1, V, K)),
                          false, "embed vs linear")) {
             const int64_t r = ids[0];
             EXPECT(y[static_cast<size_t>(r)] == out[static_cast<size_t>(c)],
@@ -653,19 +689,25 @@ void fuzzEmbedBlocks() {
     // bad parameters: an error with a message, nothing written
     std::vector<float> untouched(static_cast<size_t>(K) + 1, sentinel);
     std::vector<int64_t> bad = {coin() ? V + pick(0, 3) : -pick(1, 3)};
-    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, fmt, V, K, bad.data(), 1, untouched.data(), gMsg,
-                                           sizeof gMsg),
-                true, "embed_blocks id out of range");
-    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, 12, V, K, ids.data(), 1, untouched.data(), gMsg,
-                                           sizeof gMsg),
-                true, "embed_blocks fmt=12");
-    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), mp, fmt, V, K + 16, ids.data(), 1, untouched.data(),
-                                           gMsg, sizeof gMsg),
-                true, "embed_blocks k%32");
-    statusCheck(redrafter_embed_blocks_cpu(qs.data(), d.data(), nullptr, 10, V, K, ids.data(), 1, untouched.data(),
-                                           gMsg, sizeof gMsg),
-                true, "embed_blocks q4_1 without m");
+    const auto one = with(ep, [&](auto& p) { p.count = 1, p.out = untouched.data(); });
+    statusCheck(embed(with(one, [&](auto& p) { p.ids = bad.data(); })), true, "embed_blocks id out of range");
+    statusCheck(embed(with(one, [](auto& p) { p.fmt = 12; })), true, "embed_blocks fmt=12");
+    statusCheck(embed(with(one, [&](auto& p) { p.k = K + 16; })), true, "embed_blocks k%32");
+    statusCheck(embed(with(one, [](auto& p) { p.m = nullptr, p.fmt = 10; })), true, "embed_blocks q4_1 without m");
     for (float v : untouched) EXPECT(v == sentinel, "embed_blocks wrote output on a refused call");
+}
+
+int32_t attention(const RedrafterAttentionParams& p) { return redrafter_attention_cpu(&p, gMsg, sizeof gMsg); }
+
+// Attention of q over the layer cache, one thread on the SIMD path.
+RedrafterAttentionParams attentionParams(const float* q, const void* cache, int32_t cacheDtype, const int64_t* slots,
+                                         const uint8_t* mask, float* out, int64_t b, int64_t t, int64_t nh, int64_t nkv,
+                                         int64_t hd, int64_t s, int64_t cap, int64_t numSlots, float scale) {
+    auto p = newParams<RedrafterAttentionParams>();
+    p.q = q, p.cache = cache, p.cache_dtype = cacheDtype, p.slots = slots, p.mask = mask, p.out = out;
+    p.b = b, p.t = t, p.nh = nh, p.nkv = nkv, p.hd = hd, p.s = s, p.cap = cap, p.num_slots = numSlots;
+    p.scale = scale, p.threads = 1, p.force_scalar = 0;
+    return p;
 }
 
 // Attention: random cache, slots, masks; float64 bound, SIMD == portable, one query alone ==
@@ -693,12 +735,11 @@ void fuzzAttention() {
     for (auto& m : mask) m = coin(0.7) ? 1 : 0;
     std::vector<float> out(q.size()), outs(q.size());
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd, S, cap,
-                                        slots, scale, 2, 0, gMsg, sizeof gMsg),
-                false, "attention");
-    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), outs.data(), B, T, nh, nkv, hd, S,
-                                        cap, slots, scale, 1, 1, gMsg, sizeof gMsg),
-                false, "attention scalar");
+    const auto ap =
+        attentionParams(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd, S, cap, slots, scale);
+    statusCheck(attention(with(ap, [](auto& p) { p.threads = 2; })), false, "attention");
+    statusCheck(attention(with(ap, [&](auto& p) { p.out = outs.data(), p.force_scalar = 1; })), false,
+                "attention scalar");
     EXPECT(std::memcmp(out.data(), outs.data(), out.size() * 4) == 0, "attention: SIMD != portable");
     for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < T; ++t)
@@ -734,9 +775,11 @@ void fuzzAttention() {
     if (B > 0 && T > 1) {  // one query row alone: the same bits
         const int64_t b = pick(0, B - 1), t = pick(0, T - 1);
         std::vector<float> one(static_cast<size_t>(nh * hd));
-        statusCheck(redrafter_attention_cpu(q.data() + (b * T + t) * nh * hd, cp, cd, sl.data() + b,
-                                            mask.data() + (b * T + t) * S, one.data(), 1, 1, nh, nkv, hd, S, cap, slots,
-                                            scale, 1, 0, gMsg, sizeof gMsg),
+        statusCheck(attention(with(ap,
+                                   [&](auto& p) {
+                                       p.q = q.data() + (b * T + t) * nh * hd, p.slots = sl.data() + b;
+                                       p.mask = mask.data() + (b * T + t) * S, p.out = one.data(), p.b = 1, p.t = 1;
+                                   })),
                     false, "attention row");
         EXPECT(std::memcmp(one.data(), out.data() + (b * T + t) * nh * hd, one.size() * 4) == 0,
                "attention: a query alone != among all");
@@ -744,13 +787,9 @@ void fuzzAttention() {
     if (B > 0) {
         std::vector<int64_t> badSlots(sl);
         badSlots[0] = slots;
-        statusCheck(redrafter_attention_cpu(q.data(), cp, cd, badSlots.data(), mask.data(), out.data(), B, T, nh, nkv,
-                                            hd, S, cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
-                    true, "attention bad slot");
+        statusCheck(attention(with(ap, [&](auto& p) { p.slots = badSlots.data(); })), true, "attention bad slot");
     }
-    statusCheck(redrafter_attention_cpu(q.data(), cp, cd, sl.data(), mask.data(), out.data(), B, T, nh, nkv, hd,
-                                        cap + 1, cap, slots, scale, 1, 0, gMsg, sizeof gMsg),
-                true, "attention S > cap");
+    statusCheck(attention(with(ap, [&](auto& p) { p.s = cap + 1; })), true, "attention S > cap");
 }
 
 // The fused decoder forward: random small models (float32 or Q8_0 weights, biases or not, GQA),
@@ -838,9 +877,8 @@ void fuzzDecoder() {
     std::vector<uint8_t> mask(static_cast<size_t>(rows * S));
     for (auto& m : mask) m = coin(0.7) ? 1 : 0;
     std::vector<float> xRef(x);
-    RedrafterDecoderParams p;
-    std::memset(&p, 0, sizeof p);
-    p.struct_size = sizeof p, p.x = x.data(), p.cos = cos.data(), p.sin = sin.data(), p.cache = cache.data();
+    auto p = newParams<RedrafterDecoderParams>();
+    p.x = x.data(), p.cos = cos.data(), p.sin = sin.data(), p.cache = cache.data();
     p.slots = sl.data(), p.write_pos = wp.data(), p.mask = mask.data(), p.layers = layers.data();
     p.num_layers = L, p.b = B, p.t = T, p.s = S, p.cap = cap, p.num_slots = slots, p.hidden = H, p.heads = nh;
     p.kv_heads = nkv, p.head_size = hd, p.intermediate = I, p.eps = 1e-5f, p.scale = 1.0f / std::sqrt(float(hd));
@@ -855,8 +893,7 @@ void fuzzDecoder() {
         unsigned char* lc = cacheRef.data() + l * layerElems * esz;
         redrafter_rmsnorm_cpu(xRef.data(), norms[static_cast<size_t>(2 * l)].data(), h.data(), 0, rows, H, 1e-5f, gMsg,
                               sizeof gMsg);
-        redrafter_linear_packed_cpu(h.data(), 0, f[0].packed.data(), wfmt, bp(f[0]), qkv.data(), 0, rows, qkvN, H, 1, 0,
-                                    gMsg, sizeof gMsg);
+        linearPacked(linearParams(h.data(), 0, f[0].packed.data(), wfmt, bp(f[0]), qkv.data(), rows, qkvN, H));
         redrafter_rope_cpu(qkv.data(), 0, rows, nh, hd, qkvN, cos.data(), sin.data(), gMsg, sizeof gMsg);
         redrafter_rope_cpu(qkv.data() + nq, 0, rows, nkv, hd, qkvN, cos.data(), sin.data(), gMsg, sizeof gMsg);
         for (int64_t r = 0; r < rows; ++r) {
@@ -880,18 +917,15 @@ void fuzzDecoder() {
                     }
             std::memcpy(q.data() + r * nq, qkv.data() + r * qkvN, static_cast<size_t>(nq) * 4);
         }
-        redrafter_attention_cpu(q.data(), lc, cd, sl.data(), mask.data(), att.data(), B, T, nh, nkv, hd, S, cap, slots,
-                                1.0f / std::sqrt(float(hd)), 1, 0, gMsg, sizeof gMsg);
-        redrafter_linear_packed_cpu(att.data(), 0, f[1].packed.data(), wfmt, bp(f[1]), tmp.data(), 0, rows, H, nq, 1, 0,
-                                    gMsg, sizeof gMsg);
+        attention(attentionParams(q.data(), lc, cd, sl.data(), mask.data(), att.data(), B, T, nh, nkv, hd, S, cap,
+                                  slots, 1.0f / std::sqrt(float(hd))));
+        linearPacked(linearParams(att.data(), 0, f[1].packed.data(), wfmt, bp(f[1]), tmp.data(), rows, H, nq));
         for (size_t i = 0; i < xRef.size(); ++i) xRef[i] += tmp[i];
         redrafter_rmsnorm_cpu(xRef.data(), norms[static_cast<size_t>(2 * l + 1)].data(), h.data(), 0, rows, H, 1e-5f,
                               gMsg, sizeof gMsg);
-        redrafter_linear_packed_cpu(h.data(), 0, f[2].packed.data(), wfmt, bp(f[2]), ab.data(), 0, rows, 2 * I, H, 1, 0,
-                                    gMsg, sizeof gMsg);
+        linearPacked(linearParams(h.data(), 0, f[2].packed.data(), wfmt, bp(f[2]), ab.data(), rows, 2 * I, H));
         redrafter_silu_mul_cpu(ab.data(), act.data(), 0, rows, I, gMsg, sizeof gMsg);
-        redrafter_linear_packed_cpu(act.data(), 0, f[3].packed.data(), wfmt, bp(f[3]), tmp.data(), 0, rows, H, I, 1, 0,
-                                    gMsg, sizeof gMsg);
+        linearPacked(linearParams(act.data(), 0, f[3].packed.data(), wfmt, bp(f[3]), tmp.data(), rows, H, I));
         for (size_t i = 0; i < xRef.size(); ++i) xRef[i] += tmp[i];
     }
     EXPECT(std::memcmp(x.data(), xRef.data(), x.size() * 4) == 0, "decoder: fused != per-op hidden states");
@@ -915,6 +949,32 @@ void fuzzDecoder() {
     statusCheck(redrafter_decoder_forward_cpu(&bad, gMsg, sizeof gMsg), true, "decoder S > cap");
 }
 
+// Every entry point taking a params struct refuses a null one and one of another size (a binding
+// built from other sources), with a message saying so.
+template <class S>
+void guardCase(int32_t (*fn)(const S*, char*, int64_t), const char* op) {
+    statusCheck(fn(nullptr, gMsg, sizeof gMsg), true, op);
+    EXPECT(std::strstr(gMsg, "null params") != nullptr, "%s: null params: %s", op, gMsg);
+    S p = newParams<S>();
+    p.struct_size -= 8;
+    statusCheck(fn(&p, gMsg, sizeof gMsg), true, op);
+    EXPECT(std::strstr(gMsg, "params struct of") != nullptr, "%s: struct size: %s", op, gMsg);
+}
+
+void checkParamsGuards() {
+    guardCase(redrafter_beam_search_step_cpu, "beam search");
+    guardCase(redrafter_tree_pack_cpu, "tree pack");
+    guardCase(redrafter_accept_cpu, "accept");
+    guardCase(redrafter_kv_relocate_cpu, "kv relocate");
+    guardCase(redrafter_kv_relocate_strided_cpu, "kv relocate strided");
+    guardCase(redrafter_draw_tokens_cpu, "draw tokens");
+    guardCase(redrafter_linear_packed_cpu, "linear packed");
+    guardCase(redrafter_linear_cpu, "linear");
+    guardCase(redrafter_attention_cpu, "attention");
+    guardCase(redrafter_embed_blocks_cpu, "embed blocks");
+    guardCase(redrafter_decoder_forward_cpu, "decoder");
+}
+
 int main(int argc, char** argv) {
     int64_t iterations = 3000;
     uint64_t seed = 20261122;
@@ -923,6 +983,7 @@ int main(int argc, char** argv) {
         if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(argv[i + 1], nullptr, 10);
     }
     rng.seed(seed);
+    checkParamsGuards();
     for (int64_t it = 0; it < iterations; ++it) {
         switch (pick(0, 6)) {
             case 0:

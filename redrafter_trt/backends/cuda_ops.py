@@ -17,11 +17,9 @@ The kernels have run on the CPU emulator and against the CPU references only; on
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -35,47 +33,9 @@ from ..ops.beam_search import beam_search_step as torch_beam_search_step
 CUDA_OPS_ENV = "REDRAFTER_CUDA_OPS"
 KERNEL, TORCH = "kernel", "torch"
 
-_p, _i64, _i32, _sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_size_t
-#: Argument types of the C ABI (cpp/include/redrafter/c_api.h), message buffer and length last.
-_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
-    "redrafter_beam_search_workspace_bytes": ([_i64, _i64, _i64, _i64], _sz),
-    "redrafter_accept_workspace_bytes": ([_i64, _i64], _sz),
-    # logits, dtype, beam_scores, batch, num_beams, vocab, warp_k, vocab_map (NULL: identity), new_scores,
-    # parent, token, workspace, workspace_bytes, stream (C ABI version 2)
-    "redrafter_beam_search_step_cuda": (
-        [_p, _i32, _p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _sz, _p],
-        _i32,
-    ),
-    # logits, dtype, batch, num_nodes, vocab, beams, unpacker, num_beams, beam_len, packed_len, temperature,
-    # top_k, top_p, uniforms, num_accepted, best_beam, bonus, accepted_indices, emitted, workspace,
-    # workspace_bytes, stream
-    "redrafter_accept_cuda": (
-        [_p, _i32, _i64, _i64, _i64, _p, _p, _i64, _i64] + [_p] * 11 + [_sz, _p],
-        _i32,
-    ),
-    # cache, elem_bytes, layers, slots, kv_heads, max_seq, head_dim, slots, cache_lengths, accepted_indices,
-    # num_accepted, batch, beam_len, new_lengths, stream
-    "redrafter_kv_relocate_cuda": ([_p] + [_i64] * 6 + [_p] * 4 + [_i64, _i64, _p, _p], _i32),
-}
-_bound: ctypes.CDLL | None = None
 
-
-def _lib() -> ctypes.CDLL:
-    global _bound
-    lib = native.load_cuda_library()
-    if _bound is not lib:
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name, None)
-            require(
-                fn is not None, f"{native.cuda_library_path()}: no symbol {name} (rebuild cpp/)"
-            )
-            fn.argtypes, fn.restype = args + ([ctypes.c_char_p, _i64] if res is _i32 else []), res
-        _bound = lib
-    return lib
-
-
-def _stream() -> ctypes.c_void_p:
-    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
 
 
 def _dev(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
@@ -95,78 +55,44 @@ def beam_search_step_kernel(
     """cpp/ ``invokeBeamSearchStep``. logits: [B, W, K] fp32/fp16/bf16 CUDA; beam_scores: [B, W]
     float32; vocab_map: None or [K] int32 full id of each column (a draft vocabulary). Returns
     new_scores [B, W] float32, parent [B, W] int64, token [B, W] int64 (full ids)."""
-    lib, dev = _lib(), logits.device
-    x = logits.contiguous() if logits.dtype in native._DTYPES else logits.float().contiguous()
-    b, w, v = x.shape
+    lib, dev = native.load_cuda_library(), logits.device
+    x = native.as_logits(logits)
+    b, w, _ = x.shape
     s = _dev(beam_scores, torch.float32, dev)
     scores = torch.empty((b, w), dtype=torch.float32, device=dev)
     parent = torch.empty((b, w), dtype=torch.int32, device=dev)
     token = torch.empty((b, w), dtype=torch.int32, device=dev)
     m = None if vocab_map is None else _dev(vocab_map, torch.int32, dev)
-    ws_bytes = lib.redrafter_beam_search_workspace_bytes(b, w, v, int(warp_k))
-    ws = _workspace(ws_bytes, dev)
-    native._call(
-        "redrafter_beam_search_step_cuda",
-        x.data_ptr(),
-        native._DTYPES[x.dtype],
-        s.data_ptr(),
-        b,
-        w,
-        v,
-        int(warp_k),
-        None if m is None else m.data_ptr(),
-        scores.data_ptr(),
-        parent.data_ptr(),
-        token.data_ptr(),
-        ws.data_ptr(),
-        ws_bytes,
-        _stream(),
-        lib=lib,
-    )
+    p = native.beam_search_params(x, s, warp_k, m, scores, parent, token)
+    p.workspace_bytes = lib.redrafter_beam_search_workspace_bytes(p)
+    ws = _workspace(p.workspace_bytes, dev)
+    p.workspace, p.stream = ws.data_ptr(), _stream()
+    native.call("redrafter_beam_search_step_cuda", p, lib=lib)
     return scores, parent.long(), token.long()
 
 
 def accept_kernel(logits, beams, unpacker, temperature, top_k, top_p, uniforms) -> Acceptance:
     """cpp/ ``invokeAccept``; arguments and result as :func:`redrafter_trt.ops.accept.accept`
     (logits [B, N, V]; beams, unpacker [B, W, L]; temperature/top_k/top_p [B]; uniforms [B, L])."""
-    lib, dev = _lib(), logits.device
-    x = logits.contiguous() if logits.dtype in native._DTYPES else logits.float().contiguous()
-    b, n, v = x.shape
+    lib, dev = native.load_cuda_library(), logits.device
+    x = native.as_logits(logits)
+    b = x.shape[0]
     bm, up = _dev(beams, torch.int32, dev), _dev(unpacker, torch.int32, dev)
-    _, w, l = bm.shape
+    l = bm.shape[2]
     temp, tp = (
         _dev(temperature, torch.float32, dev).reshape(-1),
         _dev(top_p, torch.float32, dev).reshape(-1),
     )
     tk, u = _dev(top_k, torch.int32, dev).reshape(-1), _dev(uniforms, torch.float32, dev)
-    out = [
-        torch.empty(s, dtype=torch.int32, device=dev) for s in ((b,), (b,), (b,), (b, l), (b, l))
-    ]
-    ws_bytes = lib.redrafter_accept_workspace_bytes(b, n)
-    ws = _workspace(ws_bytes, dev)
-    native._call(
-        "redrafter_accept_cuda",
-        x.data_ptr(),
-        native._DTYPES[x.dtype],
-        b,
-        n,
-        v,
-        bm.data_ptr(),
-        up.data_ptr(),
-        w,
-        l,
-        None,
-        temp.data_ptr(),
-        tk.data_ptr(),
-        tp.data_ptr(),
-        u.data_ptr(),
-        *[o.data_ptr() for o in out],
-        ws.data_ptr(),
-        ws_bytes,
-        _stream(),
-        lib=lib,
+    out = Acceptance(
+        *(torch.empty(s, dtype=torch.int32, device=dev) for s in ((b,), (b,), (b,), (b, l), (b, l)))
     )
-    return Acceptance(*out)
+    p = native.accept_params(x, bm, up, temp, tk, tp, u, out)
+    p.workspace_bytes = lib.redrafter_accept_workspace_bytes(p)
+    ws = _workspace(p.workspace_bytes, dev)
+    p.workspace, p.stream = ws.data_ptr(), _stream()
+    native.call("redrafter_accept_cuda", p, lib=lib)
+    return out
 
 
 def relocate_kv_kernel(
@@ -174,32 +100,27 @@ def relocate_kv_kernel(
 ) -> torch.Tensor:
     """cpp/ ``invokeKvRelocate`` in place on the torch backend's cache
     ``[layers, 2, slots, kv_heads, max_seq, head_dim]`` (contiguous CUDA). Returns new lengths [B] int32."""
-    lib, dev = _lib(), cache.device
+    lib, dev = native.load_cuda_library(), cache.device
     require(cache.is_contiguous(), "relocate_kv_kernel: the cache must be contiguous")
     layers, _, n_slots, heads, max_seq, head_dim = cache.shape
     s, c = _dev(slots, torch.int32, dev), _dev(cache_lengths, torch.int32, dev)
     a, n = _dev(accepted_indices, torch.int32, dev), _dev(num_accepted, torch.int32, dev)
-    b, l = a.shape
-    new_len = torch.empty((b,), dtype=torch.int32, device=dev)
-    native._call(
-        "redrafter_kv_relocate_cuda",
-        cache.data_ptr(),
-        cache.element_size(),
-        layers,
-        n_slots,
-        heads,
-        max_seq,
-        head_dim,
-        s.data_ptr(),
-        c.data_ptr(),
-        a.data_ptr(),
-        n.data_ptr(),
-        b,
-        l,
-        new_len.data_ptr(),
-        _stream(),
-        lib=lib,
+    new_len = torch.empty((a.shape[0],), dtype=torch.int32, device=dev)
+    p = native.kv_relocate_params(
+        cache,
+        s,
+        c,
+        a,
+        n,
+        new_len,
+        num_layers=layers,
+        num_slots=n_slots,
+        kv_heads=heads,
+        max_seq=max_seq,
+        head_dim=head_dim,
     )
+    p.stream = _stream()
+    native.call("redrafter_kv_relocate_cuda", p, lib=lib)
     return new_len
 
 
@@ -231,7 +152,7 @@ def select_ops(device: torch.device) -> Ops:
         why = f"the model is on {device}; the cpp/ kernels need a CUDA device"
     else:
         try:
-            _lib()
+            native.load_cuda_library()
             return Ops(KERNEL, f"cpp/ kernels from {native.cuda_library_path()}", *KERNEL_OPS)
         except RedrafterError as e:
             why = str(e)

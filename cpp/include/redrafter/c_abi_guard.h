@@ -1,4 +1,4 @@
-// Status -> C ABI return code + message, and the guard that keeps C++ exceptions from crossing
+// Status -> C ABI return code + message, and the guards that keep C++ exceptions from crossing
 // a C ABI. Shared by the operators' C ABI (cpp/src) and the plugins' logic C ABI (plugins/src).
 #pragma once
 
@@ -28,6 +28,22 @@ int32_t guarded(char* msg, int64_t msgLen, Fn fn) {
     } catch (const std::exception& e) {
         return finish(Status::error(StatusCode::kInvalidArgument, "internal error: %s", e.what()), msg, msgLen);
     } catch (...) { return finish(Status::error(StatusCode::kInvalidArgument, "internal error"), msg, msgLen); }
+}
+
+// The entry point of an operator taking its params struct S by pointer (redrafter/c_api.h): a
+// null pointer or a struct of another size (a binding built from other sources) is an error
+// naming `op`; else fn(*params) runs behind guarded().
+template <class S, class Fn>
+int32_t guardedParams(const S* params, const char* op, char* msg, int64_t msgLen, Fn fn) {
+    return guarded(msg, msgLen, [&]() -> Status {
+        if (!params) return Status::error(StatusCode::kInvalidArgument, "%s: null params", op);
+        if (params->struct_size != static_cast<int64_t>(sizeof(S)))
+            return Status::error(StatusCode::kInvalidArgument,
+                                 "%s: params struct of %lld bytes, this library expects %lld (rebuild the library "
+                                 "or the binding)",
+                                 op, static_cast<long long>(params->struct_size), static_cast<long long>(sizeof(S)));
+        return fn(*params);
+    });
 }
 
 }  // namespace capi
