@@ -134,13 +134,8 @@ def test_the_shipped_smollm2_head_loads_with_its_base():
 DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2"
 
 
-def _ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
-    words = text.lower().split()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
 def test_the_committed_training_data_is_clean_disjoint_and_small():
-    from redrafter_trt.formats.datasets import load_prompts
+    from redrafter_trt.formats.datasets import load_prompts, word_runs
     from redrafter_trt.train.data import expand_sources, read_selfdistill, source_kind
 
     train = [
@@ -165,10 +160,10 @@ def test_the_committed_training_data_is_clean_disjoint_and_small():
         ids = a["prompt_ids"] + a["response_ids"]
         assert a["response_ids"] and all(0 <= t < 49152 for t in ids)
     # MT-Bench is the evaluation set: no request may share an 8-word run with any of its turns
-    mt = set().union(*(_ngrams(q) for q in load_prompts("mt-bench", all_turns=True)))
+    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
     assert len(mt) > 1000
     prompts = train + heldout + [a["prompt"] for a in more]
-    assert [p for p in prompts if _ngrams(p) & mt] == []
+    assert [p for p in prompts if word_runs(p) & mt] == []
     # the trainer reads the answers as they are (token ids; targets only on the answer)
     for f, recs in [(DATA / "answers.jsonl", answers), *more_files.items()]:
         assert source_kind(str(f)) == "selfdistill"
@@ -178,4 +173,47 @@ def test_the_committed_training_data_is_clean_disjoint_and_small():
         )
     head_dir, _ = BUILTIN_HEADS["smollm2"]
     stored = [f for d in (DATA, head_dir) for f in d.rglob("*") if f.is_file()]
+    assert not [f for f in stored if f.name.endswith(".meta.json")]  # no local paths kept
     assert sum(f.stat().st_size for f in stored) <= 30 * 1024 * 1024
+
+
+@pytest.mark.smollm2
+def test_the_answers_to_human_requests_reference_training_sets_only():
+    """data/smollm2/human: the base's answers to requests of installed prompt sets, stored as
+    token ids and references. Every reference resolves to its package's record; none names the
+    evaluation set or the held-out set (AlpacaEval, the head's check on unseen human requests);
+    no rebuilt prompt shares an 8-word run with MT-Bench; one file per set, one answer per
+    record."""
+    from redrafter_trt.formats.datasets import (
+        PACKAGE_SETS,
+        load_prompts,
+        resolve_prompt_ref,
+        word_runs,
+    )
+    from redrafter_trt.models.hub import resolve_base_model_dir
+    from redrafter_trt.train.data import load_base_tokenizer, read_selfdistill
+
+    files = sorted((DATA / "human").glob("*.jsonl"))
+    assert len(files) >= 5
+    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    held_out = set(load_prompts("alpaca-eval"))
+    total = 0
+    for f in files:
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        sets = {r["prompt_ref"]["set"] for r in recs}
+        assert sets == {f.stem} and PACKAGE_SETS[f.stem].train and f.stem != "alpaca-eval"
+        ids = [r["prompt_ref"]["record"] for r in recs]
+        assert len(ids) == len(set(ids))
+        for r in recs:
+            assert set(r) == {"index", "prompt_ref", "response_ids", "finish_reason"}
+            text = resolve_prompt_ref(r["prompt_ref"], str(f))
+            assert not (word_runs(text) & mt) and text not in held_out
+            assert r["response_ids"] and all(0 <= t < 49152 for t in r["response_ids"])
+        total += sum(len(r["response_ids"]) for r in recs)
+    assert total >= 300_000
+    # the trainer rebuilds the prompts with the base's tokenizer; targets only on the answers
+    tok = load_base_tokenizer(resolve_base_model_dir("smollm2"))
+    f = files[0]
+    ex = read_selfdistill(f, tok)
+    recs = [json.loads(x) for x in f.read_text().splitlines()]
+    assert [sum(e.targets) for e in ex] == [len(r["response_ids"]) for r in recs]
