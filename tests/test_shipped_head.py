@@ -80,6 +80,28 @@ def test_packaging_refuses_a_head_with_its_own_projection(tiny_dirs, tmp_path):
     assert not (tmp_path / "shipped").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_head_with_its_own_projection_ships_whole(tiny_dirs, tmp_path, dtype):
+    _, sd = load_hf_base(tiny_dirs["llama"])
+    base_w = sd["lm_head.weight"]
+    v, h = base_w.shape
+    cfg = DrafterConfig(v, h, 2 * h, 2, True, draft_vocab_size=16)
+    trained = save_drafter(init_drafter(cfg, seed=1), tmp_path / "own")
+    out = package_head(trained, base_w, tmp_path / "shipped", dtype=dtype, own_projection=True)
+    raw = json.loads((out / DRAFTER_CONFIG).read_text())
+    assert LM_HEAD_FROM_BASE not in raw and raw["draft_vocab_size"] == 16
+    stored = load_state_dict_file(out / DRAFTER_WEIGHTS)
+    assert stored["lm_head.2.weight"].shape == (16, 2 * h)
+    assert all(t.dtype == dtype for t in stored.values() if t.is_floating_point())
+    ref = load_drafter(trained).state_dict()
+    got = load_drafter(out).state_dict()  # no base projection needed
+    assert ref.keys() == got.keys()
+    for k in ref:
+        want = ref[k].to(dtype).to(ref[k].dtype) if ref[k].is_floating_point() else ref[k]
+        assert torch.equal(got[k], want), k
+    check_head_files(out, "rebuild")
+
+
 def test_corrupt_or_missing_shipped_file_is_named_with_the_rebuild_command(tiny_dirs, tmp_path):
     _, sd = load_hf_base(tiny_dirs["llama"])
     base_w = sd["lm_head.weight"]

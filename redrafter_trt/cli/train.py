@@ -18,6 +18,7 @@ import sys
 
 from ..cmdline import EXIT_USAGE, add_threads_argument, non_negative_int, positive_int, run_main
 from ..errors import require
+from ..formats.datasets import PACKAGE_SETS
 from ..models.hub import DEFAULT_MODEL
 from ..train.config import KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
 
@@ -359,8 +360,10 @@ def add_gen_data_command(sub) -> argparse.ArgumentParser:
         "--prompts",
         nargs="+",
         default=["sharegpt"],
-        help="prompt sources: 'sharegpt', 'writingbench', a prompt JSON/JSONL file or a "
-        "ShareGPT file (first user turns) (default: sharegpt)",
+        help="prompt sources: a built-in set of human-written requests read from its installed "
+        f"package ({', '.join(s for s in PACKAGE_SETS if PACKAGE_SETS[s].train)}; mt-bench, the "
+        "evaluation set, is refused), a prompt JSON/JSONL file or a ShareGPT file (first user "
+        "turns) (default: sharegpt)",
     )
     d.add_argument(
         "--limit", type=positive_int, default=None, help="first N prompts of each source"

@@ -6,6 +6,10 @@ head trained with ``--lm_head_init base --freeze_lm_head`` (whose final projecti
 ``config.json`` gets ``lm_head_from_base`` (the SHA-256 of the base projection it needs), and a
 ``SHA256SUMS`` of the directory's files. Loading OUT through ``load_drafter`` with the base's
 projection gives back the same head.
+
+A head with a projection of its own (``--own_projection``: trained, for example over a draft
+vocabulary) is written whole; ``--dtype float16`` halves its size (the loader widens the values
+back to float32 exactly, so the packaged head is what is measured and shipped).
 """
 
 from __future__ import annotations
@@ -39,27 +43,33 @@ def package_head(
     output: Path,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    own_projection: bool = False,
 ) -> Path:
-    """Write the shipped form of ``head_dir`` to ``output`` (atomically)."""
+    """Write the shipped form of ``head_dir`` to ``output`` (atomically); ``own_projection``
+    keeps the head's own vocabulary projection instead of requiring the base's."""
     head = load_drafter(head_dir, base_lm_head=base_lm_head)  # a head stored whole, or shared
     n = head.config.num_draft_layers
     proj_name = f"lm_head.{n}.weight"
     sd = head.state_dict()
     rows = base_lm_head if DRAFT_VOCAB not in sd else base_lm_head[sd[DRAFT_VOCAB].long()]
+    shared = torch.equal(sd[proj_name].float(), rows.float())
     require(
-        torch.equal(sd[proj_name].float(), rows.float()),
+        shared or own_projection,
         f"{head_dir}: the head's {proj_name} is not the base model's lm_head; only a head "
-        "trained with --lm_head_init base --freeze_lm_head shares its projection",
+        "trained with --lm_head_init base --freeze_lm_head shares its projection (pass "
+        "--own_projection to ship a head with a projection of its own, stored whole)",
     )
     raw = json.loads((head_dir / DRAFTER_CONFIG).read_text())
-    raw[LM_HEAD_FROM_BASE] = projection_digest(base_lm_head)
+    raw.pop(LM_HEAD_FROM_BASE, None)
+    if not own_projection:
+        raw[LM_HEAD_FROM_BASE] = projection_digest(base_lm_head)
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         (tmp / DRAFTER_CONFIG).write_text(json.dumps(raw, indent=2) + "\n")
         save_safetensors(
             {
                 k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
                 for k, v in sd.items()
-                if k != proj_name
+                if own_projection or k != proj_name
             },
             tmp / DRAFTER_WEIGHTS,
         )
@@ -94,11 +104,31 @@ def main(argv=None) -> int:
     p.add_argument(
         "--output", required=True, type=Path, help="directory to write the shipped head to"
     )
+    p.add_argument(
+        "--own_projection",
+        action="store_true",
+        help="the head has a vocabulary projection of its own (not the base's lm_head): "
+        "store it with the rest instead of refusing the head",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage dtype of the weights; the loader widens them to float32 (default: "
+        "float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
     def run(args) -> int:
         _, sd = load_hf_base(resolve_base_model_dir(args.model_dir))
-        out = package_head(args.head, sd[LM_HEAD], args.output, args.overwrite)
+        out = package_head(
+            args.head,
+            sd[LM_HEAD],
+            args.output,
+            args.overwrite,
+            getattr(torch, args.dtype),
+            args.own_projection,
+        )
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"wrote {out} ({size / 1e6:.1f} MB)", file=sys.stderr)
         return 0
