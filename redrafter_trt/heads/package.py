@@ -114,8 +114,7 @@ def main(argv=None) -> int:
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
         default="float32",
-        help="storage dtype of the weights; the loader widens them to float32 (default: "
-        "float32)",
+        help="storage dtype of the weights; the loader widens them to float32 (default: float32)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
