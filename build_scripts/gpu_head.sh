@@ -11,9 +11,10 @@
 #      that buys the data volume, hence the largest share;
 #   2. train, --train_min minutes (3) of optimizer steps (trainer --time_budget_min) plus the base
 #      features by teacher forcing (GPU rates: seconds for the ~0.5M tokens): a head of the
-#      shipped head's configuration (exit_dim = H, 1 block, RNN, the base's frozen vocabulary
-#      projection, D=4, forward KL over the batch vocabulary), bf16 autocast on the GPU, over the
-#      new answers plus the base-written answers in data/smollm2 and the ShareGPT conversations;
+#      shipped head's configuration (exit_dim = H, 1 block, RNN, a projection of its own over a
+#      draft vocabulary of --draft_vocab ids started from the base's rows, D=4, forward KL over
+#      the batch vocabulary), bf16 autocast on the GPU, over the new answers plus the
+#      base-written answers in data/smollm2 and the ShareGPT conversations;
 #   3. eval (about a minute): tokens per step of base + head through the runtime, greedy, W=4 D=4,
 #      the first --eval_limit 20 MT-Bench first turns x --eval_tokens 64 new tokens, with the
 #      check that speculative output equals plain decoding. With --install the shipped head is
@@ -39,6 +40,8 @@
 #   --train_min M        training time budget in minutes (default: 3)
 #   --max_steps N        a fixed number of optimizer steps instead of --train_min
 #   --batch_size N       positions per optimizer step (default: 1024)
+#   --draft_vocab K      the head drafts over K token ids (default: the shipped head's K;
+#                        --cpu-smoke: half the tiny model's vocabulary)
 #   --eval_prompts SRC   eval prompt source (default: mt-bench)
 #   --eval_limit N       first N eval prompts (default: 20)
 #   --eval_tokens N      new tokens per eval prompt (default: 64)
@@ -62,7 +65,7 @@ fail() { echo "gpu_head.sh: $*" >&2; exit 1; }
 out="" model=smollm2 prompts="writingbench arena-hard ifeval ifbench longbench-write helm-prompts"
 limit="" extra_data="-"
 gen_min="" gen_tokens="" gen_batch="" train_min="" max_steps="" batch_size=""
-eval_prompts=mt-bench eval_limit="" eval_tokens="" install=0 smoke=0
+eval_prompts=mt-bench eval_limit="" eval_tokens="" install=0 smoke=0 draft_vocab=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
@@ -81,6 +84,7 @@ while [ $# -gt 0 ]; do
         --train_min) train_min="$2" ;;
         --max_steps) max_steps="$2" ;;
         --batch_size) batch_size="$2" ;;
+        --draft_vocab) draft_vocab="$2" ;;
         --eval_prompts) eval_prompts="$2" ;;
         --eval_limit) eval_limit="$2" ;;
         --eval_tokens) eval_tokens="$2" ;;
@@ -164,10 +168,20 @@ EOF
 if [ "$model" = smollm2 ]; then
   exit_dim="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["exit_dim"])' \
     "$shipped/config.json")"
-else  # the shipped head's shape: exit_dim = the base's hidden size, its projection frozen
+else  # the shipped head's shape: exit_dim = the base's hidden size
   exit_dim="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["hidden_size"])' \
     "$model/config.json")"
 fi
+if [ -z "$draft_vocab" ]; then
+  if [ "$smoke" = 1 ]; then
+    draft_vocab="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["vocab_size"] // 2)' \
+      "$model/config.json")"
+  else
+    draft_vocab="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["draft_vocab_size"])' \
+      "$shipped/config.json")"
+  fi
+fi
+[[ "$draft_vocab" =~ ^[1-9][0-9]*$ ]] || die "--draft_vocab must be a positive integer, got '$draft_vocab'"
 mkdir -p "$work"
 echo "gpu_head.sh: $model on $device ($precision) -> $out (work: $work)"
 
@@ -212,11 +226,13 @@ if [ -n "$max_steps" ]; then
 else
   length=(--max_steps 1000000 --time_budget_min "$train_min")
 fi
-phase "2. train: exit_dim=$exit_dim, 1 block, frozen base projection, D=4, ${length[*]}"
+phase "2. train: exit_dim=$exit_dim, 1 block, own projection over $draft_vocab ids, D=4, \
+${length[*]}"
 t=$SECONDS
 # shellcheck disable=SC2086
 train train --model_dir "$model" --data "$work/answers.jsonl" $extra_data --output_dir "$out" \
-  --exit_dim "$exit_dim" --lm_head_init base --freeze_lm_head --num_draft_layers 1 \
+  --exit_dim "$exit_dim" --lm_head_init base --draft_vocab_size "$draft_vocab" \
+  --num_draft_layers 1 \
   --draft_len 4 --loss kl --kl_vocab batch --precision "$precision" --lr 2e-3 \
   --batch_size "$batch_size" "${length[@]}" --cache_dir "$work/cache" \
   --checkpoint_dir "$work/checkpoints" --device "$device" --overwrite --no_progress \
@@ -260,8 +276,9 @@ echo "eval: $tps tokens/step (trained head, $eval_limit prompts of $eval_prompts
   echo "- Training data: the base's greedy answers ($gen_tokens new tokens at most) to the" \
     "prompt sources $prompts (gen-data, in $work/answers.jsonl), plus: ${extra_data:-nothing}."
   echo "- Prompts are read from installed packages or the files named; none is stored here."
-  echo "- Head: exit_dim $exit_dim, 1 residual block, RNN, the base's frozen vocabulary" \
-    "projection, D=4, forward KL over the batch vocabulary; training_report.json has the rest."
+  echo "- Head: exit_dim $exit_dim, 1 residual block, RNN, a projection of its own over" \
+    "$draft_vocab draft ids (started from the base's rows), D=4, forward KL over the batch" \
+    "vocabulary; training_report.json has the rest."
   echo
   echo "What the run printed:"
   echo
@@ -277,6 +294,6 @@ if [ "$install" = 1 ]; then
   "$PY" -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' \
     "$tps" "$old" || fail "not installed: the trained head does not beat the shipped one"
   "$PY" -m redrafter_trt.heads.package --head "$out" --model_dir smollm2 --output "$shipped" \
-    --overwrite
+    --own_projection --dtype float16 --overwrite
   echo "installed $out -> $shipped (with its training_report.json and DATA.md)"
 fi

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Rebuild the draft head shipped for SmolLM2-135M-Instruct (redrafter_trt/heads/smollm2/).
 #
-# 1. base features by teacher forcing over the ShareGPT conversations and the writingbench
-#    requests of the installed prompt packages (text the base reads, never committed), then
-#    distillation of the base's next-token distribution into the head (forward KL, batch
-#    vocabulary, float32, frozen base projection), for REDRAFTER_HEAD_TRAIN_MIN minutes;
-# 2. the same head trained on, for REDRAFTER_HEAD_STAGE2_MIN minutes, over the base's own greedy
-#    answers to requests it wrote itself (data/smollm2/answers.jsonl, in the repository: see
-#    data/smollm2/README.md for how it was made) and the ShareGPT conversations;
-# 3. the stage-2 head trained on, for REDRAFTER_HEAD_STAGE3_MIN minutes on two threads, over
-#    those answers, the larger set of later base-written requests and answers in
-#    data/smollm2/answers2/ (one file per chunk of 128 requests), and the ShareGPT conversations;
-# 4. packaging: the projection the head shares with its base is dropped from the shipped file.
+# The data is in the repository (data/smollm2/README.md): the base's greedy answers to requests
+# it wrote itself (answers.jsonl, answers2/) and to human-written requests of installed prompt
+# packages (human/, prompts by reference, rebuilt from the packages that setup_env.sh installs),
+# plus the ShareGPT conversations of an installed package.
 #
-# Base features are computed by teacher forcing on the first use of each data file: 1-2 hours
-# on a 2-core CPU for all of them (measured at 89-265 tokens/s, depending on load; cached under
-# the user cache dir afterwards), plus the three training budgets. Knobs (environment):
-# REDRAFTER_HEAD_TRAIN_MIN (17), REDRAFTER_HEAD_STAGE2_MIN (20), REDRAFTER_HEAD_STAGE3_MIN (30),
-# REDRAFTER_HEAD_WORK (work dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
+# 1. base features by teacher forcing on the first use of each data file (cached under the user
+#    cache dir), then distillation of the base's next-token distribution into a head with
+#    exit_dim = H, one residual block, the RNN, and a vocabulary projection of its own over
+#    REDRAFTER_HEAD_K draft ids (the EOS ids and the tokens the base wrote most often in the
+#    data), started from the base's rows of those ids; forward KL over the batch vocabulary,
+#    float32, two threads, REDRAFTER_HEAD_STAGE1_MIN minutes, over everything but WritingBench;
+# 2. the stage-1 head trained on, for REDRAFTER_HEAD_STAGE2_MIN minutes, over the same data plus
+#    the answers to WritingBench's requests (long prompts: their base features are the costliest);
+# 3. packaging: the whole head (its own projection included) stored in float16.
+#
+# On the 2-vCPU EPYC VM: base features at 900-1,050 tokens/s on two threads (1,073,000 tokens
+# without WritingBench, about 14 minutes the first time), plus the two training budgets.
+# Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_STAGE1_MIN (6),
+# REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_WORK (work dir, .head_work),
+# REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,24 +28,20 @@ bash build_scripts/setup_env.sh
 bin="${REDRAFTER_VENV:-$root/.venv}/bin"
 work="${REDRAFTER_HEAD_WORK:-$root/.head_work}"
 out="${REDRAFTER_HEAD_OUT:-$root/redrafter_trt/heads/smollm2}"
-minutes="${REDRAFTER_HEAD_TRAIN_MIN:-17}"
-minutes2="${REDRAFTER_HEAD_STAGE2_MIN:-20}"
-minutes3="${REDRAFTER_HEAD_STAGE3_MIN:-30}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+k="${REDRAFTER_HEAD_K:-4096}"
+minutes1="${REDRAFTER_HEAD_STAGE1_MIN:-6}"
+minutes2="${REDRAFTER_HEAD_STAGE2_MIN:-18}"
 mkdir -p "$work"
-"$bin/redrafter-train" train --model_dir smollm2 --data sharegpt writingbench \
-  --output_dir "$work/head" --exit_dim 576 --lm_head_init base --freeze_lm_head \
-  --num_draft_layers 1 --draft_len 4 --loss kl --kl_vocab batch --precision fp32 --lr 2e-3 \
-  --max_steps 1000000 --time_budget_min "$minutes" --checkpoint_dir "$work/checkpoints" \
-  --threads 1 --no_progress --overwrite
-"$bin/redrafter-train" train --model_dir smollm2 --data data/smollm2/answers.jsonl sharegpt \
-  --init_from "$work/head" --output_dir "$work/head2" --freeze_lm_head --loss kl --kl_vocab batch \
-  --precision fp32 --lr 1e-3 --max_steps 1000000 --time_budget_min "$minutes2" \
-  --checkpoint_dir "$work/checkpoints2" --threads 1 --no_progress --overwrite
-"$bin/redrafter-train" train --model_dir smollm2 \
-  --data data/smollm2/answers.jsonl data/smollm2/answers2 sharegpt \
-  --init_from "$work/head2" --output_dir "$work/head3" --freeze_lm_head --loss kl --kl_vocab batch \
-  --precision fp32 --lr 1e-3 --max_steps 1000000 --time_budget_min "$minutes3" \
-  --checkpoint_dir "$work/checkpoints3" --threads 2 --no_progress --overwrite
-"$bin/python" -m redrafter_trt.heads.package --head "$work/head3" --model_dir smollm2 \
-  --output "$out" --overwrite
+d=data/smollm2
+data=("$d/answers.jsonl" "$d/answers2" "$d/human/arena-hard.jsonl" "$d/human/ifeval.jsonl"
+  "$d/human/ifbench.jsonl" "$d/human/helm-prompts.jsonl" "$d/human/longbench-write.jsonl" sharegpt)
+common=(--model_dir smollm2 --draft_len 4 --loss kl --kl_vocab batch --precision fp32
+  --max_steps 1000000 --threads 2 --no_progress --overwrite)
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --output_dir "$work/head1" \
+  --exit_dim 576 --num_draft_layers 1 --lm_head_init base --draft_vocab_size "$k" --lr 2e-3 \
+  --time_budget_min "$minutes1" --checkpoint_dir "$work/checkpoints1"
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" "$d/human/writingbench.jsonl" \
+  --init_from "$work/head1" --output_dir "$work/head2" --lr 1e-3 \
+  --time_budget_min "$minutes2" --checkpoint_dir "$work/checkpoints2"
+"$bin/python" -m redrafter_trt.heads.package --head "$work/head2" --model_dir smollm2 \
+  --output "$out" --own_projection --dtype float16 --overwrite

@@ -1077,3 +1077,49 @@ def test_draft_vocab_size_flag_errors(tiny_base, selfdistill_file, tmp_path, cap
     assert train_main(argv + ["--draft_vocab_size", "500"]) == 2
     assert "--draft_vocab_size 500 must be in [1, V=97]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_own_path_trains_a_depth_only_where_the_heads_own_draft_reaches_it(
+    tiny_base, selfdistill_file, tmp_path
+):
+    """--own_path: depth 1 is trained as before; depth i > 1 only on positions where the head's
+    own top-1 drafts at depths 1..i-1 equal the data."""
+    from redrafter_trt.train.data import model_fingerprint
+    from redrafter_trt.train.features import cached_features
+    from redrafter_trt.train.head import make_drafter
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    feats = None
+    pos = torch.arange(0, 300)
+    no_ac = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    out = {}
+    for own in (False, True):
+        for weights in ([1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]):
+            cfg = _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / "o",
+                tmp_path,
+                exit_dim=h,
+                depth_weights=weights,
+                own_path=own,
+            )
+            if feats is None:
+                feats, _, _ = cached_features(
+                    base,
+                    load_examples(cfg.data),
+                    model_fingerprint(tiny_base),
+                    32,
+                    cfg.cache_dir,
+                    progress=False,
+                )
+            head = make_drafter(cfg, h, v, base.lm_head.weight)
+            loss, m = forward_loss(UnrolledHead(head), base, feats, pos, cfg, "cpu", no_ac)
+            out[own, weights[0]] = (float(loss), m)
+    assert out[True, 1.0][0] == out[False, 1.0][0]  # depth 1 is always on the head's path
+    # depth 2: the mean over the positions whose depth-1 draft was right (a subset)
+    m = out[True, 0.0][1]
+    right1 = int(m["correct"][0])
+    assert 0 < right1 < int(m["valid"][0])
+    assert out[True, 0.0][0] != out[False, 0.0][0]
