@@ -22,7 +22,7 @@ from conftest import write_tiny_hf  # noqa: E402
 from redrafter_trt.cli import build as build_cli  # noqa: E402
 from redrafter_trt.cli import convert as convert_cli  # noqa: E402
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter  # noqa: E402
-from test_train import CHATML, _char_tokenizer  # noqa: E402
+from conftest import CHATML, char_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.full  # a server process per module and per signal test: the full tier
 
@@ -91,7 +91,7 @@ def build_engine(root: Path, *convert_extra) -> Path:
         )
         == 0
     )
-    _char_tokenizer(CHATML).save_pretrained(str(engine))
+    char_tokenizer(CHATML).save_pretrained(str(engine))
     return engine
 
 
