@@ -18,11 +18,14 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import write_tiny_hf  # noqa: E402
+from conftest import (  # noqa: E402
+    CHATML,
+    char_tokenizer,
+    write_tiny_hf,
+)
 from redrafter_trt.cli import build as build_cli  # noqa: E402
 from redrafter_trt.cli import convert as convert_cli  # noqa: E402
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, save_drafter  # noqa: E402
-from conftest import CHATML, char_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.full  # a server process per module and per signal test: the full tier
 
