@@ -162,6 +162,20 @@ def _done_indices(path: Path) -> set[int]:
     return done
 
 
+def _record(index: int, result, ref: dict | None, prompt: tuple[str, list[int]] | None) -> dict:
+    """One output line: the answer, its prompt's reference (when it has one) and, unless
+    ``prompt`` is None (``refs_only``), the prompt's text and ids and the answer's text."""
+    rec: dict = {"index": index}
+    rec.update({"prompt_ref": ref} if ref else {})
+    if prompt is not None:
+        rec.update({"prompt": prompt[0], "prompt_ids": prompt[1]})
+    rec["response_ids"] = result.token_ids
+    if prompt is not None:
+        rec["response"] = result.text
+    rec["finish_reason"] = result.finish_reason
+    return rec
+
+
 def generate_data(
     model_dir: str | os.PathLike,
     prompts: Sequence[str],
@@ -297,14 +311,7 @@ def generate_data(
             )
             for i, r in zip(batch, results):
                 ref = refs[i] if refs is not None else None
-                rec: dict = {"index": i}
-                rec.update({"prompt_ref": ref} if ref else {})
-                if not refs_only:
-                    rec.update({"prompt": prompts[i], "prompt_ids": encoded[i]})
-                rec["response_ids"] = r.token_ids
-                if not refs_only:
-                    rec["response"] = r.text
-                rec["finish_reason"] = r.finish_reason
+                rec = _record(i, r, ref, None if refs_only else (prompts[i], encoded[i]))
                 f.write(json.dumps(rec) + "\n")
                 n_tok += len(r.token_ids)
             f.flush()
