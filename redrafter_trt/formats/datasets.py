@@ -283,6 +283,14 @@ def resolve_prompt_ref(ref: object, where: str) -> str:
     return turns[0]
 
 
+def require_training_source(source: str, flag: str) -> None:
+    """An evaluation set (MT-Bench) is never training data: refuse it as ``flag``'s value."""
+    require(
+        source not in PACKAGE_SETS or PACKAGE_SETS[source].train,
+        f"{flag} {source}: the evaluation set; it is never trained on",
+    )
+
+
 def word_runs(text: str, n: int = 8) -> set[tuple[str, ...]]:
     """Every run of ``n`` consecutive words of ``text`` (lower case, split on white space)."""
     words = text.lower().split()

@@ -25,11 +25,11 @@ from typing import Any
 from ..errors import RedrafterError, require
 from ..formats.datasets import (
     BUILTIN,
-    PACKAGE_SETS,
     load_conversations,
     load_prompts,
     package_file,
     read_json_list,
+    require_training_source,
     resolve_prompt_ref,
 )
 
@@ -259,10 +259,7 @@ def load_examples(
     examples: list[Example] = []
     for src in sources:
         kind = source_kind(src)
-        require(
-            src not in PACKAGE_SETS or PACKAGE_SETS[src].train,
-            f"--data {src}: the evaluation set; it is never trained on",
-        )
+        require_training_source(src, "--data")
         if kind == "selfdistill":
             got = read_selfdistill(src, tokenizer, chat_template)
             got = got[:limit_per_source] if limit_per_source else got

@@ -31,6 +31,7 @@ from ..formats.datasets import (
     load_prompts,
     package_prompts,
     prompt_ref,
+    require_training_source,
     shares_text_with_eval,
 )
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
@@ -65,11 +66,9 @@ def read_prompt_entries(
     seen: set[str] = set()
     for src in sources:
         got: list[tuple[str, dict | None]]
+        if training:
+            require_training_source(src, "--prompts")
         if src in PACKAGE_SETS:
-            require(
-                PACKAGE_SETS[src].train or not training,
-                f"--prompts {src}: the evaluation set; it is never answered for training",
-            )
             got = [(t, prompt_ref(src, rid)) for rid, t in package_prompts(src)]
         elif source_kind(src) == "conversations":
             firsts = [
