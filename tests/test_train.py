@@ -91,6 +91,22 @@ def _runtime_tokens_per_step(base, heads: dict) -> dict:
     return tps
 
 
+def _features(base, cfg: TrainConfig, tiny_base):
+    """The tiny base's features over ``cfg.data`` (top-32 teacher), cached in ``cfg.cache_dir``."""
+    from redrafter_trt.train.data import model_fingerprint
+    from redrafter_trt.train.features import cached_features
+
+    feats, _, _ = cached_features(
+        base,
+        load_examples(cfg.data),
+        model_fingerprint(tiny_base),
+        32,
+        cfg.cache_dir,
+        progress=False,
+    )
+    return feats
+
+
 def _cfg(tiny_base, data, out, tmp_path, **kw) -> TrainConfig:
     base = dict(
         model_dir=str(tiny_base),
@@ -217,22 +233,13 @@ def test_unrolled_steps_match_beam_search(tiny_base):
 
 
 def test_only_head_parameters_get_gradients(tiny_base, selfdistill_file, tmp_path):
-    from redrafter_trt.train.data import model_fingerprint
-    from redrafter_trt.train.features import cached_features
 
     cfg = _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path)
     base = load_frozen_base(tiny_base)
     for p in base.parameters():
         p.requires_grad_(True)  # even when the base would accept gradients, none reach it
     head = init_drafter(DrafterConfig(base.config.vocab_size, base.config.hidden_size, 48, 1, True))
-    feats, _, _ = cached_features(
-        base,
-        load_examples(cfg.data),
-        model_fingerprint(tiny_base),
-        32,
-        cfg.cache_dir,
-        progress=False,
-    )
+    feats = _features(base, cfg, tiny_base)
     loss, _ = forward_loss(
         UnrolledHead(head),
         base,
@@ -834,8 +841,6 @@ def test_frozen_projection_path_gives_the_same_loss_and_gradients(
 ):
     """With a frozen projection the trainer routes the loss through the fused path; in float32 it
     matches the plain path (materialised logits) in loss and in every parameter's gradient."""
-    from redrafter_trt.train.data import model_fingerprint
-    from redrafter_trt.train.features import cached_features
     from redrafter_trt.train.head import make_drafter
     from redrafter_trt.train.step import FrozenProjection
 
@@ -853,14 +858,7 @@ def test_frozen_projection_path_gives_the_same_loss_and_gradients(
         alpha=0.6,
         temperature=1.5,
     )
-    feats, _, _ = cached_features(
-        base,
-        load_examples(cfg.data),
-        model_fingerprint(tiny_base),
-        32,
-        cfg.cache_dir,
-        progress=False,
-    )
+    feats = _features(base, cfg, tiny_base)
     head = make_drafter(cfg, h, v, base.lm_head.weight)
     pos = torch.arange(0, 300)
     no_ac = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
@@ -1084,8 +1082,6 @@ def test_own_path_trains_a_depth_only_where_the_heads_own_draft_reaches_it(
 ):
     """--own_path: depth 1 is trained as before; depth i > 1 only on positions where the head's
     own top-1 drafts at depths 1..i-1 equal the data."""
-    from redrafter_trt.train.data import model_fingerprint
-    from redrafter_trt.train.features import cached_features
     from redrafter_trt.train.head import make_drafter
 
     base = load_frozen_base(tiny_base)
@@ -1106,14 +1102,7 @@ def test_own_path_trains_a_depth_only_where_the_heads_own_draft_reaches_it(
                 own_path=own,
             )
             if feats is None:
-                feats, _, _ = cached_features(
-                    base,
-                    load_examples(cfg.data),
-                    model_fingerprint(tiny_base),
-                    32,
-                    cfg.cache_dir,
-                    progress=False,
-                )
+                feats = _features(base, cfg, tiny_base)
             head = make_drafter(cfg, h, v, base.lm_head.weight)
             loss, m = forward_loss(UnrolledHead(head), base, feats, pos, cfg, "cpu", no_ac)
             out[own, weights[0]] = (float(loss), m)
