@@ -145,6 +145,7 @@ threads=()
 if [ -n "${REDRAFTER_THREADS:-}" ]; then threads=(--threads "$REDRAFTER_THREADS"); fi
 train() { "$PY" -m redrafter_trt.cli.train "$@"; }
 phase() { echo; echo "== $*"; }
+json_field() { "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
 t_all=$SECONDS
 
 # 0. Checks, before any time is spent.
@@ -166,20 +167,14 @@ for src in sys.argv[1:]:
             sys.exit(f"gpu_head.sh: prompt set {src!r}: {e}")
 EOF
 if [ "$model" = smollm2 ]; then
-  exit_dim="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["exit_dim"])' \
-    "$shipped/config.json")"
+  exit_dim="$(json_field "$shipped/config.json" exit_dim)"
 else  # the shipped head's shape: exit_dim = the base's hidden size
-  exit_dim="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["hidden_size"])' \
-    "$model/config.json")"
+  exit_dim="$(json_field "$model/config.json" hidden_size)"
 fi
-if [ -z "$draft_vocab" ]; then
-  if [ "$smoke" = 1 ]; then
-    draft_vocab="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["vocab_size"] // 2)' \
-      "$model/config.json")"
-  else
-    draft_vocab="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["draft_vocab_size"])' \
-      "$shipped/config.json")"
-  fi
+if [ -z "$draft_vocab" ] && [ "$smoke" = 1 ]; then
+  draft_vocab=$(($(json_field "$model/config.json" vocab_size) / 2))
+elif [ -z "$draft_vocab" ]; then
+  draft_vocab="$(json_field "$shipped/config.json" draft_vocab_size)"
 fi
 [[ "$draft_vocab" =~ ^[1-9][0-9]*$ ]] || die "--draft_vocab must be a positive integer, got '$draft_vocab'"
 mkdir -p "$work"
