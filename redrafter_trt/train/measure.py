@@ -101,8 +101,8 @@ def runtime_tokens_per_step(
         "generated_tokens": tokens,
         "steps": steps,
         "tokens_per_step_histogram": {str(k): v for k, v in enumerate(hist) if k},
-        # the speculative steps' time per phase (draft = the head's beam search), per engine call
-        # of up to batch_size rows
+        # the speculative generation's time per phase (draft = the head's beam search; the
+        # prompts' calls included) over its generation calls of up to batch_size rows
         "ms_per_call": {k: 1e3 * v / max(calls, 1) for k, v in sorted(phases.items())},
         "wall_s": time.perf_counter() - t0,
     }
