@@ -139,6 +139,20 @@ def test_refs_only_needs_package_prompts_and_mt_bench_is_never_training_data(tin
         load_examples(["mt-bench"], load_base_tokenizer(tiny_base))
 
 
+def test_a_directory_of_prompt_files_is_its_jsonl_files_in_name_order(tmp_path):
+    d = tmp_path / "chunks"
+    d.mkdir()
+    (d / "b.jsonl").write_text(json.dumps({"prompt": "second file"}) + "\n")
+    (d / "a.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in ("one", "two")))
+    (d / "a.meta.json").write_text("{}")  # gen-data's settings record: not prompts
+    got = [p for p, _ in read_prompt_entries([str(d), "ifeval"], limit_per_source=2)]
+    assert got[:3] == ["one", "two", "second file"] and len(got) == 5  # the limit is per file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RedrafterError, match=f"--prompts {empty}: a directory with no"):
+        read_prompt_entries([str(empty)])
+
+
 def test_every_package_set_reads_and_its_references_round_trip():
     for name, s in datasets.PACKAGE_SETS.items():
         records = datasets.package_records(name)

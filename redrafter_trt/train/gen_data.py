@@ -37,6 +37,7 @@ from ..formats.datasets import (
 from ..models.drafter import DrafterConfig, init_drafter, load_drafter, validate_against_base
 from ..models.hub import cache_root
 from .data import (
+    expand_sources,
     load_base_tokenizer,
     model_fingerprint,
     render_prompt,
@@ -64,7 +65,7 @@ def read_prompt_entries(
     with one of its turns is dropped."""
     entries: list[tuple[str, dict | None]] = []
     seen: set[str] = set()
-    for src in sources:
+    for src in expand_sources(sources, "--prompts"):
         got: list[tuple[str, dict | None]]
         if training:
             require_training_source(src, "--prompts")
