@@ -248,3 +248,55 @@ def test_the_answers_to_human_requests_reference_training_sets_only():
     ex = read_selfdistill(f, tok)
     recs = [json.loads(x) for x in f.read_text().splitlines()]
     assert [sum(e.targets) for e in ex] == [len(r["response_ids"]) for r in recs]
+
+
+@pytest.mark.smollm2
+def test_the_sampled_answers_are_training_requests_answered_again():
+    """data/smollm2/sampled/seed*/: the base's answers sampled at temperature 0.7 to the same
+    training requests (more contexts of the base's own text). Package requests by reference, one
+    answer per record and file, never the evaluation or held-out set; the base-written requests
+    are those of requests_train.jsonl and answers2/, none of the held-out ones; no request shares
+    an 8-word run with MT-Bench."""
+    from redrafter_trt.formats.datasets import (
+        PACKAGE_SETS,
+        load_prompts,
+        resolve_prompt_ref,
+        word_runs,
+    )
+    from redrafter_trt.train.data import expand_sources, read_selfdistill
+
+    dirs = sorted((DATA / "sampled").glob("seed*"))
+    assert dirs
+    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    held_out = set(load_prompts("alpaca-eval"))
+    trained = {
+        json.loads(x)["prompt"]
+        for x in (DATA / "requests_train.jsonl").read_text().split("\n")
+        if x
+    }
+    for f in expand_sources([str(DATA / "answers2")]):
+        trained |= {json.loads(x)["prompt"] for x in Path(f).read_text().split("\n") if x}
+    heldout_written = {
+        json.loads(x)["prompt"]
+        for x in (DATA / "requests_heldout.jsonl").read_text().split("\n")
+        if x
+    }
+    total = 0
+    for d in dirs:
+        for f in sorted(d.glob("*.jsonl")):
+            recs = [json.loads(x) for x in f.read_text().split("\n") if x]
+            if f.stem == "base":
+                texts = [r["prompt"] for r in recs]
+                assert set(texts) <= trained and not set(texts) & heldout_written
+                assert len(read_selfdistill(f)) == len(recs)
+            else:
+                assert {r["prompt_ref"]["set"] for r in recs} == {f.stem}
+                assert PACKAGE_SETS[f.stem].train and f.stem != "alpaca-eval"
+                ids = [r["prompt_ref"]["record"] for r in recs]
+                assert len(ids) == len(set(ids))
+                texts = [resolve_prompt_ref(r["prompt_ref"], str(f)) for r in recs]
+                assert not set(texts) & held_out
+            assert not [t for t in texts if word_runs(t) & mt]
+            assert all(r["response_ids"] and max(r["response_ids"]) < 49152 for r in recs)
+            total += sum(len(r["response_ids"]) for r in recs)
+    assert total >= 500_000
