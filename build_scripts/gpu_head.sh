@@ -5,8 +5,9 @@
 #      (else exit 2 naming the package), the output is not the shipped head;
 #   1. gen-data, capped at --gen_min minutes (4): the base's greedy answers (--gen_tokens 256
 #      tokens) to the human-written requests of the installed prompt sets (WritingBench,
-#      Arena-Hard, IFEval, IFBench, LongBench-Write, HELM's prompts: the sets the repository's
-#      data/smollm2/human answers; AlpacaEval is held out), batched --gen_batch 256 prompts at a time on the GPU. Batches are appended as
+#      Arena-Hard, IFEval, IFBench, HealthBench, LongBench-Write, HELM's prompts: the sets the
+#      repository's data/smollm2/human answers; AlpacaEval is held out), batched --gen_batch 256
+#      prompts at a time on the GPU. Batches are appended as
 #      they finish, so the cap stops it between batches with what is done; this is the phase
 #      that buys the data volume, hence the largest share;
 #   2. train, --train_min minutes (3) of optimizer steps (trainer --time_budget_min) plus the base
@@ -14,7 +15,8 @@
 #      shipped head's configuration (exit_dim = H, 1 block, RNN, a projection of its own over a
 #      draft vocabulary of --draft_vocab ids started from the base's rows, D=4, forward KL over
 #      the batch vocabulary), bf16 autocast on the GPU, over the new answers plus the
-#      base-written answers in data/smollm2 and the ShareGPT conversations;
+#      base-written answers in data/smollm2, the answers sampled at temperature 0.7 in
+#      data/smollm2/sampled and the ShareGPT conversations;
 #   3. eval (about a minute): tokens per step of base + head through the runtime, greedy, W=4 D=4,
 #      the first --eval_limit 20 MT-Bench first turns x --eval_tokens 64 new tokens, with the
 #      check that speculative output equals plain decoding. With --install the shipped head is
@@ -30,13 +32,14 @@
 #                        OUT_DIR.work/. The shipped head is never written unless --install.
 #   --model_dir DIR      base model: smollm2 (default) or a Hugging Face directory
 #   --prompts "SRC.."    gen-data prompt sources (default: "writingbench arena-hard ifeval
-#                        ifbench longbench-write helm-prompts")
+#                        ifbench healthbench longbench-write helm-prompts")
 #   --limit N            first N prompts of each source (default: all)
 #   --gen_min M          gen-data wall-time cap in minutes (default: 4)
 #   --gen_tokens N       new tokens per answer (default: 256)
 #   --gen_batch N        prompts per gen-data batch (default: 256)
 #   --extra_data "SRC.." more training data (default with smollm2: "data/smollm2/answers.jsonl
-#                        data/smollm2/answers2 sharegpt"; otherwise none)
+#                        data/smollm2/answers2 data/smollm2/sampled/seed700
+#                        data/smollm2/sampled/seed701 sharegpt"; otherwise none)
 #   --train_min M        training time budget in minutes (default: 3)
 #   --max_steps N        a fixed number of optimizer steps instead of --train_min
 #   --batch_size N       positions per optimizer step (default: 1024)
@@ -62,7 +65,8 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
 die() { echo "gpu_head.sh: $*" >&2; exit 2; }
 fail() { echo "gpu_head.sh: $*" >&2; exit 1; }
 
-out="" model=smollm2 prompts="writingbench arena-hard ifeval ifbench longbench-write helm-prompts"
+out="" model=smollm2
+prompts="writingbench arena-hard ifeval ifbench healthbench longbench-write helm-prompts"
 limit="" extra_data="-"
 gen_min="" gen_tokens="" gen_batch="" train_min="" max_steps="" batch_size=""
 eval_prompts=mt-bench eval_limit="" eval_tokens="" install=0 smoke=0 draft_vocab=""
@@ -117,7 +121,8 @@ for v in gen_min train_min; do
 done
 if [ "$extra_data" = "-" ]; then
   if [ "$model" = smollm2 ]; then
-    extra_data="$root/data/smollm2/answers.jsonl $root/data/smollm2/answers2 sharegpt"
+    d="$root/data/smollm2"
+    extra_data="$d/answers.jsonl $d/answers2 $d/sampled/seed700 $d/sampled/seed701 sharegpt"
   else
     extra_data=""
   fi

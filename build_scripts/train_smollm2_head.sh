@@ -14,13 +14,17 @@
 #    float32, two threads, REDRAFTER_HEAD_STAGE1_MIN minutes, over everything but WritingBench;
 # 2. the stage-1 head trained on, for REDRAFTER_HEAD_STAGE2_MIN minutes, over the same data plus
 #    the answers to WritingBench's requests (long prompts: their base features are the costliest);
-# 3. packaging: the whole head (its own projection included) stored in float16.
+# 3. the stage-2 head trained on, for REDRAFTER_HEAD_STAGE3_MIN minutes, over everything above
+#    plus the answers to HealthBench's requests and the base's answers sampled at temperature 0.7
+#    to the training requests once more (data/smollm2/sampled: more contexts of the base's text);
+# 4. packaging: the whole head (its own projection included) stored in float16.
 #
 # On the 2-vCPU EPYC VM: base features at 900-1,050 tokens/s on two threads (1,073,000 tokens
-# without WritingBench, about 14 minutes the first time), plus the two training budgets.
+# without WritingBench, about 14 minutes the first time; stage 3's new data adds 1.5 million,
+# about 28 minutes), plus the three training budgets.
 # Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_STAGE1_MIN (6),
-# REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_WORK (work dir, .head_work),
-# REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
+# REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10), REDRAFTER_HEAD_WORK (work dir,
+# .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -31,6 +35,7 @@ out="${REDRAFTER_HEAD_OUT:-$root/redrafter_trt/heads/smollm2}"
 k="${REDRAFTER_HEAD_K:-4096}"
 minutes1="${REDRAFTER_HEAD_STAGE1_MIN:-6}"
 minutes2="${REDRAFTER_HEAD_STAGE2_MIN:-18}"
+minutes3="${REDRAFTER_HEAD_STAGE3_MIN:-10}"
 mkdir -p "$work"
 d=data/smollm2
 data=("$d/answers.jsonl" "$d/answers2" "$d/human/arena-hard.jsonl" "$d/human/ifeval.jsonl"
@@ -43,5 +48,9 @@ common=(--model_dir smollm2 --draft_len 4 --loss kl --kl_vocab batch --precision
 "$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" "$d/human/writingbench.jsonl" \
   --init_from "$work/head1" --output_dir "$work/head2" --lr 1e-3 \
   --time_budget_min "$minutes2" --checkpoint_dir "$work/checkpoints2"
-"$bin/python" -m redrafter_trt.heads.package --head "$work/head2" --model_dir smollm2 \
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" "$d/human/writingbench.jsonl" \
+  "$d/human/healthbench.jsonl" "$d/sampled/seed700" "$d/sampled/seed701" \
+  --init_from "$work/head2" --output_dir "$work/head3" --lr 1e-3 \
+  --time_budget_min "$minutes3" --checkpoint_dir "$work/checkpoints3"
+"$bin/python" -m redrafter_trt.heads.package --head "$work/head3" --model_dir smollm2 \
   --output "$out" --own_projection --dtype float16 --overwrite
