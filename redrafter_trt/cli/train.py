@@ -362,9 +362,9 @@ def add_gen_data_command(sub) -> argparse.ArgumentParser:
         default=["sharegpt"],
         help="prompt sources: a built-in set of human-written requests read from its installed "
         f"package ({', '.join(s for s in PACKAGE_SETS if PACKAGE_SETS[s].train)}; mt-bench, the "
-        "evaluation set, is refused), a prompt JSON/JSONL file (gen-data output included: its "
-        "prompts), a directory of such *.jsonl files, or a ShareGPT file (first user turns) "
-        "(default: sharegpt)",
+        "evaluation set, is refused), a prompt JSON/JSONL file (gen-data output written without "
+        "--refs_only included: its prompts), a directory of such *.jsonl files, or a ShareGPT "
+        "file (first user turns) (default: sharegpt)",
     )
     d.add_argument(
         "--limit", type=positive_int, default=None, help="first N prompts of each source"
