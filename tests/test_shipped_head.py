@@ -165,24 +165,22 @@ def test_the_shipped_smollm2_head_loads_with_its_base():
 DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2"
 
 
+def _records(path) -> list[dict]:
+    """The records of a JSONL data file (one per non-empty line)."""
+    return [json.loads(x) for x in Path(path).read_text().split("\n") if x]
+
+
 def test_the_committed_training_data_is_clean_disjoint_and_small():
     from redrafter_trt.formats.datasets import load_prompts, word_runs
     from redrafter_trt.train.data import expand_sources, read_selfdistill, source_kind
 
-    train = [
-        json.loads(x)["prompt"] for x in (DATA / "requests_train.jsonl").read_text().splitlines()
-    ]
-    heldout = [
-        json.loads(x)["prompt"] for x in (DATA / "requests_heldout.jsonl").read_text().splitlines()
-    ]
-    answers = [json.loads(x) for x in (DATA / "answers.jsonl").read_text().splitlines()]
+    train = [r["prompt"] for r in _records(DATA / "requests_train.jsonl")]
+    heldout = [r["prompt"] for r in _records(DATA / "requests_heldout.jsonl")]
+    answers = _records(DATA / "answers.jsonl")
     assert len(train) == len(set(train)) and heldout and not set(train) & set(heldout)
     assert sorted(a["prompt"] for a in answers) == sorted(train)
     # later answers: files of their own (each keeps its prompts), never a held-out request
-    more_files = {
-        Path(f): [json.loads(x) for x in Path(f).read_text().splitlines()]
-        for f in expand_sources([str(DATA / "answers2")])
-    }
+    more_files = {Path(f): _records(f) for f in expand_sources([str(DATA / "answers2")])}
     more = [a for recs in more_files.values() for a in recs]
     assert len(more) >= 500
     seen = {p.strip().lower() for p in train + heldout}
@@ -230,7 +228,7 @@ def test_the_answers_to_human_requests_reference_training_sets_only():
     held_out = set(load_prompts("alpaca-eval"))
     total = 0
     for f in files:
-        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        recs = _records(f)
         sets = {r["prompt_ref"]["set"] for r in recs}
         assert sets == {f.stem} and PACKAGE_SETS[f.stem].train and f.stem != "alpaca-eval"
         ids = [r["prompt_ref"]["record"] for r in recs]
@@ -246,7 +244,7 @@ def test_the_answers_to_human_requests_reference_training_sets_only():
     tok = load_base_tokenizer(resolve_base_model_dir("smollm2"))
     f = files[0]
     ex = read_selfdistill(f, tok)
-    recs = [json.loads(x) for x in f.read_text().splitlines()]
+    recs = _records(f)
     assert [sum(e.targets) for e in ex] == [len(r["response_ids"]) for r in recs]
 
 
@@ -269,22 +267,14 @@ def test_the_sampled_answers_are_training_requests_answered_again():
     assert dirs
     mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
     held_out = set(load_prompts("alpaca-eval"))
-    trained = {
-        json.loads(x)["prompt"]
-        for x in (DATA / "requests_train.jsonl").read_text().split("\n")
-        if x
-    }
+    trained = {r["prompt"] for r in _records(DATA / "requests_train.jsonl")}
     for f in expand_sources([str(DATA / "answers2")]):
-        trained |= {json.loads(x)["prompt"] for x in Path(f).read_text().split("\n") if x}
-    heldout_written = {
-        json.loads(x)["prompt"]
-        for x in (DATA / "requests_heldout.jsonl").read_text().split("\n")
-        if x
-    }
+        trained |= {r["prompt"] for r in _records(f)}
+    heldout_written = {r["prompt"] for r in _records(DATA / "requests_heldout.jsonl")}
     total = 0
     for d in dirs:
         for f in sorted(d.glob("*.jsonl")):
-            recs = [json.loads(x) for x in f.read_text().split("\n") if x]
+            recs = _records(f)
             if f.stem == "base":
                 texts = [r["prompt"] for r in recs]
                 assert set(texts) <= trained and not set(texts) & heldout_written
