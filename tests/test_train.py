@@ -1086,7 +1086,9 @@ def test_own_path_trains_a_depth_only_where_the_heads_own_draft_reaches_it(
 
     base = load_frozen_base(tiny_base)
     h, v = base.config.hidden_size, base.config.vocab_size
-    feats = None
+    feats = _features(
+        base, _cfg(tiny_base, [selfdistill_file], tmp_path / "o", tmp_path), tiny_base
+    )
     pos = torch.arange(0, 300)
     no_ac = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     out = {}
@@ -1101,8 +1103,6 @@ def test_own_path_trains_a_depth_only_where_the_heads_own_draft_reaches_it(
                 depth_weights=weights,
                 own_path=own,
             )
-            if feats is None:
-                feats = _features(base, cfg, tiny_base)
             head = make_drafter(cfg, h, v, base.lm_head.weight)
             loss, m = forward_loss(UnrolledHead(head), base, feats, pos, cfg, "cpu", no_ac)
             out[own, weights[0]] = (float(loss), m)
