@@ -166,8 +166,10 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2"
 
 
 def _records(path) -> list[dict]:
-    """The records of a JSONL data file (one per non-empty line)."""
-    return [json.loads(x) for x in Path(path).read_text().split("\n") if x]
+    """The records of a JSONL data file (one per non-empty line), gzip-compressed or not."""
+    from redrafter_trt.formats.datasets import read_data_text
+
+    return [json.loads(x) for x in read_data_text(path, "data file").split("\n") if x]
 
 
 def test_the_committed_training_data_is_clean_disjoint_and_small():
@@ -273,15 +275,16 @@ def test_the_sampled_answers_are_training_requests_answered_again():
     heldout_written = {r["prompt"] for r in _records(DATA / "requests_heldout.jsonl")}
     total = 0
     for d in dirs:
-        for f in sorted(d.glob("*.jsonl")):
+        for f in map(Path, expand_sources([str(d)])):
             recs = _records(f)
-            if f.stem == "base":
+            name = f.name.split(".")[0]
+            if name == "base":
                 texts = [r["prompt"] for r in recs]
                 assert set(texts) <= trained and not set(texts) & heldout_written
                 assert len(read_selfdistill(f)) == len(recs)
             else:
-                assert {r["prompt_ref"]["set"] for r in recs} == {f.stem}
-                assert PACKAGE_SETS[f.stem].train and f.stem != "alpaca-eval"
+                assert {r["prompt_ref"]["set"] for r in recs} == {name}
+                assert PACKAGE_SETS[name].train and name != "alpaca-eval"
                 ids = [r["prompt_ref"]["record"] for r in recs]
                 assert len(ids) == len(set(ids))
                 texts = [resolve_prompt_ref(r["prompt_ref"], str(f)) for r in recs]

@@ -4,6 +4,7 @@ runtime accepts clearly more often than a random one."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import shutil
@@ -19,7 +20,13 @@ from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
 from redrafter_trt.runtime import Generator
 from redrafter_trt.train.config import TrainConfig
-from redrafter_trt.train.data import load_base_tokenizer, load_examples, render_conversation
+from redrafter_trt.train.data import (
+    expand_sources,
+    load_base_tokenizer,
+    load_examples,
+    render_conversation,
+    source_kind,
+)
 from redrafter_trt.train.frozen_base import load_frozen_base
 from redrafter_trt.train.gen_data import generate_data
 from redrafter_trt.train.loop import train_drafter
@@ -311,8 +318,32 @@ def test_a_data_directory_is_its_jsonl_files_each_a_source(tiny_base, selfdistil
     assert report["data"] == [str(d / "a.jsonl"), str(d / "b.jsonl")]
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RedrafterError, match="empty.*no \\*.jsonl files"):
+    with pytest.raises(RedrafterError, match="empty.*no \\*.jsonl or \\*.jsonl.gz files"):
         train_drafter(_cfg(tiny_base, [empty], tmp_path / "e", tmp_path, max_steps=4))
+
+
+def test_gzip_compressed_data_reads_as_the_plain_file(tiny_base, selfdistill_file, tmp_path):
+    """A gen-data file stored gzip-compressed (``.jsonl.gz``) gives the same examples as the
+    plain file, alone or from a directory; a directory holding a file both ways, a truncated
+    .gz, and gen-data told to write .gz are errors naming the file."""
+    plain = load_examples([str(selfdistill_file)])
+    d = tmp_path / "packed"
+    d.mkdir()
+    gz = d / "sd.jsonl.gz"
+    gz.write_bytes(gzip.compress(selfdistill_file.read_bytes(), mtime=0))
+    assert source_kind(str(gz)) == "selfdistill"
+    for got in (load_examples([str(gz)]), load_examples(expand_sources([str(d)]))):
+        assert [(e.ids, e.targets) for e in got] == [(e.ids, e.targets) for e in plain]
+    (d / "sd.jsonl").write_bytes(selfdistill_file.read_bytes())
+    with pytest.raises(RedrafterError, match="packed: holds sd.jsonl both plain and gzip"):
+        expand_sources([str(d)])
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gz.read_bytes()[:-40])
+    with pytest.raises(RedrafterError, match="cut.jsonl.gz: cannot read the gen-data file"):
+        load_examples([str(cut)])
+    with pytest.raises(RedrafterError, match="out.jsonl.gz: gen-data appends to a plain"):
+        generate_data(tiny_base, ["hi"], tmp_path / "out.jsonl.gz", max_new_tokens=2)
+    assert not (tmp_path / "out.jsonl.gz").exists()
 
 
 @pytest.mark.full

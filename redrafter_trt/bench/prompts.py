@@ -10,21 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import require
-from ..formats.datasets import BUILTIN, load_prompts
+from ..errors import RedrafterError, require
+from ..formats.datasets import BUILTIN, is_jsonl, load_prompts, read_data_text
 from ..runtime.generator import Generator
 
 
 def _token_id_file(path: Path) -> list[list[int]] | None:
     """The file's token-id prompts, or None when it holds text prompts."""
     try:
-        text = path.read_text()
+        text = read_data_text(path, "prompt file")
         items = (
             [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
+            if is_jsonl(path)
             else json.loads(text)
         )
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (RedrafterError, json.JSONDecodeError):
         return None
     is_ids = (
         isinstance(items, list)

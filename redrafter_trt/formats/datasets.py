@@ -15,7 +15,8 @@
 - ``helm-prompts``: the fixed "best ChatGPT prompts" of ``crfm-helm`` (templates with slots left
   out).
 - a ``.jsonl`` / ``.json`` file: one prompt per line (a string, or an object with ``prompt``,
-  ``text``, ``question`` or ``turns``), or a JSON list of strings.
+  ``text``, ``question`` or ``turns``), or a JSON list of strings. Every reader here also takes
+  the file gzip-compressed (``.jsonl.gz`` / ``.json.gz``).
 
 Data made from a package's prompts can name each prompt by a *reference* instead of holding its
 text (:func:`prompt_ref`, :func:`resolve_prompt_ref`): the set, the package and version, the
@@ -25,10 +26,12 @@ package and a changed or missing record is an error, never a silently different 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -350,17 +353,35 @@ def load_prompts(name_or_path: str, limit: int | None = None, all_turns: bool = 
     return prompts[:limit] if limit else prompts
 
 
+def is_jsonl(path: str | Path) -> bool:
+    """True for a ``.jsonl`` file name, gzip-compressed (``.jsonl.gz``) or not."""
+    return Path(path).name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def read_data_text(path: str | Path, what: str) -> str:
+    """The text of a data file, decompressed when its name ends in ``.gz``; an unreadable,
+    truncated or corrupt file is an error naming the file and ``what`` it was read as."""
+    path = Path(path)
+    try:
+        if path.name.endswith(".gz"):
+            return gzip.decompress(path.read_bytes()).decode()
+        return path.read_text()
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise RedrafterError(f"{path}: cannot read the {what} ({e})") from e
+
+
 def read_json_list(path: str | Path, what: str) -> list:
-    """A JSON list (``.json``) or one JSON value per line (``.jsonl``), with clear errors."""
+    """A JSON list (``.json``) or one JSON value per line (``.jsonl``), either gzip-compressed
+    or not (``.gz``), with clear errors."""
     path = Path(path)
     require(path.is_file(), f"{path}: {what} not found")
+    text = read_data_text(path, what)
     try:
-        text = path.read_text()
-        if path.suffix == ".jsonl":
+        if is_jsonl(path):
             items = [json.loads(line) for line in text.split("\n") if line.strip()]
         else:
             items = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise RedrafterError(f"{path}: {what} is not valid JSON/JSONL ({e})") from e
     require(isinstance(items, list), f"{path}: {what} must be a JSON list or JSONL lines")
     return items

@@ -14,9 +14,11 @@ token j is a training target). Sources:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,11 @@ from typing import Any
 from ..errors import RedrafterError, require
 from ..formats.datasets import (
     BUILTIN,
+    is_jsonl,
     load_conversations,
     load_prompts,
     package_file,
+    read_data_text,
     read_json_list,
     require_training_source,
     resolve_prompt_ref,
@@ -137,20 +141,40 @@ def _read_items(path: Path) -> list:
 
 
 def expand_sources(sources: Sequence[str], flag: str = "--data") -> list[str]:
-    """The data sources with every directory replaced by the ``*.jsonl`` files in it (sorted by
-    name; ``.meta.json`` records are not data). Each file stays a source of its own, so its
-    cached base features are shared with runs that name the file directly. ``flag`` names the
-    option in errors."""
+    """The data sources with every directory replaced by the ``*.jsonl`` and ``*.jsonl.gz``
+    files in it (sorted by name; ``.meta.json`` records are not data). Each file stays a source
+    of its own, so its cached base features are shared with runs that name the file directly.
+    ``flag`` names the option in errors; a directory holding both ``x.jsonl`` and ``x.jsonl.gz``
+    (the same data twice, most likely) is refused."""
     out: list[str] = []
     for src in sources:
         path = Path(src)
         if src not in BUILTIN and path.is_dir():
-            files = sorted(str(f) for f in path.glob("*.jsonl") if f.is_file())
-            require(files, f"{flag} {src}: a directory with no *.jsonl files")
+            found = [f for f in path.iterdir() if f.is_file() and is_jsonl(f)]
+            files = sorted(str(f) for f in found)
+            require(files, f"{flag} {src}: a directory with no *.jsonl or *.jsonl.gz files")
+            both = sorted(
+                f.name for f in found if f.suffix == ".jsonl" and (path / f"{f.name}.gz").is_file()
+            )
+            require(
+                not both,
+                f"{flag} {src}: holds {', '.join(both[:3])} both plain and gzip-compressed "
+                "(.jsonl.gz); keep one of each, or every example would be read twice",
+            )
             out.extend(files)
         else:
             out.append(src)
     return out
+
+
+def _first_line(path: Path) -> str:
+    """The first non-blank line of a (possibly gzip-compressed) JSONL file, reading no further."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt") as f:
+            return next((line for line in f if line.strip()), "")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise RedrafterError(f"{path}: cannot read the data file ({e})") from e
 
 
 def source_kind(source: str) -> str:
@@ -160,9 +184,8 @@ def source_kind(source: str) -> str:
     if source in BUILTIN:
         return "prompts"
     path = Path(source)
-    if path.is_file() and path.suffix == ".jsonl":
-        with path.open() as f:
-            first = next((line for line in f if line.strip()), "")
+    if path.is_file() and is_jsonl(path):
+        first = _first_line(path)
         try:
             head = json.loads(first) if first else None
         except json.JSONDecodeError as e:
@@ -181,10 +204,7 @@ def source_kind(source: str) -> str:
 def _selfdistill_records(path: Path) -> list[tuple[int, dict]]:
     """``(line number, record)`` of a gen-data file. A torn last line (an interrupted run) is
     dropped; a line that is not JSON anywhere else is an error naming the file and line."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RedrafterError(f"{path}: cannot read the gen-data file ({e})") from e
+    lines = read_data_text(path, "gen-data file").splitlines()
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     out = []
     for k, (n, line) in enumerate(numbered):

@@ -236,6 +236,12 @@ def generate_data(
     }
     key = settings_key(model_fingerprint(model_dir), prompts, settings)
     out = Path(output) if output else default_output(key)
+    require(
+        out.suffix != ".gz",
+        f"--output {out}: gen-data appends to a plain JSONL file, so that an interrupted run "
+        "resumes where it stopped; write .jsonl and compress it afterwards (gzip -n) if you "
+        "like: every reader of gen-data files takes .jsonl.gz",
+    )
     meta_path = out.with_name(out.name + META_SUFFIX)
     claimed = claim_output(out, meta_path, key, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
