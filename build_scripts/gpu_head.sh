@@ -38,8 +38,8 @@
 #   --gen_tokens N       new tokens per answer (default: 256)
 #   --gen_batch N        prompts per gen-data batch (default: 256)
 #   --extra_data "SRC.." more training data (default with smollm2: "data/smollm2/answers.jsonl
-#                        data/smollm2/answers2 data/smollm2/sampled/seed700
-#                        data/smollm2/sampled/seed701 sharegpt"; otherwise none)
+#                        data/smollm2/answers2", every data/smollm2/sampled/seed* directory
+#                        and "sharegpt"; otherwise none)
 #   --train_min M        training time budget in minutes (default: 3)
 #   --max_steps N        a fixed number of optimizer steps instead of --train_min
 #   --batch_size N       positions per optimizer step (default: 1024)
@@ -122,7 +122,7 @@ done
 if [ "$extra_data" = "-" ]; then
   if [ "$model" = smollm2 ]; then
     d="$root/data/smollm2"
-    extra_data="$d/answers.jsonl $d/answers2 $d/sampled/seed700 $d/sampled/seed701 sharegpt"
+    extra_data="$d/answers.jsonl $d/answers2 $(printf '%s ' "$d"/sampled/seed*)sharegpt"
   else
     extra_data=""
   fi
