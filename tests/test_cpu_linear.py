@@ -385,6 +385,15 @@ def test_default_kernels_need_x86_simd_and_say_why_not(monkeypatch, capsys):
     assert not tb.default_native_linear(cpu, torch.float32)
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(native, "simd_level", lambda: 0)
-    monkeypatch.setattr(tb, "_NO_SIMD_SAID", False)
+    monkeypatch.setattr(tb, "_NOTES_SAID", set())
     assert not tb.default_native_linear(cpu, torch.float32)
     assert "no AVX2+FMA" in capsys.readouterr().err
+    # a library that does not load: torch's kernels, said once, with the command that builds it
+    monkeypatch.setattr(native, "linear_available", lambda: False)
+    assert not tb.default_native_linear(cpu, torch.float32)
+    assert not tb.default_native_linear(cpu, torch.float32)
+    err = capsys.readouterr().err
+    assert (
+        err.count("CPU kernels are not built (or do not load)") == 1
+        and "build_cpp.sh --cpu-only" in err
+    )

@@ -70,16 +70,17 @@ def auto_dtype(cpuinfo: str | None = None) -> tuple[str, str]:
 
 def _cpu_kernels_state() -> str:
     """``on`` where the toolkit's CPU kernels run by default, ``no-simd`` on an x86 CPU without
-    AVX2+FMA (their portable path would be slow), ``off`` elsewhere (another architecture,
-    ``$REDRAFTER_CPU_LINEAR=torch``, no library)."""
+    AVX2+FMA (their portable path would be slow), ``unbuilt`` on an x86 CPU where the library
+    does not load, ``off`` elsewhere (another architecture, ``$REDRAFTER_CPU_LINEAR=torch``)."""
     import platform
 
     if (
         platform.machine().lower() not in ("x86_64", "amd64", "i686")
         or os.environ.get(CPU_LINEAR_ENV, "").strip().lower() == "torch"
-        or not native.linear_available()
     ):
         return "off"
+    if not native.linear_available():
+        return "unbuilt"
     return "on" if native.simd_level() > 0 else "no-simd"
 
 
@@ -127,24 +128,27 @@ def default_native_linear(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the base's linear layers run on the batch-invariant CPU kernels by default: on an
     x86 CPU with AVX2+FMA (or AVX-512) and float32/bfloat16 weights where the library loads,
     unless ``$REDRAFTER_CPU_LINEAR=torch``. An x86 CPU without AVX2+FMA keeps the torch path and
-    says so once on stderr (the kernels' portable path gives the same bits, but slowly)."""
+    says so once on stderr (the kernels' portable path gives the same bits, but slowly); so does
+    an x86 CPU where the library is not built (torch's kernels are slower for the small batches
+    of decoding, and on a CPU with bf16 units the model then runs in bfloat16)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     state = _cpu_kernels_state()
-    if state == "no-simd":
-        global _NO_SIMD_SAID
-        if not _NO_SIMD_SAID:
-            print(
-                "note: this CPU has no AVX2+FMA: the model runs on torch's kernels, not the "
-                "toolkit's batch-invariant ones (set TorchBackend(native_linear=True) for their "
-                "portable path: the same bits, slower)",
-                file=sys.stderr,
-            )
-            _NO_SIMD_SAID = True
+    if state in _NOTES and state not in _NOTES_SAID:
+        print(_NOTES[state], file=sys.stderr)
+        _NOTES_SAID.add(state)
     return state == "on"
 
 
-_NO_SIMD_SAID = False
+_NOTES = {
+    "no-simd": "note: this CPU has no AVX2+FMA: the model runs on torch's kernels, not the "
+    "toolkit's batch-invariant ones (set TorchBackend(native_linear=True) for their portable "
+    "path: the same bits, slower)",
+    "unbuilt": "note: the toolkit's CPU kernels are not built (or do not load), so the model runs on "
+    f"torch's kernels, slower for decoding's small batches; build them with `{native.BUILD_COMMAND} "
+    "--cpu-only` (seconds)",
+}
+_NOTES_SAID: set[str] = set()
 
 
 def require_native_linear(dtype: torch.dtype) -> None:
