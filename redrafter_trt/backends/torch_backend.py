@@ -144,9 +144,9 @@ _NOTES = {
     "no-simd": "note: this CPU has no AVX2+FMA: the model runs on torch's kernels, not the "
     "toolkit's batch-invariant ones (set TorchBackend(native_linear=True) for their portable "
     "path: the same bits, slower)",
-    "unbuilt": "note: the toolkit's CPU kernels are not built (or do not load), so the model runs on "
-    f"torch's kernels, slower for decoding's small batches; build them with `{native.BUILD_COMMAND} "
-    "--cpu-only` (seconds)",
+    "unbuilt": "note: the toolkit's CPU kernels are not built (or do not load), so the model "
+    "runs on torch's kernels, slower for decoding's small batches; build them with "
+    f"`{native.BUILD_COMMAND} --cpu-only` (seconds)",
 }
 _NOTES_SAID: set[str] = set()
 
