@@ -111,7 +111,13 @@ def settings_key(model_fp: str, prompts: Sequence[str], settings: dict) -> str:
 def claim_output(out: Path, meta_path: Path, key: str, overwrite: bool) -> dict | None:
     """The settings record of an earlier run into ``out`` made with settings ``key`` (its work can
     be resumed), or None when there is none. Output made with other settings is an error, or is
-    deleted with ``overwrite``."""
+    deleted with ``overwrite``; a compressed ``out`` (``.gz``) is an error (runs append to it)."""
+    require(
+        out.suffix != ".gz",
+        f"--output {out}: gen-data appends to a plain JSONL file, so that an interrupted run "
+        "resumes where it stopped; write .jsonl and compress it afterwards (gzip -n) if you "
+        "like: every reader of gen-data files takes .jsonl.gz",
+    )
     if not (out.exists() or meta_path.exists()):
         return None
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -236,12 +242,6 @@ def generate_data(
     }
     key = settings_key(model_fingerprint(model_dir), prompts, settings)
     out = Path(output) if output else default_output(key)
-    require(
-        out.suffix != ".gz",
-        f"--output {out}: gen-data appends to a plain JSONL file, so that an interrupted run "
-        "resumes where it stopped; write .jsonl and compress it afterwards (gzip -n) if you "
-        "like: every reader of gen-data files takes .jsonl.gz",
-    )
     meta_path = out.with_name(out.name + META_SUFFIX)
     claimed = claim_output(out, meta_path, key, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
