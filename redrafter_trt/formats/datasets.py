@@ -358,6 +358,10 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).name.endswith((".jsonl", ".jsonl.gz"))
 
 
+#: what reading a data file raises when it is unreadable, truncated (``.gz``) or corrupt
+_READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)
+
+
 def read_data_text(path: str | Path, what: str) -> str:
     """The text of a data file, decompressed when its name ends in ``.gz``; an unreadable,
     truncated or corrupt file is an error naming the file and ``what`` it was read as."""
@@ -366,7 +370,19 @@ def read_data_text(path: str | Path, what: str) -> str:
         if path.name.endswith(".gz"):
             return gzip.decompress(path.read_bytes()).decode()
         return path.read_text()
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+    except _READ_ERRORS as e:
+        raise RedrafterError(f"{path}: cannot read the {what} ({e})") from e
+
+
+def read_first_line(path: str | Path, what: str) -> str:
+    """The first non-blank line of a data file (decompressed as :func:`read_data_text` does),
+    reading no further; the same errors."""
+    path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt") as f:
+            return next((line for line in f if line.strip()), "")
+    except _READ_ERRORS as e:
         raise RedrafterError(f"{path}: cannot read the {what} ({e})") from e
 
 

@@ -14,11 +14,9 @@ token j is a training target). Sources:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from ..formats.datasets import (
     load_prompts,
     package_file,
     read_data_text,
+    read_first_line,
     read_json_list,
     require_training_source,
     resolve_prompt_ref,
@@ -167,16 +166,6 @@ def expand_sources(sources: Sequence[str], flag: str = "--data") -> list[str]:
     return out
 
 
-def _first_line(path: Path) -> str:
-    """The first non-blank line of a (possibly gzip-compressed) JSONL file, reading no further."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt") as f:
-            return next((line for line in f if line.strip()), "")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise RedrafterError(f"{path}: cannot read the data file ({e})") from e
-
-
 def source_kind(source: str) -> str:
     """``selfdistill`` | ``conversations`` | ``prompts`` for a data source (file or built-in)."""
     if source == "sharegpt":
@@ -185,7 +174,7 @@ def source_kind(source: str) -> str:
         return "prompts"
     path = Path(source)
     if path.is_file() and is_jsonl(path):
-        first = _first_line(path)
+        first = read_first_line(path, "data file")
         try:
             head = json.loads(first) if first else None
         except json.JSONDecodeError as e:
