@@ -18,6 +18,7 @@ from redrafter_trt.backends.torch_backend import TorchBackend
 from redrafter_trt.cli.train import main as train_main
 from redrafter_trt.errors import RedrafterError
 from redrafter_trt.models.drafter import DrafterConfig, init_drafter, load_drafter, save_drafter
+from redrafter_trt.models.io import load_state_dict_file
 from redrafter_trt.runtime import Generator
 from redrafter_trt.train.config import TrainConfig
 from redrafter_trt.train.data import (
@@ -320,6 +321,47 @@ def test_a_data_directory_is_its_jsonl_files_each_a_source(tiny_base, selfdistil
     empty.mkdir()
     with pytest.raises(RedrafterError, match="empty.*no \\*.jsonl or \\*.jsonl.gz files"):
         train_drafter(_cfg(tiny_base, [empty], tmp_path / "e", tmp_path, max_steps=4))
+
+
+def test_bfloat16_base_features_are_the_base_rounded_and_cached_apart(
+    tiny_base, selfdistill_file, tmp_path
+):
+    """``--base_dtype bfloat16`` computes the features with a bfloat16 copy of the base: close
+    to the float32 base's (not equal), in a cache entry of its own, recorded in the report; the
+    float32 features are then still read from their own entry."""
+    from redrafter_trt.train.features import FEATURES_FILE
+
+    def run(name, dtype):
+        out = train_drafter(
+            _cfg(
+                tiny_base,
+                [selfdistill_file],
+                tmp_path / name,
+                tmp_path,
+                max_steps=2,
+                base_dtype=dtype,
+            )
+        )
+        report = json.loads((out / "training_report.json").read_text())
+        assert report["settings"]["base_dtype"] == dtype
+        (cache,) = report["features"]["cache"]
+        return Path(cache), report["features"]["seconds"]
+
+    f32, _ = run("f32", "float32")
+    b16, _ = run("b16", "bfloat16")
+    assert f32 != b16 and f32.parent == b16.parent
+    a = load_state_dict_file(f32 / FEATURES_FILE)
+    b = load_state_dict_file(b16 / FEATURES_FILE)
+    assert torch.equal(a["tokens"], b["tokens"])
+    ha, hb = a["hidden"].float(), b["hidden"].float()
+    rel = ((ha - hb).norm(dim=1) / ha.norm(dim=1)).mean().item()
+    assert 0 < rel < 0.05, rel  # bfloat16 rounding through the layers, not another model
+    again, secs = run("f32b", "float32")
+    assert again == f32 and secs == 0  # a cache hit
+    with pytest.raises(RedrafterError, match="--base_dtype 'float16': expected one of"):
+        _cfg(
+            tiny_base, [selfdistill_file], tmp_path / "x", tmp_path, base_dtype="float16"
+        ).validate()
 
 
 def test_gzip_compressed_data_reads_as_the_plain_file(tiny_base, selfdistill_file, tmp_path):

@@ -20,7 +20,7 @@ from ..cmdline import EXIT_USAGE, add_threads_argument, non_negative_int, positi
 from ..errors import require
 from ..formats.datasets import PACKAGE_SETS
 from ..models.hub import DEFAULT_MODEL
-from ..train.config import KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
+from ..train.config import BASE_DTYPES, KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
@@ -266,6 +266,16 @@ def add_data_arguments(t: argparse.ArgumentParser) -> None:
         "--cache_dir",
         default=None,
         help="where base features are cached (default: the user cache dir)",
+    )
+    g.add_argument(
+        "--base_dtype",
+        choices=BASE_DTYPES,
+        default="float32",
+        help="the frozen base's dtype when it computes the features (default: float32, the "
+        "weights as decoding reads them). bfloat16 runs a bfloat16 copy on torch's kernels, for "
+        "a CPU with bf16 units (AVX512_BF16 or AMX) or a GPU: 1.7-1.9x faster on a 2-vCPU EPYC "
+        "with AVX512_BF16; its features differ a little (the base's top-1 token agrees at about "
+        "98%%); cached apart from float32 features",
     )
 
 
@@ -628,6 +638,7 @@ def _train(args) -> int:
         eval_fraction=args.eval_fraction,
         eval_positions=args.eval_positions,
         cache_dir=args.cache_dir,
+        base_dtype=args.base_dtype,
         checkpoint_dir=args.checkpoint_dir,
         save_every=args.save_every,
         eval_every=args.eval_every,

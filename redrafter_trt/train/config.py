@@ -10,6 +10,7 @@ from ..errors import require
 
 LOSSES = ("kl", "ce", "mix", "logit_match")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_DTYPES = ("float32", "bfloat16")
 LM_HEAD_INITS = ("random", "base")
 KL_VOCABS = ("full", "batch")
 
@@ -56,7 +57,8 @@ class TrainConfig:
     chat_template: bool = True
     eval_fraction: float = 0.05
     eval_positions: int = 4096
-    feature_batch_tokens: int = 4096
+    feature_batch_tokens: int = 1024
+    base_dtype: str = "float32"  # the frozen base's dtype for the features
     cache_dir: str | None = None
     # bookkeeping
     checkpoint_dir: str | None = None  # default: <output_dir>.checkpoints
@@ -142,6 +144,10 @@ class TrainConfig:
         require(
             self.precision in PRECISIONS,
             f"--precision {self.precision!r}: expected one of {PRECISIONS}",
+        )
+        require(
+            self.base_dtype in BASE_DTYPES,
+            f"--base_dtype {self.base_dtype!r}: expected one of {BASE_DTYPES}",
         )
         require(
             0.0 <= self.eval_fraction < 1.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def load_frozen_base(
     if default_native_linear(torch.device(device), dtype):
         base.use_native_linear(True)
     return base
+
+
+def feature_base(base: BaseModel, dtype: torch.dtype) -> BaseModel:
+    """A copy of the frozen base in ``dtype`` for computing training features. On the CPU it
+    runs on torch's kernels: feature extraction is large-batch prefill, where torch's bfloat16
+    matrix products use a CPU's bf16 units and the toolkit's kernels (made for decoding's small
+    batches) do not."""
+    out = copy.deepcopy(base)
+    if out.native_linear:
+        out.use_native_linear(False)
+    return out.to(dtype=dtype)
 
 
 def eos_ids(base: BaseModel, tokenizer=None) -> list[int]:

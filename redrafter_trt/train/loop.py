@@ -44,7 +44,7 @@ from .data import (
 )
 from .evaluation import evaluate, format_per_depth
 from .features import Features, cached_features, concat_features
-from .frozen_base import eos_ids, load_frozen_base
+from .frozen_base import eos_ids, feature_base, load_frozen_base
 from .head import choose_draft_vocab, make_drafter
 from .losses import UnrolledHead
 from .positions import PositionSampler, train_and_eval_positions
@@ -129,13 +129,17 @@ def _features(
         for src in sources
     ]
     model_fp = model_fingerprint(model_dir)
+    feat_base = base
+    if cfg.base_dtype != "float32":  # a copy in that dtype computes the features, cached apart
+        feat_base = feature_base(base, getattr(torch, cfg.base_dtype))
+        model_fp = f"{model_fp}:base-{cfg.base_dtype}"
     topk_store = cfg.teacher_topk  # stored for every loss, so kl/ce/mix runs share one cache
     if world > 1 and not is_main:
         torch.distributed.barrier()  # rank 0 computes and caches the features first
     parts, feat_paths, feat_secs = [], [], 0.0
     for examples in per_source:
         f, path, secs = cached_features(
-            base,
+            feat_base,
             examples,
             model_fp,
             topk_store,
