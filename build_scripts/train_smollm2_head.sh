@@ -19,9 +19,10 @@
 #    to the training requests once more (data/smollm2/sampled: more contexts of the base's text);
 # 4. packaging: the whole head (its own projection included) stored in float16.
 #
-# On the 2-vCPU EPYC VM: base features at 900-1,050 tokens/s on two threads (1,073,000 tokens
-# without WritingBench, about 14 minutes the first time; stage 3's new data adds 1.5 million,
-# about 28 minutes), plus the three training budgets.
+# On the 2-vCPU EPYC VM with 512-bit FMAs of 2026-12-06: base features at 900-1,050 tokens/s on two
+# threads (1,073,000 tokens without WritingBench, about 14 minutes the first time; stage 3's new
+# data adds 1.5 million, about 28 minutes), plus the three training budgets. On a 2-vCPU Zen 4
+# EPYC VM: 440-520 tokens/s (docs/results.md, 2026-12-07).
 # Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_STAGE1_MIN (6),
 # REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10), REDRAFTER_HEAD_WORK (work dir,
 # .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
