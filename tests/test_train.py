@@ -1178,7 +1178,7 @@ def test_own_path_trains_a_depth_only_where_the_heads_own_draft_reaches_it(
             )
             head = make_drafter(cfg, h, v, base.lm_head.weight)
             loss, m = forward_loss(UnrolledHead(head), base, feats, pos, cfg, "cpu", no_ac)
-            out[own, weights[0]] = (float(loss), m)
+            out[own, weights[0]] = (float(loss.detach()), m)
     assert out[True, 1.0][0] == out[False, 1.0][0]  # depth 1 is always on the head's path
     # depth 2: the mean over the positions whose depth-1 draft was right (a subset)
     m = out[True, 0.0][1]
