@@ -33,6 +33,7 @@ from ..errors import RedrafterError, require
 from ..models.base import BaseModel
 from ..models.hub import cache_root
 from ..models.io import atomic_output_dir, load_state_dict_file, save_safetensors
+from .config import FEATURE_BATCH_TOKENS
 from .data import Example, examples_fingerprint
 
 FEATURES_FILE = "features.safetensors"
@@ -145,7 +146,7 @@ def compute_features(
     base: BaseModel,
     examples: Sequence[Example],
     teacher_topk: int = 32,
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int = FEATURE_BATCH_TOKENS,
     hidden_dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> Features:
@@ -221,7 +222,7 @@ def cached_features(
     model_fp: str,
     teacher_topk: int,
     cache_dir: str | os.PathLike | None = None,
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int = FEATURE_BATCH_TOKENS,
     hidden_dtype: torch.dtype = torch.float16,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
