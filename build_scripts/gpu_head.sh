@@ -190,12 +190,14 @@ phase "1. gen-data: $prompts, $gen_tokens tokens each, $gen_batch per batch, at 
 t=$SECONDS
 cap="$("$PY" -c 'import sys; print(max(1, round(float(sys.argv[1]) * 60)))' "$gen_min")"
 rc=0
+# TERM at the cap; KILL 30 s later if gen-data has not stopped by then (exit 137).
 # shellcheck disable=SC2086
-timeout --signal=TERM "$cap" "$PY" -m redrafter_trt.cli.train gen-data --model_dir "$model" \
+timeout --signal=TERM --kill-after=30 "$cap" \
+  "$PY" -m redrafter_trt.cli.train gen-data --model_dir "$model" \
   --prompts $prompts ${limit:+--limit "$limit"} --max_new_tokens "$gen_tokens" \
   --batch_size "$gen_batch" --output "$work/answers.jsonl" --device "$device" --overwrite \
   --no_progress "${threads[@]}" >&2 || rc=$?
-[ "$rc" = 0 ] || [ "$rc" = 124 ] || fail "gen-data failed (exit $rc)"
+[ "$rc" = 0 ] || [ "$rc" = 124 ] || [ "$rc" = 137 ] || fail "gen-data failed (exit $rc)"
 gen_s=$((SECONDS - t))
 # Keep the whole records (the cap may stop a write), then count them.
 rm -f "$work/summary.txt"
@@ -215,7 +217,7 @@ with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 os.replace(path + ".tmp", path)
 tokens = sum(len(r["response_ids"]) for r in rows)
-stop = "stopped by the time cap" if rc == "124" else "all prompts answered"
+stop = "stopped by the time cap" if rc in ("124", "137") else "all prompts answered"
 print(f"data: {len(rows)} requests, {tokens} answer tokens in {seconds} s "
       f"({tokens / seconds:.0f} answer tokens/s, model load included; {stop})")
 EOF

@@ -8,12 +8,14 @@ imports only the foundation, so any layer may use it.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import difflib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from ._version import __version__
@@ -39,21 +41,52 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+RERAISE_AFTER_S = 0.05
+
+
+def _raise_swallowed_again(previous_hook):
+    """An ``sys.unraisablehook`` that raises a swallowed :class:`Terminated` again.
+
+    Python ignores an exception raised inside a weakref callback or a ``__del__`` (it prints
+    "Exception ignored in ..." and goes on): a signal whose handler runs there, as one landing
+    while an import releases its module lock does, would be lost and the command would run on to
+    the end. This hook has another thread hand such a signal back to the main thread
+    :data:`RERAISE_AFTER_S` later, when it has left the callback, and its handler raises it again
+    (handed back at once, it would be raised in the callback and lost again); any other
+    unraisable exception goes to the previous hook."""
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, Terminated):
+            args = (unraisable.exc_value.signum,)
+            later = threading.Timer(RERAISE_AFTER_S, _thread.interrupt_main, args=args)
+            later.daemon = True
+            later.start()
+        else:
+            previous_hook(unraisable)
+
+    return hook
+
+
 @contextlib.contextmanager
 def terminate_like_interrupt() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into a :class:`~redrafter_trt.errors.Terminated` exception while the
     block runs, so temporary directories are cleaned up as on Ctrl-C (the default action of
-    SIGTERM kills the process without running any cleanup). Outside the main thread, where
-    Python cannot install handlers, nothing changes."""
+    SIGTERM kills the process without running any cleanup); one that Python swallowed is raised
+    again (:func:`_raise_swallowed_again`). Outside the main thread, where Python cannot install
+    handlers, nothing changes."""
     previous = {}
     try:
         for s in TERMINATING_SIGNALS:
             previous[s] = signal.signal(s, _raise_terminated)
     except ValueError:  # not the main thread
         pass
+    previous_hook = sys.unraisablehook
+    if previous:
+        sys.unraisablehook = _raise_swallowed_again(previous_hook)
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 

@@ -147,6 +147,34 @@ def test_sigterm_removes_the_temp_dir(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_sigterm_python_swallows_is_raised_again():
+    """A handler that runs inside a weakref callback (as when a signal lands while an import
+    releases its module lock) raises where Python ignores exceptions: the command must still
+    stop, not run on to the end."""
+    import time
+    import weakref
+
+    from redrafter_trt.cmdline import terminate_like_interrupt
+    from redrafter_trt.errors import Terminated
+
+    class Thing:
+        pass
+
+    hook, handler = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
+    ran_on = 0
+    with pytest.raises(Terminated) as caught:
+        with terminate_like_interrupt():
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGTERM))
+            del thing
+            assert ref() is None  # the callback ran, and its Terminated was swallowed there
+            for _ in range(200):  # 2 s of work that the signal must stop
+                time.sleep(0.01)
+                ran_on += 1
+    assert caught.value.signum == signal.SIGTERM and ran_on < 100
+    assert sys.unraisablehook is hook and signal.getsignal(signal.SIGTERM) is handler
+
+
 @pytest.mark.full
 def test_next_run_removes_what_sigkill_left(tmp_path, text_base, head, capsys):
     out = tmp_path / "ckpt"
