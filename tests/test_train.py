@@ -1129,6 +1129,58 @@ def test_draft_vocab_training(tiny_base, selfdistill_file, tmp_path):
     assert choose_draft_vocab(feats_like, 12, 3, [11]).tolist() == [1, 4, 11]
 
 
+def test_init_from_with_a_wider_draft_vocab_keeps_the_trained_rows(
+    tiny_base, selfdistill_file, tmp_path
+):
+    """--init_from a head of K ids with --draft_vocab_size K2 > K: the head's ids stay, their
+    trained rows and every other weight come along, the new ids start from the base's rows, and
+    the widened head drafts what the old one drafted plus the new ids."""
+    from redrafter_trt.train.head import with_draft_vocab
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    old_ids = torch.tensor([0, 2, 5, 7, 40, 41, 90], dtype=torch.int32)  # not the frequent ones
+    cfg = DrafterConfig(v, h, h, 1, True, draft_vocab_size=len(old_ids))
+    old = init_drafter(cfg, seed=4, draft_vocab=old_ids)
+    save_drafter(old, tmp_path / "old")
+    out = train_drafter(
+        _cfg(
+            tiny_base,
+            [selfdistill_file],
+            tmp_path / "wide",
+            tmp_path,
+            init_from=str(tmp_path / "old"),
+            draft_vocab_size=20,
+            max_steps=2,
+        )
+    )
+    ids = load_drafter(out).vocab_map.tolist()
+    assert len(ids) == 20 and set(old_ids.tolist()) <= set(ids)
+
+    wide_ids = torch.tensor(sorted(set(old_ids.tolist()) | {1, 3, 60}), dtype=torch.int32)
+    wide = with_draft_vocab(old, wide_ids, base.lm_head.weight)
+    assert wide.vocab_map.tolist() == wide_ids.tolist()
+    ctx, state = torch.randn(3, h), torch.randn(3, h)
+    with torch.no_grad():
+        lo, lw = old.logits(ctx, state), wide.logits(ctx, state)
+    col = {t: i for i, t in enumerate(wide_ids.tolist())}
+    for j, t in enumerate(old_ids.tolist()):  # an old id: the same logit as before
+        torch.testing.assert_close(lw[:, col[t]], lo[:, j])
+    for t in (1, 3, 60):  # a new id: the base's row
+        torch.testing.assert_close(wide.projection.weight[col[t]], base.lm_head.weight[t].float())
+    for name, p in old.state_dict().items():
+        if not name.startswith("lm_head.1.") and name != "draft_vocab":
+            torch.testing.assert_close(wide.state_dict()[name], p)
+    # exit_dim other than H: a new id's row starts at zero
+    narrow_exit = init_drafter(
+        DrafterConfig(v, h, 2 * h, 1, True, draft_vocab_size=7), 1, draft_vocab=old_ids
+    )
+    w2 = with_draft_vocab(narrow_exit, wide_ids, base.lm_head.weight)
+    w2_rows = w2.projection.weight.detach()
+    assert float(w2_rows[col[60]].abs().sum()) == 0.0
+    assert float(w2_rows[col[90]].abs().sum()) > 0.0
+
+
 def test_draft_vocab_size_flag_errors(tiny_base, selfdistill_file, tmp_path, capsys):
     argv = [
         "--model_dir",

@@ -115,7 +115,10 @@ def add_head_arguments(t: argparse.ArgumentParser) -> None:
         "often in the training data; the head's final projection gets K rows (the "
         "base's rows of those ids with --lm_head_init base) and the head stores the "
         "id map (draft_vocab). Output stays exact; a token outside the K ids is never "
-        "drafted. Default: the full vocabulary",
+        "drafted. With --init_from: the head's draft vocabulary becomes these K ids (its "
+        "own ids kept first when they fit), trained rows kept, a new id's row the base's "
+        "(zero when exit_dim is not the base hidden size). Default: the full vocabulary "
+        "(with --init_from, the head's own)",
     )
     g.add_argument(
         "--freeze_lm_head",

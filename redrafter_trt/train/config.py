@@ -136,11 +136,6 @@ class TrainConfig:
             f"--draft_vocab_size must be >= 1, got {self.draft_vocab_size}",
         )
         require(
-            self.draft_vocab_size is None or not self.init_from,
-            "--draft_vocab_size and --init_from both set the head's vocabulary; pass one of them "
-            "(an --init_from head keeps its own draft_vocab)",
-        )
-        require(
             self.draft_vocab_size is None or self.loss != "logit_match",
             "--loss logit_match matches the base's full-vocabulary logits; it does not take --draft_vocab_size",
         )

@@ -3,6 +3,8 @@ initial weights (random, ``--init_from`` a drafter directory, or the base's proj
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import require
@@ -66,6 +68,8 @@ def make_drafter(
             f"--init_from {cfg.init_from}",
         )
         d = d.float()
+        if draft_vocab is not None:
+            d = with_draft_vocab(d, draft_vocab, base_lm_head)
     else:
         exit_dim = cfg.exit_dim or 2 * hidden_size
         if cfg.lm_head_init == "base":
@@ -100,3 +104,47 @@ def make_drafter(
     if cfg.freeze_lm_head:
         d.projection.weight.requires_grad_(False)
     return d
+
+
+def head_ids(d: Drafter) -> torch.Tensor:
+    """The full-vocabulary id of each row of ``d``'s projection: its draft vocabulary, or 0..V-1."""
+    if d.vocab_map is not None:
+        return d.vocab_map.to(torch.int64).cpu()
+    return torch.arange(d.config.vocab_size, dtype=torch.int64)
+
+
+def with_draft_vocab(
+    d: Drafter, draft_vocab: torch.Tensor, base_lm_head: torch.Tensor | None
+) -> Drafter:
+    """``d`` (an ``--init_from`` head) drafting over ``draft_vocab`` [K] instead of its own ids.
+
+    Every weight but the projection is kept; an id the head had keeps its trained row, a new id
+    gets the base's row (the space a head started from the base's rows lives in) when exit_dim
+    is the base hidden size, else a zero row (logit 0 until trained)."""
+    cfg = d.config
+    new = Drafter(dataclasses.replace(cfg, draft_vocab_size=int(draft_vocab.numel())))
+    new.set_draft_vocab(draft_vocab, "--draft_vocab_size")
+    state = {
+        k: v
+        for k, v in d.state_dict().items()
+        if not k.startswith(f"lm_head.{cfg.num_draft_layers}.")
+    }
+    state.pop("draft_vocab", None)
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    proj = f"lm_head.{cfg.num_draft_layers}.weight"
+    require(  # the same head config but K: only the projection and the id map are new
+        not unexpected and set(missing) <= {proj, "draft_vocab"},
+        f"--draft_vocab_size with --init_from: the head's weights {sorted(unexpected)} do not "
+        f"fit, {sorted(missing)} missing",
+    )
+    old_ids, ids = head_ids(d), draft_vocab.to(torch.int64).cpu()
+    row_of = torch.full((cfg.vocab_size,), -1, dtype=torch.int64)
+    row_of[old_ids] = torch.arange(len(old_ids))
+    rows = torch.zeros(len(ids), cfg.exit_dim)
+    if base_lm_head is not None and cfg.exit_dim == cfg.hidden_size:
+        rows.copy_(base_lm_head.detach().float().cpu()[ids])
+    had = row_of[ids] >= 0
+    rows[had] = d.projection.weight.detach().float().cpu()[row_of[ids][had]]
+    with torch.no_grad():
+        new.projection.weight.copy_(rows)
+    return new

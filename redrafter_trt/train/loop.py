@@ -31,7 +31,7 @@ import torch
 
 from ..errors import RedrafterError, require
 from ..memory import cuda_peak_bytes, peak_rss_bytes
-from ..models.drafter import Drafter, save_drafter
+from ..models.drafter import Drafter, load_drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
 from .config import TrainConfig, lr_at
 from .data import (
@@ -45,7 +45,7 @@ from .data import (
 from .evaluation import evaluate, format_per_depth
 from .features import Features, cached_features, concat_features
 from .frozen_base import eos_ids, feature_base, load_frozen_base
-from .head import choose_draft_vocab, make_drafter
+from .head import choose_draft_vocab, head_ids, make_drafter
 from .losses import UnrolledHead
 from .positions import PositionSampler, train_and_eval_positions
 from .resume import find_resume, restore, save_checkpoint
@@ -167,9 +167,12 @@ def _draft_vocab(
             eos_tok = load_base_tokenizer(model_dir)
         except RedrafterError:
             eos_tok = None
-    draft_vocab = choose_draft_vocab(
-        feats, bc.vocab_size, cfg.draft_vocab_size, eos_ids(base, eos_tok)
-    )
+    always = eos_ids(base, eos_tok)
+    if cfg.init_from:  # widening a trained head's vocabulary keeps the ids it has
+        own = head_ids(load_drafter(cfg.init_from, base_lm_head=base.lm_head.weight)).tolist()
+        if len(set(own) | set(always)) <= cfg.draft_vocab_size:
+            always = list(always) + own
+    draft_vocab = choose_draft_vocab(feats, bc.vocab_size, cfg.draft_vocab_size, always)
     log(
         f"[train] draft vocabulary: K={cfg.draft_vocab_size} of V={bc.vocab_size} ids, covering "
         f"{float(torch.isin(feats.tokens[feats.targets], draft_vocab.to(torch.int64)).float().mean()):.4f} "
