@@ -324,11 +324,13 @@ def test_a_data_directory_is_its_jsonl_files_each_a_source(tiny_base, selfdistil
 
 
 def test_bfloat16_base_features_are_the_base_rounded_and_cached_apart(
-    tiny_base, selfdistill_file, tmp_path
+    tiny_base, selfdistill_file, tmp_path, monkeypatch
 ):
     """``--base_dtype bfloat16`` computes the features with a bfloat16 copy of the base: close
     to the float32 base's (not equal), in a cache entry of its own, recorded in the report; the
-    float32 features are then still read from their own entry."""
+    float32 features are then still read from their own entry, and with every feature cached no
+    bfloat16 copy of the base is built."""
+    from redrafter_trt.train import loop as loop_module
     from redrafter_trt.train.features import FEATURES_FILE
 
     def run(name, dtype):
@@ -358,6 +360,10 @@ def test_bfloat16_base_features_are_the_base_rounded_and_cached_apart(
     assert 0 < rel < 0.05, rel  # bfloat16 rounding through the layers, not another model
     again, secs = run("f32b", "float32")
     assert again == f32 and secs == 0  # a cache hit
+    copies = []  # every feature cached: no bfloat16 copy of the base is built
+    real = loop_module.feature_base
+    monkeypatch.setattr(loop_module, "feature_base", lambda *a: copies.append(a) or real(*a))
+    assert run("b16b", "bfloat16") == (b16, 0) and not copies
     with pytest.raises(RedrafterError, match="--base_dtype 'float16': expected one of"):
         _cfg(
             tiny_base, [selfdistill_file], tmp_path / "x", tmp_path, base_dtype="float16"

@@ -217,7 +217,7 @@ def features_key(
 
 
 def cached_features(
-    base: BaseModel,
+    base: BaseModel | Callable[[], BaseModel],
     examples: Sequence[Example],
     model_fp: str,
     teacher_topk: int,
@@ -228,6 +228,9 @@ def cached_features(
     log: Callable[[str], None] | None = None,
 ) -> tuple[Features, Path, float]:
     """Features from the cache, computing and storing them on a miss.
+
+    ``base`` may be a function that returns the model: it is called only on a miss (a copy of
+    the base made for the features, say, is then not built when every file is cached).
 
     Returns (features, cache path, seconds spent computing (0 on a hit)).
     """
@@ -244,6 +247,8 @@ def cached_features(
             )
         except RedrafterError as e:
             log(f"[train] cached features unreadable ({e}); recomputing")
+    if not isinstance(base, torch.nn.Module):
+        base = base()
     t0 = time.perf_counter()
     feats = compute_features(base, examples, teacher_topk, max_batch_tokens, hidden_dtype, progress)
     secs = time.perf_counter() - t0

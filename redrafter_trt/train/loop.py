@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -131,7 +132,7 @@ def _features(
     model_fp = model_fingerprint(model_dir)
     feat_base = base
     if cfg.base_dtype != "float32":  # a copy in that dtype computes the features, cached apart
-        feat_base = feature_base(base, getattr(torch, cfg.base_dtype))
+        feat_base = functools.cache(lambda: feature_base(base, getattr(torch, cfg.base_dtype)))
         model_fp = f"{model_fp}:base-{cfg.base_dtype}"
     topk_store = cfg.teacher_topk  # stored for every loss, so kl/ce/mix runs share one cache
     if world > 1 and not is_main:
