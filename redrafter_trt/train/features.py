@@ -247,7 +247,7 @@ def cached_features(
             )
         except RedrafterError as e:
             log(f"[train] cached features unreadable ({e}); recomputing")
-    if not isinstance(base, torch.nn.Module):
+    if not isinstance(base, BaseModel):
         base = base()
     t0 = time.perf_counter()
     feats = compute_features(base, examples, teacher_topk, max_batch_tokens, hidden_dtype, progress)
