@@ -17,15 +17,23 @@
 # 3. the stage-2 head trained on, for REDRAFTER_HEAD_STAGE3_MIN minutes, over everything above
 #    plus the answers to HealthBench's requests and the base's answers sampled at temperature 0.7
 #    to the training requests once more (data/smollm2/sampled: more contexts of the base's text);
-# 4. packaging: the whole head (its own projection included) stored in float16.
+# 4. the stage-3 head, stored in float16, widened to REDRAFTER_HEAD_K4 draft ids (its own ids and
+#    trained rows kept, a new id started from the base's row) and trained on, for
+#    REDRAFTER_HEAD_STAGE4_MIN minutes, over everything above plus two more seeds of sampled
+#    answers (702, 703), with base features computed by a bfloat16 copy of the base;
+# 5. the stage-4 head trained on, for REDRAFTER_HEAD_STAGE5_MIN minutes at half the learning
+#    rate, over the same data;
+# 6. packaging: the whole head (its own projection included) stored in float16.
 #
 # On the 2-vCPU EPYC VM with 512-bit FMAs of 2026-12-06: base features at 900-1,050 tokens/s on two
 # threads (1,073,000 tokens without WritingBench, about 14 minutes the first time; stage 3's new
-# data adds 1.5 million, about 28 minutes), plus the three training budgets. On a 2-vCPU Zen 4
-# EPYC VM: 440-520 tokens/s (docs/results.md, 2026-12-07).
-# Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_STAGE1_MIN (6),
-# REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10), REDRAFTER_HEAD_WORK (work dir,
-# .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
+# data adds 1.5 million, about 28 minutes), plus the five training budgets. On a 2-vCPU Zen 4
+# EPYC VM: 440-520 tokens/s (docs/results.md, 2026-12-07); stage 4's bfloat16 features of all
+# 3.68 million tokens there took 85 minutes (725 tokens/s).
+# Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_K4 (8192),
+# REDRAFTER_HEAD_STAGE1_MIN (6), REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10),
+# REDRAFTER_HEAD_STAGE4_MIN (15), REDRAFTER_HEAD_STAGE5_MIN (15), REDRAFTER_HEAD_WORK (work
+# dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -37,6 +45,9 @@ k="${REDRAFTER_HEAD_K:-4096}"
 minutes1="${REDRAFTER_HEAD_STAGE1_MIN:-6}"
 minutes2="${REDRAFTER_HEAD_STAGE2_MIN:-18}"
 minutes3="${REDRAFTER_HEAD_STAGE3_MIN:-10}"
+k4="${REDRAFTER_HEAD_K4:-8192}"
+minutes4="${REDRAFTER_HEAD_STAGE4_MIN:-15}"
+minutes5="${REDRAFTER_HEAD_STAGE5_MIN:-15}"
 mkdir -p "$work"
 d=data/smollm2
 data=("$d/answers.jsonl" "$d/answers2" "$d/human/arena-hard.jsonl" "$d/human/ifeval.jsonl"
@@ -49,9 +60,19 @@ common=(--model_dir smollm2 --draft_len 4 --loss kl --kl_vocab batch --precision
 "$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" "$d/human/writingbench.jsonl" \
   --init_from "$work/head1" --output_dir "$work/head2" --lr 1e-3 \
   --time_budget_min "$minutes2" --checkpoint_dir "$work/checkpoints2"
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" "$d/human/writingbench.jsonl" \
-  "$d/human/healthbench.jsonl" "$d/sampled/seed700" "$d/sampled/seed701" \
+data+=("$d/human/writingbench.jsonl" "$d/human/healthbench.jsonl" "$d/sampled/seed700"
+  "$d/sampled/seed701")
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" \
   --init_from "$work/head2" --output_dir "$work/head3" --lr 1e-3 \
   --time_budget_min "$minutes3" --checkpoint_dir "$work/checkpoints3"
 "$bin/python" -m redrafter_trt.heads.package --head "$work/head3" --model_dir smollm2 \
+  --output "$work/head3-float16" --own_projection --dtype float16 --overwrite
+data+=("$d/sampled/seed702" "$d/sampled/seed703")
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
+  --init_from "$work/head3-float16" --draft_vocab_size "$k4" --output_dir "$work/head4" \
+  --lr 1e-3 --time_budget_min "$minutes4" --checkpoint_dir "$work/checkpoints4"
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
+  --init_from "$work/head4" --output_dir "$work/head5" --lr 5e-4 \
+  --time_budget_min "$minutes5" --checkpoint_dir "$work/checkpoints5"
+"$bin/python" -m redrafter_trt.heads.package --head "$work/head5" --model_dir smollm2 \
   --output "$out" --own_projection --dtype float16 --overwrite

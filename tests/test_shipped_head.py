@@ -139,26 +139,26 @@ def test_the_shipped_smollm2_head_is_intact_and_small():
     path, rebuild = BUILTIN_HEADS["smollm2"]
     check_head_files(path, rebuild)
     total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    assert total <= 10 * 1024 * 1024
+    assert total <= 16 * 1024 * 1024
     cfg = json.loads((path / DRAFTER_CONFIG).read_text())
-    assert cfg["vocab_size"] == 49152 and cfg["draft_vocab_size"] == 4096
+    assert cfg["vocab_size"] == 49152 and cfg["draft_vocab_size"] == 8192
     assert LM_HEAD_FROM_BASE not in cfg  # its projection is its own, stored with it
 
 
 @pytest.mark.smollm2
 def test_the_shipped_smollm2_head_loads_with_its_base():
-    """The shipped head drafts over 4,096 ids of the base's vocabulary, EOS among them, through a
+    """The shipped head drafts over 8,192 ids of the base's vocabulary, EOS among them, through a
     projection of its own; loading it needs no base projection and gives float32 values."""
     from redrafter_trt.models.hub import ensure_smollm2
 
     cfg, sd = load_hf_base(ensure_smollm2())
     head = load_drafter(builtin_head("smollm2"))
     ids = head.vocab_map.long()
-    assert ids.shape == (4096,) and len(set(ids.tolist())) == 4096
+    assert ids.shape == (8192,) and len(set(ids.tolist())) == 8192
     assert int(ids.min()) >= 0 and int(ids.max()) < 49152
     assert set(cfg.eos_token_id) <= set(ids.tolist())
     w = head.lm_head[-1].weight
-    assert w.shape == (4096, 576) and w.dtype == torch.float32
+    assert w.shape == (8192, 576) and w.dtype == torch.float32
     assert not torch.equal(w, sd["lm_head.weight"][ids])  # trained, not the base's rows
 
 
