@@ -9,10 +9,12 @@ import torch
 
 from ..errors import require
 from ..models.drafter import (
+    DRAFT_VOCAB,
     Drafter,
     DrafterConfig,
     init_drafter,
     load_drafter,
+    load_drafter_state,
     validate_against_base,
 )
 from .config import TrainConfig
@@ -41,14 +43,29 @@ def choose_draft_vocab(feats: Features, vocab_size: int, k: int, always: list[in
     return torch.sort(order).values.to(torch.int32)
 
 
+def load_init_head(
+    path: str, hidden_size: int, vocab_size: int, base_lm_head: torch.Tensor | None
+) -> Drafter:
+    """The ``--init_from`` head, checked against the base, in float32."""
+    d = load_drafter(path, base_lm_head=base_lm_head)
+    validate_against_base(
+        d.config, hidden_size, vocab_size, (vocab_size, hidden_size), f"--init_from {path}"
+    )
+    return d.float()
+
+
 def make_drafter(
     cfg: TrainConfig,
     hidden_size: int,
     vocab_size: int,
     base_lm_head: torch.Tensor | None = None,
     draft_vocab: torch.Tensor | None = None,
+    init: Drafter | None = None,
 ) -> Drafter:
     """The head to train: loaded (``init_from``), random, or with the base's vocabulary projection.
+
+    ``init``: the ``init_from`` head when the caller has already loaded it
+    (:func:`load_init_head`), so that it is not read twice.
 
     ``lm_head_init="base"`` (needs ``exit_dim == H``) copies the base model's ``lm_head`` weight
     [V, H] into the head's final projection and starts ``input_proj`` as ``[I | 0]`` (the context
@@ -59,15 +76,11 @@ def make_drafter(
     ``draft_vocab`` [K] the projection has K rows (the base's rows of those ids with ``base``).
     """
     if cfg.init_from:
-        d = load_drafter(cfg.init_from, base_lm_head=base_lm_head)
-        validate_against_base(
-            d.config,
-            hidden_size,
-            vocab_size,
-            (vocab_size, hidden_size),
-            f"--init_from {cfg.init_from}",
+        d = (
+            init
+            if init is not None
+            else load_init_head(cfg.init_from, hidden_size, vocab_size, base_lm_head)
         )
-        d = d.float()
         if draft_vocab is not None:
             d = with_draft_vocab(d, draft_vocab, base_lm_head)
     else:
@@ -122,21 +135,6 @@ def with_draft_vocab(
     gets the base's row (the space a head started from the base's rows lives in) when exit_dim
     is the base hidden size, else a zero row (logit 0 until trained)."""
     cfg = d.config
-    new = Drafter(dataclasses.replace(cfg, draft_vocab_size=int(draft_vocab.numel())))
-    new.set_draft_vocab(draft_vocab, "--draft_vocab_size")
-    state = {
-        k: v
-        for k, v in d.state_dict().items()
-        if not k.startswith(f"lm_head.{cfg.num_draft_layers}.")
-    }
-    state.pop("draft_vocab", None)
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    proj = f"lm_head.{cfg.num_draft_layers}.weight"
-    require(  # the same head config but K: only the projection and the id map are new
-        not unexpected and set(missing) <= {proj, "draft_vocab"},
-        f"--draft_vocab_size with --init_from: the head's weights {sorted(unexpected)} do not "
-        f"fit, {sorted(missing)} missing",
-    )
     old_ids, ids = head_ids(d), draft_vocab.to(torch.int64).cpu()
     row_of = torch.full((cfg.vocab_size,), -1, dtype=torch.int64)
     row_of[old_ids] = torch.arange(len(old_ids))
@@ -145,6 +143,9 @@ def with_draft_vocab(
         rows.copy_(base_lm_head.detach().float().cpu()[ids])
     had = row_of[ids] >= 0
     rows[had] = d.projection.weight.detach().float().cpu()[row_of[ids][had]]
-    with torch.no_grad():
-        new.projection.weight.copy_(rows)
+    state = {k: v.detach().cpu() for k, v in d.state_dict().items()}
+    state[f"lm_head.{cfg.num_draft_layers}.weight"] = rows
+    state[DRAFT_VOCAB] = draft_vocab.to(torch.int32).cpu()
+    new = Drafter(dataclasses.replace(cfg, draft_vocab_size=int(draft_vocab.numel())))
+    load_drafter_state(new, state, "--draft_vocab_size with --init_from")
     return new

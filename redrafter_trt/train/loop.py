@@ -32,7 +32,7 @@ import torch
 
 from ..errors import RedrafterError, require
 from ..memory import cuda_peak_bytes, peak_rss_bytes
-from ..models.drafter import Drafter, load_drafter, save_drafter
+from ..models.drafter import Drafter, save_drafter
 from ..models.hub import resolve_base_model_dir
 from .config import TrainConfig, lr_at
 from .data import (
@@ -46,7 +46,7 @@ from .data import (
 from .evaluation import evaluate, format_per_depth
 from .features import Features, cached_features, concat_features
 from .frozen_base import eos_ids, feature_base, load_frozen_base
-from .head import choose_draft_vocab, head_ids, make_drafter
+from .head import choose_draft_vocab, head_ids, load_init_head, make_drafter
 from .losses import UnrolledHead
 from .positions import PositionSampler, train_and_eval_positions
 from .resume import find_resume, restore, save_checkpoint
@@ -156,9 +156,15 @@ def _features(
 
 
 def _draft_vocab(
-    cfg: TrainConfig, data: _Data, base, model_dir: Path, log: Callable[[str], None]
+    cfg: TrainConfig,
+    data: _Data,
+    base,
+    model_dir: Path,
+    log: Callable[[str], None],
+    init: Drafter | None,
 ) -> torch.Tensor | None:
-    """``--draft_vocab_size K``: the head's K ids (:func:`choose_draft_vocab`), or None."""
+    """``--draft_vocab_size K``: the head's K ids (:func:`choose_draft_vocab`), or None; the
+    ids of the ``init`` (``--init_from``) head are kept when they fit."""
     if cfg.draft_vocab_size is None:
         return None
     bc, feats = base.config, data.feats
@@ -169,8 +175,8 @@ def _draft_vocab(
         except RedrafterError:
             eos_tok = None
     always = eos_ids(base, eos_tok)
-    if cfg.init_from:  # widening a trained head's vocabulary keeps the ids it has
-        own = head_ids(load_drafter(cfg.init_from, base_lm_head=base.lm_head.weight)).tolist()
+    if init is not None:  # widening a trained head's vocabulary keeps the ids it has
+        own = head_ids(init).tolist()
         if len(set(own) | set(always)) <= cfg.draft_vocab_size:
             always = list(always) + own
     draft_vocab = choose_draft_vocab(feats, bc.vocab_size, cfg.draft_vocab_size, always)
@@ -381,8 +387,14 @@ def _base_data_and_head(cfg: TrainConfig, dev: torch.device, world: int, is_main
     base = load_frozen_base(model_dir, dev)
     bc = base.config
     data = _features(cfg, base, model_dir, world, is_main, log)
-    draft_vocab = _draft_vocab(cfg, data, base, model_dir, log)
-    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, base.lm_head.weight, draft_vocab)
+    lm_head = base.lm_head.weight
+    init = (
+        load_init_head(cfg.init_from, bc.hidden_size, bc.vocab_size, lm_head)
+        if cfg.init_from
+        else None
+    )
+    draft_vocab = _draft_vocab(cfg, data, base, model_dir, log, init)
+    drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, lm_head, draft_vocab, init)
     if world > 1 and is_main:
         torch.distributed.barrier()
     return model_dir, base, data, drafter.to(dev)
