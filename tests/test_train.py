@@ -1187,6 +1187,55 @@ def test_init_from_with_a_wider_draft_vocab_keeps_the_trained_rows(
     assert float(w2_rows[col[90]].abs().sum()) > 0.0
 
 
+def test_init_from_with_more_blocks_drafts_the_same_until_trained(
+    tiny_base, selfdistill_file, tmp_path, capsys
+):
+    """--init_from a 1-block head with --num_draft_layers 3: the old blocks and projection are
+    kept, the two new blocks are the identity (same logits), they receive gradient, a run trains
+    and writes the grown head, and fewer blocks than the head has is a clear error."""
+    from redrafter_trt.train.head import with_more_blocks
+
+    base = load_frozen_base(tiny_base)
+    h, v = base.config.hidden_size, base.config.vocab_size
+    ids = torch.tensor([0, 2, 5, 7, 40, 41, 90], dtype=torch.int32)
+    old = init_drafter(
+        DrafterConfig(v, h, h, 1, True, draft_vocab_size=len(ids)), 4, draft_vocab=ids
+    )
+    save_drafter(old, tmp_path / "old")
+    grown = with_more_blocks(old, 3, "old")
+    assert grown.config.num_draft_layers == 3 and grown.vocab_map.tolist() == ids.tolist()
+    ctx, state = torch.randn(3, h), torch.randn(3, h)
+    torch.testing.assert_close(grown.logits(ctx, state), old.logits(ctx, state), rtol=0, atol=0)
+    torch.testing.assert_close(grown.projection.weight, old.projection.weight)
+    torch.testing.assert_close(grown.lm_head[0].linear.weight, old.lm_head[0].linear.weight)
+    grown.logits(ctx, state).square().sum().backward()
+    for i in (1, 2):
+        assert float(grown.lm_head[i].linear.weight.grad.abs().sum()) > 0
+
+    out = train_drafter(
+        _cfg(
+            tiny_base,
+            [selfdistill_file],
+            tmp_path / "grown",
+            tmp_path,
+            init_from=str(tmp_path / "old"),
+            num_draft_layers=2,
+            max_steps=2,
+        )
+    )
+    trained = load_drafter(out)
+    assert trained.config.num_draft_layers == 2
+    assert float(trained.lm_head[1].linear.weight.detach().abs().sum()) > 0  # trained from zero
+
+    argv = ["--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir"]
+    argv += [str(tmp_path / "o"), "--max_steps", "2", "--no_progress", "--cache_dir"]
+    argv += [str(tmp_path / "cache"), "--init_from", str(tmp_path / "grown")]
+    assert train_main(argv + ["--num_draft_layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--num_draft_layers 1" in err and "has 2 residual blocks" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_draft_vocab_size_flag_errors(tiny_base, selfdistill_file, tmp_path, capsys):
     argv = [
         "--model_dir",

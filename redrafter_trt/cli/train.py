@@ -90,13 +90,19 @@ def add_head_arguments(t: argparse.ArgumentParser) -> None:
         help="head width; smaller than 2 x hidden size adds input_proj (default: 2H)",
     )
     g.add_argument(
-        "--num_draft_layers", type=non_negative_int, default=1, help="residual blocks (default: 1)"
+        "--num_draft_layers",
+        type=non_negative_int,
+        default=None,
+        help="residual blocks (default: 1). With --init_from: more blocks than the head has "
+        "grows it, each new block starting as the identity (the head drafts as before until "
+        "trained); default: the head's own",
     )
     g.add_argument("--no_rnn", action="store_true", help="state update s + E(x) instead of the RNN")
     g.add_argument(
         "--init_from",
         default=None,
-        help="start from an existing drafter directory (its shape replaces the flags above)",
+        help="start from an existing drafter directory (its shape replaces --exit_dim and "
+        "--no_rnn; see --num_draft_layers and --draft_vocab_size)",
     )
     g.add_argument(
         "--lm_head_init",

@@ -25,7 +25,7 @@ class TrainConfig:
     output_dir: str
     # head
     exit_dim: int | None = None  # None = 2 x base hidden size (no input_proj)
-    num_draft_layers: int = 1
+    num_draft_layers: int | None = None  # None = 1, or the --init_from head's own
     rnn: bool = True
     init_from: str | None = None  # start from an existing drafter directory
     lm_head_init: str = "random"  # random | base (copy the base's vocabulary projection)

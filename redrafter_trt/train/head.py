@@ -83,6 +83,8 @@ def make_drafter(
         )
         if draft_vocab is not None:
             d = with_draft_vocab(d, draft_vocab, base_lm_head)
+        if cfg.num_draft_layers is not None and cfg.num_draft_layers != d.config.num_draft_layers:
+            d = with_more_blocks(d, cfg.num_draft_layers, cfg.init_from)
     else:
         exit_dim = cfg.exit_dim or 2 * hidden_size
         if cfg.lm_head_init == "base":
@@ -101,7 +103,7 @@ def make_drafter(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
             exit_dim=exit_dim,
-            num_draft_layers=cfg.num_draft_layers,
+            num_draft_layers=1 if cfg.num_draft_layers is None else cfg.num_draft_layers,
             rnn=cfg.rnn,
             draft_vocab_size=None if draft_vocab is None else int(draft_vocab.numel()),
         )
@@ -148,4 +150,26 @@ def with_draft_vocab(
     state[DRAFT_VOCAB] = draft_vocab.to(torch.int32).cpu()
     new = Drafter(dataclasses.replace(cfg, draft_vocab_size=int(draft_vocab.numel())))
     load_drafter_state(new, state, "--draft_vocab_size with --init_from")
+    return new
+
+
+def with_more_blocks(d: Drafter, num_blocks: int, where: str) -> Drafter:
+    """``d`` (an ``--init_from`` head) with ``num_blocks`` residual blocks: its own blocks kept
+    first, each new one appended before the projection with zero weight and bias, so that it is
+    the identity (``x + SiLU(0) = x``) and the grown head drafts exactly as ``d`` did until
+    trained (SiLU's slope 1/2 at 0 passes the gradient to the new weights)."""
+    n = d.config.num_draft_layers
+    require(
+        num_blocks >= n,
+        f"--num_draft_layers {num_blocks}: the --init_from head {where} has {n} residual blocks; "
+        f"a head can be given more blocks, not fewer",
+    )
+    state = {k: v.detach().cpu() for k, v in d.state_dict().items()}
+    proj = state.pop(f"lm_head.{n}.weight")
+    for i in range(n, num_blocks):
+        state[f"lm_head.{i}.linear.weight"] = torch.zeros(d.config.exit_dim, d.config.exit_dim)
+        state[f"lm_head.{i}.linear.bias"] = torch.zeros(d.config.exit_dim)
+    state[f"lm_head.{num_blocks}.weight"] = proj
+    new = Drafter(dataclasses.replace(d.config, num_draft_layers=num_blocks))
+    load_drafter_state(new, state, f"--num_draft_layers {num_blocks} with --init_from {where}")
     return new
