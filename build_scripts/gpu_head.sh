@@ -5,9 +5,9 @@
 #      (else exit 2 naming the package), the output is not the shipped head;
 #   1. gen-data, capped at --gen_min minutes (4): the base's greedy answers (--gen_tokens 256
 #      tokens) to the human-written requests of the installed prompt sets (WritingBench,
-#      Arena-Hard, IFEval, IFBench, HealthBench, LongBench-Write, HELM's prompts: the sets the
-#      repository's data/smollm2/human answers; AlpacaEval is held out), batched --gen_batch 256
-#      prompts at a time on the GPU. Batches are appended as
+#      Arena-Hard, IFEval, IFBench, HealthBench, LongBench-Write, HELM's prompts, PersistBench,
+#      FreshQA: the sets the repository's data/smollm2/human answers; AlpacaEval is held out),
+#      batched --gen_batch 256 prompts at a time on the GPU. Batches are appended as
 #      they finish, so the cap stops it between batches with what is done; this is the phase
 #      that buys the data volume, hence the largest share;
 #   2. train, --train_min minutes (3) of optimizer steps (trainer --time_budget_min) plus the base
@@ -32,7 +32,7 @@
 #                        OUT_DIR.work/. The shipped head is never written unless --install.
 #   --model_dir DIR      base model: smollm2 (default) or a Hugging Face directory
 #   --prompts "SRC.."    gen-data prompt sources (default: "writingbench arena-hard ifeval
-#                        ifbench healthbench longbench-write helm-prompts")
+#                        ifbench healthbench longbench-write helm-prompts persistbench freshqa")
 #   --limit N            first N prompts of each source (default: all)
 #   --gen_min M          gen-data wall-time cap in minutes (default: 4)
 #   --gen_tokens N       new tokens per answer (default: 256)
@@ -67,6 +67,7 @@ fail() { echo "gpu_head.sh: $*" >&2; exit 1; }
 
 out="" model=smollm2
 prompts="writingbench arena-hard ifeval ifbench healthbench longbench-write helm-prompts"
+prompts+=" persistbench freshqa"
 limit="" extra_data="-"
 gen_min="" gen_tokens="" gen_batch="" train_min="" max_steps="" batch_size=""
 eval_prompts=mt-bench eval_limit="" eval_tokens="" install=0 smoke=0 draft_vocab=""
