@@ -23,17 +23,28 @@
 #    answers (702, 703), with base features computed by a bfloat16 copy of the base;
 # 5. the stage-4 head trained on, for REDRAFTER_HEAD_STAGE5_MIN minutes at half the learning
 #    rate, over the same data;
-# 6. packaging: the whole head (its own projection included) stored in float16.
+# 6. the stage-5 head, stored in float16, grown to REDRAFTER_HEAD_BLOCKS6 residual blocks (the new
+#    blocks start as the identity: the grown head drafts as before until trained) and trained on,
+#    for REDRAFTER_HEAD_STAGE6_MIN minutes, over the same data;
+# 7. the stage-6 head trained on, for REDRAFTER_HEAD_STAGE7_MIN minutes at half the learning rate;
+# 8. the stage-7 head trained on, for REDRAFTER_HEAD_STAGE8_MIN minutes at that rate, over
+#    everything above plus the greedy answers to PersistBench's and FreshQA's requests;
+# 9. the stage-8 head trained on, for REDRAFTER_HEAD_STAGE9_MIN minutes at that rate, over
+#    everything above plus answers to the same requests sampled at temperature 0.7 (seed 704);
+# 10. packaging: the whole head (its own projection included) stored in float16.
 #
 # On the 2-vCPU EPYC VM with 512-bit FMAs of 2026-12-06: base features at 900-1,050 tokens/s on two
 # threads (1,073,000 tokens without WritingBench, about 14 minutes the first time; stage 3's new
-# data adds 1.5 million, about 28 minutes), plus the five training budgets. On a 2-vCPU Zen 4
+# data adds 1.5 million, about 28 minutes), plus the nine training budgets. On a 2-vCPU Zen 4
 # EPYC VM: 440-520 tokens/s (docs/results.md, 2026-12-07); stage 4's bfloat16 features of all
-# 3.68 million tokens there took 85 minutes (725 tokens/s).
+# 3.68 million tokens there took 85 minutes (725 tokens/s), stages 8-9's new text 0.4 million
+# tokens in 8 minutes.
 # Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_K4 (8192),
 # REDRAFTER_HEAD_STAGE1_MIN (6), REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10),
-# REDRAFTER_HEAD_STAGE4_MIN (15), REDRAFTER_HEAD_STAGE5_MIN (15), REDRAFTER_HEAD_WORK (work
-# dir, .head_work), REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
+# REDRAFTER_HEAD_STAGE4_MIN (15), REDRAFTER_HEAD_STAGE5_MIN (15), REDRAFTER_HEAD_BLOCKS6 (3),
+# REDRAFTER_HEAD_STAGE6_MIN (20), REDRAFTER_HEAD_STAGE7_MIN (15), REDRAFTER_HEAD_STAGE8_MIN (15),
+# REDRAFTER_HEAD_STAGE9_MIN (15), REDRAFTER_HEAD_WORK (work dir, .head_work),
+# REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -48,6 +59,11 @@ minutes3="${REDRAFTER_HEAD_STAGE3_MIN:-10}"
 k4="${REDRAFTER_HEAD_K4:-8192}"
 minutes4="${REDRAFTER_HEAD_STAGE4_MIN:-15}"
 minutes5="${REDRAFTER_HEAD_STAGE5_MIN:-15}"
+blocks6="${REDRAFTER_HEAD_BLOCKS6:-3}"
+minutes6="${REDRAFTER_HEAD_STAGE6_MIN:-20}"
+minutes7="${REDRAFTER_HEAD_STAGE7_MIN:-15}"
+minutes8="${REDRAFTER_HEAD_STAGE8_MIN:-15}"
+minutes9="${REDRAFTER_HEAD_STAGE9_MIN:-15}"
 mkdir -p "$work"
 d=data/smollm2
 data=("$d/answers.jsonl" "$d/answers2" "$d/human/arena-hard.jsonl" "$d/human/ifeval.jsonl"
@@ -75,4 +91,20 @@ data+=("$d/sampled/seed702" "$d/sampled/seed703")
   --init_from "$work/head4" --output_dir "$work/head5" --lr 5e-4 \
   --time_budget_min "$minutes5" --checkpoint_dir "$work/checkpoints5"
 "$bin/python" -m redrafter_trt.heads.package --head "$work/head5" --model_dir smollm2 \
+  --output "$work/head5-float16" --own_projection --dtype float16 --overwrite
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
+  --init_from "$work/head5-float16" --num_draft_layers "$blocks6" --output_dir "$work/head6" \
+  --lr 1e-3 --time_budget_min "$minutes6" --checkpoint_dir "$work/checkpoints6"
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
+  --init_from "$work/head6" --output_dir "$work/head7" --lr 5e-4 \
+  --time_budget_min "$minutes7" --checkpoint_dir "$work/checkpoints7"
+data+=("$d/human/persistbench.jsonl" "$d/human/freshqa.jsonl")
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
+  --init_from "$work/head7" --output_dir "$work/head8" --lr 5e-4 \
+  --time_budget_min "$minutes8" --checkpoint_dir "$work/checkpoints8"
+data+=("$d/sampled/seed704")
+"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
+  --init_from "$work/head8" --output_dir "$work/head9" --lr 5e-4 \
+  --time_budget_min "$minutes9" --checkpoint_dir "$work/checkpoints9"
+"$bin/python" -m redrafter_trt.heads.package --head "$work/head9" --model_dir smollm2 \
   --output "$out" --own_projection --dtype float16 --overwrite

@@ -142,6 +142,7 @@ def test_the_shipped_smollm2_head_is_intact_and_small():
     assert total <= 16 * 1024 * 1024
     cfg = json.loads((path / DRAFTER_CONFIG).read_text())
     assert cfg["vocab_size"] == 49152 and cfg["draft_vocab_size"] == 8192
+    assert cfg["num_draft_layers"] == 3 and cfg["exit_dim"] == cfg["hidden_size"] == 576
     assert LM_HEAD_FROM_BASE not in cfg  # its projection is its own, stored with it
 
 
