@@ -1230,10 +1230,13 @@ def test_init_from_with_more_blocks_drafts_the_same_until_trained(
     argv = ["--model_dir", str(tiny_base), "--data", str(selfdistill_file), "--output_dir"]
     argv += [str(tmp_path / "o"), "--max_steps", "2", "--no_progress", "--cache_dir"]
     argv += [str(tmp_path / "cache"), "--init_from", str(tmp_path / "grown")]
+    argv[argv.index("--cache_dir") + 1] = str(tmp_path / "cache2")
     assert train_main(argv + ["--num_draft_layers", "1"]) == 2
     err = capsys.readouterr().err
     assert "--num_draft_layers 1" in err and "has 2 residual blocks" in err, err
     assert not (tmp_path / "o").exists()
+    # refused before any base feature is computed
+    assert not (tmp_path / "cache2").exists() or not any((tmp_path / "cache2").rglob("*.*"))
 
 
 def test_draft_vocab_size_flag_errors(tiny_base, selfdistill_file, tmp_path, capsys):

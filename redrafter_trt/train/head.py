@@ -153,17 +153,23 @@ def with_draft_vocab(
     return new
 
 
-def with_more_blocks(d: Drafter, num_blocks: int, where: str) -> Drafter:
-    """``d`` (an ``--init_from`` head) with ``num_blocks`` residual blocks: its own blocks kept
-    first, each new one appended before the projection with zero weight and bias, so that it is
-    the identity (``x + SiLU(0) = x``) and the grown head drafts exactly as ``d`` did until
-    trained (SiLU's slope 1/2 at 0 passes the gradient to the new weights)."""
+def require_more_blocks(d: Drafter, num_blocks: int, where: str) -> None:
+    """``--num_draft_layers`` with ``--init_from``: at least the head's own blocks."""
     n = d.config.num_draft_layers
     require(
         num_blocks >= n,
         f"--num_draft_layers {num_blocks}: the --init_from head {where} has {n} residual blocks; "
         f"a head can be given more blocks, not fewer",
     )
+
+
+def with_more_blocks(d: Drafter, num_blocks: int, where: str) -> Drafter:
+    """``d`` (an ``--init_from`` head) with ``num_blocks`` residual blocks: its own blocks kept
+    first, each new one appended before the projection with zero weight and bias, so that it is
+    the identity (``x + SiLU(0) = x``) and the grown head drafts exactly as ``d`` did until
+    trained (SiLU's slope 1/2 at 0 passes the gradient to the new weights)."""
+    n = d.config.num_draft_layers
+    require_more_blocks(d, num_blocks, where)
     state = {k: v.detach().cpu() for k, v in d.state_dict().items()}
     proj = state.pop(f"lm_head.{n}.weight")
     for i in range(n, num_blocks):
