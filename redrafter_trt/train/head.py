@@ -44,13 +44,20 @@ def choose_draft_vocab(feats: Features, vocab_size: int, k: int, always: list[in
 
 
 def load_init_head(
-    path: str, hidden_size: int, vocab_size: int, base_lm_head: torch.Tensor | None
+    path: str,
+    hidden_size: int,
+    vocab_size: int,
+    base_lm_head: torch.Tensor | None,
+    num_blocks: int | None = None,
 ) -> Drafter:
-    """The ``--init_from`` head, checked against the base, in float32."""
+    """The ``--init_from`` head, checked against the base and, with ``num_blocks``
+    (``--num_draft_layers``), against the blocks asked for; in float32."""
     d = load_drafter(path, base_lm_head=base_lm_head)
     validate_against_base(
         d.config, hidden_size, vocab_size, (vocab_size, hidden_size), f"--init_from {path}"
     )
+    if num_blocks is not None:
+        require_more_blocks(d, num_blocks, path)
     return d.float()
 
 
@@ -79,7 +86,9 @@ def make_drafter(
         d = (
             init
             if init is not None
-            else load_init_head(cfg.init_from, hidden_size, vocab_size, base_lm_head)
+            else load_init_head(
+                cfg.init_from, hidden_size, vocab_size, base_lm_head, cfg.num_draft_layers
+            )
         )
         if draft_vocab is not None:
             d = with_draft_vocab(d, draft_vocab, base_lm_head)

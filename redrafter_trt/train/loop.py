@@ -46,13 +46,7 @@ from .data import (
 from .evaluation import evaluate, format_per_depth
 from .features import Features, cached_features, concat_features
 from .frozen_base import eos_ids, feature_base, load_frozen_base
-from .head import (
-    choose_draft_vocab,
-    head_ids,
-    load_init_head,
-    make_drafter,
-    require_more_blocks,
-)
+from .head import choose_draft_vocab, head_ids, load_init_head, make_drafter
 from .losses import UnrolledHead
 from .positions import PositionSampler, train_and_eval_positions
 from .resume import find_resume, restore, save_checkpoint
@@ -395,11 +389,11 @@ def _base_data_and_head(cfg: TrainConfig, dev: torch.device, world: int, is_main
     base = load_frozen_base(model_dir, dev)
     bc = base.config
     lm_head = base.lm_head.weight
-    init = None
-    if cfg.init_from:
-        init = load_init_head(cfg.init_from, bc.hidden_size, bc.vocab_size, lm_head)
-        if cfg.num_draft_layers is not None:
-            require_more_blocks(init, cfg.num_draft_layers, cfg.init_from)
+    init = (
+        load_init_head(cfg.init_from, bc.hidden_size, bc.vocab_size, lm_head, cfg.num_draft_layers)
+        if cfg.init_from
+        else None
+    )
     data = _features(cfg, base, model_dir, world, is_main, log)
     draft_vocab = _draft_vocab(cfg, data, base, model_dir, log, init)
     drafter = make_drafter(cfg, bc.hidden_size, bc.vocab_size, lm_head, draft_vocab, init)
