@@ -585,6 +585,8 @@ def test_eval_subcommand_measures_through_the_runtime(tiny_base, tmp_path, capsy
         "--max_new_tokens",
         "12",
         "--plain_check",
+        "--batch_size",
+        "2",
         "--no_progress",
     ]
     assert train_main(argv) == 0
@@ -592,6 +594,12 @@ def test_eval_subcommand_measures_through_the_runtime(tiny_base, tmp_path, capsy
     assert res["prompts"] == 3 and res["identical_to_plain"] is True
     assert 1.0 <= res["tokens_per_step"] <= 5.0
     assert sum(res["tokens_per_step_histogram"].values()) == res["steps"]
+    # one entry per prompt across both engine batches, adding up to the totals
+    per = res["per_prompt"]
+    assert len(per) == 3
+    assert sum(p["tokens"] for p in per) == res["generated_tokens"]
+    assert sum(p["steps"] for p in per) == res["steps"]
+    assert all(p["steps"] <= p["tokens"] <= 5 * p["steps"] for p in per)
 
 
 def test_features_of_two_sources_concatenate_into_one_stream():

@@ -64,6 +64,7 @@ def runtime_tokens_per_step(
     )
     gen = Generator(backend, tokenizer=tok, eos_token_ids=eos_ids(base, tok))
     hist = [0] * (draft_len + 2)
+    per_prompt: list[dict[str, int]] = []
     tokens = steps = calls = 0
     phases: dict[str, float] = {}
     same = True
@@ -86,6 +87,10 @@ def runtime_tokens_per_step(
             for r in res:
                 for a in r.accepted_per_step[1:]:
                     hist[min(a, draft_len + 1)] += 1
+                # as in the totals: the tokens the steps after the prompt's own call added
+                per_prompt.append(
+                    {"tokens": sum(r.accepted_per_step[1:]), "steps": len(r.accepted_per_step) - 1}
+                )
             if plain_check:
                 plain = gen.generate(chunk, max_new_tokens=max_new_tokens, speculative=False)
                 same &= all(p.token_ids == r.token_ids for p, r in zip(plain, res))
@@ -101,6 +106,8 @@ def runtime_tokens_per_step(
         "generated_tokens": tokens,
         "steps": steps,
         "tokens_per_step_histogram": {str(k): v for k, v in enumerate(hist) if k},
+        # one entry per prompt, in the order given (its tokens over its steps is its tokens/step)
+        "per_prompt": per_prompt,
         # the speculative generation's time per phase (draft = the head's beam search; the
         # prompts' calls included) over its generation calls of up to batch_size rows
         "ms_per_call": {k: 1e3 * v / max(calls, 1) for k, v in sorted(phases.items())},
