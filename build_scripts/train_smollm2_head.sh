@@ -48,7 +48,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash build_scripts/setup_env.sh
+# REDRAFTER_HEAD_DRY_RUN=1 prints the commands instead of running them (nothing is installed,
+# read or written); tests/test_shipped_head.py checks them against the CLI and the data.
+dry="${REDRAFTER_HEAD_DRY_RUN:-}"
+[[ -n "$dry" ]] || bash build_scripts/setup_env.sh
 bin="${REDRAFTER_VENV:-$root/.venv}/bin"
 work="${REDRAFTER_HEAD_WORK:-$root/.head_work}"
 out="${REDRAFTER_HEAD_OUT:-$root/redrafter_trt/heads/smollm2}"
@@ -64,47 +67,49 @@ minutes6="${REDRAFTER_HEAD_STAGE6_MIN:-20}"
 minutes7="${REDRAFTER_HEAD_STAGE7_MIN:-15}"
 minutes8="${REDRAFTER_HEAD_STAGE8_MIN:-15}"
 minutes9="${REDRAFTER_HEAD_STAGE9_MIN:-15}"
-mkdir -p "$work"
+run() {
+  if [[ -n "$dry" ]]; then
+    printf '%q ' "$@"
+    echo
+  else
+    "$@"
+  fi
+}
 d=data/smollm2
 data=("$d/answers.jsonl" "$d/answers2" "$d/human/arena-hard.jsonl" "$d/human/ifeval.jsonl"
   "$d/human/ifbench.jsonl" "$d/human/helm-prompts.jsonl" "$d/human/longbench-write.jsonl" sharegpt)
-common=(--model_dir smollm2 --draft_len 4 --loss kl --kl_vocab batch --precision fp32
-  --max_steps 1000000 --threads 2 --no_progress --overwrite)
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --output_dir "$work/head1" \
-  --exit_dim 576 --num_draft_layers 1 --lm_head_init base --draft_vocab_size "$k" --lr 2e-3 \
-  --time_budget_min "$minutes1" --checkpoint_dir "$work/checkpoints1"
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" "$d/human/writingbench.jsonl" \
-  --init_from "$work/head1" --output_dir "$work/head2" --lr 1e-3 \
-  --time_budget_min "$minutes2" --checkpoint_dir "$work/checkpoints2"
-data+=("$d/human/writingbench.jsonl" "$d/human/healthbench.jsonl" "$d/sampled/seed700"
-  "$d/sampled/seed701")
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" \
-  --init_from "$work/head2" --output_dir "$work/head3" --lr 1e-3 \
-  --time_budget_min "$minutes3" --checkpoint_dir "$work/checkpoints3"
-"$bin/python" -m redrafter_trt.heads.package --head "$work/head3" --model_dir smollm2 \
-  --output "$work/head3-float16" --own_projection --dtype float16 --overwrite
+# stage N MINUTES LR [flags]: train head N over the data listed so far, writing $work/headN
+stage() {
+  local n=$1 minutes=$2 lr=$3
+  shift 3
+  run "$bin/redrafter-train" train --model_dir smollm2 --draft_len 4 --loss kl --kl_vocab batch \
+    --precision fp32 --max_steps 1000000 --threads 2 --no_progress --overwrite \
+    --data "${data[@]}" --output_dir "$work/head$n" --lr "$lr" --time_budget_min "$minutes" \
+    --checkpoint_dir "$work/checkpoints$n" "$@"
+}
+# float16 [--output DIR] HEAD: the head stored in float16 (its own projection included)
+float16() {
+  run "$bin/python" -m redrafter_trt.heads.package --head "$work/$1" --model_dir smollm2 \
+    --output "${2:-$work/$1-float16}" --own_projection --dtype float16 --overwrite
+}
+[[ -n "$dry" ]] || mkdir -p "$work"
+stage 1 "$minutes1" 2e-3 --exit_dim 576 --num_draft_layers 1 --lm_head_init base \
+  --draft_vocab_size "$k"
+data+=("$d/human/writingbench.jsonl")
+stage 2 "$minutes2" 1e-3 --init_from "$work/head1"
+data+=("$d/human/healthbench.jsonl" "$d/sampled/seed700" "$d/sampled/seed701")
+stage 3 "$minutes3" 1e-3 --init_from "$work/head2"
+float16 head3
 data+=("$d/sampled/seed702" "$d/sampled/seed703")
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
-  --init_from "$work/head3-float16" --draft_vocab_size "$k4" --output_dir "$work/head4" \
-  --lr 1e-3 --time_budget_min "$minutes4" --checkpoint_dir "$work/checkpoints4"
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
-  --init_from "$work/head4" --output_dir "$work/head5" --lr 5e-4 \
-  --time_budget_min "$minutes5" --checkpoint_dir "$work/checkpoints5"
-"$bin/python" -m redrafter_trt.heads.package --head "$work/head5" --model_dir smollm2 \
-  --output "$work/head5-float16" --own_projection --dtype float16 --overwrite
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
-  --init_from "$work/head5-float16" --num_draft_layers "$blocks6" --output_dir "$work/head6" \
-  --lr 1e-3 --time_budget_min "$minutes6" --checkpoint_dir "$work/checkpoints6"
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
-  --init_from "$work/head6" --output_dir "$work/head7" --lr 5e-4 \
-  --time_budget_min "$minutes7" --checkpoint_dir "$work/checkpoints7"
+stage 4 "$minutes4" 1e-3 --base_dtype bfloat16 --init_from "$work/head3-float16" \
+  --draft_vocab_size "$k4"
+stage 5 "$minutes5" 5e-4 --base_dtype bfloat16 --init_from "$work/head4"
+float16 head5
+stage 6 "$minutes6" 1e-3 --base_dtype bfloat16 --init_from "$work/head5-float16" \
+  --num_draft_layers "$blocks6"
+stage 7 "$minutes7" 5e-4 --base_dtype bfloat16 --init_from "$work/head6"
 data+=("$d/human/persistbench.jsonl" "$d/human/freshqa.jsonl")
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
-  --init_from "$work/head7" --output_dir "$work/head8" --lr 5e-4 \
-  --time_budget_min "$minutes8" --checkpoint_dir "$work/checkpoints8"
+stage 8 "$minutes8" 5e-4 --base_dtype bfloat16 --init_from "$work/head7"
 data+=("$d/sampled/seed704")
-"$bin/redrafter-train" train "${common[@]}" --data "${data[@]}" --base_dtype bfloat16 \
-  --init_from "$work/head8" --output_dir "$work/head9" --lr 5e-4 \
-  --time_budget_min "$minutes9" --checkpoint_dir "$work/checkpoints9"
-"$bin/python" -m redrafter_trt.heads.package --head "$work/head9" --model_dir smollm2 \
-  --output "$out" --own_projection --dtype float16 --overwrite
+stage 9 "$minutes9" 5e-4 --base_dtype bfloat16 --init_from "$work/head8"
+float16 head9 "$out"

@@ -294,3 +294,59 @@ def test_the_sampled_answers_are_training_requests_answered_again():
             assert all(r["response_ids"] and max(r["response_ids"]) < 49152 for r in recs)
             total += sum(len(r["response_ids"]) for r in recs)
     assert total >= 500_000
+
+
+def test_the_head_recipe_runs_the_cli_as_it_is_over_the_data_in_the_repository(tmp_path):
+    """build_scripts/train_smollm2_head.sh takes hours; its dry run prints the commands, which
+    must parse with the CLIs of today, chain each stage to a head an earlier command wrote, name
+    data that is in the repository, train the last stage on every data file kept here and write
+    the built-in head."""
+    import os
+    import shlex
+    import subprocess
+
+    from redrafter_trt.cli.train import build_parser as train_parser
+    from redrafter_trt.heads.package import build_parser as package_parser
+    from redrafter_trt.train.data import BUILTIN, expand_sources
+
+    root = DATA.parents[1]
+    work = tmp_path / "work"
+    env = {**os.environ, "REDRAFTER_HEAD_DRY_RUN": "1", "REDRAFTER_HEAD_WORK": str(work)}
+    env.pop("REDRAFTER_HEAD_OUT", None)
+    out = subprocess.run(
+        ["bash", str(root / "build_scripts" / "train_smollm2_head.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = [shlex.split(line) for line in out.splitlines() if line.strip()]
+    assert not work.exists()  # a dry run writes nothing
+    written: list[str] = []
+    trains = []
+    for c in commands:
+        if c[0].endswith("/redrafter-train"):
+            args = train_parser().parse_args(c[1:])
+            assert args.command == "train"
+            assert args.init_from is None or str(args.init_from) in written, args.init_from
+            for src in args.data:
+                assert src in BUILTIN or (root / src).exists(), src
+            written.append(str(args.output_dir))
+            trains.append(args)
+        else:
+            assert c[1:3] == ["-m", "redrafter_trt.heads.package"], c
+            args = package_parser().parse_args(c[3:])
+            assert str(args.head) in written and args.own_projection
+            written.append(str(args.output))
+    assert len(trains) >= 2 and trains[0].init_from is None
+    assert written[-1] == str(BUILTIN_HEADS["smollm2"][0])
+    # the last stage trains on every answer file kept in data/smollm2
+    files = [str(root / s) for s in trains[-1].data if s not in BUILTIN]
+    last = {Path(f).resolve() for f in expand_sources(files)}
+    kept = {
+        f.resolve()
+        for f in DATA.rglob("*.jsonl*")
+        if f.name not in ("requests_train.jsonl", "requests_heldout.jsonl")
+    }
+    assert kept and kept == last, sorted(kept ^ last)

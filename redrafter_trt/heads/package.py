@@ -82,12 +82,7 @@ def package_head(
     return output
 
 
-def main(argv=None) -> int:
-    from ..cmdline import run_main
-    from ..formats.hf import load_hf_base
-    from ..formats.names import LM_HEAD
-    from ..models.hub import resolve_base_model_dir
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m redrafter_trt.heads.package",
         description=__doc__,
@@ -117,6 +112,14 @@ def main(argv=None) -> int:
         help="storage dtype of the weights; the loader widens them to float32 (default: float32)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..cmdline import run_main
+    from ..formats.hf import load_hf_base
+    from ..formats.names import LM_HEAD
+    from ..models.hub import resolve_base_model_dir
 
     def run(args) -> int:
         _, sd = load_hf_base(resolve_base_model_dir(args.model_dir))
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
         print(f"wrote {out} ({size / 1e6:.1f} MB)", file=sys.stderr)
         return 0
 
-    return run_main(run, p, argv)
+    return run_main(run, build_parser(), argv)
 
 
 if __name__ == "__main__":
