@@ -102,6 +102,35 @@ def test_a_head_with_its_own_projection_ships_whole(tiny_dirs, tmp_path, dtype):
     check_head_files(out, "rebuild")
 
 
+def test_the_shipped_training_report_names_no_path_of_the_training_machine(tiny_dirs, tmp_path):
+    _, sd = load_hf_base(tiny_dirs["llama"])
+    base_w = sd["lm_head.weight"]
+    v, h = base_w.shape
+    trained = save_drafter(
+        init_drafter(DrafterConfig(v, h, h, 1, True, draft_vocab_size=16), seed=1), tmp_path / "t"
+    )
+    report = {
+        "settings": {"output_dir": "/home/dev/runs/head9", "init_from": "/tmp/x/head8", "lr": 5e-4},
+        "data": ["data/smollm2/answers.jsonl", "sharegpt"],
+        "features": {"cache": ["/home/dev/.cache/redrafter_trt/train_features/48a9b7cc"]},
+        "model_dir": "/home/dev/.cache/redrafter_trt/SmolLM2-135M-Instruct",
+        "steps": 3889,
+    }
+    (trained / "training_report.json").write_text(json.dumps(report))
+    out = package_head(trained, base_w, tmp_path / "shipped", own_projection=True)
+    got = json.loads((out / "training_report.json").read_text())
+    assert got == {
+        "settings": {"output_dir": "head9", "init_from": "head8", "lr": 5e-4},
+        "data": ["data/smollm2/answers.jsonl", "sharegpt"],
+        "features": {"cache": ["48a9b7cc"]},
+        "model_dir": "SmolLM2-135M-Instruct",
+        "steps": 3889,
+    }
+    check_head_files(out, "rebuild")  # the checksums cover the rewritten report
+    shipped = (BUILTIN_HEADS["smollm2"][0] / "training_report.json").read_text()
+    assert "/tmp/" not in shipped and "/.cache/" not in shipped
+
+
 def test_corrupt_or_missing_shipped_file_is_named_with_the_rebuild_command(tiny_dirs, tmp_path):
     _, sd = load_hf_base(tiny_dirs["llama"])
     base_w = sd["lm_head.weight"]

@@ -18,7 +18,8 @@ import argparse
 import json
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
@@ -34,7 +35,22 @@ from ..models.drafter import (
 from ..models.io import atomic_output_dir, save_safetensors
 from . import write_checksums
 
-EXTRA_FILES = ("training_report.json", "DATA.md")
+TRAINING_REPORT = "training_report.json"
+EXTRA_FILES = (TRAINING_REPORT, "DATA.md")
+
+
+def without_local_paths(value: Any) -> Any:
+    """``value`` (a training report) with every absolute path cut to its last component: the
+    trainer records where its output, start head, base model and feature caches lay on the
+    machine that trained it, which says nothing to a user of the shipped head. Relative paths
+    (the data files, named as in the repository) are kept."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    if isinstance(value, str) and PurePosixPath(value).is_absolute():
+        return PurePosixPath(value).name
+    return value
 
 
 def package_head(
@@ -76,7 +92,13 @@ def package_head(
         names = [DRAFTER_CONFIG, DRAFTER_WEIGHTS]
         for extra in EXTRA_FILES:
             if (head_dir / extra).is_file():
-                shutil.copyfile(head_dir / extra, tmp / extra)
+                if extra == TRAINING_REPORT:
+                    report = json.loads((head_dir / extra).read_text())
+                    (tmp / extra).write_text(
+                        json.dumps(without_local_paths(report), indent=2) + "\n"
+                    )
+                else:
+                    shutil.copyfile(head_dir / extra, tmp / extra)
                 names.append(extra)
         write_checksums(tmp, names)
     return output
