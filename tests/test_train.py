@@ -1147,8 +1147,9 @@ def test_init_from_with_a_wider_draft_vocab_keeps_the_trained_rows(
     tiny_base, selfdistill_file, tmp_path
 ):
     """--init_from a head of K ids with --draft_vocab_size K2 > K: the head's ids stay, their
-    trained rows and every other weight come along, the new ids start from the base's rows, and
-    the widened head drafts what the old one drafted plus the new ids."""
+    trained rows and every other weight come along, the new ids start from the base's rows carried
+    into the trained rows' space, and the widened head drafts what the old one drafted plus the
+    new ids."""
     from redrafter_trt.train.head import with_draft_vocab
 
     base = load_frozen_base(tiny_base)
@@ -1180,11 +1181,32 @@ def test_init_from_with_a_wider_draft_vocab_keeps_the_trained_rows(
     col = {t: i for i, t in enumerate(wide_ids.tolist())}
     for j, t in enumerate(old_ids.tolist()):  # an old id: the same logit as before
         torch.testing.assert_close(lw[:, col[t]], lo[:, j])
-    for t in (1, 3, 60):  # a new id: the base's row
-        torch.testing.assert_close(wide.projection.weight[col[t]], base.lm_head.weight[t].float())
     for name, p in old.state_dict().items():
         if not name.startswith("lm_head.1.") and name != "draft_vocab":
             torch.testing.assert_close(wide.state_dict()[name], p)
+    # a new id's row: the base's row carried by the map from the base's rows to the trained ones.
+    # Rows still the base's (an untrained head): the base's row as it is
+    base_w = base.lm_head.weight.detach().float()
+    with torch.no_grad():
+        old.projection.weight.copy_(base_w[old_ids.long()])
+    wide = with_draft_vocab(old, wide_ids, base.lm_head.weight)
+    for t in (1, 3, 60):
+        torch.testing.assert_close(wide.projection.weight[col[t]], base_w[t])
+    # rows that training turned into a linear image of the base's: the new rows are that image
+    many = torch.arange(0, v, 2, dtype=torch.int32)  # more ids than H, so the map is determined
+    assert len(many) > h
+    turn = torch.randn(h, h, generator=torch.Generator().manual_seed(5))
+    moved = init_drafter(
+        DrafterConfig(v, h, h, 1, True, draft_vocab_size=len(many)), 4, draft_vocab=many
+    )
+    with torch.no_grad():
+        moved.projection.weight.copy_(base_w[many.long()] @ turn)
+    all_ids = torch.arange(v, dtype=torch.int32)
+    got = with_draft_vocab(moved, all_ids, base.lm_head.weight).projection.weight.detach()
+    want = base_w[1::2] @ turn
+    assert float(torch.nn.functional.cosine_similarity(got[1::2], want, dim=1).min()) > 0.999
+    torch.testing.assert_close(got[1::2].norm(dim=1), want.norm(dim=1), rtol=1e-2, atol=1e-3)
+    assert not torch.allclose(got[1::2], base_w[1::2], atol=1e-2)
     # exit_dim other than H: a new id's row starts at zero
     narrow_exit = init_drafter(
         DrafterConfig(v, h, 2 * h, 1, True, draft_vocab_size=7), 1, draft_vocab=old_ids

@@ -123,7 +123,8 @@ def add_head_arguments(t: argparse.ArgumentParser) -> None:
         "id map (draft_vocab). Output stays exact; a token outside the K ids is never "
         "drafted. With --init_from: the head's draft vocabulary becomes these K ids (its "
         "own ids kept first when they fit), trained rows kept, a new id's row the base's "
-        "(zero when exit_dim is not the base hidden size). Default: the full vocabulary "
+        "carried by the linear map from the base's rows of the head's ids to its trained "
+        "rows (zero when exit_dim is not the base hidden size). Default: the full vocabulary "
         "(with --init_from, the head's own)",
     )
     g.add_argument(
