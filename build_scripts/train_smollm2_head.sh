@@ -18,7 +18,8 @@
 #    plus the answers to HealthBench's requests and the base's answers sampled at temperature 0.7
 #    to the training requests once more (data/smollm2/sampled: more contexts of the base's text);
 # 4. the stage-3 head, stored in float16, widened to REDRAFTER_HEAD_K4 draft ids (its own ids and
-#    trained rows kept, a new id started from the base's row) and trained on, for
+#    trained rows kept, a new id started from the base's row as it is: --new_rows base, as the
+#    shipped head was made) and trained on, for
 #    REDRAFTER_HEAD_STAGE4_MIN minutes, over everything above plus two more seeds of sampled
 #    answers (702, 703), with base features computed by a bfloat16 copy of the base;
 # 5. the stage-4 head trained on, for REDRAFTER_HEAD_STAGE5_MIN minutes at half the learning
@@ -102,7 +103,7 @@ stage 3 "$minutes3" 1e-3 --init_from "$work/head2"
 float16 head3
 data+=("$d/sampled/seed702" "$d/sampled/seed703")
 stage 4 "$minutes4" 1e-3 --base_dtype bfloat16 --init_from "$work/head3-float16" \
-  --draft_vocab_size "$k4"
+  --draft_vocab_size "$k4" --new_rows base
 stage 5 "$minutes5" 5e-4 --base_dtype bfloat16 --init_from "$work/head4"
 float16 head5
 stage 6 "$minutes6" 1e-3 --base_dtype bfloat16 --init_from "$work/head5-float16" \

@@ -1207,6 +1207,9 @@ def test_init_from_with_a_wider_draft_vocab_keeps_the_trained_rows(
     assert float(torch.nn.functional.cosine_similarity(got[1::2], want, dim=1).min()) > 0.999
     torch.testing.assert_close(got[1::2].norm(dim=1), want.norm(dim=1), rtol=1e-2, atol=1e-3)
     assert not torch.allclose(got[1::2], base_w[1::2], atol=1e-2)
+    # --new_rows base: the base's rows as they are
+    as_is = with_draft_vocab(moved, all_ids, base.lm_head.weight, mapped=False).projection.weight
+    torch.testing.assert_close(as_is.detach()[1::2], base_w[1::2])
     # exit_dim other than H: a new id's row starts at zero
     narrow_exit = init_drafter(
         DrafterConfig(v, h, 2 * h, 1, True, draft_vocab_size=7), 1, draft_vocab=old_ids

@@ -128,6 +128,16 @@ def add_head_arguments(t: argparse.ArgumentParser) -> None:
         "(with --init_from, the head's own)",
     )
     g.add_argument(
+        "--new_rows",
+        choices=("mapped", "base"),
+        default="mapped",
+        help="with --init_from and a wider --draft_vocab_size, where a new id's row starts: "
+        "mapped (the base's row carried by the linear map from the base's rows of the head's "
+        "ids to its trained rows; the head drafts as before until trained) or base (the "
+        "base's row as it is: the new rows outscore the trained ones until trained; how the "
+        "shipped smollm2 head was widened) (default: mapped)",
+    )
+    g.add_argument(
         "--freeze_lm_head",
         action="store_true",
         help="do not train the head's final V x exit_dim projection (with --lm_head_init "
@@ -621,6 +631,7 @@ def _train(args) -> int:
         lm_head_init=args.lm_head_init,
         freeze_lm_head=args.freeze_lm_head,
         draft_vocab_size=args.draft_vocab_size,
+        new_rows=args.new_rows,
         draft_len=args.draft_len,
         loss=args.loss,
         mse_weight=args.mse_weight,

@@ -31,6 +31,7 @@ class TrainConfig:
     lm_head_init: str = "random"  # random | base (copy the base's vocabulary projection)
     freeze_lm_head: bool = False  # keep the final vocabulary projection fixed
     draft_vocab_size: int | None = None  # K: draft over the K most frequent answer tokens (+ EOS)
+    new_rows: str = "mapped"  # mapped | base: a new id's row when init_from's vocabulary widens
     draft_len: int = 4  # D unrolled draft steps
     # loss
     loss: str = "kl"  # kl | ce | mix | logit_match
@@ -157,6 +158,10 @@ class TrainConfig:
         )
         require(self.max_steps is None or self.max_steps >= 1, "--max_steps must be >= 1")
         require(self.epochs > 0, "--epochs must be > 0")
+        require(
+            self.new_rows in ("mapped", "base"),
+            f"--new_rows must be mapped or base, got {self.new_rows!r}",
+        )
 
     def schedule_fields(self) -> dict[str, Any]:
         """Settings a resumed run must share with the checkpoint for an exact continuation."""
@@ -177,6 +182,7 @@ class TrainConfig:
             "epochs",
             "model_dir",
             "data",
+            "new_rows",  # the start of the head only; a resume reads its parameters
         ):
             d.pop(k)
         return d

@@ -91,7 +91,7 @@ def make_drafter(
             )
         )
         if draft_vocab is not None:
-            d = with_draft_vocab(d, draft_vocab, base_lm_head)
+            d = with_draft_vocab(d, draft_vocab, base_lm_head, cfg.new_rows == "mapped")
         if cfg.num_draft_layers is not None and cfg.num_draft_layers != d.config.num_draft_layers:
             d = with_more_blocks(d, cfg.num_draft_layers, cfg.init_from)
     else:
@@ -138,7 +138,7 @@ def head_ids(d: Drafter) -> torch.Tensor:
 
 
 def with_draft_vocab(
-    d: Drafter, draft_vocab: torch.Tensor, base_lm_head: torch.Tensor | None
+    d: Drafter, draft_vocab: torch.Tensor, base_lm_head: torch.Tensor | None, mapped: bool = True
 ) -> Drafter:
     """``d`` (an ``--init_from`` head) drafting over ``draft_vocab`` [K] instead of its own ids.
 
@@ -146,8 +146,8 @@ def with_draft_vocab(
     exit_dim is the base hidden size, a new id's row is the base's row of that id carried into
     the trained head's output space by :func:`row_map` (training moves a head started from the
     base's rows far from them: the shipped head's rows have cosine 0.41 with the base's, and the
-    map fitted on the other rows predicts a held-out row at cosine 0.94); else a zero row (logit
-    0 until trained)."""
+    map fitted on the other rows predicts a held-out row at cosine 0.94); with ``mapped`` False
+    (``--new_rows base``) the base's row as it is. Else a zero row (logit 0 until trained)."""
     cfg = d.config
     old_ids, ids = head_ids(d), draft_vocab.to(torch.int64).cpu()
     row_of = torch.full((cfg.vocab_size,), -1, dtype=torch.int64)
@@ -156,7 +156,7 @@ def with_draft_vocab(
     trained = d.projection.weight.detach().float().cpu()
     if base_lm_head is not None and cfg.exit_dim == cfg.hidden_size:
         base = base_lm_head.detach().float().cpu()
-        rows.copy_(base[ids] @ row_map(base[old_ids], trained))
+        rows.copy_(base[ids] @ row_map(base[old_ids], trained) if mapped else base[ids])
     had = row_of[ids] >= 0
     rows[had] = trained[row_of[ids][had]]
     state = {k: v.detach().cpu() for k, v in d.state_dict().items()}
