@@ -88,7 +88,8 @@ stage() {
     --data "${data[@]}" --output_dir "$work/head$n" --lr "$lr" --time_budget_min "$minutes" \
     --checkpoint_dir "$work/checkpoints$n" "$@"
 }
-# float16 [--output DIR] HEAD: the head stored in float16 (its own projection included)
+# float16 HEAD [OUT]: $work/HEAD stored in float16 (its own projection included), in OUT
+# (default: $work/HEAD-float16)
 float16() {
   run "$bin/python" -m redrafter_trt.heads.package --head "$work/$1" --model_dir smollm2 \
     --output "${2:-$work/$1-float16}" --own_projection --dtype float16 --overwrite
