@@ -20,7 +20,14 @@ from ..cmdline import EXIT_USAGE, add_threads_argument, non_negative_int, positi
 from ..errors import require
 from ..formats.datasets import PACKAGE_SETS
 from ..models.hub import DEFAULT_MODEL
-from ..train.config import BASE_DTYPES, KL_VOCABS, LM_HEAD_INITS, LOSSES, PRECISIONS
+from ..train.config import (
+    BASE_DTYPES,
+    KL_VOCABS,
+    LM_HEAD_INITS,
+    LOSSES,
+    NEW_ROWS,
+    PRECISIONS,
+)
 
 SUBCOMMANDS = ("train", "gen-prompts", "gen-data", "eval")
 
@@ -129,7 +136,7 @@ def add_head_arguments(t: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--new_rows",
-        choices=("mapped", "base"),
+        choices=NEW_ROWS,
         default="mapped",
         help="with --init_from and a wider --draft_vocab_size, where a new id's row starts: "
         "mapped (the base's row carried by the linear map from the base's rows of the head's "

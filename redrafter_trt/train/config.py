@@ -16,6 +16,7 @@ BASE_DTYPES = ("float32", "bfloat16")
 FEATURE_BATCH_TOKENS = 1024
 LM_HEAD_INITS = ("random", "base")
 KL_VOCABS = ("full", "batch")
+NEW_ROWS = ("mapped", "base")
 
 
 @dataclass
@@ -159,8 +160,8 @@ class TrainConfig:
         require(self.max_steps is None or self.max_steps >= 1, "--max_steps must be >= 1")
         require(self.epochs > 0, "--epochs must be > 0")
         require(
-            self.new_rows in ("mapped", "base"),
-            f"--new_rows must be mapped or base, got {self.new_rows!r}",
+            self.new_rows in NEW_ROWS,
+            f"--new_rows {self.new_rows!r}: expected one of {NEW_ROWS}",
         )
 
     def schedule_fields(self) -> dict[str, Any]:

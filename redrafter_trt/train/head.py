@@ -154,11 +154,12 @@ def with_draft_vocab(
     row_of[old_ids] = torch.arange(len(old_ids))
     rows = torch.zeros(len(ids), cfg.exit_dim)
     trained = d.projection.weight.detach().float().cpu()
-    if base_lm_head is not None and cfg.exit_dim == cfg.hidden_size:
-        base = base_lm_head.detach().float().cpu()
-        rows.copy_(base[ids] @ row_map(base[old_ids], trained) if mapped else base[ids])
     had = row_of[ids] >= 0
     rows[had] = trained[row_of[ids][had]]
+    new_ids = ids[~had]
+    if len(new_ids) and base_lm_head is not None and cfg.exit_dim == cfg.hidden_size:
+        base = base_lm_head.detach().float().cpu()
+        rows[~had] = base[new_ids] @ row_map(base[old_ids], trained) if mapped else base[new_ids]
     state = {k: v.detach().cpu() for k, v in d.state_dict().items()}
     state[f"lm_head.{cfg.num_draft_layers}.weight"] = rows
     state[DRAFT_VOCAB] = draft_vocab.to(torch.int32).cpu()
