@@ -280,13 +280,67 @@ def test_the_answers_to_human_requests_reference_training_sets_only():
     assert [sum(e.targets) for e in ex] == [len(r["response_ids"]) for r in recs]
 
 
+#: the kinds of request in requests_written.jsonl (its ``category`` field)
+WRITTEN_KINDS = {
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "stem",
+    "humanities",
+}
+
+
+@pytest.mark.smollm2
+def test_the_written_requests_are_new_and_their_answers_are_the_bases():
+    """data/smollm2/requests_written*.jsonl: requests written for training in eight kinds (never
+    MT-Bench's text: no 8-word run in common with any of its turns; none of the held-out requests,
+    AlpacaEval's or the base-written held-out ones; none of the other training requests, nor a
+    request of another written file); data/smollm2/written/: the base's greedy answers, every
+    request of every written file answered exactly once."""
+    from redrafter_trt.formats.datasets import load_prompts, word_runs
+    from redrafter_trt.train.data import expand_sources, read_selfdistill
+
+    reqs = [r for f in sorted(DATA.glob("requests_written*.jsonl")) for r in _records(f)]
+    texts = [r["prompt"] for r in reqs]
+    assert len(texts) >= 1000 and len({t.strip().lower() for t in texts}) == len(texts)
+    assert {r["category"] for r in reqs} == WRITTEN_KINDS
+    assert all(set(r) == {"prompt", "category"} and r["prompt"].strip() for r in reqs)
+    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    assert [t for t in texts if word_runs(t) & mt] == []
+    others = set(load_prompts("alpaca-eval"))
+    for name in ("requests_train.jsonl", "requests_heldout.jsonl"):
+        others |= {r["prompt"] for r in _records(DATA / name)}
+    for f in expand_sources([str(DATA / "answers2")]):
+        others |= {r["prompt"] for r in _records(f)}
+    others = {t.strip().lower() for t in others}
+    assert not [t for t in texts if t.strip().lower() in others]
+    files = [Path(f) for f in expand_sources([str(DATA / "written")])]
+    assert files
+    answered: list[str] = []
+    for f in files:
+        recs = _records(f)
+        asked = [r["prompt"] for r in recs]
+        assert set(asked) <= set(texts), f
+        answered += asked
+        for r in recs:
+            ids = r["prompt_ids"] + r["response_ids"]
+            assert r["response_ids"] and all(0 <= t < 49152 for t in ids)
+        ex = read_selfdistill(f)
+        assert [sum(e.targets) for e in ex] == [len(r["response_ids"]) for r in recs]
+    # every request answered once (none dropped for length or an MT-Bench run)
+    assert sorted(answered) == sorted(texts)
+
+
 @pytest.mark.smollm2
 def test_the_sampled_answers_are_training_requests_answered_again():
     """data/smollm2/sampled/seed*/: the base's answers sampled at temperature 0.7 to the same
     training requests (more contexts of the base's own text). Package requests by reference, one
     answer per record and file, never the evaluation or held-out set; the base-written requests
-    are those of requests_train.jsonl and answers2/, none of the held-out ones; no request shares
-    an 8-word run with MT-Bench."""
+    are those of requests_train.jsonl and answers2/, none of the held-out ones, and the written
+    ones those of requests_written*.jsonl; no request shares an 8-word run with MT-Bench."""
     from redrafter_trt.formats.datasets import (
         PACKAGE_SETS,
         load_prompts,
@@ -303,14 +357,16 @@ def test_the_sampled_answers_are_training_requests_answered_again():
     for f in expand_sources([str(DATA / "answers2")]):
         trained |= {r["prompt"] for r in _records(f)}
     heldout_written = {r["prompt"] for r in _records(DATA / "requests_heldout.jsonl")}
+    written = {r["prompt"] for f in DATA.glob("requests_written*.jsonl") for r in _records(f)}
     total = 0
     for d in dirs:
         for f in map(Path, expand_sources([str(d)])):
             recs = _records(f)
             name = f.name.split(".")[0]
-            if name == "base":
+            if name == "base" or name.startswith("written"):
                 texts = [r["prompt"] for r in recs]
-                assert set(texts) <= trained and not set(texts) & heldout_written
+                assert set(texts) <= (trained if name == "base" else written)
+                assert not set(texts) & heldout_written and len(texts) == len(set(texts))
                 assert len(read_selfdistill(f)) == len(recs)
             else:
                 assert {r["prompt_ref"]["set"] for r in recs} == {name}
@@ -373,9 +429,5 @@ def test_the_head_recipe_runs_the_cli_as_it_is_over_the_data_in_the_repository(t
     # the last stage trains on every answer file kept in data/smollm2
     files = [str(root / s) for s in trains[-1].data if s not in BUILTIN]
     last = {Path(f).resolve() for f in expand_sources(files)}
-    kept = {
-        f.resolve()
-        for f in DATA.rglob("*.jsonl*")
-        if f.name not in ("requests_train.jsonl", "requests_heldout.jsonl")
-    }
+    kept = {f.resolve() for f in DATA.rglob("*.jsonl*") if not f.name.startswith("requests_")}
     assert kept and kept == last, sorted(kept ^ last)
