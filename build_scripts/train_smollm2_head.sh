@@ -3,8 +3,9 @@
 #
 # The data is in the repository (data/smollm2/README.md): the base's greedy answers to requests
 # it wrote itself (answers.jsonl, answers2/) and to human-written requests of installed prompt
-# packages (human/, prompts by reference, rebuilt from the packages that setup_env.sh installs),
-# plus the ShareGPT conversations of an installed package.
+# packages (human/, prompts by reference, rebuilt from the packages that setup_env.sh installs)
+# and to requests written for this data by a large language model (requests_written*.jsonl,
+# written/), plus the ShareGPT conversations of an installed package.
 #
 # 1. base features by teacher forcing on the first use of each data file (cached under the user
 #    cache dir), then distillation of the base's next-token distribution into a head with
@@ -32,19 +33,26 @@
 #    everything above plus the greedy answers to PersistBench's and FreshQA's requests;
 # 9. the stage-8 head trained on, for REDRAFTER_HEAD_STAGE9_MIN minutes at that rate, over
 #    everything above plus answers to the same requests sampled at temperature 0.7 (seed 704);
-# 10. packaging: the whole head (its own projection included) stored in float16.
+# 10. the stage-9 head trained on, for REDRAFTER_HEAD_STAGE10_MIN minutes at that rate, over
+#    everything above plus the greedy and sampled (seed 705) answers to the 959 requests of
+#    data/smollm2/requests_written.jsonl (written for this data by a large language model);
+# 11. the stage-10 head trained on, for REDRAFTER_HEAD_STAGE11_MIN minutes at that rate, over
+#    everything above plus the same two kinds of answers to the 960 requests of
+#    requests_written2.jsonl;
+# 12. packaging: the whole head (its own projection included) stored in float16.
 #
 # On the 2-vCPU EPYC VM with 512-bit FMAs of 2026-12-06: base features at 900-1,050 tokens/s on two
 # threads (1,073,000 tokens without WritingBench, about 14 minutes the first time; stage 3's new
 # data adds 1.5 million, about 28 minutes), plus the nine training budgets. On a 2-vCPU Zen 4
 # EPYC VM: 440-520 tokens/s (docs/results.md, 2026-12-07); stage 4's bfloat16 features of all
 # 3.68 million tokens there took 85 minutes (725 tokens/s), stages 8-9's new text 0.4 million
-# tokens in 8 minutes.
+# tokens in 8 minutes, stage 10's 0.46 million in 9 minutes (840 tokens/s).
 # Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_K4 (8192),
 # REDRAFTER_HEAD_STAGE1_MIN (6), REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10),
 # REDRAFTER_HEAD_STAGE4_MIN (15), REDRAFTER_HEAD_STAGE5_MIN (15), REDRAFTER_HEAD_BLOCKS6 (3),
 # REDRAFTER_HEAD_STAGE6_MIN (20), REDRAFTER_HEAD_STAGE7_MIN (15), REDRAFTER_HEAD_STAGE8_MIN (15),
-# REDRAFTER_HEAD_STAGE9_MIN (15), REDRAFTER_HEAD_WORK (work dir, .head_work),
+# REDRAFTER_HEAD_STAGE9_MIN (15), REDRAFTER_HEAD_STAGE10_MIN (15), REDRAFTER_HEAD_STAGE11_MIN
+# (15), REDRAFTER_HEAD_WORK (work dir, .head_work),
 # REDRAFTER_HEAD_OUT (redrafter_trt/heads/smollm2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,6 +76,8 @@ minutes6="${REDRAFTER_HEAD_STAGE6_MIN:-20}"
 minutes7="${REDRAFTER_HEAD_STAGE7_MIN:-15}"
 minutes8="${REDRAFTER_HEAD_STAGE8_MIN:-15}"
 minutes9="${REDRAFTER_HEAD_STAGE9_MIN:-15}"
+minutes10="${REDRAFTER_HEAD_STAGE10_MIN:-15}"
+minutes11="${REDRAFTER_HEAD_STAGE11_MIN:-15}"
 run() {
   if [[ -n "$dry" ]]; then
     printf '%q ' "$@"
@@ -114,4 +124,8 @@ data+=("$d/human/persistbench.jsonl" "$d/human/freshqa.jsonl")
 stage 8 "$minutes8" 5e-4 --base_dtype bfloat16 --init_from "$work/head7"
 data+=("$d/sampled/seed704")
 stage 9 "$minutes9" 5e-4 --base_dtype bfloat16 --init_from "$work/head8"
-float16 head9 "$out"
+data+=("$d/written/greedy.jsonl.gz" "$d/sampled/seed705/written.jsonl.gz")
+stage 10 "$minutes10" 5e-4 --base_dtype bfloat16 --init_from "$work/head9"
+data+=("$d/written/greedy2.jsonl.gz" "$d/sampled/seed705/written2.jsonl.gz")
+stage 11 "$minutes11" 5e-4 --base_dtype bfloat16 --init_from "$work/head10"
+float16 head11 "$out"
