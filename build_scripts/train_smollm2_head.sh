@@ -43,10 +43,11 @@
 #
 # On the 2-vCPU EPYC VM with 512-bit FMAs of 2026-12-06: base features at 900-1,050 tokens/s on two
 # threads (1,073,000 tokens without WritingBench, about 14 minutes the first time; stage 3's new
-# data adds 1.5 million, about 28 minutes), plus the nine training budgets. On a 2-vCPU Zen 4
+# data adds 1.5 million, about 28 minutes), plus the eleven training budgets. On a 2-vCPU Zen 4
 # EPYC VM: 440-520 tokens/s (docs/results.md, 2026-12-07); stage 4's bfloat16 features of all
 # 3.68 million tokens there took 85 minutes (725 tokens/s), stages 8-9's new text 0.4 million
-# tokens in 8 minutes, stage 10's 0.46 million in 9 minutes (840 tokens/s).
+# tokens in 8 minutes, stage 10's 0.46 million in 9 minutes (840 tokens/s), stage 11's 0.49
+# million in 11 minutes.
 # Knobs (environment): REDRAFTER_HEAD_K (4096), REDRAFTER_HEAD_K4 (8192),
 # REDRAFTER_HEAD_STAGE1_MIN (6), REDRAFTER_HEAD_STAGE2_MIN (18), REDRAFTER_HEAD_STAGE3_MIN (10),
 # REDRAFTER_HEAD_STAGE4_MIN (15), REDRAFTER_HEAD_STAGE5_MIN (15), REDRAFTER_HEAD_BLOCKS6 (3),
