@@ -280,7 +280,7 @@ def test_the_answers_to_human_requests_reference_training_sets_only():
     assert [sum(e.targets) for e in ex] == [len(r["response_ids"]) for r in recs]
 
 
-#: the kinds of request in requests_written.jsonl (its ``category`` field)
+#: the kinds of request in requests_written*.jsonl (their ``category`` field)
 WRITTEN_KINDS = {
     "writing",
     "roleplay",
@@ -294,12 +294,12 @@ WRITTEN_KINDS = {
 
 
 @pytest.mark.smollm2
-def test_the_written_requests_are_new_and_their_answers_are_the_bases():
+def test_the_written_requests_are_new_and_each_is_answered_once():
     """data/smollm2/requests_written*.jsonl: requests written for training in eight kinds (never
     MT-Bench's text: no 8-word run in common with any of its turns; none of the held-out requests,
     AlpacaEval's or the base-written held-out ones; none of the other training requests, nor a
     request of another written file); data/smollm2/written/: the base's greedy answers, every
-    request of every written file answered exactly once."""
+    request of every written file answered exactly once (token ids the trainer reads)."""
     from redrafter_trt.formats.datasets import load_prompts, word_runs
     from redrafter_trt.train.data import expand_sources, read_selfdistill
 
