@@ -140,7 +140,7 @@ def add_head_arguments(t: argparse.ArgumentParser) -> None:
         default="mapped",
         help="with --init_from and a wider --draft_vocab_size, where a new id's row starts: "
         "mapped (the base's row carried by the linear map from the base's rows of the head's "
-        "ids to its trained rows; the head drafts as before until trained) or base (the "
+        "ids to its trained rows; the untrained widened head drafts nearly as before) or base (the "
         "base's row as it is: the new rows outscore the trained ones until trained; how the "
         "shipped smollm2 head was widened) (default: mapped)",
     )
