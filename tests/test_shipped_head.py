@@ -3,6 +3,7 @@ a corrupt or missing file with the command that rebuilds it, and the built-in sm
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -202,8 +203,29 @@ def _records(path) -> list[dict]:
     return [json.loads(x) for x in read_data_text(path, "data file").split("\n") if x]
 
 
-def test_the_committed_training_data_is_clean_disjoint_and_small():
+@functools.cache
+def _mt_bench_runs() -> frozenset:
+    """Every 8-word run of MT-Bench's turns (both): the evaluation set, with which no training
+    request may share one."""
     from redrafter_trt.formats.datasets import load_prompts, word_runs
+
+    return frozenset().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+
+
+def _prompts(*names: str) -> set[str]:
+    """The prompts of request or gen-data files of DATA (a directory stands for its files)."""
+    from redrafter_trt.train.data import expand_sources
+
+    files = expand_sources([str(DATA / n) for n in names])
+    return {r["prompt"] for f in files for r in _records(f)}
+
+
+def _written_request_files() -> list[str]:
+    return sorted(f.name for f in DATA.glob("requests_written*.jsonl"))
+
+
+def test_the_committed_training_data_is_clean_disjoint_and_small():
+    from redrafter_trt.formats.datasets import word_runs
     from redrafter_trt.train.data import expand_sources, read_selfdistill, source_kind
 
     train = [r["prompt"] for r in _records(DATA / "requests_train.jsonl")]
@@ -221,7 +243,7 @@ def test_the_committed_training_data_is_clean_disjoint_and_small():
         ids = a["prompt_ids"] + a["response_ids"]
         assert a["response_ids"] and all(0 <= t < 49152 for t in ids)
     # MT-Bench is the evaluation set: no request may share an 8-word run with any of its turns
-    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    mt = _mt_bench_runs()
     assert len(mt) > 1000
     prompts = train + heldout + [a["prompt"] for a in more]
     assert [p for p in prompts if word_runs(p) & mt] == []
@@ -256,7 +278,7 @@ def test_the_answers_to_human_requests_reference_training_sets_only():
 
     files = sorted((DATA / "human").glob("*.jsonl"))
     assert len(files) >= 5
-    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    mt = _mt_bench_runs()
     held_out = set(load_prompts("alpaca-eval"))
     total = 0
     for f in files:
@@ -303,18 +325,15 @@ def test_the_written_requests_are_new_and_each_is_answered_once():
     from redrafter_trt.formats.datasets import load_prompts, word_runs
     from redrafter_trt.train.data import expand_sources, read_selfdistill
 
-    reqs = [r for f in sorted(DATA.glob("requests_written*.jsonl")) for r in _records(f)]
+    reqs = [r for f in _written_request_files() for r in _records(DATA / f)]
     texts = [r["prompt"] for r in reqs]
     assert len(texts) >= 1000 and len({t.strip().lower() for t in texts}) == len(texts)
     assert {r["category"] for r in reqs} == WRITTEN_KINDS
     assert all(set(r) == {"prompt", "category"} and r["prompt"].strip() for r in reqs)
-    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    mt = _mt_bench_runs()
     assert [t for t in texts if word_runs(t) & mt] == []
     others = set(load_prompts("alpaca-eval"))
-    for name in ("requests_train.jsonl", "requests_heldout.jsonl"):
-        others |= {r["prompt"] for r in _records(DATA / name)}
-    for f in expand_sources([str(DATA / "answers2")]):
-        others |= {r["prompt"] for r in _records(f)}
+    others |= _prompts("requests_train.jsonl", "requests_heldout.jsonl", "answers2")
     others = {t.strip().lower() for t in others}
     assert not [t for t in texts if t.strip().lower() in others]
     files = [Path(f) for f in expand_sources([str(DATA / "written")])]
@@ -351,13 +370,11 @@ def test_the_sampled_answers_are_training_requests_answered_again():
 
     dirs = sorted((DATA / "sampled").glob("seed*"))
     assert dirs
-    mt = set().union(*(word_runs(q) for q in load_prompts("mt-bench", all_turns=True)))
+    mt = _mt_bench_runs()
     held_out = set(load_prompts("alpaca-eval"))
-    trained = {r["prompt"] for r in _records(DATA / "requests_train.jsonl")}
-    for f in expand_sources([str(DATA / "answers2")]):
-        trained |= {r["prompt"] for r in _records(f)}
-    heldout_written = {r["prompt"] for r in _records(DATA / "requests_heldout.jsonl")}
-    written = {r["prompt"] for f in DATA.glob("requests_written*.jsonl") for r in _records(f)}
+    trained = _prompts("requests_train.jsonl", "answers2")
+    heldout_written = _prompts("requests_heldout.jsonl")
+    written = _prompts(*_written_request_files())
     total = 0
     for d in dirs:
         for f in map(Path, expand_sources([str(d)])):
